@@ -1,0 +1,138 @@
+"""EngineConfig and ServerConfig: the only configuration the engine and server read.
+
+Plain dataclasses, validated in __post_init__; the launcher writes them (resolved) to
+engine.yaml as two sections, `engine:` and `server:`, and `engine.serve --config` reads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; `param` names the offending field."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "bf16", "fp16", "float", "fp32")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # HF directory, .gguf file, or None for the embedded SmolLM2
+    tokenizer: str | None = None  # tokenizer directory or .gguf; defaults to the model's
+    served_model_name: str | None = None  # name in the API; defaults to the model's name
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (auto: checkpoint dtype on GPU, float32 on CPU)
+    max_model_len: int | None = None  # context length; defaults to the model's max_position_embeddings
+    load_format: str = "auto"  # auto | safetensors | gguf | dummy (random weights from config.json)
+    hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (dummy shapes)
+    seed: int = 0  # seed for dummy weights and for requests that set no seed
+    block_size: int = 16  # tokens per KV cache page
+    gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use (weights + KV pool)
+    kv_cache_memory_gib: float | None = None  # fixed KV pool size; on CPU defaults to 2 GiB
+    num_kv_blocks: int | None = None  # fixed number of KV pages (overrides the sizing above; tests)
+    max_num_seqs: int = 256  # most requests running at once
+    max_num_batched_tokens: int | None = None  # token budget per step; defaults to max(8192, block_size)
+    enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
+    enforce_eager: bool = False  # never capture CUDA graphs
+    tensor_parallel_size: int = 1  # ranks that split each layer
+    pipeline_parallel_size: int = 1  # ranks that split the layer stack
+    device: str = "auto"  # auto | cuda | cpu
+    distributed_timeout_s: float = 60.0  # a collective that waits longer than this means a dead rank
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"must be one of {', '.join(DTYPES[:4])}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError("block_size", f"must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs < 1:
+            raise ConfigError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError("num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
+        if self.pipeline_parallel_size < 1:
+            raise ConfigError("pipeline_parallel_size", f"must be >= 1, got {self.pipeline_parallel_size}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError("device", f"must be auto, cuda or cpu, got {self.device!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass
+class ServerConfig:
+    host: str = "0.0.0.0"  # address the API listens on
+    port: int = 8000  # port the API listens on
+    api_key: str | None = None  # the key itself (prefer api_key_env or api_key_file)
+    api_key_env: str | None = None  # name of an environment variable holding the key
+    api_key_file: str | None = None  # path of a file holding the key
+    metrics_require_key: bool = False  # guard /metrics with the API key too
+    max_waiting_requests: int = 1024  # beyond this many waiting requests, answer 503
+    max_request_body_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
+    shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
+    log_requests: bool = True  # one info line per finished request
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("port", f"must be in 0..65535, got {self.port}")
+        if self.max_waiting_requests < 1:
+            raise ConfigError("max_waiting_requests", f"must be >= 1, got {self.max_waiting_requests}")
+
+    def resolve_api_key(self) -> str | None:
+        """The key from value, environment variable or file (in that order); None: no auth."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ConfigError("api_key_env", f"environment variable {self.api_key_env} is not set or empty")
+            return value
+        if self.api_key_file:
+            try:
+                with open(self.api_key_file, encoding="utf-8") as f:
+                    value = f.read().strip()
+            except OSError as e:
+                raise ConfigError("api_key_file", f"cannot read {self.api_key_file}: {e.strerror}") from None
+            if not value:
+                raise ConfigError("api_key_file", f"{self.api_key_file} is empty")
+            return value
+        return None
+
+
+def _build(cls: type, data: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}", f"unknown field (known: {', '.join(sorted(names))})")
+    return cls(**data)
+
+
+def load_config_file(path: str) -> tuple[EngineConfig, ServerConfig]:
+    """Read engine.yaml: sections `engine:` (EngineConfig) and `server:` (ServerConfig)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror}") from None
+    unknown = sorted(set(data) - {"engine", "server"})
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown section in {path} (expected engine, server)")
+    return _build(EngineConfig, data.get("engine") or {}, "engine"), _build(ServerConfig, data.get("server") or {}, "server")

@@ -1,0 +1,89 @@
+"""Data that crosses boundaries: RequestOutput (engine -> user), SchedulerOutput
+(rank 0 -> every rank) and ModelRunnerOutput (last pipeline stage -> rank 0).
+
+SchedulerOutput and ModelRunnerOutput hold plain Python data only, so they pickle small.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    logprob: float  # natural log of the token's probability after temperature
+    rank: int  # 1 = the most likely token
+    decoded_token: str | None = None  # the token's text
+
+
+# One position: token id -> Logprob (the sampled token plus the top-k).
+SampleLogprobs = list[dict[int, Logprob]]
+
+
+@dataclass
+class CompletionOutput:
+    index: int  # which of the request's n samples
+    text: str  # generated text so far (complete UTF-8 characters only)
+    token_ids: list[int]  # generated token ids so far
+    cumulative_logprob: float | None  # sum of sampled tokens' logprobs (None unless logprobs asked)
+    logprobs: SampleLogprobs | None  # per generated token, when logprobs were asked
+    finish_reason: str | None = None  # None while running; "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float  # time.time() when the request was added
+    first_scheduled_time: float | None = None  # when it first ran (queue time = this - arrival)
+    first_token_time: float | None = None  # when its first token was sampled
+    last_token_time: float | None = None  # when its latest token was sampled
+    finished_time: float | None = None  # when it finished
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None  # the prompt text (decoded when token ids were given)
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]  # cumulative, one per sample
+    finished: bool
+    metrics: RequestMetrics | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+@dataclass
+class NewRequestData:
+    req_id: str  # sequence id (one per sample)
+    prompt_token_ids: list[int]  # every token known so far (prompt, plus output after preemption)
+    block_ids: list[int]  # pages allocated to it
+    num_computed_tokens: int  # tokens whose KV is already in the pages (prefix cache hits)
+    sampling: dict  # plain-data sampling fields the sampler needs (see engine/layers/sampler.py)
+
+
+@dataclass
+class CachedRequestData:
+    req_id: str
+    new_token_ids: list[int]  # tokens sampled last step that rank > 0 has not seen
+    new_block_ids: list[int]  # pages appended since last step
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)  # first run (or resumed)
+    scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)  # ran last step too
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # req_id -> tokens this step
+    finished_req_ids: list[str] = field(default_factory=list)  # forget these (finished, aborted, preempted)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str]  # requests that sampled a token this step (prefill chunks that end mid-prompt do not)
+    sampled_token_ids: list[int]  # one per req_id
+    logprobs: list[dict[int, float] | None] | None = None  # per req_id: token id -> logprob (sampled + top-k)

@@ -1,0 +1,104 @@
+"""Plain-torch kernels: the CPU path of the engine and the oracle for the Triton kernels.
+
+KV cache layout (shared with kernels/*.py): per layer one K and one V tensor of shape
+[num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is block_id * block_size + offset.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kvcache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int; -1: do not store (padding)
+) -> None:
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[valid].to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[valid].to(v_cache.dtype))
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len tokens of one sequence, read through its block table: [seq_len, H, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], new tokens of every sequence, packed
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], new tokens already stored
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32, offsets of each sequence's tokens in query
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the new tokens
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its whole context in the pages.
+
+    The i-th of q_len new tokens sits at position seq_len - q_len + i and attends to positions
+    0..itself. Prefill, chunked prefill, prefix-cache hits and decode (q_len = 1) are all this.
+    """
+    num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    for i, seq_len in enumerate(seq_lens.tolist()):
+        q = query[starts[i] : starts[i + 1]]  # [q_len, H, D]
+        q_len = q.shape[0]
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len).to(q.dtype)  # [seq_len, Hkv, D]
+        v = gather_kv(v_cache, block_tables[i], seq_len).to(q.dtype)
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        # [H, q_len, seq_len]
+        scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+        k_pos = torch.arange(seq_len).unsqueeze(0)
+        scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[starts[i] : starts[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    orig_dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(orig_dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual = x + residual; return (rms_norm(residual), residual)."""
+    residual = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(residual, weight, eps), residual
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens]
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] float32: cos in the first half, sin in the second
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX-style rotation (the halves of each head are the pairs), as HF Llama/Qwen do."""
+    cos, sin = cos_sin_cache[positions.long()].chunk(2, dim=-1)  # [num_tokens, rotary_dim / 2]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+    return rotate(query), rotate(key)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[num_tokens, 2 * d] (gate, up) -> [num_tokens, d]."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
