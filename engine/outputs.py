@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
-    logprob: float  # natural log of the token's probability after temperature
+    logprob: float  # natural log of the token's probability under the model (before sampling transforms)
     rank: int  # 1 = the most likely token
     decoded_token: str | None = None  # the token's text
 
@@ -86,4 +86,5 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     req_ids: list[str]  # requests that sampled a token this step (prefill chunks that end mid-prompt do not)
     sampled_token_ids: list[int]  # one per req_id
-    logprobs: list[dict[int, float] | None] | None = None  # per req_id: token id -> logprob (sampled + top-k)
+    # per req_id, when asked: (token ids, logprobs) of the sampled token then the top k, and the sampled token's rank
+    logprobs: list[tuple[list[int], list[float], int] | None] | None = None

@@ -1,0 +1,48 @@
+"""Vocabulary-parallel embedding and LM head: the vocabulary is split over TP ranks
+(padded to a multiple of tp_size); logits are gathered on the last pipeline stage."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.forward_context import get_forward_context
+from engine.layers.linear import materialize, shard
+from engine.parallel import get_parallel_state, tp_all_gather, tp_all_reduce
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        state = get_parallel_state()
+        self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
+        self.num_embeddings = num_embeddings
+        self.num_per_partition = -(-num_embeddings // self.tp_size)
+        self.vocab_start = self.tp_rank * self.num_per_partition
+        self.vocab_end = min(self.vocab_start + self.num_per_partition, num_embeddings)
+        self.weight = nn.Parameter(torch.zeros(self.num_per_partition, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        size = self.vocab_end - self.vocab_start
+        param.data[:size].copy_(materialize(shard(loaded, 0, self.vocab_start, size)))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        mask = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        y = F.embedding((input_ids - self.vocab_start) * mask, self.weight)
+        y = y * mask.unsqueeze(-1).to(y.dtype)
+        return tp_all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_sampled, vocab] float32, only at the sampled positions."""
+        hidden_states = hidden_states[get_forward_context().logits_indices]
+        logits = F.linear(hidden_states, self.weight)  # [num_sampled, vocab / tp]
+        if self.tp_size > 1:
+            logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
+        return logits.float()

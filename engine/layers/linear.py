@@ -1,0 +1,130 @@
+"""Tensor-parallel linear layers; each parameter carries a weight_loader that takes the full
+checkpoint tensor (or a lazy slice of it) and copies this rank's shard.
+
+A "loaded" tensor here is anything with .shape that supports slicing with narrow-like
+indexing and .to(): a torch.Tensor or a safetensors slice (see engine/loader.py).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import divide, get_parallel_state, tp_all_reduce
+
+
+def shard(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
+    """Rows/cols [start, start + size) of `loaded` along dim, read lazily when it is a slice."""
+    if isinstance(loaded, torch.Tensor):
+        return loaded.narrow(dim, start, size)
+    index = [slice(None)] * len(loaded.get_shape())
+    index[dim] = slice(start, start + size)
+    return loaded[tuple(index)]
+
+
+def materialize(loaded: Any) -> torch.Tensor:
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+class LinearBase(nn.Module):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+        super().__init__()
+        state = get_parallel_state()
+        self.tp_rank, self.tp_size, self.tp_dim = state.tp_rank, state.tp_size, tp_dim
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        param.data.copy_(materialize(loaded))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__(input_size, output_size, bias, None)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split over TP ranks; no communication."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_parallel_state().tp_size
+        super().__init__(input_size, divide(output_size, tp_size, "output size"), bias, 0)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        size = param.data.shape[0]
+        param.data.copy_(materialize(shard(loaded, 0, self.tp_rank * size, size)))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (gate_proj and up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int) -> None:
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        dst = param.data.narrow(0, offset, size)
+        dst.copy_(materialize(shard(loaded, 0, self.tp_rank * size, size)))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul; heads split over TP ranks. When tp_size exceeds
+    the KV head count, each KV head is replicated on tp_size / num_kv_heads ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp_size = get_parallel_state().tp_size
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
+        if tp_size >= num_kv_heads:
+            divide(tp_size, num_kv_heads, "tensor_parallel_size over num_key_value_heads")
+            self.num_kv_heads = 1
+        else:
+            self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
+        self.kv_replicas = max(1, tp_size // num_kv_heads)
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
+        super().__init__(hidden_size, output_size, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str) -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, rank = 0, q_size, self.tp_rank
+        else:
+            offset = q_size + (kv_size if shard_id == "v" else 0)
+            size, rank = kv_size, self.tp_rank // self.kv_replicas
+        dst = param.data.narrow(0, offset, size)
+        dst.copy_(materialize(shard(loaded, 0, rank * size, size)))
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split over TP ranks; partial outputs are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        tp_size = get_parallel_state().tp_size
+        super().__init__(divide(input_size, tp_size, "input size"), output_size, bias, 1)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        if param.data.dim() == 1:  # bias: added once, after the reduce
+            param.data.copy_(materialize(loaded))
+            return
+        size = param.data.shape[1]
+        param.data.copy_(materialize(shard(loaded, 1, self.tp_rank * size, size)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.tp_size > 1:
+            y = tp_all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

@@ -1,0 +1,16 @@
+"""Pick the kernel implementation for a tensor: Triton on CUDA, plain torch on CPU."""
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from kernels import reference
+
+
+def ops_for(x: torch.Tensor) -> ModuleType:
+    if x.is_cuda:
+        import kernels.triton_ops as triton_ops  # noqa: PLC0415 - needs a GPU build of Triton
+
+        return triton_ops
+    return reference

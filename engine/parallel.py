@@ -1,0 +1,119 @@
+"""Process groups for tensor and pipeline parallel, built from torchrun's environment.
+
+Ranks are laid out pp-major: rank = pp_rank * tp_size + tp_rank, so a TP group is a
+contiguous run of ranks (one node when tp <= GPUs per node). A single process needs no
+torch.distributed at all: every helper here is then the identity.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelState:
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    tp_group: dist.ProcessGroup | None = None  # device collectives (NCCL on GPU, gloo on CPU)
+    pp_group: dist.ProcessGroup | None = None  # send/recv between neighbouring stages
+    cpu_group: dist.ProcessGroup | None = None  # gloo: control messages (SchedulerOutput, token ids)
+
+    @property
+    def is_first_pp_rank(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp_rank(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+
+_STATE = ParallelState()
+
+
+def get_parallel_state() -> ParallelState:
+    return _STATE
+
+
+def set_parallel_state(state: ParallelState) -> None:
+    global _STATE
+    _STATE = state
+
+
+def init_distributed(tp_size: int, pp_size: int, device: torch.device, timeout_s: float) -> ParallelState:
+    """Join the torchrun group (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) and build the groups."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != tp_size * pp_size:
+        from engine.config import ConfigError
+
+        raise ConfigError(
+            "tensor_parallel_size",
+            f"tensor_parallel_size ({tp_size}) x pipeline_parallel_size ({pp_size}) must equal "
+            f"the torchrun world size ({world_size})",
+        )
+    if world_size == 1:
+        set_parallel_state(ParallelState())
+        return _STATE
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = timedelta(seconds=timeout_s)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
+    cpu_world = dist.new_group(list(range(world_size)), backend="gloo", timeout=timeout)
+    tp_group = pp_group = None
+    for pp in range(pp_size):
+        ranks = [pp * tp_size + t for t in range(tp_size)]
+        group = dist.new_group(ranks, backend=backend, timeout=timeout)
+        if rank in ranks:
+            tp_group = group
+    for t in range(tp_size):
+        ranks = [pp * tp_size + t for pp in range(pp_size)]
+        group = dist.new_group(ranks, backend=backend, timeout=timeout)
+        if rank in ranks:
+            pp_group = group
+    state = ParallelState(
+        tp_rank=rank % tp_size, tp_size=tp_size, pp_rank=rank // tp_size, pp_size=pp_size,
+        rank=rank, world_size=world_size, local_rank=local_rank,
+        tp_group=tp_group, pp_group=pp_group, cpu_group=cpu_world,
+    )
+    set_parallel_state(state)
+    return state
+
+
+def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
+    state = _STATE
+    if state.tp_size == 1:
+        return x
+    dist.all_reduce(x, group=state.tp_group)
+    return x
+
+
+def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Concatenate every TP rank's x along dim."""
+    state = _STATE
+    if state.tp_size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(state.tp_size)]
+    dist.all_gather(parts, x.contiguous(), group=state.tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        from engine.config import ConfigError
+
+        raise ConfigError("tensor_parallel_size", f"{what} ({numerator}) is not divisible by {denominator}")
+    return numerator // denominator

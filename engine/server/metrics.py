@@ -1,0 +1,100 @@
+"""Prometheus metrics under the `gantry:` prefix, shaped like vLLM's `vllm:` ones.
+
+Engine-wide gauges and counters are read from the latest EngineStats at scrape time;
+per-request histograms are fed by the engine thread as requests advance and finish;
+HTTP requests are counted by route and status. One CollectorRegistry per server.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# vLLM's bucket boundaries (vllm/v1/metrics/loggers.py), so dashboards port by a prefix change.
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+               10.0, 20.0, 40.0, 80.0]
+REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                           50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+PREFIX = "gantry:"
+
+
+class _EngineStatsCollector(Collector):
+    """Gauges and counters copied from the engine's latest EngineStats at scrape time."""
+
+    GAUGES = (
+        ("num_requests_running", "num_running", "Number of requests in model execution batches."),
+        ("num_requests_waiting", "num_waiting", "Number of requests waiting to be processed."),
+        ("kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
+    )
+    COUNTERS = (
+        ("prompt_tokens", "prompt_tokens_total", "Number of prefill tokens processed."),
+        ("generation_tokens", "generation_tokens_total", "Number of generation tokens processed."),
+        ("num_preemptions", "num_preemptions_total", "Cumulative number of preemptions from the engine."),
+        ("prefix_cache_queries", "prefix_cache_queries_total",
+         "Prefix cache queries, in terms of number of queried tokens."),
+        ("prefix_cache_hits", "prefix_cache_hits_total", "Prefix cache hits, in terms of number of cached tokens."),
+    )
+
+    def __init__(self, model_name: str, get_stats: Callable[[], Any]):
+        self.model_name = model_name
+        self.get_stats = get_stats
+
+    def collect(self) -> Iterable[Metric]:
+        stats = self.get_stats()
+        if stats is None:
+            return
+        for name, attr, doc in self.GAUGES:
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            g.add_metric([self.model_name], float(getattr(stats, attr)))
+            yield g
+        for name, attr, doc in self.COUNTERS:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            c.add_metric([self.model_name], float(getattr(stats, attr)))
+            yield c
+
+
+class ServerMetrics:
+    """All of one server's metrics; engine metrics exist once the model (and its name) is loaded."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.http_requests = Counter(PREFIX + "http_requests", "HTTP requests by method, route and status.",
+                                     ["method", "route", "status"], registry=self.registry)
+        self.model_name: str | None = None
+
+    def bind_engine(self, model_name: str, get_stats: Callable[[], Any]) -> None:
+        """Create the engine's metrics, labelled with the served model name."""
+        self.model_name = model_name
+        labels = ["model_name"]
+        reg = self.registry
+        reg.register(_EngineStatsCollector(model_name, get_stats))
+        self.request_success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
+                                       labels + ["finished_reason"], registry=reg)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              labels, buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                             labels, buckets=ITL_BUCKETS, registry=reg).labels(model_name)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             labels, buckets=REQUEST_LATENCY_BUCKETS, registry=reg).labels(model_name)
+        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.",
+                                    labels, buckets=REQUEST_LATENCY_BUCKETS, registry=reg).labels(model_name)
+
+    def observe_finished(self, finish_reason: str, ttft: float | None, e2e: float, queue_time: float | None) -> None:
+        self.request_success.labels(self.model_name, finish_reason).inc()
+        if ttft is not None:
+            self.ttft.observe(ttft)
+        if queue_time is not None:
+            self.queue_time.observe(queue_time)
+        self.e2e.observe(e2e)
+
+    def observe_http(self, method: str, route: str, status: int) -> None:
+        self.http_requests.labels(method, route, str(status)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

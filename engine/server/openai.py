@@ -1,0 +1,388 @@
+"""OpenAI routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize.
+
+Handlers validate (protocol.py), submit to the AsyncEngine, and turn its deltas into
+OpenAI's response objects or SSE chunks. Leaving a handler early aborts its requests.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse
+from sanic.response import json as json_response
+
+from engine.outputs import Logprob
+from engine.server.async_engine import PromptInput, RequestDelta, RequestStream
+from engine.server.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    parse_chat_request,
+    parse_completion_request,
+    parse_detokenize_request,
+    parse_json_body,
+    parse_tokenize_request,
+)
+from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.server.app import ServerState
+
+MIN_LOGPROB = -9999.0  # stands for -inf, which JSON cannot carry
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.ctx.state
+
+
+def _clamp(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
+
+
+# ---- accumulating deltas ----
+
+@dataclass
+class _Sample:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _Request:
+    prompt: str = ""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    samples: list[_Sample] = field(default_factory=list)
+
+
+class _Results:
+    """Everything generated so far for one HTTP request (several prompts, n samples each)."""
+
+    def __init__(self, request_ids: list[str], n: int):
+        self.order = {rid: i for i, rid in enumerate(request_ids)}
+        self.requests = [_Request(samples=[_Sample() for _ in range(n)]) for _ in request_ids]
+        self.n = n
+
+    def apply(self, delta: RequestDelta) -> list[tuple[int, _Sample, str, int]]:
+        """Fold a delta in; returns (choice index, sample, new text, number of new tokens) per changed sample."""
+        p = self.order[delta.request_id]
+        req = self.requests[p]
+        if delta.prompt_token_ids is not None:
+            req.prompt, req.prompt_token_ids = delta.prompt or "", delta.prompt_token_ids
+        changed = []
+        for d in delta.samples:
+            s = req.samples[d.index]
+            new_text = d.text[len(s.text):] if d.text is not None else ""
+            if d.text is not None:
+                s.text = d.text
+            s.token_ids.extend(d.new_token_ids)
+            if d.new_logprobs:
+                s.logprobs.extend(d.new_logprobs)
+            if d.finish_reason is not None:
+                s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
+            if new_text or d.new_token_ids or d.finish_reason is not None:
+                changed.append((p * self.n + d.index, s, new_text, len(d.new_token_ids)))
+        return changed
+
+    def usage(self) -> dict[str, int]:
+        prompt = sum(len(r.prompt_token_ids) for r in self.requests)
+        completion = sum(len(s.token_ids) for r in self.requests for s in r.samples)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# ---- logprobs in both of OpenAI's formats ----
+
+class _Detok:
+    """Token id -> text, preferring the engine's decoded_token."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+
+    def __call__(self, token_id: int, lp: Logprob | None = None) -> str:
+        if lp is not None and lp.decoded_token is not None:
+            return lp.decoded_token
+        return self.tokenizer.decode([token_id])
+
+
+def _chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int, detok: _Detok) -> list[dict]:
+    content = []
+    for tid, lps in zip(token_ids, logprobs):
+        chosen = lps.get(tid)
+        token = detok(tid, chosen)
+        tops = sorted(lps.items(), key=lambda kv: kv[1].rank)[:top]
+        content.append({
+            "token": token,
+            "logprob": _clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
+            "bytes": list(token.encode("utf-8")),
+            "top_logprobs": [
+                {"token": (t := detok(i, lp)), "logprob": _clamp(lp.logprob), "bytes": list(t.encode("utf-8"))}
+                for i, lp in tops
+            ],
+        })
+    return content
+
+
+def _completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, top: int,
+                         detok: _Detok, offset: int) -> dict[str, list]:
+    """Legacy format; logprobs None (echoed prompt tokens) gives null logprobs."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for k, tid in enumerate(token_ids):
+        lps = logprobs[k] if logprobs is not None else None
+        chosen = lps.get(tid) if lps is not None else None
+        token = detok(tid, chosen)
+        out["tokens"].append(token)
+        out["text_offset"].append(offset)
+        offset += len(token)
+        if lps is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(_clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB)
+        out["top_logprobs"].append({detok(i, lp): _clamp(lp.logprob) for i, lp in lps.items()
+                                    if lp.rank <= top or i == tid})
+    return out
+
+
+def _merge_logprobs(a: dict[str, list] | None, b: dict[str, list]) -> dict[str, list]:
+    if a is None:
+        return b
+    return {k: a[k] + b[k] for k in a}
+
+
+# ---- shared plumbing ----
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _engine_error(e: Exception, prompt_param: str) -> APIError:
+    param = getattr(e, "param", None)
+    if isinstance(e, ValueError) and param is not None:
+        if param == "prompt":
+            param = prompt_param
+        message = str(e).split(": ", 1)[-1]
+        return APIError(400, f"{param}: {message}", param=param)
+    if isinstance(e, ConnectionAbortedError):
+        return APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+    return APIError(500, "internal server error: the engine failed", code="internal_error")
+
+
+async def _generate(request: Request, state: ServerState, requests: list[tuple[str, PromptInput, SamplingParams]],
+                    prompt_param: str, respond: Callable[[RequestStream, _Results], Any]) -> Any:
+    """Submit, then hand the stream to `respond`; engine refusals become 400s naming the field."""
+    state.check_capacity(len(requests))
+    arrival = time.time()
+    results = _Results([rid for rid, _, _ in requests], requests[0][2].n)
+    try:
+        async with state.engine.generate(requests, arrival) as stream:
+            return await respond(stream, results)
+    except APIError:
+        raise
+    except (ValueError, ConnectionAbortedError) as e:
+        raise _engine_error(e, prompt_param) from None
+
+
+async def _iterate(stream: RequestStream, prompt_param: str) -> AsyncIterator[RequestDelta]:
+    try:
+        async for delta in stream:
+            yield delta
+    except APIError:
+        raise
+    except Exception as e:  # the engine loop died or is shutting down
+        raise _engine_error(e, prompt_param) from None
+
+
+async def _iterate_sse(response: Any, stream: RequestStream, prompt_param: str) -> AsyncIterator[RequestDelta]:
+    """Like _iterate, once the SSE headers are out: a failure becomes an error event."""
+    try:
+        async for delta in _iterate(stream, prompt_param):
+            yield delta
+    except APIError as e:
+        await response.send(_sse(e.body()))
+
+
+async def _collect(stream: RequestStream, results: _Results, prompt_param: str) -> None:
+    async for delta in _iterate(stream, prompt_param):
+        results.apply(delta)
+
+
+# ---- routes ----
+
+async def list_models(request: Request) -> HTTPResponse:
+    state = _state(request)
+    engine = state.require_ready().engine
+    return json_response({"object": "list", "data": [{
+        "id": engine.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "gantry",
+        "root": state.engine_config.model or engine.model_name,
+        "parent": None,
+        "max_model_len": engine.max_model_len,
+        "permission": [],
+    }]})
+
+
+async def create_completion(request: Request) -> HTTPResponse | None:
+    state = _state(request).require_ready()
+    req: CompletionRequest = parse_completion_request(parse_json_body(request.body), state.model_context)
+    cid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = state.engine.engine.model_name
+    detok = _Detok(state.engine.engine.tokenizer)
+    subs = [(f"{cid}-{i}", p, req.params) for i, p in enumerate(req.prompts)]
+    top = req.logprobs or 0
+
+    def prefix(results: _Results, choice: int) -> tuple[str, dict | None]:
+        """The echoed prompt of a choice, and its (null) logprobs."""
+        r = results.requests[choice // results.n]
+        if not req.echo:
+            return "", None
+        lps = _completion_logprobs(r.prompt_token_ids, None, top, detok, 0) if req.logprobs is not None else None
+        return r.prompt, lps
+
+    if not req.stream:
+        async def respond(stream: RequestStream, results: _Results) -> HTTPResponse:
+            await _collect(stream, results, "prompt")
+            choices = []
+            for p, r in enumerate(results.requests):
+                for i, s in enumerate(r.samples):
+                    choice = p * results.n + i
+                    text, lps = prefix(results, choice)
+                    if req.logprobs is not None:
+                        lps = _merge_logprobs(lps, _completion_logprobs(s.token_ids, s.logprobs, top, detok, len(text)))
+                    choices.append({"index": choice, "text": text + s.text, "logprobs": lps,
+                                    "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+            return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
+                                  "choices": choices, "usage": results.usage(), "system_fingerprint": None})
+
+        return await _generate(request, state, subs, "prompt", respond)
+
+    async def respond_stream(stream: RequestStream, results: _Results) -> None:
+        response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        offsets: dict[int, int] = {}
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                                    "choices": choices}
+            if req.include_usage:
+                body["usage"] = usage
+            return _sse(body)
+
+        async for delta in _iterate_sse(response, stream, "prompt"):
+            out = []
+            for choice, s, new_text, num_new in results.apply(delta):
+                text, lps = ("", None)
+                if choice not in offsets:
+                    text, lps = prefix(results, choice)
+                    offsets[choice] = len(text)
+                if req.logprobs is not None and num_new:
+                    lps = _merge_logprobs(lps, _completion_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:],
+                                                                    top, detok, offsets[choice]))
+                offsets[choice] += len(new_text)
+                out.append({"index": choice, "text": text + new_text, "logprobs": lps,
+                            "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+            for c in out:
+                await response.send(chunk([c]))
+        if req.include_usage:
+            await response.send(chunk([], results.usage()))
+        await response.send(_sse("[DONE]"))
+        await response.eof()
+
+    return await _generate(request, state, subs, "prompt", respond_stream)
+
+
+async def create_chat_completion(request: Request) -> HTTPResponse | None:
+    state = _state(request).require_ready()
+    req: ChatRequest = parse_chat_request(parse_json_body(request.body), state.model_context)
+    engine = state.engine.engine
+    try:
+        prompt_ids = engine.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
+    except ValueError as e:
+        raise _engine_error(e, "messages") from None
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    model = engine.model_name
+    detok = _Detok(engine.tokenizer)
+    subs = [(f"{cid}-0", prompt_ids, req.params)]
+
+    if not req.stream:
+        async def respond(stream: RequestStream, results: _Results) -> HTTPResponse:
+            await _collect(stream, results, "messages")
+            choices = []
+            for i, s in enumerate(results.requests[0].samples):
+                lps = ({"content": _chat_logprobs(s.token_ids, s.logprobs, req.top_logprobs, detok)}
+                       if req.logprobs else None)
+                choices.append({"index": i, "message": {"role": "assistant", "content": s.text},
+                                "logprobs": lps, "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+            return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                                  "choices": choices, "usage": results.usage(), "system_fingerprint": None})
+
+        return await _generate(request, state, subs, "messages", respond)
+
+    async def respond_stream(stream: RequestStream, results: _Results) -> None:
+        response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            body: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                                    "model": model, "choices": choices}
+            if req.include_usage:
+                body["usage"] = usage
+            return _sse(body)
+
+        for i in range(req.params.n):
+            await response.send(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]))
+        async for delta in _iterate_sse(response, stream, "messages"):
+            for choice, s, new_text, num_new in results.apply(delta):
+                lps = None
+                if req.logprobs and num_new:
+                    lps = {"content": _chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:],
+                                                     req.top_logprobs, detok)}
+                if not new_text and lps is None and s.finish_reason is None:
+                    continue
+                message = {"content": new_text} if new_text else {}
+                await response.send(chunk([{"index": choice, "delta": message, "logprobs": lps,
+                                            "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}]))
+        if req.include_usage:
+            await response.send(chunk([], results.usage()))
+        await response.send(_sse("[DONE]"))
+        await response.eof()
+
+    return await _generate(request, state, subs, "messages", respond_stream)
+
+
+async def tokenize(request: Request) -> HTTPResponse:
+    state = _state(request).require_ready()
+    req = parse_tokenize_request(parse_json_body(request.body), state.model_context)
+    engine = state.engine.engine
+    if req.messages is not None:
+        try:
+            tokens = list(engine.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt))
+        except ValueError as e:
+            raise _engine_error(e, "messages") from None
+    else:
+        tokens = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    return json_response({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens,
+                          "token_strs": None})
+
+
+async def detokenize(request: Request) -> HTTPResponse:
+    state = _state(request).require_ready()
+    tokens = parse_detokenize_request(parse_json_body(request.body), state.model_context)
+    return json_response({"prompt": state.engine.engine.tokenizer.decode(tokens)})
+
+
+def register_openai_routes(app: Sanic) -> None:
+    app.add_route(list_models, "/v1/models", methods=["GET"])
+    app.add_route(create_completion, "/v1/completions", methods=["POST"])
+    app.add_route(create_chat_completion, "/v1/chat/completions", methods=["POST"])
+    app.add_route(tokenize, "/tokenize", methods=["POST"])
+    app.add_route(detokenize, "/detokenize", methods=["POST"])
+

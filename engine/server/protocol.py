@@ -1,0 +1,327 @@
+"""OpenAI request validation: JSON bodies -> typed requests carrying SamplingParams.
+
+Every rejection is an APIError naming the offending field, so a bad request gets a 4xx
+before it reaches the engine. Unknown fields are ignored, as OpenAI's API does.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+
+MAX_N = 128  # parallel samples per prompt
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class APIError(Exception):
+    """An HTTP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or ("server_error" if status >= 500 else "invalid_request_error")
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str) -> APIError:
+    return APIError(400, f"{param}: {message}", param=param)
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise APIError(400, "request body is empty; expected a JSON object", param="body")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", param="body") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", param="body")
+    return data
+
+
+# --- typed field readers: None when absent or null, else the value or an APIError ---
+
+def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise bad(name, f"must be an integer, got {json.dumps(v)[:50]}")
+    if lo is not None and v < lo:
+        raise bad(name, f"must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise bad(name, f"must be <= {hi}, got {v}")
+    return v
+
+
+def _float(body: dict, name: str) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise bad(name, f"must be a finite number, got {json.dumps(v)[:50]}")
+    return float(v)
+
+
+def _bool(body: dict, name: str) -> bool | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise bad(name, f"must be a boolean, got {json.dumps(v)[:50]}")
+    return v
+
+
+def _str(body: dict, name: str) -> str | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise bad(name, f"must be a string, got {json.dumps(v)[:50]}")
+    return v
+
+
+def _token_ids(v: Any, name: str, vocab_size: int) -> list[int]:
+    if not isinstance(v, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in v):
+        raise bad(name, "must be a list of integer token ids")
+    for t in v:
+        if not 0 <= t < vocab_size:
+            raise bad(name, f"token id {t} is outside the vocabulary [0, {vocab_size})")
+    return v
+
+
+@dataclass
+class ModelContext:
+    """What validation needs to know about the served model."""
+
+    served_model_name: str
+    max_model_len: int
+    vocab_size: int
+
+
+def check_model(body: dict, ctx: ModelContext) -> None:
+    model = _str(body, "model")
+    if model is not None and model != ctx.served_model_name:
+        raise APIError(404, f"model: the model `{model}` does not exist; this server serves "
+                            f"`{ctx.served_model_name}`", param="model", code="model_not_found")
+
+
+def _stream_options(body: dict, stream: bool) -> bool:
+    """include_usage from stream_options (only valid with stream=true)."""
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not stream:
+        raise bad("stream_options", "only allowed when stream is true")
+    if not isinstance(opts, dict):
+        raise bad("stream_options", "must be an object")
+    return bool(_bool(opts, "include_usage"))
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or any(not isinstance(s, str) for s in stop):
+        raise bad("stop", "must be a string or a list of strings")
+    return stop
+
+
+def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    """Every sampling field both APIs share; max_tokens None means up to the context left."""
+    if _int(body, "best_of") not in (None, _int(body, "n") or 1):
+        raise bad("best_of", "must equal n (beam and best-of sampling are not supported)")
+    logit_bias = body.get("logit_bias")
+    if logit_bias:
+        raise bad("logit_bias", "is not supported")
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None:
+        _token_ids(stop_token_ids, "stop_token_ids", ctx.vocab_size)
+    if max_tokens is not None and max_tokens > ctx.max_model_len:
+        raise bad("max_tokens", f"must be <= max_model_len ({ctx.max_model_len}), got {max_tokens}")
+    kwargs: dict[str, Any] = {
+        "n": _int(body, "n", 1, MAX_N),
+        "temperature": _float(body, "temperature"),
+        "top_p": _float(body, "top_p"),
+        "top_k": _int(body, "top_k"),
+        "min_p": _float(body, "min_p"),
+        "seed": _int(body, "seed"),
+        "presence_penalty": _float(body, "presence_penalty"),
+        "frequency_penalty": _float(body, "frequency_penalty"),
+        "repetition_penalty": _float(body, "repetition_penalty"),
+        "min_tokens": _int(body, "min_tokens"),
+        "stop_token_ids": stop_token_ids,
+        "ignore_eos": _bool(body, "ignore_eos"),
+        "skip_special_tokens": _bool(body, "skip_special_tokens"),
+        "include_stop_str_in_output": _bool(body, "include_stop_str_in_output"),
+    }
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=_stop(body), **kwargs)
+    except SamplingParamsError as e:
+        raise bad(e.param, str(e).split(": ", 1)[-1]) from None
+
+
+def _unsupported(body: dict, *names: str) -> None:
+    for name in names:
+        if body.get(name) not in (None, [], {}, False):
+            raise bad(name, "is not supported by this server")
+
+
+Prompt = str | list[int]
+
+
+@dataclass
+class CompletionRequest:
+    prompts: list[Prompt]  # one engine request each
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool
+    logprobs: int | None  # top-k per token in the legacy format
+
+
+def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest:
+    check_model(body, ctx)
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise bad("prompt", "is required")
+    if isinstance(prompt, str):
+        prompts: list[Prompt] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        prompts = [_token_ids(prompt, "prompt", ctx.vocab_size)]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
+        prompts = [_token_ids(p, f"prompt[{i}]", ctx.vocab_size) for i, p in enumerate(prompt)]
+    else:
+        raise bad("prompt", "must be a non-empty string, list of strings, list of token ids or list of lists of token ids")
+    if len(prompts) > MAX_PROMPTS:
+        raise bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise bad("prompt" if len(prompts) == 1 else f"prompt[{i}]", "must not be empty")
+    _unsupported(body, "suffix")
+    stream = bool(_bool(body, "stream"))
+    logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    return CompletionRequest(
+        prompts=prompts,
+        params=sampling_params(body, ctx, _int(body, "max_tokens", 1), logprobs),
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        echo=bool(_bool(body, "echo")),
+        logprobs=logprobs,
+    )
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, str]]  # role and plain-text content, ready for the chat template
+    add_generation_prompt: bool
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+    top_logprobs: int
+
+
+def _message_content(content: Any, name: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{name}[{j}]", "only parts of type `text` with a string `text` are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(name, "must be a string or a list of text parts")
+
+
+def parse_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list):
+        raise bad("messages", "is required and must be a list of messages")
+    if not messages:
+        raise bad("messages", "must contain at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}]", "must be an object with `role` and `content`")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise bad(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)[:50]}")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        out.append({"role": role, "content": _message_content(content, f"messages[{i}].content")})
+    return out
+
+
+def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
+    check_model(body, ctx)
+    messages = parse_messages(body.get("messages"))
+    _unsupported(body, "tools", "functions", "audio", "prediction")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise bad("response_format", "only {\"type\": \"text\"} is supported")
+    stream = bool(_bool(body, "stream"))
+    logprobs = bool(_bool(body, "logprobs"))
+    top_logprobs = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise bad("top_logprobs", "requires logprobs to be true")
+    max_tokens = _int(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1)
+    add_generation_prompt = _bool(body, "add_generation_prompt")
+    return ChatRequest(
+        messages=messages,
+        add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
+        params=sampling_params(body, ctx, max_tokens, (top_logprobs or 0) if logprobs else None),
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        logprobs=logprobs,
+        top_logprobs=top_logprobs or 0,
+    )
+
+
+@dataclass
+class TokenizeRequest:
+    prompt: str | None  # either a prompt ...
+    messages: list[dict[str, str]] | None  # ... or chat messages through the template
+    add_special_tokens: bool
+    add_generation_prompt: bool
+
+
+def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
+    check_model(body, ctx)
+    prompt = _str(body, "prompt")
+    if prompt is None and body.get("messages") is None:
+        raise bad("prompt", "either `prompt` or `messages` is required")
+    messages = parse_messages(body["messages"]) if prompt is None else None
+    add_special = _bool(body, "add_special_tokens")
+    add_gen = _bool(body, "add_generation_prompt")
+    return TokenizeRequest(prompt, messages, True if add_special is None else add_special,
+                           True if add_gen is None else add_gen)
+
+
+def parse_detokenize_request(body: dict, ctx: ModelContext) -> list[int]:
+    check_model(body, ctx)
+    if "tokens" not in body:
+        raise bad("tokens", "is required")
+    return _token_ids(body["tokens"], "tokens", ctx.vocab_size)

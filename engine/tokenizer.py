@@ -1,0 +1,53 @@
+"""Tokenizer loading (HF directory or GGUF) and incremental detokenisation.
+
+The detokenizer decodes a window of recent tokens and emits only text that ends in a
+complete character, so multi-byte UTF-8 (Chinese, emoji) never streams half a character.
+"""
+from __future__ import annotations
+
+import os
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from engine.errors import ModelLoadError
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def load_tokenizer(path: str, is_gguf: bool, required: bool = True) -> PreTrainedTokenizerBase | None:
+    try:
+        if is_gguf:
+            return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not required:
+            return None
+        raise ModelLoadError(path, f"cannot load the tokenizer: {e}") from None
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token sequence, one complete character at a time."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_token_ids: list[int], skip_special_tokens: bool):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # Decode with a few prompt tokens as left context so leading spaces come out right.
+        self.token_ids: list[int] = list(prompt_token_ids[-4:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def add_tokens(self, new_token_ids: list[int]) -> str:
+        """Append tokens; return the newly completed text (possibly empty)."""
+        self.token_ids.extend(new_token_ids)
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith(REPLACEMENT_CHAR):
+            delta = full_text[len(prefix_text) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            self.text += delta
+            return delta
+        return ""
