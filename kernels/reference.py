@@ -37,6 +37,8 @@ def paged_attention(
     query_start_loc: torch.Tensor,  # [num_seqs + 1] int32, offsets of each sequence's tokens in query
     seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the new tokens
     scale: float,
+    max_query_len: int | None = None,  # host-side hints for the Triton path (no GPU sync); unused here
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its whole context in the pages.
 
@@ -58,12 +60,26 @@ def paged_attention(
         v = v.repeat_interleave(group, dim=1)
         # [H, q_len, seq_len]
         scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=query.device).unsqueeze(0)
         scores.masked_fill_(k_pos > q_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[starts[i] : starts[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
     return out
+
+
+def decode_attention(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim], the one new token of each sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], new tokens already stored
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the new token
+    scale: float,
+    max_seq_len: int | None = None,  # host-side hint for the Triton path; unused here
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """paged_attention with q_len = 1 for every sequence (the CUDA-graph entry point on GPU)."""
+    query_start_loc = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=query.device)
+    return paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

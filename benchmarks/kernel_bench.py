@@ -1,0 +1,142 @@
+"""Kernel microbenchmark: paged decode attention's achieved GB/s against measured copy bandwidth.
+
+Bytes = K/V pages read (each once) + query + output; copy bandwidth = bytes read + written by a large
+device-to-device copy, measured in the same run. Also: bf16 matmul rate and the prefill kernel's
+TFLOP/s for reference. `--sweep` times decode launch variants at batch 64, context 4k.
+
+    python3 -m benchmarks.kernel_bench [--sweep]   (from the repository root)
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton.testing
+
+from kernels import reference
+from kernels.decode_attention import choose_num_splits, decode_attention
+from kernels.prefill_attention import prefill_attention
+
+BLOCK_SIZE = 16
+HEAD_DIM = 128
+DTYPE = torch.bfloat16
+SHAPES = {"32q/8kv": (32, 8), "28q/4kv (Qwen2-7B)": (28, 4)}
+
+
+def bench_ms(fn) -> float:
+    """Median milliseconds over CUDA events (triton.testing.do_bench)."""
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 2 GiB, counting bytes read and written."""
+    src = torch.randn(2**30 // 2, dtype=torch.float32, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def matmul_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    return 2 * 8192**3 / bench_ms(lambda: a @ b) / 1e9
+
+
+def make_decode_batch(batch: int, context: int, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, ...]:
+    """Every sequence `context` tokens long, its pages scattered over the pool in random order."""
+    blocks_per_seq = context // BLOCK_SIZE
+    num_blocks = batch * blocks_per_seq
+    shape = (num_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    v_cache = torch.randn(shape, device="cuda", dtype=DTYPE)
+    block_tables = torch.randperm(num_blocks, device="cuda").to(torch.int32).view(batch, blocks_per_seq)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    query = torch.randn(batch, num_heads, HEAD_DIM, device="cuda", dtype=DTYPE)  # [batch, num_heads, head_dim]
+    return query, k_cache, v_cache, block_tables, seq_lens
+
+
+def decode_bytes(batch: int, context: int, num_heads: int, num_kv_heads: int) -> int:
+    kv = 2 * batch * context * num_kv_heads * HEAD_DIM
+    q_and_out = 2 * batch * num_heads * HEAD_DIM
+    return (kv + q_and_out) * torch.finfo(DTYPE).bits // 8
+
+
+def check_decode(args: tuple[torch.Tensor, ...], **launch: int) -> float:
+    """Relative error against the reference on the first 4 sequences (a benchmark of a wrong kernel is void)."""
+    query, k_cache, v_cache, block_tables, seq_lens = args
+    out = decode_attention(query, k_cache, v_cache, block_tables, seq_lens, HEAD_DIM**-0.5, **launch)[:4].float()
+    ref = reference.decode_attention(query[:4], k_cache, v_cache, block_tables[:4], seq_lens[:4], HEAD_DIM**-0.5)
+    return ((out - ref.float()).norm() / ref.float().norm()).item()
+
+
+def time_decode(args: tuple[torch.Tensor, ...], **launch: int) -> float:
+    query, k_cache, v_cache, block_tables, seq_lens = args
+    return bench_ms(lambda: decode_attention(query, k_cache, v_cache, block_tables, seq_lens, HEAD_DIM**-0.5, **launch))
+
+
+def run_decode_table(copy_gbs: float) -> None:
+    print(f"\ndecode attention, bf16, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, shuffled pages")
+    print(f"{'shape':>20} {'batch':>6} {'context':>8} {'splits':>6} {'ms':>8} {'GB/s':>8} {'% copy':>7} {'rel err':>8}")
+    for (name, (num_heads, num_kv_heads)), batch, context in itertools.product(SHAPES.items(), (64, 256), (1024, 4096, 16384)):
+        args = make_decode_batch(batch, context, num_heads, num_kv_heads)
+        err = check_decode(args)
+        ms = time_decode(args)
+        gbs = decode_bytes(batch, context, num_heads, num_kv_heads) / ms / 1e6
+        splits = choose_num_splits(batch, num_kv_heads, context, args[0].device)
+        print(f"{name:>20} {batch:>6} {context:>8} {splits:>6} {ms:>8.3f} {gbs:>8.0f} {100 * gbs / copy_gbs:>6.1f}% {err:>8.1e}")
+        del args
+        torch.cuda.empty_cache()
+
+
+def run_sweep(copy_gbs: float) -> None:
+    batch, context, (num_heads, num_kv_heads) = 64, 4096, SHAPES["32q/8kv"]
+    args = make_decode_batch(batch, context, num_heads, num_kv_heads)
+    nbytes = decode_bytes(batch, context, num_heads, num_kv_heads)
+    results = []
+    for block_n, num_warps, num_stages, num_splits in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), (1, 2, 4)):
+        launch = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=num_splits)
+        try:
+            err = check_decode(args, **launch)
+            ms = time_decode(args, **launch)
+        except Exception as e:  # out of shared memory / registers for this variant
+            print(f"skip {launch}: {type(e).__name__}")
+            continue
+        results.append((ms, err, launch))
+    print(f"\nsweep: batch {batch}, context {context}, 32q/8kv (best 12)")
+    for ms, err, launch in sorted(results, key=lambda r: r[0])[:12]:
+        gbs = nbytes / ms / 1e6
+        print(f"  {launch}  {ms:.3f} ms  {gbs:.0f} GB/s  {100 * gbs / copy_gbs:.1f}% of copy  err {err:.1e}")
+
+
+def run_prefill(matmul: float) -> None:
+    """8 sequences of 2048 new tokens, no earlier context: causal FLOPs = 2 * 2 * H * D * sum(q_len^2 / 2)."""
+    num_heads, num_kv_heads = SHAPES["32q/8kv"]
+    num_seqs, q_len = 8, 2048
+    k_cache, v_cache, block_tables, _, _ = make_decode_batch(num_seqs, q_len, num_heads, num_kv_heads)
+    seq_lens = torch.full((num_seqs,), q_len, dtype=torch.int32, device="cuda")
+    query_start_loc = torch.arange(0, (num_seqs + 1) * q_len, q_len, dtype=torch.int32, device="cuda")
+    query = torch.randn(num_seqs * q_len, num_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
+    ms = bench_ms(lambda: prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, HEAD_DIM**-0.5))
+    flops = 4 * num_heads * HEAD_DIM * num_seqs * q_len * (q_len + 1) / 2
+    tflops = flops / ms / 1e9
+    print(f"\nprefill attention, 8 x 2048 causal, 32q/8kv: {ms:.3f} ms, {tflops:.0f} TFLOP/s ({100 * tflops / matmul:.0f}% of matmul)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="time decode launch variants at batch 64, context 4k")
+    opts = parser.parse_args()
+    torch.manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs()
+    matmul = matmul_tflops()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s; bf16 matmul 8192^3: {matmul:.0f} TFLOP/s")
+    if opts.sweep:
+        run_sweep(copy_gbs)
+    run_decode_table(copy_gbs)
+    run_prefill(matmul)
+
+
+if __name__ == "__main__":
+    main()

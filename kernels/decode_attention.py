@@ -1,0 +1,212 @@
+"""Triton paged decode attention (one new token per sequence), flash-decoding style.
+
+One program serves all query heads of one KV head (each page is read once) over one split of the
+context; with several splits a second kernel merges the partial softmaxes. Shapes alone decide the
+launch (no host sync), so a CUDA graph can capture it.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# Fewest context tokens worth a split of their own: below this the merge costs more than it saves.
+MIN_TOKENS_PER_SPLIT = 512
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,  # [num_seqs, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    out_ptr,  # [num_seqs, num_heads, head_dim], written when NUM_SPLITS == 1
+    part_m_ptr,  # [num_seqs, num_heads, NUM_SPLITS] fp32, running max (log2 domain)
+    part_l_ptr,  # [num_seqs, num_heads, NUM_SPLITS] fp32, softmax denominator
+    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32, unnormalised output
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_seq,
+    stride_q_head,
+    stride_k_block,
+    stride_k_tok,
+    stride_k_head,
+    stride_v_block,
+    stride_v_tok,
+    stride_v_head,
+    stride_bt_seq,
+    stride_o_seq,
+    stride_o_head,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_P2: tl.constexpr,  # GROUP padded to a power of two >= 16 (the dot's M)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_N: tl.constexpr,  # context tokens per loop step (may span several pages)
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, seq_len)
+
+    rows = tl.arange(0, GROUP_P2)
+    row_mask = rows < GROUP
+    heads = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )  # [GROUP_P2, HEAD_DIM]
+
+    m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_P2], tl.float32)
+    acc = tl.zeros([GROUP_P2, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    for tok0 in range(start, end, BLOCK_N):
+        toks = tok0 + tl.arange(0, BLOCK_N)
+        tok_mask = toks < end
+        pages = tl.load(block_table + toks // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+        in_page = toks % BLOCK_SIZE
+        k_off = pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head
+        v_off = pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0)
+        k = k.to(q.dtype)  # [BLOCK_N, HEAD_DIM]
+        v = v.to(q.dtype)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_P2, BLOCK_N]
+        s = tl.where(tok_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        # An empty context (a padded slot of a captured batch) gives zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + seq.to(tl.int64) * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:
+        part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [GROUP_P2]
+        tl.store(part_m_ptr + part, m_i, mask=row_mask)
+        tl.store(part_l_ptr + part, l_i, mask=row_mask)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(
+    out_ptr,  # [num_seqs, num_heads, head_dim]
+    part_m_ptr,  # [num_seqs, num_heads, NUM_SPLITS]
+    part_l_ptr,
+    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim]
+    stride_o_seq,
+    stride_o_head,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_P2)
+    split_mask = splits < NUM_SPLITS
+    dims = tl.arange(0, HEAD_DIM)
+    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    m = tl.load(part_m_ptr + part, mask=split_mask, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=split_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty
+    w = tl.exp2(m - m_max)  # [SPLITS_P2]; empty splits have m = -inf, so weight 0
+    l_sum = tl.sum(w * l, 0)
+    out = tl.sum(w[:, None] * acc, 0) / tl.where(l_sum > 0, l_sum, 1.0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_o_seq + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # the interpreter: any small number exercises the same paths
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per sequence so that about two waves of programs fill the GPU; shapes only."""
+    programs = num_seqs * num_kv_heads
+    wanted = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+    worth = triton.cdiv(max_context, MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, worth, MAX_SPLITS))
+
+
+def decode_attention(
+    query: torch.Tensor,  # [num_seqs, num_heads, head_dim], the one new token of each sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], new tokens already stored
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the new token
+    scale: float,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
+    """paged_attention for q_len = 1 everywhere. max_seq_len (host int) only tunes the split count;
+    num_splits, block_n, num_warps and num_stages override the launch heuristics (benchmarks)."""
+    num_seqs, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert num_heads % num_kv_heads == 0 and head_dim == triton.next_power_of_2(head_dim)
+    assert query.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        max_context = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, query.device)
+    if block_n is None:
+        block_n = 32 if head_dim > 128 or query.dtype == torch.float32 else 64
+    # [num_seqs, num_heads, num_splits(, head_dim)] fp32 partials; unused (never read) with one split.
+    part_shape = (num_seqs, num_heads, num_splits) if num_splits > 1 else (1,)
+    part_m = torch.empty(part_shape, dtype=torch.float32, device=query.device)
+    part_l = torch.empty(part_shape, dtype=torch.float32, device=query.device)
+    part_acc = torch.empty((*part_shape, head_dim) if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
+        scale * LOG2E,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group,
+        GROUP_P2=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(num_seqs, num_heads)](
+            out, part_m, part_l, part_acc,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            SPLITS_P2=triton.next_power_of_2(num_splits),
+        )
+    return out

@@ -1,0 +1,198 @@
+"""Triton paged prefill / chunked-prefill attention, flash-attention style.
+
+Each sequence's new tokens (packed, query_start_loc) attend causally to each other and to earlier
+context, all read from the pages (the new tokens are stored first). A program takes BLOCK_Q new
+tokens of one sequence times all query heads of one KV head, so each page is read once per KV head.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence owning q_block, where sequence i's q-blocks start at query_start_loc[i] // BLOCK_Q + i."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_block <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_tile(
+    q, m_i, l_i, acc, q_pos, tok0, kv_end,
+    k_cache_ptr, v_cache_ptr, block_table, kv_head,
+    stride_k_block, stride_k_tok, stride_k_head, stride_v_block, stride_v_tok, stride_v_head,
+    qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One online-softmax step over context tokens tok0..tok0+BLOCK_N-1."""
+    dims = tl.arange(0, HEAD_DIM)
+    toks = tok0 + tl.arange(0, BLOCK_N)
+    tok_mask = toks < kv_end
+    pages = tl.load(block_table + toks // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+    in_page = toks % BLOCK_SIZE
+    k_off = pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head
+    v_off = pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head
+    k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
+    v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if CAUSAL_MASK:
+        s = tl.where((toks[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc_ptr,  # [num_seqs + 1] int32
+    seq_lens_ptr,  # [num_seqs] int32
+    num_seqs,
+    qk_scale,  # softmax scale * log2(e)
+    stride_q_tok,
+    stride_q_head,
+    stride_k_block,
+    stride_k_tok,
+    stride_k_head,
+    stride_v_block,
+    stride_v_tok,
+    stride_v_head,
+    stride_bt_seq,
+    stride_o_tok,
+    stride_o_head,
+    GROUP: tl.constexpr,  # query heads per KV head
+    GROUP_P2: tl.constexpr,  # GROUP padded to a power of two
+    BLOCK_Q: tl.constexpr,  # new tokens per program
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_N: tl.constexpr,  # context tokens per loop step
+    DOT_PRECISION: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2  # rows: (new token, query head of this KV head)
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    q_block_in_seq = q_block - (q_start // BLOCK_Q + seq)
+    if q_block_in_seq * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len  # tokens before the first new one
+
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_block_in_seq * BLOCK_Q + rows // GROUP_P2  # new-token index within the sequence
+    head_in_group = rows % GROUP_P2
+    row_mask = (q_idx < q_len) & (head_in_group < GROUP)
+    heads = kv_head * GROUP + head_in_group
+    dims = tl.arange(0, HEAD_DIM)
+    tok_rows = (q_start + q_idx).to(tl.int64)
+    q = tl.load(
+        q_ptr + tok_rows[:, None] * stride_q_tok + heads[:, None] * stride_q_head + dims[None, :],
+        mask=row_mask[:, None],
+        other=0.0,
+    )  # [BLOCK_M, HEAD_DIM]
+    q_pos = context_len + q_idx  # position of each row's token; it sees keys 0..q_pos
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    # Tiles wholly at or before the block's first position need no causal mask.
+    first_pos = context_len + q_block_in_seq * BLOCK_Q
+    unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
+    kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
+    for tok0 in range(0, unmasked_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, q_pos, tok0, kv_end,
+            k_cache_ptr, v_cache_ptr, block_table, kv_head,
+            stride_k_block, stride_k_tok, stride_k_head, stride_v_block, stride_v_tok, stride_v_head,
+            qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )
+    for tok0 in range(unmasked_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, m_i, l_i, acc, q_pos, tok0, kv_end,
+            k_cache_ptr, v_cache_ptr, block_table, kv_head,
+            stride_k_block, stride_k_tok, stride_k_head, stride_v_block, stride_v_tok, stride_v_head,
+            qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + tok_rows[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def prefill_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim], new tokens of every sequence, packed
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], new tokens already stored
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the new tokens
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """reference.paged_attention for any mix of q_len (0 included); launch sized from shapes only."""
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    assert num_heads % num_kv_heads == 0 and head_dim == triton.next_power_of_2(head_dim)
+    assert query.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    group = num_heads // num_kv_heads
+    group_p2 = triton.next_power_of_2(group)
+    out = torch.empty_like(query)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    small = head_dim > 128 or query.dtype == torch.float32
+    if block_m is None:
+        block_m = 64 if small else 128
+    if block_n is None:
+        block_n = 32 if small else 64
+    block_q = max(1, block_m // group_p2)
+    if num_warps is None:
+        num_warps = 8 if block_q * group_p2 >= 128 else 4
+    # Every sequence's q-blocks fit in [query_start_loc[i] // block_q + i, ...): no host sync.
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        num_seqs, scale * LOG2E,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group,
+        GROUP_P2=group_p2,
+        BLOCK_Q=block_q,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
