@@ -4,6 +4,7 @@ Every check draws fresh random inputs and compares with kernels/reference.py."""
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 from collections.abc import Callable
 
@@ -12,6 +13,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    if any(name.startswith("kernels.") and name != "kernels.reference" for name in sys.modules):
+        raise pytest.UsageError("Triton kernels were defined before tests/kernels set TRITON_INTERPRET=1: set it in the environment")
 
 PagedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
