@@ -11,10 +11,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     if any(name.startswith("kernels.") and name != "kernels.reference" for name in sys.modules):
         raise pytest.UsageError("Triton kernels were defined before tests/kernels set TRITON_INTERPRET=1: set it in the environment")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 PagedKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
