@@ -1,0 +1,71 @@
+"""Session fixtures for the real-infrastructure tests: a one-node Slurm cluster, a private
+Docker engine, and Gantry's CPU image built in it without any registry.
+
+Every test here is marked `infra`. Locally a test is skipped when a tool or root is
+missing; with CI=true it fails instead, so CI can never pass by skipping.
+.ci/infra.sh installs the Debian packages these fixtures need.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .dockerd import DOCKER_TOOLS, DockerEngine
+from .images import build_cpu_image
+from .slurm import SLURM_TOOLS, SlurmCluster
+
+# The image name the launcher's deploy.image defaults to.
+IMAGE = "gantry:latest"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.infra)
+
+
+def require(tools: tuple[str, ...], what: str) -> None:
+    """Skip (locally) or fail (CI=true) unless we are root and every tool is on PATH."""
+    problems = [f"`{tool}` not found" for tool in tools if shutil.which(tool) is None]
+    if os.geteuid() != 0:
+        problems.append("not root")
+    if not problems:
+        return
+    message = f"{what} needs {', '.join(problems)}: run .ci/infra.sh as root"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    require(SLURM_TOOLS, "the Slurm cluster")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    require((*DOCKER_TOOLS, "debootstrap"), "the Docker engine")
+    engine = DockerEngine(tmp_path_factory.mktemp("dockerd"))
+    try:
+        engine.start()
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def gantry_image(docker_engine: DockerEngine, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Gantry's CPU image, built once per session from docker/Dockerfile."""
+    return build_cpu_image(docker_engine, IMAGE, tmp_path_factory.mktemp("image"))
