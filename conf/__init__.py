@@ -1,0 +1,1 @@
+"""Hydra config groups of the launcher (data only; a package so that it ships in the wheel)."""

@@ -1,0 +1,85 @@
+"""`python -m launcher [group=option ...] [key=value ...]`: compose -> validate -> plan -> render -> run/submit.
+
+Invalid configurations exit with status 2 and name the keys; nothing is rendered then.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from launcher import schema
+from launcher.plan import Plan, PlanError, build_plan
+from launcher.render import render_job, write_job
+from launcher.targets import target_module
+
+log = logging.getLogger("launcher")
+EXIT_INVALID = 2  # the config cannot be deployed
+
+schema.register()
+
+
+def _record(cfg: DictConfig, overrides: list[str]) -> str:
+    """gantry.yaml: the composed config, resolved, with a literal API key masked."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    if resolved["server"].get("api_key"):
+        resolved["server"]["api_key"] = "<hidden>"
+    header = "# python -m launcher " + " ".join(overrides) + "\n"
+    return header + OmegaConf.to_yaml(OmegaConf.create(resolved))
+
+
+def _remove_empty(job_dir: Path, root: Path) -> None:
+    """Remove the run directory Hydra made (and its empty parents below root) when nothing was rendered."""
+    path = job_dir.resolve()
+    root = root.resolve()
+    while path != root and root in path.parents:
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty, or not ours to remove
+        path = path.parent
+
+
+def _report(plan: Plan, paths: list[Path]) -> None:
+    p = plan.cfg.parallel
+    print(f"gantry: {plan.cfg.model.name}, tp{p.tensor_parallel_size} x pp{p.pipeline_parallel_size} on"
+          f" {p.nnodes} node(s) x {p.gpus_per_node}, deploy={plan.target}")
+    for path in paths:
+        print(f"  {path.relative_to(plan.job_dir)}")
+    print(f"job dir: {plan.job_dir}")
+
+
+def launch(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> int:
+    """Render cfg into job_dir and run or submit it when asked; the exit status."""
+    try:
+        plan = build_plan(cfg, job_dir)
+    except PlanError as e:
+        for problem in e.problems:
+            print(f"gantry: invalid config: {problem}", file=sys.stderr)
+        _remove_empty(job_dir, Path(cfg.output_dir))
+        return EXIT_INVALID
+    files = render_job(plan)
+    files["gantry.yaml"] = (_record(cfg, overrides), 0o644)
+    _report(plan, write_job(plan, files))
+    submit = cfg.submit if cfg.submit is not None else plan.target == "local"
+    if not submit:
+        return 0
+    sys.stdout.flush()
+    return target_module(plan.target).submit(plan)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    code = launch(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Cross-field checks and derived values: a composed config becomes a validated Plan.
+
+Every user error is collected as a Problem naming the config keys; build_plan raises
+PlanError with all of them before anything is rendered. The Plan also holds the
+engine.yaml sections as the ranks of the chosen target will see them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
+
+
+
+def _engine_config() -> ModuleType:
+    """A private copy of engine/config.py, loaded without engine/__init__.py (which imports torch):
+    rendering a job on a login node should neither need torch nor wait for it. Only the launcher
+    uses this copy (its own checks and field lists), so class identity with the engine's is moot."""
+    package = importlib.util.find_spec("engine")
+    assert package is not None and package.submodule_search_locations, "the engine package is missing"
+    spec = importlib.util.spec_from_file_location(
+        "launcher._engine_config", os.path.join(list(package.submodule_search_locations)[0], "config.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+_ec = _engine_config()
+DTYPES, ConfigError, EngineConfig, ServerConfig = _ec.DTYPES, _ec.ConfigError, _ec.EngineConfig, _ec.ServerConfig
+
+CONTAINER_CONFIG = "/etc/gantry/engine.yaml"  # where docker and k8s mount engine.yaml
+CONTAINER_KEY_ENV = "GANTRY_API_KEY"  # the key's variable inside containers and pods
+CONTAINER_KEY_FILE = "/run/secrets/gantry-api-key"  # where docker mounts server.api_key_file
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[a-zA-Z]*")
+SLURM_TIME = re.compile(r"([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}|infinite|UNLIMITED")
+MAX_NAME_LEN = 40  # leaves room for "-headless", pod ordinals and StatefulSet revision labels
+
+# EngineConfig/ServerConfig field -> the launcher key that sets it (for error messages).
+_ENGINE_KEYS = {
+    "model": "model.path", "tokenizer": "model.tokenizer", "served_model_name": "model.served_model_name",
+    "dtype": "model.dtype", "max_model_len": "model.max_model_len", "load_format": "model.load_format",
+    "hf_overrides": "model.hf_overrides", "tensor_parallel_size": "parallel.tensor_parallel_size",
+    "pipeline_parallel_size": "parallel.pipeline_parallel_size",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    keys: tuple[str, ...]  # config keys at fault, as the user writes them on the command line
+    message: str  # what is wrong and how to fix it
+
+    def __str__(self) -> str:
+        return f"{', '.join(self.keys)}: {self.message}"
+
+
+class PlanError(Exception):
+    """The config cannot be deployed; `problems` name the keys."""
+
+    def __init__(self, problems: list[Problem]):
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    num_attention_heads: int | None  # None: unknown, the check is skipped
+    num_key_value_heads: int | None
+    num_hidden_layers: int | None
+    max_position_embeddings: int | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    cfg: GantryConfig  # the composed config, typed and resolved
+    job_dir: Path  # absolute directory the artefacts are written to
+    name: str  # job name as a DNS label: containers, pods, Services, the Slurm job
+    model_kind: str  # embedded | local | hub
+    host_model_path: str | None  # weights on the host or node (local path, or a hub id's local_dir); None: embedded
+    engine: dict[str, Any]  # engine.yaml `engine:` section, as the ranks see it
+    server: dict[str, Any]  # engine.yaml `server:` section, as the ranks see it
+    api_key_source: str  # none | literal | env | file
+
+    @property
+    def target(self) -> str:
+        return self.cfg.deploy.target
+
+    @property
+    def nnodes(self) -> int:
+        return self.cfg.parallel.nnodes
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.cfg.parallel.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def use_gpus(self) -> bool:
+        return self.cfg.engine.device != "cpu"
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nnodes > 1
+
+    def engine_yaml(self) -> str:
+        """engine.yaml as engine.config.load_config_file reads it."""
+        return yaml.safe_dump({"engine": self.engine, "server": self.server}, sort_keys=False)
+
+
+def to_config(cfg: DictConfig | GantryConfig) -> GantryConfig:
+    """The typed config object (interpolations resolved)."""
+    if isinstance(cfg, GantryConfig):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, GantryConfig), type(obj)
+    return obj
+
+
+def dns_name(job_name: str) -> str:
+    """job_name lower-cased, runs of other characters turned into '-', cut to MAX_NAME_LEN."""
+    return re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:MAX_NAME_LEN].strip("-")
+
+
+def model_kind(path: str | None) -> str:
+    """embedded (null), hub (org/name that is not an existing path) or local."""
+    if path is None:
+        return "embedded"
+    if HUB_ID.fullmatch(path) and not os.path.exists(path):
+        return "hub"
+    return "local"
+
+
+def host_model_path(cfg: GantryConfig) -> str | None:
+    """Where the weights are on the host/node: the local path, or the hub id's local_dir."""
+    kind = model_kind(cfg.model.path)
+    if kind == "embedded":
+        return None
+    if kind == "hub":
+        local_dir = cfg.model.local_dir or os.path.join(cfg.models_dir, cfg.model.path or "")
+        return os.path.abspath(os.path.expanduser(local_dir))
+    return os.path.abspath(os.path.expanduser(cfg.model.path or ""))
+
+
+def model_facts(cfg: GantryConfig) -> ModelFacts:
+    """Head and layer counts: the model yaml's hints, then a readable config.json, then hf_overrides."""
+    m = cfg.model
+    facts: dict[str, Any] = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelFacts)}
+    path = host_model_path(cfg)
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                hf = json.load(f)
+        except (OSError, ValueError):
+            hf = {}  # the engine reports an unreadable config itself
+        facts.update({k: hf[k] for k in facts if isinstance(hf.get(k), int)})
+    facts.update({k: v for k, v in m.hf_overrides.items() if k in facts and isinstance(v, int)})
+    return ModelFacts(**facts)
+
+
+def _check_parallel(cfg: GantryConfig, facts: ModelFacts) -> list[Problem]:
+    p, out = cfg.parallel, []
+    for key in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes", "gpus_per_node"):
+        if getattr(p, key) < 1:
+            out.append(Problem((f"parallel.{key}",), f"must be >= 1, got {getattr(p, key)}"))
+    if out:
+        return out
+    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
+    if tp * pp != p.nnodes * p.gpus_per_node:
+        out.append(Problem(
+            ("parallel.tensor_parallel_size", "parallel.pipeline_parallel_size", "parallel.nnodes", "parallel.gpus_per_node"),
+            f"tp x pp = {tp} x {pp} = {tp * pp} ranks, but nnodes x gpus_per_node = {p.nnodes} x {p.gpus_per_node}"
+            f" = {p.nnodes * p.gpus_per_node} GPUs; they must be equal"))
+    heads, kv = facts.num_attention_heads, facts.num_key_value_heads
+    if heads is not None and heads % tp:
+        out.append(Problem(("parallel.tensor_parallel_size", "model.num_attention_heads"),
+                           f"tensor parallel size {tp} must divide the {heads} attention heads of {cfg.model.name}"))
+    if kv is not None and (kv % tp if tp <= kv else tp % kv):
+        out.append(Problem(("parallel.tensor_parallel_size", "model.num_key_value_heads"),
+                           f"tensor parallel size {tp} and the {kv} KV heads of {cfg.model.name}: one must divide"
+                           " the other (KV heads are split, or replicated when tp > KV heads)"))
+    layers = facts.num_hidden_layers
+    if layers is not None and pp > layers:
+        out.append(Problem(("parallel.pipeline_parallel_size", "model.num_hidden_layers"),
+                           f"pipeline parallel size {pp} exceeds the {layers} layers of {cfg.model.name}"))
+    if not 1 <= p.master_port <= 65535:
+        out.append(Problem(("parallel.master_port",), f"must be in 1..65535, got {p.master_port}"))
+    elif p.master_port == cfg.server.port:
+        out.append(Problem(("parallel.master_port", "server.port"), f"both are {p.master_port}; node 0 needs two ports"))
+    return out
+
+
+def _check_model(cfg: GantryConfig, facts: ModelFacts) -> list[Problem]:
+    m, out = cfg.model, []
+    if m.dtype not in DTYPES:
+        out.append(Problem(("model.dtype",), f"must be one of {', '.join(DTYPES[:4])}, got {m.dtype!r}"))
+    limit = facts.max_position_embeddings
+    if m.max_model_len is not None and limit is not None and m.max_model_len > limit:
+        out.append(Problem(("model.max_model_len", "model.max_position_embeddings"),
+                           f"{m.max_model_len} exceeds the {limit} positions {m.name} was trained for"))
+    return out
+
+
+def _check_server(cfg: GantryConfig) -> list[Problem]:
+    s, out = cfg.server, []
+    if not 1 <= s.port <= 65535:
+        out.append(Problem(("server.port",), f"must be in 1..65535, got {s.port}"))
+    if s.api_key is not None and not s.api_key:
+        out.append(Problem(("server.api_key",), "is empty; use null for no literal key"))
+    if s.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s.api_key_env):
+        out.append(Problem(("server.api_key_env",), f"{s.api_key_env!r} is not an environment variable name"))
+    return out
+
+
+def _check_local(cfg: GantryConfig, d: LocalDeploy) -> list[Problem]:
+    out = []
+    if cfg.parallel.nnodes > 1:
+        if d.node_rank is None or d.master_addr is None:
+            out.append(Problem(("parallel.nnodes", "deploy.node_rank", "deploy.master_addr"),
+                               f"deploy=local runs one node; for {cfg.parallel.nnodes} nodes set deploy.node_rank and"
+                               " deploy.master_addr on each machine, or use deploy=slurm, docker or k8s"))
+        elif not 0 <= d.node_rank < cfg.parallel.nnodes:
+            out.append(Problem(("deploy.node_rank",), f"must be in 0..{cfg.parallel.nnodes - 1}, got {d.node_rank}"))
+    path = host_model_path(cfg)
+    if path is not None and not os.path.exists(path):
+        key = "model.local_dir" if model_kind(cfg.model.path) == "hub" else "model.path"
+        out.append(Problem((key,), f"{path} does not exist (hub models: hf download {cfg.model.path} --local-dir DIR)"))
+    if d.stop_timeout_s <= 0:
+        out.append(Problem(("deploy.stop_timeout_s",), f"must be > 0, got {d.stop_timeout_s}"))
+    return out
+
+
+def _check_docker(cfg: GantryConfig, d: DockerDeploy) -> list[Problem]:
+    out = _check_container(d.image, d.model_mount, cfg)
+    if d.pull not in ("missing", "never", "always"):
+        out.append(Problem(("deploy.pull",), f"must be missing, never or always, got {d.pull!r}"))
+    if not re.fullmatch(r"no|always|unless-stopped|on-failure(:[0-9]+)?", d.restart):
+        out.append(Problem(("deploy.restart",), f"must be no, on-failure[:N], always or unless-stopped, got {d.restart!r}"))
+    if not 1 <= d.host_port <= 65535:
+        out.append(Problem(("deploy.host_port",), f"must be in 1..65535, got {d.host_port}"))
+    if not SIZE.fullmatch(d.shm_size):
+        out.append(Problem(("deploy.shm_size",), f"must be a size like 64g, got {d.shm_size!r}"))
+    if cfg.parallel.nnodes > 1 and not d.master_addr:
+        out.append(Problem(("deploy.master_addr", "parallel.nnodes"),
+                           f"{cfg.parallel.nnodes} nodes: set deploy.master_addr to node 0's address"))
+    if d.cuda_visible_devices is not None and len(d.cuda_visible_devices.split(",")) != cfg.parallel.gpus_per_node:
+        out.append(Problem(("deploy.cuda_visible_devices", "parallel.gpus_per_node"),
+                           f"{d.cuda_visible_devices!r} lists a different number of GPUs than {cfg.parallel.gpus_per_node}"))
+    if d.container_name is not None and not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", d.container_name):
+        out.append(Problem(("deploy.container_name",), f"{d.container_name!r} is not a valid container name"))
+    return out
+
+
+def _check_slurm(cfg: GantryConfig, d: SlurmDeploy) -> list[Problem]:
+    out = []
+    if d.cpus_per_task < 1:
+        out.append(Problem(("deploy.cpus_per_task",), f"must be >= 1, got {d.cpus_per_task}"))
+    if not SLURM_TIME.fullmatch(d.time):
+        out.append(Problem(("deploy.time",), f"must be a Slurm time like 24:00:00 or 1-00:00:00, got {d.time!r}"))
+    if not SIZE.fullmatch(d.mem):
+        out.append(Problem(("deploy.mem",), f"must be a size like 64G (0: all), got {d.mem!r}"))
+    if not d.python:
+        out.append(Problem(("deploy.python",), "must name the interpreter on the nodes"))
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(d, key) == "":
+            out.append(Problem((f"deploy.{key}",), "is empty; use null to omit it"))
+    return out
+
+
+def _check_k8s(cfg: GantryConfig, d: K8sDeploy) -> list[Problem]:
+    out = _check_container(d.image, d.model_mount, cfg)
+    kind = model_kind(cfg.model.path)
+    if not DNS_LABEL.fullmatch(d.namespace):
+        out.append(Problem(("deploy.namespace",), f"{d.namespace!r} is not a DNS label"))
+    if d.storage.kind not in ("hostPath", "pvc", "none"):
+        out.append(Problem(("deploy.storage.kind",), f"must be hostPath, pvc or none, got {d.storage.kind!r}"))
+    elif d.storage.kind == "pvc" and not d.storage.pvc_name:
+        out.append(Problem(("deploy.storage.pvc_name", "deploy.storage.kind"), "storage.kind=pvc needs the claim's name"))
+    elif d.storage.kind == "none" and kind != "embedded":
+        out.append(Problem(("deploy.storage.kind", "model.path"),
+                           f"the pods need {cfg.model.path}'s weights: use hostPath or pvc"))
+    if d.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
+        out.append(Problem(("deploy.image_pull_policy",), f"must be Always, IfNotPresent or Never, got {d.image_pull_policy!r}"))
+    if d.service_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
+        out.append(Problem(("deploy.service_type",), f"must be ClusterIP, NodePort or LoadBalancer, got {d.service_type!r}"))
+    if not SIZE.fullmatch(d.shm_size):
+        out.append(Problem(("deploy.shm_size",), f"must be a quantity like 64Gi, got {d.shm_size!r}"))
+    if d.startup_timeout_s < 10:
+        out.append(Problem(("deploy.startup_timeout_s",), f"must be >= 10, got {d.startup_timeout_s}"))
+    if not DNS_LABEL.fullmatch(cfg.server.api_key_secret):
+        out.append(Problem(("server.api_key_secret",), f"{cfg.server.api_key_secret!r} is not a valid Secret name"))
+    return out
+
+
+def _check_container(image: str, model_mount: str, cfg: GantryConfig) -> list[Problem]:
+    out = []
+    if not image.strip():
+        out.append(Problem(("deploy.image",), "is empty: name the image built from docker/Dockerfile (e.g. gantry:latest)"))
+    if not model_mount.startswith("/"):
+        out.append(Problem(("deploy.model_mount",), f"must be an absolute path, got {model_mount!r}"))
+    if cfg.model.tokenizer is not None and model_kind(cfg.model.tokenizer) == "local":
+        out.append(Problem(("model.tokenizer",), "a host path is not visible in the container: keep the tokenizer"
+                           " files in the model directory and set model.tokenizer=null"))
+    return out
+
+
+_TARGET_CHECKS = {LocalDeploy: _check_local, DockerDeploy: _check_docker, SlurmDeploy: _check_slurm, K8sDeploy: _check_k8s}
+
+
+def validate(cfg: GantryConfig) -> list[Problem]:
+    """Every problem of the config (empty: deployable)."""
+    facts = model_facts(cfg)
+    problems = _check_model(cfg, facts) + _check_parallel(cfg, facts) + _check_server(cfg)
+    if cfg.engine.device not in ("auto", "cuda", "cpu"):
+        problems.append(Problem(("engine.device",), f"must be auto, cuda or cpu, got {cfg.engine.device!r}"))
+    check = _TARGET_CHECKS.get(type(cfg.deploy))
+    if check is None:
+        problems.append(Problem(("deploy",), f"unknown target {cfg.deploy.target!r}: local, docker, slurm or k8s"))
+    else:
+        problems += check(cfg, cfg.deploy)
+    if not dns_name(cfg.job_name):
+        problems.append(Problem(("job_name",), f"{cfg.job_name!r} has no letters or digits"))
+    return problems
+
+
+def _rank_model_path(cfg: GantryConfig, host_path: str | None) -> str | None:
+    """The model path as the ranks see it: the host path, or its mount inside a container."""
+    if host_path is None:
+        return None
+    d = cfg.deploy
+    if isinstance(d, (DockerDeploy, K8sDeploy)):
+        if isinstance(d, K8sDeploy) and d.storage.kind == "pvc":
+            return d.model_mount
+        if cfg.model.path and cfg.model.path.endswith(".gguf"):
+            return f"{d.model_mount}/{os.path.basename(host_path)}"
+        return d.model_mount
+    return host_path
+
+
+def _api_key_source(cfg: GantryConfig) -> str:
+    s = cfg.server
+    if s.api_key:
+        return "literal"
+    if s.api_key_file:
+        return "file"
+    if s.api_key_env:
+        return "env"
+    return "none"
+
+
+def _server_section(cfg: GantryConfig, source: str) -> dict[str, Any]:
+    """ServerConfig fields; the key as the ranks find it (containers: GANTRY_API_KEY or a mounted file)."""
+    s = cfg.server
+    section: dict[str, Any] = {f.name: getattr(s, f.name) for f in dataclasses.fields(ServerConfig)
+                               if f.name not in ("api_key", "api_key_env", "api_key_file")}
+    containers = isinstance(cfg.deploy, (DockerDeploy, K8sDeploy))
+    key: dict[str, Any] = {"api_key": None, "api_key_env": None, "api_key_file": None}
+    if source == "literal" and not isinstance(cfg.deploy, K8sDeploy):
+        key["api_key"] = s.api_key
+    elif source in ("literal", "env", "file") and isinstance(cfg.deploy, K8sDeploy):
+        key["api_key_env"] = CONTAINER_KEY_ENV  # from the Secret
+    elif source == "file":
+        key["api_key_file"] = CONTAINER_KEY_FILE if containers else os.path.abspath(os.path.expanduser(s.api_key_file or ""))
+    elif source == "env":
+        key["api_key_env"] = CONTAINER_KEY_ENV if containers else s.api_key_env
+    return {**section, **key}
+
+
+def _engine_section(cfg: GantryConfig, host_path: str | None) -> dict[str, Any]:
+    m, e, p = cfg.model, cfg.engine, cfg.parallel
+    served = m.served_model_name or (m.path if model_kind(m.path) == "hub" else None)
+    values = {
+        "model": _rank_model_path(cfg, host_path), "tokenizer": m.tokenizer, "served_model_name": served,
+        "dtype": m.dtype, "max_model_len": m.max_model_len, "load_format": m.load_format,
+        "hf_overrides": dict(m.hf_overrides), "tensor_parallel_size": p.tensor_parallel_size,
+        "pipeline_parallel_size": p.pipeline_parallel_size,
+        **{f.name: getattr(e, f.name) for f in dataclasses.fields(e)},
+    }
+    return values
+
+
+def _checked(cls: type, values: dict[str, Any], keys: dict[str, str], section: str) -> dict[str, Any] | Problem:
+    """Build the engine's own dataclass from values (its checks apply): all its fields, or the Problem."""
+    try:
+        return dataclasses.asdict(cls(**values))
+    except ConfigError as e:
+        return Problem((keys.get(e.param, f"{section}.{e.param}"),), str(e).split(": ", 1)[-1])
+
+
+def build_plan(cfg: DictConfig | GantryConfig, job_dir: str | Path) -> Plan:
+    """Validate cfg and derive everything the targets render; raise PlanError naming the keys."""
+    config = to_config(cfg)
+    host_path = host_model_path(config)
+    source = _api_key_source(config)
+    engine = _checked(EngineConfig, _engine_section(config, host_path), _ENGINE_KEYS, "engine")
+    server = _checked(ServerConfig, _server_section(config, source), {}, "server")
+    problems = validate(config)
+    for section in (engine, server):
+        if isinstance(section, Problem) and not any(section.keys[0] in p.keys for p in problems):
+            problems.append(section)
+    if problems:
+        raise PlanError(problems)
+    assert isinstance(engine, dict) and isinstance(server, dict)
+    return Plan(cfg=config, job_dir=Path(job_dir).resolve(), name=dns_name(config.job_name),
+                model_kind=model_kind(config.model.path), host_model_path=host_path,
+                engine=engine, server=server, api_key_source=source)

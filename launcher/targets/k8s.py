@@ -1,0 +1,135 @@
+"""deploy=k8s: manifests under k8s/ in the job directory; submit() runs kubectl apply.
+
+One node: Deployment + Service. Several: StatefulSet (pod ordinal = node rank, pods start in
+parallel) + headless Service naming pod 0 as the rendezvous, and a Service to pod 0's API.
+engine.yaml travels in a ConfigMap; the API key comes from a Secret.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+from typing import Any
+
+from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, Plan
+from launcher.render import Artefact
+from launcher.schema import K8sDeploy
+from launcher.targets._common import engine_summary, extra_env, flat, summary, torchrun_lines
+
+log = logging.getLogger(__name__)
+PROBE_PERIOD_S = 10  # seconds between probes
+
+
+def _deploy(plan: Plan) -> K8sDeploy:
+    assert isinstance(plan.cfg.deploy, K8sDeploy)
+    return plan.cfg.deploy
+
+
+def _probe_exec(python: str, port: int, path: str) -> list[str]:
+    """Multi-node pods share one template but only pod 0 serves HTTP: others pass."""
+    code = (f"import os, urllib.request; os.environ['NODE_RANK'] != '0' or "
+            f"urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)")
+    return [python, "-c", code]
+
+
+def context(plan: Plan) -> dict[str, Any]:
+    d, server = _deploy(plan), plan.cfg.server
+    name, ns = plan.name, d.namespace
+    headless = f"{name}-headless"
+    master = f"{name}-0.{headless}.{ns}.svc"
+    storage = "none" if plan.model_kind == "embedded" else d.storage.kind  # the embedded model is in the image
+    model_path = plan.engine["model"] or d.model_mount
+    is_file = bool(plan.cfg.model.path and plan.cfg.model.path.endswith(".gguf"))
+    auth = plan.api_key_source != "none"
+    grace = int(server.shutdown_grace_s) + 30
+    return {
+        "summary": summary(plan),
+        "engine_summary": engine_summary(plan),
+        "name": name,
+        "namespace": ns,
+        "multi_node": plan.multi_node,
+        "single_node": not plan.multi_node,
+        "replicas": plan.nnodes,
+        "headless_name": headless,
+        "api_service_name": name,
+        "config_map_name": f"{name}-config",
+        "engine_yaml": plan.engine_yaml(),
+        "image": d.image,
+        "image_pull_policy": d.image_pull_policy,
+        "command": [d.python] + flat(torchrun_lines(plan, CONTAINER_CONFIG, node_rank="$(NODE_RANK)", master_addr=master)),
+        "config_mount_dir": CONTAINER_CONFIG.rsplit("/", 1)[0],
+        "env": extra_env(plan),
+        "auth": auth,
+        "key_env": CONTAINER_KEY_ENV,
+        "secret_name": server.api_key_secret,
+        "secret_key": server.api_key_secret_key,
+        "render_secret": plan.api_key_source == "literal",
+        "secret_value": server.api_key or "",
+        "secret_command": f"kubectl -n {ns} create secret generic {server.api_key_secret}"
+                          f" --from-literal={server.api_key_secret_key}=\"$GANTRY_API_KEY\"",
+        "port": server.port,
+        "master_port": plan.cfg.parallel.master_port,
+        "gpus": plan.use_gpus,
+        "gpus_per_node": plan.nproc_per_node,
+        "cpu": d.cpu,
+        "memory": d.memory,
+        "shm_size": d.shm_size,
+        "storage_host_path": storage == "hostPath",
+        "storage_pvc": storage == "pvc",
+        "storage_none": storage == "none",
+        "host_path": plan.host_model_path or "",
+        "host_path_type": "File" if is_file else "Directory",
+        "pvc_name": d.storage.pvc_name or "",
+        "pvc_sub_path": d.storage.sub_path,
+        "has_sub_path": bool(d.storage.sub_path),
+        "model_mount": model_path,
+        "model_read_only": d.storage.read_only,
+        "startup_failure_threshold": max(1, -(-d.startup_timeout_s // PROBE_PERIOD_S)),
+        "probe_period_s": PROBE_PERIOD_S,
+        "ready_exec": _probe_exec(d.python, server.port, "/ready"),
+        "health_exec": _probe_exec(d.python, server.port, "/health"),
+        "termination_grace_s": grace,
+        "service_type": d.service_type,
+        "service_monitor": d.service_monitor,
+        "service_monitor_labels": dict(d.service_monitor_labels),
+        "metrics_auth": auth and server.metrics_require_key,
+        "node_selector": dict(d.node_selector),
+        "has_node_selector": bool(d.node_selector),
+        "tolerations": [dict(t) for t in d.tolerations],
+        "has_tolerations": bool(d.tolerations),
+        "runtime_class_name": d.runtime_class_name or "",
+        "has_runtime_class": bool(d.runtime_class_name),
+    }
+
+
+def artefacts(plan: Plan) -> list[Artefact]:
+    ctx = context(plan)
+    files = [("k8s/configmap.yaml.j2", "k8s/configmap.yaml")]
+    if ctx["render_secret"]:
+        files.append(("k8s/secret.yaml.j2", "k8s/secret.yaml"))
+    if plan.multi_node:
+        files += [("k8s/headless-service.yaml.j2", "k8s/headless-service.yaml"),
+                  ("k8s/statefulset.yaml.j2", "k8s/statefulset.yaml")]
+    else:
+        files.append(("k8s/deployment.yaml.j2", "k8s/deployment.yaml"))
+    files.append(("k8s/service.yaml.j2", "k8s/service.yaml"))
+    if ctx["service_monitor"]:
+        files.append(("k8s/servicemonitor.yaml.j2", "k8s/servicemonitor.yaml"))
+    return [Artefact(template, path, ctx) for template, path in files]
+
+
+def apply_command(plan: Plan) -> list[str]:
+    return ["kubectl", "apply", "-f", str(plan.job_dir / "k8s")]
+
+
+def submit(plan: Plan) -> int:
+    """kubectl apply when kubectl exists, else print the command."""
+    ctx = context(plan)
+    if ctx["auth"] and not ctx["render_secret"]:
+        log.info("the API key comes from Secret %s; create it once with: %s", ctx["secret_name"], ctx["secret_command"])
+    argv = apply_command(plan)
+    if shutil.which("kubectl") is None:
+        print(f"kubectl not found; apply with: {shlex.join(argv)}")
+        return 0
+    return subprocess.run(argv, check=False).returncode
