@@ -4,7 +4,8 @@ A full block's hash chains its parent's hash with its token ids; a lookup hit is
 on the token ids and parent hash. Blocks are reference-counted so parallel samples and
 shared prefixes share pages. Freed blocks keep their hash and stay reusable until evicted:
 the free queue is LRU (evict from the front; a freed sequence's tail goes in first, so its
-prefix survives longest).
+prefix survives longest). With prefix caching off, hash chains are rooted in the request
+id, so only a request's own parallel samples share its prompt pages.
 """
 from __future__ import annotations
 
@@ -45,17 +46,21 @@ class BlockManager:
     def chain_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
         return hash((parent_hash, token_ids))
 
+    def _root_hash(self, seq: Sequence) -> int | None:
+        return None if self.enable_prefix_caching else hash(("request", seq.request.request_id))
+
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
         """Leading full blocks of seq already in the cache: (block ids, tokens they hold).
 
         At least one token is always left to compute, so the last block of a prompt that is
         a whole number of blocks is never taken from the cache.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if seq.block_table or (not self.enable_prefix_caching and seq.request.params.n == 1):
             return [], 0
         bs = self.block_size
         num_full = (seq.num_tokens - 1) // bs
-        parent, hits = None, []
+        parent = root = self._root_hash(seq)
+        hits: list[int] = []
         for i in range(num_full):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = self.chain_hash(parent, tokens)
@@ -67,8 +72,9 @@ class BlockManager:
                 break
             hits.append(block_id)
             parent = h
-        self.prefix_cache_queries += seq.num_tokens
-        self.prefix_cache_hits += len(hits) * bs
+        if root is None:
+            self.prefix_cache_queries += seq.num_tokens
+            self.prefix_cache_hits += len(hits) * bs
         return hits, len(hits) * bs
 
     def allocate(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
@@ -91,7 +97,7 @@ class BlockManager:
         seq.num_computed_tokens = num_computed
         for _ in range(max(0, num_needed)):
             seq.block_table.append(self._pop_free_block())
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching or seq.request.params.n > 1:
             self._cache_full_blocks(seq, num_computed + num_new_tokens)
         return True
 
@@ -109,7 +115,7 @@ class BlockManager:
         layer stores all K/V before attending, so a block is readable from this step on."""
         bs = self.block_size
         start = seq.num_hashed_blocks
-        parent = self.blocks[seq.block_table[start - 1]].block_hash if start else None
+        parent = self.blocks[seq.block_table[start - 1]].block_hash if start else self._root_hash(seq)
         for i in range(start, num_tokens // bs):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is None:

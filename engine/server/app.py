@@ -11,6 +11,7 @@ import importlib.metadata
 import logging
 import signal
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic
@@ -63,9 +64,14 @@ class ServerState:
         return self
 
     @property
+    def llm_engine(self) -> Any:
+        """The LLMEngine itself (once loaded): its tokenizer, model_name, max_model_len."""
+        return self.engine.engine
+
+    @property
     def model_context(self) -> ModelContext:
         if self._model_context is None:
-            engine = self.engine.engine
+            engine = self.llm_engine
             self._model_context = ModelContext(engine.model_name, engine.max_model_len, len(engine.tokenizer))
         return self._model_context
 
@@ -157,7 +163,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     register_openai_routes(app)
 
     @app.after_server_start
-    async def start_engine(app: Sanic, loop: asyncio.AbstractEventLoop) -> None:
+    async def start_engine(app: Sanic) -> None:
+        loop = asyncio.get_running_loop()
         def on_fatal(code: int) -> None:
             state.exit_code = code
             app.stop()
@@ -169,7 +176,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
                     server_config.host, server_config.port)
 
     @app.before_server_stop
-    async def stop_engine(app: Sanic, loop: asyncio.AbstractEventLoop) -> None:
+    async def stop_engine(app: Sanic) -> None:
         state.engine.shutdown()
 
     return app

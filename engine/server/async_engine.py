@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from engine.config import ConfigError, EngineConfig
@@ -88,7 +88,7 @@ class _Tracked:
     first_token_time: float | None = None
     last_token_time: float | None = None
     sent_prompt: bool = False
-    aborted: bool = field(default=False)
+    aborted: bool = False
 
 
 class AsyncEngine:
@@ -112,6 +112,7 @@ class AsyncEngine:
         self._abort_all = False
         self._stop = False
         self._tracked: dict[str, _Tracked] = {}
+        self._num_added_since_stats = 0  # requests added to the engine since `stats` was taken
 
     # ---- event loop side ----
 
@@ -134,7 +135,8 @@ class AsyncEngine:
         """Requests not yet running: the engine's waiting queue plus submissions not yet taken."""
         with self._cond:
             pending = sum(len(s.requests) for s in self._pending)
-        return pending + (self.stats.num_waiting if self.stats is not None else 0)
+        waiting = self.stats.num_waiting if self.stats is not None else 0
+        return pending + self._num_added_since_stats + waiting
 
     @asynccontextmanager
     async def generate(self, requests: list[tuple[str, PromptInput, SamplingParams]],
@@ -246,9 +248,11 @@ class AsyncEngine:
                 self._dispatch(engine.step())
                 self._close_aborted(aborted)
             self.stats = engine.get_stats()
+            self._num_added_since_stats = 0
             if stop:
                 self._fail_all(ConnectionAbortedError("the server is shutting down"))
                 self.state = "stopped"
+                engine.shutdown()
                 return
 
     def _add(self, s: _Submission) -> None:
@@ -257,6 +261,7 @@ class AsyncEngine:
             for rid, prompt, params in s.requests:
                 self.engine.add_request(rid, prompt, params, arrival_time=s.arrival_time)
                 added.append(rid)
+                self._num_added_since_stats += 1
                 self._tracked[rid] = _Tracked(s.stream, s.arrival_time, [0] * params.n, [""] * params.n)
         except Exception as e:
             if added:

@@ -158,7 +158,7 @@ def _merge_logprobs(a: dict[str, list] | None, b: dict[str, list]) -> dict[str, 
 # ---- shared plumbing ----
 
 def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def _engine_error(e: Exception, prompt_param: str) -> APIError:
@@ -215,8 +215,8 @@ async def _collect(stream: RequestStream, results: _Results, prompt_param: str) 
 # ---- routes ----
 
 async def list_models(request: Request) -> HTTPResponse:
-    state = _state(request)
-    engine = state.require_ready().engine
+    state = _state(request).require_ready()
+    engine = state.llm_engine
     return json_response({"object": "list", "data": [{
         "id": engine.model_name,
         "object": "model",
@@ -234,8 +234,8 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     req: CompletionRequest = parse_completion_request(parse_json_body(request.body), state.model_context)
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    model = state.engine.engine.model_name
-    detok = _Detok(state.engine.engine.tokenizer)
+    model = state.llm_engine.model_name
+    detok = _Detok(state.llm_engine.tokenizer)
     subs = [(f"{cid}-{i}", p, req.params) for i, p in enumerate(req.prompts)]
     top = req.logprobs or 0
 
@@ -301,7 +301,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
     state = _state(request).require_ready()
     req: ChatRequest = parse_chat_request(parse_json_body(request.body), state.model_context)
-    engine = state.engine.engine
+    engine = state.llm_engine
     try:
         prompt_ids = engine.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
     except ValueError as e:
@@ -361,7 +361,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
 async def tokenize(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
     req = parse_tokenize_request(parse_json_body(request.body), state.model_context)
-    engine = state.engine.engine
+    engine = state.llm_engine
     if req.messages is not None:
         try:
             tokens = list(engine.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt))
@@ -376,7 +376,7 @@ async def tokenize(request: Request) -> HTTPResponse:
 async def detokenize(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
     tokens = parse_detokenize_request(parse_json_body(request.body), state.model_context)
-    return json_response({"prompt": state.engine.engine.tokenizer.decode(tokens)})
+    return json_response({"prompt": state.llm_engine.tokenizer.decode(tokens)})
 
 
 def register_openai_routes(app: Sanic) -> None:
