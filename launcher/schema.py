@@ -98,7 +98,8 @@ class DockerDeploy(DeployConfig):
     torch_cuda_arch_list: Optional[str] = None  # TORCH_CUDA_ARCH_LIST for kernels compiled at run time, e.g. "8.0"
     model_mount: str = "/models"  # where the model directory is mounted inside the container
     volumes: list[str] = field(default_factory=list)  # extra -v host:container[:mode] mounts
-    host_port: int = 8000  # host port published for the API (single node)
+    host_port: int = 8000  # host port published for the API (single node without network_host)
+    network_host: bool = False  # --network host (always on for several nodes): the API binds the host's server.port
     shm_size: str = "64g"  # --shm-size of the container
     ipc_host: bool = True  # --ipc=host (shared memory between ranks and NCCL)
     detach: bool = True  # docker run -d; false keeps the container in the foreground

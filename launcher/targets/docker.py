@@ -29,7 +29,8 @@ def script_name(plan: Plan, node_rank: int) -> str:
 
 def _health_cmd(python: str, port: int) -> str:
     """GET /ready with the image's python (no curl needed); non-zero exit on any error."""
-    return f"{python} -c \"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/ready', timeout=5)\""
+    code = "import sys, urllib.request as r; r.urlopen(sys.argv[1], timeout=5)"
+    return f"{python} -c '{code}' http://127.0.0.1:{port}/ready"
 
 
 def _start_message(plan: Plan, node_rank: int, container: str) -> str:
@@ -37,7 +38,10 @@ def _start_message(plan: Plan, node_rank: int, container: str) -> str:
     logs = f"logs: docker logs -f {container}"
     if node_rank:
         return f"gantry: node {node_rank} of {plan.nnodes} joins {d.master_addr} ({logs})"
-    url = f"http://{d.master_addr}:{port}/v1" if plan.multi_node else f"http://localhost:{d.host_port}/v1"
+    if plan.multi_node:
+        url = f"http://{d.master_addr}:{port}/v1"
+    else:
+        url = f"http://localhost:{port if d.network_host else d.host_port}/v1"
     return f"gantry: API on {url} once GET /ready answers 200 ({logs})"
 
 
@@ -81,8 +85,8 @@ def node_context(plan: Plan, node_rank: int) -> dict[str, Any]:
         "copy_key_env": key_env is not None and key_env != CONTAINER_KEY_ENV,
         "volumes": volumes,
         "config_mount": CONTAINER_CONFIG,
-        "network_host": plan.multi_node,
-        "publish": not plan.multi_node,
+        "network_host": d.network_host or plan.multi_node,
+        "publish": not (d.network_host or plan.multi_node),
         "host_port": d.host_port,
         "port": server.port,
         "ipc_host": d.ipc_host,

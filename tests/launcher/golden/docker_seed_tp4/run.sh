@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# gantry: deepseek32b on 1 node(s) x 4 GPUs (tp4 x pp1), deploy=docker
+# engine.yaml: model /models, served as deepseek-ai/DeepSeek-R1-Distill-Qwen-32B, tensor_parallel_size 4, pipeline_parallel_size 1, dtype float16, max_model_len 128000, API key from $GANTRY_API_KEY
+# Node 0 of 1: starts container gantry-test from image gantry:latest.
+set -euo pipefail
+JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+printenv GANTRY_API_KEY >/dev/null || { echo "gantry: set GANTRY_API_KEY to the API key (or render with server=noauth)" >&2; exit 2; }
+echo 'gantry: API on http://localhost:8000/v1 once GET /ready answers 200 (logs: docker logs -f gantry-test)'
+docker run -d --init \
+  --name gantry-test \
+  --pull missing \
+  --restart no \
+  --gpus all \
+  -e CUDA_VISIBLE_DEVICES=0,1,2,3 \
+  -e TORCH_CUDA_ARCH_LIST=8.0 \
+  -e NCCL_NVLS_ENABLE=0 \
+  -e GANTRY_API_KEY \
+  -v /srv/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B:/models:ro \
+  -v "$JOB_DIR/engine.yaml":/etc/gantry/engine.yaml:ro \
+  -p 8000:8000 \
+  --ipc=host \
+  --shm-size=64g \
+  --stop-timeout 60 \
+  --health-cmd "python3 -c 'import sys, urllib.request as r; r.urlopen(sys.argv[1], timeout=5)' http://127.0.0.1:8000/ready" \
+  --health-interval 30s \
+  --health-start-period 1800s \
+  --entrypoint python3 \
+  gantry:latest \
+  -m torch.distributed.run \
+  --nnodes 1 --nproc-per-node 4 \
+  --standalone \
+  --max-restarts 0 \
+  -m engine.serve --config /etc/gantry/engine.yaml
