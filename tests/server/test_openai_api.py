@@ -1,0 +1,256 @@
+"""The OpenAI API through the official `openai` client (sync and async) and real curl,
+against a live server on the embedded SmolLM2."""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import MAX_MODEL_LEN, MODEL, LiveServer
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="na", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def aclient(server: LiveServer) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=server.url("/v1"), api_key="na", max_retries=0, timeout=120)
+
+
+def tokenize(server: LiveServer, **body) -> list[int]:
+    r = httpx.post(server.url("/tokenize"), json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_models_list(client: openai.OpenAI):
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    m = models[0]
+    assert m.object == "model" and m.owned_by == "gantry" and m.created > 0
+    assert m.model_extra["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_completion_string_prompt_usage(server: LiveServer, client: openai.OpenAI):
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.object == "text_completion" and r.model == MODEL and r.id.startswith("cmpl-")
+    (choice,) = r.choices
+    assert choice.finish_reason == "length" and choice.text
+    assert r.usage.prompt_tokens == len(tokenize(server, prompt=prompt))
+    assert r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+
+
+def test_completion_list_and_token_prompts(server: LiveServer, client: openai.OpenAI):
+    prompts = ["Hello, my name is", "The sky is"]
+    r = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.prompt_tokens == sum(len(tokenize(server, prompt=p)) for p in prompts)
+    assert r.usage.completion_tokens == 8
+    # token ids give the same greedy text as the string they encode
+    ids = tokenize(server, prompt=prompts[0])
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == r.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids)
+    batch = client.completions.create(model=MODEL, prompt=[ids, tokenize(server, prompt=prompts[1])],
+                                      max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in batch.choices] == [c.text for c in r.choices]
+
+
+def test_completion_echo_logprobs_n_stop(client: openai.OpenAI):
+    prompt = "Once upon a time"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True, logprobs=2)
+    (c,) = r.choices
+    assert c.text.startswith(prompt)
+    lp = c.logprobs
+    n_gen = r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert len(lp.tokens) == r.usage.prompt_tokens + n_gen
+    assert lp.token_logprobs[0] is None  # echoed prompt tokens have no logprob
+    assert all(x <= 0 for x in lp.token_logprobs[-n_gen:])
+    assert all(2 <= len(t) <= 3 for t in lp.top_logprobs[-n_gen:])
+    assert lp.text_offset == sorted(lp.text_offset)
+
+    r3 = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, n=3, temperature=1.0, seed=7,
+                                   extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in r3.choices) == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in r3.choices)
+    assert r3.usage.completion_tokens == 18 and r3.usage.prompt_tokens == len(lp.tokens) - n_gen
+    assert len({c.text for c in r3.choices}) > 1  # three samples, not one copied
+
+    greedy = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    word = greedy.split()[1]
+    stopped = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stop=[word])
+    (s,) = stopped.choices
+    assert s.finish_reason == "stop" and word not in s.text and greedy.startswith(s.text)
+    assert s.model_extra["stop_reason"] == word
+
+
+def test_chat_plain(server: LiveServer, client: openai.OpenAI):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Another one?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    (c,) = r.choices
+    assert c.message.role == "assistant" and c.message.content
+    assert c.finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(tokenize(server, messages=messages))
+    assert 0 < r.usage.completion_tokens <= 8
+
+
+def test_chat_n2_stop_max_completion_tokens_logprobs(client: openai.OpenAI):
+    messages = [{"role": "user", "content": "Write a long story about a dragon."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_completion_tokens=6,
+                                       temperature=1.0, seed=3, logprobs=True, top_logprobs=3,
+                                       extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens == 12
+    for c in r.choices:
+        assert c.finish_reason == "length"
+        content = c.logprobs.content
+        assert len(content) == 6
+        assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+        assert "".join(t.token for t in content) == c.message.content
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0)
+    text = greedy.choices[0].message.content
+    word = text.split()[2]
+    stopped = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, temperature=0,
+                                             stop=word)
+    assert stopped.choices[0].finish_reason == "stop"
+    assert text.startswith(stopped.choices[0].message.content) and word not in stopped.choices[0].message.content
+
+
+def test_chat_seed_reproducible(client: openai.OpenAI):
+    messages = [{"role": "user", "content": "Tell me a joke."}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=12, temperature=1.0, top_p=0.95)
+    a = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
+    b = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
+    assert a == b
+
+
+def test_chat_streaming_with_usage(server: LiveServer, client: openai.OpenAI):
+    messages = [{"role": "user", "content": "Count from one to ten."}]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content_chunks = [c for c in chunks if c.choices]
+    assert content_chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(c.choices[0].finish_reason is None for c in content_chunks[:-1])
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert text == plain.choices[0].message.content
+    assert usage_chunk.usage.completion_tokens == plain.usage.completion_tokens
+    assert usage_chunk.usage.prompt_tokens == len(tokenize(server, messages=messages))
+
+
+def test_completion_streaming(client: openai.OpenAI):
+    stream = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True)
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks)
+    plain = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=6, temperature=0)
+    assert text == plain.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def test_every_sampling_field_accepted(client: openai.OpenAI):
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0.7, top_p=0.9,
+        presence_penalty=0.5, frequency_penalty=0.5, seed=1,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "ignore_eos": True, "min_tokens": 5,
+                    "stop_token_ids": [2], "skip_special_tokens": True})
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0.5, top_p=0.8,
+                                  presence_penalty=0.1, frequency_penalty=0.1, seed=2,
+                                  extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 3,
+                                              "ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+
+
+def test_max_tokens_absent_runs_to_the_end(client: openai.OpenAI):
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say yes."}],
+                                       temperature=0)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens > 0
+
+
+def test_async_client_concurrent(aclient: openai.AsyncOpenAI):
+    async def one(i: int) -> str:
+        r = await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Number {i}"}],
+                                                  max_tokens=4, temperature=0)
+        return r.choices[0].message.content
+
+    async def run() -> list[str]:
+        models = await aclient.models.list()
+        assert models.data[0].id == MODEL
+        stream = await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                       max_tokens=4, stream=True)
+        streamed = [c async for c in stream]
+        assert streamed[-1].choices[0].finish_reason in ("stop", "length")
+        return await asyncio.gather(*(one(i) for i in range(8)))
+
+    texts = asyncio.run(run())
+    assert len(texts) == 8 and all(isinstance(t, str) for t in texts)
+
+
+def test_seed_streaming_client_example(server: LiveServer, capsys: pytest.CaptureFixture):
+    # The seed's client, unchanged except for the URL and the model name.
+    from openai import OpenAI
+    client = OpenAI(base_url=server.url("/v1"), api_key='na')
+    chat_completion = client.chat.completions.create(
+       model=MODEL,
+       messages=[{"role": "user", "content": "Tell me something about large language models."}],
+       stream=True,
+       max_tokens=24,  # keeps the CPU test short; not in the seed
+    )
+    for chunk in chat_completion:
+       print(chunk.choices[0].delta.content or "", end="")
+    assert len(capsys.readouterr().out.strip()) > 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_seed_curl_example(server: LiveServer):
+    # The seed's curl POST, unchanged except for the URL and the model name.
+    out = subprocess.run(
+        ["curl", "-sS", "-X", "POST", server.url("/v1/chat/completions"),
+         "-H", "Content-Type: application/json",
+         "--data", '{"model": "%s",\n          "messages": [{"role": "user", "content": '
+                   '"What is the capital of France?"}]}' % MODEL],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    body = json.loads(out)
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"]["content"]
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+
+
+def test_tokenize_detokenize_roundtrip(server: LiveServer):
+    text = "Gantry serves models."
+    r = httpx.post(server.url("/tokenize"), json={"model": MODEL, "prompt": text}).json()
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == MAX_MODEL_LEN
+    back = httpx.post(server.url("/detokenize"), json={"model": MODEL, "tokens": r["tokens"]}).json()
+    assert back["prompt"] == text
+
+
+def test_ops_routes(server: LiveServer):
+    assert httpx.get(server.url("/health")).status_code == 200
+    assert httpx.get(server.url("/ready")).json() == {"status": "ready"}
+    assert "version" in httpx.get(server.url("/version")).json()
+    m = server.metrics()
+    assert m[("gantry:generation_tokens_total", ())] > 0
+    assert m[("gantry:time_to_first_token_seconds_count", ())] > 0
+    assert m[("gantry:http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"),
+                                              ("status", "200")))] > 0
