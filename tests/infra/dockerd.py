@@ -64,6 +64,14 @@ class DockerEngine:
             self.docker("rm", "-f", *running, check=False)
         stop_process(self._proc, grace=30)
         self._proc = None
+        self._unmount_leftovers()
+
+    def _unmount_leftovers(self) -> None:
+        """dockerd leaves its exec root's netns bind mount behind; unmount all under root."""
+        prefix = f"{self.root}/"
+        mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+        for target in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", target], check=False)
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120,
                cwd: Path | None = None) -> subprocess.CompletedProcess:

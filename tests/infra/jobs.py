@@ -76,6 +76,7 @@ def port_closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def tail(path: Path, lines: int = 40) -> str:
+def tail(path: Path, lines: int = 60) -> str:
+    """The last lines of a log, each cut to 300 characters (progress bars are one long line)."""
     text = path.read_text(errors="replace") if path.exists() else "(missing)"
-    return f"--- {path}\n" + "\n".join(text.splitlines()[-lines:])
+    return f"--- {path}\n" + "\n".join(line[:300] for line in text.splitlines()[-lines:])
