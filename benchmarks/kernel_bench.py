@@ -2,7 +2,7 @@
 
 Bytes = K/V pages read (each once) + query + output; copy bandwidth = bytes read + written by a large
 device-to-device copy, measured in the same run. Also: bf16 matmul rate and the prefill kernel's
-TFLOP/s for reference. `--sweep` times decode launch variants at batch 64, context 4k.
+TFLOP/s for reference. `--sweep` also times launch variants and split counts.
 
     python3 -m benchmarks.kernel_bench [--sweep]   (from the repository root)
 """
@@ -27,6 +27,11 @@ SHAPES = {"32q/8kv": (32, 8), "28q/4kv (Qwen2-7B)": (28, 4)}
 def bench_ms(fn) -> float:
     """Median milliseconds over CUDA events (triton.testing.do_bench)."""
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def bench_graph_ms(fn) -> float:
+    """Median milliseconds of CUDA-graph replays (no launch overhead: how the engine runs decode)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
 
 
 def copy_bandwidth_gbs() -> float:
@@ -70,62 +75,83 @@ def check_decode(args: tuple[torch.Tensor, ...], **launch: int) -> float:
     return ((out - ref.float()).norm() / ref.float().norm()).item()
 
 
-def time_decode(args: tuple[torch.Tensor, ...], **launch: int) -> float:
+def time_decode(args: tuple[torch.Tensor, ...], graph: bool = False, **launch: int) -> float:
     query, k_cache, v_cache, block_tables, seq_lens = args
-    return bench_ms(lambda: decode_attention(query, k_cache, v_cache, block_tables, seq_lens, HEAD_DIM**-0.5, **launch))
+    timer = bench_graph_ms if graph else bench_ms
+    return timer(lambda: decode_attention(query, k_cache, v_cache, block_tables, seq_lens, HEAD_DIM**-0.5, **launch))
 
 
 def run_decode_table(copy_gbs: float) -> None:
-    print(f"\ndecode attention, bf16, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, shuffled pages")
-    print(f"{'shape':>20} {'batch':>6} {'context':>8} {'splits':>6} {'ms':>8} {'GB/s':>8} {'% copy':>7} {'rel err':>8}")
+    print(f"\ndecode attention, bf16, head_dim {HEAD_DIM}, block_size {BLOCK_SIZE}, shuffled pages;"
+          " eager = launches timed with events, graph = CUDA-graph replays")
+    print(f"{'shape':>20} {'batch':>6} {'context':>8} {'splits':>6} {'eager ms':>9} {'GB/s':>6} {'% copy':>7}"
+          f" {'graph ms':>9} {'GB/s':>6} {'% copy':>7} {'rel err':>8}")
     for (name, (num_heads, num_kv_heads)), batch, context in itertools.product(SHAPES.items(), (64, 256), (1024, 4096, 16384)):
         args = make_decode_batch(batch, context, num_heads, num_kv_heads)
+        nbytes = decode_bytes(batch, context, num_heads, num_kv_heads)
         err = check_decode(args)
-        ms = time_decode(args)
-        gbs = decode_bytes(batch, context, num_heads, num_kv_heads) / ms / 1e6
+        eager, graph = time_decode(args), time_decode(args, graph=True)
         splits = choose_num_splits(batch, num_kv_heads, context, args[0].device)
-        print(f"{name:>20} {batch:>6} {context:>8} {splits:>6} {ms:>8.3f} {gbs:>8.0f} {100 * gbs / copy_gbs:>6.1f}% {err:>8.1e}")
+        row = f"{name:>20} {batch:>6} {context:>8} {splits:>6}"
+        for ms in (eager, graph):
+            gbs = nbytes / ms / 1e6
+            row += f" {ms:>9.3f} {gbs:>6.0f} {100 * gbs / copy_gbs:>6.1f}%"
+        print(f"{row} {err:>8.1e}")
         del args
         torch.cuda.empty_cache()
 
 
 def run_sweep(copy_gbs: float) -> None:
+    """Decode launch variants at batch 64 / context 4k, then split counts at every table size (graph timing)."""
     batch, context, (num_heads, num_kv_heads) = 64, 4096, SHAPES["32q/8kv"]
     args = make_decode_batch(batch, context, num_heads, num_kv_heads)
     nbytes = decode_bytes(batch, context, num_heads, num_kv_heads)
     results = []
-    for block_n, num_warps, num_stages, num_splits in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4), (1, 2, 4)):
-        launch = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=num_splits)
-        try:
-            err = check_decode(args, **launch)
-            ms = time_decode(args, **launch)
-        except Exception as e:  # out of shared memory / registers for this variant
-            print(f"skip {launch}: {type(e).__name__}")
-            continue
-        results.append((ms, err, launch))
-    print(f"\nsweep: batch {batch}, context {context}, 32q/8kv (best 12)")
-    for ms, err, launch in sorted(results, key=lambda r: r[0])[:12]:
-        gbs = nbytes / ms / 1e6
-        print(f"  {launch}  {ms:.3f} ms  {gbs:.0f} GB/s  {100 * gbs / copy_gbs:.1f}% of copy  err {err:.1e}")
+    for block_n, num_warps, num_stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
+        launch = dict(block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=1)
+        results.append((time_decode(args, graph=True, **launch), check_decode(args, **launch), launch))
+    print(f"\nsweep: batch {batch}, context {context}, 32q/8kv, one split (best 6 of {len(results)})")
+    for ms, err, launch in sorted(results, key=lambda r: r[0])[:6]:
+        print(f"  {launch}  {ms:.3f} ms  {100 * nbytes / ms / 1e6 / copy_gbs:.1f}% of copy  err {err:.1e}")
+    del args
+    print("\nsweep: split count, graph ms (* = choose_num_splits)")
+    for (name, (num_heads, num_kv_heads)), batch, context in itertools.product(SHAPES.items(), (64, 256), (1024, 4096, 16384)):
+        args = make_decode_batch(batch, context, num_heads, num_kv_heads)
+        chosen = choose_num_splits(batch, num_kv_heads, context, args[0].device)
+        cells = [f"{n}{'*' if n == chosen else ''}: {time_decode(args, graph=True, num_splits=n):.3f}" for n in (1, 2, 3, 4, 8)]
+        print(f"  {name:>20} batch {batch:>3} context {context:>5}  " + "  ".join(cells))
+        del args
+        torch.cuda.empty_cache()
 
 
-def run_prefill(matmul: float) -> None:
+def run_prefill(matmul: float, sweep: bool) -> None:
     """8 sequences of 2048 new tokens, no earlier context: causal FLOPs = 2 * 2 * H * D * sum(q_len^2 / 2)."""
     num_heads, num_kv_heads = SHAPES["32q/8kv"]
     num_seqs, q_len = 8, 2048
-    k_cache, v_cache, block_tables, _, _ = make_decode_batch(num_seqs, q_len, num_heads, num_kv_heads)
+    _, k_cache, v_cache, block_tables, _ = make_decode_batch(num_seqs, q_len, num_heads, num_kv_heads)
     seq_lens = torch.full((num_seqs,), q_len, dtype=torch.int32, device="cuda")
     query_start_loc = torch.arange(0, (num_seqs + 1) * q_len, q_len, dtype=torch.int32, device="cuda")
     query = torch.randn(num_seqs * q_len, num_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
-    ms = bench_ms(lambda: prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, HEAD_DIM**-0.5))
     flops = 4 * num_heads * HEAD_DIM * num_seqs * q_len * (q_len + 1) / 2
-    tflops = flops / ms / 1e9
-    print(f"\nprefill attention, 8 x 2048 causal, 32q/8kv: {ms:.3f} ms, {tflops:.0f} TFLOP/s ({100 * tflops / matmul:.0f}% of matmul)")
+    variants = [{}]
+    if sweep:
+        variants += [dict(block_m=m, block_n=n, num_warps=w, num_stages=st)
+                     for m, n, w, st in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+    print("\nprefill attention, 8 x 2048 new tokens, causal, 32q/8kv")
+    for launch in variants:
+        try:
+            ms = bench_ms(lambda: prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                                                    HEAD_DIM**-0.5, **launch))
+        except Exception as e:  # out of shared memory for this variant
+            print(f"  {launch or 'default'}: {type(e).__name__}")
+            continue
+        tflops = flops / ms / 1e9
+        print(f"  {launch or 'default'}: {ms:.3f} ms, {tflops:.0f} TFLOP/s ({100 * tflops / matmul:.0f}% of matmul)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="time decode launch variants at batch 64, context 4k")
+    parser.add_argument("--sweep", action="store_true", help="also time launch variants and split counts")
     opts = parser.parse_args()
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
@@ -135,7 +161,7 @@ def main() -> None:
     if opts.sweep:
         run_sweep(copy_gbs)
     run_decode_table(copy_gbs)
-    run_prefill(matmul)
+    run_prefill(matmul, opts.sweep)
 
 
 if __name__ == "__main__":
