@@ -46,6 +46,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks that split each layer
     pipeline_parallel_size: int = 1  # ranks that split the layer stack
     device: str = "auto"  # auto | cuda | cpu
+    pipeline_parallel_lanes: int | None = None  # batches in flight with pp > 1 (default: pp size; 1 to compare)
     distributed_timeout_s: float = 60.0  # a collective that waits longer than this means a dead rank
 
     def __post_init__(self) -> None:
@@ -69,6 +70,8 @@ class EngineConfig:
             raise ConfigError("tensor_parallel_size", f"must be >= 1, got {self.tensor_parallel_size}")
         if self.pipeline_parallel_size < 1:
             raise ConfigError("pipeline_parallel_size", f"must be >= 1, got {self.pipeline_parallel_size}")
+        if self.pipeline_parallel_lanes is not None and self.pipeline_parallel_lanes < 1:
+            raise ConfigError("pipeline_parallel_lanes", f"must be >= 1, got {self.pipeline_parallel_lanes}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError("device", f"must be auto, cuda or cpu, got {self.device!r}")
 

@@ -18,8 +18,11 @@ class UniprocExecutor:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        out = self.runner.execute_model(so)
+    def submit(self, so: SchedulerOutput) -> None:
+        self._result = self.runner.execute_model(so)
+
+    def collect(self) -> ModelRunnerOutput:
+        out, self._result = self._result, None
         assert out is not None
         return out
 

@@ -9,6 +9,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ from engine.errors import RequestError
 from engine.executor import UniprocExecutor
 from engine.model_config import resolve_model_config
 from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
 from engine.parallel import get_parallel_state, init_distributed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
@@ -53,7 +54,7 @@ def resolve_device(config: EngineConfig) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, show_progress: bool = True, executor_factory=None):
+    def __init__(self, config: EngineConfig, show_progress: bool = True):
         self.config = config
         self.lock = threading.RLock()  # the server's loop thread and request handlers share the engine
         self.device = resolve_device(config)
@@ -65,7 +66,12 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
         is_driver = get_parallel_state().is_driver
         runner = ModelRunner(config, mc, self.device, show_progress and is_driver)
-        self.executor = executor_factory(runner) if executor_factory else UniprocExecutor(runner)
+        if get_parallel_state().world_size > 1:
+            from engine.distributed import MultiprocExecutor
+
+            self.executor: UniprocExecutor | MultiprocExecutor = MultiprocExecutor(runner)
+        else:
+            self.executor = UniprocExecutor(runner)
         num_blocks = self.executor.determine_num_blocks()
         if num_blocks < 1:
             raise RequestError("gpu_memory_utilization", "no memory left for the KV cache after loading the weights")
@@ -75,7 +81,12 @@ class LLMEngine:
                     num_blocks * config.block_size, gib)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, sorted(self.eos_token_ids))
+        # with pipeline parallel, one batch in flight per stage keeps every stage busy
+        self.num_lanes = config.pipeline_parallel_size if config.pipeline_parallel_lanes is None else config.pipeline_parallel_lanes
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, sorted(self.eos_token_ids), self.num_lanes
+        )
+        self.in_flight: deque[tuple[SchedulerOutput, list[Sequence], int]] = deque()
         self.requests: dict[str, Request] = {}
         self.seqs: dict[str, Sequence] = {}
         self._finished_outputs: list[RequestOutput] = []  # aborted/unschedulable, reported at the next step
@@ -182,42 +193,58 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         with self.lock:
-            return bool(self.requests) or bool(self._finished_outputs)
+            return bool(self.requests) or bool(self._finished_outputs) or bool(self.in_flight)
 
     # ---- one step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and submit one batch (if a lane is free), and collect the oldest batch's
+        tokens once every lane has one in flight (at once when there is one lane)."""
         with self.lock:
             outputs, self._finished_outputs = self._finished_outputs, []
-            so, scheduled = self.scheduler.schedule()
-            for seq in self.scheduler.unschedulable:
-                seq.finish_reason = "length"
-                self.scheduler.finish([seq])
-                outputs.extend(self._after_seq_update({seq.request}))
-            self.scheduler.unschedulable.clear()
-            if not so.num_scheduled_tokens and not so.finished_req_ids:
-                return outputs
-            now = time.time()
-            for seq in scheduled:
-                if seq.request.metrics.first_scheduled_time is None:
-                    seq.request.metrics.first_scheduled_time = now
-                end = seq.num_computed_tokens + so.num_scheduled_tokens[seq.seq_id]
-                self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - seq.num_computed_tokens)
-            result = self.executor.execute(so)
-            self.scheduler.update_after_step(scheduled, so.num_scheduled_tokens)
-            touched: set[Request] = set()
-            now = time.time()
-            for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
-                seq = self.seqs.get(seq_id)
-                if seq is None or seq.is_finished:
-                    continue
-                self._append_token(seq, token_id, result.logprobs[i] if result.logprobs else None)
-                metrics = seq.request.metrics
-                metrics.first_token_time = metrics.first_token_time or now
-                metrics.last_token_time = now
-                touched.add(seq.request)
-            outputs.extend(self._after_seq_update(touched))
+            submitted = False
+            busy = {lane for _, _, lane in self.in_flight}
+            free_lanes = [lane for lane in range(self.num_lanes) if lane not in busy]
+            if free_lanes:
+                so, scheduled = self.scheduler.schedule(free_lanes[0])
+                for seq in self.scheduler.unschedulable:
+                    seq.finish_reason = "length"
+                    self.scheduler.finish([seq])
+                    outputs.extend(self._after_seq_update({seq.request}))
+                self.scheduler.unschedulable.clear()
+                if so.num_scheduled_tokens or so.finished_req_ids:
+                    self._count_prompt_tokens(so, scheduled)
+                    self.executor.submit(so)
+                    self.in_flight.append((so, scheduled, free_lanes[0]))
+                    submitted = True
+            if self.in_flight and (len(self.in_flight) == self.num_lanes or not submitted):
+                so, scheduled, _ = self.in_flight.popleft()
+                result = self.executor.collect()
+                self.scheduler.update_after_step(scheduled, so.num_scheduled_tokens)
+                outputs.extend(self._process_result(result))
             return outputs
+
+    def _count_prompt_tokens(self, so: SchedulerOutput, scheduled: list[Sequence]) -> None:
+        now = time.time()
+        for seq in scheduled:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+            end = seq.num_computed_tokens + so.num_scheduled_tokens[seq.seq_id]
+            self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - seq.num_computed_tokens)
+
+    def _process_result(self, result: ModelRunnerOutput) -> list[RequestOutput]:
+        touched: set[Request] = set()
+        now = time.time()
+        for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
+            seq = self.seqs.get(seq_id)
+            if seq is None or seq.is_finished:
+                continue  # aborted while its batch was in flight
+            self._append_token(seq, token_id, result.logprobs[i] if result.logprobs else None)
+            metrics = seq.request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.last_token_time = now
+            touched.add(seq.request)
+        return self._after_seq_update(touched)
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs: tuple[list[int], list[float], int] | None) -> None:
         seq.token_ids.append(token_id)
@@ -308,4 +335,9 @@ class LLMEngine:
             )
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        """Collect batches still in flight, then release the other ranks."""
+        with self.lock:
+            while self.in_flight:
+                self.in_flight.popleft()
+                self.executor.collect()
+            self.executor.shutdown()

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from engine.config import EngineConfig
@@ -53,6 +54,7 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
         self.requests: dict[str, RunnerRequestState] = {}
         self.num_blocks = 0
+        self._pending_sends: list[tuple[dist.Work, torch.Tensor]] = []
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -89,7 +91,13 @@ class ModelRunner:
         positions = torch.arange(num_tokens, device=self.device) % self.model_config.max_model_len
         ctx = self._dummy_context(num_tokens)
         with forward_context(ctx):
-            self._run_model(input_ids, positions, num_tokens, sample_logits=True)
+            if self.parallel.is_first_pp_rank:
+                hidden = self.model(input_ids, positions)
+            else:  # later stages profile on zeros of the shape they would receive
+                zeros = torch.zeros(num_tokens, self.model_config.hf_config.hidden_size, dtype=self.model_config.dtype, device=self.device)
+                hidden = self.model(input_ids, positions, (zeros, zeros.clone()))
+            if self.parallel.is_last_pp_rank:
+                self.model.compute_logits(hidden)
 
     def _dummy_context(self, num_tokens: int) -> ForwardContext:
         z = torch.zeros(1, dtype=torch.int32, device=self.device)
@@ -165,22 +173,39 @@ class ModelRunner:
         )
         return dev(input_ids, torch.long), dev(np.concatenate(positions), torch.long), ctx, sampled_ids
 
-    def _run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, num_tokens: int, sample_logits: bool) -> torch.Tensor | None:
-        hidden = self.model(input_ids, positions)
-        if not self.parallel.is_last_pp_rank:
-            return None
-        return self.model.compute_logits(hidden) if sample_logits else hidden
+    def _recv_intermediate(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden_states, residual) of this batch from the previous pipeline stage."""
+        p = self.parallel
+        shape = (num_tokens, self.model_config.hf_config.hidden_size)
+        hidden = torch.empty(shape, dtype=self.model_config.dtype, device=self.device)
+        residual = torch.empty_like(hidden)
+        dist.recv(hidden, p.rank - p.tp_size, group=p.pp_group)
+        dist.recv(residual, p.rank - p.tp_size, group=p.pp_group)
+        return hidden, residual
+
+    def _send_intermediate(self, intermediate: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Non-blocking, so this stage can take the next batch while the next stage works."""
+        p = self.parallel
+        self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
+        for t in intermediate:
+            t = t.contiguous()
+            self._pending_sends.append((dist.isend(t, p.rank + p.tp_size, group=p.pp_group), t))
 
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Run this rank's layers; the last pipeline stage returns the sampled tokens, others None."""
         self.update_states(so)
+        is_last = self.parallel.is_last_pp_rank
         if not so.num_scheduled_tokens:
-            return ModelRunnerOutput([], [])
+            return ModelRunnerOutput([], []) if is_last else None
         input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
+        intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
         with forward_context(ctx):
-            logits = self._run_model(input_ids, positions, len(input_ids), sample_logits=True)
-        if logits is None:
-            return None
+            hidden = self.model(input_ids, positions, intermediate)
+            if not is_last:
+                self._send_intermediate(hidden)
+                return None
+            logits = self.model.compute_logits(hidden)
         if not sampled_ids:
             return ModelRunnerOutput([], [])
         md = self.sampling_metadata(sampled_ids)

@@ -4,6 +4,9 @@ Running sequences are served first (oldest first), then waiting ones, first come
 served, while the budget (max_num_batched_tokens) and max_num_seqs allow; a prompt larger
 than the budget is computed in chunks over several steps. When pages run out the newest
 running sequence is preempted: its pages are freed and it is recomputed later.
+
+With pipeline parallel, sequences are split over `num_lanes` lanes and each lane has at
+most one batch in flight, so every stage has work while the others compute.
 """
 from __future__ import annotations
 
@@ -30,8 +33,10 @@ def sampling_fields(seq: Sequence, eos_token_ids: list[int]) -> dict:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids: list[int]
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids: list[int],
+        num_lanes: int = 1,
     ):
+        self.num_lanes = num_lanes
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.eos_token_ids = eos_token_ids  # masked while a sequence is under min_tokens
@@ -50,27 +55,44 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[SchedulerOutput, list[Sequence]]:
+    def _lane_cap(self) -> int:
+        """Most running sequences one lane may hold, so that lanes stay balanced."""
+        total = len(self.running) + len(self.waiting)
+        return min(-(-self.max_num_seqs // self.num_lanes), max(1, -(-total // self.num_lanes)))
+
+    def _pick_victim(self, lane: int) -> Sequence:
+        """The newest running sequence of this lane that is not in flight."""
+        for j in range(len(self.running) - 1, -1, -1):
+            if self.running[j].lane == lane and not self.running[j].in_flight:
+                return self.running.pop(j)
+        raise AssertionError("no preemptible sequence in the lane being scheduled")
+
+    def schedule(self, lane: int = 0) -> tuple[SchedulerOutput, list[Sequence]]:
         out = SchedulerOutput()
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq.lane != lane or seq.in_flight or seq.status != SequenceStatus.RUNNING:
+                continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
-                victim = self.running.pop()
+                victim = self._pick_victim(lane)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
+                seq.in_flight = True
                 scheduled.append(seq)
                 out.num_scheduled_tokens[seq.seq_id] = num_new
                 budget -= num_new
-                i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        num_in_lane = sum(1 for s in self.running if s.lane == lane)
+        cap = self._lane_cap()
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
+               and num_in_lane < cap):
             seq = self.waiting[0]
             computed_blocks, num_cached = self.block_manager.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - num_cached, budget)
@@ -79,12 +101,13 @@ class Scheduler:
             self.waiting.popleft()
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_cached
-            seq.status = SequenceStatus.RUNNING
+            seq.status, seq.lane, seq.in_flight = SequenceStatus.RUNNING, lane, True
+            num_in_lane += 1
             self.running.append(seq)
             scheduled.append(seq)
             out.num_scheduled_tokens[seq.seq_id] = num_new
             budget -= num_new
-        if not scheduled and not self.running and self.waiting:
+        if not scheduled and not self.running and self.waiting and not preempted:
             self.unschedulable.append(self.waiting.popleft())
         for seq in scheduled:
             self._describe(seq, out)
@@ -117,6 +140,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
+        seq.in_flight = False
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -124,7 +148,9 @@ class Scheduler:
 
     def update_after_step(self, scheduled: list[Sequence], num_scheduled_tokens: dict[str, int]) -> None:
         for seq in scheduled:
-            seq.num_computed_tokens += num_scheduled_tokens[seq.seq_id]
+            seq.in_flight = False
+            if seq.status == SequenceStatus.RUNNING:
+                seq.num_computed_tokens += num_scheduled_tokens[seq.seq_id]
 
     def finish(self, seqs: Iterable[Sequence]) -> None:
         """Free finished or aborted sequences, wherever they are."""

@@ -32,6 +32,8 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first schedule
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
+    lane: int = 0  # pipeline batch lane (pp > 1 keeps one batch per lane in flight)
+    in_flight: bool = False  # scheduled in a batch whose tokens have not come back yet
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     output_logprobs: list[dict[int, Logprob]] = field(default_factory=list)

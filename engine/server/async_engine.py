@@ -122,7 +122,9 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self.state in ("starting", "loading", "ready") and self._thread is not None and self._thread.is_alive()
+        """Starting, loading or serving, with the engine thread (once started) running."""
+        thread_ok = self._thread is None or self._thread.is_alive()
+        return self.state in ("starting", "loading", "ready") and thread_ok
 
     def start(self, loop: asyncio.AbstractEventLoop, on_fatal: Callable[[int], None]) -> None:
         """Start the engine thread; on_fatal(exit_code) is called (on the event loop) if loading fails."""

@@ -38,8 +38,8 @@ def test_chunked_prefill_same_output(tiny_llama: str, reference: list[list[int]]
     chunked = []
     original = engine.scheduler.schedule
 
-    def spy():
-        out, scheduled = original()
+    def spy(lane: int = 0):
+        out, scheduled = original(lane)
         chunked.extend(s.seq_id for s in scheduled if s.num_computed_tokens + out.num_scheduled_tokens[s.seq_id] < s.num_prompt_tokens)
         return out, scheduled
 

@@ -1,0 +1,155 @@
+"""Multi-rank execution: rank 0 schedules and sends each SchedulerOutput to every rank; every
+rank runs its layers; the last pipeline stage's first TP rank sends the sampled tokens back.
+
+Rank 0 sends point to point (non-blocking) rather than by a collective, so it can start the
+next pipeline batch while later stages still work on the previous one. Control messages go
+over a gloo group with a long timeout (workers may idle for hours between requests); results
+come back over a gloo group with distributed_timeout_s, so a dead or hung rank is noticed.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections import deque
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from engine.errors import RankFailedError
+from engine.model_runner import ModelRunner
+from engine.outputs import ModelRunnerOutput, SchedulerOutput
+from engine.parallel import ParallelState, get_parallel_state
+
+logger = logging.getLogger("gantry.engine")
+
+CONTROL_TIMEOUT = timedelta(days=365)
+_SHUTDOWN = b"shutdown"
+
+
+class ControlChannel:
+    """Pickled objects from rank 0 to every other rank, and from one rank to rank 0."""
+
+    def __init__(self, state: ParallelState):
+        self.state = state
+        ranks = list(range(state.world_size))
+        self.control_group = dist.new_group(ranks, backend="gloo", timeout=CONTROL_TIMEOUT)
+        self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+
+    def send_to_workers(self, payload: bytes) -> None:
+        self._reap()
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        for rank in range(1, self.state.world_size):
+            self._pending.append((dist.isend(size, rank, group=self.control_group), size))
+            self._pending.append((dist.isend(data, rank, group=self.control_group), data))
+
+    def wait_sent(self) -> None:
+        for work, _ in self._pending:
+            work.wait()
+        self._pending = []
+
+    def _reap(self) -> None:
+        self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+
+    def recv_from_driver(self) -> bytes:
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, 0, group=self.control_group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(data, 0, group=self.control_group)
+        return data.numpy().tobytes()
+
+    def send_result(self, obj: object) -> None:
+        payload = pickle.dumps(obj)
+        dist.send(torch.tensor([len(payload)], dtype=torch.int64), 0, group=self.state.cpu_group)
+        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, group=self.state.cpu_group)
+
+    def recv_result(self, src: int) -> object:
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src, group=self.state.cpu_group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(data, src, group=self.state.cpu_group)
+        return pickle.loads(data.numpy().tobytes())
+
+
+def min_over_ranks(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=get_parallel_state().cpu_group)
+    return int(t.item())
+
+
+def result_rank(state: ParallelState) -> int:
+    """The rank that reports sampled tokens: first TP rank of the last pipeline stage."""
+    return (state.pp_size - 1) * state.tp_size
+
+
+class MultiprocExecutor:
+    """Rank 0's side. submit() returns once rank 0's own stage has run; collect() waits for the
+    oldest batch's tokens, so with pp > 1 several batches can be in flight."""
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.state = get_parallel_state()
+        self.channel = ControlChannel(self.state)
+        self.in_flight: deque[ModelRunnerOutput | None] = deque()
+        self.send_seconds = 0.0  # time spent pickling and sending SchedulerOutputs (measured)
+        self.num_sends = 0
+
+    def determine_num_blocks(self) -> int:
+        return min_over_ranks(self.runner.determine_num_blocks())
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def submit(self, so: SchedulerOutput) -> None:
+        start = time.perf_counter()
+        self.channel.send_to_workers(pickle.dumps(so))
+        self.send_seconds += time.perf_counter() - start
+        self.num_sends += 1
+        self.in_flight.append(self.runner.execute_model(so))
+
+    def collect(self) -> ModelRunnerOutput:
+        local = self.in_flight.popleft()
+        if local is not None:
+            return local
+        src = result_rank(self.state)
+        try:
+            return self.channel.recv_result(src)
+        except RuntimeError as e:
+            raise RankFailedError(f"rank {src} (last pipeline stage) sent no result: {e}") from e
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self.submit(so)
+        return self.collect()
+
+    def shutdown(self) -> None:
+        self.channel.send_to_workers(_SHUTDOWN)
+        self.channel.wait_sent()
+        dist.destroy_process_group()
+
+
+def run_worker(config: EngineConfig, show_progress: bool = False) -> None:
+    """Every rank but 0: load this rank's shard, then run whatever rank 0 sends until told to stop."""
+    from engine.llm_engine import resolve_device
+    from engine.model_config import resolve_model_config
+    from engine.parallel import init_distributed
+
+    device = resolve_device(config)
+    state = init_distributed(config.tensor_parallel_size, config.pipeline_parallel_size, device, config.distributed_timeout_s)
+    model_config = resolve_model_config(config, device)
+    runner = ModelRunner(config, model_config, device, show_progress)
+    channel = ControlChannel(state)
+    runner.allocate_kv_cache(min_over_ranks(runner.determine_num_blocks()))
+    reports = state.rank == result_rank(state)
+    logger.info("rank %d (tp %d/%d, pp %d/%d) ready", state.rank, state.tp_rank, state.tp_size, state.pp_rank, state.pp_size)
+    while True:
+        payload = channel.recv_from_driver()
+        if payload == _SHUTDOWN:
+            break
+        out = runner.execute_model(pickle.loads(payload))
+        if reports:
+            channel.send_result(out)
+    logger.info("rank %d: shut down by rank 0", state.rank)
+    dist.destroy_process_group()

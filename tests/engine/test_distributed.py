@@ -1,0 +1,69 @@
+"""TP and PP on CPU with gloo under torchrun: greedy tokens identical to one process."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.conftest import TINY_ARCHS, prompts_of_lengths, write_tiny_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=REPO)
+    env.pop("RANK", None)
+    return env
+
+
+def torchrun(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
+           f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
+           "-m", "tests.engine.dist_generate", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=dist_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="module", params=["llama-untied", "qwen2"])
+def model_and_reference(request, tmp_path_factory) -> tuple[str, list[list[int]]]:
+    spec = dict(TINY_ARCHS[request.param])
+    path = write_tiny_checkpoint(str(tmp_path_factory.mktemp(request.param)), spec.pop("arch"), **spec)
+    llm = LLM(path, enable_prefix_caching=False)
+    outputs = llm.generate(prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300]),
+                           SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+    return path, [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_parallel_matches_single_process(model_and_reference, tp: int, pp: int, tmp_path) -> None:
+    model, reference = model_and_reference
+    out = tmp_path / "tokens.json"
+    finish(torchrun(tp * pp, [model, str(tp), str(pp), str(out)]))
+    assert json.loads(out.read_text()) == reference
+
+
+def test_two_nodes_match_single_process(model_and_reference, tmp_path) -> None:
+    """Two torchrun agents (one per "node") joined over loopback: tp2 x pp2 spans both."""
+    model, reference = model_and_reference
+    out = tmp_path / "tokens.json"
+    port = free_port()
+    nodes = [torchrun(2, [model, "2", "2", str(out)], nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    for node in nodes:
+        finish(node)
+    assert json.loads(out.read_text()) == reference
