@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
 
 import torch
 import triton.testing
@@ -24,12 +25,12 @@ DTYPE = torch.bfloat16
 SHAPES = {"32q/8kv": (32, 8), "28q/4kv (Qwen2-7B)": (28, 4)}
 
 
-def bench_ms(fn) -> float:
+def bench_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds over CUDA events (triton.testing.do_bench)."""
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
 
 
-def bench_graph_ms(fn) -> float:
+def bench_graph_ms(fn: Callable[[], object]) -> float:
     """Median milliseconds of CUDA-graph replays (no launch overhead: how the engine runs decode)."""
     return triton.testing.do_bench_cudagraph(fn, rep=300, return_mode="median")
 
