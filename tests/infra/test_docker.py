@@ -14,7 +14,8 @@ from .dockerd import DockerEngine
 from .jobs import api_port_from_log, chat_completion, port_closed, render_job, wait_ready
 from .procs import free_port, wait_for
 
-pytestmark = pytest.mark.infra
+# The first test also builds the image (about 2 minutes, more with a cold wheelhouse).
+pytestmark = [pytest.mark.infra, pytest.mark.timeout(1200)]
 
 READY_TIMEOUT_S = 420
 
