@@ -67,6 +67,13 @@ def chat_completion(base_url: str) -> str:
     assert choice.message.content and choice.message.content.strip(), reply
     assert choice.finish_reason in ("stop", "length"), reply
     assert reply.usage is not None and reply.usage.completion_tokens > 0, reply
+
+    # The seed's client streams; the same greedy request must stream the same text.
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16, temperature=0.0, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    assert streamed == choice.message.content
     return choice.message.content
 
 
