@@ -22,6 +22,11 @@ from .slurm import SLURM_TOOLS, SlurmCluster
 # The image name the launcher's deploy.image defaults to.
 IMAGE = "gantry:latest"
 
+# Debian installs the daemons in sbin, which a non-login shell's PATH may lack.
+for _sbin in ("/usr/sbin", "/sbin"):
+    if _sbin not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = f"{os.environ.get('PATH', '')}{os.pathsep}{_sbin}"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
