@@ -10,8 +10,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A user-facing configuration error; `param` names the offending field."""
@@ -130,6 +128,8 @@ def _build(cls: type, data: dict[str, Any], section: str) -> Any:
 
 def load_config_file(path: str) -> tuple[EngineConfig, ServerConfig]:
     """Read engine.yaml: sections `engine:` (EngineConfig) and `server:` (ServerConfig)."""
+    import yaml  # only the serve entry point reads files
+
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}

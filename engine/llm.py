@@ -27,6 +27,7 @@ class LLM:
         if unknown:
             raise TypeError(f"LLM() got unknown argument {unknown[0]!r}; known: {', '.join(sorted(known))}")
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.llm_engine.stream_outputs = False  # generate() returns finished requests only
         self._counter = itertools.count()
 
     def get_tokenizer(self):

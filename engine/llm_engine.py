@@ -91,6 +91,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._finished_outputs: list[RequestOutput] = []  # aborted/unschedulable, reported at the next step
         self.prompt_tokens_total = self.generation_tokens_total = 0
+        self.stream_outputs = True  # False: step() reports requests only when they finish (offline API)
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -294,6 +295,8 @@ class LLMEngine:
         for request in requests:
             if request.finished:
                 self._finish_request(request)
+            elif not self.stream_outputs:
+                continue
             outputs.append(self._make_output(request))
         return outputs
 

@@ -55,6 +55,7 @@ class ModelRunner:
         self.requests: dict[str, RunnerRequestState] = {}
         self.num_blocks = 0
         self._pending_sends: list[tuple[dist.Work, torch.Tensor]] = []
+        self.cuda_graphs = None  # DecodeCUDAGraphs once the KV pool exists (GPU, pp = 1, not enforce_eager)
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -115,6 +116,14 @@ class ModelRunner:
             layer.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
         self.num_blocks = num_blocks
+        p = self.parallel
+        if self.device.type == "cuda" and not self.config.enforce_eager and p.pp_size == 1:
+            from engine.cuda_graph import DecodeCUDAGraphs
+
+            self.cuda_graphs = DecodeCUDAGraphs(
+                self.model, self.config.max_num_seqs, self.model_config.max_model_len, self.block_size, self.device
+            )
+            self.cuda_graphs.capture()
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -201,7 +210,10 @@ class ModelRunner:
         input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
         intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
         with forward_context(ctx):
-            hidden = self.model(input_ids, positions, intermediate)
+            if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx):
+                hidden = self.cuda_graphs.run(input_ids, positions, ctx)
+            else:
+                hidden = self.model(input_ids, positions, intermediate)
             if not is_last:
                 self._send_intermediate(hidden)
                 return None
