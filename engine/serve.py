@@ -14,7 +14,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from engine.config import ConfigError, EngineConfig, ServerConfig, load_config_file
 
@@ -27,7 +28,7 @@ ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"]}
 def _field_comments(cls: type) -> dict[str, str]:
     """The one-line comment of each dataclass field, used as its --help text."""
     source = inspect.getsource(cls)
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", source, flags=re.M))
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", source, flags=re.MULTILINE))
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:

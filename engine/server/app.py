@@ -84,7 +84,9 @@ class ServerState:
                            code="overloaded", headers={"Retry-After": "1"})
 
 
-def error_response(e: APIError) -> HTTPResponse:
+def error_response(e: APIError, request: Request | None = None) -> HTTPResponse:
+    if request is not None and e.status < 500 and e.code != "overloaded":  # overload logs its own warning
+        logger.info("rejected %s %s: %d %s", request.method, request.path, e.status, e.message)
     return json_response(e.body(), status=e.status, headers=e.headers)
 
 
@@ -93,20 +95,20 @@ class OpenAIErrorHandler(ErrorHandler):
 
     def default(self, request: Request, exception: Exception) -> HTTPResponse:
         if isinstance(exception, APIError):
-            return error_response(exception)
+            return error_response(exception, request)
         if isinstance(exception, SanicException):
             status = exception.status_code
             if status == 404:
-                return error_response(APIError(404, f"route not found: {request.path}", code="not_found"))
+                return error_response(APIError(404, f"route not found: {request.path}", code="not_found"), request)
             if status == 405:
                 return error_response(APIError(405, f"method {request.method} is not allowed on {request.path}",
-                                               code="method_not_allowed"))
+                                               code="method_not_allowed"), request)
             if status == 413:
                 limit = request.app.config.REQUEST_MAX_SIZE
                 return error_response(APIError(413, f"body: the request body exceeds {limit} bytes",
-                                               param="body", code="request_too_large"))
+                                               param="body", code="request_too_large"), request)
             if 400 <= status < 500:
-                return error_response(APIError(status, str(exception)))
+                return error_response(APIError(status, str(exception)), request)
         logger.error("unhandled error on %s %s: %s: %s", request.method, request.path,
                      type(exception).__name__, exception, exc_info=exception)
         return error_response(APIError(500, "internal server error", code="internal_error"))
@@ -132,7 +134,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
         if is_authorized(request.headers.get("authorization"), state.api_key):
             return None
         return error_response(APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
-                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}), request)
 
     @app.on_response
     async def count_request(request: Request, response: HTTPResponse) -> None:

@@ -11,9 +11,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from engine.config import ConfigError, EngineConfig
 from engine.errors import ModelLoadError

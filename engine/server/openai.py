@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
 from engine.outputs import Logprob
+from engine.sampling_params import SamplingParams
 from engine.server.async_engine import PromptInput, RequestDelta, RequestStream
 from engine.server.protocol import (
     APIError,
@@ -27,7 +29,6 @@ from engine.server.protocol import (
     parse_json_body,
     parse_tokenize_request,
 )
-from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from engine.server.app import ServerState
