@@ -28,10 +28,10 @@ def render_job(output_dir: Path, *overrides: str) -> Path:
     return configs[0].parent
 
 
-def api_port_from_log(log: str) -> int | None:
-    """The port of the API URL the job printed (`... API on http://HOST:PORT/v1 ...`)."""
+def api_address_from_log(log: str) -> tuple[str, int] | None:
+    """Host and port of the API URL the job printed (`... API on http://HOST:PORT/v1 ...`)."""
     match = URL_PATTERN.search(log)
-    return int(match.group(3)) if match else None
+    return (match.group(2), int(match.group(3))) if match else None
 
 
 def is_ready(base_url: str) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from .dockerd import DockerEngine
-from .jobs import api_port_from_log, chat_completion, port_closed, render_job, wait_ready
+from .jobs import api_address_from_log, chat_completion, port_closed, render_job, wait_ready
 from .procs import free_port, wait_for
 
 # The first test also builds the image (about 2 minutes, more with a cold wheelhouse).
@@ -44,7 +44,7 @@ def test_generated_run_script_serves_chat(docker_engine: DockerEngine, gantry_im
     started = subprocess.run(["bash", str(script)], env=docker_engine.env, capture_output=True, text=True,
                              timeout=120)
     assert started.returncode == 0, f"run.sh exited {started.returncode}:\n{started.stdout}\n{started.stderr}"
-    assert api_port_from_log(started.stdout) == port, started.stdout
+    assert api_address_from_log(started.stdout) == ("localhost", port), started.stdout
 
     def state(field: str) -> str:
         return docker_engine.docker("inspect", "--format", "{{" + field + "}}", name).stdout.strip()

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .jobs import (REPO_ROOT, api_port_from_log, chat_completion, port_closed, render_job, tail,
-                   wait_ready)
+from .jobs import REPO_ROOT, api_address_from_log, chat_completion, port_closed, render_job, tail, wait_ready
 from .procs import free_port, processes_mentioning, wait_for
 from .slurm import SlurmCluster
 
@@ -56,9 +55,10 @@ def test_generated_sbatch_serves_chat(slurm_cluster: SlurmCluster, tmp_path: Pat
         return slurm_cluster.job_state(job_id) in ("PENDING", "CONFIGURING", "RUNNING")
 
     try:
-        logged_port = wait_for(lambda: stdout.exists() and api_port_from_log(stdout.read_text()), 120,
-                               "the job to log its API URL", diagnose)
-        assert logged_port == port, tail(stdout)
+        # The job names its first node, which is this host (resolved to loopback here).
+        logged = wait_for(lambda: stdout.exists() and api_address_from_log(stdout.read_text()), 120,
+                          "the job to log its API URL", diagnose)
+        assert logged == (slurm_cluster.node, port), tail(stdout)
         base_url = f"http://127.0.0.1:{port}"
         wait_ready(base_url, READY_TIMEOUT_S, running, diagnose)
         assert slurm_cluster.job_state(job_id) == "RUNNING"
@@ -68,7 +68,7 @@ def test_generated_sbatch_serves_chat(slurm_cluster: SlurmCluster, tmp_path: Pat
 
     final = slurm_cluster.wait_final(job_id, 120)
     assert final["JobState"] == "CANCELLED", f"{final}\n{diagnose()}"
-    assert str(job_id) not in " ".join(slurm_cluster.queue())
+    assert job_id not in [int(line.split()[0]) for line in slurm_cluster.queue()]
     wait_for(lambda: not processes_mentioning(str(job_dir)), 60, f"the processes of job {job_id} to exit",
              lambda: "\n".join(processes_mentioning(str(job_dir))))
     assert port_closed(port), f"port {port} still open after the job ended"
