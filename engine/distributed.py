@@ -4,12 +4,14 @@ rank runs its layers; the last pipeline stage's first TP rank sends the sampled 
 Rank 0 sends point to point (non-blocking) rather than by a collective, so it can start the
 next pipeline batch while later stages still work on the previous one. Control messages go
 over a gloo group with a long timeout (workers may idle for hours between requests); results
-come back over a gloo group with distributed_timeout_s, so a dead or hung rank is noticed.
+come back over a gloo group with distributed_timeout_s, so a dead or hung rank is noticed, and
+every rank's heartbeat in torchrun's store says which rank it was (RankFailedError, logged).
 """
 from __future__ import annotations
 
 import logging
 import pickle
+import threading
 import time
 from collections import deque
 from datetime import timedelta
@@ -27,6 +29,43 @@ logger = logging.getLogger("gantry.engine")
 
 CONTROL_TIMEOUT = timedelta(days=365)
 _SHUTDOWN = b"shutdown"
+HEARTBEAT_INTERVAL_S = 0.5
+
+
+class Heartbeat:
+    """A daemon thread bumps this rank's counter in torchrun's store every HEARTBEAT_INTERVAL_S.
+    A dead or stopped rank stops bumping, which is how a failed collective names the rank at fault
+    (gloo's own errors only say that a recv timed out or a connection closed)."""
+
+    def __init__(self, state: ParallelState):
+        self.rank, self.world_size = state.rank, state.world_size
+        self.store = dist.distributed_c10d._get_default_store()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._beat, name="gantry-heartbeat", daemon=True).start()
+
+    @staticmethod
+    def _key(rank: int) -> str:
+        return f"gantry/heartbeat/{rank}"
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(HEARTBEAT_INTERVAL_S):
+            try:
+                self.store.add(self._key(self.rank), 1)
+            except Exception:  # the store went away with the group: nobody is left to tell
+                return
+
+    def silent_ranks(self) -> list[int]:
+        """Other ranks whose counter did not move over four beats."""
+        try:
+            before = [self.store.add(self._key(r), 0) for r in range(self.world_size)]
+            time.sleep(4 * HEARTBEAT_INTERVAL_S)
+            after = [self.store.add(self._key(r), 0) for r in range(self.world_size)]
+        except Exception:  # store unreachable (its host is gone): we cannot tell who
+            return []
+        return [r for r in range(self.world_size) if r != self.rank and before[r] == after[r]]
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 class ControlChannel:
@@ -37,6 +76,18 @@ class ControlChannel:
         ranks = list(range(state.world_size))
         self.control_group = dist.new_group(ranks, backend="gloo", timeout=CONTROL_TIMEOUT)
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
+        self.heartbeat = Heartbeat(state)
+
+    def failure(self, what: str, error: Exception) -> RankFailedError:
+        """Log and return the error for a failed exchange, naming the ranks that stopped beating."""
+        silent = self.heartbeat.silent_ranks()
+        if silent:
+            who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering (dead or hung)"
+        else:
+            who = "every rank still beats (a peer slower than distributed_timeout_s?)"
+        message = f"rank {self.state.rank}: {what} failed: {who}: {error}"
+        logger.error(message)
+        return RankFailedError(message)
 
     def send_to_workers(self, payload: bytes) -> None:
         self._reap()
@@ -108,7 +159,10 @@ class MultiprocExecutor:
         self.channel.send_to_workers(pickle.dumps(so))
         self.send_seconds += time.perf_counter() - start
         self.num_sends += 1
-        self.in_flight.append(self.runner.execute_model(so))
+        try:  # the forward's TP all-reduce and PP send wait on peers
+            self.in_flight.append(self.runner.execute_model(so))
+        except RuntimeError as e:
+            raise self.channel.failure("the forward pass", e) from e
 
     def collect(self) -> ModelRunnerOutput:
         local = self.in_flight.popleft()
@@ -118,7 +172,7 @@ class MultiprocExecutor:
         try:
             return self.channel.recv_result(src)
         except RuntimeError as e:
-            raise RankFailedError(f"rank {src} (last pipeline stage) sent no result: {e}") from e
+            raise self.channel.failure(f"waiting for the sampled tokens from rank {src}", e) from e
 
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self.submit(so)
@@ -127,6 +181,7 @@ class MultiprocExecutor:
     def shutdown(self) -> None:
         self.channel.send_to_workers(_SHUTDOWN)
         self.channel.wait_sent()
+        self.channel.heartbeat.stop()
         dist.destroy_process_group()
 
 
@@ -145,11 +200,18 @@ def run_worker(config: EngineConfig, show_progress: bool = False) -> None:
     reports = state.rank == result_rank(state)
     logger.info("rank %d (tp %d/%d, pp %d/%d) ready", state.rank, state.tp_rank, state.tp_size, state.pp_rank, state.pp_size)
     while True:
-        payload = channel.recv_from_driver()
+        try:
+            payload = channel.recv_from_driver()
+        except RuntimeError as e:  # rank 0 is gone (its connection closed)
+            raise channel.failure("waiting for rank 0's next batch", e) from e
         if payload == _SHUTDOWN:
             break
-        out = runner.execute_model(pickle.loads(payload))
-        if reports:
-            channel.send_result(out)
+        try:
+            out = runner.execute_model(pickle.loads(payload))
+            if reports:
+                channel.send_result(out)
+        except RuntimeError as e:
+            raise channel.failure("the forward pass", e) from e
     logger.info("rank %d: shut down by rank 0", state.rank)
+    channel.heartbeat.stop()
     dist.destroy_process_group()
