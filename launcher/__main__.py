@@ -5,6 +5,7 @@ Invalid configurations exit with status 2 and name the keys; nothing is rendered
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def _record(cfg: DictConfig, overrides: list[str]) -> str:
     assert isinstance(resolved, dict)
     if resolved["server"].get("api_key"):
         resolved["server"]["api_key"] = "<hidden>"
-    header = "# python -m launcher " + " ".join(overrides) + "\n"
+    shown = [re.sub(r"^(\+*server\.api_key)=.*", r"\1=<hidden>", o) for o in overrides]
+    header = "# python -m launcher " + " ".join(shown) + "\n"
     return header + OmegaConf.to_yaml(OmegaConf.create(resolved))
 
 

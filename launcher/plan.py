@@ -397,11 +397,15 @@ def _engine_section(cfg: GantryConfig, host_path: str | None) -> dict[str, Any]:
 
 
 def _checked(cls: type, values: dict[str, Any], keys: dict[str, str], section: str) -> dict[str, Any] | Problem:
-    """Build the engine's own dataclass from values (its checks apply): all its fields, or the Problem."""
+    """values once the engine's own dataclass accepts them (its checks apply), or the Problem.
+
+    Only the fields the launcher sets are written: a field the engine adds later keeps its
+    default instead of changing every rendered engine.yaml."""
     try:
-        return dataclasses.asdict(cls(**values))
+        cls(**values)
     except ConfigError as e:
         return Problem((keys.get(e.param, f"{section}.{e.param}"),), str(e).split(": ", 1)[-1])
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values}  # the engine's order
 
 
 def build_plan(cfg: DictConfig | GantryConfig, job_dir: str | Path) -> Plan:

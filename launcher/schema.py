@@ -50,6 +50,7 @@ class EngineOptions:
     enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
     enforce_eager: bool = False  # never capture CUDA graphs
     device: str = "auto"  # auto | cuda | cpu (cpu: no GPU flags are rendered, ranks use gloo)
+    pipeline_parallel_lanes: Optional[int] = None  # batches in flight with pp > 1; null: pp size
     seed: int = 0  # seed for dummy weights and for requests that set no seed
     distributed_timeout_s: float = 60.0  # a collective waiting longer than this means a dead rank
 

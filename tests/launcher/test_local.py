@@ -1,0 +1,111 @@
+"""deploy=local runs torchrun in the foreground; Ctrl-C or SIGTERM leaves no process behind.
+
+The ranks are a stand-in module (the engine is tested on its own): what is under test is
+the launcher's process handling, with a real torchrun and real signals.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launcher.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+STANDIN = "tests.launcher.standin_serve"
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _start(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+    """The launcher, its output in tmp_path/launcher.log (a pipe would be held open by leftover ranks)."""
+    out = tmp_path / "jobs"
+    argv = [sys.executable, "-m", "launcher", f"deploy.module={STANDIN}", "parallel=pp2", "engine=cpu",
+            "server=noauth", f"output_dir={out}", *extra]
+    with open(tmp_path / "launcher.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT)
+    return proc, out
+
+
+def _kill_leftovers(pids: list[int]) -> list[int]:
+    """SIGKILL whichever recorded pids are still alive (so a failing test cleans up); return them."""
+    alive = [p for p in pids if _alive(p)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    return alive
+
+
+def _pids(out: Path, proc: subprocess.Popen) -> list[int]:
+    """Pids the two ranks (and their children) recorded, once both have started."""
+    def started() -> bool:
+        assert proc.poll() is None, f"launcher exited {proc.returncode}:\n{(out.parent / 'launcher.log').read_text()}"
+        return len(list(out.rglob("ranks/*.pid"))) == 2
+
+    _wait(started, 120, "both ranks to start")
+    return [int(p) for f in out.rglob("ranks/*.pid") for p in f.read_text().split()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_signal_stops_every_rank(signum: int, tmp_path: Path) -> None:
+    proc, out = _start(tmp_path)
+    pids: list[int] = []
+    try:
+        pids = _pids(out, proc)
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        proc.send_signal(signum)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        leftovers = _kill_leftovers(pids)
+    log = (tmp_path / "launcher.log").read_text()
+    assert "stopping the torchrun group" in log, log
+    assert not leftovers, log
+
+
+def test_stubborn_ranks_and_orphans_are_killed(tmp_path: Path) -> None:
+    """Ranks that ignore SIGTERM, and a grandchild in its own session: SIGKILL after stop_timeout_s."""
+    proc, out = _start(tmp_path, "deploy.stop_timeout_s=3", env={"STANDIN_STUBBORN": "1"})
+    pids: list[int] = []
+    try:
+        pids = _pids(out, proc)
+        assert len(pids) == 3 and all(_alive(p) for p in pids)  # two ranks and rank 0's grandchild
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+        elapsed = time.monotonic() - started
+    finally:
+        proc.kill()
+        leftovers = _kill_leftovers(pids)
+    log = (tmp_path / "launcher.log").read_text()
+    assert not leftovers, log
+    assert elapsed >= 3, f"stopped after {elapsed:.1f} s, before stop_timeout_s: {log}"
+    assert "SIGKILL" in log and "leftover" in log, log
+
+
+def test_missing_api_key_variable_fails_before_starting(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GANTRY_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "launcher", f"output_dir={tmp_path / 'jobs'}", "deploy.module=x"],
+                          cwd=REPO_ROOT, env={**env, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "server.api_key_env" in done.stdout + done.stderr and "GANTRY_API_KEY" in done.stdout + done.stderr
