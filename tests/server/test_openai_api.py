@@ -254,3 +254,37 @@ def test_ops_routes(server: LiveServer):
     assert m[("gantry:time_to_first_token_seconds_count", ())] > 0
     assert m[("gantry:http_requests_total", (("method", "POST"), ("route", "/v1/chat/completions"),
                                               ("status", "200")))] > 0
+
+
+def test_chat_streaming_n2(client: openai.OpenAI):
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=2,
+                                            max_tokens=5, temperature=1.0, seed=5, stream=True,
+                                            extra_body={"ignore_eos": True})
+    texts, finishes, roles = ["", ""], [None, None], set()
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.delta.role:
+                roles.add(c.index)
+            texts[c.index] += c.delta.content or ""
+            finishes[c.index] = c.finish_reason or finishes[c.index]
+    assert roles == {0, 1} and finishes == ["length", "length"] and all(texts)
+
+
+def test_completion_streaming_echo(client: openai.OpenAI):
+    prompt = "Paris is"
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text.startswith(prompt)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+
+
+def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
+    m = server.metrics()
+    for name in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_queue_time_seconds"):
+        assert m[(f"gantry:{name}_count", ())] > 0, name
+    assert m[("gantry:request_success_total", (("finished_reason", "length"),))] > 0
+    assert m[("gantry:prompt_tokens_total", ())] > 0
+    assert ("gantry:prefix_cache_queries_total", ()) in m and ("gantry:num_preemptions_total", ()) in m
