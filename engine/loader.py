@@ -48,7 +48,11 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, Any]]:
     for file in _safetensors_files(path):
         try:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
+                names = list(f.keys())
+            for name in names:
+                # Reopened per tensor: pages read through the memory map count in this process's
+                # RSS until it is unmapped, so one open file would hold all of it that we touched.
+                with safe_open(file, framework="pt") as f:
                     yield name, f.get_slice(name)
         except SafetensorError as e:
             raise ModelLoadError(file, f"corrupt safetensors file: {e}") from None
