@@ -119,6 +119,7 @@ def run_gantry(w: Workload, model_dir: str, prompts: list[list[int]], args: argp
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
     load_s = time.perf_counter() - t0
+    log(f"gantry engine up in {load_s:.1f} s")
     params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=o) for o in w.output_lens]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up: Triton compiles, allocator
     torch.cuda.synchronize()
@@ -184,8 +185,12 @@ def run_hf(w: Workload, model_dir: str, prompts: list[list[int]], batch_sizes: l
 
 
 def num_timed_batches(num_requests: int, bs: int) -> int:
-    """Static batches to time per batch size: all of them up to 2, the rest extrapolated."""
-    return min(2, math.ceil(num_requests / bs))
+    """Static batches timed per batch size: the first (longest prompts); the rest extrapolated."""
+    return min(1, math.ceil(num_requests / bs))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def main() -> None:
@@ -203,6 +208,7 @@ def main() -> None:
     device = torch.device("cuda")
     w = make_workload(args.workload, args.seed)
     bandwidth, flops_rate = measure_ceilings(device)
+    log(f"ceilings: copy {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s")
     model_dir = write_config(w.shape, max(p + o for p, o in zip(w.input_lens, w.output_lens)))
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)
     roofline_s = roofline_seconds(w, bandwidth, flops_rate, args.max_num_seqs)
@@ -210,7 +216,9 @@ def main() -> None:
     hf = None
     if not args.skip_hf:
         hf = run_hf(w, model_dir, prompts, [int(b) for b in args.hf_batch_sizes.split(",")], args.seed)
+        log(f"transformers: {json.dumps(hf['by_batch_size'])}")
     ours = run_gantry(w, model_dir, prompts, args)
+    log(f"gantry: {json.dumps(ours)}")
     result = dict(
         workload=w.name, device=torch.cuda.get_device_name(), torch=torch.__version__,
         copy_bandwidth_GBps=bandwidth / 1e9, matmul_TFLOPs=flops_rate / 1e12,

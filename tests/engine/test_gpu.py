@@ -26,7 +26,15 @@ def gpu_model(request, tmp_path_factory) -> str:
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp(request.param)), spec.pop("arch"), **spec)
 
 
+def top1(model, ids: list[int], start: int) -> list[int]:
+    logits = model(torch.tensor([ids], device="cuda")).logits[0]
+    return logits[start - 1 : len(ids) - 1].argmax(-1).tolist()
+
+
 def test_teacher_forced_top1_agreement(gpu_model: str) -> None:
+    """Our bf16 tokens, teacher-forced through transformers. Random weights give flat logits on
+    which bf16 itself flips the top token, so transformers' own bf16-vs-float32 agreement is the
+    noise floor: ours must agree with the float32 truth as well as transformers' bf16 does."""
     from transformers import AutoModelForCausalLM
 
     prompts = prompts_of_lengths([7, 31, 64, 100, 128, 200, 255, 300], vocab=4096)
@@ -34,17 +42,22 @@ def test_teacher_forced_top1_agreement(gpu_model: str) -> None:
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=256, ignore_eos=True), use_tqdm=False)
     llm.llm_engine.shutdown()
     del llm
-    hf = AutoModelForCausalLM.from_pretrained(gpu_model, dtype=torch.bfloat16).cuda().eval()
-    agree = total = 0
+    hf16 = AutoModelForCausalLM.from_pretrained(gpu_model, dtype=torch.bfloat16).cuda().eval()
+    hf32 = AutoModelForCausalLM.from_pretrained(gpu_model, dtype=torch.float32).cuda().eval()
+    ours_vs_hf16 = ours_vs_hf32 = hf16_vs_hf32 = total = 0
     with torch.inference_mode():
         for prompt, out in zip(prompts, outputs):
             ids = prompt + out.outputs[0].token_ids
-            logits = hf(torch.tensor([ids], device="cuda")).logits[0]
-            predicted = logits[len(prompt) - 1 : len(ids) - 1].argmax(-1).tolist()
-            agree += sum(p == t for p, t in zip(predicted, out.outputs[0].token_ids))
-            total += len(predicted)
+            p16, p32 = top1(hf16, ids, len(prompt)), top1(hf32, ids, len(prompt))
+            ours = out.outputs[0].token_ids
+            ours_vs_hf16 += sum(a == b for a, b in zip(ours, p16))
+            ours_vs_hf32 += sum(a == b for a, b in zip(ours, p32))
+            hf16_vs_hf32 += sum(a == b for a, b in zip(p16, p32))
+            total += len(ours)
+    print(f"top-1 agreement over {total} positions: ours-bf16 vs hf-bf16 {ours_vs_hf16 / total:.4f}, "
+          f"ours-bf16 vs hf-fp32 {ours_vs_hf32 / total:.4f}, hf-bf16 vs hf-fp32 {hf16_vs_hf32 / total:.4f}")
     assert total >= 2000
-    assert agree / total >= 0.99, f"top-1 agreement {agree / total:.4f} over {total} positions"
+    assert ours_vs_hf32 / total >= hf16_vs_hf32 / total - 0.02
 
 
 def test_cuda_graphs_match_eager(gpu_model: str) -> None:
