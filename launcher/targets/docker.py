@@ -97,8 +97,23 @@ def node_context(plan: Plan, node_rank: int) -> dict[str, Any]:
         "health_interval": f"{d.health_interval_s}s",
         "health_start_period": f"{d.health_start_period_s}s",
         "start_message": _start_message(plan, node_rank, name),
-        "torchrun": torchrun_lines(plan, CONTAINER_CONFIG, node_rank=str(node_rank), master_addr=d.master_addr),
+        "torchrun": torchrun_lines(plan, CONTAINER_CONFIG, node_rank=str(node_rank), master_addr=d.master_addr)
+        + [seed_flags(plan)],
     }
+
+
+def seed_flags(plan: Plan) -> list[str]:
+    """The seed's vLLM flags (engine.serve accepts them), equal to engine.yaml's values: the
+    command reads like the seed's; the API key is never among them."""
+    e = plan.engine
+    flags = ["--model", e["model"]] if e["model"] else []
+    flags += ["--tensor-parallel-size", str(e["tensor_parallel_size"])]
+    if e["pipeline_parallel_size"] > 1:
+        flags += ["--pipeline-parallel-size", str(e["pipeline_parallel_size"])]
+    flags += ["--dtype", e["dtype"]]
+    if e["max_model_len"] is not None:
+        flags += ["--max-model-len", str(e["max_model_len"])]
+    return flags
 
 
 def context(plan: Plan) -> dict[str, Any]:

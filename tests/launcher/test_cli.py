@@ -31,7 +31,8 @@ def test_seed_docker_command(tmp_path: Path) -> None:
     for flag in ["docker run -d", "-e CUDA_VISIBLE_DEVICES=0,1,2,3", "-e TORCH_CUDA_ARCH_LIST=8.0", "--gpus all",
                  "--name gantry-deepseek32b", f"-v {weights}:/models:ro", "-p 8000:8000", "--ipc=host",
                  "--shm-size=64g", "-e GANTRY_API_KEY \\", "gantry:latest", "--nproc-per-node 4",
-                 "--health-cmd", "/ready", "-m engine.serve --config /etc/gantry/engine.yaml"]:
+                 "--health-cmd", "/ready", "-m engine.serve --config /etc/gantry/engine.yaml",
+                 "--model /models --tensor-parallel-size 4 --dtype float16 --max-model-len 128000"]:
         assert flag in script, f"{flag!r} missing from run.sh:\n{script}"
     assert "--api-key" not in script and "my-secret-key" not in script
     assert os.access(job_dir / "run.sh", os.X_OK)
@@ -42,6 +43,13 @@ def test_seed_docker_command(tmp_path: Path) -> None:
     assert (engine.model, engine.tensor_parallel_size, engine.dtype, engine.max_model_len) == ("/models", 4, "float16", 128000)
     assert engine.served_model_name == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
     assert (server.api_key, server.api_key_env, server.port) == (None, "GANTRY_API_KEY", 8000)
+
+    # engine.serve reads the flags after --config as overrides: they must agree with engine.yaml
+    from engine.serve import parse_configs
+
+    argv = script.split("-m engine.serve ", 1)[1].replace("\\\n", " ").split()
+    argv[argv.index("--config") + 1] = str(job_dir / "engine.yaml")
+    assert parse_configs(argv)[:2] == (engine, server)
 
 
 def test_k8s_tp2pp2_passes_kubernetes_validate(tmp_path: Path) -> None:

@@ -5,11 +5,15 @@ the launcher's process handling, with a real torchrun and real signals.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -109,3 +113,58 @@ def test_missing_api_key_variable_fails_before_starting(tmp_path: Path) -> None:
                           timeout=120)
     assert done.returncode == 2
     assert "server.api_key_env" in done.stdout + done.stderr and "GANTRY_API_KEY" in done.stdout + done.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if text.encode() in f.read() and _alive(int(entry)):
+                    pids.append(int(entry))
+        except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError, ValueError):
+            continue
+    return pids
+
+
+def test_local_serves_the_embedded_model_and_sigterm_stops_it(tmp_path: Path) -> None:
+    """The acceptance run: deploy=local parallel=tp1 with the real engine on CPU, one chat completion."""
+    port = _free_port()
+    out = tmp_path / "jobs"
+    argv = [sys.executable, "-m", "launcher", "parallel=tp1", "engine=cpu", f"server.port={port}",
+            "server.host=127.0.0.1", f"output_dir={out}"]
+    with open(tmp_path / "launcher.log", "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "GANTRY_API_KEY": "sk-local"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, (tmp_path / "launcher.log").read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/ready", timeout=5) as r:
+                    return r.status == 200
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return False
+
+        _wait(ready, 300, "GET /ready")
+        body = json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": 8, "temperature": 0,
+                           "messages": [{"role": "user", "content": "What is the capital of France?"}]}).encode()
+        request = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers={
+            "Content-Type": "application/json", "Authorization": "Bearer sk-local"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            reply = json.load(r)
+        assert reply["choices"][0]["message"]["content"].strip(), reply
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    log = (tmp_path / "launcher.log").read_text()
+    _wait(lambda: not _processes_mentioning(str(out)), 30, "the ranks to exit")
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open\n{log}"

@@ -2,6 +2,7 @@
 # gantry: deepseek32b on 2 node(s) x 2 GPUs (tp2 x pp2), deploy=docker
 # engine.yaml: model /models, served as deepseek-ai/DeepSeek-R1-Distill-Qwen-32B, tensor_parallel_size 2, pipeline_parallel_size 2, dtype float16, max_model_len 128000, API key from $GANTRY_API_KEY
 # Node 1 of 2: starts container gantry-test-node1 from image gantry:latest.
+# The last line repeats engine.yaml's values as the seed's vLLM flags (flags win over --config).
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 printenv MY_KEY >/dev/null || { echo "gantry: set MY_KEY to the API key (or render with server=noauth)" >&2; exit 2; }
@@ -28,4 +29,5 @@ docker run --init \
   --nnodes 2 --nproc-per-node 2 \
   --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 \
   --max-restarts 0 \
-  -m engine.serve --config /etc/gantry/engine.yaml
+  -m engine.serve --config /etc/gantry/engine.yaml \
+  --model /models --tensor-parallel-size 2 --pipeline-parallel-size 2 --dtype float16 --max-model-len 128000

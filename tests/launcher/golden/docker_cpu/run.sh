@@ -2,6 +2,7 @@
 # gantry: smollm2 on 1 node(s) x 1 CPU processes (tp1 x pp1), deploy=docker
 # engine.yaml: model embedded SmolLM2, served as its own name, tensor_parallel_size 1, pipeline_parallel_size 1, dtype auto, max_model_len 8192, no API key
 # Node 0 of 1: starts container gantry-test from image gantry:latest.
+# The last line repeats engine.yaml's values as the seed's vLLM flags (flags win over --config).
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 echo 'gantry: API on http://localhost:8000/v1 once GET /ready answers 200 (logs: docker logs -f gantry-test)'
@@ -24,4 +25,5 @@ docker run -d --init \
   --nnodes 1 --nproc-per-node 1 \
   --standalone \
   --max-restarts 0 \
-  -m engine.serve --config /etc/gantry/engine.yaml
+  -m engine.serve --config /etc/gantry/engine.yaml \
+  --tensor-parallel-size 1 --dtype auto --max-model-len 8192

@@ -2,6 +2,7 @@
 # gantry: llama3.1-8b on 1 node(s) x 1 GPUs (tp1 x pp1), deploy=docker
 # engine.yaml: model /models/llama-8b-q4.gguf, served as meta-llama/Llama-3.1-8B-Instruct, tensor_parallel_size 1, pipeline_parallel_size 1, dtype bfloat16, max_model_len 32768, API key from a file
 # Node 0 of 1: starts container llama from image gantry:latest.
+# The last line repeats engine.yaml's values as the seed's vLLM flags (flags win over --config).
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 echo 'gantry: API on http://localhost:8000/v1 once GET /ready answers 200 (logs: docker logs -f llama)'
@@ -29,4 +30,5 @@ docker run -d --init \
   --nnodes 1 --nproc-per-node 1 \
   --standalone \
   --max-restarts 0 \
-  -m engine.serve --config /etc/gantry/engine.yaml
+  -m engine.serve --config /etc/gantry/engine.yaml \
+  --model /models/llama-8b-q4.gguf --tensor-parallel-size 1 --dtype bfloat16 --max-model-len 32768

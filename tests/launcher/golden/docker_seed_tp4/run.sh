@@ -2,6 +2,7 @@
 # gantry: deepseek32b on 1 node(s) x 4 GPUs (tp4 x pp1), deploy=docker
 # engine.yaml: model /models, served as deepseek-ai/DeepSeek-R1-Distill-Qwen-32B, tensor_parallel_size 4, pipeline_parallel_size 1, dtype float16, max_model_len 128000, API key from $GANTRY_API_KEY
 # Node 0 of 1: starts container gantry-test from image gantry:latest.
+# The last line repeats engine.yaml's values as the seed's vLLM flags (flags win over --config).
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 printenv GANTRY_API_KEY >/dev/null || { echo "gantry: set GANTRY_API_KEY to the API key (or render with server=noauth)" >&2; exit 2; }
@@ -30,4 +31,5 @@ docker run -d --init \
   --nnodes 1 --nproc-per-node 4 \
   --standalone \
   --max-restarts 0 \
-  -m engine.serve --config /etc/gantry/engine.yaml
+  -m engine.serve --config /etc/gantry/engine.yaml \
+  --model /models --tensor-parallel-size 4 --dtype float16 --max-model-len 128000
