@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
 
 
-
 def _engine_config() -> ModuleType:
     """A private copy of engine/config.py, loaded without engine/__init__.py (which imports torch):
     rendering a job on a login node should neither need torch nor wait for it. Only the launcher
@@ -46,6 +45,7 @@ CONTAINER_CONFIG = "/etc/gantry/engine.yaml"  # where docker and k8s mount engin
 CONTAINER_KEY_ENV = "GANTRY_API_KEY"  # the key's variable inside containers and pods
 CONTAINER_KEY_FILE = "/run/secrets/gantry-api-key"  # where docker mounts server.api_key_file
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[a-zA-Z]*")
 SLURM_TIME = re.compile(r"([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}|infinite|UNLIMITED")
@@ -72,7 +72,7 @@ class Problem:
 class PlanError(Exception):
     """The config cannot be deployed; `problems` name the keys."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem]) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
 
@@ -224,7 +224,7 @@ def _check_server(cfg: GantryConfig) -> list[Problem]:
         out.append(Problem(("server.port",), f"must be in 1..65535, got {s.port}"))
     if s.api_key is not None and not s.api_key:
         out.append(Problem(("server.api_key",), "is empty; use null for no literal key"))
-    if s.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s.api_key_env):
+    if s.api_key_env is not None and not ENV_NAME.fullmatch(s.api_key_env):
         out.append(Problem(("server.api_key_env",), f"{s.api_key_env!r} is not an environment variable name"))
     return out
 
@@ -328,6 +328,9 @@ def validate(cfg: GantryConfig) -> list[Problem]:
     """Every problem of the config (empty: deployable)."""
     facts = model_facts(cfg)
     problems = _check_model(cfg, facts) + _check_parallel(cfg, facts) + _check_server(cfg)
+    bad_env = [name for name in cfg.deploy.env if not ENV_NAME.fullmatch(str(name))]
+    if bad_env:
+        problems.append(Problem(("deploy.env",), f"{bad_env[0]!r} is not an environment variable name"))
     if cfg.engine.device not in ("auto", "cuda", "cpu"):
         problems.append(Problem(("engine.device",), f"must be auto, cuda or cpu, got {cfg.engine.device!r}"))
     check = _TARGET_CHECKS.get(type(cfg.deploy))
@@ -416,6 +419,8 @@ def build_plan(cfg: DictConfig | GantryConfig, job_dir: str | Path) -> Plan:
     engine = _checked(EngineConfig, _engine_section(config, host_path), _ENGINE_KEYS, "engine")
     server = _checked(ServerConfig, _server_section(config, source), {}, "server")
     problems = validate(config)
+    if isinstance(config.deploy, SlurmDeploy) and re.search(r"[\s%]", str(job_dir)):
+        problems.append(Problem(("output_dir",), f"{job_dir}: #SBATCH --output/--chdir cannot hold spaces or '%'"))
     for section in (engine, server):
         if isinstance(section, Problem) and not any(section.keys[0] in p.keys for p in problems):
             problems.append(section)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from launcher.plan import Plan
-from launcher.render import ShellExpr
 
 Word = str  # a shell word: plain text (quoted when rendered) or a ShellExpr
 

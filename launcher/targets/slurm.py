@@ -6,6 +6,7 @@ rendezvous and serves the API, whose URL the job prints. submit() calls sbatch.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from typing import Any
@@ -71,6 +72,10 @@ def artefacts(plan: Plan) -> list[Artefact]:
 
 def submit(plan: Plan) -> int:
     """sbatch job.sbatch; print the job id and its log files."""
+    key_env = key_env_check(plan)
+    if key_env and not os.environ.get(key_env):
+        log.error("server.api_key_env: %s is not set; the job would stop at once (export it, or server=noauth)", key_env)
+        return 2
     if shutil.which("sbatch") is None:
         log.error("sbatch not found; submit by hand: sbatch %s", plan.job_dir / "job.sbatch")
         return 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.plan import validate, to_config
+from launcher.plan import to_config, validate
 from tests.launcher.conftest import CONF_DIR, FIXED, compose_config, k8s_validate, plan_for, render, shellcheck
 
 GROUPS = ("model", "parallel", "deploy", "engine", "server", "experiment")

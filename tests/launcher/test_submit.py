@@ -28,7 +28,7 @@ def _path_with(bin_dir: Path) -> str:
 def test_slurm_submit_prints_job_id_and_logs(tmp_path: Path) -> None:
     log = _recorder(tmp_path / "bin", "sbatch", stdout="4242;cluster\n")
     done = run_cli(["deploy=slurm", "submit=true", f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path,
-                   env={"PATH": _path_with(tmp_path / "bin")})
+                   env={"PATH": _path_with(tmp_path / "bin"), "GANTRY_API_KEY": "sk-test"})
     assert done.returncode == 0, done.stderr
     job_dir = job_dir_of(done)
     assert log.read_text().splitlines()[0] == f"--parsable {job_dir / 'job.sbatch'}"
@@ -37,10 +37,19 @@ def test_slurm_submit_prints_job_id_and_logs(tmp_path: Path) -> None:
     assert f"stderr: {job_dir / 'slurm-4242.err'}" in done.stdout
 
 
+def test_slurm_submit_needs_the_key_variable(tmp_path: Path) -> None:
+    log = _recorder(tmp_path / "bin", "sbatch", stdout="1\n")
+    env = {k: v for k, v in os.environ.items() if k != "GANTRY_API_KEY"}
+    done = run_cli(["deploy=slurm", "submit=true", f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path,
+                   env={**env, "PATH": _path_with(tmp_path / "bin")})
+    assert done.returncode == 2 and "GANTRY_API_KEY is not set" in done.stdout + done.stderr
+    assert not log.exists()
+
+
 def test_slurm_submit_failure_is_the_exit_status(tmp_path: Path) -> None:
     _recorder(tmp_path / "bin", "sbatch", stdout="", code=1)
     done = run_cli(["deploy=slurm", "submit=true", f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path,
-                   env={"PATH": _path_with(tmp_path / "bin")})
+                   env={"PATH": _path_with(tmp_path / "bin"), "GANTRY_API_KEY": "sk-test"})
     assert done.returncode == 1
     assert "sbatch failed" in done.stdout + done.stderr
 

@@ -35,6 +35,7 @@ INVALID: dict[str, tuple[list[str], list[str]]] = {
     "engine_memory_fraction": (["engine.gpu_memory_utilization=1.5"], ["engine.gpu_memory_utilization"]),
     "engine_device": (["engine.device=tpu"], ["engine.device"]),
     "api_key_env_name": (["server.api_key_env=1BAD"], ["server.api_key_env"]),
+    "env_name": (["deploy=slurm", "+deploy.env.NOT-A-NAME=1"], ["deploy.env"]),
 }
 
 
@@ -58,6 +59,11 @@ def test_all_problems_are_reported_together() -> None:
         plan_for(["parallel=tp2", "server.port=0", "model.dtype=double", "deploy=docker", "deploy.image=''"])
     named = {key for problem in e.value.problems for key in problem.keys}
     assert {"model.num_attention_heads", "server.port", "model.dtype", "deploy.image"} <= named
+
+
+def test_slurm_job_dir_without_spaces(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="output_dir"):
+        plan_for(["deploy=slurm"], job_dir=str(tmp_path / "my jobs" / "x"))
 
 
 def test_unknown_key_is_hydras_error(tmp_path: Path) -> None:
