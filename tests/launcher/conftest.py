@@ -84,9 +84,12 @@ def k8s_validate(files: dict[str, str]) -> list[str]:
     return kinds
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m launcher ARGS` in a fresh interpreter, importing this checkout."""
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, unset: tuple[str, ...] = (),
+            timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` in a fresh interpreter, importing this checkout; env added, unset removed."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    for name in unset:
+        full_env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -39,9 +39,8 @@ def test_slurm_submit_prints_job_id_and_logs(tmp_path: Path) -> None:
 
 def test_slurm_submit_needs_the_key_variable(tmp_path: Path) -> None:
     log = _recorder(tmp_path / "bin", "sbatch", stdout="1\n")
-    env = {k: v for k, v in os.environ.items() if k != "GANTRY_API_KEY"}
     done = run_cli(["deploy=slurm", "submit=true", f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path,
-                   env={**env, "PATH": _path_with(tmp_path / "bin")})
+                   env={"PATH": _path_with(tmp_path / "bin")}, unset=("GANTRY_API_KEY",))
     assert done.returncode == 2 and "GANTRY_API_KEY is not set" in done.stdout + done.stderr
     assert not log.exists()
 
@@ -91,9 +90,8 @@ def test_docker_submit_runs_the_script(tmp_path: Path) -> None:
 
 def test_docker_script_refuses_to_start_without_the_key(tmp_path: Path) -> None:
     log = _recorder(tmp_path / "bin", "docker")
-    env = {k: v for k, v in os.environ.items() if k != "GANTRY_API_KEY"}
     done = run_cli(["deploy=docker", "submit=true", f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path,
-                   env={**env, "PATH": _path_with(tmp_path / "bin")})
+                   env={"PATH": _path_with(tmp_path / "bin")}, unset=("GANTRY_API_KEY",))
     assert done.returncode == 2
     assert "set GANTRY_API_KEY to the API key" in done.stderr
     assert not log.exists()
