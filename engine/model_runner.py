@@ -31,6 +31,7 @@ class RunnerRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     sampling: dict  # see engine.scheduler.sampling_fields
+    row: int  # this request's row in ModelRunner.block_table_cpu
 
 
 class ModelRunner:
@@ -56,6 +57,10 @@ class ModelRunner:
         self.num_blocks = 0
         self._pending_sends: list[tuple[dist.Work, torch.Tensor]] = []
         self.cuda_graphs = None  # DecodeCUDAGraphs once the KV pool exists (GPU, pp = 1, not enforce_eager)
+        # [max_num_seqs, max_blocks_per_seq] block ids, one row per running request, updated in place
+        max_blocks = -(-model_config.max_model_len // self.block_size)
+        self.block_table_cpu = np.zeros((config.max_num_seqs, max_blocks), dtype=np.int32)
+        self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -129,58 +134,67 @@ class ModelRunner:
 
     def update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
-            self.requests.pop(req_id, None)
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                self.free_rows.append(state.row)
         for new in so.scheduled_new_reqs:
-            self.requests[new.req_id] = RunnerRequestState(
-                list(new.prompt_token_ids), list(new.block_ids), new.num_computed_tokens, new.sampling
-            )
+            state = RunnerRequestState(list(new.prompt_token_ids), list(new.block_ids), new.num_computed_tokens,
+                                       new.sampling, self.free_rows.pop())
+            self.block_table_cpu[state.row, : len(state.block_ids)] = state.block_ids
+            self.requests[new.req_id] = state
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
-            state.block_ids.extend(cached.new_block_ids)
+            if cached.new_block_ids:
+                n = len(state.block_ids)
+                self.block_table_cpu[state.row, n : n + len(cached.new_block_ids)] = cached.new_block_ids
+                state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
     def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[str]]:
         bs = self.block_size
         input_ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        query_start_loc, seq_lens, logits_indices, sampled_ids = [0], [], [], []
-        block_rows: list[list[int]] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc, seq_lens, logits_indices, sampled_ids, rows = [0], [], [], [], []
+        max_blocks = 0
         for req_id, num_new in so.num_scheduled_tokens.items():
             state = self.requests[req_id]
             start = state.num_computed_tokens
             end = start + num_new
-            input_ids.extend(state.token_ids[start:end])
-            pos = np.arange(start, end)
-            positions.append(pos)
-            table = np.asarray(state.block_ids, dtype=np.int64)
-            slots.append(table[pos // bs] * bs + pos % bs)
+            if num_new == 1:  # decode: plain ints beat numpy at this size
+                input_ids.append(state.token_ids[start])
+                positions.append(start)
+                slots.append(state.block_ids[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(state.token_ids[start:end])
+                pos = np.arange(start, end)
+                positions.extend(pos.tolist())
+                table = np.asarray(state.block_ids, dtype=np.int64)
+                slots.extend((table[pos // bs] * bs + pos % bs).tolist())
             query_start_loc.append(query_start_loc[-1] + num_new)
             seq_lens.append(end)
-            block_rows.append(state.block_ids)
+            rows.append(state.row)
+            max_blocks = max(max_blocks, len(state.block_ids))
             if end == len(state.token_ids):
                 logits_indices.append(query_start_loc[-1] - 1)
                 sampled_ids.append(req_id)
             state.num_computed_tokens = end
-        max_blocks = max(len(r) for r in block_rows)
-        block_tables = np.zeros((len(block_rows), max_blocks), dtype=np.int32)
-        for i, row in enumerate(block_rows):
-            block_tables[i, : len(row)] = row
+        block_tables = self.block_table_cpu[rows, :max_blocks]
 
         def dev(x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(x), dtype=dtype).to(self.device, non_blocking=True)
+            return torch.as_tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
         max_query_len = max(so.num_scheduled_tokens.values())
         ctx = ForwardContext(
-            slot_mapping=dev(np.concatenate(slots), torch.long),
+            slot_mapping=dev(slots, torch.long),
             block_tables=dev(block_tables, torch.int32),
             seq_lens=dev(seq_lens, torch.int32),
             query_start_loc=dev(query_start_loc, torch.int32),
             logits_indices=dev(logits_indices, torch.long),
             max_query_len=max_query_len, max_seq_len=max(seq_lens), is_decode=max_query_len == 1,
         )
-        return dev(input_ids, torch.long), dev(np.concatenate(positions), torch.long), ctx, sampled_ids
+        return dev(input_ids, torch.long), dev(positions, torch.long), ctx, sampled_ids
 
     def _recv_intermediate(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden_states, residual) of this batch from the previous pipeline stage."""

@@ -40,9 +40,9 @@ class VocabParallelEmbedding(nn.Module):
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[num_tokens, hidden] -> [num_sampled, vocab] float32, only at the sampled positions."""
+        """[num_tokens, hidden] -> [num_sampled, vocab] in the model dtype, only at the sampled positions."""
         hidden_states = hidden_states[get_forward_context().logits_indices]
         logits = F.linear(hidden_states, self.weight)  # [num_sampled, vocab / tp]
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
-        return logits.float()
+        return logits

@@ -66,7 +66,10 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
-        """logits: [num_reqs, vocab] float32."""
+        """logits: [num_reqs, vocab] in the model dtype; all-greedy batches argmax it as is."""
+        if md.all_greedy and md.max_num_logprobs is None and md.output_token_counts is None and not md.min_tokens_mask:
+            return SamplerOutput(logits.argmax(dim=-1), None, None, None)
+        logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if md.max_num_logprobs is not None else None
         for row, banned in md.min_tokens_mask:
             logits[row, banned] = float("-inf")
