@@ -109,10 +109,6 @@ class Plan:
         return self.cfg.parallel.gpus_per_node
 
     @property
-    def world_size(self) -> int:
-        return self.nnodes * self.nproc_per_node
-
-    @property
     def use_gpus(self) -> bool:
         return self.cfg.engine.device != "cpu"
 
