@@ -272,6 +272,8 @@ class LLMEngine:
         if seq.finish_reason is None and (num_output >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
+            if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
+                seq.text += seq.detokenizer.flush()
             self.scheduler.finish([seq])
 
     def _check_stop_strings(self, seq: Sequence, old_len: int) -> None:

@@ -101,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if int(os.environ.get("RANK", "0")) > 0:
-            # Ranks > 0 of a torchrun group run the engine's worker loop here instead of the API.
-            raise SystemExit("engine.serve: ranks > 0 need the distributed worker loop, not built yet")
+            # Ranks > 0 of a torchrun group run their shard of the model for rank 0's scheduler.
+            from engine.distributed import run_worker
+
+            run_worker(engine_config)
+            return 0
         return serve(engine_config, server_config)
     except ConfigError as e:
         print(f"engine.serve: config error: {e}", file=sys.stderr)

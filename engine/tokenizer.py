@@ -51,3 +51,12 @@ class IncrementalDetokenizer:
             self.text += delta
             return delta
         return ""
+
+    def flush(self) -> str:
+        """At the end of a sequence: whatever is still held back (an incomplete character
+        decodes to U+FFFD, as a plain decode of all the tokens gives)."""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        delta = self._decode(self.token_ids[self.prefix_offset :])[len(prefix_text) :]
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        self.text += delta
+        return delta

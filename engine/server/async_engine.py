@@ -19,6 +19,7 @@ from typing import Any
 from engine.config import ConfigError, EngineConfig
 from engine.errors import ModelLoadError
 from engine.outputs import Logprob, RequestOutput
+from engine.parallel import get_parallel_state
 from engine.sampling_params import SamplingParams
 from engine.server.metrics import ServerMetrics
 
@@ -26,6 +27,9 @@ logger = logging.getLogger("gantry.server")
 
 EngineFactory = Callable[[EngineConfig], Any]
 PromptInput = str | list[int]
+
+
+DEAD_RANK_EXIT_DELAY_S = 3.0  # how long /health reports 503 before a multi-rank server exits
 
 
 @dataclass
@@ -211,6 +215,11 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self.state = "dead"
             self._fail_all(e)
+            if get_parallel_state().world_size > 1:
+                # A lost rank cannot be recovered in place: let /health report 503 for a moment,
+                # then exit non-zero so Slurm, Kubernetes or Docker restart the whole group.
+                time.sleep(DEAD_RANK_EXIT_DELAY_S)
+                self._call_soon(self._on_fatal, 1)
 
     def _load(self) -> Any:
         factory = self.engine_factory

@@ -41,18 +41,18 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 @pytest.fixture(scope="module", params=["llama-untied", "qwen2"])
-def model_and_reference(request, tmp_path_factory) -> tuple[str, list[list[int]]]:
+def model_and_reference(request, tmp_path_factory) -> tuple[str, list[list[int]], list[str]]:
     spec = dict(TINY_ARCHS[request.param])
     path = write_tiny_checkpoint(str(tmp_path_factory.mktemp(request.param)), spec.pop("arch"), **spec)
     llm = LLM(path, enable_prefix_caching=False)
     outputs = llm.generate(prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300]),
                            SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
-    return path, [o.outputs[0].token_ids for o in outputs]
+    return path, [o.outputs[0].token_ids for o in outputs], [o.outputs[0].text for o in outputs]
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
 def test_parallel_matches_single_process(model_and_reference, tp: int, pp: int, tmp_path) -> None:
-    model, reference = model_and_reference
+    model, reference, _ = model_and_reference
     out = tmp_path / "tokens.json"
     finish(torchrun(tp * pp, [model, str(tp), str(pp), str(out)]))
     assert json.loads(out.read_text()) == reference
@@ -60,10 +60,59 @@ def test_parallel_matches_single_process(model_and_reference, tp: int, pp: int, 
 
 def test_two_nodes_match_single_process(model_and_reference, tmp_path) -> None:
     """Two torchrun agents (one per "node") joined over loopback: tp2 x pp2 spans both."""
-    model, reference = model_and_reference
+    model, reference, _ = model_and_reference
     out = tmp_path / "tokens.json"
     port = free_port()
     nodes = [torchrun(2, [model, "2", "2", str(out)], nnodes=2, node_rank=r, port=port) for r in (0, 1)]
     for node in nodes:
         finish(node)
     assert json.loads(out.read_text()) == reference
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError("server not ready in time")
+
+
+def test_openai_api_served_by_rank0(model_and_reference) -> None:
+    """`torchrun --nproc-per-node 4 -m engine.serve --model DIR -tp 2 -pp 2`: rank 0 answers the API
+    with the same greedy tokens as one process; SIGTERM stops every rank."""
+    import signal
+
+    import httpx
+
+    model, _, reference_texts = model_and_reference
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", f"--master-port={free_port()}",
+           "-m", "engine.serve", "--model", model, "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+           "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--no-enable-prefix-caching"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dist_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc)
+        prompts = prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300])
+        body = {"model": httpx.get(f"{url}/v1/models").json()["data"][0]["id"], "prompt": prompts,
+                "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        assert [c["text"] for c in choices] == reference_texts
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    # torchrun's agent forwards SIGTERM to every rank and reports its own signal exit; rank 0 drains
+    assert "drained; stopping" in out, out[-4000:]
+    assert "ChildFailedError" not in out, out[-4000:]
