@@ -49,7 +49,6 @@ def context(plan: Plan) -> dict[str, Any]:
         "name": name,
         "namespace": ns,
         "multi_node": plan.multi_node,
-        "single_node": not plan.multi_node,
         "replicas": plan.nnodes,
         "headless_name": headless,
         "api_service_name": name,
