@@ -120,7 +120,8 @@ def run_gantry(w: Workload, model_dir: str, prompts: list[list[int]], args: argp
               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
     load_s = time.perf_counter() - t0
     log(f"gantry engine up in {load_s:.1f} s")
-    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=o) for o in w.output_lens]
+    # token ids only, as transformers' generate returns them
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=o, detokenize=False) for o in w.output_lens]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up: Triton compiles, allocator
     torch.cuda.synchronize()
     t0 = time.perf_counter()

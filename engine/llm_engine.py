@@ -150,7 +150,7 @@ class LLMEngine:
             for i in range(params.n):
                 seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
                 seq = Sequence(seq_id, request, i, list(token_ids), num_prompt)
-                if self.tokenizer is not None:
+                if self.tokenizer is not None and params.detokenize:
                     seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
                 request.seqs.append(seq)
                 self.seqs[seq_id] = seq

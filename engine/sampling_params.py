@@ -36,6 +36,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # not supported yet; must be None
     skip_special_tokens: bool = True  # leave special tokens out of the text
     include_stop_str_in_output: bool = False  # keep the matched stop string
+    detokenize: bool = True  # False: token ids only, no text (saves CPU in offline benchmarks)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -76,6 +77,8 @@ class SamplingParams:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "stop strings must be non-empty strings")
+        if self.stop and not self.detokenize:
+            raise bad("stop", "stop strings need detokenize=True")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.prompt_logprobs is not None:

@@ -14,7 +14,16 @@ from engine.errors import ModelLoadError
 REPLACEMENT_CHAR = "\ufffd"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(path: str, is_gguf: bool, required: bool = True) -> PreTrainedTokenizerBase | None:
+    """The model's tokenizer; None when it has none and none is required (dummy weights)."""
+    if not is_gguf and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone: refuse instead
+        if not required:
+            return None
+        raise ModelLoadError(path, f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     try:
         if is_gguf:
             return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
