@@ -20,11 +20,13 @@ class Attention(nn.Module):
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
         ctx = get_forward_context()
         if self.k_cache.numel() == 0:  # profiling run before the KV pool exists: one causal prompt
-            o = F.scaled_dot_product_attention(
-                q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                is_causal=True, scale=self.scale, enable_gqa=True,
-            )
-            return o.transpose(0, 1)
+            # heads expanded by hand: with enable_gqa SDPA falls back to its O(n^2)-memory path
+            group = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            # [1, num_heads, num_tokens, head_dim]: the 4-D layout the flash kernels take
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            return o[0].transpose(0, 1)
         ops = ops_for(q)
         ops.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         if q.is_cuda:
