@@ -10,7 +10,7 @@ packages=(
   docker.io                              # dockerd, containerd, runc, docker-init
   debootstrap                            # the CPU test image's base, from the Debian mirror
   shellcheck prometheus                  # rendered shell scripts, the metrics scrape test
-  ca-certificates iproute2 procps tar
+  ca-certificates iproute2 procps tar curl
 )
 
 start=$(date +%s)

@@ -25,7 +25,7 @@ from engine.outputs import CompletionOutput, Logprob, ModelRunnerOutput, Request
 from engine.parallel import get_parallel_state, init_distributed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Request, Sequence, SequenceStatus
+from engine.sequence import Request, Sequence
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger("gantry.engine")

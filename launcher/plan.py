@@ -7,39 +7,18 @@ engine.yaml sections as the ranks of the chosen target will see them.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from engine.config import DTYPES, ConfigError, EngineConfig, ServerConfig  # torch-free: engine/__init__ is lazy
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
-
-
-def _engine_config() -> ModuleType:
-    """A private copy of engine/config.py, loaded without engine/__init__.py (which imports torch):
-    rendering a job on a login node should neither need torch nor wait for it. Only the launcher
-    uses this copy (its own checks and field lists), so class identity with the engine's is moot."""
-    package = importlib.util.find_spec("engine")
-    assert package is not None and package.submodule_search_locations, "the engine package is missing"
-    spec = importlib.util.spec_from_file_location(
-        "launcher._engine_config", os.path.join(list(package.submodule_search_locations)[0], "config.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-_ec = _engine_config()
-DTYPES, ConfigError, EngineConfig, ServerConfig = _ec.DTYPES, _ec.ConfigError, _ec.EngineConfig, _ec.ServerConfig
 
 CONTAINER_CONFIG = "/etc/gantry/engine.yaml"  # where docker and k8s mount engine.yaml
 CONTAINER_KEY_ENV = "GANTRY_API_KEY"  # the key's variable inside containers and pods
