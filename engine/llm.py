@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
@@ -17,6 +18,17 @@ Prompt = str | list[int]
 Conversation = list[dict[str, Any]]
 
 
+def _show_engine_logs() -> None:
+    """Offline users see the engine's info lines (model loaded, KV pool size) as vLLM users do,
+    unless the application configured logging itself."""
+    logger = logging.getLogger("gantry")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 class LLM:
     """LLM(model=None) serves the embedded SmolLM2-135M-Instruct; keyword arguments are
     EngineConfig fields (dtype, max_model_len, block_size, gpu_memory_utilization, ...)."""
@@ -26,6 +38,7 @@ class LLM:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"LLM() got unknown argument {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        _show_engine_logs()
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self.llm_engine.stream_outputs = False  # generate() returns finished requests only
         self._counter = itertools.count()

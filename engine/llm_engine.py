@@ -77,6 +77,7 @@ class LLMEngine:
             raise RequestError("gpu_memory_utilization", "no memory left for the KV cache after loading the weights")
         self.executor.allocate_kv_cache(num_blocks)
         gib = num_blocks * runner.kv_bytes_per_block() / 2**30
+        logger.info("model %s (%s, %s) loaded", self.model_name, mc.architecture, str(mc.dtype).replace("torch.", ""))
         logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB per rank", num_blocks, config.block_size,
                     num_blocks * config.block_size, gib)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
