@@ -6,10 +6,12 @@ next pipeline batch while later stages still work on the previous one. Control m
 over a gloo group with a long timeout (workers may idle for hours between requests); results
 come back over a gloo group with distributed_timeout_s, so a dead or hung rank is noticed, and
 every rank's heartbeat in torchrun's store says which rank it was (RankFailedError, logged).
+Workers also watch rank 0's heartbeat, since they wait for its next batch without a timeout.
 """
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 import time
@@ -35,12 +37,14 @@ HEARTBEAT_INTERVAL_S = 0.5
 class Heartbeat:
     """A daemon thread bumps this rank's counter in torchrun's store every HEARTBEAT_INTERVAL_S.
     A dead or stopped rank stops bumping, which is how a failed collective names the rank at fault
-    (gloo's own errors only say that a recv timed out or a connection closed)."""
+    (gloo's own errors only say that a recv timed out or a connection closed). On workers the
+    thread also ends the process when rank 0's counter stands still for timeout_s."""
 
-    def __init__(self, state: ParallelState):
-        self.rank, self.world_size = state.rank, state.world_size
+    def __init__(self, state: ParallelState, timeout_s: float):
+        self.rank, self.world_size, self.timeout_s = state.rank, state.world_size, timeout_s
         self.store = dist.distributed_c10d._get_default_store()
         self._stopped = threading.Event()
+        self.store.add(self._key(self.rank), 1)  # at once: workers judge rank 0 only after its first beat
         threading.Thread(target=self._beat, name="gantry-heartbeat", daemon=True).start()
 
     @staticmethod
@@ -48,11 +52,21 @@ class Heartbeat:
         return f"gantry/heartbeat/{rank}"
 
     def _beat(self) -> None:
+        driver_beats, driver_seen_at = 0, time.monotonic()
         while not self._stopped.wait(HEARTBEAT_INTERVAL_S):
             try:
                 self.store.add(self._key(self.rank), 1)
+                beats = self.store.add(self._key(0), 0) if self.rank else 0
             except Exception:  # the store went away with the group: nobody is left to tell
                 return
+            now = time.monotonic()
+            if beats != driver_beats:
+                driver_beats, driver_seen_at = beats, now
+            elif beats and now - driver_seen_at > self.timeout_s and not self._stopped.is_set():
+                # the main thread may be blocked in a recv from rank 0 that has no timeout: exit from here
+                logger.error("rank %d: rank 0 stopped answering (no heartbeat for %.0f s, dead or hung); exiting",
+                             self.rank, now - driver_seen_at)
+                os._exit(1)
 
     def silent_ranks(self) -> list[int]:
         """Other ranks whose counter did not move over four beats."""
@@ -71,12 +85,12 @@ class Heartbeat:
 class ControlChannel:
     """Pickled objects from rank 0 to every other rank, and from one rank to rank 0."""
 
-    def __init__(self, state: ParallelState):
+    def __init__(self, state: ParallelState, timeout_s: float):
         self.state = state
         ranks = list(range(state.world_size))
         self.control_group = dist.new_group(ranks, backend="gloo", timeout=CONTROL_TIMEOUT)
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []
-        self.heartbeat = Heartbeat(state)
+        self.heartbeat = Heartbeat(state, timeout_s)
 
     def failure(self, what: str, error: Exception) -> RankFailedError:
         """Log and return the error for a failed exchange, naming the ranks that stopped beating."""
@@ -113,9 +127,14 @@ class ControlChannel:
         return data.numpy().tobytes()
 
     def send_result(self, obj: object) -> None:
+        """Non-blocking: a gloo send completes only once rank 0 posts its recv, which rank 0 does
+        between its own pipeline stages; a blocking send would idle this stage until then."""
+        self._reap()
         payload = pickle.dumps(obj)
-        dist.send(torch.tensor([len(payload)], dtype=torch.int64), 0, group=self.state.cpu_group)
-        dist.send(torch.frombuffer(bytearray(payload), dtype=torch.uint8), 0, group=self.state.cpu_group)
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        for t in (size, data):
+            self._pending.append((dist.isend(t, 0, group=self.state.cpu_group), t))
 
     def recv_result(self, src: int) -> object:
         size = torch.empty(1, dtype=torch.int64)
@@ -143,7 +162,7 @@ class MultiprocExecutor:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.state = get_parallel_state()
-        self.channel = ControlChannel(self.state)
+        self.channel = ControlChannel(self.state, runner.config.distributed_timeout_s)
         self.in_flight: deque[ModelRunnerOutput | None] = deque()
         self.send_seconds = 0.0  # time spent pickling and sending SchedulerOutputs (measured)
         self.num_sends = 0
@@ -195,7 +214,7 @@ def run_worker(config: EngineConfig, show_progress: bool = False) -> None:
     state = init_distributed(config.tensor_parallel_size, config.pipeline_parallel_size, device, config.distributed_timeout_s)
     model_config = resolve_model_config(config, device)
     runner = ModelRunner(config, model_config, device, show_progress)
-    channel = ControlChannel(state)
+    channel = ControlChannel(state, config.distributed_timeout_s)
     runner.allocate_kv_cache(min_over_ranks(runner.determine_num_blocks()))
     reports = state.rank == result_rank(state)
     logger.info("rank %d (tp %d/%d, pp %d/%d) ready", state.rank, state.tp_rank, state.tp_size, state.pp_rank, state.pp_size)
@@ -214,4 +233,5 @@ def run_worker(config: EngineConfig, show_progress: bool = False) -> None:
             raise channel.failure("the forward pass", e) from e
     logger.info("rank %d: shut down by rank 0", state.rank)
     channel.heartbeat.stop()
+    channel.wait_sent()
     dist.destroy_process_group()

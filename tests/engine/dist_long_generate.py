@@ -27,14 +27,14 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     mark(f"rank{rank}.pid")
     kwargs = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu", enable_prefix_caching=False,
-                  distributed_timeout_s=timeout_s, num_kv_blocks=256)
+                  distributed_timeout_s=timeout_s, num_kv_blocks=512)
     if rank != 0:
         run_worker(EngineConfig(model=model, **kwargs))
     else:
         llm = LLM(model, **kwargs)
         engine = llm.llm_engine
         params = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
-        for i, prompt in enumerate(prompts_of_lengths([3, 7, 11, 13])):
+        for i, prompt in enumerate(prompts_of_lengths([3, 7, 11, 13, 17, 19, 23, 29])):
             engine.add_request(str(i), prompt, params)
         num_steps = 0
         while engine.has_unfinished_requests():  # ~900 decode steps: far longer than the test waits

@@ -1,5 +1,6 @@
 """A rank that dies (SIGKILL) or hangs (SIGSTOP) mid-generation under torchrun/gloo: every rank and
-the agent exit non-zero within 60 s, the output names the rank, and no rank process is left behind."""
+the agent exit non-zero within 60 s, the output names the rank, and no rank process is left behind.
+A stopped rank 0 is covered too: workers watch its heartbeat."""
 from __future__ import annotations
 
 import os
@@ -131,4 +132,24 @@ def test_hung_rank_is_named_within_the_timeout(tiny_model: str, tmp_path: Path) 
     assert named, group.output[-4000:]
     noticed_at, line = named[0]
     assert "rank 1 stopped answering" in line
+    assert noticed_at - stopped_at <= TIMEOUT_S + NOTICE_SLACK_S, line
+
+
+def test_hung_rank_0_is_left_by_the_workers(tiny_model: str, tmp_path: Path) -> None:
+    """SIGSTOP rank 0 of pp2: rank 1 (last stage) sends its tokens without blocking and then waits
+    for rank 0's next batch, with no timeout; it sees rank 0's heartbeat stand still for
+    distributed_timeout_s, says so and exits non-zero."""
+    group = Group(tiny_model, 2, 1, 2, tmp_path)
+    try:
+        group.wait_generating()
+        os.kill(group.pid(0), signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        assert_all_exited(group, stopped_at)
+    except BaseException:
+        group.kill_everything()
+        raise
+    named = [(t, line) for t, line in group.lines if "ERROR gantry.engine: rank 1:" in line]
+    assert named, group.output[-4000:]
+    noticed_at, line = named[0]
+    assert "rank 0 stopped answering" in line
     assert noticed_at - stopped_at <= TIMEOUT_S + NOTICE_SLACK_S, line
