@@ -57,7 +57,7 @@ class Heartbeat:
             try:
                 self.store.add(self._key(self.rank), 1)
                 beats = self.store.add(self._key(0), 0) if self.rank else 0
-            except Exception:  # the store went away with the group: nobody is left to tell
+            except (RuntimeError, OSError):  # the store went away with the group: nobody is left to tell
                 return
             now = time.monotonic()
             if beats != driver_beats:
@@ -74,7 +74,7 @@ class Heartbeat:
             before = [self.store.add(self._key(r), 0) for r in range(self.world_size)]
             time.sleep(4 * HEARTBEAT_INTERVAL_S)
             after = [self.store.add(self._key(r), 0) for r in range(self.world_size)]
-        except Exception:  # store unreachable (its host is gone): we cannot tell who
+        except (RuntimeError, OSError):  # store unreachable (its host is gone): we cannot tell who
             return []
         return [r for r in range(self.world_size) if r != self.rank and before[r] == after[r]]
 

@@ -26,8 +26,8 @@ def main() -> None:
     model, tp, pp, timeout_s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     rank = int(os.environ["RANK"])
     mark(f"rank{rank}.pid")
-    kwargs = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu", enable_prefix_caching=False,
-                  distributed_timeout_s=timeout_s, num_kv_blocks=512)
+    kwargs = {"tensor_parallel_size": tp, "pipeline_parallel_size": pp, "device": "cpu", "enable_prefix_caching": False,
+                  "distributed_timeout_s": timeout_s, "num_kv_blocks": 512}
     if rank != 0:
         run_worker(EngineConfig(model=model, **kwargs))
     else:
