@@ -28,10 +28,14 @@ def dist_env() -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> subprocess.Popen:
+def torchrun(nproc: int, args: list[str], nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+             c10d: bool = False) -> subprocess.Popen:
+    if c10d:  # elastic rendezvous, as between real hosts: the agents agree on node ranks themselves
+        where = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=gantry-test"]
+    else:
+        where = [f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc}",
-           f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port or free_port()}",
-           "-m", "tests.engine.dist_generate", *args]
+           *where, "-m", "tests.engine.dist_generate", *args]
     return subprocess.Popen(cmd, cwd=REPO, env=dist_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -59,11 +63,11 @@ def test_parallel_matches_single_process(model_and_reference, tp: int, pp: int, 
 
 
 def test_two_nodes_match_single_process(model_and_reference, tmp_path) -> None:
-    """Two torchrun agents (one per "node") joined over loopback: tp2 x pp2 spans both."""
+    """Two torchrun agents (one per "node") joined by c10d rendezvous over loopback: tp2 x pp2 spans both."""
     model, reference, _ = model_and_reference
     out = tmp_path / "tokens.json"
     port = free_port()
-    nodes = [torchrun(2, [model, "2", "2", str(out)], nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    nodes = [torchrun(2, [model, "2", "2", str(out)], nnodes=2, port=port, c10d=True) for _ in (0, 1)]
     for node in nodes:
         finish(node)
     assert json.loads(out.read_text()) == reference
