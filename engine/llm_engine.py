@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.errors import RequestError
 from engine.executor import UniprocExecutor
 from engine.model_config import resolve_model_config
@@ -74,7 +74,7 @@ class LLMEngine:
             self.executor = UniprocExecutor(runner)
         num_blocks = self.executor.determine_num_blocks()
         if num_blocks < 1:
-            raise RequestError("gpu_memory_utilization", "no memory left for the KV cache after loading the weights")
+            raise ConfigError("gpu_memory_utilization", "no memory left for the KV cache after loading the weights")
         self.executor.allocate_kv_cache(num_blocks)
         gib = num_blocks * runner.kv_bytes_per_block() / 2**30
         logger.info("model %s (%s, %s) loaded", self.model_name, mc.architecture, str(mc.dtype).replace("torch.", ""))
