@@ -44,9 +44,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self._finished_ids: list[str] = []  # to tell the model runners next step
-        self._sent_ids: set[str] = set()  # sequences the runners hold state for
-        self._num_sent_tokens: dict[str, int] = {}  # seq_id -> tokens the runners have seen
-        self._num_blocks_sent: dict[str, int] = {}  # seq_id -> block ids the runners have seen
+        # seq_id -> (tokens, block ids) the runners have seen, for every sequence they hold state for
+        self._sent: dict[str, tuple[int, int]] = {}
         self.unschedulable: list[Sequence] = []  # too long for the whole KV pool; the engine ends them
 
     def add(self, seq: Sequence) -> None:
@@ -116,26 +115,20 @@ class Scheduler:
 
     def _describe(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Full data for a sequence the runners do not hold yet, only the delta otherwise."""
-        num_sent = self._num_sent_tokens.get(seq.seq_id)
-        if seq.seq_id not in self._sent_ids:
+        sent = self._sent.get(seq.seq_id)
+        if sent is None:
             out.scheduled_new_reqs.append(NewRequestData(
                 seq.seq_id, list(seq.token_ids), list(seq.block_table), seq.num_computed_tokens, sampling_fields(seq, self.eos_token_ids)
             ))
-            self._sent_ids.add(seq.seq_id)
-            self._num_blocks_sent[seq.seq_id] = len(seq.block_table)
         else:
-            num_blocks_sent = self._num_blocks_sent[seq.seq_id]
+            num_tokens_sent, num_blocks_sent = sent
             out.scheduled_cached_reqs.append(CachedRequestData(
-                seq.seq_id, seq.token_ids[num_sent:], seq.block_table[num_blocks_sent:], seq.num_computed_tokens
+                seq.seq_id, seq.token_ids[num_tokens_sent:], seq.block_table[num_blocks_sent:], seq.num_computed_tokens
             ))
-            self._num_blocks_sent[seq.seq_id] = len(seq.block_table)
-        self._num_sent_tokens[seq.seq_id] = seq.num_tokens
+        self._sent[seq.seq_id] = (seq.num_tokens, len(seq.block_table))
 
     def _forget(self, seq: Sequence) -> None:
-        if seq.seq_id in self._sent_ids:
-            self._sent_ids.discard(seq.seq_id)
-            self._num_sent_tokens.pop(seq.seq_id, None)
-            self._num_blocks_sent.pop(seq.seq_id, None)
+        if self._sent.pop(seq.seq_id, None) is not None:
             self._finished_ids.append(seq.seq_id)
 
     def _preempt(self, seq: Sequence) -> None:
