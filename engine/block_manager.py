@@ -98,7 +98,8 @@ class BlockManager:
         for _ in range(max(0, num_needed)):
             seq.block_table.append(self._pop_free_block())
         if self.enable_prefix_caching or seq.request.params.n > 1:
-            self._cache_full_blocks(seq, num_computed + num_new_tokens)
+            # a placeholder token (async scheduling) is not known yet: its block waits
+            self._cache_full_blocks(seq, min(num_computed + num_new_tokens, seq.num_tokens))
         return True
 
     def _pop_free_block(self) -> int:

@@ -46,6 +46,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cuda | cpu
     pipeline_parallel_lanes: int | None = None  # batches in flight with pp > 1 (default: pp size; 1 to compare)
     distributed_timeout_s: float = 60.0  # a collective that waits longer than this means a dead rank
+    async_scheduling: bool | None = None  # schedule step t+1 while step t runs; None: on for one GPU process
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -70,6 +71,9 @@ class EngineConfig:
             raise ConfigError("pipeline_parallel_size", f"must be >= 1, got {self.pipeline_parallel_size}")
         if self.pipeline_parallel_lanes is not None and self.pipeline_parallel_lanes < 1:
             raise ConfigError("pipeline_parallel_lanes", f"must be >= 1, got {self.pipeline_parallel_lanes}")
+        if self.async_scheduling and self.world_size > 1:
+            raise ConfigError("async_scheduling", "works with one process only (tensor_parallel_size and "
+                              "pipeline_parallel_size 1)")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError("device", f"must be auto, cuda or cpu, got {self.device!r}")
 

@@ -4,13 +4,16 @@ UniprocExecutor is the single-process case; engine/distributed.py adds the multi
 """
 from __future__ import annotations
 
-from engine.model_runner import ModelRunner
+from collections import deque
+
+from engine.model_runner import ModelRunner, PendingOutput
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 
 
 class UniprocExecutor:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
+        self.pending: deque[PendingOutput] = deque()  # two with async scheduling
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -19,12 +22,14 @@ class UniprocExecutor:
         self.runner.allocate_kv_cache(num_blocks)
 
     def submit(self, so: SchedulerOutput) -> None:
-        self._result = self.runner.execute_model(so)
+        """Queue the step on the device; returns before it has run."""
+        pending = self.runner.submit_model(so)
+        assert pending is not None
+        self.pending.append(pending)
 
     def collect(self) -> ModelRunnerOutput:
-        out, self._result = self._result, None
-        assert out is not None
-        return out
+        """Wait for the oldest submitted step's tokens."""
+        return self.pending.popleft().get()
 
     def shutdown(self) -> None:
         pass

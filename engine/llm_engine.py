@@ -5,6 +5,7 @@ appends sampled tokens, detokenizes, applies stop conditions and frees finished 
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -25,7 +26,7 @@ from engine.outputs import CompletionOutput, Logprob, ModelRunnerOutput, Request
 from engine.parallel import get_parallel_state, init_distributed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Request, Sequence
+from engine.sequence import Request, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger("gantry.engine")
@@ -84,8 +85,15 @@ class LLMEngine:
         self.max_num_batched_tokens = config.max_num_batched_tokens or max(8192, config.block_size)
         # with pipeline parallel, one batch in flight per stage keeps every stage busy
         self.num_lanes = config.pipeline_parallel_size if config.pipeline_parallel_lanes is None else config.pipeline_parallel_lanes
+        self.async_scheduling = config.async_scheduling
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.type == "cuda" and config.world_size == 1
+        # batches in flight at once: one per PP lane; two with async scheduling (the GPU runs one
+        # while the CPU schedules the next and processes the previous one's tokens)
+        self.max_in_flight = self.num_lanes if self.num_lanes > 1 else 2 if self.async_scheduling else 1
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, sorted(self.eos_token_ids), self.num_lanes
+            self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, sorted(self.eos_token_ids),
+            self.num_lanes, self.async_scheduling,
         )
         self.in_flight: deque[tuple[SchedulerOutput, list[Sequence], int]] = deque()
         self.requests: dict[str, Request] = {}
@@ -93,6 +101,10 @@ class LLMEngine:
         self._finished_outputs: list[RequestOutput] = []  # aborted/unschedulable, reported at the next step
         self.prompt_tokens_total = self.generation_tokens_total = 0
         self.stream_outputs = True  # False: step() reports requests only when they finish (offline API)
+        # Everything built so far (model, tokenizer, CUDA graphs) lives as long as the engine: keep
+        # it out of the collector's full passes, which would otherwise stall a step for tens of ms.
+        gc.collect()
+        gc.freeze()
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -201,14 +213,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and submit one batch (if a lane is free), and collect the oldest batch's
-        tokens once every lane has one in flight (at once when there is one lane)."""
+        tokens once max_in_flight batches are in flight (at once when that is one)."""
         with self.lock:
             outputs, self._finished_outputs = self._finished_outputs, []
             submitted = False
-            busy = {lane for _, _, lane in self.in_flight}
-            free_lanes = [lane for lane in range(self.num_lanes) if lane not in busy]
-            if free_lanes:
-                so, scheduled = self.scheduler.schedule(free_lanes[0])
+            if len(self.in_flight) < self.max_in_flight:
+                busy = {lane for _, _, lane in self.in_flight} if self.num_lanes > 1 else set()
+                lane = min(set(range(self.num_lanes)) - busy)
+                so, scheduled = self.scheduler.schedule(lane)
                 for seq in self.scheduler.unschedulable:
                     seq.finish_reason = "length"
                     self.scheduler.finish([seq])
@@ -217,12 +229,12 @@ class LLMEngine:
                 if so.num_scheduled_tokens or so.finished_req_ids:
                     self._count_prompt_tokens(so, scheduled)
                     self.executor.submit(so)
-                    self.in_flight.append((so, scheduled, free_lanes[0]))
+                    self.in_flight.append((so, scheduled, lane))
                     submitted = True
-            if self.in_flight and (len(self.in_flight) == self.num_lanes or not submitted):
+            if self.in_flight and (len(self.in_flight) == self.max_in_flight or not submitted):
                 so, scheduled, _ = self.in_flight.popleft()
                 result = self.executor.collect()
-                self.scheduler.update_after_step(scheduled, so.num_scheduled_tokens)
+                self.scheduler.update_after_step(scheduled)
                 outputs.extend(self._process_result(result))
             return outputs
 
@@ -231,16 +243,18 @@ class LLMEngine:
         for seq in scheduled:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
-            end = seq.num_computed_tokens + so.num_scheduled_tokens[seq.seq_id]
-            self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - seq.num_computed_tokens)
+            end = seq.num_computed_tokens  # the scheduler has counted this step's tokens already
+            start = end - so.num_scheduled_tokens[seq.seq_id]
+            self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - start)
 
     def _process_result(self, result: ModelRunnerOutput) -> list[RequestOutput]:
         touched: set[Request] = set()
         now = time.time()
         for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             seq = self.seqs.get(seq_id)
-            if seq is None or seq.is_finished:
-                continue  # aborted while its batch was in flight
+            if seq is None or seq.status != SequenceStatus.RUNNING:
+                continue  # finished, aborted or preempted while its batch was in flight
+            seq.num_placeholders -= 1
             self._append_token(seq, token_id, result.logprobs[i] if result.logprobs else None)
             metrics = seq.request.metrics
             metrics.first_token_time = metrics.first_token_time or now

@@ -25,13 +25,39 @@ logger = logging.getLogger("gantry.engine")
 CPU_DEFAULT_KV_GIB = 2.0
 
 
+PLACEHOLDER = -1  # a token this runner sampled whose value the scheduler has not sent back yet
+
+
+@dataclass
+class PendingOutput:
+    """A step's sampled tokens on their way to the host: copies queued behind the step, and an
+    event to wait on, so the CPU can prepare the next step while this one runs."""
+
+    req_ids: list[str]
+    sampled: torch.Tensor  # [num_reqs] int64, host (pinned when on CUDA)
+    logprob_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # ids, logprobs, ranks
+    num_logprobs: list[int | None]  # per request: top-k asked (None: no logprobs)
+    event: torch.cuda.Event | None
+
+    def get(self) -> ModelRunnerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        token_ids = self.sampled.tolist()
+        logprobs = None
+        if self.logprob_parts is not None:
+            ids, lps, ranks = (t.tolist() for t in self.logprob_parts)
+            logprobs = [None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]) for i, k in enumerate(self.num_logprobs)]
+        return ModelRunnerOutput(self.req_ids, token_ids, logprobs)
+
+
 @dataclass
 class RunnerRequestState:
-    token_ids: list[int]  # every token known (prompt + output)
+    token_ids: list[int]  # prompt + output; sampled tokens not sent back yet are PLACEHOLDER
     block_ids: list[int]
     num_computed_tokens: int
     sampling: dict  # see engine.scheduler.sampling_fields
     row: int  # this request's row in ModelRunner.block_table_cpu
+    num_known_tokens: int  # leading token_ids whose values are known here
 
 
 class ModelRunner:
@@ -61,6 +87,9 @@ class ModelRunner:
         max_blocks = -(-model_config.max_model_len // self.block_size)
         self.block_table_cpu = np.zeros((config.max_num_seqs, max_blocks), dtype=np.int32)
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
+        # the last step's sampled tokens, still on the device, to fill the next step's placeholders
+        self.last_sampled: torch.Tensor | None = None
+        self.last_sampled_index: dict[str, int] = {}
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -139,12 +168,17 @@ class ModelRunner:
                 self.free_rows.append(state.row)
         for new in so.scheduled_new_reqs:
             state = RunnerRequestState(list(new.prompt_token_ids), list(new.block_ids), new.num_computed_tokens,
-                                       new.sampling, self.free_rows.pop())
+                                       new.sampling, self.free_rows.pop(), len(new.prompt_token_ids))
             self.block_table_cpu[state.row, : len(state.block_ids)] = state.block_ids
             self.requests[new.req_id] = state
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
-            state.token_ids.extend(cached.new_token_ids)
+            for token_id in cached.new_token_ids:  # fill placeholders first, then append
+                if state.num_known_tokens < len(state.token_ids):
+                    state.token_ids[state.num_known_tokens] = token_id
+                else:
+                    state.token_ids.append(token_id)
+                state.num_known_tokens += 1
             if cached.new_block_ids:
                 n = len(state.block_ids)
                 self.block_table_cpu[state.row, n : n + len(cached.new_block_ids)] = cached.new_block_ids
@@ -154,6 +188,8 @@ class ModelRunner:
     def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[str]]:
         bs = self.block_size
         input_ids: list[int] = []
+        feed_dst: list[int] = []  # input positions whose token is the last step's sampled one ...
+        feed_src: list[int] = []  # ... at this index of self.last_sampled
         positions: list[int] = []
         slots: list[int] = []
         query_start_loc, seq_lens, logits_indices, sampled_ids, rows = [0], [], [], [], []
@@ -162,6 +198,9 @@ class ModelRunner:
             state = self.requests[req_id]
             start = state.num_computed_tokens
             end = start + num_new
+            if state.token_ids[end - 1] == PLACEHOLDER:  # only the newest token can be one
+                feed_dst.append(len(input_ids) + num_new - 1)
+                feed_src.append(self.last_sampled_index[req_id])
             if num_new == 1:  # decode: plain ints beat numpy at this size
                 input_ids.append(state.token_ids[start])
                 positions.append(start)
@@ -182,9 +221,7 @@ class ModelRunner:
             state.num_computed_tokens = end
         block_tables = self.block_table_cpu[rows, :max_blocks]
 
-        def dev(x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
+        dev = self.to_device
         max_query_len = max(so.num_scheduled_tokens.values())
         ctx = ForwardContext(
             slot_mapping=dev(slots, torch.long),
@@ -194,7 +231,11 @@ class ModelRunner:
             logits_indices=dev(logits_indices, torch.long),
             max_query_len=max_query_len, max_seq_len=max(seq_lens), is_decode=max_query_len == 1,
         )
-        return dev(input_ids, torch.long), dev(positions, torch.long), ctx, sampled_ids
+        input_ids_dev = dev(input_ids, torch.long)
+        if feed_dst:
+            assert self.last_sampled is not None
+            input_ids_dev[dev(feed_dst, torch.long)] = self.last_sampled[dev(feed_src, torch.long)]
+        return input_ids_dev, dev(positions, torch.long), ctx, sampled_ids
 
     def _recv_intermediate(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden_states, residual) of this batch from the previous pipeline stage."""
@@ -214,13 +255,20 @@ class ModelRunner:
             t = t.contiguous()
             self._pending_sends.append((dist.isend(t, p.rank + p.tp_size, group=p.pp_group), t))
 
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
         """Run this rank's layers; the last pipeline stage returns the sampled tokens, others None."""
+        pending = self.submit_model(so)
+        return None if pending is None else pending.get()
+
+    @torch.inference_mode()
+    def submit_model(self, so: SchedulerOutput) -> PendingOutput | None:
+        """Queue this rank's layers and the sampler on the device without waiting for them; the
+        last pipeline stage returns its sampled tokens as a PendingOutput, others None."""
         self.update_states(so)
         is_last = self.parallel.is_last_pp_rank
+        empty = PendingOutput([], torch.empty(0, dtype=torch.long), None, [], None)
         if not so.num_scheduled_tokens:
-            return ModelRunnerOutput([], []) if is_last else None
+            return empty if is_last else None
         input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
         intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
         with forward_context(ctx):
@@ -233,56 +281,80 @@ class ModelRunner:
                 return None
             logits = self.model.compute_logits(hidden)
         if not sampled_ids:
-            return ModelRunnerOutput([], [])
+            self.last_sampled, self.last_sampled_index = None, {}
+            return empty
         md = self.sampling_metadata(sampled_ids)
         out = self.sampler(logits, md)
-        token_ids = out.sampled_token_ids.tolist()
-        logprobs = None
+        self.last_sampled, self.last_sampled_index = out.sampled_token_ids, {r: i for i, r in enumerate(sampled_ids)}
+        for req_id in sampled_ids:
+            self.requests[req_id].token_ids.append(PLACEHOLDER)
+        on_gpu = self.device.type == "cuda"
+        sampled = out.sampled_token_ids.to("cpu", non_blocking=on_gpu)
+        logprob_parts, num_logprobs = None, []
         if out.logprobs is not None:
-            ids, lps, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.sampled_ranks.tolist()
-            logprobs = []
-            for i, req_id in enumerate(sampled_ids):
-                k = self.requests[req_id].sampling["logprobs"]
-                logprobs.append(None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]))
-        return ModelRunnerOutput(sampled_ids, token_ids, logprobs)
+            logprob_parts = tuple(t.to("cpu", non_blocking=on_gpu) for t in (out.logprob_token_ids, out.logprobs, out.sampled_ranks))
+            num_logprobs = [self.requests[r].sampling["logprobs"] for r in sampled_ids]
+        event = None
+        if on_gpu:
+            event = torch.cuda.Event()
+            event.record()
+        return PendingOutput(sampled_ids, sampled, logprob_parts, num_logprobs, event)
+
+    def to_device(self, x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
+        """Host data to the device without waiting for the step in flight: a pinned copy is
+        queued behind it (a pageable copy would wait for the device to go idle)."""
+        host = torch.as_tensor(x, dtype=dtype)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
         states = [self.requests[r] for r in req_ids]
         fields = [s.sampling for s in states]
-        n, dev = len(states), self.device
+        n, dev, to_dev = len(states), self.device, self.to_device
         vocab = self.model_config.hf_config.vocab_size
-        temperature = torch.tensor([f["temperature"] for f in fields], dtype=torch.float32)
         top_k = [f["top_k"] or vocab for f in fields]
         top_p = [f["top_p"] for f in fields]
         min_p = [f["min_p"] for f in fields]
         generators: dict[int, torch.Generator] = {}
-        min_tokens_mask: list[tuple[int, list[int]]] = []
+        min_tokens_mask: list[tuple[int, torch.Tensor]] = []
         for row, (state, f) in enumerate(zip(states, fields)):
             num_output = len(state.token_ids) - f["num_prompt_tokens"]
             if f["seed"] is not None and f["temperature"] > 0:
                 # re-seeded per position: the same text whatever the batch, preemptions included
                 generators[row] = torch.Generator(device=dev).manual_seed(f["seed"] * 1_000_003 + num_output)
             if num_output < f["min_tokens"]:
-                min_tokens_mask.append((row, sorted(set(f["stop_token_ids"]) | set(f["eos_token_ids"]))))
+                banned = sorted(set(f["stop_token_ids"]) | set(f["eos_token_ids"]))
+                min_tokens_mask.append((row, to_dev(banned, torch.long)))
         md = SamplingMetadata(
-            temperature=temperature.to(dev),
-            top_k=torch.tensor(top_k, device=dev) if any(k < vocab for k in top_k) else None,
-            top_p=torch.tensor(top_p, dtype=torch.float32, device=dev) if any(p < 1.0 for p in top_p) else None,
-            min_p=torch.tensor(min_p, dtype=torch.float32, device=dev) if any(p > 0 for p in min_p) else None,
+            temperature=to_dev([f["temperature"] for f in fields], torch.float32),
+            top_k=to_dev(top_k, torch.long) if any(k < vocab for k in top_k) else None,
+            top_p=to_dev(top_p, torch.float32) if any(p < 1.0 for p in top_p) else None,
+            min_p=to_dev(min_p, torch.float32) if any(p > 0 for p in min_p) else None,
             all_greedy=all(f["temperature"] == 0 or f["top_k"] == 1 for f in fields),
             generators=generators, default_generator=self.default_generator, min_tokens_mask=min_tokens_mask,
         )
-        if any(f["presence_penalty"] or f["frequency_penalty"] or f["repetition_penalty"] != 1.0 for f in fields):
-            counts = torch.zeros(n, vocab, dtype=torch.int32)
-            prompt_mask = torch.zeros(n, vocab, dtype=torch.bool)
+        penalized = [f["presence_penalty"] or f["frequency_penalty"] or f["repetition_penalty"] != 1.0 for f in fields]
+        if any(penalized):
+            # (row, token) pairs of generated and of prompt tokens, scattered on the device
+            out_rows, out_ids, prompt_rows, prompt_ids = [], [], [], []
             for row, (state, f) in enumerate(zip(states, fields)):
-                out_ids = torch.tensor(state.token_ids[f["num_prompt_tokens"] :], dtype=torch.long)
-                counts[row].scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=torch.int32))
-                prompt_mask[row, torch.tensor(state.token_ids[: f["num_prompt_tokens"]], dtype=torch.long)] = True
-            md.output_token_counts, md.prompt_token_mask = counts.to(dev), prompt_mask.to(dev)
-            md.presence_penalty = torch.tensor([f["presence_penalty"] for f in fields], dtype=torch.float32, device=dev)
-            md.frequency_penalty = torch.tensor([f["frequency_penalty"] for f in fields], dtype=torch.float32, device=dev)
-            md.repetition_penalty = torch.tensor([f["repetition_penalty"] for f in fields], dtype=torch.float32, device=dev)
+                if not penalized[row]:
+                    continue  # neutral row; it may run ahead on a placeholder token
+                num_prompt = f["num_prompt_tokens"]
+                out_ids += state.token_ids[num_prompt:]
+                out_rows += [row] * (len(state.token_ids) - num_prompt)
+                prompt_ids += state.token_ids[:num_prompt]
+                prompt_rows += [row] * num_prompt
+            counts = torch.zeros(n, vocab, dtype=torch.int32, device=dev)
+            counts.index_put_((to_dev(out_rows, torch.long), to_dev(out_ids, torch.long)),
+                              torch.ones(len(out_ids), dtype=torch.int32, device=dev), accumulate=True)
+            prompt_mask = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
+            prompt_mask[to_dev(prompt_rows, torch.long), to_dev(prompt_ids, torch.long)] = True
+            md.output_token_counts, md.prompt_token_mask = counts, prompt_mask
+            md.presence_penalty = to_dev([f["presence_penalty"] for f in fields], torch.float32)
+            md.frequency_penalty = to_dev([f["frequency_penalty"] for f in fields], torch.float32)
+            md.repetition_penalty = to_dev([f["repetition_penalty"] for f in fields], torch.float32)
         logprobs = [f["logprobs"] for f in fields if f["logprobs"] is not None]
         md.max_num_logprobs = max(logprobs) if logprobs else None
         return md

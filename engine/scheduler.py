@@ -7,6 +7,12 @@ running sequence is preempted: its pages are freed and it is recomputed later.
 
 With pipeline parallel, sequences are split over `num_lanes` lanes and each lane has at
 most one batch in flight, so every stage has work while the others compute.
+
+With async scheduling (one lane), step t+1 is scheduled while step t runs: a sequence whose
+token step t is sampling gets one more step with that token as a placeholder, filled on the GPU
+by the model runner. num_computed_tokens therefore advances when a step is scheduled, not when
+it comes back. Sequences with penalties (they need every token on the host) and those whose
+placeholders already reach max_tokens wait for their token instead.
 """
 from __future__ import annotations
 
@@ -34,9 +40,9 @@ def sampling_fields(seq: Sequence, eos_token_ids: list[int]) -> dict:
 class Scheduler:
     def __init__(
         self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids: list[int],
-        num_lanes: int = 1,
+        num_lanes: int = 1, async_scheduling: bool = False,
     ):
-        self.num_lanes = num_lanes
+        self.num_lanes, self.async_scheduling = num_lanes, async_scheduling
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.eos_token_ids = eos_token_ids  # masked while a sequence is under min_tokens
@@ -59,12 +65,32 @@ class Scheduler:
         total = len(self.running) + len(self.waiting)
         return min(-(-self.max_num_seqs // self.num_lanes), max(1, -(-total // self.num_lanes)))
 
-    def _pick_victim(self, lane: int) -> Sequence:
-        """The newest running sequence of this lane that is not in flight."""
+    def _pick_victim(self, lane: int, scheduled: list[Sequence]) -> Sequence:
+        """The newest running sequence of this lane not already in this step. With async
+        scheduling it may be in the step in flight: that step's result for it is dropped."""
         for j in range(len(self.running) - 1, -1, -1):
-            if self.running[j].lane == lane and not self.running[j].in_flight:
+            seq = self.running[j]
+            if seq.lane == lane and seq not in scheduled and (self.async_scheduling or not seq.num_in_flight):
                 return self.running.pop(j)
         raise AssertionError("no preemptible sequence in the lane being scheduled")
+
+    def _may_schedule(self, seq: Sequence) -> bool:
+        """A running sequence whose step is in flight may be scheduled again only if it knows
+        its tokens (a prefill chunk) or, with async scheduling, can run on a placeholder."""
+        if not seq.num_in_flight:
+            return True
+        if not seq.num_placeholders:
+            return self.async_scheduling
+        return (self.async_scheduling and not seq.params.has_penalties
+                and seq.num_output_tokens + seq.num_placeholders < seq.request.max_tokens)
+
+    def _schedule_tokens(self, seq: Sequence, num_new: int, out: SchedulerOutput, scheduled: list[Sequence]) -> None:
+        if seq.num_computed_tokens + num_new == seq.num_tokens + seq.num_placeholders:
+            seq.num_placeholders += 1  # this step samples the next token
+        seq.num_computed_tokens += num_new
+        seq.num_in_flight += 1
+        scheduled.append(seq)
+        out.num_scheduled_tokens[seq.seq_id] = num_new
 
     def schedule(self, lane: int = 0) -> tuple[SchedulerOutput, list[Sequence]]:
         out = SchedulerOutput()
@@ -74,25 +100,27 @@ class Scheduler:
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.lane != lane or seq.in_flight or seq.status != SequenceStatus.RUNNING:
+            if seq.lane != lane or seq.status != SequenceStatus.RUNNING or not self._may_schedule(seq):
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens, budget)
+            if num_new <= 0:
+                continue
             while not self.block_manager.allocate(seq, num_new):
-                victim = self._pick_victim(lane)
+                victim = self._pick_victim(lane, scheduled)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                seq.in_flight = True
-                scheduled.append(seq)
-                out.num_scheduled_tokens[seq.seq_id] = num_new
+                self._schedule_tokens(seq, num_new, out, scheduled)
                 budget -= num_new
         num_in_lane = sum(1 for s in self.running if s.lane == lane)
         cap = self._lane_cap()
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
                and num_in_lane < cap):
             seq = self.waiting[0]
+            if seq.num_in_flight:  # preempted while its step was in flight: wait for that step
+                break
             computed_blocks, num_cached = self.block_manager.get_computed_blocks(seq)
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate(seq, num_new, computed_blocks):
@@ -100,13 +128,12 @@ class Scheduler:
             self.waiting.popleft()
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_cached
-            seq.status, seq.lane, seq.in_flight = SequenceStatus.RUNNING, lane, True
+            seq.status, seq.lane = SequenceStatus.RUNNING, lane
             num_in_lane += 1
             self.running.append(seq)
-            scheduled.append(seq)
-            out.num_scheduled_tokens[seq.seq_id] = num_new
+            self._schedule_tokens(seq, num_new, out, scheduled)
             budget -= num_new
-        if not scheduled and not self.running and self.waiting and not preempted:
+        if not scheduled and not self.running and self.waiting and not preempted and not self.waiting[0].num_in_flight:
             self.unschedulable.append(self.waiting.popleft())
         for seq in scheduled:
             self._describe(seq, out)
@@ -115,15 +142,16 @@ class Scheduler:
 
     def _describe(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Full data for a sequence the runners do not hold yet, only the delta otherwise."""
+        start = seq.num_computed_tokens - out.num_scheduled_tokens[seq.seq_id]
         sent = self._sent.get(seq.seq_id)
         if sent is None:
             out.scheduled_new_reqs.append(NewRequestData(
-                seq.seq_id, list(seq.token_ids), list(seq.block_table), seq.num_computed_tokens, sampling_fields(seq, self.eos_token_ids)
+                seq.seq_id, list(seq.token_ids), list(seq.block_table), start, sampling_fields(seq, self.eos_token_ids)
             ))
         else:
             num_tokens_sent, num_blocks_sent = sent
             out.scheduled_cached_reqs.append(CachedRequestData(
-                seq.seq_id, seq.token_ids[num_tokens_sent:], seq.block_table[num_blocks_sent:], seq.num_computed_tokens
+                seq.seq_id, seq.token_ids[num_tokens_sent:], seq.block_table[num_blocks_sent:], start
             ))
         self._sent[seq.seq_id] = (seq.num_tokens, len(seq.block_table))
 
@@ -133,17 +161,15 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
-        seq.in_flight = False
         seq.status = SequenceStatus.WAITING
+        seq.num_placeholders = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         self._forget(seq)
 
-    def update_after_step(self, scheduled: list[Sequence], num_scheduled_tokens: dict[str, int]) -> None:
+    def update_after_step(self, scheduled: list[Sequence]) -> None:
         for seq in scheduled:
-            seq.in_flight = False
-            if seq.status == SequenceStatus.RUNNING:
-                seq.num_computed_tokens += num_scheduled_tokens[seq.seq_id]
+            seq.num_in_flight -= 1
 
     def finish(self, seqs: Iterable[Sequence]) -> None:
         """Free finished or aborted sequences, wherever they are."""

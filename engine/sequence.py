@@ -1,7 +1,9 @@
 """Request and Sequence: one request holds n sequences (parallel samples) that share its prompt.
 
 A sequence's token_ids are prompt + output; num_computed_tokens counts the tokens whose K/V
-are in its pages. Prefill, chunked prefill, decode and recompute after preemption are all
+are in its pages or are being computed by a step in flight. With async scheduling a step can be
+scheduled before the previous one's token is known: that token is a placeholder (counted in
+num_placeholders) which the model runner fills on the GPU. Prefill, chunked prefill, decode and recompute after preemption are all
 "compute tokens num_computed_tokens.. up to num_tokens".
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     lane: int = 0  # pipeline batch lane (pp > 1 keeps one batch per lane in flight)
-    in_flight: bool = False  # scheduled in a batch whose tokens have not come back yet
+    num_in_flight: int = 0  # scheduled steps whose results have not come back yet
+    num_placeholders: int = 0  # tokens those steps are sampling (not in token_ids yet)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     output_logprobs: list[dict[int, Logprob]] = field(default_factory=list)

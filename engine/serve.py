@@ -39,9 +39,9 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str)
         kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
                                   "help": comments.get(f.name, "")}
         ftype = str(f.type)
-        if ftype != "bool":
+        if not ftype.startswith("bool"):
             kwargs["metavar"] = f.name.upper()
-        if ftype == "bool":
+        if ftype in ("bool", "bool | None"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif ftype.startswith("dict"):
             kwargs["type"], kwargs["metavar"] = json.loads, "JSON"

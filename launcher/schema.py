@@ -51,6 +51,7 @@ class EngineOptions:
     enforce_eager: bool = False  # never capture CUDA graphs
     device: str = "auto"  # auto | cuda | cpu (cpu: no GPU flags are rendered, ranks use gloo)
     pipeline_parallel_lanes: Optional[int] = None  # batches in flight with pp > 1; null: pp size
+    async_scheduling: Optional[bool] = None  # schedule step t+1 while step t runs; null: on for one GPU process
     seed: int = 0  # seed for dummy weights and for requests that set no seed
     distributed_timeout_s: float = 60.0  # a collective waiting longer than this means a dead rank
 

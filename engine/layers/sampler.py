@@ -26,7 +26,7 @@ class SamplingMetadata:
     repetition_penalty: torch.Tensor | None = None
     output_token_counts: torch.Tensor | None = None  # [num_reqs, vocab] int: generated-token counts
     prompt_token_mask: torch.Tensor | None = None  # [num_reqs, vocab] bool: token occurs in the prompt
-    min_tokens_mask: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, banned ids)
+    min_tokens_mask: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (row, banned ids on the device)
     max_num_logprobs: int | None = None  # largest top-k logprobs asked in the batch
 
 

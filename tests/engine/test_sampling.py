@@ -8,9 +8,9 @@ from engine import LLM, SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_llama: str) -> LLM:
-    return LLM(tiny_llama)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(tiny_llama: str, request) -> LLM:
+    return LLM(tiny_llama, async_scheduling=request.param)
 
 
 PROMPTS = ["The quick brown fox", "Paged attention splits", "Large language models"]
