@@ -18,7 +18,7 @@ MIN_TOKENS_PER_SPLIT = 512
 MAX_SPLITS = 32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_seq"])  # varies per step outside CUDA graphs
 def _decode_kernel(
     q_ptr,  # [num_seqs, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

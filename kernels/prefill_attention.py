@@ -59,7 +59,8 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# per-step values: specializing on them (== 1, % 16) would compile new variants mid-run
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq"])
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
