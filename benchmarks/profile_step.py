@@ -1,6 +1,12 @@
-"""Where one engine step's time goes: wraps the scheduler, input preparation, forward,
-sampler and output processing with timers (synchronizing the GPU at each boundary), runs a
-W1-like load, and prints milliseconds per step by phase for decode-only and mixed steps.
+"""Where one engine step's time goes, and whether the GPU waits for the CPU.
+
+Runs a W1-like load (Qwen2-7B shape, random weights) and, without synchronizing anything:
+- times the CPU phases of each step (scheduling, input preparation, sampling metadata, output
+  processing, and the time spent blocked waiting for the device's tokens);
+- records a CUDA event where each step's device work is queued to start and one after its
+  last kernel, so the gap between a step's end and the next step's start is time the GPU sat
+  idle waiting for the CPU to queue work.
+Prints milliseconds per step for decode-only and mixed (prefill) steps.
     python -m benchmarks.profile_step [--num-requests 256 --input-len 512 --output-len 128]
 """
 from __future__ import annotations
@@ -20,57 +26,107 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-async-scheduling", action="store_true")
+    parser.add_argument("--kernels", action="store_true", help="also print torch.profiler's top device kernels "
+                        "for 2 mixed steps and for decode steps 20-24 (these steps are then not counted)")
     args = parser.parse_args()
     from engine import LLM, SamplingParams
 
     model_dir = write_config(QWEN2_7B, 4096)
-    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=2048, enforce_eager=args.enforce_eager)
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=2048, enforce_eager=args.enforce_eager,
+              async_scheduling=not args.no_async_scheduling)
+    warm_up = [torch.randint(10, 150000, (args.input_len,)).tolist() for _ in range(8)]
+    llm.generate(warm_up, SamplingParams(temperature=0, ignore_eos=True, max_tokens=4), use_tqdm=False)  # Triton JIT
     engine = llm.llm_engine
     runner = engine.executor.runner
-    totals: dict[str, float] = collections.defaultdict(float)
+    cpu: dict[str, float] = collections.defaultdict(float)  # "kind:phase" -> seconds
     kind = ["mixed"]
 
     def timed(name: str, fn):
         def wrapper(*a, **k):
-            torch.cuda.synchronize()
             t0 = time.perf_counter()
             out = fn(*a, **k)
-            torch.cuda.synchronize()
-            totals[f"{kind[0]}:{name}"] += time.perf_counter() - t0
+            cpu[f"{kind[0]}:{name}"] += time.perf_counter() - t0
             return out
         return wrapper
 
     engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs)
     runner.update_states = timed("update_states", runner.update_states)
-    runner.model.forward = timed("model_eager", runner.model.forward)
-    if runner.cuda_graphs is not None:
-        runner.cuda_graphs.run = timed("model_graph", runner.cuda_graphs.run)
-    runner.model.compute_logits = timed("lm_head", runner.model.compute_logits)
+    runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs)
     runner.sampling_metadata = timed("sampling_metadata", runner.sampling_metadata)
-    runner.sampler = timed("sampler", runner.sampler)
+    engine.executor.collect = timed("wait_for_tokens", engine.executor.collect)
     engine._process_result = timed("process_result", engine._process_result)
-    steps = collections.Counter()
+    events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (kind, queued start, end)
+    profiling = [False]
+    original_submit = runner.submit_model
+
+    def submit(so):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        step_kind = "decode" if max(so.num_scheduled_tokens.values(), default=1) == 1 else "mixed"
+        step_kind = "profiled" if profiling[0] else step_kind
+        t0 = time.perf_counter()
+        start.record()
+        out = original_submit(so)
+        end.record()
+        cpu[f"{step_kind}:submit (update+prepare+launch+sampler)"] += time.perf_counter() - t0
+        events.append((step_kind, start, end))
+        return out
+
+    runner.submit_model = submit
     g = torch.Generator().manual_seed(0)
     for i in range(args.num_requests):
         prompt = torch.randint(10, 150000, (args.input_len,), generator=g).tolist()
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=args.output_len))
-    step_time = collections.defaultdict(float)
+    steps = collections.Counter()
+    wall = collections.defaultdict(float)
+    torch.cuda.synchronize()
+    tables: dict[str, str] = {}
     while engine.has_unfinished_requests():
-        decode_only = all(s.num_computed_tokens == s.num_tokens - 1 for s in engine.scheduler.running) and not engine.scheduler.waiting
+        decode_only = not engine.scheduler.waiting and all(
+            s.num_computed_tokens >= s.num_prompt_tokens for s in engine.scheduler.running)
         kind[0] = "decode" if decode_only else "mixed"
-        torch.cuda.synchronize()
+        first, last = {"mixed": (2, 4), "decode": (20, 25)}[kind[0]]
+        if args.kernels and kind[0] not in tables and steps[kind[0]] == first and not profiling[0]:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            prof.start()
+            profiling[0] = True
+        step_kind = kind[0]
+        if profiling[0]:
+            kind[0] = "profiled"  # keeps the profiled steps' CPU times out of the figures
         t0 = time.perf_counter()
         engine.step()
-        torch.cuda.synchronize()
-        step_time[kind[0]] += time.perf_counter() - t0
+        kind[0] = step_kind
+        if profiling[0]:
+            steps["profiled " + kind[0]] += 1
+            if steps["profiled " + kind[0]] == last - first:
+                torch.cuda.synchronize()
+                prof.stop()
+                profiling[0] = False
+                tables[kind[0]] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+            continue
+        wall[kind[0]] += time.perf_counter() - t0
         steps[kind[0]] += 1
+    torch.cuda.synchronize()
+    for k, table in tables.items():
+        print(f"--- device kernels over {steps['profiled ' + k]} {k} steps (not counted below) ---")
+        print(table)
+    busy, idle, n_gpu = collections.defaultdict(float), collections.defaultdict(float), collections.Counter()
+    for i, (k, start, end) in enumerate(events):
+        if k == "profiled":
+            continue
+        busy[k] += start.elapsed_time(end)
+        n_gpu[k] += 1
+        if i + 1 < len(events) and events[i + 1][0] != "profiled":
+            idle[k] += end.elapsed_time(events[i + 1][1])
+    print(f"async scheduling: {engine.async_scheduling}, CUDA graphs: {runner.cuda_graphs is not None}")
     for k in ("mixed", "decode"):
         n = max(1, steps[k])
-        print(f"{k}: {steps[k]} steps, {1e3 * step_time[k] / n:.2f} ms/step")
-        for name, t in sorted(totals.items()):
+        g = max(1, n_gpu[k])
+        print(f"{k}: {steps[k]} engine steps, {1e3 * wall[k] / n:.2f} ms wall per engine step; "
+              f"{n_gpu[k]} device steps: GPU busy {busy[k] / g:.2f} ms, GPU idle before the next step {idle[k] / g:.2f} ms")
+        for name, t in sorted(cpu.items()):
             if name.startswith(k + ":"):
-                print(f"    {name.split(':')[1]:20s} {1e3 * t / n:8.3f} ms/step")
+                print(f"    CPU {name.split(':', 1)[1]:42s} {1e3 * t / g:8.3f} ms per device step")
 
 
 if __name__ == "__main__":

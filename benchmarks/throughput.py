@@ -117,7 +117,8 @@ def run_gantry(w: Workload, model_dir: str, prompts: list[list[int]], args: argp
     t0 = time.perf_counter()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=max(max_len, 2048),
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+              async_scheduling=not args.no_async_scheduling)
     load_s = time.perf_counter() - t0
     log(f"gantry engine up in {load_s:.1f} s")
     # token ids only, as transformers' generate returns them
@@ -203,6 +204,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="one step at a time (to compare)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
