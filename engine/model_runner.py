@@ -39,6 +39,11 @@ class PendingOutput:
     num_logprobs: list[int | None]  # per request: top-k asked (None: no logprobs)
     event: torch.cuda.Event | None
 
+    @staticmethod
+    def empty() -> PendingOutput:
+        """A step that sampled nothing (prefill chunks that end mid-prompt)."""
+        return PendingOutput([], torch.empty(0, dtype=torch.long), None, [], None)
+
     def get(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
@@ -266,9 +271,8 @@ class ModelRunner:
         last pipeline stage returns its sampled tokens as a PendingOutput, others None."""
         self.update_states(so)
         is_last = self.parallel.is_last_pp_rank
-        empty = PendingOutput([], torch.empty(0, dtype=torch.long), None, [], None)
         if not so.num_scheduled_tokens:
-            return empty if is_last else None
+            return PendingOutput.empty() if is_last else None
         input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
         intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
         with forward_context(ctx):
@@ -282,7 +286,7 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)
         if not sampled_ids:
             self.last_sampled, self.last_sampled_index = None, {}
-            return empty
+            return PendingOutput.empty()
         md = self.sampling_metadata(sampled_ids)
         out = self.sampler(logits, md)
         self.last_sampled, self.last_sampled_index = out.sampled_token_ids, {r: i for i, r in enumerate(sampled_ids)}
@@ -334,12 +338,11 @@ class ModelRunner:
             all_greedy=all(f["temperature"] == 0 or f["top_k"] == 1 for f in fields),
             generators=generators, default_generator=self.default_generator, min_tokens_mask=min_tokens_mask,
         )
-        penalized = [f["presence_penalty"] or f["frequency_penalty"] or f["repetition_penalty"] != 1.0 for f in fields]
-        if any(penalized):
+        if any(f["has_penalties"] for f in fields):
             # (row, token) pairs of generated and of prompt tokens, scattered on the device
             out_rows, out_ids, prompt_rows, prompt_ids = [], [], [], []
             for row, (state, f) in enumerate(zip(states, fields)):
-                if not penalized[row]:
+                if not f["has_penalties"]:
                     continue  # neutral row; it may run ahead on a placeholder token
                 num_prompt = f["num_prompt_tokens"]
                 out_ids += state.token_ids[num_prompt:]

@@ -31,7 +31,7 @@ def sampling_fields(seq: Sequence, eos_token_ids: list[int]) -> dict:
         "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
         "seed": None if p.seed is None else p.seed + seq.index,
         "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
-        "repetition_penalty": p.repetition_penalty, "min_tokens": p.min_tokens,
+        "repetition_penalty": p.repetition_penalty, "has_penalties": p.has_penalties, "min_tokens": p.min_tokens,
         "stop_token_ids": p.stop_token_ids, "eos_token_ids": eos_token_ids, "logprobs": p.logprobs,
         "num_prompt_tokens": seq.num_prompt_tokens,
     }
