@@ -22,8 +22,11 @@ from engine.errors import RequestError
 from engine.executor import UniprocExecutor
 from engine.model_config import resolve_model_config
 from engine.model_runner import ModelRunner
-from engine.outputs import CompletionOutput, Logprob, ModelRunnerOutput, RequestMetrics, RequestOutput, SchedulerOutput
+from engine.outputs import (
+    CompletionOutput, Logprob, ModelRunnerOutput, PromptLogprobsChunk, RequestMetrics, RequestOutput, SchedulerOutput,
+)
 from engine.parallel import get_parallel_state, init_distributed
+from engine.prompt_logprobs import extend_prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
@@ -160,6 +163,8 @@ class LLMEngine:
             max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - num_prompt)
             metrics = RequestMetrics(arrival_time=arrival_time or time.time())
             request = Request(request_id, prompt_text, token_ids, params, metrics, max_tokens)
+            if params.prompt_logprobs is not None:
+                request.prompt_logprobs = [None]  # nothing predicts the first prompt token
             for i in range(params.n):
                 seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
                 seq = Sequence(seq_id, request, i, list(token_ids), num_prompt)
@@ -250,6 +255,8 @@ class LLMEngine:
     def _process_result(self, result: ModelRunnerOutput) -> list[RequestOutput]:
         touched: set[Request] = set()
         now = time.time()
+        if result.prompt_logprobs:  # before the tokens: a request's first output has them all
+            self._add_prompt_logprobs(result.prompt_logprobs)
         for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             seq = self.seqs.get(seq_id)
             if seq is None or seq.status != SequenceStatus.RUNNING:
@@ -304,6 +311,14 @@ class LLMEngine:
             seq.text = seq.text[: pos + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:pos]
             seq.finish_reason, seq.stop_reason = "stop", stop
 
+    def _add_prompt_logprobs(self, chunks: dict[str, PromptLogprobsChunk]) -> None:
+        """File prompt logprobs by position; a prompt recomputed after preemption repeats some."""
+        for seq_id, (first, entries) in chunks.items():
+            seq = self.seqs.get(seq_id)
+            if seq is None or seq.status != SequenceStatus.RUNNING:
+                continue  # finished, aborted, or preempted in flight (it recomputes what it lacks)
+            extend_prompt_logprobs(seq.request.prompt_logprobs, first, entries, self.tokenizer)
+
     def _decode_one(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
 
@@ -339,6 +354,7 @@ class LLMEngine:
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, outputs, request.finished,
             request.metrics, num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
+            prompt_logprobs=request.prompt_logprobs,
         )
 
     def get_stats(self) -> EngineStats:

@@ -17,8 +17,9 @@ from engine.layers.sampler import Sampler, SamplingMetadata
 from engine.loader import load_weights
 from engine.model_config import ModelConfig
 from engine.models.registry import get_model_class
-from engine.outputs import ModelRunnerOutput, SchedulerOutput
+from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, SchedulerOutput
 from engine.parallel import get_parallel_state
+from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
 
 logger = logging.getLogger("gantry.engine")
 
@@ -38,11 +39,12 @@ class PendingOutput:
     logprob_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # ids, logprobs, ranks
     num_logprobs: list[int | None]  # per request: top-k asked (None: no logprobs)
     event: torch.cuda.Event | None
+    prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None  # already on the host
 
     @staticmethod
-    def empty() -> PendingOutput:
+    def empty(prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None) -> PendingOutput:
         """A step that sampled nothing (prefill chunks that end mid-prompt)."""
-        return PendingOutput([], torch.empty(0, dtype=torch.long), None, [], None)
+        return PendingOutput([], torch.empty(0, dtype=torch.long), None, [], None, prompt_logprobs)
 
     def get(self) -> ModelRunnerOutput:
         if self.event is not None:
@@ -52,7 +54,7 @@ class PendingOutput:
         if self.logprob_parts is not None:
             ids, lps, ranks = (t.tolist() for t in self.logprob_parts)
             logprobs = [None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]) for i, k in enumerate(self.num_logprobs)]
-        return ModelRunnerOutput(self.req_ids, token_ids, logprobs)
+        return ModelRunnerOutput(self.req_ids, token_ids, logprobs, self.prompt_logprobs)
 
 
 @dataclass
@@ -273,6 +275,7 @@ class ModelRunner:
         is_last = self.parallel.is_last_pp_rank
         if not so.num_scheduled_tokens:
             return PendingOutput.empty() if is_last else None
+        plan = plan_prompt_logprobs(so, self.requests)  # before prepare_inputs advances the requests
         input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
         intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
         with forward_context(ctx):
@@ -284,9 +287,10 @@ class ModelRunner:
                 self._send_intermediate(hidden)
                 return None
             logits = self.model.compute_logits(hidden)
+        prompt_logprobs = None if plan is None else compute_prompt_logprobs(self.model, hidden, ctx, plan)
         if not sampled_ids:
             self.last_sampled, self.last_sampled_index = None, {}
-            return PendingOutput.empty()
+            return PendingOutput.empty(prompt_logprobs)
         md = self.sampling_metadata(sampled_ids)
         out = self.sampler(logits, md)
         self.last_sampled, self.last_sampled_index = out.sampled_token_ids, {r: i for i, r in enumerate(sampled_ids)}
@@ -302,7 +306,7 @@ class ModelRunner:
         if on_gpu:
             event = torch.cuda.Event()
             event.record()
-        return PendingOutput(sampled_ids, sampled, logprob_parts, num_logprobs, event)
+        return PendingOutput(sampled_ids, sampled, logprob_parts, num_logprobs, event, prompt_logprobs)
 
     def to_device(self, x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         """Host data to the device without waiting for the step in flight: a pinned copy is

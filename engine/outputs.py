@@ -17,6 +17,11 @@ class Logprob:
 
 # One position: token id -> Logprob (the sampled token plus the top-k).
 SampleLogprobs = list[dict[int, Logprob]]
+# Per prompt token: the same for the prompt's own token; None for the first, which nothing predicts.
+PromptLogprobs = list[dict[int, Logprob] | None]
+# What a model runner sends for one request's prompt chunk: (prompt index of the first token
+# scored, per token (the prompt token then the top k ids, their logprobs, the prompt token's rank))
+PromptLogprobsChunk = tuple[int, list[tuple[list[int], list[float], int]]]
 
 
 @dataclass
@@ -51,6 +56,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs was asked
 
 
 @dataclass
@@ -88,3 +94,5 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]  # one per req_id
     # per req_id, when asked: (token ids, logprobs) of the sampled token then the top k, and the sampled token's rank
     logprobs: list[tuple[list[int], list[float], int] | None] | None = None
+    # req_id -> prompt logprobs computed this step (requests that asked for them)
+    prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None

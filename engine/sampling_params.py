@@ -33,7 +33,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # tokens that end the request (kept out of text)
     ignore_eos: bool = False  # keep going past EOS
     logprobs: int | None = None  # top-k logprobs at each sampled position (plus the sampled token)
-    prompt_logprobs: int | None = None  # not supported yet; must be None
+    prompt_logprobs: int | None = None  # top-k logprobs at each prompt position (plus the prompt's token)
     skip_special_tokens: bool = True  # leave special tokens out of the text
     include_stop_str_in_output: bool = False  # keep the matched stop string
     detokenize: bool = True  # False: token ids only, no text (saves CPU in offline benchmarks)
@@ -81,8 +81,9 @@ class SamplingParams:
             raise bad("stop", "stop strings need detokenize=True")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.prompt_logprobs is not None:
-            raise bad("prompt_logprobs", "prompt logprobs are not supported")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise bad("seed", f"must be an integer, got {self.seed!r}")
 

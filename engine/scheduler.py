@@ -33,6 +33,7 @@ def sampling_fields(seq: Sequence, eos_token_ids: list[int]) -> dict:
         "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
         "repetition_penalty": p.repetition_penalty, "has_penalties": p.has_penalties, "min_tokens": p.min_tokens,
         "stop_token_ids": p.stop_token_ids, "eos_token_ids": eos_token_ids, "logprobs": p.logprobs,
+        "prompt_logprobs": p.prompt_logprobs if seq.needs_prompt_logprobs else None,
         "num_prompt_tokens": seq.num_prompt_tokens,
     }
 
@@ -121,7 +122,9 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.num_in_flight:  # preempted while its step was in flight: wait for that step
                 break
-            computed_blocks, num_cached = self.block_manager.get_computed_blocks(seq)
+            # prompt logprobs need every prompt position's logits: no prefix-cache hits (as vLLM)
+            computed_blocks, num_cached = (([], 0) if seq.needs_prompt_logprobs
+                                           else self.block_manager.get_computed_blocks(seq))
             num_new = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate(seq, num_new, computed_blocks):
                 break

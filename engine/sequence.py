@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.outputs import Logprob, RequestMetrics
+from engine.outputs import Logprob, PromptLogprobs, RequestMetrics
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
 
@@ -64,6 +64,12 @@ class Sequence:
     def params(self) -> SamplingParams:
         return self.request.params
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The request asked for prompt logprobs that are not all in yet; its first sample computes them."""
+        lps = self.request.prompt_logprobs
+        return self.index == 0 and lps is not None and len(lps) < self.num_prompt_tokens
+
 
 @dataclass(eq=False)
 class Request:
@@ -75,6 +81,7 @@ class Request:
     max_tokens: int  # params.max_tokens, or what the context length leaves
     seqs: list[Sequence] = field(default_factory=list)
     aborted: bool = False
+    prompt_logprobs: PromptLogprobs | None = None  # [None] growing to one per prompt token, when asked
 
     @property
     def finished(self) -> bool:
