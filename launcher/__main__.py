@@ -1,6 +1,7 @@
 """`python -m launcher [group=option ...] [key=value ...]`: compose -> validate -> plan -> render -> run/submit.
 
-Invalid configurations exit with status 2 and name the keys; nothing is rendered then.
+Invalid configurations exit with status 2 and name the keys; nothing is rendered then. What the
+rendering machine lacks is a warning; submit=true refuses it (status 2). Ctrl-C is never a traceback.
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from launcher import schema
+from launcher import host, schema
+from launcher.keys import unknown_override_keys
 from launcher.plan import Plan, PlanError, build_plan
 from launcher.render import render_job, write_job
 from launcher.targets import target_module
 
 log = logging.getLogger("launcher")
 EXIT_INVALID = 2  # the config cannot be deployed
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 
 schema.register()
 
@@ -68,19 +71,40 @@ def launch(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> int:
     files = render_job(plan)
     files["gantry.yaml"] = (_record(cfg, overrides), 0o644)
     _report(plan, write_job(plan, files))
+    sys.stdout.flush()
+    for note in host.render_notes(plan):
+        print(f"gantry: {note}", file=sys.stderr)
     submit = cfg.submit if cfg.submit is not None else plan.target == "local"
     if not submit:
         return 0
-    sys.stdout.flush()
+    problems = host.submit_problems(plan)
+    for problem in problems:
+        print(f"gantry: cannot submit: {problem}", file=sys.stderr)
+    if problems:
+        return EXIT_INVALID
     return target_module(plan.target).submit(plan)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     code = launch(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     if code:
         sys.exit(code)
+
+
+def main() -> None:
+    """The console entry: typos in override keys first (one line each), then Hydra."""
+    unknown = unknown_override_keys(sys.argv[1:])
+    for key, message in unknown:
+        print(f"gantry: invalid config: {key}: {message}", file=sys.stderr)
+    if unknown:
+        sys.exit(EXIT_INVALID)
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:  # before or after the torchrun group ran (it handles its own Ctrl-C)
+        print(file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ engine.yaml sections as the ranks of the chosen target will see them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -18,12 +17,15 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from engine.config import DTYPES, ConfigError, EngineConfig, ServerConfig  # torch-free: engine/__init__ is lazy
+from launcher.keys import unknown_keys
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
+from launcher.weights import ModelFacts, host_model_path, missing_weights, model_facts, model_kind
 
 CONTAINER_CONFIG = "/etc/gantry/engine.yaml"  # where docker and k8s mount engine.yaml
 CONTAINER_KEY_ENV = "GANTRY_API_KEY"  # the key's variable inside containers and pods
 CONTAINER_KEY_FILE = "/run/secrets/gantry-api-key"  # where docker mounts server.api_key_file
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+DEFAULT_KEY_ENV = "GANTRY_API_KEY"  # server.api_key_env's default: unset on deploy=local means no key
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[a-zA-Z]*")
@@ -54,14 +56,6 @@ class PlanError(Exception):
     def __init__(self, problems: list[Problem]) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = problems
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    num_attention_heads: int | None  # None: unknown, the check is skipped
-    num_key_value_heads: int | None
-    num_hidden_layers: int | None
-    max_position_embeddings: int | None
 
 
 @dataclass(frozen=True)
@@ -112,42 +106,6 @@ def to_config(cfg: DictConfig | GantryConfig) -> GantryConfig:
 def dns_name(job_name: str) -> str:
     """job_name lower-cased, runs of other characters turned into '-', cut to MAX_NAME_LEN."""
     return re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:MAX_NAME_LEN].strip("-")
-
-
-def model_kind(path: str | None) -> str:
-    """embedded (null), hub (org/name that is not an existing path) or local."""
-    if path is None:
-        return "embedded"
-    if HUB_ID.fullmatch(path) and not os.path.exists(path):
-        return "hub"
-    return "local"
-
-
-def host_model_path(cfg: GantryConfig) -> str | None:
-    """Where the weights are on the host/node: the local path, or the hub id's local_dir."""
-    kind = model_kind(cfg.model.path)
-    if kind == "embedded":
-        return None
-    if kind == "hub":
-        local_dir = cfg.model.local_dir or os.path.join(cfg.models_dir, cfg.model.path or "")
-        return os.path.abspath(os.path.expanduser(local_dir))
-    return os.path.abspath(os.path.expanduser(cfg.model.path or ""))
-
-
-def model_facts(cfg: GantryConfig) -> ModelFacts:
-    """Head and layer counts: the model yaml's hints, then a readable config.json, then hf_overrides."""
-    m = cfg.model
-    facts: dict[str, Any] = {f.name: getattr(m, f.name) for f in dataclasses.fields(ModelFacts)}
-    path = host_model_path(cfg)
-    if path and os.path.isfile(os.path.join(path, "config.json")):
-        try:
-            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-                hf = json.load(f)
-        except (OSError, ValueError):
-            hf = {}  # the engine reports an unreadable config itself
-        facts.update({k: hf[k] for k in facts if isinstance(hf.get(k), int)})
-    facts.update({k: v for k, v in m.hf_overrides.items() if k in facts and isinstance(v, int)})
-    return ModelFacts(**facts)
 
 
 def _check_parallel(cfg: GantryConfig, facts: ModelFacts) -> list[Problem]:
@@ -213,10 +171,9 @@ def _check_local(cfg: GantryConfig, d: LocalDeploy) -> list[Problem]:
                                " deploy.master_addr on each machine, or use deploy=slurm, docker or k8s"))
         elif not 0 <= d.node_rank < cfg.parallel.nnodes:
             out.append(Problem(("deploy.node_rank",), f"must be in 0..{cfg.parallel.nnodes - 1}, got {d.node_rank}"))
-    path = host_model_path(cfg)
-    if path is not None and not os.path.exists(path):
-        key = "model.local_dir" if model_kind(cfg.model.path) == "hub" else "model.path"
-        out.append(Problem((key,), f"{path} does not exist (hub models: hf download {cfg.model.path} --local-dir DIR)"))
+    missing = missing_weights(cfg)  # deploy=local runs here: the weights must be here
+    if missing:
+        out.append(Problem((missing[0],), missing[1]))
     if d.stop_timeout_s <= 0:
         out.append(Problem(("deploy.stop_timeout_s",), f"must be > 0, got {d.stop_timeout_s}"))
     return out
@@ -251,8 +208,8 @@ def _check_slurm(cfg: GantryConfig, d: SlurmDeploy) -> list[Problem]:
         out.append(Problem(("deploy.time",), f"must be a Slurm time like 24:00:00 or 1-00:00:00, got {d.time!r}"))
     if not SIZE.fullmatch(d.mem):
         out.append(Problem(("deploy.mem",), f"must be a size like 64G (0: all), got {d.mem!r}"))
-    if not d.python:
-        out.append(Problem(("deploy.python",), "must name the interpreter on the nodes"))
+    if d.python == "":
+        out.append(Problem(("deploy.python",), "is empty; name the interpreter on the nodes, or null for the default"))
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(d, key) == "":
             out.append(Problem((f"deploy.{key}",), "is empty; use null to omit it"))
@@ -332,13 +289,22 @@ def _rank_model_path(cfg: GantryConfig, host_path: str | None) -> str | None:
     return host_path
 
 
+def keyless_local(cfg: GantryConfig) -> bool:
+    """deploy=local with the default key variable unset: no key, API on loopback only (vLLM's rule for
+    VLLM_API_KEY, made safe: nobody else can reach a keyless server). A variable named explicitly
+    (server.api_key_env=OTHER) must be set."""
+    s = cfg.server
+    return (isinstance(cfg.deploy, LocalDeploy) and not s.api_key and not s.api_key_file
+            and s.api_key_env == DEFAULT_KEY_ENV and not os.environ.get(DEFAULT_KEY_ENV))
+
+
 def _api_key_source(cfg: GantryConfig) -> str:
     s = cfg.server
     if s.api_key:
         return "literal"
     if s.api_key_file:
         return "file"
-    if s.api_key_env:
+    if s.api_key_env and not keyless_local(cfg):
         return "env"
     return "none"
 
@@ -358,6 +324,8 @@ def _server_section(cfg: GantryConfig, source: str) -> dict[str, Any]:
         key["api_key_file"] = CONTAINER_KEY_FILE if containers else os.path.abspath(os.path.expanduser(s.api_key_file or ""))
     elif source == "env":
         key["api_key_env"] = CONTAINER_KEY_ENV if containers else s.api_key_env
+    if keyless_local(cfg) and s.host not in LOOPBACK:
+        section["host"] = LOOPBACK[0]
     return {**section, **key}
 
 
@@ -388,14 +356,16 @@ def _checked(cls: type, values: dict[str, Any], keys: dict[str, str], section: s
 
 def build_plan(cfg: DictConfig | GantryConfig, job_dir: str | Path) -> Plan:
     """Validate cfg and derive everything the targets render; raise PlanError naming the keys."""
+    if isinstance(cfg, DictConfig):
+        unknown = unknown_keys(cfg)  # `+key=value` adds keys the schema never checks
+        if unknown:
+            raise PlanError([Problem((key,), message) for key, message in unknown])
     config = to_config(cfg)
     host_path = host_model_path(config)
     source = _api_key_source(config)
     engine = _checked(EngineConfig, _engine_section(config, host_path), _ENGINE_KEYS, "engine")
     server = _checked(ServerConfig, _server_section(config, source), {}, "server")
     problems = validate(config)
-    if isinstance(config.deploy, SlurmDeploy) and re.search(r"[\s%]", str(job_dir)):
-        problems.append(Problem(("output_dir",), f"{job_dir}: #SBATCH --output/--chdir cannot hold spaces or '%'"))
     for section in (engine, server):
         if isinstance(section, Problem) and not any(section.keys[0] in p.keys for p in problems):
             problems.append(section)

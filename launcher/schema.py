@@ -123,9 +123,8 @@ class SlurmDeploy(DeployConfig):
     exclusive: bool = False  # --exclusive nodes
     constraint: Optional[str] = None  # --constraint; null: omitted
     extra_sbatch: list[str] = field(default_factory=list)  # further #SBATCH options, e.g. --reservation=x
-    python: str = "python3"  # interpreter on the nodes (a venv's bin/python, say)
+    python: Optional[str] = None  # interpreter on the nodes; null: python3 after setup lines, else this venv's
     setup: list[str] = field(default_factory=list)  # shell lines run first on every node (module load ...)
-    predownload: bool = True  # hub id: download the weights into model.local_dir before starting
     master_addr_command: str = "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1"  # prints node 0's name
 
 

@@ -10,10 +10,12 @@ import os
 import subprocess
 from typing import Any
 
+from launcher.host import BUILD_COMMAND, local_image
 from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, CONTAINER_KEY_FILE, Plan
 from launcher.render import Artefact
 from launcher.schema import DockerDeploy
 from launcher.targets._common import engine_summary, extra_env, key_env_check, summary, torchrun_lines
+from launcher.weights import weights_fix, weights_key
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,16 @@ def node_context(plan: Plan, node_rank: int) -> dict[str, Any]:
         volumes.append(f"{os.path.abspath(os.path.expanduser(server.api_key_file or ''))}:{CONTAINER_KEY_FILE}:ro")
     key_env = key_env_check(plan)
     is_api_node = node_rank == 0
+    build = BUILD_COMMAND.format(image=d.image)
     return {
+        "model_dir": plan.host_model_path or "",
+        "check_model_dir": plan.host_model_path is not None,
+        "model_dir_missing": f"gantry: {weights_key(plan.cfg)}: {plan.host_model_path} does not exist on this host;"
+                             f" {weights_fix(plan.cfg)}",
+        "check_image": local_image(d.image) and d.pull != "always",  # a registry's image is pulled instead
+        "image_missing": f"gantry: deploy.image: {d.image} is not on this host; build it from the repository root:"
+                         f" {build}" + (" (or push it to a registry and set deploy.image=REGISTRY/IMAGE)"
+                                        if plan.multi_node else ""),
         "summary": summary(plan),
         "engine_summary": engine_summary(plan),
         "node_rank": node_rank,

@@ -6,19 +6,21 @@ engine.yaml travels in a ConfigMap; the API key comes from a Secret.
 """
 from __future__ import annotations
 
-import logging
 import shlex
 import shutil
 import subprocess
 from typing import Any
 
+from launcher.host import secret_command
 from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, Plan
-from launcher.render import Artefact
+from launcher.render import Artefact, ShellExpr, shell_join
 from launcher.schema import K8sDeploy
 from launcher.targets._common import engine_summary, extra_env, flat, summary, torchrun_lines
 
-log = logging.getLogger(__name__)
 PROBE_PERIOD_S = 10  # seconds between probes
+# A StatefulSet pod's hostname is <name>-<ordinal>: the ordinal is the node rank on every Kubernetes
+# version (the apps.kubernetes.io/pod-index label needs >= 1.28).
+RANK_FROM_HOSTNAME = 'NODE_RANK="${HOSTNAME:-$(cat /proc/sys/kernel/hostname)}"; NODE_RANK="${NODE_RANK##*-}"; '
 
 
 def _deploy(plan: Plan) -> K8sDeploy:
@@ -27,10 +29,18 @@ def _deploy(plan: Plan) -> K8sDeploy:
 
 
 def _probe_exec(python: str, port: int, path: str) -> list[str]:
-    """Multi-node pods share one template but only pod 0 serves HTTP: others pass."""
-    code = (f"import os, urllib.request; os.environ['NODE_RANK'] != '0' or "
+    """Multi-node pods share one template but only pod 0 (hostname <name>-0) serves HTTP: others pass."""
+    code = (f"import socket, urllib.request; socket.gethostname().rsplit('-', 1)[-1] != '0' or "
             f"urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)")
     return [python, "-c", code]
+
+
+def _command(plan: Plan, python: str, master: str) -> list[str]:
+    """The container's argv: torchrun; several pods go through sh to take the rank from the hostname."""
+    if not plan.multi_node:
+        return [python] + flat(torchrun_lines(plan, CONTAINER_CONFIG))
+    argv = [python] + flat(torchrun_lines(plan, CONTAINER_CONFIG, node_rank=ShellExpr('"$NODE_RANK"'), master_addr=master))
+    return ["/bin/sh", "-c", RANK_FROM_HOSTNAME + "exec " + shell_join(argv)]
 
 
 def context(plan: Plan) -> dict[str, Any]:
@@ -56,7 +66,7 @@ def context(plan: Plan) -> dict[str, Any]:
         "engine_yaml": plan.engine_yaml(),
         "image": d.image,
         "image_pull_policy": d.image_pull_policy,
-        "command": [d.python] + flat(torchrun_lines(plan, CONTAINER_CONFIG, node_rank="$(NODE_RANK)", master_addr=master)),
+        "command": _command(plan, d.python, master),
         "config_mount_dir": CONTAINER_CONFIG.rsplit("/", 1)[0],
         "env": extra_env(plan),
         "auth": auth,
@@ -65,8 +75,8 @@ def context(plan: Plan) -> dict[str, Any]:
         "secret_key": server.api_key_secret_key,
         "render_secret": plan.api_key_source == "literal",
         "secret_value": server.api_key or "",
-        "secret_command": f"kubectl -n {ns} create secret generic {server.api_key_secret}"
-                          f" --from-literal={server.api_key_secret_key}=\"$GANTRY_API_KEY\"",
+        "secret_command": secret_command(plan),
+        "secret_needed": auth and plan.api_key_source != "literal",  # made by the user, not rendered
         "port": server.port,
         "master_port": plan.cfg.parallel.master_port,
         "gpus": plan.use_gpus,
@@ -123,10 +133,7 @@ def apply_command(plan: Plan) -> list[str]:
 
 
 def submit(plan: Plan) -> int:
-    """kubectl apply when kubectl exists, else print the command."""
-    ctx = context(plan)
-    if ctx["auth"] and not ctx["render_secret"]:
-        log.info("the API key comes from Secret %s; create it once with: %s", ctx["secret_name"], ctx["secret_command"])
+    """kubectl apply when kubectl exists, else print the command (the Secret's command is printed at render)."""
     argv = apply_command(plan)
     if shutil.which("kubectl") is None:
         print(f"kubectl not found; apply with: {shlex.join(argv)}")

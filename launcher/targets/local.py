@@ -1,8 +1,9 @@
-"""deploy=local: render run.sh (torchrun here) and run it in the foreground.
+"""deploy=local: render run.sh (torchrun here, through launcher.torchrun) and run it in the foreground.
 
-Ctrl-C or SIGTERM is forwarded to torchrun, which stops its ranks; ranks still alive after
-deploy.stop_timeout_s, or orphaned by a dying agent, are killed: the launcher is their
-child subreaper, so nothing outlives it.
+Ctrl-C or SIGTERM goes to rank 0, which stops the server and tells the other ranks (the
+engine's own shutdown: torchrun then exits 0, no traceback); the agent is signalled only when
+rank 0 is not here or does not finish. Ranks still alive after deploy.stop_timeout_s, or
+orphaned by a dying agent, are killed: the launcher is their child subreaper.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from launcher.targets._common import engine_summary, extra_env, key_env_check, s
 log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 REAP_GRACE_S = 5.0  # orphans get this long between SIGTERM and SIGKILL
+QUIET_TORCHRUN = "launcher.torchrun"  # torchrun whose stops and rank failures read as one line
+AGENT_AFTER_S = 10.0  # after rank 0's drain (server.shutdown_grace_s), this long before the agent is told too
 
 
 def _deploy(plan: Plan) -> LocalDeploy:
@@ -45,7 +48,8 @@ def context(plan: Plan) -> dict[str, Any]:
         "key_env": key_env_check(plan),
         "check_key_env": key_env_check(plan) is not None,
         "python": d.python or sys.executable,
-        "torchrun": torchrun_lines(plan, str(plan.job_dir / "engine.yaml"), node_rank=rank, master_addr=d.master_addr),
+        "torchrun": torchrun_lines(plan, str(plan.job_dir / "engine.yaml"), node_rank=rank, master_addr=d.master_addr,
+                                   runner=QUIET_TORCHRUN),
     }
 
 
@@ -61,9 +65,9 @@ def _become_subreaper() -> bool:
     return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def _children() -> list[int]:
-    """Pids whose parent is this process (our orphans, once we are a subreaper)."""
-    me, pids = os.getpid(), []
+def _children(parent: int | None = None) -> list[int]:
+    """Pids whose parent is `parent` (default: this process, whose orphans they become once we are a subreaper)."""
+    me, pids = os.getpid() if parent is None else parent, []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -98,34 +102,69 @@ def _reap_all() -> None:
         time.sleep(0.1)
 
 
-def run_foreground(argv: list[str], stop_timeout_s: float) -> int:
-    """Run argv in its own process group until it exits; forward Ctrl-C/SIGTERM; kill leftovers."""
+def _rank_of(pid: int) -> int | None:
+    """RANK in a torchrun worker's environment (None: not a worker, or gone)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    except OSError:
+        return None
+    rank = env.get(b"RANK", b"")
+    return int(rank) if rank.isdigit() else None
+
+
+def _stop_group(agent: int, signum: int) -> None:
+    """Rank 0 gets the signal when it runs here (it stops the server and the other ranks);
+    otherwise the torchrun agent gets SIGTERM and stops its ranks itself."""
+    rank0 = [pid for pid in _children(agent) if _rank_of(pid) == 0]
+    if not rank0:
+        _signal_group(agent, signal.SIGTERM)
+        return
+    try:
+        os.kill(rank0[0], signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+    except ProcessLookupError:
+        _signal_group(agent, signal.SIGTERM)
+
+
+def run_foreground(argv: list[str], stop_timeout_s: float, agent_after_s: float = 40.0) -> int:
+    """Run argv (it execs the torchrun agent) in its own session until it exits; Ctrl-C/SIGTERM stop it
+    (rank 0 first, the agent after agent_after_s, SIGKILL after stop_timeout_s); kill leftovers.
+    The exit status: the group's, or 128 + the signal when a stop did not end in status 0."""
     _become_subreaper()
     proc = subprocess.Popen(argv, start_new_session=True)
-    stop_at: list[float] = []
+    stopping: list[tuple[int, float]] = []  # (signal, when) of the first stop request
 
     def forward(signum: int, _frame: FrameType | None) -> None:
-        if stop_at:  # a second Ctrl-C: no more patience
+        if stopping:  # a second Ctrl-C: no more patience
             _signal_group(proc.pid, signal.SIGKILL)
             return
         log.info("%s: stopping the torchrun group (up to %.0f s)", signal.Signals(signum).name, stop_timeout_s)
-        stop_at.append(time.monotonic() + stop_timeout_s)
-        _signal_group(proc.pid, signum)
+        stopping.append((signum, time.monotonic()))
+        _stop_group(proc.pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    agent_told = False
     try:
         while True:
             try:
                 code = proc.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                if stop_at and time.monotonic() > stop_at[0]:
+                if not stopping:
+                    continue
+                waited = time.monotonic() - stopping[0][1]
+                if waited > stop_timeout_s:
                     log.warning("the group did not stop in %.0f s: SIGKILL", stop_timeout_s)
                     _signal_group(proc.pid, signal.SIGKILL)
+                elif waited > min(agent_after_s, stop_timeout_s / 2) and not agent_told:
+                    agent_told = True  # rank 0 is done or stuck: the agent stops whatever is left
+                    _signal_group(proc.pid, signal.SIGTERM)
         _reap_all()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if stopping and code:
+        return 128 + stopping[0][0]
     return 128 - code if code < 0 else code
 
 
@@ -144,4 +183,5 @@ def submit(plan: Plan) -> int:
         return 2
     script = Path(plan.job_dir) / "run.sh"
     log.info("running %s (Ctrl-C stops every rank)", script)
-    return run_foreground(["bash", str(script)], _deploy(plan).stop_timeout_s)
+    return run_foreground(["bash", str(script)], _deploy(plan).stop_timeout_s,
+                          agent_after_s=plan.cfg.server.shutdown_grace_s + AGENT_AFTER_S)

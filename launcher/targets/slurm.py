@@ -1,7 +1,9 @@
-"""deploy=slurm: job.sbatch (resources, optional model download) and node.sh (one torchrun per node).
+"""deploy=slurm: job.sbatch (resources, a weights check) and node.sh (one torchrun per node).
 
 srun starts node.sh once per node; node 0 (the first host of the job's node list) is the
-rendezvous and serves the API, whose URL the job prints. submit() calls sbatch.
+rendezvous and serves the API, whose URL the job prints. Job files refer to each other through
+the job directory ($SLURM_SUBMIT_DIR, node.sh's own directory), so it can be moved or copied;
+only the weights' path is absolute. submit() calls sbatch from the job directory.
 """
 from __future__ import annotations
 
@@ -9,14 +11,17 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from typing import Any
 
 from launcher.plan import Plan
 from launcher.render import Artefact, ShellExpr
 from launcher.schema import SlurmDeploy
 from launcher.targets._common import engine_summary, extra_env, key_env_check, summary, torchrun_lines
+from launcher.weights import fetch_command, model_kind, weights_key
 
 log = logging.getLogger(__name__)
+LOG_NAME = "slurm-{job_id}.{stream}"  # relative: the job's working directory is the job directory
 
 
 def _deploy(plan: Plan) -> SlurmDeploy:
@@ -24,13 +29,39 @@ def _deploy(plan: Plan) -> SlurmDeploy:
     return plan.cfg.deploy
 
 
+def node_python(d: SlurmDeploy) -> str:
+    """deploy.python, or its default: python3 when setup lines prepare the nodes' environment
+    (module load, source .../activate); else the rendering virtualenv's or conda env's interpreter,
+    which on a cluster lives on the home directory every node mounts; else python3 from PATH."""
+    if d.python:
+        return d.python
+    in_env = sys.prefix != sys.base_prefix or os.environ.get("CONDA_PREFIX") == sys.prefix
+    return sys.executable if in_env and not d.setup else "python3"
+
+
 def log_paths(plan: Plan, job_id: str) -> tuple[str, str]:
-    """stdout and stderr files of job job_id."""
-    return str(plan.job_dir / f"slurm-{job_id}.out"), str(plan.job_dir / f"slurm-{job_id}.err")
+    """stdout and stderr files of job job_id (submitted from the job directory)."""
+    out, err = (str(plan.job_dir / LOG_NAME.format(job_id=job_id, stream=s)) for s in ("out", "err"))
+    return out, err
+
+
+def _on_this_node(before: str, after: str) -> ShellExpr:
+    """A double-quoted shell word: before + the node's hostname + after, nothing else expanded."""
+    def dq(text: str) -> str:
+        return text.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("`", "\\`")
+
+    return ShellExpr(f'"{dq(before)}$(hostname){dq(after)}"')
+
+
+def _weights_message(plan: Plan) -> ShellExpr:
+    fix = (f"on a login node, fetch the weights first: {fetch_command(plan.cfg)}" if model_kind(plan.cfg.model.path) == "hub"
+           else "copy the model there first, into a directory every node sees")
+    return _on_this_node(f"gantry: {weights_key(plan.cfg)}: {plan.host_model_path} does not exist on ",
+                         f" (compute nodes often have no internet: the job does not download); {fix}")
 
 
 def context(plan: Plan) -> dict[str, Any]:
-    d, m = _deploy(plan), plan.cfg.model
+    d = _deploy(plan)
     sbatch = [f"--job-name={plan.name}", f"--nodes={plan.nnodes}", "--ntasks-per-node=1",
               f"--cpus-per-task={d.cpus_per_task}", f"--mem={d.mem}", f"--time={d.time}"]
     if plan.use_gpus:
@@ -38,11 +69,10 @@ def context(plan: Plan) -> dict[str, Any]:
     sbatch += [f"--{key}={getattr(d, key)}" for key in ("partition", "account", "qos", "constraint") if getattr(d, key)]
     if d.exclusive:
         sbatch.append("--exclusive")
-    out, err = log_paths(plan, "%j")
-    sbatch += [f"--output={out}", f"--error={err}", f"--chdir={plan.job_dir}"]
+    sbatch += [f"--output={LOG_NAME.format(job_id='%j', stream='out')}", f"--error={LOG_NAME.format(job_id='%j', stream='err')}"]
     sbatch += list(d.extra_sbatch)
     key_env = key_env_check(plan)
-    predownload = d.predownload and plan.model_kind == "hub"
+    python = node_python(d)
     return {
         "summary": summary(plan),
         "engine_summary": engine_summary(plan),
@@ -52,14 +82,17 @@ def context(plan: Plan) -> dict[str, Any]:
         "key_env": key_env,
         "env": extra_env(plan),
         "master_addr_command": d.master_addr_command,
-        "predownload": predownload,
-        "hub_id": m.path if predownload else "",
+        "check_model_dir": plan.host_model_path is not None,
         "model_dir": plan.host_model_path or "",
+        "model_dir_missing": _weights_message(plan),
         "api_port": plan.cfg.server.port,
         "nnodes": plan.nnodes,
-        "node_script": str(plan.job_dir / "node.sh"),
-        "python": d.python,
-        "torchrun": torchrun_lines(plan, str(plan.job_dir / "engine.yaml"), node_rank=ShellExpr('"$SLURM_NODEID"'),
+        "python": python,
+        "python_missing": _on_this_node(f"gantry: deploy.python: {python} on ",
+                                        " cannot import torch and gantry's engine; set deploy.python to an interpreter"
+                                        " every node has (a venv's bin/python on the shared home), or deploy.setup lines"
+                                        " that activate one"),
+        "torchrun": torchrun_lines(plan, ShellExpr('"$JOB_DIR/engine.yaml"'), node_rank=ShellExpr('"$SLURM_NODEID"'),
                                    master_addr=ShellExpr('"$MASTER_ADDR"'), nnodes=ShellExpr('"$SLURM_NNODES"')),
     }
 
@@ -71,15 +104,15 @@ def artefacts(plan: Plan) -> list[Artefact]:
 
 
 def submit(plan: Plan) -> int:
-    """sbatch job.sbatch; print the job id and its log files."""
+    """sbatch job.sbatch from the job directory; print the job id and its log files."""
     key_env = key_env_check(plan)
     if key_env and not os.environ.get(key_env):
         log.error("server.api_key_env: %s is not set; the job would stop at once (export it, or server=noauth)", key_env)
         return 2
     if shutil.which("sbatch") is None:
-        log.error("sbatch not found; submit by hand: sbatch %s", plan.job_dir / "job.sbatch")
+        log.error("sbatch not found; submit by hand: cd %s && sbatch job.sbatch", plan.job_dir)
         return 1
-    done = subprocess.run(["sbatch", "--parsable", str(plan.job_dir / "job.sbatch")], cwd=plan.job_dir,
+    done = subprocess.run(["sbatch", "--parsable", "job.sbatch"], cwd=plan.job_dir,
                           capture_output=True, text=True, check=False)
     if done.returncode:
         log.error("sbatch failed (%d): %s", done.returncode, done.stderr.strip())

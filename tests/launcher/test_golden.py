@@ -19,16 +19,21 @@ REGEN = os.environ.get("GANTRY_REGEN_GOLDEN") == "1"
 
 # case -> overrides; the comment says which template branches it pins.
 CASES: dict[str, list[str]] = {
-    # local: key check, standalone torchrun, no exports
+    # local: key check (GANTRY_API_KEY set when rendering), standalone torchrun, no exports
     "local_default": ["deploy.python=python3"],
+    # local: GANTRY_API_KEY unset when rendering: no key check, engine.yaml without a key on loopback
+    "local_nokey": ["deploy.python=python3"],
     # local: no auth, CUDA_VISIBLE_DEVICES + env exports, static rendezvous of a 2-node group
     "local_multinode": ["model=tiny-llama", "parallel=tp2pp2", "server=noauth", "deploy.python=python3",
                         "deploy.node_rank=1", "deploy.master_addr=10.1.2.3", "deploy.cuda_visible_devices='0,1'",
                         "+deploy.env.NCCL_DEBUG=INFO"],
     # docker: the seed's command (GPUs, arch list, hub weights mounted, key from env, health check, -p)
     "docker_seed_tp4": ["model=deepseek32b", "parallel=tp4", "deploy=docker", "deploy.torch_cuda_arch_list=8.0"],
-    # docker: CPU, embedded model (no model volume), no key, pull never, host network
+    # docker: CPU, embedded model (no model volume or weights check), no key, pull never, host network
     "docker_cpu": ["experiment=smollm2_cpu_docker", "server=noauth", "deploy.network_host=true"],
+    # docker: an image from a registry (pulled: no local image check)
+    "docker_registry_image": ["model=tiny-llama", "deploy=docker", "deploy.image=registry.example/gantry:1.0",
+                              "server=noauth"],
     # docker: 2 nodes (one script each, --network host, node rank), key copied from another variable, foreground
     "docker_2node": ["model=deepseek32b", "parallel=tp2pp2", "deploy=docker", "deploy.master_addr=10.0.0.1",
                      "server.api_key_env=MY_KEY", "deploy.detach=false", "deploy.restart=on-failure:3"],
@@ -36,16 +41,16 @@ CASES: dict[str, list[str]] = {
     "docker_gguf_keyfile": ["model=llama3.1-8b", "model.path=/data/llama-8b-q4.gguf", "deploy=docker",
                             "server.api_key_file=/etc/gantry/api-key", "deploy.volumes=[/data/cache:/cache]",
                             "deploy.container_name=llama", "deploy.pull=never"],
-    # slurm: 2 nodes x 2 GPUs, hub model pre-downloaded, partition/account/qos/constraint/exclusive/extra
-    "slurm_2node": ["experiment=deepseek32b_slurm_2node", "deploy.partition=gpu", "deploy.account=proj42",
+    # slurm: 2 nodes x 2 GPUs, hub model's weights checked, partition/account/qos/constraint/exclusive/extra
+    "slurm_2node": ["experiment=deepseek32b_slurm_2node", "deploy.python=python3", "deploy.partition=gpu", "deploy.account=proj42",
                     "deploy.qos=high", "deploy.constraint=h100", "deploy.exclusive=true",
                     "deploy.extra_sbatch=['--reservation=llm']"],
     # slurm: CPU (no --gpus-per-node), embedded model (no download), venv python, setup lines, no key
     "slurm_cpu_pp2": ["experiment=smollm2_cpu_slurm", "parallel=pp2", "server=noauth",
                       "deploy.python=/opt/gantry/bin/python", "deploy.setup=['module load python']"],
-    # slurm: local weights, download off, literal key (written to engine.yaml only)
+    # slurm: local weights, literal key (written to engine.yaml only)
     "slurm_local_model": ["model=llama3.1-8b", "model.path=/data/llama-8b", "parallel=tp2", "deploy=slurm",
-                          "deploy.predownload=false", "server.api_key=literal-key"],
+                          "deploy.python=python3", "server.api_key=literal-key"],
     # k8s: one node: Deployment + Service, hostPath, key from the Secret, httpGet probes
     "k8s_single": ["model=llama3.1-8b", "parallel=tp1", "deploy=k8s"],
     # k8s: the seed's 2 x 2 as one torchrun group: StatefulSet + headless Service, ServiceMonitor
@@ -61,6 +66,19 @@ CASES: dict[str, list[str]] = {
     # k8s: CPU 2-pod group (StatefulSet without GPU limits)
     "k8s_2node_cpu": ["model=tiny-llama", "parallel=tp2pp2", "deploy=k8s", "engine=cpu", "server=noauth"],
 }
+
+
+KEYLESS = {"local_nokey"}  # rendered with GANTRY_API_KEY unset; every other case with it set
+
+
+@pytest.fixture(autouse=True)
+def _key_variable(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy=local reads GANTRY_API_KEY when rendering: pin it so goldens do not depend on the shell."""
+    case = request.node.callspec.params.get("case") if hasattr(request.node, "callspec") else None
+    if case in KEYLESS:
+        monkeypatch.delenv("GANTRY_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("GANTRY_API_KEY", "sk-golden")
 
 
 def _diff(expected: str, actual: str, name: str) -> str:

@@ -11,11 +11,11 @@ from tests.launcher.conftest import job_dir_of, run_cli
 
 
 def _recorder(bin_dir: Path, name: str, stdout: str = "", code: int = 0) -> Path:
-    """An executable `name` that appends its argv (and GANTRY_API_KEY) to bin_dir/name.log."""
+    """An executable `name` that appends its argv, GANTRY_API_KEY and cwd (3 lines a call) to bin_dir/name.log."""
     bin_dir.mkdir(exist_ok=True)
     log = bin_dir / f"{name}.log"
     script = bin_dir / name
-    script.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" "key=${{GANTRY_API_KEY:-}}" >> "{log}"\n'
+    script.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" "key=${{GANTRY_API_KEY:-}}" "cwd=$PWD" >> "{log}"\n'
                       f'printf "%s" "{stdout}"\nexit {code}\n')
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
     return log
@@ -31,7 +31,8 @@ def test_slurm_submit_prints_job_id_and_logs(tmp_path: Path) -> None:
                    env={"PATH": _path_with(tmp_path / "bin"), "GANTRY_API_KEY": "sk-test"})
     assert done.returncode == 0, done.stderr
     job_dir = job_dir_of(done)
-    assert log.read_text().splitlines()[0] == f"--parsable {job_dir / 'job.sbatch'}"
+    argv, _key, cwd = log.read_text().splitlines()
+    assert (argv, cwd) == ("--parsable job.sbatch", f"cwd={job_dir}")  # logs land in the job dir
     assert "slurm job: 4242" in done.stdout
     assert f"stdout: {job_dir / 'slurm-4242.out'}" in done.stdout
     assert f"stderr: {job_dir / 'slurm-4242.err'}" in done.stdout
@@ -78,8 +79,9 @@ def test_docker_submit_runs_the_script(tmp_path: Path) -> None:
                     f"output_dir={tmp_path / 'jobs'}", "server.api_key_env=MY_KEY"], cwd=tmp_path,
                    env={"PATH": _path_with(tmp_path / "bin"), "MY_KEY": "sk-test"})
     assert done.returncode == 0, done.stdout + done.stderr
-    argv, key = log.read_text().splitlines()
+    inspect, _key, _cwd, argv, key, _cwd = log.read_text().splitlines()
     job_dir = job_dir_of(done)
+    assert inspect == "image inspect gantry:latest"  # a local image: checked before `docker run`
     assert argv.startswith("run -d --init --name gantry-tiny-llama ")
     assert f"-v {job_dir}/engine.yaml:/etc/gantry/engine.yaml:ro" in argv
     assert "-e GANTRY_API_KEY -v" in argv and "sk-test" not in argv  # by name: not on docker's command line

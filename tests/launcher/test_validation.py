@@ -36,6 +36,11 @@ INVALID: dict[str, tuple[list[str], list[str]]] = {
     "engine_device": (["engine.device=tpu"], ["engine.device"]),
     "api_key_env_name": (["server.api_key_env=1BAD"], ["server.api_key_env"]),
     "env_name": (["deploy=slurm", "+deploy.env.NOT-A-NAME=1"], ["deploy.env"]),
+    # Hydra's advice for a typo is `+key=value`, which adds the key: rejected all the same
+    "added_typo": (["+server.prot=8001"], ["server.prot"]),
+    "force_added_typo": (["++engine.blok_size=8"], ["engine.blok_size"]),
+    "added_nested_typo": (["deploy=k8s", "+deploy.storage.clam=x"], ["deploy.storage.clam"]),
+    "added_top_level": (["+submitt=true"], ["submitt"]),
 }
 
 
@@ -61,17 +66,43 @@ def test_all_problems_are_reported_together() -> None:
     assert {"model.num_attention_heads", "server.port", "model.dtype", "deploy.image"} <= named
 
 
-def test_slurm_job_dir_without_spaces(tmp_path: Path) -> None:
-    with pytest.raises(PlanError, match="output_dir"):
-        plan_for(["deploy=slurm"], job_dir=str(tmp_path / "my jobs" / "x"))
+def test_slurm_job_dir_may_hold_spaces(tmp_path: Path) -> None:
+    """Job files refer to each other through $JOB_DIR, quoted: no #SBATCH line holds the job dir."""
+    plan_for(["deploy=slurm"], job_dir=str(tmp_path / "my jobs" / "x"))
 
 
-def test_unknown_key_is_hydras_error(tmp_path: Path) -> None:
-    """A typo never reaches the launcher: the schema rejects it and names it."""
+def test_unknown_key_is_one_line(tmp_path: Path) -> None:
+    """A typo never reaches the launcher: one line names it and the nearest key."""
     done = run_cli(["deploy=docker", "deploy.imag=x", f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path)
-    assert done.returncode != 0
-    assert "deploy.imag" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr.strip() == "gantry: invalid config: deploy.imag: unknown key (did you mean deploy.image?)"
     assert not (tmp_path / "jobs").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("+server.prot=8001", "server.prot: unknown key (did you mean server.port?)"),
+    ("server.prot=8001", "server.prot: unknown key (did you mean server.port?)"),
+    ("+deploy.imag=x", "deploy.imag: unknown key (did you mean deploy.image?)"),
+])
+def test_typo_is_one_line_with_the_nearest_key(override: str, message: str, tmp_path: Path) -> None:
+    done = run_cli(["deploy=docker", override, f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"gantry: invalid config: {message}"]
+
+
+def test_added_keys_are_checked_after_composition_too() -> None:
+    """What the command line check cannot see (a sweep, the Compose API) the schema walk catches."""
+    with pytest.raises(PlanError) as e:
+        plan_for(["deploy=k8s", "+server.prot=8001", "+deploy.storage.clam=x"])
+    assert [p.keys for p in e.value.problems] == [("deploy.storage.clam",), ("server.prot",)]
+    assert "did you mean server.port?" in str(e.value)
+
+
+def test_free_form_fields_take_new_keys(tmp_path: Path) -> None:
+    """deploy.env, model.hf_overrides and deploy.node_selector are dicts: any key is theirs to add."""
+    done = run_cli(["deploy=k8s", "+deploy.env.NCCL_DEBUG=INFO", "+model.hf_overrides.rope_theta=10000",
+                    "+deploy.node_selector.pool=gpu", f"output_dir={tmp_path / 'jobs'}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
 
 
 def test_valid_config_exits_zero(tmp_path: Path) -> None:

@@ -6,6 +6,14 @@
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 printenv MY_KEY >/dev/null || { echo "gantry: set MY_KEY to the API key (or render with server=noauth)" >&2; exit 2; }
+if [ ! -e /srv/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B ]; then
+  echo 'gantry: model.local_dir: /srv/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B does not exist on this host; fetch the weights first: hf download deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --local-dir /srv/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B' >&2
+  exit 2
+fi
+if ! docker image inspect gantry:latest >/dev/null 2>&1; then
+  echo 'gantry: deploy.image: gantry:latest is not on this host; build it from the repository root: docker build -f docker/Dockerfile -t gantry:latest . (or push it to a registry and set deploy.image=REGISTRY/IMAGE)' >&2
+  exit 2
+fi
 GANTRY_API_KEY="$(printenv MY_KEY)"
 export GANTRY_API_KEY
 echo 'gantry: node 1 of 2 joins 10.0.0.1 (logs: docker logs -f gantry-test-node1)'

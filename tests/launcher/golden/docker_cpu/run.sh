@@ -5,6 +5,10 @@
 # The last line repeats engine.yaml's values as the seed's vLLM flags (flags win over --config).
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+if ! docker image inspect gantry:latest >/dev/null 2>&1; then
+  echo 'gantry: deploy.image: gantry:latest is not on this host; build it from the repository root: docker build -f docker/Dockerfile -t gantry:latest .' >&2
+  exit 2
+fi
 echo 'gantry: API on http://localhost:8000/v1 once GET /ready answers 200 (logs: docker logs -f gantry-test)'
 docker run -d --init \
   --name gantry-test \

@@ -6,6 +6,14 @@
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
 printenv GANTRY_API_KEY >/dev/null || { echo "gantry: set GANTRY_API_KEY to the API key (or render with server=noauth)" >&2; exit 2; }
+if [ ! -e /srv/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B ]; then
+  echo 'gantry: model.local_dir: /srv/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B does not exist on this host; fetch the weights first: hf download deepseek-ai/DeepSeek-R1-Distill-Qwen-32B --local-dir /srv/models/deepseek-ai/DeepSeek-R1-Distill-Qwen-32B' >&2
+  exit 2
+fi
+if ! docker image inspect gantry:latest >/dev/null 2>&1; then
+  echo 'gantry: deploy.image: gantry:latest is not on this host; build it from the repository root: docker build -f docker/Dockerfile -t gantry:latest .' >&2
+  exit 2
+fi
 echo 'gantry: API on http://localhost:8000/v1 once GET /ready answers 200 (logs: docker logs -f gantry-test)'
 docker run -d --init \
   --name gantry-test \

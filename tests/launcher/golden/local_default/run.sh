@@ -4,7 +4,7 @@
 # Runs the torchrun group in the foreground; `python -m launcher` forwards Ctrl-C/SIGTERM to it.
 set -euo pipefail
 printenv GANTRY_API_KEY >/dev/null || { echo "gantry: set GANTRY_API_KEY to the API key (or render with server=noauth)" >&2; exit 2; }
-exec python3 -m torch.distributed.run \
+exec python3 -m launcher.torchrun \
   --nnodes 1 --nproc-per-node 1 \
   --standalone \
   --max-restarts 0 \

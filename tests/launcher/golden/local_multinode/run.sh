@@ -5,7 +5,7 @@
 set -euo pipefail
 export CUDA_VISIBLE_DEVICES=0,1
 export NCCL_DEBUG=INFO
-exec python3 -m torch.distributed.run \
+exec python3 -m launcher.torchrun \
   --nnodes 2 --nproc-per-node 2 \
   --node-rank 1 --master-addr 10.1.2.3 --master-port 29500 \
   --max-restarts 0 \

@@ -4,8 +4,13 @@
 # Started by srun on every node of the job (environment from job.sbatch): one torchrun
 # per node, node rank = $SLURM_NODEID, rendezvous on $MASTER_ADDR.
 set -euo pipefail
+JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
+if ! python3 -c "import torch, engine" >/dev/null 2>&1; then
+  echo "gantry: deploy.python: python3 on $(hostname) cannot import torch and gantry's engine; set deploy.python to an interpreter every node has (a venv's bin/python on the shared home), or deploy.setup lines that activate one" >&2
+  exit 2
+fi
 exec python3 -m torch.distributed.run \
   --nnodes "$SLURM_NNODES" --nproc-per-node 2 \
   --standalone \
   --max-restarts 0 \
-  -m engine.serve --config /srv/gantry/job/engine.yaml
+  -m engine.serve --config "$JOB_DIR/engine.yaml"

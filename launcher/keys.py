@@ -1,0 +1,102 @@
+"""Unknown config keys, whatever their prefix: `+server.prot=8001` adds a key Hydra's schema never checks.
+
+Every key must be a field of its schema dataclass (dict fields such as deploy.env take any key);
+each unknown key is reported as (key, message) with the nearest known key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from launcher.schema import DeployConfig, DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
+
+GROUPS = ("model", "parallel", "deploy", "engine", "server", "experiment", "hydra")  # `group=option` names
+DEPLOY_SCHEMAS = (LocalDeploy, DockerDeploy, SlurmDeploy, K8sDeploy)
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    """Field name -> its type (strings resolved), of a schema dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _message(key: str, name: str, known: list[str]) -> tuple[str, str]:
+    parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    known = sorted(set(known))
+    near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    hint = f"did you mean {parent}{near[0]}?" if near else f"known keys here: {', '.join(known)}"
+    return key, f"unknown key ({hint})"
+
+
+def unknown_keys(cfg: DictConfig) -> list[tuple[str, str]]:
+    """Keys of the composed config that its schema does not have, e.g. ("server.prot", "unknown key (...)")."""
+    out: list[tuple[str, str]] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        cls = OmegaConf.get_type(node)
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return  # a dict field: free-form keys
+        known = list(_fields(cls))
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            if key not in known:
+                out.append(_message(path, str(key), known))
+                continue
+            child = node._get_node(key)  # the node itself: no interpolation is resolved here
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                walk(child, f"{path}.")
+
+    walk(cfg, "")
+    return out
+
+
+def _schema_of(head: str) -> list[type]:
+    """The dataclasses a dotted key starting with head may belong to (deploy: any target's)."""
+    top = _fields(GantryConfig)
+    if head == "deploy":
+        return [DeployConfig, *DEPLOY_SCHEMAS]
+    return [top[head]] if head in top and dataclasses.is_dataclass(top[head]) else []
+
+
+def unknown_override_keys(args: list[str]) -> list[tuple[str, str]]:
+    """Command-line overrides naming a key no schema has, before Hydra composes (its own error suggests
+    `+key=value`, which would then add the typo)."""
+    out = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # a flag (--cfg job, -m) or a flag's value
+        key = arg.split("=", 1)[0].lstrip("~+").split("@", 1)[0]
+        parts = key.split(".")
+        if "/" in key or parts[0] == "hydra" or (len(parts) == 1 and parts[0] in GROUPS):
+            continue  # a config group choice or Hydra's own settings
+        if len(parts) == 1:
+            known = list(_fields(GantryConfig)) + [g for g in GROUPS if g != "hydra"]
+            if key not in known:
+                out.append(_message(key, key, known))
+            continue
+        schemas = _schema_of(parts[0])
+        if not schemas:
+            out.append(_message(parts[0], parts[0], list(_fields(GantryConfig))))
+            continue
+        problem = _check_path(parts, schemas)
+        if problem:
+            out.append(problem)
+    return out
+
+
+def _check_path(parts: list[str], schemas: list[type]) -> tuple[str, str] | None:
+    """parts[1:] followed through the schemas; the first unknown component, if any."""
+    for depth in range(1, len(parts)):
+        fields = {name: hint for cls in schemas for name, hint in _fields(cls).items()}
+        name = parts[depth]
+        if name not in fields:
+            return _message(".".join(parts[:depth + 1]), name, list(fields))
+        hint = fields[name]
+        if not dataclasses.is_dataclass(hint):
+            return None  # a leaf, or a dict/list field whose keys are free
+        schemas = [hint]
+    return None
