@@ -162,5 +162,7 @@ def build_cpu_image(engine: DockerEngine, tag: str, workdir: Path) -> str:
         "build", "--network", "host", "--file", str(context / "docker" / "Dockerfile"),
         "--build-arg", f"BASE_IMAGE={base}",
         "--build-arg", "PIP_INSTALL_ARGS=--no-index --find-links /src/docker/wheels",
+        # the Dockerfile pins torch; the wheelhouse holds this machine's build of it (e.g. 2.13.0+cpu)
+        "--build-arg", f"TORCH_VERSION={importlib.metadata.version('torch')}",
         "--tag", tag, str(context), timeout=1200)
     return tag

@@ -214,3 +214,16 @@ def test_launcher_sets_every_engine_and_server_field() -> None:
     for cls, section in ((EngineConfig, "engine"), (ServerConfig, "server")):
         missing = {f.name for f in dataclasses.fields(cls)} - set(written[section])
         assert not missing, f"{cls.__name__} fields {sorted(missing)} have no launcher key: add them to launcher/schema.py"
+
+
+def test_readme_launcher_commands_render(tmp_path: Path) -> None:
+    """Every `python -m launcher` line of the README, as written (rendered only: submit=false), with
+    GANTRY_API_KEY unset as on a fresh shell; a warning is fine, an error is not."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    commands = [line.split("#", 1)[0].split()[3:] for line in readme.splitlines() if line.startswith("python -m launcher")]
+    assert len(commands) >= 4 and ["engine=cpu"] in commands
+    for i, args in enumerate(commands):
+        extra = [] if "--help" in args else ["submit=false", f"output_dir={tmp_path / str(i)}"]
+        done = run_cli(args + extra, cwd=tmp_path, unset=("GANTRY_API_KEY",))
+        assert done.returncode == 0, f"{args}: {done.stderr}"
+        assert "error" not in done.stderr.lower(), f"{args}: {done.stderr}"
