@@ -1,31 +1,34 @@
 """create_app: the Sanic application on rank 0 (API key, OpenAI errors, ops routes, drain).
 
-Sanic starts first and the engine loads on its own thread, so /health and /ready answer
-while weights load. SIGTERM: /ready turns 503, new requests get 503, in-flight ones have
-ServerConfig.shutdown_grace_s to finish, the rest are aborted, then the server stops.
+Sanic starts first; the engine loads on its own thread and text workers (text.py) beside it, so
+/health and /ready answer meanwhile. The key check (auth.py) runs once the router matched a route.
+SIGTERM: /ready and new requests get 503, in-flight ones have shutdown_grace_s, the rest are aborted.
 """
 from __future__ import annotations
 
 import asyncio
 import importlib.metadata
 import logging
+import re
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import RequestCancelled, SanicException
 from sanic.handlers import ErrorHandler
 from sanic.response import HTTPResponse, raw
 from sanic.response import json as json_response
 
 from engine.config import EngineConfig, ServerConfig
 from engine.server.async_engine import AsyncEngine, EngineFactory
-from engine.server.auth import is_authorized, is_guarded
+from engine.server.auth import is_authorized, is_public
 from engine.server.metrics import ServerMetrics
 from engine.server.openai import register_openai_routes
 from engine.server.protocol import APIError, ModelContext
+from engine.server.text import TextFrontend
 
 logger = logging.getLogger("gantry.server")
 
@@ -52,13 +55,18 @@ class ServerState:
         self.created = int(time.time())
         self.draining = False
         self.exit_code = 0
-        self._model_context: ModelContext | None = None
+        self.frontend: TextFrontend | None = None  # started with the server, loaded once the engine is
+        self.on_fatal: Callable[[int], None] = lambda code: None  # stops the server with an exit code
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.ready and self.frontend is not None and self.frontend.ready
 
     def require_ready(self) -> ServerState:
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down",
                            headers={"Retry-After": RETRY_AFTER_S})
-        if not self.engine.ready:
+        if not self.ready:
             raise APIError(503, "the model is not ready yet (loading, or the engine failed); see /ready",
                            code="not_ready", headers={"Retry-After": RETRY_AFTER_S})
         return self
@@ -70,10 +78,27 @@ class ServerState:
 
     @property
     def model_context(self) -> ModelContext:
-        if self._model_context is None:
-            engine = self.llm_engine
-            self._model_context = ModelContext(engine.model_name, engine.max_model_len, len(engine.tokenizer))
-        return self._model_context
+        assert self.frontend is not None and self.frontend.ctx is not None
+        return self.frontend.ctx
+
+    async def load_frontend(self) -> None:
+        """Once the engine is ready (and idle), give the text workers its tokenizer; stop the server if that fails."""
+        while self.engine.state in ("starting", "loading"):
+            await asyncio.sleep(0.05)
+        if not self.engine.ready or self.frontend is None:
+            return
+        engine = self.llm_engine
+        ctx = ModelContext(engine.model_name, engine.max_model_len,
+                           len(engine.tokenizer) if engine.tokenizer is not None else engine.model_config.hf_config.vocab_size)
+        t0 = time.monotonic()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, engine.tokenizer, ctx)
+        except Exception:
+            logger.exception("cannot start the text workers")
+            self.on_fatal(1)
+            return
+        logger.info("text workers ready (%d processes) in %.1fs; text fields up to %s characters",
+                    self.frontend.num_workers, time.monotonic() - t0, self.frontend.ctx.max_text_chars)
 
     def check_capacity(self, num_new: int) -> None:
         """503 when the waiting queue would exceed max_waiting_requests."""
@@ -84,18 +109,43 @@ class ServerState:
                            code="overloaded", headers={"Retry-After": "1"})
 
 
+def printable(text: str, limit: int = 200) -> str:
+    """A client's text made safe for a log line: escaped control and non-ASCII characters, bounded."""
+    return text[:limit].encode("unicode_escape").decode("ascii") + ("..." if len(text) > limit else "")
+
+
 def error_response(e: APIError, request: Request | None = None) -> HTTPResponse:
     if request is not None and e.status < 500 and e.code != "overloaded":  # overload logs its own warning
-        logger.info("rejected %s %s: %d %s", request.method, request.path, e.status, e.message)
+        logger.info("rejected %s %s: %d %s", request.method, printable(request.path), e.status, printable(e.message))
     return json_response(e.body(), status=e.status, headers=e.headers)
+
+
+def _route_label(request: Request) -> str:
+    return (request.uri_template or request.path) if request.route is not None else "unmatched"
+
+
+class GantryRequest(Request):
+    """Sanic's request. The stand-in Sanic builds to answer a request it could not parse (method
+    NONE) gets a URL it can parse too, so a NUL byte in the path is a 400, not a dropped connection."""
+
+    def __init__(self, url_bytes: bytes, *args: Any, **kwargs: Any):
+        if kwargs.get("method") == "NONE":
+            url_bytes = re.sub(rb"[\x00-\x20\x7f-\xff]", lambda m: b"%%%02X" % m[0][0], url_bytes)
+        super().__init__(url_bytes, *args, **kwargs)
 
 
 class OpenAIErrorHandler(ErrorHandler):
     """Every error, Sanic's own included (404, 405, 413...), in OpenAI's shape; no stack traces."""
 
-    def default(self, request: Request, exception: Exception) -> HTTPResponse:
+    def default(self, request: Request, exception: BaseException) -> HTTPResponse:
         if isinstance(exception, APIError):
             return error_response(exception, request)
+        if isinstance(exception, RequestCancelled):
+            # The client hung up (its engine requests are aborted): nothing to answer, nothing failed here.
+            logger.info("client hung up: %s %s", request.method, printable(request.path))
+            request.app.ctx.state.metrics.observe_aborted(request.method, _route_label(request))
+            request.ctx.aborted = True
+            return HTTPResponse(status=499)  # nginx's "client closed request"; never sent
         if isinstance(exception, SanicException):
             status = exception.status_code
             if status == 404:
@@ -103,21 +153,37 @@ class OpenAIErrorHandler(ErrorHandler):
             if status == 405:
                 return error_response(APIError(405, f"method {request.method} is not allowed on {request.path}",
                                                code="method_not_allowed"), request)
+            if status == 413 and str(exception).startswith("Request header"):
+                return error_response(_header_overflow(request), request)
             if status == 413:
                 limit = request.app.config.REQUEST_MAX_SIZE
                 return error_response(APIError(413, f"body: the request body exceeds {limit} bytes",
                                                param="body", code="request_too_large"), request)
+            if status == 400 and request.method == "NONE":  # Sanic could not parse the request itself
+                return error_response(APIError(400, f"malformed HTTP request: {exception}",
+                                               code="malformed_request"), request)
             if 400 <= status < 500:
                 return error_response(APIError(status, str(exception)), request)
-        logger.error("unhandled error on %s %s: %s: %s", request.method, request.path,
+        logger.error("unhandled error on %s %s: %s: %s", request.method, printable(request.path),
                      type(exception).__name__, exception, exc_info=exception)
         return error_response(APIError(500, "internal server error", code="internal_error"))
+
+
+def _header_overflow(request: Request) -> APIError:
+    """Sanic says 413 for any head over REQUEST_MAX_HEADER_SIZE: 414 when the request line alone
+    is that long (the URL), else 431 (the headers)."""
+    limit = request.app.config.REQUEST_MAX_HEADER_SIZE
+    received = getattr(request.stream, "recv_buffer", b"")
+    line_end = received.find(b"\r\n")
+    if line_end == -1 or line_end >= limit:
+        return APIError(414, f"the URL exceeds {limit} bytes", code="uri_too_long")
+    return APIError(431, f"the request headers exceed {limit} bytes", code="headers_too_large")
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key: str | None = None,
                engine_factory: EngineFactory | None = None) -> Sanic:
     """The API on rank 0; api_key is the resolved key (ServerConfig.resolve_api_key), None: open."""
-    app = Sanic("gantry", error_handler=OpenAIErrorHandler(), configure_logging=False)
+    app = Sanic("gantry", error_handler=OpenAIErrorHandler(), configure_logging=False, request_class=GantryRequest)
     app.config.REQUEST_MAX_SIZE = server_config.max_request_body_bytes
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600  # generation may be long; clients decide when to give up
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0  # in-flight requests are drained before Sanic stops
@@ -126,39 +192,43 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     state = ServerState(engine_config, server_config, api_key, engine_factory)
     app.ctx.state = state
 
+    @app.signal("http.routing.after")
+    async def authenticate(request: Request, **_: Any) -> None:
+        """Right after routing, before the body is read: an unauthorized request is refused without
+        buffering its body (Sanic drains it), and the key check never runs for no route."""
+        if state.api_key is None or is_public(request.route):
+            return
+        if not is_authorized(request.headers.get("authorization"), state.api_key):
+            raise APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
     @app.on_request
-    async def authenticate(request: Request) -> HTTPResponse | None:
+    async def stamp(request: Request) -> None:
         request.ctx.start = time.monotonic()
-        if state.api_key is None or not is_guarded(request.path, server_config.metrics_require_key):
-            return None
-        if is_authorized(request.headers.get("authorization"), state.api_key):
-            return None
-        return error_response(APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
-                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}), request)
 
     @app.on_response
     async def count_request(request: Request, response: HTTPResponse) -> None:
-        route = request.uri_template if request.route is not None else "unmatched"
-        state.metrics.observe_http(request.method, route or request.path, response.status)
+        if not getattr(request.ctx, "aborted", False):  # a hang-up is counted as aborted, not as a response
+            state.metrics.observe_http(request.method, _route_label(request), response.status)
 
-    @app.get("/health")
+    @app.get("/health", ctx_public=True)
     async def health(request: Request) -> HTTPResponse:
         if state.engine.alive:
             return json_response({"status": "ok"})
         return json_response({"status": "engine loop is not running", "engine_state": state.engine.state}, status=503)
 
-    @app.get("/ready")
+    @app.get("/ready", ctx_public=True)
     async def ready(request: Request) -> HTTPResponse:
-        if state.engine.ready and not state.draining:
+        if state.ready and not state.draining:
             return json_response({"status": "ready"})
-        status = "draining" if state.draining else state.engine.state
+        status = "draining" if state.draining else "starting text workers" if state.engine.ready else state.engine.state
         return json_response({"status": status}, status=503, headers={"Retry-After": RETRY_AFTER_S})
 
-    @app.get("/version")
+    @app.get("/version", ctx_public=True)
     async def version(request: Request) -> HTTPResponse:
         return json_response({"version": gantry_version()})
 
-    @app.get("/metrics")
+    @app.get("/metrics", ctx_public=not server_config.metrics_require_key)
     async def metrics(request: Request) -> HTTPResponse:
         return raw(state.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
@@ -171,7 +241,10 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
             state.exit_code = code
             app.stop()
 
+        state.on_fatal = on_fatal
+        state.frontend = TextFrontend()  # its workers start importing while the model loads
         state.engine.start(loop, on_fatal)
+        loop.create_task(state.load_frontend())
         # Sanic's own SIGTERM handler stops at once; ours drains first.
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(drain(app)))
         logger.info("listening on http://%s:%d (model loading in the background; /ready says when)",
@@ -180,6 +253,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     @app.before_server_stop
     async def stop_engine(app: Sanic) -> None:
         state.engine.shutdown()
+        if state.frontend is not None:
+            state.frontend.shutdown()
 
     return app
 

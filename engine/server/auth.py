@@ -1,29 +1,34 @@
-"""API key check: `Authorization: Bearer <key>`, compared in constant time.
+"""API key check: `Authorization: Bearer <key>`, compared in constant time, for the route that will run.
 
-Guards every /v1 route and /tokenize, /detokenize; /metrics too when configured.
-/health, /ready and /version stay open. The key is never logged or echoed.
+Default deny: every route is guarded unless registered public (`ctx_public=True`: /health, /ready,
+/version, and /metrics unless metrics_require_key). The decision reads the route the router matched,
+so every spelling it accepts (a trailing slash...) gets the same answer; a request that matches no
+route runs no handler (404, 405, a malformed request's 400) and needs no key. The key is never logged.
 """
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
-OPEN_PATHS = ("/health", "/ready", "/version")
-GUARDED_EXACT = ("/tokenize", "/detokenize")
+from engine.server.protocol import APIError
 
 
-def is_guarded(path: str, metrics_require_key: bool) -> bool:
-    if path in OPEN_PATHS:
-        return False
-    if path == "/metrics":
-        return metrics_require_key
-    return path == "/v1" or path.startswith("/v1/") or path in GUARDED_EXACT
+def is_public(route: Any) -> bool:
+    """True when no handler will run (no route matched) or the route was registered public."""
+    return route is None or bool(getattr(route.ctx, "public", False))
 
 
 def is_authorized(authorization: str | None, api_key: str) -> bool:
-    """True when the header carries the key; compared as bytes in constant time."""
+    """True when the header carries the key; APIError 400 when the header is not text at all."""
     if not authorization:
         return False
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer":
+    try:
+        # Sanic decodes header bytes as UTF-8 with surrogateescape: raw bytes like \xff land as surrogates.
+        value = authorization.encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "Authorization: the header is not valid UTF-8; send `Authorization: Bearer <key>`",
+                       param="Authorization") from None
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer":
         return False
-    return hmac.compare_digest(token.strip().encode("utf-8"), api_key.encode("utf-8"))
+    return hmac.compare_digest(token.strip(), api_key.encode("utf-8"))

@@ -2,7 +2,8 @@
 
 Engine-wide gauges and counters are read from the latest EngineStats at scrape time;
 per-request histograms are fed by the engine thread as requests advance and finish;
-HTTP requests are counted by route and status. One CollectorRegistry per server.
+HTTP requests are counted by route and status (a client that hangs up first, as aborted).
+One CollectorRegistry per server.
 """
 from __future__ import annotations
 
@@ -66,6 +67,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.http_requests = Counter(PREFIX + "http_requests", "HTTP requests by method, route and status.",
                                      ["method", "route", "status"], registry=self.registry)
+        self.http_aborted = Counter(PREFIX + "http_requests_aborted",
+                                    "HTTP requests whose client hung up before the response was complete.",
+                                    ["method", "route"], registry=self.registry)
         self.model_name: str | None = None
 
     def bind_engine(self, model_name: str, get_stats: Callable[[], Any]) -> None:
@@ -96,6 +100,9 @@ class ServerMetrics:
 
     def observe_http(self, method: str, route: str, status: int) -> None:
         self.http_requests.labels(method, route, str(status)).inc()
+
+    def observe_aborted(self, method: str, route: str) -> None:
+        self.http_aborted.labels(method, route).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

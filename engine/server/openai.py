@@ -1,7 +1,8 @@
 """OpenAI routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize.
 
-Handlers validate (protocol.py), submit to the AsyncEngine, and turn its deltas into
-OpenAI's response objects or SSE chunks. Leaving a handler early aborts its requests.
+Handlers have text.py validate and tokenize the body, submit token ids to the AsyncEngine,
+and turn its deltas into OpenAI's response objects or SSE chunks. Leaving a handler early
+aborts its requests.
 """
 from __future__ import annotations
 
@@ -19,16 +20,8 @@ from sanic.response import json as json_response
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.server.async_engine import PromptInput, RequestDelta, RequestStream
-from engine.server.protocol import (
-    APIError,
-    ChatRequest,
-    CompletionRequest,
-    parse_chat_request,
-    parse_completion_request,
-    parse_detokenize_request,
-    parse_json_body,
-    parse_tokenize_request,
-)
+from engine.server.protocol import APIError
+from engine.server.text import PreparedChat, PreparedCompletion
 
 if TYPE_CHECKING:
     from engine.server.app import ServerState
@@ -75,7 +68,8 @@ class _Results:
         p = self.order[delta.request_id]
         req = self.requests[p]
         if delta.prompt_token_ids is not None:
-            req.prompt, req.prompt_token_ids = delta.prompt or "", delta.prompt_token_ids
+            # the prompt as the client sent it, when known (the engine only saw its token ids)
+            req.prompt, req.prompt_token_ids = req.prompt or delta.prompt or "", delta.prompt_token_ids
         changed = []
         for d in delta.samples:
             s = req.samples[d.index]
@@ -175,11 +169,14 @@ def _engine_error(e: Exception, prompt_param: str) -> APIError:
 
 
 async def _generate(request: Request, state: ServerState, requests: list[tuple[str, PromptInput, SamplingParams]],
-                    prompt_param: str, respond: Callable[[RequestStream, _Results], Any]) -> Any:
+                    prompt_param: str, respond: Callable[[RequestStream, _Results], Any],
+                    prompt_texts: list[str | None] | None = None) -> Any:
     """Submit, then hand the stream to `respond`; engine refusals become 400s naming the field."""
     state.check_capacity(len(requests))
     arrival = time.time()
     results = _Results([rid for rid, _, _ in requests], requests[0][2].n)
+    for r, text in zip(results.requests, prompt_texts or []):
+        r.prompt = text or ""
     try:
         async with state.engine.generate(requests, arrival) as stream:
             return await respond(stream, results)
@@ -232,11 +229,13 @@ async def list_models(request: Request) -> HTTPResponse:
 
 async def create_completion(request: Request) -> HTTPResponse | None:
     state = _state(request).require_ready()
-    req: CompletionRequest = parse_completion_request(parse_json_body(request.body), state.model_context)
+    assert state.frontend is not None
+    prepared: PreparedCompletion = await state.frontend.run("completion", request.body)
+    req = prepared.request  # its prompts are token ids now
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = state.llm_engine.model_name
-    detok = _Detok(state.llm_engine.tokenizer)
+    detok = _Detok(state.frontend.tokenizer)
     subs = [(f"{cid}-{i}", p, req.params) for i, p in enumerate(req.prompts)]
     top = req.logprobs or 0
 
@@ -263,7 +262,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
             return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
                                   "choices": choices, "usage": results.usage(), "system_fingerprint": None})
 
-        return await _generate(request, state, subs, "prompt", respond)
+        return await _generate(request, state, subs, "prompt", respond, prepared.prompt_texts)
 
     async def respond_stream(stream: RequestStream, results: _Results) -> None:
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -296,22 +295,19 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         await response.send(_sse("[DONE]"))
         await response.eof()
 
-    return await _generate(request, state, subs, "prompt", respond_stream)
+    return await _generate(request, state, subs, "prompt", respond_stream, prepared.prompt_texts)
 
 
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
     state = _state(request).require_ready()
-    req: ChatRequest = parse_chat_request(parse_json_body(request.body), state.model_context)
-    engine = state.llm_engine
-    try:
-        prompt_ids = engine.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt)
-    except ValueError as e:
-        raise _engine_error(e, "messages") from None
+    assert state.frontend is not None
+    prepared: PreparedChat = await state.frontend.run("chat", request.body)
+    req = prepared.request
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    model = engine.model_name
-    detok = _Detok(engine.tokenizer)
-    subs = [(f"{cid}-0", prompt_ids, req.params)]
+    model = state.llm_engine.model_name
+    detok = _Detok(state.frontend.tokenizer)
+    subs = [(f"{cid}-0", prepared.prompt_token_ids, req.params)]
 
     if not req.stream:
         async def respond(stream: RequestStream, results: _Results) -> HTTPResponse:
@@ -361,23 +357,16 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
 
 async def tokenize(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
-    req = parse_tokenize_request(parse_json_body(request.body), state.model_context)
-    engine = state.llm_engine
-    if req.messages is not None:
-        try:
-            tokens = list(engine.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt))
-        except ValueError as e:
-            raise _engine_error(e, "messages") from None
-    else:
-        tokens = engine.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    return json_response({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens,
+    assert state.frontend is not None
+    tokens: list[int] = await state.frontend.run("tokenize", request.body)
+    return json_response({"count": len(tokens), "max_model_len": state.model_context.max_model_len, "tokens": tokens,
                           "token_strs": None})
 
 
 async def detokenize(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
-    tokens = parse_detokenize_request(parse_json_body(request.body), state.model_context)
-    return json_response({"prompt": state.llm_engine.tokenizer.decode(tokens)})
+    assert state.frontend is not None
+    return json_response({"prompt": await state.frontend.run("detokenize", request.body)})
 
 
 def register_openai_routes(app: Sanic) -> None:

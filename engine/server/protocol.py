@@ -1,7 +1,9 @@
 """OpenAI request validation: JSON bodies -> typed requests carrying SamplingParams.
 
 Every rejection is an APIError naming the offending field, so a bad request gets a 4xx
-before it reaches the engine. Unknown fields are ignored, as OpenAI's API does.
+before it reaches the engine: integers must fit in int64, text must be valid Unicode and no
+longer than the model could take (ModelContext.max_text_chars). Unknown fields are ignored,
+as OpenAI's API does.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from engine.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsE
 MAX_N = 128  # parallel samples per prompt
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's integer fields are int64
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -34,9 +37,32 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def __reduce__(self) -> tuple:
+        """Picklable, so that it crosses back from a text worker process intact."""
+        return (APIError, (self.status, self.message, self.param, self.type, self.code, self.headers))
+
 
 def bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param)
+
+
+def show(v: Any) -> str:
+    """A short rendering of a client's value for an error message: bounded in length and
+    in work, whatever the value (a 7 MB string, a list nested 900 deep, a 4,000-digit int)."""
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, int):
+        return str(v) if abs(v) < 10**40 else f"an integer of {v.bit_length()} bits"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        text = json.dumps(v[:48])
+        return text if len(v) <= 48 else f"{text[:-1]}...\" ({len(v)} characters)"
+    if isinstance(v, list):
+        return f"a list of {len(v)} items"
+    if isinstance(v, dict):
+        return f"an object with {len(v)} keys"
+    return type(v).__name__
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -45,7 +71,11 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}", param="body") from None
+        raise APIError(400, f"body: not valid JSON: {e}", param="body") from None
+    except RecursionError:
+        raise APIError(400, "body: JSON nested too deeply", param="body") from None
+    except ValueError as e:  # an integer literal longer than Python converts (4,300 digits)
+        raise APIError(400, f"body: not acceptable JSON: {str(e).split(':')[0]}", param="body") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", param="body")
     return data
@@ -60,7 +90,9 @@ def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) ->
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise bad(name, f"must be an integer, got {json.dumps(v)[:50]}")
+        raise bad(name, f"must be an integer, got {show(v)}")
+    if not INT64_MIN <= v <= INT64_MAX:
+        raise bad(name, f"must be a 64-bit integer, got {show(v)}")
     if lo is not None and v < lo:
         raise bad(name, f"must be >= {lo}, got {v}")
     if hi is not None and v > hi:
@@ -72,9 +104,13 @@ def _float(body: dict, name: str) -> float | None:
     v = body.get(name)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise bad(name, f"must be a finite number, got {json.dumps(v)[:50]}")
-    return float(v)
+    try:
+        f = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+    except OverflowError:  # an int beyond any float
+        f = math.inf
+    if not math.isfinite(f):
+        raise bad(name, f"must be a finite number, got {show(v)}")
+    return f
 
 
 def _bool(body: dict, name: str) -> bool | None:
@@ -82,7 +118,7 @@ def _bool(body: dict, name: str) -> bool | None:
     if v is None:
         return None
     if not isinstance(v, bool):
-        raise bad(name, f"must be a boolean, got {json.dumps(v)[:50]}")
+        raise bad(name, f"must be a boolean, got {show(v)}")
     return v
 
 
@@ -91,12 +127,29 @@ def _str(body: dict, name: str) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str):
-        raise bad(name, f"must be a string, got {json.dumps(v)[:50]}")
+        raise bad(name, f"must be a string, got {show(v)}")
     return v
 
 
-def _token_ids(v: Any, name: str, vocab_size: int) -> list[int]:
-    if not isinstance(v, list) or any(isinstance(t, bool) or not isinstance(t, int) for t in v):
+def check_text(text: str, name: str, ctx: ModelContext) -> str:
+    """Text bound for the tokenizer: valid Unicode (no lone surrogate, which JSON's \\ud800 escapes
+    can carry) and no longer than any text the model could take."""
+    if ctx.max_text_chars is not None and len(text) > ctx.max_text_chars:
+        raise bad(name, f"{len(text)} characters cannot fit in max_model_len ({ctx.max_model_len} tokens of at "
+                        f"most {ctx.max_text_chars // ctx.max_model_len} characters each)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad(name, f"not valid Unicode: a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}") from None
+    return text
+
+
+def _token_ids(v: Any, name: str, vocab_size: int, max_len: int | None = None) -> list[int]:
+    if not isinstance(v, list):
+        raise bad(name, "must be a list of integer token ids")
+    if max_len is not None and len(v) > max_len:
+        raise bad(name, f"at most {max_len} token ids, got {len(v)}")
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in v):
         raise bad(name, "must be a list of integer token ids")
     for t in v:
         if not 0 <= t < vocab_size:
@@ -111,12 +164,15 @@ class ModelContext:
     served_model_name: str
     max_model_len: int
     vocab_size: int
+    # Longest text field accepted: max_model_len x the longest token in characters, so text
+    # beyond it cannot fit and is refused before any tokenizing. None: unbounded.
+    max_text_chars: int | None = None
 
 
 def check_model(body: dict, ctx: ModelContext) -> None:
     model = _str(body, "model")
     if model is not None and model != ctx.served_model_name:
-        raise APIError(404, f"model: the model `{model}` does not exist; this server serves "
+        raise APIError(404, f"model: the model {show(model)} does not exist; this server serves "
                             f"`{ctx.served_model_name}`", param="model", code="model_not_found")
 
 
@@ -132,7 +188,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
     return bool(_bool(opts, "include_usage"))
 
 
-def _stop(body: dict) -> list[str]:
+def _stop(body: dict, ctx: ModelContext) -> list[str]:
     stop = body.get("stop")
     if stop is None:
         return []
@@ -140,6 +196,8 @@ def _stop(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or any(not isinstance(s, str) for s in stop):
         raise bad("stop", "must be a string or a list of strings")
+    for s in stop:
+        check_text(s, "stop", ctx)  # a longer one could never match; the engine scans for each every step
     return stop
 
 
@@ -152,7 +210,7 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         raise bad("logit_bias", "is not supported")
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is not None:
-        _token_ids(stop_token_ids, "stop_token_ids", ctx.vocab_size)
+        _token_ids(stop_token_ids, "stop_token_ids", ctx.vocab_size, ctx.vocab_size)
     if max_tokens is not None and max_tokens > ctx.max_model_len:
         raise bad("max_tokens", f"must be <= max_model_len ({ctx.max_model_len}), got {max_tokens}")
     kwargs: dict[str, Any] = {
@@ -173,7 +231,7 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=_stop(body), **kwargs)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=_stop(body, ctx), **kwargs)
     except SamplingParamsError as e:
         raise bad(e.param, str(e).split(": ", 1)[-1]) from None
 
@@ -202,21 +260,28 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt", "is required")
+    # a token-id prompt must leave room for one generated token
+    max_ids = ctx.max_model_len - 1
     if isinstance(prompt, str):
         prompts: list[Prompt] = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
-        prompts = [_token_ids(prompt, "prompt", ctx.vocab_size)]
+        prompts = [_token_ids(prompt, "prompt", ctx.vocab_size, max_ids)]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt):
-        prompts = [_token_ids(p, f"prompt[{i}]", ctx.vocab_size) for i, p in enumerate(prompt)]
+        if len(prompt) > MAX_PROMPTS:
+            raise bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}")
+        prompts = [_token_ids(p, f"prompt[{i}]", ctx.vocab_size, max_ids) for i, p in enumerate(prompt)]
     else:
         raise bad("prompt", "must be a non-empty string, list of strings, list of token ids or list of lists of token ids")
     if len(prompts) > MAX_PROMPTS:
         raise bad("prompt", f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
     for i, p in enumerate(prompts):
+        name = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         if len(p) == 0:
-            raise bad("prompt" if len(prompts) == 1 else f"prompt[{i}]", "must not be empty")
+            raise bad(name, "must not be empty")
+        if isinstance(p, str):
+            check_text(p, name, ctx)
     _unsupported(body, "suffix")
     stream = bool(_bool(body, "stream"))
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
@@ -241,20 +306,20 @@ class ChatRequest:
     top_logprobs: int
 
 
-def _message_content(content: Any, name: str) -> str:
+def _message_content(content: Any, name: str, ctx: ModelContext) -> str:
     if isinstance(content, str):
-        return content
+        return check_text(content, name, ctx)
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise bad(f"{name}[{j}]", "only parts of type `text` with a string `text` are supported")
-            parts.append(part["text"])
-        return "".join(parts)
+            parts.append(check_text(part["text"], f"{name}[{j}].text", ctx))
+        return check_text("".join(parts), name, ctx)
     raise bad(name, "must be a string or a list of text parts")
 
 
-def parse_messages(messages: Any) -> list[dict[str, str]]:
+def parse_messages(messages: Any, ctx: ModelContext) -> list[dict[str, str]]:
     if not isinstance(messages, list):
         raise bad("messages", "is required and must be a list of messages")
     if not messages:
@@ -265,17 +330,21 @@ def parse_messages(messages: Any) -> list[dict[str, str]]:
             raise bad(f"messages[{i}]", "must be an object with `role` and `content`")
         role = m.get("role")
         if role not in CHAT_ROLES:
-            raise bad(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)[:50]}")
+            raise bad(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {show(role)}")
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
-        out.append({"role": role, "content": _message_content(content, f"messages[{i}].content")})
+        out.append({"role": role, "content": _message_content(content, f"messages[{i}].content", ctx)})
+    total = sum(len(m["content"]) for m in out)
+    if ctx.max_text_chars is not None and total > ctx.max_text_chars:
+        raise bad("messages", f"{total} characters of content cannot fit in max_model_len ({ctx.max_model_len} "
+                              f"tokens of at most {ctx.max_text_chars // ctx.max_model_len} characters each)")
     return out
 
 
 def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     check_model(body, ctx)
-    messages = parse_messages(body.get("messages"))
+    messages = parse_messages(body.get("messages"), ctx)
     _unsupported(body, "tools", "functions", "audio", "prediction")
     fmt = body.get("response_format")
     if fmt is not None and fmt != {"type": "text"}:
@@ -313,7 +382,9 @@ def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
     prompt = _str(body, "prompt")
     if prompt is None and body.get("messages") is None:
         raise bad("prompt", "either `prompt` or `messages` is required")
-    messages = parse_messages(body["messages"]) if prompt is None else None
+    if prompt is not None:
+        check_text(prompt, "prompt", ctx)
+    messages = parse_messages(body["messages"], ctx) if prompt is None else None
     add_special = _bool(body, "add_special_tokens")
     add_gen = _bool(body, "add_generation_prompt")
     return TokenizeRequest(prompt, messages, True if add_special is None else add_special,
@@ -324,4 +395,4 @@ def parse_detokenize_request(body: dict, ctx: ModelContext) -> list[int]:
     check_model(body, ctx)
     if "tokens" not in body:
         raise bad("tokens", "is required")
-    return _token_ids(body["tokens"], "tokens", ctx.vocab_size)
+    return _token_ids(body["tokens"], "tokens", ctx.vocab_size, ctx.max_model_len)

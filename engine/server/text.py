@@ -1,0 +1,237 @@
+"""Front-end text work in the API process: request bodies -> validated requests with token ids.
+
+A small body is parsed and tokenized inline on the event loop with the API's own copy of the
+tokenizer (a hop to another process costs more); a larger one goes to a small pool of worker
+processes, each with its own copy, at lower CPU priority, so a big request holds neither the
+event loop nor the GIL the engine thread needs. The engine's tokenizer is never used here.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from typing import Any
+
+from engine.server.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    ModelContext,
+    bad,
+    parse_chat_request,
+    parse_completion_request,
+    parse_detokenize_request,
+    parse_json_body,
+    parse_tokenize_request,
+)
+
+logger = logging.getLogger("gantry.server")
+
+# Bodies up to this size are handled on the event loop: parsing and tokenizing ~4 KB takes about
+# a millisecond, no more than the round trip to a worker process.
+INLINE_MAX_BODY_BYTES = 4096
+NUM_WORKERS = 2  # two, so that one huge request does not queue every other large one
+WORKER_NICE = 10  # below the engine thread and the event loop: a big request slows itself first
+
+
+@dataclass
+class PreparedCompletion:
+    request: CompletionRequest  # its prompts replaced by their token ids
+    prompt_texts: list[str | None]  # the text of each prompt as sent (for echo); None: given as token ids
+
+
+@dataclass
+class PreparedChat:
+    request: ChatRequest  # its messages dropped once templated
+    prompt_token_ids: list[int]
+
+
+# ---- the work itself: runs inline with the API's tokenizer or in a worker with the worker's ----
+
+def _encode(tokenizer: Any, text: str, name: str, add_special_tokens: bool = True) -> list[int]:
+    if tokenizer is None:
+        raise bad(name, "this model has no tokenizer (load_format=dummy): give token ids")
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+
+def _apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise bad("messages", "this model has no chat template")
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+    except Exception as e:  # the model's own Jinja template may reject the conversation (raise_exception)
+        raise bad("messages", f"the chat template rejected the messages: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _check_room(token_ids: list[int], name: str, ctx: ModelContext) -> None:
+    if len(token_ids) >= ctx.max_model_len:
+        raise bad(name, f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
+                        f"{ctx.max_model_len}, which leaves no room to generate")
+
+
+def prepare_completion(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedCompletion:
+    req = parse_completion_request(parse_json_body(raw), ctx)
+    texts: list[str | None] = []
+    token_ids: list[list[int]] = []
+    for i, prompt in enumerate(req.prompts):
+        name = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
+        ids = _encode(tokenizer, prompt, name) if isinstance(prompt, str) else prompt
+        _check_room(ids, name, ctx)
+        token_ids.append(ids)
+        texts.append(prompt if isinstance(prompt, str) and req.echo else None)  # only echo needs the text back
+    req.prompts = token_ids  # type: ignore[assignment]
+    return PreparedCompletion(req, texts)
+
+
+def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
+    req = parse_chat_request(parse_json_body(raw), ctx)
+    ids = _apply_chat_template(tokenizer, req.messages, req.add_generation_prompt)
+    _check_room(ids, "messages", ctx)
+    req.messages = []
+    return PreparedChat(req, ids)
+
+
+def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> list[int]:
+    req = parse_tokenize_request(parse_json_body(raw), ctx)
+    if req.messages is not None:
+        return _apply_chat_template(tokenizer, req.messages, req.add_generation_prompt)
+    assert req.prompt is not None
+    return _encode(tokenizer, req.prompt, "prompt", req.add_special_tokens)
+
+
+def detokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> str:
+    tokens = parse_detokenize_request(parse_json_body(raw), ctx)
+    if tokenizer is None:
+        raise bad("tokens", "this model has no tokenizer (load_format=dummy)")
+    return tokenizer.decode(tokens)
+
+
+WORK: dict[str, Callable[[bytes, ModelContext, Any], Any]] = {
+    "completion": prepare_completion, "chat": prepare_chat, "tokenize": tokenize, "detokenize": detokenize,
+}
+
+
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for: its vocabulary string is at least as long
+    (byte-level BPE: one symbol per byte; SentencePiece: one per character)."""
+    return max(len(t) for t in tokenizer.get_vocab())
+
+
+# ---- worker processes ----
+
+_worker_tokenizer: Any = None  # a worker's own tokenizer
+_NO_TOKENIZER = b""  # stands for "the model has none"
+
+
+def _init_worker(blobs: Any, parent_pid: int) -> None:
+    """Wait for the tokenizer (the server spawns workers while the model loads, so their imports
+    overlap it) and take it; leave as soon as the server process is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
+    try:
+        os.nice(WORKER_NICE)
+    except OSError:  # not permitted here: run at the server's priority
+        pass
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="orphan-watch", daemon=True).start()
+    import transformers  # noqa: F401  (the tokenizer's classes: import while the model loads)
+
+    blob = blobs.get()
+    global _worker_tokenizer
+    _worker_tokenizer = pickle.loads(blob) if blob != _NO_TOKENIZER else None
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def _run_in_worker(kind: str, raw: bytes, ctx: ModelContext) -> Any:
+    return WORK[kind](raw, ctx, _worker_tokenizer)
+
+
+def _warm_up() -> int:
+    time.sleep(0.1)  # long enough that each warm-up call starts its own worker
+    return os.getpid()
+
+
+class TextFrontend:
+    """Text work for the routes: inline for small bodies, else in a pool of worker processes.
+
+    Created at server start (workers spawn while the model loads); load() hands them the tokenizer."""
+
+    def __init__(self, num_workers: int = NUM_WORKERS):
+        self.num_workers = num_workers
+        self.tokenizer: Any = None  # the API's own copy: the engine thread's can fail when shared ("Already borrowed")
+        self.ctx: ModelContext | None = None
+        self._blob: bytes | None = None
+        self._restart_lock = asyncio.Lock()
+        self._pool, self._warm = self._start_pool()
+
+    def _start_pool(self) -> tuple[ProcessPoolExecutor, Any]:
+        # spawn, not fork: the server has threads (the engine's, torch's) that a fork would copy mid-flight
+        mp = multiprocessing.get_context("spawn")
+        blobs = mp.Queue()
+        pool = ProcessPoolExecutor(self.num_workers, mp_context=mp, initializer=_init_worker,
+                                   initargs=(blobs, os.getpid()))
+        self._blobs = blobs
+        if self._blob is not None:
+            self._hand_out(self._blob)
+        return pool, [pool.submit(_warm_up) for _ in range(self.num_workers)]
+
+    def _hand_out(self, blob: bytes) -> None:
+        for _ in range(self.num_workers):
+            self._blobs.put(blob)
+
+    @property
+    def ready(self) -> bool:
+        return self.ctx is not None
+
+    def load(self, engine_tokenizer: Any, ctx: ModelContext) -> None:
+        """Blocking (copies the tokenizer, waits for the workers): call it off the event loop while
+        the engine thread leaves its tokenizer alone (between warm-up and the first request)."""
+        blob = pickle.dumps(engine_tokenizer) if engine_tokenizer is not None else _NO_TOKENIZER
+        self.tokenizer = pickle.loads(blob) if engine_tokenizer is not None else None
+        max_text_chars = ctx.max_model_len * max_token_chars(self.tokenizer) if self.tokenizer is not None else None
+        self._blob = blob
+        self._hand_out(blob)
+        wait(self._warm)
+        self.ctx = replace(ctx, max_text_chars=max_text_chars)
+
+    async def run(self, kind: str, raw: bytes) -> Any:
+        """WORK[kind] on a request body; APIError for anything wrong with it."""
+        assert self.ctx is not None, "load() first"
+        if len(raw) <= INLINE_MAX_BODY_BYTES:
+            return WORK[kind](raw, self.ctx, self.tokenizer)
+        pool = self._pool
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(pool, _run_in_worker, kind, raw, self.ctx)
+        except BrokenProcessPool:
+            async with self._restart_lock:
+                if pool is self._pool:  # the first to notice restarts it
+                    logger.error("a text worker process died (out of memory?); starting new ones")
+                    self._stop_pool(pool)
+                    self._pool, warm = await loop.run_in_executor(None, self._start_pool)
+                    await asyncio.wrap_future(warm[0])
+            raise APIError(503, "the server's text workers restarted; retry the request", code="worker_restarted",
+                           headers={"Retry-After": "1"}) from None
+
+    def _stop_pool(self, pool: ProcessPoolExecutor) -> None:
+        # A worker busy with a huge body (or still waiting for the tokenizer) would hold up the
+        # exit: stop the workers first, then the pool notices at once.
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+    def shutdown(self) -> None:
+        self._stop_pool(self._pool)
