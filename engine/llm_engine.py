@@ -79,6 +79,7 @@ class LLMEngine:
         num_blocks = self.executor.determine_num_blocks()
         if num_blocks < 1:
             raise ConfigError("gpu_memory_utilization", "no memory left for the KV cache after loading the weights")
+        self._check_pool_holds_max_model_len(num_blocks)
         self.executor.allocate_kv_cache(num_blocks)
         gib = num_blocks * runner.kv_bytes_per_block() / 2**30
         logger.info("model %s (%s, %s) loaded", self.model_name, mc.architecture, str(mc.dtype).replace("torch.", ""))
@@ -108,6 +109,18 @@ class LLMEngine:
         # it out of the collector's full passes, which would otherwise stall a step for tens of ms.
         gc.collect()
         gc.freeze()
+
+    def _check_pool_holds_max_model_len(self, num_blocks: int) -> None:
+        """Refuse to start (like vLLM) when one max_model_len sequence cannot fit in the KV pool:
+        such a request would pass validation and then never be scheduled."""
+        capacity = num_blocks * self.config.block_size
+        if capacity < self.max_model_len:
+            raise ConfigError(
+                "max_model_len", f"{self.max_model_len} tokens do not fit in the KV cache, which holds {capacity} "
+                f"tokens ({num_blocks} blocks of {self.config.block_size}); the largest max_model_len that fits is "
+                f"{capacity}. Lower max_model_len, or make the cache larger with num_kv_blocks, kv_cache_memory_gib "
+                "or gpu_memory_utilization"
+            )
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -171,7 +184,9 @@ class LLMEngine:
                 if self.tokenizer is not None and params.detokenize:
                     seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
                 request.seqs.append(seq)
-                self.seqs[seq_id] = seq
+            # registered only once everything above succeeded: a refused request leaves no trace
+            for seq in request.seqs:
+                self.seqs[seq.seq_id] = seq
                 self.scheduler.add(seq)
             self.requests[request_id] = request
 
@@ -193,8 +208,14 @@ class LLMEngine:
             )
         if params.n > self.config.max_num_seqs:
             raise RequestError("n", f"must be at most max_num_seqs ({self.config.max_num_seqs}), got {params.n}")
-        if len(token_ids) + 1 > self.block_manager.num_blocks * self.config.block_size:
-            raise RequestError("prompt", "the prompt does not fit in the whole KV cache")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
+        capacity = self.block_manager.num_blocks * self.config.block_size
+        if len(token_ids) + 1 > capacity:
+            raise RequestError("prompt", f"the prompt does not fit in the whole KV cache ({capacity} tokens)")
+        if len(token_ids) + (params.max_tokens or 0) > capacity:
+            raise RequestError("max_tokens", f"{len(token_ids)} prompt tokens + max_tokens {params.max_tokens} do "
+                                             f"not fit in the whole KV cache ({capacity} tokens)")
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         with self.lock:
@@ -208,7 +229,10 @@ class LLMEngine:
                     seq.finish_reason = "abort"
                 self.scheduler.finish(live)
                 self._finish_request(request)
-                self._finished_outputs.append(self._make_output(request))
+                try:
+                    self._finished_outputs.append(self._make_output(request))
+                except Exception as e:  # the request is already freed: report it failed
+                    self._finished_outputs.append(self._fail_request(request, e))
 
     def has_unfinished_requests(self) -> bool:
         with self.lock:
@@ -227,9 +251,10 @@ class LLMEngine:
                 lane = min(set(range(self.num_lanes)) - busy)
                 so, scheduled = self.scheduler.schedule(lane)
                 for seq in self.scheduler.unschedulable:
-                    seq.finish_reason = "length"
-                    self.scheduler.finish([seq])
-                    outputs.extend(self._after_seq_update({seq.request}))
+                    capacity = self.block_manager.num_blocks * self.config.block_size
+                    error = RequestError("max_tokens", f"the request needs more than the whole KV cache "
+                                                       f"({capacity} tokens) for one sample")
+                    outputs.append(self._fail_request(seq.request, error))
                 self.scheduler.unschedulable.clear()
                 if so.num_scheduled_tokens or so.finished_req_ids:
                     self._count_prompt_tokens(so, scheduled)
@@ -253,21 +278,27 @@ class LLMEngine:
             self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - start)
 
     def _process_result(self, result: ModelRunnerOutput) -> list[RequestOutput]:
-        touched: set[Request] = set()
+        touched: dict[Request, None] = {}  # ordered, so outputs come in batch order
+        failed: list[RequestOutput] = []
         now = time.time()
         if result.prompt_logprobs:  # before the tokens: a request's first output has them all
-            self._add_prompt_logprobs(result.prompt_logprobs)
+            failed += self._add_prompt_logprobs(result.prompt_logprobs)
         for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             seq = self.seqs.get(seq_id)
             if seq is None or seq.status != SequenceStatus.RUNNING:
                 continue  # finished, aborted or preempted while its batch was in flight
             seq.num_placeholders -= 1
-            self._append_token(seq, token_id, result.logprobs[i] if result.logprobs else None)
+            try:
+                self._append_token(seq, token_id, result.logprobs[i] if result.logprobs else None)
+            except Exception as e:  # detokenizer, stop check...: this request fails, the batch goes on
+                touched.pop(seq.request, None)
+                failed.append(self._fail_request(seq.request, e))
+                continue
             metrics = seq.request.metrics
             metrics.first_token_time = metrics.first_token_time or now
             metrics.last_token_time = now
-            touched.add(seq.request)
-        return self._after_seq_update(touched)
+            touched[seq.request] = None
+        return failed + self._after_seq_update(touched)
 
     def _append_token(self, seq: Sequence, token_id: int, logprobs: tuple[list[int], list[float], int] | None) -> None:
         seq.token_ids.append(token_id)
@@ -311,13 +342,19 @@ class LLMEngine:
             seq.text = seq.text[: pos + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:pos]
             seq.finish_reason, seq.stop_reason = "stop", stop
 
-    def _add_prompt_logprobs(self, chunks: dict[str, PromptLogprobsChunk]) -> None:
-        """File prompt logprobs by position; a prompt recomputed after preemption repeats some."""
+    def _add_prompt_logprobs(self, chunks: dict[str, PromptLogprobsChunk]) -> list[RequestOutput]:
+        """File prompt logprobs by position; a prompt recomputed after preemption repeats some.
+        Returns the outputs of requests that failed doing so (each fails alone)."""
+        failed = []
         for seq_id, (first, entries) in chunks.items():
             seq = self.seqs.get(seq_id)
             if seq is None or seq.status != SequenceStatus.RUNNING:
                 continue  # finished, aborted, or preempted in flight (it recomputes what it lacks)
-            extend_prompt_logprobs(seq.request.prompt_logprobs, first, entries, self.tokenizer)
+            try:
+                extend_prompt_logprobs(seq.request.prompt_logprobs, first, entries, self.tokenizer)
+            except Exception as e:
+                failed.append(self._fail_request(seq.request, e))
+        return failed
 
     def _decode_one(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
@@ -329,8 +366,29 @@ class LLMEngine:
                 self._finish_request(request)
             elif not self.stream_outputs:
                 continue
-            outputs.append(self._make_output(request))
+            try:
+                outputs.append(self._make_output(request))
+            except Exception as e:
+                outputs.append(self._fail_request(request, e))
         return outputs
+
+    def _fail_request(self, request: Request, error: Exception) -> RequestOutput:
+        """End a request that failed inside the engine, alone: free its sequences wherever they
+        are and report it finished with `error` (the other requests in the batch go on)."""
+        if isinstance(error, RequestError):
+            logger.warning("request %s failed: %s", request.request_id, error)
+        else:
+            logger.error("request %s failed inside the engine; ending it alone", request.request_id,
+                         exc_info=error)
+        live = [s for s in request.seqs if not s.is_finished]
+        for seq in live:
+            seq.finish_reason = "abort"
+        self.scheduler.finish(live)
+        self._finish_request(request)
+        outputs = [CompletionOutput(index=s.index, text=s.text, token_ids=s.output_token_ids, cumulative_logprob=None,
+                                    logprobs=None, finish_reason=s.finish_reason) for s in request.seqs]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, True,
+                             request.metrics, error=error)
 
     def _finish_request(self, request: Request) -> None:
         request.metrics.finished_time = time.time()

@@ -20,10 +20,16 @@ from engine.models.registry import get_model_class
 from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, SchedulerOutput
 from engine.parallel import get_parallel_state
 from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
+from engine.sampling_params import mix_seed
 
 logger = logging.getLogger("gantry.engine")
 
 CPU_DEFAULT_KV_GIB = 2.0
+# float32-safe bounds for user floats: past them the sampled distribution no longer changes
+# (uniform for a huge temperature; seen tokens forced or banned for an extreme repetition
+# penalty), while float32 would overflow to inf and turn the logits into nan.
+MAX_TEMPERATURE = 1e30
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-20, 1e20
 
 
 PLACEHOLDER = -1  # a token this runner sampled whose value the scheduler has not sent back yet
@@ -321,7 +327,7 @@ class ModelRunner:
         fields = [s.sampling for s in states]
         n, dev, to_dev = len(states), self.device, self.to_device
         vocab = self.model_config.hf_config.vocab_size
-        top_k = [f["top_k"] or vocab for f in fields]
+        top_k = [min(f["top_k"], vocab) or vocab for f in fields]  # larger than the vocabulary: off
         top_p = [f["top_p"] for f in fields]
         min_p = [f["min_p"] for f in fields]
         generators: dict[int, torch.Generator] = {}
@@ -330,12 +336,12 @@ class ModelRunner:
             num_output = len(state.token_ids) - f["num_prompt_tokens"]
             if f["seed"] is not None and f["temperature"] > 0:
                 # re-seeded per position: the same text whatever the batch, preemptions included
-                generators[row] = torch.Generator(device=dev).manual_seed(f["seed"] * 1_000_003 + num_output)
+                generators[row] = torch.Generator(device=dev).manual_seed(mix_seed(f["seed"], num_output))
             if num_output < f["min_tokens"]:
-                banned = sorted(set(f["stop_token_ids"]) | set(f["eos_token_ids"]))
+                banned = sorted(t for t in set(f["stop_token_ids"]) | set(f["eos_token_ids"]) if t < vocab)
                 min_tokens_mask.append((row, to_dev(banned, torch.long)))
         md = SamplingMetadata(
-            temperature=to_dev([f["temperature"] for f in fields], torch.float32),
+            temperature=to_dev([min(f["temperature"], MAX_TEMPERATURE) for f in fields], torch.float32),
             top_k=to_dev(top_k, torch.long) if any(k < vocab for k in top_k) else None,
             top_p=to_dev(top_p, torch.float32) if any(p < 1.0 for p in top_p) else None,
             min_p=to_dev(min_p, torch.float32) if any(p > 0 for p in min_p) else None,
@@ -361,7 +367,8 @@ class ModelRunner:
             md.output_token_counts, md.prompt_token_mask = counts, prompt_mask
             md.presence_penalty = to_dev([f["presence_penalty"] for f in fields], torch.float32)
             md.frequency_penalty = to_dev([f["frequency_penalty"] for f in fields], torch.float32)
-            md.repetition_penalty = to_dev([f["repetition_penalty"] for f in fields], torch.float32)
+            md.repetition_penalty = to_dev([min(max(f["repetition_penalty"], MIN_REPETITION_PENALTY),
+                                                MAX_REPETITION_PENALTY) for f in fields], torch.float32)
         logprobs = [f["logprobs"] for f in fields if f["logprobs"] is not None]
-        md.max_num_logprobs = max(logprobs) if logprobs else None
+        md.max_num_logprobs = min(max(logprobs), vocab) if logprobs else None
         return md

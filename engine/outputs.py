@@ -56,6 +56,9 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # set when the request failed inside the engine (finished, its samples "abort"): a RequestError
+    # naming the field when the request itself is at fault, else the internal error
+    error: Exception | None = None
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs was asked
 
 

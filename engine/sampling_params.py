@@ -1,7 +1,14 @@
-"""SamplingParams: how one request is decoded (vLLM's names and defaults)."""
+"""SamplingParams: how one request is decoded (vLLM's names and defaults).
+
+Every field is checked at construction for a type and range the sampler can represent, so a
+request that builds can never make the engine raise; values past what float32 or the
+vocabulary can hold are clamped where that keeps their meaning (see ModelRunner)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SamplingParamsError(ValueError):
@@ -14,6 +21,63 @@ class SamplingParamsError(ValueError):
 
 MAX_STOP_STRINGS = 64
 MAX_LOGPROBS = 20
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
+
+
+def _show(v: Any) -> str:
+    """A short rendering of a bad value for an error message (a huge int has no repr)."""
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10**40:
+        return f"an integer of {v.bit_length()} bits"
+    text = repr(v[:60] if isinstance(v, (str, bytes, list, tuple)) else v)
+    return text if len(text) <= 50 else text[:47] + "..."
+
+
+def _int(param: str, v: Any) -> int:
+    """v as a Python int (numpy integers included); bools and floats are refused."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise SamplingParamsError(param, f"must be an integer, got {_show(v)}")
+    return int(v)
+
+
+def _float(param: str, v: Any) -> float:
+    """v as a finite Python float; bools, strings, inf and nan are refused."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise SamplingParamsError(param, f"must be a number, got {_show(v)}")
+    try:
+        f = float(v)
+    except OverflowError:  # an int too large for a float
+        f = math.inf
+    if not math.isfinite(f):
+        raise SamplingParamsError(param, f"must be a finite number, got {_show(v)}")
+    return f
+
+
+def _bool(param: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise SamplingParamsError(param, f"must be true or false, got {_show(v)}")
+    return v
+
+
+MASK64 = 2**64 - 1
+
+
+def _splitmix64(x: int) -> int:
+    """One step of splitmix64: a bijection on 64-bit ints that mixes every input bit into every output bit."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """A generator seed in [0, 2**63) from any ints (a request's int64 seed, sample index, position).
+
+    Chained splitmix64, so nearby inputs (seed s at position p+1, seed s+1 at p) give unrelated
+    seeds, and two distinct int64 seeds collide on one position with probability about 2**-63."""
+    h = 0
+    for part in parts:
+        h = _splitmix64(h ^ (part & MASK64))
+    return h >> 1
 
 
 @dataclass
@@ -21,9 +85,9 @@ class SamplingParams:
     n: int = 1  # parallel samples from one prompt (they share the prompt's KV pages)
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0  # nucleus sampling, in (0, 1]
-    top_k: int = 0  # 0 or -1: off
+    top_k: int = 0  # 0 or -1: off; larger than the vocabulary: off
     min_p: float = 0.0  # drop tokens below min_p * p(top token)
-    seed: int | None = None  # per-request generator: same seed, same text, whatever the batch
+    seed: int | None = None  # any int64; per-request generator: same seed, same text, whatever the batch
     presence_penalty: float = 0.0  # OpenAI's, over generated tokens
     frequency_penalty: float = 0.0  # OpenAI's, over generated tokens
     repetition_penalty: float = 1.0  # HF's, over prompt and generated tokens
@@ -39,19 +103,39 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only, no text (saves CPU in offline benchmarks)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._normalize_types()
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+
+    def _normalize_types(self) -> None:
+        """Each field to its plain Python type, or a SamplingParamsError naming it."""
+        self.n = _int("n", self.n)
+        self.top_k = _int("top_k", self.top_k)
+        self.min_tokens = _int("min_tokens", self.min_tokens)
+        for name in ("max_tokens", "logprobs", "prompt_logprobs", "seed"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _int(name, getattr(self, name)))
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            setattr(self, name, _float(name, getattr(self, name)))
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
+            setattr(self, name, _bool(name, getattr(self, name)))
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not isinstance(stop, (list, tuple)):
+            raise SamplingParamsError("stop", f"must be a string or a list of strings, got {_show(stop)}")
+        self.stop = list(stop or [])
+        ids = self.stop_token_ids
+        if ids is not None and not isinstance(ids, (list, tuple)):
+            raise SamplingParamsError("stop_token_ids", f"must be a list of token ids, got {_show(ids)}")
+        self.stop_token_ids = [_int("stop_token_ids", t) for t in ids or []]
 
     def _validate(self) -> None:
         def bad(param: str, message: str) -> SamplingParamsError:
             return SamplingParamsError(param, message)
 
-        if not isinstance(self.n, int) or self.n < 1:
+        if self.n < 1:
             raise bad("n", f"must be an integer >= 1, got {self.n!r}")
         if self.temperature < 0:
             raise bad("temperature", f"must be >= 0, got {self.temperature}")
@@ -68,24 +152,25 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", f"must be >= 1, got {self.max_tokens}")
+            raise bad("max_tokens", f"must be >= 1, got {_show(self.max_tokens)}")
         if self.min_tokens < 0:
-            raise bad("min_tokens", f"must be >= 0, got {self.min_tokens}")
+            raise bad("min_tokens", f"must be >= 0, got {_show(self.min_tokens)}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            raise bad("min_tokens", f"must be <= max_tokens ({self.max_tokens}), got {_show(self.min_tokens)}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "stop strings must be non-empty strings")
         if self.stop and not self.detokenize:
             raise bad("stop", "stop strings need detokenize=True")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "token ids must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
-        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
-                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
-            raise bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", f"must be an integer, got {self.seed!r}")
+            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {_show(self.prompt_logprobs)}")
+        if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
+            raise bad("seed", f"must be a 64-bit integer in [-2**63, 2**63 - 1], got {_show(self.seed)}")
 
     @property
     def greedy(self) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from engine.block_manager import BlockManager
 from engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.sampling_params import mix_seed
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -29,7 +30,7 @@ def sampling_fields(seq: Sequence, eos_token_ids: list[int]) -> dict:
     p = seq.params
     return {
         "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
-        "seed": None if p.seed is None else p.seed + seq.index,
+        "seed": None if p.seed is None else mix_seed(p.seed, seq.index),  # each sample its own stream
         "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
         "repetition_penalty": p.repetition_penalty, "has_penalties": p.has_penalties, "min_tokens": p.min_tokens,
         "stop_token_ids": p.stop_token_ids, "eos_token_ids": eos_token_ids, "logprobs": p.logprobs,
@@ -53,7 +54,7 @@ class Scheduler:
         self._finished_ids: list[str] = []  # to tell the model runners next step
         # seq_id -> (tokens, block ids) the runners have seen, for every sequence they hold state for
         self._sent: dict[str, tuple[int, int]] = {}
-        self.unschedulable: list[Sequence] = []  # too long for the whole KV pool; the engine ends them
+        self.unschedulable: list[Sequence] = []  # too long for the whole KV pool; the engine fails their requests
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -69,10 +70,9 @@ class Scheduler:
     def _pick_victim(self, lane: int, scheduled: list[Sequence]) -> Sequence:
         """The newest running sequence of this lane not already in this step. With async
         scheduling it may be in the step in flight: that step's result for it is dropped."""
-        for j in range(len(self.running) - 1, -1, -1):
-            seq = self.running[j]
+        for seq in reversed(self.running):
             if seq.lane == lane and seq not in scheduled and (self.async_scheduling or not seq.num_in_flight):
-                return self.running.pop(j)
+                return seq
         raise AssertionError("no preemptible sequence in the lane being scheduled")
 
     def _may_schedule(self, seq: Sequence) -> bool:
@@ -108,6 +108,11 @@ class Scheduler:
                 continue
             while not self.block_manager.allocate(seq, num_new):
                 victim = self._pick_victim(lane, scheduled)
+                if victim is seq and seq.num_in_flight:
+                    # its own step is still in flight: wait for that token rather than drop it
+                    # (dropping it and recomputing could repeat forever at the edge of the pool)
+                    break
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
@@ -137,7 +142,9 @@ class Scheduler:
             self._schedule_tokens(seq, num_new, out, scheduled)
             budget -= num_new
         if not scheduled and not self.running and self.waiting and not preempted and not self.waiting[0].num_in_flight:
-            self.unschedulable.append(self.waiting.popleft())
+            # the whole pool is free and the oldest sequence still does not fit: it never will.
+            # It stays in `waiting` (status WAITING) until the engine finishes its request.
+            self.unschedulable.append(self.waiting[0])
         for seq in scheduled:
             self._describe(seq, out)
         out.finished_req_ids, self._finished_ids = self._finished_ids, []

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-
 @dataclass
 class SamplingMetadata:
     temperature: torch.Tensor  # [num_reqs] float32; 0 = greedy
@@ -79,8 +78,13 @@ class Sampler:
         if md.all_greedy:
             sampled = greedy
         else:
+            # Shift each row's top logit to 0 before dividing: with a tiny temperature the top
+            # tokens would overflow to +inf and the softmax to nan. A row where every token is
+            # banned stays -inf (its argmax, like greedy's, is then token 0).
+            row_max = logits.amax(dim=-1, keepdim=True)
+            row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
             temperature = torch.where(md.temperature > 0, md.temperature, 1.0).unsqueeze(1)
-            logits = logits / temperature
+            logits = (logits - row_max) / temperature
             if md.top_k is not None or md.top_p is not None:
                 logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
             probs = logits.softmax(dim=-1)

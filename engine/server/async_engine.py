@@ -19,7 +19,6 @@ from typing import Any
 from engine.config import ConfigError, EngineConfig
 from engine.errors import ModelLoadError
 from engine.outputs import Logprob, RequestOutput
-from engine.parallel import get_parallel_state
 from engine.sampling_params import SamplingParams
 from engine.server.metrics import ServerMetrics
 
@@ -29,7 +28,7 @@ EngineFactory = Callable[[EngineConfig], Any]
 PromptInput = str | list[int]
 
 
-DEAD_RANK_EXIT_DELAY_S = 3.0  # how long /health reports 503 before a multi-rank server exits
+DEAD_ENGINE_EXIT_DELAY_S = 3.0  # how long /health reports 503 before a server whose engine died exits
 
 
 @dataclass
@@ -215,11 +214,11 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self.state = "dead"
             self._fail_all(e)
-            if get_parallel_state().world_size > 1:
-                # A lost rank cannot be recovered in place: let /health report 503 for a moment,
-                # then exit non-zero so Slurm, Kubernetes or Docker restart the whole group.
-                time.sleep(DEAD_RANK_EXIT_DELAY_S)
-                self._call_soon(self._on_fatal, 1)
+            # A failure no single request explains (a lost rank, a batch-wide error) leaves the
+            # engine in an unknown state: let /health report 503 for a moment, then exit non-zero
+            # so Slurm, Kubernetes or Docker restart the server (the whole group with several ranks).
+            time.sleep(DEAD_ENGINE_EXIT_DELAY_S)
+            self._call_soon(self._on_fatal, 1)
 
     def _load(self) -> Any:
         factory = self.engine_factory
@@ -297,7 +296,10 @@ class AsyncEngine:
         deliveries: list[tuple[RequestStream, RequestDelta]] = []
         for out in outputs:
             t = self._tracked.get(out.request_id)
-            if t is None:  # warm-up, or a request refused at submission
+            if t is None:  # warm-up, a request refused at submission, or a failed one's sibling
+                continue
+            if out.error is not None:
+                self._fail_stream(out.request_id, t, out.error)
                 continue
             samples = []
             num_new = 0
@@ -327,6 +329,17 @@ class AsyncEngine:
                              sum(t.num_tokens), out)
         if deliveries:
             self._call_soon(_deliver, deliveries)
+
+    def _fail_stream(self, request_id: str, t: _Tracked, error: Exception) -> None:
+        """A request failed inside the engine: its HTTP request gets the error (a 400 naming the
+        field for a RequestError, else a 500), and the other prompts of that HTTP request are aborted."""
+        del self._tracked[request_id]
+        siblings = [rid for rid, other in self._tracked.items() if other.stream is t.stream]
+        if siblings:
+            self.engine.abort_request(siblings)
+            for rid in siblings:
+                del self._tracked[rid]
+        self._call_soon(_deliver, [(t.stream, error)])
 
     def _close_aborted(self, request_ids: list[str]) -> None:
         """Finish aborted requests for which step() gave no final output."""

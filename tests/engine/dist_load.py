@@ -30,7 +30,8 @@ def current_rss_bytes() -> int:
 def main() -> None:
     model, out_dir = sys.argv[1], sys.argv[2]
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    kwargs = {"tensor_parallel_size": world_size, "device": "cpu", "num_kv_blocks": 4, "enable_prefix_caching": False}
+    kwargs = {"tensor_parallel_size": world_size, "device": "cpu", "num_kv_blocks": 4, "max_model_len": 64,
+              "enable_prefix_caching": False}  # max_model_len: what 4 pages of 16 tokens hold
     config = EngineConfig(model=model, **kwargs)
     resolve_model_config(config, torch.device("cpu"))
     load_tokenizer(model, is_gguf=False)

@@ -30,7 +30,8 @@ def assert_all_free(llm: LLM) -> None:
 
 
 def test_preemption_same_output(tiny_llama: str, reference: list[list[int]], async_scheduling: bool) -> None:
-    llm = LLM(tiny_llama, num_kv_blocks=30, block_size=16, async_scheduling=async_scheduling)
+    # 30 pages (480 tokens) preempt; max_model_len must fit in them or start-up refuses
+    llm = LLM(tiny_llama, num_kv_blocks=30, block_size=16, max_model_len=480, async_scheduling=async_scheduling)
     outputs = llm.generate(prompts_of_lengths(LENGTHS), GREEDY, use_tqdm=False)
     assert llm.llm_engine.get_stats().num_preemptions_total > 0
     assert [o.outputs[0].token_ids for o in outputs] == reference
