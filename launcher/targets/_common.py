@@ -6,15 +6,17 @@ from launcher.plan import Plan
 Word = str  # a shell word: plain text (quoted when rendered) or a ShellExpr
 
 
-def torchrun_lines(plan: Plan, config: Word, node_rank: Word | None = None, master_addr: Word | None = None,
-                   nnodes: Word | None = None, runner: str = "torch.distributed.run") -> list[list[Word]]:
-    """`-m torch.distributed.run ... -m engine.serve --config CONFIG`, one flag group per line.
+TORCHRUN = "launcher.torchrun"  # torch.distributed.run, stopped rank 0 first and reported in one line
 
-    One node uses --standalone; several use the static rendezvous on node 0, so node rank 0
-    (which serves the API) is always the first machine. runner: torchrun's module, or
-    launcher.torchrun (the same with one-line failures) where a person watches the console.
+
+def torchrun_lines(plan: Plan, config: Word, node_rank: Word | None = None, master_addr: Word | None = None,
+                   nnodes: Word | None = None) -> list[list[Word]]:
+    """`-m launcher.torchrun ... -m engine.serve --config CONFIG`, one flag group per line.
+
+    torchrun's own arguments; one node uses --standalone; several use the static rendezvous on
+    node 0, so node rank 0 (which serves the API) is always the first machine.
     """
-    lines: list[list[Word]] = [["-m", runner],
+    lines: list[list[Word]] = [["-m", TORCHRUN],
                                ["--nnodes", nnodes or str(plan.nnodes), "--nproc-per-node", str(plan.nproc_per_node)]]
     if plan.multi_node:
         assert node_rank is not None and master_addr is not None, "multi-node torchrun needs a rank and a master"

@@ -1,6 +1,6 @@
 """deploy=docker: one `docker run` script per node (run.sh, or run-node<N>.sh with --network host).
 
-The container runs `python -m torch.distributed.run ... -m engine.serve --config` with the
+The container runs `python -m launcher.torchrun ... -m engine.serve --config` with the
 job's engine.yaml mounted; the API key reaches it as GANTRY_API_KEY or a mounted file.
 """
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """deploy=local: render run.sh (torchrun here, through launcher.torchrun) and run it in the foreground.
 
-Ctrl-C or SIGTERM goes to rank 0, which stops the server and tells the other ranks (the
-engine's own shutdown: torchrun then exits 0, no traceback); the agent is signalled only when
-rank 0 is not here or does not finish. Ranks still alive after deploy.stop_timeout_s, or
-orphaned by a dying agent, are killed: the launcher is their child subreaper.
+Ctrl-C or SIGTERM is forwarded to the torchrun agent, which hands it to rank 0 (the server drains
+and stops the other ranks: exit 0, no traceback); a second signal after server.shutdown_grace_s
+makes the agent stop every rank. Ranks still alive after deploy.stop_timeout_s, or orphaned by a
+dying agent, are killed: the launcher is their child subreaper.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from launcher.plan import Plan
 from launcher.render import Artefact
 from launcher.schema import LocalDeploy
 from launcher.targets._common import engine_summary, extra_env, key_env_check, summary, torchrun_lines
+from launcher.torchrun import children
 
 log = logging.getLogger(__name__)
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 REAP_GRACE_S = 5.0  # orphans get this long between SIGTERM and SIGKILL
-QUIET_TORCHRUN = "launcher.torchrun"  # torchrun whose stops and rank failures read as one line
 AGENT_AFTER_S = 10.0  # after rank 0's drain (server.shutdown_grace_s), this long before the agent is told too
 
 
@@ -48,8 +48,7 @@ def context(plan: Plan) -> dict[str, Any]:
         "key_env": key_env_check(plan),
         "check_key_env": key_env_check(plan) is not None,
         "python": d.python or sys.executable,
-        "torchrun": torchrun_lines(plan, str(plan.job_dir / "engine.yaml"), node_rank=rank, master_addr=d.master_addr,
-                                   runner=QUIET_TORCHRUN),
+        "torchrun": torchrun_lines(plan, str(plan.job_dir / "engine.yaml"), node_rank=rank, master_addr=d.master_addr),
     }
 
 
@@ -65,26 +64,10 @@ def _become_subreaper() -> bool:
     return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
-def _children(parent: int | None = None) -> list[int]:
-    """Pids whose parent is `parent` (default: this process, whose orphans they become once we are a subreaper)."""
-    me, pids = os.getpid() if parent is None else parent, []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue  # it exited meanwhile
-        if int(fields[1]) == me:
-            pids.append(int(entry))
-    return pids
-
-
 def _reap_all() -> None:
     """Wait for every child; SIGTERM then SIGKILL those that do not exit."""
     deadline = None
-    while pids := _children():
+    while pids := children(os.getpid()):
         for pid in pids:
             try:
                 if os.waitpid(pid, os.WNOHANG)[0]:
@@ -102,33 +85,10 @@ def _reap_all() -> None:
         time.sleep(0.1)
 
 
-def _rank_of(pid: int) -> int | None:
-    """RANK in a torchrun worker's environment (None: not a worker, or gone)."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
-    except OSError:
-        return None
-    rank = env.get(b"RANK", b"")
-    return int(rank) if rank.isdigit() else None
-
-
-def _stop_group(agent: int, signum: int) -> None:
-    """Rank 0 gets the signal when it runs here (it stops the server and the other ranks);
-    otherwise the torchrun agent gets SIGTERM and stops its ranks itself."""
-    rank0 = [pid for pid in _children(agent) if _rank_of(pid) == 0]
-    if not rank0:
-        _signal_group(agent, signal.SIGTERM)
-        return
-    try:
-        os.kill(rank0[0], signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
-    except ProcessLookupError:
-        _signal_group(agent, signal.SIGTERM)
-
-
 def run_foreground(argv: list[str], stop_timeout_s: float, agent_after_s: float = 40.0) -> int:
     """Run argv (it execs the torchrun agent) in its own session until it exits; Ctrl-C/SIGTERM stop it
-    (rank 0 first, the agent after agent_after_s, SIGKILL after stop_timeout_s); kill leftovers.
+    (the agent hands the first to rank 0, the second after agent_after_s stops every rank; SIGKILL
+    after stop_timeout_s); kill leftovers.
     The exit status: the group's, or 128 + the signal when a stop did not end in status 0."""
     _become_subreaper()
     proc = subprocess.Popen(argv, start_new_session=True)
@@ -140,7 +100,7 @@ def run_foreground(argv: list[str], stop_timeout_s: float, agent_after_s: float 
             return
         log.info("%s: stopping the torchrun group (up to %.0f s)", signal.Signals(signum).name, stop_timeout_s)
         stopping.append((signum, time.monotonic()))
-        _stop_group(proc.pid, signum)
+        _signal_group(proc.pid, signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     agent_told = False
@@ -157,7 +117,7 @@ def run_foreground(argv: list[str], stop_timeout_s: float, agent_after_s: float 
                     log.warning("the group did not stop in %.0f s: SIGKILL", stop_timeout_s)
                     _signal_group(proc.pid, signal.SIGKILL)
                 elif waited > min(agent_after_s, stop_timeout_s / 2) and not agent_told:
-                    agent_told = True  # rank 0 is done or stuck: the agent stops whatever is left
+                    agent_told = True  # rank 0 is done or stuck: torchrun's own stop of whatever is left
                     _signal_group(proc.pid, signal.SIGTERM)
         _reap_all()
     finally:

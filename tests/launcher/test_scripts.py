@@ -108,8 +108,8 @@ def test_moved_slurm_job_dir_runs_from_where_it_is(tmp_path: Path) -> None:
                 SLURM_JOB_NODELIST="node0")
     assert done.returncode == 0, done.stderr
     check, run = python.read_text().splitlines()
-    assert check == "-c import torch, engine"
-    assert run.startswith("-m torch.distributed.run --nnodes 1 --nproc-per-node 1 --standalone")
+    assert check == "-c import torch, engine, launcher.torchrun"
+    assert run.startswith("-m launcher.torchrun --nnodes 1 --nproc-per-node 1 --standalone")
     assert run.endswith(f"-m engine.serve --config {job}/engine.yaml")
     assert "/srv/gantry/job" not in files["job.sbatch"] + files["node.sh"]
 

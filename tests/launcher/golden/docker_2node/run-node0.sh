@@ -36,7 +36,7 @@ docker run --init \
   --health-start-period 1800s \
   --entrypoint python3 \
   gantry:latest \
-  -m torch.distributed.run \
+  -m launcher.torchrun \
   --nnodes 2 --nproc-per-node 2 \
   --node-rank 0 --master-addr 10.0.0.1 --master-port 29500 \
   --max-restarts 0 \

@@ -33,7 +33,7 @@ docker run --init \
   --stop-timeout 60 \
   --entrypoint python3 \
   gantry:latest \
-  -m torch.distributed.run \
+  -m launcher.torchrun \
   --nnodes 2 --nproc-per-node 2 \
   --node-rank 1 --master-addr 10.0.0.1 --master-port 29500 \
   --max-restarts 0 \

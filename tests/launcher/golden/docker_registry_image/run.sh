@@ -23,7 +23,7 @@ docker run -d --init \
   --health-start-period 1800s \
   --entrypoint python3 \
   registry.example/gantry:1.0 \
-  -m torch.distributed.run \
+  -m launcher.torchrun \
   --nnodes 1 --nproc-per-node 1 \
   --standalone \
   --max-restarts 0 \

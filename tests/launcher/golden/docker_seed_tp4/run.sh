@@ -35,7 +35,7 @@ docker run -d --init \
   --health-start-period 1800s \
   --entrypoint python3 \
   gantry:latest \
-  -m torch.distributed.run \
+  -m launcher.torchrun \
   --nnodes 1 --nproc-per-node 4 \
   --standalone \
   --max-restarts 0 \

@@ -5,11 +5,11 @@
 # per node, node rank = $SLURM_NODEID, rendezvous on $MASTER_ADDR.
 set -euo pipefail
 JOB_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)"
-if ! /opt/gantry/bin/python -c "import torch, engine" >/dev/null 2>&1; then
+if ! /opt/gantry/bin/python -c "import torch, engine, launcher.torchrun" >/dev/null 2>&1; then
   echo "gantry: deploy.python: /opt/gantry/bin/python on $(hostname) cannot import torch and gantry's engine; set deploy.python to an interpreter every node has (a venv's bin/python on the shared home), or deploy.setup lines that activate one" >&2
   exit 2
 fi
-exec /opt/gantry/bin/python -m torch.distributed.run \
+exec /opt/gantry/bin/python -m launcher.torchrun \
   --nnodes "$SLURM_NNODES" --nproc-per-node 2 \
   --standalone \
   --max-restarts 0 \
