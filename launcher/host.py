@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from launcher.plan import Plan, Problem, keyless_local
-from launcher.schema import DockerDeploy, K8sDeploy, LocalDeploy, SlurmDeploy
+from launcher.schema import K8sDeploy, LocalDeploy, SlurmDeploy
 from launcher.weights import missing_weights
 
 GPU_PROBE = "import torch; print(torch.cuda.device_count())"
