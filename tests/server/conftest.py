@@ -88,12 +88,16 @@ class LiveServer:
         return self.proc.returncode
 
 
-def launch(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, api_key: str | None = None) -> LiveServer:
-    """Start a server and return at once (it loads in the background)."""
+def launch(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, api_key: str | None = None,
+           entry: tuple[str, ...] = ("-m", "engine.serve")) -> LiveServer:
+    """Start a server and return at once (it loads in the background); entry: what python runs
+    (e.g. ("-c", code) for a server with an engine_factory), given engine.serve's flags."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "engine.serve", "--host", "127.0.0.1", "--port", str(port), *BASE_ARGS, *args]
-    proc_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(port), *BASE_ARGS, *args]
+    # without the caller's $GANTRY_API_KEY, which the server would otherwise require (unless env passes it)
+    inherited = {k: v for k, v in os.environ.items() if k != "GANTRY_API_KEY"}
+    proc_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=proc_env)
     return LiveServer(proc, port, log_path, api_key)
@@ -124,5 +128,20 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     """A ready server without an API key (the seed's examples send none), shared by the API,
     error and load tests to pay for one model load."""
     s = wait_ready(launch(tmp_path_factory.mktemp("server"), "--max-request-body-bytes", str(MAX_BODY_BYTES)))
+    yield s
+    s.stop()
+
+
+API_KEY = "hardening-key-5d2e"  # given through an environment variable, never on the command line
+KEYED_MAX_MODEL_LEN = 1024  # long enough that a large request is really tokenized before it is refused
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory):
+    """A ready server with an API key and the default body limit (8 MiB), shared by the
+    hardening and large-request tests to pay for one model load."""
+    s = wait_ready(launch(tmp_path_factory.mktemp("keyed_server"), "--api-key-env", "GANTRY_TEST_API_KEY",
+                          "--max-model-len", str(KEYED_MAX_MODEL_LEN), env={"GANTRY_TEST_API_KEY": API_KEY},
+                          api_key=API_KEY))
     yield s
     s.stop()
