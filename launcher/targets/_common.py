@@ -1,7 +1,7 @@
 """What every target renders the same way: the torchrun command line, env and a summary."""
 from __future__ import annotations
 
-from launcher.plan import Plan
+from launcher.plan import DEFAULT_KEY_ENV, Plan
 
 Word = str  # a shell word: plain text (quoted when rendered) or a ShellExpr
 
@@ -56,6 +56,12 @@ def key_env_check(plan: Plan) -> str | None:
     if plan.api_key_source != "env":
         return None
     return plan.cfg.server.api_key_env
+
+
+def key_env_to_unset(plan: Plan) -> str | None:
+    """GANTRY_API_KEY when no key is configured: the engine would still read it from the environment
+    (vLLM's rule for VLLM_API_KEY), and server=noauth means no key. Host-run scripts unset it."""
+    return DEFAULT_KEY_ENV if plan.api_key_source == "none" else None
 
 
 def engine_summary(plan: Plan) -> str:

@@ -21,7 +21,8 @@ from typing import Any
 from launcher.plan import Plan
 from launcher.render import Artefact
 from launcher.schema import LocalDeploy
-from launcher.targets._common import engine_summary, extra_env, key_env_check, summary, torchrun_lines
+from launcher.targets._common import (engine_summary, extra_env, key_env_check, key_env_to_unset, summary,
+                                      torchrun_lines)
 from launcher.torchrun import children
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def context(plan: Plan) -> dict[str, Any]:
         "env": env,
         "key_env": key_env_check(plan),
         "check_key_env": key_env_check(plan) is not None,
+        "unset_key_env": key_env_to_unset(plan),
         "python": d.python or sys.executable,
         "torchrun": torchrun_lines(plan, str(plan.job_dir / "engine.yaml"), node_rank=rank, master_addr=d.master_addr),
     }

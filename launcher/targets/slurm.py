@@ -17,7 +17,8 @@ from typing import Any
 from launcher.plan import Plan
 from launcher.render import Artefact, ShellExpr
 from launcher.schema import SlurmDeploy
-from launcher.targets._common import engine_summary, extra_env, key_env_check, summary, torchrun_lines
+from launcher.targets._common import (engine_summary, extra_env, key_env_check, key_env_to_unset, summary,
+                                      torchrun_lines)
 from launcher.weights import fetch_command, model_kind, weights_key
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def context(plan: Plan) -> dict[str, Any]:
         "sbatch_options": sbatch,
         "setup": list(d.setup),
         "check_key_env": key_env is not None,
+        "unset_key_env": key_env_to_unset(plan),
         "key_env": key_env,
         "env": extra_env(plan),
         "master_addr_command": d.master_addr_command,

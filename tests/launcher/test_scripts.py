@@ -9,6 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.launcher.conftest import render
@@ -150,3 +151,16 @@ def test_k8s_pod_takes_its_node_rank_from_the_hostname(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr
         argv = python.read_text().splitlines()[-1].split()
         assert argv[argv.index("--node-rank") + 1] == rank
+
+
+def test_noauth_scripts_hide_the_key_variable_from_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """server=noauth means no key: the engine reads $GANTRY_API_KEY when none is configured (vLLM's rule
+    for VLLM_API_KEY), so host-run scripts unset it; with a key configured it stays."""
+    monkeypatch.setenv("GANTRY_API_KEY", "sk-when-rendering")  # else deploy=local renders keyless
+    python = tmp_path / "bin" / "python"
+    _tool(tmp_path / "bin", "python", f'printf "key=%s\\n" "${{GANTRY_API_KEY:-}}" >> "{tmp_path}/seen.log"')
+    for server in ("server=noauth", "server=default"):
+        job = _write(render(["engine=cpu", server, f"deploy.python={python}"]), tmp_path / server)
+        done = _run(job / "run.sh", tmp_path / "bin", GANTRY_API_KEY="sk-from-the-shell")
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "seen.log").read_text().splitlines() == ["key=", "key=sk-from-the-shell"]
