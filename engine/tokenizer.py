@@ -1,7 +1,8 @@
 """Tokenizer loading (HF directory or GGUF) and incremental detokenisation.
 
 The detokenizer decodes a window of recent tokens and emits only text that ends in a
-complete character, so multi-byte UTF-8 (Chinese, emoji) never streams half a character.
+complete character, so multi-byte UTF-8 (Chinese, emoji) never streams half a character,
+nor ends a sequence with one.
 """
 from __future__ import annotations
 
@@ -62,10 +63,11 @@ class IncrementalDetokenizer:
         return ""
 
     def flush(self) -> str:
-        """At the end of a sequence: whatever is still held back (an incomplete character
-        decodes to U+FFFD, as a plain decode of all the tokens gives)."""
+        """At the end of a sequence: the text still held back, less a last character whose bytes
+        never completed (cut by max_tokens; it would decode to U+FFFD). vLLM drops it too; its
+        tokens still count as generated."""
         prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
-        delta = self._decode(self.token_ids[self.prefix_offset :])[len(prefix_text) :]
+        delta = self._decode(self.token_ids[self.prefix_offset :])[len(prefix_text) :].rstrip(REPLACEMENT_CHAR)
         self.prefix_offset = self.read_offset = len(self.token_ids)
         self.text += delta
         return delta

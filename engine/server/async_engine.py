@@ -48,6 +48,7 @@ class RequestDelta:
     finished: bool
     prompt: str | None = None  # set on a request's first delta only
     prompt_token_ids: list[int] | None = None  # set on a request's first delta only
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first delta only, when asked
 
 
 class RequestStream:
@@ -320,6 +321,8 @@ class AsyncEngine:
             delta = RequestDelta(out.request_id, samples, out.finished)
             if not t.sent_prompt:
                 delta.prompt, delta.prompt_token_ids = out.prompt, list(out.prompt_token_ids)
+                if out.prompt_logprobs is not None:  # complete by a request's first output
+                    delta.prompt_logprobs = list(out.prompt_logprobs)
                 t.sent_prompt = True
             deliveries.append((t.stream, delta))
             if out.finished:

@@ -6,6 +6,7 @@ aborts its requests.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -52,6 +53,7 @@ class _Sample:
 class _Request:
     prompt: str = ""
     prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # when echo asked for logprobs
     samples: list[_Sample] = field(default_factory=list)
 
 
@@ -70,6 +72,7 @@ class _Results:
         if delta.prompt_token_ids is not None:
             # the prompt as the client sent it, when known (the engine only saw its token ids)
             req.prompt, req.prompt_token_ids = req.prompt or delta.prompt or "", delta.prompt_token_ids
+            req.prompt_logprobs = delta.prompt_logprobs
         changed = []
         for d in delta.samples:
             s = req.samples[d.index]
@@ -105,7 +108,8 @@ class _Detok:
         return self.tokenizer.decode([token_id])
 
 
-def _chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int, detok: _Detok) -> list[dict]:
+def _chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int, detok: _Detok) -> dict:
+    """A choice's `logprobs` object: per-token content; `refusal` is required and this server never refuses."""
     content = []
     for tid, lps in zip(token_ids, logprobs):
         chosen = lps.get(tid)
@@ -120,15 +124,15 @@ def _chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top
                 for i, lp in tops
             ],
         })
-    return content
+    return {"content": content, "refusal": None}
 
 
 def _completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, top: int,
                          detok: _Detok, offset: int) -> dict[str, list]:
-    """Legacy format; logprobs None (echoed prompt tokens) gives null logprobs."""
+    """Legacy format; a position without logprobs (the first prompt token) gives nulls, as OpenAI's."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for k, tid in enumerate(token_ids):
-        lps = logprobs[k] if logprobs is not None else None
+        lps = logprobs[k] if logprobs is not None and k < len(logprobs) else None
         chosen = lps.get(tid) if lps is not None else None
         token = detok(tid, chosen)
         out["tokens"].append(token)
@@ -212,10 +216,10 @@ async def _collect(stream: RequestStream, results: _Results, prompt_param: str) 
 
 # ---- routes ----
 
-async def list_models(request: Request) -> HTTPResponse:
-    state = _state(request).require_ready()
+def _model_card(state: ServerState) -> dict[str, Any]:
+    """OpenAI's Model object, plus vLLM's extras (root, parent, max_model_len, permission)."""
     engine = state.llm_engine
-    return json_response({"object": "list", "data": [{
+    return {
         "id": engine.model_name,
         "object": "model",
         "created": state.created,
@@ -224,7 +228,21 @@ async def list_models(request: Request) -> HTTPResponse:
         "parent": None,
         "max_model_len": engine.max_model_len,
         "permission": [],
-    }]})
+    }
+
+
+async def list_models(request: Request) -> HTTPResponse:
+    state = _state(request).require_ready()
+    return json_response({"object": "list", "data": [_model_card(state)]})
+
+
+async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
+    state = _state(request).require_ready()
+    name = state.llm_engine.model_name
+    if model_id != name:
+        raise APIError(404, f"model: the model `{model_id[:200]}` does not exist; this server serves `{name}`",
+                       param="model", code="model_not_found")
+    return json_response(_model_card(state))
 
 
 async def create_completion(request: Request) -> HTTPResponse | None:
@@ -236,15 +254,19 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     created = int(time.time())
     model = state.llm_engine.model_name
     detok = _Detok(state.frontend.tokenizer)
-    subs = [(f"{cid}-{i}", p, req.params) for i, p in enumerate(req.prompts)]
+    params = req.params
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
+        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+    subs = [(f"{cid}-{i}", p, params) for i, p in enumerate(req.prompts)]
     top = req.logprobs or 0
 
     def prefix(results: _Results, choice: int) -> tuple[str, dict | None]:
-        """The echoed prompt of a choice, and its (null) logprobs."""
+        """The echoed prompt of a choice, and its logprobs (null for the first token)."""
         r = results.requests[choice // results.n]
         if not req.echo:
             return "", None
-        lps = _completion_logprobs(r.prompt_token_ids, None, top, detok, 0) if req.logprobs is not None else None
+        lps = (_completion_logprobs(r.prompt_token_ids, r.prompt_logprobs, top, detok, 0)
+               if req.logprobs is not None else None)
         return r.prompt, lps
 
     if not req.stream:
@@ -260,7 +282,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
                     choices.append({"index": choice, "text": text + s.text, "logprobs": lps,
                                     "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
             return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
-                                  "choices": choices, "usage": results.usage(), "system_fingerprint": None})
+                                  "choices": choices, "usage": results.usage()})
 
         return await _generate(request, state, subs, "prompt", respond, prepared.prompt_texts)
 
@@ -271,7 +293,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
             body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
                                     "choices": choices}
-            if req.include_usage:
+            if usage is not None:  # the schema's usage is not nullable here (unlike chat chunks): omit it
                 body["usage"] = usage
             return _sse(body)
 
@@ -286,6 +308,8 @@ async def create_completion(request: Request) -> HTTPResponse | None:
                     lps = _merge_logprobs(lps, _completion_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:],
                                                                     top, detok, offsets[choice]))
                 offsets[choice] += len(new_text)
+                if not (text or new_text or lps is not None or s.finish_reason is not None):
+                    continue  # tokens that end inside a character: nothing to say yet
                 out.append({"index": choice, "text": text + new_text, "logprobs": lps,
                             "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
             for c in out:
@@ -314,12 +338,11 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             await _collect(stream, results, "messages")
             choices = []
             for i, s in enumerate(results.requests[0].samples):
-                lps = ({"content": _chat_logprobs(s.token_ids, s.logprobs, req.top_logprobs, detok)}
-                       if req.logprobs else None)
-                choices.append({"index": i, "message": {"role": "assistant", "content": s.text},
+                lps = _chat_logprobs(s.token_ids, s.logprobs, req.top_logprobs, detok) if req.logprobs else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
                                 "logprobs": lps, "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
             return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                  "choices": choices, "usage": results.usage(), "system_fingerprint": None})
+                                  "choices": choices, "usage": results.usage()})
 
         return await _generate(request, state, subs, "messages", respond)
 
@@ -340,8 +363,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             for choice, s, new_text, num_new in results.apply(delta):
                 lps = None
                 if req.logprobs and num_new:
-                    lps = {"content": _chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:],
-                                                     req.top_logprobs, detok)}
+                    lps = _chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:], req.top_logprobs, detok)
                 if not new_text and lps is None and s.finish_reason is None:
                     continue
                 message = {"content": new_text} if new_text else {}
@@ -371,6 +393,7 @@ async def detokenize(request: Request) -> HTTPResponse:
 
 def register_openai_routes(app: Sanic) -> None:
     app.add_route(list_models, "/v1/models", methods=["GET"])
+    app.add_route(retrieve_model, "/v1/models/<model_id:path>", methods=["GET"])
     app.add_route(create_completion, "/v1/completions", methods=["POST"])
     app.add_route(create_chat_completion, "/v1/chat/completions", methods=["POST"])
     app.add_route(tokenize, "/tokenize", methods=["POST"])
