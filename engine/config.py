@@ -19,34 +19,38 @@ class ConfigError(ValueError):
         self.param = param
 
 
+DEFAULT_API_KEY_ENV = "GANTRY_API_KEY"  # read when no key is configured (vLLM reads VLLM_API_KEY)
+GENERATION_CONFIG_KEYS = ("max_new_tokens",)  # generation_config keys the engine applies as request defaults
 DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "bf16", "fp16", "float", "fp32")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 @dataclass
 class EngineConfig:
-    model: str | None = None  # HF directory, .gguf file, or None for the embedded SmolLM2
-    tokenizer: str | None = None  # tokenizer directory or .gguf; defaults to the model's
-    served_model_name: str | None = None  # name in the API; defaults to the model's name
+    model: str | None = None  # HF directory or .gguf file
+    tokenizer: str | None = None  # tokenizer directory or .gguf
+    served_model_name: str | None = None  # name in the API
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (auto: checkpoint dtype on GPU, float32 on CPU)
-    max_model_len: int | None = None  # context length; defaults to the model's max_position_embeddings
+    max_model_len: int | None = None  # context length
     load_format: str = "auto"  # auto | safetensors | gguf | dummy (random weights from config.json)
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (dummy shapes)
     seed: int = 0  # seed for dummy weights and for requests that set no seed
     block_size: int = 16  # tokens per KV cache page
     gpu_memory_utilization: float = 0.9  # fraction of GPU memory the engine may use (weights + KV pool)
-    kv_cache_memory_gib: float | None = None  # fixed KV pool size; on CPU defaults to 2 GiB
+    kv_cache_memory_gib: float | None = None  # fixed KV pool size in GiB
     num_kv_blocks: int | None = None  # fixed number of KV pages (overrides the sizing above; tests)
     max_num_seqs: int = 256  # most requests running at once
-    max_num_batched_tokens: int | None = None  # token budget per step; defaults to max(8192, block_size)
+    max_num_batched_tokens: int | None = None  # token budget per step
     enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
     enforce_eager: bool = False  # never capture CUDA graphs
     tensor_parallel_size: int = 1  # ranks that split each layer
     pipeline_parallel_size: int = 1  # ranks that split the layer stack
     device: str = "auto"  # auto | cuda | cpu
-    pipeline_parallel_lanes: int | None = None  # batches in flight with pp > 1 (default: pp size; 1 to compare)
+    pipeline_parallel_lanes: int | None = None  # batches in flight with pp > 1 (1 to compare)
     distributed_timeout_s: float = 60.0  # a collective that waits longer than this means a dead rank
-    async_scheduling: bool | None = None  # schedule step t+1 while step t runs; None: on for one GPU process
+    async_scheduling: bool | None = None  # schedule step t+1 while step t runs
+    generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {"max_new_tokens": 512}
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -76,6 +80,20 @@ class EngineConfig:
                               "pipeline_parallel_size 1)")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError("device", f"must be auto, cuda or cpu, got {self.device!r}")
+        if not isinstance(self.generation_config, str) or not self.generation_config:
+            raise ConfigError("generation_config", f"must be auto, vllm or a directory, got {self.generation_config!r}")
+        self._check_generation_override()
+
+    def _check_generation_override(self) -> None:
+        override = self.override_generation_config
+        if not isinstance(override, dict):
+            raise ConfigError("override_generation_config", f"must be a JSON object, got {override!r}")
+        for key, value in override.items():
+            if key not in GENERATION_CONFIG_KEYS:
+                raise ConfigError(f"override_generation_config.{key}",
+                                  f"not applied by this engine (supported: {', '.join(GENERATION_CONFIG_KEYS)})")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"override_generation_config.{key}", f"must be an integer >= 1, got {value!r}")
 
     @property
     def world_size(self) -> int:
@@ -102,14 +120,19 @@ class ServerConfig:
             raise ConfigError("max_waiting_requests", f"must be >= 1, got {self.max_waiting_requests}")
 
     def resolve_api_key(self) -> str | None:
-        """The key from value, environment variable or file (in that order); None: no auth."""
+        """The key from value, environment variable or file (in that order), else from
+        $GANTRY_API_KEY when set; None: no auth."""
+        return self.resolve_api_key_and_source()[0]
+
+    def resolve_api_key_and_source(self) -> tuple[str | None, str | None]:
+        """(key, where it came from) for the start-up log; (None, None): no auth."""
         if self.api_key:
-            return self.api_key
+            return self.api_key, "api_key"
         if self.api_key_env:
             value = os.environ.get(self.api_key_env)
             if not value:
                 raise ConfigError("api_key_env", f"environment variable {self.api_key_env} is not set or empty")
-            return value
+            return value, self.api_key_env
         if self.api_key_file:
             try:
                 with open(self.api_key_file, encoding="utf-8") as f:
@@ -118,8 +141,11 @@ class ServerConfig:
                 raise ConfigError("api_key_file", f"cannot read {self.api_key_file}: {e.strerror}") from None
             if not value:
                 raise ConfigError("api_key_file", f"{self.api_key_file} is empty")
-            return value
-        return None
+            return value, f"file {self.api_key_file}"
+        value = os.environ.get(DEFAULT_API_KEY_ENV)
+        if value:  # nothing configured: the default variable, as vLLM reads VLLM_API_KEY
+            return value, DEFAULT_API_KEY_ENV
+        return None, None
 
 
 def _build(cls: type, data: dict[str, Any], section: str) -> Any:

@@ -1,20 +1,28 @@
-"""Offline API with vLLM's names: LLM(...).generate(prompts, sampling_params) and .chat(...)."""
+"""Offline API with vLLM's names: LLM(...).generate(prompts, sampling_params) and .chat(...).
+
+A prompt is vLLM's: a string, {"prompt": str} (TextPrompt), {"prompt_token_ids": [...]}
+(TokensPrompt), or a list of token ids; generate() takes one or a list of them.
+"""
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import logging
+import sys
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
 from tqdm import tqdm
 
 from engine.config import EngineConfig
+from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
-Prompt = str | list[int]
+Prompt = str | list[int]  # what the engine takes
+PromptType = str | list[int] | dict[str, Any]  # what generate() takes (vLLM's PromptType, text only)
+PROMPT_KEYS = ("prompt", "prompt_token_ids")
 Conversation = list[dict[str, Any]]
 
 
@@ -46,15 +54,26 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the model's generation defaults (max_new_tokens -> max_tokens), else SamplingParams()."""
+        max_tokens = self.llm_engine.model_config.default_max_tokens
+        return SamplingParams(max_tokens=max_tokens) if max_tokens is not None else SamplingParams()
+
     def generate(
         self,
-        prompts: Prompt | SequenceABC[Prompt],
+        prompts: PromptType | SequenceABC[PromptType],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        return self._run(list(prompts), sampling_params, use_tqdm)
+        """prompts: one prompt or a list (see the module docstring); sampling_params: one for all,
+        one per prompt, or None for get_default_sampling_params()."""
+        single = isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts))
+        if not single and not isinstance(prompts, SequenceABC):
+            raise RequestError("prompts", f"must be a prompt or a list of prompts, got {type(prompts).__name__}")
+        items = [prompts] if single else list(prompts)
+        return self._run([_parse_prompt(p, "prompts" if single else f"prompts[{i}]") for i, p in enumerate(items)],
+                         sampling_params, use_tqdm)
 
     def chat(
         self,
@@ -71,7 +90,7 @@ class LLM:
         self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool
     ) -> list[RequestOutput]:
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
@@ -90,10 +109,33 @@ class LLM:
             engine.step()
             raise
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+        # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
+        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm or not sys.stderr.isatty()) as bar:
             while len(finished) < len(ids):
                 for output in engine.step():
                     if output.finished and output.request_id in ids:
                         finished[output.request_id] = output
                         bar.update(1)
         return [finished[i] for i in ids]
+
+
+def _parse_prompt(prompt: Any, where: str) -> Prompt:
+    """One of vLLM's prompt forms as the engine takes it: text or token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - set(PROMPT_KEYS))
+        if unknown:
+            raise RequestError(f"{where}.{unknown[0]}", "not supported (a text model: give 'prompt' or 'prompt_token_ids')")
+        if len(prompt) != 1:
+            raise RequestError(where, "give exactly one of 'prompt' (text) or 'prompt_token_ids'")
+        key, value = next(iter(prompt.items()))
+        if key == "prompt":
+            if not isinstance(value, str):
+                raise RequestError(f"{where}.prompt", f"must be a string, got {type(value).__name__}")
+            return value
+        where = f"{where}.prompt_token_ids"
+        prompt = value
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return list(prompt)
+    raise RequestError(where, "must be a string, a list of token ids, {'prompt': str} or {'prompt_token_ids': [...]}")

@@ -173,7 +173,9 @@ class LLMEngine:
                 prompt_text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else None
             self._validate(token_ids, params)
             num_prompt = len(token_ids)
-            max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - num_prompt)
+            # no max_tokens: the model's generation_config default (as vLLM), else the context left
+            default = self.model_config.default_max_tokens or self.max_model_len
+            max_tokens = min(params.max_tokens or default, self.max_model_len - num_prompt)
             metrics = RequestMetrics(arrival_time=arrival_time or time.time())
             request = Request(request_id, prompt_text, token_ids, params, metrics, max_tokens)
             if params.prompt_logprobs is not None:

@@ -1,5 +1,5 @@
 """Weights into the model, one tensor at a time: safetensors (sharded, sliced per rank),
-GGUF (dequantized with the gguf package) and dummy (random, for benchmarks).
+GGUF (dequantized by engine.gguf_file) and dummy (random, for benchmarks).
 
 Each checkpoint tensor goes to its parameter's weight_loader, which copies only this rank's
 shard, so peak host memory stays about one tensor (or one shard) above the model.
@@ -10,15 +10,17 @@ import glob
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine import startup
 from engine.errors import ModelLoadError
+from engine.gguf_file import open_gguf
 from engine.model_config import ModelConfig
 
 
@@ -77,34 +79,28 @@ _GGUF_NAMES = [
 ]
 
 
-def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+def _unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp interleaves the rotary halves of Llama's q/k rows; undo it."""
     half = w.shape[0] // num_heads // 2
-    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def iter_gguf(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf import GGUFReader, dequantize
-
-    try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(path, f"corrupt GGUF file: {e}") from None
+    """(HF name, float32 tensor) from the GGUF file, through the parse the model config made."""
     permute = hf_config.model_type in ("llama", "mistral")
-    for tensor in reader.tensors:
-        name = tensor.name
+    for info, weights in open_gguf(path).iter_tensors():
+        name = info.name
         for pattern, repl in _GGUF_NAMES:
             if re.match(pattern, name):
                 name = re.sub(pattern, repl, name)
                 break
         else:
             continue  # rope_freqs and other tensors we compute ourselves
-        weights = dequantize(tensor.data, tensor.tensor_type)  # [out, in] float32
         if permute and name.endswith("q_proj.weight"):
             weights = _unpermute_qk(weights, hf_config.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             weights = _unpermute_qk(weights, hf_config.num_key_value_heads)
-        yield name, torch.from_numpy(np.array(weights))  # a writable copy of the memory map
+        yield name, weights
 
 
 def _default_loader(param: nn.Parameter, loaded: Any) -> None:
@@ -112,6 +108,11 @@ def _default_loader(param: nn.Parameter, loaded: Any) -> None:
 
 
 def load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bool, seed: int) -> None:
+    with startup.phase("weights"):
+        _load_weights(model, model_config, show_progress, seed)
+
+
+def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bool, seed: int) -> None:
     params = dict(model.named_parameters())
     if model_config.load_format == "dummy":
         generator = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
@@ -123,11 +124,13 @@ def load_weights(model: nn.Module, model_config: ModelConfig, show_progress: boo
         return
     if model_config.load_format == "gguf":
         tensors: Iterator[tuple[str, Any]] = iter_gguf(model_config.path, model_config.hf_config)
-        total = None
+        total = len(open_gguf(model_config.path).tensors)
     else:
         tensors = iter_safetensors(model_config.path)
         total = None
     loaded_names: set[str] = set()
+    # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
+    show_progress = show_progress and sys.stderr.isatty()
     for name, loaded in tqdm(tensors, desc="Loading weights", unit="tensor", total=total, disable=not show_progress):
         mapped = model.checkpoint_to_param(name)
         if mapped is None:

