@@ -21,21 +21,15 @@ from sanic.response import json as json_response
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.server.async_engine import PromptInput, RequestDelta, RequestStream
+from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs, merge_completion_logprobs
 from engine.server.protocol import APIError
 from engine.server.text import PreparedChat, PreparedCompletion
 
 if TYPE_CHECKING:
     from engine.server.app import ServerState
 
-MIN_LOGPROB = -9999.0  # stands for -inf, which JSON cannot carry
-
-
 def _state(request: Request) -> ServerState:
     return request.app.ctx.state
-
-
-def _clamp(logprob: float) -> float:
-    return max(logprob, MIN_LOGPROB)
 
 
 # ---- accumulating deltas ----
@@ -92,66 +86,6 @@ class _Results:
         prompt = sum(len(r.prompt_token_ids) for r in self.requests)
         completion = sum(len(s.token_ids) for r in self.requests for s in r.samples)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-# ---- logprobs in both of OpenAI's formats ----
-
-class _Detok:
-    """Token id -> text, preferring the engine's decoded_token."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-
-    def __call__(self, token_id: int, lp: Logprob | None = None) -> str:
-        if lp is not None and lp.decoded_token is not None:
-            return lp.decoded_token
-        return self.tokenizer.decode([token_id])
-
-
-def _chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int, detok: _Detok) -> dict:
-    """A choice's `logprobs` object: per-token content; `refusal` is required and this server never refuses."""
-    content = []
-    for tid, lps in zip(token_ids, logprobs):
-        chosen = lps.get(tid)
-        token = detok(tid, chosen)
-        tops = sorted(lps.items(), key=lambda kv: kv[1].rank)[:top]
-        content.append({
-            "token": token,
-            "logprob": _clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
-            "bytes": list(token.encode("utf-8")),
-            "top_logprobs": [
-                {"token": (t := detok(i, lp)), "logprob": _clamp(lp.logprob), "bytes": list(t.encode("utf-8"))}
-                for i, lp in tops
-            ],
-        })
-    return {"content": content, "refusal": None}
-
-
-def _completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]] | None, top: int,
-                         detok: _Detok, offset: int) -> dict[str, list]:
-    """Legacy format; a position without logprobs (the first prompt token) gives nulls, as OpenAI's."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for k, tid in enumerate(token_ids):
-        lps = logprobs[k] if logprobs is not None and k < len(logprobs) else None
-        chosen = lps.get(tid) if lps is not None else None
-        token = detok(tid, chosen)
-        out["tokens"].append(token)
-        out["text_offset"].append(offset)
-        offset += len(token)
-        if lps is None:
-            out["token_logprobs"].append(None)
-            out["top_logprobs"].append(None)
-            continue
-        out["token_logprobs"].append(_clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB)
-        out["top_logprobs"].append({detok(i, lp): _clamp(lp.logprob) for i, lp in lps.items()
-                                    if lp.rank <= top or i == tid})
-    return out
-
-
-def _merge_logprobs(a: dict[str, list] | None, b: dict[str, list]) -> dict[str, list]:
-    if a is None:
-        return b
-    return {k: a[k] + b[k] for k in a}
 
 
 # ---- shared plumbing ----
@@ -253,7 +187,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = state.llm_engine.model_name
-    detok = _Detok(state.frontend.tokenizer)
+    detok = TokenText(state.frontend.tokenizer)
     params = req.params
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
@@ -265,7 +199,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         r = results.requests[choice // results.n]
         if not req.echo:
             return "", None
-        lps = (_completion_logprobs(r.prompt_token_ids, r.prompt_logprobs, top, detok, 0)
+        lps = (completion_logprobs(r.prompt_token_ids, r.prompt_logprobs, top, detok, 0)
                if req.logprobs is not None else None)
         return r.prompt, lps
 
@@ -278,7 +212,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
                     choice = p * results.n + i
                     text, lps = prefix(results, choice)
                     if req.logprobs is not None:
-                        lps = _merge_logprobs(lps, _completion_logprobs(s.token_ids, s.logprobs, top, detok, len(text)))
+                        lps = merge_completion_logprobs(lps, completion_logprobs(s.token_ids, s.logprobs, top, detok, len(text)))
                     choices.append({"index": choice, "text": text + s.text, "logprobs": lps,
                                     "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
             return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -305,7 +239,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
                     text, lps = prefix(results, choice)
                     offsets[choice] = len(text)
                 if req.logprobs is not None and num_new:
-                    lps = _merge_logprobs(lps, _completion_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:],
+                    lps = merge_completion_logprobs(lps, completion_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:],
                                                                     top, detok, offsets[choice]))
                 offsets[choice] += len(new_text)
                 if not (text or new_text or lps is not None or s.finish_reason is not None):
@@ -330,7 +264,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = state.llm_engine.model_name
-    detok = _Detok(state.frontend.tokenizer)
+    detok = TokenText(state.frontend.tokenizer)
     subs = [(f"{cid}-0", prepared.prompt_token_ids, req.params)]
 
     if not req.stream:
@@ -338,7 +272,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             await _collect(stream, results, "messages")
             choices = []
             for i, s in enumerate(results.requests[0].samples):
-                lps = _chat_logprobs(s.token_ids, s.logprobs, req.top_logprobs, detok) if req.logprobs else None
+                lps = chat_logprobs(s.token_ids, s.logprobs, req.top_logprobs, detok) if req.logprobs else None
                 choices.append({"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
                                 "logprobs": lps, "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
             return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
@@ -363,7 +297,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             for choice, s, new_text, num_new in results.apply(delta):
                 lps = None
                 if req.logprobs and num_new:
-                    lps = _chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:], req.top_logprobs, detok)
+                    lps = chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:], req.top_logprobs, detok)
                 if not new_text and lps is None and s.finish_reason is None:
                     continue
                 message = {"content": new_text} if new_text else {}
