@@ -56,7 +56,7 @@ def show(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
     if isinstance(v, str):
-        text = json.dumps(v[:48])
+        text = json.dumps(v[:48], ensure_ascii=False)
         return text if len(v) <= 48 else f"{text[:-1]}...\" ({len(v)} characters)"
     if isinstance(v, list):
         return f"a list of {len(v)} items"
