@@ -2,6 +2,7 @@
 
 add_request validates and queues; step() schedules, runs the model through the executor,
 appends sampled tokens, detokenizes, applies stop conditions and frees finished sequences.
+A request whose own processing raises fails alone (RequestOutput.error); the rest of the batch goes on.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ from engine.errors import RequestError
 from engine.executor import UniprocExecutor
 from engine.model_config import resolve_model_config
 from engine.model_runner import ModelRunner
-from engine.outputs import (
-    CompletionOutput, Logprob, ModelRunnerOutput, PromptLogprobsChunk, RequestMetrics, RequestOutput, SchedulerOutput,
-)
+from engine.output_processor import check_stop_strings, failed_output, make_output
+from engine.outputs import Logprob, ModelRunnerOutput, PromptLogprobsChunk, RequestMetrics, RequestOutput, SchedulerOutput
 from engine.parallel import get_parallel_state, init_distributed
 from engine.prompt_logprobs import extend_prompt_logprobs
 from engine.sampling_params import SamplingParams
@@ -232,7 +232,7 @@ class LLMEngine:
                 self.scheduler.finish(live)
                 self._finish_request(request)
                 try:
-                    self._finished_outputs.append(self._make_output(request))
+                    self._finished_outputs.append(make_output(request))
                 except Exception as e:  # the request is already freed: report it failed
                     self._finished_outputs.append(self._fail_request(request, e))
 
@@ -323,26 +323,13 @@ class LLMEngine:
             old_len = len(seq.text)
             seq.text += seq.detokenizer.add_tokens([token_id])
             if params.stop and num_output >= params.min_tokens:
-                self._check_stop_strings(seq, old_len)
+                check_stop_strings(seq, old_len)
         if seq.finish_reason is None and (num_output >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
                 seq.text += seq.detokenizer.flush()
             self.scheduler.finish([seq])
-
-    def _check_stop_strings(self, seq: Sequence, old_len: int) -> None:
-        longest = max(len(s) for s in seq.params.stop)
-        search_from = max(0, old_len - longest + 1)
-        best: tuple[int, str] | None = None
-        for stop in seq.params.stop:
-            pos = seq.text.find(stop, search_from)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, stop)
-        if best is not None:
-            pos, stop = best
-            seq.text = seq.text[: pos + len(stop)] if seq.params.include_stop_str_in_output else seq.text[:pos]
-            seq.finish_reason, seq.stop_reason = "stop", stop
 
     def _add_prompt_logprobs(self, chunks: dict[str, PromptLogprobsChunk]) -> list[RequestOutput]:
         """File prompt logprobs by position; a prompt recomputed after preemption repeats some.
@@ -369,7 +356,7 @@ class LLMEngine:
             elif not self.stream_outputs:
                 continue
             try:
-                outputs.append(self._make_output(request))
+                outputs.append(make_output(request))
             except Exception as e:
                 outputs.append(self._fail_request(request, e))
         return outputs
@@ -387,35 +374,13 @@ class LLMEngine:
             seq.finish_reason = "abort"
         self.scheduler.finish(live)
         self._finish_request(request)
-        outputs = [CompletionOutput(index=s.index, text=s.text, token_ids=s.output_token_ids, cumulative_logprob=None,
-                                    logprobs=None, finish_reason=s.finish_reason) for s in request.seqs]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, True,
-                             request.metrics, error=error)
+        return failed_output(request, error)
 
     def _finish_request(self, request: Request) -> None:
         request.metrics.finished_time = time.time()
         self.requests.pop(request.request_id, None)
         for seq in request.seqs:
             self.seqs.pop(seq.seq_id, None)
-
-    def _make_output(self, request: Request) -> RequestOutput:
-        outputs = []
-        for seq in request.seqs:
-            text = seq.text
-            if not seq.is_finished and seq.params.stop:
-                # hold back what could still turn out to be the start of a stop string
-                text = text[: max(0, len(text) - max(len(s) for s in seq.params.stop) + 1)]
-            outputs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                logprobs=seq.output_logprobs if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-            ))
-        return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, outputs, request.finished,
-            request.metrics, num_cached_tokens=max(s.num_cached_tokens for s in request.seqs),
-            prompt_logprobs=request.prompt_logprobs,
-        )
 
     def get_stats(self) -> EngineStats:
         with self.lock:
