@@ -119,3 +119,16 @@ def test_cpu_kv_pool_sized_for_the_model_and_not_zeroed(llm: LLM) -> None:
     grown = rss() - before
     runner.allocate_kv_cache(engine.block_manager.num_blocks)  # back to the engine's pool
     assert grown < 64 * 2**20, f"allocating the pool touched {grown / 2**20:.0f} MiB (zeroed?)"
+
+
+def test_cpu_serving_imports_no_triton_and_starts_no_cuda(tiny_llama: str) -> None:
+    """Neither Triton nor a CUDA context on a CPU run (each costs seconds of start-up)."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, torch\nfrom engine import LLM, SamplingParams\nimport engine.serve, engine.server.app\n"
+            f"LLM({tiny_llama!r}, device='cpu').generate('hi', SamplingParams(max_tokens=2), use_tqdm=False)\n"
+            f"print('triton' in sys.modules, torch.cuda.is_initialized())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]
