@@ -239,7 +239,10 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
         loop = asyncio.get_running_loop()
         def on_fatal(code: int) -> None:
             state.exit_code = code
-            app.stop()
+            if app.state.is_running:
+                app.stop()
+            else:  # still in Sanic's start-up listeners, where stopping the loop leaves the process hanging
+                loop.create_task(_stop_once_serving(app))
 
         state.on_fatal = on_fatal
         state.frontend = TextFrontend()  # its workers start importing while the model loads
@@ -257,6 +260,13 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
             state.frontend.shutdown()
 
     return app
+
+
+async def _stop_once_serving(app: Sanic) -> None:
+    """app.stop() for a fatal error raised before Sanic finished starting (an engine that fails fast)."""
+    while not app.state.is_running:
+        await asyncio.sleep(0.05)
+    app.stop()
 
 
 async def drain(app: Sanic) -> None:

@@ -98,6 +98,34 @@ def test_pool_smaller_than_max_model_len_is_refused_at_start_up(tmp_path) -> Non
     assert "Traceback" not in log
 
 
+FAIL_AT_ONCE_SERVE = """
+import sys
+from engine.config import ConfigError
+from engine.serve import parse_configs
+from engine.server.app import create_app
+
+def fail_at_once(config):
+    raise ConfigError("max_model_len", "injected: refused before Sanic has finished starting")
+
+engine_config, server_config, _ = parse_configs(sys.argv[1:])
+app = create_app(engine_config, server_config, None, engine_factory=fail_at_once)
+app.run(host=server_config.host, port=server_config.port, single_process=True, access_log=False, motd=False)
+sys.exit(app.ctx.state.exit_code)
+"""
+
+
+def test_an_engine_that_fails_during_sanic_start_up_still_exits(tmp_path) -> None:
+    """The fatal callback can arrive while Sanic still runs its start-up listeners; stopping the
+    loop there used to leave the process hanging instead of exiting 2."""
+    s = launch(tmp_path, entry=("-c", FAIL_AT_ONCE_SERVE))
+    try:
+        code = s.proc.wait(timeout=60)
+    finally:
+        s.stop()
+    assert code == 2, s.log()[-3000:]
+    assert "injected: refused" in s.log()
+
+
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory: pytest.TempPathFactory):
     s = wait_ready(launch(tmp_path_factory.mktemp("faulty"), entry=("-c", FAULTY_SERVE)))
