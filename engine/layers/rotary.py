@@ -11,6 +11,7 @@ from engine.config import ConfigError
 from engine.layers.ops import ops_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_CACHE: dict[tuple, RotaryEmbedding] = {}  # see RotaryEmbedding.from_config
 
 
 def _inv_freq(rotary_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -45,10 +46,17 @@ class RotaryEmbedding(nn.Module):
 
     @classmethod
     def from_config(cls, head_dim: int, config: Any) -> RotaryEmbedding:
+        """One instance per distinct rotary (vLLM's get_rope): every layer shares its cos/sin cache,
+        computed once instead of per layer (30 x 2 MiB and a second of start-up for SmolLM2)."""
         # transformers >= 5 keeps theta and scaling in rope_parameters; older ones in rope_theta/rope_scaling
         params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         base = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
-        return cls(head_dim, config.max_position_embeddings, base, params or None)
+        device = torch.empty(0).device  # the model is built under `with torch.device(...)`
+        key = (head_dim, config.max_position_embeddings, base, repr(sorted(params.items())), str(device),
+               torch.get_default_dtype())
+        if key not in _ROPE_CACHE:
+            _ROPE_CACHE[key] = cls(head_dim, config.max_position_embeddings, base, params or None)
+        return _ROPE_CACHE[key]
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
