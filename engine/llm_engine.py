@@ -66,7 +66,7 @@ class LLMEngine:
         self.model_config = mc = resolve_model_config(config, self.device)
         self.max_model_len = mc.max_model_len
         self.model_name = mc.served_model_name
-        self.tokenizer = load_tokenizer(mc.path, mc.is_gguf, required=mc.load_format != "dummy")
+        self.tokenizer = load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy")
         self.eos_token_ids = self._eos_token_ids()
         is_driver = get_parallel_state().is_driver
         runner = ModelRunner(config, mc, self.device, show_progress and is_driver)

@@ -52,6 +52,8 @@ class ModelConfig:
     max_model_len: int
     served_model_name: str
     load_format: str  # safetensors | gguf | dummy
+    tokenizer: str = ""  # HF directory or .gguf file of the tokenizer (EngineConfig.tokenizer, else path)
+    tokenizer_is_gguf: bool = False
     generation_config: dict[str, Any] = field(default_factory=dict)  # the model's defaults, overrides applied
     generation_config_source: str = "none"  # where they came from, for the start-up log
 
@@ -137,12 +139,16 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device) -> ModelConfig
         name = DEFAULT_MODEL_NAME
     else:
         name = os.path.basename(os.path.normpath(path))
+    tokenizer = cfg.tokenizer or path
+    if not os.path.exists(tokenizer):
+        raise ConfigError("tokenizer", f"{tokenizer} does not exist (give a tokenizer directory or .gguf file)")
     generation_config, source = resolve_generation_config(cfg, path, is_gguf)
     return ModelConfig(
         path=path, is_gguf=is_gguf, hf_config=hf_config, architecture=arch,
         dtype=resolve_dtype(cfg.dtype, hf_config, device), max_model_len=max_model_len,
-        served_model_name=name, load_format=load_format, generation_config=generation_config,
-        generation_config_source=source,
+        served_model_name=name, load_format=load_format, tokenizer=tokenizer,
+        tokenizer_is_gguf=os.path.isfile(tokenizer) and tokenizer.endswith(".gguf"),
+        generation_config=generation_config, generation_config_source=source,
     )
 
 

@@ -132,3 +132,16 @@ def test_cpu_serving_imports_no_triton_and_starts_no_cuda(tiny_llama: str) -> No
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_tokenizer_option_is_used(tiny_llama: str, tmp_path) -> None:
+    """EngineConfig.tokenizer (--tokenizer) names where the tokenizer is (the seed ignored it)."""
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{tiny_llama}/{name}", weights_only / name)
+    llm = LLM(str(weights_only), tokenizer=tiny_llama, device="cpu", max_model_len=32)
+    assert llm.generate("The quick brown fox", GREEDY, use_tqdm=False)[0].outputs[0].text
+    with pytest.raises(ConfigError) as e:
+        LLM(str(weights_only), tokenizer=str(tmp_path / "nowhere"), device="cpu")
+    assert e.value.param == "tokenizer"
