@@ -171,9 +171,10 @@ def resolve_generation_config(cfg: EngineConfig, path: str, is_gguf: bool) -> tu
     model's defaults: EMBEDDED_GENERATION_CONFIG), `vllm` none, a directory its file;
     --override-generation-config goes on top. Returns (the applied keys, where they came from)."""
     if cfg.generation_config == "vllm":
-        data, source = {}, "none (--generation-config vllm)"
+        data, source = {}, "ignored (--generation-config vllm)"
     elif cfg.generation_config != "auto":
-        data, source = _read_generation_config(cfg.generation_config, "generation_config"), cfg.generation_config
+        data = _read_generation_config(cfg.generation_config, "generation_config")
+        source = os.path.join(cfg.generation_config, "generation_config.json")
     elif cfg.model is None:
         data, source = dict(EMBEDDED_GENERATION_CONFIG), "the embedded model's defaults"
     elif not is_gguf and os.path.isfile(os.path.join(path, "generation_config.json")):

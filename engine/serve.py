@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="(default: info)")
     _add_dataclass_flags(parser, EngineConfig, "engine (EngineConfig)")
     _add_dataclass_flags(parser, ServerConfig, "server (ServerConfig)")
+    parser.add_argument("--disable-ui", dest="ServerConfig.ui", action="store_false", default=argparse.SUPPRESS,
+                        help="do not serve the built-in chat page at / and /ui, same as --no-ui (default: served)")
     return parser
 
 
@@ -146,7 +148,12 @@ def preflight(engine_config: EngineConfig) -> Any:
     check_world_size(engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size)
     device = resolve_device(engine_config)
     with startup.phase("model config"):
-        resolve_model_config(engine_config, device)  # cached: the engine's own call reuses the parse
+        model_config = resolve_model_config(engine_config, device)  # cached: the engine's call reuses the parse
+    if int(os.environ.get("RANK", "0")) == 0:
+        limit = model_config.default_max_tokens
+        logger.info("requests without max_tokens: %s (generation config: %s)",
+                    f"at most {limit} tokens" if limit else "up to the context length",
+                    model_config.generation_config_source)
     return device
 
 

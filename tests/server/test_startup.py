@@ -42,6 +42,8 @@ def test_start_up_log(keyed_server: LiveServer) -> None:
 
     one(r"INFO gantry\.serve: device: cpu \(\d+ threads, \d+ cores\)$")
     one(r"INFO gantry\.serve: API key: required \(from GANTRY_API_KEY\)$")
+    one(rf"requests without max_tokens: at most {DEFAULT_MAX_TOKENS} tokens \(generation config: the embedded "
+        r"model's defaults \+ --override-generation-config\)$")
     assert KEY not in log
     startup = one(r"gantry\.serve: start-up [\d.]+ s to ready \(CPU time [\d.]+ s\): ")
     for phase in ("imports", "model config", "tokenizer", "weights", "model build and KV pool", "warm-up and server"):
