@@ -73,7 +73,7 @@ class ServerState:
 
     @property
     def llm_engine(self) -> Any:
-        """The LLMEngine itself (once loaded): its tokenizer, model_name, max_model_len."""
+        """The LLMEngine itself (once loaded): model_name, max_model_len; its tokenizer is the engine thread's."""
         return self.engine.engine
 
     @property
@@ -88,8 +88,8 @@ class ServerState:
         if not self.engine.ready or self.frontend is None:
             return
         engine = self.llm_engine
-        ctx = ModelContext(engine.model_name, engine.max_model_len,
-                           len(engine.tokenizer) if engine.tokenizer is not None else engine.model_config.hf_config.vocab_size)
+        # vocab_size: the tokenizer's (load() counts it on its copy), else the model's
+        ctx = ModelContext(engine.model_name, engine.max_model_len, engine.model_config.hf_config.vocab_size)
         t0 = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, engine.tokenizer, ctx)

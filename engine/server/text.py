@@ -205,7 +205,8 @@ class TextFrontend:
         self._blob = blob
         self._hand_out(blob)
         wait(self._warm)
-        self.ctx = replace(ctx, max_text_chars=max_text_chars)
+        vocab_size = len(self.tokenizer) if self.tokenizer is not None else ctx.vocab_size
+        self.ctx = replace(ctx, vocab_size=vocab_size, max_text_chars=max_text_chars)
 
     async def run(self, kind: str, raw: bytes) -> Any:
         """WORK[kind] on a request body; APIError for anything wrong with it."""

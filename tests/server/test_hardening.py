@@ -96,14 +96,18 @@ def test_open_routes_in_every_form(keyed_server: LiveServer, path: str):
 
 
 def test_default_deny_every_registered_route():
-    """A route is guarded unless registered public: only the ops routes are, /metrics as configured."""
+    """A route is guarded unless registered public: only the ops routes (/metrics as configured) and
+    the chat page's static files are."""
     for metrics_require_key, public in ((False, {"/health", "/ready", "/version", "/metrics"}),
                                         (True, {"/health", "/ready", "/version"})):
         app = create_app(EngineConfig(device="cpu"), ServerConfig(metrics_require_key=metrics_require_key),
                          api_key="k")
         Sanic.unregister_app(app)  # not run: its name is free for the next one
         routes = {"/" + route.path: bool(getattr(route.ctx, "public", False)) for route in app.router.routes}
-        assert {path for path, is_open in routes.items() if is_open} == public
+        open_routes = {path for path, is_open in routes.items() if is_open}
+        page_files = {path for path in open_routes if path in ("/", "/ui") or path.startswith("/ui/")}
+        assert open_routes - page_files == public
+        assert "/ui/status" not in open_routes  # the page's live data is guarded like /v1
         assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"} <= set(routes)
 
 
