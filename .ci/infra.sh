@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages that tests/infra needs (Slurm, munge, Docker engine,
-# debootstrap) and the other infra tools (shellcheck, prometheus), as root, quietly and
-# idempotently. Services are not started here: the test fixtures start private daemons.
+# debootstrap) and the other test tools (shellcheck, prometheus, chromium for the chat page),
+# as root, quietly and idempotently. Services are not started here: the test fixtures start private daemons.
 # Usage: bash .ci/infra.sh   (safe to run again; prints what it did and how long it took)
 set -euo pipefail
 
@@ -10,6 +10,8 @@ packages=(
   docker.io                              # dockerd, containerd, runc, docker-init
   debootstrap                            # the CPU test image's base, from the Debian mirror
   shellcheck prometheus                  # rendered shell scripts, the metrics scrape test
+  chromium chromium-driver               # the chat page's browser test (tests/server/test_ui.py)
+  fonts-dejavu-core fonts-wqy-microhei   # its screenshots: Latin and Chinese glyphs
   ca-certificates iproute2 procps tar curl
 )
 
@@ -45,7 +47,8 @@ else
   echo "infra.sh: all ${#packages[@]} packages already installed"
 fi
 
-for tool in munged slurmctld slurmd sbatch dockerd containerd runc debootstrap shellcheck prometheus; do
+for tool in munged slurmctld slurmd sbatch dockerd containerd runc debootstrap shellcheck prometheus \
+    chromium chromedriver; do
   command -v "$tool" >/dev/null || { echo "infra.sh: $tool missing after install" >&2; exit 1; }
 done
 echo "infra.sh: ready in $(( $(date +%s) - start ))s"

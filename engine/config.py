@@ -112,6 +112,7 @@ class ServerConfig:
     max_request_body_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     log_requests: bool = True  # one info line per finished request
+    ui: bool = True  # serve the built-in chat page at / and /ui (--disable-ui turns it off)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -70,6 +70,7 @@ class ServerOptions:
     max_request_body_bytes: int = 8388608  # larger request bodies get 413
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     log_requests: bool = True  # one info line per finished request
+    ui: bool = True  # serve the built-in chat page at / and /ui (public; the chat itself needs the key)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from engine.server.metrics import ServerMetrics
 from engine.server.openai import register_openai_routes
 from engine.server.protocol import APIError, ModelContext
 from engine.server.text import TextFrontend
+from engine.server.ui_routes import register_ui_routes
 
 logger = logging.getLogger("gantry.server")
 
@@ -233,6 +234,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
         return raw(state.metrics.render(), content_type=CONTENT_TYPE_LATEST)
 
     register_openai_routes(app)
+    register_ui_routes(app, state, server_config.ui)
 
     @app.after_server_start
     async def start_engine(app: Sanic) -> None:
