@@ -153,7 +153,7 @@ def _token_ids(v: Any, name: str, vocab_size: int, max_len: int | None = None) -
         raise bad(name, "must be a list of integer token ids")
     for t in v:
         if not 0 <= t < vocab_size:
-            raise bad(name, f"token id {t} is outside the vocabulary [0, {vocab_size})")
+            raise bad(name, f"token id {show(t)} is outside the vocabulary [0, {vocab_size})")
     return v
 
 
