@@ -178,7 +178,8 @@ class TextFrontend:
         self._pool, self._warm = self._start_pool()
 
     def _start_pool(self) -> tuple[ProcessPoolExecutor, Any]:
-        # spawn, not fork: the server has threads (the engine's, torch's) that a fork would copy mid-flight
+        # spawn, not fork: the server has threads (the engine's, torch's) that a fork would copy mid-flight.
+        # A spawned worker imports the main module again (engine.serve keeps its work under __main__).
         mp = multiprocessing.get_context("spawn")
         blobs = mp.Queue()
         pool = ProcessPoolExecutor(self.num_workers, mp_context=mp, initializer=_init_worker,
