@@ -224,11 +224,15 @@ def _timed_engine_factory(engine_config: EngineConfig) -> Any:
 
 
 async def _log_when_ready(app: Any) -> None:
-    """One line, once the engine is ready, with the time each start-up phase took."""
-    engine = app.ctx.state.engine
-    while engine.state in ("starting", "loading"):
+    """One line, once /ready answers 200, with the time each start-up phase took."""
+    state = app.ctx.state
+    while state.engine.state in ("starting", "loading"):
         await asyncio.sleep(0.05)
-    if engine.ready:
+    engine_ready = startup.since_start()
+    while state.engine.ready and not getattr(state, "ready", True):  # the API's text workers, if any
+        await asyncio.sleep(0.05)
+    if state.engine.ready:
+        startup.record("text workers", startup.since_start() - engine_ready)
         logger.info("%s", startup.summary(startup.since_start()))
 
 

@@ -42,6 +42,8 @@ def summary(total: float) -> str:
     with _lock:
         phases = dict(_phases)
     rest = max(0.0, total - sum(phases.values()))
-    parts = [f"{name} {seconds:.1f} s" for name, seconds in phases.items()]
+    parts = [f"{name} {seconds:.1f} s" for name, seconds in phases.items() if name != "text workers"]
     parts.append(f"warm-up and server {rest:.1f} s")
+    if "text workers" in phases:  # after the engine: the API's tokenizer processes
+        parts.append(f"text workers {phases['text workers']:.1f} s")
     return f"start-up {total:.1f} s to ready (CPU time {time.process_time():.1f} s): " + ", ".join(parts)
