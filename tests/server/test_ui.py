@@ -94,6 +94,28 @@ def test_disable_ui_turns_the_page_off(tmp_path: Path) -> None:
         assert server.stop() == 0, server.log()[-2000:]
 
 
+def test_readme_shows_the_page_and_how_to_open_it() -> None:
+    repo = UI_DIR.parents[2]
+    readme = (repo / "README.md").read_text()
+    shot = re.search(r"!\[[^\]]*\]\((docs/[\w.-]+\.png)\)", readme)
+    assert shot and (repo / shot[1]).read_bytes().startswith(b"\x89PNG"), "README's screenshot of the page"
+    assert "http://localhost:8000/" in readme and "--disable-ui" in readme
+
+
+@pytest.mark.parametrize("target", ["local", "docker", "slurm", "k8s"])
+def test_launcher_server_ui_renders_into_every_target(target: str, tmp_path: Path) -> None:
+    from engine.config import load_config_file
+    from tests.launcher.conftest import render
+
+    extra = ["deploy.python=python3"] if target == "local" else ["model=tiny-llama"]
+    for ui in ("true", "false"):
+        files = render([f"deploy={target}", f"server.ui={ui}", *extra])
+        (tmp_path / "engine.yaml").write_text(files["engine.yaml"])
+        assert load_config_file(str(tmp_path / "engine.yaml"))[1].ui is (ui == "true")
+        if target == "k8s":  # the pods read engine.yaml from the ConfigMap
+            assert files["engine.yaml"].strip() in files["k8s/configmap.yaml"].replace("\n    ", "\n")
+
+
 # ---- in the browser ----
 
 @pytest.fixture(scope="module")
@@ -261,4 +283,6 @@ def test_chinese_streams_intact(page: Any, keyed_server: LiveServer) -> None:
     assert streamed == expected and re.search(r"[\u4e00-\u9fff]", streamed), (streamed, expected)
     thread = page.execute_script(THREAD_TEXT)
     assert "\ufffd" not in thread and CHINESE_PROMPT in thread
+    titles = [e.text for e in page.find_elements("css selector", "#conversations .conversation-title")]
+    assert len(shown) == 3 and titles[0].startswith(CHINESE_PROMPT[:8]), titles  # several conversations kept
     screenshot(page, "chat-chinese-desktop")

@@ -57,6 +57,23 @@ def test_lora_adapters_are_offered_and_sent(page: Any, fake: FakeAPI) -> None:
                         "s.dispatchEvent(new Event('change'));")
 
 
+def test_system_prompt_and_sampling_fields_are_sent(page: Any, fake: FakeAPI) -> None:
+    page.find_element("id", "settings-toggle").click()
+    for field, value in (("system-prompt", "Answer in one word."), ("temperature", "0.2"), ("top-p", "0.9"),
+                         ("max-tokens", "33")):
+        page.find_element("id", field).clear()
+        page.find_element("id", field).send_keys(value)
+    ask(page, "hi")
+    body = fake.requests[-1]
+    assert body["messages"] == [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "hi"}]
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.2, 0.9, 33)
+    page.find_element("id", "reset-settings").click()
+    page.find_element("id", "settings-toggle").click()
+    ask(page, "hi")
+    body = fake.requests[-1]
+    assert body["messages"] == [{"role": "user", "content": "hi"}] and "max_tokens" not in body
+
+
 def test_html_and_javascript_links_in_an_answer_render_as_text(page: Any) -> None:
     answer = ask(page, "xss")
     content = answer.find_element("css selector", ".content")
@@ -93,6 +110,11 @@ def test_reasoning_is_a_collapsible_block(page: Any) -> None:
 def test_utf8_cut_between_network_writes_arrives_whole(page: Any) -> None:
     answer = ask(page, "chinese")
     assert answer.find_element("css selector", ".content").text == CHINESE
+
+
+def test_an_answer_cut_by_max_tokens_says_so(page: Any) -> None:
+    assert "max tokens reached" in ask(page, "long").find_element("css selector", ".meta").text
+    assert "max tokens reached" not in ask(page, "short").find_element("css selector", ".meta").text
 
 
 def test_an_error_event_keeps_the_partial_answer(page: Any) -> None:

@@ -25,9 +25,11 @@ PARTIAL_BEFORE_ERROR = "Half an answer"
 ERROR_MESSAGE = "the engine failed: injected <b>error</b>"
 
 
-def _chunk(delta: dict[str, Any] | None = None, usage: dict[str, int] | None = None) -> bytes:
+def _chunk(delta: dict[str, Any] | None = None, usage: dict[str, int] | None = None,
+           finish_reason: str | None = None) -> bytes:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
     body: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": FAKE_MODEL,
-                            "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": None}]}
+                            "choices": choices}
     if usage is not None:
         body["usage"] = usage
     return b"data: " + json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\n\n"
@@ -53,8 +55,10 @@ def script(prompt: str) -> Iterator[bytes]:
         yield _chunk({"content": PARTIAL_BEFORE_ERROR})
         yield b"data: " + json.dumps({"error": {"message": ERROR_MESSAGE, "type": "server_error"}}).encode() + b"\n\n"
         return
+    elif prompt == "long":
+        yield _chunk({"content": "cut at max_tokens"}, finish_reason="length")
     else:
-        yield _chunk({"content": f"echo: {prompt}"})
+        yield _chunk({"content": f"echo: {prompt}"}, finish_reason="stop")
     yield _chunk(usage={"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18})
     yield b"data: [DONE]\n\n"
 

@@ -127,6 +127,7 @@
       const meta = el("div", "meta");
       const stats = meta.appendChild(el("div", "meta-stats"));
       if (m.stopped) stats.appendChild(el("span", "badge", "stopped"));
+      if (m.finish_reason === "length") stats.appendChild(el("span", "badge", "max tokens reached"));
       for (const [cls, text] of statsText(m.stats || {})) stats.appendChild(el("span", "stat " + cls, text));
       if (m.model) stats.appendChild(el("span", "stat stat-model", m.model));
       const actions = meta.appendChild(el("div", "meta-actions"));
@@ -210,7 +211,9 @@
           const event = JSON.parse(data);
           if (event.error) { message.error = event.error.message; break; }
           if (event.usage) usage = event.usage;
-          const delta = (event.choices && event.choices[0] && event.choices[0].delta) || {};
+          const choice = (event.choices && event.choices[0]) || {};
+          if (choice.finish_reason) message.finish_reason = choice.finish_reason;
+          const delta = choice.delta || {};
           const reasoning = delta.reasoning_content || delta.reasoning;
           if (delta.content || reasoning) {
             if (tFirst === null) tFirst = performance.now();
