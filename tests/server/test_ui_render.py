@@ -95,6 +95,19 @@ def test_html_and_javascript_links_in_an_answer_render_as_text(page: Any) -> Non
     screenshot(page, "render-html-as-text")
 
 
+def test_markdown_subset(page: Any) -> None:
+    content = ask(page, "markdown").find_element("css selector", ".content")
+    shape = page.execute_script("""const c = arguments[0], q = (s) => [...c.querySelectorAll(s)];
+        return {h3: q('h3').map(e => e.textContent), links: q('a').map(e => e.href),
+                quote: q('blockquote em').map(e => e.textContent), ol: q('ol').map(e => e.start),
+                nested: q('ol > li > ul > li').map(e => e.textContent), cells: q('td').map(e => e.textContent),
+                tdCode: q('td code').length, hr: q('hr').length, code: q('pre code').map(e => e.textContent)}""", content)
+    assert shape == {"h3": ["Title"], "links": ["https://example.org/a_b"], "quote": ["text"], "ol": [3],
+                     "nested": ["nested"], "cells": ["1", "2"], "tdCode": 1, "hr": 1,
+                     "code": ["print('unclosed fence')"]}, shape
+    assert "[data](data:text/html,<b>x</b>)" in content.text  # not a link: data: URLs are text
+
+
 def test_reasoning_is_a_collapsible_block(page: Any) -> None:
     answer = ask(page, "reasoning")
     details = answer.find_element("css selector", "details.reasoning")

@@ -19,6 +19,9 @@ FAKE_ADAPTER = "fake-lora-sql"
 XSS_ANSWER = ("<script>window.__xss = 1</script> and <img src=x onerror=\"window.__xss = 2\"> and "
               "[click me](javascript:window.__xss=3) and [safe](https://example.org/docs) and **bold** and "
               "`<b>code</b>`\n\n```html\n<b>not bold</b>\n```\n\n- one\n- two <i>x</i>\n")
+MARKDOWN_ANSWER = ("# Title\n\nSee https://example.org/a_b. and [data](data:text/html,<b>x</b>)\n\n"
+                   "> quoted *text*\n\n3. three\n4. four\n   - nested\n\n| a | b |\n|---|:-:|\n| 1 | `2` |\n\n"
+                   "---\n```python\nprint('unclosed fence')\n")
 REASONING = ["The user asks ", "for the answer. <b>Think</b> ", "step by step."]
 CHINESE = "你好，世界！大型语言模型一次生成一个词元。"
 PARTIAL_BEFORE_ERROR = "Half an answer"
@@ -55,6 +58,8 @@ def script(prompt: str) -> Iterator[bytes]:
         yield _chunk({"content": PARTIAL_BEFORE_ERROR})
         yield b"data: " + json.dumps({"error": {"message": ERROR_MESSAGE, "type": "server_error"}}).encode() + b"\n\n"
         return
+    elif prompt == "markdown":
+        yield _chunk({"content": MARKDOWN_ANSWER}, finish_reason="stop")
     elif prompt == "long":
         yield _chunk({"content": "cut at max_tokens"}, finish_reason="length")
     else:

@@ -203,6 +203,7 @@
         const close = new RegExp("^ {0,3}" + m[1][0] + "{" + m[1].length + ",}\\s*$");
         const body = [];
         for (i++; i < lines.length && !close.test(lines[i]); i++) body.push(lines[i]);
+        if (i >= lines.length && body.length && !body[body.length - 1].trim()) body.pop(); // the text's final newline
         i++;
         parent.appendChild(codeBlock(body.join("\n"), m[2]));
       } else if ((m = HEADING.exec(line))) {
