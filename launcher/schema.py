@@ -23,6 +23,8 @@ class ModelConfig:
     max_model_len: Optional[int] = None  # context length; null: the model's max_position_embeddings
     load_format: str = "auto"  # auto | safetensors | gguf | dummy (random weights, for tests)
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (tiny dummy shapes)
+    generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {max_new_tokens: 512}
     architecture: Optional[str] = None  # HF architectures entry, for the reader (e.g. Qwen2ForCausalLM)
     num_attention_heads: Optional[int] = None  # HF config value, checked against tensor parallel size
     num_key_value_heads: Optional[int] = None  # HF config value, checked against tensor parallel size
