@@ -3,7 +3,7 @@
 gguf's GGUFReader builds a numpy view per string of the vocabulary (seconds for a 49k-token
 vocabulary, and it ran once per consumer); this reads the metadata and the tensor table once
 with struct, builds the HF config and tokenizer with transformers' own GGUF tables, and
-dequantizes the common block types with torch ops.
+dequantizes the common block types in numpy (bit-equal to gguf's dequantize).
 """
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from engine.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # metadata value types of fixed size: u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -68,8 +71,8 @@ class GGUFFile:
         arch = self.architecture
         model_type = arch
         name = self.metadata.get("general.name", "")
-        if "llama" in arch and "mistral" in name.lower():
-            model_type = "mistral"  # llama.cpp writes Mistral as llama
+        if "llama" in arch and name == "mistral":
+            model_type = "mistral"  # llama.cpp writes Mistral as llama; transformers tells them apart so
         mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch)
         if mapping is None:
             raise ModelLoadError(self.path, f"GGUF architecture {arch!r} is not supported")
@@ -85,13 +88,13 @@ class GGUFFile:
             config["vocab_size"] = len(self.metadata["tokenizer.ggml.tokens"])
         return config
 
-    def hf_config(self) -> Any:
+    def hf_config(self) -> PretrainedConfig:
         from transformers import AutoConfig
 
         config = self.hf_config_dict()
         return AutoConfig.for_model(config.pop("model_type"), **config)
 
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         """The fast tokenizer transformers builds from this file's vocabulary and merges."""
         try:  # transformers >= 5 keeps its GGUF helpers here
             from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
@@ -113,7 +116,7 @@ class GGUFFile:
         for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                           ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
             token_id = self.metadata.get(f"tokenizer.ggml.{key}")
-            tokenizer_config[name] = tokens[token_id] if token_id is not None else None
+            tokenizer_config[name] = tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
         backend, extra = convert_gguf_tokenizer(self.architecture, tokenizer_dict)
         return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
@@ -213,6 +216,8 @@ def _parse(path: str) -> GGUFFile:
             pos += 4 + 8 * num_dims + 12
             table.append((name, tuple(reversed(dims)), ggml_type, offset))  # ggml lists the fastest dim first
         alignment = metadata.get("general.alignment", 32)
+        if not isinstance(alignment, int) or alignment < 1:
+            raise ModelLoadError(path, f"corrupt GGUF metadata (general.alignment {alignment!r})")
         data_start = -(-pos // alignment) * alignment
     tensors = [GGUFTensorInfo(name, shape, t, data_start + off) for name, shape, t, off in table]
     return GGUFFile(path, metadata, tensors)
