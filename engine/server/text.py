@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from typing import Any
@@ -204,8 +204,7 @@ class TextFrontend:
         self.tokenizer = pickle.loads(blob) if engine_tokenizer is not None else None
         max_text_chars = ctx.max_model_len * max_token_chars(self.tokenizer) if self.tokenizer is not None else None
         self._blob = blob
-        self._hand_out(blob)
-        wait(self._warm)
+        self._hand_out(blob)  # /ready does not wait for the workers: only bodies over INLINE_MAX_BODY_BYTES need them
         vocab_size = len(self.tokenizer) if self.tokenizer is not None else ctx.vocab_size
         self.ctx = replace(ctx, vocab_size=vocab_size, max_text_chars=max_text_chars)
 
@@ -222,18 +221,22 @@ class TextFrontend:
             async with self._restart_lock:
                 if pool is self._pool:  # the first to notice restarts it
                     logger.error("a text worker process died (out of memory?); starting new ones")
-                    self._stop_pool(pool)
+                    self._stop_pool(pool, self._blobs)
                     self._pool, warm = await loop.run_in_executor(None, self._start_pool)
                     await asyncio.wrap_future(warm[0])
             raise APIError(503, "the server's text workers restarted; retry the request", code="worker_restarted",
                            headers={"Retry-After": "1"}) from None
 
-    def _stop_pool(self, pool: ProcessPoolExecutor) -> None:
+    def _stop_pool(self, pool: ProcessPoolExecutor, blobs: Any) -> None:
         # A worker busy with a huge body (or still waiting for the tokenizer) would hold up the
         # exit: stop the workers first, then the pool notices at once.
         for proc in list((getattr(pool, "_processes", None) or {}).values()):
             proc.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+        # Tokenizer copies no worker took are still in the queue's pipe: without this its feeder
+        # thread blocks on the full pipe and the interpreter's exit waits for it forever.
+        blobs.cancel_join_thread()
+        blobs.close()
 
     def shutdown(self) -> None:
-        self._stop_pool(self._pool)
+        self._stop_pool(self._pool, self._blobs)
