@@ -33,8 +33,13 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.batch_queue: deque[tuple[SchedulerOutput, list[Sequence], int]] = deque()
         self._pending: list[EngineCoreOutput] = []  # requests failed outside a step, sent with the next
-        # chosen once: the loop never asks which mode it is in
-        self.step_fn = self.step_with_batch_queue if max_in_flight > 1 else self.step
+        self.use_batch_queue = max_in_flight > 1  # chosen once at start-up (see step_fn)
+
+    def step_fn(self) -> EngineCoreOutputs:
+        """step() or step_with_batch_queue(), as chosen at start-up. A method, not a bound method kept
+        in an attribute: that would be a reference cycle, and after gc.freeze() a cycle is never
+        collected, so a deleted engine would keep its weights and KV pool."""
+        return self.step_with_batch_queue() if self.use_batch_queue else self.step()
 
     @property
     def block_manager(self):  # the scheduler's (a test may swap it)

@@ -90,7 +90,7 @@ def test_sync_and_batch_queue_same_tokens() -> None:
     results = []
     for async_scheduling in (False, True):
         client = make_client(num_blocks=20, budget=8, async_scheduling=async_scheduling)
-        assert client.core.step_fn == (client.core.step_with_batch_queue if async_scheduling else client.core.step)
+        assert client.core.use_batch_queue == async_scheduling
         for i, n in enumerate((1, 7, 13, 30)):
             client.add_request(request(f"r{i}", n, max_tokens=8, n=2 if i == 1 else 1))
         tokens, steps = run(client)
