@@ -1,7 +1,8 @@
 """LLMEngine: requests in, RequestOutputs out, one scheduling step at a time (rank 0).
 
-add_request validates and queues; step() schedules, runs the model through the executor,
-appends sampled tokens, detokenizes, applies stop conditions and frees finished sequences.
+Orchestration only: add_request tokenizes and validates, then hands an EngineCoreRequest to the
+engine core through its client; step() takes one EngineCoreOutputs from it and the output
+processor turns it into RequestOutputs (samples it stops on a stop string are aborted in the core).
 A request whose own processing raises fails alone (RequestOutput.error); the rest of the batch goes on.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -19,18 +19,19 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import ConfigError, EngineConfig
+from engine.core_client import EngineCoreClient, InprocClient
+from engine.core_messages import EngineCoreRequest
+from engine.engine_core import EngineCore
 from engine.errors import RequestError
 from engine.executor import UniprocExecutor
 from engine.model_config import resolve_model_config
 from engine.model_runner import ModelRunner
-from engine.output_processor import check_stop_strings, failed_output, make_output
-from engine.outputs import Logprob, ModelRunnerOutput, PromptLogprobsChunk, RequestMetrics, RequestOutput, SchedulerOutput
+from engine.output_processor import OutputProcessor, RequestState
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.parallel import get_parallel_state, init_distributed
-from engine.prompt_logprobs import extend_prompt_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Request, Sequence, SequenceStatus
-from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+from engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger("gantry.engine")
 
@@ -97,13 +98,12 @@ class LLMEngine:
         self.max_in_flight = self.num_lanes if self.num_lanes > 1 else 2 if self.async_scheduling else 1
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, self.max_num_batched_tokens, sorted(self.eos_token_ids),
-            self.num_lanes, self.async_scheduling,
+            self.num_lanes, self.async_scheduling, self.max_model_len,
         )
-        self.in_flight: deque[tuple[SchedulerOutput, list[Sequence], int]] = deque()
-        self.requests: dict[str, Request] = {}
-        self.seqs: dict[str, Sequence] = {}
+        self.engine_core = EngineCore(self.scheduler, self.executor, self.max_in_flight)
+        self.client: EngineCoreClient = InprocClient(self.engine_core)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._finished_outputs: list[RequestOutput] = []  # aborted/unschedulable, reported at the next step
-        self.prompt_tokens_total = self.generation_tokens_total = 0
         self.stream_outputs = True  # False: step() reports requests only when they finish (offline API)
         # Everything built so far (model, tokenizer, CUDA graphs) lives as long as the engine: keep
         # it out of the collector's full passes, which would otherwise stall a step for tens of ms.
@@ -160,11 +160,16 @@ class LLMEngine:
             raise RequestError("messages", f"the chat template rejected the messages: {e}") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    @property
+    def requests(self) -> dict[str, RequestState]:
+        """The requests not finished yet, as the output processor holds them."""
+        return self.output_processor.requests
+
     def add_request(
         self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None
     ) -> None:
         with self.lock:
-            if request_id in self.requests:
+            if request_id in self.requests or request_id in self.engine_core.requests:
                 raise RequestError("request_id", f"request {request_id!r} is already running")
             if isinstance(prompt, str):
                 prompt_text, token_ids = prompt, self.encode(prompt)
@@ -172,25 +177,15 @@ class LLMEngine:
                 token_ids = list(prompt)
                 prompt_text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else None
             self._validate(token_ids, params)
-            num_prompt = len(token_ids)
             # no max_tokens: the model's generation_config default (as vLLM), else the context left
             default = self.model_config.default_max_tokens or self.max_model_len
-            max_tokens = min(params.max_tokens or default, self.max_model_len - num_prompt)
-            metrics = RequestMetrics(arrival_time=arrival_time or time.time())
-            request = Request(request_id, prompt_text, token_ids, params, metrics, max_tokens)
-            if params.prompt_logprobs is not None:
-                request.prompt_logprobs = [None]  # nothing predicts the first prompt token
-            for i in range(params.n):
-                seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-                seq = Sequence(seq_id, request, i, list(token_ids), num_prompt)
-                if self.tokenizer is not None and params.detokenize:
-                    seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-                request.seqs.append(seq)
+            max_tokens = min(params.max_tokens or default, self.max_model_len - len(token_ids))
+            arrival_time = arrival_time or time.time()
             # registered only once everything above succeeded: a refused request leaves no trace
-            for seq in request.seqs:
-                self.seqs[seq.seq_id] = seq
-                self.scheduler.add(seq)
-            self.requests[request_id] = request
+            self.output_processor.add_request(request_id, prompt_text, token_ids, params, arrival_time)
+            self.client.add_request(EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids,
+                                                      sampling_params=params, max_tokens=max_tokens,
+                                                      arrival_time=arrival_time))
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         if not token_ids:
@@ -220,185 +215,60 @@ class LLMEngine:
                                              f"not fit in the whole KV cache ({capacity} tokens)")
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Free these requests in the core; each one's final output ("abort") comes with the next step."""
         with self.lock:
-            for request_id in [request_ids] if isinstance(request_ids, str) else list(request_ids):
-                request = self.requests.get(request_id)
-                if request is None:
+            ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+            self.client.abort_requests(ids)
+            for request_id in ids:
+                state = self.requests.pop(request_id, None)
+                if state is None:
                     continue
-                request.aborted = True
-                live = [s for s in request.seqs if not s.is_finished]
-                for seq in live:
-                    seq.finish_reason = "abort"
-                self.scheduler.finish(live)
-                self._finish_request(request)
-                try:
-                    self._finished_outputs.append(make_output(request))
-                except Exception as e:  # the request is already freed: report it failed
-                    self._finished_outputs.append(self._fail_request(request, e))
+                state.metrics.finished_time = time.time()
+                outputs = [CompletionOutput(s.index, s.text, s.token_ids, None, None, s.finish_reason or "abort",
+                                            s.stop_reason) for s in state.samples]
+                self._finished_outputs.append(RequestOutput(
+                    request_id, state.prompt, state.prompt_token_ids, outputs, True, state.metrics,
+                    num_cached_tokens=state.num_cached_tokens, prompt_logprobs=state.prompt_logprobs))
 
     def has_unfinished_requests(self) -> bool:
         with self.lock:
-            return bool(self.requests) or bool(self._finished_outputs) or bool(self.in_flight)
+            return bool(self.requests) or bool(self._finished_outputs) or self.engine_core.has_work()
 
     # ---- one step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and submit one batch (if a lane is free), and collect the oldest batch's
-        tokens once max_in_flight batches are in flight (at once when that is one)."""
+        """One step of the engine core, its outputs turned into RequestOutputs."""
         with self.lock:
             outputs, self._finished_outputs = self._finished_outputs, []
-            submitted = False
-            if len(self.in_flight) < self.max_in_flight:
-                busy = {lane for _, _, lane in self.in_flight} if self.num_lanes > 1 else set()
-                lane = min(set(range(self.num_lanes)) - busy)
-                so, scheduled = self.scheduler.schedule(lane)
-                for seq in self.scheduler.unschedulable:
-                    capacity = self.block_manager.num_blocks * self.config.block_size
-                    error = RequestError("max_tokens", f"the request needs more than the whole KV cache "
-                                                       f"({capacity} tokens) for one sample")
-                    outputs.append(self._fail_request(seq.request, error))
-                self.scheduler.unschedulable.clear()
-                if so.num_scheduled_tokens or so.finished_req_ids:
-                    self._count_prompt_tokens(so, scheduled)
-                    self.executor.submit(so)
-                    self.in_flight.append((so, scheduled, lane))
-                    submitted = True
-            if self.in_flight and (len(self.in_flight) == self.max_in_flight or not submitted):
-                so, scheduled, _ = self.in_flight.popleft()
-                result = self.executor.collect()
-                self.scheduler.update_after_step(scheduled)
-                outputs.extend(self._process_result(result))
+            core_outputs = self.client.get_output()
+            processed = self.output_processor.process_outputs(core_outputs.outputs)
+            if processed.samples_to_abort:  # stopped by a stop string, or failed in the output processor
+                self.client.abort_requests(processed.samples_to_abort)
+            for out in processed.request_outputs:
+                if out.error is not None:
+                    self._log_failure(out.request_id, out.error)
+                if out.finished or self.stream_outputs:
+                    outputs.append(out)
             return outputs
 
-    def _count_prompt_tokens(self, so: SchedulerOutput, scheduled: list[Sequence]) -> None:
-        now = time.time()
-        for seq in scheduled:
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = now
-            end = seq.num_computed_tokens  # the scheduler has counted this step's tokens already
-            start = end - so.num_scheduled_tokens[seq.seq_id]
-            self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - start)
-
-    def _process_result(self, result: ModelRunnerOutput) -> list[RequestOutput]:
-        touched: dict[Request, None] = {}  # ordered, so outputs come in batch order
-        failed: list[RequestOutput] = []
-        now = time.time()
-        if result.prompt_logprobs:  # before the tokens: a request's first output has them all
-            failed += self._add_prompt_logprobs(result.prompt_logprobs)
-        for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
-            seq = self.seqs.get(seq_id)
-            if seq is None or seq.status != SequenceStatus.RUNNING:
-                continue  # finished, aborted or preempted while its batch was in flight
-            seq.num_placeholders -= 1
-            try:
-                self._append_token(seq, token_id, result.logprobs[i] if result.logprobs else None)
-            except Exception as e:  # detokenizer, stop check...: this request fails, the batch goes on
-                touched.pop(seq.request, None)
-                failed.append(self._fail_request(seq.request, e))
-                continue
-            metrics = seq.request.metrics
-            metrics.first_token_time = metrics.first_token_time or now
-            metrics.last_token_time = now
-            touched[seq.request] = None
-        return failed + self._after_seq_update(touched)
-
-    def _append_token(self, seq: Sequence, token_id: int, logprobs: tuple[list[int], list[float], int] | None) -> None:
-        seq.token_ids.append(token_id)
-        self.generation_tokens_total += 1
-        params = seq.params
-        if logprobs is not None:
-            ids, lps, rank = logprobs
-            entry = {tid: Logprob(lp, r, self._decode_one(tid)) for r, (tid, lp) in enumerate(zip(ids[1:], lps[1:]), 1)}
-            entry[token_id] = Logprob(lps[0], rank, self._decode_one(token_id))
-            seq.output_logprobs.append(entry)
-            seq.cumulative_logprob += lps[0]
-        num_output = seq.num_output_tokens
-        stops_on_token = num_output >= params.min_tokens and (
-            (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids
-        )
-        if stops_on_token:
-            seq.finish_reason = "stop"
-            seq.stop_reason = token_id if token_id in params.stop_token_ids else None
-        elif seq.detokenizer is not None:
-            old_len = len(seq.text)
-            seq.text += seq.detokenizer.add_tokens([token_id])
-            if params.stop and num_output >= params.min_tokens:
-                check_stop_strings(seq, old_len)
-        if seq.finish_reason is None and (num_output >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len):
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            if seq.detokenizer is not None and not isinstance(seq.stop_reason, str):
-                seq.text += seq.detokenizer.flush()
-            self.scheduler.finish([seq])
-
-    def _add_prompt_logprobs(self, chunks: dict[str, PromptLogprobsChunk]) -> list[RequestOutput]:
-        """File prompt logprobs by position; a prompt recomputed after preemption repeats some.
-        Returns the outputs of requests that failed doing so (each fails alone)."""
-        failed = []
-        for seq_id, (first, entries) in chunks.items():
-            seq = self.seqs.get(seq_id)
-            if seq is None or seq.status != SequenceStatus.RUNNING:
-                continue  # finished, aborted, or preempted in flight (it recomputes what it lacks)
-            try:
-                extend_prompt_logprobs(seq.request.prompt_logprobs, first, entries, self.tokenizer)
-            except Exception as e:
-                failed.append(self._fail_request(seq.request, e))
-        return failed
-
-    def _decode_one(self, token_id: int) -> str | None:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
-
-    def _after_seq_update(self, requests: Iterable[Request]) -> list[RequestOutput]:
-        outputs = []
-        for request in requests:
-            if request.finished:
-                self._finish_request(request)
-            elif not self.stream_outputs:
-                continue
-            try:
-                outputs.append(make_output(request))
-            except Exception as e:
-                outputs.append(self._fail_request(request, e))
-        return outputs
-
-    def _fail_request(self, request: Request, error: Exception) -> RequestOutput:
-        """End a request that failed inside the engine, alone: free its sequences wherever they
-        are and report it finished with `error` (the other requests in the batch go on)."""
+    def _log_failure(self, request_id: str, error: Exception) -> None:
         if isinstance(error, RequestError):
-            logger.warning("request %s failed: %s", request.request_id, error)
+            logger.warning("request %s failed: %s", request_id, error)
         else:
-            logger.error("request %s failed inside the engine; ending it alone", request.request_id,
-                         exc_info=error)
-        live = [s for s in request.seqs if not s.is_finished]
-        for seq in live:
-            seq.finish_reason = "abort"
-        self.scheduler.finish(live)
-        self._finish_request(request)
-        return failed_output(request, error)
-
-    def _finish_request(self, request: Request) -> None:
-        request.metrics.finished_time = time.time()
-        self.requests.pop(request.request_id, None)
-        for seq in request.seqs:
-            self.seqs.pop(seq.seq_id, None)
+            logger.error("request %s failed inside the engine; ending it alone", request_id, exc_info=error)
 
     def get_stats(self) -> EngineStats:
         with self.lock:
-            running = {s.request.request_id for s in self.scheduler.running}
-            waiting = {s.request.request_id for s in self.scheduler.waiting} - running
-            bm = self.block_manager
+            st = self.client.get_stats()
             return EngineStats(
-                num_running=len(running), num_waiting=len(waiting), kv_cache_usage=bm.usage,
-                num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
-                num_preemptions_total=self.scheduler.num_preemptions,
-                prefix_cache_queries_total=bm.prefix_cache_queries, prefix_cache_hits_total=bm.prefix_cache_hits,
-                prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+                num_running=st.num_running, num_waiting=st.num_waiting, kv_cache_usage=st.kv_cache_usage,
+                num_free_blocks=st.num_free_blocks, num_total_blocks=st.num_total_blocks,
+                num_preemptions_total=st.num_preemptions_total, prefix_cache_queries_total=st.prefix_cache_queries_total,
+                prefix_cache_hits_total=st.prefix_cache_hits_total, prompt_tokens_total=st.prompt_tokens_total,
+                generation_tokens_total=st.generation_tokens_total,
             )
 
     def shutdown(self) -> None:
         """Collect batches still in flight, then release the other ranks."""
         with self.lock:
-            while self.in_flight:
-                self.in_flight.popleft()
-                self.executor.collect()
-            self.executor.shutdown()
+            self.client.shutdown()

@@ -5,6 +5,7 @@ request that builds can never make the engine raise; values past what float32 or
 vocabulary can hold are clamped where that keeps their meaning (see ModelRunner)."""
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -80,6 +81,14 @@ def mix_seed(*parts: int) -> int:
     return h >> 1
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a request holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything generated so far (offline default)
+    DELTA = 1  # only what is new since the previous output (the server streams these)
+    FINAL_ONLY = 2  # one output, when the request finishes
+
+
 @dataclass
 class SamplingParams:
     n: int = 1  # parallel samples from one prompt (they share the prompt's KV pages)
@@ -101,6 +110,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # leave special tokens out of the text
     include_stop_str_in_output: bool = False  # keep the matched stop string
     detokenize: bool = True  # False: token ids only, no text (saves CPU in offline benchmarks)
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each RequestOutput holds
 
     def __post_init__(self) -> None:
         self._normalize_types()
@@ -130,6 +140,10 @@ class SamplingParams:
         if ids is not None and not isinstance(ids, (list, tuple)):
             raise SamplingParamsError("stop_token_ids", f"must be a list of token ids, got {_show(ids)}")
         self.stop_token_ids = [_int("stop_token_ids", t) for t in ids or []]
+        kind = _int("output_kind", self.output_kind)
+        if kind not in {k.value for k in RequestOutputKind}:
+            raise SamplingParamsError("output_kind", f"must be one of {[k.name for k in RequestOutputKind]}, got {kind}")
+        self.output_kind = RequestOutputKind(kind)
 
     def _validate(self) -> None:
         def bad(param: str, message: str) -> SamplingParamsError:

@@ -13,6 +13,11 @@ token step t is sampling gets one more step with that token as a placeholder, fi
 by the model runner. num_computed_tokens therefore advances when a step is scheduled, not when
 it comes back. Sequences with penalties (they need every token on the host) and those whose
 placeholders already reach max_tokens wait for their token instead.
+
+update_from_output closes the loop (vLLM v1): it appends the sampled tokens, applies the
+token-level stop checks (EOS, stop tokens, min_tokens, max_tokens, the context), frees what
+finished and returns one EngineCoreOutput per sample that got something. Text (stop strings,
+detokenization) is the client's: it aborts a request whose text hits a stop string.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine.block_manager import BlockManager
-from engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.core_messages import EngineCoreOutput, TokenLogprobs
+from engine.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from engine.sampling_params import mix_seed
 from engine.sequence import Sequence, SequenceStatus
 
@@ -42,8 +48,12 @@ def sampling_fields(seq: Sequence, eos_token_ids: list[int]) -> dict:
 class Scheduler:
     def __init__(
         self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids: list[int],
-        num_lanes: int = 1, async_scheduling: bool = False,
+        num_lanes: int = 1, async_scheduling: bool = False, max_model_len: int | None = None,
     ):
+        self.max_model_len = max_model_len or 2**62  # a sample reaching it finishes with "length"
+        self.eos_token_id_set = frozenset(eos_token_ids)
+        self.prompt_tokens_total = self.generation_tokens_total = 0  # prompt: cache hits excluded
+        self.num_steps = 0  # results processed so far (a hang shows as no progress while has_work)
         self.num_lanes, self.async_scheduling = num_lanes, async_scheduling
         self.block_manager = block_manager
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
@@ -147,6 +157,8 @@ class Scheduler:
             self.unschedulable.append(self.waiting[0])
         for seq in scheduled:
             self._describe(seq, out)
+            end = seq.num_computed_tokens  # this step's tokens are counted already
+            self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - (end - out.num_scheduled_tokens[seq.seq_id]))
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
         return out, scheduled
 
@@ -177,9 +189,62 @@ class Scheduler:
         self.num_preemptions += 1
         self._forget(seq)
 
-    def update_after_step(self, scheduled: list[Sequence]) -> None:
+    def update_from_output(self, scheduler_output: SchedulerOutput, scheduled: list[Sequence],
+                           result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Apply one step's result to the sequences it was scheduled for (scheduler_output,
+        scheduled: what schedule() returned). A sequence finished, aborted or preempted while
+        the step was in flight gets nothing from it."""
+        self.num_steps += 1
+        by_id: dict[str, Sequence] = {}
         for seq in scheduled:
             seq.num_in_flight -= 1
+            by_id[seq.seq_id] = seq
+        outputs: dict[str, EngineCoreOutput] = {}  # seq id -> its output; batch order
+        for seq_id, (first, entries) in (result.prompt_logprobs or {}).items():
+            seq = by_id.get(seq_id)
+            if seq is None or seq.status != SequenceStatus.RUNNING:
+                continue  # finished, aborted, or preempted in flight (it recomputes what it lacks)
+            request = seq.request
+            request.num_prompt_logprobs = max(request.num_prompt_logprobs, first + len(entries))
+            self._output(seq, outputs).new_prompt_logprobs = (
+                first, [TokenLogprobs(ids, lps, rank) for ids, lps, rank in entries])
+        for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
+            seq = by_id.get(seq_id)
+            if seq is None or seq.status != SequenceStatus.RUNNING:
+                continue
+            seq.num_placeholders -= 1
+            seq.token_ids.append(token_id)
+            self.generation_tokens_total += 1
+            out = self._output(seq, outputs)
+            out.new_token_ids.append(token_id)
+            if result.logprobs and result.logprobs[i] is not None:
+                ids, lps, rank = result.logprobs[i]
+                if out.new_logprobs is None:
+                    out.new_logprobs = []
+                out.new_logprobs.append(TokenLogprobs(ids, lps, rank))
+            if self._check_stop(seq, token_id):
+                out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
+                self.finish([seq])
+        return list(outputs.values())
+
+    def _output(self, seq: Sequence, outputs: dict[str, EngineCoreOutput]) -> EngineCoreOutput:
+        out = outputs.get(seq.seq_id)
+        if out is None:
+            out = outputs[seq.seq_id] = EngineCoreOutput(
+                request_id=seq.request.request_id, index=seq.index, new_token_ids=[],
+                num_cached_tokens=seq.num_cached_tokens)
+        return out
+
+    def _check_stop(self, seq: Sequence, token_id: int) -> bool:
+        """Token-level stop conditions, after token_id was appended; sets finish_reason."""
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens and (
+                (token_id in self.eos_token_id_set and not params.ignore_eos) or token_id in params.stop_token_ids):
+            seq.finish_reason = "stop"
+            seq.stop_reason = token_id if token_id in params.stop_token_ids else None
+        elif seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish_reason = "length"
+        return seq.finish_reason is not None
 
     def finish(self, seqs: Iterable[Sequence]) -> None:
         """Free finished or aborted sequences, wherever they are."""

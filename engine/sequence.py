@@ -11,9 +11,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from engine.outputs import Logprob, PromptLogprobs, RequestMetrics
+from engine.outputs import RequestMetrics
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import IncrementalDetokenizer
 
 
 class SequenceStatus(enum.Enum):
@@ -38,11 +37,7 @@ class Sequence:
     num_in_flight: int = 0  # scheduled steps whose results have not come back yet
     num_placeholders: int = 0  # tokens those steps are sampling (not in token_ids yet)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None
-    output_logprobs: list[dict[int, Logprob]] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    detokenizer: IncrementalDetokenizer | None = None
-    text: str = ""  # detokenized output, stop string already cut
+    stop_reason: int | None = None  # the stop token id (stop strings are the output processor's)
 
     @property
     def num_tokens(self) -> int:
@@ -67,8 +62,8 @@ class Sequence:
     @property
     def needs_prompt_logprobs(self) -> bool:
         """The request asked for prompt logprobs that are not all in yet; its first sample computes them."""
-        lps = self.request.prompt_logprobs
-        return self.index == 0 and lps is not None and len(lps) < self.num_prompt_tokens
+        return (self.index == 0 and self.params.prompt_logprobs is not None
+                and self.request.num_prompt_logprobs < self.num_prompt_tokens)
 
 
 @dataclass(eq=False)
@@ -80,8 +75,8 @@ class Request:
     metrics: RequestMetrics
     max_tokens: int  # params.max_tokens, or what the context length leaves
     seqs: list[Sequence] = field(default_factory=list)
-    aborted: bool = False
-    prompt_logprobs: PromptLogprobs | None = None  # [None] growing to one per prompt token, when asked
+    num_prompt_logprobs: int = 1  # prompt positions scored so far (the scheduler's count; 0 has none)
+    scheduled_time_sent: bool = False  # the engine core told its client metrics.first_scheduled_time
 
     @property
     def finished(self) -> bool:

@@ -204,8 +204,8 @@ def test_a_request_that_raises_inside_step_fails_alone(engine: LLMEngine) -> Non
     reference = tokens(run(engine)["reference"])
     engine.add_request("good", PROMPT, SamplingParams(**greedy))
     engine.add_request("bad", [9, 8, 7], SamplingParams(n=2, **greedy))
-    for seq in engine.requests["bad"].seqs:
-        seq.detokenizer = BrokenDetokenizer()
+    for sample in engine.requests["bad"].samples:
+        sample.detokenizer = BrokenDetokenizer()
     out = run(engine)
     assert isinstance(out["bad"].error, TypeError)
     assert [o.finish_reason for o in out["bad"].outputs] == ["abort", "abort"]

@@ -27,10 +27,16 @@ class FaultyEngine(LLMEngine):
             raise RuntimeError("injected fault that no request explains")
         return super().step()
 
-    def _append_token(self, seq, token_id, logprobs):
-        if seq.params.seed == {FAIL_SEED}:
-            raise TypeError("injected fault in one request")
-        super()._append_token(seq, token_id, logprobs)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        apply = self.output_processor._apply
+
+        def faulty_apply(state, sample, out):  # the output processor's per-sample step
+            if state.params.seed == {FAIL_SEED}:
+                raise TypeError("injected fault in one request")
+            return apply(state, sample, out)
+
+        self.output_processor._apply = faulty_apply
 
 engine_config, server_config, _ = parse_configs(sys.argv[1:])
 app = create_app(engine_config, server_config, None, engine_factory=FaultyEngine)

@@ -1,0 +1,168 @@
+"""EngineCore: the scheduler, the KV block manager and the executor, and nothing of text.
+
+Requests come in tokenized and validated (EngineCoreRequest); each step returns one
+EngineCoreOutputs with the new tokens of every sample that got some. Stepping is chosen once:
+step() (one batch at a time) or step_with_batch_queue() (async scheduling, or one batch per
+pipeline lane in flight), which keeps one deque of (SchedulerOutput, scheduled, lane).
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+from engine.core_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from engine.outputs import ModelRunnerOutput, RequestMetrics, SchedulerOutput
+from engine.scheduler import Scheduler
+from engine.sequence import Request, Sequence
+
+
+class Executor(Protocol):
+    """What the core needs of an executor (UniprocExecutor, MultiprocExecutor)."""
+
+    def submit(self, so: SchedulerOutput) -> None: ...
+    def collect(self) -> ModelRunnerOutput: ...
+    def shutdown(self) -> None: ...
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, executor: Executor, max_in_flight: int = 1, engine_index: int = 0):
+        self.scheduler, self.executor = scheduler, executor
+        self.max_in_flight, self.engine_index = max_in_flight, engine_index
+        self.requests: dict[str, Request] = {}
+        self.batch_queue: deque[tuple[SchedulerOutput, list[Sequence], int]] = deque()
+        self._pending: list[EngineCoreOutput] = []  # requests failed outside a step, sent with the next
+        self.use_batch_queue = max_in_flight > 1  # chosen once at start-up (see step_fn)
+
+    def step_fn(self) -> EngineCoreOutputs:
+        """step() or step_with_batch_queue(), as chosen at start-up. A method, not a bound method kept
+        in an attribute: that would be a reference cycle, and after gc.freeze() a cycle is never
+        collected, so a deleted engine would keep its weights and KV pool."""
+        return self.step_with_batch_queue() if self.use_batch_queue else self.step()
+
+    @property
+    def block_manager(self):  # the scheduler's (a test may swap it)
+        return self.scheduler.block_manager
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request the client has validated; its samples share the prompt's pages."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request {req.request_id!r} is already in the engine core")
+        params = req.sampling_params
+        request = Request(req.request_id, None, req.prompt_token_ids, params, RequestMetrics(req.arrival_time),
+                          req.max_tokens)
+        for i in range(params.n):
+            seq_id = req.request_id if params.n == 1 else f"{req.request_id}#{i}"
+            request.seqs.append(Sequence(seq_id, request, i, list(req.prompt_token_ids), len(req.prompt_token_ids)))
+        self.requests[req.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    def abort_requests(self, request_ids: Iterable[str | tuple[str, int]]) -> None:
+        """Free these requests (an id) or samples ((id, index); index -1: all) wherever they are;
+        unknown or finished ones are ignored. The client asked, so nothing is reported back."""
+        for item in request_ids:
+            request_id, index = (item, -1) if isinstance(item, str) else item
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            seqs = request.seqs if index < 0 else request.seqs[index : index + 1]
+            live = [s for s in seqs if not s.is_finished]
+            for seq in live:
+                seq.finish_reason = "abort"
+            self.scheduler.finish(live)
+            if request.finished:
+                del self.requests[request_id]
+
+    def has_work(self) -> bool:
+        return bool(self.requests or self.batch_queue or self._pending)
+
+    # ---- stepping ------------------------------------------------------------------------
+
+    def step(self) -> EngineCoreOutputs:
+        """Schedule one batch, run it, and return what it produced."""
+        if not self.scheduler.has_unfinished():
+            return self._outputs([])
+        so, scheduled = self._schedule(0)
+        if not (so.num_scheduled_tokens or so.finished_req_ids):
+            return self._outputs([])
+        self.executor.submit(so)
+        return self._outputs(self.scheduler.update_from_output(so, scheduled, self.executor.collect()))
+
+    def step_with_batch_queue(self) -> EngineCoreOutputs:
+        """Submit a batch while a slot (a PP lane, or the second async slot) is free; collect the
+        oldest once the queue is full or nothing new could be scheduled."""
+        submitted = False
+        if len(self.batch_queue) < self.max_in_flight and self.scheduler.has_unfinished():
+            busy = {lane for _, _, lane in self.batch_queue}
+            free = [lane for lane in range(self.scheduler.num_lanes) if lane not in busy]
+            lane = free[0] if free else 0
+            so, scheduled = self._schedule(lane)
+            if so.num_scheduled_tokens or so.finished_req_ids:
+                self.executor.submit(so)
+                self.batch_queue.append((so, scheduled, lane))
+                submitted = True
+        if self.batch_queue and (len(self.batch_queue) == self.max_in_flight or not submitted):
+            so, scheduled, _ = self.batch_queue.popleft()
+            return self._outputs(self.scheduler.update_from_output(so, scheduled, self.executor.collect()))
+        return self._outputs([])
+
+    def _schedule(self, lane: int) -> tuple[SchedulerOutput, list[Sequence]]:
+        so, scheduled = self.scheduler.schedule(lane)
+        now = time.time()
+        for seq in scheduled:
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+        if self.scheduler.unschedulable:
+            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+            for seq in self.scheduler.unschedulable:
+                request = self.requests.pop(seq.request.request_id, None)
+                if request is None:
+                    continue
+                live = [s for s in request.seqs if not s.is_finished]
+                for s in live:
+                    s.finish_reason = "abort"
+                self.scheduler.finish(live)
+                error = ("max_tokens", f"the request needs more than the whole KV cache ({capacity} tokens) "
+                                       "for one sample")
+                self._pending.extend(EngineCoreOutput(request_id=request.request_id, index=s.index,
+                                                      finish_reason="abort", error=error) for s in request.seqs)
+            self.scheduler.unschedulable.clear()
+        return so, scheduled
+
+    def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
+        for out in outputs:
+            request = self.requests.get(out.request_id)
+            if request is None:
+                continue
+            if not request.scheduled_time_sent:  # the client's queue-time metric
+                out.first_scheduled_time, request.scheduled_time_sent = request.metrics.first_scheduled_time, True
+            if out.finish_reason is not None and request.finished:  # forgotten once all samples finished
+                del self.requests[out.request_id]
+        if self._pending:
+            outputs, self._pending = self._pending + outputs, []
+        return EngineCoreOutputs(outputs=outputs, timestamp=time.time(), stats=self.get_stats(),
+                                 engine_index=self.engine_index)
+
+    def get_stats(self) -> SchedulerStats:
+        sched, bm = self.scheduler, self.block_manager
+        running = {s.request.request_id for s in sched.running}
+        waiting = {s.request.request_id for s in sched.waiting} - running
+        return SchedulerStats(
+            num_running=len(running), num_waiting=len(waiting), kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks, num_total_blocks=bm.num_blocks,
+            num_preemptions_total=sched.num_preemptions, prefix_cache_queries_total=bm.prefix_cache_queries,
+            prefix_cache_hits_total=bm.prefix_cache_hits, prompt_tokens_total=sched.prompt_tokens_total,
+            generation_tokens_total=sched.generation_tokens_total, num_steps=sched.num_steps,
+            has_work=self.has_work(),
+        )
+
+    def shutdown(self) -> None:
+        """Collect batches still in flight, then release the executor (and the other ranks)."""
+        while self.batch_queue:
+            self.batch_queue.popleft()
+            self.executor.collect()
+        self.executor.shutdown()

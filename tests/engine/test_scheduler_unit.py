@@ -1,0 +1,221 @@
+"""Scheduler + BlockManager without a model: a fake runner samples a token that depends only on
+its position, so preemption, chunking, prefix caching and async placeholders must give the same
+tokens as a roomy synchronous run, the loop closes in update_from_output, and every block is free
+at the end."""
+from __future__ import annotations
+
+import random
+from collections import defaultdict, deque
+
+import pytest
+
+from engine.block_manager import BlockManager
+from engine.core_messages import EngineCoreOutput
+from engine.outputs import ModelRunnerOutput, RequestMetrics, SchedulerOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Request, Sequence, SequenceStatus
+
+EOS = 2
+BLOCK = 4
+
+
+def token_at(position: int) -> int:
+    """What the fake model samples at a position: never EOS, the same after a recompute."""
+    return 10 + position % 37
+
+
+def make_request(rid: str, prompt: list[int], max_tokens: int = 6, **params) -> Request:
+    sp = SamplingParams(max_tokens=max_tokens, **params)
+    req = Request(rid, None, list(prompt), sp, RequestMetrics(0.0), max_tokens)
+    for i in range(sp.n):
+        req.seqs.append(Sequence(rid if sp.n == 1 else f"{rid}#{i}", req, i, list(prompt), len(prompt)))
+    return req
+
+
+def make_scheduler(num_blocks: int = 64, budget: int = 64, async_scheduling: bool = False,
+                   prefix: bool = False, max_num_seqs: int = 8) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, BLOCK, prefix), max_num_seqs, budget, [EOS],
+                     async_scheduling=async_scheduling, max_model_len=512)
+
+
+def schedule_and_run(sched: Scheduler, sample=token_at) -> tuple[SchedulerOutput, list[Sequence], ModelRunnerOutput]:
+    """schedule(), and what a model would return: a sequence samples when schedule() gave it a
+    placeholder for this step, at position num_computed_tokens (the next token's index)."""
+    before = {q.seq_id: q.num_placeholders for q in [*sched.running, *sched.waiting]}
+    so, scheduled = sched.schedule()
+    sampling = [q for q in scheduled if q.num_placeholders > before.get(q.seq_id, 0)]
+    return so, scheduled, ModelRunnerOutput([q.seq_id for q in sampling], [sample(q.num_computed_tokens) for q in sampling])
+
+
+def drive(sched: Scheduler, requests: list[Request], max_in_flight: int = 1, sample=token_at,
+          on_step=None) -> dict[str, list[EngineCoreOutput]]:
+    """The engine's loop: schedule and submit while a slot is free, collect the oldest batch."""
+    for req in requests:
+        for seq in req.seqs:
+            sched.add(seq)
+    outputs: dict[str, list[EngineCoreOutput]] = defaultdict(list)
+    in_flight: deque = deque()
+    for step in range(10_000):
+        if not (sched.has_unfinished() or in_flight):
+            return outputs
+        if on_step is not None:
+            on_step(step, sched)
+        submitted = False
+        if len(in_flight) < max_in_flight:
+            so, scheduled, result = schedule_and_run(sched, sample)
+            if so.num_scheduled_tokens:
+                in_flight.append((so, scheduled, result))
+                submitted = True
+        if in_flight and (len(in_flight) == max_in_flight or not submitted):
+            so, scheduled, result = in_flight.popleft()
+            for out in sched.update_from_output(so, scheduled, result):
+                outputs[f"{out.request_id}#{out.index}"].append(out)
+    raise AssertionError("the scheduler did not finish")
+
+
+def assert_all_free(sched: Scheduler) -> None:
+    bm = sched.block_manager
+    assert not sched.has_unfinished()
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+
+
+def tokens_of(outs: list[EngineCoreOutput]) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+PROMPTS = [list(range(3, 3 + n)) for n in (1, 5, 9, 17, 30)]
+
+
+def reference(max_tokens: int = 6) -> dict[str, list[int]]:
+    sched = make_scheduler(num_blocks=256, budget=4096)
+    outs = drive(sched, [make_request(f"r{i}", p, max_tokens) for i, p in enumerate(PROMPTS)])
+    return {k: tokens_of(v) for k, v in outs.items()}
+
+
+def test_deltas_length_and_free() -> None:
+    sched = make_scheduler()
+    outs = drive(sched, [make_request(f"r{i}", p) for i, p in enumerate(PROMPTS)])
+    for i, p in enumerate(PROMPTS):
+        got = outs[f"r{i}#0"]
+        assert all(len(o.new_token_ids) == 1 for o in got)  # one new token per step: deltas, not copies
+        assert tokens_of(got) == [token_at(len(p) + j) for j in range(6)]
+        assert [o.finish_reason for o in got] == [None] * 5 + ["length"]
+    assert sched.generation_tokens_total == 6 * len(PROMPTS)
+    assert sched.prompt_tokens_total == sum(map(len, PROMPTS))
+    assert_all_free(sched)
+
+
+def test_eos_stop_tokens_and_min_tokens() -> None:
+    sched = make_scheduler()
+    reqs = [make_request("eos", [5, 6, 7], max_tokens=10, min_tokens=3),
+            make_request("ignore", [5, 6, 7], max_tokens=4, ignore_eos=True),
+            make_request("stop_id", [5, 6, 7], max_tokens=10, stop_token_ids=[EOS])]
+    outs = drive(sched, reqs, sample=lambda pos: EOS)
+    assert len(outs["eos#0"]) == 3 and outs["eos#0"][-1].finish_reason == "stop"  # EOS ignored under min_tokens
+    assert outs["eos#0"][-1].stop_reason is None  # EOS, not a stop token
+    assert [o.finish_reason for o in outs["ignore#0"]][-1] == "length" and len(outs["ignore#0"]) == 4
+    assert outs["stop_id#0"][0].finish_reason == "stop" and outs["stop_id#0"][0].stop_reason == EOS
+    assert_all_free(sched)
+
+
+def test_context_length_finishes() -> None:
+    sched = Scheduler(BlockManager(64, BLOCK, False), 4, 64, [EOS], max_model_len=8)
+    outs = drive(sched, [make_request("r", [3] * 6, max_tokens=100)])
+    assert len(outs["r#0"]) == 2 and outs["r#0"][-1].finish_reason == "length"
+    assert_all_free(sched)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_preemption_chunking_same_tokens(async_scheduling: bool) -> None:
+    ref = reference(max_tokens=12)
+    # 12 blocks of 4 tokens for 5 requests of up to 42 tokens: preemption; budget 8: chunked prompts
+    sched = make_scheduler(num_blocks=12, budget=8, async_scheduling=async_scheduling)
+    outs = drive(sched, [make_request(f"r{i}", p, max_tokens=12) for i, p in enumerate(PROMPTS)],
+                 max_in_flight=2 if async_scheduling else 1)
+    assert sched.num_preemptions > 0
+    assert {k: tokens_of(v) for k, v in outs.items()} == ref
+    assert_all_free(sched)
+
+
+def test_async_placeholders_two_in_flight() -> None:
+    sched = make_scheduler(async_scheduling=True)
+    seen_placeholders = []
+    schedule = sched.schedule
+
+    def spy(lane: int = 0):
+        out = schedule(lane)
+        seen_placeholders.extend(q.num_placeholders for q in sched.running)
+        return out
+
+    sched.schedule = spy
+    outs = drive(sched, [make_request(f"r{i}", p) for i, p in enumerate(PROMPTS)], max_in_flight=2)
+    assert max(seen_placeholders) == 2  # a step scheduled on a token still being sampled
+    assert {k: tokens_of(v) for k, v in outs.items()} == reference()
+    assert_all_free(sched)
+
+
+def test_prefix_cache_hits_reported() -> None:
+    sched = make_scheduler(prefix=True)
+    prompt = list(range(3, 20))  # 17 tokens: 4 full blocks
+    first = drive(sched, [make_request("a", prompt)])
+    second = drive(sched, [make_request("b", prompt)])
+    assert first["a#0"][0].num_cached_tokens == 0
+    assert second["b#0"][0].num_cached_tokens == 16
+    assert tokens_of(second["b#0"]) == tokens_of(first["a#0"])
+    assert_all_free(sched)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("seed", range(4))
+def test_abort_anywhere(async_scheduling: bool, seed: int) -> None:
+    """Aborting at random steps (waiting, running, in flight, mid-prefill) frees everything and
+    the aborted sample gets nothing afterwards."""
+    rng = random.Random(seed)
+    sched = make_scheduler(num_blocks=14, budget=8, async_scheduling=async_scheduling)
+    reqs = [make_request(f"r{i}", p, n=2 if i % 2 else 1) for i, p in enumerate(PROMPTS)]
+    aborted: dict[str, int] = {}  # seq id -> tokens it had when aborted
+
+    def maybe_abort(step: int, s: Scheduler) -> None:
+        live = [q for r in reqs for q in r.seqs if not q.is_finished]
+        if live and rng.random() < 0.3:
+            seq = rng.choice(live)
+            aborted[seq.seq_id] = seq.num_output_tokens
+            seq.finish_reason = "abort"
+            s.finish([seq])
+
+    outs = drive(sched, reqs, max_in_flight=2 if async_scheduling else 1, on_step=maybe_abort)
+    assert aborted
+    for req in reqs:
+        for seq in req.seqs:
+            assert seq.status == SequenceStatus.FINISHED
+            got = outs.get(f"{req.request_id}#{seq.index}", [])
+            if seq.seq_id in aborted:
+                assert len(tokens_of(got)) == aborted[seq.seq_id]
+                assert all(o.finish_reason is None for o in got)
+    assert_all_free(sched)
+
+
+def test_prompt_logprobs_counted_by_scheduler() -> None:
+    """Prompt logprob chunks pass through as typed entries and stop being asked once complete."""
+    sched = make_scheduler(budget=8)
+    req = make_request("p", list(range(3, 23)), max_tokens=2, prompt_logprobs=1)
+    seq = req.seqs[0]
+    sched.add(seq)
+    chunks = []
+    while sched.has_unfinished():
+        so, scheduled, result = schedule_and_run(sched)
+        assert (so.scheduled_new_reqs[0].sampling["prompt_logprobs"] == 1) if so.scheduled_new_reqs else True
+        start = seq.num_computed_tokens - so.num_scheduled_tokens["p"]
+        last = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
+        if start < last:
+            result.prompt_logprobs = {"p": (start + 1, [([t, 0], [-1.0, -0.5], 2) for t in range(start + 1, last + 1)])}
+        for out in sched.update_from_output(so, scheduled, result):
+            if out.new_prompt_logprobs is not None:
+                first, entries = out.new_prompt_logprobs
+                chunks.append(first)
+                assert entries[0].rank == 2 and entries[0].token_ids[1] == 0
+    assert chunks == [1, 9, 17]
+    assert req.num_prompt_logprobs == 20 and not seq.needs_prompt_logprobs
+    assert_all_free(sched)
