@@ -22,11 +22,15 @@ COMPLETIONS = "/v1/completions"
 KEY_HEADER = f"Authorization: Bearer {API_KEY}\r\n".encode()
 
 
-def raw_request(server: LiveServer, head: bytes, body: bytes = b"", timeout: float = 30.0) -> tuple[int, bytes]:
-    """Send bytes as they are; the status code and body of the answer (0 if none came)."""
+def raw_request(server: LiveServer, head: bytes, body: bytes = b"", timeout: float = 30.0,
+                half_close: bool = True) -> tuple[int, bytes]:
+    """Send bytes as they are; the status code and body of the answer (0 if none came).
+    half_close=False keeps our side open (the server may otherwise take the EOF for a client that
+    left before its answer); the request must then carry `Connection: close`."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=timeout) as s:
         s.sendall(head + body)
-        s.shutdown(socket.SHUT_WR)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
         data = b""
         try:
             while chunk := s.recv(65536):
@@ -172,7 +176,8 @@ def test_text_longer_than_the_model_can_take(keyed_server: LiveServer):
 def test_undecodable_authorization_is_400(keyed_server: LiveServer):
     body = _json(TOKENIZE)
     status, answer = raw_request(keyed_server, b"POST /tokenize HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
-                                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body), body)
+                                 b"Connection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                                 % len(body), body, half_close=False)
     assert status == 400, answer
     assert json.loads(answer)["error"]["param"] == "Authorization"
 
