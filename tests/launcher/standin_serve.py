@@ -57,11 +57,11 @@ def main() -> None:
     while not (ranks / "0.pid").exists():
         time.sleep(0.1)
     rank0 = int((ranks / "0.pid").read_text().split()[0])
-    while _alive(rank0):
+    while is_alive(rank0):
         time.sleep(0.2)
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     """Running and not a zombie (rank 0 is one until torchrun reaps it)."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:

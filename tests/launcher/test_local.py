@@ -20,18 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.launcher.conftest import REPO_ROOT
+from tests.launcher.standin_serve import is_alive
 
 pytestmark = pytest.mark.slow
 STANDIN = "tests.launcher.standin_serve"
-
-
-def _alive(pid: int) -> bool:
-    """Running and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:  # gone: no file, or ESRCH when it exits between open and read
-        return False
 
 
 def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
@@ -54,7 +46,7 @@ def _start(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> tu
 
 def _kill_leftovers(pids: list[int]) -> list[int]:
     """SIGKILL whichever recorded pids are still alive (so a failing test cleans up); return them."""
-    alive = [p for p in pids if _alive(p)]
+    alive = [p for p in pids if is_alive(p)]
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
     return alive
@@ -78,7 +70,7 @@ def test_signal_stops_every_rank(signum: int, tmp_path: Path) -> None:
     pids: list[int] = []
     try:
         pids = _pids(out, proc)
-        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        assert len(pids) == 2 and all(is_alive(p) for p in pids)
         proc.send_signal(signum)
         code = proc.wait(timeout=60)
     finally:
@@ -114,7 +106,7 @@ def test_stubborn_ranks_and_orphans_are_killed(tmp_path: Path) -> None:
     pids: list[int] = []
     try:
         pids = _pids(out, proc)
-        assert len(pids) == 3 and all(_alive(p) for p in pids)  # two ranks and rank 0's grandchild
+        assert len(pids) == 3 and all(is_alive(p) for p in pids)  # two ranks and rank 0's grandchild
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=90)
@@ -139,7 +131,7 @@ def _processes_mentioning(text: str) -> list[int]:
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if text.encode() in f.read() and _alive(int(entry)):
+                if text.encode() in f.read() and is_alive(int(entry)):
                     pids.append(int(entry))
         except (FileNotFoundError, ProcessLookupError, NotADirectoryError, PermissionError, ValueError):
             continue
