@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.infra import procs
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -64,15 +65,8 @@ def set_size(web: Any, size: tuple[int, int]) -> None:
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition", interval: float = 0.05) -> Any:
-    """predicate()'s first truthy value, polled; AssertionError naming `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    """predicate()'s first truthy value, polled quickly (a page reacts in milliseconds)."""
+    return procs.wait_for(predicate, timeout, what, interval=interval)
 
 
 def screenshot(web: Any, name: str) -> Path:
