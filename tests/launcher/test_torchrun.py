@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.launcher.conftest import REPO_ROOT
-from tests.launcher.test_local import _alive, _kill_leftovers, _wait
+from tests.launcher.standin_serve import is_alive
+from tests.launcher.test_local import _kill_leftovers, _wait
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,7 @@ def test_second_sigterm_is_torchruns_own_stop(tmp_path: Path) -> None:
     try:
         proc.send_signal(signal.SIGTERM)
         time.sleep(2)
-        assert proc.poll() is None and all(_alive(p) for p in pids)  # waiting for rank 0
+        assert proc.poll() is None and all(is_alive(p) for p in pids)  # waiting for rank 0
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=90)  # torchrun gives stubborn workers 30 s before SIGKILL
     finally:
