@@ -11,6 +11,7 @@ from typing import Any
 _EXPORTS = {
     "LLM": "engine.llm",
     "SamplingParams": "engine.sampling_params",
+    "BeamSearchParams": "engine.beam_search",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "EngineConfig": "engine.config",

@@ -14,6 +14,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from engine.beam_search import (
+    BeamSearchOutput,
+    BeamSearchParams,
+    beam_search_offline,
+    best_of_params,
+    keep_best_of,
+)
 from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
@@ -67,13 +74,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """prompts: one prompt or a list (see the module docstring); sampling_params: one for all,
         one per prompt, or None for get_default_sampling_params()."""
-        single = isinstance(prompts, (str, dict)) or (
-            isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts))
-        if not single and not isinstance(prompts, SequenceABC):
-            raise RequestError("prompts", f"must be a prompt or a list of prompts, got {type(prompts).__name__}")
-        items = [prompts] if single else list(prompts)
-        return self._run([_parse_prompt(p, "prompts" if single else f"prompts[{i}]") for i, p in enumerate(items)],
-                         sampling_params, use_tqdm)
+        return self._run(_parse_prompts(prompts), sampling_params, use_tqdm)
 
     def chat(
         self,
@@ -85,6 +86,16 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.llm_engine.apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self._run(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | SequenceABC[PromptType],
+                    params: BeamSearchParams | SequenceABC[BeamSearchParams], use_tqdm: bool = True) -> list[BeamSearchOutput]:
+        """vLLM's: one BeamSearchOutput per prompt, its beam_width sequences best first (transformers'
+        beam search semantics; see engine/beam_search.py). params: one for all, or one per prompt."""
+        engine = self.llm_engine
+        token_ids = [engine.encode(p) if isinstance(p, str) else p for p in _parse_prompts(prompts)]
+        request_ids = (f"beam-{next(self._counter)}" for _ in itertools.count())
+        return beam_search_offline(engine, token_ids, params if isinstance(params, BeamSearchParams) else list(params),
+                                   request_ids, use_tqdm)
 
     def _run(
         self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool
@@ -102,7 +113,7 @@ class LLM:
         try:
             for prompt, params in zip(prompts, params_list):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, best_of_params(params, engine.config.max_num_seqs))
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)
@@ -116,7 +127,17 @@ class LLM:
                     if output.finished and output.request_id in ids:
                         finished[output.request_id] = output
                         bar.update(1)
-        return [finished[i] for i in ids]
+        return [keep_best_of(finished[i], p) for i, p in zip(ids, params_list)]
+
+
+def _parse_prompts(prompts: Any) -> list[Prompt]:
+    """One prompt or a list of them (see the module docstring), as the engine takes them."""
+    single = isinstance(prompts, (str, dict)) or (
+        isinstance(prompts, list) and bool(prompts) and all(isinstance(t, int) for t in prompts))
+    if not single and not isinstance(prompts, SequenceABC):
+        raise RequestError("prompts", f"must be a prompt or a list of prompts, got {type(prompts).__name__}")
+    items = [prompts] if single else list(prompts)
+    return [_parse_prompt(p, "prompts" if single else f"prompts[{i}]") for i, p in enumerate(items)]
 
 
 def _parse_prompt(prompt: Any, where: str) -> Prompt:

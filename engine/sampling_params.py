@@ -92,6 +92,7 @@ class RequestOutputKind(enum.IntEnum):
 @dataclass
 class SamplingParams:
     n: int = 1  # parallel samples from one prompt (they share the prompt's KV pages)
+    best_of: int | None = None  # generate best_of samples, return the n with the highest cumulative logprob
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0  # nucleus sampling, in (0, 1]
     top_k: int = 0  # 0 or -1: off; larger than the vocabulary: off
@@ -123,7 +124,7 @@ class SamplingParams:
         self.n = _int("n", self.n)
         self.top_k = _int("top_k", self.top_k)
         self.min_tokens = _int("min_tokens", self.min_tokens)
-        for name in ("max_tokens", "logprobs", "prompt_logprobs", "seed"):
+        for name in ("best_of", "max_tokens", "logprobs", "prompt_logprobs", "seed"):
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -151,6 +152,8 @@ class SamplingParams:
 
         if self.n < 1:
             raise bad("n", f"must be an integer >= 1, got {self.n!r}")
+        if self.best_of is not None and self.best_of < self.n:
+            raise bad("best_of", f"must be >= n ({self.n}), got {_show(self.best_of)}")
         if self.temperature < 0:
             raise bad("temperature", f"must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

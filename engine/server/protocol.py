@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
+
+if TYPE_CHECKING:
+    from engine.beam_search import BeamSearchParams
 
 MAX_N = 128  # parallel samples per prompt
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
@@ -167,6 +170,7 @@ class ModelContext:
     # Longest text field accepted: max_model_len x the longest token in characters, so text
     # beyond it cannot fit and is refused before any tokenizing. None: unbounded.
     max_text_chars: int | None = None
+    max_num_seqs: int | None = None  # sequences the engine runs at once: a wider beam search is refused
 
 
 def check_model(body: dict, ctx: ModelContext) -> None:
@@ -203,8 +207,6 @@ def _stop(body: dict, ctx: ModelContext) -> list[str]:
 
 def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """Every sampling field both APIs share; max_tokens None means up to the context left."""
-    if _int(body, "best_of") not in (None, _int(body, "n") or 1):
-        raise bad("best_of", "must equal n (beam and best-of sampling are not supported)")
     logit_bias = body.get("logit_bias")
     if logit_bias:
         raise bad("logit_bias", "is not supported")
@@ -215,6 +217,8 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         raise bad("max_tokens", f"must be <= max_model_len ({ctx.max_model_len}), got {max_tokens}")
     kwargs: dict[str, Any] = {
         "n": _int(body, "n", 1, MAX_N),
+        # with use_beam_search, best_of is the beam width (beam_search_params)
+        "best_of": None if _bool(body, "use_beam_search") else _int(body, "best_of", 1, MAX_N),
         "temperature": _float(body, "temperature"),
         "top_p": _float(body, "top_p"),
         "top_k": _int(body, "top_k"),
@@ -236,6 +240,14 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         raise bad(e.param, str(e).split(": ", 1)[-1]) from None
 
 
+def beam_search_params(body: dict, ctx: ModelContext, params: SamplingParams, stream: bool,
+                       logprobs_field: str | None) -> BeamSearchParams | None:
+    """use_beam_search and its fields (engine/server/beam.py reads them with this module's readers)."""
+    from engine.server.beam import parse_beam_search
+
+    return parse_beam_search(body, ctx, params, stream, logprobs_field)
+
+
 def _unsupported(body: dict, *names: str) -> None:
     for name in names:
         if body.get(name) not in (None, [], {}, False):
@@ -253,6 +265,7 @@ class CompletionRequest:
     include_usage: bool
     echo: bool
     logprobs: int | None  # top-k per token in the legacy format
+    beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
 
 
 def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest:
@@ -285,13 +298,15 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
     _unsupported(body, "suffix")
     stream = bool(_bool(body, "stream"))
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+    params = sampling_params(body, ctx, _int(body, "max_tokens", 1), logprobs)
     return CompletionRequest(
         prompts=prompts,
-        params=sampling_params(body, ctx, _int(body, "max_tokens", 1), logprobs),
+        params=params,
         stream=stream,
         include_usage=_stream_options(body, stream),
         echo=bool(_bool(body, "echo")),
         logprobs=logprobs,
+        beam=beam_search_params(body, ctx, params, stream, None if logprobs is None else "logprobs"),
     )
 
 
@@ -304,6 +319,7 @@ class ChatRequest:
     include_usage: bool
     logprobs: bool
     top_logprobs: int
+    beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
 
 
 def _message_content(content: Any, name: str, ctx: ModelContext) -> str:
@@ -358,14 +374,16 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
     add_generation_prompt = _bool(body, "add_generation_prompt")
+    params = sampling_params(body, ctx, max_tokens, (top_logprobs or 0) if logprobs else None)
     return ChatRequest(
         messages=messages,
         add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
-        params=sampling_params(body, ctx, max_tokens, (top_logprobs or 0) if logprobs else None),
+        params=params,
         stream=stream,
         include_usage=_stream_options(body, stream),
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
+        beam=beam_search_params(body, ctx, params, stream, "logprobs" if logprobs else None),
     )
 
 
