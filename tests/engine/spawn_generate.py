@@ -1,0 +1,69 @@
+"""A plain `python3 script.py` (no torchrun) that makes LLM(tensor_parallel_size=TP, pipeline_parallel_size=PP)
+spawn its own ranks; used by test_spawn.py.
+
+    spawn_generate.py MODEL TP PP OUT_JSON [greedy|long] [TIMEOUT_S] [main|thread]
+
+greedy: writes {"token_ids", "texts", "worker_pids", "exitcodes"} after an explicit shutdown.
+long: writes OUT_JSON.pids (rank 0 and its workers) once tokens come back, then generates for
+minutes; a RankFailedError is written to OUT_JSON.error and the script exits 3. `thread` builds
+the LLM in a thread that then ends (the getppid watch, not PR_SET_PDEATHSIG, must tie the workers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+
+from engine import LLM, SamplingParams
+from engine.errors import RankFailedError
+from tests.conftest import prompts_of_lengths
+
+
+def main() -> None:
+    model, tp, pp, out_path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    mode = sys.argv[5] if len(sys.argv) > 5 else "greedy"
+    timeout_s = float(sys.argv[6]) if len(sys.argv) > 6 else 60.0
+    where = sys.argv[7] if len(sys.argv) > 7 else "main"
+    kwargs = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu", enable_prefix_caching=False,
+                  distributed_timeout_s=timeout_s)
+    if mode == "greedy":
+        llm = LLM(model, **kwargs)
+        prompts = prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300])
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
+        group = llm.llm_engine.worker_group
+        llm.llm_engine.shutdown()
+        with open(out_path, "w") as f:
+            json.dump({"token_ids": [o.outputs[0].token_ids for o in outputs],
+                       "texts": [o.outputs[0].text for o in outputs],
+                       "worker_pids": [p.pid for p in group.procs.values()],
+                       "exitcodes": [p.exitcode for p in group.procs.values()]}, f)
+        return
+    made: list[LLM] = []
+    if where == "thread":  # the spawning thread ends before generation starts
+        thread = threading.Thread(target=lambda: made.append(LLM(model, num_kv_blocks=512, **kwargs)))
+        thread.start()
+        thread.join()
+    else:
+        made.append(LLM(model, num_kv_blocks=512, **kwargs))
+    engine = made[0].llm_engine
+    params = SamplingParams(temperature=0, max_tokens=900, ignore_eos=True)
+    for i, prompt in enumerate(prompts_of_lengths([3, 7, 11, 13, 17, 19, 23, 29])):
+        engine.add_request(str(i), prompt, params)
+    pids = [os.getpid()] + [p.pid for p in engine.worker_group.procs.values()]
+    num_steps = 0
+    try:
+        while engine.has_unfinished_requests():  # ~900 decode steps: far longer than the test waits
+            engine.step()
+            num_steps += 1
+            if num_steps == 8:
+                with open(out_path + ".pids", "w") as f:
+                    json.dump(pids, f)
+    except RankFailedError as e:
+        with open(out_path + ".error", "w") as f:
+            f.write(str(e))
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()
