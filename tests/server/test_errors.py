@@ -68,7 +68,7 @@ BAD_REQUESTS = [
     ("completion-logprobs-too-many", "POST", COMPLETIONS, completion(logprobs=10), 400, "logprobs"),
     ("echo-not-bool", "POST", COMPLETIONS, completion(echo="yes"), 400, "echo"),
     ("ignore-eos-not-bool", "POST", CHAT, chat(ignore_eos="true"), 400, "ignore_eos"),
-    ("best-of", "POST", COMPLETIONS, completion(best_of=3), 400, "best_of"),
+    ("best-of-below-n", "POST", COMPLETIONS, completion(best_of=1, n=2), 400, "best_of"),
     ("logit-bias", "POST", CHAT, chat(logit_bias={"50": 10}), 400, "logit_bias"),
     ("tools", "POST", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     ("response-format", "POST", CHAT, chat(response_format={"type": "json_schema"}), 400, "response_format"),
