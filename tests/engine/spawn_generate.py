@@ -1,9 +1,11 @@
 """A plain `python3 script.py` (no torchrun) that makes LLM(tensor_parallel_size=TP, pipeline_parallel_size=PP)
 spawn its own ranks; used by test_spawn.py.
 
-    spawn_generate.py MODEL TP PP OUT_JSON [greedy|long] [TIMEOUT_S] [main|thread]
+    spawn_generate.py MODEL TP PP OUT_JSON [greedy|twice|long] [TIMEOUT_S] [main|thread]
 
 greedy: writes {"token_ids", "texts", "worker_pids", "exitcodes"} after an explicit shutdown.
+twice: one LLM, deleted without shutdown, then a second one left to the interpreter's exit; writes
+{"token_ids": [first's, second's], "worker_pids": [first's, second's]}.
 long: writes OUT_JSON.pids (rank 0 and its workers) once tokens come back, then generates for
 minutes; a RankFailedError is written to OUT_JSON.error and the script exits 3. `thread` builds
 the LLM in a thread that then ends (the getppid watch, not PR_SET_PDEATHSIG, must tie the workers).
@@ -38,6 +40,18 @@ def main() -> None:
                        "texts": [o.outputs[0].text for o in outputs],
                        "worker_pids": [p.pid for p in group.procs.values()],
                        "exitcodes": [p.exitcode for p in group.procs.values()]}, f)
+        return
+    if mode == "twice":
+        token_ids, worker_pids = [], []
+        for _ in range(2):
+            llm = LLM(model, **kwargs)
+            output = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                                  use_tqdm=False)
+            token_ids.append(output[0].outputs[0].token_ids)
+            worker_pids += [p.pid for p in llm.llm_engine.worker_group.procs.values()]
+            del llm, output  # the first: its workers go with it; the second: at exit
+        with open(out_path, "w") as f:
+            json.dump({"token_ids": token_ids, "worker_pids": worker_pids}, f)
         return
     made: list[LLM] = []
     if where == "thread":  # the spawning thread ends before generation starts

@@ -63,8 +63,8 @@ def model_and_reference(tmp_path_factory) -> tuple[str, list[list[int]], list[st
     return path, [o.outputs[0].token_ids for o in outputs], [o.outputs[0].text for o in outputs]
 
 
-def run_greedy(model: str, tp: int, pp: int, out: Path) -> tuple[dict, str]:
-    proc = plain_script([model, str(tp), str(pp), str(out)])
+def run_greedy(model: str, tp: int, pp: int, out: Path, mode: str = "greedy") -> tuple[dict, str]:
+    proc = plain_script([model, str(tp), str(pp), str(out), mode])
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output[-4000:]
     return json.loads(out.read_text()), output
@@ -90,6 +90,18 @@ def test_plain_script_pp2_matches_tp1(model_and_reference, tmp_path: Path) -> No
     result, output = run_greedy(model, 1, 2, tmp_path / "spawned.json")
     assert result["token_ids"] == reference
     assert result["exitcodes"] == [0], output[-4000:]
+    assert_gone(result["worker_pids"], 5)
+
+
+@pytest.mark.slow
+def test_deleted_llm_releases_its_workers(model_and_reference, tmp_path: Path) -> None:
+    """An LLM dropped without shutdown() releases its ranks (so a second LLM in the process can spawn
+    its own), and one still alive at exit is released too: every worker says so and exits."""
+    model = model_and_reference[0]
+    result, output = run_greedy(model, 2, 1, tmp_path / "twice.json", "twice")
+    assert result["token_ids"][0] == result["token_ids"][1]
+    assert output.count("rank 1: shut down by rank 0") == 2, output[-4000:]
+    assert "did not exit" not in output and "at shutdown" not in output, output[-4000:]
     assert_gone(result["worker_pids"], 5)
 
 
