@@ -3,7 +3,9 @@ length_penalty and early_stopping; running a search through the route's async on
 `generate` (engine/beam_search.py does the algorithm); and picking the best of best_of samples."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,12 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.server.protocol import ModelContext, _bool, _float, _int, bad, show
 
-__all__ = ["BeamResult", "parse_beam_search", "run_beam_search", "select_best_of", "step_output"]
+__all__ = ["BeamResult", "best_of_order", "parse_beam_search", "run_beam_search", "select_best_of", "step_generate",
+           "step_output"]
+
+# AsyncLLM.generate's shape: (requests, arrival time) -> a context yielding the requests' deltas, which
+# aborts whatever is unfinished when left early
+Submit = Callable[[list[tuple[str, list[int], SamplingParams]], float], AbstractAsyncContextManager[AsyncIterable[Any]]]
 
 # sampling fields that mean nothing to a deterministic beam search: refused unless neutral, never ignored
 _NOT_WITH_BEAMS: dict[str, tuple[Any, ...]] = {
@@ -105,3 +112,27 @@ def step_output(token_ids: list[int], logprobs: list[dict[int, Logprob]]) -> Ste
     """A finished one-token step request's output (its CompletionOutput's token_ids and logprobs) as
     generate returns it."""
     return token_ids[0], {t: lp.logprob for t, lp in logprobs[0].items()}
+
+
+def step_generate(submit: Submit) -> AsyncStep:
+    """The AsyncStep run_beam_search needs, over the API's engine (submit: AsyncLLM.generate). A step's
+    requests go in as one stream; a cancelled search leaves it early, which aborts them."""
+    async def generate(requests: list[tuple[str, list[int], SamplingParams]]) -> list[StepOutput]:
+        token_ids: dict[str, list[int]] = {rid: [] for rid, _, _ in requests}
+        logprobs: dict[str, list[dict[int, Logprob]]] = {rid: [] for rid, _, _ in requests}
+        async with submit(list(requests), time.time()) as stream:
+            async for delta in stream:
+                for sample in delta.samples:
+                    token_ids[delta.request_id].extend(sample.new_token_ids)
+                    logprobs[delta.request_id].extend(sample.new_logprobs or [])
+        if any(not ids for ids in token_ids.values()):  # aborted by the engine (shutting down)
+            raise ConnectionAbortedError("the engine stopped before the beam search ended")
+        return [step_output(token_ids[rid], logprobs[rid]) for rid, _, _ in requests]
+
+    return generate
+
+
+def best_of_order(samples: Sequence[tuple[list[int], list[dict[int, Logprob]]]], n: int) -> list[int]:
+    """Which n of best_of samples (each its token ids and per-token logprobs, as the route collects
+    them) to return, best first: the highest cumulative logprob (vLLM's best_of)."""
+    return select_best_of([sum(entry[t].logprob for t, entry in zip(ids, lps)) for ids, lps in samples], n)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -13,7 +15,13 @@ import pytest
 from engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from engine.errors import RequestError
 from engine.outputs import Logprob
-from engine.server.beam import run_beam_search, select_best_of, step_output
+from engine.server.beam import (
+    best_of_order,
+    run_beam_search,
+    select_best_of,
+    step_generate,
+    step_output,
+)
 from engine.server.protocol import (
     APIError,
     ModelContext,
@@ -216,3 +224,64 @@ def test_cancelling_the_search_cancels_the_step_in_flight() -> None:
 def test_select_best_of() -> None:
     assert select_best_of([-3.0, -1.0, -2.0, -1.0], 2) == [1, 3]  # highest first; ties keep order
     assert select_best_of([-5.0], 1) == [0]
+
+
+class FakeAsyncLLM:
+    """AsyncLLM.generate's shape: a context yielding deltas (two per request: a token, then its finish)."""
+
+    def __init__(self, hang_at_step: int | None = None):
+        self.num_steps, self.hang_at_step = 0, hang_at_step
+        self.aborted: list[str] = []
+
+    @asynccontextmanager
+    async def generate(self, requests, arrival_time: float):
+        self.num_steps += 1
+        finished: set[str] = set()
+
+        async def deltas():
+            if self.num_steps == self.hang_at_step:
+                await asyncio.sleep(3600)
+            for request_id, token_ids, params in requests:
+                top = sorted(fake_logprobs(token_ids).items(), key=lambda kv: -kv[1])[: params.logprobs]
+                entry = {t: Logprob(lp, rank) for rank, (t, lp) in enumerate(top, 1)}
+                sample = SimpleNamespace(new_token_ids=[top[0][0]], new_logprobs=[entry])
+                yield SimpleNamespace(request_id=request_id, samples=[sample])
+                finished.add(request_id)
+                yield SimpleNamespace(request_id=request_id, samples=[SimpleNamespace(new_token_ids=[],
+                                                                                      new_logprobs=None)])
+
+        try:
+            yield deltas()
+        finally:
+            self.aborted += [rid for rid, _, _ in requests if rid not in finished]
+
+
+def test_step_generate_over_the_async_engine() -> None:
+    params = BeamSearchParams(3, 5)
+    kwargs = {"eos_token_ids": [EOS], "max_model_len": 64, "tokenizer": None, "request_id": "r"}
+    expected = asyncio.run(run_beam_search(FakeEngine().generate, [4, 4], params, 3, **kwargs))
+    llm = FakeAsyncLLM()
+    got = asyncio.run(run_beam_search(step_generate(llm.generate), [4, 4], params, 3, **kwargs))
+    assert got == expected and llm.num_steps > 1 and not llm.aborted
+
+    hanging = FakeAsyncLLM(hang_at_step=2)
+
+    async def leave() -> None:
+        task = asyncio.create_task(run_beam_search(step_generate(hanging.generate), [4, 4], params, 3, **kwargs))
+        while hanging.num_steps < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave())
+    assert len(hanging.aborted) == 3  # the step in flight: all 3 beams' requests aborted
+
+
+def test_best_of_order_from_collected_samples() -> None:
+    def sample(*lps: float):
+        ids = list(range(len(lps)))
+        return ids, [{t: Logprob(lp, 1)} for t, lp in zip(ids, lps)]
+
+    samples = [sample(-1.0, -2.0), sample(-0.5), sample(-0.1, -0.1, -0.1), sample(-4.0)]
+    assert best_of_order(samples, 2) == [2, 1]
