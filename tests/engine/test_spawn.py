@@ -170,6 +170,33 @@ def test_script_without_main_guard_names_the_rank(model_and_reference, tmp_path:
     assert time.monotonic() - started < 120
 
 
+BROKEN_WORKER = """\
+import logging, sys
+import engine.distributed
+if __name__ == "__mp_main__":  # the spawned rank re-imports this script: its start fails
+    def broken(config, show_progress=False):
+        logging.getLogger("gantry.engine").info("rank 1 reading shard 2 of 2")
+        raise OSError("disk on fire")
+    engine.distributed.run_worker = broken
+if __name__ == "__main__":
+    from engine import LLM
+    LLM(sys.argv[1], tensor_parallel_size=2, device="cpu", distributed_timeout_s=float(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_worker_failing_to_start_is_named_with_its_last_log_line(model_and_reference, tmp_path: Path) -> None:
+    """Rank 0 waits for rank 1 in the store until distributed_timeout_s, then names it: its exit, its
+    error and its last log line (instead of gloo's timeout alone)."""
+    script = tmp_path / "broken_worker.py"
+    script.write_text(BROKEN_WORKER)
+    proc = subprocess.run([sys.executable, str(script), model_and_reference[0], str(TIMEOUT_S)], cwd=REPO,
+                          env=dist_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert re.search(r"RankFailedError: rank 1 \(pid \d+\) exited with code 1 while the engine started: OSError: "
+                     r"disk on fire; its last log line: rank 1 reading shard 2 of 2", proc.stderr), proc.stderr[-4000:]
+
+
 def test_nothing_spawned_for_one_rank_or_under_a_launcher(monkeypatch) -> None:
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert ensure_group(EngineConfig(device="cpu")) is None
