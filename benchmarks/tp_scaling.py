@@ -154,7 +154,7 @@ def run_config(spec: dict, timeout_s: float) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.tp_scaling", "--child", json.dumps(spec)]
     log(f"{spec['workload']} tp{spec['tp']} pp{spec['pp']}: {' '.join(cmd[:3])} --child ...")
     try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, check=False,
                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     except subprocess.TimeoutExpired as e:
         tail = (e.stdout or b"")[-3000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-3000:]
