@@ -23,6 +23,7 @@ DEFAULT_API_KEY_ENV = "GANTRY_API_KEY"  # read when no key is configured (vLLM r
 GENERATION_CONFIG_KEYS = ("max_new_tokens",)  # generation_config keys the engine applies as request defaults
 DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "bf16", "fp16", "float", "fp32")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "compressed-tensors")  # vLLM's names, plus auto and none
 
 
 @dataclass
@@ -33,6 +34,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (auto: checkpoint dtype on GPU, float32 on CPU)
     max_model_len: int | None = None  # context length
     load_format: str = "auto"  # auto | safetensors | gguf | dummy (random weights from config.json)
+    quantization: str = "auto"  # auto (from the checkpoint) | gguf | gptq | awq | compressed-tensors | none (dequantize a GGUF at load)
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (dummy shapes)
     seed: int = 0  # seed for dummy weights and for requests that set no seed
     block_size: int = 16  # tokens per KV cache page
@@ -57,6 +59,8 @@ class EngineConfig:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES[:4])}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError("quantization", f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -50,17 +50,25 @@ class GGUFFile:
     def architecture(self) -> str:
         return self.metadata["general.architecture"]
 
-    def iter_tensors(self) -> Iterator[tuple[GGUFTensorInfo, torch.Tensor]]:
-        """(info, float32 tensor of info.shape), one at a time from a memory map of the file."""
+    def iter_tensors(self, keep_blocks: bool = False) -> Iterator[tuple[GGUFTensorInfo, torch.Tensor]]:
+        """(info, float32 tensor of info.shape), one at a time from a memory map of the file; with
+        keep_blocks, a block-quantized tensor comes as its raw bytes, uint8 [rows, row_bytes]."""
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
             for info in self.tensors:
                 nbytes = _num_bytes(info.ggml_type, math.prod(info.shape))
                 if nbytes is None:
                     raise ModelLoadError(self.path, f"tensor {info.name} has unknown ggml type {info.ggml_type}")
+                if info.ggml_type not in _FLOAT_TYPES and info.shape[-1] % GGML_BLOCK_SIZES[info.ggml_type][0]:
+                    raise ModelLoadError(self.path, f"tensor {info.name} rows of {info.shape[-1]} weights do not fill "
+                                         f"whole {GGML_BLOCK_SIZES[info.ggml_type][0]}-weight blocks (corrupt?)")
                 if info.offset + nbytes > len(data):
                     raise ModelLoadError(self.path, f"tensor {info.name} extends past the end of the file (truncated?)")
-                yield info, dequantize(data[info.offset : info.offset + nbytes], info.ggml_type, info.shape)
+                raw = data[info.offset : info.offset + nbytes]
+                if keep_blocks and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2:
+                    yield info, torch.from_numpy(np.array(raw).reshape(math.prod(info.shape[:-1]), -1))
+                else:
+                    yield info, dequantize(raw, info.ggml_type, info.shape, self.path, info.name)
         finally:
             del data  # unmap: touched pages would otherwise count in this process's RSS
 
@@ -121,6 +129,18 @@ class GGUFFile:
         return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
 
+class _BlockSizes(dict):
+    """ggml type -> (weights per block, bytes per block), for every block type gguf knows."""
+
+    def __missing__(self, ggml_type: int) -> tuple[int, int]:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        return GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+
+
+GGML_BLOCK_SIZES = _BlockSizes({t: (32, n) for t, n in _BLOCK_BYTES.items()})
+
+
 def _num_bytes(ggml_type: int, numel: int) -> int | None:
     if ggml_type in _FLOAT_TYPES:
         return numel * _FLOAT_TYPES[ggml_type].itemsize
@@ -134,9 +154,10 @@ def _num_bytes(ggml_type: int, numel: int) -> int | None:
     return numel // block_size * type_size
 
 
-def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch.Tensor:
+def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], path: str = "", name: str = "") -> torch.Tensor:
     """float32 [*shape] from ggml blocks, equal to gguf.dequantize. The common types in a few
-    single-threaded numpy passes (no OpenMP wait behind other processes); the rest by gguf."""
+    single-threaded numpy passes (no OpenMP wait behind other processes); the rest by gguf
+    (a type it cannot dequantize is a QuantizationError naming the tensor `name` of `path`)."""
     if ggml_type in _FLOAT_TYPES:
         return torch.from_numpy(raw.copy()).view(_FLOAT_TYPES[ggml_type]).reshape(shape).float()
     if ggml_type in _BLOCK_BYTES:
@@ -164,7 +185,14 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...]) -> torch
 
     block_size, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     rows = raw.reshape(*shape[:-1], shape[-1] // block_size * type_size)
-    return torch.from_numpy(np.ascontiguousarray(gguf_dequantize(rows, ggml_type), dtype=np.float32)).reshape(shape)
+    try:
+        weights = gguf_dequantize(rows, GGMLQuantizationType(ggml_type))
+    except NotImplementedError:
+        from engine.layers.quant import QuantizationError
+
+        kind = GGMLQuantizationType(ggml_type).name
+        raise QuantizationError(path, name, f"ggml type {kind} cannot be run (no dequantization for it)") from None
+    return torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).reshape(shape)
 
 
 def _parse(path: str) -> GGUFFile:

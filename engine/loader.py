@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import sys
@@ -21,7 +22,10 @@ from tqdm import tqdm
 from engine import startup
 from engine.errors import ModelLoadError
 from engine.gguf_file import open_gguf
+from engine.layers.quant.gguf import GGUFBlocks
 from engine.model_config import ModelConfig
+
+logger = logging.getLogger("gantry.engine")
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -85,10 +89,11 @@ def _unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) from the GGUF file, through the parse the model config made."""
+def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[tuple[str, Any]]:
+    """(HF name, float32 tensor) from the GGUF file, through the parse the model config made; with
+    keep_blocks, block-quantized matrices come as GGUFBlocks (rows permuted like the floats)."""
     permute = hf_config.model_type in ("llama", "mistral")
-    for info, weights in open_gguf(path).iter_tensors():
+    for info, weights in open_gguf(path).iter_tensors(keep_blocks):
         name = info.name
         for pattern, repl in _GGUF_NAMES:
             if re.match(pattern, name):
@@ -100,6 +105,8 @@ def iter_gguf(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
             weights = _unpermute_qk(weights, hf_config.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):
             weights = _unpermute_qk(weights, hf_config.num_key_value_heads)
+        if weights.dtype == torch.uint8:  # raw blocks: each row is whole, so rows permute as floats do
+            weights = GGUFBlocks(path, info.name, info.ggml_type, weights.contiguous(), info.shape[-1])
         yield name, weights
 
 
@@ -123,7 +130,8 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
                 param.data.uniform_(-0.05, 0.05, generator=generator)
         return
     if model_config.load_format == "gguf":
-        tensors: Iterator[tuple[str, Any]] = iter_gguf(model_config.path, model_config.hf_config)
+        keep_blocks = model_config.quantization == "gguf"
+        tensors: Iterator[tuple[str, Any]] = iter_gguf(model_config.path, model_config.hf_config, keep_blocks)
         total = len(open_gguf(model_config.path).tensors)
     else:
         tensors = iter_safetensors(model_config.path)
@@ -140,6 +148,8 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
         if param is None:
             raise ModelLoadError(model_config.path, f"unexpected tensor {name!r} for {model_config.architecture}")
         loader = getattr(param, "weight_loader", None)
+        if isinstance(loaded, GGUFBlocks) and not getattr(param, "accepts_gguf_blocks", False):
+            loaded = loaded.dequantize()  # a parameter of a layer that is not quantized
         shape = tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
         try:
             if loader is None:
@@ -148,6 +158,8 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
                 loader(param, loaded)
             else:
                 loader(param, loaded, shard_id)
+        except ModelLoadError:
+            raise
         except RuntimeError as e:
             raise ModelLoadError(model_config.path, f"tensor {name!r} of shape {shape} does not fit {param_name}: {e}") from None
         loaded_names.add(param_name if shard_id is None else f"{param_name}:{shard_id}")
@@ -158,6 +170,18 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
     missing = sorted(expected - loaded_names)
     if missing:
         raise ModelLoadError(model_config.path, f"missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for module in model.modules():  # quantized layers repack what they were given (vLLM's verb)
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+        elif hasattr(module, "process_weights_after_loading"):
+            module.process_weights_after_loading()
+    logger.info("weights: %.1f MiB on this rank (quantization %s)", weight_bytes(model) / 2**20, model_config.quantization)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters hold (a tied parameter once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def _shard_ids(model: nn.Module, param_name: str) -> list[Any]:

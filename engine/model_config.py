@@ -52,6 +52,7 @@ class ModelConfig:
     max_model_len: int
     served_model_name: str
     load_format: str  # safetensors | gguf | dummy
+    quantization: str = "none"  # how the weights stay in memory: none (float) | gguf (in their blocks)
     tokenizer: str = ""  # HF directory or .gguf file of the tokenizer (EngineConfig.tokenizer, else path)
     tokenizer_is_gguf: bool = False
     generation_config: dict[str, Any] = field(default_factory=dict)  # the model's defaults, overrides applied
@@ -143,13 +144,37 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device) -> ModelConfig
     if not os.path.exists(tokenizer):
         raise ConfigError("tokenizer", f"{tokenizer} does not exist (give a tokenizer directory or .gguf file)")
     generation_config, source = resolve_generation_config(cfg, path, is_gguf)
+    quantization = resolve_quantization(cfg.quantization, hf_config, load_format)
     return ModelConfig(
+        quantization=quantization,
         path=path, is_gguf=is_gguf, hf_config=hf_config, architecture=arch,
         dtype=resolve_dtype(cfg.dtype, hf_config, device), max_model_len=max_model_len,
         served_model_name=name, load_format=load_format, tokenizer=tokenizer,
         tokenizer_is_gguf=os.path.isfile(tokenizer) and tokenizer.endswith(".gguf"),
         generation_config=generation_config, generation_config_source=source,
     )
+
+
+def resolve_quantization(requested: str, hf_config: PretrainedConfig, load_format: str) -> str:
+    """vLLM's --quantization: the checkpoint's own method unless asked otherwise (a contradiction is
+    a ConfigError). A GGUF file stays quantized (`gguf`) unless `none` asks for float weights; the
+    method the layers read is then set as hf_config.quantization_config (see engine.layers.quant)."""
+    qc = getattr(hf_config, "quantization_config", None)
+    found = "gguf" if load_format == "gguf" else None
+    if qc:
+        found = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if requested == "auto":
+        requested = found or "none"
+    elif requested == "none" and found not in (None, "gguf"):
+        raise ConfigError("quantization", f"none: the checkpoint is quantized with {found!r}, which only runs quantized")
+    elif requested != "none" and requested != found:
+        raise ConfigError("quantization", f"{requested} does not match the checkpoint "
+                          f"({'quantized with ' + repr(found) if found else 'not quantized: no quantization_config in config.json'})")
+    if requested not in ("none", "gguf"):
+        raise ConfigError("quantization", f"{requested} checkpoints are not supported yet (supported: gguf)")
+    if requested == "gguf":
+        hf_config.quantization_config = {"quant_method": "gguf"}
+    return requested
 
 
 def _read_generation_config(directory: str, param: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.quant import QuantizationConfig
 from engine.parallel import divide, get_parallel_state, tp_all_reduce
 
 
@@ -29,12 +30,17 @@ def materialize(loaded: Any) -> torch.Tensor:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None,
+                 quant_config: QuantizationConfig | None = None):
         super().__init__()
         state = get_parallel_state()
         self.tp_rank, self.tp_size, self.tp_dim = state.tp_rank, state.tp_size, tp_dim
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
+        if self.quant_method is None:
+            self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+        else:
+            self.quant_method.create_weights(self, output_size, input_size)
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -42,48 +48,62 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
-        param.data.copy_(materialize(loaded))
+        self.store(param, loaded)
+
+    def store(self, param: nn.Parameter, loaded: Any, offset: int = 0, size: int | None = None) -> None:
+        """Copy a checkpoint shard into param (rows [offset, offset + size) when size is given); a
+        quantized weight keeps the shard as the checkpoint stores it."""
+        if self.quant_method is not None and param is self.weight:
+            self.quant_method.load_shard(self, loaded, offset)
+            return
+        dst = param.data if size is None else param.data.narrow(0, offset, size)
+        dst.copy_(materialize(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, None)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: QuantizationConfig | None = None):
+        super().__init__(input_size, output_size, bias, None, quant_config)
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split over TP ranks; no communication."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: QuantizationConfig | None = None):
         tp_size = get_parallel_state().tp_size
-        super().__init__(input_size, divide(output_size, tp_size, "output size"), bias, 0)
+        super().__init__(input_size, divide(output_size, tp_size, "output size"), bias, 0, quant_config)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         size = param.data.shape[0]
-        param.data.copy_(materialize(shard(loaded, 0, self.tp_rank * size, size)))
+        self.store(param, shard(loaded, 0, self.tp_rank * size, size))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate_proj and up_proj)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 quant_config: QuantizationConfig | None = None):
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, quant_config)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int) -> None:
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        dst = param.data.narrow(0, offset, size)
-        dst.copy_(materialize(shard(loaded, 0, self.tp_rank * size, size)))
+        self.store(param, shard(loaded, 0, self.tp_rank * size, size), offset, size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul; heads split over TP ranks. When tp_size exceeds
     the KV head count, each KV head is replicated on tp_size / num_kv_heads ranks."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 quant_config: QuantizationConfig | None = None):
         tp_size = get_parallel_state().tp_size
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp_size, "num_attention_heads")
@@ -94,7 +114,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = divide(num_kv_heads, tp_size, "num_key_value_heads")
         self.kv_replicas = max(1, tp_size // num_kv_heads)
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
-        super().__init__(hidden_size, output_size, bias)
+        super().__init__(hidden_size, output_size, bias, quant_config)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -103,26 +123,26 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_size + (kv_size if shard_id == "v" else 0)
             size, rank = kv_size, self.tp_rank // self.kv_replicas
-        dst = param.data.narrow(0, offset, size)
-        dst.copy_(materialize(shard(loaded, 0, rank * size, size)))
+        self.store(param, shard(loaded, 0, rank * size, size), offset, size)
 
 
 class RowParallelLinear(LinearBase):
     """Input features split over TP ranks; partial outputs are all-reduced."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 quant_config: QuantizationConfig | None = None):
         tp_size = get_parallel_state().tp_size
-        super().__init__(divide(input_size, tp_size, "input size"), output_size, bias, 1)
+        super().__init__(divide(input_size, tp_size, "input size"), output_size, bias, 1, quant_config)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         if param.data.dim() == 1:  # bias: added once, after the reduce
             param.data.copy_(materialize(loaded))
             return
         size = param.data.shape[1]
-        param.data.copy_(materialize(shard(loaded, 1, self.tp_rank * size, size)))
+        self.store(param, shard(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.quant_method is None else self.quant_method.apply(self, x)
         if self.tp_size > 1:
             y = tp_all_reduce(y)
         if self.bias is not None:

@@ -15,6 +15,7 @@ from engine.layers.attention import Attention
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
+from engine.layers.quant import get_quant_config
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel import get_parallel_state
 
@@ -31,6 +32,12 @@ def layer_range(num_layers: int, pp_rank: int, pp_size: int, partition: list[int
     return start, start + partition[pp_rank]
 
 
+def embedding_classes(config: Any) -> tuple[type[VocabParallelEmbedding], type[VocabParallelEmbedding]]:
+    """(embedding, LM head) classes: a quantization may keep them quantized too."""
+    quant_config = get_quant_config(config)
+    return (VocabParallelEmbedding, ParallelLMHead) if quant_config is None else quant_config.embedding_classes()
+
+
 class LlamaAttention(nn.Module):
     qkv_bias_default = False  # Qwen2 overrides: q/k/v carry a bias
     use_qk_norm = False  # Qwen3 overrides: RMSNorm on each head of q and k before RoPE
@@ -41,9 +48,11 @@ class LlamaAttention(nn.Module):
         total_heads, total_kv = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or hidden // total_heads
         bias = getattr(config, "attention_bias", self.qkv_bias_default) or self.qkv_bias_default
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv, bias=bias)
+        quant_config = get_quant_config(config)
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, total_heads, total_kv, bias=bias, quant_config=quant_config)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=bool(getattr(config, "attention_bias", False)))
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hidden, bias=bool(getattr(config, "attention_bias", False)),
+                                        quant_config=quant_config)
         self.rotary_emb = RotaryEmbedding.from_config(self.head_dim, config)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
         if self.use_qk_norm:
@@ -67,8 +76,10 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size)
+        quant_config = get_quant_config(config)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
+                                                       quant_config=quant_config)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant_config=quant_config)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +117,7 @@ class LlamaModel(nn.Module):
         self.is_first, self.is_last = state.is_first_pp_rank, state.is_last_pp_rank
         self.start_layer, self.end_layer = layer_range(config.num_hidden_layers, state.pp_rank, state.pp_size, pp_partition)
         if self.is_first:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+            self.embed_tokens = embedding_classes(config)[0](config.vocab_size, config.hidden_size)
         # Keep global layer indices so checkpoint names map directly; other stages' slots stay empty.
         self.layers = nn.ModuleDict({str(i): self.layer_cls(config) for i in range(self.start_layer, self.end_layer)})
         if self.is_last:
@@ -144,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = self.model_cls(config, pp_partition)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.model.is_last:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            self.lm_head = embedding_classes(config)[1](config.vocab_size, config.hidden_size)
             if self.tie_word_embeddings and self.model.is_first:
                 self.lm_head.weight = self.model.embed_tokens.weight
 

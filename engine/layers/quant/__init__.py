@@ -1,0 +1,44 @@
+"""Quantized weights kept quantized: the quantization config a model's layers read, and its errors.
+
+A checkpoint's quantization travels as hf_config.quantization_config (config.json's own key;
+engine.model_config sets {"quant_method": "gguf"} for a .gguf file that stays quantized).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import ModelLoadError
+
+
+class QuantizationError(ModelLoadError):
+    """A quantized tensor this engine cannot run or shard; `tensor` names it."""
+
+    def __init__(self, path: str, tensor: str, message: str):
+        super().__init__(path, f"tensor {tensor!r}: {message}")
+        self.tensor = tensor
+
+
+class QuantizationConfig:
+    """What the layers of one model ask of its quantization (vLLM's QuantizationConfig, reduced)."""
+
+    name = ""
+
+    def get_linear_method(self) -> Any:
+        raise NotImplementedError
+
+    def embedding_classes(self) -> tuple[type, type]:
+        """(embedding, LM head) module classes."""
+        raise NotImplementedError
+
+
+def get_quant_config(hf_config: Any) -> QuantizationConfig | None:
+    """The config of the model's quantization, None for plain weights."""
+    qc = getattr(hf_config, "quantization_config", None)
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method == "gguf":
+        from engine.layers.quant.gguf import GGUFConfig
+
+        return GGUFConfig()
+    raise ModelLoadError("quantization", f"quant_method {method!r} is not supported")

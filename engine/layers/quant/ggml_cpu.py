@@ -1,0 +1,119 @@
+"""ggml block matmuls: the AVX2 kernel in ggml_cpu.c (built with the system C compiler at first use,
+cached per source hash) and a torch fallback that dequantizes the blocks (GPU, or no compiler).
+
+Block layouts (32 weights each): Q4_0 = f16 d, 16 B nibbles (d*(q-8)); Q4_1 = f16 d, f16 m, 16 B
+nibbles (d*q+m); Q8_0 = f16 d, 32 int8 (d*q). Low nibbles hold weights 0-15, high 16-31.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+logger = logging.getLogger("gantry.engine")
+
+GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
+BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # the types kept in blocks
+# Above this many activation rows, dequantizing the tensor once and calling BLAS beats the
+# in-register kernel, which dequantizes every block once per 8 rows.
+GEMM_MAX_ROWS = 128
+# Multiply-adds per thread below which one thread is faster than waking another (~0.1 ms).
+_WORK_PER_THREAD = 1 << 21
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml_cpu.c")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gantry", "kernels")
+
+
+def _build() -> ctypes.CDLL | None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        logger.info("GGUF CPU kernel not used: the CPU lacks AVX2; blocks are dequantized per matmul")
+        return None
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"ggml_cpu-{digest}.so")
+    if not os.path.isfile(path):
+        os.makedirs(_cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())  # ranks may build at once: rename is atomic
+        os.close(fd)
+        cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC",
+               "-o", tmp, _SOURCE]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            os.replace(tmp, path)
+        except (OSError, subprocess.SubprocessError) as e:
+            os.unlink(tmp)
+            err = getattr(e, "stderr", b"") or b""
+            logger.warning("GGUF CPU kernel not built (%s %s); blocks are dequantized per matmul, which is slower",
+                           e, err.decode(errors="replace")[-300:])
+            return None
+    lib = ctypes.CDLL(path)
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ggml_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.ggml_dequant.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    return lib
+
+
+def cpu_kernel() -> ctypes.CDLL | None:
+    """The built kernel library, or None where it cannot run here (then the torch fallback runs)."""
+    global _lib, _lib_tried
+    with _lock:
+        if not _lib_tried:
+            _lib_tried = True
+            _lib = _build()
+        return _lib
+
+
+def _dequant_torch(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
+    """float32 [rows, k] from uint8 [rows, k / 32 * block_bytes], with gguf.dequantize's arithmetic."""
+    b = blocks.reshape(blocks.shape[0], k // 32, BLOCK_BYTES[ggml_type])  # [rows, num_blocks, block_bytes]
+    d = b[..., :2].contiguous().view(torch.float16).float()  # [rows, num_blocks, 1]
+    if ggml_type == GGML_Q8_0:
+        q = b[..., 2:].contiguous().view(torch.int8).float()  # [rows, num_blocks, 32]
+        return (d * q).reshape(-1, k)
+    qs = b[..., -16:]
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # [rows, num_blocks, 32]
+    if ggml_type == GGML_Q4_0:
+        return (d * (q - 8)).reshape(-1, k)
+    m = b[..., 2:4].contiguous().view(torch.float16).float()
+    return (d * q + m).reshape(-1, k)
+
+
+def dequantize_rows(blocks: torch.Tensor, ggml_type: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [len(rows), k] (all rows when rows is None) of a block tensor uint8 [n, row_bytes]."""
+    lib = cpu_kernel() if blocks.device.type == "cpu" else None
+    if lib is None:
+        return _dequant_torch(blocks if rows is None else blocks[rows], ggml_type, k)
+    assert blocks.is_contiguous()
+    if rows is not None:
+        rows = rows.to(torch.int64).contiguous()
+    num_rows = blocks.shape[0] if rows is None else rows.numel()
+    out = torch.empty(num_rows, k, dtype=torch.float32)
+    num_threads = min(torch.get_num_threads(), max(1, num_rows * k // _WORK_PER_THREAD))
+    lib.ggml_dequant(ggml_type, blocks.data_ptr(), k, None if rows is None else rows.data_ptr(), num_rows,
+                     out.data_ptr(), num_threads)
+    return out
+
+
+def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
+    """x [num_tokens, k] @ W^T -> [num_tokens, n] for W given as blocks uint8 [n, k / 32 * block_bytes]."""
+    lib = cpu_kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+    if lib is None or x.shape[0] > GEMM_MAX_ROWS:
+        return torch.nn.functional.linear(x, dequantize_rows(blocks, ggml_type, k).to(x.dtype))
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
+    num_threads = min(torch.get_num_threads(), max(1, x.shape[0] * blocks.shape[0] * k // _WORK_PER_THREAD))
+    lib.ggml_gemm(ggml_type, blocks.data_ptr(), blocks.shape[0], k, x.data_ptr(), x.shape[0], y.data_ptr(), num_threads)
+    return y
