@@ -219,3 +219,19 @@ def test_best_of_keeps_highest_cumulative_logprob(long_beams) -> None:
     with pytest.raises(SamplingParamsError, match="best_of") as e:
         SamplingParams(n=3, best_of=2)
     assert e.value.param == "best_of"
+
+
+def test_prompt_forms(long_beams) -> None:
+    """Text, TokensPrompt and token-id prompts, one or a list, as LLM.generate takes them."""
+    llm, _, _ = long_beams
+    ids = llm.get_tokenizer().encode("The quick brown fox")
+    params = BeamSearchParams(2, 3, ignore_eos=True)
+    by_text = llm.beam_search("The quick brown fox", params, use_tqdm=False)
+    by_ids = llm.beam_search([{"prompt_token_ids": ids}, ids], params, use_tqdm=False)
+    assert len(by_text) == 1 and len(by_ids) == 2
+    for out in by_text + by_ids:
+        assert [s.tokens for s in out.sequences] == [s.tokens for s in by_text[0].sequences]
+        assert all(s.tokens[: len(ids)] == ids and len(s.output_token_ids) == 3 for s in out.sequences)
+    with pytest.raises(RequestError) as e:
+        llm.beam_search([ids, {"prompt": 3}], params, use_tqdm=False)
+    assert e.value.param == "prompts[1].prompt"
