@@ -3,6 +3,7 @@ length_penalty and early_stopping; running a search through the route's async on
 `generate` (engine/beam_search.py does the algorithm); and picking the best of best_of samples."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -22,8 +23,8 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams, SamplingParamsError
 from engine.server.protocol import ModelContext, _bool, _float, _int, bad, show
 
-__all__ = ["BeamResult", "best_of_order", "parse_beam_search", "run_beam_search", "select_best_of", "step_generate",
-           "step_output"]
+__all__ = ["BeamResult", "best_of_order", "parse_beam_search", "run_beam_search", "run_beam_search_all",
+           "select_best_of", "step_generate", "step_output"]
 
 # AsyncLLM.generate's shape: (requests, arrival time) -> a context yielding the requests' deltas, which
 # aborts whatever is unfinished when left early
@@ -106,6 +107,24 @@ async def run_beam_search(generate: AsyncStep, prompt_token_ids: list[int], para
         decode_sequences(sequences, tokenizer, params.include_stop_str_in_output)
     return [BeamResult(s.text or "", s.output_token_ids, s.cum_logprob, s.score, s.finish_reason, s.stop_reason)
             for s in sequences]
+
+
+async def run_beam_search_all(generate: AsyncStep, prompts: list[list[int]], params: BeamSearchParams, n: int, *,
+                              eos_token_ids: Sequence[int], max_model_len: int, tokenizer: Any,
+                              request_id: str) -> list[list[BeamResult]]:
+    """run_beam_search for each prompt of one API request, concurrently (their steps batch in the
+    engine); the first failure (a refused prompt) cancels the others and is raised."""
+    tasks = [asyncio.ensure_future(run_beam_search(generate, ids, params, n, eos_token_ids=eos_token_ids,
+                                                   max_model_len=max_model_len, tokenizer=tokenizer,
+                                                   request_id=f"{request_id}-{i}"))
+             for i, ids in enumerate(prompts)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their steps in flight abort before this returns
+        raise
 
 
 def step_output(token_ids: list[int], logprobs: list[dict[int, Logprob]]) -> StepOutput:

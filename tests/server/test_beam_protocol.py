@@ -18,6 +18,7 @@ from engine.outputs import Logprob
 from engine.server.beam import (
     best_of_order,
     run_beam_search,
+    run_beam_search_all,
     select_best_of,
     step_generate,
     step_output,
@@ -285,3 +286,16 @@ def test_best_of_order_from_collected_samples() -> None:
 
     samples = [sample(-1.0, -2.0), sample(-0.5), sample(-0.1, -0.1, -0.1), sample(-4.0)]
     assert best_of_order(samples, 2) == [2, 1]
+
+
+def test_run_beam_search_all_prompts() -> None:
+    kwargs = {"eos_token_ids": [EOS], "max_model_len": 64, "tokenizer": None, "request_id": "cmpl"}
+    params, prompts = BeamSearchParams(3, 4), [[1, 2], [7], [5, 5, 5]]
+    alone = [asyncio.run(run_beam_search(FakeEngine().generate, p, params, 2, **kwargs)) for p in prompts]
+    engine = FakeEngine()
+    assert asyncio.run(run_beam_search_all(engine.generate, prompts, params, 2, **kwargs)) == alone
+    assert {rid.split("-beam")[0] for rid, _ in engine.requests} == {"cmpl-0", "cmpl-1", "cmpl-2"}
+    hanging = FakeEngine(block_at_step=1)
+    with pytest.raises(RequestError) as e:  # one prompt too long for max_tokens: refused, the other cancelled
+        asyncio.run(run_beam_search_all(hanging.generate, [[1], [2] * 62], params, 2, **kwargs))
+    assert e.value.param == "max_tokens" and hanging.cancelled
