@@ -101,13 +101,14 @@ def profile_all_reduce(engine, w: Workload, spec: dict, smoke: bool) -> dict:
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=engine.max_model_len - prompt_len,
                             detokenize=False)
     generated_before = engine.get_stats().generation_tokens_total
+    vocab = w.shape["vocab_size"]
     for i in range(batch):
-        engine.add_request(f"ar-{i}", torch.randint(10, w.shape["vocab_size"] - 10, (prompt_len,), generator=g).tolist(),
-                           params)
+        engine.add_request(f"ar-{i}", torch.randint(10, vocab - 10, (prompt_len,), generator=g).tolist(), params)
     for _ in range(1000):  # until every request is past its prefill: each step is then one decode token each
         engine.step()
         st = engine.get_stats()
-        if st.num_running == batch and st.num_waiting == 0 and st.generation_tokens_total - generated_before >= 2 * batch:
+        decoded = st.generation_tokens_total - generated_before
+        if st.num_running == batch and st.num_waiting == 0 and decoded >= 2 * batch:
             break
     else:
         raise RuntimeError(f"the {batch} profiling requests never all ran together (KV pool too small?)")
@@ -175,15 +176,18 @@ def report(results: dict[str, dict]) -> list[str]:
             failures.append(name)
             print(f"{name:<11} FAILED: {r['error']}")
             continue
-        base = results.get(f"{r['workload']}:tp1", {})
-        ratio = r["output_tok_s"] / base["output_tok_s"] if base.get("output_tok_s") and name != f"{r['workload']}:tp1" else None
+        base_name = f"{r['workload']}:tp1"
+        base = results.get(base_name, {})
+        ratio = r["output_tok_s"] / base["output_tok_s"] if base.get("output_tok_s") and name != base_name else None
         target = TARGETS.get((r["workload"], name.split(":")[1]))
         ratio_text = f"{ratio:5.2f}x" if ratio else "    - "
         if ratio and target:
             ratio_text += " ok" if ratio >= target else f" <{target}"
         ar = r.get("all_reduce")
-        ar_text = f"{ar['all_reduce_ms']:7.3f} ms ({ar['batch']})      {ar['fraction_of_step']:6.1%} of {ar['step_ms']:.2f} ms" if ar else ""
-        print(f"{name:<11} {r['output_tok_s']:12.0f}   {ratio_text:<9} {r['preemptions']:6d}  {r['kv_blocks']:9d}  {ar_text}")
+        ar_text = (f"{ar['all_reduce_ms']:7.3f} ms ({ar['batch']})      {ar['fraction_of_step']:6.1%} of "
+                   f"{ar['step_ms']:.2f} ms") if ar else ""
+        print(f"{name:<11} {r['output_tok_s']:12.0f}   {ratio_text:<9} {r['preemptions']:6d}  {r['kv_blocks']:9d}  "
+              f"{ar_text}")
         r["ratio_vs_tp1"] = ratio
     return failures
 

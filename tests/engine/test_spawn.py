@@ -159,10 +159,11 @@ def test_script_without_main_guard_names_the_rank(model_and_reference, tmp_path:
     """The spawned rank re-imports the main module; unguarded, it would build an LLM there: that rank
     fails at once, and rank 0 says which one and why instead of waiting for the store's timeout."""
     script = tmp_path / "unguarded.py"
-    script.write_text(f"from engine import LLM\nLLM({model_and_reference[0]!r}, tensor_parallel_size=2, device='cpu')\n")
+    model = model_and_reference[0]
+    script.write_text(f"from engine import LLM\nLLM({model!r}, tensor_parallel_size=2, device='cpu')\n")
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=dist_env(), capture_output=True, text=True, check=False,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=dist_env(), capture_output=True, text=True,
+                          check=False, timeout=300)
     assert proc.returncode != 0
     assert "RankFailedError: rank 1 (pid" in proc.stderr and "exited with code 1 before it started" in proc.stderr, \
         proc.stderr[-4000:]
