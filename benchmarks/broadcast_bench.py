@@ -19,17 +19,18 @@ import torch
 import torch.distributed as dist
 
 from engine.distributed import ControlChannel
-from engine.outputs import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.outputs import CachedRequestData, NewRequestData, RequestSamplingParams, SchedulerOutput
 from engine.parallel import init_distributed
 
 BLOCK_SIZE = 16
 
 
-def sampling(num_prompt_tokens: int) -> dict:
-    """The fields engine.scheduler.sampling_fields sends for a plain sampled request."""
-    return {"temperature": 0.7, "top_k": 0, "top_p": 0.95, "min_p": 0.0, "seed": None, "presence_penalty": 0.0,
-            "frequency_penalty": 0.0, "repetition_penalty": 1.0, "has_penalties": False, "min_tokens": 0, "stop_token_ids": [],
-            "eos_token_ids": [2], "logprobs": None, "num_prompt_tokens": num_prompt_tokens}
+def sampling(num_prompt_tokens: int) -> RequestSamplingParams:
+    """What engine.scheduler.request_sampling_params sends for a plain sampled request."""
+    return RequestSamplingParams(
+        temperature=0.7, top_k=0, top_p=0.95, min_p=0.0, seed=None, presence_penalty=0.0, frequency_penalty=0.0,
+        repetition_penalty=1.0, has_penalties=False, min_tokens=0, stop_token_ids=[], eos_token_ids=[2],
+        logprobs=None, prompt_logprobs=None, num_prompt_tokens=num_prompt_tokens)
 
 
 def decode_step(req_ids: list[str], step: int) -> SchedulerOutput:

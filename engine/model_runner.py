@@ -17,7 +17,8 @@ from engine.layers.sampler import Sampler, SamplingMetadata
 from engine.loader import load_weights
 from engine.model_config import ModelConfig, cpu_kv_cache_tokens
 from engine.models.registry import get_model_class
-from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, SchedulerOutput
+from engine.core_messages import TokenLogprobs
+from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, RequestSamplingParams, SchedulerOutput
 from engine.parallel import get_parallel_state
 from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
 from engine.sampling_params import mix_seed
@@ -58,7 +59,8 @@ class PendingOutput:
         logprobs = None
         if self.logprob_parts is not None:
             ids, lps, ranks = (t.tolist() for t in self.logprob_parts)
-            logprobs = [None if k is None else (ids[i][: k + 1], lps[i][: k + 1], ranks[i]) for i, k in enumerate(self.num_logprobs)]
+            logprobs = [None if k is None else TokenLogprobs(ids[i][: k + 1], lps[i][: k + 1], ranks[i])
+                        for i, k in enumerate(self.num_logprobs)]
         return ModelRunnerOutput(self.req_ids, token_ids, logprobs, self.prompt_logprobs)
 
 
@@ -67,7 +69,7 @@ class RunnerRequestState:
     token_ids: list[int]  # prompt + output; sampled tokens not sent back yet are PLACEHOLDER
     block_ids: list[int]
     num_computed_tokens: int
-    sampling: dict  # see engine.scheduler.sampling_fields
+    sampling_params: RequestSamplingParams
     row: int  # this request's row in ModelRunner.block_table_cpu
     num_known_tokens: int  # leading token_ids whose values are known here
 
@@ -183,7 +185,7 @@ class ModelRunner:
                 self.free_rows.append(state.row)
         for new in so.scheduled_new_reqs:
             state = RunnerRequestState(list(new.prompt_token_ids), list(new.block_ids), new.num_computed_tokens,
-                                       new.sampling, self.free_rows.pop(), len(new.prompt_token_ids))
+                                       new.sampling_params, self.free_rows.pop(), len(new.prompt_token_ids))
             self.block_table_cpu[state.row, : len(state.block_ids)] = state.block_ids
             self.requests[new.req_id] = state
         for cached in so.scheduled_cached_reqs:
@@ -309,7 +311,7 @@ class ModelRunner:
         logprob_parts, num_logprobs = None, []
         if out.logprobs is not None:
             logprob_parts = tuple(t.to("cpu", non_blocking=on_gpu) for t in (out.logprob_token_ids, out.logprobs, out.sampled_ranks))
-            num_logprobs = [self.requests[r].sampling["logprobs"] for r in sampled_ids]
+            num_logprobs = [self.requests[r].sampling_params.logprobs for r in sampled_ids]
         event = None
         if on_gpu:
             event = torch.cuda.Event()
@@ -326,37 +328,37 @@ class ModelRunner:
 
     def sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
         states = [self.requests[r] for r in req_ids]
-        fields = [s.sampling for s in states]
+        params = [s.sampling_params for s in states]
         n, dev, to_dev = len(states), self.device, self.to_device
         vocab = self.model_config.hf_config.vocab_size
-        top_k = [min(f["top_k"], vocab) or vocab for f in fields]  # larger than the vocabulary: off
-        top_p = [f["top_p"] for f in fields]
-        min_p = [f["min_p"] for f in fields]
+        top_k = [min(p.top_k, vocab) or vocab for p in params]  # larger than the vocabulary: off
+        top_p = [p.top_p for p in params]
+        min_p = [p.min_p for p in params]
         generators: dict[int, torch.Generator] = {}
         min_tokens_mask: list[tuple[int, torch.Tensor]] = []
-        for row, (state, f) in enumerate(zip(states, fields)):
-            num_output = len(state.token_ids) - f["num_prompt_tokens"]
-            if f["seed"] is not None and f["temperature"] > 0:
+        for row, (state, p) in enumerate(zip(states, params)):
+            num_output = len(state.token_ids) - p.num_prompt_tokens
+            if p.seed is not None and p.temperature > 0:
                 # re-seeded per position: the same text whatever the batch, preemptions included
-                generators[row] = torch.Generator(device=dev).manual_seed(mix_seed(f["seed"], num_output))
-            if num_output < f["min_tokens"]:
-                banned = sorted(t for t in set(f["stop_token_ids"]) | set(f["eos_token_ids"]) if t < vocab)
+                generators[row] = torch.Generator(device=dev).manual_seed(mix_seed(p.seed, num_output))
+            if num_output < p.min_tokens:
+                banned = sorted(t for t in set(p.stop_token_ids) | set(p.eos_token_ids) if t < vocab)
                 min_tokens_mask.append((row, to_dev(banned, torch.long)))
         md = SamplingMetadata(
-            temperature=to_dev([min(f["temperature"], MAX_TEMPERATURE) for f in fields], torch.float32),
+            temperature=to_dev([min(p.temperature, MAX_TEMPERATURE) for p in params], torch.float32),
             top_k=to_dev(top_k, torch.long) if any(k < vocab for k in top_k) else None,
-            top_p=to_dev(top_p, torch.float32) if any(p < 1.0 for p in top_p) else None,
-            min_p=to_dev(min_p, torch.float32) if any(p > 0 for p in min_p) else None,
-            all_greedy=all(f["temperature"] == 0 or f["top_k"] == 1 for f in fields),
+            top_p=to_dev(top_p, torch.float32) if any(v < 1.0 for v in top_p) else None,
+            min_p=to_dev(min_p, torch.float32) if any(v > 0 for v in min_p) else None,
+            all_greedy=all(p.temperature == 0 or p.top_k == 1 for p in params),
             generators=generators, default_generator=self.default_generator, min_tokens_mask=min_tokens_mask,
         )
-        if any(f["has_penalties"] for f in fields):
+        if any(p.has_penalties for p in params):
             # (row, token) pairs of generated and of prompt tokens, scattered on the device
             out_rows, out_ids, prompt_rows, prompt_ids = [], [], [], []
-            for row, (state, f) in enumerate(zip(states, fields)):
-                if not f["has_penalties"]:
+            for row, (state, p) in enumerate(zip(states, params)):
+                if not p.has_penalties:
                     continue  # neutral row; it may run ahead on a placeholder token
-                num_prompt = f["num_prompt_tokens"]
+                num_prompt = p.num_prompt_tokens
                 out_ids += state.token_ids[num_prompt:]
                 out_rows += [row] * (len(state.token_ids) - num_prompt)
                 prompt_ids += state.token_ids[:num_prompt]
@@ -367,10 +369,10 @@ class ModelRunner:
             prompt_mask = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
             prompt_mask[to_dev(prompt_rows, torch.long), to_dev(prompt_ids, torch.long)] = True
             md.output_token_counts, md.prompt_token_mask = counts, prompt_mask
-            md.presence_penalty = to_dev([f["presence_penalty"] for f in fields], torch.float32)
-            md.frequency_penalty = to_dev([f["frequency_penalty"] for f in fields], torch.float32)
-            md.repetition_penalty = to_dev([min(max(f["repetition_penalty"], MIN_REPETITION_PENALTY),
-                                                MAX_REPETITION_PENALTY) for f in fields], torch.float32)
-        logprobs = [f["logprobs"] for f in fields if f["logprobs"] is not None]
+            md.presence_penalty = to_dev([p.presence_penalty for p in params], torch.float32)
+            md.frequency_penalty = to_dev([p.frequency_penalty for p in params], torch.float32)
+            md.repetition_penalty = to_dev([min(max(p.repetition_penalty, MIN_REPETITION_PENALTY),
+                                                MAX_REPETITION_PENALTY) for p in params], torch.float32)
+        logprobs = [p.logprobs for p in params if p.logprobs is not None]
         md.max_num_logprobs = min(max(logprobs), vocab) if logprobs else None
         return md

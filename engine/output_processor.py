@@ -123,8 +123,7 @@ class OutputProcessor:
         still runs it and must abort it)."""
         if out.new_prompt_logprobs is not None:
             first, entries = out.new_prompt_logprobs
-            extend_prompt_logprobs(state.prompt_logprobs, first, [(e.token_ids, e.logprobs, e.rank) for e in entries],
-                                   self.tokenizer)
+            extend_prompt_logprobs(state.prompt_logprobs, first, entries, self.tokenizer)
         params, stopped_here = state.params, False
         for i, token_id in enumerate(out.new_token_ids):
             sample.token_ids.append(token_id)

@@ -1,11 +1,15 @@
 """Data that crosses boundaries: RequestOutput (engine -> user), SchedulerOutput
 (rank 0 -> every rank) and ModelRunnerOutput (last pipeline stage -> rank 0).
 
-SchedulerOutput and ModelRunnerOutput hold plain Python data only, so they pickle small.
+SchedulerOutput and ModelRunnerOutput hold plain Python data only (lists, numbers, slotted
+dataclasses and msgspec Structs that pickle as tuples), so they pickle small.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from engine.core_messages import TokenLogprobs
 
 
 @dataclass
@@ -19,9 +23,24 @@ class Logprob:
 SampleLogprobs = list[dict[int, Logprob]]
 # Per prompt token: the same for the prompt's own token; None for the first, which nothing predicts.
 PromptLogprobs = list[dict[int, Logprob] | None]
-# What a model runner sends for one request's prompt chunk: (prompt index of the first token
-# scored, per token (the prompt token then the top k ids, their logprobs, the prompt token's rank))
-PromptLogprobsChunk = tuple[int, list[tuple[list[int], list[float], int]]]
+
+
+class _PicklesPositionally:
+    """Pickles a slotted dataclass as (class, field values): these cross ranks every step, and
+    the default pickle of a slotted class names every field (3x the bytes, 2x the time)."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[type, tuple[Any, ...]]:
+        return type(self), tuple(getattr(self, name) for name in self.__slots__)
+
+
+@dataclass(slots=True)
+class PromptLogprobsChunk(_PicklesPositionally):
+    """One request's prompt logprobs computed in one step (a prefill chunk)."""
+
+    first_position: int  # prompt index of the first token scored (>= 1: nothing predicts token 0)
+    entries: list[TokenLogprobs]  # one per prompt token scored: the prompt's token first, then the top k
 
 
 @dataclass
@@ -62,13 +81,36 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs was asked
 
 
+@dataclass(slots=True)
+class RequestSamplingParams(_PicklesPositionally):
+    """What a model runner needs to sample for one sequence (one sample of a request), resolved by
+    the scheduler from its SamplingParams (engine.scheduler.request_sampling_params). Sent once, in
+    NewRequestData, to every rank; the runner batches these into the sampler's SamplingMetadata."""
+
+    temperature: float  # 0 = greedy
+    top_k: int  # 0: off (larger than the vocabulary: off too)
+    top_p: float  # in (0, 1]; 1 = off
+    min_p: float  # 0 = off
+    seed: int | None  # this sample's own seed (the request's mixed with the sample index); None: unseeded
+    presence_penalty: float  # OpenAI's, over generated tokens
+    frequency_penalty: float  # OpenAI's, over generated tokens
+    repetition_penalty: float  # HF's, over prompt and generated tokens
+    has_penalties: bool  # any of the three is not neutral: the runner counts this sequence's tokens
+    min_tokens: int  # stop_token_ids and eos_token_ids are masked until this many are generated
+    stop_token_ids: list[int]  # masked under min_tokens (the scheduler checks them as stops)
+    eos_token_ids: list[int]  # the model's EOS ids, masked under min_tokens
+    logprobs: int | None  # top-k logprobs to return per sampled token; None: none
+    prompt_logprobs: int | None  # top-k per prompt token, while this sequence still owes them; None: none
+    num_prompt_tokens: int  # tokens of the prompt; the rest of the sequence's tokens are output
+
+
 @dataclass
 class NewRequestData:
     req_id: str  # sequence id (one per sample)
     prompt_token_ids: list[int]  # every token known so far (prompt, plus output after preemption)
     block_ids: list[int]  # pages allocated to it
     num_computed_tokens: int  # tokens whose KV is already in the pages (prefix cache hits)
-    sampling: dict  # plain-data sampling fields the sampler needs (see engine/layers/sampler.py)
+    sampling_params: RequestSamplingParams
 
 
 @dataclass
@@ -95,7 +137,8 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     req_ids: list[str]  # requests that sampled a token this step (prefill chunks that end mid-prompt do not)
     sampled_token_ids: list[int]  # one per req_id
-    # per req_id, when asked: (token ids, logprobs) of the sampled token then the top k, and the sampled token's rank
-    logprobs: list[tuple[list[int], list[float], int] | None] | None = None
+    # per req_id: the sampled token then the top k, and its rank (None for requests that did not ask);
+    # None when no request in the step asked
+    logprobs: list[TokenLogprobs | None] | None = None
     # req_id -> prompt logprobs computed this step (requests that asked for them)
     prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None

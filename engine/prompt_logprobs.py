@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from engine.core_messages import TokenLogprobs
 from engine.forward_context import ForwardContext, forward_context
 from engine.outputs import Logprob, PromptLogprobs, PromptLogprobsChunk, SchedulerOutput
 
@@ -42,8 +43,8 @@ def plan_prompt_logprobs(so: SchedulerOutput, requests: dict[str, RunnerRequestS
     offset = 0  # this request's first row among the step's tokens (prepare_inputs' order)
     for req_id, num_new in so.num_scheduled_tokens.items():
         state = requests[req_id]
-        k = state.sampling.get("prompt_logprobs")
-        start, num_prompt = state.num_computed_tokens, state.sampling["num_prompt_tokens"]
+        k = state.sampling_params.prompt_logprobs
+        start, num_prompt = state.num_computed_tokens, state.sampling_params.num_prompt_tokens
         last = min(start + num_new, num_prompt - 1)  # exclusive end of the rows that score prompt tokens
         if k is not None and start < last:
             plan.req_ids.append(req_id)
@@ -80,22 +81,23 @@ def compute_prompt_logprobs(model: nn.Module, hidden: torch.Tensor, ctx: Forward
     out: dict[str, PromptLogprobsChunk] = {}
     r = 0
     for req_id, first, n, kr in zip(plan.req_ids, plan.first_positions, plan.num_rows, plan.num_logprobs):
-        out[req_id] = (first, [(ids[i][: kr + 1], lps[i][: kr + 1], ranks[i]) for i in range(r, r + n)])
+        out[req_id] = PromptLogprobsChunk(first, [TokenLogprobs(ids[i][: kr + 1], lps[i][: kr + 1], ranks[i])
+                                                  for i in range(r, r + n)])
         r += n
     return out
 
 
-def extend_prompt_logprobs(lps: PromptLogprobs, first: int, entries: list[tuple[list[int], list[float], int]],
+def extend_prompt_logprobs(lps: PromptLogprobs, first: int, entries: list[TokenLogprobs],
                            tokenizer: PreTrainedTokenizerBase | None) -> None:
     """Append a chunk's entries (scoring prompt tokens first, first + 1, ...) to a request's
     prompt logprobs; positions already there (recomputed after a preemption) are skipped."""
     new = entries[len(lps) - first :] if first <= len(lps) else []
-    ids = [t for token_ids, _, _ in new for t in token_ids]
+    ids = [t for e in new for t in e.token_ids]
     # one batched decode for the chunk: a long prompt has (1 + k) tokens to name per position
     texts = tokenizer.batch_decode([[t] for t in ids]) if tokenizer is not None else [None] * len(ids)
     k = 0
-    for token_ids, values, rank in new:
-        entry = {tid: Logprob(lp, r, texts[k + r]) for r, (tid, lp) in enumerate(zip(token_ids, values)) if r}
-        entry[token_ids[0]] = Logprob(values[0], rank, texts[k])  # the prompt's own token, whatever its rank
+    for e in new:
+        entry = {tid: Logprob(lp, r, texts[k + r]) for r, (tid, lp) in enumerate(zip(e.token_ids, e.logprobs)) if r}
+        entry[e.token_ids[0]] = Logprob(e.logprobs[0], e.rank, texts[k])  # the prompt's own token, whatever its rank
         lps.append(entry)
-        k += len(token_ids)
+        k += len(e.token_ids)

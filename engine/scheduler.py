@@ -25,24 +25,26 @@ from collections import deque
 from collections.abc import Iterable
 
 from engine.block_manager import BlockManager
-from engine.core_messages import EngineCoreOutput, TokenLogprobs
-from engine.outputs import CachedRequestData, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from engine.core_messages import EngineCoreOutput
+from engine.outputs import (
+    CachedRequestData, ModelRunnerOutput, NewRequestData, RequestSamplingParams, SchedulerOutput,
+)
 from engine.sampling_params import mix_seed
 from engine.sequence import Sequence, SequenceStatus
 
 
-def sampling_fields(seq: Sequence, eos_token_ids: list[int]) -> dict:
-    """What the model runner needs to sample for seq, as plain data (it crosses ranks)."""
+def request_sampling_params(seq: Sequence, eos_token_ids: list[int]) -> RequestSamplingParams:
+    """What the model runner needs to sample for seq (it crosses ranks once, in NewRequestData)."""
     p = seq.params
-    return {
-        "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
-        "seed": None if p.seed is None else mix_seed(p.seed, seq.index),  # each sample its own stream
-        "presence_penalty": p.presence_penalty, "frequency_penalty": p.frequency_penalty,
-        "repetition_penalty": p.repetition_penalty, "has_penalties": p.has_penalties, "min_tokens": p.min_tokens,
-        "stop_token_ids": p.stop_token_ids, "eos_token_ids": eos_token_ids, "logprobs": p.logprobs,
-        "prompt_logprobs": p.prompt_logprobs if seq.needs_prompt_logprobs else None,
-        "num_prompt_tokens": seq.num_prompt_tokens,
-    }
+    return RequestSamplingParams(
+        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+        seed=None if p.seed is None else mix_seed(p.seed, seq.index),  # each sample its own stream
+        presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty, has_penalties=p.has_penalties, min_tokens=p.min_tokens,
+        stop_token_ids=p.stop_token_ids, eos_token_ids=eos_token_ids, logprobs=p.logprobs,
+        prompt_logprobs=p.prompt_logprobs if seq.needs_prompt_logprobs else None,
+        num_prompt_tokens=seq.num_prompt_tokens,
+    )
 
 
 class Scheduler:
@@ -168,7 +170,8 @@ class Scheduler:
         sent = self._sent.get(seq.seq_id)
         if sent is None:
             out.scheduled_new_reqs.append(NewRequestData(
-                seq.seq_id, list(seq.token_ids), list(seq.block_table), start, sampling_fields(seq, self.eos_token_ids)
+                seq.seq_id, list(seq.token_ids), list(seq.block_table), start,
+                request_sampling_params(seq, self.eos_token_ids),
             ))
         else:
             num_tokens_sent, num_blocks_sent = sent
@@ -200,14 +203,13 @@ class Scheduler:
             seq.num_in_flight -= 1
             by_id[seq.seq_id] = seq
         outputs: dict[str, EngineCoreOutput] = {}  # seq id -> its output; batch order
-        for seq_id, (first, entries) in (result.prompt_logprobs or {}).items():
+        for seq_id, chunk in (result.prompt_logprobs or {}).items():
             seq = by_id.get(seq_id)
             if seq is None or seq.status != SequenceStatus.RUNNING:
                 continue  # finished, aborted, or preempted in flight (it recomputes what it lacks)
             request = seq.request
-            request.num_prompt_logprobs = max(request.num_prompt_logprobs, first + len(entries))
-            self._output(seq, outputs).new_prompt_logprobs = (
-                first, [TokenLogprobs(ids, lps, rank) for ids, lps, rank in entries])
+            request.num_prompt_logprobs = max(request.num_prompt_logprobs, chunk.first_position + len(chunk.entries))
+            self._output(seq, outputs).new_prompt_logprobs = (chunk.first_position, chunk.entries)
         for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             seq = by_id.get(seq_id)
             if seq is None or seq.status != SequenceStatus.RUNNING:
@@ -218,10 +220,9 @@ class Scheduler:
             out = self._output(seq, outputs)
             out.new_token_ids.append(token_id)
             if result.logprobs and result.logprobs[i] is not None:
-                ids, lps, rank = result.logprobs[i]
                 if out.new_logprobs is None:
                     out.new_logprobs = []
-                out.new_logprobs.append(TokenLogprobs(ids, lps, rank))
+                out.new_logprobs.append(result.logprobs[i])
             if self._check_stop(seq, token_id):
                 out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
                 self.finish([seq])

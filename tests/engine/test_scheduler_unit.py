@@ -4,15 +4,19 @@ tokens as a roomy synchronous run, the loop closes in update_from_output, and ev
 at the end."""
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import random
 from collections import defaultdict, deque
 
 import pytest
 
 from engine.block_manager import BlockManager
-from engine.core_messages import EngineCoreOutput
-from engine.outputs import ModelRunnerOutput, RequestMetrics, SchedulerOutput
-from engine.sampling_params import SamplingParams
+from engine.core_messages import EngineCoreOutput, TokenLogprobs
+from engine.outputs import (
+    ModelRunnerOutput, PromptLogprobsChunk, RequestMetrics, RequestSamplingParams, SchedulerOutput,
+)
+from engine.sampling_params import SamplingParams, mix_seed
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence, SequenceStatus
 
@@ -206,11 +210,12 @@ def test_prompt_logprobs_counted_by_scheduler() -> None:
     chunks = []
     while sched.has_unfinished():
         so, scheduled, result = schedule_and_run(sched)
-        assert (so.scheduled_new_reqs[0].sampling["prompt_logprobs"] == 1) if so.scheduled_new_reqs else True
+        assert (so.scheduled_new_reqs[0].sampling_params.prompt_logprobs == 1) if so.scheduled_new_reqs else True
         start = seq.num_computed_tokens - so.num_scheduled_tokens["p"]
         last = min(seq.num_computed_tokens, seq.num_prompt_tokens - 1)
         if start < last:
-            result.prompt_logprobs = {"p": (start + 1, [([t, 0], [-1.0, -0.5], 2) for t in range(start + 1, last + 1)])}
+            result.prompt_logprobs = {"p": PromptLogprobsChunk(
+                start + 1, [TokenLogprobs([t, 0], [-1.0, -0.5], 2) for t in range(start + 1, last + 1)])}
         for out in sched.update_from_output(so, scheduled, result):
             if out.new_prompt_logprobs is not None:
                 first, entries = out.new_prompt_logprobs
@@ -218,4 +223,44 @@ def test_prompt_logprobs_counted_by_scheduler() -> None:
                 assert entries[0].rank == 2 and entries[0].token_ids[1] == 0
     assert chunks == [1, 9, 17]
     assert req.num_prompt_logprobs == 20 and not seq.needs_prompt_logprobs
+    assert_all_free(sched)
+
+
+def test_new_requests_carry_typed_sampling_params() -> None:
+    """Each sample's sampling settings reach the runners as one RequestSamplingParams (its own
+    seed stream, the model's EOS ids), which pickles positionally: it crosses ranks."""
+    sched = make_scheduler()
+    req = make_request("s", [5, 6, 7], n=2, seed=42, temperature=0.5, top_k=3, logprobs=2, min_tokens=1,
+                       stop_token_ids=[9], repetition_penalty=1.2)
+    for seq in req.seqs:
+        sched.add(seq)
+    so, _ = sched.schedule()
+    params = [new.sampling_params for new in so.scheduled_new_reqs]
+    assert all(type(p) is RequestSamplingParams for p in params)
+    assert [p.seed for p in params] == [mix_seed(42, 0), mix_seed(42, 1)]
+    first = params[0]
+    assert (first.temperature, first.top_k, first.logprobs, first.min_tokens) == (0.5, 3, 2, 1)
+    assert (first.stop_token_ids, first.eos_token_ids, first.num_prompt_tokens) == ([9], [EOS], 3)
+    assert first.has_penalties and first.prompt_logprobs is None
+    wire = pickle.dumps(so)
+    assert pickle.loads(wire).scheduled_new_reqs[0].sampling_params == first
+    assert len(pickle.dumps(first)) < len(pickle.dumps(dataclasses.asdict(first))) // 2
+
+
+def test_sampled_logprobs_pass_through_as_typed_entries() -> None:
+    """The runner's TokenLogprobs (sampled and prompt) reach the client's output as they are, None
+    where not asked."""
+    sched = make_scheduler()
+    with_lp, without = make_request("a", [5, 6, 7], max_tokens=1, logprobs=1), make_request("b", [5, 6], max_tokens=1)
+    for req in (with_lp, without):
+        sched.add(req.seqs[0])
+    so, scheduled, result = schedule_and_run(sched)
+    entry = TokenLogprobs([11, 12], [-0.7, -0.2], 2)
+    result.logprobs = [entry if seq_id == "a" else None for seq_id in result.req_ids]
+    result.prompt_logprobs = {"a": PromptLogprobsChunk(1, [TokenLogprobs([6, 9], [-1.5, -0.1], 3)])}
+    assert pickle.loads(pickle.dumps(result)) == result  # the last pipeline stage pickles it to rank 0
+    outs = {o.request_id: o for o in sched.update_from_output(so, scheduled, result)}
+    assert outs["a"].new_logprobs == [entry] and outs["a"].new_logprobs[0] is entry
+    assert outs["b"].new_logprobs is None
+    assert outs["a"].new_prompt_logprobs == (1, result.prompt_logprobs["a"].entries)
     assert_all_free(sched)
