@@ -170,8 +170,8 @@ def resolve_quantization(requested: str, hf_config: PretrainedConfig, load_forma
     elif requested != "none" and requested != found:
         raise ConfigError("quantization", f"{requested} does not match the checkpoint "
                           f"({'quantized with ' + repr(found) if found else 'not quantized: no quantization_config in config.json'})")
-    if requested not in ("none", "gguf"):
-        raise ConfigError("quantization", f"{requested} checkpoints are not supported yet (supported: gguf)")
+    if requested not in ("none", "gguf", "compressed-tensors"):
+        raise ConfigError("quantization", f"{requested} checkpoints are not supported yet (supported: gguf, compressed-tensors)")
     if requested == "gguf":
         hf_config.quantization_config = {"quant_method": "gguf"}
     return requested

@@ -41,4 +41,8 @@ def get_quant_config(hf_config: Any) -> QuantizationConfig | None:
         from engine.layers.quant.gguf import GGUFConfig
 
         return GGUFConfig()
+    if method == "compressed-tensors":
+        from engine.layers.quant.compressed_tensors import CompressedTensorsConfig
+
+        return CompressedTensorsConfig(qc if isinstance(qc, dict) else qc.to_dict())
     raise ModelLoadError("quantization", f"quant_method {method!r} is not supported")

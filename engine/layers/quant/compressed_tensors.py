@@ -1,0 +1,112 @@
+"""compressed-tensors `pack-quantized` weights (what llm-compressor writes for W4A16 / W8A16):
+int4 or int8 values packed little-endian into int32 along the input dim (stored as q + 2^(bits-1)),
+one scale per group of input columns (or per row), symmetric. Kept packed; each matmul dequantizes
+the weight (torch) and calls the float matmul: correct everywhere, not yet a fused kernel.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ConfigError
+from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.quant import QuantizationConfig
+
+
+def _field(qc: dict[str, Any], key: str, allowed: tuple, where: str) -> Any:
+    value = qc.get(key)
+    if value not in allowed:
+        raise ConfigError(f"quantization_config.{where}{key}", f"{value!r} is not supported (supported: {allowed})")
+    return value
+
+
+class CompressedTensorsConfig(QuantizationConfig):
+    name = "compressed-tensors"
+
+    def __init__(self, qc: dict[str, Any]):
+        groups = qc.get("config_groups") or {}
+        if len(groups) != 1:
+            raise ConfigError("quantization_config.config_groups", f"one group is supported, got {len(groups)}")
+        (group_name, group), = groups.items()
+        where = f"config_groups.{group_name}."
+        format_where, format_source = (where, group) if group.get("format") else ("", qc)
+        _field(format_source, "format", ("pack-quantized",), format_where)
+        if group.get("input_activations") or group.get("output_activations"):
+            raise ConfigError(f"quantization_config.{where}input_activations", "only weight-only schemes (W4A16, W8A16) run")
+        if not set(group.get("targets") or []) <= {"Linear"}:
+            raise ConfigError(f"quantization_config.{where}targets", f"{group.get('targets')} (supported: ['Linear'])")
+        ignore = [n for n in qc.get("ignore") or [] if n != "lm_head"]
+        if ignore:
+            raise ConfigError("quantization_config.ignore", f"unquantized layers {ignore[:3]} are not supported")
+        weights = group.get("weights") or {}
+        wh = where + "weights."
+        self.num_bits: int = _field(weights, "num_bits", (4, 8), wh)
+        _field(weights, "type", ("int",), wh)
+        _field(weights, "symmetric", (True,), wh)
+        self.strategy: str = _field(weights, "strategy", ("group", "channel"), wh)
+        self.group_size: int | None = weights.get("group_size") if self.strategy == "group" else None
+        if self.strategy == "group" and (not isinstance(self.group_size, int) or self.group_size < 1):
+            raise ConfigError(f"quantization_config.{wh}group_size", f"must be a positive integer, got {self.group_size!r}")
+
+    def get_linear_method(self) -> CompressedTensorsLinearMethod:
+        return CompressedTensorsLinearMethod(self)
+
+    def embedding_classes(self) -> tuple[type, type]:
+        return VocabParallelEmbedding, ParallelLMHead
+
+
+class CompressedTensorsLinearMethod:
+    """weight_packed int32 [out, in * bits / 32] and weight_scale [out, in / group_size] per layer."""
+
+    def __init__(self, config: CompressedTensorsConfig):
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
+        bits, group = self.config.num_bits, self.config.group_size or input_size
+        layer.input_size, layer.group_size = input_size, group
+        # a row-parallel shard that cuts a group: the loader names the tensor (RuntimeError -> ModelLoadError)
+        layer.group_misfit = input_size % group != 0 or input_size * bits % 32 != 0
+        dtype = torch.get_default_dtype()
+        layer.register_parameter("weight", None)  # the packed parameters below stand for it
+        layer.weight_packed = nn.Parameter(torch.empty(output_size, input_size * bits // 32, dtype=torch.int32),
+                                           requires_grad=False)
+        layer.weight_scale = nn.Parameter(torch.empty(output_size, max(1, input_size // group), dtype=dtype),
+                                          requires_grad=False)
+        layer.weight_shape = nn.Parameter(torch.empty(2, dtype=torch.int64), requires_grad=False)
+        channel_rows = self.config.strategy == "channel" and layer.tp_dim == 1  # one scale a row: not split
+
+        def checked(param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
+            if layer.group_misfit:
+                raise RuntimeError(f"group size {group} does not divide this rank's {input_size} input columns "
+                                   f"({bits}-bit values packed 32 bits a word); use a smaller tensor_parallel_size")
+            if channel_rows and param is layer.weight_scale:
+                param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded[:])
+                return
+            layer.weight_loader(param, loaded, *shard_id)
+
+        layer.weight_packed.weight_loader = layer.weight_scale.weight_loader = checked
+        layer.weight_shape.weight_loader = lambda param, loaded, *shard_id: None  # known from the layer
+
+    def load_shard(self, layer: nn.Module, loaded: Any, offset: int) -> None:
+        raise AssertionError("compressed-tensors layers have no `weight` parameter")
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        pass
+
+    def dequantize(self, layer: nn.Module) -> torch.Tensor:
+        """float [out, in] = q * scale, q the signed values (compressed-tensors' own arithmetic)."""
+        packed = layer.weight_packed.view(torch.uint8)  # [out, in * bits / 8], little-endian words
+        if self.config.num_bits == 4:
+            q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.int8) - 8
+        else:
+            q = (packed.to(torch.int16) - 128).to(torch.int8)
+        out, num_groups = layer.weight_scale.shape
+        scale = layer.weight_scale.to(torch.float32)
+        w = q.reshape(out, num_groups, -1).to(torch.float32) * scale.unsqueeze(-1)  # [out, num_groups, group]
+        return w.reshape(out, -1).to(layer.weight_scale.dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, self.dequantize(layer).to(x.dtype), bias)

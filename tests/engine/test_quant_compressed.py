@@ -1,0 +1,119 @@
+"""compressed-tensors pack-quantized checkpoints (W4A16 and W8A16, group 128) written on CPU by
+compressed-tensors itself from tiny random Llama/Qwen2 models: greedy tokens equal transformers'
+(running compressed-tensors' own decompression) in float32; missing scales and a tp shard that
+cuts a group are typed errors naming the tensor."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.config import ConfigError
+from engine.errors import ModelLoadError
+from tests.conftest import (
+    prompts_of_lengths,
+    write_tiny_checkpoint,
+    write_tiny_tokenizer,
+)
+
+pytest.importorskip("compressed_tensors")
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+PROMPTS = prompts_of_lengths([1, 5, 17, 40])
+
+
+def write_compressed(path: str, arch: str, scheme: str, intermediate_size: int = 512) -> str:
+    """A tiny random model quantized (min-max scales, compressed-tensors' own qparams) and saved
+    pack-quantized by compressed-tensors."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    src = write_tiny_checkpoint(path + "-float", arch, tie=False, hidden_size=256, intermediate_size=intermediate_size)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(scheme, ["Linear"])}, ignore=["lm_head"])
+    apply_quantization_config(model, config)
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            args, w = module.quantization_scheme.weights, module.weight.data
+            groups = w.reshape(w.shape[0], -1, args.group_size)  # [out, num_groups, group_size]
+            scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+            module.weight_zero_point.data.copy_(zero_point.reshape(module.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="pack-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(path)
+    compressor.update_config(path)
+    write_tiny_tokenizer(path, model.config.vocab_size)
+    return path
+
+
+def hf_greedy(path: str) -> list[list[int]]:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return [hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0,
+                        attention_mask=torch.ones(1, len(p), dtype=torch.long))[0, len(p):].tolist() for p in PROMPTS]
+
+
+@pytest.fixture(scope="module", params=[("LlamaForCausalLM", "W4A16"), ("Qwen2ForCausalLM", "W4A16"),
+                                        ("LlamaForCausalLM", "W8A16")])
+def compressed(request, tmp_path_factory) -> str:
+    arch, scheme = request.param
+    return write_compressed(str(tmp_path_factory.mktemp("ct") / f"{arch}-{scheme}"), arch, scheme)
+
+
+def test_greedy_matches_transformers(compressed: str) -> None:
+    llm = LLM(compressed, enable_prefix_caching=False)
+    assert llm.llm_engine.model_config.quantization == "compressed-tensors"
+    layer = llm.llm_engine.executor.runner.model.model.layers["0"].mlp.down_proj
+    assert layer.weight is None and layer.weight_packed.dtype == torch.int32  # kept packed
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(compressed)
+
+
+def test_quantization_contradicting_the_checkpoint(compressed: str) -> None:
+    for wrong in ("gptq", "none", "gguf"):
+        with pytest.raises(ConfigError) as e:
+            LLM(compressed, quantization=wrong)
+        assert e.value.param == "quantization"
+
+
+def test_missing_scales_name_the_tensor(compressed: str, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    for name in os.listdir(compressed):
+        if not name.endswith(".safetensors"):
+            os.symlink(os.path.join(compressed, name), tmp_path / name)
+    tensors = load_file(os.path.join(compressed, "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight_scale"]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"missing weights: model\.layers\.1\.mlp\.down_proj\.weight_scale"):
+        LLM(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_tp2_matches_tp1_and_a_cut_group_is_named(tmp_path) -> None:
+    from tests.engine.test_distributed import finish, torchrun
+
+    path = write_compressed(str(tmp_path / "w4"), "LlamaForCausalLM", "W4A16")
+    llm = LLM(path, enable_prefix_caching=False, device="cpu")
+    reference = [o.outputs[0].token_ids for o in llm.generate(prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300]),
+                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)]
+    llm.llm_engine.shutdown()
+    out = tmp_path / "tokens.json"
+    finish(torchrun(2, [path, "2", "1", str(out)]))
+    assert json.loads(out.read_text()) == reference
+    # intermediate 384 over 2 ranks: 192 input columns of down_proj per rank, not a multiple of 128
+    bad = write_compressed(str(tmp_path / "cut"), "LlamaForCausalLM", "W4A16", intermediate_size=384)
+    proc = torchrun(2, [bad, "2", "1", str(tmp_path / "none.json")])
+    text, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "model.layers.0.mlp.down_proj.weight_packed" in text and "group size 128 does not divide" in text
