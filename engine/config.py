@@ -117,12 +117,18 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     log_requests: bool = True  # one info line per finished request
     ui: bool = True  # serve the built-in chat page at / and /ui (--disable-ui turns it off)
+    api_server_count: int = 1  # API processes sharing the port and the one engine core
+    engine_hang_timeout_s: float = 60.0  # no engine step for this long while it has work: 503, then exit 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be in 0..65535, got {self.port}")
         if self.max_waiting_requests < 1:
             raise ConfigError("max_waiting_requests", f"must be >= 1, got {self.max_waiting_requests}")
+        if not 1 <= self.api_server_count <= 64:
+            raise ConfigError("api_server_count", f"must be in 1..64, got {self.api_server_count}")
+        if not self.engine_hang_timeout_s > 0:
+            raise ConfigError("engine_hang_timeout_s", f"must be > 0, got {self.engine_hang_timeout_s}")
 
     def resolve_api_key(self) -> str | None:
         """The key from value, environment variable or file (in that order), else from

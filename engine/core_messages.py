@@ -11,7 +11,7 @@ import msgspec
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
-    "EngineCoreOutput", "EngineCoreOutputs", "EngineCoreRequest", "FinishReason", "RequestOutputKind",
+    "CoreInfo", "EngineCoreOutput", "EngineCoreOutputs", "EngineCoreRequest", "FinishReason", "RequestOutputKind",
     "SchedulerStats", "TokenLogprobs", "decoder_for", "encoder",
 ]
 
@@ -82,6 +82,27 @@ class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, kw_
     timestamp: float = 0.0
     stats: SchedulerStats | None = None
     engine_index: int = 0
+
+
+class CoreInfo(msgspec.Struct, array_like=True, kw_only=True):
+    """What a front end needs to know about the core it talks to (sent once, when it is ready)."""
+
+    model_name: str  # the served model name
+    architecture: str
+    max_model_len: int
+    vocab_size: int  # the model's (a tokenizer may have fewer)
+    num_total_blocks: int  # KV pages
+    block_size: int  # tokens per page
+    max_num_seqs: int
+    default_max_tokens: int | None  # from the generation config; None: what the context leaves
+    device: str
+    world_size: int
+    startup_phases: dict[str, float] = {}  # start-up phases timed in the core's process
+
+    @property
+    def kv_capacity(self) -> int:
+        """Tokens the whole KV pool holds."""
+        return self.num_total_blocks * self.block_size
 
 
 encoder = msgspec.msgpack.Encoder()

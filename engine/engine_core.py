@@ -77,6 +77,12 @@ class EngineCore:
             if request.finished:
                 del self.requests[request_id]
 
+    def add_eos_token_ids(self, token_ids: Iterable[int]) -> None:
+        """The tokenizer's EOS (the front end's to know): a stop token for every request from now on."""
+        sched = self.scheduler
+        sched.eos_token_ids = sorted(set(sched.eos_token_ids) | set(token_ids))
+        sched.eos_token_id_set = frozenset(sched.eos_token_ids)
+
     def has_work(self) -> bool:
         return bool(self.requests or self.batch_queue or self._pending)
 

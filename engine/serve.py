@@ -19,9 +19,9 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,16 +137,24 @@ def parse_configs(argv: Sequence[str] | None = None) -> tuple[EngineConfig, Serv
     return engine_config, server_config, args
 
 
+def planned_device(config: EngineConfig) -> Any:
+    """The device the engine core will use, without touching it (no CUDA context in an API process)."""
+    import torch
+
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def preflight(engine_config: EngineConfig) -> Any:
     """What can be checked before the server listens and before any weight is read: the torchrun
     group's size, the model's files, architecture and context length. Raises ConfigError or
     ModelLoadError; returns the device."""
-    from engine.llm_engine import resolve_device
     from engine.model_config import resolve_model_config
     from engine.parallel import check_world_size
 
     check_world_size(engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size)
-    device = resolve_device(engine_config)
+    device = planned_device(engine_config)
     with startup.phase("model config"):
         model_config = resolve_model_config(engine_config, device)  # cached: the engine's call reuses the parse
     if int(os.environ.get("RANK", "0")) == 0:
@@ -189,8 +197,9 @@ def log_api_key(server_config: ServerConfig, source: str | None) -> None:
                        "require one)", where, DEFAULT_API_KEY_ENV)
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here so that a taken port is one clear line before any loading."""
+def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one clear line before any loading;
+    reuse_port: several API processes share it (the kernel spreads the connections)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -198,6 +207,8 @@ def bind_socket(host: str, port: int) -> socket.socket:
     family, _, _, _, address = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Sanic does: restart past TIME_WAIT
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind(address)
     except OSError as e:
@@ -210,17 +221,6 @@ def bind_socket(host: str, port: int) -> socket.socket:
                               "choose another with --port") from None
         raise ConfigError("host", f"cannot listen on {host}:{port}: {e.strerror}") from None
     return sock
-
-
-def _timed_engine_factory(engine_config: EngineConfig) -> Any:
-    """LLMEngine, recording what its construction took beyond the phases recorded inside it."""
-    from engine.llm_engine import LLMEngine
-
-    start, before = time.monotonic(), startup.recorded()
-    engine = LLMEngine(engine_config)
-    inside = startup.recorded() - before
-    startup.record("model build and KV pool", time.monotonic() - start - inside)
-    return engine
 
 
 async def _log_when_ready(app: Any) -> None:
@@ -236,22 +236,61 @@ async def _log_when_ready(app: Any) -> None:
         logger.info("%s", startup.summary(startup.since_start()))
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    """Rank 0: checks, then the API (Sanic, single process) with the engine loading on its own thread."""
+def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str = "info") -> int:
+    """Rank 0: checks, then API process 0 (Sanic), which starts the engine core process and, with
+    api_server_count > 1, the other API processes."""
     api_key, source = server_config.resolve_api_key_and_source()
-    sock = bind_socket(server_config.host, server_config.port)  # first: a taken port is known in milliseconds
-    with startup.phase("imports"):
-        import torch  # noqa: F401  (the engine's; timed here, where start-up begins)
+    count = server_config.api_server_count
+    # first: a taken port is known in milliseconds
+    sock = bind_socket(server_config.host, server_config.port, reuse_port=count > 1)
+    from engine.core_proc import CoreAddresses, remove_dir
+    from engine.server.api_procs import ApiProcesses, enable_multiprocess_metrics
 
-        import engine.llm_engine  # noqa: F401
+    metrics_dir = enable_multiprocess_metrics() if count > 1 else None  # before prometheus_client is imported
+    with startup.phase("imports"):
+        import torch  # noqa: F401  (timed here, where start-up begins)
+
         from engine.server.app import create_app
     device = preflight(engine_config)
     logger.info("device: %s", describe_device(device))
     log_api_key(server_config, source)
-    app = create_app(engine_config, server_config, api_key, engine_factory=_timed_engine_factory)
+    addresses, ipc_dir = CoreAddresses.new(count)
+    app = create_app(engine_config, server_config, api_key, addresses=addresses, log_level=log_level)
+    if count > 1:
+        state = app.ctx.state
+        state.children = ApiProcesses(engine_config, server_config, api_key, addresses, log_level)
+        state.on_drain = state.children.drain
+        app.register_listener(_start_api_processes, "after_server_start")
     app.register_listener(lambda app: app.add_task(_log_when_ready(app)), "after_server_start")
-    app.run(sock=sock, single_process=True, access_log=False, motd=False)
+    try:
+        app.run(sock=sock, single_process=True, access_log=False, motd=False)
+    finally:
+        remove_dir(ipc_dir)
+        if metrics_dir is not None:
+            remove_dir(metrics_dir)
     return app.ctx.state.exit_code
+
+
+async def _start_api_processes(app: Any) -> None:
+    """After the engine core started (its pid is theirs to watch)."""
+    state = app.ctx.state
+    state.children.start(state.engine.core_pid)
+    app.add_task(_watch_api_processes(state))
+
+
+async def _watch_api_processes(state: Any) -> None:
+    """Stop everything if one of the other API processes dies."""
+    while not state.children.stopping:
+        await asyncio.sleep(0.5)
+        dead = state.children.dead()
+        if dead:
+            logger.error("API process %s exited; stopping the server", ", ".join(map(str, dead)))
+            state.on_fatal(1)
+            return
+
+
+def _worker_sigterm(signum: int, frame: Any) -> None:
+    logger.info("SIGTERM: this rank stops when rank 0 has drained its requests and stops the group")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,13 +301,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         if rank > 0:
-            # Ranks > 0 of a torchrun group run their shard of the model for rank 0's scheduler.
+            # Ranks > 0 of a torchrun group run their shard of the model for rank 0's engine core,
+            # which also tells them when to stop: SIGTERM (docker stop, scancel) only starts rank 0's drain.
+            signal.signal(signal.SIGTERM, _worker_sigterm)
             preflight(engine_config)
             from engine.distributed import run_worker
 
             run_worker(engine_config)
             return 0
-        return serve(engine_config, server_config)
+        return serve(engine_config, server_config, args.log_level)
     except ConfigError as e:
         print(f"{who}: config error: {e}", file=sys.stderr)
         return 2

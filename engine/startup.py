@@ -26,6 +26,12 @@ def phase(name: str) -> Iterator[None]:
         record(name, time.monotonic() - start)
 
 
+def phases() -> dict[str, float]:
+    """name -> seconds, in the order first recorded (the engine core sends its own to the API)."""
+    with _lock:
+        return dict(_phases)
+
+
 def recorded() -> float:
     """Seconds recorded so far, all phases together."""
     with _lock:

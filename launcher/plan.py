@@ -36,6 +36,7 @@ MAX_NAME_LEN = 40  # leaves room for "-headless", pod ordinals and StatefulSet r
 _ENGINE_KEYS = {
     "model": "model.path", "tokenizer": "model.tokenizer", "served_model_name": "model.served_model_name",
     "dtype": "model.dtype", "max_model_len": "model.max_model_len", "load_format": "model.load_format",
+    "quantization": "model.quantization",
     "hf_overrides": "model.hf_overrides", "generation_config": "model.generation_config",
     "override_generation_config": "model.override_generation_config",
     "tensor_parallel_size": "parallel.tensor_parallel_size",
@@ -337,6 +338,7 @@ def _engine_section(cfg: GantryConfig, host_path: str | None) -> dict[str, Any]:
     values = {
         "model": _rank_model_path(cfg, host_path), "tokenizer": m.tokenizer, "served_model_name": served,
         "dtype": m.dtype, "max_model_len": m.max_model_len, "load_format": m.load_format,
+        "quantization": m.quantization,
         "hf_overrides": dict(m.hf_overrides), "generation_config": m.generation_config,
         "override_generation_config": dict(m.override_generation_config),
         "tensor_parallel_size": p.tensor_parallel_size,

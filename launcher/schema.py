@@ -22,6 +22,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     max_model_len: Optional[int] = None  # context length; null: the model's max_position_embeddings
     load_format: str = "auto"  # auto | safetensors | gguf | dummy (random weights, for tests)
+    quantization: str = "auto"  # auto (from the checkpoint) | gguf | gptq | awq | compressed-tensors | none
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (tiny dummy shapes)
     generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {max_new_tokens: 512}
@@ -73,6 +74,8 @@ class ServerOptions:
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     log_requests: bool = True  # one info line per finished request
     ui: bool = True  # serve the built-in chat page at / and /ui (public; the chat itself needs the key)
+    api_server_count: int = 1  # API processes on rank 0 sharing the port and the one engine core
+    engine_hang_timeout_s: float = 60.0  # no engine step for this long while it has work: 503, then exit 1
 
 
 @dataclass

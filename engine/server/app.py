@@ -23,7 +23,9 @@ from sanic.response import HTTPResponse, raw
 from sanic.response import json as json_response
 
 from engine.config import EngineConfig, ServerConfig
-from engine.server.async_engine import AsyncEngine, EngineFactory
+from engine.core_messages import CoreInfo
+from engine.core_proc import CoreAddresses, CoreFactory
+from engine.server.async_llm import AsyncLLM
 from engine.server.auth import is_authorized, is_public
 from engine.server.metrics import ServerMetrics
 from engine.server.openai import register_openai_routes
@@ -47,17 +49,19 @@ class ServerState:
     """What the routes share: configs, the async engine, metrics, the key, the drain flag."""
 
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, api_key: str | None,
-                 engine_factory: EngineFactory | None):
+                 engine: AsyncLLM):
         self.engine_config = engine_config
         self.server_config = server_config
         self.api_key = api_key
-        self.metrics = ServerMetrics()
-        self.engine = AsyncEngine(engine_config, self.metrics, server_config.log_requests, engine_factory)
+        self.metrics = engine.metrics
+        self.engine = engine
         self.created = int(time.time())
         self.draining = False
         self.exit_code = 0
         self.frontend: TextFrontend | None = None  # started with the server, loaded once the engine is
         self.on_fatal: Callable[[int], None] = lambda code: None  # stops the server with an exit code
+        self.on_drain: Callable[[], None] = lambda: None  # API process 0: tell the other API processes
+        self.children: Any = None  # API process 0 with api_server_count > 1: the others (api_procs.ApiProcesses)
 
     @property
     def ready(self) -> bool:
@@ -73,9 +77,9 @@ class ServerState:
         return self
 
     @property
-    def llm_engine(self) -> Any:
-        """The LLMEngine itself (once loaded): model_name, max_model_len; its tokenizer is the engine thread's."""
-        return self.engine.engine
+    def model_info(self) -> CoreInfo | None:
+        """The served model's name, context length... (once the engine core is ready)."""
+        return self.engine.info
 
     @property
     def model_context(self) -> ModelContext:
@@ -88,12 +92,13 @@ class ServerState:
             await asyncio.sleep(0.05)
         if not self.engine.ready or self.frontend is None:
             return
-        engine = self.llm_engine
+        info = self.engine.info
+        assert info is not None
         # vocab_size: the tokenizer's (load() counts it on its copy), else the model's
-        ctx = ModelContext(engine.model_name, engine.max_model_len, engine.model_config.hf_config.vocab_size)
+        ctx = ModelContext(info.model_name, info.max_model_len, info.vocab_size)
         t0 = time.monotonic()
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, engine.tokenizer, ctx)
+            await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, self.engine.tokenizer, ctx)
         except Exception:
             logger.exception("cannot start the text workers")
             self.on_fatal(1)
@@ -182,15 +187,20 @@ def _header_overflow(request: Request) -> APIError:
 
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key: str | None = None,
-               engine_factory: EngineFactory | None = None) -> Sanic:
-    """The API on rank 0; api_key is the resolved key (ServerConfig.resolve_api_key), None: open."""
+               core_factory: CoreFactory | None = None, *, client_index: int = 0,
+               addresses: CoreAddresses | None = None, core_pid: int | None = None, log_level: str = "info") -> Sanic:
+    """One API process; api_key is the resolved key (ServerConfig.resolve_api_key), None: open.
+    API process 0 (core_pid None) starts the engine core (built by core_factory, an importable
+    function, when given: tests inject faults with it); the others connect to its addresses."""
     app = Sanic("gantry", error_handler=OpenAIErrorHandler(), configure_logging=False, request_class=GantryRequest)
     app.config.REQUEST_MAX_SIZE = server_config.max_request_body_bytes
     app.config.RESPONSE_TIMEOUT = 7 * 24 * 3600  # generation may be long; clients decide when to give up
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = 2.0  # in-flight requests are drained before Sanic stops
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.NOISY_EXCEPTIONS = False
-    state = ServerState(engine_config, server_config, api_key, engine_factory)
+    engine = AsyncLLM(engine_config, server_config, ServerMetrics(), client_index=client_index, addresses=addresses,
+                      core_pid=core_pid, core_factory=core_factory, log_level=log_level)
+    state = ServerState(engine_config, server_config, api_key, engine)
     app.ctx.state = state
 
     @app.signal("http.routing.after")
@@ -216,7 +226,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     async def health(request: Request) -> HTTPResponse:
         if state.engine.alive:
             return json_response({"status": "ok"})
-        return json_response({"status": "engine loop is not running", "engine_state": state.engine.state}, status=503)
+        return json_response({"status": "the engine core is not running", "engine_state": state.engine.state},
+                             status=503)
 
     @app.get("/ready", ctx_public=True)
     async def ready(request: Request) -> HTTPResponse:
@@ -257,6 +268,12 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
 
     @app.before_server_stop
     async def stop_engine(app: Sanic) -> None:
+        if state.children is not None:  # the other API processes first: they use the core while draining
+            if state.exit_code:
+                state.children.kill()
+            else:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, state.children.join, server_config.shutdown_grace_s + 10)
         state.engine.shutdown()
         if state.frontend is not None:
             state.frontend.shutdown()
@@ -277,6 +294,7 @@ async def drain(app: Sanic) -> None:
     if state.draining:
         return
     state.draining = True
+    state.on_drain()  # API process 0: the other API processes drain too
     grace = state.server_config.shutdown_grace_s
     logger.info("SIGTERM: draining %d in-flight requests (grace %.0fs)", state.engine.num_in_flight, grace)
     deadline = time.monotonic() + grace

@@ -3,14 +3,16 @@
 Engine-wide gauges and counters are read from the latest EngineStats at scrape time;
 per-request histograms are fed by the engine thread as requests advance and finish;
 HTTP requests are counted by route and status (a client that hangs up first, as aborted).
-One CollectorRegistry per server.
+One CollectorRegistry per server; with several API processes, summed across them at scrape time.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,13 +73,15 @@ class ServerMetrics:
                                     "HTTP requests whose client hung up before the response was complete.",
                                     ["method", "route"], registry=self.registry)
         self.model_name: str | None = None
+        self._engine_collector: _EngineStatsCollector | None = None
 
     def bind_engine(self, model_name: str, get_stats: Callable[[], Any]) -> None:
         """Create the engine's metrics, labelled with the served model name."""
         self.model_name = model_name
         labels = ["model_name"]
         reg = self.registry
-        reg.register(_EngineStatsCollector(model_name, get_stats))
+        self._engine_collector = _EngineStatsCollector(model_name, get_stats)
+        reg.register(self._engine_collector)
         self.request_success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
                                        labels + ["finished_reason"], registry=reg)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
@@ -105,4 +109,12 @@ class ServerMetrics:
         self.http_aborted.labels(method, route).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            return generate_latest(self.registry)
+        # several API processes: every process's counters and histograms summed from their files,
+        # the engine's gauges and counters once (from this process's copy of the core's stats)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        if self._engine_collector is not None:
+            registry.register(self._engine_collector)
+        return generate_latest(registry)

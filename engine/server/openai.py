@@ -20,7 +20,7 @@ from sanic.response import json as json_response
 
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
-from engine.server.async_engine import PromptInput, RequestDelta, RequestStream
+from engine.server.async_llm import PromptInput, RequestDelta, RequestStream
 from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs, merge_completion_logprobs
 from engine.server.protocol import APIError
 from engine.server.text import PreparedChat, PreparedCompletion
@@ -70,9 +70,8 @@ class _Results:
         changed = []
         for d in delta.samples:
             s = req.samples[d.index]
-            new_text = d.text[len(s.text):] if d.text is not None else ""
-            if d.text is not None:
-                s.text = d.text
+            new_text = d.text or ""  # deltas carry only what is new
+            s.text += new_text
             s.token_ids.extend(d.new_token_ids)
             if d.new_logprobs:
                 s.logprobs.extend(d.new_logprobs)
@@ -152,7 +151,7 @@ async def _collect(stream: RequestStream, results: _Results, prompt_param: str) 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
     """OpenAI's Model object, plus vLLM's extras (root, parent, max_model_len, permission)."""
-    engine = state.llm_engine
+    engine = state.model_info
     return {
         "id": engine.model_name,
         "object": "model",
@@ -172,7 +171,7 @@ async def list_models(request: Request) -> HTTPResponse:
 
 async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
     state = _state(request).require_ready()
-    name = state.llm_engine.model_name
+    name = state.model_info.model_name
     if model_id != name:
         raise APIError(404, f"model: the model `{model_id[:200]}` does not exist; this server serves `{name}`",
                        param="model", code="model_not_found")
@@ -186,7 +185,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     req = prepared.request  # its prompts are token ids now
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    model = state.llm_engine.model_name
+    model = state.model_info.model_name
     detok = TokenText(state.frontend.tokenizer)
     params = req.params
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
@@ -263,7 +262,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     req = prepared.request
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    model = state.llm_engine.model_name
+    model = state.model_info.model_name
     detok = TokenText(state.frontend.tokenizer)
     subs = [(f"{cid}-0", prepared.prompt_token_ids, req.params)]
 

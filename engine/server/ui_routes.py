@@ -64,11 +64,11 @@ def server_status(state: ServerState) -> dict[str, Any]:
     ready = state.ready and not state.draining
     status = "ready" if ready else "draining" if state.draining else "loading" if engine.alive else engine.state
     stats = engine.stats
-    loaded = state.llm_engine is not None
+    loaded = state.model_info is not None
     return {
         "status": status,
-        "model": state.llm_engine.model_name if loaded else None,
-        "max_model_len": state.llm_engine.max_model_len if loaded else None,
+        "model": state.model_info.model_name if loaded else None,
+        "max_model_len": state.model_info.max_model_len if loaded else None,
         "num_requests_running": stats.num_running if stats is not None else 0,
         "num_requests_waiting": engine.num_waiting() if stats is not None else 0,
         "kv_cache_usage": stats.kv_cache_usage if stats is not None else 0.0,  # fraction, 0..1

@@ -162,7 +162,7 @@ def test_a_request_that_can_never_fit_fails_alone(engine: LLMEngine, monkeypatch
         assert_idle(engine)
         # The scheduler's own net, for what validation lets through: the sequence outgrows the
         # whole pool while running, is preempted, then can never be scheduled again.
-        monkeypatch.setattr(engine, "_validate", lambda token_ids, params: None)
+        monkeypatch.setattr(engine.input_processor, "validate", lambda token_ids, params: None)
         engine.add_request("big", list(range(3, 33)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
         engine.add_request("small", PROMPT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         out = run(engine)

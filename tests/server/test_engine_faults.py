@@ -1,6 +1,6 @@
 """Through a live server (issue 21): no valid request kills the engine (int64 seeds, a huge top_k
 batched with a small one), a KV pool smaller than max_model_len is refused at start-up, a request
-that fails inside the engine fails alone, and an engine loop that dies exits the server non-zero.
+that fails inside the engine fails alone, and an engine core that dies exits the server non-zero.
 After each, the server is ready, nothing runs and every KV block is free."""
 from __future__ import annotations
 
@@ -11,35 +11,27 @@ import httpx
 import pytest
 
 from tests.server.conftest import MODEL, LiveServer, launch, wait_ready
+from tests.server.faulty_core import KILL_SEED
 
-KILL_SEED = 4242  # the faulty engine raises in step() itself while such a request is queued
-FAIL_SEED = 4243  # the faulty engine raises while appending such a request's token
-# engine.serve with an engine_factory that injects both faults; flags as for engine.serve
+FAIL_SEED = 4243  # the API's output processor raises while folding in such a request's tokens
+# engine.serve's app with a core that dies on KILL_SEED and an output processor that fails on FAIL_SEED
 FAULTY_SERVE = f"""
 import sys
-from engine.llm_engine import LLMEngine
+from engine.output_processor import OutputProcessor
 from engine.serve import parse_configs
 from engine.server.app import create_app
+from tests.server.faulty_core import faulty_core
 
-class FaultyEngine(LLMEngine):
-    def step(self):
-        if any(r.params.seed == {KILL_SEED} for r in self.requests.values()):
-            raise RuntimeError("injected fault that no request explains")
-        return super().step()
+apply = OutputProcessor._apply
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        apply = self.output_processor._apply
+def faulty_apply(self, state, sample, out):  # the output processor's per-sample step
+    if state.params.seed == {FAIL_SEED}:
+        raise TypeError("injected fault in one request")
+    return apply(self, state, sample, out)
 
-        def faulty_apply(state, sample, out):  # the output processor's per-sample step
-            if state.params.seed == {FAIL_SEED}:
-                raise TypeError("injected fault in one request")
-            return apply(state, sample, out)
-
-        self.output_processor._apply = faulty_apply
-
+OutputProcessor._apply = faulty_apply
 engine_config, server_config, _ = parse_configs(sys.argv[1:])
-app = create_app(engine_config, server_config, None, engine_factory=FaultyEngine)
+app = create_app(engine_config, server_config, None, core_factory=faulty_core)
 app.run(host=server_config.host, port=server_config.port, single_process=True, access_log=False, motd=False)
 sys.exit(app.ctx.state.exit_code)
 """
@@ -106,15 +98,12 @@ def test_pool_smaller_than_max_model_len_is_refused_at_start_up(tmp_path) -> Non
 
 FAIL_AT_ONCE_SERVE = """
 import sys
-from engine.config import ConfigError
 from engine.serve import parse_configs
 from engine.server.app import create_app
-
-def fail_at_once(config):
-    raise ConfigError("max_model_len", "injected: refused before Sanic has finished starting")
+from tests.server.faulty_core import fail_at_once
 
 engine_config, server_config, _ = parse_configs(sys.argv[1:])
-app = create_app(engine_config, server_config, None, engine_factory=fail_at_once)
+app = create_app(engine_config, server_config, None, core_factory=fail_at_once)
 app.run(host=server_config.host, port=server_config.port, single_process=True, access_log=False, motd=False)
 sys.exit(app.ctx.state.exit_code)
 """
@@ -154,7 +143,7 @@ def test_a_request_that_fails_inside_the_engine_fails_alone(faulty: LiveServer) 
     assert faulty.proc.poll() is None
 
 
-def test_engine_loop_death_exits_non_zero(faulty: LiveServer) -> None:
+def test_engine_core_death_exits_non_zero(faulty: LiveServer) -> None:
     r = complete(faulty, seed=KILL_SEED)
     assert r.status_code == 500, r.text
     health = httpx.get(faulty.url("/health"), timeout=10)  # 503 for a moment, so probes see why
@@ -164,4 +153,4 @@ def test_engine_loop_death_exits_non_zero(faulty: LiveServer) -> None:
     except Exception:
         pytest.fail("the server stayed up with a dead engine")
     assert code not in (0, None), faulty.log()[-3000:]
-    assert "engine loop died" in faulty.log()
+    assert "engine core died" in faulty.log()

@@ -1,0 +1,117 @@
+"""build_engine_core: an EngineConfig made into a running EngineCore (device, process group, model,
+KV pool, scheduler) and the CoreInfo a front end needs about it. No tokenizer: the front end has it.
+
+The same function builds the core of the offline LLM (in this process) and of the server (in the
+engine-core process, see engine/core_proc.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine import startup
+from engine.block_manager import BlockManager
+from engine.config import ConfigError, EngineConfig
+from engine.core_messages import CoreInfo
+from engine.engine_core import EngineCore
+from engine.executor import UniprocExecutor
+from engine.model_config import ModelConfig, resolve_model_config
+from engine.model_runner import ModelRunner
+from engine.parallel import get_parallel_state, init_distributed
+from engine.scheduler import Scheduler
+
+logger = logging.getLogger("gantry.engine")
+
+
+@dataclass
+class CoreBuild:
+    core: EngineCore
+    info: CoreInfo
+    model_config: ModelConfig
+    device: torch.device
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def config_eos_token_ids(mc: ModelConfig) -> set[int]:
+    """EOS ids from the model's config and generation_config.json (the tokenizer's own is added by
+    the front end, which holds the tokenizer: EngineCore.add_eos_token_ids)."""
+    ids: set[int] = set()
+    eos = getattr(mc.hf_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    gen_config = os.path.join(mc.path, "generation_config.json")
+    if os.path.isfile(gen_config):
+        with open(gen_config, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def check_pool_holds_max_model_len(config: EngineConfig, max_model_len: int, num_blocks: int) -> None:
+    """Refuse to start (like vLLM) when one max_model_len sequence cannot fit in the KV pool:
+    such a request would pass validation and then never be scheduled."""
+    capacity = num_blocks * config.block_size
+    if capacity < max_model_len:
+        raise ConfigError(
+            "max_model_len", f"{max_model_len} tokens do not fit in the KV cache, which holds {capacity} "
+            f"tokens ({num_blocks} blocks of {config.block_size}); the largest max_model_len that fits is "
+            f"{capacity}. Lower max_model_len, or make the cache larger with num_kv_blocks, kv_cache_memory_gib "
+            "or gpu_memory_utilization"
+        )
+
+
+def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreBuild:
+    """Everything below the front end; raises ConfigError or ModelLoadError naming what is wrong."""
+    start, before = time.monotonic(), startup.recorded()
+    device = resolve_device(config)
+    init_distributed(config.tensor_parallel_size, config.pipeline_parallel_size, device, config.distributed_timeout_s)
+    mc = resolve_model_config(config, device)
+    runner = ModelRunner(config, mc, device, show_progress and get_parallel_state().is_driver)
+    if get_parallel_state().world_size > 1:
+        from engine.distributed import MultiprocExecutor
+
+        executor: UniprocExecutor | MultiprocExecutor = MultiprocExecutor(runner)
+    else:
+        executor = UniprocExecutor(runner)
+    num_blocks = executor.determine_num_blocks()
+    if num_blocks < 1:
+        raise ConfigError("gpu_memory_utilization", "no memory left for the KV cache after loading the weights")
+    check_pool_holds_max_model_len(config, mc.max_model_len, num_blocks)
+    executor.allocate_kv_cache(num_blocks)
+    gib = num_blocks * runner.kv_bytes_per_block() / 2**30
+    logger.info("model %s (%s, %s) loaded", mc.served_model_name, mc.architecture, str(mc.dtype).replace("torch.", ""))
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB per rank", num_blocks, config.block_size,
+                num_blocks * config.block_size, gib)
+    block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+    max_num_batched_tokens = config.max_num_batched_tokens or max(8192, config.block_size)
+    # with pipeline parallel, one batch in flight per stage keeps every stage busy
+    num_lanes = config.pipeline_parallel_size if config.pipeline_parallel_lanes is None else config.pipeline_parallel_lanes
+    async_scheduling = config.async_scheduling
+    if async_scheduling is None:
+        async_scheduling = device.type == "cuda" and config.world_size == 1
+    # batches in flight at once: one per PP lane; two with async scheduling (the GPU runs one
+    # while the CPU schedules the next and processes the previous one's tokens)
+    max_in_flight = num_lanes if num_lanes > 1 else 2 if async_scheduling else 1
+    scheduler = Scheduler(block_manager, config.max_num_seqs, max_num_batched_tokens,
+                          sorted(config_eos_token_ids(mc)), num_lanes, async_scheduling, mc.max_model_len)
+    core = EngineCore(scheduler, executor, max_in_flight)
+    # what the phases recorded inside (model config, weights...) did not cover
+    startup.record("model build and KV pool", time.monotonic() - start - (startup.recorded() - before))
+    info = CoreInfo(
+        model_name=mc.served_model_name, architecture=mc.architecture, max_model_len=mc.max_model_len,
+        vocab_size=mc.hf_config.vocab_size, num_total_blocks=num_blocks, block_size=config.block_size,
+        max_num_seqs=config.max_num_seqs, default_max_tokens=mc.default_max_tokens,
+        device=str(device), world_size=config.world_size,
+    )
+    return CoreBuild(core, info, mc, device)

@@ -1,0 +1,392 @@
+"""AsyncLLM: what the routes see of the engine, in an API process; the engine core runs in its own.
+
+Handlers submit tokenized requests and iterate RequestDeltas. Here, on the event loop: the checks
+against the model (InputProcessor), sending to the core (AsyncMPClient), and one task that takes
+each step's token deltas from the core and turns them into text (OutputProcessor: detokenization,
+stop strings, whose samples it aborts in the core), metrics and per-request queues. Nothing is
+copied per step in proportion to what a request already generated.
+
+A watchdog turns the core's death, or no progress for engine_hang_timeout_s while it has work
+(or no heartbeat at all), into /health 503 and an exit non-zero a moment later.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from engine import startup
+from engine.config import EngineConfig, ServerConfig
+from engine.core_messages import CoreInfo, EngineCoreOutputs, SchedulerStats
+from engine.core_proc import CoreAddresses, CoreFactory, CoreLoadFailure, EngineCoreProcess, pid_alive, remove_dir
+from engine.errors import RequestError
+from engine.input_processor import InputProcessor
+from engine.mp_client import AsyncMPClient
+from engine.output_processor import OutputProcessor
+from engine.outputs import Logprob, RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.server.metrics import ServerMetrics
+
+logger = logging.getLogger("gantry.server")
+
+PromptInput = str | list[int]
+DEAD_ENGINE_EXIT_DELAY_S = 3.0  # how long /health reports 503 before a server whose engine died exits
+WATCH_INTERVAL_S = 0.2
+CORE_STOP_TIMEOUT_S = 20.0  # after SHUTDOWN: batches in flight, and the other ranks released
+
+
+@dataclass
+class SampleDelta:
+    index: int  # which of the request's n samples
+    text: str  # new text since the previous delta (complete UTF-8 characters only)
+    new_token_ids: list[int]  # tokens generated since the previous delta
+    new_logprobs: list[dict[int, Logprob]] | None  # one dict per new token, when logprobs were asked
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    stop_reason: int | str | None
+
+
+@dataclass
+class RequestDelta:
+    request_id: str
+    samples: list[SampleDelta]
+    finished: bool
+    prompt: str | None = None  # set on a request's first delta only
+    prompt_token_ids: list[int] | None = None  # set on a request's first delta only
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first delta only, when asked
+
+
+class RequestStream:
+    """The event-loop side of one HTTP request: deltas of its engine requests, in step order."""
+
+    def __init__(self, request_ids: list[str]):
+        self.request_ids = request_ids
+        self.queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
+        self.unfinished = set(request_ids)
+
+    @property
+    def finished(self) -> bool:
+        return not self.unfinished
+
+    async def __aiter__(self) -> AsyncIterator[RequestDelta]:
+        while self.unfinished:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                self.unfinished.clear()
+                raise item
+            if item.finished:
+                self.unfinished.discard(item.request_id)
+            yield item
+
+
+@dataclass(eq=False)
+class _Tracked:
+    stream: RequestStream
+    arrival_time: float
+    num_prompt_tokens: int
+    n: int
+    num_generated: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    sent_prompt: bool = False
+
+
+class AsyncLLM:
+    """States: starting -> loading -> ready; failed (load), dead (core exited) or hung; stopped."""
+
+    def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, metrics: ServerMetrics, *,
+                 client_index: int = 0, addresses: CoreAddresses | None = None, core_pid: int | None = None,
+                 core_factory: CoreFactory | None = None, log_level: str = "info"):
+        self.engine_config, self.server_config, self.metrics = engine_config, server_config, metrics
+        self.client_index, self.core_pid = client_index, core_pid
+        self.owns_core = core_pid is None  # API process 0 starts the core and stops it
+        self._addresses, self._ipc_dir = addresses, None
+        self.core_factory, self.log_level = core_factory, log_level
+        self.state = "starting"
+        self.info: CoreInfo | None = None
+        self.tokenizer: Any = None
+        self.stats: SchedulerStats | None = None  # the core's latest, replaced with every message
+        self.num_in_flight = 0  # HTTP requests between submission and their last delta
+        self.core: EngineCoreProcess | None = None
+        self.client: AsyncMPClient | None = None
+        self._tracked: dict[str, _Tracked] = {}
+        self._num_added_since_stats = 0
+        self._last_message = self._last_progress = time.monotonic()
+        self._last_num_steps = -1
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- what the routes read ----
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def alive(self) -> bool:
+        return self.state in ("starting", "loading", "ready")
+
+    def num_waiting(self) -> int:
+        """Requests not yet running: the core's waiting queue plus those sent since its last stats."""
+        return (self.stats.num_waiting if self.stats is not None else 0) + self._num_added_since_stats
+
+    # ---- start-up ----
+
+    def start(self, loop: asyncio.AbstractEventLoop, on_fatal: Callable[[int], None]) -> None:
+        """Start the core (API process 0; from the main thread), connect to it, load the tokenizer."""
+        self._on_fatal = on_fatal
+        if self._addresses is None:
+            self._addresses, self._ipc_dir = CoreAddresses.new(1)
+        self.client = AsyncMPClient(self._addresses, self.client_index)
+        if self.owns_core:
+            self.core = EngineCoreProcess(self.engine_config, self._addresses, self.log_level, self.core_factory)
+            self.core.start()
+            self.core_pid = self.core.pid
+        self.state = "loading"
+        tokenizer = loop.run_in_executor(None, self._load_tokenizer)
+        self._tasks = [loop.create_task(self._run(tokenizer)), loop.create_task(self._watch())]
+
+    def _load_tokenizer(self) -> Any:
+        from engine.model_config import resolve_model_config
+        from engine.serve import planned_device
+        from engine.tokenizer import load_tokenizer
+
+        mc = resolve_model_config(self.engine_config, planned_device(self.engine_config))  # parsed once, cached
+        return load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy")
+
+    async def _run(self, tokenizer: asyncio.Future) -> None:
+        assert self.client is not None
+        message = await self.client.get_output_async()
+        if isinstance(message, CoreLoadFailure):
+            logger.error("cannot load the model: %s", message.message)
+            return self._fail_start(message.exit_code)
+        if not isinstance(message, CoreInfo):
+            logger.error("the engine core failed while loading: %s", message)
+            return self._fail_start(1)
+        try:
+            self.tokenizer = await tokenizer
+        except Exception as e:
+            logger.error("cannot load the tokenizer: %s", e)
+            return self._fail_start(2)
+        self._became_ready(message)
+        while True:
+            message = await self.client.get_output_async()
+            if isinstance(message, EngineCoreOutputs):
+                self._on_outputs(message)
+            elif isinstance(message, str):
+                return self._core_gone(f"the engine core died: {message}")
+
+    def _fail_start(self, code: int) -> None:
+        self.state = "failed"
+        self._on_fatal(code)
+
+    def _became_ready(self, info: CoreInfo) -> None:
+        self.info = info
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.client.add_eos_token_ids([self.tokenizer.eos_token_id])  # before any request: one socket, in order
+        self.input_processor = InputProcessor(info)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        for name, seconds in info.startup_phases.items():
+            startup.record(name, seconds)
+        self.metrics.bind_engine(info.model_name, lambda: self.stats)
+        self._last_message = self._last_progress = time.monotonic()
+        self.state = "ready"
+        logger.info("ready: model %s, max_model_len %d, %d KV blocks (engine core pid %s)", info.model_name,
+                    info.max_model_len, info.num_total_blocks, self.core_pid)
+
+    # ---- health ----
+
+    def _core_alive(self) -> bool:
+        if self.core is not None:
+            return self.core.is_alive()
+        return self.core_pid is not None and pid_alive(self.core_pid)
+
+    async def _watch(self) -> None:
+        timeout = self.server_config.engine_hang_timeout_s
+        while self.state in ("loading", "ready"):
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if not self._core_alive():
+                code = self.core.exitcode if self.core is not None else None
+                if self.state == "loading":
+                    await asyncio.sleep(0.5)  # its FAILED message, if it sent one, explains more
+                    if self.state == "loading":
+                        logger.error("the engine core exited (code %s) while loading the model", code)
+                        self._fail_start(1)
+                    return
+                return self._core_gone(f"the engine core exited (code {code})")
+            # progress: a new step, or a heartbeat saying there is nothing to do; a stopped core or one
+            # stuck inside a step sends nothing at all
+            if self.state == "ready" and time.monotonic() - self._last_progress > timeout:
+                return self._core_gone(f"the engine core made no progress for {timeout:g}s while it had work, "
+                                       "or sent no heartbeat (engine_hang_timeout_s)", hung=True)
+
+    def _core_gone(self, reason: str, hung: bool = False) -> None:
+        """/health turns 503 now; streams fail; the server exits non-zero in a moment, so Docker,
+        Kubernetes or Slurm restart it (the whole group with several ranks)."""
+        if self.state not in ("loading", "ready"):
+            return
+        self.state = "hung" if hung else "dead"
+        logger.error("%s", reason)
+        self._fail_all(RuntimeError(reason))
+        asyncio.get_running_loop().call_later(DEAD_ENGINE_EXIT_DELAY_S, self._on_fatal, 1)
+
+    # ---- requests ----
+
+    @asynccontextmanager
+    async def generate(self, requests: list[tuple[str, PromptInput, SamplingParams]],
+                       arrival_time: float) -> AsyncIterator[RequestStream]:
+        """Submit requests (all or none: a refused one raises RequestError naming the field) and
+        stream their deltas; leaving the block early (client gone, error) aborts what is unfinished."""
+        if not self.ready:
+            raise ConnectionAbortedError("the engine is not running")
+        prepared = []
+        for request_id, prompt, params in requests:
+            if request_id in self._tracked:
+                raise RequestError("request_id", f"request {request_id!r} is already running")
+            token_ids = prompt if isinstance(prompt, list) else self._encode(prompt)
+            params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
+            core_request = self.input_processor.process(request_id, token_ids, params, arrival_time, self.client_index)
+            prepared.append((core_request, prompt if isinstance(prompt, str) else None))
+        stream = RequestStream([r.request_id for r, _ in prepared])
+        for core_request, prompt_text in prepared:  # every check passed: register, then send
+            rid, ids, params = core_request.request_id, core_request.prompt_token_ids, core_request.sampling_params
+            if prompt_text is None and self.tokenizer is not None:
+                prompt_text = self.tokenizer.decode(ids)
+            self.output_processor.add_request(rid, prompt_text, ids, params, arrival_time)
+            self._tracked[rid] = _Tracked(stream, arrival_time, len(ids), params.n)
+            self.client.add_request(core_request)
+        self._num_added_since_stats += len(prepared)
+        self.num_in_flight += 1
+        try:
+            yield stream
+        finally:
+            self.num_in_flight -= 1
+            if not stream.finished:
+                self.abort([rid for rid in stream.request_ids if rid in self._tracked])
+
+    def _encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestError("prompt", "this model has no tokenizer (load_format=dummy): give token ids")
+        return self.tokenizer.encode(prompt)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """Free these requests in the core; their streams get a final "abort" delta."""
+        ids = [rid for rid in request_ids if rid in self._tracked]
+        if not ids:
+            return
+        self.client.abort_requests(ids)
+        self.output_processor.abort_requests(ids)
+        for rid in ids:
+            t = self._tracked.pop(rid)
+            samples = [SampleDelta(i, "", [], None, "abort", None) for i in range(t.n)]
+            t.stream.queue.put_nowait(RequestDelta(rid, samples, True))
+            self._finish(rid, t, "abort", None)
+
+    def abort_all(self) -> None:
+        self.abort(list(self._tracked))
+
+    # ---- outputs ----
+
+    def _on_outputs(self, message: EngineCoreOutputs) -> None:
+        now_mono = time.monotonic()
+        self._last_message = now_mono
+        if message.stats is not None:
+            stats = message.stats
+            if stats.num_steps != self._last_num_steps or not stats.has_work:
+                self._last_num_steps, self._last_progress = stats.num_steps, now_mono
+            self.stats = stats
+            self._num_added_since_stats = 0
+        if not message.outputs:
+            return
+        processed = self.output_processor.process_outputs(message.outputs)
+        if processed.samples_to_abort:  # stopped by a stop string, or failed in the output processor
+            self.client.abort_requests(processed.samples_to_abort)
+        now = time.time()
+        for out in processed.request_outputs:
+            t = self._tracked.get(out.request_id)
+            if t is None:  # aborted by its client meanwhile
+                continue
+            if out.error is not None:
+                self._fail_stream(out.request_id, t, out.error)
+                continue
+            self._deliver(out, t, now)
+
+    def _deliver(self, out: RequestOutput, t: _Tracked, now: float) -> None:
+        samples, num_new = [], 0
+        for o in out.outputs:  # DELTA: only what is new
+            samples.append(SampleDelta(o.index, o.text, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason))
+            num_new += len(o.token_ids)
+        if num_new:
+            if t.last_token_time is not None:
+                self.metrics.itl.observe(now - t.last_token_time)
+            else:
+                t.first_token_time = now
+            t.last_token_time = now
+            t.num_generated += num_new
+        delta = RequestDelta(out.request_id, samples, out.finished)
+        if not t.sent_prompt:
+            delta.prompt, delta.prompt_token_ids = out.prompt, out.prompt_token_ids
+            delta.prompt_logprobs = out.prompt_logprobs  # complete by a request's first output
+            t.sent_prompt = True
+        t.stream.queue.put_nowait(delta)
+        if out.finished:
+            del self._tracked[out.request_id]
+            reason = out.outputs[0].finish_reason if out.outputs else "abort"
+            self._finish(out.request_id, t, reason or "abort", out)
+
+    def _fail_stream(self, request_id: str, t: _Tracked, error: Exception) -> None:
+        """A request failed inside the engine: its HTTP request gets the error (a 400 naming the
+        field for a RequestError, else a 500), and the other prompts of that HTTP request are aborted."""
+        if isinstance(error, RequestError):
+            logger.warning("request %s failed: %s", request_id, error)
+        else:
+            logger.error("request %s failed inside the engine; ending it alone: %s", request_id, error)
+        del self._tracked[request_id]
+        siblings = [rid for rid, other in self._tracked.items() if other.stream is t.stream]
+        if siblings:
+            self.client.abort_requests(siblings)
+            self.output_processor.abort_requests(siblings)
+            for rid in siblings:
+                del self._tracked[rid]
+        t.stream.queue.put_nowait(error)
+
+    def _finish(self, rid: str, t: _Tracked, reason: str, out: RequestOutput | None) -> None:
+        now = time.time()
+        first_token = t.first_token_time
+        ttft = first_token - t.arrival_time if first_token is not None else None
+        m = out.metrics if out is not None else None
+        queue = m.first_scheduled_time - t.arrival_time if m is not None and m.first_scheduled_time else None
+        self.metrics.observe_finished(reason, ttft, now - t.arrival_time, queue)
+        if self.server_config.log_requests:
+            logger.info("request %s finished: prompt_tokens=%d generated_tokens=%d ttft=%s total=%.3fs "
+                        "finish_reason=%s", rid, t.num_prompt_tokens, t.num_generated,
+                        f"{ttft:.3f}s" if ttft is not None else "-", now - t.arrival_time, reason)
+
+    def _fail_all(self, error: BaseException) -> None:
+        streams = {id(t.stream): t.stream for t in self._tracked.values()}
+        self._tracked.clear()
+        for stream in streams.values():
+            stream.queue.put_nowait(error)
+
+    # ---- stopping ----
+
+    def shutdown(self) -> None:
+        """Stop the core (API process 0: SHUTDOWN, then wait; kill a hung one) and close the sockets."""
+        for task in self._tasks:
+            task.cancel()
+        if self.core is not None and self.core.is_alive():
+            if self.state == "hung":
+                self.core.stop(0)
+            else:
+                assert self.client is not None
+                self.client.shutdown_core()
+                self.core.stop(CORE_STOP_TIMEOUT_S)
+        if self.state in ("loading", "ready"):
+            self.state = "stopped"
+        if self.client is not None:
+            self.client.close()
+        if self._ipc_dir is not None:
+            remove_dir(self._ipc_dir)
