@@ -8,7 +8,8 @@ python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore 
 python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
 bash .ci/infra.sh
 set +e
-python3 -m pytest "$@"
+# two workers (CI has two cores); tests/xdist_workers.py says how tests are grouped. `-n 0`: serial
+python3 -m pytest -n 2 --dist loadgroup "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "scripts/test.sh: pytest collected no tests" >&2

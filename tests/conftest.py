@@ -7,6 +7,8 @@ import zlib
 import pytest
 import torch
 
+pytest_plugins = ["tests.xdist_workers"]  # scheduling and `exclusive` tests under pytest-xdist
+
 TINY_ARCHS = {
     "llama-tied": dict(arch="LlamaForCausalLM", tie=True),
     "llama-untied": dict(arch="LlamaForCausalLM", tie=False, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),

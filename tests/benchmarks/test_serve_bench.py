@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ import pytest
 
 from benchmarks import serve as bench
 from benchmarks.serve import RequestResult, RequestSpec, RunConfig
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "standin-model"
@@ -241,6 +241,7 @@ def test_random_workload_lengths_and_ids():
 
 # ---- against the stand-in ----
 
+@pytest.mark.exclusive  # millisecond timing bounds
 def test_known_timings_all_at_once(standin: StandIn):
     specs = fixed(8, input_len=10, output_len=6)
     out = run(specs, standin)
@@ -271,6 +272,7 @@ def test_known_timings_all_at_once(standin: StandIn):
         assert body["model"] == MODEL
 
 
+@pytest.mark.exclusive  # millisecond timing bounds
 def test_tokens_counted_from_usage_not_chunks(standin: StandIn):
     standin.tokens_per_chunk = 3  # 6 tokens in 2 chunks
     out = run(fixed(3, output_len=6), standin)
@@ -282,6 +284,7 @@ def test_tokens_counted_from_usage_not_chunks(standin: StandIn):
     assert m["itl_ms"]["mean"] == pytest.approx(1000 * standin.itl_s, abs=12)
 
 
+@pytest.mark.exclusive  # millisecond timing bounds
 def test_max_concurrency_caps_in_flight(standin: StandIn):
     out = run(fixed(9, output_len=3), standin, max_concurrency=3)
     m = out["metrics"]
@@ -290,6 +293,7 @@ def test_max_concurrency_caps_in_flight(standin: StandIn):
     assert 3 * e2e <= m["duration_s"] < 3 * e2e + 4 * SLACK_S  # three waves of three
 
 
+@pytest.mark.exclusive  # millisecond timing bounds
 def test_poisson_sends_on_schedule(standin: StandIn):
     rate, n = 25.0, 12
     out = run(fixed(n, output_len=2), standin, request_rate=rate, seed=5)
@@ -323,9 +327,7 @@ def test_failures_and_api_key(standin: StandIn):
 
 
 def test_unreachable_server_is_a_failure_not_a_crash():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens once closed
+    port = free_port()  # nothing listens on it
     out = asyncio.run(bench.run_benchmark(fixed(2), RunConfig(base_url=f"http://127.0.0.1:{port}", model=MODEL)))
     assert out["metrics"]["failed"] == 2 and "ConnectError" in out["metrics"]["errors"][0]
 
@@ -380,9 +382,7 @@ def test_cli_not_ready_times_out(standin: StandIn, capsys: pytest.CaptureFixture
 @pytest.mark.slow
 def test_end_to_end_against_engine_serve(tmp_path: Path):
     """`python -m engine.serve` (embedded SmolLM2 on CPU) under a short Poisson load and a chat run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "engine.serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
            "--max-model-len", "128", "--num-kv-blocks", "256", "--max-num-seqs", "16"]

@@ -28,11 +28,14 @@ for _sbin in ("/usr/sbin", "/sbin"):
         os.environ["PATH"] = f"{os.environ.get('PATH', '')}{os.pathsep}{_sbin}"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if here in item.path.parents:
             item.add_marker(pytest.mark.infra)
+            if xdist:  # one worker runs them all: one Slurm cluster, one Docker engine and image build
+                item.add_marker(pytest.mark.xdist_group("infra"))
 
 
 def require(tools: tuple[str, ...], what: str) -> None:

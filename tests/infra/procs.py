@@ -4,18 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-
-def free_port() -> int:
-    """A TCP port that nothing on loopback listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port  # noqa: F401 (the infra fixtures import it from here)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str,

@@ -21,6 +21,7 @@ import pytest
 
 from tests.launcher.conftest import REPO_ROOT
 from tests.launcher.standin_serve import is_alive
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 STANDIN = "tests.launcher.standin_serve"
@@ -120,12 +121,6 @@ def test_stubborn_ranks_and_orphans_are_killed(tmp_path: Path) -> None:
     assert "SIGKILL" in log and "leftover" in log, log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _processes_mentioning(text: str) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -141,7 +136,7 @@ def _processes_mentioning(text: str) -> list[int]:
 def _serve_ask_stop(tmp_path: Path, args: list[str], env: dict[str, str], key: str | None,
                     signum: int) -> tuple[int, str]:
     """`python -m launcher ARGS` with the real engine; one chat completion; then signum. (status, log)"""
-    port = _free_port()
+    port = free_port()
     out = tmp_path / "jobs"
     argv = [sys.executable, "-m", "launcher", *args, f"server.port={port}", f"output_dir={out}"]
     with open(tmp_path / "launcher.log", "w") as log:

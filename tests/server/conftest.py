@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.ports import free_port  # noqa: F401 (the server tests import it from here)
+
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 128  # short, so that a request without max_tokens ends quickly on CPU too
@@ -23,12 +24,6 @@ MAX_MODEL_LEN = 128  # short, so that a request without max_tokens ends quickly 
 BASE_ARGS = ["--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", "512",
              "--max-num-seqs", "64"]
 START_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

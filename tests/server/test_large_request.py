@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import pytest
 
 from tests.server.conftest import MODEL, LiveServer
 
@@ -108,6 +109,7 @@ def measure(server: LiveServer, cases: list[tuple]) -> Measure:
     return out
 
 
+@pytest.mark.exclusive  # 100 ms /health bound and an ITL ratio: no other worker on the cores
 def test_large_requests_delay_only_themselves(keyed_server: LiveServer):
     cases = large_requests()
     assert all(SEVEN_MB <= len(body) < 8 * 1024 * 1024 for _, _, body, _, _, _ in cases)

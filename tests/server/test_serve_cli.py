@@ -157,9 +157,12 @@ def test_config_errors_before_listening(args: list[str], words: str) -> None:
 
 def test_torchrun_rank_config_error_is_one_line_per_rank(tmp_path) -> None:
     """Each rank says what is wrong in one line and exits 2 (torchrun's own summary follows)."""
+    from tests.ports import free_port
+
+    # --standalone: the agent binds its own free rendezvous port; the API port is free too (not 8000)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                         "-m", "engine.serve", "--tensor-parallel-size", "2", "--device", "cpu",
-                        "--model", str(tmp_path / "missing")],
+                        "--host", "127.0.0.1", "--port", str(free_port()), "--model", str(tmp_path / "missing")],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode != 0

@@ -197,6 +197,7 @@ def test_streamed_answer_with_its_statistics(page: Any) -> None:
     assert usage and int(usage[1]) > 10 and 1 <= int(usage[2]) <= 48, meta
 
 
+@pytest.mark.exclusive  # the abort must land within 1 s of the click
 def test_stop_aborts_the_request_on_the_server(page: Any, keyed_server: LiveServer) -> None:
     set_field(page, "temperature", "0.8")
     set_field(page, "max-tokens", "800")
