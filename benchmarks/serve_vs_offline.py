@@ -68,7 +68,7 @@ def run_offline(args: argparse.Namespace, model: str, tp: int) -> dict[str, Any]
     fields = {k: v for k, v in vars(engine_config).items() if k != "model"}
     llm = LLM(model, **fields)
     specs = sample_random_requests(args.num_prompts + 8, args.input_len, args.output_len, 0.0, VOCAB, args.seed)
-    prompts = [list(s.prompt_token_ids) for s in specs]
+    prompts = [list(s.prompt) for s in specs]
     params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=s.output_len, detokenize=False) for s in specs]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up, as the served run's first request
     t0 = time.perf_counter()
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     for tp in [int(x) for x in args.tp.split(",")]:
         if "offline" in args.parts:
             child = subprocess.run([sys.executable, "-m", "benchmarks.serve_vs_offline", *(argv or sys.argv[1:]),
-                                    "--run-offline", model, str(tp)], cwd=REPO, capture_output=True, text=True)
+                                    "--run-offline", model, str(tp)], cwd=REPO, capture_output=True, text=True,
+                                   env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # as engine.serve sets it
             lines = [x for x in child.stdout.splitlines() if x.startswith("RESULT ")]
             if child.returncode != 0 or not lines:
                 print(child.stdout[-3000:], child.stderr[-3000:], file=sys.stderr)

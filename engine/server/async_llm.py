@@ -40,7 +40,7 @@ WATCH_INTERVAL_S = 0.2
 CORE_STOP_TIMEOUT_S = 20.0  # after SHUTDOWN: batches in flight, and the other ranks released
 
 
-@dataclass
+@dataclass(slots=True)
 class SampleDelta:
     index: int  # which of the request's n samples
     text: str  # new text since the previous delta (complete UTF-8 characters only)
@@ -73,14 +73,28 @@ class RequestStream:
         return not self.unfinished
 
     async def __aiter__(self) -> AsyncIterator[RequestDelta]:
+        async for batch in self.batches():
+            for delta in batch:
+                yield delta
+
+    async def batches(self) -> AsyncIterator[list[RequestDelta]]:
+        """Every delta queued by the time the handler runs, together: a handler that fell behind
+        catches up with one write instead of one per step."""
         while self.unfinished:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                self.unfinished.clear()
-                raise item
-            if item.finished:
-                self.unfinished.discard(item.request_id)
-            yield item
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            batch = []
+            for item in items:
+                if isinstance(item, BaseException):
+                    self.unfinished.clear()
+                    if batch:
+                        yield batch
+                    raise item
+                if item.finished:
+                    self.unfinished.discard(item.request_id)
+                batch.append(item)
+            yield batch
 
 
 @dataclass(eq=False)
@@ -313,6 +327,7 @@ class AsyncLLM:
                 self._fail_stream(out.request_id, t, out.error)
                 continue
             self._deliver(out, t, now)
+        self.metrics.itl.flush()
 
     def _deliver(self, out: RequestOutput, t: _Tracked, now: float) -> None:
         samples, num_new = [], 0

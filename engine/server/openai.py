@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
@@ -133,13 +134,29 @@ async def _iterate(stream: RequestStream, prompt_param: str) -> AsyncIterator[Re
         raise _engine_error(e, prompt_param) from None
 
 
-async def _iterate_sse(response: Any, stream: RequestStream, prompt_param: str) -> AsyncIterator[RequestDelta]:
-    """Like _iterate, once the SSE headers are out: a failure becomes an error event."""
+async def _iterate_sse(response: Any, stream: RequestStream, prompt_param: str) -> AsyncIterator[list[RequestDelta]]:
+    """The deltas queued since the last write, once the SSE headers are out: a failure becomes an
+    error event."""
     try:
-        async for delta in _iterate(stream, prompt_param):
-            yield delta
+        async for batch in stream.batches():
+            yield batch
     except APIError as e:
         await response.send(_sse(e.body()))
+    except Exception as e:  # the engine core died or the server is shutting down
+        await response.send(_sse(_engine_error(e, prompt_param).body()))
+
+
+_encode_json = msgspec.json.Encoder().encode
+
+
+def _json(value: Any) -> str:
+    """JSON text of a chunk's field (UTF-8 kept as is, like json.dumps(ensure_ascii=False), ~10x faster)."""
+    return _encode_json(value).decode()
+
+
+def _sse_head(obj: str, cid: str, created: int, model: str) -> str:
+    """The start of every chunk of a stream, up to its choices (the one part that changes)."""
+    return f'data: {{"id":{_json(cid)},"object":"{obj}","created":{created},"model":{_json(model)},"choices":['
 
 
 async def _collect(stream: RequestStream, results: _Results, prompt_param: str) -> None:
@@ -230,23 +247,28 @@ async def create_completion(request: Request) -> HTTPResponse | None:
                 body["usage"] = usage
             return _sse(body)
 
-        async for delta in _iterate_sse(response, stream, "prompt"):
-            out = []
-            for choice, s, new_text, num_new in results.apply(delta):
-                text, lps = ("", None)
-                if choice not in offsets:
-                    text, lps = prefix(results, choice)
-                    offsets[choice] = len(text)
-                if req.logprobs is not None and num_new:
-                    lps = merge_completion_logprobs(lps, completion_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:],
-                                                                    top, detok, offsets[choice]))
-                offsets[choice] += len(new_text)
-                if not (text or new_text or lps is not None or s.finish_reason is not None):
-                    continue  # tokens that end inside a character: nothing to say yet
-                out.append({"index": choice, "text": text + new_text, "logprobs": lps,
-                            "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
-            for c in out:
-                await response.send(chunk([c]))
+        head = _sse_head("text_completion", cid, created, model)
+        async for batch in _iterate_sse(response, stream, "prompt"):
+            parts = []
+            for delta in batch:
+                for choice, s, new_text, num_new in results.apply(delta):
+                    text, lps = ("", None)
+                    if choice not in offsets:
+                        text, lps = prefix(results, choice)
+                        offsets[choice] = len(text)
+                    if req.logprobs is not None and num_new:
+                        lps = merge_completion_logprobs(lps, completion_logprobs(
+                            s.token_ids[-num_new:], s.logprobs[-num_new:], top, detok, offsets[choice]))
+                    offsets[choice] += len(new_text)
+                    if not (text or new_text or lps is not None or s.finish_reason is not None):
+                        continue  # tokens that end inside a character: nothing to say yet
+                    # the common chunk written directly: json.dumps of the whole body per token was
+                    # the API process's largest cost at a few thousand tokens a second
+                    parts.append(f'{head}{{"index":{choice},"text":{_json(text + new_text)},"logprobs":'
+                                 f'{_json(lps)},"finish_reason":{_json(s.finish_reason)},"stop_reason":'
+                                 f'{_json(s.stop_reason)}}}]}}\n\n')
+            if parts:
+                await response.send("".join(parts))
         if req.include_usage:
             await response.send(chunk([], results.usage()))
         await response.send(_sse("[DONE]"))
@@ -292,16 +314,23 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
         for i in range(req.params.n):
             await response.send(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]))
-        async for delta in _iterate_sse(response, stream, "messages"):
-            for choice, s, new_text, num_new in results.apply(delta):
-                lps = None
-                if req.logprobs and num_new:
-                    lps = chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:], req.top_logprobs, detok)
-                if not new_text and lps is None and s.finish_reason is None:
-                    continue
-                message = {"content": new_text} if new_text else {}
-                await response.send(chunk([{"index": choice, "delta": message, "logprobs": lps,
-                                            "finish_reason": s.finish_reason, "stop_reason": s.stop_reason}]))
+        head = _sse_head("chat.completion.chunk", cid, created, model)
+        tail = ',"usage":null}\n\n' if req.include_usage else '}\n\n'
+        async for batch in _iterate_sse(response, stream, "messages"):
+            parts = []
+            for delta in batch:
+                for choice, s, new_text, num_new in results.apply(delta):
+                    lps = None
+                    if req.logprobs and num_new:
+                        lps = chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:], req.top_logprobs, detok)
+                    if not new_text and lps is None and s.finish_reason is None:
+                        continue
+                    message = f'{{"content":{_json(new_text)}}}' if new_text else "{}"
+                    parts.append(f'{head}{{"index":{choice},"delta":{message},"logprobs":{_json(lps)},'
+                                 f'"finish_reason":{_json(s.finish_reason)},"stop_reason":{_json(s.stop_reason)}}}]'
+                                 f'{tail}')
+            if parts:
+                await response.send("".join(parts))
         if req.include_usage:
             await response.send(chunk([], results.usage()))
         await response.send(_sse("[DONE]"))
