@@ -192,6 +192,9 @@ class AsyncLLM:
                 self._on_outputs(message)
             elif isinstance(message, str):
                 return self._core_gone(f"the engine core died: {message}")
+            # A message already waiting makes the await above return without yielding: without this,
+            # a backlog would be taken to its end before any handler wrote a token (TTFT = E2E).
+            await asyncio.sleep(0)
 
     def _fail_start(self, code: int) -> None:
         self.state = "failed"
