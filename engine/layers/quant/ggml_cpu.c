@@ -46,11 +46,12 @@ static inline float hsum(__m256 v) {
 }
 
 /* y[M, N] = x[M, K] @ W[N, K]^T, W as N rows of K/32 blocks. M is small (decode): each block is
- * dequantized once per tile of 8 activation rows. */
+ * dequantized once per tile of 8 activation rows. Rows are dealt dynamically: on a shared CPU a
+ * descheduled thread would otherwise hold the whole matmul up. */
 void ggml_gemm(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
                int num_threads) {
     const int64_t nb = K / 32, row_bytes = nb * block_bytes(type);
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * row_bytes;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
@@ -78,7 +79,7 @@ void ggml_gemm(int type, const uint8_t *w, int64_t N, int64_t K, const float *x,
 void ggml_dequant(int type, const uint8_t *w, int64_t K, const int64_t *rows, int64_t num_rows, float *out,
                   int num_threads) {
     const int64_t nb = K / 32, row_bytes = nb * block_bytes(type);
-#pragma omp parallel for schedule(static) num_threads(num_threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
     for (int64_t r = 0; r < num_rows; r++) {
         const uint8_t *row = w + (rows ? rows[r] : r) * row_bytes;
         for (int64_t b = 0; b < nb; b++) {
