@@ -34,17 +34,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def write_vocab_tokenizer(path: str, vocab_size: int) -> None:
+    """A stand-in tokenizer with a word for every id of the model's vocabulary ("w123"), so that
+    every token a random-weight model samples has text, and streams carry one chunk per token
+    (a small BPE tokenizer decodes most sampled ids to nothing, and the text would come at the end)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {("<unk>", "<s>", "</s>")[i] if i < 3 else f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # words joined by spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+
+
 def model_dir(shape: str) -> str:
-    """A config of the shape (random weights: load_format dummy) with a small stand-in tokenizer."""
+    """A config of the shape (random weights: load_format dummy) with a whole-vocabulary stand-in tokenizer."""
     from benchmarks.throughput import QWEN2_7B, QWEN2_32B, write_config
-    from tests.conftest import write_tiny_tokenizer
 
     if shape == "tiny":
         from tests.conftest import write_tiny_checkpoint
 
         return write_tiny_checkpoint(tempfile.mkdtemp(prefix="gantry-tiny-"), "LlamaForCausalLM", tie=False)
-    d = write_config({"w1": QWEN2_7B, "w3": QWEN2_32B}[shape], 4096)
-    write_tiny_tokenizer(d, 512)
+    config = {"w1": QWEN2_7B, "w3": QWEN2_32B}[shape]
+    d = write_config(config, 4096)
+    write_vocab_tokenizer(d, config["vocab_size"])
     return d
 
 
