@@ -112,6 +112,6 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
         model_name=mc.served_model_name, architecture=mc.architecture, max_model_len=mc.max_model_len,
         vocab_size=mc.hf_config.vocab_size, num_total_blocks=num_blocks, block_size=config.block_size,
         max_num_seqs=config.max_num_seqs, default_max_tokens=mc.default_max_tokens,
-        device=str(device), world_size=config.world_size,
+        device=str(device), world_size=config.world_size, eos_token_ids=sorted(config_eos_token_ids(mc)),
     )
     return CoreBuild(core, info, mc, device)

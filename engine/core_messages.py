@@ -97,6 +97,7 @@ class CoreInfo(msgspec.Struct, array_like=True, kw_only=True):
     default_max_tokens: int | None  # from the generation config; None: what the context leaves
     device: str
     world_size: int
+    eos_token_ids: list[int] = []  # from the model's config and generation config (the tokenizer's is the front end's)
     startup_phases: dict[str, float] = {}  # start-up phases timed in the core's process
 
     @property

@@ -95,7 +95,7 @@ class ServerState:
         info = self.engine.info
         assert info is not None
         # vocab_size: the tokenizer's (load() counts it on its copy), else the model's
-        ctx = ModelContext(info.model_name, info.max_model_len, info.vocab_size)
+        ctx = ModelContext(info.model_name, info.max_model_len, info.vocab_size, max_num_seqs=info.max_num_seqs)
         t0 = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, self.engine.tokenizer, ctx)

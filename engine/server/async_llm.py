@@ -202,7 +202,9 @@ class AsyncLLM:
 
     def _became_ready(self, info: CoreInfo) -> None:
         self.info = info
+        self.eos_token_ids = set(info.eos_token_ids)  # what ends a beam search's beam (engine/server/beam.py)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
             self.client.add_eos_token_ids([self.tokenizer.eos_token_id])  # before any request: one socket, in order
         self.input_processor = InputProcessor(info)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -23,6 +23,8 @@ from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.server.async_llm import PromptInput, RequestDelta, RequestStream
 from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs, merge_completion_logprobs
+from engine.beam_search import BeamSearchParams, best_of_params
+from engine.server.beam import BeamResult, best_of_order, run_beam_search_all, step_generate
 from engine.server.protocol import APIError
 from engine.server.text import PreparedChat, PreparedCompletion
 
@@ -159,6 +161,42 @@ def _sse_head(obj: str, cid: str, created: int, model: str) -> str:
     return f'data: {{"id":{_json(cid)},"object":"{obj}","created":{created},"model":{_json(model)},"choices":['
 
 
+async def _beam_search(state: ServerState, prompts: list[list[int]], beam: BeamSearchParams, n: int, cid: str,
+                       prompt_param: str) -> list[list[BeamResult]]:
+    """use_beam_search: each prompt's n best beams (engine/server/beam.py), each step's requests
+    through the same AsyncLLM.generate as sampling; refusals become 400s naming the field."""
+    state.check_capacity(beam.beam_width * len(prompts))
+    info = state.model_info
+    if beam.max_tokens is None and info.default_max_tokens:
+        beam = dataclasses.replace(beam, max_tokens=info.default_max_tokens)
+    try:
+        return await run_beam_search_all(
+            step_generate(state.engine.generate), prompts, beam, n, eos_token_ids=sorted(state.engine.eos_token_ids),
+            max_model_len=info.max_model_len, tokenizer=state.frontend.tokenizer, request_id=cid)
+    except (ValueError, ConnectionAbortedError) as e:
+        raise _engine_error(e, prompt_param) from None
+
+
+def _beam_usage(prompts: list[list[int]], beams: list[list[BeamResult]]) -> dict[str, int]:
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(b.token_ids) for per_prompt in beams for b in per_prompt)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _best_of_params(state: ServerState, params: SamplingParams) -> SamplingParams:
+    try:
+        return best_of_params(params, state.model_info.max_num_seqs)
+    except ValueError as e:  # RequestError naming best_of
+        raise _engine_error(e, "prompt") from None
+
+
+def _keep_best_of(results: _Results, n: int) -> None:
+    """best_of > n: of each prompt's best_of samples keep the n with the highest cumulative logprob."""
+    for r in results.requests:
+        r.samples = [r.samples[i] for i in best_of_order([(s.token_ids, s.logprobs) for s in r.samples], n)]
+    results.n = n
+
+
 async def _collect(stream: RequestStream, results: _Results, prompt_param: str) -> None:
     async for delta in _iterate(stream, prompt_param):
         results.apply(delta)
@@ -207,8 +245,18 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     params = req.params
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
-    subs = [(f"{cid}-{i}", p, params) for i, p in enumerate(req.prompts)]
     top = req.logprobs or 0
+    if req.beam is not None:  # non-streaming only (the parser refuses stream)
+        beams = await _beam_search(state, req.prompts, req.beam, params.n, cid, "prompt")
+        choices = [{"index": p * params.n + j, "text": (prepared.prompt_texts[p] or "" if req.echo else "") + b.text,
+                    "logprobs": None, "finish_reason": b.finish_reason, "stop_reason": b.stop_reason}
+                   for p, per_prompt in enumerate(beams) for j, b in enumerate(per_prompt)]
+        return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
+                              "choices": choices, "usage": _beam_usage(req.prompts, beams)})
+    n = params.n
+    if params.best_of is not None and params.best_of > n:  # the n best of best_of samples (not streamed)
+        params = _best_of_params(state, params)
+    subs = [(f"{cid}-{i}", p, params) for i, p in enumerate(req.prompts)]
 
     def prefix(results: _Results, choice: int) -> tuple[str, dict | None]:
         """The echoed prompt of a choice, and its logprobs (null for the first token)."""
@@ -222,6 +270,8 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     if not req.stream:
         async def respond(stream: RequestStream, results: _Results) -> HTTPResponse:
             await _collect(stream, results, "prompt")
+            if results.n != n:
+                _keep_best_of(results, n)
             choices = []
             for p, r in enumerate(results.requests):
                 for i, s in enumerate(r.samples):
@@ -286,11 +336,22 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     created = int(time.time())
     model = state.model_info.model_name
     detok = TokenText(state.frontend.tokenizer)
-    subs = [(f"{cid}-0", prepared.prompt_token_ids, req.params)]
+    params, n = req.params, req.params.n
+    if req.beam is not None:  # non-streaming only (the parser refuses stream)
+        beams = await _beam_search(state, [prepared.prompt_token_ids], req.beam, n, cid, "messages")
+        choices = [{"index": j, "message": {"role": "assistant", "content": b.text, "refusal": None}, "logprobs": None,
+                    "finish_reason": b.finish_reason, "stop_reason": b.stop_reason} for j, b in enumerate(beams[0])]
+        return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
+                              "choices": choices, "usage": _beam_usage([prepared.prompt_token_ids], beams)})
+    if params.best_of is not None and params.best_of > n:  # the n best of best_of samples (not streamed)
+        params = _best_of_params(state, params)
+    subs = [(f"{cid}-0", prepared.prompt_token_ids, params)]
 
     if not req.stream:
         async def respond(stream: RequestStream, results: _Results) -> HTTPResponse:
             await _collect(stream, results, "messages")
+            if results.n != n:
+                _keep_best_of(results, n)
             choices = []
             for i, s in enumerate(results.requests[0].samples):
                 lps = chat_logprobs(s.token_ids, s.logprobs, req.top_logprobs, detok) if req.logprobs else None
