@@ -244,7 +244,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     # first: a taken port is known in milliseconds
     sock = bind_socket(server_config.host, server_config.port, reuse_port=count > 1)
     from engine.core_proc import CoreAddresses, remove_dir
-    from engine.server.api_procs import ApiProcesses, enable_multiprocess_metrics
+    from engine.server.api_procs import ApiProcesses, ReadyGroup, enable_multiprocess_metrics
 
     metrics_dir = enable_multiprocess_metrics() if count > 1 else None  # before prometheus_client is imported
     with startup.phase("imports"):
@@ -259,6 +259,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     if count > 1:
         state = app.ctx.state
         state.children = ApiProcesses(engine_config, server_config, api_key, addresses, log_level)
+        state.set_group(ReadyGroup(state.children.ready_events, 0))
         state.on_drain = state.children.drain
         app.register_listener(_start_api_processes, "after_server_start")
     app.register_listener(lambda app: app.add_task(_log_when_ready(app)), "after_server_start")

@@ -9,6 +9,30 @@ import torch
 
 pytest_plugins = ["tests.xdist_workers"]  # scheduling and `exclusive` tests under pytest-xdist
 
+
+def _import_triton_for_the_interpreter() -> None:
+    """Without a GPU, tests/kernels runs the kernels in Triton's interpreter. Triton decides at import
+    whether its own library functions (tl.sum...) are interpreted: imported first by anything else
+    (a profiler, a benchmark module in the same xdist worker), every kernel test then failed with
+    "Cannot call @triton.jit'd outside of the scope of a kernel". So import it here, first, in that
+    mode; the environment is left as it was (the engine's CPU path does not use Triton)."""
+    if torch.cuda.is_available():
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:  # no Triton here: tests/kernels skip what needs it
+        pass
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+_import_triton_for_the_interpreter()
+
 TINY_ARCHS = {
     "llama-tied": dict(arch="LlamaForCausalLM", tie=True),
     "llama-untied": dict(arch="LlamaForCausalLM", tie=False, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),

@@ -16,14 +16,18 @@ from engine.parallel import get_parallel_state, tp_all_gather, tp_all_reduce
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
+        self._partition(num_embeddings)
+        self.weight = nn.Parameter(torch.zeros(self.num_per_partition, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def _partition(self, num_embeddings: int) -> None:
+        """This rank's slice of the vocabulary: rows [vocab_start, vocab_end)."""
         state = get_parallel_state()
         self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
         self.num_embeddings = num_embeddings
         self.num_per_partition = -(-num_embeddings // self.tp_size)
         self.vocab_start = self.tp_rank * self.num_per_partition
         self.vocab_end = min(self.vocab_start + self.num_per_partition, num_embeddings)
-        self.weight = nn.Parameter(torch.zeros(self.num_per_partition, embedding_dim), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         size = self.vocab_end - self.vocab_start

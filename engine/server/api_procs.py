@@ -9,6 +9,7 @@ process's /metrics counts every request once; the engine's gauges come from the 
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing
 import os
@@ -33,6 +34,20 @@ def enable_multiprocess_metrics() -> str:
     return path
 
 
+class ReadyGroup:
+    """Readiness of all API processes: each sets its own event once it can serve; /ready (and
+    every API route) answers 200 only once all are set, since the shared port sends a request to
+    any of them."""
+
+    def __init__(self, events: list[Any], index: int):
+        self.events, self.index = events, index
+
+    def ready(self) -> bool:
+        """Marks this process ready (it asks only when it is); True once every process is."""
+        self.events[self.index].set()
+        return all(e.is_set() for e in self.events)
+
+
 class ApiProcesses:
     """API process 0's handle on API processes 1..N-1."""
 
@@ -42,13 +57,14 @@ class ApiProcesses:
         self.count = server_config.api_server_count
         self.procs: list[Any] = []
         self.stopping = False
+        self.ready_events = [multiprocessing.get_context("spawn").Event() for _ in range(self.count)]
 
     def start(self, core_pid: int) -> None:
         """From the main thread (their PR_SET_PDEATHSIG is tied to the thread that starts them)."""
         mp = multiprocessing.get_context("spawn")
         for index in range(1, self.count):
             proc = mp.Process(target=run_api_process, name=f"gantry-api-{index}",
-                              args=(*self.args, index, core_pid, os.getpid()))
+                              args=(*self.args, index, core_pid, os.getpid(), self.ready_events))
             proc.start()
             self.procs.append(proc)
         if self.procs:
@@ -82,8 +98,15 @@ class ApiProcesses:
             p.join(5)
 
 
+async def _until_ready(state: Any) -> None:
+    """Asks until the group is ready: asking is what marks this process ready for the others."""
+    while not state.ready:
+        await asyncio.sleep(0.1)
+
+
 def run_api_process(engine_config: EngineConfig, server_config: ServerConfig, api_key: str | None,
-                    addresses: CoreAddresses, log_level: str, client_index: int, core_pid: int, parent_pid: int) -> None:
+                    addresses: CoreAddresses, log_level: str, client_index: int, core_pid: int, parent_pid: int,
+                    ready_events: list[Any]) -> None:
     """Main of API process client_index >= 1."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: API process 0 decides
@@ -94,5 +117,7 @@ def run_api_process(engine_config: EngineConfig, server_config: ServerConfig, ap
     sock = bind_socket(server_config.host, server_config.port, reuse_port=True)
     app = create_app(engine_config, server_config, api_key, client_index=client_index, addresses=addresses,
                      core_pid=core_pid, log_level=log_level)
+    app.ctx.state.set_group(ReadyGroup(ready_events, client_index))
+    app.register_listener(lambda app: app.add_task(_until_ready(app.ctx.state)), "after_server_start")
     app.run(sock=sock, single_process=True, access_log=False, motd=False)
     sys.exit(app.ctx.state.exit_code)

@@ -62,10 +62,22 @@ class ServerState:
         self.on_fatal: Callable[[int], None] = lambda code: None  # stops the server with an exit code
         self.on_drain: Callable[[], None] = lambda: None  # API process 0: tell the other API processes
         self.children: Any = None  # API process 0 with api_server_count > 1: the others (api_procs.ApiProcesses)
+        self.group: Any = None  # with api_server_count > 1: the group's readiness (api_procs.ReadyGroup)
+        self._group_ready = True
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready and self.frontend is not None and self.frontend.ready
+        """This process can serve, and so can every API process of the group (with several, the port
+        is shared: a request may land on any of them)."""
+        own = self.engine.ready and self.frontend is not None and self.frontend.ready
+        if own and self.group is not None and not self._group_ready:
+            self._group_ready = self.group.ready()
+            return self._group_ready
+        return own
+
+    def set_group(self, group: Any) -> None:
+        """api_procs.ReadyGroup: this process says when it is ready; all say when all are."""
+        self.group, self._group_ready = group, False
 
     def require_ready(self) -> ServerState:
         if self.draining:

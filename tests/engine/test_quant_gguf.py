@@ -18,6 +18,7 @@ from engine.layers.quant.gguf import GGUFBlocks
 from engine.loader import weight_bytes
 from engine.model_config import default_model_path
 from tests.conftest import prompts_of_lengths
+from tests.engine.test_correctness import CHAT_PROMPTS  # the same 4 chat prompts (one Chinese)
 
 KEPT = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -181,12 +182,6 @@ def test_explicit_quantization_contradicting_the_checkpoint(tiny_llama: str, mix
         LLM(tiny_llama, quantization="int3")
 
 
-CHAT_PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "请用中文介绍一下大型语言模型。",
-    "List three prime numbers and explain why they are prime.",
-]
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from engine.gguf_file import GGML_BLOCK_SIZES, dequantize
 from engine.layers.embed_head import VocabParallelEmbedding
 from engine.layers.quant import QuantizationConfig, QuantizationError
 from engine.layers.quant.ggml_cpu import BLOCK_BYTES, dequantize_rows, ggml_linear
-from engine.parallel import get_parallel_state, tp_all_gather, tp_all_reduce
+from engine.parallel import tp_all_gather, tp_all_reduce
 
 logger = logging.getLogger("gantry.engine")
 
@@ -130,12 +130,7 @@ class GGUFVocabParallelEmbedding(VocabParallelEmbedding):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         nn.Module.__init__(self)  # not the parent's: it would allocate the float table
-        state = get_parallel_state()
-        self.tp_rank, self.tp_size = state.tp_rank, state.tp_size
-        self.num_embeddings = num_embeddings
-        self.num_per_partition = -(-num_embeddings // self.tp_size)
-        self.vocab_start = self.tp_rank * self.num_per_partition
-        self.vocab_end = min(self.vocab_start + self.num_per_partition, num_embeddings)
+        self._partition(num_embeddings)
         self.weight = _placeholder(self.num_per_partition, embedding_dim)
         self.weight.weight_loader = self.weight_loader
         self.weight_device, self.weight_dtype = torch.empty(0).device, torch.get_default_dtype()
