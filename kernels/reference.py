@@ -118,3 +118,36 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[num_tokens, 2 * d] (gate, up) -> [num_tokens, d]."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def lora_shrink(
+    x: torch.Tensor,  # [num_tokens, in_features]
+    a_stack: torch.Tensor,  # [num_slots, rank, in_features]: every resident adapter's A
+    token_slots: torch.Tensor,  # [>= num_tokens] int: each token's slot, -1 = no adapter
+) -> torch.Tensor:
+    """LoRA's first matmul per token with its own adapter: [num_tokens, rank] float32 (0 without one)."""
+    n = x.shape[0]
+    slots = token_slots[:n]
+    out = torch.zeros(n, a_stack.shape[1], dtype=torch.float32, device=x.device)
+    for s in slots.unique().tolist():  # one matmul per adapter present (punica's grouping, in torch)
+        if s >= 0:
+            rows = (slots == s).nonzero().squeeze(1)
+            out[rows] = x[rows].float() @ a_stack[s].float().t()
+    return out
+
+
+def lora_expand(
+    t: torch.Tensor,  # [num_tokens, rank] float32, lora_shrink's output
+    b_stack: torch.Tensor,  # [num_slots, out_features, rank]
+    token_slots: torch.Tensor,  # [>= num_tokens] int, -1 = no adapter
+    y: torch.Tensor,  # [num_tokens, >= offset + out_features], updated in place
+    offset: int,  # first column of y this slice adds into
+) -> None:
+    """y[:, offset:offset + out_features] += t @ B[slot]^T for tokens with an adapter."""
+    n, out_features = t.shape[0], b_stack.shape[1]
+    slots = token_slots[:n]
+    for s in slots.unique().tolist():
+        if s >= 0:
+            rows = (slots == s).nonzero().squeeze(1)
+            delta = t[rows] @ b_stack[s].float().t()  # [rows, out_features]
+            y[rows, offset : offset + out_features] += delta.to(y.dtype)
