@@ -53,6 +53,11 @@ class EngineConfig:
     async_scheduling: bool | None = None  # schedule step t+1 while step t runs
     generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {"max_new_tokens": 512}
+    enable_lora: bool = False  # serve PEFT LoRA adapters (engine/lora)
+    lora_modules: dict[str, str] = field(default_factory=dict)  # adapters registered at start-up: name -> directory
+    max_loras: int = 1  # adapters resident on the device at once (and so in one step)
+    max_cpu_loras: int | None = None  # adapters cached in host memory (None: max_loras)
+    max_lora_rank: int = 16  # largest adapter rank served
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -87,6 +92,20 @@ class EngineConfig:
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ConfigError("generation_config", f"must be auto, vllm or a directory, got {self.generation_config!r}")
         self._check_generation_override()
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_modules and not self.enable_lora:
+            raise ConfigError("lora_modules", "adapters given but enable_lora is off")
+        if not isinstance(self.lora_modules, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                               for k, v in self.lora_modules.items()):
+            raise ConfigError("lora_modules", f"must map adapter names to directories, got {self.lora_modules!r}")
+        if self.max_loras < 1:
+            raise ConfigError("max_loras", f"must be >= 1, got {self.max_loras}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError("max_cpu_loras", f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}")
+        if self.max_lora_rank < 1:
+            raise ConfigError("max_lora_rank", f"must be >= 1, got {self.max_lora_rank}")
 
     def _check_generation_override(self) -> None:
         override = self.override_generation_config

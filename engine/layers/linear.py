@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.quant import QuantizationConfig
+from engine.lora.punica import current_lora_batch
 from engine.parallel import divide, get_parallel_state, tp_all_reduce
 
 
@@ -46,6 +47,12 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.lora = None  # an engine.lora.layers.LoRALinear when LoRA is enabled
+
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y plus this batch's adapter deltas; free when no adapter is in the batch."""
+        batch = current_lora_batch() if self.lora is not None else None
+        return y if batch is None else self.lora.apply(batch, x, y)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         self.store(param, loaded)
@@ -61,8 +68,8 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
-            return self.quant_method.apply(self, x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return self.add_lora(x, self.quant_method.apply(self, x, self.bias))
+        return self.add_lora(x, F.linear(x, self.weight, self.bias))
 
 
 class ReplicatedLinear(LinearBase):
@@ -143,6 +150,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight) if self.quant_method is None else self.quant_method.apply(self, x)
+        y = self.add_lora(x, y)  # partial deltas (A split on its input) summed by the all-reduce
         if self.tp_size > 1:
             y = tp_all_reduce(y)
         if self.bias is not None:

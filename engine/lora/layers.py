@@ -1,0 +1,56 @@
+"""LoRA slots of one linear layer: A and B of every resident adapter stacked per output slice
+(q/k/v of qkv_proj, gate/up of gate_up_proj), sharded as the base layer is: column-parallel
+layers split B on its output rows, row-parallel layers split A on its input columns (the
+partial deltas are summed by the layer's all-reduce)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.lora.punica import LoRABatch, expand, shrink
+
+
+@dataclass
+class LoRASlice:
+    module: str  # PEFT's module name (q_proj, ...)
+    offset: int  # first column of the layer's local output
+    size: int  # local output columns
+    b_row_start: int  # first row of PEFT's full lora_B this rank holds (column-parallel)
+
+
+class LoRALinear:
+    """Attached as `layer.lora`; apply() adds the batch's adapters' deltas to the layer's output."""
+
+    def __init__(self, slices: list[LoRASlice], in_local: int, in_start: int, row_parallel: bool, max_loras: int,
+                 rank: int, dtype: torch.dtype, device: torch.device):
+        self.slices, self.rank, self.row_parallel = slices, rank, row_parallel
+        self.in_local, self.in_start = in_local, in_start  # this rank's input columns (row-parallel)
+        # [max_loras, num_slices * rank, in_local]: one shrink for every slice at once
+        self.a_stack = torch.zeros(max_loras, len(slices) * rank, in_local, dtype=dtype, device=device)
+        # per slice [max_loras, size, rank]
+        self.b_stacks = [torch.zeros(max_loras, s.size, rank, dtype=dtype, device=device) for s in slices]
+
+    def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy one adapter's (A [r, in], B [out, r]) per module into slot; modules it lacks stay zero."""
+        self.a_stack[slot].zero_()
+        for i, s in enumerate(self.slices):
+            self.b_stacks[i][slot].zero_()
+            if s.module not in weights:
+                continue
+            a, b = weights[s.module]
+            r = a.shape[0]
+            if self.row_parallel:
+                a = a[:, self.in_start : self.in_start + self.in_local]
+            else:
+                b = b[s.b_row_start : s.b_row_start + s.size]
+            self.a_stack[slot, i * self.rank : i * self.rank + r].copy_(a, non_blocking=True)
+            self.b_stacks[i][slot, :, :r].copy_(b, non_blocking=True)
+
+    def apply(self, batch: LoRABatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x [..., in_local], y [..., out_local] (the base output, before any all-reduce) -> y + deltas."""
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        t = shrink(batch, x2.contiguous(), self.a_stack)  # [num_tokens, num_slices * rank] float32
+        for i, s in enumerate(self.slices):
+            expand(batch, t[:, i * self.rank : (i + 1) * self.rank].contiguous(), self.b_stacks[i], y2, s.offset)
+        return y

@@ -1,0 +1,127 @@
+"""LoRAManager (one per rank): attaches LoRA slots to the model's linear layers, keeps adapters
+in a host LRU (max_cpu_loras) and max_loras of them resident in device slots, swapped between
+steps, and builds each step's LoRABatch (None when no request of the step has an adapter)."""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.lora.adapter import LoRAModel, ModelDims, read_adapter
+from engine.lora.layers import LoRALinear, LoRASlice
+from engine.lora.punica import LoRABatch, lora_batch
+from engine.lora.request import LoRARequest
+
+logger = logging.getLogger("gantry.engine")
+
+
+def stack_rank(max_lora_rank: int) -> int:
+    """Rank of the slot stacks: max_lora_rank rounded up to 16 (tl.dot's smallest tile); zeros pad."""
+    return -(-max_lora_rank // 16) * 16
+
+
+def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dtype: torch.dtype,
+                device: torch.device) -> dict[int, list[LoRALinear]]:
+    """LoRALinear on every q/k/v/o/gate/up/down projection this rank holds: layer index -> its four."""
+    attached: dict[int, list[LoRALinear]] = {}
+    for idx, layer in model.model.layers.items():
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = attn.qkv_proj, mlp.gate_up_proj
+        tp_rank, tp_size = qkv.tp_rank, qkv.tp_size
+        q, kv = qkv.num_heads * qkv.head_dim, qkv.num_kv_heads * qkv.head_dim
+        kv_start = tp_rank // qkv.kv_replicas * kv
+        inter = dims.intermediate // tp_size
+        specs = [
+            (qkv, [LoRASlice("q_proj", 0, q, tp_rank * q), LoRASlice("k_proj", q, kv, kv_start),
+                   LoRASlice("v_proj", q + kv, kv, kv_start)], dims.hidden, False),
+            (attn.o_proj, [LoRASlice("o_proj", 0, dims.hidden, 0)], dims.q_size // tp_size, True),
+            (gate_up, [LoRASlice("gate_proj", 0, inter, tp_rank * inter),
+                       LoRASlice("up_proj", inter, inter, tp_rank * inter)], dims.hidden, False),
+            (mlp.down_proj, [LoRASlice("down_proj", 0, dims.hidden, 0)], inter, True),
+        ]
+        attached[int(idx)] = []
+        for linear, slices, in_local, row_parallel in specs:
+            linear.lora = LoRALinear(slices, in_local, tp_rank * in_local if row_parallel else 0, row_parallel,
+                                     max_loras, rank, dtype, device)
+            attached[int(idx)].append(linear.lora)
+    return attached
+
+
+class LoRAManager:
+    def __init__(self, model: nn.Module, hf_config: Any, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
+                 max_num_seqs: int, dtype: torch.dtype, device: torch.device):
+        self.dims = ModelDims.from_hf(hf_config)
+        self.max_loras, self.max_cpu_loras, self.max_lora_rank = max_loras, max_cpu_loras, max_lora_rank
+        self.device, self.use_triton = device, device.type == "cuda"
+        self.layers = attach_lora(model, self.dims, max_loras, stack_rank(max_lora_rank), dtype, device)
+        self.cpu_cache: OrderedDict[int, LoRAModel] = OrderedDict()  # lora_int_id -> adapter, LRU first
+        self.slot_ids: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
+        self.slot_lru: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_loras))  # least recent first
+        # each decode token's slot; a static buffer, so CUDA graphs captured with LoRA read this step's
+        self.static_slots = torch.full((max_num_seqs,), -1, dtype=torch.int32, device=device)
+        self.graphs = None  # DecodeCUDAGraphs captured with LoRA on (CUDA, not enforce_eager)
+
+    def _host(self, req: LoRARequest) -> LoRAModel:
+        model = self.cpu_cache.get(req.lora_int_id)
+        if model is None:
+            model = read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank)
+            if self.use_triton:  # pinned: slot swaps copy without waiting for the device
+                model.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in model.weights.items()}
+            logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s", req.lora_name, req.lora_int_id,
+                        model.rank, req.lora_path)
+            self.cpu_cache[req.lora_int_id] = model
+            while len(self.cpu_cache) > self.max_cpu_loras:
+                self.cpu_cache.popitem(last=False)
+        self.cpu_cache.move_to_end(req.lora_int_id)
+        return model
+
+    def activate(self, reqs: list[LoRARequest]) -> dict[int, int]:
+        """Make these adapters (at most max_loras: the scheduler's limit) resident; lora_int_id -> slot."""
+        wanted = {r.lora_int_id: r for r in reqs}
+        assert len(wanted) <= self.max_loras, "the scheduler let more adapters than max_loras into one step"
+        slot_of = {i: s for s, i in enumerate(self.slot_ids) if i in wanted}
+        for lora_id, req in wanted.items():
+            if lora_id not in slot_of:
+                # an empty slot, else the least recently used one no adapter of this step holds
+                slot = next(s for s in self.slot_lru if self.slot_ids[s] not in slot_of)
+                weights = self._host(req).weights
+                for layer_idx, linears in self.layers.items():
+                    for linear in linears:
+                        linear.set_slot(slot, {s.module: weights[(layer_idx, s.module)] for s in linear.slices
+                                               if (layer_idx, s.module) in weights})
+                self.slot_ids[slot], slot_of[lora_id] = lora_id, slot
+            self.slot_lru.move_to_end(slot_of[lora_id])
+        return slot_of
+
+    def prepare(self, loras: list[LoRARequest | None], num_tokens: list[int], is_decode: bool) -> LoRABatch | None:
+        """The step's LoRABatch: loras and num_tokens per request in batch order; None without adapters."""
+        if all(r is None for r in loras):
+            return None
+        slot_of = self.activate([r for r in loras if r is not None])
+        slots = [-1 if r is None else slot_of[r.lora_int_id] for r in loras]
+        if is_decode:
+            if self.use_triton:  # the static buffer: the tail keeps -1 for CUDA-graph padding rows
+                self.static_slots[len(slots):].fill_(-1)
+                self.static_slots[: len(slots)].copy_(self._dev(slots))
+                return LoRABatch(self.static_slots, None, None, 1, True)
+            return LoRABatch(torch.tensor(slots, dtype=torch.int32), None, None, 1, False)
+        token_slots = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(num_tokens))
+        if not self.use_triton:
+            return LoRABatch(token_slots, None, None, max(num_tokens), False)
+        seg_start = [0]
+        for n in num_tokens:
+            seg_start.append(seg_start[-1] + n)
+        return LoRABatch(self._dev(token_slots), self._dev(seg_start), self._dev(slots), max(num_tokens), True)
+
+    def _dev(self, x: list[int] | torch.Tensor) -> torch.Tensor:
+        """Host ints to the device behind the step in flight (pinned, non-blocking)."""
+        return torch.as_tensor(x, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+
+    def capture_graphs(self, graphs: Any) -> None:
+        """Capture decode CUDA graphs with the LoRA kernels in them, reading static_slots."""
+        with lora_batch(LoRABatch(self.static_slots, None, None, 1, True)):
+            graphs.capture()
+        self.graphs = graphs
