@@ -23,7 +23,8 @@ DEFAULT_API_KEY_ENV = "GANTRY_API_KEY"  # read when no key is configured (vLLM r
 GENERATION_CONFIG_KEYS = ("max_new_tokens",)  # generation_config keys the engine applies as request defaults
 DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "bf16", "fp16", "float", "fp32")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "compressed-tensors")  # vLLM's names, plus auto and none
+QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "compressed-tensors", "fp8")  # vLLM's names, plus auto and none
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; auto: the model dtype
 
 
 @dataclass
@@ -34,7 +35,8 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (auto: checkpoint dtype on GPU, float32 on CPU)
     max_model_len: int | None = None  # context length
     load_format: str = "auto"  # auto | safetensors | gguf | dummy (random weights from config.json)
-    quantization: str = "auto"  # auto (from the checkpoint) | gguf | gptq | awq | compressed-tensors | none (dequantize a GGUF at load)
+    quantization: str = "auto"  # auto (from the checkpoint) | gguf | gptq | awq | compressed-tensors | fp8 | none (dequantize a GGUF at load)
+    kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 | fp8_e4m3: KV pages in float8_e4m3fn, per-layer scales
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (dummy shapes)
     seed: int = 0  # seed for dummy weights and for requests that set no seed
     block_size: int = 16  # tokens per KV cache page
@@ -66,6 +68,8 @@ class EngineConfig:
             raise ConfigError("load_format", f"must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError("quantization", f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError("kv_cache_dtype", f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError("max_model_len", f"must be >= 1, got {self.max_model_len}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
