@@ -47,7 +47,10 @@ class BlockManager:
         return hash((parent_hash, token_ids))
 
     def _root_hash(self, seq: Sequence) -> int | None:
-        return None if self.enable_prefix_caching else hash(("request", seq.request.request_id))
+        if not self.enable_prefix_caching:
+            return hash(("request", seq.request.request_id))
+        lora = seq.request.lora_request  # two adapters never share a page: their K/V differ
+        return None if lora is None else hash(("lora", lora.lora_int_id))
 
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
         """Leading full blocks of seq already in the cache: (block ids, tokens they hold).
@@ -72,7 +75,7 @@ class BlockManager:
                 break
             hits.append(block_id)
             parent = h
-        if root is None:
+        if self.enable_prefix_caching:
             self.prefix_cache_queries += seq.num_tokens
             self.prefix_cache_hits += len(hits) * bs
         return hits, len(hits) * bs

@@ -105,6 +105,7 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     max_in_flight = num_lanes if num_lanes > 1 else 2 if async_scheduling else 1
     scheduler = Scheduler(block_manager, config.max_num_seqs, max_num_batched_tokens,
                           sorted(config_eos_token_ids(mc)), num_lanes, async_scheduling, mc.max_model_len)
+    scheduler.max_loras = config.max_loras if config.enable_lora else None
     core = EngineCore(scheduler, executor, max_in_flight)
     # what the phases recorded inside (model config, weights...) did not cover
     startup.record("model build and KV pool", time.monotonic() - start - (startup.recorded() - before))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from engine.lora.request import LoRARequest
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
 __all__ = [
@@ -28,6 +29,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True, kw_
     max_tokens: int  # sampling_params.max_tokens, or what the context or generation config leaves
     arrival_time: float
     client_index: int = 0  # which API process sent it (its outputs go back there)
+    lora_request: LoRARequest | None = None  # the adapter it runs with (None: the base model)
 
 
 class TokenLogprobs(msgspec.Struct, array_like=True):

@@ -53,7 +53,7 @@ class EngineCore:
             raise ValueError(f"request {req.request_id!r} is already in the engine core")
         params = req.sampling_params
         request = Request(req.request_id, None, req.prompt_token_ids, params, RequestMetrics(req.arrival_time),
-                          req.max_tokens)
+                          req.max_tokens, lora_request=req.lora_request)
         for i in range(params.n):
             seq_id = req.request_id if params.n == 1 else f"{req.request_id}#{i}"
             request.seqs.append(Sequence(seq_id, request, i, list(req.prompt_token_ids), len(req.prompt_token_ids)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from engine.core_messages import CoreInfo, EngineCoreRequest
 from engine.errors import RequestError
+from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
 
 
@@ -13,14 +14,15 @@ class InputProcessor:
         self.info = info
 
     def process(self, request_id: str, token_ids: list[int], params: SamplingParams, arrival_time: float,
-                client_index: int = 0) -> EngineCoreRequest:
+                client_index: int = 0, lora_request: LoRARequest | None = None) -> EngineCoreRequest:
         self.validate(token_ids, params)
         info = self.info
         # no max_tokens: the model's generation_config default (as vLLM), else the context left
         default = info.default_max_tokens or info.max_model_len
         max_tokens = min(params.max_tokens or default, info.max_model_len - len(token_ids))
         return EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
-                                 max_tokens=max_tokens, arrival_time=arrival_time, client_index=client_index)
+                                 max_tokens=max_tokens, arrival_time=arrival_time, client_index=client_index,
+                                 lora_request=lora_request)
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         info = self.info

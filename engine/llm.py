@@ -24,6 +24,7 @@ from engine.beam_search import (
 from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -71,10 +72,12 @@ class LLM:
         prompts: PromptType | SequenceABC[PromptType],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """prompts: one prompt or a list (see the module docstring); sampling_params: one for all,
-        one per prompt, or None for get_default_sampling_params()."""
-        return self._run(_parse_prompts(prompts), sampling_params, use_tqdm)
+        one per prompt, or None for get_default_sampling_params(); lora_request: an adapter for
+        all, one (or None: the base model) per prompt, or None."""
+        return self._run(_parse_prompts(prompts), sampling_params, use_tqdm, lora_request)
 
     def chat(
         self,
@@ -98,7 +101,8 @@ class LLM:
                                    request_ids, use_tqdm)
 
     def _run(
-        self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool
+        self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -108,12 +112,16 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompts)} prompts")
+        loras = list(lora_request) if isinstance(lora_request, SequenceABC) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise RequestError("lora_request", f"{len(loras)} given for {len(prompts)} prompts")
         engine = self.llm_engine
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list):
+            for prompt, params, lora in zip(prompts, params_list, loras):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, best_of_params(params, engine.config.max_num_seqs))
+                engine.add_request(request_id, prompt, best_of_params(params, engine.config.max_num_seqs),
+                                   lora_request=lora)
                 ids.append(request_id)
         except Exception:
             engine.abort_request(ids)

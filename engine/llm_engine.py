@@ -19,6 +19,8 @@ from engine.core_build import build_engine_core, resolve_device
 from engine.core_client import EngineCoreClient, InprocClient
 from engine.errors import RequestError
 from engine.input_processor import InputProcessor
+from engine.lora.registry import LoRARegistry
+from engine.lora.request import LoRARequest
 from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -63,6 +65,7 @@ class LLMEngine:
             self.engine_core.add_eos_token_ids([self.tokenizer.eos_token_id])
         self.client: EngineCoreClient = InprocClient(self.engine_core)
         self.input_processor = InputProcessor(self.info)
+        self.lora_registry = LoRARegistry(config, mc.hf_config, mc.served_model_name)  # lora_modules checked here
         self.output_processor = OutputProcessor(self.tokenizer)
         self._finished_outputs: list[RequestOutput] = []  # aborted/unschedulable, reported at the next step
         self.stream_outputs = True  # False: step() reports requests only when they finish (offline API)
@@ -126,7 +129,8 @@ class LLMEngine:
         return self.output_processor.requests
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         with self.lock:
             if request_id in self.requests or request_id in self.engine_core.requests:
@@ -137,7 +141,8 @@ class LLMEngine:
                 token_ids = list(prompt)
                 prompt_text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else None
             arrival_time = arrival_time or time.time()
-            request = self.input_processor.process(request_id, token_ids, params, arrival_time)
+            self.lora_registry.check(lora_request)
+            request = self.input_processor.process(request_id, token_ids, params, arrival_time, lora_request=lora_request)
             # registered only once everything above succeeded: a refused request leaves no trace
             self.output_processor.add_request(request_id, prompt_text, token_ids, params, arrival_time)
             self.client.add_request(request)

@@ -15,6 +15,8 @@ from engine.forward_context import ForwardContext, forward_context
 from engine.layers.attention import Attention
 from engine.layers.sampler import Sampler, SamplingMetadata
 from engine.loader import load_weights
+from engine.lora.punica import lora_batch
+from engine.lora.request import LoRARequest
 from engine.model_config import ModelConfig, cpu_kv_cache_tokens
 from engine.models.registry import get_model_class
 from engine.core_messages import TokenLogprobs
@@ -72,6 +74,7 @@ class RunnerRequestState:
     sampling_params: RequestSamplingParams
     row: int  # this request's row in ModelRunner.block_table_cpu
     num_known_tokens: int  # leading token_ids whose values are known here
+    lora_request: LoRARequest | None = None  # its adapter (None: the base model)
 
 
 class ModelRunner:
@@ -90,6 +93,12 @@ class ModelRunner:
             torch.set_default_dtype(previous)
         self.model.eval()
         load_weights(self.model, model_config, show_progress, config.seed)
+        self.lora_manager = None  # engine.lora.manager.LoRAManager when enable_lora
+        if config.enable_lora:
+            from engine.lora.manager import LoRAManager
+
+            self.lora_manager = LoRAManager(self.model, hf, config.max_loras, config.max_cpu_loras or config.max_loras,
+                                            config.max_lora_rank, config.max_num_seqs, model_config.dtype, device)
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -175,6 +184,9 @@ class ModelRunner:
                 self.model, self.config.max_num_seqs, self.model_config.max_model_len, self.block_size, self.device
             )
             self.cuda_graphs.capture()
+            if self.lora_manager is not None:  # a second set with the LoRA kernels, for steps with adapters
+                self.lora_manager.capture_graphs(DecodeCUDAGraphs(
+                    self.model, self.config.max_num_seqs, self.model_config.max_model_len, self.block_size, self.device))
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -185,7 +197,8 @@ class ModelRunner:
                 self.free_rows.append(state.row)
         for new in so.scheduled_new_reqs:
             state = RunnerRequestState(list(new.prompt_token_ids), list(new.block_ids), new.num_computed_tokens,
-                                       new.sampling_params, self.free_rows.pop(), len(new.prompt_token_ids))
+                                       new.sampling_params, self.free_rows.pop(), len(new.prompt_token_ids),
+                                       new.lora_request)
             self.block_table_cpu[state.row, : len(state.block_ids)] = state.block_ids
             self.requests[new.req_id] = state
         for cached in so.scheduled_cached_reqs:
@@ -288,9 +301,14 @@ class ModelRunner:
         plan = plan_prompt_logprobs(so, self.requests)  # before prepare_inputs advances the requests
         input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
         intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
-        with forward_context(ctx):
-            if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx):
-                hidden = self.cuda_graphs.run(input_ids, positions, ctx)
+        lora, graphs = None, self.cuda_graphs
+        if self.lora_manager is not None:  # None when no request of this step has an adapter
+            lora = self.lora_manager.prepare([self.requests[r].lora_request for r in so.num_scheduled_tokens],
+                                             list(so.num_scheduled_tokens.values()), ctx.is_decode)
+            graphs = graphs if lora is None else self.lora_manager.graphs
+        with forward_context(ctx), lora_batch(lora):
+            if graphs is not None and graphs.can_run(ctx):
+                hidden = graphs.run(input_ids, positions, ctx)
             else:
                 hidden = self.model(input_ids, positions, intermediate)
             if not is_last:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.core_messages import TokenLogprobs
+from engine.lora.request import LoRARequest
 
 
 @dataclass
@@ -111,6 +112,7 @@ class NewRequestData:
     block_ids: list[int]  # pages allocated to it
     num_computed_tokens: int  # tokens whose KV is already in the pages (prefix cache hits)
     sampling_params: RequestSamplingParams
+    lora_request: LoRARequest | None = None  # its adapter (None: the base model)
 
 
 @dataclass

@@ -67,6 +67,7 @@ class Scheduler:
         # seq_id -> (tokens, block ids) the runners have seen, for every sequence they hold state for
         self._sent: dict[str, tuple[int, int]] = {}
         self.unschedulable: list[Sequence] = []  # too long for the whole KV pool; the engine fails their requests
+        self.max_loras: int | None = None  # distinct adapters per step (the device slots), set when LoRA is on
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -97,6 +98,16 @@ class Scheduler:
         return (self.async_scheduling and not seq.params.has_penalties
                 and seq.num_output_tokens + seq.num_placeholders < seq.request.max_tokens)
 
+    def _lora_fits(self, seq: Sequence, loras: set[int]) -> bool:
+        """A step holds at most max_loras adapters (added to loras when seq's fits); base requests always fit."""
+        lora = seq.request.lora_request
+        if lora is None or lora.lora_int_id in loras:
+            return True
+        if self.max_loras is not None and len(loras) >= self.max_loras:
+            return False
+        loras.add(lora.lora_int_id)
+        return True
+
     def _schedule_tokens(self, seq: Sequence, num_new: int, out: SchedulerOutput, scheduled: list[Sequence]) -> None:
         if seq.num_computed_tokens + num_new == seq.num_tokens + seq.num_placeholders:
             seq.num_placeholders += 1  # this step samples the next token
@@ -110,10 +121,13 @@ class Scheduler:
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
         preempted = False
+        loras: set[int] = set()  # adapters in this step
         for seq in list(self.running):
             if budget <= 0:
                 break
             if seq.lane != lane or seq.status != SequenceStatus.RUNNING or not self._may_schedule(seq):
+                continue
+            if not self._lora_fits(seq, loras):
                 continue
             num_new = min(seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens, budget)
             if num_new <= 0:
@@ -137,7 +151,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
                and num_in_lane < cap):
             seq = self.waiting[0]
-            if seq.num_in_flight:  # preempted while its step was in flight: wait for that step
+            if seq.num_in_flight or not self._lora_fits(seq, loras):  # in flight when preempted: wait for it
                 break
             # prompt logprobs need every prompt position's logits: no prefix-cache hits (as vLLM)
             computed_blocks, num_cached = (([], 0) if seq.needs_prompt_logprobs
@@ -171,7 +185,7 @@ class Scheduler:
         if sent is None:
             out.scheduled_new_reqs.append(NewRequestData(
                 seq.seq_id, list(seq.token_ids), list(seq.block_table), start,
-                request_sampling_params(seq, self.eos_token_ids),
+                request_sampling_params(seq, self.eos_token_ids), seq.request.lora_request,
             ))
         else:
             num_tokens_sent, num_blocks_sent = sent

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from engine.lora.request import LoRARequest
 from engine.outputs import RequestMetrics
 from engine.sampling_params import SamplingParams
 
@@ -77,6 +78,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)
     num_prompt_logprobs: int = 1  # prompt positions scored so far (the scheduler's count; 0 has none)
     scheduled_time_sent: bool = False  # the engine core told its client metrics.first_scheduled_time
+    lora_request: LoRARequest | None = None  # its adapter (None: the base model)
 
     @property
     def finished(self) -> bool:
