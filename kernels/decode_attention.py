@@ -2,7 +2,8 @@
 
 One program serves all query heads of one KV head (each page is read once) over one split of the
 context; with several splits a second kernel merges the partial softmaxes. Shapes alone decide the
-launch (no host sync), so a CUDA graph can capture it.
+launch (no host sync), so a CUDA graph can capture it. FP8 pages are read as value * scale: k_scale
+folds into the softmax scale, v_scale into the output.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def _decode_kernel(
     part_m_ptr,  # [num_seqs, num_heads, NUM_SPLITS] fp32, running max (log2 domain)
     part_l_ptr,  # [num_seqs, num_heads, NUM_SPLITS] fp32, softmax denominator
     part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim] fp32, unnormalised output
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) * k_scale
+    v_scale,  # 1.0 unless FP8 pages
     stride_q_seq,
     stride_q_head,
     stride_k_block,
@@ -96,14 +98,14 @@ def _decode_kernel(
 
     if NUM_SPLITS == 1:
         # An empty context (a padded slot of a captured batch) gives zeros, not NaN.
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = out_ptr + seq.to(tl.int64) * stride_o_seq + heads[:, None] * stride_o_head + dims[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
         part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [GROUP_P2]
         tl.store(part_m_ptr + part, m_i, mask=row_mask)
         tl.store(part_l_ptr + part, l_i, mask=row_mask)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc * v_scale, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -164,6 +166,8 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """paged_attention for q_len = 1 everywhere. max_seq_len (host int) only tunes the split count;
     num_splits, block_n, num_warps and num_stages override the launch heuristics (benchmarks)."""
@@ -187,7 +191,7 @@ def decode_attention(
     part_acc = torch.empty((*part_shape, head_dim) if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
-        scale * LOG2E,
+        scale * LOG2E * k_scale, v_scale,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

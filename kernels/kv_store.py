@@ -1,6 +1,7 @@
 """Triton KV store: write each new token's key and value into its page slot.
 
 A token's slot is block_id * block_size + offset (see reference.py); slot -1 marks padding and is skipped.
+FP8 pages (float8_e4m3fn) hold value / scale, saturated to +-448 (one k_scale and v_scale per layer).
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ def _store_kvcache_kernel(
     stride_kc_h,
     stride_vc_slot,
     stride_vc_h,
+    inv_k_scale,  # 1 / k_scale, used for FP8 pages
+    inv_v_scale,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEADS_P2: tl.constexpr,
     DIM_P2: tl.constexpr,
+    FP8: tl.constexpr,  # the pages are float8_e4m3fn
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -42,6 +46,9 @@ def _store_kvcache_kernel(
     dst_v = v_cache_ptr + slot * stride_vc_slot + heads[:, None] * stride_vc_h + dims[None, :]
     k = tl.load(src_k, mask=mask)
     v = tl.load(src_v, mask=mask)
+    if FP8:
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -448.0, 448.0)
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -448.0, 448.0)
     tl.store(dst_k, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst_v, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -52,6 +59,8 @@ def store_kvcache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int; -1: do not store (padding)
+    k_scale: float = 1.0,  # FP8 pages: the stored value is key / k_scale
+    v_scale: float = 1.0,
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape and k_cache.shape == v_cache.shape
@@ -66,8 +75,10 @@ def store_kvcache(
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        1.0 / k_scale, 1.0 / v_scale,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         HEADS_P2=triton.next_power_of_2(num_kv_heads),
         DIM_P2=triton.next_power_of_2(head_dim),
+        FP8=k_cache.dtype == torch.float8_e4m3fn,
     )

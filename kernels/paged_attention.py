@@ -21,11 +21,15 @@ def paged_attention(
     scale: float,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale, value / v_scale
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     num_seqs = seq_lens.shape[0]
     if query.shape[0] == num_seqs and num_seqs > 0:
         if max_query_len is None:  # one host sync; callers on the hot path pass it
             max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
         if max_query_len == 1:  # num_seqs tokens, none over 1: exactly one each
-            return decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len)
-    return prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+            return decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len,
+                                    k_scale=k_scale, v_scale=v_scale)
+    return prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                             k_scale=k_scale, v_scale=v_scale)

@@ -3,6 +3,7 @@
 Each sequence's new tokens (packed, query_start_loc) attend causally to each other and to earlier
 context, all read from the pages (the new tokens are stored first). A program takes BLOCK_Q new
 tokens of one sequence times all query heads of one KV head, so each page is read once per KV head.
+FP8 pages are read as value * scale: k_scale folds into the softmax scale, v_scale into the output.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _prefill_kernel(
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
     num_seqs,
-    qk_scale,  # softmax scale * log2(e)
+    qk_scale,  # softmax scale * log2(e) * k_scale
+    v_scale,  # 1.0 unless FP8 pages
     stride_q_tok,
     stride_q_head,
     stride_k_block,
@@ -139,7 +141,7 @@ def _prefill_kernel(
             qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
         )
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + tok_rows[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -156,6 +158,8 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """reference.paged_attention for any mix of q_len (0 included); launch sized from shapes only."""
     num_tokens, num_heads, head_dim = query.shape
@@ -179,7 +183,7 @@ def prefill_attention(
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
-        num_seqs, scale * LOG2E,
+        num_seqs, scale * LOG2E * k_scale, v_scale,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

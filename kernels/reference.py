@@ -2,6 +2,7 @@
 
 KV cache layout (shared with kernels/*.py): per layer one K and one V tensor of shape
 [num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is block_id * block_size + offset.
+FP8 pages (float8_e4m3fn) hold value / scale with one k_scale and v_scale per layer.
 """
 from __future__ import annotations
 
@@ -15,17 +16,33 @@ def store_kvcache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int; -1: do not store (padding)
+    k_scale: float = 1.0,  # FP8 pages: the stored value is key / k_scale
+    v_scale: float = 1.0,
 ) -> None:
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key[valid].to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value[valid].to(v_cache.dtype))
+    key, value = key[valid], value[valid]
+    if k_cache.dtype == torch.float8_e4m3fn:  # saturate: e4m3fn has no infinity
+        key = (key.float() * (1.0 / k_scale)).clamp(-448.0, 448.0).to(k_cache.dtype).view(torch.uint8)
+        value = (value.float() * (1.0 / v_scale)).clamp(-448.0, 448.0).to(v_cache.dtype).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)  # no FP8 index_copy_ on CPU
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def _read_pages(pages: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered page values in `dtype`, times the layer's scale when the pages are FP8."""
+    if pages.dtype == torch.float8_e4m3fn:
+        return (pages.float() * scale).to(dtype)
+    return pages.to(dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first seq_len tokens of one sequence, read through its block table: [seq_len, H, D]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
+    if cache.dtype == torch.float8_e4m3fn:  # indexed as bytes: no FP8 gather on CPU
+        return gather_kv(cache.view(torch.uint8), block_table, seq_len).view(cache.dtype)
     return cache[block_table[:num_blocks].long()].flatten(0, 1)[:seq_len]
 
 
@@ -39,6 +56,8 @@ def paged_attention(
     scale: float,
     max_query_len: int | None = None,  # host-side hints for the Triton path (no GPU sync); unused here
     max_seq_len: int | None = None,
+    k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale, value / v_scale
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its whole context in the pages.
 
@@ -54,8 +73,8 @@ def paged_attention(
         q_len = q.shape[0]
         if q_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[i], seq_len).to(q.dtype)  # [seq_len, Hkv, D]
-        v = gather_kv(v_cache, block_tables[i], seq_len).to(q.dtype)
+        k = _read_pages(gather_kv(k_cache, block_tables[i], seq_len), k_scale, q.dtype)  # [seq_len, Hkv, D]
+        v = _read_pages(gather_kv(v_cache, block_tables[i], seq_len), v_scale, q.dtype)
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         # [H, q_len, seq_len]
@@ -76,10 +95,13 @@ def decode_attention(
     seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the new token
     scale: float,
     max_seq_len: int | None = None,  # host-side hint for the Triton path; unused here
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """paged_attention with q_len = 1 for every sequence (the CUDA-graph entry point on GPU)."""
     query_start_loc = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=query.device)
-    return paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    return paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                           k_scale=k_scale, v_scale=v_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

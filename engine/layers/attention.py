@@ -15,6 +15,7 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, num_kv_heads, scale
         # [num_blocks, block_size, num_kv_heads, head_dim]; bound by the model runner once sized
         self.k_cache = self.v_cache = torch.empty(0)
+        self.k_scale = self.v_scale = 1.0  # FP8 pages hold value / scale (engine.layers.quant.fp8_kv)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
@@ -28,12 +29,14 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
             return o[0].transpose(0, 1)
         ops = ops_for(q)
-        ops.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        ops.store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.k_scale, self.v_scale)
         if q.is_cuda:
             return ops.paged_attention(
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
                 self.scale, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
+                k_scale=self.k_scale, v_scale=self.v_scale,
             )
         return ops.paged_attention(
-            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, self.scale
+            q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, self.scale,
+            k_scale=self.k_scale, v_scale=self.v_scale,
         )

@@ -41,8 +41,19 @@ def get_quant_config(hf_config: Any) -> QuantizationConfig | None:
         from engine.layers.quant.gguf import GGUFConfig
 
         return GGUFConfig()
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if method == "fp8" or (method == "compressed-tensors" and _is_float_quantized(qc)):
+        from engine.layers.quant.fp8 import Fp8Config
+
+        return Fp8Config.from_config(qc)
     if method == "compressed-tensors":
         from engine.layers.quant.compressed_tensors import CompressedTensorsConfig
 
-        return CompressedTensorsConfig(qc if isinstance(qc, dict) else qc.to_dict())
+        return CompressedTensorsConfig(qc)
     raise ModelLoadError("quantization", f"quant_method {method!r} is not supported")
+
+
+def _is_float_quantized(qc: dict[str, Any]) -> bool:
+    """compressed-tensors' FP8 format (the config's or its one group's `format`)."""
+    groups = list((qc.get("config_groups") or {}).values())
+    return "float-quantized" in (qc.get("format"), *(g.get("format") for g in groups if isinstance(g, dict)))

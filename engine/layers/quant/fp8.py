@@ -1,0 +1,241 @@
+"""FP8 (e4m3) W8A8 linear layers: weights in float8_e4m3fn with one float32 scale per output row,
+activations quantized per token at run time (or with the checkpoint's static input_scale), GEMMs
+through torch._scaled_mm (cuBLASLt, row-wise scales). Weights come from a float checkpoint
+(`quantization=fp8`, quantized at load), compressed-tensors `float-quantized` (per tensor, per
+channel, block) or HF's `fp8` format (per tensor, or DeepSeek's 128x128 blocks, `weight_scale_inv`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.config import ConfigError
+from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import materialize
+from engine.layers.quant import QuantizationConfig
+from engine.layers.quant.fp8_support import FP8_DTYPE, FP8_MAX
+
+MIN_SCALE = 1e-12  # an all-zero row or token quantizes to zeros, not NaN
+
+
+class Fp8Config(QuantizationConfig):
+    """How one model's FP8 weights arrive and how its activations are scaled."""
+
+    name = "fp8"
+
+    def __init__(self, serialized: bool, weight_strategy: str = "channel", activation_scheme: str = "dynamic",
+                 block_size: tuple[int, int] | None = None, block_scale_name: str = "weight_scale_inv"):
+        self.serialized = serialized  # False: a float checkpoint, quantized per row at load
+        self.weight_strategy = weight_strategy  # channel | tensor | block (the checkpoint's scales)
+        self.activation_scheme = activation_scheme  # dynamic (per token) | static (per-tensor input_scale)
+        self.block_size = block_size  # (rows, cols) of one weight scale when weight_strategy == "block"
+        self.block_scale_name = block_scale_name  # DeepSeek: weight_scale_inv; compressed-tensors: weight_scale
+
+    @classmethod
+    def dynamic(cls) -> Fp8Config:
+        return cls(serialized=False)
+
+    @classmethod
+    def from_config(cls, qc: dict[str, Any]) -> Fp8Config:
+        """From a quantization_config: HF's `fp8` or compressed-tensors `float-quantized`."""
+        if qc.get("quant_method") == "fp8":
+            return cls.from_hf(qc)
+        groups = qc.get("config_groups") or {}
+        if len(groups) != 1:
+            raise ConfigError("quantization_config.config_groups", f"one group is supported, got {len(groups)}")
+        (group_name, group), = groups.items()
+        if not set(group.get("targets") or []) <= {"Linear"}:
+            raise ConfigError(f"quantization_config.config_groups.{group_name}.targets",
+                              f"{group.get('targets')} (supported: ['Linear'])")
+        return cls.from_compressed_tensors(qc, group_name, group)
+
+    @classmethod
+    def from_hf(cls, qc: dict[str, Any]) -> Fp8Config:
+        """HF's `fp8` quantization_config: activation_scheme, optional weight_block_size [128, 128]."""
+        if qc.get("gantry_dynamic"):
+            return cls.dynamic()
+        scheme = qc.get("activation_scheme", "dynamic")
+        if scheme not in ("dynamic", "static"):
+            raise ConfigError("quantization_config.activation_scheme", f"{scheme!r} (supported: dynamic, static)")
+        ignored = [n for n in (qc.get("ignored_layers") or qc.get("modules_to_not_convert") or []) if n != "lm_head"]
+        if ignored:
+            raise ConfigError("quantization_config.ignored_layers", f"unquantized layers {ignored[:3]} are not supported")
+        block = qc.get("weight_block_size")
+        if block is None:
+            return cls(True, "tensor", scheme)
+        if (not isinstance(block, list | tuple) or len(block) != 2
+                or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise ConfigError("quantization_config.weight_block_size", f"must be two positive integers, got {block!r}")
+        return cls(True, "block", scheme, (block[0], block[1]), "weight_scale_inv")
+
+    @classmethod
+    def from_compressed_tensors(cls, qc: dict[str, Any], group_name: str, group: dict[str, Any]) -> Fp8Config:
+        """compressed-tensors `float-quantized`: 8-bit float weights per tensor, channel or block."""
+        where = f"quantization_config.config_groups.{group_name}."
+        weights = group.get("weights") or {}
+        for key, allowed in (("num_bits", (8,)), ("type", ("float",)), ("symmetric", (True,)),
+                             ("strategy", ("tensor", "channel", "block"))):
+            if weights.get(key) not in allowed:
+                raise ConfigError(f"{where}weights.{key}", f"{weights.get(key)!r} is not supported (supported: {allowed})")
+        acts = group.get("input_activations") or {"dynamic": True}  # weight-only FP8: run W8A8 per token
+        scheme = "dynamic" if acts.get("dynamic") else "static"
+        if scheme == "static" and acts.get("strategy") != "tensor":
+            raise ConfigError(f"{where}input_activations.strategy", f"static {acts.get('strategy')!r} (supported: tensor)")
+        if acts.get("type", "float") != "float" or acts.get("num_bits", 8) != 8:
+            raise ConfigError(f"{where}input_activations", "only 8-bit float activations run with FP8 weights")
+        ignore = [n for n in qc.get("ignore") or [] if n != "lm_head"]
+        if ignore:
+            raise ConfigError("quantization_config.ignore", f"unquantized layers {ignore[:3]} are not supported")
+        if weights["strategy"] != "block":
+            return cls(True, weights["strategy"], scheme)
+        block = weights.get("block_structure")
+        if not isinstance(block, list | tuple) or len(block) != 2:
+            raise ConfigError(f"{where}weights.block_structure", f"must be [rows, cols], got {block!r}")
+        return cls(True, "block", scheme, (int(block[0]), int(block[1])), "weight_scale")
+
+    def get_linear_method(self) -> Fp8LinearMethod:
+        return Fp8LinearMethod(self)
+
+    def embedding_classes(self) -> tuple[type, type]:
+        return VocabParallelEmbedding, ParallelLMHead  # the LM head stays in the model dtype
+
+
+def uses_fp8(hf_config: Any) -> bool:
+    """True when the model's linear layers run in FP8 (requested, or the checkpoint's format)."""
+    from engine.layers.quant import get_quant_config
+
+    return isinstance(get_quant_config(hf_config), Fp8Config)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [rows, cols] -> (float8_e4m3fn [rows, cols], float32 [rows]) with w ~= q * scale[:, None]."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(MIN_SCALE)  # [rows]
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def per_token_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (float8_e4m3fn [M, K], float32 [M, 1]): one scale per token (kernels.fp8_quant's twin)."""
+    xf = x.float()
+    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)  # [M, 1]
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def static_quant(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] with a per-tensor float32 scale -> (float8 [M, K], float32 [M, 1])."""
+    q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+
+
+def _loaded_dtype(loaded: Any) -> str:
+    return str(loaded.dtype).replace("torch.", "") if isinstance(loaded, torch.Tensor) else loaded.get_dtype()
+
+
+class Fp8LinearMethod:
+    """After loading, every layer holds weight float8_e4m3fn [out, in] and weight_scale float32 [out]."""
+
+    def __init__(self, config: Fp8Config):
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
+        c = self.config
+        dtype = FP8_DTYPE if c.serialized else torch.get_default_dtype()
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+        layer.weight.weight_loader = layer.weight_loader
+        if not c.serialized:
+            return
+        if c.weight_strategy == "block":
+            rows, cols = c.block_size
+            # the checkpoint's [ceil(out / rows), ceil(in / cols)] scales, repeated to one row of them per
+            # output row: any shard of rows (q/k/v, gate/up, TP) then takes its rows like the weight does
+            scale = torch.empty(output_size, -(-input_size // cols), dtype=torch.float32)
+            layer.register_parameter(c.block_scale_name, nn.Parameter(scale, requires_grad=False))
+            getattr(layer, c.block_scale_name).weight_loader = self._block_scale_loader(layer, rows, cols, input_size)
+        else:
+            layer.weight_scale = nn.Parameter(torch.empty(output_size, dtype=torch.float32), requires_grad=False)
+            layer.weight_scale.weight_loader = self._row_scale_loader(layer)
+        if c.activation_scheme == "static":
+            layer.input_scale = nn.Parameter(torch.zeros((), dtype=torch.float32), requires_grad=False)
+            layer.input_scale.weight_loader = self._input_scale_loader
+
+    @staticmethod
+    def _row_scale_loader(layer: nn.Module) -> Any:
+        def load(param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
+            t = materialize(loaded).float().reshape(-1)  # per tensor: [] or [1]; per channel: [rows] or [rows, 1]
+            if t.numel() == 1:  # the same scale for every row this shard covers, on any rank
+                t = t.expand(param.shape[0] * (layer.tp_size if layer.tp_dim == 0 else 1))
+            layer.weight_loader(param, t, *shard_id)
+
+        return load
+
+    @staticmethod
+    def _block_scale_loader(layer: nn.Module, rows: int, cols: int, input_size: int) -> Any:
+        def load(param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
+            if layer.tp_dim == 1 and input_size % cols:
+                raise RuntimeError(f"this rank's {input_size} input columns cut a {rows}x{cols} scale block; "
+                                   "use a smaller tensor_parallel_size")
+            t = materialize(loaded).float().repeat_interleave(rows, dim=0)  # [>= out rows, ceil(in / cols)]
+            if layer.tp_dim != 0:  # rows not split: exactly this layer's
+                t = t[: param.shape[0]]
+            layer.weight_loader(param, t, *shard_id)
+
+        return load
+
+    @staticmethod
+    def _input_scale_loader(param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
+        # q/k/v (gate/up) each bring one; the merged matmul takes the largest, which clips none of them
+        param.data = torch.maximum(param.data, materialize(loaded).float().reshape(()).to(param.device))
+
+    def load_shard(self, layer: nn.Module, loaded: Any, offset: int) -> None:
+        kind = _loaded_dtype(loaded)
+        if self.config.serialized and kind not in ("float8_e4m3fn", "F8_E4M3"):
+            raise RuntimeError(f"expected float8_e4m3fn weights (the checkpoint's FP8 config), found {kind}")
+        src = materialize(loaded)
+        layer.weight.data.narrow(0, offset, src.shape[0]).copy_(src)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        c = self.config
+        if not c.serialized:
+            q, scale = quantize_rows(layer.weight.data)
+        elif c.weight_strategy == "block":
+            block_scale = getattr(layer, c.block_scale_name)
+            delattr(layer, c.block_scale_name)
+            cols = c.block_size[1]
+            in_size = layer.weight.shape[1]
+            # dequantized once here, then requantized per row: one GEMM path (row-wise _scaled_mm) for all
+            w = layer.weight.float() * block_scale.data.repeat_interleave(cols, dim=1)[:, :in_size]
+            q, scale = quantize_rows(w)
+        else:
+            return
+        layer.weight = nn.Parameter(q, requires_grad=False)
+        layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def quantize_input(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[M, K] -> (float8 [M, K], float32 [M, 1])."""
+        if self.config.activation_scheme == "static":
+            return static_quant(x, layer.input_scale)
+        if x.is_cuda:
+            from kernels.fp8_quant import per_token_quant
+
+            return per_token_quant(x)
+        return per_token_quant_torch(x)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        out_features, in_features = layer.weight.shape
+        x2 = x.reshape(-1, in_features)  # [M, K]
+        if x2.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], out_features)
+        xq, x_scale = self.quantize_input(layer, x2)
+        if x.is_cuda and in_features % 16 == 0 and out_features % 16 == 0:  # cuBLASLt's FP8 shape rule
+            # row-wise scales: scale_a [M, 1], scale_b [1, N], float32; mat2 column-major (the weight's .t())
+            y = torch._scaled_mm(xq, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),
+                                 out_dtype=torch.bfloat16)
+        else:
+            # emulated (CPU tests, odd shapes): the same FP8 values and scales, float32 accumulation
+            y = (xq.float() @ layer.weight.float().t()) * x_scale * layer.weight_scale.view(1, -1)
+        y = y.to(x.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*x.shape[:-1], out_features)
