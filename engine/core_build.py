@@ -91,8 +91,8 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     executor.allocate_kv_cache(num_blocks)
     gib = num_blocks * runner.kv_bytes_per_block() / 2**30
     logger.info("model %s (%s, %s) loaded", mc.served_model_name, mc.architecture, str(mc.dtype).replace("torch.", ""))
-    logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB per rank", num_blocks, config.block_size,
-                num_blocks * config.block_size, gib)
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB per rank (%s)", num_blocks, config.block_size,
+                num_blocks * config.block_size, gib, str(runner.kv_cache_dtype).replace("torch.", ""))
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     max_num_batched_tokens = config.max_num_batched_tokens or max(8192, config.block_size)
     # with pipeline parallel, one batch in flight per stage keeps every stage busy

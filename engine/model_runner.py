@@ -13,6 +13,7 @@ from torch import nn
 from engine.config import EngineConfig
 from engine.forward_context import ForwardContext, forward_context
 from engine.layers.attention import Attention
+from engine.layers.quant.fp8_kv import bind_kv_scales, resolve_kv_cache_dtype
 from engine.layers.sampler import Sampler, SamplingMetadata
 from engine.loader import load_weights
 from engine.lora.punica import lora_batch
@@ -82,6 +83,7 @@ class ModelRunner:
         self.config, self.model_config, self.device = config, model_config, device
         self.block_size = config.block_size
         self.parallel = get_parallel_state()
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_config.dtype, device)  # pages
         hf = model_config.hf_config
         model_cls = get_model_class(hf.architectures, model_config.path)
         previous = torch.get_default_dtype()
@@ -118,7 +120,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         a = self.attn_layers[0]
-        elem = torch.finfo(self.model_config.dtype).bits // 8
+        elem = self.kv_cache_dtype.itemsize  # FP8 pages: half the bytes of bf16, twice the tokens
         return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
 
     @torch.inference_mode()
@@ -173,8 +175,9 @@ class ModelRunner:
         # it takes milliseconds and keeps the rows CUDA graphs pad a batch with finite.
         alloc = torch.zeros if self.device.type == "cuda" else torch.empty
         for layer in self.attn_layers:
-            layer.k_cache = alloc(shape, dtype=self.model_config.dtype, device=self.device)
-            layer.v_cache = alloc(shape, dtype=self.model_config.dtype, device=self.device)
+            layer.k_cache = alloc(shape, dtype=self.kv_cache_dtype, device=self.device)
+            layer.v_cache = alloc(shape, dtype=self.kv_cache_dtype, device=self.device)
+        bind_kv_scales(self.attn_layers, self.kv_cache_dtype)
         self.num_blocks = num_blocks
         p = self.parallel
         if self.device.type == "cuda" and not self.config.enforce_eager and p.pp_size == 1:
