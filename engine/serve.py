@@ -82,6 +82,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str)
             kwargs["metavar"] = f.name.upper()
         if ftype in ("bool", "bool | None"):
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "lora_modules":  # vLLM's form: --lora-modules name=path [name=path ...]
+            kwargs.update(type=_lora_module, nargs="+", metavar="NAME=PATH")
         elif ftype.startswith("dict"):
             kwargs["type"], kwargs["metavar"] = _json_object, "JSON"
         elif ftype.startswith("int"):
@@ -99,6 +101,13 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,6 +140,11 @@ def parse_configs(argv: Sequence[str] | None = None) -> tuple[EngineConfig, Serv
     for dest, value in vars(args).items():
         if "." in dest:
             cls_name, name = dest.split(".", 1)
+            if name == "lora_modules":  # [(name, path), ...] from the flag; a name given twice is ambiguous
+                names = [n for n, _ in value]
+                if len(set(names)) < len(names):
+                    raise ConfigError("lora_modules", f"an adapter name is given twice: {', '.join(names)}")
+                value = dict(value)
             overrides[cls_name][name] = value
     engine_config = dataclasses.replace(engine_config, **overrides["EngineConfig"])
     server_config = dataclasses.replace(server_config, **overrides["ServerConfig"])

@@ -38,7 +38,7 @@ _ENGINE_KEYS = {
     "dtype": "model.dtype", "max_model_len": "model.max_model_len", "load_format": "model.load_format",
     "quantization": "model.quantization",
     "hf_overrides": "model.hf_overrides", "generation_config": "model.generation_config",
-    "override_generation_config": "model.override_generation_config",
+    "override_generation_config": "model.override_generation_config", "lora_modules": "model.lora_modules",
     "tensor_parallel_size": "parallel.tensor_parallel_size",
     "pipeline_parallel_size": "parallel.pipeline_parallel_size",
 }
@@ -340,7 +340,7 @@ def _engine_section(cfg: GantryConfig, host_path: str | None) -> dict[str, Any]:
         "dtype": m.dtype, "max_model_len": m.max_model_len, "load_format": m.load_format,
         "quantization": m.quantization,
         "hf_overrides": dict(m.hf_overrides), "generation_config": m.generation_config,
-        "override_generation_config": dict(m.override_generation_config),
+        "override_generation_config": dict(m.override_generation_config), "lora_modules": dict(m.lora_modules),
         "tensor_parallel_size": p.tensor_parallel_size,
         "pipeline_parallel_size": p.pipeline_parallel_size,
         **{f.name: getattr(e, f.name) for f in dataclasses.fields(e)},

@@ -26,6 +26,7 @@ class ModelConfig:
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (tiny dummy shapes)
     generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {max_new_tokens: 512}
+    lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters by name: name -> directory (engine.enable_lora)
     architecture: Optional[str] = None  # HF architectures entry, for the reader (e.g. Qwen2ForCausalLM)
     num_attention_heads: Optional[int] = None  # HF config value, checked against tensor parallel size
     num_key_value_heads: Optional[int] = None  # HF config value, checked against tensor parallel size
@@ -57,6 +58,10 @@ class EngineOptions:
     async_scheduling: Optional[bool] = None  # schedule step t+1 while step t runs; null: on for one GPU process
     seed: int = 0  # seed for dummy weights and for requests that set no seed
     distributed_timeout_s: float = 60.0  # a collective waiting longer than this means a dead rank
+    enable_lora: bool = False  # serve PEFT LoRA adapters (model.lora_modules, or loaded at run time)
+    max_loras: int = 1  # adapters resident on the GPU at once (and so in one step)
+    max_cpu_loras: Optional[int] = None  # adapters cached in host memory; null: max_loras
+    max_lora_rank: int = 16  # largest adapter rank served
 
 
 @dataclass
