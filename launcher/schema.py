@@ -22,7 +22,7 @@ class ModelConfig:
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     max_model_len: Optional[int] = None  # context length; null: the model's max_position_embeddings
     load_format: str = "auto"  # auto | safetensors | gguf | dummy (random weights, for tests)
-    quantization: str = "auto"  # auto (from the checkpoint) | gguf | gptq | awq | compressed-tensors | none
+    quantization: str = "auto"  # auto (from the checkpoint) | gguf | gptq | awq | compressed-tensors | fp8 | none
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (tiny dummy shapes)
     generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {max_new_tokens: 512}
@@ -53,6 +53,7 @@ class EngineOptions:
     max_num_batched_tokens: Optional[int] = None  # token budget per step; null: max(8192, block_size)
     enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
     enforce_eager: bool = False  # never capture CUDA graphs
+    kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 | fp8_e4m3: FP8 KV pages, twice the tokens (GPU >= sm_89)
     device: str = "auto"  # auto | cuda | cpu (cpu: no GPU flags are rendered, ranks use gloo)
     pipeline_parallel_lanes: Optional[int] = None  # batches in flight with pp > 1; null: pp size
     async_scheduling: Optional[bool] = None  # schedule step t+1 while step t runs; null: on for one GPU process
