@@ -1,0 +1,151 @@
+"""Multi-LoRA on one GPU: W1 (Qwen2-7B shape, random weights) with 8 random rank-16 adapters on every
+projection. Prints one JSON line per figure: each request a random adapter vs the same run without
+LoRA (goal >= 0.85), base-only requests on a LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and
+shrink/expand kernel times beside the base GEMM of each projection.
+    python -m benchmarks.lora_bench [--num-requests 256] [--input-len 512] [--output-len 512]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import tempfile
+import time
+
+import torch
+
+from benchmarks.throughput import make_workload, write_config
+
+RANK, NUM_ADAPTERS = 16, 8
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapters(shape: dict, seed: int) -> list[str]:
+    """NUM_ADAPTERS PEFT directories (safetensors written directly: no peft needed on the GPU host)."""
+    from safetensors.torch import save_file
+
+    from engine.lora.adapter import ModelDims
+
+    hf = type("HF", (), dict(shape, head_dim=None))
+    dims = ModelDims.from_hf(hf)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for i in range(NUM_ADAPTERS):
+        path = tempfile.mkdtemp(prefix=f"gantry-lora{i}-")
+        tensors = {}
+        for layer in range(dims.num_layers):
+            for m in MODULES:
+                in_f, out_f = dims.shape(m)
+                kind = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+                name = f"base_model.model.model.layers.{layer}.{kind}.{m}"
+                tensors[f"{name}.lora_A.weight"] = (torch.randn(RANK, in_f, generator=g) * 0.01).bfloat16()
+                tensors[f"{name}.lora_B.weight"] = (torch.randn(out_f, RANK, generator=g) * 0.01).bfloat16()
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": RANK, "lora_alpha": 32, "target_modules": list(MODULES)}, f)
+        paths.append(path)
+    return paths
+
+
+def run(model: str, prompts: list[list[int]], output_len: int, loras: list | None, **kwargs) -> float:
+    """Output tokens/s of one offline generate() over every prompt (a fresh engine, freed after)."""
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model, load_format="dummy", **kwargs)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False,
+                 lora_request=None if loras is None else loras[:8])  # warm-up: adapters loaded, kernels compiled
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
+    elapsed = time.perf_counter() - start
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    assert num_tokens == len(prompts) * output_len, f"expected {len(prompts) * output_len} tokens, got {num_tokens}"
+    llm.llm_engine.shutdown()
+    del llm, outputs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return num_tokens / elapsed
+
+
+def cuda_ms(fn, repeats: int = 50) -> float:
+    """Median milliseconds of fn() on the GPU."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def kernel_figures(shape: dict) -> None:
+    """Shrink and expand of one projection for a decode batch (BGMV) and a prefill (SGMV), beside its GEMM."""
+    from engine.lora.adapter import ModelDims
+    from kernels.lora import bgmv, sgmv
+
+    hf = type("HF", (), dict(shape, head_dim=None))
+    dims, dev = ModelDims.from_hf(hf), torch.device("cuda")
+    for m in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"):
+        in_f, out_f = dims.shape(m)
+        w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16)
+        a = torch.randn(NUM_ADAPTERS, RANK, in_f, device=dev, dtype=torch.bfloat16)
+        b = torch.randn(NUM_ADAPTERS, out_f, RANK, device=dev, dtype=torch.bfloat16)
+        for kind, num_tokens, num_segs in (("decode", 256, 256), ("prefill", 8192, 16)):
+            x = torch.randn(num_tokens, in_f, device=dev, dtype=torch.bfloat16)
+            y = torch.empty(num_tokens, out_f, device=dev, dtype=torch.bfloat16)
+            t = torch.zeros(num_tokens, RANK, device=dev, dtype=torch.float32)
+            slots = torch.randint(0, NUM_ADAPTERS, (num_segs,), device=dev, dtype=torch.int32)
+            seg_len = num_tokens // num_segs
+            token_slots = slots.repeat_interleave(seg_len)
+            seg_start = torch.arange(0, num_tokens + 1, seg_len, device=dev, dtype=torch.int32)
+            if kind == "decode":
+                shrink = lambda: bgmv(x, a, t, token_slots)  # noqa: E731
+                expand = lambda: bgmv(t, b, y, token_slots, add=True)  # noqa: E731
+            else:
+                shrink = lambda: sgmv(x, a, t, seg_start, slots, seg_len)  # noqa: E731
+                expand = lambda: sgmv(t, b, y, seg_start, slots, seg_len, add=True)  # noqa: E731
+            gemm = lambda: torch.matmul(x, w.t(), out=y)  # noqa: E731
+            print(json.dumps({"figure": f"lora_kernel_{kind}_{m}", "num_tokens": num_tokens, "rank": RANK,
+                              "gemm_ms": round(cuda_ms(gemm), 4), "shrink_ms": round(cuda_ms(shrink), 4),
+                              "expand_ms": round(cuda_ms(expand), 4)}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--num-requests", type=int, default=256)
+    ap.add_argument("--input-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("lora_bench needs a CUDA GPU")
+    from engine.lora import LoRARequest
+
+    shape = make_workload("w1", args.seed).shape
+    model = write_config(shape, args.input_len + args.output_len)
+    kernel_figures(shape)
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+    adapters = [LoRARequest(f"adapter{i}", i + 1, p) for i, p in enumerate(write_adapters(shape, args.seed))]
+    per_request = [rng.choice(adapters) for _ in prompts]
+    lora_kwargs = dict(enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
+    base = run(model, prompts, args.output_len, None)
+    with_lora = run(model, prompts, args.output_len, per_request, **lora_kwargs)
+    base_on_lora = run(model, prompts, args.output_len, None, **lora_kwargs)
+    common = {"workload": "w1", "num_requests": args.num_requests, "adapters": NUM_ADAPTERS, "rank": RANK}
+    print(json.dumps({"figure": "lora_random_adapter_vs_no_lora", **common, "no_lora_tok_s": round(base, 1),
+                      "lora_tok_s": round(with_lora, 1), "ratio": round(with_lora / base, 4), "goal": 0.85}), flush=True)
+    print(json.dumps({"figure": "lora_base_requests_vs_lora_disabled", **common, "lora_disabled_tok_s": round(base, 1),
+                      "lora_enabled_tok_s": round(base_on_lora, 1), "ratio": round(base_on_lora / base, 4),
+                      "goal": 0.97}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
