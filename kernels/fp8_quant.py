@@ -39,7 +39,8 @@ def _per_token_quant_kernel(
 
 def per_token_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[M, K] (bf16/fp16/fp32, unit stride in K) -> (float8_e4m3fn [M, K], float32 [M, 1])."""
-    assert x.dim() == 2 and x.stride(1) == 1
+    assert x.dim() == 2
+    x = x if x.stride(1) == 1 else x.contiguous()
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)

@@ -1,0 +1,213 @@
+"""FP8 on one Hopper GPU (#14), one JSON line per figure, all ratios from this one run:
+  matmul  bf16 `x @ w.T` vs torch._scaled_mm FP8 (row-wise scales; with and without the per-token
+          quantization of x) at W1's shapes (Qwen2-7B K/N, M = 1..256)
+  w1      W1 offline throughput and one-stream decode TPOT: bf16 vs quantization=fp8 vs kv_cache_dtype=fp8
+  w3      W3 (Qwen2-32B shape, 64 x 1024 in / 512 out, one GPU): KV pool tokens, preemptions and
+          throughput with bf16 KV, FP8 KV, FP8 weights + FP8 KV
+  agree   greedy agreement fp8 vs bf16 on a small real-shaped random model (Qwen2-0.5B shape)
+    python -m benchmarks.fp8_bench [--parts matmul,w1,w3,agree]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+from benchmarks.throughput import (
+    QWEN2_05B,
+    log,
+    make_workload,
+    random_prompts,
+    write_config,
+)
+
+# (N, K) of W1's (Qwen2-7B) linear layers
+W1_LINEARS = {"qkv_proj": (4608, 3584), "o_proj": (3584, 3584), "gate_up_proj": (37888, 3584),
+              "down_proj": (3584, 18944)}
+
+
+def emit(figure: str, **values: object) -> None:
+    print(json.dumps({"figure": figure, **values}), flush=True)
+
+
+def _timed(fn) -> float:
+    """Microseconds, median of repeats."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+
+
+def _bench_shape(name: str, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, m: int) -> None:
+    from kernels.fp8_quant import per_token_quant
+
+    n, k = w.shape
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # [M, K]
+    xq, xs = per_token_quant(x)
+
+    def fp8(fast: bool = False) -> torch.Tensor:
+        return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+    def fp8_with_quant() -> torch.Tensor:
+        q, s = per_token_quant(x)
+        return torch._scaled_mm(q, wq.t(), scale_a=s, scale_b=ws, out_dtype=torch.bfloat16)
+
+    ref = x @ w.t()
+    err = ((fp8().float() - ref.float()).norm() / ref.float().norm()).item()
+    if not err < 0.05:
+        raise SystemExit(f"matmul {name} M={m}: FP8 result off by {err:.3f} (relative): broken path")
+    bf16_us, fp8_us = _timed(lambda: x @ w.t()), _timed(fp8)
+    fast_us, quant_us = _timed(lambda: fp8(True)), _timed(fp8_with_quant)
+    emit("matmul", layer=name, M=m, N=n, K=k, bf16_us=round(bf16_us, 2), fp8_us=round(fp8_us, 2),
+         fp8_fast_accum_us=round(fast_us, 2), fp8_with_quant_us=round(quant_us, 2),
+         speedup_with_quant=round(bf16_us / quant_us, 3), rel_error=round(err, 4))
+
+
+def bench_matmul(ms: list[int]) -> None:
+    from engine.layers.quant.fp8 import quantize_rows
+
+    for name, (n, k) in W1_LINEARS.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02  # [N, K]
+        wq, ws = quantize_rows(w)
+        for m in ms:
+            _bench_shape(name, w, wq, ws.view(1, -1), m)  # scale_b [1, N]
+        torch.cuda.empty_cache()
+
+
+def start_llm(model_dir: str, max_len: int, args: argparse.Namespace, **engine: object):
+    from engine import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=max(max_len, 2048),
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
+              gpu_memory_utilization=args.gpu_memory_utilization, **engine)
+    return llm, time.perf_counter() - t0
+
+
+def stop_llm(llm) -> None:
+    llm.llm_engine.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def offline_run(llm, prompts: list[list[int]], output_lens: list[int]) -> dict:
+    from engine import SamplingParams
+
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=o, detokenize=False) for o in output_lens]
+    llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up: Triton compiles, allocator
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
+    if num_out != sum(output_lens):
+        raise SystemExit(f"{num_out} output tokens, expected {sum(output_lens)}")
+    stats = llm.llm_engine.get_stats()
+    return {"elapsed_s": round(elapsed, 3), "output_tok_s": round(num_out / elapsed, 1),
+            "kv_tokens": stats.num_total_blocks * llm.llm_engine.config.block_size,
+            "preemptions": stats.num_preemptions_total}
+
+
+def one_stream_tpot(llm, prompt: list[int], num_tokens: int = 256) -> float:
+    """Seconds per output token of one request: (time for 1 + n tokens - time for 1) / n."""
+    from engine import SamplingParams
+
+    def run(n: int) -> float:
+        params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=n, detokenize=False)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate([prompt], params, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(8)
+    return (min(run(1 + num_tokens) for _ in range(2)) - min(run(1) for _ in range(3))) / num_tokens
+
+
+CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8_kv": {"kv_cache_dtype": "fp8"},
+           "fp8_both": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+
+
+def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot: bool) -> None:
+    w = make_workload(name, args.seed)
+    max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
+    model_dir = write_config(w.shape, max_len)
+    prompts = random_prompts(w, w.shape["vocab_size"], args.seed)
+    results = {}
+    for config in configs:
+        llm, load_s = start_llm(model_dir, max_len, args, **CONFIGS[config])
+        result = offline_run(llm, prompts, w.output_lens)
+        result["load_s"] = round(load_s, 1)
+        if tpot:
+            result["tpot_ms"] = round(one_stream_tpot(llm, prompts[0]) * 1e3, 3)
+        stop_llm(llm)
+        results[config] = result
+        base = results[configs[0]]
+        ratios = {"tok_s_ratio": round(result["output_tok_s"] / base["output_tok_s"], 3),
+                  "kv_tokens_ratio": round(result["kv_tokens"] / base["kv_tokens"], 3)}
+        if tpot:
+            ratios["tpot_ratio"] = round(result["tpot_ms"] / base["tpot_ms"], 3)
+        emit(name, config=config, **result, **{f"{k}_vs_{configs[0]}": v for k, v in ratios.items()})
+
+
+def bench_agreement(args: argparse.Namespace, num_prompts: int = 32, num_tokens: int = 64) -> None:
+    """Greedy fp8 (weights; weights + KV) vs bf16 on random Qwen2-0.5B-shape weights: the fraction of
+    requests identical over the first num_tokens and the mean length of the common prefix."""
+    from engine import SamplingParams
+
+    model_dir = write_config(QWEN2_05B, 512 + num_tokens)
+    g = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(10, QWEN2_05B["vocab_size"] - 10, (128,), generator=g).tolist() for _ in range(num_prompts)]
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=num_tokens, detokenize=False)
+    tokens = {}
+    for config in ("bf16", "fp8", "fp8_both"):
+        llm, _ = start_llm(model_dir, 512 + num_tokens, args, **CONFIGS[config])
+        tokens[config] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        stop_llm(llm)
+    for config in ("fp8", "fp8_both"):
+        prefix = []
+        for a, b in zip(tokens["bf16"], tokens[config]):
+            n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            prefix.append(n)
+        emit("agree", config=config, num_prompts=num_prompts, first_n=num_tokens,
+             identical_fraction=round(sum(n == num_tokens for n in prefix) / num_prompts, 3),
+             mean_common_prefix=round(sum(prefix) / num_prompts, 1),
+             first_token_equal=round(sum(n > 0 for n in prefix) / num_prompts, 3))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="matmul,w1,w3,agree")
+    parser.add_argument("--matmul-m", default="1,16,64,128,256")
+    parser.add_argument("--w1-configs", default="bf16,fp8,fp8_kv")
+    parser.add_argument("--w3-configs", default="bf16,fp8_kv,fp8_both")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("fp8_bench needs a GPU (compute capability >= 8.9)")
+    emit("device", name=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+         torch=torch.__version__)
+    parts = args.parts.split(",")
+    start = time.perf_counter()
+    if "matmul" in parts:
+        bench_matmul([int(m) for m in args.matmul_m.split(",")])
+        log(f"matmul done at {time.perf_counter() - start:.0f} s")
+    if "w1" in parts:
+        bench_workload("w1", args.w1_configs.split(","), args, tpot=True)
+        log(f"w1 done at {time.perf_counter() - start:.0f} s")
+    if "w3" in parts:
+        bench_workload("w3", args.w3_configs.split(","), args, tpot=False)
+        log(f"w3 done at {time.perf_counter() - start:.0f} s")
+    if "agree" in parts:
+        bench_agreement(args)
+        log(f"agree done at {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
