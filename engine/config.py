@@ -142,6 +142,7 @@ class ServerConfig:
     ui: bool = True  # serve the built-in chat page at / and /ui (--disable-ui turns it off)
     api_server_count: int = 1  # API processes sharing the port and the one engine core
     engine_hang_timeout_s: float = 60.0  # no engine step for this long while it has work: 503, then exit 1
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with the key)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -150,6 +151,8 @@ class ServerConfig:
             raise ConfigError("max_waiting_requests", f"must be >= 1, got {self.max_waiting_requests}")
         if not 1 <= self.api_server_count <= 64:
             raise ConfigError("api_server_count", f"must be in 1..64, got {self.api_server_count}")
+        if self.allow_runtime_lora_updating and self.api_server_count > 1:  # each process has its own names
+            raise ConfigError("allow_runtime_lora_updating", "works with api_server_count 1 only")
         if not self.engine_hang_timeout_s > 0:
             raise ConfigError("engine_hang_timeout_s", f"must be > 0, got {self.engine_hang_timeout_s}")
 

@@ -6,6 +6,7 @@ engine-core process, see engine/core_proc.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from engine.config import ConfigError, EngineConfig
 from engine.core_messages import CoreInfo
 from engine.engine_core import EngineCore
 from engine.executor import UniprocExecutor
+from engine.lora.adapter import ModelDims
+from engine.lora.registry import LoRARegistry
 from engine.model_config import ModelConfig, resolve_model_config
 from engine.model_runner import ModelRunner
 from engine.parallel import get_parallel_state, init_distributed
@@ -77,6 +80,8 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     device = resolve_device(config)
     init_distributed(config.tensor_parallel_size, config.pipeline_parallel_size, device, config.distributed_timeout_s)
     mc = resolve_model_config(config, device)
+    if config.enable_lora:  # lora_modules checked against the base model before it loads (ConfigError)
+        LoRARegistry(config, mc.hf_config, mc.served_model_name)
     runner = ModelRunner(config, mc, device, show_progress and get_parallel_state().is_driver)
     if get_parallel_state().world_size > 1:
         from engine.distributed import MultiprocExecutor
@@ -114,5 +119,6 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
         vocab_size=mc.hf_config.vocab_size, num_total_blocks=num_blocks, block_size=config.block_size,
         max_num_seqs=config.max_num_seqs, default_max_tokens=mc.default_max_tokens,
         device=str(device), world_size=config.world_size, eos_token_ids=sorted(config_eos_token_ids(mc)),
+        lora_dims=list(dataclasses.astuple(ModelDims.from_hf(mc.hf_config))) if config.enable_lora else [],
     )
     return CoreBuild(core, info, mc, device)

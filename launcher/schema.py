@@ -82,6 +82,7 @@ class ServerOptions:
     ui: bool = True  # serve the built-in chat page at / and /ui (public; the chat itself needs the key)
     api_server_count: int = 1  # API processes on rank 0 sharing the port and the one engine core
     engine_hang_timeout_s: float = 60.0  # no engine step for this long while it has work: 503, then exit 1
+    allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with the key)
 
 
 @dataclass

@@ -13,8 +13,9 @@ from engine.lora.request import LoRARequest
 
 class LoRARegistry:
     def __init__(self, config: EngineConfig, hf_config: Any, base_name: str | None = None):
+        """hf_config: the base model's HF config, or its ModelDims (an API process has only those)."""
         self.enable_lora, self.max_lora_rank = config.enable_lora, config.max_lora_rank
-        self.dims = ModelDims.from_hf(hf_config)
+        self.dims = hf_config if isinstance(hf_config, ModelDims) else ModelDims.from_hf(hf_config)
         self.base_name = base_name  # the served model's name: no adapter may take it
         self.by_name: dict[str, LoRARequest] = {}
         self._checked: set[LoRARequest] = set()

@@ -64,6 +64,7 @@ class ServerState:
         self.children: Any = None  # API process 0 with api_server_count > 1: the others (api_procs.ApiProcesses)
         self.group: Any = None  # with api_server_count > 1: the group's readiness (api_procs.ReadyGroup)
         self._group_ready = True
+        self.lora_registry: Any = None  # engine.lora.registry.LoRARegistry once needed (engine/server/lora_routes.py)
 
     @property
     def ready(self) -> bool:
@@ -107,7 +108,8 @@ class ServerState:
         info = self.engine.info
         assert info is not None
         # vocab_size: the tokenizer's (load() counts it on its copy), else the model's
-        ctx = ModelContext(info.model_name, info.max_model_len, info.vocab_size, max_num_seqs=info.max_num_seqs)
+        ctx = ModelContext(info.model_name, info.max_model_len, info.vocab_size, max_num_seqs=info.max_num_seqs,
+                           lora_enabled=self.engine_config.enable_lora)
         t0 = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, self.engine.tokenizer, ctx)

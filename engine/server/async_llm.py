@@ -26,6 +26,7 @@ from engine.core_messages import CoreInfo, EngineCoreOutputs, SchedulerStats
 from engine.core_proc import CoreAddresses, CoreFactory, CoreLoadFailure, EngineCoreProcess, pid_alive, remove_dir
 from engine.errors import RequestError
 from engine.input_processor import InputProcessor
+from engine.lora.request import LoRARequest
 from engine.mp_client import AsyncMPClient
 from engine.output_processor import OutputProcessor
 from engine.outputs import Logprob, RequestOutput
@@ -256,7 +257,7 @@ class AsyncLLM:
 
     @asynccontextmanager
     async def generate(self, requests: list[tuple[str, PromptInput, SamplingParams]],
-                       arrival_time: float) -> AsyncIterator[RequestStream]:
+                       arrival_time: float, lora_request: LoRARequest | None = None) -> AsyncIterator[RequestStream]:
         """Submit requests (all or none: a refused one raises RequestError naming the field) and
         stream their deltas; leaving the block early (client gone, error) aborts what is unfinished."""
         if not self.ready:
@@ -267,7 +268,8 @@ class AsyncLLM:
                 raise RequestError("request_id", f"request {request_id!r} is already running")
             token_ids = prompt if isinstance(prompt, list) else self._encode(prompt)
             params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
-            core_request = self.input_processor.process(request_id, token_ids, params, arrival_time, self.client_index)
+            core_request = self.input_processor.process(request_id, token_ids, params, arrival_time, self.client_index,
+                                                        lora_request=lora_request)
             prepared.append((core_request, prompt if isinstance(prompt, str) else None))
         stream = RequestStream([r.request_id for r, _ in prepared])
         for core_request, prompt_text in prepared:  # every check passed: register, then send

@@ -19,9 +19,11 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
+from engine.lora.request import LoRARequest
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.server.async_llm import PromptInput, RequestDelta, RequestStream
+from engine.server.lora_routes import adapter_cards, register_lora_routes, requested_lora
 from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs, merge_completion_logprobs
 from engine.beam_search import BeamSearchParams, best_of_params
 from engine.server.beam import BeamResult, best_of_order, run_beam_search_all, step_generate
@@ -110,7 +112,7 @@ def _engine_error(e: Exception, prompt_param: str) -> APIError:
 
 async def _generate(request: Request, state: ServerState, requests: list[tuple[str, PromptInput, SamplingParams]],
                     prompt_param: str, respond: Callable[[RequestStream, _Results], Any],
-                    prompt_texts: list[str | None] | None = None) -> Any:
+                    prompt_texts: list[str | None] | None = None, lora_request: LoRARequest | None = None) -> Any:
     """Submit, then hand the stream to `respond`; engine refusals become 400s naming the field."""
     state.check_capacity(len(requests))
     arrival = time.time()
@@ -118,7 +120,7 @@ async def _generate(request: Request, state: ServerState, requests: list[tuple[s
     for r, text in zip(results.requests, prompt_texts or []):
         r.prompt = text or ""
     try:
-        async with state.engine.generate(requests, arrival) as stream:
+        async with state.engine.generate(requests, arrival, lora_request) as stream:
             return await respond(stream, results)
     except APIError:
         raise
@@ -221,12 +223,15 @@ def _model_card(state: ServerState) -> dict[str, Any]:
 
 async def list_models(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
-    return json_response({"object": "list", "data": [_model_card(state)]})
+    return json_response({"object": "list", "data": [_model_card(state), *adapter_cards(state, state.created)]})
 
 
 async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
     state = _state(request).require_ready()
     name = state.model_info.model_name
+    adapter = next((c for c in adapter_cards(state, state.created) if c["id"] == model_id), None)
+    if adapter is not None:
+        return json_response(adapter)
     if model_id != name:
         raise APIError(404, f"model: the model `{model_id[:200]}` does not exist; this server serves `{name}`",
                        param="model", code="model_not_found")
@@ -238,9 +243,10 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     assert state.frontend is not None
     prepared: PreparedCompletion = await state.frontend.run("completion", request.body)
     req = prepared.request  # its prompts are token ids now
+    lora = requested_lora(state, request.body, beam=req.beam is not None)
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    model = state.model_info.model_name
+    model = state.model_info.model_name if lora is None else lora.lora_name
     detok = TokenText(state.frontend.tokenizer)
     params = req.params
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
@@ -284,7 +290,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
             return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
                                   "choices": choices, "usage": results.usage()})
 
-        return await _generate(request, state, subs, "prompt", respond, prepared.prompt_texts)
+        return await _generate(request, state, subs, "prompt", respond, prepared.prompt_texts, lora)
 
     async def respond_stream(stream: RequestStream, results: _Results) -> None:
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -324,17 +330,18 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         await response.send(_sse("[DONE]"))
         await response.eof()
 
-    return await _generate(request, state, subs, "prompt", respond_stream, prepared.prompt_texts)
+    return await _generate(request, state, subs, "prompt", respond_stream, prepared.prompt_texts, lora)
 
 
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
     state = _state(request).require_ready()
     assert state.frontend is not None
     prepared: PreparedChat = await state.frontend.run("chat", request.body)
+    lora = requested_lora(state, request.body, beam=prepared.request.beam is not None)
     req = prepared.request
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    model = state.model_info.model_name
+    model = state.model_info.model_name if lora is None else lora.lora_name
     detok = TokenText(state.frontend.tokenizer)
     params, n = req.params, req.params.n
     if req.beam is not None:  # non-streaming only (the parser refuses stream)
@@ -360,7 +367,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
                                   "choices": choices, "usage": results.usage()})
 
-        return await _generate(request, state, subs, "messages", respond)
+        return await _generate(request, state, subs, "messages", respond, lora_request=lora)
 
     async def respond_stream(stream: RequestStream, results: _Results) -> None:
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -397,7 +404,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
         await response.send(_sse("[DONE]"))
         await response.eof()
 
-    return await _generate(request, state, subs, "messages", respond_stream)
+    return await _generate(request, state, subs, "messages", respond_stream, lora_request=lora)
 
 
 async def tokenize(request: Request) -> HTTPResponse:
@@ -421,4 +428,5 @@ def register_openai_routes(app: Sanic) -> None:
     app.add_route(create_chat_completion, "/v1/chat/completions", methods=["POST"])
     app.add_route(tokenize, "/tokenize", methods=["POST"])
     app.add_route(detokenize, "/detokenize", methods=["POST"])
+    register_lora_routes(app)
 

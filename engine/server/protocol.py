@@ -171,11 +171,12 @@ class ModelContext:
     # beyond it cannot fit and is refused before any tokenizing. None: unbounded.
     max_text_chars: int | None = None
     max_num_seqs: int | None = None  # sequences the engine runs at once: a wider beam search is refused
+    lora_enabled: bool = False  # `model` may name an adapter: the API process checks it (engine/server/lora_routes.py)
 
 
 def check_model(body: dict, ctx: ModelContext) -> None:
     model = _str(body, "model")
-    if model is not None and model != ctx.served_model_name:
+    if model is not None and model != ctx.served_model_name and not ctx.lora_enabled:
         raise APIError(404, f"model: the model {show(model)} does not exist; this server serves "
                             f"`{ctx.served_model_name}`", param="model", code="model_not_found")
 

@@ -1,0 +1,109 @@
+"""LoRA through the OpenAI API: the client picks an adapter by `model` (same tokens as the offline
+engine with that LoRARequest), /v1/models lists adapters under the base, unknown names get 404
+naming `model`, and adapters load and unload at run time only with the key and when allowed."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.lora import LoRARequest
+from tests.conftest import write_tiny_checkpoint
+from tests.engine.test_lora import write_adapter
+from tests.server.conftest import launch, wait_ready
+
+KEY = "lora-test-key-9f1c"
+PROMPT = [5, 77, 300, 12, 9, 41, 250, 8, 100]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    base = write_tiny_checkpoint(str(tmp_path_factory.mktemp("llama")), "LlamaForCausalLM", tie=False)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return {"base": base,
+            "a": write_adapter(base, str(tmp_path_factory.mktemp("a")), 8, 16, targets, False, 0),
+            "b": write_adapter(base, str(tmp_path_factory.mktemp("b")), 4, 8, ["q_proj", "v_proj"], True, 1)}
+
+
+@pytest.fixture(scope="module")
+def lora_server(files, tmp_path_factory):
+    s = wait_ready(launch(tmp_path_factory.mktemp("lora_server"), "--model", files["base"], "--enable-lora",
+                          "--lora-modules", f"a={files['a']}", "--max-loras", "2", "--allow-runtime-lora-updating",
+                          "--api-key-env", "LORA_KEY", env={"LORA_KEY": KEY}, api_key=KEY))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(files) -> dict[str | None, str]:
+    """Greedy text after PROMPT from the offline engine: base and each adapter."""
+    llm = LLM(files["base"], enable_lora=True, max_loras=2, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    loras = [None, LoRARequest("a", 1, files["a"]), LoRARequest("b", 2, files["b"])]
+    outs = llm.generate([PROMPT] * 3, params, use_tqdm=False, lora_request=loras)
+    return {name: o.outputs[0].text for name, o in zip([None, "a", "b"], outs)}
+
+
+def _text(client: openai.OpenAI, model: str) -> str:
+    out = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.model == model
+    return out.choices[0].text
+
+
+def test_model_selects_the_adapter(lora_server, offline) -> None:
+    client = openai.OpenAI(base_url=lora_server.url("/v1"), api_key=KEY, max_retries=0, timeout=120)
+    base_name = client.models.list().data[0].id
+    assert offline["a"] != offline[None]  # the adapter changes the text: this test can fail
+    assert _text(client, "a") == offline["a"]
+    assert _text(client, base_name) == offline[None]
+    chat = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chat.model == "a"
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {base_name, "a"}
+    assert models["a"].parent == base_name and models[base_name].parent is None
+    assert client.models.retrieve("a").parent == base_name
+
+
+def test_unknown_model_is_404_naming_model(lora_server) -> None:
+    client = openai.OpenAI(base_url=lora_server.url("/v1"), api_key=KEY, max_retries=0, timeout=120)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    assert e.value.body["param"] == "model" and "nope" in e.value.body["message"]
+
+
+def test_load_and_unload_at_run_time(lora_server, files, offline) -> None:
+    client = openai.OpenAI(base_url=lora_server.url("/v1"), api_key=KEY, max_retries=0, timeout=120)
+    url = lora_server.url
+    body = {"lora_name": "b", "lora_path": files["b"]}
+    assert httpx.post(url("/v1/load_lora_adapter"), json=body).status_code == 401  # without the key
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="b", prompt="hi", max_tokens=2)
+    r = httpx.post(url("/v1/load_lora_adapter"), json=body, headers=lora_server.headers)
+    assert r.status_code == 200, r.text
+    assert _text(client, "b") == offline["b"]
+    taken = httpx.post(url("/v1/load_lora_adapter"), json={"lora_name": "a", "lora_path": files["b"]},
+                       headers=lora_server.headers)
+    assert taken.status_code == 400 and taken.json()["error"]["param"] == "lora_name"
+    assert "already taken" in taken.json()["error"]["message"]
+    bad = httpx.post(url("/v1/load_lora_adapter"), json={"lora_name": "c", "lora_path": files["base"]},
+                     headers=lora_server.headers)  # a model directory, not an adapter
+    assert bad.status_code == 400 and "adapter_config.json is missing" in bad.json()["error"]["message"]
+    assert httpx.post(url("/v1/unload_lora_adapter"), json={"lora_name": "b"}).status_code == 401
+    r = httpx.post(url("/v1/unload_lora_adapter"), json={"lora_name": "b"}, headers=lora_server.headers)
+    assert r.status_code == 200, r.text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="b", prompt="hi", max_tokens=2)
+    assert _text(client, "a") == offline["a"]  # nothing else disturbed
+
+
+def test_runtime_updates_refused_unless_allowed(files, tmp_path) -> None:
+    s = wait_ready(launch(tmp_path, "--model", files["base"], "--enable-lora", "--api-key-env", "LORA_KEY",
+                          env={"LORA_KEY": KEY}, api_key=KEY))
+    try:
+        r = httpx.post(s.url("/v1/load_lora_adapter"), json={"lora_name": "b", "lora_path": files["b"]},
+                       headers=s.headers)
+        assert r.status_code == 403 and r.json()["error"]["param"] == "allow_runtime_lora_updating"
+    finally:
+        s.stop()
