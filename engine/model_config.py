@@ -171,7 +171,7 @@ def resolve_quantization(requested: str, hf_config: PretrainedConfig, load_forma
         requested = found or "none"
     elif requested == "none" and found not in (None, "gguf"):
         raise ConfigError("quantization", f"none: the checkpoint is quantized with {found!r}, which only runs quantized")
-    elif requested == "fp8" and found is None:  # a float checkpoint, quantized per row at load (vLLM's dynamic fp8)
+    elif requested == "fp8" and found in (None, "gguf"):  # float (or GGUF dequantized) weights, quantized per row at load
         hf_config.quantization_config = {"quant_method": "fp8", "gantry_dynamic": True}
     elif requested != "none" and requested != found:
         raise ConfigError("quantization", f"{requested} does not match the checkpoint "

@@ -129,6 +129,11 @@ def static_quant(x: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, to
     return q, scale.reshape(1, 1).expand(x.shape[0], 1).contiguous()
 
 
+def whole(loaded: Any) -> torch.Tensor:
+    """All of a checkpoint tensor; `[...]` also reads a 0-dim safetensors slice (scales often are)."""
+    return loaded if isinstance(loaded, torch.Tensor) else loaded[...]
+
+
 def _loaded_dtype(loaded: Any) -> str:
     return str(loaded.dtype).replace("torch.", "") if isinstance(loaded, torch.Tensor) else loaded.get_dtype()
 
@@ -163,7 +168,7 @@ class Fp8LinearMethod:
     @staticmethod
     def _row_scale_loader(layer: nn.Module) -> Any:
         def load(param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
-            t = materialize(loaded).float().reshape(-1)  # per tensor: [] or [1]; per channel: [rows] or [rows, 1]
+            t = whole(loaded).float().reshape(-1)  # per tensor: [] or [1]; per channel: [rows] or [rows, 1]
             if t.numel() == 1:  # the same scale for every row this shard covers, on any rank
                 t = t.expand(param.shape[0] * (layer.tp_size if layer.tp_dim == 0 else 1))
             layer.weight_loader(param, t, *shard_id)
@@ -176,7 +181,7 @@ class Fp8LinearMethod:
             if layer.tp_dim == 1 and input_size % cols:
                 raise RuntimeError(f"this rank's {input_size} input columns cut a {rows}x{cols} scale block; "
                                    "use a smaller tensor_parallel_size")
-            t = materialize(loaded).float().repeat_interleave(rows, dim=0)  # [>= out rows, ceil(in / cols)]
+            t = whole(loaded).float().repeat_interleave(rows, dim=0)  # [>= out rows, ceil(in / cols)]
             if layer.tp_dim != 0:  # rows not split: exactly this layer's
                 t = t[: param.shape[0]]
             layer.weight_loader(param, t, *shard_id)
@@ -186,7 +191,7 @@ class Fp8LinearMethod:
     @staticmethod
     def _input_scale_loader(param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
         # q/k/v (gate/up) each bring one; the merged matmul takes the largest, which clips none of them
-        param.data = torch.maximum(param.data, materialize(loaded).float().reshape(()).to(param.device))
+        param.data = torch.maximum(param.data, whole(loaded).float().reshape(()).to(param.device))
 
     def load_shard(self, layer: nn.Module, loaded: Any, offset: int) -> None:
         kind = _loaded_dtype(loaded)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.layers.linear import materialize
+from engine.layers.quant.fp8 import whole
 from engine.layers.quant.fp8_support import FP8_DTYPE, check_fp8_supported
 
 logger = logging.getLogger("gantry.engine")
@@ -31,7 +31,7 @@ def take_kv_scale(model: nn.Module, name: str, loaded: Any) -> bool:
     for suffix, which in _SCALE_SUFFIXES.items():
         if name.endswith(suffix):
             attn = model.get_submodule(name[: -len(suffix)] + ".self_attn.attn")
-            value = float(materialize(loaded).float().reshape(-1).max())
+            value = float(whole(loaded).float().reshape(-1).max())
             scales = getattr(attn, "checkpoint_kv_scales", {})
             scales.update({"k": value, "v": value} if which == "kv" else {which: value})
             attn.checkpoint_kv_scales = scales
