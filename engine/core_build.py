@@ -79,7 +79,8 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     start, before = time.monotonic(), startup.recorded()
     device = resolve_device(config)
     init_distributed(config.tensor_parallel_size, config.pipeline_parallel_size, device, config.distributed_timeout_s)
-    mc = resolve_model_config(config, device)
+    with startup.phase("model config"):
+        mc = resolve_model_config(config, device)
     if config.enable_lora:  # lora_modules checked against the base model before it loads (ConfigError)
         LoRARegistry(config, mc.hf_config, mc.served_model_name)
     runner = ModelRunner(config, mc, device, show_progress and get_parallel_state().is_driver)

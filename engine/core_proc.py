@@ -77,7 +77,7 @@ class EngineCoreProcess:
                  core_factory: CoreFactory | None = None):
         mp = multiprocessing.get_context("spawn")  # a fresh interpreter: safe with CUDA and with threads
         self.proc = mp.Process(target=run_engine_core, name="gantry-engine-core",
-                               args=(config, addresses, os.getpid(), log_level, core_factory))
+                               args=(config, addresses, os.getpid(), log_level, core_factory, time.time()))
 
     def start(self) -> None:
         self.proc.start()
@@ -92,6 +92,12 @@ class EngineCoreProcess:
     @property
     def exitcode(self) -> int | None:
         return self.proc.exitcode
+
+    def kill(self) -> None:
+        """At once, for a start that a check in the API process refused."""
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
 
     def stop(self, timeout: float) -> None:
         """Wait up to timeout for it to exit (after SHUTDOWN), then kill it (a hung or stopped core)."""
@@ -135,8 +141,9 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: int, log_level: str,
-                    core_factory: CoreFactory | None) -> None:
+                    core_factory: CoreFactory | None, spawned_at: float) -> None:
     """The child's main: build the core, warm it up, tell the clients, then serve them until SHUTDOWN."""
+    startup.record("start and imports", time.time() - spawned_at)  # a fresh interpreter (spawn)
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -173,10 +180,11 @@ def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list)
         core = build.core
         # Warm-up: one short request through every code path, so /ready means "fast".
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
-        core.add_request(EngineCoreRequest(request_id="warmup", prompt_token_ids=[1, 2, 3, 4], sampling_params=params,
-                                           max_tokens=2, arrival_time=time.time()))
-        while core.has_work():
-            core.step_fn()
+        with startup.phase("warm-up"):
+            core.add_request(EngineCoreRequest(request_id="warmup", prompt_token_ids=[1, 2, 3, 4],
+                                               sampling_params=params, max_tokens=2, arrival_time=time.time()))
+            while core.has_work():
+                core.step_fn()
     except (ConfigError, ModelLoadError, ValueError, OSError) as e:
         failure = CoreLoadFailure(2, str(e) if isinstance(e, (ConfigError, ModelLoadError)) else f"{type(e).__name__}: {e}")
         _fail(outputs, failure)

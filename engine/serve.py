@@ -237,6 +237,12 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
     return sock
 
 
+def _start_ready_log(app: Any) -> None:
+    """A listener that returns nothing: Sanic awaits what a listener returns, and SIGTERM while a
+    listener still runs stopped the loop under it (a traceback, and a process that never exited)."""
+    app.add_task(_log_when_ready(app))
+
+
 async def _log_when_ready(app: Any) -> None:
     """One line, once /ready answers 200, with the time each start-up phase took."""
     state = app.ctx.state
@@ -247,36 +253,45 @@ async def _log_when_ready(app: Any) -> None:
         await asyncio.sleep(0.05)
     if state.engine.ready:
         startup.record("text workers", startup.since_start() - engine_ready)
-        logger.info("%s", startup.summary(startup.since_start()))
+        logger.info("%s", startup.summary(startup.since_start(), state.engine.info.startup_phases))
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str = "info") -> int:
-    """Rank 0: checks, then API process 0 (Sanic), which starts the engine core process and, with
-    api_server_count > 1, the other API processes."""
+    """Rank 0: the port, the engine core process (started first, it loads while we check), checks,
+    then API process 0 (Sanic), which with api_server_count > 1 starts the other API processes."""
     api_key, source = server_config.resolve_api_key_and_source()
     count = server_config.api_server_count
     # first: a taken port is known in milliseconds
     sock = bind_socket(server_config.host, server_config.port, reuse_port=count > 1)
-    from engine.core_proc import CoreAddresses, remove_dir
+    from engine.core_proc import CoreAddresses, EngineCoreProcess, remove_dir
     from engine.server.api_procs import ApiProcesses, ReadyGroup, enable_multiprocess_metrics
 
     metrics_dir = enable_multiprocess_metrics() if count > 1 else None  # before prometheus_client is imported
-    with startup.phase("imports"):
-        import torch  # noqa: F401  (timed here, where start-up begins)
+    addresses, ipc_dir = CoreAddresses.new(count)
+    # The engine core starts now: its interpreter, imports and model load overlap this process's
+    # imports and checks below (about 4 s of an 8 s start on 2 cores). A check that fails stops it.
+    core = EngineCoreProcess(engine_config, addresses, log_level)
+    core.start()
+    try:
+        with startup.phase("imports"):
+            import torch  # noqa: F401  (timed here, where start-up begins)
 
-        from engine.server.app import create_app
-    device = preflight(engine_config)
+            from engine.server.app import create_app
+        device = preflight(engine_config)
+    except BaseException:
+        core.kill()
+        remove_dir(ipc_dir)
+        raise
     logger.info("device: %s", describe_device(device))
     log_api_key(server_config, source)
-    addresses, ipc_dir = CoreAddresses.new(count)
-    app = create_app(engine_config, server_config, api_key, addresses=addresses, log_level=log_level)
+    app = create_app(engine_config, server_config, api_key, addresses=addresses, log_level=log_level, core=core)
     if count > 1:
         state = app.ctx.state
         state.children = ApiProcesses(engine_config, server_config, api_key, addresses, log_level)
         state.set_group(ReadyGroup(state.children.ready_events, 0))
         state.on_drain = state.children.drain
         app.register_listener(_start_api_processes, "after_server_start")
-    app.register_listener(lambda app: app.add_task(_log_when_ready(app)), "after_server_start")
+    app.register_listener(_start_ready_log, "after_server_start")
     try:
         app.run(sock=sock, single_process=True, access_log=False, motd=False)
     finally:

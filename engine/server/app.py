@@ -24,7 +24,7 @@ from sanic.response import json as json_response
 
 from engine.config import EngineConfig, ServerConfig
 from engine.core_messages import CoreInfo
-from engine.core_proc import CoreAddresses, CoreFactory
+from engine.core_proc import CoreAddresses, CoreFactory, EngineCoreProcess
 from engine.server.async_llm import AsyncLLM
 from engine.server.auth import is_authorized, is_public
 from engine.server.metrics import ServerMetrics
@@ -202,9 +202,11 @@ def _header_overflow(request: Request) -> APIError:
 
 def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key: str | None = None,
                core_factory: CoreFactory | None = None, *, client_index: int = 0,
-               addresses: CoreAddresses | None = None, core_pid: int | None = None, log_level: str = "info") -> Sanic:
+               addresses: CoreAddresses | None = None, core_pid: int | None = None, log_level: str = "info",
+               core: EngineCoreProcess | None = None) -> Sanic:
     """One API process; api_key is the resolved key (ServerConfig.resolve_api_key), None: open.
-    API process 0 (core_pid None) starts the engine core (built by core_factory, an importable
+    API process 0 (core_pid None) owns the engine core: `core` when engine.serve already started it
+    (its imports and loading overlap ours), else it starts one (built by core_factory, an importable
     function, when given: tests inject faults with it); the others connect to its addresses."""
     app = Sanic("gantry", error_handler=OpenAIErrorHandler(), configure_logging=False, request_class=GantryRequest)
     app.config.REQUEST_MAX_SIZE = server_config.max_request_body_bytes
@@ -213,7 +215,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.NOISY_EXCEPTIONS = False
     engine = AsyncLLM(engine_config, server_config, ServerMetrics(), client_index=client_index, addresses=addresses,
-                      core_pid=core_pid, core_factory=core_factory, log_level=log_level)
+                      core_pid=core_pid, core_factory=core_factory, log_level=log_level, core=core)
     state = ServerState(engine_config, server_config, api_key, engine)
     app.ctx.state = state
 
@@ -321,5 +323,5 @@ async def drain(app: Sanic) -> None:
         while state.engine.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
     logger.info("drained; stopping")
-    app.stop()
+    await _stop_once_serving(app)
 

@@ -115,7 +115,8 @@ class AsyncLLM:
 
     def __init__(self, engine_config: EngineConfig, server_config: ServerConfig, metrics: ServerMetrics, *,
                  client_index: int = 0, addresses: CoreAddresses | None = None, core_pid: int | None = None,
-                 core_factory: CoreFactory | None = None, log_level: str = "info"):
+                 core_factory: CoreFactory | None = None, log_level: str = "info",
+                 core: EngineCoreProcess | None = None):
         self.engine_config, self.server_config, self.metrics = engine_config, server_config, metrics
         self.client_index, self.core_pid = client_index, core_pid
         self.owns_core = core_pid is None  # API process 0 starts the core and stops it
@@ -126,7 +127,7 @@ class AsyncLLM:
         self.tokenizer: Any = None
         self.stats: SchedulerStats | None = None  # the core's latest, replaced with every message
         self.num_in_flight = 0  # HTTP requests between submission and their last delta
-        self.core: EngineCoreProcess | None = None
+        self.core = core  # already started by engine.serve, else started by start()
         self.client: AsyncMPClient | None = None
         self._tracked: dict[str, _Tracked] = {}
         self._num_added_since_stats = 0
@@ -157,8 +158,9 @@ class AsyncLLM:
             self._addresses, self._ipc_dir = CoreAddresses.new(1)
         self.client = AsyncMPClient(self._addresses, self.client_index)
         if self.owns_core:
-            self.core = EngineCoreProcess(self.engine_config, self._addresses, self.log_level, self.core_factory)
-            self.core.start()
+            if self.core is None:
+                self.core = EngineCoreProcess(self.engine_config, self._addresses, self.log_level, self.core_factory)
+                self.core.start()
             self.core_pid = self.core.pid
         self.state = "loading"
         tokenizer = loop.run_in_executor(None, self._load_tokenizer)
@@ -209,8 +211,6 @@ class AsyncLLM:
             self.client.add_eos_token_ids([self.tokenizer.eos_token_id])  # before any request: one socket, in order
         self.input_processor = InputProcessor(info)
         self.output_processor = OutputProcessor(self.tokenizer)
-        for name, seconds in info.startup_phases.items():
-            startup.record(name, seconds)
         self.metrics.bind_engine(info.model_name, lambda: self.stats)
         self._last_message = self._last_progress = time.monotonic()
         self.state = "ready"
