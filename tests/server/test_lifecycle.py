@@ -147,3 +147,23 @@ def test_sigterm_drains_then_exits_0(keyed: LiveServer):
     assert finish(results["long"]) == "abort"
     log = keyed.log()
     assert "SIGTERM: draining 2 in-flight requests" in log and "aborting 1 requests" in log
+
+
+def test_sigterm_while_loading_exits_0_without_traceback(tmp_path):
+    """SIGTERM (docker stop) while the model still loads: exit 0 at once, no traceback. Before the
+    fix Sanic was still awaiting a start-up listener (the ready-line logger), stopping the loop
+    under it logged 'Event loop stopped before Future completed' and the process never exited."""
+    s = launch(tmp_path, "--max-model-len", "2048")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # listening, model not loaded yet
+            try:
+                if httpx.get(s.url("/ready"), timeout=5).status_code == 503:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=30) == 0, s.log()[-3000:]
+        assert "Traceback" not in s.log(), s.log()[-3000:]
+    finally:
+        s.stop()
