@@ -70,51 +70,65 @@ def run(model: str, prompts: list[list[int]], output_len: int, loras: list | Non
     return num_tokens / elapsed
 
 
-def cuda_ms(fn, repeats: int = 50) -> float:
-    """Median milliseconds of fn() on the GPU."""
+def graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds of one fn() replayed inside a CUDA graph (as decode runs): no launch overhead counted."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: Triton compiles outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 5 / reps
 
 
 def kernel_figures(shape: dict) -> None:
-    """Shrink and expand of one projection for a decode batch (BGMV) and a prefill (SGMV), beside its GEMM."""
+    """Per layer type, the engine's shrink and (all slices') expand beside the base GEMM, for a decode
+    step of 256 tokens and a prefill of 8192 (16 segments), 8 adapters, each timed inside a CUDA graph."""
     from engine.lora.adapter import ModelDims
-    from kernels.lora import bgmv, sgmv
+    from engine.lora.layers import LoRALinear, LoRASlice
+    from engine.lora.punica import LoRABatch, expand_fused, shrink
 
     hf = type("HF", (), dict(shape, head_dim=None))
-    dims, dev = ModelDims.from_hf(hf), torch.device("cuda")
-    for m in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"):
-        in_f, out_f = dims.shape(m)
-        w = torch.randn(out_f, in_f, device=dev, dtype=torch.bfloat16)
-        a = torch.randn(NUM_ADAPTERS, RANK, in_f, device=dev, dtype=torch.bfloat16)
-        b = torch.randn(NUM_ADAPTERS, out_f, RANK, device=dev, dtype=torch.bfloat16)
-        for kind, num_tokens, num_segs in (("decode", 256, 256), ("prefill", 8192, 16)):
-            x = torch.randn(num_tokens, in_f, device=dev, dtype=torch.bfloat16)
-            y = torch.empty(num_tokens, out_f, device=dev, dtype=torch.bfloat16)
-            t = torch.zeros(num_tokens, RANK, device=dev, dtype=torch.float32)
-            slots = torch.randint(0, NUM_ADAPTERS, (num_segs,), device=dev, dtype=torch.int32)
-            seg_len = num_tokens // num_segs
-            token_slots = slots.repeat_interleave(seg_len)
-            seg_start = torch.arange(0, num_tokens + 1, seg_len, device=dev, dtype=torch.int32)
-            if kind == "decode":
-                shrink = lambda: bgmv(x, a, t, token_slots)  # noqa: E731
-                expand = lambda: bgmv(t, b, y, token_slots, add=True)  # noqa: E731
-            else:
-                shrink = lambda: sgmv(x, a, t, seg_start, slots, seg_len)  # noqa: E731
-                expand = lambda: sgmv(t, b, y, seg_start, slots, seg_len, add=True)  # noqa: E731
-            gemm = lambda: torch.matmul(x, w.t(), out=y)  # noqa: E731
-            print(json.dumps({"figure": f"lora_kernel_{kind}_{m}", "num_tokens": num_tokens, "rank": RANK,
-                              "gemm_ms": round(cuda_ms(gemm), 4), "shrink_ms": round(cuda_ms(shrink), 4),
-                              "expand_ms": round(cuda_ms(expand), 4)}), flush=True)
+    d, dev = ModelDims.from_hf(hf), torch.device("cuda")
+    q, kv, h, i = d.q_size, d.kv_size, d.hidden, d.intermediate
+    layers = {"qkv_proj": ([("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h),
+              "o_proj": ([("o_proj", 0, h)], q), "gate_up_proj": ([("gate_proj", 0, i), ("up_proj", i, i)], h),
+              "down_proj": ([("down_proj", 0, h)], i)}
+    seg_slot = torch.arange(NUM_ADAPTERS, dtype=torch.int32, device=dev)
+    for kind, num_tokens, num_segs in (("decode", 256, 256), ("prefill", 8192, 16)):
+        slots = torch.randint(0, NUM_ADAPTERS, (num_segs,)).repeat_interleave(num_tokens // num_segs)
+        perm = torch.argsort(slots, stable=True).to(torch.int32).to(dev)
+        counts = torch.bincount(slots, minlength=NUM_ADAPTERS)
+        seg_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).to(dev)
+        batch = LoRABatch(None, perm, seg_start, seg_slot, None if kind == "decode" else int(counts.max()), True)
+        for name, (slices, in_features) in layers.items():
+            lin = LoRALinear([LoRASlice(m, off, size, 0) for m, off, size in slices], in_features, 0, False,
+                             NUM_ADAPTERS, RANK, torch.bfloat16, dev)
+            lin.a_stack.normal_(std=0.01)
+            lin.b_all.normal_(std=0.01)
+            out_features = lin.b_all.shape[1]
+            x = torch.randn(num_tokens, in_features, device=dev, dtype=torch.bfloat16)
+            w = torch.randn(out_features, in_features, device=dev, dtype=torch.bfloat16)
+            y = torch.empty(num_tokens, out_features, device=dev, dtype=torch.bfloat16)
+            t = shrink(batch, x, lin.a_stack)
+            print(json.dumps({
+                "figure": f"lora_kernel_{kind}_{name}", "num_tokens": num_tokens, "adapters": NUM_ADAPTERS,
+                "rank": RANK, "gemm_ms": round(graph_ms(lambda: torch.matmul(x, w.t(), out=y)), 4),
+                "shrink_ms": round(graph_ms(lambda: shrink(batch, x, lin.a_stack)), 4),
+                "expand_ms": round(graph_ms(lambda: expand_fused(batch, t, lin.b_all, y, lin.x_col, lin.block_n)), 4),
+            }), flush=True)
 
 
 def main() -> None:

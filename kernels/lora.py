@@ -13,35 +13,51 @@ def _sgmv_kernel(
     x_ptr,  # [num_tokens, K]
     w_ptr,  # [num_slots, N, K]
     y_ptr,  # [num_tokens, >= y_offset + N]
-    seg_start_ptr,  # [num_segments + 1] int32: token offsets of segments (one adapter each)
+    seg_start_ptr,  # [num_segments + 1] int32: offsets of segments (one adapter each) in token order or in perm
     seg_slot_ptr,  # [num_segments] int32: each segment's slot, -1 = no adapter
+    perm_ptr,  # [>= num_tokens] int32 (HAS_PERM): token rows grouped by adapter, segments index into it
+    x_col_ptr,  # [cdiv(N, BLOCK_N)] int32 (HAS_X_COL): first column of x each output tile reads (fused slices)
     N, K, stride_x, stride_ws, stride_wn, stride_y, y_offset,
-    ADD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    ADD: tl.constexpr, HAS_PERM: tl.constexpr, HAS_X_COL: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seg = tl.program_id(0)
     slot = tl.load(seg_slot_ptr + seg)
     start = tl.load(seg_start_ptr + seg)
     end = tl.load(seg_start_ptr + seg + 1)
     m0 = start + tl.program_id(1) * BLOCK_M
+    pid_n = tl.program_id(2) // SPLIT_K
+    pid_k = tl.program_id(2) % SPLIT_K
     if slot >= 0 and m0 < end:
-        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < end
+        if HAS_PERM:
+            rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+        else:
+            rows = offs_m.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         w_base = w_ptr + slot.to(tl.int64) * stride_ws
+        x_base = x_ptr
+        if HAS_X_COL:  # expand of several slices at once: this tile's slice reads its own rank columns of x
+            x_base = x_ptr + tl.load(x_col_ptr + pid_n)
+        k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # split-K: a small N (the rank) over a long K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(pid_k * k_per_split, tl.minimum((pid_k + 1) * k_per_split, K), BLOCK_K):
             ks = k0 + offs_k
-            xt = tl.load(x_ptr + offs_m[:, None] * stride_x + ks[None, :],
-                         mask=(offs_m[:, None] < end) & (ks[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K]
+            xt = tl.load(x_base + rows[:, None] * stride_x + ks[None, :],
+                         mask=m_mask[:, None] & (ks[None, :] < K), other=0.0)  # [BLOCK_M, BLOCK_K]
             wt = tl.load(w_base + offs_n[:, None] * stride_wn + ks[None, :],
                          mask=(offs_n[:, None] < N) & (ks[None, :] < K), other=0.0)  # [BLOCK_N, BLOCK_K]
             acc = tl.dot(xt.to(wt.dtype), tl.trans(wt), acc, input_precision=DOT_PRECISION)
-        y_ptrs = y_ptr + offs_m[:, None] * stride_y + y_offset + offs_n[None, :]
-        mask = (offs_m[:, None] < end) & (offs_n[None, :] < N)
-        if ADD:
-            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        y_ptrs = y_ptr + rows[:, None] * stride_y + y_offset + offs_n[None, :]
+        mask = m_mask[:, None] & (offs_n[None, :] < N)
+        if SPLIT_K > 1:  # partial sums of a float32 output
+            tl.atomic_add(y_ptrs, acc, mask=mask)
+        else:
+            if ADD:
+                acc += tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -78,16 +94,26 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
 
 
 def sgmv(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, seg_start: torch.Tensor, seg_slot: torch.Tensor,
-         max_seg_len: int, offset: int = 0, add: bool = False) -> None:
-    """Per segment s: y[seg, offset:offset+N] (+)= x[seg] @ w[seg_slot[s]]^T (segments of -1 untouched).
-    x [num_tokens, K], w [num_slots, N, K]; max_seg_len: host-side, so nothing syncs the device."""
-    _check(x, w)
+         max_seg_len: int, offset: int = 0, add: bool = False, perm: torch.Tensor | None = None,
+         split_k: int = 1, block_m: int | None = None, block_n: int | None = None, block_k: int = 32,
+         x_col: torch.Tensor | None = None) -> None:
+    """Per segment s: y[rows, offset:offset+N] (+)= x[rows] @ w[seg_slot[s]]^T, rows = the segment's tokens
+    (perm[seg_start[s]:seg_start[s+1]] with perm, else that range itself); segments of -1 untouched.
+    x [num_tokens, K], w [num_slots, N, K]; max_seg_len: host-side, so nothing syncs the device.
+    split_k > 1 adds partial sums atomically: y must be float32 and is added to. x_col [cdiv(N, block_n)]:
+    output tile j reads x's columns x_col[j]..x_col[j] + K (one expand for q, k and v: K is the rank)."""
+    if x_col is None:
+        _check(x, w)
+    assert split_k == 1 or (add and y.dtype == torch.float32), "split-K accumulates into a float32 output"
     n_out, k = w.shape[1], w.shape[2]
-    block_n = min(64, max(16, triton.next_power_of_2(n_out)))
-    block_m = min(64, max(16, triton.next_power_of_2(max_seg_len)))
-    grid = (seg_slot.shape[0], triton.cdiv(max_seg_len, block_m), triton.cdiv(n_out, block_n))
-    _sgmv_kernel[grid](x, w, y, seg_start, seg_slot, n_out, k, x.stride(0), w.stride(0), w.stride(1), y.stride(0),
-                       offset, ADD=add, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=32,
+    block_n = block_n or min(64, max(16, triton.next_power_of_2(n_out)))
+    block_m = block_m or min(64, max(16, triton.next_power_of_2(max_seg_len)))
+    grid = (seg_slot.shape[0], triton.cdiv(max_seg_len, block_m), triton.cdiv(n_out, block_n) * split_k)
+    _sgmv_kernel[grid](x, w, y, seg_start, seg_slot, seg_start if perm is None else perm,
+                       seg_start if x_col is None else x_col, n_out, k, x.stride(0),
+                       w.stride(0), w.stride(1), y.stride(0), offset, ADD=add, HAS_PERM=perm is not None,
+                       HAS_X_COL=x_col is not None,
+                       SPLIT_K=split_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                        DOT_PRECISION="ieee" if w.dtype == torch.float32 else "tf32")
 
 

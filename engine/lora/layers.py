@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.lora.punica import LoRABatch, expand, shrink
+from engine.lora.punica import LoRABatch, expand, expand_fused, shrink
 
 
 @dataclass
@@ -28,14 +28,20 @@ class LoRALinear:
         self.in_local, self.in_start = in_local, in_start  # this rank's input columns (row-parallel)
         # [max_loras, num_slices * rank, in_local]: one shrink for every slice at once
         self.a_stack = torch.zeros(max_loras, len(slices) * rank, in_local, dtype=dtype, device=device)
-        # per slice [max_loras, size, rank]
-        self.b_stacks = [torch.zeros(max_loras, s.size, rank, dtype=dtype, device=device) for s in slices]
+        # [max_loras, out_local, rank]: each slice's B in its rows of the layer's output
+        self.b_all = torch.zeros(max_loras, sum(s.size for s in slices), rank, dtype=dtype, device=device)
+        # one expand launch for every slice: output tiles of block_n columns, none across two slices
+        self.block_n = next((b for b in (128, 64, 32, 16) if all(s.size % b == 0 for s in slices)), 0)
+        self.x_col = None  # [num_tiles] int32: the first column of the shrink's output each tile reads
+        if self.block_n:
+            cols = [i * rank for i, s in enumerate(slices) for _ in range(s.size // self.block_n)]
+            self.x_col = torch.tensor(cols, dtype=torch.int32, device=device)
 
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy one adapter's (A [r, in], B [out, r]) per module into slot; modules it lacks stay zero."""
         self.a_stack[slot].zero_()
+        self.b_all[slot].zero_()
         for i, s in enumerate(self.slices):
-            self.b_stacks[i][slot].zero_()
             if s.module not in weights:
                 continue
             a, b = weights[s.module]
@@ -45,12 +51,16 @@ class LoRALinear:
             else:
                 b = b[s.b_row_start : s.b_row_start + s.size]
             self.a_stack[slot, i * self.rank : i * self.rank + r].copy_(a, non_blocking=True)
-            self.b_stacks[i][slot, :, :r].copy_(b, non_blocking=True)
+            self.b_all[slot, s.offset : s.offset + s.size, :r].copy_(b, non_blocking=True)
 
     def apply(self, batch: LoRABatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [..., in_local], y [..., out_local] (the base output, before any all-reduce) -> y + deltas."""
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
         t = shrink(batch, x2.contiguous(), self.a_stack)  # [num_tokens, num_slices * rank] float32
+        if batch.use_triton and self.x_col is not None:
+            expand_fused(batch, t, self.b_all, y2, self.x_col, self.block_n)
+            return y
         for i, s in enumerate(self.slices):
-            expand(batch, t[:, i * self.rank : (i + 1) * self.rank].contiguous(), self.b_stacks[i], y2, s.offset)
+            expand(batch, t[:, i * self.rank : (i + 1) * self.rank], self.b_all[:, s.offset : s.offset + s.size],
+                   y2, s.offset)
         return y

@@ -7,6 +7,7 @@ import logging
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,8 +61,10 @@ class LoRAManager:
         self.cpu_cache: OrderedDict[int, LoRAModel] = OrderedDict()  # lora_int_id -> adapter, LRU first
         self.slot_ids: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
         self.slot_lru: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_loras))  # least recent first
-        # each decode token's slot; a static buffer, so CUDA graphs captured with LoRA read this step's
-        self.static_slots = torch.full((max_num_seqs,), -1, dtype=torch.int32, device=device)
+        # a decode step's tokens grouped by slot, in static buffers that CUDA graphs captured with LoRA read
+        self.static_perm = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
+        self.static_seg_start = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)
+        self.seg_slot = torch.arange(max_loras, dtype=torch.int32, device=device)
         self.graphs = None  # DecodeCUDAGraphs captured with LoRA on (CUDA, not enforce_eager)
 
     def _host(self, req: LoRARequest) -> LoRAModel:
@@ -101,27 +104,26 @@ class LoRAManager:
         if all(r is None for r in loras):
             return None
         slot_of = self.activate([r for r in loras if r is not None])
-        slots = [-1 if r is None else slot_of[r.lora_int_id] for r in loras]
-        if is_decode:
-            if self.use_triton:  # the static buffer: the tail keeps -1 for CUDA-graph padding rows
-                self.static_slots[len(slots):].fill_(-1)
-                self.static_slots[: len(slots)].copy_(self._dev(slots))
-                return LoRABatch(self.static_slots, None, None, 1, True)
-            return LoRABatch(torch.tensor(slots, dtype=torch.int32), None, None, 1, False)
-        token_slots = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(num_tokens))
+        slots = np.array([-1 if r is None else slot_of[r.lora_int_id] for r in loras], dtype=np.int32)
+        token_slots = np.repeat(slots, num_tokens)  # [num_tokens]
         if not self.use_triton:
-            return LoRABatch(token_slots, None, None, max(num_tokens), False)
-        seg_start = [0]
-        for n in num_tokens:
-            seg_start.append(seg_start[-1] + n)
-        return LoRABatch(self._dev(token_slots), self._dev(seg_start), self._dev(slots), max(num_tokens), True)
+            return LoRABatch(torch.from_numpy(token_slots), None, None, None, None, False)
+        keep = np.nonzero(token_slots >= 0)[0]
+        perm = keep[np.argsort(token_slots[keep], kind="stable")].astype(np.int32)  # rows grouped by slot
+        counts = np.bincount(token_slots[keep], minlength=self.max_loras)
+        seg_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        if is_decode:  # static buffers: CUDA graphs captured with LoRA read them
+            self.static_perm[: len(perm)].copy_(self._dev(perm))
+            self.static_seg_start.copy_(self._dev(seg_start))
+            return LoRABatch(None, self.static_perm, self.static_seg_start, self.seg_slot, None, True)
+        return LoRABatch(None, self._dev(perm), self._dev(seg_start), self.seg_slot, int(counts.max()), True)
 
-    def _dev(self, x: list[int] | torch.Tensor) -> torch.Tensor:
+    def _dev(self, x: np.ndarray) -> torch.Tensor:
         """Host ints to the device behind the step in flight (pinned, non-blocking)."""
         return torch.as_tensor(x, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
 
     def capture_graphs(self, graphs: Any) -> None:
-        """Capture decode CUDA graphs with the LoRA kernels in them, reading static_slots."""
-        with lora_batch(LoRABatch(self.static_slots, None, None, 1, True)):
+        """Capture decode CUDA graphs with the LoRA kernels in them, reading the static buffers."""
+        with lora_batch(LoRABatch(None, self.static_perm, self.static_seg_start, self.seg_slot, None, True)):
             graphs.capture()
         self.graphs = graphs

@@ -74,3 +74,60 @@ def test_bgmv_static_buffer_longer_than_batch(assert_close: Check, device: torch
     t = torch.zeros(3, 16, device=device)
     bgmv(x, a, t, token_slots)
     assert_close(t, reference.lora_shrink(x, a, token_slots))
+
+
+def grouped(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(perm, seg_start, seg_slot): token rows grouped by adapter, one segment per slot (the engine's layout)."""
+    slots = token_slots.cpu()
+    keep = (slots >= 0).nonzero().squeeze(1)
+    perm = keep[torch.argsort(slots[keep], stable=True)].to(torch.int32)
+    counts = torch.bincount(slots[keep].long(), minlength=num_slots)
+    seg_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    dev = token_slots.device
+    return perm.to(dev), seg_start.to(dev), torch.arange(num_slots, dtype=torch.int32, device=dev)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_sgmv_grouped_by_adapter(assert_close: Check, device: torch.device, dtype: torch.dtype, split_k: int) -> None:
+    """Tokens of one adapter scattered through the batch (decode), read through perm; split-K shrink."""
+    num_slots, rank, hidden, out_features, offset = 4, 16, 160, 40, 8
+    token_slots = torch.randint(-1, num_slots, (37,), dtype=torch.int32, device=device)
+    token_slots[:4] = torch.tensor([3, -1, 3, 0])  # an empty slot (2 may be), a no-adapter token
+    perm, seg_start, seg_slot = grouped(token_slots, num_slots)
+    n = token_slots.shape[0]
+    x = torch.randn(n, hidden, device=device).to(dtype)
+    a = (torch.randn(num_slots, rank, hidden, device=device) / hidden**0.5).to(dtype)
+    b = torch.randn(num_slots, out_features, rank, device=device).to(dtype)
+    t = torch.zeros(n, rank, dtype=torch.float32, device=device)
+    sgmv(x, a, t, seg_start, seg_slot, n, perm=perm, add=split_k > 1, split_k=split_k)
+    t_ref = reference.lora_shrink(x, a, token_slots)
+    assert_close(t, t_ref) if dtype == torch.float32 else assert_close(t.to(dtype), t_ref.to(dtype))
+    y = torch.randn(n, offset + out_features, device=device).to(dtype)
+    y_ref = y.clone()
+    sgmv(t_ref, b, y, seg_start, seg_slot, n, offset=offset, add=True, perm=perm)
+    reference.lora_expand(t_ref, b, token_slots, y_ref, offset)
+    assert_close(y, y_ref)
+    assert torch.equal(y[token_slots < 0], y_ref[token_slots < 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgmv_fused_slices_expand(assert_close: Check, device: torch.device, dtype: torch.dtype) -> None:
+    """q, k and v expanded in one launch: each output tile reads its own slice's rank columns (x_col)."""
+    num_slots, rank, sizes, block_n = 3, 16, [64, 32, 32], 32
+    token_slots = torch.tensor([2, 0, -1, 2, 1, 1, 0, 2, -1, 2], dtype=torch.int32, device=device)
+    perm, seg_start, seg_slot = grouped(token_slots, num_slots)
+    n = token_slots.shape[0]
+    t = torch.randn(n, len(sizes) * rank, device=device)  # the shrink's output, one rank block per slice
+    b_all = torch.randn(num_slots, sum(sizes), rank, device=device).to(dtype)
+    cols = [i * rank for i, size in enumerate(sizes) for _ in range(size // block_n)]
+    y = torch.randn(n, sum(sizes), device=device).to(dtype)
+    y_ref = y.clone()
+    sgmv(t, b_all, y, seg_start, seg_slot, n, add=True, perm=perm, block_n=block_n,
+         x_col=torch.tensor(cols, dtype=torch.int32, device=device))
+    offset = 0
+    for i, size in enumerate(sizes):
+        reference.lora_expand(t[:, i * rank : (i + 1) * rank], b_all[:, offset : offset + size], token_slots, y_ref,
+                              offset)
+        offset += size
+    assert_close(y, y_ref)
