@@ -22,7 +22,8 @@ from tests.conftest import prompts_of_lengths, write_tiny_checkpoint
 FP8 = torch.float8_e4m3fn
 PROMPTS = prompts_of_lengths([40, 64, 97, 120], seed=3)
 # k/v: 64 rows (a partial 128-row block); weights ~N(0, 0.1): less chaotic than the default 0.25
-SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "initializer_range": 0.1}
 MIN_AGREEMENT = 0.75
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
