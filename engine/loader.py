@@ -129,6 +129,7 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
                 param.data.fill_(1.0)
             else:
                 param.data.uniform_(-0.05, 0.05, generator=generator)
+        process_weights_after_loading(model)  # e.g. quantization=fp8 quantizes the random weights
         return
     if model_config.load_format == "gguf":
         keep_blocks = model_config.quantization == "gguf"
@@ -173,13 +174,18 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
     missing = sorted(expected - loaded_names)
     if missing:
         raise ModelLoadError(model_config.path, f"missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    for module in model.modules():  # quantized layers repack what they were given (vLLM's verb)
+    process_weights_after_loading(model)
+    logger.info("weights: %.1f MiB on this rank (quantization %s)", weight_bytes(model) / 2**20, model_config.quantization)
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Quantized layers repack (or quantize) what they were given (vLLM's verb)."""
+    for module in model.modules():
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
         elif hasattr(module, "process_weights_after_loading"):
             module.process_weights_after_loading()
-    logger.info("weights: %.1f MiB on this rank (quantization %s)", weight_bytes(model) / 2**20, model_config.quantization)
 
 
 def weight_bytes(model: nn.Module) -> int:

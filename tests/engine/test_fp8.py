@@ -214,3 +214,11 @@ def test_bad_kv_cache_dtype_and_config_fields(tmp_path, float_model: str, emulat
     with pytest.raises(ConfigError) as e:
         LLM(path)
     assert e.value.param == "quantization_config.weight_block_size"
+
+
+def test_dummy_weights_are_quantized(float_model: str, emulated: None) -> None:
+    """load_format dummy (the benchmarks) quantizes its random weights too."""
+    llm = LLM(float_model, load_format="dummy", quantization="fp8", enable_prefix_caching=False)
+    layer = llm.llm_engine.executor.runner.model.model.layers["2"].self_attn.o_proj
+    assert layer.weight.dtype == FP8 and layer.weight_scale.dtype == torch.float32
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
