@@ -98,6 +98,7 @@ def kernel_figures(shape: dict) -> None:
     step of 256 tokens and a prefill of 8192 (16 segments), 8 adapters, each timed inside a CUDA graph."""
     from engine.lora.adapter import ModelDims
     from engine.lora.layers import LoRALinear, LoRASlice
+    from engine.lora.manager import DECODE_TILE, PREFILL_TILE, tile_segments
     from engine.lora.punica import LoRABatch, expand_fused, shrink
 
     hf = type("HF", (), dict(shape, head_dim=None))
@@ -106,13 +107,13 @@ def kernel_figures(shape: dict) -> None:
     layers = {"qkv_proj": ([("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h),
               "o_proj": ([("o_proj", 0, h)], q), "gate_up_proj": ([("gate_proj", 0, i), ("up_proj", i, i)], h),
               "down_proj": ([("down_proj", 0, h)], i)}
-    seg_slot = torch.arange(NUM_ADAPTERS, dtype=torch.int32, device=dev)
     for kind, num_tokens, num_segs in (("decode", 256, 256), ("prefill", 8192, 16)):
         slots = torch.randint(0, NUM_ADAPTERS, (num_segs,)).repeat_interleave(num_tokens // num_segs)
         perm = torch.argsort(slots, stable=True).to(torch.int32).to(dev)
-        counts = torch.bincount(slots, minlength=NUM_ADAPTERS)
-        seg_start = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32).to(dev)
-        batch = LoRABatch(None, perm, seg_start, seg_slot, None if kind == "decode" else int(counts.max()), True)
+        tile = DECODE_TILE if kind == "decode" else PREFILL_TILE
+        seg_start, seg_slot = (torch.from_numpy(a).to(dev) for a in tile_segments(
+            torch.bincount(slots, minlength=NUM_ADAPTERS).numpy(), tile))  # as the engine cuts them
+        batch = LoRABatch(None, perm, seg_start, seg_slot, tile, True)
         for name, (slices, in_features) in layers.items():
             lin = LoRALinear([LoRASlice(m, off, size, 0) for m, off, size in slices], in_features, 0, False,
                              NUM_ADAPTERS, RANK, torch.bfloat16, dev)
@@ -155,7 +156,8 @@ def main() -> None:
     base_on_lora = run(model, prompts, args.output_len, None, **lora_kwargs)
     common = {"workload": "w1", "num_requests": args.num_requests, "adapters": NUM_ADAPTERS, "rank": RANK}
     print(json.dumps({"figure": "lora_random_adapter_vs_no_lora", **common, "no_lora_tok_s": round(base, 1),
-                      "lora_tok_s": round(with_lora, 1), "ratio": round(with_lora / base, 4), "goal": 0.85}), flush=True)
+                      "lora_tok_s": round(with_lora, 1), "ratio": round(with_lora / base, 4), "goal": 0.85}),
+          flush=True)
     print(json.dumps({"figure": "lora_base_requests_vs_lora_disabled", **common, "lora_disabled_tok_s": round(base, 1),
                       "lora_enabled_tok_s": round(base_on_lora, 1), "ratio": round(base_on_lora / base, 4),
                       "goal": 0.97}), flush=True)

@@ -19,6 +19,21 @@ from engine.lora.request import LoRARequest
 logger = logging.getLogger("gantry.engine")
 
 
+DECODE_TILE, PREFILL_TILE = 32, 64  # tokens per SGMV tile (measured on an H200)
+
+
+def tile_segments(counts: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """(seg_start, seg_slot) int32: each slot's tokens (counts per slot, grouped in perm) cut into tiles of at
+    most `tile`, so the kernel's grid has one program row per tile and none for empty slots."""
+    starts, slots, pos = [0], [], 0
+    for slot, count in enumerate(counts.tolist()):
+        for offset in range(0, count, tile):
+            pos += min(tile, count - offset)
+            starts.append(pos)
+            slots.append(slot)
+    return np.array(starts, dtype=np.int32), np.array(slots, dtype=np.int32)
+
+
 def stack_rank(max_lora_rank: int) -> int:
     """Rank of the slot stacks: max_lora_rank rounded up to 16 (tl.dot's smallest tile); zeros pad."""
     return -(-max_lora_rank // 16) * 16
@@ -63,8 +78,9 @@ class LoRAManager:
         self.slot_lru: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_loras))  # least recent first
         # a decode step's tokens grouped by slot, in static buffers that CUDA graphs captured with LoRA read
         self.static_perm = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
-        self.static_seg_start = torch.zeros(max_loras + 1, dtype=torch.int32, device=device)
-        self.seg_slot = torch.arange(max_loras, dtype=torch.int32, device=device)
+        self.max_tiles = -(-max_num_seqs // DECODE_TILE) + max_loras  # each slot's last tile may be partial
+        self.static_seg_start = torch.zeros(self.max_tiles + 1, dtype=torch.int32, device=device)
+        self.static_seg_slot = torch.full((self.max_tiles,), -1, dtype=torch.int32, device=device)
         self.graphs = None  # DecodeCUDAGraphs captured with LoRA on (CUDA, not enforce_eager)
 
     def _host(self, req: LoRARequest) -> LoRAModel:
@@ -111,12 +127,18 @@ class LoRAManager:
         keep = np.nonzero(token_slots >= 0)[0]
         perm = keep[np.argsort(token_slots[keep], kind="stable")].astype(np.int32)  # rows grouped by slot
         counts = np.bincount(token_slots[keep], minlength=self.max_loras)
-        seg_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        if is_decode:  # static buffers: CUDA graphs captured with LoRA read them
+        tile = DECODE_TILE if is_decode else PREFILL_TILE
+        seg_start, seg_slot = tile_segments(counts, tile)
+        if is_decode:  # static buffers: CUDA graphs captured with LoRA read them; unused tiles are -1
+            num = len(seg_slot)
+            seg_start = np.concatenate([seg_start, np.full(self.max_tiles - num, seg_start[-1], dtype=np.int32)])
+            seg_slot = np.concatenate([seg_slot, np.full(self.max_tiles - num, -1, dtype=np.int32)])
             self.static_perm[: len(perm)].copy_(self._dev(perm))
             self.static_seg_start.copy_(self._dev(seg_start))
-            return LoRABatch(None, self.static_perm, self.static_seg_start, self.seg_slot, None, True)
-        return LoRABatch(None, self._dev(perm), self._dev(seg_start), self.seg_slot, int(counts.max()), True)
+            self.static_seg_slot.copy_(self._dev(seg_slot))
+            return LoRABatch(None, self.static_perm, self.static_seg_start, self.static_seg_slot, DECODE_TILE, True)
+        return LoRABatch(None, self._dev(perm), self._dev(seg_start), self._dev(seg_slot),
+                         min(tile, int(counts.max())), True)
 
     def _dev(self, x: np.ndarray) -> torch.Tensor:
         """Host ints to the device behind the step in flight (pinned, non-blocking)."""
@@ -124,6 +146,7 @@ class LoRAManager:
 
     def capture_graphs(self, graphs: Any) -> None:
         """Capture decode CUDA graphs with the LoRA kernels in them, reading the static buffers."""
-        with lora_batch(LoRABatch(None, self.static_perm, self.static_seg_start, self.seg_slot, None, True)):
+        with lora_batch(LoRABatch(None, self.static_perm, self.static_seg_start, self.static_seg_slot, DECODE_TILE,
+                                  True)):
             graphs.capture()
         self.graphs = graphs

@@ -18,9 +18,9 @@ class LoRABatch:
     token_slots: torch.Tensor | None  # [num_tokens] int32: each token's slot, -1 = no adapter (torch path)
     # Triton path (punica's SGMV over tokens grouped by adapter; static buffers under CUDA graphs):
     perm: torch.Tensor | None  # [>= num_tokens] int32: rows of the tokens with an adapter, grouped by slot
-    seg_start: torch.Tensor | None  # [max_loras + 1] int32: slot s's rows are perm[seg_start[s]:seg_start[s + 1]]
-    seg_slot: torch.Tensor | None  # [max_loras] int32: 0, 1, ... (segment s is slot s)
-    max_seg_len: int | None  # host-side bound on a segment's tokens; None: the batch's token count
+    seg_start: torch.Tensor | None  # [num_tiles + 1] int32: tile j's rows are perm[seg_start[j]:seg_start[j + 1]]
+    seg_slot: torch.Tensor | None  # [num_tiles] int32: each tile's slot (one adapter per tile), -1 = unused
+    max_seg_len: int | None  # host-side bound on a tile's tokens; None: the batch's token count
     use_triton: bool  # CUDA: Triton kernels; else the torch reference
 
 

@@ -1,6 +1,8 @@
 """LoRARequest (vLLM's): which adapter a request runs with, by name, id and directory."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 
@@ -18,3 +20,12 @@ class LoRARequest(msgspec.Struct, frozen=True, array_like=True):
             raise RequestError("lora_int_id", f"must be an integer >= 1, got {self.lora_int_id!r}")
         if not self.lora_name:
             raise RequestError("lora_name", "must be a non-empty string")
+
+
+def count_adapters(loras: Iterable[LoRARequest | None]) -> dict[str, int]:
+    """Requests per adapter name (base-model requests not counted): vLLM's lora_requests_info."""
+    counts: dict[str, int] = {}
+    for lora in loras:
+        if lora is not None:
+            counts[lora.lora_name] = counts.get(lora.lora_name, 0) + 1
+    return counts

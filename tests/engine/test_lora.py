@@ -116,3 +116,13 @@ def test_prefix_cache_not_shared_across_adapters(base_and_adapters) -> None:
     again_a, cached_again = run(loras[0])
     assert cached_again == 64 and again_a == first_a  # its own pages are reused
     assert len({tuple(first_a), tuple(b), tuple(base_tokens)}) == 3
+
+
+def test_tiles_cover_each_adapters_tokens_once() -> None:
+    """The Triton path's tiles: each slot's grouped tokens cut into tiles of at most `tile`, empty slots none."""
+    import numpy as np
+
+    from engine.lora.manager import tile_segments
+
+    seg_start, seg_slot = tile_segments(np.array([70, 0, 5, 32]), 32)
+    assert seg_start.tolist() == [0, 32, 64, 70, 75, 107] and seg_slot.tolist() == [0, 0, 0, 2, 3]

@@ -15,7 +15,8 @@ Check = Callable[[torch.Tensor, torch.Tensor], None]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
-def _segments(lens: list[int], slots: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _segments(lens: list[int], slots: list[int],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(seg_start [S + 1], seg_slot [S], token_slots [num_tokens]) int32 for segments of these lengths."""
     starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)
     token_slots = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int32), torch.tensor(lens))
