@@ -75,6 +75,9 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
     generation_tokens_total: int = 0
     num_steps: int = 0  # steps run so far: a client that sees it stall while has_work detects a hang
     has_work: bool = False
+    max_lora: int = 0  # with enable_lora: max_loras (adapters per step)
+    running_lora_adapters: dict[str, int] = {}  # adapter name -> running requests
+    waiting_lora_adapters: dict[str, int] = {}  # adapter name -> waiting requests
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, kw_only=True):

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from engine.core_messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats
+from engine.lora.request import count_adapters
 from engine.outputs import ModelRunnerOutput, RequestMetrics, SchedulerOutput
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
@@ -164,7 +165,16 @@ class EngineCore:
             prefix_cache_hits_total=bm.prefix_cache_hits, prompt_tokens_total=sched.prompt_tokens_total,
             generation_tokens_total=sched.generation_tokens_total, num_steps=sched.num_steps,
             has_work=self.has_work(),
+            **({} if sched.max_loras is None else self._lora_stats(running, waiting)),
         )
+
+    def _lora_stats(self, running: set[str], waiting: set[str]) -> dict[str, object]:
+        """vLLM's lora_requests_info: requests per adapter name, running and waiting."""
+        def count(ids: set[str]) -> dict[str, int]:
+            return count_adapters(getattr(self.requests.get(r), "lora_request", None) for r in ids)
+
+        return dict(max_lora=self.scheduler.max_loras, running_lora_adapters=count(running),
+                    waiting_lora_adapters=count(waiting))
 
     def shutdown(self) -> None:
         """Collect batches still in flight, then release the executor (and the other ranks)."""

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import os
+import time
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
@@ -61,6 +62,12 @@ class _EngineStatsCollector(Collector):
             c = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             c.add_metric([self.model_name], float(getattr(stats, attr)))
             yield c
+        if getattr(stats, "max_lora", 0):  # vLLM's shape: adapter names in labels, the time as the value
+            g = GaugeMetricFamily(PREFIX + "lora_requests_info", "Running stats on lora requests.",
+                                  labels=["running_lora_adapters", "max_lora", "waiting_lora_adapters"])
+            g.add_metric([",".join(sorted(stats.running_lora_adapters)), str(stats.max_lora),
+                          ",".join(sorted(stats.waiting_lora_adapters))], time.time())
+            yield g
 
 
 class BatchedHistogram:

@@ -63,6 +63,8 @@ def test_model_selects_the_adapter(lora_server, offline) -> None:
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {base_name, "a"}
     assert models["a"].parent == base_name and models[base_name].parent is None
+    info = [labels for (name, labels) in lora_server.metrics() if name == "gantry:lora_requests_info"]
+    assert info and ("max_lora", "2") in info[0]  # vLLM's lora_requests_info shape
     assert client.models.retrieve("a").parent == base_name
 
 
