@@ -127,3 +127,26 @@ def test_per_token_quant_matches_torch(device: torch.device, shape: tuple[int, i
 def test_per_token_quant_zero_rows(device: torch.device) -> None:
     q, scale = per_token_quant(torch.zeros(3, 40, device=device))
     assert not q.float().isnan().any() and q.float().eq(0).all() and scale.gt(0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(28, 4, 128), (40, 8, 128), (14, 2, 64)])
+def test_fp8_pages_bf16_gpu(make_paged_kv: Callable, assert_close: Check, num_heads: int, num_kv_heads: int,
+                            head_dim: int) -> None:
+    """The engine's case on a GPU: bf16 queries over FP8 pages, decode and a mixed prefill batch."""
+    device = torch.device("cuda")
+    seq_lens = torch.randint(1, 3000, (9,)).tolist() + [1, 4097]
+    k_cache, v_cache, block_tables, lens = _fp8_pages(make_paged_kv, seq_lens, num_kv_heads, head_dim, 16)
+    k_scale, v_scale = 0.03, 0.01
+    query = torch.randn(len(seq_lens), num_heads, head_dim, device=device).to(torch.bfloat16)
+    out = decode_attention(query, k_cache, v_cache, block_tables, lens, head_dim**-0.5, k_scale=k_scale, v_scale=v_scale)
+    assert_close(out, reference.decode_attention(query, k_cache, v_cache, block_tables, lens, head_dim**-0.5,
+                                                 k_scale=k_scale, v_scale=v_scale))
+    q_lens = [min(n, 300) for n in seq_lens]
+    query_start_loc = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    query = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(torch.bfloat16)
+    out = prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, lens, head_dim**-0.5,
+                            k_scale=k_scale, v_scale=v_scale)
+    assert_close(out, reference.paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, lens,
+                                                head_dim**-0.5, k_scale=k_scale, v_scale=v_scale))
