@@ -6,6 +6,8 @@
           throughput with bf16 KV, FP8 KV, FP8 weights + FP8 KV
   agree   greedy agreement fp8 vs bf16 on a small real-shaped random model (Qwen2-0.5B shape)
     python -m benchmarks.fp8_bench [--parts matmul,w1,w3,agree]
+Each engine start (dummy weights, CUDA graphs) costs ~30 s: all parts take an estimated 5-7 minutes on
+an H200; under a 4-minute limit run `--parts matmul,w1,agree` and `--parts w3` as two calls.
 """
 from __future__ import annotations
 
