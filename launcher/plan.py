@@ -25,6 +25,7 @@ CONTAINER_CONFIG = "/etc/gantry/engine.yaml"  # where docker and k8s mount engin
 CONTAINER_KEY_ENV = "GANTRY_API_KEY"  # the key's variable inside containers and pods
 CONTAINER_KEY_FILE = "/run/secrets/gantry-api-key"  # where docker mounts server.api_key_file
 DEFAULT_KEY_ENV = "GANTRY_API_KEY"  # server.api_key_env's default: unset on deploy=local means no key
+LORA_MOUNT = "/adapters"  # model.lora_modules' directories inside a container: /adapters/<index>
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
@@ -292,6 +293,17 @@ def _rank_model_path(cfg: GantryConfig, host_path: str | None) -> str | None:
     return host_path
 
 
+def lora_mounts(cfg: GantryConfig) -> dict[str, tuple[str, str]]:
+    """model.lora_modules: name -> (directory on the host, directory as the ranks see it: its mount in a
+    container, read-only, in the order given)."""
+    containers = isinstance(cfg.deploy, (DockerDeploy, K8sDeploy))
+    out = {}
+    for i, (name, path) in enumerate(cfg.model.lora_modules.items()):
+        host = os.path.abspath(os.path.expanduser(path))
+        out[name] = (host, f"{LORA_MOUNT}/{i}" if containers else host)
+    return out
+
+
 def keyless_local(cfg: GantryConfig) -> bool:
     """deploy=local with the default key variable unset: no key, API on loopback only (vLLM's rule for
     VLLM_API_KEY, made safe: nobody else can reach a keyless server). A variable named explicitly
@@ -340,7 +352,8 @@ def _engine_section(cfg: GantryConfig, host_path: str | None) -> dict[str, Any]:
         "dtype": m.dtype, "max_model_len": m.max_model_len, "load_format": m.load_format,
         "quantization": m.quantization,
         "hf_overrides": dict(m.hf_overrides), "generation_config": m.generation_config,
-        "override_generation_config": dict(m.override_generation_config), "lora_modules": dict(m.lora_modules),
+        "override_generation_config": dict(m.override_generation_config),
+        "lora_modules": {name: rank_path for name, (_, rank_path) in lora_mounts(cfg).items()},
         "tensor_parallel_size": p.tensor_parallel_size,
         "pipeline_parallel_size": p.pipeline_parallel_size,
         **{f.name: getattr(e, f.name) for f in dataclasses.fields(e)},

@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 
 from launcher.host import secret_command
-from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, Plan
+from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, Plan, lora_mounts
 from launcher.render import Artefact, ShellExpr, shell_join
 from launcher.schema import K8sDeploy
 from launcher.targets._common import engine_summary, extra_env, flat, summary, torchrun_lines
@@ -94,6 +94,8 @@ def context(plan: Plan) -> dict[str, Any]:
         "has_sub_path": bool(d.storage.sub_path),
         "model_mount": model_path,
         "model_read_only": d.storage.read_only,
+        "lora_volumes": [{"name": f"lora-{i}", "host_path": host, "mount": mount}  # hostPath, read-only
+                         for i, (host, mount) in enumerate(lora_mounts(plan.cfg).values())],
         "startup_failure_threshold": max(1, -(-d.startup_timeout_s // PROBE_PERIOD_S)),
         "probe_period_s": PROBE_PERIOD_S,
         "ready_exec": _probe_exec(d.python, server.port, "/ready"),

@@ -53,6 +53,11 @@ CASES: dict[str, list[str]] = {
                           "deploy.python=python3", "server.api_key=literal-key"],
     # k8s: one node: Deployment + Service, hostPath, key from the Secret, httpGet probes
     "k8s_single": ["model=llama3.1-8b", "parallel=tp1", "deploy=k8s"],
+    # LoRA: adapter directories mounted read-only at /adapters/<i>, engine.yaml naming them there
+    "docker_lora": ["model=llama3.1-8b", "deploy=docker", "engine.enable_lora=true", "engine.max_loras=2",
+                    "+model.lora_modules.sql=/data/lora/sql", "+model.lora_modules.chat=/data/lora/chat"],
+    "k8s_lora": ["model=llama3.1-8b", "parallel=tp1", "deploy=k8s", "engine.enable_lora=true",
+                 "+model.lora_modules.sql=/data/lora/sql"],
     # k8s: the seed's 2 x 2 as one torchrun group: StatefulSet + headless Service, ServiceMonitor
     "k8s_2node_monitor": ["experiment=deepseek32b_k8s_2node"],
     # k8s: PVC with subPath, literal key -> Secret manifest, /metrics guarded in the ServiceMonitor
