@@ -222,3 +222,52 @@ def test_dummy_weights_are_quantized(float_model: str, emulated: None) -> None:
     layer = llm.llm_engine.executor.runner.model.model.layers["2"].self_attn.o_proj
     assert layer.weight.dtype == FP8 and layer.weight_scale.dtype == torch.float32
     assert len(llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids) == 4
+
+
+def write_with_compressed_tensors(src: str, dst: str) -> str:
+    """FP8_DYNAMIC (per-channel e4m3 weights, per-token activations) written by compressed-tensors itself
+    (what llm-compressor calls; llm-compressor would replace this environment's transformers), min-max
+    scales from its own calculate_qparams; dst + '-float' holds the weights it dequantizes to."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationConfig,
+        apply_quantization_config,
+        preset_name_to_scheme,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    for module in model.modules():
+        if hasattr(module, "weight_scale"):
+            w = module.weight.data
+            scale, _ = calculate_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True),
+                                         module.quantization_scheme.weights)
+            module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="float-quantized")
+    compressor.compress_model(model)
+    model.save_pretrained(dst)
+    compressor.update_config(dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    floats = {n: t.float() * tensors[n + "_scale"] if t.dtype == FP8 else t
+              for n, t in tensors.items() if not n.endswith("_scale")}
+    os.makedirs(dst + "-float")
+    save_file(floats, os.path.join(dst + "-float", "model.safetensors"))
+    for name in os.listdir(src):
+        if name != "model.safetensors":
+            shutil.copy(os.path.join(src, name), dst + "-float")
+            if name != "config.json":
+                shutil.copy(os.path.join(src, name), dst)
+    return dst
+
+
+def test_checkpoint_written_by_compressed_tensors(float_model: str, tmp_path, emulated: None) -> None:
+    pytest.importorskip("compressed_tensors")
+    path = write_with_compressed_tensors(float_model, str(tmp_path / "ct"))
+    llm = LLM(path, enable_prefix_caching=False)
+    assert llm.llm_engine.executor.runner.model.model.layers["1"].mlp.down_proj.weight.dtype == FP8
+    top1 = engine_top1(llm)
+    assert agreement(top1, hf_top1(path + "-float")) >= MIN_AGREEMENT
+    assert top1 == engine_top1(LLM(path + "-float", quantization="fp8", enable_prefix_caching=False))
