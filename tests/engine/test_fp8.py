@@ -2,8 +2,9 @@
 GPU, float32 matmuls): each checkpoint format's teacher-forced top-1 agrees with transformers float32 on
 its dequantized weights (a random tiny model amplifies FP8's ~4% error per matmul, hence 75%; trained
 weights: benchmarks/fp8_accuracy.py), per-channel and block checkpoints equal quantization=fp8 on those
-weights exactly; FP8 KV pages hold more tokens; checkpoint KV scales are used; without a GPU or the
-switch a ConfigError names the field."""
+weights exactly (the per-channel one also as compressed-tensors itself writes it; per tensor and blocks
+in the same tensor layout, written here with safetensors); FP8 KV pages hold more tokens; checkpoint KV
+scales are used; without a GPU or the switch a ConfigError names the field."""
 from __future__ import annotations
 
 import json
