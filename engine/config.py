@@ -58,7 +58,7 @@ class EngineConfig:
     enable_lora: bool = False  # serve PEFT LoRA adapters (engine/lora)
     lora_modules: dict[str, str] = field(default_factory=dict)  # adapters registered at start-up: name -> directory
     max_loras: int = 1  # adapters resident on the device at once (and so in one step)
-    max_cpu_loras: int | None = None  # adapters cached in host memory (None: max_loras)
+    max_cpu_loras: int | None = None  # adapters cached in host memory (unset: max_loras)
     max_lora_rank: int = 16  # largest adapter rank served
 
     def __post_init__(self) -> None:
