@@ -27,6 +27,8 @@ from engine.model_config import ModelConfig, resolve_model_config
 from engine.model_runner import ModelRunner
 from engine.parallel import get_parallel_state, init_distributed
 from engine.scheduler import Scheduler
+from engine.structured.manager import StructuredOutputManager
+from engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger("gantry.engine")
 
@@ -113,6 +115,8 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
                           sorted(config_eos_token_ids(mc)), num_lanes, async_scheduling, mc.max_model_len)
     scheduler.max_loras = config.max_loras if config.enable_lora else None
     core = EngineCore(scheduler, executor, max_in_flight)
+    core.structured_output_manager = StructuredOutputManager(  # loads the tokenizer at the first constrained request
+        lambda: load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=False), mc.hf_config.vocab_size)
     # what the phases recorded inside (model config, weights...) did not cover
     startup.record("model build and KV pool", time.monotonic() - start - (startup.recorded() - before))
     info = CoreInfo(

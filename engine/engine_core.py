@@ -17,6 +17,8 @@ from engine.lora.request import count_adapters
 from engine.outputs import ModelRunnerOutput, RequestMetrics, SchedulerOutput
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
+from engine.structured.manager import StructuredOutputManager
+from engine.structured.params import StructuredOutputsError
 
 
 class Executor(Protocol):
@@ -35,6 +37,7 @@ class EngineCore:
         self.batch_queue: deque[tuple[SchedulerOutput, list[Sequence], int]] = deque()
         self._pending: list[EngineCoreOutput] = []  # requests failed outside a step, sent with the next
         self.use_batch_queue = max_in_flight > 1  # chosen once at start-up (see step_fn)
+        self.structured_output_manager: StructuredOutputManager | None = None  # set by build_engine_core
 
     def step_fn(self) -> EngineCoreOutputs:
         """step() or step_with_batch_queue(), as chosen at start-up. A method, not a bound method kept
@@ -58,6 +61,15 @@ class EngineCore:
         for i in range(params.n):
             seq_id = req.request_id if params.n == 1 else f"{req.request_id}#{i}"
             request.seqs.append(Sequence(seq_id, request, i, list(req.prompt_token_ids), len(req.prompt_token_ids)))
+        if params.structured_outputs is not None:
+            try:
+                if self.structured_output_manager is None:
+                    raise StructuredOutputsError("structured_outputs", "not supported by this engine")
+                self.structured_output_manager.add_request(request, self.scheduler.eos_token_ids)
+            except StructuredOutputsError as e:  # the request fails alone, with the field named
+                self._pending.extend(EngineCoreOutput(request_id=req.request_id, index=s.index, finish_reason="abort",
+                                                      error=(e.param, e.message)) for s in request.seqs)
+                return
         self.requests[req.request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
@@ -77,6 +89,7 @@ class EngineCore:
             self.scheduler.finish(live)
             if request.finished:
                 del self.requests[request_id]
+                self._free_grammar(request_id)
 
     def add_eos_token_ids(self, token_ids: Iterable[int]) -> None:
         """The tokenizer's EOS (the front end's to know): a stop token for every request from now on."""
@@ -103,6 +116,12 @@ class EngineCore:
         """Submit a batch while a slot (a PP lane, or the second async slot) is free; collect the
         oldest once the queue is full or nothing new could be scheduled."""
         submitted = False
+        if self.batch_queue and self.scheduler.num_lanes == 1 and self._has_grammars():
+            # A constrained sample's next bitmask needs the token its step in flight is sampling, so
+            # while any is running the overlap is off: collect, then schedule (as step() does). The
+            # alternative, running constrained samples every other step, would halve their speed.
+            so, scheduled, _ = self.batch_queue.popleft()
+            return self._outputs(self.scheduler.update_from_output(so, scheduled, self.executor.collect()))
         if len(self.batch_queue) < self.max_in_flight and self.scheduler.has_unfinished():
             busy = {lane for _, _, lane in self.batch_queue}
             free = [lane for lane in range(self.scheduler.num_lanes) if lane not in busy]
@@ -119,6 +138,8 @@ class EngineCore:
 
     def _schedule(self, lane: int) -> tuple[SchedulerOutput, list[Sequence]]:
         so, scheduled = self.scheduler.schedule(lane)
+        if self._has_grammars():
+            so.grammar_bitmask, so.structured_output_req_ids = self.structured_output_manager.grammar_bitmask(scheduled)
         now = time.time()
         for seq in scheduled:
             if seq.request.metrics.first_scheduled_time is None:
@@ -129,6 +150,7 @@ class EngineCore:
                 request = self.requests.pop(seq.request.request_id, None)
                 if request is None:
                     continue
+                self._free_grammar(request.request_id)
                 live = [s for s in request.seqs if not s.is_finished]
                 for s in live:
                     s.finish_reason = "abort"
@@ -140,7 +162,16 @@ class EngineCore:
             self.scheduler.unschedulable.clear()
         return so, scheduled
 
+    def _has_grammars(self) -> bool:
+        return self.structured_output_manager is not None and self.structured_output_manager.num_requests > 0
+
+    def _free_grammar(self, request_id: str) -> None:
+        if self.structured_output_manager is not None:
+            self.structured_output_manager.free(request_id)
+
     def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
+        if outputs and self._has_grammars():
+            self.structured_output_manager.accept_tokens(outputs)
         for out in outputs:
             request = self.requests.get(out.request_id)
             if request is None:
@@ -149,6 +180,7 @@ class EngineCore:
                 out.first_scheduled_time, request.scheduled_time_sent = request.metrics.first_scheduled_time, True
             if out.finish_reason is not None and request.finished:  # forgotten once all samples finished
                 del self.requests[out.request_id]
+                self._free_grammar(out.request_id)
         if self._pending:
             outputs, self._pending = self._pending + outputs, []
         return EngineCoreOutputs(outputs=outputs, timestamp=time.time(), stats=self.get_stats(),

@@ -25,6 +25,7 @@ from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, RequestSampli
 from engine.parallel import get_parallel_state
 from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
 from engine.sampling_params import mix_seed
+from engine.structured.bitmask import sampled_bitmask
 
 logger = logging.getLogger("gantry.engine")
 
@@ -323,6 +324,8 @@ class ModelRunner:
             self.last_sampled, self.last_sampled_index = None, {}
             return PendingOutput.empty(prompt_logprobs)
         md = self.sampling_metadata(sampled_ids)
+        md.grammar_bitmask, md.grammar_rows = sampled_bitmask(so.grammar_bitmask, so.structured_output_req_ids,
+                                                              sampled_ids, self.to_device)
         out = self.sampler(logits, md)
         self.last_sampled, self.last_sampled_index = out.sampled_token_ids, {r: i for i, r in enumerate(sampled_ids)}
         for req_id in sampled_ids:

@@ -129,6 +129,10 @@ class SchedulerOutput:
     scheduled_cached_reqs: list[CachedRequestData] = field(default_factory=list)  # ran last step too
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)  # req_id -> tokens this step
     finished_req_ids: list[str] = field(default_factory=list)  # forget these (finished, aborted, preempted)
+    # [len(structured_output_req_ids), ceil(vocab / 32)] int32 host tensor: the tokens each constrained
+    # sample may take next (engine/structured/); None when no constrained sample is scheduled
+    grammar_bitmask: Any = None
+    structured_output_req_ids: list[str] = field(default_factory=list)  # seq ids of grammar_bitmask's rows
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -11,6 +11,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.structured.params import StructuredOutputsError, StructuredOutputsParams
+
 
 class SamplingParamsError(ValueError):
     """A bad sampling parameter; `param` names it (the server maps this to HTTP 400)."""
@@ -112,6 +114,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # keep the matched stop string
     detokenize: bool = True  # False: token ids only, no text (saves CPU in offline benchmarks)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each RequestOutput holds
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output (engine/structured/)
 
     def __post_init__(self) -> None:
         self._normalize_types()
@@ -145,6 +148,14 @@ class SamplingParams:
         if kind not in {k.value for k in RequestOutputKind}:
             raise SamplingParamsError("output_kind", f"must be one of {[k.name for k in RequestOutputKind]}, got {kind}")
         self.output_kind = RequestOutputKind(kind)
+        so = self.structured_outputs
+        try:
+            if isinstance(so, dict):
+                so = self.structured_outputs = StructuredOutputsParams.from_dict(so)
+        except StructuredOutputsError as e:
+            raise SamplingParamsError(e.param, e.message) from None
+        if so is not None and not isinstance(so, StructuredOutputsParams):
+            raise SamplingParamsError("structured_outputs", f"must be StructuredOutputsParams, got {_show(so)}")
 
     def _validate(self) -> None:
         def bad(param: str, message: str) -> SamplingParamsError:

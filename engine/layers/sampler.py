@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.structured.bitmask import apply_grammar_bitmask
+
 @dataclass
 class SamplingMetadata:
     temperature: torch.Tensor  # [num_reqs] float32; 0 = greedy
@@ -27,6 +29,8 @@ class SamplingMetadata:
     prompt_token_mask: torch.Tensor | None = None  # [num_reqs, vocab] bool: token occurs in the prompt
     min_tokens_mask: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (row, banned ids on the device)
     max_num_logprobs: int | None = None  # largest top-k logprobs asked in the batch
+    grammar_bitmask: torch.Tensor | None = None  # [num_reqs, ceil(vocab / 32)] int32: structured outputs
+    grammar_rows: list[int] | None = None  # the rows grammar_bitmask constrains (the others are unchanged)
 
 
 @dataclass
@@ -66,12 +70,15 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits: [num_reqs, vocab] in the model dtype; all-greedy batches argmax it as is."""
-        if md.all_greedy and md.max_num_logprobs is None and md.output_token_counts is None and not md.min_tokens_mask:
+        if (md.all_greedy and md.max_num_logprobs is None and md.output_token_counts is None and not md.min_tokens_mask
+                and md.grammar_bitmask is None):
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         logits = logits.float()
         raw_logprobs = logits.log_softmax(dim=-1) if md.max_num_logprobs is not None else None
         for row, banned in md.min_tokens_mask:
             logits[row, banned] = float("-inf")
+        if md.grammar_bitmask is not None:  # EOS stays allowed only where the grammar may end
+            apply_grammar_bitmask(logits, md.grammar_bitmask, md.grammar_rows)
         if md.output_token_counts is not None:
             logits = apply_penalties(logits, md)
         greedy = logits.argmax(dim=-1)

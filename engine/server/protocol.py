@@ -172,6 +172,8 @@ class ModelContext:
     max_text_chars: int | None = None
     max_num_seqs: int | None = None  # sequences the engine runs at once: a wider beam search is refused
     lora_enabled: bool = False  # `model` may name an adapter: the API process checks it (engine/server/lora_routes.py)
+    enable_auto_tool_choice: bool = False  # ServerConfig's: tool_choice "auto" allowed (engine/server/tools.py)
+    tool_call_parser: str | None = None  # ServerConfig's
 
 
 def check_model(body: dict, ctx: ModelContext) -> None:
@@ -208,6 +210,7 @@ def _stop(body: dict, ctx: ModelContext) -> list[str]:
 
 def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     """Every sampling field both APIs share; max_tokens None means up to the context left."""
+    from engine.server.protocol_structured import structured_outputs_params  # it imports this module
     logit_bias = body.get("logit_bias")
     if logit_bias:
         raise bad("logit_bias", "is not supported")
@@ -233,6 +236,7 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         "ignore_eos": _bool(body, "ignore_eos"),
         "skip_special_tokens": _bool(body, "skip_special_tokens"),
         "include_stop_str_in_output": _bool(body, "include_stop_str_in_output"),
+        "structured_outputs": structured_outputs_params(body),  # response_format / structured_outputs
     }
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
@@ -362,10 +366,7 @@ def parse_messages(messages: Any, ctx: ModelContext) -> list[dict[str, str]]:
 def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     check_model(body, ctx)
     messages = parse_messages(body.get("messages"), ctx)
-    _unsupported(body, "tools", "functions", "audio", "prediction")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("response_format", "only {\"type\": \"text\"} is supported")
+    _unsupported(body, "functions", "audio", "prediction")  # tools: engine/server/tools.py
     stream = bool(_bool(body, "stream"))
     logprobs = bool(_bool(body, "logprobs"))
     top_logprobs = _int(body, "top_logprobs", 0, MAX_LOGPROBS)

@@ -1,0 +1,39 @@
+"""One step's grammar bitmask on the model runner's side: the rows of the requests it samples,
+applied to the logits on their device (xgrammar's kernel: CUDA on a GPU, its C++ loop on CPU)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def sampled_bitmask(bitmask: torch.Tensor | None, bitmask_req_ids: list[str], sampled_ids: list[str],
+                    to_device: Callable[[torch.Tensor, torch.dtype], torch.Tensor],
+                    ) -> tuple[torch.Tensor, list[int]] | tuple[None, None]:
+    """The bitmask rows of the constrained requests among this step's sampled ones, as a
+    [len(sampled_ids), ceil(vocab / 32)] int32 tensor on the device (other rows allow everything),
+    and the rows it constrains; (None, None) when none of them is constrained.
+
+    bitmask: [len(bitmask_req_ids), ceil(vocab / 32)] int32 from the scheduler (host)."""
+    if bitmask is None:
+        return None, None
+    row_of = {req_id: row for row, req_id in enumerate(sampled_ids)}
+    src, rows = [], []
+    for k, req_id in enumerate(bitmask_req_ids):
+        row = row_of.get(req_id)
+        if row is not None:  # a prefill chunk that ends mid-prompt samples nothing
+            src.append(k)
+            rows.append(row)
+    if not rows:
+        return None, None
+    constrained = to_device(bitmask[src], torch.int32)  # [len(rows), words]
+    full = torch.full((len(sampled_ids), bitmask.shape[1]), -1, dtype=torch.int32, device=constrained.device)
+    full[to_device(torch.tensor(rows), torch.long)] = constrained
+    return full, rows
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+    """logits: [num_reqs, vocab] float32, in place: tokens the grammar forbids become -inf in `rows`."""
+    import xgrammar as xgr  # only batches with a constrained request get here
+
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)

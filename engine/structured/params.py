@@ -1,0 +1,140 @@
+"""StructuredOutputsParams (vLLM's names): exactly one of json, regex, choice, grammar, json_object.
+
+Checked at construction: the grammar is built (xgrammar, without a tokenizer; cached per spec), so a
+schema, regex or EBNF that cannot compile fails as a SamplingParamsError naming the field, and the
+engine core only ever sees constraints it can compile.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+KINDS = ("json", "regex", "choice", "grammar", "json_object")
+MAX_SPEC_CHARS = 1_000_000  # a larger schema or grammar is refused before compiling
+
+
+class StructuredOutputsError(ValueError):
+    """A constraint that cannot be used; `param` names the field (structured_outputs.json, ...)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param, self.message = param, message
+
+
+@dataclass
+class StructuredOutputsParams:
+    json: str | dict[str, Any] | None = None  # a JSON schema (object or its text)
+    regex: str | None = None  # the whole output matches it
+    choice: list[str] | None = None  # the output is exactly one of these strings
+    grammar: str | None = None  # EBNF / GBNF (xgrammar's dialect; root rule "root")
+    json_object: bool | None = None  # any JSON object (OpenAI's response_format json_object)
+    disable_any_whitespace: bool = False  # True: compact JSON (no whitespace between tokens)
+
+    def __post_init__(self) -> None:
+        check_structured_outputs(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StructuredOutputsParams:
+        """From a request's JSON object; an unknown key is named."""
+        known = {f.name for f in fields(cls)}
+        for key in d:
+            if key not in known:
+                raise StructuredOutputsError(f"structured_outputs.{key}", f"unknown field; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+
+    def grammar_key(self) -> tuple[str, str]:
+        """(kind, spec text): what the compiled grammar depends on, a cache key."""
+        kind = self.kind
+        if kind == "json":
+            return kind, self.json_text() + ("" if not self.disable_any_whitespace else "\0compact")
+        if kind == "choice":
+            return "grammar", choice_ebnf(self.choice or [])
+        if kind == "json_object":
+            return kind, "compact" if self.disable_any_whitespace else ""
+        return kind, getattr(self, kind)
+
+    def json_text(self) -> str:
+        """The schema as text, its keys in the order given (they set the order properties are generated in)."""
+        return self.json if isinstance(self.json, str) else json.dumps(self.json)
+
+
+def choice_ebnf(choices: list[str]) -> str:
+    """An EBNF grammar whose language is exactly the given strings."""
+    return "root ::= " + " | ".join(json.dumps(c) for c in choices)
+
+
+def _clean(error: Exception) -> str:
+    """xgrammar's message without its C++ source location prefix."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+
+
+@functools.lru_cache(maxsize=256)
+def _build(kind: str, spec: str) -> None:
+    """Build the grammar once per spec (no tokenizer needed); raises ValueError with xgrammar's reason."""
+    import xgrammar as xgr  # imported on first use: it takes seconds
+
+    try:
+        if kind == "json":
+            xgr.Grammar.from_json_schema(spec.split("\0")[0])
+        elif kind == "regex":
+            xgr.Grammar.from_regex(spec)
+        elif kind == "grammar":
+            xgr.Grammar.from_ebnf(spec)
+    except Exception as e:  # xgrammar raises RuntimeError (and others) from C++ with the reason
+        raise ValueError(_clean(e)) from None
+
+
+def check_structured_outputs(p: StructuredOutputsParams) -> None:
+    """Types, exactly one constraint, and a grammar that compiles; else StructuredOutputsError."""
+    given = [k for k in KINDS if getattr(p, k) not in (None, False)]
+    if len(given) != 1:
+        raise StructuredOutputsError("structured_outputs", f"give exactly one of {', '.join(KINDS)}; got "
+                                     f"{', '.join(given) or 'none'}")
+    kind = given[0]
+    param = f"structured_outputs.{kind}"
+    value = getattr(p, kind)
+    if not isinstance(p.disable_any_whitespace, bool):
+        raise StructuredOutputsError("structured_outputs.disable_any_whitespace", "must be true or false")
+    if kind == "json":
+        if isinstance(value, dict):
+            try:
+                text = json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise StructuredOutputsError(param, f"not a JSON schema: {e}") from None
+        elif isinstance(value, str):
+            text = value
+            try:
+                if not isinstance(json.loads(text), (dict, bool)):
+                    raise StructuredOutputsError(param, "a JSON schema must be an object")
+            except json.JSONDecodeError as e:
+                raise StructuredOutputsError(param, f"not valid JSON: {e}") from None
+        else:
+            raise StructuredOutputsError(param, f"must be a JSON schema object, got {type(value).__name__}")
+    elif kind == "json_object":
+        if value is not True:
+            raise StructuredOutputsError(param, "must be true or false")
+        return
+    elif kind == "choice":
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
+            raise StructuredOutputsError(param, "must be a non-empty list of non-empty strings")
+        p.choice = list(value)
+        text = choice_ebnf(p.choice)
+    else:
+        if not isinstance(value, str) or not value:
+            raise StructuredOutputsError(param, "must be a non-empty string")
+        text = value
+    if len(text) > MAX_SPEC_CHARS:
+        raise StructuredOutputsError(param, f"at most {MAX_SPEC_CHARS} characters, got {len(text)}")
+    build_kind, spec = p.grammar_key()
+    try:
+        _build(build_kind, spec)
+    except ValueError as e:
+        raise StructuredOutputsError(param, f"cannot be compiled: {e}") from None

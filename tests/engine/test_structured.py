@@ -1,0 +1,135 @@
+"""Structured outputs offline (issue 16) on the embedded SmolLM2: 100 samples at temperature 1.0 for
+each of five JSON schemas validate with jsonschema; regex and choice outputs always match; the same
+with n=4 under async scheduling; an unconstrained greedy request in a constrained batch is unchanged."""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.sampling_params import SamplingParamsError
+from engine.structured import StructuredOutputsParams
+
+SCHEMAS = {
+    "nested": {"type": "object", "properties": {
+        "user": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                  "id": {"type": "integer", "minimum": 0, "maximum": 9999}}, "required": ["name", "id"]},
+        "active": {"type": "boolean"}}, "required": ["user", "active"]},
+    "array": {"type": "object", "properties": {
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3}},
+        "required": ["tags"]},
+    "enum": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                              "size": {"type": "string", "enum": ["S", "M", "L"]}},
+             "required": ["color", "size"]},
+    "bounds": {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                                "score": {"type": "number", "minimum": -1, "maximum": 1}},
+               "required": ["age", "score"]},
+    "required": {"type": "object", "properties": {"title": {"type": "string", "maxLength": 16},
+                                                  "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+                                                  "note": {"type": "string", "maxLength": 6}},
+                 "required": ["title", "year"]},
+}
+REGEX = r"(yes|no), [0-9]{1,3}(\.[0-9])?"
+CHOICES = ["positive", "negative", "neutral"]
+PROMPT = "Describe something as JSON."
+
+
+def constrained(max_tokens: int = 64, n: int = 1, **spec) -> SamplingParams:
+    """Compact JSON unless asked otherwise: fewer tokens on a slow CPU (whitespace is tested in the n=4 test)."""
+    spec.setdefault("disable_any_whitespace", "json" in spec)
+    return SamplingParams(temperature=1.0, max_tokens=max_tokens, n=n,
+                          structured_outputs=StructuredOutputsParams(**spec))
+
+
+def check_batch(outputs: list, specs: list[tuple[str, object]]) -> None:
+    """Every sample of every output satisfies its request's constraint and ended on its own."""
+    for out, (kind, spec) in zip(outputs, specs, strict=True):
+        for sample in out.outputs:
+            assert sample.finish_reason == "stop", (kind, sample.text)
+            if kind == "json":
+                jsonschema.validate(json.loads(sample.text), spec)
+            elif kind == "regex":
+                assert re.fullmatch(spec, sample.text), sample.text
+            else:
+                assert sample.text in spec
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    llm = LLM(dtype="float32", async_scheduling=False)
+    yield llm
+    llm.llm_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def async_llm() -> LLM:
+    llm = LLM(dtype="float32", async_scheduling=True)
+    assert llm.llm_engine.engine_core.use_batch_queue
+    yield llm
+    llm.llm_engine.shutdown()
+
+
+@pytest.mark.slow
+def test_100_samples_per_schema_all_valid(llm: LLM) -> None:
+    """500 JSON samples, 20 regex and 20 choice samples, in one batch."""
+    prompts, params, specs = [], [], []
+    for schema in SCHEMAS.values():
+        prompts += [PROMPT] * 100
+        params += [constrained(json=schema)] * 100
+        specs += [("json", schema)] * 100
+    prompts += ["Answer yes or no, then a number."] * 20 + ["Is this review good?"] * 20
+    params += [constrained(regex=REGEX, max_tokens=16)] * 20 + [constrained(choice=CHOICES, max_tokens=8)] * 20
+    specs += [("regex", REGEX)] * 20 + [("choice", CHOICES)] * 20
+    check_batch(llm.generate(prompts, params, use_tqdm=False), specs)
+    assert not llm.llm_engine.engine_core.structured_output_manager.matchers  # freed on finish
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["llm", "async_llm"])
+def test_n4_and_unconstrained_neighbour_unchanged(which: str, request: pytest.FixtureRequest) -> None:
+    """n=4 (one matcher per sample) with async scheduling off and on; a greedy unconstrained request
+    batched with constrained ones gives the tokens it gives alone."""
+    llm: LLM = request.getfixturevalue(which)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = llm.generate(["The capital of France is"], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    prompts = ["The capital of France is"] + [PROMPT] * len(SCHEMAS) + ["Answer yes or no.", "Good or bad?"]
+    params = ([greedy] + [constrained(json=s, n=4, disable_any_whitespace=k != "bounds") for k, s in SCHEMAS.items()]
+              + [constrained(regex=REGEX, n=4, max_tokens=16), constrained(choice=CHOICES, n=4, max_tokens=8)])
+    specs = [("json", s) for s in SCHEMAS.values()] + [("regex", REGEX), ("choice", CHOICES)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == alone
+    assert all(len(o.outputs) == 4 for o in outputs[1:])
+    check_batch(outputs[1:], specs)
+
+
+def test_greedy_json_object_and_abort_frees_matchers(llm: LLM) -> None:
+    """json_object gives a JSON object; an aborted constrained request leaves no matcher behind."""
+    out = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=64,
+                                                structured_outputs={"json_object": True}), use_tqdm=False)[0]
+    assert isinstance(json.loads(out.outputs[0].text), dict)
+    engine = llm.llm_engine
+    engine.add_request("to-abort", PROMPT, constrained(json=SCHEMAS["nested"], n=2))
+    engine.step()
+    assert "to-abort" in engine.engine_core.structured_output_manager.matchers
+    engine.abort_request(["to-abort"])
+    engine.step()
+    assert not engine.engine_core.structured_output_manager.matchers
+
+
+@pytest.mark.parametrize("spec,param", [
+    ({"json": {"type": "nope"}}, "structured_outputs.json"),
+    ({"json": "{not json"}, "structured_outputs.json"),
+    ({"regex": "(unclosed"}, "structured_outputs.regex"),
+    ({"grammar": "root ::= undefined_rule"}, "structured_outputs.grammar"),
+    ({"choice": []}, "structured_outputs.choice"),
+    ({"regex": "a", "choice": ["b"]}, "structured_outputs"),
+    ({}, "structured_outputs"),
+    ({"jsn": {}}, "structured_outputs.jsn"),
+])
+def test_bad_constraint_names_the_field(spec: dict, param: str) -> None:
+    with pytest.raises(SamplingParamsError) as info:
+        SamplingParams(structured_outputs=spec)
+    assert info.value.param == param
