@@ -127,6 +127,10 @@ class EngineConfig:
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
+REASONING_PARSERS = ("deepseek_r1", "qwen3")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
+
+
 @dataclass
 class ServerConfig:
     host: str = "0.0.0.0"  # address the API listens on
@@ -143,6 +147,9 @@ class ServerConfig:
     api_server_count: int = 1  # API processes sharing the port and the one engine core
     engine_hang_timeout_s: float = 60.0  # no engine step for this long while it has work: 503, then exit 1
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with the key)
+    reasoning_parser: str | None = None  # deepseek_r1 | qwen3: <think> text goes to message.reasoning_content
+    enable_auto_tool_choice: bool = False  # tool_choice "auto": the model decides, --tool-call-parser reads its calls
+    tool_call_parser: str | None = None  # hermes | llama3_json | mistral: the model's tool-call format
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -155,6 +162,14 @@ class ServerConfig:
             raise ConfigError("allow_runtime_lora_updating", "works with api_server_count 1 only")
         if not self.engine_hang_timeout_s > 0:
             raise ConfigError("engine_hang_timeout_s", f"must be > 0, got {self.engine_hang_timeout_s}")
+        if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):  # engine/server/tools.py's
+            raise ConfigError("tool_call_parser", f"unknown parser {self.tool_call_parser!r}; choose one of "
+                                                  f"{', '.join(TOOL_CALL_PARSERS)}")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("tool_call_parser", "enable_auto_tool_choice needs a tool_call_parser")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):  # engine/server/reasoning.py's
+            raise ConfigError("reasoning_parser", f"unknown parser {self.reasoning_parser!r}; choose one of "
+                                                  f"{', '.join(REASONING_PARSERS)}")
 
     def resolve_api_key(self) -> str | None:
         """The key from value, environment variable or file (in that order), else from

@@ -28,7 +28,9 @@ from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from engine.beam_search import BeamSearchParams, best_of_params
 from engine.server.beam import BeamResult, best_of_order, run_beam_search_all, step_generate
 from engine.server.protocol import APIError
+from engine.server.reasoning import ReasoningDeltas, assistant_message, get_reasoning_spec
 from engine.server.text import PreparedChat, PreparedCompletion
+from engine.server.tools import ToolDeltas, tool_message
 
 if TYPE_CHECKING:
     from engine.server.app import ServerState
@@ -344,6 +346,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     model = state.model_info.model_name if lora is None else lora.lora_name
     detok = TokenText(state.frontend.tokenizer)
     params, n = req.params, req.params.n
+    reasoning = get_reasoning_spec(state.server_config.reasoning_parser)
     if req.beam is not None:  # non-streaming only (the parser refuses stream)
         beams = await _beam_search(state, [prepared.prompt_token_ids], req.beam, n, cid, "messages")
         choices = [{"index": j, "message": {"role": "assistant", "content": b.text, "refusal": None}, "logprobs": None,
@@ -362,8 +365,11 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
             choices = []
             for i, s in enumerate(results.requests[0].samples):
                 lps = chat_logprobs(s.token_ids, s.logprobs, req.top_logprobs, detok) if req.logprobs else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
-                                "logprobs": lps, "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+                message = assistant_message(reasoning, s.text)
+                finish = s.finish_reason if prepared.tools is None else tool_message(prepared.tools, message,
+                                                                                      s.finish_reason)
+                choices.append({"index": i, "message": message, "logprobs": lps, "finish_reason": finish,
+                                "stop_reason": s.stop_reason})
             return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
                                   "choices": choices, "usage": results.usage()})
 
@@ -384,6 +390,8 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
                                         "logprobs": None, "finish_reason": None}]))
         head = _sse_head("chat.completion.chunk", cid, created, model)
         tail = ',"usage":null}\n\n' if req.include_usage else '}\n\n'
+        split = None if reasoning is None else ReasoningDeltas(reasoning)
+        tool_deltas = None if prepared.tools is None else ToolDeltas(prepared.tools)
         async for batch in _iterate_sse(response, stream, "messages"):
             parts = []
             for delta in batch:
@@ -394,8 +402,14 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
                     if not new_text and lps is None and s.finish_reason is None:
                         continue
                     message = f'{{"content":{_json(new_text)}}}' if new_text else "{}"
+                    finish, done = s.finish_reason, s.finish_reason is not None
+                    if split is not None or tool_deltas is not None:
+                        d = split.delta(choice, new_text, done) if split else {"content": new_text} if new_text else {}
+                        if tool_deltas is not None:
+                            d, finish = tool_deltas.delta(choice, d, done), tool_deltas.finish_reason(choice, finish)
+                        message = _json(d)
                     parts.append(f'{head}{{"index":{choice},"delta":{message},"logprobs":{_json(lps)},'
-                                 f'"finish_reason":{_json(s.finish_reason)},"stop_reason":{_json(s.stop_reason)}}}]'
+                                 f'"finish_reason":{_json(finish)},"stop_reason":{_json(s.stop_reason)}}}]'
                                  f'{tail}')
             if parts:
                 await response.send("".join(parts))

@@ -21,6 +21,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from typing import Any
 
+from engine.server.tools import ToolsRequest, apply_tool_constraint, parse_tools, with_tool_fields
 from engine.server.protocol import (
     APIError,
     ChatRequest,
@@ -53,6 +54,7 @@ class PreparedCompletion:
 class PreparedChat:
     request: ChatRequest  # its messages dropped once templated
     prompt_token_ids: list[int]
+    tools: ToolsRequest | None = None  # tools and tool_choice (None: none, or tool_choice "none")
 
 
 # ---- the work itself: runs inline with the API's tokenizer or in a worker with the worker's ----
@@ -63,11 +65,13 @@ def _encode(tokenizer: Any, text: str, name: str, add_special_tokens: bool = Tru
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
-def _apply_chat_template(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                         tools: list[dict[str, Any]] | None = None) -> list[int]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad("messages", "this model has no chat template")
     try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                             tools=tools)
     except Exception as e:  # the model's own Jinja template may reject the conversation (raise_exception)
         raise bad("messages", f"the chat template rejected the messages: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)
@@ -94,11 +98,16 @@ def prepare_completion(raw: bytes, ctx: ModelContext, tokenizer: Any) -> Prepare
 
 
 def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
-    req = parse_chat_request(parse_json_body(raw), ctx)
-    ids = _apply_chat_template(tokenizer, req.messages, req.add_generation_prompt)
+    body = parse_json_body(raw)
+    req = parse_chat_request(body, ctx)
+    tools = parse_tools(body, ctx.enable_auto_tool_choice, ctx.tool_call_parser)
+    if tools is not None:
+        apply_tool_constraint(tools, req.params)
+    ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
+                               None if tools is None else tools.tools)
     _check_room(ids, "messages", ctx)
     req.messages = []
-    return PreparedChat(req, ids)
+    return PreparedChat(req, ids, tools)
 
 
 def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> list[int]:

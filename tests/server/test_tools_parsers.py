@@ -1,0 +1,102 @@
+"""Tool-call parsers and tools validation (issue 16) on fixed texts: hermes, llama3_json and mistral
+outputs become tool_calls; hermes streamed at every split into two or three pieces gives the same
+calls and content as the whole text; bad tools / tool_choice are 400s naming the field."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+from engine.config import ConfigError, ServerConfig
+from engine.server.protocol import APIError
+from engine.server.tools import ToolDeltas, ToolsRequest, parse_tool_calls, parse_tools, tool_constraint
+
+HERMES = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+          '<tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>')
+CALLS = [("get_weather", {"city": "Paris"}), ("get_time", {"tz": "CET"})]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time"}}]
+
+
+def names_args(calls: list[dict]) -> list[tuple[str, dict]]:
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("parser,text,content,calls", [
+    ("hermes", HERMES, "Let me look.", CALLS),
+    ("hermes", "no call here <tool_", "no call here <tool_", []),
+    ("hermes", "<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
+    ("llama3_json", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', None, CALLS[:1]),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}; {"name": "get_time", '
+                    '"parameters": {"tz": "CET"}}', None, CALLS),
+    ("llama3_json", "Paris is nice.", "Paris is nice.", []),
+    ("mistral", '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]', None, CALLS[:1]),
+    ("mistral", "Just text.", "Just text.", []),
+])
+def test_parsers_on_fixed_texts(parser: str, text: str, content: str | None, calls: list) -> None:
+    got_content, got_calls = parse_tool_calls(parser, text)
+    assert got_content == content and names_args(got_calls) == calls
+
+
+def _stream(tr: ToolsRequest, pieces: list[str]) -> tuple[str, list[dict], str | None]:
+    deltas, content, calls, finish = ToolDeltas(tr), "", [], None
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        d = deltas.delta(0, {"content": piece} if piece else {}, last)
+        content += d.get("content", "")
+        calls += d.get("tool_calls", [])
+        finish = deltas.finish_reason(0, "stop" if last else None)
+    return content, calls, finish
+
+
+def test_hermes_stream_split_at_every_boundary() -> None:
+    tr = ToolsRequest(TOOLS, "auto", parser="hermes")
+    n = len(HERMES)
+    cuts = [[i] for i in range(1, n)] + [list(c) for c in itertools.combinations(range(1, n, 3), 2)]
+    for cut in cuts:
+        bounds = [0, *cut, n]
+        content, calls, finish = _stream(tr, [HERMES[a:b] for a, b in zip(bounds, bounds[1:])])
+        assert content.strip() == "Let me look." and names_args(calls) == CALLS and finish == "tool_calls"
+        assert [c["index"] for c in calls] == [0, 1]
+
+
+def test_required_and_named_constraints() -> None:
+    body = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+    tr = parse_tools(body, False, None)
+    schema = tool_constraint(tr).json
+    assert schema["maxItems"] == 1 and schema["items"]["anyOf"][0]["properties"]["name"] == {"enum": ["get_weather"]}
+    named = parse_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+                        False, None)
+    assert named.named == "get_weather" and tool_constraint(named).json == TOOLS[0]["function"]["parameters"]
+    content, calls, finish = _stream(named, ['{"city": ', '"Rome"}'])
+    assert names_args(calls) == [("get_weather", {"city": "Rome"})] and finish == "stop" and not content
+    assert parse_tools({"tools": TOOLS, "tool_choice": "none"}, False, None) is None
+
+
+@pytest.mark.parametrize("body,auto,param", [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, True,
+     "tool_choice.function.name"),
+    ({"tools": TOOLS}, False, "tools"),  # auto (the default) without --enable-auto-tool-choice
+    ({"tools": TOOLS, "tool_choice": "auto"}, False, "tool_choice"),
+    ({"tools": TOOLS, "tool_choice": "sometimes"}, True, "tool_choice"),
+    ({"tool_choice": "required"}, True, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, True, "tools[0].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, True, "tools[0]"),
+    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, True, "parallel_tool_calls"),
+])
+def test_bad_tools_name_the_field(body: dict, auto: bool, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse_tools(body, auto, "hermes" if auto else None)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_parser_config_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(tool_call_parser="xml")
+    assert info.value.param == "tool_call_parser"
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(enable_auto_tool_choice=True)
+    assert info.value.param == "tool_call_parser"

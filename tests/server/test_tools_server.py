@@ -1,0 +1,103 @@
+"""Tool calling through the openai client (issue 16) on a SmolLM2 server started with
+--enable-auto-tool-choice --tool-call-parser hermes: `required` and a named function give valid
+tool_calls (stream and not), a `tool` message goes back in for the answer, and `auto` turns a
+<tool_call>...</tool_call> output (forced here with a regex) into tool_calls."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.server.conftest import MODEL, LiveServer, launch, wait_ready
+
+PARAMS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": PARAMS}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+HERMES_REGEX = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    server = wait_ready(launch(tmp_path_factory.mktemp("tools"), "--enable-auto-tool-choice",
+                               "--tool-call-parser", "hermes", "--max-model-len", "512"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tool_server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=tool_server.url("/v1"), api_key="unused", max_retries=0)
+
+
+def check_calls(calls: list, names: set[str]) -> None:
+    assert calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function" and call.function.name in names
+        if call.function.name == "get_weather":
+            jsonschema.validate(json.loads(call.function.arguments), PARAMS)
+
+
+def streamed_calls(stream) -> tuple[dict[int, dict], str | None]:
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                entry = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+                entry["name"] += tc.function.name or ""
+                entry["arguments"] += tc.function.arguments or ""
+    return calls, finish
+
+
+def test_required_round_trip(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                       max_tokens=100, temperature=1.0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    check_calls(choice.message.tool_calls, {"get_weather", "get_time"})
+    call = choice.message.tool_calls[0]
+    answer = client.chat.completions.create(model=MODEL, max_tokens=16, tools=TOOLS, tool_choice="none", messages=[
+        *ASK, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 21, "sky": "clear"}'}])
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    calls, finish = streamed_calls(client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=100, stream=True))
+    assert finish == "tool_calls" and calls and all(c["name"] in ("get_weather", "get_time") for c in calls.values())
+
+
+def test_named_function_stream_and_not(client: openai.OpenAI) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=named, max_tokens=40,
+                                       temperature=1.0, n=2)
+    for choice in r.choices:
+        check_calls(choice.message.tool_calls, {"get_weather"})
+    calls, _ = streamed_calls(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                                             tool_choice=named, max_tokens=40, stream=True))
+    assert [c["name"] for c in calls.values()] == ["get_weather"]
+    jsonschema.validate(json.loads(calls[0]["arguments"]), PARAMS)
+
+
+def test_auto_hermes_output_becomes_tool_calls(client: openai.OpenAI) -> None:
+    extra = {"structured_outputs": {"regex": HERMES_REGEX}}
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=40, extra_body=extra)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+    check_calls(r.choices[0].message.tool_calls, {"get_weather"})
+    calls, finish = streamed_calls(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                                                  max_tokens=40, extra_body=extra, stream=True))
+    assert finish == "tool_calls" and json.loads(calls[0]["arguments"])["city"] in ("Paris", "Rome")
+
+
+def test_bad_tool_choice_is_400(tool_server: LiveServer, server: LiveServer) -> None:
+    body = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 4,
+            "tool_choice": {"type": "function", "function": {"name": "nope"}}}
+    r = httpx.post(tool_server.url("/v1/chat/completions"), json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice.function.name"
+    r = httpx.post(server.url("/v1/chat/completions"), json={**body, "tool_choice": "auto"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"  # no --enable-auto-tool-choice
