@@ -43,6 +43,8 @@ _ENGINE_KEYS = {
     "tensor_parallel_size": "parallel.tensor_parallel_size",
     "pipeline_parallel_size": "parallel.pipeline_parallel_size",
 }
+# ServerConfig fields a model config sets (the model's output format)
+_MODEL_SERVER_KEYS = {"reasoning_parser": "model.reasoning_parser", "tool_call_parser": "model.tool_call_parser"}
 
 
 @dataclass(frozen=True)
@@ -327,7 +329,8 @@ def _api_key_source(cfg: GantryConfig) -> str:
 def _server_section(cfg: GantryConfig, source: str) -> dict[str, Any]:
     """ServerConfig fields; the key as the ranks find it (containers: GANTRY_API_KEY or a mounted file)."""
     s = cfg.server
-    section: dict[str, Any] = {f.name: getattr(s, f.name) for f in dataclasses.fields(ServerConfig)
+    section: dict[str, Any] = {f.name: getattr(cfg.model if f.name in _MODEL_SERVER_KEYS else s, f.name)
+                               for f in dataclasses.fields(ServerConfig)
                                if f.name not in ("api_key", "api_key_env", "api_key_file")}
     containers = isinstance(cfg.deploy, (DockerDeploy, K8sDeploy))
     key: dict[str, Any] = {"api_key": None, "api_key_env": None, "api_key_file": None}
@@ -383,7 +386,7 @@ def build_plan(cfg: DictConfig | GantryConfig, job_dir: str | Path) -> Plan:
     host_path = host_model_path(config)
     source = _api_key_source(config)
     engine = _checked(EngineConfig, _engine_section(config, host_path), _ENGINE_KEYS, "engine")
-    server = _checked(ServerConfig, _server_section(config, source), {}, "server")
+    server = _checked(ServerConfig, _server_section(config, source), _MODEL_SERVER_KEYS, "server")
     problems = validate(config)
     for section in (engine, server):
         if isinstance(section, Problem) and not any(section.keys[0] in p.keys for p in problems):

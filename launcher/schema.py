@@ -27,6 +27,8 @@ class ModelConfig:
     generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
     override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {max_new_tokens: 512}
     lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters by name: name -> directory (engine.enable_lora)
+    reasoning_parser: Optional[str] = None  # deepseek_r1 | qwen3: <think> text to message.reasoning_content
+    tool_call_parser: Optional[str] = None  # hermes | llama3_json | mistral: the model's tool-call format
     architecture: Optional[str] = None  # HF architectures entry, for the reader (e.g. Qwen2ForCausalLM)
     num_attention_heads: Optional[int] = None  # HF config value, checked against tensor parallel size
     num_key_value_heads: Optional[int] = None  # HF config value, checked against tensor parallel size
@@ -83,6 +85,7 @@ class ServerOptions:
     api_server_count: int = 1  # API processes on rank 0 sharing the port and the one engine core
     engine_hang_timeout_s: float = 60.0  # no engine step for this long while it has work: 503, then exit 1
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with the key)
+    enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs model.tool_call_parser)
 
 
 @dataclass
