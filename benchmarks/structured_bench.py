@@ -1,0 +1,102 @@
+"""Structured outputs vs unconstrained on one GPU (issue 16): the W1 shape (Qwen2-7B, 256 x 512 in,
+512 out, random weights: load_format dummy), every request under one JSON schema, then the same
+requests unconstrained, in one run on one engine; prints one JSON line per figure and the ratio.
+
+The stand-in tokenizer has a token for every id of the model's vocabulary (single characters, then
+strings of JSON-ish characters), so xgrammar's bitmasks cover a real-sized vocabulary; the schema
+requires a long array, so no constrained request ends before max_tokens (the same token count).
+    python -m benchmarks.structured_bench [--num-requests 256] [--no-async-scheduling]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import sys
+import time
+
+import torch
+
+from benchmarks.throughput import make_workload, random_prompts, write_config
+
+SCHEMA = {"type": "object", "properties": {"log": {"type": "array", "minItems": 400, "items": {
+    "type": "object", "properties": {"id": {"type": "integer"}, "level": {"enum": ["info", "warn", "error"]},
+                                     "msg": {"type": "string", "maxLength": 24}},
+    "required": ["id", "level", "msg"]}}}, "required": ["log"]}
+
+
+def write_json_tokenizer(path: str, vocab_size: int, seed: int) -> None:
+    """A WordLevel tokenizer of vocab_size distinct tokens: printable characters, then random 2-8
+    character strings of letters, digits and JSON punctuation (EOS is id 2, as in write_config)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits + '{}[]",: .-_'
+    tokens = ["<unk>", "<s>", "</s>"] + [c for c in string.printable if c not in "\x0b\x0c"]
+    seen = set(tokens)
+    while len(tokens) < vocab_size:
+        t = "".join(rng.choice(alphabet) for _ in range(rng.randint(2, 8)))
+        if t not in seen:
+            seen.add(t)
+            tokens.append(t)
+    tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+
+
+def timed_run(llm, prompts: list[list[int]], params: list) -> tuple[float, int, list[str]]:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs), [o.outputs[0].finish_reason for o in outputs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--no-async-scheduling", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("structured_bench needs a GPU")
+    from engine import LLM, SamplingParams
+    from engine.structured import StructuredOutputsParams
+
+    w = make_workload("w1", args.seed)
+    prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.num_requests]
+    model_dir = write_config(w.shape, 2048)
+    write_json_tokenizer(model_dir, w.shape["vocab_size"], args.seed)
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=256,
+              async_scheduling=not args.no_async_scheduling)
+    n = args.output_len
+    free = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False)] * len(prompts)
+    so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
+    constrained = [SamplingParams(temperature=1.0, max_tokens=n, detokenize=False, structured_outputs=so)] * len(prompts)
+    t0 = time.perf_counter()
+    llm.generate(prompts[:8], constrained[:8], use_tqdm=False)  # tokenizer info, grammar compile, warm-up
+    llm.generate(prompts[:8], free[:8], use_tqdm=False)
+    warmup_s = time.perf_counter() - t0
+    results = {}
+    for name, params in (("unconstrained", free), ("json_schema", constrained), ("unconstrained_again", free)):
+        elapsed, num_out, reasons = timed_run(llm, prompts, params)
+        results[name] = num_out / elapsed
+        print(json.dumps({"figure": f"structured_bench_{name}", "requests": len(prompts), "output_tokens": num_out,
+                          "elapsed_s": round(elapsed, 2), "output_tok_s": round(num_out / elapsed, 1),
+                          "finished_by_length": reasons.count("length")}), flush=True)
+        if name == "json_schema" and reasons.count("length") != len(prompts):
+            print(json.dumps({"warning": "some constrained requests ended before max_tokens",
+                              "finish_reasons": {r: reasons.count(r) for r in set(reasons)}}), flush=True)
+    base = (results["unconstrained"] + results["unconstrained_again"]) / 2
+    print(json.dumps({"figure": "structured_vs_unconstrained", "shape": "w1", "device": torch.cuda.get_device_name(),
+                      "async_scheduling": not args.no_async_scheduling, "warmup_s": round(warmup_s, 1),
+                      "json_schema_tok_s": round(results["json_schema"], 1), "unconstrained_tok_s": round(base, 1),
+                      "ratio": round(results["json_schema"] / base, 3)}), flush=True)
+    llm.llm_engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
