@@ -84,6 +84,8 @@ def run_child(spec: dict) -> dict:
                   device=torch.cuda.get_device_name() if not smoke else "cpu")
     if spec["tp"] > 1:
         result["all_reduce"] = profile_all_reduce(engine, w, spec, smoke)
+    # the figures leave before the group is torn down (a teardown that hangs must not lose them)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
     engine.shutdown()
     return result
 
@@ -207,7 +209,7 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(RESULT_PREFIX + json.dumps(run_child(json.loads(args.child))), flush=True)
+        run_child(json.loads(args.child))  # prints its result line itself
         return
     results: dict[str, dict] = {}
     for text in args.configs.split(","):

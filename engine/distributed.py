@@ -25,7 +25,7 @@ from engine.config import EngineConfig
 from engine.errors import RankFailedError
 from engine.model_runner import ModelRunner
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
-from engine.parallel import ParallelState, get_parallel_state
+from engine.parallel import ParallelState, destroy_distributed, get_parallel_state
 
 logger = logging.getLogger("gantry.engine")
 
@@ -201,7 +201,7 @@ class MultiprocExecutor:
         self.channel.send_to_workers(_SHUTDOWN)
         self.channel.wait_sent()
         self.channel.heartbeat.stop()
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 def run_worker(config: EngineConfig, show_progress: bool = False) -> None:
@@ -234,4 +234,4 @@ def run_worker(config: EngineConfig, show_progress: bool = False) -> None:
     logger.info("rank %d: shut down by rank 0", state.rank)
     channel.heartbeat.stop()
     channel.wait_sent()
-    dist.destroy_process_group()
+    destroy_distributed()

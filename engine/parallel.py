@@ -6,12 +6,16 @@ torch.distributed at all: every helper here is then the identity.
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("gantry.engine")
 
 
 @dataclass
@@ -103,6 +107,27 @@ def init_distributed(tp_size: int, pp_size: int, device: torch.device, timeout_s
     )
     set_parallel_state(state)
     return state
+
+
+def destroy_distributed(timeout_s: float = 10.0) -> None:
+    """Leave the process group, waiting at most timeout_s. On two H200s NCCL's teardown on rank 0
+    never returned after the other rank had left (a spawned LLM's shutdown hung for minutes); the
+    communicators are then left to process exit, which frees them."""
+    if not dist.is_initialized():
+        return
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # peers are gone; nothing to tell them
+            logger.debug("destroying the process group failed", exc_info=True)
+        done.set()
+
+    threading.Thread(target=destroy, name="gantry-destroy-group", daemon=True).start()
+    if not done.wait(timeout_s):
+        logger.info("the process group did not tear down within %.0f s; its communicators are freed at exit",
+                    timeout_s)
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

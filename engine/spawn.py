@@ -258,17 +258,11 @@ class WorkerGroup:
 
     def _teardown_rank0(self) -> None:
         """This process leaves the group (if the executor did not) and forgets its rank."""
-        import torch.distributed as dist
-
-        from engine.parallel import ParallelState, set_parallel_state
+        from engine.parallel import ParallelState, destroy_distributed, set_parallel_state
 
         if not self._saved_env:  # never became rank 0: any process group here is not ours
             return
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # peers are gone; nothing to tell them
-                logger.debug("destroying the process group failed", exc_info=True)
+        destroy_distributed()
         set_parallel_state(ParallelState())
         for key, value in self._saved_env.items():
             if value is None:
