@@ -1,9 +1,13 @@
-"""Structured outputs offline (issue 16) on the embedded SmolLM2: 100 samples at temperature 1.0 for
-each of five JSON schemas validate with jsonschema; regex and choice outputs always match; the same
-with n=4 under async scheduling; an unconstrained greedy request in a constrained batch is unchanged."""
+"""Structured outputs offline (issue 16) on the embedded SmolLM2: samples at temperature 1.0 for each
+of five JSON schemas validate with jsonschema; regex and choice outputs always match; the same with
+n=4 under async scheduling; an unconstrained greedy request in a constrained batch is unchanged.
+
+The issue's acceptance is 100 samples per schema: GANTRY_STRUCTURED_SAMPLES=100 (about 25 minutes on a
+loaded 2-core machine, where the CPU attention loops over sequences); the suite runs 20 per schema."""
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import jsonschema
@@ -35,6 +39,7 @@ SCHEMAS = {
 REGEX = r"(yes|no), [0-9]{1,3}(\.[0-9])?"
 CHOICES = ["positive", "negative", "neutral"]
 PROMPT = "Describe something as JSON."
+SAMPLES_PER_SCHEMA = int(os.environ.get("GANTRY_STRUCTURED_SAMPLES", "20"))
 
 
 def constrained(max_tokens: int = 64, n: int = 1, **spec) -> SamplingParams:
@@ -73,16 +78,17 @@ def async_llm() -> LLM:
 
 
 @pytest.mark.slow
-def test_100_samples_per_schema_all_valid(llm: LLM) -> None:
-    """500 JSON samples, 20 regex and 20 choice samples, in one batch."""
+def test_samples_per_schema_all_valid(llm: LLM) -> None:
+    """SAMPLES_PER_SCHEMA JSON samples per schema, and regex and choice samples, in one batch."""
     prompts, params, specs = [], [], []
+    k = SAMPLES_PER_SCHEMA
     for schema in SCHEMAS.values():
-        prompts += [PROMPT] * 100
-        params += [constrained(json=schema)] * 100
-        specs += [("json", schema)] * 100
-    prompts += ["Answer yes or no, then a number."] * 20 + ["Is this review good?"] * 20
-    params += [constrained(regex=REGEX, max_tokens=16)] * 20 + [constrained(choice=CHOICES, max_tokens=8)] * 20
-    specs += [("regex", REGEX)] * 20 + [("choice", CHOICES)] * 20
+        prompts += [PROMPT] * k
+        params += [constrained(json=schema)] * k
+        specs += [("json", schema)] * k
+    prompts += ["Answer yes or no, then a number."] * k + ["Is this review good?"] * k
+    params += [constrained(regex=REGEX, max_tokens=16)] * k + [constrained(choice=CHOICES, max_tokens=8)] * k
+    specs += [("regex", REGEX)] * k + [("choice", CHOICES)] * k
     check_batch(llm.generate(prompts, params, use_tqdm=False), specs)
     assert not llm.llm_engine.engine_core.structured_output_manager.matchers  # freed on finish
 

@@ -86,11 +86,11 @@ def test_named_function_stream_and_not(client: openai.OpenAI) -> None:
 
 def test_auto_hermes_output_becomes_tool_calls(client: openai.OpenAI) -> None:
     extra = {"structured_outputs": {"regex": HERMES_REGEX}}
-    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=40, extra_body=extra)
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=100, extra_body=extra)
     assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
     check_calls(r.choices[0].message.tool_calls, {"get_weather"})
     calls, finish = streamed_calls(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
-                                                                  max_tokens=40, extra_body=extra, stream=True))
+                                                                  max_tokens=100, extra_body=extra, stream=True))
     assert finish == "tool_calls" and json.loads(calls[0]["arguments"])["city"] in ("Paris", "Rome")
 
 
