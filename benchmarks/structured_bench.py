@@ -42,7 +42,8 @@ def write_json_tokenizer(path: str, vocab_size: int, seed: int) -> None:
             seen.add(t)
             tokens.append(t)
     tok = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
 
 
 def timed_run(llm, prompts: list[list[int]], params: list) -> tuple[float, int, list[str]]:
@@ -75,7 +76,8 @@ def main() -> None:
     n = args.output_len
     free = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False)] * len(prompts)
     so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
-    constrained = [SamplingParams(temperature=1.0, max_tokens=n, detokenize=False, structured_outputs=so)] * len(prompts)
+    constrained = [SamplingParams(temperature=1.0, max_tokens=n, detokenize=False,
+                                  structured_outputs=so)] * len(prompts)
     t0 = time.perf_counter()
     llm.generate(prompts[:8], constrained[:8], use_tqdm=False)  # tokenizer info, grammar compile, warm-up
     llm.generate(prompts[:8], free[:8], use_tqdm=False)

@@ -76,7 +76,8 @@ def parse_tools(body: dict, enable_auto_tool_choice: bool, tool_call_parser: str
         raise bad("tool_choice", f'must be "none", "auto", "required" or a named function, got {show(choice)}')
     if choice == "auto" and not (enable_auto_tool_choice and tool_call_parser):
         raise bad(param, 'tools with tool_choice "auto" (the default) need the server started with '
-                         "--enable-auto-tool-choice and --tool-call-parser; or give tool_choice \"required\" or a function")
+                         "--enable-auto-tool-choice and --tool-call-parser; or give tool_choice "
+                         '"required" or a function')
     return ToolsRequest(tools, choice, named, True if parallel is None else parallel, tool_call_parser, schemas)
 
 
@@ -140,11 +141,16 @@ def parse_tool_calls(parser: str, text: str) -> tuple[str | None, list[dict[str,
         return (content + c2).strip() or None, calls + more
     if parser == "llama3_json":
         body = text.strip().removeprefix("<|python_tag|>").strip()
-        try:
-            calls = [c for part in body.split(";") if part.strip() for c in (_calls_of(json.loads(part), "parameters") or [None])]
-        except json.JSONDecodeError:
-            return text, []
-        return (text, []) if not calls or None in calls else (None, calls)
+        calls = []
+        for part in (p for p in body.split(";") if p.strip()):
+            try:
+                parsed = _calls_of(json.loads(part), "parameters")
+            except json.JSONDecodeError:
+                parsed = None
+            if parsed is None:  # any part that is not a call: the whole text is content
+                return text, []
+            calls += parsed
+        return (text, []) if not calls else (None, calls)
     at = text.find("[TOOL_CALLS]")  # mistral
     if at < 0:
         return text, []

@@ -42,7 +42,8 @@ class StructuredOutputsParams:
         known = {f.name for f in fields(cls)}
         for key in d:
             if key not in known:
-                raise StructuredOutputsError(f"structured_outputs.{key}", f"unknown field; known: {', '.join(sorted(known))}")
+                raise StructuredOutputsError(f"structured_outputs.{key}",
+                                             f"unknown field; known: {', '.join(sorted(known))}")
         return cls(**d)
 
     @property

@@ -20,7 +20,8 @@ from engine.structured import StructuredOutputsParams
 SCHEMAS = {
     "nested": {"type": "object", "properties": {
         "user": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                                  "id": {"type": "integer", "minimum": 0, "maximum": 9999}}, "required": ["name", "id"]},
+                                                  "id": {"type": "integer", "minimum": 0, "maximum": 9999}},
+                 "required": ["name", "id"]},
         "active": {"type": "boolean"}}, "required": ["user", "active"]},
     "array": {"type": "object", "properties": {
         "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3}},

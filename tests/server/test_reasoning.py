@@ -15,7 +15,8 @@ CASES = {  # text -> (deepseek_r1's split, qwen3's split)
     "plain answer": (("plain answer", None), (None, "plain answer")),
     "<think>unfinished </thin": (("unfinished </thin", None),) * 2,
     "<think></think>x": (("", "x"),) * 2,
-    "a < b </ c </think>ok <think> stays": (("a < b </ c ", "ok <think> stays"), (None, "a < b </ c </think>ok <think> stays")),
+    "a < b </ c </think>ok <think> stays": (("a < b </ c ", "ok <think> stays"),
+                                            (None, "a < b </ c </think>ok <think> stays")),
     "<thi": (("<thi", None), (None, "<thi")),
 }
 

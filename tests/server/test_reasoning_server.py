@@ -26,7 +26,8 @@ def test_reasoning_split_whole_and_streamed(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(n=3, **BODY)
     for choice in r.choices:
         extra = choice.message.model_extra
-        assert re.fullmatch(r"[a-z ]{1,16}", extra["reasoning_content"]) and extra["reasoning"] == extra["reasoning_content"]
+        assert re.fullmatch(r"[a-z ]{1,16}", extra["reasoning_content"])
+        assert extra["reasoning"] == extra["reasoning_content"]
         assert choice.message.content in ("yes", "no")
     reasoning, content = "", ""
     for chunk in client.chat.completions.create(stream=True, **BODY):
