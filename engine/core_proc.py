@@ -143,7 +143,7 @@ def die_with_parent(parent_pid: int) -> None:
 def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: int, log_level: str,
                     core_factory: CoreFactory | None, spawned_at: float) -> None:
     """The child's main: build the core, warm it up, tell the clients, then serve them until SHUTDOWN."""
-    startup.record("start and imports", time.time() - spawned_at)  # a fresh interpreter (spawn)
+    startup.record("start", time.time() - spawned_at)  # a fresh interpreter (spawn)
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -173,7 +173,8 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: 
 
 def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list) -> Any:
     """Build and warm up the core; on failure tell every client why and exit."""
-    from engine.core_build import build_engine_core
+    with startup.phase("imports"):
+        from engine.core_build import build_engine_core
 
     try:
         build = (core_factory or build_engine_core)(config)

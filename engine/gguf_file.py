@@ -30,6 +30,10 @@ _STRING, _ARRAY = 8, 9
 GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
 _FLOAT_TYPES = {GGML_F32: torch.float32, GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}
 _BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # blocks of 32 weights with an f16 scale
+# What LlamaConfig adds to a GGUF's fields (transformers 5): the same values on a plain
+# PretrainedConfig (tests/engine/test_gguf_file.py compares the two).
+LLAMA_DEFAULTS = {"attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
+                  "mlp_bias": False, "pretraining_tp": 1, "use_cache": True}
 
 
 @dataclass(frozen=True)
@@ -97,10 +101,18 @@ class GGUFFile:
         return config
 
     def hf_config(self) -> PretrainedConfig:
+        config = self.hf_config_dict()
+        model_type = config.pop("model_type")
+        if model_type == "llama":  # the embedded model: LlamaConfig's module alone imports in 2.3 s on 2 cores
+            from transformers import PretrainedConfig
+
+            rope = {"rope_theta": config.pop("rope_theta", 10000.0), "rope_type": "default"}
+            light = PretrainedConfig(**{**LLAMA_DEFAULTS, "rope_parameters": rope, **config})
+            light.model_type = model_type
+            return light
         from transformers import AutoConfig
 
-        config = self.hf_config_dict()
-        return AutoConfig.for_model(config.pop("model_type"), **config)
+        return AutoConfig.for_model(model_type, **config)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The fast tokenizer transformers builds from this file's vocabulary and merges."""

@@ -44,7 +44,7 @@ def since_start() -> float:
 
 def summary(total: float, core_phases: dict[str, float] | None = None) -> str:
     """`start-up 7.9 s to ready (CPU time 3.1 s): API process: imports 1.7 s, ...; engine core, in
-    parallel: start and imports 2.6 s, ...; text workers 0.2 s`. The core's phases are its own
+    parallel: start 0.3 s, imports 2.3 s, ...; text workers 0.2 s`. The core's phases are its own
     (engine.serve starts it first, so they overlap the API process's); CPU time (this process's)
     well below the wall time means waiting on the core or a machine busy with other work."""
     with _lock:

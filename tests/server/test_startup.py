@@ -49,7 +49,7 @@ def test_start_up_log(keyed_server: LiveServer) -> None:
     api, _, core = startup.partition("; engine core, in parallel: ")
     for phase in ("imports", "model config", "tokenizer"):
         assert re.search(rf"{phase} [\d.]+ s", api), startup
-    for phase in ("start and imports", "model config", "weights", "model build and KV pool", "warm-up"):
+    for phase in ("start", "imports", "model config", "weights", "model build and KV pool", "warm-up"):
         assert re.search(rf"{phase} [\d.]+ s", core), startup
     print(startup)  # the figure, for the record (-s)
     # the CPU pool holds max(max_model_len, 8192) tokens (the seed's 2 GiB default was 46,592)
