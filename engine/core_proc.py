@@ -157,9 +157,10 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: 
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(address)
         outputs.append(sock)
-    core = _load(config, core_factory, outputs)
+    core, group = _load(config, core_factory, outputs)
     try:
-        code = EngineCoreLoop(core, inputs, outputs).run()
+        # with ranks of our own (no torchrun), stopping releases them and waits for them to exit
+        code = EngineCoreLoop(core, inputs, outputs, group.shutdown if group is not None else core.shutdown).run()
     except Exception as e:  # a failure no single request explains: the API processes see us gone
         logger.exception("engine core died")
         for sock in outputs:
@@ -171,14 +172,21 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: 
     os._exit(code)  # no interpreter teardown: torch's and the process group's atexit work is not needed
 
 
-def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list) -> Any:
-    """Build and warm up the core; on failure tell every client why and exit."""
+def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list) -> tuple[Any, Any]:
+    """Spawn the other ranks if no launcher did, build and warm up the core; on failure tell every
+    client why (a rank that died named with its last log line) and exit."""
     with startup.phase("imports"):
         from engine.core_build import build_engine_core
+        from engine.spawn import ensure_group, failures_named
 
+    group = None
     try:
-        build = (core_factory or build_engine_core)(config)
+        group = ensure_group(config)  # tp x pp > 1 without torchrun: ranks 1.. are our children
+        with failures_named(group):
+            build = (core_factory or build_engine_core)(config)
         core = build.core
+        if group is not None:
+            group.attach(core, core.shutdown)
         # Warm-up: one short request through every code path, so /ready means "fast".
         params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         with startup.phase("warm-up"):
@@ -196,7 +204,7 @@ def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list)
     info.startup_phases = startup.phases()
     for sock in outputs:
         sock.send_multipart((READY, encoder.encode(info)))
-    return core
+    return core, group
 
 
 def _fail(outputs: list, failure: CoreLoadFailure) -> None:
@@ -210,8 +218,8 @@ class EngineCoreLoop:
     """The busy loop: take every waiting message, run one step while there is work, send what it
     produced to the clients whose requests it concerns; block on the input socket when idle."""
 
-    def __init__(self, core: Any, inputs: Any, outputs: list):
-        self.core, self.inputs, self.outputs = core, inputs, outputs
+    def __init__(self, core: Any, inputs: Any, outputs: list, stop: Callable[[], None]):
+        self.core, self.inputs, self.outputs, self.stop = core, inputs, outputs, stop
         self.client_of: dict[str, int] = {}  # request id -> the API process that sent it
         self.request_decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
         self.abort_decoder = msgspec.msgpack.Decoder(list[str | tuple[str, int]])
@@ -228,7 +236,7 @@ class EngineCoreLoop:
             if poller.poll(timeout_ms):
                 self._take_messages()
             if self.stopping:
-                core.shutdown()  # collects batches in flight, releases the other ranks
+                self.stop()  # collects batches in flight, releases the other ranks
                 return 0
             if core.has_work():
                 self._send(core.step_fn())

@@ -3,7 +3,8 @@
 Flags mirror EngineConfig and ServerConfig field by field (vLLM's spelling: --max-model-len);
 `--config engine.yaml` (written by the launcher) is read first and explicit flags override it.
 No --model serves the embedded SmolLM2. A bad config (a taken port, a missing model, too long a
-context, tensor parallel outside torchrun) exits 2 with one line naming the field, before listening.
+context, more ranks than GPUs) exits 2 with one line naming the field, before listening. Without
+torchrun, tensor/pipeline parallel sizes > 1 make the engine core spawn the other ranks itself.
 """
 from __future__ import annotations
 
@@ -166,8 +167,12 @@ def preflight(engine_config: EngineConfig) -> Any:
     ModelLoadError; returns the device."""
     from engine.model_config import resolve_model_config
     from engine.parallel import check_world_size
+    from engine.spawn import check_devices
 
-    check_world_size(engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size)
+    if "WORLD_SIZE" in os.environ:  # a launcher's group: its size must be tp x pp
+        check_world_size(engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size)
+    else:  # tp x pp > 1: the engine core spawns the other ranks, one GPU each
+        check_devices(engine_config)
     device = planned_device(engine_config)
     with startup.phase("model config"):
         model_config = resolve_model_config(engine_config, device)  # cached: the engine's call reuses the parse

@@ -44,7 +44,7 @@ def ensure_group(config: EngineConfig) -> WorkerGroup | None:
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         raise RuntimeError("a spawned process is creating an engine while it imports the main module: in a "
                            "script, create LLM(tensor_parallel_size>1) under `if __name__ == '__main__':`")
-    _check_devices(config)
+    check_devices(config)
     group = WorkerGroup(config)
     group.start()
     return group
@@ -65,7 +65,8 @@ def failures_named(group: WorkerGroup | None) -> Iterator[None]:
         raise error from e
 
 
-def _check_devices(config: EngineConfig) -> None:
+def check_devices(config: EngineConfig) -> None:
+    """Enough GPUs for one rank each (CPU: any number of gloo ranks); a ConfigError naming the size."""
     import torch
 
     if config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()):

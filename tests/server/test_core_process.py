@@ -160,3 +160,25 @@ def test_sigterm_to_a_tp2_group_with_16_streams(tmp_path: Path) -> None:
     assert all(reasons and reasons[-1] in ("length", "abort") for reasons in ends), ends
     assert "Traceback" not in log and "Error" not in log, log[-4000:]
     assert "drained; stopping" in log and "shut down by rank 0" in log, log[-4000:]
+
+
+def test_tp2_server_without_torchrun(tmp_path: Path) -> None:
+    """`python -m engine.serve --tensor-parallel-size 2` with no launcher: the engine core spawns rank 1
+    (issue 19), answers like one process, and SIGTERM ends both ranks with exit 0, no traceback."""
+    model = write_tiny_checkpoint(str(tmp_path / "tiny"), "LlamaForCausalLM", tie=False)
+    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    server = launch(tmp_path, "--model", model, "--tensor-parallel-size", "2", "--max-model-len", "512", env=env)
+    try:
+        wait_ready(server, timeout=300)
+        model_id = httpx.get(server.url("/v1/models")).json()["data"][0]["id"]
+        body = {"model": model_id, "prompt": [5, 6, 7], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(server.url("/v1/completions"), json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 12
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
+    log = server.log()
+    assert "spawned ranks 1..1" in log and "shut down by rank 0" in log, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]

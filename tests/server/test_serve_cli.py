@@ -143,7 +143,7 @@ def test_port_in_use_is_one_line_naming_the_port() -> None:
 @pytest.mark.parametrize("args,words", [
     (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: model path does not exist"),
     (["--max-model-len", "100000"], "max_model_len: 100000 exceeds the model's max_position_embeddings (8192)"),
-    (["--tensor-parallel-size", "2"], "start one with `torchrun --nproc-per-node 2 -m engine.serve ...`"),
+    (["--tensor-parallel-size", "2", "--device", "cuda"], "needs 2 GPUs (one per rank), but 0 are visible"),
     (["--override-generation-config", '{"top_p": 0.5}'], "override_generation_config.top_p: not applied"),
 ])
 def test_config_errors_before_listening(args: list[str], words: str) -> None:
