@@ -207,10 +207,16 @@ def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list)
     return core, group
 
 
+FAILED_DELIVERY_S = 30  # how long a failed core waits for an API process to take its reason
+
+
 def _fail(outputs: list, failure: CoreLoadFailure) -> None:
     for sock in outputs:
         sock.send_multipart((FAILED, encoder.encode(failure)))
-    time.sleep(0.2)  # let the messages leave before the sockets go
+    # Wait until they are delivered: engine.serve starts us before API process 0 binds its socket, and
+    # a quick failure (a config check) came before the bind, so a fixed short wait lost the reason.
+    # Bounded: API process 0 kills us once it has the message; other API processes never start.
+    outputs[0].context.destroy(linger=FAILED_DELIVERY_S * 1000)
     os._exit(failure.exit_code)
 
 
