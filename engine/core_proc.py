@@ -104,8 +104,7 @@ class EngineCoreProcess:
         self.proc.join(timeout)
         if self.proc.is_alive():
             logger.warning("the engine core did not exit within %.0fs; killing it", timeout)
-            self.proc.kill()
-            self.proc.join(5)
+            self.kill()
 
 
 def pid_alive(pid: int) -> bool:

@@ -274,7 +274,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     metrics_dir = enable_multiprocess_metrics() if count > 1 else None  # before prometheus_client is imported
     addresses, ipc_dir = CoreAddresses.new(count)
     # The engine core starts now: its interpreter, imports and model load overlap this process's
-    # imports and checks below (about 4 s of an 8 s start on 2 cores). A check that fails stops it.
+    # imports and checks below (RESULTS.md: start-up on CPU). A check that fails stops it.
     core = EngineCoreProcess(engine_config, addresses, log_level)
     core.start()
     try:
