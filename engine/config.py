@@ -61,6 +61,13 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters cached in host memory (unset: max_loras)
     max_lora_rank: int = 16  # largest adapter rank served
 
+    def uses_async_scheduling(self, device_type: str) -> bool:
+        """async_scheduling resolved: unset means on for GPUs without pipeline parallel (its lanes overlap
+        instead; on CPU the host is the device, so there is nothing to overlap)."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return device_type == "cuda" and self.pipeline_parallel_size == 1
+
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES[:4])}, got {self.dtype!r}")
@@ -88,9 +95,9 @@ class EngineConfig:
             raise ConfigError("pipeline_parallel_size", f"must be >= 1, got {self.pipeline_parallel_size}")
         if self.pipeline_parallel_lanes is not None and self.pipeline_parallel_lanes < 1:
             raise ConfigError("pipeline_parallel_lanes", f"must be >= 1, got {self.pipeline_parallel_lanes}")
-        if self.async_scheduling and self.world_size > 1:
-            raise ConfigError("async_scheduling", "works with one process only (tensor_parallel_size and "
-                              "pipeline_parallel_size 1)")
+        if self.async_scheduling and self.pipeline_parallel_size > 1:
+            raise ConfigError("async_scheduling", "does not work with pipeline_parallel_size > 1 (its lanes keep "
+                              "several batches in flight instead)")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError("device", f"must be auto, cuda or cpu, got {self.device!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:

@@ -105,9 +105,7 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     max_num_batched_tokens = config.max_num_batched_tokens or max(8192, config.block_size)
     # with pipeline parallel, one batch in flight per stage keeps every stage busy
     num_lanes = config.pipeline_parallel_size if config.pipeline_parallel_lanes is None else config.pipeline_parallel_lanes
-    async_scheduling = config.async_scheduling
-    if async_scheduling is None:
-        async_scheduling = device.type == "cuda" and config.world_size == 1
+    async_scheduling = config.uses_async_scheduling(device.type)
     # batches in flight at once: one per PP lane; two with async scheduling (the GPU runs one
     # while the CPU schedules the next and processes the previous one's tokens)
     max_in_flight = num_lanes if num_lanes > 1 else 2 if async_scheduling else 1

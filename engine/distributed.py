@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig
 from engine.errors import RankFailedError
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingOutput
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 from engine.parallel import ParallelState, destroy_distributed, get_parallel_state
 
@@ -156,14 +156,15 @@ def result_rank(state: ParallelState) -> int:
 
 
 class MultiprocExecutor:
-    """Rank 0's side. submit() returns once rank 0's own stage has run; collect() waits for the
-    oldest batch's tokens, so with pp > 1 several batches can be in flight."""
+    """Rank 0's side. submit() returns once rank 0's own stage is queued on its device; collect()
+    waits for the oldest batch's tokens, so several batches can be in flight: PP lanes, or with
+    tp > 1 and async scheduling the next step while this one runs (rank 0 samples then)."""
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.state = get_parallel_state()
         self.channel = ControlChannel(self.state, runner.config.distributed_timeout_s)
-        self.in_flight: deque[ModelRunnerOutput | None] = deque()
+        self.in_flight: deque[PendingOutput | None] = deque()  # None: a later stage reports
         self.send_seconds = 0.0  # time spent pickling and sending SchedulerOutputs (measured)
         self.num_sends = 0
 
@@ -179,14 +180,17 @@ class MultiprocExecutor:
         self.send_seconds += time.perf_counter() - start
         self.num_sends += 1
         try:  # the forward's TP all-reduce and PP send wait on peers
-            self.in_flight.append(self.runner.execute_model(so))
+            self.in_flight.append(self.runner.submit_model(so))
         except RuntimeError as e:
             raise self.channel.failure("the forward pass", e) from e
 
     def collect(self) -> ModelRunnerOutput:
         local = self.in_flight.popleft()
         if local is not None:
-            return local
+            try:
+                return local.get()
+            except RuntimeError as e:
+                raise self.channel.failure("the forward pass", e) from e
         src = result_rank(self.state)
         try:
             return self.channel.recv_result(src)
@@ -226,9 +230,10 @@ def run_worker(config: EngineConfig, show_progress: bool = False) -> None:
         if payload == _SHUTDOWN:
             break
         try:
-            out = runner.execute_model(pickle.loads(payload))
             if reports:
-                channel.send_result(out)
+                channel.send_result(runner.execute_model(pickle.loads(payload)))
+            else:  # queued on the device; the next recv overlaps it (rank 0 reports the tokens)
+                runner.submit_model(pickle.loads(payload))
         except RuntimeError as e:
             raise channel.failure("the forward pass", e) from e
     logger.info("rank %d: shut down by rank 0", state.rank)

@@ -22,7 +22,7 @@ from engine.model_config import ModelConfig, cpu_kv_cache_tokens
 from engine.models.registry import get_model_class
 from engine.core_messages import TokenLogprobs
 from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, RequestSamplingParams, SchedulerOutput
-from engine.parallel import get_parallel_state
+from engine.parallel import broadcast_from_first_tp_rank, get_parallel_state
 from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
 from engine.sampling_params import mix_seed
 from engine.structured.bitmask import sampled_bitmask
@@ -116,6 +116,9 @@ class ModelRunner:
         # the last step's sampled tokens, still on the device, to fill the next step's placeholders
         self.last_sampled: torch.Tensor | None = None
         self.last_sampled_index: dict[str, int] = {}
+        # with async scheduling every TP rank feeds the next step from its own copy of the sampled
+        # tokens, so they must be the first TP rank's bit for bit (random draws could differ)
+        self.share_sampled = self.parallel.tp_size > 1 and config.uses_async_scheduling(device.type)
 
     # ---- KV pool -------------------------------------------------------------------------
 
@@ -327,6 +330,8 @@ class ModelRunner:
         md.grammar_bitmask, md.grammar_rows = sampled_bitmask(so.grammar_bitmask, so.structured_output_req_ids,
                                                               sampled_ids, self.to_device)
         out = self.sampler(logits, md)
+        if self.share_sampled:
+            broadcast_from_first_tp_rank(out.sampled_token_ids)
         self.last_sampled, self.last_sampled_index = out.sampled_token_ids, {r: i for i, r in enumerate(sampled_ids)}
         for req_id in sampled_ids:
             self.requests[req_id].token_ids.append(PLACEHOLDER)

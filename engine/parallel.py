@@ -110,18 +110,25 @@ def init_distributed(tp_size: int, pp_size: int, device: torch.device, timeout_s
 
 
 def destroy_distributed(timeout_s: float = 10.0) -> None:
-    """Leave the process group, waiting at most timeout_s. On two H200s NCCL's teardown on rank 0
-    never returned after the other rank had left (a spawned LLM's shutdown hung for minutes); the
-    communicators are then left to process exit, which frees them."""
+    """Leave the process group, waiting at most timeout_s. NCCL communicators are aborted, not
+    destroyed: on two H200s destroy_process_group never returned on rank 0 (its finalize waits on
+    peers that had already left, or on communicators held by captured CUDA graphs), and the thread
+    left blocked in it made the interpreter abort at exit ("terminate called without an active
+    exception"). Nothing is in flight at shutdown, so aborting loses nothing."""
     if not dist.is_initialized():
         return
     done = threading.Event()
+    nccl = dist.get_backend() == "nccl"
 
     def destroy() -> None:
         try:
-            dist.destroy_process_group()
+            if nccl:
+                torch.cuda.synchronize()
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
         except Exception:  # peers are gone; nothing to tell them
-            logger.debug("destroying the process group failed", exc_info=True)
+            logger.debug("leaving the process group failed", exc_info=True)
         done.set()
 
     threading.Thread(target=destroy, name="gantry-destroy-group", daemon=True).start()
@@ -146,6 +153,13 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(state.tp_size)]
     dist.all_gather(parts, x.contiguous(), group=state.tp_group)
     return torch.cat(parts, dim=dim)
+
+
+def broadcast_from_first_tp_rank(x: torch.Tensor) -> None:
+    """Overwrite x on every rank of this TP group with the group's first rank's x (in place)."""
+    state = _STATE
+    src = dist.get_global_rank(state.tp_group, 0)
+    dist.broadcast(x, src, group=state.tp_group)
 
 
 def divide(numerator: int, denominator: int, what: str) -> int:

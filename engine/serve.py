@@ -56,7 +56,7 @@ UNSET_MEANS = {
     "num_kv_blocks": "sized from kv_cache_memory_gib or memory",
     "max_num_batched_tokens": "max(8192, block_size)",
     "pipeline_parallel_lanes": "pipeline_parallel_size",
-    "async_scheduling": "on for a single GPU process",
+    "async_scheduling": "on for GPUs without pipeline parallel",
     "api_key_env": f"{DEFAULT_API_KEY_ENV} when set, else no key",
     "override_generation_config": "none",
 }

@@ -58,7 +58,7 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 | fp8_e4m3: FP8 KV pages, twice the tokens (GPU >= sm_89)
     device: str = "auto"  # auto | cuda | cpu (cpu: no GPU flags are rendered, ranks use gloo)
     pipeline_parallel_lanes: Optional[int] = None  # batches in flight with pp > 1; null: pp size
-    async_scheduling: Optional[bool] = None  # schedule step t+1 while step t runs; null: on for one GPU process
+    async_scheduling: Optional[bool] = None  # schedule step t+1 while step t runs; null: on for GPUs without pipeline parallel
     seed: int = 0  # seed for dummy weights and for requests that set no seed
     distributed_timeout_s: float = 60.0  # a collective waiting longer than this means a dead rank
     enable_lora: bool = False  # serve PEFT LoRA adapters (model.lora_modules, or loaded at run time)

@@ -1,9 +1,10 @@
 """A plain `python3 script.py` (no torchrun) that makes LLM(tensor_parallel_size=TP, pipeline_parallel_size=PP)
 spawn its own ranks; used by test_spawn.py.
 
-    spawn_generate.py MODEL TP PP OUT_JSON [greedy|twice|long] [TIMEOUT_S] [main|thread]
+    spawn_generate.py MODEL TP PP OUT_JSON [greedy|greedy_async|twice|long] [TIMEOUT_S] [main|thread]
 
-greedy: writes {"token_ids", "texts", "worker_pids", "exitcodes"} after an explicit shutdown.
+greedy: writes {"token_ids", "texts", "worker_pids", "exitcodes"} after an explicit shutdown;
+greedy_async: the same with async scheduling (each rank feeds step t+1 from its step t's tokens).
 twice: one LLM, deleted without shutdown, then a second one left to the interpreter's exit; writes
 {"token_ids": [first's, second's], "worker_pids": [first's, second's]}.
 long: writes OUT_JSON.pids (rank 0 and its workers) once tokens come back, then generates for
@@ -29,8 +30,8 @@ def main() -> None:
     where = sys.argv[7] if len(sys.argv) > 7 else "main"
     kwargs = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu", enable_prefix_caching=False,
                   distributed_timeout_s=timeout_s)
-    if mode == "greedy":
-        llm = LLM(model, **kwargs)
+    if mode in ("greedy", "greedy_async"):
+        llm = LLM(model, async_scheduling=mode == "greedy_async", **kwargs)
         prompts = prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300])
         outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)
         group = llm.llm_engine.worker_group

@@ -85,6 +85,17 @@ def test_plain_script_tp2_matches_tp1_and_torchrun(model_and_reference, tmp_path
 
 
 @pytest.mark.slow
+def test_plain_script_tp2_with_async_scheduling_matches_tp1(model_and_reference, tmp_path: Path) -> None:
+    """Step t+1 is scheduled and queued before step t's tokens reach rank 0: every rank fills the
+    placeholders from the sampled tokens on its own device, broadcast from the first TP rank."""
+    model, reference, _ = model_and_reference
+    result, output = run_greedy(model, 2, 1, tmp_path / "spawned.json", "greedy_async")
+    assert result["token_ids"] == reference
+    assert result["exitcodes"] == [0], output[-4000:]
+    assert_gone(result["worker_pids"], 5)
+
+
+@pytest.mark.slow
 def test_plain_script_pp2_matches_tp1(model_and_reference, tmp_path: Path) -> None:
     model, reference, _ = model_and_reference
     result, output = run_greedy(model, 1, 2, tmp_path / "spawned.json")
