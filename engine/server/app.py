@@ -111,7 +111,8 @@ class ServerState:
         ctx = ModelContext(info.model_name, info.max_model_len, info.vocab_size, max_num_seqs=info.max_num_seqs,
                            lora_enabled=self.engine_config.enable_lora,
                            enable_auto_tool_choice=self.server_config.enable_auto_tool_choice,
-                           tool_call_parser=self.server_config.tool_call_parser)
+                           tool_call_parser=self.server_config.tool_call_parser,
+                           reasoning_parser=self.server_config.reasoning_parser)
         t0 = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, self.engine.tokenizer, ctx)

@@ -174,6 +174,7 @@ class ModelContext:
     lora_enabled: bool = False  # `model` may name an adapter: the API process checks it (engine/server/lora_routes.py)
     enable_auto_tool_choice: bool = False  # ServerConfig's: tool_choice "auto" allowed (engine/server/tools.py)
     tool_call_parser: str | None = None  # ServerConfig's
+    reasoning_parser: str | None = None  # ServerConfig's: a chat constraint starts after the reasoning
 
 
 def check_model(body: dict, ctx: ModelContext) -> None:

@@ -48,6 +48,8 @@ def structured_outputs_params(body: dict) -> StructuredOutputsParams | None:
             raise bad("structured_outputs", "give either response_format or structured_outputs, not both")
         if not isinstance(so, dict):
             raise bad("structured_outputs", f"must be an object, got {show(so)}")
+        if "reasoning_parser" in so:
+            raise bad("structured_outputs.reasoning_parser", "is the server's (--reasoning-parser)")
         try:
             return StructuredOutputsParams.from_dict(so)
         except StructuredOutputsError as e:
@@ -55,3 +57,10 @@ def structured_outputs_params(body: dict) -> StructuredOutputsParams | None:
         except TypeError as e:  # a field of the wrong type that the dataclass itself refused
             raise bad("structured_outputs", str(e)) from None
     return None if fmt is None else _from_response_format(fmt)
+
+
+def constrain_after_reasoning(params: Any, reasoning_parser: str | None) -> None:
+    """A chat request's constraint, if any, starts where the server's reasoning parser ends the
+    reasoning: it applies to what comes back as `content` (params: SamplingParams, in place)."""
+    if reasoning_parser is not None and params.structured_outputs is not None:
+        params.structured_outputs.reasoning_parser = reasoning_parser

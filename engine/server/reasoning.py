@@ -6,35 +6,13 @@ way; a tag cut across deltas (tokens) is held back until it is complete or prove
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-START, END = "<think>", "</think>"
-
-
-@dataclass(frozen=True)
-class ReasoningSpec:
-    name: str
-    start_optional: bool  # deepseek_r1: the chat template already opened <think>, so text before any tag reasons
-
-
-PARSERS = {
-    "deepseek_r1": ReasoningSpec("deepseek_r1", start_optional=True),
-    "qwen3": ReasoningSpec("qwen3", start_optional=False),  # no <think> first: the whole answer is content
-}
+from engine.structured.reasoning import END, PARSERS, START, ReasoningSpec, held_prefix
 
 
 def check_reasoning_parser(name: str | None) -> None:
     """Raise ValueError naming the choices for an unknown parser name (None: no parser)."""
     if name is not None and name not in PARSERS:
         raise ValueError(f"unknown reasoning parser {name!r}; choose one of {', '.join(sorted(PARSERS))}")
-
-
-def _held_prefix(text: str, tag: str) -> int:
-    """Length of the longest suffix of text that is a proper prefix of tag (it may be its start)."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningStream:
@@ -64,7 +42,7 @@ class ReasoningStream:
         if self.phase == "reasoning":
             at = text.find(END)
             if at < 0:
-                keep = _held_prefix(text, END)
+                keep = held_prefix(text, END)
                 self.held = text[len(text) - keep:] if keep else ""
                 return text[: len(text) - keep], ""
             reasoning, text, self.phase = text[:at], text[at + len(END):], "content"

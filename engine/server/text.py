@@ -34,6 +34,7 @@ from engine.server.protocol import (
     parse_json_body,
     parse_tokenize_request,
 )
+from engine.server.protocol_structured import constrain_after_reasoning
 
 logger = logging.getLogger("gantry.server")
 
@@ -103,6 +104,7 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
     tools = parse_tools(body, ctx.enable_auto_tool_choice, ctx.tool_call_parser)
     if tools is not None:
         apply_tool_constraint(tools, req.params)
+    constrain_after_reasoning(req.params, ctx.reasoning_parser)
     ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
                                None if tools is None else tools.tools)
     _check_room(ids, "messages", ctx)

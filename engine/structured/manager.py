@@ -4,11 +4,13 @@ Grammars are compiled once per spec against the tokenizer's vocabulary (xgrammar
 each constrained sample has its own GrammarMatcher, advanced with the tokens the scheduler accepts
 and dropped when its request finishes or is aborted. Before a step runs, the matchers of the
 scheduled samples fill one bitmask row each; it travels in the SchedulerOutput to the sampler.
+With a reasoning parser a sample's grammar waits until its <think> section ends (reasoning.py).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,8 +18,23 @@ import torch
 from engine.core_messages import EngineCoreOutput
 from engine.sequence import Request, Sequence
 from engine.structured.params import StructuredOutputsError, StructuredOutputsParams
+from engine.structured.reasoning import PARSERS, ReasoningGate, ThinkTokens
 
 logger = logging.getLogger("gantry.engine")
+
+
+@dataclass
+class SampleGrammar:
+    """One constrained sample's grammar state."""
+
+    matcher: Any  # xgrammar.GrammarMatcher
+    gate: ReasoningGate | None = None  # with a reasoning parser: where the sample is around <think>
+    num_accepted: int = 0  # tokens of the sample seen (the scheduler's num_output_tokens once collected)
+    dropped: bool = False  # its grammar refused a sampled token: the sample goes on unconstrained
+
+    @property
+    def constrained(self) -> bool:
+        return not (self.dropped or self.matcher.is_terminated() or (self.gate is not None and not self.gate.constrained))
 
 
 class StructuredOutputManager:
@@ -26,12 +43,12 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size  # the model's (the logits' width), >= the tokenizer's
         self._compiler: Any = None  # xgrammar.GrammarCompiler once a tokenizer is loaded
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher: fills many rows on several threads
-        self.matchers: dict[str, list[Any]] = {}  # request id -> one GrammarMatcher per sample
-        self._num_accepted: dict[str, list[int]] = {}  # request id -> tokens each matcher took
+        self.samples: dict[str, list[SampleGrammar]] = {}  # request id -> one per sample
+        self.think_tokens: ThinkTokens | None = None  # the tokenizer's bytes, once a tokenizer is loaded
 
     @property
     def num_requests(self) -> int:
-        return len(self.matchers)
+        return len(self.samples)
 
     def _compiler_for(self, eos_token_ids: list[int]) -> Any:
         if self._compiler is None:
@@ -44,6 +61,7 @@ class StructuredOutputManager:
             info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=sorted(eos_token_ids) or None)
             self._compiler = xgr.GrammarCompiler(info, max_threads=4)
+            self.think_tokens = ThinkTokens(info.decoded_vocab, self.vocab_size, set(info.stop_token_ids))
             self._batch = xgr.BatchGrammarMatcher()
             logger.info("structured outputs: grammars compiled against a vocabulary of %d tokens", self.vocab_size)
         return self._compiler
@@ -71,30 +89,34 @@ class StructuredOutputManager:
         p = request.params.structured_outputs
         assert p is not None
         compiled = self.compile(p, eos_token_ids)
-        self.matchers[request.request_id] = [xgr.GrammarMatcher(compiled) for _ in request.seqs]
-        self._num_accepted[request.request_id] = [0] * len(request.seqs)
+        spec = PARSERS[p.reasoning_parser] if p.reasoning_parser and not p.enable_in_reasoning else None
+        assert self.think_tokens is not None
+        self.samples[request.request_id] = [
+            SampleGrammar(xgr.GrammarMatcher(compiled), None if spec is None else ReasoningGate(spec, self.think_tokens))
+            for _ in request.seqs]
 
     def free(self, request_id: str) -> None:
-        self.matchers.pop(request_id, None)
-        self._num_accepted.pop(request_id, None)
+        self.samples.pop(request_id, None)
 
     def accept_tokens(self, outputs: Iterable[EngineCoreOutput]) -> None:
         """Advance the matchers with the tokens the scheduler appended this step."""
         for out in outputs:
-            matchers = self.matchers.get(out.request_id)
-            if matchers is None or not out.new_token_ids:
+            samples = self.samples.get(out.request_id)
+            if samples is None or not out.new_token_ids:
                 continue
-            matcher = matchers[out.index]
+            sample = samples[out.index]
             for token_id in out.new_token_ids:
-                if matcher.is_terminated():
+                if sample.dropped or sample.matcher.is_terminated():
                     break  # the grammar ended with its stop token; nothing after it is constrained
-                if not matcher.accept_token(token_id):
+                ok = sample.matcher.accept_token(token_id) if sample.gate is None else sample.gate.accept(
+                    token_id, sample.matcher)
+                if not ok:
                     # only a token the bitmask allowed can be sampled, unless min_tokens banned the stop
                     # token when it was the only one left; the sample goes on unconstrained
-                    logger.warning("request %s sample %d: token %d not accepted by its grammar",
-                                   out.request_id, out.index, token_id)
-                    break
-            self._num_accepted[out.request_id][out.index] += len(out.new_token_ids)
+                    logger.warning("request %s sample %d: token %d not accepted by its grammar; the sample goes on "
+                                   "unconstrained", out.request_id, out.index, token_id)
+                    sample.dropped = True
+            sample.num_accepted += len(out.new_token_ids)
 
     def grammar_bitmask(self, scheduled: list[Sequence]) -> tuple[torch.Tensor | None, list[str]]:
         """[k, ceil(vocab / 32)] int32 (host): one row per constrained sample scheduled this step, and
@@ -102,22 +124,25 @@ class StructuredOutputManager:
         (the engine core collects a constrained sample's step before scheduling its next)."""
         import xgrammar as xgr
 
-        seq_ids, matchers = [], []
+        seq_ids, rows = [], []
         for seq in scheduled:
-            per_sample = self.matchers.get(seq.request.request_id)
-            if per_sample is None:
+            samples = self.samples.get(seq.request.request_id)
+            if samples is None:
                 continue
-            assert self._num_accepted[seq.request.request_id][seq.index] == seq.num_output_tokens, seq.seq_id
-            matcher = per_sample[seq.index]
-            if matcher.is_terminated():
-                continue  # its stop token was sampled; it is finishing
-            seq_ids.append(seq.seq_id)
-            matchers.append(matcher)
-        if not matchers:
+            sample = samples[seq.index]
+            assert sample.num_accepted == seq.num_output_tokens, seq.seq_id
+            if sample.constrained:  # not reasoning, not finishing after its stop token, not dropped
+                seq_ids.append(seq.seq_id)
+                rows.append(sample)
+        if not rows:
             return None, []
-        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
-        if len(matchers) == 1:
-            matchers[0].fill_next_token_bitmask(bitmask, 0)
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        if len(rows) == 1:
+            rows[0].matcher.fill_next_token_bitmask(bitmask, 0)
         else:
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
+            self._batch.batch_fill_next_token_bitmask([sample.matcher for sample in rows], bitmask)
+        for k, sample in enumerate(rows):
+            opening = None if sample.gate is None else sample.gate.start_row()
+            if opening is not None:  # qwen3's start: the grammar's tokens, or <think>
+                bitmask[k] |= opening
         return bitmask, seq_ids

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from engine.structured.reasoning import PARSERS
+
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 MAX_SPEC_CHARS = 1_000_000  # a larger schema or grammar is refused before compiling
 
@@ -32,6 +34,9 @@ class StructuredOutputsParams:
     grammar: str | None = None  # EBNF / GBNF (xgrammar's dialect; root rule "root")
     json_object: bool | None = None  # any JSON object (OpenAI's response_format json_object)
     disable_any_whitespace: bool = False  # True: compact JSON (no whitespace between tokens)
+    # the API server sets it from --reasoning-parser (chat): the constraint starts after the reasoning ends
+    reasoning_parser: str | None = None
+    enable_in_reasoning: bool = False  # constrain the <think> part too (vLLM's server-wide option, per request)
 
     def __post_init__(self) -> None:
         check_structured_outputs(self)
@@ -102,8 +107,12 @@ def check_structured_outputs(p: StructuredOutputsParams) -> None:
     kind = given[0]
     param = f"structured_outputs.{kind}"
     value = getattr(p, kind)
-    if not isinstance(p.disable_any_whitespace, bool):
-        raise StructuredOutputsError("structured_outputs.disable_any_whitespace", "must be true or false")
+    for name in ("disable_any_whitespace", "enable_in_reasoning"):
+        if not isinstance(getattr(p, name), bool):
+            raise StructuredOutputsError(f"structured_outputs.{name}", "must be true or false")
+    if p.reasoning_parser is not None and p.reasoning_parser not in PARSERS:
+        raise StructuredOutputsError("structured_outputs.reasoning_parser", f"unknown parser {p.reasoning_parser!r}; "
+                                     f"choose one of {', '.join(PARSERS)}")
     if kind == "json":
         if isinstance(value, dict):
             try:

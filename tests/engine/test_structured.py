@@ -91,7 +91,7 @@ def test_samples_per_schema_all_valid(llm: LLM) -> None:
     params += [constrained(regex=REGEX, max_tokens=16)] * k + [constrained(choice=CHOICES, max_tokens=8)] * k
     specs += [("regex", REGEX)] * k + [("choice", CHOICES)] * k
     check_batch(llm.generate(prompts, params, use_tqdm=False), specs)
-    assert not llm.llm_engine.engine_core.structured_output_manager.matchers  # freed on finish
+    assert not llm.llm_engine.engine_core.structured_output_manager.samples  # freed on finish
 
 
 @pytest.mark.slow
@@ -120,10 +120,10 @@ def test_greedy_json_object_and_abort_frees_matchers(llm: LLM) -> None:
     engine = llm.llm_engine
     engine.add_request("to-abort", PROMPT, constrained(json=SCHEMAS["nested"], n=2))
     engine.step()
-    assert "to-abort" in engine.engine_core.structured_output_manager.matchers
+    assert "to-abort" in engine.engine_core.structured_output_manager.samples
     engine.abort_request(["to-abort"])
     engine.step()
-    assert not engine.engine_core.structured_output_manager.matchers
+    assert not engine.engine_core.structured_output_manager.samples
 
 
 @pytest.mark.parametrize("spec,param", [
