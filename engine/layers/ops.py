@@ -1,11 +1,11 @@
-"""Pick the kernel implementation for a tensor: Triton on CUDA, plain torch on CPU."""
+"""Pick the kernel implementation for a tensor: Triton on CUDA, C kernels (else plain torch) on CPU."""
 from __future__ import annotations
 
 from types import ModuleType
 
 import torch
 
-from kernels import reference
+from kernels import cpu_ops
 
 
 def ops_for(x: torch.Tensor) -> ModuleType:
@@ -13,4 +13,4 @@ def ops_for(x: torch.Tensor) -> ModuleType:
         import kernels.triton_ops as triton_ops  # noqa: PLC0415 - needs a GPU build of Triton
 
         return triton_ops
-    return reference
+    return cpu_ops  # kernels/cpu_attention.c where it applies, else kernels/reference.py

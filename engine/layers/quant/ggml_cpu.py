@@ -23,8 +23,9 @@ BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # the types kept in
 # Above this many activation rows, dequantizing the tensor once and calling BLAS beats the
 # in-register kernel, which dequantizes every block once per 8 rows.
 GEMM_MAX_ROWS = 128
-# Multiply-adds per thread below which one thread is faster than waking another (~0.1 ms).
-_WORK_PER_THREAD = 1 << 21
+# Multiply-adds per thread below which one thread is faster than waking another (~30 us of Q4 work:
+# a passive OpenMP thread wakes in ~10 us; at 1 << 21 every decode matmul of SmolLM2 ran on one thread).
+_WORK_PER_THREAD = 1 << 17
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml_cpu.c")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None

@@ -1,0 +1,58 @@
+"""Build-once loader of the engine's small C kernels (AVX2+FMA, OpenMP): compiled with the system C
+compiler at first use, cached per source hash under ~/.cache/gantry/kernels; None where the CPU lacks
+AVX2 or no compiler works (callers then run their torch code).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+logger = logging.getLogger("gantry.engine")
+_lock = threading.Lock()
+_libs: dict[str, ctypes.CDLL | None] = {}
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gantry", "kernels")
+
+
+def _build(source_path: str) -> ctypes.CDLL | None:
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        logger.info("%s not used: the CPU lacks AVX2; torch code runs instead", os.path.basename(source_path))
+        return None
+    with open(source_path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(source_path))[0]
+    path = os.path.join(cache_dir(), f"{stem}-{digest}.so")
+    if not os.path.isfile(path):
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())  # ranks may build at once: rename is atomic
+        os.close(fd)
+        cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC",
+               "-o", tmp, source_path, "-lm"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            os.replace(tmp, path)
+        except (OSError, subprocess.SubprocessError) as e:
+            os.unlink(tmp)
+            err = getattr(e, "stderr", b"") or b""
+            logger.warning("%s not built (%s %s); torch code runs instead, which is slower", stem, e,
+                           err.decode(errors="replace")[-300:])
+            return None
+    return ctypes.CDLL(path)
+
+
+def load(source_path: str) -> ctypes.CDLL | None:
+    """The built library of one C source (built at the first call in this process), or None."""
+    with _lock:
+        if source_path not in _libs:
+            _libs[source_path] = _build(source_path)
+        return _libs[source_path]
