@@ -11,7 +11,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -20,7 +19,6 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
 from engine.lora.request import LoRARequest
-from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 from engine.server.async_llm import PromptInput, RequestDelta, RequestStream
 from engine.server.lora_routes import adapter_cards, register_lora_routes, requested_lora
@@ -28,6 +26,7 @@ from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from engine.beam_search import BeamSearchParams, best_of_params
 from engine.server.beam import BeamResult, best_of_order, run_beam_search_all, step_generate
 from engine.server.protocol import APIError
+from engine.server.results import Results
 from engine.server.reasoning import ReasoningDeltas, assistant_message, get_reasoning_spec
 from engine.server.text import PreparedChat, PreparedCompletion
 from engine.server.tools import ToolDeltas, tool_message
@@ -37,61 +36,6 @@ if TYPE_CHECKING:
 
 def _state(request: Request) -> ServerState:
     return request.app.ctx.state
-
-
-# ---- accumulating deltas ----
-
-@dataclass
-class _Sample:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class _Request:
-    prompt: str = ""
-    prompt_token_ids: list[int] = field(default_factory=list)
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # when echo asked for logprobs
-    samples: list[_Sample] = field(default_factory=list)
-
-
-class _Results:
-    """Everything generated so far for one HTTP request (several prompts, n samples each)."""
-
-    def __init__(self, request_ids: list[str], n: int):
-        self.order = {rid: i for i, rid in enumerate(request_ids)}
-        self.requests = [_Request(samples=[_Sample() for _ in range(n)]) for _ in request_ids]
-        self.n = n
-
-    def apply(self, delta: RequestDelta) -> list[tuple[int, _Sample, str, int]]:
-        """Fold a delta in; returns (choice index, sample, new text, number of new tokens) per changed sample."""
-        p = self.order[delta.request_id]
-        req = self.requests[p]
-        if delta.prompt_token_ids is not None:
-            # the prompt as the client sent it, when known (the engine only saw its token ids)
-            req.prompt, req.prompt_token_ids = req.prompt or delta.prompt or "", delta.prompt_token_ids
-            req.prompt_logprobs = delta.prompt_logprobs
-        changed = []
-        for d in delta.samples:
-            s = req.samples[d.index]
-            new_text = d.text or ""  # deltas carry only what is new
-            s.text += new_text
-            s.token_ids.extend(d.new_token_ids)
-            if d.new_logprobs:
-                s.logprobs.extend(d.new_logprobs)
-            if d.finish_reason is not None:
-                s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
-            if new_text or d.new_token_ids or d.finish_reason is not None:
-                changed.append((p * self.n + d.index, s, new_text, len(d.new_token_ids)))
-        return changed
-
-    def usage(self) -> dict[str, int]:
-        prompt = sum(len(r.prompt_token_ids) for r in self.requests)
-        completion = sum(len(s.token_ids) for r in self.requests for s in r.samples)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 # ---- shared plumbing ----
@@ -113,12 +57,12 @@ def _engine_error(e: Exception, prompt_param: str) -> APIError:
 
 
 async def _generate(request: Request, state: ServerState, requests: list[tuple[str, PromptInput, SamplingParams]],
-                    prompt_param: str, respond: Callable[[RequestStream, _Results], Any],
+                    prompt_param: str, respond: Callable[[RequestStream, Results], Any],
                     prompt_texts: list[str | None] | None = None, lora_request: LoRARequest | None = None) -> Any:
     """Submit, then hand the stream to `respond`; engine refusals become 400s naming the field."""
     state.check_capacity(len(requests))
     arrival = time.time()
-    results = _Results([rid for rid, _, _ in requests], requests[0][2].n)
+    results = Results([rid for rid, _, _ in requests], requests[0][2].n)
     for r, text in zip(results.requests, prompt_texts or []):
         r.prompt = text or ""
     try:
@@ -194,14 +138,14 @@ def _best_of_params(state: ServerState, params: SamplingParams) -> SamplingParam
         raise _engine_error(e, "prompt") from None
 
 
-def _keep_best_of(results: _Results, n: int) -> None:
+def _keep_best_of(results: Results, n: int) -> None:
     """best_of > n: of each prompt's best_of samples keep the n with the highest cumulative logprob."""
     for r in results.requests:
         r.samples = [r.samples[i] for i in best_of_order([(s.token_ids, s.logprobs) for s in r.samples], n)]
     results.n = n
 
 
-async def _collect(stream: RequestStream, results: _Results, prompt_param: str) -> None:
+async def _collect(stream: RequestStream, results: Results, prompt_param: str) -> None:
     async for delta in _iterate(stream, prompt_param):
         results.apply(delta)
 
@@ -266,7 +210,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         params = _best_of_params(state, params)
     subs = [(f"{cid}-{i}", p, params) for i, p in enumerate(req.prompts)]
 
-    def prefix(results: _Results, choice: int) -> tuple[str, dict | None]:
+    def prefix(results: Results, choice: int) -> tuple[str, dict | None]:
         """The echoed prompt of a choice, and its logprobs (null for the first token)."""
         r = results.requests[choice // results.n]
         if not req.echo:
@@ -276,7 +220,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         return r.prompt, lps
 
     if not req.stream:
-        async def respond(stream: RequestStream, results: _Results) -> HTTPResponse:
+        async def respond(stream: RequestStream, results: Results) -> HTTPResponse:
             await _collect(stream, results, "prompt")
             if results.n != n:
                 _keep_best_of(results, n)
@@ -294,7 +238,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
 
         return await _generate(request, state, subs, "prompt", respond, prepared.prompt_texts, lora)
 
-    async def respond_stream(stream: RequestStream, results: _Results) -> None:
+    async def respond_stream(stream: RequestStream, results: Results) -> None:
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         offsets: dict[int, int] = {}
 
@@ -308,23 +252,22 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         head = _sse_head("text_completion", cid, created, model)
         async for batch in _iterate_sse(response, stream, "prompt"):
             parts = []
-            for delta in batch:
-                for choice, s, new_text, num_new in results.apply(delta):
-                    text, lps = ("", None)
-                    if choice not in offsets:
-                        text, lps = prefix(results, choice)
-                        offsets[choice] = len(text)
-                    if req.logprobs is not None and num_new:
-                        lps = merge_completion_logprobs(lps, completion_logprobs(
-                            s.token_ids[-num_new:], s.logprobs[-num_new:], top, detok, offsets[choice]))
-                    offsets[choice] += len(new_text)
-                    if not (text or new_text or lps is not None or s.finish_reason is not None):
-                        continue  # tokens that end inside a character: nothing to say yet
-                    # the common chunk written directly: json.dumps of the whole body per token was
-                    # the API process's largest cost at a few thousand tokens a second
-                    parts.append(f'{head}{{"index":{choice},"text":{_json(text + new_text)},"logprobs":'
-                                 f'{_json(lps)},"finish_reason":{_json(s.finish_reason)},"stop_reason":'
-                                 f'{_json(s.stop_reason)}}}]}}\n\n')
+            for choice, s, new_text, num_new in results.apply_all(batch):
+                text, lps = ("", None)
+                if choice not in offsets:
+                    text, lps = prefix(results, choice)
+                    offsets[choice] = len(text)
+                if req.logprobs is not None and num_new:
+                    lps = merge_completion_logprobs(lps, completion_logprobs(
+                        s.token_ids[-num_new:], s.logprobs[-num_new:], top, detok, offsets[choice]))
+                offsets[choice] += len(new_text)
+                if not (text or new_text or lps is not None or s.finish_reason is not None):
+                    continue  # tokens that end inside a character: nothing to say yet
+                # the common chunk written directly: json.dumps of the whole body per token was
+                # the API process's largest cost at a few thousand tokens a second
+                parts.append(f'{head}{{"index":{choice},"text":{_json(text + new_text)},"logprobs":'
+                             f'{_json(lps)},"finish_reason":{_json(s.finish_reason)},"stop_reason":'
+                             f'{_json(s.stop_reason)}}}]}}\n\n')
             if parts:
                 await response.send("".join(parts))
         if req.include_usage:
@@ -358,7 +301,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
     subs = [(f"{cid}-0", prepared.prompt_token_ids, params)]
 
     if not req.stream:
-        async def respond(stream: RequestStream, results: _Results) -> HTTPResponse:
+        async def respond(stream: RequestStream, results: Results) -> HTTPResponse:
             await _collect(stream, results, "messages")
             if results.n != n:
                 _keep_best_of(results, n)
@@ -375,7 +318,7 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
 
         return await _generate(request, state, subs, "messages", respond, lora_request=lora)
 
-    async def respond_stream(stream: RequestStream, results: _Results) -> None:
+    async def respond_stream(stream: RequestStream, results: Results) -> None:
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -394,23 +337,22 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
         tool_deltas = None if prepared.tools is None else ToolDeltas(prepared.tools)
         async for batch in _iterate_sse(response, stream, "messages"):
             parts = []
-            for delta in batch:
-                for choice, s, new_text, num_new in results.apply(delta):
-                    lps = None
-                    if req.logprobs and num_new:
-                        lps = chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:], req.top_logprobs, detok)
-                    if not new_text and lps is None and s.finish_reason is None:
-                        continue
-                    message = f'{{"content":{_json(new_text)}}}' if new_text else "{}"
-                    finish, done = s.finish_reason, s.finish_reason is not None
-                    if split is not None or tool_deltas is not None:
-                        d = split.delta(choice, new_text, done) if split else {"content": new_text} if new_text else {}
-                        if tool_deltas is not None:
-                            d, finish = tool_deltas.delta(choice, d, done), tool_deltas.finish_reason(choice, finish)
-                        message = _json(d)
-                    parts.append(f'{head}{{"index":{choice},"delta":{message},"logprobs":{_json(lps)},'
-                                 f'"finish_reason":{_json(finish)},"stop_reason":{_json(s.stop_reason)}}}]'
-                                 f'{tail}')
+            for choice, s, new_text, num_new in results.apply_all(batch):
+                lps = None
+                if req.logprobs and num_new:
+                    lps = chat_logprobs(s.token_ids[-num_new:], s.logprobs[-num_new:], req.top_logprobs, detok)
+                if not new_text and lps is None and s.finish_reason is None:
+                    continue
+                message = f'{{"content":{_json(new_text)}}}' if new_text else "{}"
+                finish, done = s.finish_reason, s.finish_reason is not None
+                if split is not None or tool_deltas is not None:
+                    d = split.delta(choice, new_text, done) if split else {"content": new_text} if new_text else {}
+                    if tool_deltas is not None:
+                        d, finish = tool_deltas.delta(choice, d, done), tool_deltas.finish_reason(choice, finish)
+                    message = _json(d)
+                parts.append(f'{head}{{"index":{choice},"delta":{message},"logprobs":{_json(lps)},'
+                             f'"finish_reason":{_json(finish)},"stop_reason":{_json(s.stop_reason)}}}]'
+                             f'{tail}')
             if parts:
                 await response.send("".join(parts))
         if req.include_usage:
