@@ -40,7 +40,12 @@ def _native() -> ctypes.CDLL | None:
 
 
 def _ok(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == _F32 and t.device.type == "cpu" for t in tensors) and _native() is not None
+    if (_lib if _tried else _native()) is None:
+        return False
+    for t in tensors:  # a plain loop: this runs ~10 times per layer and step
+        if t.dtype != _F32 or t.is_cuda:
+            return False
+    return True
 
 
 def __getattr__(name: str) -> Any:  # everything without a C version: the reference's

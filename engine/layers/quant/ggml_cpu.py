@@ -70,6 +70,8 @@ def _build() -> ctypes.CDLL | None:
 def cpu_kernel() -> ctypes.CDLL | None:
     """The built kernel library, or None where it cannot run here (then the torch fallback runs)."""
     global _lib, _lib_tried
+    if _lib_tried:  # no lock once decided: ggml_linear asks on every matmul
+        return _lib
     with _lock:
         if not _lib_tried:
             _lib_tried = True
@@ -110,11 +112,12 @@ def dequantize_rows(blocks: torch.Tensor, ggml_type: int, k: int, rows: torch.Te
 
 def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
     """x [num_tokens, k] @ W^T -> [num_tokens, n] for W given as blocks uint8 [n, k / 32 * block_bytes]."""
-    lib = cpu_kernel() if x.device.type == "cpu" and x.dtype == torch.float32 else None
-    if lib is None or x.shape[0] > GEMM_MAX_ROWS:
+    lib = cpu_kernel() if not x.is_cuda and x.dtype == torch.float32 else None
+    m, n = x.shape[0], blocks.shape[0]
+    if lib is None or m > GEMM_MAX_ROWS:
         return torch.nn.functional.linear(x, dequantize_rows(blocks, ggml_type, k).to(x.dtype))
     x = x.contiguous()
-    y = torch.empty(x.shape[0], blocks.shape[0], dtype=torch.float32)
-    num_threads = min(torch.get_num_threads(), max(1, x.shape[0] * blocks.shape[0] * k // _WORK_PER_THREAD))
-    lib.ggml_gemm(ggml_type, blocks.data_ptr(), blocks.shape[0], k, x.data_ptr(), x.shape[0], y.data_ptr(), num_threads)
+    y = torch.empty(m, n, dtype=torch.float32)
+    num_threads = min(torch.get_num_threads(), max(1, m * n * k // _WORK_PER_THREAD))
+    lib.ggml_gemm(ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), num_threads)
     return y
