@@ -2,8 +2,8 @@
 enforces `required` or a named function (structured outputs), and the tool-call parsers of
 `--tool-call-parser` (hermes, llama3_json, mistral) that turn a model's text into `tool_calls`.
 
-hermes streams: text that may open `<tool_call>` is held back until it does or cannot; a call is
-sent whole once its `</tool_call>` arrives. The other parsers parse the whole text at the end.
+HermesStream reads whole hermes outputs: text that may open `<tool_call>` is held back until it does or
+cannot; a call is parsed once its `</tool_call>` arrives. Streamed calls: tool_stream.py.
 """
 from __future__ import annotations
 
@@ -103,10 +103,14 @@ def tool_constraint(tr: ToolsRequest) -> StructuredOutputsParams | None:
         raise bad("tools", f"a function's parameters schema cannot be compiled: {e.message}") from None
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def make_call(name: str, arguments: Any) -> dict[str, Any]:
     """One OpenAI tool call; arguments as a JSON string."""
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": text}}
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": text}}
 
 
 def _calls_of(objs: Any, key: str = "arguments") -> list[dict[str, Any]] | None:
@@ -219,53 +223,6 @@ def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str |
     return finish_reason if tr.tool_choice == "named" else "tool_calls"
 
 
-class ToolDeltas:
-    """Streamed chat deltas with tool calls, per choice: content passes through (hermes holds back a
-    possible tag); a call goes out whole as OpenAI's tool_calls delta (index, id, type, name, arguments)."""
-
-    def __init__(self, tr: ToolsRequest):
-        self.tr = tr
-        self.hermes: dict[int, HermesStream] = {}
-        self.texts: dict[int, str] = {}  # choice -> text held to parse at the end (not hermes auto)
-        self.num_calls: dict[int, int] = {}
-
-    def _calls_delta(self, choice: int, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        start = self.num_calls.get(choice, 0)
-        self.num_calls[choice] = start + len(calls)
-        return [{"index": start + i, **c} for i, c in enumerate(calls)]
-
-    def delta(self, choice: int, d: dict[str, Any], finished: bool) -> dict[str, Any]:
-        """d: the delta so far ({"content"} and maybe reasoning fields); returns it with tool calls."""
-        text = d.pop("content", "") or ""
-        calls: list[dict[str, Any]] = []
-        if self.tr.tool_choice == "auto" and self.tr.parser == "hermes":
-            stream = self.hermes.setdefault(choice, HermesStream())
-            content, calls = stream.feed(text)
-            if finished:
-                content += stream.flush()[0]
-        else:
-            self.texts[choice] = self.texts.get(choice, "") + text
-            content = ""
-            if finished:
-                whole = self.texts.pop(choice)
-                if self.tr.tool_choice == "auto":
-                    parsed, calls = parse_tool_calls(self.tr.parser or "hermes", whole)
-                    content = parsed or ""
-                else:
-                    calls = calls_from_constrained(self.tr, whole)
-                    content = "" if calls else whole
-        if content:
-            d["content"] = content
-        if calls:
-            d["tool_calls"] = self._calls_delta(choice, calls)
-        return d
-
-    def finish_reason(self, choice: int, reason: str | None) -> str | None:
-        if reason is None or not self.num_calls.get(choice) or self.tr.tool_choice == "named":
-            return reason
-        return "tool_calls"
-
-
 def apply_tool_constraint(tr: ToolsRequest, params: Any) -> None:
     """`required` or a named function: constrain the request's SamplingParams (in place)."""
     constraint = tool_constraint(tr)
@@ -305,3 +262,12 @@ def with_tool_fields(messages: list[dict[str, Any]], raw: list[Any]) -> list[dic
             m = {**m, "tool_call_id": call_id}
         out.append(m)
     return out
+
+
+def __getattr__(name: str) -> Any:
+    """ToolDeltas, the streamed calls, lives in tool_stream.py (which imports this module)."""
+    if name == "ToolDeltas":
+        from engine.server.tool_stream import ToolDeltas
+
+        return ToolDeltas
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

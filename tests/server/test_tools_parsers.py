@@ -1,6 +1,7 @@
 """Tool-call parsers and tools validation (issue 16) on fixed texts: hermes, llama3_json and mistral
 outputs become tool_calls; hermes streamed at every split into two or three pieces gives the same
-calls and content as the whole text; bad tools / tool_choice are 400s naming the field."""
+calls and content as the whole text, each call's first delta its id, type, name and arguments "", its
+arguments in fragments after it (required and named too); bad tools / tool_choice are 400s naming the field."""
 from __future__ import annotations
 
 import itertools
@@ -10,7 +11,15 @@ import pytest
 
 from engine.config import ConfigError, ServerConfig
 from engine.server.protocol import APIError
-from engine.server.tools import ToolDeltas, ToolsRequest, parse_tool_calls, parse_tools, tool_constraint
+from engine.server.tool_stream import CanonicalJSON
+from engine.server.tools import (
+    ToolDeltas,
+    ToolsRequest,
+    parse_tool_calls,
+    parse_tools,
+    tool_constraint,
+    tool_message,
+)
 
 HERMES = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
           '<tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>')
@@ -41,15 +50,49 @@ def test_parsers_on_fixed_texts(parser: str, text: str, content: str | None, cal
     assert got_content == content and names_args(got_calls) == calls
 
 
+def accumulate(calls: list[dict], entries: list[dict]) -> None:
+    """The openai client's accumulation of tool_calls deltas: by index, strings joined."""
+    for e in entries:
+        if e["index"] == len(calls):  # a call's first delta: all of its header, no arguments yet
+            assert e["id"].startswith("call_") and e["type"] == "function" and e["function"]["arguments"] == ""
+            calls.append({"id": e["id"], "type": "function", "function": dict(e["function"]), "fragments": 0})
+        else:
+            assert set(e) == {"index", "function"} and set(e["function"]) == {"arguments"} and e["function"]["arguments"]
+            calls[e["index"]]["function"]["arguments"] += e["function"]["arguments"]
+            calls[e["index"]]["fragments"] += 1
+
+
 def _stream(tr: ToolsRequest, pieces: list[str]) -> tuple[str, list[dict], str | None]:
     deltas, content, calls, finish = ToolDeltas(tr), "", [], None
     for i, piece in enumerate(pieces):
         last = i == len(pieces) - 1
         d = deltas.delta(0, {"content": piece} if piece else {}, last)
         content += d.get("content", "")
-        calls += d.get("tool_calls", [])
+        accumulate(calls, d.get("tool_calls", []))
         finish = deltas.finish_reason(0, "stop" if last else None)
     return content, calls, finish
+
+
+def whole(tr: ToolsRequest, text: str) -> tuple[str | None, list[tuple[str, str]], str | None]:
+    """The non-streamed answer: content, (name, arguments text) per call, finish reason."""
+    message = {"content": text}
+    finish = tool_message(tr, message, "stop")
+    return message["content"], [(c["function"]["name"], c["function"]["arguments"])
+                                for c in message.get("tool_calls", [])], finish
+
+
+@pytest.mark.parametrize("text", [
+    '{"city": "Paris"}', '{ "a" : [1, 2.50, -0, 1e3, true, null, {}, [ ]], "b": {"c": "x\\"y"} }',
+    '{"s": "caf\\u00e9 \\ud83d\\ude00 \\n\\/ é"}', '[ ]', '"a string"', '12', '{"k":{"l":[{"m":false}]}}',
+])
+def test_canonical_json_is_json_dumps_char_by_char(text: str) -> None:
+    c, out = CanonicalJSON(), ""
+    for ch in text:
+        piece, consumed = c.feed(ch)
+        out += piece
+        assert consumed
+    out += "" if c.done else c.finish()
+    assert c.done and out == json.dumps(json.loads(text), ensure_ascii=False)
 
 
 def test_hermes_stream_split_at_every_boundary() -> None:
@@ -60,7 +103,43 @@ def test_hermes_stream_split_at_every_boundary() -> None:
         bounds = [0, *cut, n]
         content, calls, finish = _stream(tr, [HERMES[a:b] for a, b in zip(bounds, bounds[1:])])
         assert content.strip() == "Let me look." and names_args(calls) == CALLS and finish == "tool_calls"
-        assert [c["index"] for c in calls] == [0, 1]
+    _, expected, _ = whole(tr, HERMES)
+    content, calls, _ = _stream(tr, list(HERMES))  # a character a token: the arguments come as they are written
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == expected
+    assert all(c["fragments"] > 5 for c in calls)
+
+
+@pytest.mark.parametrize("choice,text", [
+    ("named", '{"city":"Rome"}'),
+    ("named", '{"city": "Ro\\u006de", "n": 1.50}'),
+    ("required", '[{"name":"get_weather","parameters":{"city":"Paris"}},{"name":"get_time","parameters":{"tz":"CET"}}]'),
+    ("required", '[ {"name": "get_time", "parameters": {}} ]'),
+])
+def test_constrained_calls_streamed_equal_the_whole_answer(choice: str, text: str) -> None:
+    body = {"tools": TOOLS, "tool_choice": choice if choice == "required" else
+            {"type": "function", "function": {"name": "get_weather"}}}
+    tr = parse_tools(body, False, None)
+    content, expected, finish = whole(tr, text)
+    assert expected and content is None
+    n = len(text)
+    for cut in [[i] for i in range(1, n)] + [list(range(1, n))]:
+        bounds = [0, *cut, n]
+        got_content, calls, got_finish = _stream(tr, [text[a:b] for a, b in zip(bounds, bounds[1:])])
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == expected
+        assert not got_content and got_finish == finish
+
+
+def test_constrained_output_cut_before_a_call_is_content() -> None:
+    tr = parse_tools({"tools": TOOLS, "tool_choice": "required"}, False, None)
+    assert _stream(tr, ['[{"na', 'me": "get_w']) == ('[{"name": "get_w', [], "stop")
+    assert whole(tr, '[{"name": "get_w') == ('[{"name": "get_w', [], "stop")
+
+
+def test_llama3_json_streams_its_calls_at_the_end() -> None:
+    tr = ToolsRequest(TOOLS, "auto", parser="llama3_json")
+    text = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    content, calls, finish = _stream(tr, [text[:10], text[10:]])
+    assert not content and names_args(calls) == CALLS[:1] and finish == "tool_calls"
 
 
 def test_required_and_named_constraints() -> None:

@@ -1,7 +1,9 @@
 """Tool calling through the openai client (issue 16) on a SmolLM2 server started with
 --enable-auto-tool-choice --tool-call-parser hermes: `required` and a named function give valid
 tool_calls (stream and not), a `tool` message goes back in for the answer, and `auto` turns a
-<tool_call>...</tool_call> output (forced here with a regex) into tool_calls."""
+<tool_call>...</tool_call> output (forced here with a regex) into tool_calls. Streamed, a call's first delta
+carries its id, type, name and arguments "", its arguments follow in fragments, and the openai client's
+accumulation (ChatCompletionStreamState) equals the non-streamed answer."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from tests.server.conftest import MODEL, LiveServer, launch, wait_ready
 
@@ -92,6 +95,33 @@ def test_auto_hermes_output_becomes_tool_calls(client: openai.OpenAI) -> None:
     calls, finish = streamed_calls(client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
                                                                   max_tokens=100, extra_body=extra, stream=True))
     assert finish == "tool_calls" and json.loads(calls[0]["arguments"])["city"] in ("Paris", "Rome")
+
+
+@pytest.mark.parametrize("tool_choice,extra", [
+    ("required", None),
+    ({"type": "function", "function": {"name": "get_weather"}}, None),
+    ("auto", {"structured_outputs": {"regex": HERMES_REGEX}}),
+])
+def test_streamed_calls_accumulate_to_the_whole_answer(client: openai.OpenAI, tool_choice, extra) -> None:
+    kwargs = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 100,
+              "temperature": 0.0, "extra_body": extra}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    state, first, fragments = ChatCompletionStreamState(input_tools=TOOLS), {}, {}
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        state.handle_chunk(chunk)
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                if tc.index not in first:  # a call's first delta: all of its header, no arguments yet
+                    first[tc.index] = tc
+                    assert tc.id and tc.type == "function" and tc.function.name and tc.function.arguments == ""
+                else:
+                    assert tc.id is None and tc.function.name is None
+                    fragments[tc.index] = fragments.get(tc.index, 0) + 1
+    streamed = state.get_final_completion().choices[0]
+    assert whole.message.tool_calls and streamed.finish_reason == whole.finish_reason
+    assert [(c.function.name, c.function.arguments) for c in streamed.message.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.message.tool_calls]
+    assert all(fragments[i] > 1 for i in first)  # the arguments came while they were written
 
 
 def test_bad_tool_choice_is_400(tool_server: LiveServer, server: LiveServer) -> None:
