@@ -34,7 +34,8 @@ class SampleGrammar:
 
     @property
     def constrained(self) -> bool:
-        return not (self.dropped or self.matcher.is_terminated() or (self.gate is not None and not self.gate.constrained))
+        reasoning = self.gate is not None and not self.gate.constrained
+        return not (self.dropped or reasoning or self.matcher.is_terminated())
 
 
 class StructuredOutputManager:
@@ -92,8 +93,8 @@ class StructuredOutputManager:
         spec = PARSERS[p.reasoning_parser] if p.reasoning_parser and not p.enable_in_reasoning else None
         assert self.think_tokens is not None
         self.samples[request.request_id] = [
-            SampleGrammar(xgr.GrammarMatcher(compiled), None if spec is None else ReasoningGate(spec, self.think_tokens))
-            for _ in request.seqs]
+            SampleGrammar(xgr.GrammarMatcher(compiled),
+                          None if spec is None else ReasoningGate(spec, self.think_tokens)) for _ in request.seqs]
 
     def free(self, request_id: str) -> None:
         self.samples.pop(request_id, None)

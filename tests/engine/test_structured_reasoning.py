@@ -157,8 +157,9 @@ def test_offline_deepseek_r1_without_end_tag_finishes_by_length_unconstrained() 
     llm = LLM(dtype="float32", async_scheduling=False)
     try:
         so = StructuredOutputsParams(json=SCHEMA, reasoning_parser="deepseek_r1")
-        gated, plain = llm.generate(["Say hi."] * 2, [SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=so),
-                                                       SamplingParams(temperature=0.0, max_tokens=8)])
+        gated, plain = llm.generate(["Say hi."] * 2, [
+            SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=so),
+            SamplingParams(temperature=0.0, max_tokens=8)])
         assert gated.outputs[0].finish_reason == "length"
         assert gated.outputs[0].token_ids == plain.outputs[0].token_ids  # the grammar never applied
         with pytest.raises(json.JSONDecodeError):

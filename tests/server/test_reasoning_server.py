@@ -16,7 +16,8 @@ from tests.server.conftest import MODEL, LiveServer, launch, wait_ready
 
 PATTERN = r"<think>[a-z ]{1,16}</think>(yes|no)"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Is the sky blue? Think first."}],
-        "max_tokens": 40, "temperature": 1.0, "extra_body": {"structured_outputs": {"regex": PATTERN, "enable_in_reasoning": True}}}
+        "max_tokens": 40, "temperature": 1.0,
+        "extra_body": {"structured_outputs": {"regex": PATTERN, "enable_in_reasoning": True}}}
 SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
 JSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
 

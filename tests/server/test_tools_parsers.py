@@ -57,7 +57,8 @@ def accumulate(calls: list[dict], entries: list[dict]) -> None:
             assert e["id"].startswith("call_") and e["type"] == "function" and e["function"]["arguments"] == ""
             calls.append({"id": e["id"], "type": "function", "function": dict(e["function"]), "fragments": 0})
         else:
-            assert set(e) == {"index", "function"} and set(e["function"]) == {"arguments"} and e["function"]["arguments"]
+            assert set(e) == {"index", "function"} and set(e["function"]) == {"arguments"}
+            assert e["function"]["arguments"]
             calls[e["index"]]["function"]["arguments"] += e["function"]["arguments"]
             calls[e["index"]]["fragments"] += 1
 
@@ -112,7 +113,8 @@ def test_hermes_stream_split_at_every_boundary() -> None:
 @pytest.mark.parametrize("choice,text", [
     ("named", '{"city":"Rome"}'),
     ("named", '{"city": "Ro\\u006de", "n": 1.50}'),
-    ("required", '[{"name":"get_weather","parameters":{"city":"Paris"}},{"name":"get_time","parameters":{"tz":"CET"}}]'),
+    ("required", '[{"name":"get_weather","parameters":{"city":"Paris"}},'
+                 '{"name":"get_time","parameters":{"tz":"CET"}}]'),
     ("required", '[ {"name": "get_time", "parameters": {}} ]'),
 ])
 def test_constrained_calls_streamed_equal_the_whole_answer(choice: str, text: str) -> None:
