@@ -6,6 +6,10 @@ The stand-in tokenizer has a token for every id of the model's vocabulary (singl
 strings of JSON-ish characters), so xgrammar's bitmasks cover a real-sized vocabulary; the schema
 requires a long array, so no constrained request ends before max_tokens (the same token count).
     python -m benchmarks.structured_bench [--num-requests 256] [--no-async-scheduling]
+    python -m benchmarks.structured_bench --smoke   # a tiny random model on CPU: the plumbing, no figure
+Beyond torch and transformers (and triton: xgrammar's bitmask kernel for CUDA tensors) it imports
+xgrammar, apache-tvm-ffi, pydantic, pydantic-core, annotated-types and typing-inspection (pydantic
+wants typing-extensions >= 4.14.1); no nvcc or ninja (xgrammar's CUDA kernel is not used).
 """
 from __future__ import annotations
 
@@ -18,12 +22,15 @@ import time
 
 import torch
 
-from benchmarks.throughput import make_workload, random_prompts, write_config
+from benchmarks.throughput import Workload, make_workload, random_prompts, write_config
 
 SCHEMA = {"type": "object", "properties": {"log": {"type": "array", "minItems": 400, "items": {
     "type": "object", "properties": {"id": {"type": "integer"}, "level": {"enum": ["info", "warn", "error"]},
                                      "msg": {"type": "string", "maxLength": 24}},
     "required": ["id", "level", "msg"]}}}, "required": ["log"]}
+# --smoke: a Qwen2 of a few hundred thousand parameters over a vocabulary still large enough for the bitmask
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=4096, tie_word_embeddings=True)
 
 
 def write_json_tokenizer(path: str, vocab_size: int, seed: int) -> None:
@@ -46,11 +53,16 @@ def write_json_tokenizer(path: str, vocab_size: int, seed: int) -> None:
     fast.save_pretrained(path)
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed_run(llm, prompts: list[list[int]], params: list) -> tuple[float, int, list[str]]:
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - t0
     return elapsed, sum(len(o.outputs[0].token_ids) for o in outputs), [o.outputs[0].finish_reason for o in outputs]
 
@@ -61,19 +73,20 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=512)
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="8 requests x 16 tokens on a tiny model, CPU too")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("structured_bench needs a GPU")
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("structured_bench needs a GPU (--smoke runs on CPU)")
     from engine import LLM, SamplingParams
     from engine.structured import StructuredOutputsParams
 
-    w = make_workload("w1", args.seed)
+    w = Workload("smoke", TINY, [32] * 8, [16] * 8) if args.smoke else make_workload("w1", args.seed)
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.num_requests]
     model_dir = write_config(w.shape, 2048)
     write_json_tokenizer(model_dir, w.shape["vocab_size"], args.seed)
-    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=256,
-              async_scheduling=not args.no_async_scheduling)
-    n = args.output_len
+    llm = LLM(model_dir, load_format="dummy", dtype="float32" if args.smoke else "bfloat16", max_model_len=2048,
+              max_num_seqs=256, async_scheduling=not args.no_async_scheduling)
+    n = w.output_lens[0] if args.smoke else args.output_len
     free = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False)] * len(prompts)
     so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
     constrained = [SamplingParams(temperature=1.0, max_tokens=n, detokenize=False,
@@ -93,7 +106,8 @@ def main() -> None:
             print(json.dumps({"warning": "some constrained requests ended before max_tokens",
                               "finish_reasons": {r: reasons.count(r) for r in set(reasons)}}), flush=True)
     base = (results["unconstrained"] + results["unconstrained_again"]) / 2
-    print(json.dumps({"figure": "structured_vs_unconstrained", "shape": "w1", "device": torch.cuda.get_device_name(),
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"figure": "structured_vs_unconstrained", "shape": w.name, "device": device,
                       "async_scheduling": not args.no_async_scheduling, "warmup_s": round(warmup_s, 1),
                       "json_schema_tok_s": round(results["json_schema"], 1), "unconstrained_tok_s": round(base, 1),
                       "ratio": round(results["json_schema"] / base, 3)}), flush=True)
