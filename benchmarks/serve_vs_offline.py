@@ -64,6 +64,8 @@ def model_dir(shape: str) -> str:
 
 def engine_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
+    if args.max_num_batched_tokens:
+        flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     if args.shape != "tiny":
         flags += ["--load-format", "dummy", "--dtype", "bfloat16"]
     if args.smoke:
@@ -113,7 +115,7 @@ def run_served(args: argparse.Namespace, model: str, tp: int, out_dir: str) -> d
                  "--ready-timeout", "900", "--find-peak", "--num-prompts", str(args.num_prompts),
                  "--num-warmups", "8", "--random-input-len", str(args.input_len),
                  "--random-output-len", str(args.output_len), "--vocab-size", str(VOCAB), "--seed", str(args.seed),
-                 "--result-json", result_path]
+                 "--client-processes", str(args.client_processes), "--result-json", result_path]
         subprocess.run(bench, cwd=REPO, check=True)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -138,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget per step (default: the engine's)")
     p.add_argument("--tp", default="1", help="comma-separated tensor parallel sizes, e.g. 1,2")
     p.add_argument("--parts", default="offline,served")
     p.add_argument("--api-server-count", type=int, default=1)
+    p.add_argument("--client-processes", type=int, default=4, help="benchmarks/serve.py's client processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, 16 short requests")
     p.add_argument("--json", help="write the results here too")

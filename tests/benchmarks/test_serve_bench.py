@@ -411,3 +411,21 @@ def test_end_to_end_against_engine_serve(tmp_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.exclusive  # millisecond timing bounds
+def test_client_processes_split_the_requests_and_keep_the_timings(standin: StandIn):
+    """--client-processes 3: every request sent once, from three processes at one common instant,
+    with the same per-request timings and run metrics as one loop would measure."""
+    specs = fixed(9, input_len=10, output_len=6)
+    out = run(specs, standin, client_processes=3)
+    m = out["metrics"]
+    assert (m["completed"], m["failed"], m["total_output_tokens"]) == (9, 0, 54)
+    assert sorted(b["prompt"] for b in standin.bodies) == sorted(s.prompt for s in specs)
+    e2e = standin.ttft_s + 5 * standin.itl_s
+    for r in out["requests"]:
+        assert len(r.itl) == 5 and standin.ttft_s <= r.ttft < standin.ttft_s + SLACK_S
+        assert r.send_time < SLACK_S  # all at the common start
+    assert m["itl_ms"]["median"] == pytest.approx(1000 * standin.itl_s, abs=12)
+    assert e2e <= m["duration_s"] < e2e + 2 * SLACK_S
+    assert m["peak_concurrency"] == 9 and standin.max_active == 9
