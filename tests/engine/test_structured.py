@@ -79,6 +79,7 @@ def async_llm() -> LLM:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(max(600, 30 * SAMPLES_PER_SCHEMA))  # 100 per schema ran past the suite's 600 s on 2 cores
 def test_samples_per_schema_all_valid(llm: LLM) -> None:
     """SAMPLES_PER_SCHEMA JSON samples per schema, and regex and choice samples, in one batch."""
     prompts, params, specs = [], [], []
