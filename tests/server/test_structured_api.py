@@ -64,6 +64,10 @@ def test_completions_regex_and_choice(client: openai.OpenAI) -> None:
     ("/v1/completions", {"structured_outputs": {"choice": "red"}}, "structured_outputs.choice"),
     ("/v1/completions", {"structured_outputs": {"regex": "a", "json": {}}}, "structured_outputs"),
     ("/v1/completions", {"structured_outputs": {"regexp": "a"}}, "structured_outputs.regexp"),
+    ("/v1/chat/completions", {"structured_outputs": {"regex": "a", "reasoning_parser": "qwen3"}},
+     "structured_outputs.reasoning_parser"),  # the server's --reasoning-parser, not the client's
+    ("/v1/completions", {"structured_outputs": {"regex": "a", "enable_in_reasoning": "yes"}},
+     "structured_outputs.enable_in_reasoning"),
 ])
 def test_bad_constraint_is_400_naming_the_field(server: LiveServer, path: str, body: dict, param: str) -> None:
     base = ({"model": MODEL, "messages": MESSAGES} if "chat" in path else {"model": MODEL, "prompt": "Hi"})
