@@ -291,11 +291,12 @@ class ToolDeltas:
         else:  # required (an array of calls) or a named function (its arguments object)
             self.held[choice] = self.held.get(choice, "") + text
             scanner, events = self.scanners.get(choice), []
-            if scanner is None:
+            if scanner is None and text:  # not before content: a reasoning model may never get there
                 scanner = self.scanners[choice] = CallScanner()
                 if self.tr.tool_choice == "named":  # the output is the arguments: as if after its name
                     events = scanner.feed('{"name": ' + json.dumps(self.tr.named) + ', "arguments": ')
-            events += scanner.feed(text) + (scanner.finish() if finished else [])
+            if scanner is not None:
+                events += scanner.feed(text) + (scanner.finish() if finished else [])
             entries = self._entries(choice, events)
             if finished:
                 whole = self.held.pop(choice)

@@ -131,6 +131,15 @@ def test_constrained_calls_streamed_equal_the_whole_answer(choice: str, text: st
         assert not got_content and got_finish == finish
 
 
+def test_named_call_waits_for_content() -> None:
+    """Deltas without content (a reasoning model's thinking) open no call."""
+    named = parse_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+                        False, None)
+    deltas = ToolDeltas(named)
+    assert deltas.delta(0, {"reasoning_content": "hm"}, False) == {"reasoning_content": "hm"}
+    assert deltas.delta(0, {}, True) == {} and deltas.finish_reason(0, "length") == "length"
+
+
 def test_constrained_output_cut_before_a_call_is_content() -> None:
     tr = parse_tools({"tools": TOOLS, "tool_choice": "required"}, False, None)
     assert _stream(tr, ['[{"na', 'me": "get_w']) == ('[{"name": "get_w', [], "stop")
