@@ -112,6 +112,7 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     scheduler = Scheduler(block_manager, config.max_num_seqs, max_num_batched_tokens,
                           sorted(config_eos_token_ids(mc)), num_lanes, async_scheduling, mc.max_model_len)
     scheduler.max_loras = config.max_loras if config.enable_lora else None
+    scheduler.max_prefill_tokens_while_decoding = config.max_prefill_tokens_while_decoding
     core = EngineCore(scheduler, executor, max_in_flight)
     core.structured_output_manager = StructuredOutputManager(  # loads the tokenizer at the first constrained request
         lambda: load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=False), mc.hf_config.vocab_size)

@@ -68,6 +68,9 @@ class Scheduler:
         self._sent: dict[str, tuple[int, int]] = {}
         self.unschedulable: list[Sequence] = []  # too long for the whole KV pool; the engine fails their requests
         self.max_loras: int | None = None  # distinct adapters per step (the device slots), set when LoRA is on
+        # prompt tokens per step while some sequence of the step decodes (None: the whole budget): bounds
+        # how long a burst of new prompts stalls the running streams (their inter-token latency)
+        self.max_prefill_tokens_while_decoding: int | None = None
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -122,6 +125,11 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = False
         loras: set[int] = set()  # adapters in this step
+        prefill_budget = budget
+        if self.max_prefill_tokens_while_decoding is not None and any(
+                s.lane == lane and s.status == SequenceStatus.RUNNING and self._may_schedule(s)
+                and s.num_tokens + s.num_placeholders - s.num_computed_tokens == 1 for s in self.running):
+            prefill_budget = self.max_prefill_tokens_while_decoding
         for seq in list(self.running):
             if budget <= 0:
                 break
@@ -129,7 +137,8 @@ class Scheduler:
                 continue
             if not self._lora_fits(seq, loras):
                 continue
-            num_new = min(seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens, budget)
+            num_new = seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens
+            num_new = min(num_new, budget) if num_new == 1 else min(num_new, budget, prefill_budget)
             if num_new <= 0:
                 continue
             while not self.block_manager.allocate(seq, num_new):
@@ -146,17 +155,19 @@ class Scheduler:
             else:
                 self._schedule_tokens(seq, num_new, out, scheduled)
                 budget -= num_new
+                if num_new > 1:
+                    prefill_budget -= num_new
         num_in_lane = sum(1 for s in self.running if s.lane == lane)
         cap = self._lane_cap()
-        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted
-               and num_in_lane < cap):
+        while (self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs
+               and not preempted and num_in_lane < cap):
             seq = self.waiting[0]
             if seq.num_in_flight or not self._lora_fits(seq, loras):  # in flight when preempted: wait for it
                 break
             # prompt logprobs need every prompt position's logits: no prefix-cache hits (as vLLM)
             computed_blocks, num_cached = (([], 0) if seq.needs_prompt_logprobs
                                            else self.block_manager.get_computed_blocks(seq))
-            num_new = min(seq.num_tokens - num_cached, budget)
+            num_new = min(seq.num_tokens - num_cached, budget, prefill_budget)
             if not self.block_manager.allocate(seq, num_new, computed_blocks):
                 break
             self.waiting.popleft()
@@ -167,6 +178,7 @@ class Scheduler:
             self.running.append(seq)
             self._schedule_tokens(seq, num_new, out, scheduled)
             budget -= num_new
+            prefill_budget -= num_new
         if not scheduled and not self.running and self.waiting and not preempted and not self.waiting[0].num_in_flight:
             # the whole pool is free and the oldest sequence still does not fit: it never will.
             # It stays in `waiting` (status WAITING) until the engine finishes its request.

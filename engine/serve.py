@@ -55,6 +55,7 @@ UNSET_MEANS = {
     "kv_cache_memory_gib": "GPU: what gpu_memory_utilization leaves; CPU: max(max_model_len, 8192) tokens",
     "num_kv_blocks": "sized from kv_cache_memory_gib or memory",
     "max_num_batched_tokens": "max(8192, block_size)",
+    "max_prefill_tokens_while_decoding": "max_num_batched_tokens",
     "pipeline_parallel_lanes": "pipeline_parallel_size",
     "async_scheduling": "on for GPUs without pipeline parallel",
     "api_key_env": f"{DEFAULT_API_KEY_ENV} when set, else no key",

@@ -264,3 +264,37 @@ def test_sampled_logprobs_pass_through_as_typed_entries() -> None:
     assert outs["b"].new_logprobs is None
     assert outs["a"].new_prompt_logprobs == (1, result.prompt_logprobs["a"].entries)
     assert_all_free(sched)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prefill_tokens_capped_while_decoding(async_scheduling: bool) -> None:
+    """max_prefill_tokens_while_decoding: a step that decodes holds at most that many prompt tokens
+    (a burst of new prompts stalls the running streams for a bounded time); the first step, with
+    nothing decoding, takes a whole long prompt; the tokens are those of an uncapped run."""
+    ref = reference(max_tokens=12)
+    sched = make_scheduler(budget=64, async_scheduling=async_scheduling)
+    sched.max_prefill_tokens_while_decoding = 5
+    seen: list[tuple[int, int]] = []  # (decode tokens, prompt tokens) of each step
+    original = sched.schedule
+
+    def schedule(lane: int = 0):
+        so, scheduled = original(lane)
+        counts = list(so.num_scheduled_tokens.values())
+        seen.append((counts.count(1), sum(n for n in counts if n > 1)))
+        return so, scheduled
+
+    sched.schedule = schedule
+    reqs = [make_request(f"r{i}", p, max_tokens=12) for i, p in enumerate(PROMPTS)]
+    first, later = reqs[-1], reqs[:-1]  # the 30-token prompt alone, the others once it decodes
+
+    def arrive(step: int, s: Scheduler) -> None:
+        if step == 2:
+            for req in later:
+                s.add(req.seqs[0])
+
+    outs = drive(sched, [first], max_in_flight=2 if async_scheduling else 1, on_step=arrive)
+    assert {k: tokens_of(v) for k, v in outs.items()} == ref
+    assert seen[0] == (0, 30)  # nothing decodes: the whole budget
+    assert all(prompt <= 5 for decode, prompt in seen if decode), seen
+    assert any(prompt == 5 for decode, prompt in seen if decode), seen  # capped, not starved
+    assert_all_free(sched)
