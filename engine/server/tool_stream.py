@@ -101,15 +101,17 @@ class CanonicalJSON:
 
 class CallScanner:
     """A call object ({"name": ..., "arguments" or "parameters": ...}) or an array of them, streamed: events
-    ("call", name) when a call's name is known, then ("args", fragment) while its arguments are written."""
+    ("call", name) once its name is known and its arguments begin (or it ends without them), then ("args",
+    fragment) while its arguments are written."""
 
     def __init__(self) -> None:
-        self.state = "start"  # start | item | key | colon | value | name | args | skip | after | invalid
+        self.state = "start"  # start | item | key | keytext | colon | value | name | args | skip | invalid
         self.events: list[tuple[str, str]] = []
         self.key = ""  # a key's raw text, then its value's name
         self.value: CanonicalJSON | None = None
         self.name: str | None = None
-        self.args: str | None = None  # canonical argument text held until the name is known; "" once sent
+        self.announced = False  # its ("call", name) event went out
+        self.args: str | None = None  # None: no arguments yet; else their canonical text not sent yet
         self.args_is_string = False  # "arguments": "<JSON text>": sent as the string itself, at its end
         self.num_calls = 0
 
@@ -128,24 +130,35 @@ class CallScanner:
         return self.feed("")
 
     def _begin_call(self) -> None:
-        self.name, self.args, self.args_is_string, self.state = None, None, False, "key"
+        self.name, self.announced, self.args, self.args_is_string, self.state = None, False, None, False, "key"
 
     def _end_call(self) -> None:
         if self.name is not None:
             if self.args is None:  # no arguments given: {} (as the whole answer)
-                self._args("{}")
+                self.args = "{}"
+            self._announce()
             self.num_calls += 1
         self.state = "item"
 
-    def _args(self, fragment: str) -> None:
-        if self.name is None:
-            self.args = (self.args or "") + fragment
-        elif fragment:
-            self.events.append(("args", fragment))
+    def _announce(self) -> None:
+        """The call's first event, once its name is known and its arguments have begun; then what they held."""
+        if self.name is None or self.args is None:
+            return
+        if not self.announced:
+            self.announced = True
+            self.events.append(("call", self.name))
+        if self.args:
+            self.events.append(("args", self.args))
             self.args = ""
+
+    def _args(self, fragment: str) -> None:
+        self.args = (self.args or "") + fragment
+        self._announce()
 
     def _char(self, ch: str) -> None:
         state = self.state
+        if state == "invalid":  # not calls: the rest is ignored (hermes gives the text back as content)
+            return
         if state in ("start", "item"):
             if ch == "{":
                 self._begin_call()
@@ -176,7 +189,7 @@ class CallScanner:
             self.value = CanonicalJSON()
             if self.key in ("arguments", "parameters") and self.args is None:
                 self.state, self.args_is_string = "args", ch == '"'
-                self.args = ""
+                self._args("")
             else:
                 self.state = "name" if self.key == "name" else "skip"
             self.key = ""  # now the text of a name or of string arguments
@@ -204,10 +217,7 @@ class CallScanner:
             value = json.loads(self.key)
             if isinstance(value, str) and self.name is None:
                 self.name = value
-                self.events.append(("call", value))
-                held, self.args = self.args, None
-                if held is not None:
-                    self._args(held)
+                self._announce()
         elif self.state == "args" and self.args_is_string:
             self._args(json.loads(self.key))
         self.key, self.state = "", "key"
@@ -270,10 +280,10 @@ class ToolDeltas:
             if end < 0:
                 self.held[choice] = text[len(text) - keep:]
                 if finished:  # an unclosed call: its text is content unless a call came out of it
-                    content += "" if scanner.num_calls or scanner.name else HERMES_START + self.bodies[choice]
+                    content += "" if scanner.num_calls or scanner.announced else HERMES_START + self.bodies[choice]
                 break
             self.in_call[choice], text = False, text[end + len(HERMES_END):]
-            if not (scanner.num_calls or scanner.name):  # not a call after all: the text stays content
+            if not (scanner.num_calls or scanner.announced):  # not a call after all: the text stays content
                 content += HERMES_START + self.bodies[choice] + HERMES_END
         return content, entries
 

@@ -131,6 +131,16 @@ def test_constrained_calls_streamed_equal_the_whole_answer(choice: str, text: st
         assert not got_content and got_finish == finish
 
 
+@pytest.mark.parametrize("text", ["<tool_call>not json</tool_call> ok", "<tool_call>{1: 2}</tool_call>",
+                                  '<tool_call>{"arguments": {}}</tool_call>', "<tool_call>[3, {]</tool_call>",
+                                  '<tool_call>{"name": "get_time"'])
+def test_hermes_text_that_is_no_call_streams_back_as_content(text: str) -> None:
+    tr = ToolsRequest(TOOLS, "auto", parser="hermes")
+    assert parse_tool_calls("hermes", text) == (text, [])
+    for cut in range(1, len(text)):
+        assert _stream(tr, [text[:cut], text[cut:]]) == (text, [], "stop")
+
+
 def test_named_call_waits_for_content() -> None:
     """Deltas without content (a reasoning model's thinking) open no call."""
     named = parse_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
