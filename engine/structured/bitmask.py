@@ -36,4 +36,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: lis
     """logits: [num_reqs, vocab] float32, in place: tokens the grammar forbids become -inf in `rows`."""
     import xgrammar as xgr  # only batches with a constrained request get here
 
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=rows)
+    # On a GPU every row: the others are all ones, and a list of indices would be a pageable host copy
+    # in the sampler, which the engine core queues while the step's forward still runs
+    indices = None if logits.is_cuda else rows
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=indices)
