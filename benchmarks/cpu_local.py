@@ -173,7 +173,8 @@ import numpy as np
 import llama_cpp as lc
 path, threads, gen, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
 lc.llama_backend_init()
-lc.llama_log_set(lc.llama_log_callback(lambda *a: None), ctypes.c_void_p())
+_quiet = lc.llama_log_callback(lambda *a: None)  # kept referenced: llama.cpp calls it later
+lc.llama_log_set(_quiet, ctypes.c_void_p())
 model = lc.llama_model_load_from_file(path.encode(), lc.llama_model_default_params())
 vocab = lc.llama_model_get_vocab(model)
 toks = []
@@ -196,6 +197,8 @@ def run(items):  # items: (token, pos, seq, wants_logits)
     assert lc.llama_decode(ctx, batch) == 0
     return [int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), (n_vocab,))[:].argmax())
             for i, it in enumerate(items) if it[3]]
+run([(t, p, 0, p == len(toks[0]) - 1) for p, t in enumerate(toks[0])])  # warm-up: first-use costs untimed
+lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
 t0 = time.perf_counter()
 items = [(t, p, s, p == len(ts) - 1) for s, ts in enumerate(toks) for p, t in enumerate(ts)]
 last = run(items)
@@ -246,6 +249,9 @@ def main() -> None:
     ap.add_argument("--venv", default=DEFAULT_VENV, help="llama-cpp-python's virtualenv")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2, help="threads of each server (torch threads, n_threads)")
+    ap.add_argument("--llama-threads", type=int, default=None,
+                    help="llama.cpp's n_threads if not --threads: its OpenMP barriers spin, so on a loaded machine "
+                         "one thread is its best (2 threads: 3 tok/s at load average 4.6, 1 thread: 61 tok/s)")
     ap.add_argument("--stream-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--concurrent-tokens", type=int, default=64)
@@ -261,22 +267,26 @@ def main() -> None:
                     "/ready", {"ignore_eos": True}, env={"OMP_NUM_THREADS": str(args.threads)})
     servers = [gantry]
     vpy = os.path.join(args.venv, "bin", "python")
+    llama_threads = str(args.llama_threads or args.threads)
     if not args.gantry_only:
         if not os.path.isfile(vpy):
             sys.exit(f"no llama-cpp-python virtualenv at {args.venv} (see this module's docstring), or --gantry-only")
         servers.append(Server("llama.cpp", [vpy, "-m", "llama_cpp.server", "--model", model, "--host", "127.0.0.1",
-                                            "--port", "{port}", "--n_threads", str(args.threads),
-                                            "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
-                                            "--logits_all", "false", "--verbose", "false"],
+                                            "--port", "{port}", "--n_threads", llama_threads,
+                                            "--n_threads_batch", llama_threads, "--n_ctx", "4096",
+                                            "--logits_all", "false", "--verbose", "false",
+                                            # else each new request cuts the running one off
+                                            "--interrupt_requests", "false"],
                               "/v1/models", {"logit_bias": {str(SMOLLM_EOS): -100.0}}))
-    emit(machine=f"{os.cpu_count()} cores", threads=args.threads, model=os.path.basename(model),
+    emit(machine=f"{os.cpu_count()} cores", threads=args.threads, llama_threads=args.llama_threads or args.threads,
+         model=os.path.basename(model),
          loadavg_start=os.getloadavg())
     results: dict[str, list[dict]] = {}
     for rnd in range(args.rounds):
         for s in servers if rnd % 2 == 0 else servers[::-1]:  # alternate who goes first: the machine drifts
             measure(s, args, rnd, results)
         if not args.gantry_only:
-            b = llama_batched(vpy, model, args.threads, args.concurrency, args.concurrent_tokens)
+            b = llama_batched(vpy, model, int(llama_threads), args.concurrency, args.concurrent_tokens)
             results.setdefault("llama.cpp batched", []).append(b)
             emit(server="llama.cpp batched", round=rnd, total_tok_s=round(b["total_tok_s"], 1),
                  tokens=b["tokens"], loadavg=os.getloadavg()[0])
