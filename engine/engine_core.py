@@ -3,7 +3,9 @@
 Requests come in tokenized and validated (EngineCoreRequest); each step returns one
 EngineCoreOutputs with the new tokens of every sample that got some. Stepping is chosen once:
 step() (one batch at a time) or step_with_batch_queue() (async scheduling, or one batch per
-pipeline lane in flight), which keeps one deque of (SchedulerOutput, scheduled, lane).
+pipeline lane in flight), which keeps one deque of (SchedulerOutput, scheduled, lane). Under
+grammars with async scheduling in one process, a step's forward is queued before its bitmask is
+filled (_step_overlapping_bitmask), as vLLM and SGLang overlap it.
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ class EngineCore:
         self._pending: list[EngineCoreOutput] = []  # requests failed outside a step, sent with the next
         self.use_batch_queue = max_in_flight > 1  # chosen once at start-up (see step_fn)
         self.structured_output_manager: StructuredOutputManager | None = None  # set by build_engine_core
+        # fill step t+1's bitmask while its forward runs: needs the executor's split submit (one
+        # process), one lane and two steps in flight; a test may turn it off to compare
+        self.overlap_bitmask = (max_in_flight == 2 and scheduler.num_lanes == 1
+                                and callable(getattr(executor, "submit_forward", None)))
+        self.bitmask_fill_s, self.bitmask_fill_steps = 0.0, 0  # CPU time filling bitmasks (benchmarks)
 
     def step_fn(self) -> EngineCoreOutputs:
         """step() or step_with_batch_queue(), as chosen at start-up. A method, not a bound method kept
@@ -116,10 +123,12 @@ class EngineCore:
         """Submit a batch while a slot (a PP lane, or the second async slot) is free; collect the
         oldest once the queue is full or nothing new could be scheduled."""
         submitted = False
+        if self.overlap_bitmask and self._has_grammars():
+            return self._step_overlapping_bitmask()
         if self.batch_queue and self.scheduler.num_lanes == 1 and self._has_grammars():
-            # A constrained sample's next bitmask needs the token its step in flight is sampling, so
-            # while any is running the overlap is off: collect, then schedule (as step() does). The
-            # alternative, running constrained samples every other step, would halve their speed.
+            # A constrained sample's next bitmask needs the token its step in flight is sampling; without
+            # the split submit (several ranks) the overlap is off: collect, then schedule (as step()).
+            # The alternative, running constrained samples every other step, would halve their speed.
             so, scheduled, _ = self.batch_queue.popleft()
             return self._outputs(self.scheduler.update_from_output(so, scheduled, self.executor.collect()))
         if len(self.batch_queue) < self.max_in_flight and self.scheduler.has_unfinished():
@@ -136,10 +145,41 @@ class EngineCore:
             return self._outputs(self.scheduler.update_from_output(so, scheduled, self.executor.collect()))
         return self._outputs([])
 
-    def _schedule(self, lane: int) -> tuple[SchedulerOutput, list[Sequence]]:
+    def _step_overlapping_bitmask(self) -> EngineCoreOutputs:
+        """Async scheduling under grammars: queue step t+1's forward (placeholders as usual), collect
+        step t and advance the matchers with its tokens, then fill t+1's bitmask and queue its sampler.
+        The CPU fills the bitmask while the device runs the forward, which does not need it. A sample
+        that finished at step t gets a row that allows everything (its t+1 token is dropped)."""
+        nxt = None
+        if len(self.batch_queue) < self.max_in_flight and self.scheduler.has_unfinished():
+            so, scheduled = self._schedule(0, with_bitmask=False)
+            if so.num_scheduled_tokens or so.finished_req_ids:
+                self.executor.submit_forward(so)
+                nxt = (so, scheduled)
+        outputs: list[EngineCoreOutput] = []
+        if self.batch_queue:  # at most one: every call leaves at most one step in flight
+            so_t, scheduled_t, _ = self.batch_queue.popleft()
+            outputs = self.scheduler.update_from_output(so_t, scheduled_t, self.executor.collect())
+            if outputs:
+                self.structured_output_manager.accept_tokens(outputs)
+        if nxt is not None:
+            so, scheduled = nxt
+            self._fill_bitmask(so, scheduled)
+            self.executor.submit_sample(so)
+            self.batch_queue.append((so, scheduled, 0))
+        return self._outputs(outputs, accepted=True)
+
+    def _fill_bitmask(self, so: SchedulerOutput, scheduled: list[Sequence]) -> None:
+        """so's grammar rows: every matcher of `scheduled` must have taken its sample's tokens."""
+        t0 = time.perf_counter()
+        so.grammar_bitmask, so.structured_output_req_ids = self.structured_output_manager.grammar_bitmask(scheduled)
+        self.bitmask_fill_s += time.perf_counter() - t0
+        self.bitmask_fill_steps += 1
+
+    def _schedule(self, lane: int, with_bitmask: bool = True) -> tuple[SchedulerOutput, list[Sequence]]:
         so, scheduled = self.scheduler.schedule(lane)
-        if self._has_grammars():
-            so.grammar_bitmask, so.structured_output_req_ids = self.structured_output_manager.grammar_bitmask(scheduled)
+        if with_bitmask and self._has_grammars():
+            self._fill_bitmask(so, scheduled)
         now = time.time()
         for seq in scheduled:
             if seq.request.metrics.first_scheduled_time is None:
@@ -169,8 +209,9 @@ class EngineCore:
         if self.structured_output_manager is not None:
             self.structured_output_manager.free(request_id)
 
-    def _outputs(self, outputs: list[EngineCoreOutput]) -> EngineCoreOutputs:
-        if outputs and self._has_grammars():
+    def _outputs(self, outputs: list[EngineCoreOutput], accepted: bool = False) -> EngineCoreOutputs:
+        """accepted: the matchers have taken these tokens already."""
+        if outputs and not accepted and self._has_grammars():
             self.structured_output_manager.accept_tokens(outputs)
         for out in outputs:
             request = self.requests.get(out.request_id)

@@ -20,10 +20,10 @@ from engine.lora.punica import lora_batch
 from engine.lora.request import LoRARequest
 from engine.model_config import ModelConfig, cpu_kv_cache_tokens
 from engine.models.registry import get_model_class
-from engine.core_messages import TokenLogprobs
-from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk, RequestSamplingParams, SchedulerOutput
+from engine.outputs import ModelRunnerOutput, RequestSamplingParams, SchedulerOutput
 from engine.parallel import broadcast_from_first_tp_rank, get_parallel_state
 from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
+from engine.runner_output import PendingOutput, StepLogits
 from engine.sampling_params import mix_seed
 from engine.structured.bitmask import sampled_bitmask
 
@@ -37,35 +37,6 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-20, 1e20
 
 
 PLACEHOLDER = -1  # a token this runner sampled whose value the scheduler has not sent back yet
-
-
-@dataclass
-class PendingOutput:
-    """A step's sampled tokens on their way to the host: copies queued behind the step, and an
-    event to wait on, so the CPU can prepare the next step while this one runs."""
-
-    req_ids: list[str]
-    sampled: torch.Tensor  # [num_reqs] int64, host (pinned when on CUDA)
-    logprob_parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # ids, logprobs, ranks
-    num_logprobs: list[int | None]  # per request: top-k asked (None: no logprobs)
-    event: torch.cuda.Event | None
-    prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None  # already on the host
-
-    @staticmethod
-    def empty(prompt_logprobs: dict[str, PromptLogprobsChunk] | None = None) -> PendingOutput:
-        """A step that sampled nothing (prefill chunks that end mid-prompt)."""
-        return PendingOutput([], torch.empty(0, dtype=torch.long), None, [], None, prompt_logprobs)
-
-    def get(self) -> ModelRunnerOutput:
-        if self.event is not None:
-            self.event.synchronize()
-        token_ids = self.sampled.tolist()
-        logprobs = None
-        if self.logprob_parts is not None:
-            ids, lps, ranks = (t.tolist() for t in self.logprob_parts)
-            logprobs = [None if k is None else TokenLogprobs(ids[i][: k + 1], lps[i][: k + 1], ranks[i])
-                        for i, k in enumerate(self.num_logprobs)]
-        return ModelRunnerOutput(self.req_ids, token_ids, logprobs, self.prompt_logprobs)
 
 
 @dataclass
@@ -297,10 +268,19 @@ class ModelRunner:
         pending = self.submit_model(so)
         return None if pending is None else pending.get()
 
-    @torch.inference_mode()
     def submit_model(self, so: SchedulerOutput) -> PendingOutput | None:
         """Queue this rank's layers and the sampler on the device without waiting for them; the
         last pipeline stage returns its sampled tokens as a PendingOutput, others None."""
+        forwarded = self.submit_forward(so)
+        if isinstance(forwarded, StepLogits):
+            return self.submit_sample(forwarded, so.grammar_bitmask, so.structured_output_req_ids)
+        return forwarded
+
+    @torch.inference_mode()
+    def submit_forward(self, so: SchedulerOutput) -> StepLogits | PendingOutput | None:
+        """Queue this rank's layers (and the logits) without sampling: StepLogits for submit_sample
+        when the step samples, a finished PendingOutput when it does not, None off the last PP stage.
+        The caller queues submit_sample before the next submit_forward (it feeds that step's inputs)."""
         self.update_states(so)
         is_last = self.parallel.is_last_pp_rank
         if not so.num_scheduled_tokens:
@@ -326,10 +306,18 @@ class ModelRunner:
         if not sampled_ids:
             self.last_sampled, self.last_sampled_index = None, {}
             return PendingOutput.empty(prompt_logprobs)
-        md = self.sampling_metadata(sampled_ids)
-        md.grammar_bitmask, md.grammar_rows = sampled_bitmask(so.grammar_bitmask, so.structured_output_req_ids,
-                                                              sampled_ids, self.to_device)
-        out = self.sampler(logits, md)
+        # built now, while the forward runs, and before submit_sample appends this step's placeholders
+        return StepLogits(logits, self.sampling_metadata(sampled_ids), sampled_ids, prompt_logprobs)
+
+    @torch.inference_mode()
+    def submit_sample(self, step: StepLogits, grammar_bitmask: torch.Tensor | None,
+                      bitmask_req_ids: list[str]) -> PendingOutput:
+        """Queue the sampler of a step submit_forward queued (grammar_bitmask: [k, ceil(vocab / 32)]
+        int32 host rows of bitmask_req_ids, or None) and the copy of its tokens to the host."""
+        sampled_ids, md = step.sampled_ids, step.metadata
+        md.grammar_bitmask, md.grammar_rows = sampled_bitmask(grammar_bitmask, bitmask_req_ids, sampled_ids,
+                                                              self.to_device)
+        out = self.sampler(step.logits, md)
         if self.share_sampled:
             broadcast_from_first_tp_rank(out.sampled_token_ids)
         self.last_sampled, self.last_sampled_index = out.sampled_token_ids, {r: i for i, r in enumerate(sampled_ids)}
@@ -345,7 +333,7 @@ class ModelRunner:
         if on_gpu:
             event = torch.cuda.Event()
             event.record()
-        return PendingOutput(sampled_ids, sampled, logprob_parts, num_logprobs, event, prompt_logprobs)
+        return PendingOutput(sampled_ids, sampled, logprob_parts, num_logprobs, event, step.prompt_logprobs)
 
     def to_device(self, x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         """Host data to the device without waiting for the step in flight: a pinned copy is
