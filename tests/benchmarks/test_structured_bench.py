@@ -24,6 +24,9 @@ def test_smoke_run_prints_each_figure_and_the_ratio(tmp_path: Path) -> None:
     assert not [line for line in lines if "warning" in line]  # every constrained request ran to max_tokens
     for name in ("unconstrained", "json_schema", "unconstrained_again"):
         assert figures[f"structured_bench_{name}"]["output_tokens"] == 8 * 16
+    assert figures["structured_bench_json_schema"]["bitmask_fill_steps"] > 0  # the fill's CPU ms per step
+    assert "bitmask_fill_ms_per_step" not in figures["structured_bench_unconstrained"]
     ratio = figures["structured_vs_unconstrained"]
+    assert ratio["bitmask_overlap"] is True  # async scheduling in one process: filled while the forward runs
     assert ratio["device"] == "cpu" and ratio["ratio"] == pytest.approx(
         ratio["json_schema_tok_s"] / ratio["unconstrained_tok_s"], abs=0.002)
