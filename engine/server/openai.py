@@ -29,7 +29,8 @@ from engine.server.protocol import APIError
 from engine.server.results import Results
 from engine.server.reasoning import ReasoningDeltas, assistant_message, get_reasoning_spec
 from engine.server.text import PreparedChat, PreparedCompletion
-from engine.server.tools import ToolDeltas, tool_message
+from engine.server.tool_stream import ToolDeltas
+from engine.server.tools import tool_message
 
 if TYPE_CHECKING:
     from engine.server.app import ServerState

@@ -262,12 +262,3 @@ def with_tool_fields(messages: list[dict[str, Any]], raw: list[Any]) -> list[dic
             m = {**m, "tool_call_id": call_id}
         out.append(m)
     return out
-
-
-def __getattr__(name: str) -> Any:
-    """ToolDeltas, the streamed calls, lives in tool_stream.py (which imports this module)."""
-    if name == "ToolDeltas":
-        from engine.server.tool_stream import ToolDeltas
-
-        return ToolDeltas
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

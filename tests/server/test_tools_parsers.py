@@ -11,9 +11,8 @@ import pytest
 
 from engine.config import ConfigError, ServerConfig
 from engine.server.protocol import APIError
-from engine.server.tool_stream import CanonicalJSON
+from engine.server.tool_stream import CanonicalJSON, ToolDeltas
 from engine.server.tools import (
-    ToolDeltas,
     ToolsRequest,
     parse_tool_calls,
     parse_tools,
