@@ -62,10 +62,12 @@ def model_dir(shape: str) -> str:
     return d
 
 
-def engine_flags(args: argparse.Namespace) -> list[str]:
+def engine_flags(args: argparse.Namespace, served: bool = False) -> list[str]:
     flags = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
     if args.max_num_batched_tokens:
         flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    if args.max_prefill_tokens_while_decoding and served:
+        flags += ["--max-prefill-tokens-while-decoding", str(args.max_prefill_tokens_while_decoding)]
     if args.shape != "tiny":
         flags += ["--load-format", "dummy", "--dtype", "bfloat16"]
     if args.smoke:
@@ -99,7 +101,7 @@ def run_offline(args: argparse.Namespace, model: str, tp: int) -> dict[str, Any]
 
 def run_served(args: argparse.Namespace, model: str, tp: int, out_dir: str) -> dict[str, Any]:
     port = free_port()
-    serve = ["-m", "engine.serve", "--model", model, *engine_flags(args), "--host", "127.0.0.1", "--port", str(port),
+    serve = ["-m", "engine.serve", "--model", model, *engine_flags(args, served=True), "--host", "127.0.0.1", "--port", str(port),
              "--max-waiting-requests", "100000", "--no-log-requests", "--api-server-count", str(args.api_server_count)]
     if tp > 1:
         cmd = [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(tp),
@@ -141,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget per step (default: the engine's)")
+    p.add_argument("--max-prefill-tokens-while-decoding", type=int,
+                   help="served only (the offline baseline keeps the engine's default)")
     p.add_argument("--tp", default="1", help="comma-separated tensor parallel sizes, e.g. 1,2")
     p.add_argument("--parts", default="offline,served")
     p.add_argument("--api-server-count", type=int, default=1)
