@@ -123,3 +123,23 @@ def test_abort_mid_stream_frees_the_grammar(llm: LLM) -> None:
     assert finished["victim"].outputs[0].finish_reason == "abort"
     check([finished["keeper"]], ["json"])
     assert not core.structured_output_manager.samples and core.executor.forwarded is None and not core.batch_queue
+
+
+def test_preemption_and_chunked_prefill_under_grammars(tiny_llama: str) -> None:
+    """A KV pool too small for the batch (preemptions while a step is in flight) and prompts cut into
+    chunks: the overlapped path gives the collect-first tokens, every regex sample valid and stopped."""
+    llm = LLM(tiny_llama, num_kv_blocks=20, block_size=16, max_model_len=320, max_num_batched_tokens=64,
+              async_scheduling=True, dtype="float32")
+    try:
+        prompts = [[3 + (7 * i + j) % 500 for j in range(40 + 13 * i)] for i in range(6)]
+        params = [spec(11 + i, regex=r"[a-z]{30}", n=2 if i % 3 == 0 else 1) for i in range(6)]
+        overlapped = run(llm, prompts, params, overlap=True)
+        preemptions = llm.llm_engine.get_stats().num_preemptions_total
+        assert preemptions > 0
+        collect_first = run(llm, prompts, params, overlap=False)
+        for out in overlapped:
+            assert all(re.fullmatch(r"[a-z]{30}", s.text) and s.finish_reason == "stop" for s in out.outputs), out
+        assert [[s.token_ids for s in o.outputs] for o in overlapped] == [
+            [s.token_ids for s in o.outputs] for o in collect_first]
+    finally:
+        llm.llm_engine.shutdown()
