@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--no-bitmask-overlap", action="store_true",
                         help="fill each bitmask before queuing its step's forward (the old path), to compare")
+    parser.add_argument("--tokenizer", help="a Hugging Face tokenizer directory to use instead of the random "
+                        "stand-in vocabulary (e.g. a real BPE one; ids past its size are never allowed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="8 requests x 16 tokens on a tiny model, CPU too")
     args = parser.parse_args()
@@ -88,7 +90,12 @@ def main() -> None:
     w = Workload("smoke", TINY, [32] * 8, [16] * 8) if args.smoke else make_workload("w1", args.seed)
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.num_requests]
     model_dir = write_config(w.shape, 2048)
-    write_json_tokenizer(model_dir, w.shape["vocab_size"], args.seed)
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(model_dir)
+    else:
+        write_json_tokenizer(model_dir, w.shape["vocab_size"], args.seed)
     llm = LLM(model_dir, load_format="dummy", dtype="float32" if args.smoke else "bfloat16", max_model_len=2048,
               max_num_seqs=256, async_scheduling=not args.no_async_scheduling, enable_prefix_caching=False)
     core = llm.llm_engine.engine_core
@@ -124,6 +131,7 @@ def main() -> None:
     base = min(results["unconstrained"], results["unconstrained_again"])  # the slower: no flattering warm-up
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"figure": "structured_vs_unconstrained", "shape": w.name, "device": device,
+                      "tokenizer": args.tokenizer or "random stand-in",
                       "async_scheduling": not args.no_async_scheduling, "warmup_s": round(warmup_s, 1),
                       "bitmask_overlap": core.overlap_bitmask and core.use_batch_queue,
                       "json_schema_tok_s": round(results["json_schema"], 1), "unconstrained_tok_s": round(base, 1),
