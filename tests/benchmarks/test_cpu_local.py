@@ -33,7 +33,7 @@ def test_gantry_side_runs_and_counts_every_token() -> None:
     r = subprocess.run([sys.executable, "-m", "benchmarks.cpu_local", "--gantry-only", "--rounds", "1",
                         "--stream-tokens", "12", "--concurrency", "3", "--concurrent-tokens", "5",
                         "--gantry-arg=--max-model-len", "--gantry-arg=512"],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+                       cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     run = next(row for row in rows if row.get("server") == "gantry" and "round" in row)
