@@ -7,11 +7,8 @@ nibbles (d*q+m); Q8_0 = f16 d, 32 int8 (d*q). Low nibbles hold weights 0-15, hig
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import subprocess
-import tempfile
 import threading
 
 import torch
@@ -32,35 +29,12 @@ _lib: ctypes.CDLL | None = None
 _lib_tried = False
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "gantry", "kernels")
-
-
 def _build() -> ctypes.CDLL | None:
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        logger.info("GGUF CPU kernel not used: the CPU lacks AVX2; blocks are dequantized per matmul")
+    from kernels.cpu_native import load  # built once per source version; None without AVX2 or a compiler
+
+    lib = load(_SOURCE)
+    if lib is None:
         return None
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    digest = hashlib.sha256(source).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"ggml_cpu-{digest}.so")
-    if not os.path.isfile(path):
-        os.makedirs(_cache_dir(), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())  # ranks may build at once: rename is atomic
-        os.close(fd)
-        cmd = [os.environ.get("CC", "cc"), "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC",
-               "-o", tmp, _SOURCE]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-            os.replace(tmp, path)
-        except (OSError, subprocess.SubprocessError) as e:
-            os.unlink(tmp)
-            err = getattr(e, "stderr", b"") or b""
-            logger.warning("GGUF CPU kernel not built (%s %s); blocks are dequantized per matmul, which is slower",
-                           e, err.decode(errors="replace")[-300:])
-            return None
-    lib = ctypes.CDLL(path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ggml_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ggml_dequant.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
