@@ -122,7 +122,7 @@ class StructuredOutputManager:
     def grammar_bitmask(self, scheduled: list[Sequence]) -> tuple[torch.Tensor | None, list[str]]:
         """[k, ceil(vocab / 32)] int32 (host): one row per constrained sample scheduled this step, and
         their sequence ids; (None, []) when none is. Each matcher has taken every token of its sample
-        (the engine core collects a constrained sample's step before scheduling its next)."""
+        (the engine core collects a constrained sample's step before filling its next bitmask)."""
         import xgrammar as xgr
 
         seq_ids, rows = [], []
