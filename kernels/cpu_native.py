@@ -28,8 +28,12 @@ def _build(source_path: str) -> ctypes.CDLL | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         logger.info("%s not used: the CPU lacks AVX2; torch code runs instead", os.path.basename(source_path))
         return None
-    with open(source_path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    try:
+        with open(source_path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError as e:  # an install without the package's C sources
+        logger.warning("%s not built (%s); torch code runs instead, which is slower", os.path.basename(source_path), e)
+        return None
     stem = os.path.splitext(os.path.basename(source_path))[0]
     path = os.path.join(cache_dir(), f"{stem}-{digest}.so")
     if not os.path.isfile(path):

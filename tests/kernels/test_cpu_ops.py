@@ -66,3 +66,10 @@ def test_other_dtypes_fall_back_to_reference() -> None:
     x, w = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
     assert torch.equal(cpu_ops.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
     assert cpu_ops.lora_shrink is reference.lora_shrink  # ops without a C version are the reference's
+
+
+def test_an_install_without_the_c_source_falls_back(tmp_path) -> None:
+    """An install that lacks a kernel's C source (or a compiler) runs the torch code: None, no error."""
+    from kernels import cpu_native
+
+    assert cpu_native.load(str(tmp_path / "missing.c")) is None
