@@ -5,14 +5,13 @@ JSON valid, an unconstrained neighbour unchanged, n=4, abort mid-stream frees th
 """
 from __future__ import annotations
 
-import json
 import re
 
-import jsonschema
 import pytest
 
 from engine import LLM, SamplingParams
 from engine.structured import StructuredOutputsParams
+from tests.engine.test_structured import check_batch
 
 # bounded grammars: a random model must reach their end, where only EOS is left
 SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
@@ -67,15 +66,7 @@ def run(llm: LLM, prompts: list, params: list, overlap: bool) -> list[list[list[
 
 
 def check(outputs: list, kinds: list[str]) -> None:
-    for out, kind in zip(outputs, kinds, strict=True):
-        for sample in out.outputs:
-            assert sample.finish_reason == "stop", (kind, sample.text)
-            if kind == "json":
-                jsonschema.validate(json.loads(sample.text), SCHEMA)
-            elif kind == "regex":
-                assert re.fullmatch(REGEX, sample.text), sample.text
-            elif kind == "choice":
-                assert sample.text in CHOICES, sample.text
+    check_batch(outputs, [(kind, {"json": SCHEMA, "regex": REGEX, "choice": CHOICES}[kind]) for kind in kinds])
 
 
 @pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
