@@ -294,7 +294,7 @@ async def run_benchmark(specs: Sequence[RequestSpec], cfg: RunConfig,
         metrics = compute_metrics(results, duration, cfg.percentiles)
         # from the requests' intervals: +1 at each send, -1 at each end
         events = sorted([(r.send_time, 1) for r in results] + [(r.send_time + r.latency, -1) for r in results])
-        metrics["peak_concurrency"] = max(np.cumsum([d for _, d in events]), default=0).item() if events else 0
+        metrics["peak_concurrency"] = int(np.cumsum([d for _, d in events]).max()) if events else 0
         return {"request_rate": cfg.request_rate, "burstiness": cfg.burstiness,
                 "max_concurrency": cfg.max_concurrency, "metrics": metrics, "requests": results}
     sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
