@@ -173,3 +173,40 @@ def lora_expand(
             rows = (slots == s).nonzero().squeeze(1)
             delta = t[rows] @ b_stack[s].float().t()  # [rows, out_features]
             y[rows, offset : offset + out_features] += delta.to(y.dtype)
+
+
+def unpack_int32(packed: torch.Tensor, bits: int, dim: int, awq_order: bool = False) -> torch.Tensor:
+    """Unsigned values packed little-endian into int32 words along `dim` -> int64, that dim 32 / bits
+    times longer. AWQ's order puts value c of a word at nibble c // 2 + 4 * (c % 2)."""
+    pack = 32 // bits
+    pos = torch.arange(pack, device=packed.device)
+    if awq_order:
+        pos = pos // 2 + (pos % 2) * 4
+    words = packed.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF  # [..., num_words]
+    values = (words.unsqueeze(-1) >> (pos * bits)) & ((1 << bits) - 1)  # [..., num_words, pack]
+    return values.flatten(-2).movedim(-1, dim)
+
+
+def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      g_idx: torch.Tensor | None, bits: int, group_size: int, layout: str) -> torch.Tensor:
+    """float32 [N, K]: (q - zero) * scale, layouts as kernels.quant_gemm.dequant_gemm documents."""
+    if layout == "compressed-tensors":
+        q, scales = unpack_int32(qweight, bits, 1).t(), scales.t()  # q [K, N], scales [num_groups, N]
+    elif layout == "gptq":
+        q = unpack_int32(qweight, bits, 0)
+    else:
+        q = unpack_int32(qweight, bits, 1, awq_order=True)
+    k = q.shape[0]
+    group = group_size if group_size > 0 else k
+    groups = g_idx.long() if g_idx is not None else torch.arange(k, device=q.device) // group
+    zero = unpack_int32(zeros, bits, 1, awq_order=layout == "awq")[groups] if zeros is not None else 2 ** (bits - 1)
+    return ((q - zero).float() * scales.float()[groups]).t()  # [N, K]
+
+
+def dequant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 g_idx: torch.Tensor | None, bits: int, group_size: int, layout: str,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ dequantized w.T (+ bias) in float32, returned in x's dtype."""
+    w = dequantize_packed(qweight, scales, zeros, g_idx, bits, group_size, layout)
+    out = x.float() @ w.t()
+    return (out if bias is None else out + bias.float()).to(x.dtype)

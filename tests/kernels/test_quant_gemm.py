@@ -1,0 +1,135 @@
+"""Packed int4/int8 dequant-GEMM (kernels/quant_gemm.py): the reference against the published packings
+(compressed-tensors' own packer; AutoGPTQ's and AutoAWQ's pack loops, rewritten here), then every
+kernel path (GEMV with and without split-K, tensor-core GEMM, dequantize + matmul) against it."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kernels import quant_gemm, reference
+from kernels.quant_gemm import dequant_gemm
+
+pack_to_int32 = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers").pack_to_int32
+Check = Callable[[torch.Tensor, torch.Tensor], None]
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def pack_unsigned(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Unsigned values -> int32 words along dim, low bits first (AutoGPTQ's `qweight[row] |= w[j] <<
+    (bits * (j - i))`); compressed-tensors' packer, which offsets signed values by 2**(bits-1)."""
+    return pack_to_int32((values - 2 ** (bits - 1)).to(torch.int8), bits, packed_dim=dim)
+
+
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """[rows, N] 4-bit values -> [rows, N / 8] int32: AutoAWQ's WQLinear_GEMM.from_linear, word `col`
+    holds value col * 8 + AWQ_ORDER[i] at bits 4i."""
+    v = values.to(torch.int64).reshape(values.shape[0], -1, 8)[:, :, AWQ_ORDER]  # [rows, N / 8, 8]
+    word = (v << (torch.arange(8) * 4)).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def make_weight(layout: str, n: int, k: int, bits: int, group_size: int, asym: bool, act_order: bool,
+                device: torch.device) -> tuple[dict, torch.Tensor]:
+    """Random packed tensors in the layout, and the float32 [N, K] weight they stand for."""
+    group = k if group_size <= 0 else group_size
+    num_groups = k // group
+    q = torch.randint(0, 2**bits, (n, k))  # [N, K] unsigned values
+    scales = torch.rand(num_groups, n) * 0.02 + 0.005  # [num_groups, N]
+    zeros = torch.randint(0, 2**bits, (num_groups, n)) if asym else None
+    g_idx = torch.randperm(k) // group if act_order else None  # desc_act: groups scattered over K
+    groups = g_idx if act_order else torch.arange(k) // group
+    z = zeros[groups] if asym else 2 ** (bits - 1)  # [K, N]
+    w = ((q.t() - z).float() * scales[groups]).t()  # [N, K]
+    if layout == "compressed-tensors":
+        args = {"qweight": pack_unsigned(q, bits, 1), "scales": scales.t().contiguous(), "zeros": None}
+    elif layout == "gptq":
+        args = {"qweight": pack_unsigned(q.t(), bits, 0), "scales": scales,
+                    "zeros": pack_unsigned(zeros, bits, 1) if asym else None}
+    else:
+        args = {"qweight": pack_awq(q.t()), "scales": scales, "zeros": pack_awq(zeros) if asym else None}
+    args.update(g_idx=g_idx.to(torch.int32) if act_order else None, bits=bits, group_size=group_size, layout=layout)
+    moved = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in args.items()}
+    return moved, w.to(device)
+
+
+# (layout, bits, group_size, asymmetric zeros, act_order g_idx)
+CASES = [
+    ("compressed-tensors", 4, 128, False, False),
+    ("compressed-tensors", 8, 64, False, False),
+    ("compressed-tensors", 4, -1, False, False),
+    ("gptq", 4, 128, True, False),
+    ("gptq", 4, 32, False, False),
+    ("gptq", 8, 128, True, True),
+    ("gptq", 4, 64, True, True),
+    ("awq", 4, 128, True, False),
+    ("awq", 4, 64, False, False),
+]
+
+
+@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", CASES)
+def test_reference_reads_published_packing(layout: str, bits: int, group_size: int, asym: bool,
+                                           act_order: bool) -> None:
+    args, w = make_weight(layout, 48, 256, bits, group_size, asym, act_order, torch.device("cpu"))
+    got = reference.dequantize_packed(args["qweight"], args["scales"], args["zeros"], args["g_idx"], bits,
+                                      group_size, layout)
+    assert torch.equal(got, w)
+
+
+@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", CASES)
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_dequant_gemm_matches_reference(layout: str, bits: int, group_size: int, asym: bool, act_order: bool,
+                                        m: int, device: torch.device, assert_close: Check) -> None:
+    # N = 96: a partial 64-wide tile; K = 384: a partial 256-value GEMV tile
+    args, _ = make_weight(layout, 96, 384, bits, group_size, asym, act_order, device)
+    x = torch.randn(m, 384, device=device)
+    assert_close(dequant_gemm(x, **args), reference.dequant_gemm(x, **args))
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_split_k_with_bias(num_splits: int, m: int, device: torch.device, assert_close: Check) -> None:
+    args, _ = make_weight("compressed-tensors", 80, 768, 4, 128, False, False, device)
+    x = torch.randn(m, 768, device=device).to(torch.bfloat16)
+    bias = torch.randn(80, device=device).to(torch.bfloat16)
+    w = quant_gemm.prepare(args["qweight"], args["scales"], None, None, 4, 128, "compressed-tensors", 768)
+    got = quant_gemm.gemv(x, w, bias, num_splits=num_splits)
+    assert_close(got, reference.dequant_gemm(x, **args, bias=bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemm_half_types_with_bias(dtype: torch.dtype, device: torch.device, assert_close: Check) -> None:
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        pytest.skip("Triton 3.9's interpreter multiplies bf16 tl.dot operands as their raw 16-bit integers")
+    args, _ = make_weight("gptq", 64, 256, 4, 128, True, False, device)
+    x = torch.randn(2, 9, 256, device=device).to(dtype)  # leading dims kept
+    bias = torch.randn(64, device=device).to(dtype)
+    got = dequant_gemm(x, **args, bias=bias)
+    assert got.shape == (2, 9, 64)
+    assert_close(got, reference.dequant_gemm(x, **args, bias=bias))
+
+
+@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", CASES[::2])
+def test_dequantize_then_matmul_path(layout: str, bits: int, group_size: int, asym: bool, act_order: bool,
+                                     device: torch.device, assert_close: Check,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    args, w = make_weight(layout, 96, 256, bits, group_size, asym, act_order, device)
+    packed = quant_gemm.prepare(args["qweight"], args["scales"], args["zeros"], args["g_idx"], bits, group_size,
+                                layout, 256)
+    assert_close(quant_gemm.dequantize(packed, torch.float32), w)
+    monkeypatch.setattr(quant_gemm, "DEQUANT_MIN_M", 4)
+    x = torch.randn(6, 256, device=device)
+    assert_close(dequant_gemm(x, **args), reference.dequant_gemm(x, **args))
+
+
+def test_bad_arguments_name_the_field(device: torch.device) -> None:
+    args, _ = make_weight("gptq", 64, 256, 4, 128, True, False, device)
+    x = torch.randn(1, 256, device=device)
+    for change, field in [({"layout": "marlin"}, "layout"), ({"bits": 3}, "bits"),
+                          ({"scales": args["scales"][:1]}, "scales"), ({"group_size": 96}, "group_size"),
+                          ({"zeros": args["zeros"][:, :2]}, "zeros"), ({"layout": "awq", "bits": 8}, "bits")]:
+        with pytest.raises(ValueError, match=f"dequant_gemm: {field}:"):
+            dequant_gemm(x, **{**args, **change})
+    with pytest.raises(ValueError, match="qweight"):
+        dequant_gemm(torch.randn(1, 128, device=device), **args)
