@@ -88,9 +88,8 @@ def start_llm(model_dir: str, max_len: int, args: argparse.Namespace, **engine: 
     return llm, time.perf_counter() - t0
 
 
-def stop_llm(llm) -> None:
-    llm.llm_engine.shutdown()
-    del llm
+def free_cuda() -> None:
+    """After an engine's last reference is gone: its KV pool and weights back to the device."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -140,14 +139,19 @@ def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot
     model_dir = write_config(w.shape, max_len)
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)
     results = {}
-    for config in configs:
+
+    def measure(config: str) -> dict:  # the engine is a local: freed on return, before the next starts
         llm, load_s = start_llm(model_dir, max_len, args, **CONFIGS[config])
         result = offline_run(llm, prompts, w.output_lens)
         result["load_s"] = round(load_s, 1)
         if tpot:
             result["tpot_ms"] = round(one_stream_tpot(llm, prompts[0]) * 1e3, 3)
-        stop_llm(llm)
-        results[config] = result
+        llm.llm_engine.shutdown()
+        return result
+
+    for config in configs:
+        results[config] = result = measure(config)
+        free_cuda()
         base = results[configs[0]]
         ratios = {"tok_s_ratio": round(result["output_tok_s"] / base["output_tok_s"], 3),
                   "kv_tokens_ratio": round(result["kv_tokens"] / base["kv_tokens"], 3)}
@@ -166,10 +170,16 @@ def bench_agreement(args: argparse.Namespace, num_prompts: int = 32, num_tokens:
     prompts = [torch.randint(10, QWEN2_05B["vocab_size"] - 10, (128,), generator=g).tolist() for _ in range(num_prompts)]
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=num_tokens, detokenize=False)
     tokens = {}
-    for config in ("bf16", "fp8", "fp8_both"):
+
+    def greedy(config: str) -> list[list[int]]:
         llm, _ = start_llm(model_dir, 512 + num_tokens, args, **CONFIGS[config])
-        tokens[config] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-        stop_llm(llm)
+        out = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.llm_engine.shutdown()
+        return out
+
+    for config in ("bf16", "fp8", "fp8_both"):
+        tokens[config] = greedy(config)
+        free_cuda()
     for config in ("fp8", "fp8_both"):
         prefix = []
         for a, b in zip(tokens["bf16"], tokens[config]):

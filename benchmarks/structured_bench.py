@@ -72,28 +72,33 @@ def timed_run(llm, prompts: list[list[int]], params: list) -> tuple[float, int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-requests", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=512)
+    parser.add_argument("--num-requests", type=int, help="default 256 (8 with --smoke)")
+    parser.add_argument("--output-len", type=int, help="default 512 (16 with --smoke)")
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--no-bitmask-overlap", action="store_true",
                         help="fill each bitmask before queuing its step's forward (the old path), to compare")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer directory to use instead of the random "
                         "stand-in vocabulary (e.g. a real BPE one; ids past its size are never allowed)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true", help="8 requests x 16 tokens on a tiny model, CPU too")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model (8 requests x 16 tokens by default), CPU too")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
         sys.exit("structured_bench needs a GPU (--smoke runs on CPU)")
     from engine import LLM, SamplingParams
     from engine.structured import StructuredOutputsParams
 
-    w = Workload("smoke", TINY, [32] * 8, [16] * 8) if args.smoke else make_workload("w1", args.seed)
-    prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.num_requests]
-    model_dir = write_config(w.shape, 2048)
+    tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(args.tokenizer).save_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    shape = TINY if tokenizer is None else {**TINY, "vocab_size": max(TINY["vocab_size"], len(tokenizer))}
+    k = args.num_requests or (8 if args.smoke else 256)
+    w = Workload("smoke", shape, [32] * k, [16] * k) if args.smoke else make_workload("w1", args.seed)
+    prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[:k]
+    model_dir = write_config(w.shape, 2048)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(model_dir)
     else:
         write_json_tokenizer(model_dir, w.shape["vocab_size"], args.seed)
     llm = LLM(model_dir, load_format="dummy", dtype="float32" if args.smoke else "bfloat16", max_model_len=2048,
@@ -101,7 +106,7 @@ def main() -> None:
     core = llm.llm_engine.engine_core
     if args.no_bitmask_overlap:
         core.overlap_bitmask = False
-    n = w.output_lens[0] if args.smoke else args.output_len
+    n = w.output_lens[0] if args.smoke and args.output_len is None else args.output_len or 512
     free = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False)] * len(prompts)
     so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
     constrained = [SamplingParams(temperature=1.0, max_tokens=n, detokenize=False,
@@ -113,6 +118,7 @@ def main() -> None:
     results = {}
     for name, params in (("unconstrained", free), ("json_schema", constrained), ("unconstrained_again", free)):
         core.bitmask_fill_s, core.bitmask_fill_steps = 0.0, 0
+        core.phases.seconds.clear()
         steps_before = core.scheduler.num_steps
         elapsed, num_out, reasons = timed_run(llm, prompts, params)
         results[name] = num_out / elapsed
@@ -120,7 +126,9 @@ def main() -> None:
         fill = {}
         if core.bitmask_fill_steps:  # CPU ms per step filling bitmasks, vs the whole step's wall ms
             fill = {"bitmask_fill_ms_per_step": round(1e3 * core.bitmask_fill_s / core.bitmask_fill_steps, 3),
-                    "bitmask_fill_steps": core.bitmask_fill_steps}
+                    "bitmask_fill_steps": core.bitmask_fill_steps,
+                    "host_ms_per_step": {k: round(1e3 * v / core.bitmask_fill_steps, 3)
+                                         for k, v in core.phases.seconds.items()}}
         print(json.dumps({"figure": f"structured_bench_{name}", "requests": len(prompts), "output_tokens": num_out,
                           "elapsed_s": round(elapsed, 2), "output_tok_s": round(num_out / elapsed, 1),
                           "steps": num_steps, "step_ms": round(1e3 * elapsed / max(num_steps, 1), 3), **fill,

@@ -10,7 +10,7 @@ filled (_step_overlapping_bitmask), as vLLM and SGLang overlap it.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -22,6 +22,23 @@ from engine.sequence import Request, Sequence
 from engine.structured.manager import StructuredOutputManager
 from engine.structured.params import StructuredOutputsError
 
+
+
+class PhaseTimer:
+    """Host seconds per named phase of a step, summed over steps: mark(name) closes the phase that
+    began at start() or at the previous mark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._t = 0.0
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        t = time.perf_counter()
+        self.seconds[name] += t - self._t
+        self._t = t
 
 class Executor(Protocol):
     """What the core needs of an executor (UniprocExecutor, MultiprocExecutor)."""
@@ -45,6 +62,7 @@ class EngineCore:
         self.overlap_bitmask = (max_in_flight == 2 and scheduler.num_lanes == 1
                                 and callable(getattr(executor, "submit_forward", None)))
         self.bitmask_fill_s, self.bitmask_fill_steps = 0.0, 0  # CPU time filling bitmasks (benchmarks)
+        self.phases = PhaseTimer()  # host seconds per phase of the overlapped step (benchmarks)
 
     def step_fn(self) -> EngineCoreOutputs:
         """step() or step_with_batch_queue(), as chosen at start-up. A method, not a bound method kept
@@ -150,24 +168,36 @@ class EngineCore:
         step t and advance the matchers with its tokens, then fill t+1's bitmask and queue its sampler.
         The CPU fills the bitmask while the device runs the forward, which does not need it. A sample
         that finished at step t gets a row that allows everything (its t+1 token is dropped)."""
+        phases = self.phases
+        phases.start()
         nxt = None
         if len(self.batch_queue) < self.max_in_flight and self.scheduler.has_unfinished():
             so, scheduled = self._schedule(0, with_bitmask=False)
+            phases.mark("schedule")
             if so.num_scheduled_tokens or so.finished_req_ids:
                 self.executor.submit_forward(so)
                 nxt = (so, scheduled)
+            phases.mark("submit_forward")
         outputs: list[EngineCoreOutput] = []
         if self.batch_queue:  # at most one: every call leaves at most one step in flight
             so_t, scheduled_t, _ = self.batch_queue.popleft()
-            outputs = self.scheduler.update_from_output(so_t, scheduled_t, self.executor.collect())
+            result = self.executor.collect()
+            phases.mark("collect")
+            outputs = self.scheduler.update_from_output(so_t, scheduled_t, result)
+            phases.mark("update")
             if outputs:
                 self.structured_output_manager.accept_tokens(outputs)
+            phases.mark("accept")
         if nxt is not None:
             so, scheduled = nxt
             self._fill_bitmask(so, scheduled)
+            phases.mark("fill")
             self.executor.submit_sample(so)
             self.batch_queue.append((so, scheduled, 0))
-        return self._outputs(outputs, accepted=True)
+            phases.mark("submit_sample")
+        result = self._outputs(outputs, accepted=True)
+        phases.mark("outputs")
+        return result
 
     def _fill_bitmask(self, so: SchedulerOutput, scheduled: list[Sequence]) -> None:
         """so's grammar rows: every matcher of `scheduled` must have taken its sample's tokens."""
