@@ -22,6 +22,7 @@ from tqdm import tqdm
 from engine import startup
 from engine.errors import ModelLoadError
 from engine.gguf_file import open_gguf
+from engine.layers.quant.dummy import fill_dummy_quantized
 from engine.layers.quant.fp8_kv import take_kv_scale
 from engine.layers.quant.gguf import GGUFBlocks
 from engine.model_config import ModelConfig
@@ -124,7 +125,10 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
     params = dict(model.named_parameters())
     if model_config.load_format == "dummy":
         generator = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
+        filled = fill_dummy_quantized(model, generator)  # packed integer weights and their scales
         for name, param in params.items():
+            if name in filled:
+                continue
             if "norm" in name:
                 param.data.fill_(1.0)
             else:

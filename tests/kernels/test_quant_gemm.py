@@ -133,3 +133,26 @@ def test_bad_arguments_name_the_field(device: torch.device) -> None:
             dequant_gemm(x, **{**args, **change})
     with pytest.raises(ValueError, match="qweight"):
         dequant_gemm(torch.randn(1, 128, device=device), **args)
+
+
+@pytest.mark.parametrize("bits,strategy", [(4, "group"), (8, "channel")])
+def test_compressed_tensors_layer_agrees(bits: int, strategy: str, device: torch.device, assert_close: Check) -> None:
+    """The engine's compressed-tensors layer: on CUDA its forward is this kernel; the kernel, called as
+    the layer calls it, equals the layer's own torch dequantization."""
+    from engine.layers.linear import ReplicatedLinear
+    from engine.layers.quant.compressed_tensors import CompressedTensorsConfig
+
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": strategy, "group_size": 128}
+    qc = {"format": "pack-quantized", "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    layer = ReplicatedLinear(256, 96, True, CompressedTensorsConfig(qc))
+    args, _ = make_weight("compressed-tensors", 96, 256, bits, 128 if strategy == "group" else -1, False, False,
+                          torch.device("cpu"))
+    layer.weight_packed.data.copy_(args["qweight"])
+    layer.weight_scale.data.copy_(args["scales"])
+    layer.bias.data.normal_()
+    layer.to(device)
+    x = torch.randn(3, 256, device=device)
+    want = torch.nn.functional.linear(x, layer.quant_method.dequantize(layer), layer.bias)
+    got = layer(x) if device.type == "cuda" else dequant_gemm(
+        x, layer.weight_packed, layer.weight_scale, None, None, bits, layer.group_size, "compressed-tensors", layer.bias)
+    assert_close(got, want)

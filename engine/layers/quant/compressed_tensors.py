@@ -1,7 +1,8 @@
 """compressed-tensors `pack-quantized` weights (what llm-compressor writes for W4A16 / W8A16):
 int4 or int8 values packed little-endian into int32 along the input dim (stored as q + 2^(bits-1)),
-one scale per group of input columns (or per row), symmetric. Kept packed; each matmul dequantizes
-the weight (torch) and calls the float matmul: correct everywhere, not yet a fused kernel.
+one scale per group of input columns (or per row), symmetric. Kept packed; on CUDA each matmul is
+kernels.quant_gemm.dequant_gemm (dequantized inside Triton kernels), elsewhere torch dequantizes the
+weight and calls the float matmul.
 """
 from __future__ import annotations
 
@@ -109,4 +110,9 @@ class CompressedTensorsLinearMethod:
         return w.reshape(out, -1).to(layer.weight_scale.dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.is_cuda:  # Triton, imported only where a GPU runs it
+            from kernels.quant_gemm import dequant_gemm
+
+            return dequant_gemm(x, layer.weight_packed, layer.weight_scale, None, None, self.config.num_bits,
+                                layer.group_size, "compressed-tensors", bias)
         return F.linear(x, self.dequantize(layer).to(x.dtype), bias)

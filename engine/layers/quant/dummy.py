@@ -1,0 +1,61 @@
+"""Random weights for integer-quantized layers under load_format=dummy: packed words of uniformly random
+values, zero points at the midpoint and scales that put the dequantized weights in the float dummy
+weights' range, so benchmarks run a quantized model of any shape without files (see
+`compressed_tensors_config` for the config.json entry that makes a dummy checkpoint W4A16 / W8A16).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+DUMMY_RANGE = 0.05  # engine.loader draws float dummy weights uniformly on [-0.05, 0.05]
+
+
+def compressed_tensors_config(bits: int, group_size: int) -> dict[str, Any]:
+    """config.json's quantization_config as llm-compressor writes it for W4A16 / W8A16 (pack-quantized,
+    symmetric int, one scale per group_size input columns; the LM head left in float)."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
+               "dynamic": False, "actorder": None, "observer": "minmax"}
+    group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": group}, "ignore": ["lm_head"]}
+
+
+def _bits(module: nn.Module) -> int | None:
+    """The integer width of a layer's quantized weight, None for float or non-integer methods."""
+    config = getattr(getattr(module, "quant_method", None), "config", None)
+    bits = getattr(config, "num_bits", None) or getattr(config, "weight_bits", None)
+    return bits if isinstance(bits, int) else None
+
+
+def _midpoint_word(bits: int) -> int:
+    """An int32 word whose every value is 2**(bits-1), the symmetric zero point."""
+    word = sum(2 ** (bits - 1) << (c * bits) for c in range(32 // bits))
+    return word - 2**32 if word >= 2**31 else word
+
+
+@torch.no_grad()
+def fill_dummy_quantized(model: nn.Module, generator: torch.Generator) -> set[str]:
+    """Fills the parameters of every integer-quantized layer; returns their names for the loader to skip."""
+    filled: set[str] = set()
+    for prefix, module in model.named_modules():
+        bits = _bits(module)
+        if bits is None:
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if "g_idx" in name:  # input column k in group k // group_size
+                group = getattr(module, "group_size", None) or param.numel()
+                param.data.copy_(torch.arange(param.numel(), device=param.device) // group)
+            elif "zero" in name and not param.is_floating_point():
+                param.data.fill_(_midpoint_word(bits))
+            elif not param.is_floating_point():  # packed values, or a shape record the layer ignores
+                info = torch.iinfo(param.dtype)
+                param.data.random_(info.min, info.max, generator=generator)
+            elif "scale" in name:  # |q - zero| <= 2**(bits-1): dequantized weights stay within DUMMY_RANGE
+                param.data.uniform_(0.5, 1.0, generator=generator).mul_(DUMMY_RANGE / 2 ** (bits - 1))
+            else:
+                continue  # a float weight or bias: the loader's own dummy values
+            filled.add(f"{prefix}.{name}" if prefix else name)
+    return filled

@@ -1,0 +1,33 @@
+"""load_format=dummy with an integer-quantized config (what benchmarks/quant_bench.py runs): packed
+words random, scales such that the dequantized weights stay in the float dummy range, and it generates."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.layers.quant.dummy import DUMMY_RANGE, compressed_tensors_config
+from tests.conftest import write_tiny_checkpoint
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dummy_compressed_tensors_checkpoint(bits: int, tmp_path) -> None:
+    path = write_tiny_checkpoint(str(tmp_path / "m"), "Qwen2ForCausalLM", tie=False, hidden_size=256,
+                                 intermediate_size=384)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = compressed_tensors_config(bits, 128)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    llm = LLM(path, load_format="dummy", enable_prefix_caching=False)
+    layer = llm.llm_engine.executor.runner.model.model.layers["1"].mlp.down_proj
+    packed = layer.weight_packed
+    assert packed.dtype == torch.int32 and packed.shape == (256, 384 * bits // 32)
+    assert packed.unique().numel() > packed.numel() // 2  # random words, not a constant fill
+    w = layer.quant_method.dequantize(layer).float()
+    assert w.abs().max() <= DUMMY_RANGE * 1.01 and w.std() > DUMMY_RANGE / 10
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
