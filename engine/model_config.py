@@ -176,8 +176,9 @@ def resolve_quantization(requested: str, hf_config: PretrainedConfig, load_forma
     elif requested != "none" and requested != found:
         raise ConfigError("quantization", f"{requested} does not match the checkpoint "
                           f"({'quantized with ' + repr(found) if found else 'not quantized: no quantization_config in config.json'})")
-    if requested not in ("none", "gguf", "compressed-tensors", "fp8"):
-        raise ConfigError("quantization", f"{requested} checkpoints are not supported yet (supported: gguf, compressed-tensors, fp8)")
+    if requested not in ("none", "gguf", "gptq", "awq", "compressed-tensors", "fp8"):
+        raise ConfigError("quantization", f"{requested} checkpoints are not supported yet "
+                          "(supported: gguf, gptq, awq, compressed-tensors, fp8)")
     if requested == "gguf":
         hf_config.quantization_config = {"quant_method": "gguf"}
     return requested

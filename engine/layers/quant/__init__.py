@@ -50,6 +50,14 @@ def get_quant_config(hf_config: Any) -> QuantizationConfig | None:
         from engine.layers.quant.compressed_tensors import CompressedTensorsConfig
 
         return CompressedTensorsConfig(qc)
+    if method == "gptq":
+        from engine.layers.quant.gptq import GPTQConfig
+
+        return GPTQConfig(qc)
+    if method == "awq":
+        from engine.layers.quant.awq import AWQConfig
+
+        return AWQConfig(qc)
     raise ModelLoadError("quantization", f"quant_method {method!r} is not supported")
 
 
