@@ -34,6 +34,8 @@ from benchmarks.throughput import (
 
 # (block_n, block_kp, num_warps): the default first
 GEMV_CONFIGS = [(128, 16, 4), (256, 16, 8), (64, 16, 4), (128, 32, 8), (64, 32, 4), (32, 32, 4)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the fused GEMM, beside the default by M
+GEMM_CONFIGS = [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 4)]
 
 
 def _timed(fn) -> float:
@@ -114,11 +116,13 @@ def _gemm_shape(name: str, n: int, k: int, m: int) -> None:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     err = _check(f"gemm {name} M={m}", quant_gemm.gemm(x, w), x @ wb.t())
     fused_us = _timed(lambda: quant_gemm.gemm(x, w))
+    configs = {f"{c[0]}x{c[1]}x{c[2]}w{c[3]}": round(_timed(lambda c=c: quant_gemm.gemm(x, w, None, c)), 2)
+               for c in GEMM_CONFIGS}
     dequant_us = _timed(lambda: x @ quant_gemm.dequantize(w, torch.bfloat16).t())
     bf16_us = _timed(lambda: x @ wb.t())
     emit("gemm", layer=name, M=m, N=n, K=k, fused_us=round(fused_us, 2), dequant_matmul_us=round(dequant_us, 2),
          bf16_us=round(bf16_us, 2), fused_vs_bf16=round(bf16_us / fused_us, 3),
-         dequant_vs_bf16=round(bf16_us / dequant_us, 3), rel_error=err,
+         dequant_vs_bf16=round(bf16_us / dequant_us, 3), rel_error=err, fused_configs_us=configs,
          dispatch="dequant_matmul" if m >= quant_gemm.DEQUANT_MIN_M else "fused")
 
 

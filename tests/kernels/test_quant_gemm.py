@@ -87,6 +87,15 @@ def test_dequant_gemm_matches_reference(layout: str, bits: int, group_size: int,
     assert_close(dequant_gemm(x, **args), reference.dequant_gemm(x, **args))
 
 
+@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", [CASES[0], CASES[5], CASES[7]])
+@pytest.mark.parametrize("m", [100, 130])
+def test_gemm_block_configs_for_more_rows(layout: str, bits: int, group_size: int, asym: bool, act_order: bool,
+                                          m: int, device: torch.device, assert_close: Check) -> None:
+    args, _ = make_weight(layout, 136, 256, bits, group_size, asym, act_order, device)
+    x = torch.randn(m, 256, device=device)
+    assert_close(dequant_gemm(x, **args), reference.dequant_gemm(x, **args))
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3])
 @pytest.mark.parametrize("m", [1, 3])
 def test_gemv_split_k_with_bias(num_splits: int, m: int, device: torch.device, assert_close: Check) -> None:
