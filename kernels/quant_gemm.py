@@ -306,10 +306,8 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, blo
 def _gemm_config(m: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows: untimed, chosen so that ptxas (sm_90)
     spills nothing (128 x 128 x 64 on 8 warps spilled: a word is loaded per value it holds)."""
-    if m <= 16:
+    if m <= 16:  # few shapes: each is a compile when CUDA graphs are captured for every batch size
         return 16, 64, 64, 4, 3
-    if m <= 32:
-        return 32, 64, 64, 4, 3
     if m <= 64:
         return 64, 64, 64, 4, 3
     if m <= 128:
