@@ -3,7 +3,8 @@ e4m3 weights, per-token activations) on a tiny random Llama, on CPU. It loads an
 with compressed-tensors' decompression of the same checkpoint (transformers, dequantize=True) run in float32 on
 >= 90% of the positions whose float32 top-2 margin exceeds 0.1: on CPU through the labelled emulation, on a GPU
 natively (skipped without CUDA). llm-compressor pins an older transformers: install it with
-`pip install --no-deps llmcompressor datasets` (skipped without it)."""
+`pip install --no-deps llmcompressor datasets` (skipped without it). For a GPU machine without it:
+`python -m tests.engine.test_fp8_llmcompressor DIR` here, then GANTRY_LLMCOMPRESSOR_CHECKPOINT=DIR there."""
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ MIN_AGREEMENT = 0.9  # the issue's line: only the activations' per-token FP8 sep
 # weights ~N(0, 0.05): a random net at 0.1 or more turns any small perturbation chaotic (measured on CPU at
 # margin > 0.1: 0.893 at 0.1, 0.645 at 0.25); at 0.05, 182 of 317 positions exceed the margin, all agree
 LC_SHAPE = {**SHAPE, "initializer_range": 0.05}
+CHECKPOINT_ENV = "GANTRY_LLMCOMPRESSOR_CHECKPOINT"
 
 
 def write_llmcompressor_checkpoint(root: str, **shape: object) -> tuple[str, str]:
@@ -50,6 +52,9 @@ def write_llmcompressor_checkpoint(root: str, **shape: object) -> tuple[str, str
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    written = os.environ.get(CHECKPOINT_ENV)
+    if written:  # written earlier by this module's __main__ (where llm-compressor is installed)
+        return os.path.join(written, "fp8"), os.path.join(written, "decompressed")
     pytest.importorskip("llmcompressor", reason="llm-compressor not installed (pip install --no-deps llmcompressor)")
     return write_llmcompressor_checkpoint(str(tmp_path_factory.mktemp("llmcompressor")), **LC_SHAPE)
 
@@ -98,3 +103,9 @@ def test_llmcompressor_checkpoint_matches_decompressed_float32_gpu(checkpoints: 
     llm = LLM(dst, dtype="bfloat16", enable_prefix_caching=False)
     assert agreement(engine_top1(llm), hf_top1(ref)) >= MIN_AGREEMENT
     llm.llm_engine.shutdown()
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_llmcompressor_checkpoint(sys.argv[1], **LC_SHAPE))
