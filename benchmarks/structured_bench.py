@@ -17,11 +17,16 @@ wants typing-extensions >= 4.14.1); no nvcc or ninja (xgrammar's CUDA kernel is 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import random
 import string
 import sys
 import time
+import traceback
+import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -61,6 +66,29 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+@contextlib.contextmanager
+def synchronizing_calls() -> Iterator[collections.Counter]:
+    """Counts the host stacks of CUDA calls that wait for the device (torch's sync debug mode)."""
+    seen: collections.Counter = collections.Counter()
+    if not torch.cuda.is_available():
+        yield seen
+        return
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        seen["".join(traceback.format_stack(limit=8)[:-2])] += 1
+
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            warnings.showwarning = previous
+
+
 def timed_run(llm, prompts: list[list[int]], params: list) -> tuple[float, int, list[str]]:
     _sync()
     t0 = time.perf_counter()
@@ -80,6 +108,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer directory to use instead of the random "
                         "stand-in vocabulary (e.g. a real BPE one; ids past its size are never allowed)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", action="store_true", help="print the constrained run's host ops (torch.profiler)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model (8 requests x 16 tokens by default), CPU too")
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
@@ -120,7 +149,16 @@ def main() -> None:
         core.bitmask_fill_s, core.bitmask_fill_steps = 0.0, 0
         core.phases.seconds.clear()
         steps_before = core.scheduler.num_steps
-        elapsed, num_out, reasons = timed_run(llm, prompts, params)
+        if args.profile and name == "json_schema":  # torch.profiler over the constrained run: host ops
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof, synchronizing_calls() as syncs:
+                elapsed, num_out, reasons = timed_run(llm, prompts, params)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
+            for stack, count in syncs.most_common(8):
+                print(f"synchronizing CUDA call x{count}:\n{stack}", flush=True)
+        else:
+            elapsed, num_out, reasons = timed_run(llm, prompts, params)
         results[name] = num_out / elapsed
         num_steps = core.scheduler.num_steps - steps_before
         fill = {}

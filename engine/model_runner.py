@@ -316,7 +316,7 @@ class ModelRunner:
         int32 host rows of bitmask_req_ids, or None) and the copy of its tokens to the host."""
         sampled_ids, md = step.sampled_ids, step.metadata
         md.grammar_bitmask, md.grammar_rows = sampled_bitmask(grammar_bitmask, bitmask_req_ids, sampled_ids,
-                                                              self.to_device)
+                                                              step.logits.shape[-1], self.to_device)
         out = self.sampler(step.logits, md)
         if self.share_sampled:
             broadcast_from_first_tp_rank(out.sampled_token_ids)

@@ -8,13 +8,15 @@ import torch
 
 
 def sampled_bitmask(bitmask: torch.Tensor | None, bitmask_req_ids: list[str], sampled_ids: list[str],
-                    to_device: Callable[[torch.Tensor, torch.dtype], torch.Tensor],
+                    vocab_size: int, to_device: Callable[[torch.Tensor, torch.dtype], torch.Tensor],
                     ) -> tuple[torch.Tensor, list[int]] | tuple[None, None]:
     """The bitmask rows of the constrained requests among this step's sampled ones, as a
-    [len(sampled_ids), ceil(vocab / 32)] int32 tensor on the device (other rows allow everything),
-    and the rows it constrains; (None, None) when none of them is constrained.
+    [len(sampled_ids), ceil(vocab_size / 32)] int32 tensor on the device (other rows allow everything;
+    ids past the grammar's vocabulary are never allowed in constrained rows), and the rows it
+    constrains; (None, None) when none of them is constrained.
 
-    bitmask: [len(bitmask_req_ids), ceil(vocab / 32)] int32 from the scheduler (host)."""
+    bitmask: [len(bitmask_req_ids), ceil(grammar vocab / 32)] int32 from the scheduler (host); the
+    grammar's vocabulary is the tokenizer's, at most the model's vocab_size (the logits' width)."""
     if bitmask is None:
         return None, None
     row_of = {req_id: row for row, req_id in enumerate(sampled_ids)}
@@ -26,9 +28,14 @@ def sampled_bitmask(bitmask: torch.Tensor | None, bitmask_req_ids: list[str], sa
             rows.append(row)
     if not rows:
         return None, None
-    constrained = to_device(bitmask[src], torch.int32)  # [len(rows), words]
-    full = torch.full((len(sampled_ids), bitmask.shape[1]), -1, dtype=torch.int32, device=constrained.device)
-    full[to_device(torch.tensor(rows), torch.long)] = constrained
+    host = bitmask if len(src) == bitmask.shape[0] else bitmask[src]  # in order: no gather
+    constrained = to_device(host, torch.int32)  # [len(rows), grammar words]
+    words = (vocab_size + 31) // 32
+    full = torch.full((len(sampled_ids), words), -1, dtype=torch.int32, device=constrained.device)
+    index = to_device(torch.tensor(rows), torch.long)
+    if constrained.shape[1] < words:  # the padding rows of the model's vocabulary: never allowed
+        full[index, constrained.shape[1]:] = 0
+    full[index, :constrained.shape[1]] = constrained
     return full, rows
 
 

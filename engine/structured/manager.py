@@ -43,6 +43,7 @@ class StructuredOutputManager:
         self._load_tokenizer = load_tokenizer  # called at the first constrained request (seconds)
         self.vocab_size = vocab_size  # the model's (the logits' width), >= the tokenizer's
         self._compiler: Any = None  # xgrammar.GrammarCompiler once a tokenizer is loaded
+        self.grammar_vocab_size = vocab_size  # the tokenizer's, once loaded: a bitmask row's bits
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher: fills many rows on several threads
         self.samples: dict[str, list[SampleGrammar]] = {}  # request id -> one per sample
         self.think_tokens: ThinkTokens | None = None  # the tokenizer's bytes, once a tokenizer is loaded
@@ -59,12 +60,18 @@ class StructuredOutputManager:
             if tokenizer is None:
                 raise StructuredOutputsError("structured_outputs", "this model has no tokenizer to compile "
                                              "grammars against (dummy weights without one)")
-            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size,
-                                                      stop_token_ids=sorted(eos_token_ids) or None)
+            # The grammar's vocabulary is the tokenizer's ids only. xgrammar would take a model's padding
+            # rows past them (SmolLM2's tokenizer on a Qwen2-sized head: 103k ids) as special tokens, which
+            # made each accept_token 20x slower; the sampler never allows those ids (bitmask.py).
+            self.grammar_vocab_size = min(len(tokenizer), self.vocab_size)
+            stop_ids = sorted(i for i in eos_token_ids if i < self.grammar_vocab_size)
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.grammar_vocab_size,
+                                                      stop_token_ids=stop_ids or None)
             self._compiler = xgr.GrammarCompiler(info, max_threads=4)
-            self.think_tokens = ThinkTokens(info.decoded_vocab, self.vocab_size, set(info.stop_token_ids))
+            self.think_tokens = ThinkTokens(info.decoded_vocab, self.grammar_vocab_size, set(info.stop_token_ids))
             self._batch = xgr.BatchGrammarMatcher()
-            logger.info("structured outputs: grammars compiled against a vocabulary of %d tokens", self.vocab_size)
+            logger.info("structured outputs: grammars compiled against a vocabulary of %d tokens (the model's: %d)",
+                        self.grammar_vocab_size, self.vocab_size)
         return self._compiler
 
     def compile(self, p: StructuredOutputsParams, eos_token_ids: list[int]) -> Any:
@@ -120,7 +127,7 @@ class StructuredOutputManager:
             sample.num_accepted += len(out.new_token_ids)
 
     def grammar_bitmask(self, scheduled: list[Sequence]) -> tuple[torch.Tensor | None, list[str]]:
-        """[k, ceil(vocab / 32)] int32 (host): one row per constrained sample scheduled this step, and
+        """[k, ceil(grammar_vocab_size / 32)] int32 (host): one row per constrained sample scheduled this step, and
         their sequence ids; (None, []) when none is. Each matcher has taken every token of its sample
         (the engine core collects a constrained sample's step before filling its next bitmask)."""
         import xgrammar as xgr
@@ -137,11 +144,13 @@ class StructuredOutputManager:
                 rows.append(sample)
         if not rows:
             return None, []
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.grammar_vocab_size)
         if len(rows) == 1:
             rows[0].matcher.fill_next_token_bitmask(bitmask, 0)
         else:
             self._batch.batch_fill_next_token_bitmask([sample.matcher for sample in rows], bitmask)
+        if self.grammar_vocab_size % 32:  # the last word's bits past the vocabulary: never allowed
+            bitmask[:, -1] &= (1 << self.grammar_vocab_size % 32) - 1
         for k, sample in enumerate(rows):
             opening = None if sample.gate is None else sample.gate.start_row()
             if opening is not None:  # qwen3's start: the grammar's tokens, or <think>

@@ -134,3 +134,25 @@ def test_preemption_and_chunked_prefill_under_grammars(tiny_llama: str) -> None:
             [s.token_ids for s in o.outputs] for o in collect_first]
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_model_vocab_past_the_tokenizer(tmp_path) -> None:
+    """A model whose head is wider than its tokenizer (padding rows, as Qwen2's 152,064 over 151,665
+    tokens): xgrammar gets the tokenizer's ids only (padding ids as its special tokens made every
+    accept_token 20x slower), and the padding ids are never sampled under a grammar."""
+    from tests.conftest import write_tiny_checkpoint, write_tiny_tokenizer
+
+    path = write_tiny_checkpoint(str(tmp_path), "LlamaForCausalLM", tie=False, vocab_size=600)
+    write_tiny_tokenizer(path, 500)
+    llm = LLM(path, async_scheduling=True, dtype="float32")
+    try:
+        params = [spec(seed, temperature=2.0, regex=r"[0-9a-z ]{8,16}") for seed in range(8)]
+        outputs = llm.generate([PROMPTS[k % len(PROMPTS)] for k in range(8)], params, use_tqdm=False)
+        manager = llm.llm_engine.engine_core.structured_output_manager
+        assert manager.grammar_vocab_size == 500
+        for out in outputs:
+            ids = out.outputs[0].token_ids
+            assert ids and max(ids) < 500, ids
+            assert re.fullmatch(r"[0-9a-z ]{8,16}", out.outputs[0].text), out.outputs[0].text
+    finally:
+        llm.llm_engine.shutdown()
