@@ -22,6 +22,7 @@ from tests.engine.test_quant_gptq import (
     _edited,
     digest,
     hf_greedy,
+    kernel_matches_dequantize,
     pack_along,
     write_quantized,
 )
@@ -137,3 +138,8 @@ def test_tp2_matches_tp1_and_a_cut_group_is_named(tmp_path) -> None:
     assert proc.returncode != 0
     assert "model.layers.0.mlp.down_proj." in text  # the first of its tensors loaded
     assert "group size 128 does not divide this rank's 192 input columns" in text
+
+
+@pytest.mark.slow
+def test_kernel_matches_dequantize(tmp_path) -> None:
+    kernel_matches_dequantize(write_awq(str(tmp_path / "g32"), "LlamaForCausalLM", 32)[0])

@@ -279,3 +279,45 @@ def test_reordered_columns_need_desc_act(tmp_path) -> None:
     path, _ = write_gptq(str(tmp_path / "act"), "LlamaForCausalLM", 4, 64, True, True, "gptq_v2")
     with pytest.raises(ModelLoadError, match=r"\.g_idx.*quantization_config\.desc_act is false"):
         LLM(_edited(path, str(tmp_path / "bad"), config={"desc_act": False}))
+
+
+KERNEL_CHECK = """
+import sys, torch
+from engine import LLM
+path, device = sys.argv[1], sys.argv[2]
+llm = LLM(path, enable_prefix_caching=False, device=device, gpu_memory_utilization=0.3)
+from kernels.quant_gemm import dequant_gemm
+checked = 0
+for name, m in llm.llm_engine.executor.runner.model.named_modules():
+    method = getattr(m, "quant_method", None)
+    if method is None or not hasattr(m, "qweight"):
+        continue
+    k = m.qweight.shape[0] * 32 // method.bits
+    for rows in (1, 5):
+        x = torch.randn(rows, k, device=m.qweight.device)
+        g_idx = m.g_idx if m.use_g_idx else None
+        got = dequant_gemm(x, m.qweight, m.scales, m.qzeros, g_idx, method.bits, method.group_size, "gptq")
+        torch.testing.assert_close(got, x @ method.dequantize(m).t(), rtol=1e-3, atol=1e-3, msg=name)
+        checked += 1
+print("checked", checked)
+"""
+
+
+def kernel_matches_dequantize(path: str) -> None:
+    """kernels.quant_gemm on the layers as loaded (their layout, gptq v1 zeros fixed up, AWQ repacked)
+    equals the torch dequantize: on the GPU, or on CPU through Triton's interpreter (in a subprocess:
+    Triton reads TRITON_INTERPRET when the kernels are defined)."""
+    import subprocess
+    import sys
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = dict(os.environ, TRITON_INTERPRET="1") if device == "cpu" else dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, path, device], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert proc.returncode == 0 and "checked 24" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["llama-8bit-g32-act-gptq", "llama-4bit-g64-asym-gptq"])
+def test_kernel_matches_dequantize(case: str, tmp_path) -> None:
+    kernel_matches_dequantize(write_gptq(str(tmp_path / case), *CASES[case])[0])
