@@ -24,9 +24,11 @@ def compressed_tensors_config(bits: int, group_size: int) -> dict[str, Any]:
 
 
 def _bits(module: nn.Module) -> int | None:
-    """The integer width of a layer's quantized weight, None for float or non-integer methods."""
-    config = getattr(getattr(module, "quant_method", None), "config", None)
-    bits = getattr(config, "num_bits", None) or getattr(config, "weight_bits", None)
+    """The integer width of a layer's quantized weight (compressed-tensors' config.num_bits, GPTQ/AWQ's
+    method.bits), None for float or non-integer methods."""
+    method = getattr(module, "quant_method", None)
+    config = getattr(method, "config", None)
+    bits = getattr(config, "num_bits", None) or getattr(method, "bits", None)
     return bits if isinstance(bits, int) else None
 
 
@@ -45,8 +47,9 @@ def fill_dummy_quantized(model: nn.Module, generator: torch.Generator) -> set[st
         if bits is None:
             continue
         for name, param in module.named_parameters(recurse=False):
-            if "g_idx" in name:  # input column k in group k // group_size
-                group = getattr(module, "group_size", None) or param.numel()
+            if "g_idx" in name:  # input column k in group k // group_size (-1: one group)
+                group = getattr(module.quant_method, "group_size", None) or getattr(module, "group_size", -1)
+                group = group if group > 0 else param.numel()
                 param.data.copy_(torch.arange(param.numel(), device=param.device) // group)
             elif "zero" in name and not param.is_floating_point():
                 param.data.fill_(_midpoint_word(bits))
