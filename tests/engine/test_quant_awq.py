@@ -19,8 +19,8 @@ from tests.engine.test_quant_gptq import (
     GREEDY,
     PROMPTS,
     Quantizer,
-    _edited,
     digest,
+    edited_copy,
     hf_greedy,
     kernel_matches_dequantize,
     pack_along,
@@ -108,12 +108,12 @@ def test_quantization_contradicting_the_checkpoint(one_awq: tuple[str, str]) -> 
                                          ("version", "gemv"), ("modules_to_not_convert", ["mlp"])])
 def test_unsupported_config_names_the_field(one_awq: tuple[str, str], tmp_path, field: str, value: object) -> None:
     with pytest.raises(ConfigError) as e:
-        LLM(_edited(one_awq[0], str(tmp_path / "bad"), config={field: value}))
+        LLM(edited_copy(one_awq[0], str(tmp_path / "bad"), config={field: value}))
     assert e.value.param == f"quantization_config.{field}"
 
 
 def test_missing_scales_name_the_tensor(one_awq: tuple[str, str], tmp_path) -> None:
-    bad = _edited(one_awq[0], str(tmp_path / "bad"), drop="model.layers.2.self_attn.k_proj.scales")
+    bad = edited_copy(one_awq[0], str(tmp_path / "bad"), drop="model.layers.2.self_attn.k_proj.scales")
     with pytest.raises(ModelLoadError, match=r"missing weights: model\.layers\.2\.self_attn\.qkv_proj\.scales:k"):
         LLM(bad)
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -197,7 +197,7 @@ def test_quantization_contradicting_the_checkpoint(one_gptq: tuple[str, str]) ->
     assert e.value.param == "quantization"
 
 
-def _edited(path: str, tmp: str, config: dict | None = None, drop: str | None = None) -> str:
+def edited_copy(path: str, tmp: str, config: dict | None = None, drop: str | None = None) -> str:
     """A copy of checkpoint `path` with config.json's quantization_config updated and a tensor dropped."""
     from safetensors.torch import load_file, save_file
 
@@ -219,12 +219,12 @@ def _edited(path: str, tmp: str, config: dict | None = None, drop: str | None = 
                                          ("desc_act", "yes"), ("lm_head", True)])
 def test_unsupported_config_names_the_field(one_gptq: tuple[str, str], tmp_path, field: str, value: object) -> None:
     with pytest.raises(ConfigError) as e:
-        LLM(_edited(one_gptq[0], str(tmp_path / "bad"), config={field: value}))
+        LLM(edited_copy(one_gptq[0], str(tmp_path / "bad"), config={field: value}))
     assert e.value.param == f"quantization_config.{field}"
 
 
 def test_missing_scales_name_the_tensor(one_gptq: tuple[str, str], tmp_path) -> None:
-    bad = _edited(one_gptq[0], str(tmp_path / "bad"), drop="model.layers.1.mlp.down_proj.scales")
+    bad = edited_copy(one_gptq[0], str(tmp_path / "bad"), drop="model.layers.1.mlp.down_proj.scales")
     with pytest.raises(ModelLoadError, match=r"missing weights: model\.layers\.1\.mlp\.down_proj\.scales"):
         LLM(bad)
 
@@ -278,7 +278,7 @@ def test_reordered_columns_need_desc_act(tmp_path) -> None:
     """A g_idx out of group order is only read with desc_act: a config saying false is named, not ignored."""
     path, _ = write_gptq(str(tmp_path / "act"), "LlamaForCausalLM", 4, 64, True, True, "gptq_v2")
     with pytest.raises(ModelLoadError, match=r"\.g_idx.*quantization_config\.desc_act is false"):
-        LLM(_edited(path, str(tmp_path / "bad"), config={"desc_act": False}))
+        LLM(edited_copy(path, str(tmp_path / "bad"), config={"desc_act": False}))
 
 
 KERNEL_CHECK = """
@@ -313,7 +313,7 @@ def kernel_matches_dequantize(path: str) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = dict(os.environ, TRITON_INTERPRET="1") if device == "cpu" else dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, path, device], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                          check=False, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert proc.returncode == 0 and "checked 24" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

@@ -13,7 +13,13 @@ from torch import nn
 from engine.config import ConfigError
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.quant import QuantizationConfig
-from engine.layers.quant.gptq import PackedLinearMethod, config_field, group_size_of, pack_cols, unpack_cols
+from engine.layers.quant.gptq import (
+    PackedLinearMethod,
+    config_field,
+    group_size_of,
+    pack_cols,
+    unpack_cols,
+)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # word nibble i holds column AWQ_ORDER[i] of its 8
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # column c sits at nibble AWQ_REVERSE_ORDER[c]
