@@ -52,7 +52,24 @@ def free_port() -> int:
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of a process and its descendants (from /proc: no psutil needed)."""
-    pids, total = [pid], 0
+    return sum(tree_rss_by_pid(pid).values())
+
+
+def process_label(pid: int, root: int) -> str:
+    """`server` (the root), `resource tracker`, or the child's pid and the end of its command line."""
+    if pid == root:
+        return "server"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return str(pid)
+    return "resource tracker" if "resource_tracker" in cmd else f"{pid} ...{cmd[-40:]}"
+
+
+def tree_rss_by_pid(pid: int) -> dict[int, int]:
+    """Resident bytes of a process and each of its descendants."""
+    pids, rss = [pid], {}
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -67,10 +84,10 @@ def tree_rss(pid: int) -> int:
         pids.extend(children.get(p, []))
         try:
             with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                rss[p] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:
             pass
-    return total
+    return rss
 
 
 @dataclass
@@ -85,6 +102,7 @@ class Server:
     port: int = 0
     proc: subprocess.Popen | None = None
     peak_rss: int = 0
+    peak_rss_by_process: dict[str, int] = field(default_factory=dict)  # MiB of each process at the peak
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -93,7 +111,7 @@ class Server:
 
     def start(self, timeout_s: float = 180.0) -> float:
         """Seconds from spawn to the first 200 on ready_path; RSS sampled every 50 ms until stop()."""
-        self.port, self.peak_rss = free_port(), 0
+        self.port, self.peak_rss, self.peak_rss_by_process = free_port(), 0, {}
         self._stop.clear()
         argv = [a.replace("{port}", str(self.port)) for a in self.argv]
         log_path = os.path.join(tempfile.gettempdir(), f"cpu_local_{self.name}.log")
@@ -115,7 +133,11 @@ class Server:
 
     def _sample_rss(self) -> None:
         while not self._stop.is_set() and self.proc is not None and self.proc.poll() is None:
-            self.peak_rss = max(self.peak_rss, tree_rss(self.proc.pid))
+            by_pid = tree_rss_by_pid(self.proc.pid)
+            if sum(by_pid.values()) > self.peak_rss:
+                self.peak_rss = sum(by_pid.values())
+                self.peak_rss_by_process = {process_label(p, self.proc.pid): round(b / 2**20)
+                                            for p, b in by_pid.items()}
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -242,7 +264,8 @@ def measure(server: Server, args: argparse.Namespace, rnd: int, results: dict[st
            "ttft_ms": round(one["ttft_s"] * 1000, 1), "decode_tok_s": round(one["decode_tok_s"], 1),
            "stream_tokens": one["tokens"], "concurrent_tok_s": round(conc["total_tok_s"], 1),
            "concurrent_tokens": conc["tokens"], "concurrent_ttft_p50_s": round(conc["ttft_p50_s"], 2),
-           "peak_rss_mib": round(server.peak_rss / 2**20), "loadavg": os.getloadavg()[0]}
+           "peak_rss_mib": round(server.peak_rss / 2**20), "peak_rss_by_process_mib": server.peak_rss_by_process,
+           "loadavg": os.getloadavg()[0]}
     results.setdefault(server.name, []).append(row)
     emit(**row)
 

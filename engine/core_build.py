@@ -76,6 +76,14 @@ def check_pool_holds_max_model_len(config: EngineConfig, max_model_len: int, num
         )
 
 
+def describe_device(device: torch.device) -> str:
+    """`cpu (2 threads, 2 cores)` or `cuda:0 (NVIDIA H200, 139.8 GiB)`, for CoreInfo (the API process logs it)."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
+    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
 def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreBuild:
     """Everything below the front end; raises ConfigError or ModelLoadError naming what is wrong."""
     start, before = time.monotonic(), startup.recorded()
@@ -122,7 +130,8 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
         model_name=mc.served_model_name, architecture=mc.architecture, max_model_len=mc.max_model_len,
         vocab_size=mc.hf_config.vocab_size, num_total_blocks=num_blocks, block_size=config.block_size,
         max_num_seqs=config.max_num_seqs, default_max_tokens=mc.default_max_tokens,
-        device=str(device), world_size=config.world_size, eos_token_ids=sorted(config_eos_token_ids(mc)),
+        device=str(device), device_description=describe_device(device), world_size=config.world_size,
+        eos_token_ids=sorted(config_eos_token_ids(mc)),
         lora_dims=list(dataclasses.astuple(ModelDims.from_hf(mc.hf_config))) if config.enable_lora else [],
     )
     return CoreBuild(core, info, mc, device)

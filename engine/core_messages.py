@@ -105,6 +105,7 @@ class CoreInfo(msgspec.Struct, array_like=True, kw_only=True):
     eos_token_ids: list[int] = []  # from the model's config and generation config (the tokenizer's is the front end's)
     startup_phases: dict[str, float] = {}  # start-up phases timed in the core's process
     lora_dims: list[int] = []  # with enable_lora: engine.lora.adapter.ModelDims, to check adapters in the front end
+    device_description: str = ""  # `cpu (2 threads, 2 cores)`: the API process logs it (it has no torch on CPU)
 
     @property
     def kv_capacity(self) -> int:

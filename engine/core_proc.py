@@ -199,6 +199,7 @@ def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list)
     except Exception as e:
         logger.exception("cannot load the model")
         _fail(outputs, CoreLoadFailure(1, f"{type(e).__name__}: {e}"))
+    startup.release_memory()  # loading's garbage (staging copies, parse) out of the RSS before serving
     info: CoreInfo = build.info
     info.startup_phases = startup.phases()
     for sock in outputs:

@@ -17,18 +17,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from engine.errors import ModelLoadError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only where tensors are made: the API process reads config and tokenizer without it
+    import torch
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 # metadata value types of fixed size: u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 30
-_FLOAT_TYPES = {GGML_F32: torch.float32, GGML_F16: torch.float16, GGML_BF16: torch.bfloat16}
+_FLOAT_TYPES = {GGML_F32: "float32", GGML_F16: "float16", GGML_BF16: "bfloat16"}  # torch dtype names
+_FLOAT_BYTES = {GGML_F32: 4, GGML_F16: 2, GGML_BF16: 2}
 _BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # blocks of 32 weights with an f16 scale
 # What LlamaConfig adds to a GGUF's fields (transformers 5): the same values on a plain
 # PretrainedConfig (tests/engine/test_gguf_file.py compares the two).
@@ -57,6 +58,8 @@ class GGUFFile:
     def iter_tensors(self, keep_blocks: bool = False) -> Iterator[tuple[GGUFTensorInfo, torch.Tensor]]:
         """(info, float32 tensor of info.shape), one at a time from a memory map of the file; with
         keep_blocks, a block-quantized tensor comes as its raw bytes, uint8 [rows, row_bytes]."""
+        import torch
+
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
             for info in self.tensors:
@@ -155,7 +158,7 @@ GGML_BLOCK_SIZES = _BlockSizes({t: (32, n) for t, n in _BLOCK_BYTES.items()})
 
 def _num_bytes(ggml_type: int, numel: int) -> int | None:
     if ggml_type in _FLOAT_TYPES:
-        return numel * _FLOAT_TYPES[ggml_type].itemsize
+        return numel * _FLOAT_BYTES[ggml_type]
     if ggml_type in _BLOCK_BYTES:
         return numel // 32 * _BLOCK_BYTES[ggml_type]
     from gguf import GGML_QUANT_SIZES  # the other block types
@@ -170,8 +173,10 @@ def dequantize(raw: np.ndarray, ggml_type: int, shape: tuple[int, ...], path: st
     """float32 [*shape] from ggml blocks, equal to gguf.dequantize. The common types in a few
     single-threaded numpy passes (no OpenMP wait behind other processes); the rest by gguf
     (a type it cannot dequantize is a QuantizationError naming the tensor `name` of `path`)."""
+    import torch
+
     if ggml_type in _FLOAT_TYPES:
-        return torch.from_numpy(raw.copy()).view(_FLOAT_TYPES[ggml_type]).reshape(shape).float()
+        return torch.from_numpy(raw.copy()).view(getattr(torch, _FLOAT_TYPES[ggml_type])).reshape(shape).float()
     if ggml_type in _BLOCK_BYTES:
         blocks = raw.reshape(-1, _BLOCK_BYTES[ggml_type])  # [num_blocks, block_bytes] uint8
         num_blocks = blocks.shape[0]
@@ -266,6 +271,11 @@ def _parse(path: str) -> GGUFFile:
 @functools.lru_cache(maxsize=2)
 def _cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
     return _parse(path)
+
+
+def forget_parses() -> None:
+    """Drop the cached parses (the API process, once its tokenizer is built, reads no more of the file)."""
+    _cached.cache_clear()
 
 
 def open_gguf(path: str) -> GGUFFile:

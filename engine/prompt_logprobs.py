@@ -8,16 +8,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
 from engine.core_messages import TokenLogprobs
-from engine.forward_context import ForwardContext, forward_context
 from engine.outputs import Logprob, PromptLogprobs, PromptLogprobsChunk, SchedulerOutput
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only in the engine's half: the API process (extend_prompt_logprobs) runs without it
+    import torch
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from engine.forward_context import ForwardContext
     from engine.model_runner import RunnerRequestState
 
 # LM-head rows per pass: bounds the [rows, vocab] float32 logits of a long prompt chunk
@@ -61,6 +60,10 @@ def compute_prompt_logprobs(model: nn.Module, hidden: torch.Tensor, ctx: Forward
                             plan: PromptLogprobsPlan) -> dict[str, PromptLogprobsChunk]:
     """hidden: [num_tokens, hidden_size] of the last pipeline stage. Every TP rank runs this with
     the same plan (the LM head gathers over TP). Returns plain data for ModelRunnerOutput."""
+    import torch
+
+    from engine.forward_context import forward_context
+
     device = hidden.device
     rows = torch.tensor(plan.rows, dtype=torch.long, device=device)  # [num_rows]
     targets = torch.tensor(plan.targets, dtype=torch.long, device=device)  # [num_rows]

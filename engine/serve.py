@@ -162,19 +162,36 @@ def planned_device(config: EngineConfig) -> Any:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def _nvidia_driver_loaded() -> bool:
+    """Whether a CUDA device can be here, asked without importing torch."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+
+
+def frontend_device(config: EngineConfig) -> Any:
+    """The device as the API process sees it: None where the engine core will run on CPU, decided
+    without torch (205 MiB of RSS and seconds of start-up on 2 cores that the API process never
+    needs there); else planned_device's. None only skips the API's early device checks: the core
+    picks its device itself and makes them."""
+    if config.device == "cpu" or (config.device == "auto" and not _nvidia_driver_loaded()):
+        return None
+    return planned_device(config)
+
+
 def preflight(engine_config: EngineConfig) -> Any:
     """What can be checked before the server listens and before any weight is read: the torchrun
     group's size, the model's files, architecture and context length. Raises ConfigError or
-    ModelLoadError; returns the device."""
+    ModelLoadError; returns frontend_device's device (None: CPU, and torch not imported)."""
     from engine.model_config import resolve_model_config
-    from engine.parallel import check_world_size
-    from engine.spawn import check_devices
 
+    device = frontend_device(engine_config)
     if "WORLD_SIZE" in os.environ:  # a launcher's group: its size must be tp x pp
+        from engine.parallel import check_world_size
+
         check_world_size(engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size)
-    else:  # tp x pp > 1: the engine core spawns the other ranks, one GPU each
+    elif device is not None or engine_config.world_size > 1:  # the engine core spawns the other ranks, one GPU each
+        from engine.spawn import check_devices
+
         check_devices(engine_config)
-    device = planned_device(engine_config)
     with startup.phase("model config"):
         model_config = resolve_model_config(engine_config, device)  # cached: the engine's call reuses the parse
     if int(os.environ.get("RANK", "0")) == 0:
@@ -183,16 +200,6 @@ def preflight(engine_config: EngineConfig) -> Any:
                     f"at most {limit} tokens" if limit else "up to the context length",
                     model_config.generation_config_source)
     return device
-
-
-def describe_device(device: Any) -> str:
-    """`cpu (2 threads)` or `cuda:0 (NVIDIA H200, 139.8 GiB)`."""
-    import torch
-
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{device} ({props.name}, {props.total_memory / 2**30:.1f} GiB)"
-    return f"cpu ({torch.get_num_threads()} threads, {os.cpu_count()} cores)"
 
 
 def _is_loopback(host: str) -> bool:
@@ -255,6 +262,8 @@ async def _log_when_ready(app: Any) -> None:
     while state.engine.state in ("starting", "loading"):
         await asyncio.sleep(0.05)
     engine_ready = startup.since_start()
+    if state.engine.info is not None:  # the core's device, described by the core (the API process has no torch)
+        logger.info("device: %s", state.engine.info.device_description or state.engine.info.device)
     while state.engine.ready and not getattr(state, "ready", True):  # the API's text workers, if any
         await asyncio.sleep(0.05)
     if state.engine.ready:
@@ -279,16 +288,13 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     core = EngineCoreProcess(engine_config, addresses, log_level)
     core.start()
     try:
-        with startup.phase("imports"):
-            import torch  # noqa: F401  (timed here, where start-up begins)
-
+        with startup.phase("imports"):  # no torch here on CPU: tests/server/test_cpu_footprint.py
             from engine.server.app import create_app
-        device = preflight(engine_config)
+        preflight(engine_config)
     except BaseException:
         core.kill()
         remove_dir(ipc_dir)
         raise
-    logger.info("device: %s", describe_device(device))
     log_api_key(server_config, source)
     app = create_app(engine_config, server_config, api_key, addresses=addresses, log_level=log_level, core=core)
     if count > 1:

@@ -2,6 +2,8 @@
 them in one line once it is ready (`start-up 6.1 s to ready (CPU time 5.2 s): imports 2.0 s, ...`)."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +38,17 @@ def recorded() -> float:
     """Seconds recorded so far, all phases together."""
     with _lock:
         return sum(_phases.values())
+
+
+def release_memory() -> None:
+    """Hand the heap's free pages back to the OS once loading is done: glibc keeps what Python and
+    torch freed (the GGUF parse, the tokenizer's conversion, the weights' staging copies), and it
+    would count in the server's RSS for good (the API process after its tokenizer: 139 -> 110 MiB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def since_start() -> float:

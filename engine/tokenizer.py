@@ -7,12 +7,14 @@ nor ends a sequence with one.
 from __future__ import annotations
 
 import os
-
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from engine import startup
 from engine.errors import ModelLoadError
 from engine.gguf_file import open_gguf
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -35,6 +37,9 @@ def _load_tokenizer(path: str, is_gguf: bool, required: bool) -> PreTrainedToken
     try:
         if is_gguf:  # from the parse the model config made already (engine.gguf_file caches it)
             return open_gguf(path).tokenizer()
+        # imported here: its module imports torch, which a GGUF's tokenizer (the API process's) never needs
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(path)
     except ModelLoadError:
         if not required:

@@ -8,11 +8,12 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import RequestError
+
+if TYPE_CHECKING:  # imported where adapters are read: the API process imports ModelDims without torch
+    import torch
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -106,6 +107,7 @@ def read_adapter(path: str, lora_int_id: int, dims: ModelDims, max_lora_rank: in
                  param: str = "lora_path") -> LoRAModel:
     """Check an adapter against the base model; load=False reads only the safetensors header
     (the front end's check), the returned weights then empty."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     config = read_adapter_config(path, max_lora_rank, param)
@@ -152,4 +154,6 @@ def read_adapter(path: str, lora_int_id: int, dims: ModelDims, max_lora_rank: in
 
 
 def _shape(t: Any) -> list[int]:
+    import torch
+
     return list(t.shape) if isinstance(t, torch.Tensor) else list(t.get_shape())

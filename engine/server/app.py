@@ -120,8 +120,9 @@ class ServerState:
             logger.exception("cannot start the text workers")
             self.on_fatal(1)
             return
-        logger.info("text workers ready (%d processes) in %.1fs; text fields up to %s characters",
-                    self.frontend.num_workers, time.monotonic() - t0, self.frontend.ctx.max_text_chars)
+        logger.info("text workers ready (%d processes%s) in %.1fs; text fields up to %s characters",
+                    self.frontend.num_workers, ", started at the first large body" if self.frontend.lazy else "",
+                    time.monotonic() - t0, self.frontend.ctx.max_text_chars)
 
     def check_capacity(self, num_new: int) -> None:
         """503 when the waiting queue would exceed max_waiting_requests."""
@@ -277,7 +278,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
                 loop.create_task(_stop_once_serving(app))
 
         state.on_fatal = on_fatal
-        state.frontend = TextFrontend()  # its workers start importing while the model loads
+        state.frontend = TextFrontend()  # its workers (unless lazy) start importing while the model loads
         state.engine.start(loop, on_fatal)
         loop.create_task(state.load_frontend())
         # Sanic's own SIGTERM handler stops at once; ours drains first.

@@ -167,12 +167,16 @@ class AsyncLLM:
         self._tasks = [loop.create_task(self._run(tokenizer)), loop.create_task(self._watch())]
 
     def _load_tokenizer(self) -> Any:
+        from engine.gguf_file import forget_parses
         from engine.model_config import resolve_model_config
-        from engine.serve import planned_device
+        from engine.serve import frontend_device
         from engine.tokenizer import load_tokenizer
 
-        mc = resolve_model_config(self.engine_config, planned_device(self.engine_config))  # parsed once, cached
-        return load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy")
+        mc = resolve_model_config(self.engine_config, frontend_device(self.engine_config))  # parsed once, cached
+        tokenizer = load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy")
+        forget_parses()  # this process reads no more of the file: its parse and the conversion's garbage go
+        startup.release_memory()
+        return tokenizer
 
     async def _run(self, tokenizer: asyncio.Future) -> None:
         assert self.client is not None

@@ -42,6 +42,10 @@ logger = logging.getLogger("gantry.server")
 # takes under a millisecond (about 0.6 ms more per KB), about what the round trip to a worker adds.
 INLINE_MAX_BODY_BYTES = 1024
 NUM_WORKERS = 2  # two, so that one huge request does not queue every other large one
+# A machine with at most this many cores the process may use (a laptop) gets one worker, started at the
+# first body over INLINE_MAX_BODY_BYTES: each worker holds its own tokenizer and transformers (~100 MiB),
+# and there a second one would only compete with the engine core for the same cores.
+SMALL_MACHINE_CORES = 4
 WORKER_NICE = 10  # below the engine thread and the event loop: a big request slows itself first
 
 
@@ -175,18 +179,33 @@ def _warm_up() -> int:
     return os.getpid()
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class TextFrontend:
     """Text work for the routes: inline for small bodies, else in a pool of worker processes.
 
-    Created at server start (workers spawn while the model loads); load() hands them the tokenizer."""
+    Created at server start (workers spawn while the model loads; lazy: at the first large body, which
+    waits for them); load() hands them the tokenizer. num_workers and lazy default by usable_cores()."""
 
-    def __init__(self, num_workers: int = NUM_WORKERS):
-        self.num_workers = num_workers
-        self.tokenizer: Any = None  # the API's own copy: the engine thread's can fail when shared ("Already borrowed")
+    def __init__(self, num_workers: int | None = None, lazy: bool | None = None):
+        small = usable_cores() <= SMALL_MACHINE_CORES
+        self.num_workers = num_workers if num_workers is not None else 1 if small else NUM_WORKERS
+        self.lazy = small if lazy is None else lazy
+        # the engine's, shared: both run on the event loop (the engine core is another process), so
+        # a Rust tokenizer is never borrowed from two threads at once ("Already borrowed")
+        self.tokenizer: Any = None
         self.ctx: ModelContext | None = None
         self._blob: bytes | None = None
         self._restart_lock = asyncio.Lock()
-        self._pool, self._warm = self._start_pool()
+        self._pool: ProcessPoolExecutor | None = None
+        self._blobs: Any = None
+        if not self.lazy:
+            self._pool, self._warm = self._start_pool()
 
     def _start_pool(self) -> tuple[ProcessPoolExecutor, Any]:
         # spawn, not fork: the server has threads (the engine's, torch's) that a fork would copy mid-flight.
@@ -209,13 +228,15 @@ class TextFrontend:
         return self.ctx is not None
 
     def load(self, engine_tokenizer: Any, ctx: ModelContext) -> None:
-        """Blocking (copies the tokenizer, waits for the workers): call it off the event loop while
-        the engine thread leaves its tokenizer alone (between warm-up and the first request)."""
-        blob = pickle.dumps(engine_tokenizer) if engine_tokenizer is not None else _NO_TOKENIZER
-        self.tokenizer = pickle.loads(blob) if engine_tokenizer is not None else None
+        """Blocking (pickles the tokenizer for the workers): call it off the event loop before the
+        first request (nothing else uses the tokenizer then)."""
+        blob = pickle.dumps(engine_tokenizer) if engine_tokenizer is not None else _NO_TOKENIZER  # the workers' copies
+        self.tokenizer = engine_tokenizer
         max_text_chars = ctx.max_model_len * max_token_chars(self.tokenizer) if self.tokenizer is not None else None
         self._blob = blob
-        self._hand_out(blob)  # /ready does not wait for the workers: only bodies over INLINE_MAX_BODY_BYTES need them
+        # /ready does not wait for the workers: only bodies over INLINE_MAX_BODY_BYTES need them
+        if self._pool is not None:  # else a lazy pool takes it when it starts
+            self._hand_out(blob)
         vocab_size = len(self.tokenizer) if self.tokenizer is not None else ctx.vocab_size
         self.ctx = replace(ctx, vocab_size=vocab_size, max_text_chars=max_text_chars)
 
@@ -224,8 +245,14 @@ class TextFrontend:
         assert self.ctx is not None, "load() first"
         if len(raw) <= INLINE_MAX_BODY_BYTES:
             return WORK[kind](raw, self.ctx, self.tokenizer)
-        pool = self._pool
         loop = asyncio.get_running_loop()
+        if self._pool is None:  # lazy: the first large body starts the workers (it waits in their queue)
+            async with self._restart_lock:
+                if self._pool is None:
+                    logger.info("starting %d text worker process(es) for the first body over %d bytes",
+                                self.num_workers, INLINE_MAX_BODY_BYTES)
+                    self._pool, self._warm = await loop.run_in_executor(None, self._start_pool)
+        pool = self._pool
         try:
             return await loop.run_in_executor(pool, _run_in_worker, kind, raw, self.ctx)
         except BrokenProcessPool:
@@ -250,4 +277,5 @@ class TextFrontend:
         blobs.close()
 
     def shutdown(self) -> None:
-        self._stop_pool(self._pool, self._blobs)
+        if self._pool is not None:
+            self._stop_pool(self._pool, self._blobs)

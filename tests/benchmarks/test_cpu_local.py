@@ -39,6 +39,7 @@ def test_gantry_side_runs_and_counts_every_token() -> None:
     run = next(row for row in rows if row.get("server") == "gantry" and "round" in row)
     assert run["stream_tokens"] == 12 and run["concurrent_tokens"] == 3 * 5  # ignore_eos: every token came
     assert run["startup_s"] > 0 and run["ttft_ms"] > 0 and run["decode_tok_s"] > 0 and run["concurrent_tok_s"] > 0
-    assert run["peak_rss_mib"] > 100  # the API process and the engine core, both with torch
+    assert run["peak_rss_mib"] > 100  # the engine core has torch
+    assert sum(run["peak_rss_by_process_mib"].values()) in range(run["peak_rss_mib"] - 2, run["peak_rss_mib"] + 3)
     assert "loadavg" in run and any("loadavg_end" in row for row in rows)
     assert prompt("tea").endswith("<|im_start|>assistant\n")
