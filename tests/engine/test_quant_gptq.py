@@ -245,13 +245,16 @@ def test_mixed_column_orders_in_one_fused_matmul_are_named(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["qwen2-4bit-g128-act-asym-v2", "llama-4bit-g64-asym-gptq"])
-def test_tp2_matches_tp1(case: str, tmp_path) -> None:
+@pytest.mark.parametrize("case,intermediate_size", [("qwen2-4bit-g128-act-asym-v2", 512),
+                                                     ("llama-4bit-g64-asym-gptq", 512),
+                                                     ("qwen2-4bit-g128-act-asym-v2", 384)])
+def test_tp2_matches_tp1(case: str, intermediate_size: int, tmp_path) -> None:
     """Column-parallel layers split qweight/scales/qzeros by output; row-parallel ones split the input:
-    with desc_act the ranks keep every group and split g_idx, without it each rank keeps its groups."""
+    with desc_act the ranks keep every group and split g_idx (so down_proj's 192 input columns a rank
+    may cut groups of 128), without it each rank keeps its own groups."""
     from tests.engine.test_distributed import finish, torchrun
 
-    path, _ = write_gptq(str(tmp_path / case), *CASES[case])
+    path, _ = write_gptq(str(tmp_path / case), *CASES[case], intermediate_size=intermediate_size)
     llm = LLM(path, enable_prefix_caching=False, device="cpu")
     reference = [o.outputs[0].token_ids for o in llm.generate(prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300]),
                  SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)]
