@@ -143,3 +143,17 @@ def test_tp2_matches_tp1_and_a_cut_group_is_named(tmp_path) -> None:
 @pytest.mark.slow
 def test_kernel_matches_dequantize(tmp_path) -> None:
     kernel_matches_dequantize(write_awq(str(tmp_path / "g32"), "LlamaForCausalLM", 32)[0])
+
+
+def test_a_shard_splitting_a_packed_word_is_refused() -> None:
+    """Output rows packed 8 a word: a shard boundary inside a word cannot be loaded (a RuntimeError the
+    loader reports with the tensor's name)."""
+    from engine.layers.quant.packed import PackedDest, PackedSource
+
+    words = torch.arange(8, dtype=torch.int32).reshape(4, 2)  # stored [in, out / 8]
+    source = PackedSource(words, 8)
+    assert source.get_shape() == [16, 4] and torch.equal(source[8:16, :], words[:, 1:].t())
+    with pytest.raises(RuntimeError, match=r"rows \[0, 12\) split a word of 8"):
+        source[0:12, :]
+    with pytest.raises(RuntimeError, match=r"rows \[4, 8\) split a word of 8"):
+        PackedDest(torch.zeros(2, 4, dtype=torch.int32), 8).narrow(0, 4, 4)
