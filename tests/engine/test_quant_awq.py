@@ -80,7 +80,7 @@ def awq(request, tmp_path_factory) -> tuple[str, str]:
 
 def test_greedy_matches_transformers(awq: tuple[str, str]) -> None:
     path, reference = awq
-    llm = LLM(path, enable_prefix_caching=False)
+    llm = LLM(path, enable_prefix_caching=False, device="cpu")  # float32, as the reference (GPU: kernel test)
     assert llm.llm_engine.model_config.quantization == "awq"
     layer = llm.llm_engine.executor.runner.model.model.layers["0"].self_attn.qkv_proj
     assert layer.weight is None and layer.qweight.dtype == torch.int32  # kept packed

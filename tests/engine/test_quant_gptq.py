@@ -172,7 +172,7 @@ def gptq(request, tmp_path_factory) -> tuple[str, str]:
 
 def test_greedy_matches_transformers(gptq: tuple[str, str]) -> None:
     path, reference = gptq
-    llm = LLM(path, enable_prefix_caching=False)
+    llm = LLM(path, enable_prefix_caching=False, device="cpu")  # float32, as the reference (GPU: kernel test)
     assert llm.llm_engine.model_config.quantization == "gptq"
     layer = llm.llm_engine.executor.runner.model.model.layers["0"].mlp.down_proj
     assert layer.weight is None and layer.qweight.dtype == torch.int32  # kept packed
@@ -288,7 +288,7 @@ KERNEL_CHECK = """
 import sys, torch
 from engine import LLM
 path, device = sys.argv[1], sys.argv[2]
-llm = LLM(path, enable_prefix_caching=False, device=device, gpu_memory_utilization=0.3)
+llm = LLM(path, enable_prefix_caching=False, device=device, dtype="float32", gpu_memory_utilization=0.3)
 from kernels.quant_gemm import dequant_gemm
 checked = 0
 for name, m in llm.llm_engine.executor.runner.model.named_modules():
