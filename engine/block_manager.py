@@ -4,8 +4,11 @@ A full block's hash chains its parent's hash with its token ids; a lookup hit is
 on the token ids and parent hash. Blocks are reference-counted so parallel samples and
 shared prefixes share pages. Freed blocks keep their hash and stay reusable until evicted:
 the free queue is LRU (evict from the front; a freed sequence's tail goes in first, so its
-prefix survives longest). With prefix caching off, hash chains are rooted in the request
-id, so only a request's own parallel samples share its prompt pages.
+prefix survives longest). A freed block that caches nothing (no hash: a partial last block, or
+any block with prefix caching off) goes to the front instead: it is handed out again before a
+cached block and before a never-used one, whose pages the process has not touched yet (on CPU
+every newly used page adds to the server's RSS). With prefix caching off, hash chains are
+rooted in the request id, so only a request's own parallel samples share its prompt pages.
 """
 from __future__ import annotations
 
@@ -135,5 +138,7 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_queue[block_id] = None
+                if block.block_hash is None:
+                    self.free_queue.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.num_computed_tokens = seq.num_hashed_blocks = 0
