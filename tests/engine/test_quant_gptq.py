@@ -285,12 +285,12 @@ def test_reordered_columns_need_desc_act(tmp_path) -> None:
 
 
 KERNEL_CHECK = """
-import sys, torch
+import json, sys, torch
 from engine import LLM
 path, device = sys.argv[1], sys.argv[2]
 llm = LLM(path, enable_prefix_caching=False, device=device, dtype="float32", gpu_memory_utilization=0.3)
 from kernels.quant_gemm import dequant_gemm
-checked = 0
+checked, worst = 0, 0.0
 for name, m in llm.llm_engine.executor.runner.model.named_modules():
     method = getattr(m, "quant_method", None)
     if method is None or not hasattr(m, "qweight"):
@@ -300,9 +300,11 @@ for name, m in llm.llm_engine.executor.runner.model.named_modules():
         x = torch.randn(rows, k, device=m.qweight.device)
         g_idx = m.g_idx if m.use_g_idx else None
         got = dequant_gemm(x, m.qweight, m.scales, m.qzeros, g_idx, method.bits, method.group_size, "gptq")
-        torch.testing.assert_close(got, x @ method.dequantize(m).t(), rtol=1e-3, atol=1e-3, msg=name)
-        checked += 1
-print("checked", checked)
+        want = x @ method.dequantize(m).t()
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=name)
+        checked, worst = checked + 1, max(worst, (got - want).abs().max().item())
+print(json.dumps({"check": "quant_gemm vs dequantize", "model": path.rsplit("/", 1)[-1], "device": device,
+                  "matmuls": checked, "max_abs_err": worst}))
 """
 
 
@@ -317,7 +319,8 @@ def kernel_matches_dequantize(path: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1") if device == "cpu" else dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK, path, device], env=env, capture_output=True, text=True,
                           check=False, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert proc.returncode == 0 and "checked 24" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0 and '"matmuls": 24' in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    print(proc.stdout.strip().splitlines()[-1])  # the JSON line (pytest -s shows it)
 
 
 @pytest.mark.slow
