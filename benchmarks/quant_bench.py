@@ -125,7 +125,7 @@ def _gemm_shape(name: str, n: int, k: int, m: int) -> None:
     emit("gemm", layer=name, M=m, N=n, K=k, fused_us=round(fused_us, 2), dequant_matmul_us=round(dequant_us, 2),
          bf16_us=round(bf16_us, 2), fused_vs_bf16=round(bf16_us / fused_us, 3),
          dequant_vs_bf16=round(bf16_us / dequant_us, 3), rel_error=err, fused_configs_us=configs,
-         dispatch="dequant_matmul" if m >= quant_gemm.DEQUANT_MIN_M else "fused")
+         dispatch="gemv" if m <= quant_gemm.GEMV_MAX_M else "dequant_matmul")
 
 
 def bench_gemm(ms: list[int]) -> None:

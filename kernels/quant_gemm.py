@@ -1,6 +1,7 @@
 """Dequantize-in-kernel matmuls for int4/int8 weights packed in int32 words (compressed-tensors
-pack-quantized, GPTQ, AWQ): a split-K GEMV for decode (M <= GEMV_MAX_M), a tensor-core GEMM that
-dequantizes weight tiles in registers for mid-size M, and dequantize-then-cuBLAS for large M.
+pack-quantized, GPTQ, AWQ): a split-K GEMV for decode (M <= GEMV_MAX_M), dequantize-then-cuBLAS above;
+a tensor-core GEMM that dequantizes weight tiles in registers is kept (`gemm`) but not dispatched: on
+an H200 it measured 10-30x slower than dequantize + cuBLAS at M=256 (benchmarks/quant_bench.py).
 `dequant_gemm` documents the layouts; kernels.reference.dequant_gemm is the oracle.
 """
 from __future__ import annotations
@@ -14,8 +15,7 @@ import triton
 import triton.language as tl
 
 LAYOUTS = ("compressed-tensors", "gptq", "awq")
-GEMV_MAX_M = 1  # rows up to this use the GEMV; above, tensor cores (the dequant is shared by BLOCK_M rows)
-DEQUANT_MIN_M = 1024  # rows from this dequantize the whole weight once and call cuBLAS
+GEMV_MAX_M = 1  # rows up to this use the GEMV; above, dequantize the whole weight once and call cuBLAS
 # float32 2**23: OR-ing an integer q < 2**23 into its mantissa gives exactly 2**23 + q, no int->float convert
 MAGIC = tl.constexpr(0x4B000000)
 MAGIC_F = tl.constexpr(8388608.0)
@@ -366,10 +366,8 @@ def dequant_gemm(
     m = x2.shape[0]
     if m == 0:
         out = x2.new_empty((0, w.n))
-    elif m >= DEQUANT_MIN_M:
-        out = F.linear(x2, dequantize(w, x.dtype), bias)
     elif m <= GEMV_MAX_M and not w.pack_n:
         out = gemv(x2, w, bias)
-    else:
-        out = gemm(x2, w, bias)
+    else:  # the fused `gemm` measured slower at every M tried; use it here once it measures faster
+        out = F.linear(x2, dequantize(w, x.dtype), bias)
     return out.reshape(*x.shape[:-1], w.n)
