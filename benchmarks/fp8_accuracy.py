@@ -7,7 +7,8 @@ GGUF (dequantized to bf16, then quantized to FP8 by us), is 98 MB and cannot tra
 Beside it, the noise floor: transformers' own bf16 vs float32 on the same weights, and FP8 KV with
 per-layer scales calibrated on other text (as an FP8-KV checkpoint would bring them) against scale 1.0.
 Measured on the 2-core CPU (2,544 positions): weights 0.902, KV 0.944 (calibrated 0.945), both 0.889;
-transformers bf16 vs fp32 0.976.
+transformers bf16 vs fp32 0.976. Where the loss comes from (per layer type, K vs V, mantissa bits, top-2
+margins): benchmarks/fp8_diagnose.py.
     python -m benchmarks.fp8_accuracy [--num-seqs 16 --seq-len 160]   (>= 2,000 positions by default)
 """
 from __future__ import annotations
