@@ -31,11 +31,14 @@ def sampled_bitmask(bitmask: torch.Tensor | None, bitmask_req_ids: list[str], sa
     host = bitmask if len(src) == bitmask.shape[0] else bitmask[src]  # in order: no gather
     constrained = to_device(host, torch.int32)  # [len(rows), grammar words]
     words = (vocab_size + 31) // 32
-    full = torch.full((len(sampled_ids), words), -1, dtype=torch.int32, device=constrained.device)
-    index = to_device(torch.tensor(rows), torch.long)
     if constrained.shape[1] < words:  # the padding rows of the model's vocabulary: never allowed
-        full[index, constrained.shape[1]:] = 0
-    full[index, :constrained.shape[1]] = constrained
+        constrained = torch.nn.functional.pad(constrained, (0, words - constrained.shape[1]), value=0)
+    if rows == list(range(len(sampled_ids))):  # every sampled row constrained, in order
+        return constrained, rows
+    # index_copy_, not an indexed assignment: index_put_ waited for the device (a sync per step that
+    # stalled the engine loop until the step's forward had finished)
+    full = torch.full((len(sampled_ids), words), -1, dtype=torch.int32, device=constrained.device)
+    full.index_copy_(0, to_device(rows, torch.long), constrained)
     return full, rows
 
 
