@@ -1,8 +1,11 @@
 """Packed int4 weights on one GPU (#13), one JSON line per figure, all ratios from this one run:
   gemv    kernels.quant_gemm's GEMV at W1's linear shapes (M = 1, 4-bit, group 128): us, GB/s and the
-          fraction of the copy bandwidth measured here; a few block shapes; bf16 `x @ w.T` beside it
-  rows    GEMV vs tensor-core GEMM at small M (where GEMV_MAX_M should sit)
+          fraction of the copy bandwidth measured here, per-kernel device time, then a sweep of tiles x
+          splits (--gemv-budget-s) whose best per shape ends as a `gemv_table` line to paste into
+          kernels/quant_gemv.py; bf16 `x @ w.T` beside it
+  rows    GEMV vs dequantize + cuBLAS vs fused GEMM at small M (where GEMV_MAX_M should sit)
   gemm    fused GEMM vs dequantize + cuBLAS vs bf16 matmul at M = 256 and 2048
+All times are GPU time of calls replayed from a CUDA graph (the engine's decode); eager_us beside.
   w1      W1 (Qwen2-7B shape, 256 x (512 in, 512 out)): bf16 vs compressed-tensors W4A16 group 128
           (random packed weights, load_format=dummy): offline throughput, one-stream TPOT, weight bytes
     python -m benchmarks.quant_bench [--parts gemv,rows,gemm,w1]
@@ -34,8 +37,6 @@ from benchmarks.throughput import (
     write_config,
 )
 
-# (block_n, block_kp, num_warps): the default first
-GEMV_CONFIGS = [(128, 16, 4), (256, 16, 8), (64, 16, 4), (128, 32, 8), (64, 32, 4), (32, 32, 4)]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the fused GEMM, beside the default by M
 GEMM_CONFIGS = [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 64, 64, 4, 4)]
 
@@ -61,33 +62,111 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return round(err, 5)
 
 
-def _gemv_shape(name: str, n: int, k: int, bandwidth: float) -> None:
-    from kernels import quant_gemm
+def _graph_us(fn, calls: int = 20, replays: int = 5) -> float:
+    """Microseconds a call, GPU time only: `calls` calls captured in one CUDA graph (as the engine's
+    decode runs them), the median of `replays` timed replays. Eager timing of a few-us kernel measures
+    the Python launch instead."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
 
-    qweight, scales = random_w4(n, k)
-    w = quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k)
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    ref = x @ quant_gemm.dequantize(w, torch.bfloat16).t()
-    nbytes = qweight.numel() * 4 + scales.numel() * 2 + x.numel() * 2 + n * 2
-    times = {}
-    for cfg in GEMV_CONFIGS:
-        _check(f"gemv {name} {cfg}", quant_gemm.gemv(x, w, None, *cfg), ref)
-        times[cfg] = _timed(lambda cfg=cfg: quant_gemm.gemv(x, w, None, *cfg))
-    best = min(times, key=times.get)
-    us = _timed(lambda: quant_gemm.dequant_gemm(x, qweight, scales, None, None, 4, 128, "compressed-tensors"))
-    wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    bf16_us = _timed(lambda: x @ wb.t())
-    emit("gemv", layer=name, N=n, K=k, bytes=nbytes, us=round(us, 2), gb_s=round(nbytes / us / 1e3, 1),
-         copy_fraction=round(nbytes / (us * 1e-6) / bandwidth, 3), best_config=list(best),
-         best_us=round(times[best], 2), best_copy_fraction=round(nbytes / (times[best] * 1e-6) / bandwidth, 3),
-         configs={f"{c[0]}x{c[1]}w{c[2]}": round(t, 2) for c, t in times.items()},
-         bf16_us=round(bf16_us, 2), speedup_vs_bf16=round(bf16_us / us, 2))
+
+def _kernel_us(fn, calls: int = 20) -> dict:
+    """Device microseconds a call by kernel name (torch.profiler): which of the GEMV's kernels costs what."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:40]: round(e.device_time_total / calls, 2) for e in prof.key_averages() if e.device_time_total > 0}
 
 
-def bench_gemv(bandwidth: float) -> None:
+def gemv_sweep_configs() -> list[tuple[int, int, int]]:
+    """(BLOCK_N, BLOCK_KP, num_warps) with 4 to 32 words a thread (fewer: too little in flight; more:
+    spills), the likeliest first (8-16 words a thread, 64-128-byte row runs) so a cut sweep keeps them."""
+    tiles = [(bn, kp, nw) for bn in (16, 32, 64, 128, 256) for kp in (8, 16, 32, 64) for nw in (2, 4, 8)
+             if 4 <= bn * kp // (32 * nw) <= 32]
+    return sorted(tiles, key=lambda c: (not 8 <= c[0] * c[1] // (32 * c[2]) <= 16, c[1] not in (16, 32), c))
+
+
+GEMV_SPLITS = (None, 1, 2, 4, 8, 16)  # None: auto_splits
+
+
+def bench_gemv(bandwidth: float, budget_s: float) -> None:
+    """Per W1 shape: the dispatched default (graph and eager time, device time per kernel), then one sweep
+    of tiles x splits over all shapes together (a tile compiles once for every shape) until budget_s;
+    its best per shape is printed as a GEMV_TABLE line."""
+    from triton.errors import TritonError
+
+    from kernels import quant_gemm, quant_gemv
+
+    shapes = {}
     for name, (n, k) in W1_LINEARS.items():
-        _gemv_shape(name, n, k, bandwidth)
-        torch.cuda.empty_cache()
+        qweight, scales = random_w4(n, k)
+        w = quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = x @ quant_gemm.dequantize(w, torch.bfloat16).t()
+        nbytes = qweight.numel() * 4 + scales.numel() * 2 + x.numel() * 2 + n * 2
+        shapes[name] = (w, x, ref, nbytes, {}, {})
+        _check(f"gemv {name} default", quant_gemm.gemv(x, w), ref)
+        call = lambda: quant_gemm.dequant_gemm(x, qweight, scales, None, None, 4, 128, "compressed-tensors")  # noqa: B023
+        graph_us = _graph_us(call)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        bf16_us = _graph_us(lambda: x @ wb.t())  # noqa: B023
+        emit("gemv", layer=name, N=n, K=k, bytes=nbytes,
+             default_config=list(quant_gemv.gemv_config(n, k, 4, 1, quant_gemv.num_sms(x.device))),
+             us=round(graph_us, 2), eager_us=round(_timed(call), 2), gb_s=round(nbytes / graph_us / 1e3, 1),
+             copy_fraction=round(nbytes / (graph_us * 1e-6) / bandwidth, 3), kernel_us=_kernel_us(call),
+             bf16_us=round(bf16_us, 2), speedup_vs_bf16=round(bf16_us / graph_us, 2))
+    deadline = time.perf_counter() + budget_s
+    tiles = gemv_sweep_configs()
+    swept = 0
+    for block_n, block_kp, warps in tiles:
+        if time.perf_counter() > deadline:
+            break
+        swept += 1
+        for w, x, ref, _, times, failed in shapes.values():
+            for splits in GEMV_SPLITS:
+                cfg = (block_n, block_kp, warps, splits)
+                fn = lambda cfg=cfg, w=w, x=x: quant_gemm.gemv(x, w, None, *cfg)
+                try:
+                    _check(f"gemv {cfg}", fn(), ref)
+                    times[cfg] = _graph_us(fn)
+                except (RuntimeError, TritonError) as e:  # out of registers / shared memory: note it, go on
+                    failed[str(cfg[:3])] = type(e).__name__
+                    break
+    table = {}
+    for name, (w, x, _, nbytes, times, failed) in shapes.items():
+        ranked = sorted(times, key=times.get)
+        if not ranked:
+            continue
+        best = ranked[0]
+        splits = best[3] or quant_gemv.auto_splits(w.n, w.k, 4, 1, best[0], best[1], quant_gemv.num_sms(x.device))
+        table[(w.n, w.k, 4)] = (*best[:3], splits)
+        emit("gemv_sweep", layer=name, best_config=[*best[:3], splits], best_us=round(times[best], 2),
+             best_copy_fraction=round(nbytes / (times[best] * 1e-6) / bandwidth, 3),
+             top=[[*c, round(times[c], 2)] for c in ranked[:8]], swept_tiles=f"{swept}/{len(tiles)}", failed=failed)
+    emit("gemv_table", python="GEMV_TABLE = {" + ", ".join(f"{key}: {val}" for key, val in table.items()) + "}")
 
 
 def _rows_shape(name: str, n: int, k: int, m: int) -> None:
@@ -99,8 +178,9 @@ def _rows_shape(name: str, n: int, k: int, m: int) -> None:
     ref = x @ quant_gemm.dequantize(w, torch.bfloat16).t()
     _check(f"rows {name} M={m} gemv", quant_gemm.gemv(x, w), ref)
     _check(f"rows {name} M={m} gemm", quant_gemm.gemm(x, w), ref)
-    emit("rows", layer=name, M=m, gemv_us=round(_timed(lambda: quant_gemm.gemv(x, w)), 2),
-         gemm_us=round(_timed(lambda: quant_gemm.gemm(x, w)), 2))
+    emit("rows", layer=name, M=m, gemv_us=round(_graph_us(lambda: quant_gemm.gemv(x, w)), 2),
+         dequant_matmul_us=round(_graph_us(lambda: x @ quant_gemm.dequantize(w, torch.bfloat16).t()), 2),
+         gemm_us=round(_graph_us(lambda: quant_gemm.gemm(x, w), calls=5), 2))
 
 
 def bench_rows(ms: list[int]) -> None:
@@ -117,14 +197,16 @@ def _gemm_shape(name: str, n: int, k: int, m: int) -> None:
     wb = quant_gemm.dequantize(w, torch.bfloat16)  # [N, K]
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     err = _check(f"gemm {name} M={m}", quant_gemm.gemm(x, w), x @ wb.t())
-    fused_us = _timed(lambda: quant_gemm.gemm(x, w))
-    configs = {f"{c[0]}x{c[1]}x{c[2]}w{c[3]}": round(_timed(lambda c=c: quant_gemm.gemm(x, w, None, c)), 2)
+    fused_us = _graph_us(lambda: quant_gemm.gemm(x, w), calls=2, replays=3)
+    configs = {f"{c[0]}x{c[1]}x{c[2]}w{c[3]}": round(_graph_us(lambda c=c: quant_gemm.gemm(x, w, None, c), 2, 3), 2)
                for c in GEMM_CONFIGS}
-    dequant_us = _timed(lambda: x @ quant_gemm.dequantize(w, torch.bfloat16).t())
-    bf16_us = _timed(lambda: x @ wb.t())
+    dequant_only_us = _graph_us(lambda: quant_gemm.dequantize(w, torch.bfloat16))
+    dequant_us = _graph_us(lambda: x @ quant_gemm.dequantize(w, torch.bfloat16).t())
+    bf16_us = _graph_us(lambda: x @ wb.t())
     emit("gemm", layer=name, M=m, N=n, K=k, fused_us=round(fused_us, 2), dequant_matmul_us=round(dequant_us, 2),
          bf16_us=round(bf16_us, 2), fused_vs_bf16=round(bf16_us / fused_us, 3),
-         dequant_vs_bf16=round(bf16_us / dequant_us, 3), rel_error=err, fused_configs_us=configs,
+         dequant_vs_bf16=round(bf16_us / dequant_us, 3), rel_error=err, dequantize_us=round(dequant_only_us, 2),
+         dequantize_gb_s=round((n * k // 2 + n * k * 2) / dequant_only_us / 1e3, 1), fused_configs_us=configs,
          dispatch="gemv" if m <= quant_gemm.GEMV_MAX_M else "dequant_matmul")
 
 
@@ -189,6 +271,7 @@ def bench_w1(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="gemv,rows,gemm,w1")
+    parser.add_argument("--gemv-budget-s", type=float, default=120.0, help="seconds for the GEMV config sweep")
     parser.add_argument("--rows-m", default="1,2,4,8,16")
     parser.add_argument("--gemm-m", default="256,2048")
     parser.add_argument("--group-size", type=int, default=128)
@@ -205,7 +288,7 @@ def main() -> None:
     bandwidth, flops = measure_ceilings(torch.device("cuda"))
     emit("ceilings", copy_gb_s=round(bandwidth / 1e9, 1), bf16_tflops=round(flops / 1e12, 1))
     if "gemv" in parts:
-        bench_gemv(bandwidth)
+        bench_gemv(bandwidth, args.gemv_budget_s)
         log(f"gemv done at {time.perf_counter() - start:.0f} s")
     if "rows" in parts:
         bench_rows([int(m) for m in args.rows_m.split(",")])

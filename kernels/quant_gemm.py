@@ -7,18 +7,18 @@ an H200 it measured 10-30x slower than dequantize + cuBLAS at M=256 (benchmarks/
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.quant_gemv import MAGIC, MAGIC_F, _zero_magic, gemv
+from kernels.quant_gemv import flags as _flags
+from kernels.quant_gemv import ptrs as _ptrs
+
 LAYOUTS = ("compressed-tensors", "gptq", "awq")
 GEMV_MAX_M = 1  # rows up to this use the GEMV; above, dequantize the whole weight once and call cuBLAS
-# float32 2**23: OR-ing an integer q < 2**23 into its mantissa gives exactly 2**23 + q, no int->float convert
-MAGIC = tl.constexpr(0x4B000000)
-MAGIC_F = tl.constexpr(8388608.0)
 
 
 @dataclass(frozen=True)
@@ -80,99 +80,6 @@ def prepare(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | N
         _check(tuple(g_idx.shape) == (k,), "g_idx", f"expected shape ({k},), got {tuple(g_idx.shape)}")
         g_idx = g_idx.to(torch.int32)
     return PackedWeight(n, k, bits, group, layout == "awq", layout == "awq", qweight, scales, zeros, g_idx, strides)
-
-
-@triton.jit
-def _zero_magic(z_ptr, g, n, mask, stride_zg, stride_zn, BITS: tl.constexpr, AWQ_ORDER: tl.constexpr):
-    """2**23 + zero point of (group g, column n), read from zero words packed along N."""
-    PACK: tl.constexpr = 32 // BITS
-    c = n % PACK
-    pos = (c // 2 + (c % 2) * 4) if AWQ_ORDER else c  # AWQ puts value c at nibble c // 2 + 4 * (c % 2)
-    word = tl.load(z_ptr + g * stride_zg + (n // PACK) * stride_zn, mask=mask, other=0)
-    return (((word >> (pos * BITS)) & ((1 << BITS) - 1)) | MAGIC).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, bias_ptr, out_ptr,  # x [M, K]; out [num_splits, M, N]
-    N, K, stride_xm, stride_qa, stride_qb, stride_sg, stride_sn, stride_zg, stride_zn, stride_os, stride_om,
-    tiles_per_split,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-):
-    """One row m, BLOCK_N outputs, this split's K tiles (BLOCK_KP words each); weights packed along K.
-    Each word is loaded once; its PACK values are taken one at a time (an unrolled loop) against the
-    matching strided x, so every tensor keeps the words' layout (no cross-thread reduction per tile).
-    A value is masked in place, not shifted down: OR-ed into 2**23's mantissa it reads 2**23 + q * 2**shift
-    (exact while q * 2**shift < 2**23, hence the upper half-word shifted once), and x carries 2**-shift:
-    three instructions a value (LOP3, FADD, FFMA) where shift-mask-convert-scale takes five or more."""
-    PACK: tl.constexpr = 32 // BITS
-    HALF: tl.constexpr = PACK // 2
-    MASK: tl.constexpr = (1 << BITS) - 1
-    m = tl.program_id(0)  # fastest: the rows sharing a weight tile run together and hit L2
-    pid_n = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    n_ok = offs_n < N
-    num_words = K // PACK
-    t_end = tl.minimum((pid_s + 1) * tiles_per_split, tl.cdiv(num_words, BLOCK_KP))
-    acc = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
-    for t in range(pid_s * tiles_per_split, t_end):
-        kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
-        kp_ok = kp < num_words
-        mask = n_ok[:, None] & kp_ok[None, :]  # [BLOCK_N, BLOCK_KP]
-        words = tl.load(qw_ptr + kp[None, :] * stride_qa + offs_n[:, None] * stride_qb, mask=mask, other=0)
-        high = words >> (HALF * BITS)  # the upper values, in the low half-word (sign bits masked off below)
-        if SCALE_PER_TILE:  # the tile lies in one group: a scale (and zero) per row, [BLOCK_N, 1]
-            g = t * BLOCK_KP * PACK // GROUP
-            s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            if HAS_ZEROS:
-                zero = _zero_magic(z_ptr, g, offs_n, n_ok, stride_zg, stride_zn, BITS, False)[:, None] - MAGIC_F
-            else:
-                zero = 1 << (BITS - 1)
-        elif not HAS_G_IDX:  # a word never straddles groups: one scale (and zero) per word
-            g = (kp * PACK // GROUP)[None, :]  # [1, BLOCK_KP]
-            s = tl.load(s_ptr + g * stride_sg + offs_n[:, None] * stride_sn, mask=mask, other=0.0).to(tl.float32)
-            if HAS_ZEROS:
-                zero = _zero_magic(z_ptr, g, offs_n[:, None], mask, stride_zg, stride_zn, BITS, False) - MAGIC_F
-            else:
-                zero = 1 << (BITS - 1)
-        part = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
-        for c in tl.static_range(PACK):
-            shift = (c % HALF) * BITS
-            k = kp * PACK + c  # [BLOCK_KP]
-            xc = tl.load(x_ptr + m * stride_xm + k, mask=kp_ok, other=0.0).to(tl.float32) * (1.0 / (1 << shift))
-            v = (((words if c < HALF else high) & (MASK << shift)) | MAGIC).to(tl.float32, bitcast=True)
-            if HAS_G_IDX:  # desc_act: the values of one word may belong to different groups
-                g = tl.load(g_ptr + k, mask=kp_ok, other=0)[None, :]
-                s = tl.load(s_ptr + g * stride_sg + offs_n[:, None] * stride_sn, mask=mask, other=0.0).to(tl.float32)
-                if HAS_ZEROS:
-                    zero = _zero_magic(z_ptr, g, offs_n[:, None], mask, stride_zg, stride_zn, BITS, False) - MAGIC_F
-                else:
-                    zero = 1 << (BITS - 1)
-                part += (v - (MAGIC_F + zero * (1 << shift))) * s * xc[None, :]
-            else:
-                part += (v - (MAGIC_F + zero * (1 << shift))) * xc[None, :]
-        acc += part if HAS_G_IDX else part * s
-    out = tl.sum(acc, axis=1)  # [BLOCK_N]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid_s * stride_os + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, N, num_splits, stride_ps, stride_pm, stride_om,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    """out[m, n] = sum over splits of the float32 partials (+ bias), in a fixed order: deterministic."""
-    m = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in range(num_splits):
-        acc += tl.load(part_ptr + s * stride_ps + m * stride_pm + offs, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -256,51 +163,6 @@ def _dequantize_kernel(
                       stride_zg, stride_zn, BITS, GROUP, PACK_N, AWQ_ORDER, HAS_ZEROS, HAS_G_IDX, True)
     tl.store(out_ptr + offs_n[None, :] * stride_on + offs_k[:, None], w.to(out_ptr.dtype.element_ty),
              mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
-
-
-@cache
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # Triton's interpreter on CPU: small, so that tests see split-K
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _flags(w: PackedWeight) -> dict:
-    return {"BITS": w.bits, "GROUP": w.group_size, "HAS_ZEROS": w.zeros is not None, "HAS_G_IDX": w.g_idx is not None}
-
-
-def _ptrs(w: PackedWeight) -> tuple:
-    """(qweight, scales, zeros, g_idx): an absent tensor is passed as the scales (never read)."""
-    return w.qweight, w.scales, w.scales if w.zeros is None else w.zeros, w.scales if w.g_idx is None else w.g_idx
-
-
-def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, block_n: int = 128,
-         block_kp: int = 16, num_warps: int = 4, num_splits: int | None = None) -> torch.Tensor:
-    """x [M, K] (unit stride in K) -> [M, N]; weights packed along K. Split-K (float32 partials summed
-    by a second kernel) when the N tiles alone would leave SMs idle. The default tile, 128 rows x 16 words
-    (one group of 128 4-bit values), compiles for sm_90 to about 5.7 instructions a value, 92 registers."""
-    assert not w.pack_n, "the GEMV reads words packed along K"
-    m = x.shape[0]
-    num_n = triton.cdiv(w.n, block_n)
-    num_tiles = triton.cdiv(w.k // (32 // w.bits), block_kp)
-    if num_splits is None:  # about 4 programs an SM
-        num_splits = min(num_tiles, max(1, triton.cdiv(4 * _num_sms(x.device), num_n * m)))
-    tiles_per_split = triton.cdiv(num_tiles, num_splits)
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
-    out = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
-    part = out if num_splits == 1 else torch.empty((num_splits, m, w.n), dtype=torch.float32, device=x.device)
-    has_bias = bias is not None and num_splits == 1
-    _gemv_kernel[(m, num_n, num_splits)](
-        x, *_ptrs(w), bias if has_bias else out, part, w.n, w.k, x.stride(0), *w.strides,
-        part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
-        HAS_BIAS=has_bias, SCALE_PER_TILE=w.g_idx is None and w.group_size % (block_kp * 32 // w.bits) == 0,
-        BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps, **_flags(w))
-    if num_splits > 1:
-        block = 256
-        _sum_splits_kernel[(m, triton.cdiv(w.n, block))](
-            part, bias if bias is not None else out, out, w.n, num_splits, part.stride(0), part.stride(1),
-            out.stride(0), HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
-    return out
 
 
 def _gemm_config(m: int) -> tuple[int, int, int, int, int]:

@@ -110,6 +110,20 @@ def test_gemv_split_k_with_bias(num_splits: int, m: int, device: torch.device, a
     assert_close(got, reference.dequant_gemm(x, **args, bias=bias))
 
 
+@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", [CASES[0], CASES[3], CASES[6]])
+@pytest.mark.parametrize("config", [(16, 8, 2, 5), (32, 32, 4, 2), (64, 64, 8, 1), (128, 16, 4, None)])
+def test_gemv_tile_configs(layout: str, bits: int, group_size: int, asym: bool, act_order: bool,
+                           config: tuple, device: torch.device, assert_close: Check) -> None:
+    """The tiles quant_bench sweeps: a scale a tile (16 words of 4 bits = one group of 128), a scale a
+    word (32 and 64 words), split-K with several tiles a split (the prefetch of the next tile masked
+    off at the split's end) and with one."""
+    args, _ = make_weight(layout, 80, 1024, bits, group_size, asym, act_order, device)
+    w = quant_gemm.prepare(args["qweight"], args["scales"], args["zeros"], args["g_idx"], bits, group_size,
+                           layout, 1024)
+    x = torch.randn(1, 1024, device=device)
+    assert_close(quant_gemm.gemv(x, w, None, *config), reference.dequant_gemm(x, **args))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_half_types_with_bias(dtype: torch.dtype, device: torch.device, assert_close: Check) -> None:
     if dtype == torch.bfloat16 and device.type == "cpu":
