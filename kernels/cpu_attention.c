@@ -38,13 +38,14 @@ static inline void scale_add(float *acc, float c, float p, const float *v, int64
 
 /* out[T, H, D] = causal attention of each sequence's new tokens q[T, H, D] over its context in the
  * pages k/v[num_blocks, BS, Hkv, D]. The i-th of a sequence's
- * q_len new tokens sits at position seq_len - q_len + i and sees positions 0..itself. */
-void paged_attention_f32(const float *q, const float *k, const float *v, const int32_t *block_tables,
-                         int64_t max_blocks, const int32_t *query_start_loc, const int32_t *seq_lens,
-                         int64_t num_seqs, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t BS,
-                         float scale, float *out, int num_threads) {
+ * q_len new tokens sits at position seq_len - q_len + i and sees positions 0..itself. This is the
+ * work-sharing loop, orphaned: it splits over the threads of the enclosing parallel region
+ * (paged_attention_f32 below, or kernels/cpu_layer.c, which runs a whole decoder layer in one region). */
+static void paged_attention_omp_for(const float *q, const float *k, const float *v, const int32_t *block_tables,
+                                    int64_t max_blocks, const int32_t *query_start_loc, const int32_t *seq_lens,
+                                    int64_t num_seqs, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t BS,
+                                    float scale, float *out) {
     const int64_t group = H / Hkv, page_stride = BS * Hkv * D;
-#pragma omp parallel num_threads(num_threads)
     {
         float *acc = malloc(sizeof(float) * D);
 #pragma omp for schedule(dynamic, 1)
@@ -82,6 +83,15 @@ void paged_attention_f32(const float *q, const float *k, const float *v, const i
         }
         free(acc);
     }
+}
+
+void paged_attention_f32(const float *q, const float *k, const float *v, const int32_t *block_tables,
+                         int64_t max_blocks, const int32_t *query_start_loc, const int32_t *seq_lens,
+                         int64_t num_seqs, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t BS,
+                         float scale, float *out, int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    paged_attention_omp_for(q, k, v, block_tables, max_blocks, query_start_loc, seq_lens, num_seqs, T, H, Hkv, D, BS,
+                            scale, out);
 }
 
 /* k/v pages[slot] = key/value[t] for slot = slot_mapping[t] >= 0 (rows of Hkv * D floats). */

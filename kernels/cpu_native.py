@@ -24,13 +24,16 @@ def cache_dir() -> str:
     return os.path.join(base, "gantry", "kernels")
 
 
-def _build(source_path: str) -> ctypes.CDLL | None:
+def _build(source_path: str, deps: tuple[str, ...] = ()) -> ctypes.CDLL | None:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         logger.info("%s not used: the CPU lacks AVX2; torch code runs instead", os.path.basename(source_path))
         return None
     try:
-        with open(source_path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        h = hashlib.sha256()
+        for p in (source_path, *deps):  # the files it #includes count: a change there rebuilds it
+            with open(p, "rb") as f:
+                h.update(f.read())
+        digest = h.hexdigest()[:16]
     except OSError as e:  # an install without the package's C sources
         logger.warning("%s not built (%s); torch code runs instead, which is slower", os.path.basename(source_path), e)
         return None
@@ -54,9 +57,10 @@ def _build(source_path: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(path)
 
 
-def load(source_path: str) -> ctypes.CDLL | None:
-    """The built library of one C source (built at the first call in this process), or None."""
+def load(source_path: str, deps: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The built library of one C source (built at the first call in this process), or None; deps: the
+    sources it #includes."""
     with _lock:
         if source_path not in _libs:
-            _libs[source_path] = _build(source_path)
+            _libs[source_path] = _build(source_path, deps)
         return _libs[source_path]

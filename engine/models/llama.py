@@ -18,6 +18,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.quant import get_quant_config
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel import get_parallel_state
+from kernels import cpu_layer
 
 # Intermediate state between pipeline stages: (hidden_states, residual), each [num_tokens, hidden].
 Intermediate = tuple[torch.Tensor, torch.Tensor]
@@ -99,6 +100,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> Intermediate:
+        if not hidden_states.is_cuda:  # CPU: the whole layer in one C call where it applies (kernels/cpu_layer.py)
+            fused = cpu_layer.decoder_layer(self, positions, hidden_states, residual)
+            if fused is not None:
+                return fused
         if residual is None:
             hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
         else:

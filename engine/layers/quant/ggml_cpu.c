@@ -1,9 +1,12 @@
 /* ggml Q4_0 / Q4_1 / Q8_0 blocks times float32 activations on an AVX2+FMA+F16C CPU, and
- * dequantization of block rows. Built at first use by engine/layers/quant/ggml_cpu.py.
- * Weights are dequantized exactly as gguf.dequantize does (d*(q-8), d*q+m, d*q: one rounding at
- * most, and fma rounds once), then multiplied in registers: nothing float-sized is written. */
+ * dequantization of block rows. Built at first use by engine/layers/quant/ggml_cpu.py (and #included
+ * by kernels/cpu_layer.c). ggml_dequant gives exactly gguf.dequantize's values (d*(q-8), d*q+m, d*q: one
+ * rounding at most, and fma rounds once); the matmul multiplies the unscaled quants in registers and
+ * scales per block (nothing float-sized is written). */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
@@ -38,41 +41,133 @@ static inline void dequant_block(int type, const uint8_t *b, __m256 w[4]) {
     w[3] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), m);
 }
 
-static inline float hsum(__m256 v) {
+static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
 
-/* y[M, N] = x[M, K] @ W[N, K]^T, W as N rows of K/32 blocks. M is small (decode): each block is
- * dequantized once per tile of 8 activation rows. Rows are dealt dynamically: on a shared CPU a
- * descheduled thread would otherwise hold the whole matmul up. */
-void ggml_gemm(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
-               int num_threads) {
-    const int64_t nb = K / 32, row_bytes = nb * block_bytes(type);
-#pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * row_bytes;
-        for (int64_t m0 = 0; m0 < M; m0 += 8) {
-            const int mt = M - m0 < 8 ? (int)(M - m0) : 8;
-            __m256 acc[8];
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                __m256 wv[4];
-                dequant_block(type, row + b * block_bytes(type), wv);
-                for (int i = 0; i < mt; i++) {
-                    const float *xp = x + (m0 + i) * K + b * 32;
-                    __m256 a = _mm256_mul_ps(_mm256_loadu_ps(xp), wv[0]);
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), wv[1], a);
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), wv[2], a);
-                    a = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), wv[3], a);
-                    acc[i] = _mm256_add_ps(acc[i], a);
-                }
-            }
-            for (int i = 0; i < mt; i++) y[(m0 + i) * N + n] = hsum(acc[i]);
+/* The 32 quants of a block as floats q[0..3] (weights 0-7, 8-15, 16-23, 24-31), unscaled: Q4 nibbles
+ * 0..15 (the offset, m or -8d, is applied once per block through the activations' block sums), Q8 int8. */
+static inline __attribute__((always_inline)) void block_quants(const int type, const uint8_t *b, __m256 q[4]) {
+    if (type == Q8_0) {
+        for (int i = 0; i < 4; i++)
+            q[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * i))));
+        return;
+    }
+    __m128i raw = _mm_loadu_si128((const __m128i *)(b + (type == Q4_1 ? 4 : 2)));
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(raw, mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    q[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    q[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    q[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    q[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+/* The sum of one block of activations (32 floats), for the offset term of Q4 blocks. */
+static inline float block_sum(const float *p) {
+    return hsum8(_mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)),
+                               _mm256_add_ps(_mm256_loadu_ps(p + 16), _mm256_loadu_ps(p + 24))));
+}
+
+/* Rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T, with xs[M, nb] the activations' block sums (Q4 only).
+ * Per block: y += d * (q . x) + offset * sum(x), where offset = m (Q4_1) or -8d (Q4_0): the quants are
+ * converted once per tile of MT activation rows, never scaled (llama.cpp's order of operations).
+ * Every activation row is computed the same way whatever M is: a request's logits do not depend on its
+ * batch. */
+static inline __attribute__((always_inline)) void gemm_tile(const int type, const int MT, const uint8_t *row,
+                                                            int64_t nb, int64_t K, const float *x, const float *xs,
+                                                            float *y, int64_t y_stride) {
+    const int bb = block_bytes(type);
+    __m256 acc[8];
+    for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        __m256 q[4];
+        block_quants(type, blk, q);
+        const __m256 d = _mm256_set1_ps(f16(blk));
+        for (int i = 0; i < MT; i++) {
+            const float *xp = x + i * K + b * 32;
+            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(xp), q[0]);
+            s = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 8), q[1], s);
+            s = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 16), q[2], s);
+            s = _mm256_fmadd_ps(_mm256_loadu_ps(xp + 24), q[3], s);
+            acc[i] = _mm256_fmadd_ps(d, s, acc[i]);
         }
     }
+    for (int i = 0; i < MT; i++) {
+        float v = hsum8(acc[i]);
+        if (type != Q8_0) {
+            float off = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const uint8_t *blk = row + b * bb;
+                const float m = type == Q4_1 ? f16(blk + 2) : -8.0f * f16(blk);
+                /* xs: the block sums computed once per call; NULL (no memory for them): summed here */
+                off = fmaf(m, xs ? xs[i * nb + b] : block_sum(x + i * K + b * 32), off);
+            }
+            v += off;
+        }
+        y[i * y_stride] = v;
+    }
+}
+
+static inline __attribute__((always_inline)) void gemm_rows_t(const int type, const uint8_t *w, int64_t N,
+                                                              int64_t K, const float *x, const float *xs, int64_t M,
+                                                              float *y, int64_t n0, int64_t n1) {
+    const int64_t nb = K / 32, row_bytes = nb * block_bytes(type);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        int64_t m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8)
+            gemm_tile(type, 8, row, nb, K, x + m0 * K, xs ? xs + m0 * nb : NULL, y + m0 * N + n, N);
+        const float *xt = x + m0 * K, *xst = xs ? xs + m0 * nb : NULL;
+        float *yt = y + m0 * N + n;
+        switch (M - m0) {  /* constant tile sizes: the accumulators stay in registers */
+            case 1: gemm_tile(type, 1, row, nb, K, xt, xst, yt, N); break;
+            case 2: gemm_tile(type, 2, row, nb, K, xt, xst, yt, N); break;
+            case 3: gemm_tile(type, 3, row, nb, K, xt, xst, yt, N); break;
+            case 4: gemm_tile(type, 4, row, nb, K, xt, xst, yt, N); break;
+            case 5: gemm_tile(type, 5, row, nb, K, xt, xst, yt, N); break;
+            case 6: gemm_tile(type, 6, row, nb, K, xt, xst, yt, N); break;
+            case 7: gemm_tile(type, 7, row, nb, K, xt, xst, yt, N); break;
+            default: break;
+        }
+    }
+}
+
+static void gemm_rows(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, const float *xs, int64_t M,
+                      float *y, int64_t n0, int64_t n1) {
+    switch (type) {  /* one specialized copy per block type */
+        case Q4_0: gemm_rows_t(Q4_0, w, N, K, x, xs, M, y, n0, n1); break;
+        case Q4_1: gemm_rows_t(Q4_1, w, N, K, x, xs, M, y, n0, n1); break;
+        default: gemm_rows_t(Q8_0, w, N, K, x, xs, M, y, n0, n1); break;
+    }
+}
+
+#define GEMM_CHUNK 16
+/* The work-sharing loop of ggml_gemm, orphaned: it splits over the threads of the enclosing parallel
+ * region (kernels/cpu_layer.c runs a whole decoder layer in one region). Rows are dealt dynamically:
+ * on a shared CPU a descheduled thread would otherwise hold the whole matmul up. Each thread sums the
+ * activations' blocks itself (M * K adds against N * M * K multiply-adds). */
+static void gemm_omp_for(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y) {
+    const int64_t nb = K / 32;
+    float *xs = type == Q8_0 ? NULL : malloc(sizeof(float) * M * nb);
+    if (xs)
+        for (int64_t i = 0; i < M * nb; i++) xs[i] = block_sum(x + i * 32);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t c = 0; c < (N + GEMM_CHUNK - 1) / GEMM_CHUNK; c++) {
+        const int64_t n0 = c * GEMM_CHUNK, n1 = n0 + GEMM_CHUNK < N ? n0 + GEMM_CHUNK : N;
+        gemm_rows(type, w, N, K, x, xs, M, y, n0, n1);
+    }
+    free(xs);
+}
+
+/* y[M, N] = x[M, K] @ W[N, K]^T, W as N rows of K/32 blocks. M is small (decode). */
+void ggml_gemm(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+               int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    gemm_omp_for(type, w, N, K, x, M, y);
 }
 
 /* out[len(rows), K] float32 = the rows `rows` of W (rows == NULL: rows 0..num_rows-1). */
