@@ -64,6 +64,9 @@ def process_label(pid: int, root: int) -> str:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
         return str(pid)
+    if not cmd:  # a process that renamed itself (the engine core): its name
+        with open(f"/proc/{pid}/comm") as f:
+            cmd = f.read().strip()
     return "resource tracker" if "resource_tracker" in cmd else f"{pid} ...{cmd[-40:]}"
 
 
