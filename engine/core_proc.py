@@ -199,6 +199,9 @@ def _load(config: EngineConfig, core_factory: CoreFactory | None, outputs: list)
     except Exception as e:
         logger.exception("cannot load the model")
         _fail(outputs, CoreLoadFailure(1, f"{type(e).__name__}: {e}"))
+    from engine.gguf_file import forget_parses
+
+    forget_parses()  # the weights are loaded (a first grammar's tokenizer parses the file again)
     startup.release_memory()  # loading's garbage (staging copies, parse) out of the RSS before serving
     info: CoreInfo = build.info
     info.startup_phases = startup.phases()
