@@ -271,7 +271,7 @@ def bench_w1(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="gemv,rows,gemm,w1")
-    parser.add_argument("--gemv-budget-s", type=float, default=120.0, help="seconds for the GEMV config sweep")
+    parser.add_argument("--gemv-budget-s", type=float, default=100.0, help="seconds for the GEMV config sweep")
     parser.add_argument("--rows-m", default="1,2,4,8,16")
     parser.add_argument("--gemm-m", default="256,2048")
     parser.add_argument("--group-size", type=int, default=128)

@@ -165,6 +165,38 @@ def _dequantize_kernel(
              mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _dequantize_k_kernel(
+    qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K,  # out [N, K]; words packed along K
+    stride_qa, stride_qb, stride_sg, stride_sn, stride_zg, stride_zn, stride_on,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+):
+    """One pass at memory speed: each word [BLOCK_N, BLOCK_KP] is loaded once and its PACK values go
+    out as one run of PACK contiguous outputs ([BLOCK_N, BLOCK_KP, PACK], 16 bytes in bf16)."""
+    PACK: tl.constexpr = 32 // BITS
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    kp = tl.program_id(0) * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
+    c = tl.arange(0, PACK)  # [PACK] value index inside a word
+    mask = (offs_n[:, None] < N) & (kp[None, :] < K // PACK)  # [BLOCK_N, BLOCK_KP]
+    words = tl.load(qw_ptr + kp[None, :] * stride_qa + offs_n[:, None] * stride_qb, mask=mask, other=0)
+    q = ((words[:, :, None] >> (c * BITS)[None, None, :]) & ((1 << BITS) - 1)).to(tl.float32)  # [BN, BKP, PACK]
+    k = kp[:, None] * PACK + c[None, :]  # [BLOCK_KP, PACK]
+    mask3 = mask[:, :, None]  # [BLOCK_N, BLOCK_KP, 1]: constant along a word's values, so stores vectorize
+    if HAS_G_IDX:
+        g = tl.load(g_ptr + k, mask=k < K, other=0)[None, :, :]  # [1, BLOCK_KP, PACK]
+    else:
+        g = (kp * PACK // GROUP)[None, :, None]  # [1, BLOCK_KP, 1]: a word never straddles groups
+    smask = mask3
+    s = tl.load(s_ptr + g * stride_sg + offs_n[:, None, None] * stride_sn, mask=smask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = _zero_magic(z_ptr, g, offs_n[:, None, None], smask, stride_zg, stride_zn, BITS, False) - MAGIC_F
+    else:
+        zero = 1 << (BITS - 1)
+    tl.store(out_ptr + offs_n[:, None, None] * stride_on + k[None, :, :], ((q - zero) * s).to(out_ptr.dtype.element_ty),
+             mask=mask3)
+
+
 def _gemm_config(m: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by rows: untimed, chosen so that ptxas (sm_90)
     spills nothing (128 x 128 x 64 on 8 warps spilled: a word is loaded per value it holds)."""
@@ -196,6 +228,12 @@ def gemm(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
 def dequantize(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The float weight [N, K] in `dtype`."""
     out = torch.empty((w.n, w.k), dtype=dtype, device=w.qweight.device)
+    if not w.pack_n:  # 32 x 16 words: 4096 values, 32 a thread
+        block_n, block_kp = 32, 16
+        _dequantize_k_kernel[(triton.cdiv(w.k * w.bits // 32, block_kp), triton.cdiv(w.n, block_n))](
+            *_ptrs(w), out, w.n, w.k, *w.strides, out.stride(0), BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=4,
+            **_flags(w))
+        return out
     block_n, block_k = 64, 64
     _dequantize_kernel[(triton.cdiv(w.k, block_k), triton.cdiv(w.n, block_n))](
         *_ptrs(w), out, w.n, w.k, *w.strides, out.stride(0), PACK_N=w.pack_n, AWQ_ORDER=w.awq_order,

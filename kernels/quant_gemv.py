@@ -37,13 +37,15 @@ def _zero_magic(z_ptr, g, n, mask, stride_zg, stride_zn, BITS: tl.constexpr, AWQ
 @triton.jit
 def _gemv_load(qw_ptr, s_ptr, t, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg, stride_sn,
                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_G_IDX: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
+               EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr):
     """Tile t's words [BLOCK_N, BLOCK_KP] and scales ([BLOCK_N, 1] per tile, [BLOCK_N, BLOCK_KP] per word;
     unused with g_idx), all masked off past t_end: a prefetch past the split's end reads nothing."""
     PACK: tl.constexpr = 32 // BITS
     kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
     n_ok = offs_n < N * (t < t_end).to(tl.int32)  # vector < scalar: Triton's interpreter mis-types bool & bool scalar
-    mask = n_ok[:, None] & (kp < kp_end)[None, :]  # [BLOCK_N, BLOCK_KP]
+    # EVEN_K (no partial tile): a mask constant along K, so the words load as 16-byte vectors
+    kp_ok = tl.full([BLOCK_KP], 1, tl.int1) if EVEN_K else kp < kp_end
+    mask = n_ok[:, None] & kp_ok[None, :]  # [BLOCK_N, BLOCK_KP]
     words = tl.load(qw_ptr + kp[None, :] * stride_qa + offs_n[:, None] * stride_qb, mask=mask, other=0)
     if HAS_G_IDX:
         s = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
@@ -63,7 +65,8 @@ def _gemv_kernel(
     N, K, stride_xm, stride_qa, stride_qb, stride_sg, stride_sn, stride_zg, stride_zn, stride_os, stride_om,
     tiles_per_split,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SCALE_PER_TILE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_KP: tl.constexpr,
 ):
     """One row m, BLOCK_N outputs, this split's K tiles (BLOCK_KP words each); weights packed along K.
     Each word is loaded once; its PACK values are taken one at a time (an unrolled loop) against the
@@ -85,14 +88,14 @@ def _gemv_kernel(
     kp_end = tl.minimum(num_words, t_end * BLOCK_KP)  # this split's last word + 1
     acc = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
     words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
-                          stride_sn, BITS, GROUP, HAS_G_IDX, SCALE_PER_TILE, BLOCK_N, BLOCK_KP)
+                          stride_sn, BITS, GROUP, HAS_G_IDX, SCALE_PER_TILE, EVEN_K, BLOCK_N, BLOCK_KP)
     for t in range(t_start, t_end):
         # the next tile's loads are issued before this one is unpacked: one tile always in flight
         next_words, next_s = _gemv_load(qw_ptr, s_ptr, t + 1, t_end, kp_end, offs_n, N, stride_qa, stride_qb,
-                                        stride_sg, stride_sn, BITS, GROUP, HAS_G_IDX, SCALE_PER_TILE, BLOCK_N,
-                                        BLOCK_KP)
+                                        stride_sg, stride_sn, BITS, GROUP, HAS_G_IDX, SCALE_PER_TILE, EVEN_K,
+                                        BLOCK_N, BLOCK_KP)
         kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP]
-        kp_ok = kp < num_words
+        kp_ok = tl.full([BLOCK_KP], 1, tl.int1) if EVEN_K else kp < num_words
         mask = n_ok[:, None] & kp_ok[None, :]  # [BLOCK_N, BLOCK_KP]
         high = words >> (HALF * BITS)  # the upper values, in the low half-word (sign bits masked off below)
         if HAS_ZEROS and not HAS_G_IDX:
@@ -204,6 +207,7 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, blo
         x, *ptrs(w), bias if has_bias else out, part, w.n, w.k, x.stride(0), *w.strides,
         part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
         HAS_BIAS=has_bias, SCALE_PER_TILE=w.g_idx is None and w.group_size % (block_kp * 32 // w.bits) == 0,
+        EVEN_K=w.k % (block_kp * 32 // w.bits) == 0,
         BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps, **extra, **flags(w))
     if num_splits > 1:
         splits = triton.next_power_of_2(num_splits)

@@ -124,6 +124,15 @@ def test_gemv_tile_configs(layout: str, bits: int, group_size: int, asym: bool, 
     assert_close(quant_gemm.gemv(x, w, None, *config), reference.dequant_gemm(x, **args))
 
 
+@pytest.mark.parametrize("config", [(32, 16, 4, 3), (16, 8, 2, None)])
+def test_gemv_partial_last_tile(config: tuple, device: torch.device, assert_close: Check) -> None:
+    """K = 1000 (125 words: the last tile of 16 or 8 words partial): the masked path, not the EVEN_K one."""
+    args, _ = make_weight("compressed-tensors", 40, 1000, 4, -1, False, False, device)
+    w = quant_gemm.prepare(args["qweight"], args["scales"], None, None, 4, -1, "compressed-tensors", 1000)
+    x = torch.randn(1, 1000, device=device)
+    assert_close(quant_gemm.gemv(x, w, None, *config), reference.dequant_gemm(x, **args))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemm_half_types_with_bias(dtype: torch.dtype, device: torch.device, assert_close: Check) -> None:
     if dtype == torch.bfloat16 and device.type == "cpu":
@@ -136,11 +145,11 @@ def test_gemm_half_types_with_bias(dtype: torch.dtype, device: torch.device, ass
     assert_close(got, reference.dequant_gemm(x, **args, bias=bias))
 
 
-@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", CASES[::2])
+@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", [*CASES[::2], CASES[1], CASES[5]])
 def test_dequantize_then_matmul_path(layout: str, bits: int, group_size: int, asym: bool, act_order: bool,
                                      device: torch.device, assert_close: Check,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    args, w = make_weight(layout, 96, 256, bits, group_size, asym, act_order, device)
+    args, w = make_weight(layout, 104, 256, bits, group_size, asym, act_order, device)  # a partial 32-row tile
     packed = quant_gemm.prepare(args["qweight"], args["scales"], args["zeros"], args["g_idx"], bits, group_size,
                                 layout, 256)
     assert_close(quant_gemm.dequantize(packed, torch.float32), w)
