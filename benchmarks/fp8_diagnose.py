@@ -2,6 +2,10 @@
 fake-quantized per experiment (the same e4m3 values and scales as the engine: per-row weights, per-token
 activations, per-layer K/V pages), teacher-forced top-1 against the float32 model, overall and on positions
 whose float32 top-2 logit margin exceeds 0.1 / 0.5 / 1.0. bf16 vs float32 beside it as the noise floor.
+Measured on the 2-core CPU, 954 positions (--num-seqs 6), agreement with float32: W8A8 0.900 (2,544 positions:
+0.899), W8 only 0.930, A8 only 0.942, q/k/v/o only 0.947, MLP only 0.926, down_proj only 0.944; 3 / 4 / 5
+mantissa bits without range limits 0.904 / 0.952 / 0.981 (the 3-bit mantissa, not e4m3's range, costs it);
+KV pages 0.962 (K only 0.943, V only 0.983, amax scales 0.951); bf16 0.977. W8A8 on margin > 0.5: 0.975.
     python -m benchmarks.fp8_diagnose [--num-seqs 16 --seq-len 160 --per-layer]
 """
 from __future__ import annotations
