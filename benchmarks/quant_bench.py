@@ -9,9 +9,8 @@ All times are GPU time of calls replayed from a CUDA graph (the engine's decode)
   w1      W1 (Qwen2-7B shape, 256 x (512 in, 512 out)): bf16 vs compressed-tensors W4A16 group 128
           (random packed weights, load_format=dummy): offline throughput, one-stream TPOT, weight bytes
     python -m benchmarks.quant_bench [--parts gemv,rows,gemm,w1]
-Estimated 3-4 minutes on an H200 (not yet run): two engine starts with CUDA graphs dominate, the 4-bit
-one compiling its kernels for every captured batch size; under a tight limit run `--parts gemv,rows,gemm`
-and `--parts w1` as two calls.
+`--parts gemv,rows,gemm` takes about 3 minutes on an H200 (100 s of it the GEMV sweep, --gemv-budget-s);
+w1 (two engine starts with CUDA graphs) is best run as a separate call.
 """
 from __future__ import annotations
 
