@@ -20,7 +20,10 @@ MAGIC = tl.constexpr(0x4B000000)
 MAGIC_F = tl.constexpr(8388608.0)
 # (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, num_splits) measured best on the device the engine runs
 # on (H200, M = 1); shapes not listed use the rule in gemv_config
-GEMV_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {}
+# (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits): W1's shapes, from the H200 sweep of 2026-12-01
+GEMV_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (4608, 3584, 4): (128, 16, 4, 8), (3584, 3584, 4): (64, 8, 2, 16), (37888, 3584, 4): (128, 16, 4, 8),
+    (3584, 18944, 4): (128, 16, 4, 38)}
 MIN_PROGRAM_BYTES = 16384  # weight bytes a split-K program streams at least (fewer: latency, not bandwidth)
 
 
