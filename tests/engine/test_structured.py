@@ -2,8 +2,9 @@
 of five JSON schemas validate with jsonschema; regex and choice outputs always match; the same with
 n=4 under async scheduling; an unconstrained greedy request in a constrained batch is unchanged.
 
-The issue's acceptance is 100 samples per schema: GANTRY_STRUCTURED_SAMPLES=100 (about 25 minutes on a
-loaded 2-core machine, where the CPU attention loops over sequences); the suite runs 20 per schema."""
+The issue's acceptance is 100 samples per schema, and the suite runs 100 (90 s on the 2-core machine since the
+grammar's vocabulary is the tokenizer's and the bitmask rows are reused; it took 25 minutes before);
+GANTRY_STRUCTURED_SAMPLES=N runs another count."""
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ SCHEMAS = {
 REGEX = r"(yes|no), [0-9]{1,3}(\.[0-9])?"
 CHOICES = ["positive", "negative", "neutral"]
 PROMPT = "Describe something as JSON."
-SAMPLES_PER_SCHEMA = int(os.environ.get("GANTRY_STRUCTURED_SAMPLES", "20"))
+SAMPLES_PER_SCHEMA = int(os.environ.get("GANTRY_STRUCTURED_SAMPLES", "100"))
 
 
 def constrained(max_tokens: int = 64, n: int = 1, **spec) -> SamplingParams:
@@ -79,7 +80,7 @@ def async_llm() -> LLM:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(max(600, 30 * SAMPLES_PER_SCHEMA))  # 100 per schema ran past the suite's 600 s on 2 cores
+@pytest.mark.timeout(max(600, 6 * SAMPLES_PER_SCHEMA))  # a loaded 2-core machine
 def test_samples_per_schema_all_valid(llm: LLM) -> None:
     """SAMPLES_PER_SCHEMA JSON samples per schema, and regex and choice samples, in one batch."""
     prompts, params, specs = [], [], []
