@@ -96,20 +96,16 @@ static inline __attribute__((always_inline)) void gemm_tile(const int type, cons
             acc[i] = _mm256_fmadd_ps(d, s, acc[i]);
         }
     }
-    for (int i = 0; i < MT; i++) {
-        float v = hsum8(acc[i]);
-        if (type != Q8_0) {
-            float off = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *blk = row + b * bb;
-                const float m = type == Q4_1 ? f16(blk + 2) : -8.0f * f16(blk);
-                /* xs: the block sums computed once per call; NULL (no memory for them): summed here */
-                off = fmaf(m, xs ? xs[i * nb + b] : block_sum(x + i * K + b * 32), off);
-            }
-            v += off;
+    float off[8] = {0};
+    if (type != Q8_0)  /* the offset term, block by block in order (the same sum for any MT) */
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * bb;
+            const float m = type == Q4_1 ? f16(blk + 2) : -8.0f * f16(blk);
+            /* xs: the block sums computed once per call; NULL (no memory for them): summed here */
+            for (int i = 0; i < MT; i++)
+                off[i] = fmaf(m, xs ? xs[i * nb + b] : block_sum(x + i * K + b * 32), off[i]);
         }
-        y[i * y_stride] = v;
-    }
+    for (int i = 0; i < MT; i++) y[i * y_stride] = type == Q8_0 ? hsum8(acc[i]) : hsum8(acc[i]) + off[i];
 }
 
 static inline __attribute__((always_inline)) void gemm_rows_t(const int type, const uint8_t *w, int64_t N,
