@@ -80,6 +80,8 @@ def _plan(layer: Any) -> _Args | None:
             or type(attn.rotary_emb) is not RotaryEmbedding
             or type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm):
         return None
+    if any(getattr(p, "weight", None) is None for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)):
+        return None  # packed weights (GPTQ, AWQ, compressed-tensors) stand in for `weight`: op by op
     H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     hidden = layer.input_layernorm.weight.shape[0]
     inter = mlp.down_proj.weight.shape[1] if getattr(mlp.down_proj.weight, "num_cols", None) is None \
@@ -128,7 +130,7 @@ def decoder_layer(layer: Any, positions: torch.Tensor, x: torch.Tensor,
         args = False  # a weight's storage was replaced (a reload): plan again
     if args is False:  # decided once per layer (weights and shapes do not change after loading)
         args = layer._cpu_layer_args = _plan(layer)
-        layer._cpu_layer_tensors = _tensors(layer)
+        layer._cpu_layer_tensors = () if args is None else _tensors(layer)
         layer._cpu_layer_ptrs = tuple(t.data_ptr() for t in layer._cpu_layer_tensors)
     if (args is None or x.dtype != _F32 or x.dim() != 2 or x.shape[1] != args.hidden or not x.is_contiguous()
             or x.shape[0] > GEMM_MAX_ROWS):
