@@ -4,17 +4,14 @@ error naming the tensor or field. AutoAWQ pins an old torch, so the packer below
 WQLinear_GEMM.from_linear and is checked bit for bit against words that code produced."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import LLM
 from engine.config import ConfigError
 from engine.errors import ModelLoadError
 from engine.layers.quant.awq import AWQ_ORDER, awq_to_gptq, dequantize_awq
 from engine.layers.quant.gptq import dequantize_gptq
-from tests.conftest import prompts_of_lengths
 from tests.engine.test_quant_gptq import (
     GREEDY,
     PROMPTS,
@@ -122,20 +119,11 @@ def test_missing_scales_name_the_tensor(one_awq: tuple[str, str], tmp_path) -> N
 def test_tp2_matches_tp1_and_a_cut_group_is_named(tmp_path) -> None:
     """qweight and qzeros are packed along the output dim: column-parallel shards split words, row-parallel
     ones split rows and groups."""
-    from tests.engine.test_distributed import finish, torchrun
+    from tests.engine.quant_tp2 import assert_tp2_equals_tp1, tp2_load_failure
 
-    path, _ = write_awq(str(tmp_path / "g64"), "Qwen2ForCausalLM", 64)
-    llm = LLM(path, enable_prefix_caching=False, device="cpu")
-    reference = [o.outputs[0].token_ids for o in llm.generate(prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300]),
-                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)]
-    llm.llm_engine.shutdown()
-    out = tmp_path / "tokens.json"
-    finish(torchrun(2, [path, "2", "1", str(out)]))
-    assert json.loads(out.read_text()) == reference
+    assert_tp2_equals_tp1(write_awq(str(tmp_path / "g64"), "Qwen2ForCausalLM", 64)[0], tmp_path)
     bad, _ = write_awq(str(tmp_path / "cut"), "LlamaForCausalLM", 128, intermediate_size=384)
-    proc = torchrun(2, [bad, "2", "1", str(tmp_path / "none.json")])
-    text, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    text = tp2_load_failure(bad, tmp_path)
     assert "model.layers.0.mlp.down_proj." in text  # the first of its tensors loaded
     assert "group size 128 does not divide this rank's 192 input columns" in text
 

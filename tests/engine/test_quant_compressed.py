@@ -4,7 +4,6 @@ compressed-tensors itself from tiny random Llama/Qwen2 models: greedy tokens equ
 cuts a group are typed errors naming the tensor."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -101,19 +100,10 @@ def test_missing_scales_name_the_tensor(compressed: str, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_tp2_matches_tp1_and_a_cut_group_is_named(tmp_path) -> None:
-    from tests.engine.test_distributed import finish, torchrun
+    from tests.engine.quant_tp2 import assert_tp2_equals_tp1, tp2_load_failure
 
-    path = write_compressed(str(tmp_path / "w4"), "LlamaForCausalLM", "W4A16")
-    llm = LLM(path, enable_prefix_caching=False, device="cpu")
-    reference = [o.outputs[0].token_ids for o in llm.generate(prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300]),
-                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)]
-    llm.llm_engine.shutdown()
-    out = tmp_path / "tokens.json"
-    finish(torchrun(2, [path, "2", "1", str(out)]))
-    assert json.loads(out.read_text()) == reference
+    assert_tp2_equals_tp1(write_compressed(str(tmp_path / "w4"), "LlamaForCausalLM", "W4A16"), tmp_path)
     # intermediate 384 over 2 ranks: 192 input columns of down_proj per rank, not a multiple of 128
     bad = write_compressed(str(tmp_path / "cut"), "LlamaForCausalLM", "W4A16", intermediate_size=384)
-    proc = torchrun(2, [bad, "2", "1", str(tmp_path / "none.json")])
-    text, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    text = tp2_load_failure(bad, tmp_path)
     assert "model.layers.0.mlp.down_proj.weight_packed" in text and "group size 128 does not divide" in text

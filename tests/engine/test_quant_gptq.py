@@ -252,27 +252,19 @@ def test_tp2_matches_tp1(case: str, intermediate_size: int, tmp_path) -> None:
     """Column-parallel layers split qweight/scales/qzeros by output; row-parallel ones split the input:
     with desc_act the ranks keep every group and split g_idx (so down_proj's 192 input columns a rank
     may cut groups of 128), without it each rank keeps its own groups."""
-    from tests.engine.test_distributed import finish, torchrun
+    from tests.engine.quant_tp2 import assert_tp2_equals_tp1
 
-    path, _ = write_gptq(str(tmp_path / case), *CASES[case], intermediate_size=intermediate_size)
-    llm = LLM(path, enable_prefix_caching=False, device="cpu")
-    reference = [o.outputs[0].token_ids for o in llm.generate(prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300]),
-                 SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False)]
-    llm.llm_engine.shutdown()
-    out = tmp_path / "tokens.json"
-    finish(torchrun(2, [path, "2", "1", str(out)]))
-    assert json.loads(out.read_text()) == reference
+    assert_tp2_equals_tp1(write_gptq(str(tmp_path / case), *CASES[case], intermediate_size=intermediate_size)[0],
+                          tmp_path)
 
 
 @pytest.mark.slow
 def test_tp2_group_cut_by_the_shard_is_named(tmp_path) -> None:
     """intermediate 384 over 2 ranks: 192 input columns of down_proj per rank, not a multiple of 128."""
-    from tests.engine.test_distributed import torchrun
+    from tests.engine.quant_tp2 import tp2_load_failure
 
     bad, _ = write_gptq(str(tmp_path / "cut"), "LlamaForCausalLM", 4, 128, False, True, "gptq", intermediate_size=384)
-    proc = torchrun(2, [bad, "2", "1", str(tmp_path / "none.json")])
-    text, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    text = tp2_load_failure(bad, tmp_path)
     assert "model.layers.0.mlp.down_proj." in text  # the first of its tensors loaded
     assert "group size 128 does not divide this rank's 192 input columns" in text
 
