@@ -23,7 +23,6 @@ from engine.structured.manager import StructuredOutputManager
 from engine.structured.params import StructuredOutputsError
 
 
-
 class PhaseTimer:
     """Host seconds per named phase of a step, summed over steps: mark(name) closes the phase that
     began at start() or at the previous mark."""
@@ -39,6 +38,7 @@ class PhaseTimer:
         t = time.perf_counter()
         self.seconds[name] += t - self._t
         self._t = t
+
 
 class Executor(Protocol):
     """What the core needs of an executor (UniprocExecutor, MultiprocExecutor)."""

@@ -44,8 +44,7 @@ class StructuredOutputManager:
         self.vocab_size = vocab_size  # the model's (the logits' width), >= the tokenizer's
         self._compiler: Any = None  # xgrammar.GrammarCompiler once a tokenizer is loaded
         self.grammar_vocab_size = vocab_size  # the tokenizer's, once loaded: a bitmask row's bits
-        self._buffers: list[torch.Tensor | None] = [None, None]  # bitmask rows, reused (_bitmask_rows)
-        self._flip = 0
+        self._buffer: torch.Tensor | None = None  # bitmask rows, reused across steps (_bitmask_rows)
         self._batch: Any = None  # xgrammar.BatchGrammarMatcher: fills many rows on several threads
         self.samples: dict[str, list[SampleGrammar]] = {}  # request id -> one per sample
         self.think_tokens: ThinkTokens | None = None  # the tokenizer's bytes, once a tokenizer is loaded
@@ -129,23 +128,21 @@ class StructuredOutputManager:
             sample.num_accepted += len(out.new_token_ids)
 
     def _bitmask_rows(self, k: int) -> torch.Tensor:
-        """[k, words] int32 rows of a buffer kept across steps, two used in turn. Every filled row is
-        written whole, and each step's rows are copied when its step is submitted (pinned or sent).
-        A new tensor per step cost more than the fill: torch.full ran on every intra-op thread (16 ms
-        a step on a loaded 2-core machine, about 4 of the H200 host's 5 ms bitmask time)."""
+        """[k, words] int32 rows of one buffer kept across steps. Every filled row is written whole, and
+        each step's rows are copied when its step is submitted (pinned for the device, or sent to the
+        ranks; on CPU the sampler reads them at once). A new tensor per step cost more than the fill:
+        torch.full ran on every intra-op thread (16 ms a step on a loaded 2-core machine, about 4 of the
+        H200 host's 5 ms bitmask time)."""
         import xgrammar as xgr
 
-        self._flip ^= 1
-        buf = self._buffers[self._flip]
-        if buf is None or buf.shape[0] < k:
-            buf = self._buffers[self._flip] = xgr.allocate_token_bitmask(max(k, 64), self.grammar_vocab_size)
-        return buf[:k]
+        if self._buffer is None or self._buffer.shape[0] < k:
+            self._buffer = xgr.allocate_token_bitmask(max(k, 64), self.grammar_vocab_size)
+        return self._buffer[:k]
 
     def grammar_bitmask(self, scheduled: list[Sequence]) -> tuple[torch.Tensor | None, list[str]]:
         """[k, ceil(grammar_vocab_size / 32)] int32 (host): one row per constrained sample scheduled this step, and
         their sequence ids; (None, []) when none is. Each matcher has taken every token of its sample
         (the engine core collects a constrained sample's step before filling its next bitmask)."""
-        import xgrammar as xgr
 
         seq_ids, rows = [], []
         for seq in scheduled:
