@@ -70,6 +70,12 @@ def run_child(spec: dict) -> dict:
     params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=o, detokenize=False) for o in w.output_lens]
     llm.generate(prompts[:8], params[:8], use_tqdm=False)  # warm-up: Triton compiles, allocator
     sync()
+    # the prefill phase alone: other prompts of the same lengths (no prefix-cache hits), one token each
+    first = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=1, detokenize=False) for _ in prompts]
+    t0 = time.perf_counter()
+    llm.generate(random_prompts(w, w.shape["vocab_size"], spec["seed"] + 1), first, use_tqdm=False)
+    sync()
+    prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     sync()
@@ -79,7 +85,8 @@ def run_child(spec: dict) -> dict:
         raise RuntimeError(f"{num_out} output tokens, expected {sum(w.output_lens)}: a request stopped early")
     stats = engine.get_stats()
     result = dict(workload=w.name, tp=spec["tp"], pp=spec["pp"], elapsed_s=elapsed, output_tokens=num_out,
-                  output_tok_s=num_out / elapsed, load_s=load_s, kv_blocks=stats.num_total_blocks,
+                  output_tok_s=num_out / elapsed, load_s=load_s,
+                  prefill_s=prefill_s, prefill_tok_s=sum(w.input_lens) / prefill_s, kv_blocks=stats.num_total_blocks,
                   preemptions=stats.num_preemptions_total, async_scheduling=engine.scheduler.async_scheduling,
                   device=torch.cuda.get_device_name() if not smoke else "cpu")
     if spec["tp"] > 1:
@@ -172,7 +179,8 @@ def run_config(spec: dict, timeout_s: float) -> dict:
 def report(results: dict[str, dict]) -> list[str]:
     """One line per config, ratios against the same workload's tp1; returns the failures."""
     failures = []
-    print("\nconfig      output tok/s   vs tp1   preempt  kv blocks  all-reduce/step (batch)   share of step")
+    print("\nconfig      output tok/s   vs tp1   prefill tok/s  vs tp1  preempt  kv blocks  all-reduce/step (batch)   "
+          "share of step")
     for name, r in results.items():
         if "error" in r:
             failures.append(name)
@@ -188,8 +196,10 @@ def report(results: dict[str, dict]) -> list[str]:
         ar = r.get("all_reduce")
         ar_text = (f"{ar['all_reduce_ms']:7.3f} ms ({ar['batch']})      {ar['fraction_of_step']:6.1%} of "
                    f"{ar['step_ms']:.2f} ms") if ar else ""
-        print(f"{name:<11} {r['output_tok_s']:12.0f}   {ratio_text:<9} {r['preemptions']:6d}  {r['kv_blocks']:9d}  "
-              f"{ar_text}")
+        prefill = r["prefill_tok_s"] / base["prefill_tok_s"] if base.get("prefill_tok_s") and name != base_name else None
+        prefill_text = f"{prefill:5.2f}x" if prefill else "    - "
+        print(f"{name:<11} {r['output_tok_s']:12.0f}   {ratio_text:<9} {r['prefill_tok_s']:13.0f}  {prefill_text}  "
+              f"{r['preemptions']:6d}  {r['kv_blocks']:9d}  {ar_text}")
         r["ratio_vs_tp1"] = ratio
     return failures
 

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -30,6 +33,8 @@ class ParallelState:
     tp_group: dist.ProcessGroup | None = None  # device collectives (NCCL on GPU, gloo on CPU)
     pp_group: dist.ProcessGroup | None = None  # send/recv between neighbouring stages
     cpu_group: dist.ProcessGroup | None = None  # gloo: control messages (SchedulerOutput, token ids)
+    symm_all_reduce: object | None = None  # SymmMemAllReduce for decode-sized TP all-reduces (CUDA)
+    timeout_s: float = 0.0  # distributed_timeout_s
 
     @property
     def is_first_pp_rank(self) -> bool:
@@ -103,8 +108,14 @@ def init_distributed(tp_size: int, pp_size: int, device: torch.device, timeout_s
     state = ParallelState(
         tp_rank=rank % tp_size, tp_size=tp_size, pp_rank=rank // tp_size, pp_size=pp_size,
         rank=rank, world_size=world_size, local_rank=local_rank,
-        tp_group=tp_group, pp_group=pp_group, cpu_group=cpu_world,
+        tp_group=tp_group, pp_group=pp_group, cpu_group=cpu_world, timeout_s=timeout_s,
     )
+    from engine import symm_all_reduce
+
+    fast = symm_all_reduce.build(tp_group, tp_size, device)
+    ok = torch.tensor([int(fast is not None)], dtype=torch.int64)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=cpu_world)  # every rank, or none: same kernels
+    state.symm_all_reduce = fast if int(ok.item()) else None
     set_parallel_state(state)
     return state
 
@@ -114,16 +125,26 @@ def destroy_distributed(timeout_s: float = 10.0) -> None:
     destroyed: on two H200s destroy_process_group never returned on rank 0 (its finalize waits on
     peers that had already left, or on communicators held by captured CUDA graphs), and the thread
     left blocked in it made the interpreter abort at exit ("terminate called without an active
-    exception"). Nothing is in flight at shutdown, so aborting loses nothing."""
+    exception"). The device gets a few seconds to drain first, polled rather than synchronized: a
+    collective still waiting for a peer that left would block a synchronize for ever, and the abort
+    is what ends such a kernel."""
     if not dist.is_initialized():
         return
     done = threading.Event()
     nccl = dist.get_backend() == "nccl"
+    if nccl:
+        drained = torch.cuda.Event()
+        drained.record()
+        deadline = time.monotonic() + min(5.0, timeout_s / 2)
+        while not drained.query() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not drained.query():
+            logger.warning("work was still queued on the device at shutdown (a collective whose peer left?); "
+                           "aborting the communicators")
 
     def destroy() -> None:
         try:
             if nccl:
-                torch.cuda.synchronize()
                 dist.distributed_c10d._abort_process_group()
             else:
                 dist.destroy_process_group()
@@ -131,16 +152,39 @@ def destroy_distributed(timeout_s: float = 10.0) -> None:
             logger.debug("leaving the process group failed", exc_info=True)
         done.set()
 
-    threading.Thread(target=destroy, name="gantry-destroy-group", daemon=True).start()
+    thread = threading.Thread(target=destroy, name="gantry-destroy-group", daemon=True)
+    thread.start()
     if not done.wait(timeout_s):
-        logger.info("the process group did not tear down within %.0f s; its communicators are freed at exit",
-                    timeout_s)
+        frame = sys._current_frames().get(thread.ident)
+        where = "".join(traceback.format_stack(frame)[-3:]).strip() if frame else "?"
+        logger.info("the process group did not tear down within %.0f s; its communicators are freed at exit "
+                    "(blocked in: %s)", timeout_s, where)
+
+
+def wait_for_event(event: torch.cuda.Event) -> None:
+    """Wait until a step's work on this device is done. A symmetric-memory all-reduce waiting for a
+    dead peer spins for ever (no NCCL watchdog aborts it), so with those kernels in use the wait polls
+    and gives up after distributed_timeout_s with an error, which the executor turns into one naming
+    the silent ranks. The polling costs nothing with async scheduling: the next step is queued."""
+    state = _STATE
+    if state.symm_all_reduce is None or event.query():
+        event.synchronize()
+        return
+    deadline = time.monotonic() + state.timeout_s
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a step did not finish within distributed_timeout_s ({state.timeout_s:.0f} s): "
+                               "a tensor-parallel peer stopped")
+        time.sleep(50e-6)
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     state = _STATE
     if state.tp_size == 1:
         return x
+    fast = state.symm_all_reduce
+    if fast is not None and fast.can_reduce(x):
+        return fast(x)
     dist.all_reduce(x, group=state.tp_group)
     return x
 

@@ -1,14 +1,19 @@
-"""What ModelRunner hands back for a step: StepLogits between its forward and its sampler
+"""What ModelRunner hands back for a step: a PreparedStep between its host part and its launch
+(prepare_forward -> launch_forward), StepLogits between its forward and its sampler
 (submit_forward -> submit_sample), then a PendingOutput, its tokens on their way to the host."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.core_messages import TokenLogprobs
+from engine.forward_context import ForwardContext
 from engine.layers.sampler import SamplingMetadata
+from engine.lora.punica import LoRABatch
 from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk
+from engine.prompt_logprobs import PromptLogprobsPlan
+from engine.parallel import wait_for_event
 
 
 @dataclass
@@ -30,7 +35,7 @@ class PendingOutput:
 
     def get(self) -> ModelRunnerOutput:
         if self.event is not None:
-            self.event.synchronize()
+            wait_for_event(self.event)
         token_ids = self.sampled.tolist()
         logprobs = None
         if self.logprob_parts is not None:
@@ -48,3 +53,19 @@ class StepLogits:
     metadata: SamplingMetadata  # built before this step's placeholders were appended
     sampled_ids: list[str]  # the requests of the logits' rows
     prompt_logprobs: dict[str, PromptLogprobsChunk] | None
+    num_logprobs: list[int | None] = field(default_factory=list)  # per sampled request: top-k asked
+
+
+@dataclass
+class PreparedStep:
+    """A step's inputs queued to the device, its forward not yet (prepare_forward -> launch_forward)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64; placeholder positions filled at launch
+    positions: torch.Tensor  # [num_tokens] int64
+    ctx: ForwardContext
+    sampled_ids: list[str]  # requests that sample this step, in logits row order
+    feed: tuple[torch.Tensor, torch.Tensor] | None  # (input positions, rows of last_sampled): placeholders
+    plan: PromptLogprobsPlan | None  # prompt logprobs to compute from this step's hidden states
+    lora: LoRABatch | None  # None: no adapter in this step
+    metadata: SamplingMetadata | None = None  # last PP stage, when the step samples
+    num_logprobs: list[int | None] = field(default_factory=list)
