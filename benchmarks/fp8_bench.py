@@ -6,6 +6,7 @@
           throughput with bf16 KV, FP8 KV, FP8 weights + FP8 KV
   agree   greedy agreement fp8 vs bf16 on a small real-shaped random model (Qwen2-0.5B shape)
     python -m benchmarks.fp8_bench [--parts matmul,w1,w3,agree]
+    python -m benchmarks.fp8_bench --pool-only   (KV pool sizes of W1 per config: benchmarks/kv_pools.py)
 Each engine start (dummy weights, CUDA graphs) costs ~30 s: all parts take an estimated 5-7 minutes on
 an H200; under a 4-minute limit run `--parts matmul,w1,agree` and `--parts w3` as two calls.
 """
@@ -200,6 +201,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool-only", action="store_true", help="only the KV pool sizes (W1 shape, no CUDA graphs, "
+                        "about 15 s an engine): bf16, FP8 KV, FP8 / 4-bit weights (benchmarks/kv_pools.py)")
+    parser.add_argument("--pool-configs", default="bf16,fp8_kv,fp8,fp8_both,w4a16,gptq,awq,bf16_again")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("fp8_bench needs a GPU (compute capability >= 8.9)")
@@ -207,6 +211,12 @@ def main() -> None:
          torch=torch.__version__)
     parts = args.parts.split(",")
     start = time.perf_counter()
+    if args.pool_only:
+        from benchmarks.kv_pools import bench_pools
+
+        bench_pools(args)
+        log(f"pools done at {time.perf_counter() - start:.0f} s")
+        return
     if "matmul" in parts:
         bench_matmul([int(m) for m in args.matmul_m.split(",")])
         log(f"matmul done at {time.perf_counter() - start:.0f} s")

@@ -21,6 +21,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.core_messages import CoreInfo
 from engine.engine_core import EngineCore
 from engine.executor import UniprocExecutor
+from engine.loader import weight_bytes
 from engine.lora.adapter import ModelDims
 from engine.lora.registry import LoRARegistry
 from engine.model_config import ModelConfig, resolve_model_config
@@ -106,7 +107,8 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     check_pool_holds_max_model_len(config, mc.max_model_len, num_blocks)
     executor.allocate_kv_cache(num_blocks)
     gib = num_blocks * runner.kv_bytes_per_block() / 2**30
-    logger.info("model %s (%s, %s) loaded", mc.served_model_name, mc.architecture, str(mc.dtype).replace("torch.", ""))
+    logger.info("model %s (%s, %s) loaded: weights %.1f MiB on this rank, quantization %s", mc.served_model_name,
+                mc.architecture, str(mc.dtype).replace("torch.", ""), weight_bytes(runner.model) / 2**20, mc.quantization)
     logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB per rank (%s)", num_blocks, config.block_size,
                 num_blocks * config.block_size, gib, str(runner.kv_cache_dtype).replace("torch.", ""))
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)

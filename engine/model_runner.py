@@ -111,6 +111,7 @@ class ModelRunner:
             return -(-cpu_kv_cache_tokens(self.model_config.max_model_len) // self.block_size)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)  # weights (and anything else this process holds)
         self._profile_run()
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
@@ -118,6 +119,12 @@ class ModelRunner:
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.config.gpu_memory_utilization - peak - used_by_others
         torch.cuda.empty_cache()
+        # what the pool is sized on (benchmarks read it; a short pool shows here which part grew)
+        self.kv_budget = {"total": total, "allocated_before_profile": before, "profile_activations": peak - before,
+                          "used_by_others": used_by_others, "pool_budget": int(budget)}
+        logger.info("KV budget: %.2f GiB = %.2f x %.2f GiB total - %.2f GiB allocated (weights) - %.2f GiB profile "
+                    "run - %.2f GiB outside this process's allocator", budget / 2**30, self.config.gpu_memory_utilization,
+                    total / 2**30, before / 2**30, (peak - before) / 2**30, used_by_others / 2**30)
         return max(0, int(budget // per_block))
 
     def _profile_run(self) -> None:
