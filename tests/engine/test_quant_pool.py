@@ -1,11 +1,13 @@
 """KV pool sizing (#13 Deliver 4, #14 FP8 KV): a dropped engine gives its weights and pages back, so the
 next engine in the process sizes its pool on free memory (a frozen weight_loader cycle kept every
 weight: on the H200 each later engine's pool was 15 GB short); pages cost what kv_bytes_per_block says;
-the GPU budget arithmetic turns freed weight bytes into tokens and FP8 pages into twice the tokens."""
+the GPU budget arithmetic turns freed weight bytes into tokens and FP8 pages into twice the tokens; the
+model-loaded log line states the weights' size and quantization."""
 from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import weakref
 from types import SimpleNamespace
@@ -16,6 +18,7 @@ import torch
 from engine import LLM, SamplingParams
 from engine.layers.quant.dummy import compressed_tensors_config
 from engine.layers.quant.fp8_support import EMULATE_ENV
+from engine.loader import weight_bytes
 from engine.model_runner import ModelRunner
 from tests.conftest import write_tiny_checkpoint
 
@@ -138,3 +141,15 @@ def test_gpu_budget_turns_freed_weights_and_fp8_pages_into_tokens(monkeypatch) -
     assert tokens["fp8_kv"] / tokens["bf16"] >= 1.9999
     per_token = 2 * 28 * 4 * 128 * 2
     assert abs(tokens["w4"] - tokens["bf16"] - (15_230_000_000 - 5_550_000_000) / per_token) <= 16
+
+
+@pytest.mark.parametrize("case", ["plain", "gptq"])
+def test_model_loaded_line_states_weight_bytes_and_quantization(case: str, checkpoint: str, tmp_path, caplog) -> None:
+    """#13 Deliver 4: the "model loaded" log line gives the weights' size on this rank and the quantization."""
+    caplog.set_level(logging.INFO, logger="gantry.engine")
+    llm = LLM(_with_quant(checkpoint, case, tmp_path), load_format="dummy", num_kv_blocks=8, max_model_len=128)
+    mib = weight_bytes(llm.llm_engine.executor.runner.model) / 2**20
+    llm.llm_engine.shutdown()
+    lines = [r.getMessage() for r in caplog.records if " loaded: " in r.getMessage()]
+    quantization = "none" if case == "plain" else case
+    assert len(lines) == 1 and f"weights {mib:.1f} MiB on this rank, quantization {quantization}" in lines[0], lines
