@@ -139,12 +139,15 @@ def profile_all_reduce(engine, w: Workload, spec: dict, smoke: bool) -> dict:
         events = [e for e in prof.key_averages() if "allreduce" in e.key.lower().replace("_", "")
                   and e.device_type.name == "CUDA"]
         total_us = sum(e.self_device_time_total for e in events)
+    # device time of every kernel on this rank: a step much longer than this is waiting on the host
+    busy_us = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") if not smoke else 0
     if not events:
         names = sorted({e.key for e in prof.key_averages()})[:40]
         raise RuntimeError(f"no all-reduce found in the profile of a tp{spec['tp']} decode step; events: {names}")
     per_step_s = total_us / 1e6 / num_steps
     result = dict(batch=batch, num_steps=num_steps, step_ms=step_s * 1e3, all_reduce_ms=per_step_s * 1e3,
-                  fraction_of_step=per_step_s / step_s, calls_per_step=sum(e.count for e in events) / num_steps,
+                  fraction_of_step=per_step_s / step_s, gpu_busy_ms=busy_us / 1e3 / num_steps,
+                  calls_per_step=sum(e.count for e in events) / num_steps,
                   kernels=sorted({e.key for e in events}))
     # collected now: kineto's trace freed by the collector at interpreter exit segfaults (torch 2.13, seen on CPU)
     del prof, events
