@@ -66,7 +66,7 @@ def engine_flags(args: argparse.Namespace, served: bool = False) -> list[str]:
     flags = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs)]
     if args.max_num_batched_tokens:
         flags += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    if args.max_prefill_tokens_while_decoding and served:
+    if args.max_prefill_tokens_while_decoding is not None and served:
         flags += ["--max-prefill-tokens-while-decoding", str(args.max_prefill_tokens_while_decoding)]
     if args.shape != "tiny":
         flags += ["--load-format", "dummy", "--dtype", "bfloat16"]

@@ -45,7 +45,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fixed number of KV pages (overrides the sizing above; tests)
     max_num_seqs: int = 256  # most requests running at once
     max_num_batched_tokens: int | None = None  # token budget per step
-    max_prefill_tokens_while_decoding: int | None = None  # prompt tokens per step while others decode (bounds their ITL)
+    max_prefill_tokens_while_decoding: int | None = None  # prompt tokens per step while others decode (bounds their ITL); 0: prefill first
     enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
     enforce_eager: bool = False  # never capture CUDA graphs
     tensor_parallel_size: int = 1  # ranks that split each layer
@@ -88,9 +88,9 @@ class EngineConfig:
             raise ConfigError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_batched_tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_prefill_tokens_while_decoding is not None and self.max_prefill_tokens_while_decoding < 1:
+        if self.max_prefill_tokens_while_decoding is not None and self.max_prefill_tokens_while_decoding < 0:
             raise ConfigError("max_prefill_tokens_while_decoding",
-                              f"must be >= 1, got {self.max_prefill_tokens_while_decoding}")
+                              f"must be >= 0 (0: prefill first), got {self.max_prefill_tokens_while_decoding}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError("num_kv_blocks", f"must be >= 1, got {self.num_kv_blocks}")
         if self.tensor_parallel_size < 1:

@@ -120,13 +120,33 @@ class Scheduler:
         out.num_scheduled_tokens[seq.seq_id] = num_new
 
     def schedule(self, lane: int = 0) -> tuple[SchedulerOutput, list[Sequence]]:
+        """One step's batch for `lane`. max_prefill_tokens_while_decoding None: decodes first, prompts
+        fill the rest of the budget; N: at most N prompt tokens in a step that decodes; 0: prefill
+        first, as vLLM v0 and SGLang's separate prefill batches: while a prompt can be admitted or is
+        part-way through its prefill, steps carry prompts only and decodes wait. A burst then costs
+        each running stream one long gap (from its first token to its second), not one per step."""
+        if self.max_prefill_tokens_while_decoding == 0 and self._prefill_pending(lane):
+            out, scheduled = self._schedule(lane, decode=False)
+            if scheduled or out.finished_req_ids:
+                return out, scheduled
+        return self._schedule(lane, decode=True)
+
+    def _prefill_pending(self, lane: int) -> bool:
+        """A running sequence of lane is part-way through its prompt, or the oldest waiting one may start."""
+        for s in self.running:
+            if (s.lane == lane and s.status == SequenceStatus.RUNNING and self._may_schedule(s)
+                    and s.num_tokens + s.num_placeholders - s.num_computed_tokens > 1):
+                return True
+        return bool(self.waiting) and len(self.running) < self.max_num_seqs and not self.waiting[0].num_in_flight
+
+    def _schedule(self, lane: int, decode: bool) -> tuple[SchedulerOutput, list[Sequence]]:
         out = SchedulerOutput()
         scheduled: list[Sequence] = []
         budget = self.max_num_batched_tokens
         preempted = False
         loras: set[int] = set()  # adapters in this step
         prefill_budget = budget
-        if self.max_prefill_tokens_while_decoding is not None and any(
+        if self.max_prefill_tokens_while_decoding and any(
                 s.lane == lane and s.status == SequenceStatus.RUNNING and self._may_schedule(s)
                 and s.num_tokens + s.num_placeholders - s.num_computed_tokens == 1 for s in self.running):
             prefill_budget = self.max_prefill_tokens_while_decoding
@@ -135,6 +155,8 @@ class Scheduler:
                 break
             if seq.lane != lane or seq.status != SequenceStatus.RUNNING or not self._may_schedule(seq):
                 continue
+            if not decode and seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens == 1:
+                continue  # a prefill-first step: this decode waits
             if not self._lora_fits(seq, loras):
                 continue
             num_new = seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens

@@ -298,3 +298,51 @@ def test_prefill_tokens_capped_while_decoding(async_scheduling: bool) -> None:
     assert all(prompt <= 5 for decode, prompt in seen if decode), seen
     assert any(prompt == 5 for decode, prompt in seen if decode), seen  # capped, not starved
     assert_all_free(sched)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_prefill_first_steps_carry_no_decodes(async_scheduling: bool) -> None:
+    """max_prefill_tokens_while_decoding 0 (prefill first): while a prompt can start or is part-way
+    through its prefill, a step holds prompts only and the running streams wait; once every prompt
+    is in, steps decode. Each stream then waits once (first token to second), and the tokens are
+    those of the default policy."""
+    ref = reference(max_tokens=12)
+    sched = make_scheduler(budget=16, async_scheduling=async_scheduling)
+    sched.max_prefill_tokens_while_decoding = 0
+    seen: list[tuple[int, int]] = []  # (decode tokens, prompt tokens) of each step
+    original = sched.schedule
+
+    def schedule(lane: int = 0):
+        so, scheduled = original(lane)
+        before = {s.seq_id: s.num_computed_tokens - so.num_scheduled_tokens[s.seq_id] for s in scheduled}
+        decodes = [s for s in scheduled if before[s.seq_id] >= s.num_prompt_tokens]
+        seen.append((len(decodes), sum(so.num_scheduled_tokens[s.seq_id] for s in scheduled if s not in decodes)))
+        return so, scheduled
+
+    sched.schedule = schedule
+    reqs = [make_request(f"r{i}", p, max_tokens=12) for i, p in enumerate(PROMPTS)]
+    first, later = reqs[-1], reqs[:-1]
+
+    def arrive(step: int, s: Scheduler) -> None:
+        if step == 3:
+            for req in later:
+                s.add(req.seqs[0])
+
+    outs = drive(sched, [first], max_in_flight=2 if async_scheduling else 1, on_step=arrive)
+    assert {k: tokens_of(v) for k, v in outs.items()} == ref
+    assert not any(decode and prompt for decode, prompt in seen), seen  # never mixed
+    decoding = [i for i, (decode, _) in enumerate(seen) if decode]
+    prompt_steps = [i for i, (_, prompt) in enumerate(seen) if prompt]
+    assert decoding and decoding[0] < prompt_steps[-1], seen  # the first stream decoded before the burst came
+    # once the burst arrived, its prompts ran back to back: no decode step between two prompt steps of it
+    burst = [i for i in prompt_steps if i > decoding[0]]
+    assert burst == list(range(burst[0], burst[-1] + 1)), seen
+    assert_all_free(sched)
+
+
+def test_prefill_first_is_a_valid_setting() -> None:
+    from engine.config import ConfigError, EngineConfig
+
+    EngineConfig(model="m", max_prefill_tokens_while_decoding=0)
+    with pytest.raises(ConfigError, match="max_prefill_tokens_while_decoding"):
+        EngineConfig(model="m", max_prefill_tokens_while_decoding=-1)
