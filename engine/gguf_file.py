@@ -2,8 +2,9 @@
 
 gguf's GGUFReader builds a numpy view per string of the vocabulary (seconds for a 49k-token
 vocabulary, and it ran once per consumer); this reads the metadata and the tensor table once
-with struct, builds the HF config and tokenizer with transformers' own GGUF tables, and
-dequantizes the common block types in numpy (bit-equal to gguf's dequantize).
+with struct, builds the HF config (engine.gguf_config, without transformers) and the tokenizer
+(transformers' own GGUF tables), and dequantizes the common block types in numpy (bit-equal to
+gguf's dequantize).
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine.errors import ModelLoadError
+from engine.gguf_config import GGUFConfig, gguf_hf_config_dict
 
 if TYPE_CHECKING:  # torch only where tensors are made: the API process reads config and tokenizer without it
     import torch
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 # metadata value types of fixed size: u8 i8 u16 i16 u32 i32 f32 bool u64 i64 f64
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -31,10 +33,6 @@ GGML_F32, GGML_F16, GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_BF16 = 0, 1, 2, 3, 8, 
 _FLOAT_TYPES = {GGML_F32: "float32", GGML_F16: "float16", GGML_BF16: "bfloat16"}  # torch dtype names
 _FLOAT_BYTES = {GGML_F32: 4, GGML_F16: 2, GGML_BF16: 2}
 _BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # blocks of 32 weights with an f16 scale
-# What LlamaConfig adds to a GGUF's fields (transformers 5): the same values on a plain
-# PretrainedConfig (tests/engine/test_gguf_file.py compares the two).
-LLAMA_DEFAULTS = {"attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu", "initializer_range": 0.02,
-                  "mlp_bias": False, "pretraining_tp": 1, "use_cache": True}
 
 
 @dataclass(frozen=True)
@@ -80,42 +78,12 @@ class GGUFFile:
             del data  # unmap: touched pages would otherwise count in this process's RSS
 
     def hf_config_dict(self) -> dict[str, Any]:
-        """The HF config, as transformers derives it from the same metadata (its GGUF tables)."""
-        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+        """The HF config's fields, as transformers derives them from the same metadata (engine.gguf_config)."""
+        return gguf_hf_config_dict(self.path, self.metadata, {t.name for t in self.tensors})
 
-        arch = self.architecture
-        model_type = arch
-        name = self.metadata.get("general.name", "")
-        if "llama" in arch and name == "mistral":
-            model_type = "mistral"  # llama.cpp writes Mistral as llama; transformers tells them apart so
-        mapping = GGUF_CONFIG_MAPPING.get(model_type) or GGUF_CONFIG_MAPPING.get(arch)
-        if mapping is None:
-            raise ModelLoadError(self.path, f"GGUF architecture {arch!r} is not supported")
-        config: dict[str, Any] = {"model_type": model_type, "_model_name_or_path": name}
-        for key, hf_key in mapping.items():
-            if hf_key and f"{arch}.{key}" in self.metadata:
-                config[hf_key] = self.metadata[f"{arch}.{key}"]
-        for key, hf_key in GGUF_CONFIG_MAPPING["tokenizer"].items():
-            if f"tokenizer.{key}" in self.metadata:
-                config[hf_key] = self.metadata[f"tokenizer.{key}"]
-        config["tie_word_embeddings"] = all(t.name != "output.weight" for t in self.tensors)
-        if "vocab_size" not in config and "tokenizer.ggml.tokens" in self.metadata:
-            config["vocab_size"] = len(self.metadata["tokenizer.ggml.tokens"])
-        return config
-
-    def hf_config(self) -> PretrainedConfig:
-        config = self.hf_config_dict()
-        model_type = config.pop("model_type")
-        if model_type == "llama":  # the embedded model: LlamaConfig's module alone imports in 2.3 s on 2 cores
-            from transformers import PretrainedConfig
-
-            rope = {"rope_theta": config.pop("rope_theta", 10000.0), "rope_type": "default"}
-            light = PretrainedConfig(**{**LLAMA_DEFAULTS, "rope_parameters": rope, **config})
-            light.model_type = model_type
-            return light
-        from transformers import AutoConfig
-
-        return AutoConfig.for_model(model_type, **config)
+    def hf_config(self) -> GGUFConfig:
+        """The HF config as an object, without transformers."""
+        return GGUFConfig(**self.hf_config_dict())
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The fast tokenizer transformers builds from this file's vocabulary and merges."""

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from engine.config import GENERATION_CONFIG_KEYS, ConfigError, EngineConfig
@@ -50,7 +49,7 @@ def default_model_path() -> str:
 class ModelConfig:
     path: str  # HF directory or .gguf file
     is_gguf: bool
-    hf_config: PretrainedConfig  # a GGUF's fields as a SimpleNamespace in the API process's view
+    hf_config: PretrainedConfig  # a GGUF's: an engine.gguf_config.GGUFConfig (no transformers)
     architecture: str  # the MODEL_CLASSES key in use
     dtype: torch.dtype | None  # None in the API process's view (resolved without a device)
     max_model_len: int
@@ -87,12 +86,10 @@ def cpu_kv_cache_tokens(max_model_len: int) -> int:
     return max(max_model_len, CPU_KV_CACHE_MIN_TOKENS)
 
 
-def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any], light: bool = False) -> PretrainedConfig:
-    """light: a GGUF's fields as a SimpleNamespace, without transformers' config classes (they import torch)."""
+def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> PretrainedConfig:
+    """A GGUF's config is built without transformers (engine.gguf_config), in every process."""
     try:
-        if is_gguf and light:
-            config = SimpleNamespace(**open_gguf(path).hf_config_dict())
-        elif is_gguf:
+        if is_gguf:
             config = open_gguf(path).hf_config()
         else:
             from transformers import AutoConfig
@@ -133,7 +130,7 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device | None) -> Mode
     if not os.path.exists(path):
         raise ModelLoadError(path, "model path does not exist (give a local HF directory or .gguf file; weights are never downloaded at run time)")
     is_gguf = os.path.isfile(path) and path.endswith(".gguf")
-    hf_config = _load_hf_config(path, is_gguf, cfg.hf_overrides, light=device is None)
+    hf_config = _load_hf_config(path, is_gguf, cfg.hf_overrides)
     arch = next((a for a in hf_config.architectures if a in MODEL_CLASSES), None)
     if arch is None:
         raise UnsupportedArchitectureError(

@@ -1,6 +1,7 @@
 """engine.gguf_file: one parse of the embedded SmolLM2 GGUF gives what transformers builds from
-the same file (config, tokenizer) and what gguf's dequantize gives (weights), and the config,
-the tokenizer and the weights share that parse (the seed parsed the file three times)."""
+the same file (the tokenizer; the config: tests/engine/test_gguf_config.py) and what gguf's
+dequantize gives (weights), and the config, the tokenizer and the weights share that parse (the
+seed parsed the file three times)."""
 from __future__ import annotations
 
 import os
@@ -15,17 +16,6 @@ from engine.gguf_file import GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, dequantize, open_g
 
 TEXTS = ["Hello world", " leading space and  two", "你好，世界！大型语言模型", "<|im_start|>user\nhi<|im_end|>",
          "emoji 🤖 tabs\tand\n\nnewlines", "The capital of France is", "x" * 300]
-
-
-def test_config_equals_transformers(smollm2_path: str) -> None:
-    from transformers import AutoConfig
-
-    ours = open_gguf(smollm2_path).hf_config()  # a plain PretrainedConfig: LlamaConfig's import costs 2.3 s
-    ref = AutoConfig.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path)).to_dict()
-    ref.pop("_name_or_path")  # where it was loaded from
-    ref.pop("use_cache")  # generation-time only (the engine has its own KV cache); PretrainedConfig drops it
-    ref.pop("transformers_version")  # written by to_dict only
-    assert {key: getattr(ours, key, "<missing>") for key in ref} == ref
 
 
 def test_tokenizer_equals_transformers(smollm2_path: str) -> None:
