@@ -14,7 +14,7 @@ import torch
 
 from engine.forward_context import get_forward_context
 from engine.layers.quant.ggml_cpu import BLOCK_BYTES, GEMM_MAX_ROWS
-from kernels.cpu_native import load
+from kernels.cpu_native import NativeLibrary
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_DIR, "cpu_layer.c")
@@ -39,20 +39,13 @@ class _Args(ctypes.Structure):  # llama_layer_args in cpu_layer.c, field for fie
                 ("x", _p), ("residual", _p), ("out", _p), ("res_out", _p)]
 
 
-_lib: ctypes.CDLL | None = None
-_tried = False
+def _bind(lib: ctypes.CDLL) -> None:
+    lib.llama_layer_f32.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
+    lib.llama_layer_f32.restype = ctypes.c_int
 
 
-def _native() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("GANTRY_CPU_NATIVE", "1") != "0" and os.environ.get("GANTRY_CPU_FUSED_LAYER", "1") != "0":
-            _lib = load(_SOURCE, _DEPS)
-        if _lib is not None:
-            _lib.llama_layer_f32.argtypes = [ctypes.POINTER(_Args), ctypes.c_int]
-            _lib.llama_layer_f32.restype = ctypes.c_int
-    return _lib
+NATIVE = NativeLibrary(_SOURCE, _bind, _DEPS, switches=("GANTRY_CPU_NATIVE", "GANTRY_CPU_FUSED_LAYER"))
+_native = NATIVE.get
 
 
 def _weight(linear: Any, in_features: int) -> _Weight | None:
@@ -152,6 +145,6 @@ def decoder_layer(layer: Any, positions: torch.Tensor, x: torch.Tensor,
     args.block_tables, args.query_start_loc, args.seq_lens = tables.data_ptr(), starts.data_ptr(), lens.data_ptr()
     args.x, args.residual = x.data_ptr(), None if residual is None else residual.data_ptr()
     args.out, args.res_out = out.data_ptr(), res_out.data_ptr()
-    if _lib.llama_layer_f32(ctypes.byref(args), torch.get_num_threads()) != 0:
+    if NATIVE.lib.llama_layer_f32(ctypes.byref(args), torch.get_num_threads()) != 0:
         raise MemoryError(f"cpu_layer: no memory for the scratch of {x.shape[0]} tokens")
     return out, res_out

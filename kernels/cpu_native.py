@@ -1,6 +1,7 @@
 """Build-once loader of the engine's small C kernels (AVX2+FMA, OpenMP): compiled with the system C
 compiler at first use, cached per source hash under ~/.cache/gantry/kernels; None where the CPU lacks
-AVX2 or no compiler works (callers then run their torch code).
+AVX2 or no compiler works (callers then run their torch code). NativeLibrary: one source's library
+as its callers hold it (kernels/cpu_ops.py, kernels/cpu_layer.py, engine/layers/quant/ggml_cpu.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 
 import torch
 
@@ -64,3 +66,30 @@ def load(source_path: str, deps: tuple[str, ...] = ()) -> ctypes.CDLL | None:
         if source_path not in _libs:
             _libs[source_path] = _build(source_path, deps)
         return _libs[source_path]
+
+
+class NativeLibrary:
+    """One C source's library in this process: built (or taken from the cache) and its functions' argument
+    types set at the first get(), then the same answer on every call without a lock (ops ask per call);
+    None where it cannot run. switches: environment variables that, set to 0, keep it unused."""
+
+    def __init__(self, source_path: str, bind: Callable[[ctypes.CDLL], None], deps: tuple[str, ...] = (),
+                 switches: tuple[str, ...] = ()):
+        self.source_path, self.bind, self.deps, self.switches = source_path, bind, deps, switches
+        self.lib: ctypes.CDLL | None = None
+        self.tried = False
+        self._lock = threading.Lock()  # not load()'s: get() holds it while load() runs
+
+    def get(self) -> ctypes.CDLL | None:
+        if self.tried:
+            return self.lib
+        with self._lock:
+            if not self.tried:
+                lib = None
+                if all(os.environ.get(name, "1") != "0" for name in self.switches):
+                    lib = load(self.source_path, self.deps)
+                if lib is not None:
+                    self.bind(lib)
+                self.lib = lib
+                self.tried = True  # after lib: a caller that sees tried without the lock sees lib too
+        return self.lib

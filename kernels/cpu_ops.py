@@ -12,35 +12,30 @@ from typing import Any
 import torch
 
 from kernels import reference
-from kernels.cpu_native import load
+from kernels.cpu_native import NativeLibrary
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.c")
 _F32 = torch.float32
 # Multiply-adds below which one thread beats waking the others (about 0.05 ms of work).
 _WORK_PER_THREAD = 1 << 18
-_lib: ctypes.CDLL | None = None
-_tried = False
 
 
-def _native() -> ctypes.CDLL | None:
-    global _lib, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("GANTRY_CPU_NATIVE", "1") != "0":
-            _lib = load(_SOURCE)
-        if _lib is not None:
-            i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-            _lib.paged_attention_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
-                                                 f32, ptr, ctypes.c_int]
-            _lib.store_kv_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64]
-            _lib.rms_norm_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32]
-            _lib.rotary_f32.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr]
-            _lib.silu_and_mul_f32.argtypes = [ptr, ptr, i64, i64]
-    return _lib
+def _bind(lib: ctypes.CDLL) -> None:
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.paged_attention_f32.argtypes = [ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, i64, i64, i64, i64,
+                                        f32, ptr, ctypes.c_int]
+    lib.store_kv_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64]
+    lib.rms_norm_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32]
+    lib.rotary_f32.argtypes = [ptr, ptr, i64, i64, ptr, i64, i64, ptr, i64, i64, ptr, ptr]
+    lib.silu_and_mul_f32.argtypes = [ptr, ptr, i64, i64]
+
+
+NATIVE = NativeLibrary(_SOURCE, _bind, switches=("GANTRY_CPU_NATIVE",))
+_native = NATIVE.get
 
 
 def _ok(*tensors: torch.Tensor) -> bool:
-    if (_lib if _tried else _native()) is None:
+    if _native() is None:
         return False
     for t in tensors:  # a plain loop: this runs ~10 times per layer and step
         if t.dtype != _F32 or t.is_cuda:
@@ -59,8 +54,8 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
         return reference.store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     key, value = key.contiguous(), value.contiguous()  # [num_tokens, num_kv_heads, head_dim]
     slots = slot_mapping.to(torch.int64).contiguous()
-    _lib.store_kv_f32(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                      key.shape[0], key.shape[1] * key.shape[2])
+    NATIVE.lib.store_kv_f32(key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                            slots.data_ptr(), key.shape[0], key.shape[1] * key.shape[2])
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -80,9 +75,10 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     longest = max_seq_len if max_seq_len is not None else int(lens.max()) if lens.numel() else 0
     work = num_tokens * num_heads * head_dim * max(longest, 1)
     threads = min(torch.get_num_threads(), max(1, work // _WORK_PER_THREAD), num_tokens * num_heads)
-    _lib.paged_attention_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.shape[1],
-                             starts.data_ptr(), lens.data_ptr(), lens.shape[0], num_tokens, num_heads, k_cache.shape[2],
-                             head_dim, k_cache.shape[1], scale, out.data_ptr(), max(threads, 1))
+    NATIVE.lib.paged_attention_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                                   tables.shape[1], starts.data_ptr(), lens.data_ptr(), lens.shape[0], num_tokens,
+                                   num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, out.data_ptr(),
+                                   max(threads, 1))
     return out
 
 
@@ -98,8 +94,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not (_ok(x, weight) and x.is_contiguous() and weight.shape == x.shape[-1:] and weight.is_contiguous()):
         return reference.rms_norm(x, weight, eps)
     out = torch.empty_like(x)
-    _lib.rms_norm_f32(x.data_ptr(), None, None, weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
-                      x.shape[-1], eps)
+    NATIVE.lib.rms_norm_f32(x.data_ptr(), None, None, weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                            x.shape[-1], eps)
     return out
 
 
@@ -110,8 +106,8 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
             and weight.shape == x.shape[-1:] and weight.is_contiguous()):
         return reference.fused_add_rms_norm(x, residual, weight, eps)
     out, res = torch.empty_like(x), torch.empty_like(x)
-    _lib.rms_norm_f32(x.data_ptr(), residual.data_ptr(), res.data_ptr(), weight.data_ptr(), out.data_ptr(),
-                      x.numel() // x.shape[-1], x.shape[-1], eps)
+    NATIVE.lib.rms_norm_f32(x.data_ptr(), residual.data_ptr(), res.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                            x.numel() // x.shape[-1], x.shape[-1], eps)
     return out, res
 
 
@@ -126,9 +122,9 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     pos = positions.to(torch.int64).contiguous()
     q_out = torch.empty(query.shape, dtype=_F32)  # [num_tokens, num_heads, head_dim]
     k_out = torch.empty(key.shape, dtype=_F32)  # [num_tokens, num_kv_heads, head_dim]
-    _lib.rotary_f32(pos.data_ptr(), query.data_ptr(), query.stride(0), query.shape[1], key.data_ptr(), key.stride(0),
-                    key.shape[1], cos_sin_cache.data_ptr(), head_dim, query.shape[0], q_out.data_ptr(),
-                    k_out.data_ptr())
+    NATIVE.lib.rotary_f32(pos.data_ptr(), query.data_ptr(), query.stride(0), query.shape[1], key.data_ptr(),
+                          key.stride(0), key.shape[1], cos_sin_cache.data_ptr(), head_dim, query.shape[0],
+                          q_out.data_ptr(), k_out.data_ptr())
     return q_out, k_out
 
 
@@ -137,5 +133,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return reference.silu_and_mul(x)
     d = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], d, dtype=_F32)
-    _lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], d)
+    NATIVE.lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], d)
     return out

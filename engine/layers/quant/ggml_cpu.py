@@ -7,13 +7,11 @@ nibbles (d*q+m); Q8_0 = f16 d, 32 int8 (d*q). Low nibbles hold weights 0-15, hig
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
-import threading
 
 import torch
 
-logger = logging.getLogger("gantry.engine")
+from kernels.cpu_native import NativeLibrary
 
 GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
 BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34}  # the types kept in blocks
@@ -24,33 +22,16 @@ GEMM_MAX_ROWS = 128
 # a passive OpenMP thread wakes in ~10 us; at 1 << 21 every decode matmul of SmolLM2 ran on one thread).
 _WORK_PER_THREAD = 1 << 17
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ggml_cpu.c")
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_lib_tried = False
 
 
-def _build() -> ctypes.CDLL | None:
-    from kernels.cpu_native import load  # built once per source version; None without AVX2 or a compiler
-
-    lib = load(_SOURCE)
-    if lib is None:
-        return None
+def _bind(lib: ctypes.CDLL) -> None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ggml_gemm.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.ggml_dequant.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
-    return lib
 
 
-def cpu_kernel() -> ctypes.CDLL | None:
-    """The built kernel library, or None where it cannot run here (then the torch fallback runs)."""
-    global _lib, _lib_tried
-    if _lib_tried:  # no lock once decided: ggml_linear asks on every matmul
-        return _lib
-    with _lock:
-        if not _lib_tried:
-            _lib_tried = True
-            _lib = _build()
-        return _lib
+NATIVE = NativeLibrary(_SOURCE, _bind)  # None without AVX2 or a compiler: the torch fallback runs
+cpu_kernel = NATIVE.get  # the built kernel library, or None where it cannot run here
 
 
 def _dequant_torch(blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
