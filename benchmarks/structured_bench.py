@@ -9,6 +9,7 @@ The stand-in tokenizer has a token for every id of the model's vocabulary (singl
 strings of JSON-ish characters), so xgrammar's bitmasks cover a real-sized vocabulary; the schema
 requires a long array, so no constrained request ends before max_tokens (the same token count).
     python -m benchmarks.structured_bench [--num-requests 256] [--no-async-scheduling] [--no-bitmask-overlap]
+                                          [--no-pipelined-step]
     python -m benchmarks.structured_bench --smoke   # a tiny random model on CPU: the plumbing, no figure
 Beyond torch and transformers (and triton: xgrammar's bitmask kernel for CUDA tensors) it imports
 xgrammar, apache-tvm-ffi, pydantic, pydantic-core, annotated-types and typing-inspection (pydantic
@@ -105,6 +106,9 @@ def main() -> None:
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--no-bitmask-overlap", action="store_true",
                         help="fill each bitmask before queuing its step's forward (the old path), to compare")
+    parser.add_argument("--no-pipelined-step", action="store_true",
+                        help="fill the bitmask on the loop's thread, then schedule the next step at the next call "
+                        "(the path before the pipelined step; GANTRY_PIPELINED_STEP=0 does the same)")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer directory to use instead of the random "
                         "stand-in vocabulary (e.g. a real BPE one; ids past its size are never allowed)")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,6 +141,8 @@ def main() -> None:
     core = llm.llm_engine.engine_core
     if args.no_bitmask_overlap:
         core.overlap_bitmask = False
+    if args.no_pipelined_step:
+        core.pipelined = False
     n = w.output_lens[0] if args.smoke and args.output_len is None else args.output_len or 512
     free = [SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False)] * len(prompts)
     so = StructuredOutputsParams(json=SCHEMA, disable_any_whitespace=True)
@@ -186,6 +192,7 @@ def main() -> None:
                       "tokenizer": args.tokenizer or "random stand-in",
                       "async_scheduling": not args.no_async_scheduling, "warmup_s": round(warmup_s, 1),
                       "bitmask_overlap": core.overlap_bitmask and core.use_batch_queue,
+                      "pipelined_step": core.overlap_bitmask and core.use_batch_queue and core.pipelined,
                       "json_schema_tok_s": round(results["json_schema"], 1), "unconstrained_tok_s": round(base, 1),
                       "ratio": round(results["json_schema"] / base, 3)}), flush=True)
     llm.llm_engine.shutdown()

@@ -5,10 +5,12 @@ EngineCoreOutputs with the new tokens of every sample that got some. Stepping is
 step() (one batch at a time) or step_with_batch_queue() (async scheduling, or one batch per
 pipeline lane in flight), which keeps one deque of (SchedulerOutput, scheduled, lane). Under
 grammars with async scheduling in one process, a step's forward is queued before its bitmask is
-filled (_step_overlapping_bitmask), as vLLM and SGLang overlap it.
+filled, as vLLM and SGLang overlap it, and the next step is scheduled while a worker thread fills it
+(_step_pipelined; GANTRY_PIPELINED_STEP=0: _step_overlapping_bitmask, the fill on the loop's thread).
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Iterable
@@ -62,6 +64,10 @@ class EngineCore:
         self.overlap_bitmask = (max_in_flight == 2 and scheduler.num_lanes == 1
                                 and callable(getattr(executor, "submit_forward", None)))
         self.bitmask_fill_s, self.bitmask_fill_steps = 0.0, 0  # CPU time filling bitmasks (benchmarks)
+        # under overlap_bitmask: schedule and prepare step t+2 while a thread fills t+1's bitmask (A/B: "0" off)
+        self.pipelined = (os.environ.get("GANTRY_PIPELINED_STEP", "1") != "0"
+                          and callable(getattr(executor, "prepare_forward", None)))
+        self._forwarded: tuple[SchedulerOutput, list[Sequence]] | None = None  # forward queued, sampler not yet
         self.phases = PhaseTimer()  # host seconds per phase of the overlapped step (benchmarks)
 
     def step_fn(self) -> EngineCoreOutputs:
@@ -123,7 +129,7 @@ class EngineCore:
         sched.eos_token_id_set = frozenset(sched.eos_token_ids)
 
     def has_work(self) -> bool:
-        return bool(self.requests or self.batch_queue or self._pending)
+        return bool(self.requests or self.batch_queue or self._pending or self._forwarded)
 
     # ---- stepping ------------------------------------------------------------------------
 
@@ -141,6 +147,8 @@ class EngineCore:
         """Submit a batch while a slot (a PP lane, or the second async slot) is free; collect the
         oldest once the queue is full or nothing new could be scheduled."""
         submitted = False
+        if self._forwarded is not None or (self.overlap_bitmask and self.pipelined and self._has_grammars()):
+            return self._step_pipelined()
         if self.overlap_bitmask and self._has_grammars():
             return self._step_overlapping_bitmask()
         if self.batch_queue and self.scheduler.num_lanes == 1 and self._has_grammars():
@@ -198,6 +206,66 @@ class EngineCore:
         result = self._outputs(outputs, accepted=True)
         phases.mark("outputs")
         return result
+
+    def _step_pipelined(self) -> EngineCoreOutputs:
+        """_step_overlapping_bitmask with the host work off the device's path. On entry step t is queued
+        and step t+1's forward too (self._forwarded). Collect t and advance the matchers; then a worker
+        fills t+1's bitmask while this thread builds t's outputs and schedules and prepares step t+2;
+        then sampler t+1 and forward t+2 are queued back to back. Leaves a forward queued while
+        anything is left to schedule; a later call samples it, grammars or not."""
+        phases = self.phases
+        phases.start()
+        if self._forwarded is None and self.scheduler.has_unfinished():  # entering: queue step t+1's forward
+            self._forwarded = self._schedule_and_prepare()
+            if self._forwarded is not None:
+                self.executor.launch_forward()
+            phases.mark("launch_forward")
+        outputs: list[EngineCoreOutput] = []
+        if self.batch_queue:  # at most one: every call leaves at most one step sampling
+            so_t, scheduled_t, _ = self.batch_queue.popleft()
+            result = self.executor.collect()
+            phases.mark("collect")
+            outputs = self.scheduler.update_from_output(so_t, scheduled_t, result)
+            phases.mark("update")
+            if outputs and self._has_grammars():
+                self.structured_output_manager.accept_tokens(outputs)
+            phases.mark("accept")
+        fill, fill_s = None, 0.0
+        if self._forwarded is not None and self._has_grammars():
+            fill_s = self.structured_output_manager.fill_s
+            fill = self.structured_output_manager.start_grammar_bitmask(self._forwarded[1])
+            phases.mark("fill_start")
+        result = self._outputs(outputs, accepted=True)
+        phases.mark("outputs")
+        nxt = None  # without grammars the plain async path queues two whole steps (more slack for the host)
+        if self._forwarded is not None and self.scheduler.has_unfinished() and self._has_grammars():
+            nxt = self._schedule_and_prepare()
+            phases.mark("prepare")
+        if self._forwarded is not None:
+            so, scheduled = self._forwarded
+            if fill is not None:
+                so.grammar_bitmask, so.structured_output_req_ids = fill.result()
+                self.bitmask_fill_s += self.structured_output_manager.fill_s - fill_s
+                self.bitmask_fill_steps += 1
+                phases.mark("fill_wait")
+            self.executor.submit_sample(so)
+            self.batch_queue.append((so, scheduled, 0))
+            phases.mark("submit_sample")
+        self._forwarded = nxt
+        if nxt is not None:
+            self.executor.launch_forward()
+            phases.mark("launch_forward")
+        return result
+
+    def _schedule_and_prepare(self) -> tuple[SchedulerOutput, list[Sequence]] | None:
+        """Schedule the next step and prepare its inputs on the host (executor.launch_forward queues it);
+        None when there is nothing to run."""
+        so, scheduled = self._schedule(0, with_bitmask=False)
+        self.phases.mark("schedule")
+        if not (so.num_scheduled_tokens or so.finished_req_ids):
+            return None
+        self.executor.prepare_forward(so)
+        return so, scheduled
 
     def _fill_bitmask(self, so: SchedulerOutput, scheduled: list[Sequence]) -> None:
         """so's grammar rows: every matcher of `scheduled` must have taken its sample's tokens."""
@@ -281,6 +349,11 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Collect batches still in flight, then release the executor (and the other ranks)."""
+        if self._forwarded is not None:  # a queued forward: its sampler too, so that every step is collected
+            so, scheduled = self._forwarded
+            self.executor.submit_sample(so)
+            self.batch_queue.append((so, scheduled, 0))
+            self._forwarded = None
         while self.batch_queue:
             self.batch_queue.popleft()
             self.executor.collect()

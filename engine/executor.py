@@ -2,13 +2,14 @@
 
 UniprocExecutor is the single-process case; engine/distributed.py adds the multi-rank one.
 UniprocExecutor can also queue a step's forward and its sampler separately (submit_forward,
-submit_sample), so the engine core fills a grammar bitmask while the forward runs.
+submit_sample), so the engine core fills a grammar bitmask while the forward runs, and prepare a
+step's inputs before the previous step's sampler is queued (prepare_forward, launch_forward).
 """
 from __future__ import annotations
 
 from collections import deque
 
-from engine.model_runner import ModelRunner, PendingOutput, StepLogits
+from engine.model_runner import ModelRunner, PendingOutput, PreparedStep, StepLogits
 from engine.outputs import ModelRunnerOutput, SchedulerOutput
 
 
@@ -17,6 +18,7 @@ class UniprocExecutor:
         self.runner = runner
         self.pending: deque[PendingOutput] = deque()  # two with async scheduling
         self.forwarded: StepLogits | PendingOutput | None = None  # submit_forward's, until submit_sample
+        self.prepared: PreparedStep | PendingOutput | None = None  # prepare_forward's, until launch_forward
 
     def determine_num_blocks(self) -> int:
         return self.runner.determine_num_blocks()
@@ -35,6 +37,20 @@ class UniprocExecutor:
         before the next submit, and the steps submitted before it can be collected meanwhile."""
         assert self.forwarded is None, "submit_sample of the previous step is missing"
         self.forwarded = self.runner.submit_forward(so)
+        assert self.forwarded is not None
+
+    def prepare_forward(self, so: SchedulerOutput) -> None:
+        """submit_forward's host part (inputs, sampling metadata); it may come before the previous step's
+        submit_sample, and launch_forward after it."""
+        assert self.prepared is None, "launch_forward of the previous step is missing"
+        self.prepared = self.runner.prepare_forward(so)
+        assert self.prepared is not None
+
+    def launch_forward(self) -> None:
+        """Queue the forward prepare_forward prepared: submit_forward's device part."""
+        assert self.forwarded is None, "submit_sample of the previous step is missing"
+        prepared, self.prepared = self.prepared, None
+        self.forwarded = self.runner.launch_forward(prepared) if isinstance(prepared, PreparedStep) else prepared
         assert self.forwarded is not None
 
     def submit_sample(self, so: SchedulerOutput) -> None:

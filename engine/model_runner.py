@@ -23,7 +23,7 @@ from engine.models.registry import get_model_class
 from engine.outputs import ModelRunnerOutput, RequestSamplingParams, SchedulerOutput
 from engine.parallel import broadcast_from_first_tp_rank, get_parallel_state
 from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
-from engine.runner_output import PendingOutput, StepLogits
+from engine.runner_output import PendingOutput, PreparedStep, StepLogits
 from engine.sampling_params import mix_seed
 from engine.structured.bitmask import sampled_bitmask
 
@@ -200,7 +200,10 @@ class ModelRunner:
                 state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
-    def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[str]]:
+    def prepare_inputs(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, ForwardContext, list[str],
+                                                           tuple[torch.Tensor, torch.Tensor] | None]:
+        """Host data of the step on its way to the device; feed: (input positions, rows of last_sampled) of
+        the placeholder tokens, gathered at launch (the previous step's sampler may not be queued yet)."""
         bs = self.block_size
         input_ids: list[int] = []
         feed_dst: list[int] = []  # input positions whose token is the last step's sampled one ...
@@ -246,11 +249,8 @@ class ModelRunner:
             logits_indices=dev(logits_indices, torch.long),
             max_query_len=max_query_len, max_seq_len=max(seq_lens), is_decode=max_query_len == 1,
         )
-        input_ids_dev = dev(input_ids, torch.long)
-        if feed_dst:
-            assert self.last_sampled is not None
-            input_ids_dev[dev(feed_dst, torch.long)] = self.last_sampled[dev(feed_src, torch.long)]
-        return input_ids_dev, dev(positions, torch.long), ctx, sampled_ids
+        feed = (dev(feed_dst, torch.long), dev(feed_src, torch.long)) if feed_dst else None
+        return dev(input_ids, torch.long), dev(positions, torch.long), ctx, sampled_ids, feed
 
     def _recv_intermediate(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(hidden_states, residual) of this batch from the previous pipeline stage."""
@@ -283,38 +283,67 @@ class ModelRunner:
             return self.submit_sample(forwarded, so.grammar_bitmask, so.structured_output_req_ids)
         return forwarded
 
-    @torch.inference_mode()
     def submit_forward(self, so: SchedulerOutput) -> StepLogits | PendingOutput | None:
         """Queue this rank's layers (and the logits) without sampling: StepLogits for submit_sample
         when the step samples, a finished PendingOutput when it does not, None off the last PP stage.
         The caller queues submit_sample before the next submit_forward (it feeds that step's inputs)."""
+        prepared = self.prepare_forward(so, with_metadata=False)  # built while the forward runs
+        return self.launch_forward(prepared) if isinstance(prepared, PreparedStep) else prepared
+
+    @torch.inference_mode()
+    def prepare_forward(self, so: SchedulerOutput, with_metadata: bool = True) -> PreparedStep | PendingOutput | None:
+        """submit_forward's host part: inputs (and, with_metadata, sampling metadata and placeholders) with no
+        device work that reads the previous step's tokens, so it may run before the previous step's
+        submit_sample (whose placeholders it counts already); launch_forward follows that submit_sample."""
         self.update_states(so)
         is_last = self.parallel.is_last_pp_rank
         if not so.num_scheduled_tokens:
             return PendingOutput.empty() if is_last else None
         plan = plan_prompt_logprobs(so, self.requests)  # before prepare_inputs advances the requests
-        input_ids, positions, ctx, sampled_ids = self.prepare_inputs(so)
-        intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
-        lora, graphs = None, self.cuda_graphs
+        input_ids, positions, ctx, sampled_ids, feed = self.prepare_inputs(so)
+        lora = None
         if self.lora_manager is not None:  # None when no request of this step has an adapter
             lora = self.lora_manager.prepare([self.requests[r].lora_request for r in so.num_scheduled_tokens],
                                              list(so.num_scheduled_tokens.values()), ctx.is_decode)
-            graphs = graphs if lora is None else self.lora_manager.graphs
-        with forward_context(ctx), lora_batch(lora):
+        step = PreparedStep(input_ids, positions, ctx, sampled_ids, feed, plan, lora)
+        if is_last:  # the next step's placeholders are rows of this step's tokens (set by submit_sample)
+            self.last_sampled_index = {r: i for i, r in enumerate(sampled_ids)}
+            if sampled_ids and with_metadata:
+                self._prepare_sampling(step)
+        return step
+
+    def _prepare_sampling(self, step: PreparedStep) -> None:
+        """The step's sampling metadata, then its placeholders (the metadata counts the tokens before them)."""
+        step.metadata = self.sampling_metadata(step.sampled_ids)
+        step.num_logprobs = [self.requests[r].sampling_params.logprobs for r in step.sampled_ids]
+        for req_id in step.sampled_ids:
+            self.requests[req_id].token_ids.append(PLACEHOLDER)
+
+    @torch.inference_mode()
+    def launch_forward(self, step: PreparedStep) -> StepLogits | PendingOutput | None:
+        """submit_forward's device part: fill the placeholders from last_sampled, run the layers."""
+        input_ids, positions, ctx = step.input_ids, step.positions, step.ctx
+        if step.feed is not None:
+            assert self.last_sampled is not None
+            input_ids[step.feed[0]] = self.last_sampled[step.feed[1]]
+        intermediate = None if self.parallel.is_first_pp_rank else self._recv_intermediate(len(input_ids))
+        graphs = self.cuda_graphs if step.lora is None else self.lora_manager.graphs
+        with forward_context(ctx), lora_batch(step.lora):
             if graphs is not None and graphs.can_run(ctx):
                 hidden = graphs.run(input_ids, positions, ctx)
             else:
                 hidden = self.model(input_ids, positions, intermediate)
-            if not is_last:
+            if not self.parallel.is_last_pp_rank:
                 self._send_intermediate(hidden)
                 return None
             logits = self.model.compute_logits(hidden)
-        prompt_logprobs = None if plan is None else compute_prompt_logprobs(self.model, hidden, ctx, plan)
-        if not sampled_ids:
-            self.last_sampled, self.last_sampled_index = None, {}
+        prompt_logprobs = None if step.plan is None else compute_prompt_logprobs(self.model, hidden, ctx, step.plan)
+        if not step.sampled_ids:
+            self.last_sampled = None
             return PendingOutput.empty(prompt_logprobs)
-        # built now, while the forward runs, and before submit_sample appends this step's placeholders
-        return StepLogits(logits, self.sampling_metadata(sampled_ids), sampled_ids, prompt_logprobs)
+        if step.metadata is None:
+            self._prepare_sampling(step)
+        return StepLogits(logits, step.metadata, step.sampled_ids, prompt_logprobs, step.num_logprobs)
 
     @torch.inference_mode()
     def submit_sample(self, step: StepLogits, grammar_bitmask: torch.Tensor | None,
@@ -327,15 +356,13 @@ class ModelRunner:
         out = self.sampler(step.logits, md)
         if self.share_sampled:
             broadcast_from_first_tp_rank(out.sampled_token_ids)
-        self.last_sampled, self.last_sampled_index = out.sampled_token_ids, {r: i for i, r in enumerate(sampled_ids)}
-        for req_id in sampled_ids:
-            self.requests[req_id].token_ids.append(PLACEHOLDER)
+        self.last_sampled = out.sampled_token_ids  # placeholders and last_sampled_index: prepare_forward's
         on_gpu = self.device.type == "cuda"
         sampled = out.sampled_token_ids.to("cpu", non_blocking=on_gpu)
         logprob_parts, num_logprobs = None, []
         if out.logprobs is not None:
             logprob_parts = tuple(t.to("cpu", non_blocking=on_gpu) for t in (out.logprob_token_ids, out.logprobs, out.sampled_ranks))
-            num_logprobs = [self.requests[r].sampling_params.logprobs for r in sampled_ids]
+            num_logprobs = step.num_logprobs  # the next step's update_states may have dropped a finished request
         event = None
         if on_gpu:
             event = torch.cuda.Event()

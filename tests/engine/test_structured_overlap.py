@@ -1,11 +1,13 @@
 """Issue 16 throughput: under grammars with async scheduling, step t+1's forward is queued before step
-t is collected and its bitmask is filled after (EngineCore._step_overlapping_bitmask). On the tiny random
-Llama (byte-level tokenizer, CPU): outputs equal to the collect-first path (greedy and seeded), bounded
-JSON valid, an unconstrained neighbour unchanged, n=4, abort mid-stream frees the grammar, prefix caching on.
+t is collected and its bitmask is filled after (EngineCore._step_overlapping_bitmask), on a worker thread
+while step t+2 is scheduled and prepared (EngineCore._step_pipelined). On the tiny random Llama (byte-level
+tokenizer, CPU): outputs equal across the three paths (greedy and seeded), bounded JSON valid, an
+unconstrained neighbour unchanged, n=4, logprobs, abort mid-stream frees the grammar, prefix caching on.
 """
 from __future__ import annotations
 
 import re
+import threading
 
 import pytest
 
@@ -24,9 +26,10 @@ PROMPTS = [[5, 17, 33, 60, 7, 99, 12, 40], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17
            [70, 71, 72], [100, 3, 200, 4, 150]]
 
 
-def spec(seed: int | None, n: int = 1, temperature: float = 1.0, **so) -> SamplingParams:
+def spec(seed: int | None, n: int = 1, temperature: float = 1.0, logprobs: int | None = None,
+         **so) -> SamplingParams:
     so.setdefault("disable_any_whitespace", "json" in so)
-    return SamplingParams(temperature=temperature, seed=seed, n=n, max_tokens=48,
+    return SamplingParams(temperature=temperature, seed=seed, n=n, max_tokens=48, logprobs=logprobs,
                           structured_outputs=StructuredOutputsParams(**so))
 
 
@@ -34,7 +37,7 @@ def spec(seed: int | None, n: int = 1, temperature: float = 1.0, **so) -> Sampli
 def llm(tiny_llama: str) -> LLM:
     llm = LLM(tiny_llama, async_scheduling=True, enable_prefix_caching=True, dtype="float32")
     core = llm.llm_engine.engine_core
-    assert core.overlap_bitmask  # one process, one lane, two steps in flight
+    assert core.overlap_bitmask and core.pipelined  # one process, one lane, two steps in flight
     yield llm
     llm.llm_engine.shutdown()
 
@@ -53,16 +56,25 @@ def count_sample_submits(llm: LLM) -> list[int]:
     return calls
 
 
-def run(llm: LLM, prompts: list, params: list, overlap: bool) -> list[list[list[int]]]:
+MODES = {"pipelined": (True, True), "overlap": (True, False), "collect_first": (False, False)}
+
+
+def run(llm: LLM, prompts: list, params: list, mode: str = "pipelined") -> list:
+    """mode: pipelined (the default path), overlap (GANTRY_PIPELINED_STEP=0) or collect_first."""
     core = llm.llm_engine.engine_core
-    core.overlap_bitmask = overlap
+    core.overlap_bitmask, core.pipelined = MODES[mode]
     try:
         outputs = llm.generate(prompts, params, use_tqdm=False)
     finally:
-        core.overlap_bitmask = True
+        core.overlap_bitmask = core.pipelined = True
     assert not core.structured_output_manager.samples  # every matcher freed on finish
-    assert core.executor.forwarded is None  # every forward got its sampler (a last step may be in flight)
+    # every forward got its sampler (a last step may be in flight)
+    assert core.executor.forwarded is None and core.executor.prepared is None and core._forwarded is None
     return outputs
+
+
+def tokens(outputs: list) -> list[list[list[int]]]:
+    return [[s.token_ids for s in o.outputs] for o in outputs]
 
 
 def check(outputs: list, kinds: list[str]) -> None:
@@ -71,8 +83,9 @@ def check(outputs: list, kinds: list[str]) -> None:
 
 @pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
 def test_overlap_equals_collect_first(llm: LLM, seeded: bool) -> None:
-    """The same tokens with the bitmask filled after the next forward is queued as with collect-first;
-    every constrained sample valid; n=4; a greedy unconstrained neighbour equal to running alone."""
+    """The same tokens with the bitmask filled after the next forward is queued, on a thread or not, as
+    with collect-first; every constrained sample valid; n=4; a greedy unconstrained neighbour equal to
+    running alone."""
     temperature, seed = (1.0, 7) if seeded else (0.0, None)
     free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = llm.generate([PROMPTS[0]], free, use_tqdm=False)[0].outputs[0].token_ids
@@ -82,17 +95,59 @@ def test_overlap_equals_collect_first(llm: LLM, seeded: bool) -> None:
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1]]
     kinds = ["free", "json", "json", "regex", "choice"]
     calls = count_sample_submits(llm)
-    overlapped = run(llm, prompts, params, overlap=True)
+    pipelined = run(llm, prompts, params)
     assert calls[0] > 0  # the overlapped path ran
+    overlapped = run(llm, prompts, params, "overlap")
     before = calls[0]
-    collect_first = run(llm, prompts, params, overlap=False)
+    collect_first = run(llm, prompts, params, "collect_first")
     assert calls[0] == before  # ... and here it did not
-    check(overlapped[1:], kinds[1:])
-    assert overlapped[0].outputs[0].token_ids == alone
-    assert [[s.token_ids for s in o.outputs] for o in overlapped] == [
-        [s.token_ids for s in o.outputs] for o in collect_first]
+    check(pipelined[1:], kinds[1:])
+    assert pipelined[0].outputs[0].token_ids == alone
+    assert tokens(pipelined) == tokens(overlapped) == tokens(collect_first)
     if seeded:
-        assert len(overlapped[2].outputs) == 4
+        assert len(pipelined[2].outputs) == 4
+
+
+def test_pipelined_launch_order(llm: LLM) -> None:
+    """Step t+2's inputs are prepared before step t+1's sampler is queued and its forward is launched right
+    after that sampler; the bitmask is filled on the worker thread; logprobs of samples that finish while
+    the next step is in flight come back (the runner drops a finished request before its last sampler)."""
+    runner = llm.llm_engine.engine_core.executor.runner
+    manager = llm.llm_engine.engine_core.structured_output_manager
+    events: list[str] = []
+    threads: set[str] = set()
+
+    def logged(name: str, fn):
+        def wrapper(*args):
+            events.append(name)
+            return fn(*args)
+        return wrapper
+
+    def fill(*args):
+        threads.add(threading.current_thread().name)
+        return inner_fill(*args)
+
+    inner_fill = manager._fill
+    runner.prepare_forward = logged("prepare", runner.prepare_forward)
+    runner.launch_forward = logged("launch", runner.launch_forward)
+    runner.submit_sample = logged("sample", runner.submit_sample)
+    manager._fill = fill
+    try:
+        params = [spec(seed, logprobs=2, json=SCHEMA) for seed in range(3)] + [
+            spec(None, temperature=0, logprobs=2, regex=REGEX)]
+        outputs = run(llm, [PROMPTS[k % 4] for k in range(4)], params)
+    finally:
+        for name in ("prepare_forward", "launch_forward", "submit_sample", "_fill"):
+            vars(runner).pop(name, None)
+            vars(manager).pop(name, None)
+    check(outputs, ["json"] * 3 + ["regex"])
+    for out in outputs:
+        sample = out.outputs[0]
+        assert sample.logprobs is not None and len(sample.logprobs) == len(sample.token_ids)
+    order = " ".join(events)
+    # collect-first and the overlap without the pipeline launch each forward right after its preparation
+    assert order.count("prepare sample launch") >= 10, order
+    assert threads == {"gantry-bitmask_0"}  # the worker thread (ThreadPoolExecutor names it prefix_0)
 
 
 def test_abort_mid_stream_frees_the_grammar(llm: LLM) -> None:
@@ -124,14 +179,14 @@ def test_preemption_and_chunked_prefill_under_grammars(tiny_llama: str) -> None:
     try:
         prompts = [[3 + (7 * i + j) % 500 for j in range(40 + 13 * i)] for i in range(6)]
         params = [spec(11 + i, regex=r"[a-z]{30}", n=2 if i % 3 == 0 else 1) for i in range(6)]
-        overlapped = run(llm, prompts, params, overlap=True)
+        pipelined = run(llm, prompts, params)
         preemptions = llm.llm_engine.get_stats().num_preemptions_total
         assert preemptions > 0
-        collect_first = run(llm, prompts, params, overlap=False)
-        for out in overlapped:
+        overlapped = run(llm, prompts, params, "overlap")
+        collect_first = run(llm, prompts, params, "collect_first")
+        for out in pipelined:
             assert all(re.fullmatch(r"[a-z]{30}", s.text) and s.finish_reason == "stop" for s in out.outputs), out
-        assert [[s.token_ids for s in o.outputs] for o in overlapped] == [
-            [s.token_ids for s in o.outputs] for o in collect_first]
+        assert tokens(pipelined) == tokens(overlapped) == tokens(collect_first)
     finally:
         llm.llm_engine.shutdown()
 
