@@ -7,6 +7,7 @@ greedy: writes {"token_ids", "texts", "worker_pids", "exitcodes"} after an expli
 greedy_async: the same with async scheduling (each rank feeds step t+1 from its step t's tokens).
 twice: one LLM, deleted without shutdown, then a second one left to the interpreter's exit; writes
 {"token_ids": [first's, second's], "worker_pids": [first's, second's]}.
+GANTRY_TEST_DEVICE=cuda runs the ranks on GPUs (default cpu, gloo).
 long: writes OUT_JSON.pids (rank 0 and its workers) once tokens come back, then generates for
 minutes; a RankFailedError is written to OUT_JSON.error and the script exits 3. `thread` builds
 the LLM in a thread that then ends (the getppid watch, not PR_SET_PDEATHSIG, must tie the workers).
@@ -28,8 +29,11 @@ def main() -> None:
     mode = sys.argv[5] if len(sys.argv) > 5 else "greedy"
     timeout_s = float(sys.argv[6]) if len(sys.argv) > 6 else 60.0
     where = sys.argv[7] if len(sys.argv) > 7 else "main"
-    kwargs = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, device="cpu", enable_prefix_caching=False,
+    device = os.environ.get("GANTRY_TEST_DEVICE", "cpu")  # cuda: test_spawn_gpu.py on two GPUs
+    kwargs = dict(tensor_parallel_size=tp, pipeline_parallel_size=pp, device=device, enable_prefix_caching=False,
                   distributed_timeout_s=timeout_s)
+    if device == "cuda":
+        kwargs["gpu_memory_utilization"] = 0.3
     if mode in ("greedy", "greedy_async"):
         llm = LLM(model, async_scheduling=mode == "greedy_async", **kwargs)
         prompts = prompts_of_lengths([1, 5, 17, 33, 64, 100, 177, 300])
