@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import multiprocessing
 import os
+import pickle
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -70,41 +71,59 @@ class CoreLoadFailure(msgspec.Struct, array_like=True):
 
 
 class EngineCoreProcess:
-    """API process 0's handle on the engine-core child. Start it from the main thread: the child's
-    PR_SET_PDEATHSIG fires when the thread that started it ends."""
+    """API process 0's handle on the engine-core child, a fresh interpreter (safe with CUDA and with threads).
+    Started with subprocess, not multiprocessing's spawn: spawn also starts a resource-tracker process
+    (15 MiB) that the core never uses. Start it from the main thread: the child's PR_SET_PDEATHSIG fires
+    when the thread that started it ends."""
 
     def __init__(self, config: EngineConfig, addresses: CoreAddresses, log_level: str,
                  core_factory: CoreFactory | None = None):
-        mp = multiprocessing.get_context("spawn")  # a fresh interpreter: safe with CUDA and with threads
-        self.proc = mp.Process(target=run_engine_core, name="gantry-engine-core",
-                               args=(config, addresses, os.getpid(), log_level, core_factory, time.time()))
+        self.args = (config, addresses, os.getpid(), log_level, core_factory)
+        self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc.start()
+        # the child takes this interpreter's sys.path first (a core_factory may live anywhere on it), then
+        # run_engine_core's arguments; interpreter flags (-X importtime, -O...) carry over as with spawn
+        cmd = [sys.executable, *subprocess._args_from_interpreter_flags(), "-c", _CHILD_MAIN]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+        try:
+            with self.proc.stdin as f:
+                f.write(pickle.dumps(sys.path) + pickle.dumps((*self.args, time.time())))
+        except BrokenPipeError:  # it died at once: its exit code says so to whoever watches it
+            pass
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid
+        return self.proc.pid if self.proc is not None else None
 
     def is_alive(self) -> bool:
-        return self.proc.is_alive()
+        return self.proc is not None and self.proc.poll() is None
 
     @property
     def exitcode(self) -> int | None:
-        return self.proc.exitcode
+        """As multiprocessing's: None while running, -N after signal N."""
+        return self.proc.poll() if self.proc is not None else None
 
     def kill(self) -> None:
         """At once, for a start that a check in the API process refused."""
-        if self.proc.is_alive():
+        if self.is_alive():
             self.proc.kill()
-            self.proc.join(5)
+            self.proc.wait(5)
 
     def stop(self, timeout: float) -> None:
         """Wait up to timeout for it to exit (after SHUTDOWN), then kill it (a hung or stopped core)."""
-        self.proc.join(timeout)
-        if self.proc.is_alive():
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
             logger.warning("the engine core did not exit within %.0fs; killing it", timeout)
             self.kill()
+
+
+# the child's -c program (see EngineCoreProcess.start)
+_CHILD_MAIN = ("import pickle, sys; sys.path[:] = pickle.load(sys.stdin.buffer); "
+               "from engine.core_proc import run_engine_core; run_engine_core(*pickle.load(sys.stdin.buffer))")
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,8 +1,9 @@
 """The engine core process serving the embedded model imports neither transformers (its config comes from
 engine.gguf_config; the tokenizer lives in the API process) nor the other large packages serving has no
-use for there (issue 23: ~20 MiB of the core's RSS and seconds of its start-up). A sitecustomize on
-PYTHONPATH, which every process of the server's tree runs, records each first import of a watched
-package with its stack; the core is spawned by engine.serve itself, as a user runs it."""
+use for there (issue 23: ~20 MiB of the core's RSS and seconds of its start-up), and starting it starts no
+multiprocessing resource tracker (15 MiB). A sitecustomize on PYTHONPATH, which every process of the
+server's tree runs, records each first import of a watched package with its stack; the core is started
+by engine.serve itself, as a user runs it."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from engine.server.text import SMALL_MACHINE_CORES, usable_cores
 from tests.server.conftest import MODEL, LiveServer, launch, wait_ready
 
 WATCHED = ("transformers", "tokenizers", "huggingface_hub", "jinja2", "sanic", "triton")
@@ -43,12 +45,17 @@ def recorded(tmp_path_factory: pytest.TempPathFactory):
     s.stop()
 
 
-def _core_pid(server: LiveServer) -> int:
-    """The API process's child that maps libtorch (not the resource tracker)."""
+def _children(pid: int) -> list[int]:
     kids = []
-    for task in os.listdir(f"/proc/{server.proc.pid}/task"):
-        with open(f"/proc/{server.proc.pid}/task/{task}/children") as f:
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
             kids += [int(x) for x in f.read().split()]
+    return kids
+
+
+def _core_pid(server: LiveServer) -> int:
+    """The API process's child that maps libtorch (not a text worker)."""
+    kids = _children(server.proc.pid)
     for pid in kids:
         with open(f"/proc/{pid}/maps") as f:
             if "libtorch" in f.read():
@@ -66,3 +73,17 @@ def test_core_imports_no_transformers_while_serving(recorded: tuple[LiveServer, 
     assert not found, "\n".join(f"{name} imported in the engine core:\n{stack}" for name, stack in found.items())
     # the recorder works: the API process does import transformers (its tokenizer)
     assert (log / f"{server.proc.pid}-transformers.txt").exists(), sorted(p.name for p in log.iterdir())
+
+
+@pytest.mark.skipif(usable_cores() > SMALL_MACHINE_CORES,
+                    reason="text workers (and their queues' tracker) start at once")
+def test_the_engine_core_is_the_only_child(recorded: tuple[LiveServer, Path]) -> None:
+    """multiprocessing's spawn started a resource-tracker process with the core; on a small machine nothing
+    else (text workers start with the first large body) needs one."""
+    server, _ = recorded
+    kids = _children(server.proc.pid)
+    commands = []
+    for pid in kids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            commands.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+    assert kids == [_core_pid(server)], commands
