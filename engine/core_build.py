@@ -109,8 +109,10 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     gib = num_blocks * runner.kv_bytes_per_block() / 2**30
     logger.info("model %s (%s, %s) loaded: weights %.1f MiB on this rank, quantization %s", mc.served_model_name,
                 mc.architecture, str(mc.dtype).replace("torch.", ""), weight_bytes(runner.model) / 2**20, mc.quantization)
-    logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB per rank (%s)", num_blocks, config.block_size,
-                num_blocks * config.block_size, gib, str(runner.kv_cache_dtype).replace("torch.", ""))
+    tokens = num_blocks * config.block_size
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB per rank (%s); maximum concurrency for "
+                "%d tokens per request: %.2fx", num_blocks, config.block_size, tokens, gib,
+                str(runner.kv_cache_dtype).replace("torch.", ""), mc.max_model_len, tokens / mc.max_model_len)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     max_num_batched_tokens = config.max_num_batched_tokens or max(8192, config.block_size)
     # with pipeline parallel, one batch in flight per stage keeps every stage busy

@@ -54,6 +54,7 @@ def test_start_up_log(keyed_server: LiveServer) -> None:
     print(startup)  # the figure, for the record (-s)
     # the CPU pool holds max(max_model_len, 8192) tokens (the seed's 2 GiB default was 46,592)
     one(r"KV cache: 512 blocks x 16 tokens = 8192 tokens")
+    one(r"maximum concurrency for \d+ tokens per request: [\d.]+x")  # as vLLM logs it (issue 12)
     assert "Loading weights" not in log and "\r" not in log  # no tqdm bar in a file
 
 
