@@ -266,6 +266,22 @@ def test_sampled_logprobs_pass_through_as_typed_entries() -> None:
     assert_all_free(sched)
 
 
+def record_steps(sched: Scheduler) -> list[list[tuple[int, bool]]]:
+    """Wrap sched.schedule; the returned list gets, for every step, (tokens, decoding) per scheduled
+    sequence. It decodes when its prompt was computed before the step (a 1-token prompt chunk does not)."""
+    steps: list[list[tuple[int, bool]]] = []
+    original = sched.schedule
+
+    def schedule(lane: int = 0):
+        so, scheduled = original(lane)
+        n = so.num_scheduled_tokens
+        steps.append([(n[s.seq_id], s.num_computed_tokens - n[s.seq_id] >= s.num_prompt_tokens) for s in scheduled])
+        return so, scheduled
+
+    sched.schedule = schedule
+    return steps
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_prefill_tokens_capped_while_decoding(async_scheduling: bool) -> None:
     """max_prefill_tokens_while_decoding: a step that decodes holds at most that many prompt tokens
@@ -274,16 +290,7 @@ def test_prefill_tokens_capped_while_decoding(async_scheduling: bool) -> None:
     ref = reference(max_tokens=12)
     sched = make_scheduler(budget=64, async_scheduling=async_scheduling)
     sched.max_prefill_tokens_while_decoding = 5
-    seen: list[tuple[int, int]] = []  # (decode tokens, prompt tokens) of each step
-    original = sched.schedule
-
-    def schedule(lane: int = 0):
-        so, scheduled = original(lane)
-        counts = list(so.num_scheduled_tokens.values())
-        seen.append((counts.count(1), sum(n for n in counts if n > 1)))
-        return so, scheduled
-
-    sched.schedule = schedule
+    steps = record_steps(sched)
     reqs = [make_request(f"r{i}", p, max_tokens=12) for i, p in enumerate(PROMPTS)]
     first, later = reqs[-1], reqs[:-1]  # the 30-token prompt alone, the others once it decodes
 
@@ -294,6 +301,8 @@ def test_prefill_tokens_capped_while_decoding(async_scheduling: bool) -> None:
 
     outs = drive(sched, [first], max_in_flight=2 if async_scheduling else 1, on_step=arrive)
     assert {k: tokens_of(v) for k, v in outs.items()} == ref
+    # (1-token steps, prompt tokens) of each step, as the cap counts them
+    seen = [(sum(n == 1 for n, _ in step), sum(n for n, _ in step if n > 1)) for step in steps]
     assert seen[0] == (0, 30)  # nothing decodes: the whole budget
     assert all(prompt <= 5 for decode, prompt in seen if decode), seen
     assert any(prompt == 5 for decode, prompt in seen if decode), seen  # capped, not starved
@@ -309,17 +318,7 @@ def test_prefill_first_steps_carry_no_decodes(async_scheduling: bool) -> None:
     ref = reference(max_tokens=12)
     sched = make_scheduler(budget=16, async_scheduling=async_scheduling)
     sched.max_prefill_tokens_while_decoding = 0
-    seen: list[tuple[int, int]] = []  # (decode tokens, prompt tokens) of each step
-    original = sched.schedule
-
-    def schedule(lane: int = 0):
-        so, scheduled = original(lane)
-        before = {s.seq_id: s.num_computed_tokens - so.num_scheduled_tokens[s.seq_id] for s in scheduled}
-        decodes = [s for s in scheduled if before[s.seq_id] >= s.num_prompt_tokens]
-        seen.append((len(decodes), sum(so.num_scheduled_tokens[s.seq_id] for s in scheduled if s not in decodes)))
-        return so, scheduled
-
-    sched.schedule = schedule
+    steps = record_steps(sched)
     reqs = [make_request(f"r{i}", p, max_tokens=12) for i, p in enumerate(PROMPTS)]
     first, later = reqs[-1], reqs[:-1]
 
@@ -330,6 +329,8 @@ def test_prefill_first_steps_carry_no_decodes(async_scheduling: bool) -> None:
 
     outs = drive(sched, [first], max_in_flight=2 if async_scheduling else 1, on_step=arrive)
     assert {k: tokens_of(v) for k, v in outs.items()} == ref
+    # (decoding sequences, prompt tokens) of each step
+    seen = [(sum(d for _, d in step), sum(n for n, d in step if not d)) for step in steps]
     assert not any(decode and prompt for decode, prompt in seen), seen  # never mixed
     decoding = [i for i, (decode, _) in enumerate(seen) if decode]
     prompt_steps = [i for i, (_, prompt) in enumerate(seen) if prompt]

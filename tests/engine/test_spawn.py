@@ -116,20 +116,17 @@ def test_deleted_llm_releases_its_workers(model_and_reference, tmp_path: Path) -
     assert_gone(result["worker_pids"], 5)
 
 
-@pytest.mark.slow
-def test_killed_worker_is_named_in_the_parent(model_and_reference, tmp_path: Path) -> None:
-    """pp3: SIGKILL the middle stage mid-generate; rank 0 raises RankFailedError naming rank 1 within
-    distributed_timeout_s, and the last stage (still alive then) does not outlive the script."""
-    model = model_and_reference[0]
-    out = tmp_path / "long.json"
-    proc = plain_script([model, "1", "3", str(out), "long", str(TIMEOUT_S)])
+def kill_rank_1_mid_generate(model: str, tp: int, pp: int, out: Path, timeout_s: float) -> tuple[str, float, str, list[int]]:
+    """Run spawn_generate.py's `long` mode, SIGKILL rank 1 once tokens come back, and wait for the
+    script's RankFailedError (exit 3): (its message, seconds from the kill, the script's output, pids)."""
+    proc = plain_script([model, str(tp), str(pp), str(out), "long", str(timeout_s)])
     try:
         wait_for_file(Path(f"{out}.pids"), proc)
         pids = json.loads(Path(f"{out}.pids").read_text())
-        os.kill(pids[1], signal.SIGKILL)  # [rank 0, rank 1, rank 2]
+        os.kill(pids[1], signal.SIGKILL)  # [rank 0, rank 1, ...]
         killed_at = time.monotonic()
         error_file = Path(f"{out}.error")
-        wait_for_file(error_file, proc, timeout=TIMEOUT_S + NOTICE_SLACK_S + 30)
+        wait_for_file(error_file, proc, timeout=timeout_s + NOTICE_SLACK_S + 30)
         noticed_s = time.monotonic() - killed_at
         output, _ = proc.communicate(timeout=60)
     finally:
@@ -137,7 +134,15 @@ def test_killed_worker_is_named_in_the_parent(model_and_reference, tmp_path: Pat
             proc.kill()
             proc.wait()
     assert proc.returncode == 3, output[-4000:]
-    error = error_file.read_text()
+    return error_file.read_text(), noticed_s, output, pids
+
+
+@pytest.mark.slow
+def test_killed_worker_is_named_in_the_parent(model_and_reference, tmp_path: Path) -> None:
+    """pp3: SIGKILL the middle stage mid-generate; rank 0 raises RankFailedError naming rank 1 within
+    distributed_timeout_s, and the last stage (still alive then) does not outlive the script."""
+    error, noticed_s, output, pids = kill_rank_1_mid_generate(model_and_reference[0], 1, 3, tmp_path / "long.json",
+                                                              TIMEOUT_S)
     # the last stage may have failed on rank 1 already and be silent too: "ranks 1, 2 stopped answering"
     assert re.search(r"ranks? [\d, ]*\b1\b[\d, ]* stopped answering", error), error
     assert noticed_s <= TIMEOUT_S + NOTICE_SLACK_S, (noticed_s, error)

@@ -5,9 +5,6 @@ kernel waiting for the dead peer never returns, so the step's wait must give up 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,8 @@ import torch
 
 from engine import LLM, SamplingParams
 from tests.conftest import TINY_ARCHS, prompts_of_lengths, write_tiny_checkpoint
-from tests.engine.test_spawn import assert_gone, plain_script, wait_for_file
+from tests.engine.test_rank_failure import NOTICE_SLACK_S
+from tests.engine.test_spawn import assert_gone, kill_rank_1_mid_generate, plain_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")]
 TIMEOUT_S = 20.0
@@ -52,22 +50,9 @@ def test_tp2_on_gpus_matches_one_gpu(model_and_reference, tmp_path: Path, monkey
 
 def test_killed_worker_on_gpus_is_named(model_and_reference, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("GANTRY_TEST_DEVICE", "cuda")
-    model = model_and_reference[0]
-    out = tmp_path / "long.json"
-    proc = plain_script([model, "2", "1", str(out), "long", str(TIMEOUT_S)])
-    try:
-        wait_for_file(Path(f"{out}.pids"), proc)
-        pids = json.loads(Path(f"{out}.pids").read_text())
-        os.kill(pids[1], signal.SIGKILL)
-        killed_at = time.monotonic()
-        wait_for_file(Path(f"{out}.error"), proc, timeout=TIMEOUT_S + 60)
-        noticed_s = time.monotonic() - killed_at
-        output, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 3, output[-4000:]
-    assert "rank 1" in Path(f"{out}.error").read_text()
-    assert noticed_s <= TIMEOUT_S + 15, noticed_s
+    error, noticed_s, output, pids = kill_rank_1_mid_generate(model_and_reference[0], 2, 1, tmp_path / "long.json",
+                                                              TIMEOUT_S)
+    assert "rank 1" in error, error
+    assert f"rank 1 (pid {pids[1]}) was killed by SIGKILL" in output, output[-4000:]
+    assert noticed_s <= TIMEOUT_S + NOTICE_SLACK_S, (noticed_s, error)
     assert_gone(pids, 10)
