@@ -56,7 +56,7 @@ def tree_rss(pid: int) -> int:
 
 
 def process_label(pid: int, root: int) -> str:
-    """`server` (the root), `resource tracker`, or the child's pid and the end of its command line."""
+    """`server` (the root), `engine core`, `resource tracker`, or the child's pid and the end of its command line."""
     if pid == root:
         return "server"
     try:
@@ -67,6 +67,8 @@ def process_label(pid: int, root: int) -> str:
     if not cmd:  # a process that renamed itself (the engine core): its name
         with open(f"/proc/{pid}/comm") as f:
             cmd = f.read().strip()
+    if "run_engine_core" in cmd:  # engine.core_proc's child program
+        return "engine core"
     return "resource tracker" if "resource_tracker" in cmd else f"{pid} ...{cmd[-40:]}"
 
 
