@@ -210,9 +210,9 @@ class EngineCore:
     def _step_pipelined(self) -> EngineCoreOutputs:
         """_step_overlapping_bitmask with the host work off the device's path. On entry step t is queued
         and step t+1's forward too (self._forwarded). Collect t and advance the matchers; then a worker
-        fills t+1's bitmask while this thread builds t's outputs and schedules and prepares step t+2;
-        then sampler t+1 and forward t+2 are queued back to back. Leaves a forward queued while
-        anything is left to schedule; a later call samples it, grammars or not."""
+        fills t+1's bitmask while this thread schedules step t+2 and prepares its inputs; then sampler
+        t+1 and forward t+2 are queued back to back, and t's outputs built while they run. Leaves a
+        forward queued while anything is left to schedule; a later call samples it, grammars or not."""
         phases = self.phases
         phases.start()
         if self._forwarded is None and self.scheduler.has_unfinished():  # entering: queue step t+1's forward
@@ -235,8 +235,6 @@ class EngineCore:
             fill_s = self.structured_output_manager.fill_s
             fill = self.structured_output_manager.start_grammar_bitmask(self._forwarded[1])
             phases.mark("fill_start")
-        result = self._outputs(outputs, accepted=True)
-        phases.mark("outputs")
         nxt = None  # without grammars the plain async path queues two whole steps (more slack for the host)
         if self._forwarded is not None and self.scheduler.has_unfinished() and self._has_grammars():
             nxt = self._schedule_and_prepare()
@@ -253,8 +251,10 @@ class EngineCore:
             phases.mark("submit_sample")
         self._forwarded = nxt
         if nxt is not None:
-            self.executor.launch_forward()
+            self.executor.launch_forward()  # and step t+2's sampling metadata, while its forward runs
             phases.mark("launch_forward")
+        result = self._outputs(outputs, accepted=True)
+        phases.mark("outputs")
         return result
 
     def _schedule_and_prepare(self) -> tuple[SchedulerOutput, list[Sequence]] | None:

@@ -287,14 +287,14 @@ class ModelRunner:
         """Queue this rank's layers (and the logits) without sampling: StepLogits for submit_sample
         when the step samples, a finished PendingOutput when it does not, None off the last PP stage.
         The caller queues submit_sample before the next submit_forward (it feeds that step's inputs)."""
-        prepared = self.prepare_forward(so, with_metadata=False)  # built while the forward runs
+        prepared = self.prepare_forward(so)
         return self.launch_forward(prepared) if isinstance(prepared, PreparedStep) else prepared
 
     @torch.inference_mode()
-    def prepare_forward(self, so: SchedulerOutput, with_metadata: bool = True) -> PreparedStep | PendingOutput | None:
-        """submit_forward's host part: inputs (and, with_metadata, sampling metadata and placeholders) with no
-        device work that reads the previous step's tokens, so it may run before the previous step's
-        submit_sample (whose placeholders it counts already); launch_forward follows that submit_sample."""
+    def prepare_forward(self, so: SchedulerOutput) -> PreparedStep | PendingOutput | None:
+        """submit_forward's host part: the inputs, with no device work that reads the previous step's
+        tokens, so it may run before the previous step's submit_sample (its placeholders are appended at
+        its launch); launch_forward follows that submit_sample."""
         self.update_states(so)
         is_last = self.parallel.is_last_pp_rank
         if not so.num_scheduled_tokens:
@@ -308,16 +308,7 @@ class ModelRunner:
         step = PreparedStep(input_ids, positions, ctx, sampled_ids, feed, plan, lora)
         if is_last:  # the next step's placeholders are rows of this step's tokens (set by submit_sample)
             self.last_sampled_index = {r: i for i, r in enumerate(sampled_ids)}
-            if sampled_ids and with_metadata:
-                self._prepare_sampling(step)
         return step
-
-    def _prepare_sampling(self, step: PreparedStep) -> None:
-        """The step's sampling metadata, then its placeholders (the metadata counts the tokens before them)."""
-        step.metadata = self.sampling_metadata(step.sampled_ids)
-        step.num_logprobs = [self.requests[r].sampling_params.logprobs for r in step.sampled_ids]
-        for req_id in step.sampled_ids:
-            self.requests[req_id].token_ids.append(PLACEHOLDER)
 
     @torch.inference_mode()
     def launch_forward(self, step: PreparedStep) -> StepLogits | PendingOutput | None:
@@ -338,12 +329,16 @@ class ModelRunner:
                 return None
             logits = self.model.compute_logits(hidden)
         prompt_logprobs = None if step.plan is None else compute_prompt_logprobs(self.model, hidden, ctx, step.plan)
-        if not step.sampled_ids:
+        sampled_ids = step.sampled_ids
+        if not sampled_ids:
             self.last_sampled = None
             return PendingOutput.empty(prompt_logprobs)
-        if step.metadata is None:
-            self._prepare_sampling(step)
-        return StepLogits(logits, step.metadata, step.sampled_ids, prompt_logprobs, step.num_logprobs)
+        # built while the forward runs, before this step's placeholders are appended (it counts the tokens)
+        md = self.sampling_metadata(sampled_ids)
+        num_logprobs = [self.requests[r].sampling_params.logprobs for r in sampled_ids]
+        for req_id in sampled_ids:
+            self.requests[req_id].token_ids.append(PLACEHOLDER)
+        return StepLogits(logits, md, sampled_ids, prompt_logprobs, num_logprobs)
 
     @torch.inference_mode()
     def submit_sample(self, step: StepLogits, grammar_bitmask: torch.Tensor | None,

@@ -3,7 +3,7 @@
 (submit_forward -> submit_sample), then a PendingOutput, its tokens on their way to the host."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +53,7 @@ class StepLogits:
     metadata: SamplingMetadata  # built before this step's placeholders were appended
     sampled_ids: list[str]  # the requests of the logits' rows
     prompt_logprobs: dict[str, PromptLogprobsChunk] | None
-    num_logprobs: list[int | None] = field(default_factory=list)  # per sampled request: top-k asked
+    num_logprobs: list[int | None]  # per sampled request: top-k asked (None: no logprobs)
 
 
 @dataclass
@@ -67,5 +67,3 @@ class PreparedStep:
     feed: tuple[torch.Tensor, torch.Tensor] | None  # (input positions, rows of last_sampled): placeholders
     plan: PromptLogprobsPlan | None  # prompt logprobs to compute from this step's hidden states
     lora: LoRABatch | None  # None: no adapter in this step
-    metadata: SamplingMetadata | None = None  # last PP stage, when the step samples
-    num_logprobs: list[int | None] = field(default_factory=list)

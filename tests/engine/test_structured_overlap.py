@@ -7,6 +7,7 @@ unconstrained neighbour unchanged, n=4, logprobs, abort mid-stream frees the gra
 from __future__ import annotations
 
 import re
+import sys
 import threading
 
 import pytest
@@ -110,12 +111,15 @@ def test_overlap_equals_collect_first(llm: LLM, seeded: bool) -> None:
 
 def test_pipelined_launch_order(llm: LLM) -> None:
     """Step t+2's inputs are prepared before step t+1's sampler is queued and its forward is launched right
-    after that sampler; the bitmask is filled on the worker thread; logprobs of samples that finish while
-    the next step is in flight come back (the runner drops a finished request before its last sampler)."""
+    after that sampler; the bitmask is filled on the worker thread under a short thread switch interval (with
+    the default 5 ms it waited for the GIL until the join), restored after; logprobs of samples that finish
+    while the next step is in flight come back (the runner drops a finished request before its last sampler)."""
     runner = llm.llm_engine.engine_core.executor.runner
     manager = llm.llm_engine.engine_core.structured_output_manager
     events: list[str] = []
     threads: set[str] = set()
+    intervals: set[float] = set()
+    default_interval = sys.getswitchinterval()
 
     def logged(name: str, fn):
         def wrapper(*args):
@@ -125,6 +129,7 @@ def test_pipelined_launch_order(llm: LLM) -> None:
 
     def fill(*args):
         threads.add(threading.current_thread().name)
+        intervals.add(sys.getswitchinterval())
         return inner_fill(*args)
 
     inner_fill = manager._fill
@@ -148,6 +153,7 @@ def test_pipelined_launch_order(llm: LLM) -> None:
     # collect-first and the overlap without the pipeline launch each forward right after its preparation
     assert order.count("prepare sample launch") >= 10, order
     assert threads == {"gantry-bitmask_0"}  # the worker thread (ThreadPoolExecutor names it prefix_0)
+    assert max(intervals) < default_interval and sys.getswitchinterval() == default_interval
 
 
 def test_abort_mid_stream_frees_the_grammar(llm: LLM) -> None:
