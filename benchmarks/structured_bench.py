@@ -9,7 +9,7 @@ The stand-in tokenizer has a token for every id of the model's vocabulary (singl
 strings of JSON-ish characters), so xgrammar's bitmasks cover a real-sized vocabulary; the schema
 requires a long array, so no constrained request ends before max_tokens (the same token count).
     python -m benchmarks.structured_bench [--num-requests 256] [--no-async-scheduling] [--no-bitmask-overlap]
-                                          [--no-pipelined-step]
+                                          [--no-pipelined-step | --ab-pipelined-step]
     python -m benchmarks.structured_bench --smoke   # a tiny random model on CPU: the plumbing, no figure
 Beyond torch and transformers (and triton: xgrammar's bitmask kernel for CUDA tensors) it imports
 xgrammar, apache-tvm-ffi, pydantic, pydantic-core, annotated-types and typing-inspection (pydantic
@@ -109,6 +109,9 @@ def main() -> None:
     parser.add_argument("--no-pipelined-step", action="store_true",
                         help="fill the bitmask on the loop's thread, then schedule the next step at the next call "
                         "(the path before the pipelined step; GANTRY_PIPELINED_STEP=0 does the same)")
+    parser.add_argument("--ab-pipelined-step", action="store_true",
+                        help="a second constrained run without the pipelined step, in the same call (A/B on one "
+                        "engine: runs of separate calls differed by 20%%)")
     parser.add_argument("--tokenizer", help="a Hugging Face tokenizer directory to use instead of the random "
                         "stand-in vocabulary (e.g. a real BPE one; ids past its size are never allowed)")
     parser.add_argument("--seed", type=int, default=0)
@@ -157,7 +160,12 @@ def main() -> None:
     llm.generate(prompts[:8], free[:8], use_tqdm=False)
     warmup_s = time.perf_counter() - t0
     results = {}
-    for name, params in (("unconstrained", free), ("json_schema", constrained), ("unconstrained_again", free)):
+    runs = [("unconstrained", free), ("json_schema", constrained), ("unconstrained_again", free)]
+    if args.ab_pipelined_step:
+        runs.insert(2, ("json_schema_no_pipelined_step", constrained))
+    pipelined = core.pipelined
+    for name, params in runs:
+        core.pipelined = pipelined and name != "json_schema_no_pipelined_step"
         core.bitmask_fill_s, core.bitmask_fill_steps = 0.0, 0
         core.phases.seconds.clear()
         steps_before = core.scheduler.num_steps
@@ -183,7 +191,7 @@ def main() -> None:
                           "elapsed_s": round(elapsed, 2), "output_tok_s": round(num_out / elapsed, 1),
                           "steps": num_steps, "step_ms": round(1e3 * elapsed / max(num_steps, 1), 3), **fill,
                           "finished_by_length": reasons.count("length")}), flush=True)
-        if name == "json_schema" and reasons.count("length") != len(prompts):
+        if name.startswith("json_schema") and reasons.count("length") != len(prompts):
             print(json.dumps({"warning": "some constrained requests ended before max_tokens",
                               "finish_reasons": {r: reasons.count(r) for r in set(reasons)}}), flush=True)
     base = min(results["unconstrained"], results["unconstrained_again"])  # the slower: no flattering warm-up
@@ -192,9 +200,11 @@ def main() -> None:
                       "tokenizer": args.tokenizer or "random stand-in",
                       "async_scheduling": not args.no_async_scheduling, "warmup_s": round(warmup_s, 1),
                       "bitmask_overlap": core.overlap_bitmask and core.use_batch_queue,
-                      "pipelined_step": core.overlap_bitmask and core.use_batch_queue and core.pipelined,
+                      "pipelined_step": core.overlap_bitmask and core.use_batch_queue and pipelined,
                       "json_schema_tok_s": round(results["json_schema"], 1), "unconstrained_tok_s": round(base, 1),
-                      "ratio": round(results["json_schema"] / base, 3)}), flush=True)
+                      "ratio": round(results["json_schema"] / base, 3),
+                      **({"ratio_no_pipelined_step": round(results["json_schema_no_pipelined_step"] / base, 3)}
+                         if args.ab_pipelined_step else {})}), flush=True)
     llm.llm_engine.shutdown()
 
 
