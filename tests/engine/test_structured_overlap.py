@@ -217,3 +217,41 @@ def test_model_vocab_past_the_tokenizer(tmp_path) -> None:
             assert re.fullmatch(r"[0-9a-z ]{8,16}", out.outputs[0].text), out.outputs[0].text
     finally:
         llm.llm_engine.shutdown()
+
+
+def test_pipeline_left_when_grammars_finish(llm: LLM) -> None:
+    """Once the last constrained request finishes, an unconstrained one goes on through the plain async path
+    (two whole steps queued), with the tokens it gets alone."""
+    executor = llm.llm_engine.engine_core.executor
+    free = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], free, use_tqdm=False)[0].outputs[0].token_ids
+    calls = [0]
+    inner = executor.submit
+
+    def counted(so):
+        calls[0] += 1
+        inner(so)
+
+    executor.submit = counted
+    try:
+        outputs = run(llm, [PROMPTS[0], PROMPTS[1]], [free, spec(None, temperature=0, choice=CHOICES)])
+    finally:
+        del executor.submit
+    check(outputs[1:], ["choice"])
+    assert outputs[0].outputs[0].token_ids == alone
+    assert calls[0] > 10  # most of the 40 steps after the choice ended
+
+
+def test_shutdown_with_a_forward_queued(tiny_llama: str) -> None:
+    """Shutting down while a forward waits for its sampler (the pipelined step leaves one) samples it and
+    collects every step."""
+    llm = LLM(tiny_llama, async_scheduling=True, dtype="float32")
+    engine = llm.llm_engine
+    core = engine.engine_core
+    engine.add_request("a", PROMPTS[1], spec(None, regex=r"[a-z]{40}"))
+    for _ in range(4):
+        engine.step()
+    assert core._forwarded is not None and core.executor.forwarded is not None
+    engine.shutdown()
+    assert core._forwarded is None and core.executor.forwarded is None
+    assert not core.batch_queue and not core.executor.pending
