@@ -39,11 +39,12 @@ class SampleGrammar:
     gate: ReasoningGate | None = None  # with a reasoning parser: where the sample is around <think>
     num_accepted: int = 0  # tokens of the sample seen (the scheduler's num_output_tokens once collected)
     dropped: bool = False  # its grammar refused a sampled token: the sample goes on unconstrained
+    terminated: bool = False  # the matcher's is_terminated() after its last accepted token (one call a step)
 
     @property
     def constrained(self) -> bool:
         reasoning = self.gate is not None and not self.gate.constrained
-        return not (self.dropped or reasoning or self.matcher.is_terminated())
+        return not (self.dropped or reasoning or self.terminated)
 
 
 class StructuredOutputManager:
@@ -126,7 +127,7 @@ class StructuredOutputManager:
                 continue
             sample = samples[out.index]
             for token_id in out.new_token_ids:
-                if sample.dropped or sample.matcher.is_terminated():
+                if sample.dropped or sample.terminated:
                     break  # the grammar ended with its stop token; nothing after it is constrained
                 ok = sample.matcher.accept_token(token_id) if sample.gate is None else sample.gate.accept(
                     token_id, sample.matcher)
@@ -136,6 +137,8 @@ class StructuredOutputManager:
                     logger.warning("request %s sample %d: token %d not accepted by its grammar; the sample goes on "
                                    "unconstrained", out.request_id, out.index, token_id)
                     sample.dropped = True
+                else:
+                    sample.terminated = sample.matcher.is_terminated()
             sample.num_accepted += len(out.new_token_ids)
 
     def _bitmask_rows(self, k: int) -> torch.Tensor:
