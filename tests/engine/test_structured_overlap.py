@@ -26,6 +26,9 @@ CHOICES = ["positive", "negative", "neutral"]
 PROMPTS = [[5, 17, 33, 60, 7, 99, 12, 40], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
            [70, 71, 72], [100, 3, 200, 4, 150]]
 
+# several engines live in this module at once; on a GPU each may take only a share of its memory
+SHARE_GPU = dict(gpu_memory_utilization=0.2)
+
 
 def spec(seed: int | None, n: int = 1, temperature: float = 1.0, logprobs: int | None = None,
          **so) -> SamplingParams:
@@ -36,7 +39,7 @@ def spec(seed: int | None, n: int = 1, temperature: float = 1.0, logprobs: int |
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama: str) -> LLM:
-    llm = LLM(tiny_llama, async_scheduling=True, enable_prefix_caching=True, dtype="float32")
+    llm = LLM(tiny_llama, async_scheduling=True, enable_prefix_caching=True, dtype="float32", **SHARE_GPU)
     core = llm.llm_engine.engine_core
     assert core.overlap_bitmask and core.pipelined  # one process, one lane, two steps in flight
     yield llm
@@ -180,7 +183,7 @@ def test_abort_mid_stream_frees_the_grammar(llm: LLM) -> None:
 def test_preemption_and_chunked_prefill_under_grammars(tiny_llama: str) -> None:
     """A KV pool too small for the batch (preemptions while a step is in flight) and prompts cut into
     chunks: the overlapped path gives the collect-first tokens, every regex sample valid and stopped."""
-    llm = LLM(tiny_llama, num_kv_blocks=20, block_size=16, max_model_len=320, max_num_batched_tokens=64,
+    llm = LLM(tiny_llama, **SHARE_GPU, num_kv_blocks=20, block_size=16, max_model_len=320, max_num_batched_tokens=64,
               async_scheduling=True, dtype="float32")
     try:
         prompts = [[3 + (7 * i + j) % 500 for j in range(40 + 13 * i)] for i in range(6)]
@@ -205,7 +208,7 @@ def test_model_vocab_past_the_tokenizer(tmp_path) -> None:
 
     path = write_tiny_checkpoint(str(tmp_path), "LlamaForCausalLM", tie=False, vocab_size=600)
     write_tiny_tokenizer(path, 500)
-    llm = LLM(path, async_scheduling=True, dtype="float32")
+    llm = LLM(path, async_scheduling=True, dtype="float32", **SHARE_GPU)
     try:
         params = [spec(seed, temperature=2.0, regex=r"[0-9a-z ]{8,16}") for seed in range(8)]
         outputs = llm.generate([PROMPTS[k % len(PROMPTS)] for k in range(8)], params, use_tqdm=False)
@@ -245,7 +248,7 @@ def test_pipeline_left_when_grammars_finish(llm: LLM) -> None:
 def test_shutdown_with_a_forward_queued(tiny_llama: str) -> None:
     """Shutting down while a forward waits for its sampler (the pipelined step leaves one) samples it and
     collects every step."""
-    llm = LLM(tiny_llama, async_scheduling=True, dtype="float32")
+    llm = LLM(tiny_llama, async_scheduling=True, dtype="float32", **SHARE_GPU)
     engine = llm.llm_engine
     core = engine.engine_core
     engine.add_request("a", PROMPTS[1], spec(None, regex=r"[a-z]{40}"))
