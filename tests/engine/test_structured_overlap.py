@@ -27,7 +27,7 @@ PROMPTS = [[5, 17, 33, 60, 7, 99, 12, 40], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17
            [70, 71, 72], [100, 3, 200, 4, 150]]
 
 # several engines live in this module at once; on a GPU each may take only a share of its memory
-SHARE_GPU = dict(gpu_memory_utilization=0.2)
+SHARE_GPU = {"gpu_memory_utilization": 0.2}
 
 
 def spec(seed: int | None, n: int = 1, temperature: float = 1.0, logprobs: int | None = None,
@@ -46,17 +46,18 @@ def llm(tiny_llama: str) -> LLM:
     llm.llm_engine.shutdown()
 
 
-def count_sample_submits(llm: LLM) -> list[int]:
-    """Counts the executor's submit_sample calls (the overlapped path's) into the returned list."""
+def count_calls(llm: LLM, method: str = "submit_sample") -> list[int]:
+    """Counts calls of the executor's `method` (submit_sample: the overlapped path's) into the returned
+    list; `del executor.<method>` restores it."""
     executor = llm.llm_engine.engine_core.executor
     calls = [0]
-    inner = executor.submit_sample
+    inner = getattr(executor, method)
 
     def counted(so):
         calls[0] += 1
         inner(so)
 
-    executor.submit_sample = counted
+    setattr(executor, method, counted)
     return calls
 
 
@@ -98,7 +99,7 @@ def test_overlap_equals_collect_first(llm: LLM, seeded: bool) -> None:
               spec(seed, temperature=temperature, regex=REGEX), spec(seed, temperature=temperature, choice=CHOICES)]
     prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3], PROMPTS[1]]
     kinds = ["free", "json", "json", "regex", "choice"]
-    calls = count_sample_submits(llm)
+    calls = count_calls(llm)
     pipelined = run(llm, prompts, params)
     assert calls[0] > 0  # the overlapped path ran
     overlapped = run(llm, prompts, params, "overlap")
@@ -228,14 +229,7 @@ def test_pipeline_left_when_grammars_finish(llm: LLM) -> None:
     executor = llm.llm_engine.engine_core.executor
     free = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     alone = llm.generate([PROMPTS[0]], free, use_tqdm=False)[0].outputs[0].token_ids
-    calls = [0]
-    inner = executor.submit
-
-    def counted(so):
-        calls[0] += 1
-        inner(so)
-
-    executor.submit = counted
+    calls = count_calls(llm, "submit")
     try:
         outputs = run(llm, [PROMPTS[0], PROMPTS[1]], [free, spec(None, temperature=0, choice=CHOICES)])
     finally:
