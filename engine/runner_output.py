@@ -12,8 +12,8 @@ from engine.forward_context import ForwardContext
 from engine.layers.sampler import SamplingMetadata
 from engine.lora.punica import LoRABatch
 from engine.outputs import ModelRunnerOutput, PromptLogprobsChunk
-from engine.prompt_logprobs import PromptLogprobsPlan
 from engine.parallel import wait_for_event
+from engine.prompt_logprobs import PromptLogprobsPlan
 
 
 @dataclass
