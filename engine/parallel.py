@@ -14,9 +14,13 @@ import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from engine.symm_all_reduce import SymmMemAllReduce
 
 logger = logging.getLogger("gantry.engine")
 
@@ -33,7 +37,7 @@ class ParallelState:
     tp_group: dist.ProcessGroup | None = None  # device collectives (NCCL on GPU, gloo on CPU)
     pp_group: dist.ProcessGroup | None = None  # send/recv between neighbouring stages
     cpu_group: dist.ProcessGroup | None = None  # gloo: control messages (SchedulerOutput, token ids)
-    symm_all_reduce: object | None = None  # SymmMemAllReduce for decode-sized TP all-reduces (CUDA)
+    symm_all_reduce: SymmMemAllReduce | None = None  # decode-sized TP all-reduces over NVLink (CUDA)
     timeout_s: float = 0.0  # distributed_timeout_s
 
     @property

@@ -77,7 +77,7 @@ def build(group: dist.ProcessGroup | None, tp_size: int, device: torch.device) -
         return None
     try:
         impl = SymmMemAllReduce(group, device, choice)
-    except Exception as e:  # old driver, no P2P between the GPUs, torch without symmetric memory
+    except Exception as e:  # noqa: BLE001 - old driver, no P2P between the GPUs, no symmetric memory in torch
         logger.info("symmetric-memory all-reduce unavailable (%s); NCCL does every all-reduce", e)
         return None
     logger.info("TP all-reduce: %s over symmetric memory up to %d MiB, NCCL above", choice, impl.max_bytes >> 20)
