@@ -7,8 +7,6 @@ the ratio the pool would have if it got every byte the weights free (`expected`)
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
@@ -16,32 +14,26 @@ import torch
 from benchmarks.fp8_bench import emit, free_cuda
 from benchmarks.throughput import QWEN2_7B, log, write_config
 
-GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
-        "checkpoint_format": "gptq"}
-AWQ = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
-
-
-def _quant_dir(shape: dict, max_len: int, quantization_config: dict) -> str:
-    """A dummy checkpoint directory whose config.json carries `quantization_config`."""
-    path = write_config(shape, max_len)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = quantization_config
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    return path
-
 
 def pool_configs(shape: dict, max_len: int) -> dict[str, tuple[str, dict]]:
     """name -> (model directory, engine arguments)."""
-    from engine.layers.quant.dummy import compressed_tensors_config
+    from engine.layers.quant.dummy import (
+        AWQ_4BIT,
+        GPTQ_4BIT,
+        add_quantization_config,
+        compressed_tensors_config,
+    )
 
     plain = write_config(shape, max_len)
+
+    def quantized(quantization_config: dict) -> str:
+        return add_quantization_config(write_config(shape, max_len), quantization_config)
+
     return {
         "bf16": (plain, {}), "bf16_again": (plain, {}), "fp8_kv": (plain, {"kv_cache_dtype": "fp8"}),
         "fp8": (plain, {"quantization": "fp8"}), "fp8_both": (plain, {"quantization": "fp8", "kv_cache_dtype": "fp8"}),
-        "w4a16": (_quant_dir(shape, max_len, compressed_tensors_config(4, 128)), {}),
-        "gptq": (_quant_dir(shape, max_len, GPTQ), {}), "awq": (_quant_dir(shape, max_len, AWQ), {}),
+        "w4a16": (quantized(compressed_tensors_config(4, 128)), {}),
+        "gptq": (quantized(GPTQ_4BIT), {}), "awq": (quantized(AWQ_4BIT), {}),
     }
 
 

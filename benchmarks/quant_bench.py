@@ -15,7 +15,6 @@ w1 (two engine starts with CUDA graphs) is best run as a separate call.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -218,17 +217,12 @@ def bench_gemm(ms: list[int]) -> None:
 
 def write_w4_config(shape: dict, max_len: int, bits: int, group_size: int) -> str:
     """A dummy checkpoint directory whose config.json says compressed-tensors pack-quantized."""
-    import os
+    from engine.layers.quant.dummy import (
+        add_quantization_config,
+        compressed_tensors_config,
+    )
 
-    from engine.layers.quant.dummy import compressed_tensors_config
-
-    path = write_config(shape, max_len)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = compressed_tensors_config(bits, group_size)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    return path
+    return add_quantization_config(write_config(shape, max_len), compressed_tensors_config(bits, group_size))
 
 
 def weight_split(llm) -> dict:

@@ -2,14 +2,15 @@
 words random, scales such that the dequantized weights stay in the float dummy range, and it generates."""
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.layers.quant.dummy import DUMMY_RANGE, compressed_tensors_config
+from engine.layers.quant.dummy import (
+    DUMMY_RANGE,
+    add_quantization_config,
+    compressed_tensors_config,
+)
 from tests.conftest import write_tiny_checkpoint
 
 
@@ -17,11 +18,7 @@ from tests.conftest import write_tiny_checkpoint
 def test_dummy_compressed_tensors_checkpoint(bits: int, tmp_path) -> None:
     path = write_tiny_checkpoint(str(tmp_path / "m"), "Qwen2ForCausalLM", tie=False, hidden_size=256,
                                  intermediate_size=384)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = compressed_tensors_config(bits, 128)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
+    add_quantization_config(path, compressed_tensors_config(bits, 128))
     llm = LLM(path, load_format="dummy", enable_prefix_caching=False)
     layer = llm.llm_engine.executor.runner.model.model.layers["1"].mlp.down_proj
     packed = layer.weight_packed
@@ -38,12 +35,8 @@ def test_dummy_gptq_checkpoint(desc_act: bool, tmp_path) -> None:
     """GPTQ's tensors too: random words, midpoint zeros, group-order g_idx (a valid desc_act permutation)."""
     path = write_tiny_checkpoint(str(tmp_path / "m"), "LlamaForCausalLM", tie=False, hidden_size=256,
                                  intermediate_size=384)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": desc_act,
-                                     "sym": True, "checkpoint_format": "gptq_v2"}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
+    add_quantization_config(path, {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": desc_act,
+                                   "sym": True, "checkpoint_format": "gptq_v2"})
     llm = LLM(path, load_format="dummy", enable_prefix_caching=False)
     layer = llm.llm_engine.executor.runner.model.model.layers["1"].mlp.down_proj
     assert torch.equal(layer.g_idx, torch.arange(384, dtype=torch.int32) // 128)

@@ -6,9 +6,7 @@ model-loaded log line states the weights' size and quantization."""
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
 import weakref
 from types import SimpleNamespace
 
@@ -16,7 +14,12 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.layers.quant.dummy import compressed_tensors_config
+from engine.layers.quant.dummy import (
+    AWQ_4BIT,
+    GPTQ_4BIT,
+    add_quantization_config,
+    compressed_tensors_config,
+)
 from engine.layers.quant.fp8_support import EMULATE_ENV
 from engine.loader import weight_bytes
 from engine.model_runner import ModelRunner
@@ -25,9 +28,8 @@ from tests.conftest import write_tiny_checkpoint
 QUANT_CONFIGS = {  # config.json's quantization_config per case (None: plain weights)
     "plain": None,
     "w4a16": compressed_tensors_config(4, 128),
-    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
-             "checkpoint_format": "gptq"},
-    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": GPTQ_4BIT,
+    "awq": AWQ_4BIT,
 }
 ENGINE_ARGS = {"plain": {}, "w4a16": {}, "gptq": {}, "awq": {}, "fp8": {"quantization": "fp8"},
                "fp8_kv": {"kv_cache_dtype": "fp8"}}
@@ -44,14 +46,7 @@ def _with_quant(checkpoint: str, case: str, tmp_path) -> str:
     qc = QUANT_CONFIGS.get(case)
     if qc is None:
         return checkpoint
-    path = str(tmp_path / case)
-    os.makedirs(path)
-    with open(os.path.join(checkpoint, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = qc
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    return path
+    return add_quantization_config(checkpoint, qc, str(tmp_path / case))
 
 
 def _run_and_drop(path: str, load_format: str, **engine) -> tuple[list[weakref.ref], int]:

@@ -1,10 +1,13 @@
 """Random weights for integer-quantized layers under load_format=dummy: packed words of uniformly random
 values, zero points at the midpoint and scales that put the dequantized weights in the float dummy
 weights' range, so benchmarks run a quantized model of any shape without files (see
-`compressed_tensors_config` for the config.json entry that makes a dummy checkpoint W4A16 / W8A16).
+`compressed_tensors_config`, GPTQ_4BIT and AWQ_4BIT for the config.json entries that make a dummy
+checkpoint quantized, and `add_quantization_config` to write one).
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -21,6 +24,25 @@ def compressed_tensors_config(bits: int, group_size: int) -> dict[str, Any]:
     group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": group}, "ignore": ["lm_head"]}
+
+
+# config.json's quantization_config of 4-bit group-128 GPTQ (AutoGPTQ's format) and AWQ (AutoAWQ's GEMM)
+GPTQ_4BIT = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+             "checkpoint_format": "gptq"}
+AWQ_4BIT = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+def add_quantization_config(src_dir: str, quantization_config: dict[str, Any], dst_dir: str | None = None) -> str:
+    """src_dir's config.json with quantization_config set, written to dst_dir (created; default src_dir
+    itself): a dummy checkpoint (load_format=dummy) of that quantization. Returns the directory written."""
+    dst_dir = dst_dir or src_dir
+    with open(os.path.join(src_dir, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = quantization_config
+    os.makedirs(dst_dir, exist_ok=True)
+    with open(os.path.join(dst_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst_dir
 
 
 def _bits(module: nn.Module) -> int | None:
