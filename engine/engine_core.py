@@ -63,7 +63,7 @@ class EngineCore:
         # process), one lane and two steps in flight; a test may turn it off to compare
         self.overlap_bitmask = (max_in_flight == 2 and scheduler.num_lanes == 1
                                 and callable(getattr(executor, "submit_forward", None)))
-        self.bitmask_fill_s, self.bitmask_fill_steps = 0.0, 0  # CPU time filling bitmasks (benchmarks)
+        self.bitmask_fill_steps = 0  # steps that filled a bitmask (benchmarks; the CPU seconds: the manager's fill_s)
         # under overlap_bitmask: schedule and prepare step t+2 while a thread fills t+1's bitmask (A/B: "0" off)
         self.pipelined = (os.environ.get("GANTRY_PIPELINED_STEP", "1") != "0"
                           and callable(getattr(executor, "prepare_forward", None)))
@@ -230,9 +230,8 @@ class EngineCore:
             if outputs and self._has_grammars():
                 self.structured_output_manager.accept_tokens(outputs)
             phases.mark("accept")
-        fill, fill_s = None, 0.0
+        fill = None
         if self._forwarded is not None and self._has_grammars():
-            fill_s = self.structured_output_manager.fill_s
             fill = self.structured_output_manager.start_grammar_bitmask(self._forwarded[1])
             phases.mark("fill_start")
         nxt = None  # without grammars the plain async path queues two whole steps (more slack for the host)
@@ -243,7 +242,6 @@ class EngineCore:
             so, scheduled = self._forwarded
             if fill is not None:
                 so.grammar_bitmask, so.structured_output_req_ids = fill.result()
-                self.bitmask_fill_s += self.structured_output_manager.fill_s - fill_s
                 self.bitmask_fill_steps += 1
                 phases.mark("fill_wait")
             self.executor.submit_sample(so)
@@ -269,9 +267,7 @@ class EngineCore:
 
     def _fill_bitmask(self, so: SchedulerOutput, scheduled: list[Sequence]) -> None:
         """so's grammar rows: every matcher of `scheduled` must have taken its sample's tokens."""
-        t0 = time.perf_counter()
         so.grammar_bitmask, so.structured_output_req_ids = self.structured_output_manager.grammar_bitmask(scheduled)
-        self.bitmask_fill_s += time.perf_counter() - t0
         self.bitmask_fill_steps += 1
 
     def _schedule(self, lane: int, with_bitmask: bool = True) -> tuple[SchedulerOutput, list[Sequence]]:

@@ -40,8 +40,8 @@ class UniprocExecutor:
         assert self.forwarded is not None
 
     def prepare_forward(self, so: SchedulerOutput) -> None:
-        """submit_forward's host part (inputs, sampling metadata); it may come before the previous step's
-        submit_sample, and launch_forward after it."""
+        """submit_forward's host part (the inputs); it may come before the previous step's submit_sample,
+        and launch_forward after it."""
         assert self.prepared is None, "launch_forward of the previous step is missing"
         self.prepared = self.runner.prepare_forward(so)
         assert self.prepared is not None
@@ -50,7 +50,7 @@ class UniprocExecutor:
         """Queue the forward prepare_forward prepared: submit_forward's device part."""
         assert self.forwarded is None, "submit_sample of the previous step is missing"
         prepared, self.prepared = self.prepared, None
-        self.forwarded = self.runner.launch_forward(prepared) if isinstance(prepared, PreparedStep) else prepared
+        self.forwarded = self.runner.launch_forward(prepared)
         assert self.forwarded is not None
 
     def submit_sample(self, so: SchedulerOutput) -> None:

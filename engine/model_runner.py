@@ -280,8 +280,7 @@ class ModelRunner:
         """Queue this rank's layers (and the logits) without sampling: StepLogits for submit_sample
         when the step samples, a finished PendingOutput when it does not, None off the last PP stage.
         The caller queues submit_sample before the next submit_forward (it feeds that step's inputs)."""
-        prepared = self.prepare_forward(so)
-        return self.launch_forward(prepared) if isinstance(prepared, PreparedStep) else prepared
+        return self.launch_forward(self.prepare_forward(so))
 
     @torch.inference_mode()
     def prepare_forward(self, so: SchedulerOutput) -> PreparedStep | PendingOutput | None:
@@ -304,8 +303,11 @@ class ModelRunner:
         return step
 
     @torch.inference_mode()
-    def launch_forward(self, step: PreparedStep) -> StepLogits | PendingOutput | None:
-        """submit_forward's device part: fill the placeholders from last_sampled, run the layers."""
+    def launch_forward(self, step: PreparedStep | PendingOutput | None) -> StepLogits | PendingOutput | None:
+        """submit_forward's device part: fill the placeholders from last_sampled, run the layers. What
+        prepare_forward returned for a step with nothing to run passes through."""
+        if not isinstance(step, PreparedStep):
+            return step
         input_ids, positions, ctx = step.input_ids, step.positions, step.ctx
         if step.feed is not None:
             assert self.last_sampled is not None
