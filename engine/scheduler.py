@@ -91,6 +91,10 @@ class Scheduler:
                 return seq
         raise AssertionError("no preemptible sequence in the lane being scheduled")
 
+    def _ready(self, seq: Sequence, lane: int) -> bool:
+        """A running sequence of lane that this step may schedule."""
+        return seq.lane == lane and seq.status == SequenceStatus.RUNNING and self._may_schedule(seq)
+
     def _may_schedule(self, seq: Sequence) -> bool:
         """A running sequence whose step is in flight may be scheduled again only if it knows
         its tokens (a prefill chunk) or, with async scheduling, can run on a placeholder."""
@@ -133,11 +137,8 @@ class Scheduler:
 
     def _prefill_pending(self, lane: int) -> bool:
         """A running sequence of lane is part-way through its prompt, or the oldest waiting one may start."""
-        for s in self.running:
-            if (s.lane == lane and s.status == SequenceStatus.RUNNING and self._may_schedule(s)
-                    and s.num_tokens + s.num_placeholders - s.num_computed_tokens > 1):
-                return True
-        return bool(self.waiting) and len(self.running) < self.max_num_seqs and not self.waiting[0].num_in_flight
+        return (any(self._ready(s, lane) and s.num_uncomputed_tokens > 1 for s in self.running)
+                or (bool(self.waiting) and len(self.running) < self.max_num_seqs and not self.waiting[0].num_in_flight))
 
     def _schedule(self, lane: int, decode: bool) -> tuple[SchedulerOutput, list[Sequence]]:
         out = SchedulerOutput()
@@ -147,19 +148,18 @@ class Scheduler:
         loras: set[int] = set()  # adapters in this step
         prefill_budget = budget
         if self.max_prefill_tokens_while_decoding and any(
-                s.lane == lane and s.status == SequenceStatus.RUNNING and self._may_schedule(s)
-                and s.num_tokens + s.num_placeholders - s.num_computed_tokens == 1 for s in self.running):
+                self._ready(s, lane) and s.num_uncomputed_tokens == 1 for s in self.running):
             prefill_budget = self.max_prefill_tokens_while_decoding
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if seq.lane != lane or seq.status != SequenceStatus.RUNNING or not self._may_schedule(seq):
+            if not self._ready(seq, lane):
                 continue
-            if not decode and seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens == 1:
+            num_new = seq.num_uncomputed_tokens
+            if not decode and num_new == 1:
                 continue  # a prefill-first step: this decode waits
             if not self._lora_fits(seq, loras):
                 continue
-            num_new = seq.num_tokens + seq.num_placeholders - seq.num_computed_tokens
             num_new = min(num_new, budget) if num_new == 1 else min(num_new, budget, prefill_budget)
             if num_new <= 0:
                 continue

@@ -49,6 +49,12 @@ class Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens the next step may compute: 1 for a decode (its newest token, maybe a placeholder), more
+        for a prompt part-way through its prefill."""
+        return len(self.token_ids) + self.num_placeholders - self.num_computed_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
 
