@@ -118,14 +118,15 @@ def decode_bytes(shape: dict, context: float, dtype_bytes: int = 2) -> tuple[flo
     return weights * dtype_bytes, kv
 
 
-def part_alone(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Generator, ceilings) -> float:
+def part_alone(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Generator,
+               ceilings: tuple[float, float] | None) -> float:
     d.add("alone", random_ids(args.prompt_len, shape["vocab_size"], gen), args.decode_tokens)
     d.run_until(lambda: "alone" in d.finished)
     stamps = d.stamps["alone"]
     ttft = d.ttft("alone")
     tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
     fig = {"prompt_len": args.prompt_len, "ttft_s": round(ttft, 4), "decode_tokens": len(stamps),
-               "tpot_ms": round(1e3 * tpot, 3) if tpot else None, "decode_tok_s": round(1 / tpot, 1) if tpot else None}
+           "tpot_ms": round(1e3 * tpot, 3) if tpot else None, "decode_tok_s": round(1 / tpot, 1) if tpot else None}
     if ceilings is not None:
         bandwidth, flops_rate = ceilings
         tp = args.tensor_parallel_size
@@ -181,11 +182,11 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
     if not gaps:
         raise SystemExit("mixed: no stream got a token while the long prompt prefilled")
     fig = {"streams": args.num_streams, "short_prompt_len": args.short_prompt_len, "prompt_len": args.prompt_len,
-               "steps_during_prefill": steps, "stream_tokens_during_prefill": tokens, "itl_gaps": len(gaps),
-               "itl_p50_ms": round(1e3 * percentile(gaps, 50), 2), "itl_p99_ms": round(1e3 * percentile(gaps, 99), 2),
-               "itl_max_ms": round(1e3 * max(gaps), 2), "preemptions": preempted, "long_ttft_s": round(ttft, 4),
-               "ttft_ratio_vs_alone": round(ttft / alone_ttft, 3) if alone_ttft else None,
-               "goal": "itl_p99_ms <= 150, ttft_ratio_vs_alone <= 1.25"}
+           "steps_during_prefill": steps, "stream_tokens_during_prefill": tokens, "itl_gaps": len(gaps),
+           "itl_p50_ms": round(1e3 * percentile(gaps, 50), 2), "itl_p99_ms": round(1e3 * percentile(gaps, 99), 2),
+           "itl_max_ms": round(1e3 * max(gaps), 2), "preemptions": preempted, "long_ttft_s": round(ttft, 4),
+           "ttft_ratio_vs_alone": round(ttft / alone_ttft, 3) if alone_ttft else None,
+           "goal": "itl_p99_ms <= 150, ttft_ratio_vs_alone <= 1.25"}
     emit("long_context_mixed", **fig)
 
 
@@ -282,7 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     shape = SHAPES[args.shape]
     device = torch.cuda.get_device_name() if on_gpu else "cpu"
     ceilings = measure_ceilings(torch.device("cuda")) if on_gpu else None
-    setup = {"device": device, "argv": ["-m", "benchmarks.long_context", *sys.argv[1:]], "shape": args.shape, "parts": args.parts, "torch": torch.__version__}
+    setup = {"device": device, "argv": ["-m", "benchmarks.long_context", *sys.argv[1:]], "shape": args.shape,
+             "parts": args.parts, "torch": torch.__version__}
     if ceilings:
         setup.update(copy_GBps_read_plus_write=round(ceilings[0] / 1e9, 1), matmul_TFLOPs=round(ceilings[1] / 1e12, 1))
     emit("long_context_setup", **setup)
