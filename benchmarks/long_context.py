@@ -156,11 +156,13 @@ def part_four(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gener
          ttft_s=[round(d.ttft(r), 4) for r in ids])
 
 
-def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Generator, alone_ttft: float | None) -> None:
+def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Generator,
+               alone_ttft: float | None) -> None:
     streams = [f"stream-{i}" for i in range(args.num_streams)]
     # ignore_eos, as long as the context allows: they outlast the long prefill and are aborted after
     for rid in streams:
-        d.add(rid, random_ids(args.short_prompt_len, shape["vocab_size"], gen), args.max_model_len - args.short_prompt_len)
+        prompt = random_ids(args.short_prompt_len, shape["vocab_size"], gen)
+        d.add(rid, prompt, args.max_model_len - args.short_prompt_len)
     d.run_until(lambda: all(d.stamps[r] for r in streams))  # every stream past its prompt: decoding
     d.step()  # one more step, so each has a token stamped by a decode step before the long prompt comes
     preemptions_before = d.engine.get_stats().num_preemptions_total

@@ -30,7 +30,8 @@ def test_percentile_is_nearest_rank() -> None:
 
 @pytest.mark.slow
 def test_tiny_run_prints_every_figure(tmp_path: Path) -> None:
-    # 1500-token prompt in 256-token chunks: the mixed part's long prompt takes several steps, the streams decode between
+    # 1500-token prompt in 256-token chunks: the long prompt of the mixed part takes
+    # several steps, and the streams decode between them
     proc = run_bench(["--shape", "tiny", "--prompt-len", "1500", "--max-model-len", "4096", "--decode-tokens", "8",
                       "--max-num-batched-tokens", "256", "--short-prompt-len", "32", "--parts", "alone,four,mixed,hf"],
                      tmp_path)
