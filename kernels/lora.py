@@ -1,6 +1,7 @@
 """Triton LoRA kernels after punica: shrink (x @ A^T, to the rank) and expand (y += t @ B^T) with
 every token's adapter picked from stacked slots. SGMV-style for prefill (a tile of one segment's
-tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe)."""
+tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe);
+lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)."""
 from __future__ import annotations
 
 import torch
@@ -86,6 +87,39 @@ def _bgmv_kernel(
         if ADD:
             acc += tl.load(y_ptrs, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+
+@triton.jit
+def _augment_kernel(
+    x_ptr,  # [num_tokens, K]
+    t_ptr,  # [num_tokens, T]: x @ A^T of every slot's A
+    out_ptr,  # [num_tokens, K + T]
+    slots_ptr,  # [>= num_tokens] int32: each token's slot, -1 = no adapter
+    K, T, stride_x, stride_t, stride_out, cols_per_slot,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.load(slots_ptr + row)
+    head = cols < K
+    j = cols - K  # column of t
+    keep = (cols >= K) & (cols < K + T) & (j // cols_per_slot == slot)
+    v = tl.load(x_ptr + row * stride_x + cols, mask=head, other=0.0)
+    v += tl.load(t_ptr + row * stride_t + j, mask=keep, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, v, mask=cols < K + T)
+
+
+def lora_augment(x: torch.Tensor, t: torch.Tensor, token_slots: torch.Tensor, cols_per_slot: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """out [num_tokens, K + T] = [x, t with only each token's own slot's columns (slot s owns
+    s * cols_per_slot ..) kept, the rest 0] in one launch; tokens of slot -1 get x and zeros."""
+    n, k = x.shape
+    num_t = t.shape[1]
+    assert x.stride(1) == 1 and t.stride(1) == 1 and out.stride(1) == 1 and out.shape == (n, k + num_t)
+    block = 1024
+    _augment_kernel[(n, triton.cdiv(k + num_t, block))](x, t, out, token_slots, k, num_t, x.stride(0), t.stride(0),
+                                                       out.stride(0), cols_per_slot, BLOCK=block)
+    return out
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:

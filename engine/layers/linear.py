@@ -54,6 +54,13 @@ class LinearBase(nn.Module):
         batch = current_lora_batch() if self.lora is not None else None
         return y if batch is None else self.lora.apply(batch, x, y)
 
+    def plain_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight^T (+ bias) with this batch's adapter deltas; augmented-K LoRA folds them into the GEMM."""
+        batch = current_lora_batch() if self.lora is not None else None
+        if batch is not None and self.lora.augmented:
+            return self.lora.linear(batch, x, bias)
+        return self.add_lora(x, F.linear(x, self.weight, bias))
+
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         self.store(param, loaded)
 
@@ -69,7 +76,7 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.add_lora(x, self.quant_method.apply(self, x, self.bias))
-        return self.add_lora(x, F.linear(x, self.weight, self.bias))
+        return self.plain_linear(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -149,8 +156,8 @@ class RowParallelLinear(LinearBase):
         self.store(param, shard(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight) if self.quant_method is None else self.quant_method.apply(self, x)
-        y = self.add_lora(x, y)  # partial deltas (A split on its input) summed by the all-reduce
+        # partial deltas (A split on its input) summed by the all-reduce
+        y = self.plain_linear(x, None) if self.quant_method is None else self.add_lora(x, self.quant_method.apply(self, x))
         if self.tp_size > 1:
             y = tp_all_reduce(y)
         if self.bias is not None:

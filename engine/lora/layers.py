@@ -22,6 +22,8 @@ class LoRASlice:
 class LoRALinear:
     """Attached as `layer.lora`; apply() adds the batch's adapters' deltas to the layer's output."""
 
+    augmented = False  # engine/lora/augmented.py's AugmentedLoRALinear puts the deltas in the layer's GEMM
+
     def __init__(self, slices: list[LoRASlice], in_local: int, in_start: int, row_parallel: bool, max_loras: int,
                  rank: int, dtype: torch.dtype, device: torch.device):
         self.slices, self.rank, self.row_parallel = slices, rank, row_parallel

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from engine.lora.adapter import LoRAModel, ModelDims, read_adapter
+from engine.lora.augmented import AugmentedLoRALinear, can_augment, lora_path
 from engine.lora.layers import LoRALinear, LoRASlice
 from engine.lora.punica import LoRABatch, lora_batch
 from engine.lora.request import LoRARequest
@@ -40,9 +41,11 @@ def stack_rank(max_lora_rank: int) -> int:
 
 
 def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dtype: torch.dtype,
-                device: torch.device) -> dict[int, list[LoRALinear]]:
-    """LoRALinear on every q/k/v/o/gate/up/down projection this rank holds: layer index -> its four."""
-    attached: dict[int, list[LoRALinear]] = {}
+                device: torch.device) -> dict[int, list[LoRALinear | AugmentedLoRALinear]]:
+    """LoRA slots on every q/k/v/o/gate/up/down projection this rank holds: layer index -> its four.
+    Augmented K (one GEMM) where the base weight is plain and GANTRY_LORA_PATH allows, else SGMV."""
+    augment = lora_path() == "augmented"
+    attached: dict[int, list[LoRALinear | AugmentedLoRALinear]] = {}
     for idx, layer in model.model.layers.items():
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up = attn.qkv_proj, mlp.gate_up_proj
@@ -60,8 +63,11 @@ def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dt
         ]
         attached[int(idx)] = []
         for linear, slices, in_local, row_parallel in specs:
-            linear.lora = LoRALinear(slices, in_local, tp_rank * in_local if row_parallel else 0, row_parallel,
-                                     max_loras, rank, dtype, device)
+            in_start = tp_rank * in_local if row_parallel else 0
+            if augment and can_augment(linear, dtype):
+                linear.lora = AugmentedLoRALinear(slices, in_local, in_start, row_parallel, max_loras, rank, linear)
+            else:
+                linear.lora = LoRALinear(slices, in_local, in_start, row_parallel, max_loras, rank, dtype, device)
             attached[int(idx)].append(linear.lora)
     return attached
 
@@ -76,7 +82,9 @@ class LoRAManager:
         self.cpu_cache: OrderedDict[int, LoRAModel] = OrderedDict()  # lora_int_id -> adapter, LRU first
         self.slot_ids: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
         self.slot_lru: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_loras))  # least recent first
-        # a decode step's tokens grouped by slot, in static buffers that CUDA graphs captured with LoRA read
+        # a decode step's tokens grouped by slot, in static buffers that CUDA graphs captured with LoRA read;
+        # each token's slot (augmented path), -1 past the step's tokens (rows graphs pad a batch with)
+        self.static_token_slots = torch.full((max_num_seqs,), -1, dtype=torch.int32, device=device)
         self.static_perm = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self.max_tiles = -(-max_num_seqs // DECODE_TILE) + max_loras  # each slot's last tile may be partial
         self.static_seg_start = torch.zeros(self.max_tiles + 1, dtype=torch.int32, device=device)
@@ -133,12 +141,19 @@ class LoRAManager:
             num = len(seg_slot)
             seg_start = np.concatenate([seg_start, np.full(self.max_tiles - num, seg_start[-1], dtype=np.int32)])
             seg_slot = np.concatenate([seg_slot, np.full(self.max_tiles - num, -1, dtype=np.int32)])
+            padded = np.full(len(self.static_token_slots), -1, dtype=np.int32)
+            padded[: len(token_slots)] = token_slots
+            self.static_token_slots.copy_(self._dev(padded))
             self.static_perm[: len(perm)].copy_(self._dev(perm))
             self.static_seg_start.copy_(self._dev(seg_start))
             self.static_seg_slot.copy_(self._dev(seg_slot))
-            return LoRABatch(None, self.static_perm, self.static_seg_start, self.static_seg_slot, DECODE_TILE, True)
-        return LoRABatch(None, self._dev(perm), self._dev(seg_start), self._dev(seg_slot),
+            return self._static_batch()
+        return LoRABatch(self._dev(token_slots), self._dev(perm), self._dev(seg_start), self._dev(seg_slot),
                          min(tile, int(counts.max())), True)
+
+    def _static_batch(self) -> LoRABatch:
+        return LoRABatch(self.static_token_slots, self.static_perm, self.static_seg_start, self.static_seg_slot,
+                         DECODE_TILE, True)
 
     def _dev(self, x: np.ndarray) -> torch.Tensor:
         """Host ints to the device behind the step in flight (pinned, non-blocking)."""
@@ -146,7 +161,6 @@ class LoRAManager:
 
     def capture_graphs(self, graphs: Any) -> None:
         """Capture decode CUDA graphs with the LoRA kernels in them, reading the static buffers."""
-        with lora_batch(LoRABatch(None, self.static_perm, self.static_seg_start, self.static_seg_slot, DECODE_TILE,
-                                  True)):
+        with lora_batch(self._static_batch()):
             graphs.capture()
         self.graphs = graphs

@@ -15,7 +15,7 @@ from kernels import reference
 
 @dataclass
 class LoRABatch:
-    token_slots: torch.Tensor | None  # [num_tokens] int32: each token's slot, -1 = no adapter (torch path)
+    token_slots: torch.Tensor | None  # [>= num_tokens] int32: each token's slot, -1 = no adapter (torch, augmented K)
     # Triton path (punica's SGMV over tokens grouped by adapter; static buffers under CUDA graphs):
     perm: torch.Tensor | None  # [>= num_tokens] int32: rows of the tokens with an adapter, grouped by slot
     seg_start: torch.Tensor | None  # [num_tiles + 1] int32: tile j's rows are perm[seg_start[j]:seg_start[j + 1]]

@@ -1,6 +1,7 @@
 """Multi-LoRA offline: three random PEFT adapters of different ranks (written here with peft) and
 base-model requests in one batch, greedy tokens equal to peft + transformers float32 per request;
-also with max_loras=1 (slots swapped between steps), tp2 on CPU, and no prefix sharing across adapters."""
+also with max_loras=1 (slots swapped between steps), tp2 on CPU, and no prefix sharing across adapters;
+each on both LoRA paths (GANTRY_LORA_PATH: augmented K, one GEMM; sgmv, base GEMM + shrink + expand)."""
 from __future__ import annotations
 
 import pytest
@@ -72,8 +73,15 @@ def _generate(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest | None
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=loras)]
 
 
+@pytest.fixture(params=["augmented", "sgmv"])
+def lora_path(request, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The LoRA path the engine (and the workers it spawns, which inherit the environment) attaches."""
+    monkeypatch.setenv("GANTRY_LORA_PATH", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("max_loras", [3, 1])
-def test_mixed_batch_matches_peft(base_and_adapters, reference, max_loras: int) -> None:
+def test_mixed_batch_matches_peft(base_and_adapters, reference, lora_path: str, max_loras: int) -> None:
     base, _ = base_and_adapters
     prompts, loras, expected = reference
     llm = LLM(base, dtype="float32", enable_lora=True, max_loras=max_loras, max_lora_rank=16,
@@ -85,7 +93,7 @@ def test_mixed_batch_matches_peft(base_and_adapters, reference, max_loras: int) 
     assert all(b == e for b, e, lora in zip(base_only, expected, loras) if lora is None)
 
 
-def test_tp2_matches_peft(base_and_adapters, reference) -> None:
+def test_tp2_matches_peft(base_and_adapters, reference, lora_path: str) -> None:
     """A sharded on input for o/down, B on output for q/k/v/gate/up, as their base layers."""
     base, _ = base_and_adapters
     prompts, loras, expected = reference

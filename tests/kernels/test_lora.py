@@ -1,5 +1,6 @@
 """LoRA shrink/expand: Triton SGMV (prefill segments) and BGMV (decode tokens) against reference.py,
-with tokens of several adapters, of none (-1), ranks padded with zeros, and expand into a column slice."""
+with tokens of several adapters, of none (-1), ranks padded with zeros, and expand into a column slice;
+lora_augment (augmented K's input [x, t masked to each token's slot]) against torch."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.lora import bgmv, sgmv
+from kernels.lora import bgmv, lora_augment, sgmv
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 # bf16 dots are wrong under the interpreter (triton 3.9): bf16 only on the GPU
@@ -132,3 +133,19 @@ def test_sgmv_fused_slices_expand(assert_close: Check, device: torch.device, dty
                               offset)
         offset += size
     assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_augment(device: torch.device, dtype: torch.dtype) -> None:
+    """[x, t] with each token's own slot's columns of t kept, the rest 0; the slots buffer is longer than the
+    batch (CUDA graphs' static buffer) and K + T spans several column blocks."""
+    num_slots, cols_per_slot, k = 4, 48, 1500
+    token_slots = torch.tensor([2, -1, 0, 3, 3, 1, -1, 2, 5, 5], dtype=torch.int32, device=device)  # tail: stale
+    n = 8
+    x = torch.randn(n, k, device=device).to(dtype)
+    t = torch.randn(n, num_slots * cols_per_slot, device=device).to(dtype)
+    out = torch.full((n, k + t.shape[1]), float("nan"), device=device, dtype=dtype)  # every element written
+    lora_augment(x, t, token_slots, cols_per_slot, out)
+    col_slot = torch.arange(t.shape[1], device=device) // cols_per_slot
+    want = torch.cat([x, t * (col_slot[None, :] == token_slots[:n, None])], dim=1)
+    assert torch.equal(out, want)

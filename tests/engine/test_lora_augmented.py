@@ -1,0 +1,135 @@
+"""Augmented-K LoRA (engine/lora/augmented.py) on CPU: one GEMM over [x, masked x @ A^T] and [W, B] equals
+the SGMV path's base GEMM + shrink + expand for tokens of several adapters and none; the weight parameter is a
+view of W_aug (no copy); slot swaps zero the old adapter's columns; base-only batches never read the tail;
+GANTRY_LORA_PATH picks the path and quantized layers stay on SGMV."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.layers.linear import LinearBase, MergedColumnParallelLinear, RowParallelLinear
+from engine.lora.augmented import AugmentedLoRALinear, can_augment, lora_path
+from engine.lora.layers import LoRALinear, LoRASlice
+from engine.lora.punica import LoRABatch, lora_batch
+
+RANK, MAX_LORAS, HIDDEN, INTER = 16, 3, 32, 24
+
+
+def _adapter(modules: dict[str, tuple[int, int]], rank: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module -> (A [rank, in], B [out, rank]) with random values (PEFT's B = 0 would hide every bug)."""
+    g = torch.Generator().manual_seed(seed)
+    return {m: (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g)) for m, (i, o) in modules.items()}
+
+
+def _layers() -> list[tuple[LinearBase, list[LoRASlice], int, bool]]:
+    """(layer, its LoRA slices, in_local, row-parallel) for a gate_up and a down projection, random weights."""
+    torch.manual_seed(0)
+    gate_up, down = MergedColumnParallelLinear(HIDDEN, [INTER, INTER]), RowParallelLinear(INTER, HIDDEN)
+    for layer in (gate_up, down):
+        layer.weight.data.normal_()
+    return [(gate_up, [LoRASlice("gate_proj", 0, INTER, 0), LoRASlice("up_proj", INTER, INTER, 0)], HIDDEN, False),
+            (down, [LoRASlice("down_proj", 0, HIDDEN, 0)], INTER, True)]
+
+
+SHAPES = {"gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN)}
+
+
+def _attach(layer: LinearBase, slices: list[LoRASlice], in_local: int, row_parallel: bool, augmented: bool) -> None:
+    if augmented:
+        layer.lora = AugmentedLoRALinear(slices, in_local, 0, row_parallel, MAX_LORAS, RANK, layer)
+    else:
+        layer.lora = LoRALinear(slices, in_local, 0, row_parallel, MAX_LORAS, RANK, torch.float32,
+                                torch.device("cpu"))
+
+
+def test_one_gemm_matches_shrink_expand() -> None:
+    adapters = [_adapter(SHAPES, 8, 1), _adapter({"up_proj": SHAPES["up_proj"]}, 4, 2), _adapter(SHAPES, 16, 3)]
+    token_slots = torch.tensor([0, -1, 2, 1, 1, 0, -1, 2, 2], dtype=torch.int32)
+    batch = LoRABatch(token_slots, None, None, None, None, False)
+    for layer, slices, in_local, row_parallel in _layers():
+        weight = layer.weight.detach().clone()
+        sgmv = copy.deepcopy(layer)
+        _attach(layer, slices, in_local, row_parallel, True)
+        _attach(sgmv, slices, in_local, row_parallel, False)
+        # the parameter is a view of W_aug: no second copy of the base weight, its values kept
+        assert layer.weight.data_ptr() == layer.lora.w_aug.data_ptr() and torch.equal(layer.weight, weight)
+        assert layer.weight.stride() == (in_local + MAX_LORAS * len(slices) * RANK, 1)
+        for slot, adapter in enumerate(adapters):
+            for lin in (layer, sgmv):
+                lin.lora.set_slot(slot, {s.module: adapter[s.module] for s in slices if s.module in adapter})
+        x = torch.randn(len(token_slots), in_local)
+        with lora_batch(batch):
+            got, want = layer(x), sgmv(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        base = F.linear(x, weight)
+        assert not torch.allclose(got[token_slots >= 0], base[token_slots >= 0])  # the deltas are there
+        torch.testing.assert_close(got[token_slots < 0], base[token_slots < 0], rtol=1e-5, atol=1e-5)
+
+
+def test_set_slot_zeroes_previous_adapter() -> None:
+    layer, slices, in_local, row_parallel = _layers()[0]
+    weight = layer.weight.detach().clone()
+    _attach(layer, slices, in_local, row_parallel, True)
+    layer.lora.set_slot(1, _adapter({"gate_proj": SHAPES["gate_proj"]}, 16, 4))
+    layer.lora.set_slot(1, _adapter({"up_proj": SHAPES["up_proj"]}, 8, 5))  # evicts the gate-only adapter
+    cols = slice(in_local + 2 * RANK, in_local + 3 * RANK)  # slot 1's gate columns of W_aug
+    assert not layer.lora.w_aug[:, cols].any() and not layer.lora.a_all[2 * RANK : 3 * RANK].any()
+    x = torch.randn(4, in_local)
+    with lora_batch(LoRABatch(torch.full((4,), 1, dtype=torch.int32), None, None, None, None, False)):
+        y = layer(x)
+    base = F.linear(x, weight)
+    torch.testing.assert_close(y[:, :INTER], base[:, :INTER], rtol=1e-5, atol=1e-5)  # no trace of the old gate B
+    assert not torch.allclose(y[:, INTER:], base[:, INTER:])
+
+
+def test_base_only_batch_never_reads_the_tail() -> None:
+    for layer, slices, in_local, row_parallel in _layers():
+        weight = layer.weight.detach().clone()
+        _attach(layer, slices, in_local, row_parallel, True)
+        layer.lora.w_aug[:, in_local:] = float("nan")  # any read of the tail would show
+        x = torch.randn(5, in_local)
+        with lora_batch(None):
+            y = layer(x)
+        assert torch.equal(y, F.linear(x, weight))
+
+
+def test_lora_path_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GANTRY_LORA_PATH", raising=False)
+    assert lora_path() == "augmented"
+    monkeypatch.setenv("GANTRY_LORA_PATH", "sgmv")
+    assert lora_path() == "sgmv"
+    monkeypatch.setenv("GANTRY_LORA_PATH", "fused")
+    with pytest.raises(ValueError, match="GANTRY_LORA_PATH.*'fused'"):
+        lora_path()
+
+
+def test_only_plain_weights_augment() -> None:
+    layer = _layers()[0][0]
+    assert can_augment(layer, torch.float32)
+    assert not can_augment(layer, torch.bfloat16)  # not the model's dtype
+    layer.quant_method = object()  # a quantized layer's `weight` is not what its GEMM reads
+    assert not can_augment(layer, torch.float32)
+
+
+@pytest.mark.parametrize("path", ["augmented", "sgmv"])
+def test_attach_picks_the_path(monkeypatch: pytest.MonkeyPatch, tmp_path, path: str) -> None:
+    from transformers import Qwen2Config
+
+    from engine.lora.adapter import ModelDims
+    from engine.lora.manager import attach_lora
+    from engine.models.registry import get_model_class
+
+    monkeypatch.setenv("GANTRY_LORA_PATH", path)
+    hf = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, architectures=["Qwen2ForCausalLM"])
+    previous = torch.get_default_dtype()
+    try:
+        model = get_model_class(hf.architectures, str(tmp_path))(hf)
+    finally:
+        torch.set_default_dtype(previous)
+    attached = attach_lora(model, ModelDims.from_hf(hf), 2, 16, torch.float32, torch.device("cpu"))
+    kinds = {type(lora) for loras in attached.values() for lora in loras}
+    assert kinds == {AugmentedLoRALinear if path == "augmented" else LoRALinear}
