@@ -1,8 +1,8 @@
 """Multi-LoRA on one GPU: W1 (Qwen2-7B shape, random weights) with 8 random rank-16 adapters on every
 projection. Prints one JSON line per figure: each request a random adapter vs the same run without
-LoRA (goal >= 0.85), base-only requests on a LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and
-shrink/expand kernel times beside the base GEMM of each projection.
-    python -m benchmarks.lora_bench [--num-requests 256] [--input-len 512] [--output-len 512]
+LoRA (goal >= 0.85; with --ab-path on both LoRA paths), base-only requests on a LoRA-enabled engine vs LoRA
+disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the base GEMM.
+    python -m benchmarks.lora_bench [--ab-path] [--num-requests 256] [--input-len 512] [--output-len 512]
 """
 from __future__ import annotations
 
@@ -93,13 +93,56 @@ def graph_ms(fn, reps: int = 20) -> float:
     return start.elapsed_time(end) / 5 / reps
 
 
-def kernel_figures(shape: dict) -> None:
-    """Per layer type, the engine's shrink and (all slices') expand beside the base GEMM, for a decode
-    step of 256 tokens and a prefill of 8192 (16 segments), 8 adapters, each timed inside a CUDA graph."""
-    from engine.lora.adapter import ModelDims
+def _sgmv_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor,
+                  y: torch.Tensor) -> dict:
+    """The SGMV path: base GEMM, shrink (with its zeroed float32 output) and every slice's expand."""
     from engine.lora.layers import LoRALinear, LoRASlice
+    from engine.lora.punica import expand_fused, shrink
+
+    lin = LoRALinear([LoRASlice(m, off, size, 0) for m, off, size in slices], in_features, 0, False, NUM_ADAPTERS,
+                     RANK, torch.bfloat16, x.device)
+    lin.a_stack.normal_(std=0.01)
+    lin.b_all.normal_(std=0.01)
+    t = shrink(batch, x, lin.a_stack)
+    return {"shrink_ms": graph_ms(lambda: shrink(batch, x, lin.a_stack)),
+            "expand_ms": graph_ms(lambda: expand_fused(batch, t, lin.b_all, y, lin.x_col, lin.block_n)),
+            "total_ms": graph_ms(lambda: lin.apply(batch, x, torch.matmul(x, w.t(), out=y)))}
+
+
+def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor) -> dict:
+    """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), t = x @ A_all^T,
+    the masked [x, t], the one GEMM over W_aug, and the whole layer."""
+    from torch import nn
+
+    from engine.lora.augmented import AugmentedLoRALinear
+    from engine.lora.layers import LoRASlice
+    from kernels.lora import lora_augment
+
+    layer = nn.Module()
+    layer.weight = nn.Parameter(w.clone(), requires_grad=False)
+    aug = AugmentedLoRALinear([LoRASlice(m, off, size, 0) for m, off, size in slices], in_features, 0, False,
+                              NUM_ADAPTERS, RANK, layer)
+    aug.a_all.normal_(std=0.01)
+    aug.w_aug[:, in_features:].normal_(std=0.01)
+    t = torch.mm(x, aug.a_all.t())
+    x_aug = torch.empty(x.shape[0], aug.w_aug.shape[1], dtype=x.dtype, device=x.device)
+    figures = {"base_gemm_view_ms": graph_ms(lambda: torch.nn.functional.linear(x, layer.weight)),
+               "shrink_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),
+               "mask_ms": graph_ms(lambda: lora_augment(x, t, batch.token_slots, aug.cols_per_slot, x_aug)),
+               "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
+               "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
+               "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}
+    del aug, layer
+    return figures
+
+
+def kernel_figures(shape: dict, ab: bool) -> None:
+    """Per layer type, the SGMV path's shrink and (all slices') expand beside the base GEMM, and with `ab` the
+    augmented-K path's parts and both paths' whole layer, for a decode step of 256 tokens and a prefill of 8192
+    (16 segments), 8 adapters, each timed inside a CUDA graph."""
+    from engine.lora.adapter import ModelDims
     from engine.lora.manager import DECODE_TILE, PREFILL_TILE, tile_segments
-    from engine.lora.punica import LoRABatch, expand_fused, shrink
+    from engine.lora.punica import LoRABatch
 
     hf = type("HF", (), dict(shape, head_dim=None))
     d, dev = ModelDims.from_hf(hf), torch.device("cuda")
@@ -113,23 +156,26 @@ def kernel_figures(shape: dict) -> None:
         tile = DECODE_TILE if kind == "decode" else PREFILL_TILE
         seg_start, seg_slot = (torch.from_numpy(a).to(dev) for a in tile_segments(
             torch.bincount(slots, minlength=NUM_ADAPTERS).numpy(), tile))  # as the engine cuts them
-        batch = LoRABatch(None, perm, seg_start, seg_slot, tile, True)
+        batch = LoRABatch(slots.to(torch.int32).to(dev), perm, seg_start, seg_slot, tile, True)
         for name, (slices, in_features) in layers.items():
-            lin = LoRALinear([LoRASlice(m, off, size, 0) for m, off, size in slices], in_features, 0, False,
-                             NUM_ADAPTERS, RANK, torch.bfloat16, dev)
-            lin.a_stack.normal_(std=0.01)
-            lin.b_all.normal_(std=0.01)
-            out_features = lin.b_all.shape[1]
+            out_features = sum(size for _, _, size in slices)
             x = torch.randn(num_tokens, in_features, device=dev, dtype=torch.bfloat16)
             w = torch.randn(out_features, in_features, device=dev, dtype=torch.bfloat16)
             y = torch.empty(num_tokens, out_features, device=dev, dtype=torch.bfloat16)
-            t = shrink(batch, x, lin.a_stack)
-            print(json.dumps({
-                "figure": f"lora_kernel_{kind}_{name}", "num_tokens": num_tokens, "adapters": NUM_ADAPTERS,
-                "rank": RANK, "gemm_ms": round(graph_ms(lambda: torch.matmul(x, w.t(), out=y)), 4),
-                "shrink_ms": round(graph_ms(lambda: shrink(batch, x, lin.a_stack)), 4),
-                "expand_ms": round(graph_ms(lambda: expand_fused(batch, t, lin.b_all, y, lin.x_col, lin.block_n)), 4),
-            }), flush=True)
+            gemm = graph_ms(lambda: torch.matmul(x, w.t(), out=y))
+            sgmv = _sgmv_figures(batch, slices, in_features, x, w, y)
+            line = {"figure": f"lora_kernel_{kind}_{name}", "num_tokens": num_tokens, "adapters": NUM_ADAPTERS,
+                    "rank": RANK, "gemm_ms": round(gemm, 4), "shrink_ms": round(sgmv["shrink_ms"], 4),
+                    "expand_ms": round(sgmv["expand_ms"], 4)}
+            if ab:
+                aug = _augmented_figures(batch, slices, in_features, x, w)
+                line["sgmv_total_ms"] = round(sgmv["total_ms"], 4)
+                line["sgmv_lora_cost_ms"] = round(sgmv["total_ms"] - gemm, 4)
+                line.update({f"augmented_{k}": v if k == "tail_bytes" else round(v, 4) for k, v in aug.items()})
+                line["augmented_lora_cost_ms"] = round(aug["total_ms"] - gemm, 4)
+            print(json.dumps(line), flush=True)
+            del x, w, y
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -138,29 +184,36 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=512)
     ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ab-path", action="store_true",
+                    help="both LoRA paths (GANTRY_LORA_PATH=sgmv and augmented) against one no-LoRA baseline")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("lora_bench needs a CUDA GPU")
     from engine.lora import LoRARequest
+    from engine.lora.augmented import lora_path
 
+    default_path = lora_path()  # GANTRY_LORA_PATH as given (a bad value stops here, before any work)
     shape = make_workload("w1", args.seed).shape
     model = write_config(shape, args.input_len + args.output_len)
-    kernel_figures(shape)
+    kernel_figures(shape, args.ab_path)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.input_len)] for _ in range(args.num_requests)]
     adapters = [LoRARequest(f"adapter{i}", i + 1, p) for i, p in enumerate(write_adapters(shape, args.seed))]
     per_request = [rng.choice(adapters) for _ in prompts]
     lora_kwargs = dict(enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
-    base = run(model, prompts, args.output_len, None)
-    with_lora = run(model, prompts, args.output_len, per_request, **lora_kwargs)
-    base_on_lora = run(model, prompts, args.output_len, None, **lora_kwargs)
     common = {"workload": "w1", "num_requests": args.num_requests, "adapters": NUM_ADAPTERS, "rank": RANK}
-    print(json.dumps({"figure": "lora_random_adapter_vs_no_lora", **common, "no_lora_tok_s": round(base, 1),
-                      "lora_tok_s": round(with_lora, 1), "ratio": round(with_lora / base, 4), "goal": 0.85}),
-          flush=True)
-    print(json.dumps({"figure": "lora_base_requests_vs_lora_disabled", **common, "lora_disabled_tok_s": round(base, 1),
-                      "lora_enabled_tok_s": round(base_on_lora, 1), "ratio": round(base_on_lora / base, 4),
-                      "goal": 0.97}), flush=True)
+    base = run(model, prompts, args.output_len, None)
+    for path in ("sgmv", "augmented") if args.ab_path else (default_path,):
+        os.environ["GANTRY_LORA_PATH"] = path  # read when the engine attaches LoRA (its processes inherit it)
+        with_lora = run(model, prompts, args.output_len, per_request, **lora_kwargs)
+        print(json.dumps({"figure": "lora_random_adapter_vs_no_lora", "lora_path": path, **common,
+                          "no_lora_tok_s": round(base, 1), "lora_tok_s": round(with_lora, 1),
+                          "ratio": round(with_lora / base, 4), "goal": 0.85}), flush=True)
+    os.environ["GANTRY_LORA_PATH"] = default_path
+    base_on_lora = run(model, prompts, args.output_len, None, **lora_kwargs)
+    print(json.dumps({"figure": "lora_base_requests_vs_lora_disabled", "lora_path": default_path, **common,
+                      "lora_disabled_tok_s": round(base, 1), "lora_enabled_tok_s": round(base_on_lora, 1),
+                      "ratio": round(base_on_lora / base, 4), "goal": 0.97}), flush=True)
 
 
 if __name__ == "__main__":
