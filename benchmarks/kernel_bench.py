@@ -2,9 +2,12 @@
 
 Bytes = K/V pages read (each once) + query + output; copy bandwidth = bytes read + written by a large
 device-to-device copy, measured in the same run. Also: bf16 matmul rate and the prefill kernel's
-TFLOP/s for reference. `--sweep` also times launch variants and split counts.
+TFLOP/s for reference. `--sweep` also times launch variants and split counts. `--long` times both
+kernels at long context instead (issue 12): one 8,192-token chunk of a 120K prompt at several offsets
+(launch variants, TFLOP/s against the matmul rate and against torch SDPA on contiguous K/V), and one
+decoding stream at 120K (split counts, % of copy bandwidth).
 
-    python3 -m benchmarks.kernel_bench [--sweep]   (from the repository root)
+    python3 -m benchmarks.kernel_bench [--sweep] [--long]   (from the repository root)
 """
 from __future__ import annotations
 
@@ -150,15 +153,89 @@ def run_prefill(matmul: float, sweep: bool) -> None:
         print(f"  {launch or 'default'}: {ms:.3f} ms, {tflops:.0f} TFLOP/s ({100 * tflops / matmul:.0f}% of matmul)")
 
 
+LONG_SHAPE = (28, 4)  # Qwen2-7B heads
+LONG_CONTEXT = 120_000
+CHUNK = 8192
+
+
+def causal_chunk_flops(num_heads: int, q_len: int, context: int) -> float:
+    """QK^T and PV over the keys each new token sees: context + its own position within the chunk + 1."""
+    return 4 * num_heads * HEAD_DIM * (q_len * context + q_len * (q_len + 1) / 2)
+
+
+def run_long_prefill(matmul: float, sweep: bool) -> None:
+    num_heads, num_kv_heads = LONG_SHAPE
+    _, k_cache, v_cache, block_tables, _ = make_decode_batch(1, LONG_CONTEXT + CHUNK, num_heads, num_kv_heads)
+    query = torch.randn(CHUNK, num_heads, HEAD_DIM, device="cuda", dtype=DTYPE)
+    query_start_loc = torch.tensor([0, CHUNK], dtype=torch.int32, device="cuda")
+    variants = [dict(pack_gqa=True), dict(pack_gqa=False)]
+    if sweep:
+        tiles = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 4, 2),
+                 (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)]
+        variants = [dict(pack_gqa=p, block_m=m, block_n=n, num_warps=w, num_stages=st)
+                    for p in (False, True) for m, n, w, st in tiles]
+    print(f"\nlong prefill: one chunk of {CHUNK} new tokens after `context` earlier ones, 28q/4kv, bf16;"
+          f" default = the engine's launch for max_query_len {CHUNK}")
+    for context in (0, LONG_CONTEXT // 2, LONG_CONTEXT - CHUNK):
+        seq_lens = torch.tensor([context + CHUNK], dtype=torch.int32, device="cuda")
+        flops = causal_chunk_flops(num_heads, CHUNK, context)
+        results = []
+        for launch in [dict(max_query_len=CHUNK)] + variants:
+            try:
+                ms = bench_ms(lambda: prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc,
+                                                        seq_lens, HEAD_DIM**-0.5, **launch))
+            except Exception as e:  # out of shared memory for this variant
+                print(f"  context {context} {launch}: {type(e).__name__}")
+                continue
+            results.append((ms, launch))
+        for ms, launch in sorted(results, key=lambda r: r[0])[:6] + [r for r in results if "max_query_len" in r[1]]:
+            tflops = flops / ms / 1e9
+            print(f"  context {context:>6} {launch}: {ms:.3f} ms, {tflops:.0f} TFLOP/s ({100 * tflops / matmul:.0f}% of matmul)")
+    out = prefill_attention(query[:512], k_cache, v_cache, block_tables, torch.tensor([0, 512], dtype=torch.int32, device="cuda"),
+                            torch.tensor([4096], dtype=torch.int32, device="cuda"), HEAD_DIM**-0.5, max_query_len=CHUNK)
+    ref = reference.paged_attention(query[:512], k_cache, v_cache, block_tables, torch.tensor([0, 512], dtype=torch.int32, device="cuda"),
+                                    torch.tensor([4096], dtype=torch.int32, device="cuda"), HEAD_DIM**-0.5)
+    print(f"  long launch relative error vs reference: {((out.float() - ref.float()).norm() / ref.float().norm()).item():.1e}")
+    # what flash attention reaches on this GPU: torch SDPA, contiguous K/V, square causal, heads expanded
+    n = 32768
+    q = torch.randn(1, num_heads, n, HEAD_DIM, device="cuda", dtype=DTYPE)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    ms = bench_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    tflops = causal_chunk_flops(num_heads, n, 0) / ms / 1e9
+    print(f"  torch SDPA causal {n} tokens, contiguous: {ms:.3f} ms, {tflops:.0f} TFLOP/s ({100 * tflops / matmul:.0f}% of matmul)")
+
+
+def run_long_decode(copy_gbs: float) -> None:
+    num_heads, num_kv_heads = LONG_SHAPE
+    print(f"\nlong decode: graph ms and % of copy bandwidth by split count (* = choose_num_splits)")
+    for batch, context in ((1, LONG_CONTEXT), (4, LONG_CONTEXT // 4), (32, 8192)):
+        args = make_decode_batch(batch, context, num_heads, num_kv_heads)
+        nbytes = decode_bytes(batch, context, num_heads, num_kv_heads)
+        chosen = choose_num_splits(batch, num_kv_heads, context, args[0].device)
+        cells = []
+        for n in sorted({chosen, 16, 32, 64, 128, 256}):
+            for block_n, warps in ((64, 4), (128, 8)):
+                ms = time_decode(args, graph=True, num_splits=n, block_n=block_n, num_warps=warps)
+                cells.append(f"{n}{'*' if n == chosen and block_n == 64 else ''}/{block_n}/{warps}w: {ms:.3f} ({100 * nbytes / ms / 1e6 / copy_gbs:.0f}%)")
+        print(f"  batch {batch:>3} context {context:>6} err {check_decode(args):.1e}\n    " + "\n    ".join(cells))
+        del args
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch variants and split counts")
+    parser.add_argument("--long", action="store_true", help="long-context prefill chunk and decode instead")
     opts = parser.parse_args()
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     matmul = matmul_tflops()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s; bf16 matmul 8192^3: {matmul:.0f} TFLOP/s")
+    if opts.long:
+        run_long_decode(copy_gbs)
+        run_long_prefill(matmul, opts.sweep)
+        return
     if opts.sweep:
         run_sweep(copy_gbs)
     run_decode_table(copy_gbs)

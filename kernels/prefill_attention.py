@@ -11,7 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.decode_attention import num_sms
+
 LOG2E = 1.4426950408889634
+# A step whose longest chunk has this many new tokens takes the long-chunk launch (bf16/fp16, head <= 128).
+LONG_QUERY = 512
+LONG_LAUNCH = dict(block_m=128, block_n=128, num_warps=8, num_stages=3)  # H200 sweep, kernel_bench --long
+SHORT_LONG_LAUNCH = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -41,13 +47,20 @@ def _attend_tile(
     """One online-softmax step over context tokens tok0..tok0+BLOCK_N-1."""
     dims = tl.arange(0, HEAD_DIM)
     toks = tok0 + tl.arange(0, BLOCK_N)
-    tok_mask = toks < kv_end
-    pages = tl.load(block_table + toks // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
     in_page = toks % BLOCK_SIZE
-    k_off = pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head
-    v_off = pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head
-    k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
-    v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
+    if CAUSAL_MASK:  # the tile may run past kv_end
+        tok_mask = toks < kv_end
+        pages = tl.load(block_table + toks // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
+        k_off = pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head
+        v_off = pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
+    else:  # wholly before the q-block's first position, so before kv_end: no masks
+        pages = tl.load(block_table + toks // BLOCK_SIZE).to(tl.int64)
+        k_off = pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head
+        v_off = pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head
+        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :]).to(q.dtype)
+        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :]).to(q.dtype)
 
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if CAUSAL_MASK:
@@ -90,11 +103,21 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     BLOCK_N: tl.constexpr,  # context tokens per loop step
+    PACK_GQA: tl.constexpr,  # a program takes every query head of one KV head, else one query head
     DOT_PRECISION: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2  # rows: (new token, query head of this KV head)
-    q_block = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # rows: (new token, query head of this KV head) when packing, else new tokens of one query head
+    ROWS_PER_TOKEN: tl.constexpr = GROUP_P2 if PACK_GQA else 1
+    HEADS: tl.constexpr = GROUP if PACK_GQA else 1
+    BLOCK_M: tl.constexpr = BLOCK_Q * ROWS_PER_TOKEN
+    if PACK_GQA:
+        q_block = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        head0 = kv_head * GROUP
+    else:  # heads vary fastest: the GROUP programs reading one KV head's tiles run side by side (L2)
+        head0 = tl.program_id(0)
+        q_block = tl.program_id(1)
+        kv_head = head0 // GROUP
     seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -105,10 +128,10 @@ def _prefill_kernel(
     context_len = seq_len - q_len  # tokens before the first new one
 
     rows = tl.arange(0, BLOCK_M)
-    q_idx = q_block_in_seq * BLOCK_Q + rows // GROUP_P2  # new-token index within the sequence
-    head_in_group = rows % GROUP_P2
-    row_mask = (q_idx < q_len) & (head_in_group < GROUP)
-    heads = kv_head * GROUP + head_in_group
+    q_idx = q_block_in_seq * BLOCK_Q + rows // ROWS_PER_TOKEN  # new-token index within the sequence
+    head_in_group = rows % ROWS_PER_TOKEN
+    row_mask = (q_idx < q_len) & (head_in_group < HEADS)
+    heads = head0 + head_in_group
     dims = tl.arange(0, HEAD_DIM)
     tok_rows = (q_start + q_idx).to(tl.int64)
     q = tl.load(
@@ -156,12 +179,16 @@ def prefill_attention(
     scale: float,
     block_m: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
-    num_stages: int = 2,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
     k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale
     v_scale: float = 1.0,
+    max_query_len: int | None = None,
+    pack_gqa: bool | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """reference.paged_attention for any mix of q_len (0 included); launch sized from shapes only."""
+    """reference.paged_attention for any mix of q_len (0 included); launch sized from shapes and the
+    host-side max_query_len only. Long chunks take one query head per program with large tiles (the
+    tensor cores' shape on Hopper); short ones pack a KV head's query heads into the rows."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -172,15 +199,26 @@ def prefill_attention(
     out = torch.empty_like(query)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    # Tuned on an H100 (bf16, head 128, 32q/8kv): 128 x 32 tiles with 4 warps beat 128 x 64 with 8 by 10%.
+    long = max_query_len is not None and max_query_len >= LONG_QUERY
+    if pack_gqa is None:
+        pack_gqa = not long
     small = head_dim > 128 or query.dtype == torch.float32
-    if block_m is None:
-        block_m = 64 if small else 128
-    if block_n is None:
-        block_n = 32
-    block_q = max(1, block_m // group_p2)
+    if long and not small:
+        # a chunk too short to give every SM two programs of 128 rows takes 64-row tiles (H200 at 8,192
+        # new tokens: 128 x 128 tiles 384 TFLOP/s, 64 x 64 352, so 64 wins once the second wave is short)
+        full = (num_tokens // 128) * num_heads >= 2 * num_sms(query.device)
+        launch = LONG_LAUNCH if full else SHORT_LONG_LAUNCH
+    else:  # tuned on an H100 (bf16, head 128, 32q/8kv): 128 x 32 tiles with 4 warps beat 128 x 64 with 8 by 10%
+        launch = dict(block_m=64 if small else 128, block_n=32, num_warps=4, num_stages=2)
+    block_m = block_m or launch["block_m"]
+    block_n = block_n or launch["block_n"]
+    num_warps = num_warps or launch["num_warps"]
+    num_stages = num_stages or launch["num_stages"]
+    rows_per_token = group_p2 if pack_gqa else 1
+    block_q = max(1, block_m // rows_per_token)
     # Every sequence's q-blocks fit in [query_start_loc[i] // block_q + i, ...): no host sync.
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    num_q_blocks = num_tokens // block_q + num_seqs
+    grid = (num_q_blocks, num_kv_heads) if pack_gqa else (num_heads, num_q_blocks)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         num_seqs, scale * LOG2E * k_scale, v_scale,
@@ -195,6 +233,7 @@ def prefill_attention(
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
+        PACK_GQA=pack_gqa,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,

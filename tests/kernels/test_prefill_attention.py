@@ -22,7 +22,7 @@ SCENARIOS = {
 
 def _run(make_paged_kv: Callable, assert_close: Check, device: torch.device, scenario: list[tuple[int, int]],
          num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
-         block_m: int | None = None, block_n: int | None = None) -> None:
+         block_m: int | None = None, block_n: int | None = None, **launch: object) -> None:
     q_lens = [q for q, _ in scenario]
     seq_lens = [q + c for q, c in scenario]
     k_cache, v_cache, block_tables, lens = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype)
@@ -30,7 +30,7 @@ def _run(make_paged_kv: Callable, assert_close: Check, device: torch.device, sce
     query = torch.randn(sum(q_lens), num_heads, head_dim, device=device).to(dtype)  # [num_tokens, num_heads, head_dim]
     scale = head_dim**-0.5
     out = prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, lens, scale,
-                            block_m=block_m, block_n=block_n)
+                            block_m=block_m, block_n=block_n, **launch)
     assert_close(out, reference.paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, lens, scale))
 
 
@@ -41,12 +41,23 @@ def test_prefill_scenarios(make_paged_kv: Callable, assert_close: Check, device:
     _run(make_paged_kv, assert_close, device, SCENARIOS[scenario], num_heads, num_kv_heads, 32, 16, torch.float32)
 
 
+@pytest.mark.parametrize("pack_gqa", [True, False])
 @pytest.mark.parametrize("block_size", [1, 4, 32])
 @pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)])
 def test_prefill_tiles_and_pages(make_paged_kv: Callable, assert_close: Check, device: torch.device,
-                                 block_size: int, block_m: int, block_n: int) -> None:
-    # Group 7 pads to 8 rows per token; block_m 16 then holds two new tokens of all 7 heads.
-    _run(make_paged_kv, assert_close, device, SCENARIOS["mixed"], 14, 2, 64, block_size, torch.float32, block_m, block_n)
+                                 block_size: int, block_m: int, block_n: int, pack_gqa: bool) -> None:
+    # Packed, group 7 pads to 8 rows per token: block_m 16 then holds two new tokens of all 7 heads.
+    # Unpacked, a program takes block_m new tokens of one query head.
+    _run(make_paged_kv, assert_close, device, SCENARIOS["mixed"], 14, 2, 64, block_size, torch.float32, block_m, block_n,
+         pack_gqa=pack_gqa)
+
+
+def test_prefill_long_chunk_launch(make_paged_kv: Callable, assert_close: Check, device: torch.device) -> None:
+    # max_query_len at the long-chunk threshold picks the unpacked launch; pages shuffled, lengths off the page size
+    from kernels.prefill_attention import LONG_QUERY
+
+    scenario = [(LONG_QUERY, 37), (3, 600), (LONG_QUERY // 2 + 5, 0)]
+    _run(make_paged_kv, assert_close, device, scenario, 6, 2, 32, 16, torch.float32, max_query_len=LONG_QUERY)
 
 
 def test_prefill_group_wider_than_tile(make_paged_kv: Callable, assert_close: Check, device: torch.device) -> None:
@@ -77,4 +88,6 @@ GPU_CASES = [
 def test_prefill_gpu(make_paged_kv: Callable, assert_close: Check, dtype: torch.dtype, num_heads: int,
                      num_kv_heads: int, head_dim: int, block_size: int) -> None:
     scenario = [(1000, 0), (1, 3000), (300, 2700), (0, 40), (517, 1), (1, 1), (2048, 0)]
-    _run(make_paged_kv, assert_close, torch.device("cuda"), scenario, num_heads, num_kv_heads, head_dim, block_size, dtype)
+    for max_query_len in (None, 2048):  # the short launch and the long-chunk one
+        _run(make_paged_kv, assert_close, torch.device("cuda"), scenario, num_heads, num_kv_heads, head_dim, block_size,
+             dtype, max_query_len=max_query_len)
