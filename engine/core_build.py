@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +41,21 @@ class CoreBuild:
     info: CoreInfo
     model_config: ModelConfig
     device: torch.device
+
+
+# How much slower the paged prefill attention runs than the linear layers' GEMMs per FLOP (H200, W1
+# shape: ~384 against ~600 TFLOP/s at long context, benchmarks/kernel_bench.py --long).
+ATTENTION_COST = 1.5
+
+
+def prefill_context_cost(hf_config: Any) -> float:
+    """A new token's attention to one earlier token (QK^T and PV: 2 * q_size multiply-adds per layer) over
+    its linear layers' multiply-adds, scaled by ATTENTION_COST: the scheduler's per-position cost of a chunk.
+    Qwen2-7B: 3.1e-5, so a token 32K deep costs twice one at the start (4.6e-5 with the scaling)."""
+    dims = ModelDims.from_hf(hf_config)
+    linear = sum(i * o for i, o in map(dims.shape, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj")))
+    return ATTENTION_COST * 2 * dims.q_size / linear
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
@@ -125,6 +141,7 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
                           sorted(config_eos_token_ids(mc)), num_lanes, async_scheduling, mc.max_model_len)
     scheduler.max_loras = config.max_loras if config.enable_lora else None
     scheduler.max_prefill_tokens_while_decoding = config.max_prefill_tokens_while_decoding
+    scheduler.prefill_context_cost = prefill_context_cost(mc.hf_config)
     core = EngineCore(scheduler, executor, max_in_flight)
     core.structured_output_manager = StructuredOutputManager(  # loads the tokenizer at the first constrained request
         lambda: load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=False), mc.hf_config.vocab_size)

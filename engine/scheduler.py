@@ -47,6 +47,9 @@ def request_sampling_params(seq: Sequence, eos_token_ids: list[int]) -> RequestS
     )
 
 
+MIN_PREFILL_CHUNK = 256  # prompt tokens a step that decodes may always give one prefill
+
+
 class Scheduler:
     def __init__(
         self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, eos_token_ids: list[int],
@@ -71,6 +74,10 @@ class Scheduler:
         # prompt tokens per step while some sequence of the step decodes (None: the whole budget): bounds
         # how long a burst of new prompts stalls the running streams (their inter-token latency)
         self.max_prefill_tokens_while_decoding: int | None = None
+        # in such a step a prompt token at position p counts 1 + p * prefill_context_cost (its linear layers
+        # plus attention over p earlier tokens, in units of the linear layers): a chunk deep into a long
+        # prompt gets fewer tokens, so the step's time, not its token count, stays bounded
+        self.prefill_context_cost = 0.0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -146,10 +153,11 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = False
         loras: set[int] = set()  # adapters in this step
-        prefill_budget = budget
-        if self.max_prefill_tokens_while_decoding and any(
+        prefill_budget: float | None = None  # cost units left for prompt tokens when the step decodes too
+        if (self.max_prefill_tokens_while_decoding or self.prefill_context_cost) and any(
                 self._ready(s, lane) and s.num_uncomputed_tokens == 1 for s in self.running):
-            prefill_budget = self.max_prefill_tokens_while_decoding
+            prefill_budget = self.max_prefill_tokens_while_decoding or budget
+        first_chunk = True
         for seq in list(self.running):
             if budget <= 0:
                 break
@@ -160,7 +168,8 @@ class Scheduler:
                 continue  # a prefill-first step: this decode waits
             if not self._lora_fits(seq, loras):
                 continue
-            num_new = min(num_new, budget) if num_new == 1 else min(num_new, budget, prefill_budget)
+            if num_new > 1:
+                num_new = self._prefill_chunk(seq.num_computed_tokens, num_new, budget, prefill_budget, first_chunk)
             if num_new <= 0:
                 continue
             while not self.block_manager.allocate(seq, num_new):
@@ -175,23 +184,27 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                if num_new > 1 and prefill_budget is not None:
+                    prefill_budget -= self._prefill_cost(seq.num_computed_tokens, num_new)
+                first_chunk = first_chunk and num_new == 1
                 self._schedule_tokens(seq, num_new, out, scheduled)
                 budget -= num_new
-                if num_new > 1:
-                    prefill_budget -= num_new
         num_in_lane = sum(1 for s in self.running if s.lane == lane)
         cap = self._lane_cap()
-        while (self.waiting and min(budget, prefill_budget) > 0 and len(self.running) < self.max_num_seqs
-               and not preempted and num_in_lane < cap):
+        while (self.waiting and budget > 0 and (prefill_budget is None or prefill_budget > 0)
+               and len(self.running) < self.max_num_seqs and not preempted and num_in_lane < cap):
             seq = self.waiting[0]
             if seq.num_in_flight or not self._lora_fits(seq, loras):  # in flight when preempted: wait for it
                 break
             # prompt logprobs need every prompt position's logits: no prefix-cache hits (as vLLM)
             computed_blocks, num_cached = (([], 0) if seq.needs_prompt_logprobs
                                            else self.block_manager.get_computed_blocks(seq))
-            num_new = min(seq.num_tokens - num_cached, budget, prefill_budget)
-            if not self.block_manager.allocate(seq, num_new, computed_blocks):
+            num_new = self._prefill_chunk(num_cached, seq.num_tokens - num_cached, budget, prefill_budget, first_chunk)
+            if num_new <= 0 or not self.block_manager.allocate(seq, num_new, computed_blocks):
                 break
+            if prefill_budget is not None:
+                prefill_budget -= self._prefill_cost(num_cached, num_new)
+            first_chunk = False
             self.waiting.popleft()
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_cached
@@ -200,7 +213,6 @@ class Scheduler:
             self.running.append(seq)
             self._schedule_tokens(seq, num_new, out, scheduled)
             budget -= num_new
-            prefill_budget -= num_new
         if not scheduled and not self.running and self.waiting and not preempted and not self.waiting[0].num_in_flight:
             # the whole pool is free and the oldest sequence still does not fit: it never will.
             # It stays in `waiting` (status WAITING) until the engine finishes its request.
@@ -211,6 +223,32 @@ class Scheduler:
             self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - (end - out.num_scheduled_tokens[seq.seq_id]))
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
         return out, scheduled
+
+    def _prefill_cost(self, start: int, num_tokens: int) -> float:
+        """Cost of prompt positions start .. start + num_tokens - 1 (see prefill_context_cost)."""
+        return num_tokens + self.prefill_context_cost * (num_tokens * start + num_tokens * (num_tokens - 1) / 2)
+
+    def _prefill_chunk(self, start: int, num_left: int, budget: int, prefill_budget: float | None,
+                       first_chunk: bool) -> int:
+        """Prompt tokens to compute from position `start`: within the step's token budget and, in a step
+        that decodes too, the most whose cost fits prefill_budget. Weighted by context, the step's first
+        chunk gets at least MIN_PREFILL_CHUNK tokens, so a prompt deep into a long context still advances."""
+        n = min(num_left, budget)
+        if prefill_budget is None:
+            return n
+        if prefill_budget <= 0:
+            return 0
+        w = self.prefill_context_cost
+        if w > 0:  # the positive root of n + w * (n * start + n * (n - 1) / 2) = prefill_budget
+            b = 1 + w * (start - 0.5)
+            fit = int((-b + (b * b + 2 * w * prefill_budget) ** 0.5) / w)
+        else:
+            fit = int(prefill_budget)
+        while fit > 0 and self._prefill_cost(start, fit) > prefill_budget:  # float rounding
+            fit -= 1
+        if first_chunk and w > 0:
+            fit = max(fit, min(MIN_PREFILL_CHUNK, int(prefill_budget)))
+        return min(n, fit)
 
     def _describe(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Full data for a sequence the runners do not hold yet, only the delta otherwise."""

@@ -309,6 +309,44 @@ def test_prefill_tokens_capped_while_decoding(async_scheduling: bool) -> None:
     assert_all_free(sched)
 
 
+def test_prefill_chunks_weighted_by_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With prefill_context_cost, a step that decodes gives a long prompt the most tokens whose cost
+    (1 + position * cost each) fits max_prefill_tokens_while_decoding: chunks shrink as the prompt
+    gets deeper, each fits, and the tokens are those of an unconstrained run."""
+    import engine.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "MIN_PREFILL_CHUNK", 4)
+    long_prompt = [3 + i % 50 for i in range(300)]
+
+    def run(capped: bool) -> tuple[dict[str, list[int]], list[list[tuple[int, bool]]]]:
+        sched = make_scheduler(num_blocks=256, budget=64 if capped else 4096)
+        if capped:
+            sched.max_prefill_tokens_while_decoding, sched.prefill_context_cost = 40, 0.02
+        steps = record_steps(sched)
+        stream, long = make_request("stream", [5, 6, 7], max_tokens=80), make_request("long", long_prompt, max_tokens=2)
+
+        def arrive(step: int, s: Scheduler) -> None:
+            if step == 1:
+                s.add(long.seqs[0])
+
+        outs = drive(sched, [stream], on_step=arrive)
+        assert_all_free(sched)
+        return {k: tokens_of(v) for k, v in outs.items()}, steps
+
+    outs, steps = run(capped=True)
+    assert outs == run(capped=False)[0]
+    chunks = [n for step in steps[1:] for n, decoding in step if n > 1]  # steps[0]: the stream's prompt
+    assert sum(chunks) == len(long_prompt)
+    start, expected = 0, []
+    while start < len(long_prompt):  # the largest n with n + 0.02 * (n * start + n * (n - 1) / 2) <= 40
+        n = max(m for m in range(1, 41) if m + 0.02 * (m * start + m * (m - 1) / 2) <= 40 + 1e-9)
+        n = min(max(n, 4), len(long_prompt) - start)
+        expected.append(n)
+        start += n
+    assert chunks == expected, chunks
+    assert chunks[0] > 2 * chunks[-2], chunks  # deep chunks are smaller
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_prefill_first_steps_carry_no_decodes(async_scheduling: bool) -> None:
     """max_prefill_tokens_while_decoding 0 (prefill first): while a prompt can start or is part-way
