@@ -28,6 +28,7 @@ class LoRALinear:
                  rank: int, dtype: torch.dtype, device: torch.device):
         self.slices, self.rank, self.row_parallel = slices, rank, row_parallel
         self.in_local, self.in_start = in_local, in_start  # this rank's input columns (row-parallel)
+        self.shrink_col = 0  # first column of this layer's shrink output in the step's LoRABatch.shrink_out
         # [max_loras, num_slices * rank, in_local]: one shrink for every slice at once
         self.a_stack = torch.zeros(max_loras, len(slices) * rank, in_local, dtype=dtype, device=device)
         # [max_loras, out_local, rank]: each slice's B in its rows of the layer's output
@@ -58,7 +59,10 @@ class LoRALinear:
     def apply(self, batch: LoRABatch, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x [..., in_local], y [..., out_local] (the base output, before any all-reduce) -> y + deltas."""
         x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        t = shrink(batch, x2.contiguous(), self.a_stack)  # [num_tokens, num_slices * rank] float32
+        out = None
+        if batch.shrink_out is not None:  # zeroed once for the step: no memset here
+            out = batch.shrink_out[: x2.shape[0], self.shrink_col : self.shrink_col + self.a_stack.shape[1]]
+        t = shrink(batch, x2.contiguous(), self.a_stack, out)  # [num_tokens, num_slices * rank] float32
         if batch.use_triton and self.x_col is not None:
             expand_fused(batch, t, self.b_all, y2, self.x_col, self.block_n)
             return y

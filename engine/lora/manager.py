@@ -74,10 +74,11 @@ def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dt
 
 class LoRAManager:
     def __init__(self, model: nn.Module, hf_config: Any, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
-                 max_num_seqs: int, dtype: torch.dtype, device: torch.device):
+                 max_num_seqs: int, dtype: torch.dtype, device: torch.device, use_triton: bool | None = None):
         self.dims = ModelDims.from_hf(hf_config)
         self.max_loras, self.max_cpu_loras, self.max_lora_rank = max_loras, max_cpu_loras, max_lora_rank
-        self.device, self.use_triton = device, device.type == "cuda"
+        # Triton kernels and static decode buffers: on CUDA (tests force them on CPU under Triton's interpreter)
+        self.device, self.use_triton = device, device.type == "cuda" if use_triton is None else use_triton
         self.layers = attach_lora(model, self.dims, max_loras, stack_rank(max_lora_rank), dtype, device)
         self.cpu_cache: OrderedDict[int, LoRAModel] = OrderedDict()  # lora_int_id -> adapter, LRU first
         self.slot_ids: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
@@ -89,13 +90,21 @@ class LoRAManager:
         self.max_tiles = -(-max_num_seqs // DECODE_TILE) + max_loras  # each slot's last tile may be partial
         self.static_seg_start = torch.zeros(self.max_tiles + 1, dtype=torch.int32, device=device)
         self.static_seg_slot = torch.full((self.max_tiles,), -1, dtype=torch.int32, device=device)
+        # the SGMV layers' shrink outputs side by side, zeroed once per decode step (one memset, not one each)
+        sgmv_layers = [lin for lins in self.layers.values() for lin in lins if not lin.augmented]
+        num_cols = 0
+        for lin in sgmv_layers:
+            lin.shrink_col, num_cols = num_cols, num_cols + lin.a_stack.shape[1]
+        self.static_shrink = None
+        if self.use_triton and num_cols:  # [max_num_seqs, num_cols] float32
+            self.static_shrink = torch.zeros(max_num_seqs, num_cols, dtype=torch.float32, device=device)
         self.graphs = None  # DecodeCUDAGraphs captured with LoRA on (CUDA, not enforce_eager)
 
     def _host(self, req: LoRARequest) -> LoRAModel:
         model = self.cpu_cache.get(req.lora_int_id)
         if model is None:
             model = read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank)
-            if self.use_triton:  # pinned: slot swaps copy without waiting for the device
+            if self.device.type == "cuda":  # pinned: slot swaps copy without waiting for the device
                 model.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in model.weights.items()}
             logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s", req.lora_name, req.lora_int_id,
                         model.rank, req.lora_path)
@@ -141,6 +150,8 @@ class LoRAManager:
             num = len(seg_slot)
             seg_start = np.concatenate([seg_start, np.full(self.max_tiles - num, seg_start[-1], dtype=np.int32)])
             seg_slot = np.concatenate([seg_slot, np.full(self.max_tiles - num, -1, dtype=np.int32)])
+            if self.static_shrink is not None:  # stream-ordered after the previous step's reads, before this one
+                self.static_shrink.zero_()
             padded = np.full(len(self.static_token_slots), -1, dtype=np.int32)
             padded[: len(token_slots)] = token_slots
             self.static_token_slots.copy_(self._dev(padded))
@@ -153,10 +164,12 @@ class LoRAManager:
 
     def _static_batch(self) -> LoRABatch:
         return LoRABatch(self.static_token_slots, self.static_perm, self.static_seg_start, self.static_seg_slot,
-                         DECODE_TILE, True)
+                         DECODE_TILE, True, self.static_shrink)
 
     def _dev(self, x: np.ndarray) -> torch.Tensor:
         """Host ints to the device behind the step in flight (pinned, non-blocking)."""
+        if self.device.type != "cuda":
+            return torch.as_tensor(x, dtype=torch.int32).to(self.device)
         return torch.as_tensor(x, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
 
     def capture_graphs(self, graphs: Any) -> None:

@@ -22,6 +22,9 @@ class LoRABatch:
     seg_slot: torch.Tensor | None  # [num_tiles] int32: each tile's slot (one adapter per tile), -1 = unused
     max_seg_len: int | None  # host-side bound on a tile's tokens; None: the batch's token count
     use_triton: bool  # CUDA: Triton kernels; else the torch reference
+    # [>= num_tokens, sum of the SGMV layers' num_slices * rank] float32, zeroed once for the step (decode, CUDA
+    # graphs' static buffer): every shrink adds into its own columns instead of a torch.zeros of its own
+    shrink_out: torch.Tensor | None = None
 
 
 _BATCH: LoRABatch | None = None
@@ -59,13 +62,15 @@ def _tile(batch: LoRABatch, num_tokens: int) -> tuple[int, int]:
     return batch.max_seg_len, min(64, max(16, 1 << (batch.max_seg_len - 1).bit_length()))
 
 
-def shrink(batch: LoRABatch, x: torch.Tensor, a_stack: torch.Tensor) -> torch.Tensor:
-    """x [num_tokens, in] @ A[slot]^T per token -> [num_tokens, rank] float32 (0 without an adapter)."""
+def shrink(batch: LoRABatch, x: torch.Tensor, a_stack: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [num_tokens, in] @ A[slot]^T per token -> [num_tokens, rank] float32 (0 without an adapter); out, when
+    given, is a zeroed float32 [num_tokens, rank] view (rows may be strided) the Triton path adds into."""
     if not batch.use_triton:
         return reference.lora_shrink(x, a_stack, batch.token_slots)
     from kernels.lora import sgmv
 
-    out = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
     split_k, block_k = shrink_split_k(x.shape[1], x.shape[0])
     msl, bm = _tile(batch, x.shape[0])
     sgmv(x, a_stack, out, batch.seg_start, batch.seg_slot, msl, add=True, perm=batch.perm, split_k=split_k,

@@ -149,3 +149,20 @@ def test_lora_augment(device: torch.device, dtype: torch.dtype) -> None:
     col_slot = torch.arange(t.shape[1], device=device) // cols_per_slot
     want = torch.cat([x, t * (col_slot[None, :] == token_slots[:n, None])], dim=1)
     assert torch.equal(out, want)
+
+
+def test_sgmv_split_k_shrink_into_step_buffer(assert_close: Check, device: torch.device) -> None:
+    """Decode's shrink adds into its own columns of the step's zeroed float32 buffer (strided rows), leaving
+    the other layers' columns as they were."""
+    num_slots, rank, hidden, col = 3, 32, 256, 16
+    token_slots = torch.tensor([1, -1, 0, 2, 2, 1, 0], dtype=torch.int32, device=device)
+    perm, seg_start, seg_slot = grouped(token_slots, num_slots)
+    n = token_slots.shape[0]
+    x = torch.randn(n, hidden, device=device)
+    a = torch.randn(num_slots, rank, hidden, device=device) / hidden**0.5
+    step = torch.zeros(n + 2, col + rank + 8, device=device)  # [>= num_tokens, every layer's columns]
+    step[:, :col] = 7.0
+    step[:, col + rank :] = 5.0
+    sgmv(x, a, step[:n, col : col + rank], seg_start, seg_slot, n, add=True, perm=perm, split_k=4)
+    assert_close(step[:n, col : col + rank], reference.lora_shrink(x, a, token_slots))
+    assert (step[:, :col] == 7.0).all() and (step[:, col + rank :] == 5.0).all() and not step[n:, col:col + rank].any()
