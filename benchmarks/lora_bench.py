@@ -135,7 +135,6 @@ def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w
                "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
                "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
                "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}
-    del aug, layer
     return figures
 
 
@@ -166,7 +165,7 @@ def kernel_figures(shape: dict, ab: bool) -> None:
             x = torch.randn(num_tokens, in_features, device=dev, dtype=torch.bfloat16)
             w = torch.randn(out_features, in_features, device=dev, dtype=torch.bfloat16)
             y = torch.empty(num_tokens, out_features, device=dev, dtype=torch.bfloat16)
-            gemm = graph_ms(lambda: torch.matmul(x, w.t(), out=y))
+            gemm = graph_ms(lambda x=x, w=w, y=y: torch.matmul(x, w.t(), out=y))
             sgmv = _sgmv_figures(batch, slices, in_features, x, w, y)
             line = {"figure": f"lora_kernel_{kind}_{name}", "num_tokens": num_tokens, "adapters": NUM_ADAPTERS,
                     "rank": RANK, "gemm_ms": round(gemm, 4), "shrink_ms": round(sgmv["shrink_ms"], 4),
@@ -178,7 +177,6 @@ def kernel_figures(shape: dict, ab: bool) -> None:
                 line.update({f"augmented_{k}": v if k == "tail_bytes" else round(v, 4) for k, v in aug.items()})
                 line["augmented_lora_cost_ms"] = round(aug["total_ms"] - gemm, 4)
             print(json.dumps(line), flush=True)
-            del x, w, y
             torch.cuda.empty_cache()
 
 
@@ -204,7 +202,7 @@ def main() -> None:
     prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.input_len)] for _ in range(args.num_requests)]
     adapters = [LoRARequest(f"adapter{i}", i + 1, p) for i, p in enumerate(write_adapters(shape, args.seed))]
     per_request = [rng.choice(adapters) for _ in prompts]
-    lora_kwargs = dict(enable_lora=True, max_loras=NUM_ADAPTERS, max_lora_rank=RANK)
+    lora_kwargs = {"enable_lora": True, "max_loras": NUM_ADAPTERS, "max_lora_rank": RANK}
     common = {"workload": "w1", "num_requests": args.num_requests, "adapters": NUM_ADAPTERS, "rank": RANK}
     base = run(model, prompts, args.output_len, None)
     for path in ("sgmv", "augmented") if args.ab_path else (default_path,):

@@ -10,7 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.layers.linear import LinearBase, MergedColumnParallelLinear, RowParallelLinear
+from engine.layers.linear import (
+    LinearBase,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+)
 from engine.lora.augmented import AugmentedLoRALinear, can_augment, lora_path
 from engine.lora.layers import LoRALinear, LoRASlice
 from engine.lora.punica import LoRABatch, lora_batch
