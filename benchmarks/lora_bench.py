@@ -1,7 +1,8 @@
 """Multi-LoRA on one GPU: W1 (Qwen2-7B shape, random weights) with 8 random rank-16 adapters on every
 projection. Prints one JSON line per figure: each request a random adapter vs the same run without
-LoRA (goal >= 0.85; with --ab-path on both LoRA paths), base-only requests on a LoRA-enabled engine vs LoRA
-disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the base GEMM.
+LoRA (goal >= 0.85; with --ab-path per GANTRY_LORA_PATH: auto, augmented, sgmv), base-only requests on a
+LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the
+base GEMM.
     python -m benchmarks.lora_bench [--ab-path] [--num-requests 256] [--input-len 512] [--output-len 512]
 """
 from __future__ import annotations
@@ -187,7 +188,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ab-path", action="store_true",
-                    help="both LoRA paths (GANTRY_LORA_PATH=sgmv and augmented) against one no-LoRA baseline")
+                    help="GANTRY_LORA_PATH=auto (per layer), augmented and sgmv against one no-LoRA baseline")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("lora_bench needs a CUDA GPU")
@@ -204,7 +205,7 @@ def main() -> None:
     lora_kwargs = {"enable_lora": True, "max_loras": NUM_ADAPTERS, "max_lora_rank": RANK}
     common = {"workload": "w1", "num_requests": args.num_requests, "adapters": NUM_ADAPTERS, "rank": RANK}
     base = run(model, prompts, args.output_len, None)
-    for path in ("augmented", "sgmv") if args.ab_path else (default_path,):
+    for path in ("auto", "augmented", "sgmv") if args.ab_path else (default_path,):  # auto first: a timeout leaves it
         os.environ["GANTRY_LORA_PATH"] = path  # read when the engine attaches LoRA (its processes inherit it)
         with_lora = run(model, prompts, args.output_len, per_request, **lora_kwargs)
         print(json.dumps({"figure": "lora_random_adapter_vs_no_lora", "lora_path": path, **common,

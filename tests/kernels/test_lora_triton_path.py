@@ -1,7 +1,7 @@
 """The engine's CUDA LoRA path on CPU under Triton's interpreter: LoRAManager with Triton kernels (decode's
 static buffers padded as CUDA graphs pad a batch, the step's shared shrink buffer, prefill segments, two decode
-steps in a row) on both
-paths (GANTRY_LORA_PATH augmented and sgmv), every projection against the torch reference path."""
+steps in a row) on both paths and the per-layer choice (GANTRY_LORA_PATH augmented, sgmv, auto), every
+projection against the torch reference path."""
 from __future__ import annotations
 
 import copy
@@ -51,7 +51,7 @@ def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-@pytest.mark.parametrize("path", ["augmented", "sgmv"])
+@pytest.mark.parametrize("path", ["auto", "augmented", "sgmv"])
 def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, path: str) -> None:
     from transformers import Qwen2Config
 
@@ -76,7 +76,9 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
     triton_mgr = LoRAManager(model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, cpu, use_triton=True)
     monkeypatch.setenv("GANTRY_LORA_PATH", "sgmv")
     reference_mgr = LoRAManager(reference_model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, cpu)
-    assert all(lin.augmented == (path == "augmented") for lins in triton_mgr.layers.values() for lin in lins)
+    # qkv, o, gate_up, down: auto puts down_proj (96 -> 64, the one layer with in > out) on SGMV
+    want = {"auto": [True, True, True, False], "augmented": [True] * 4, "sgmv": [False] * 4}[path]
+    assert all([lin.augmented for lin in lins] == want for lins in triton_mgr.layers.values())
     decode = [loras[1], None, loras[0], loras[2], loras[1]]  # 5 of 8 rows: CUDA graphs pad the rest
     prefill = [loras[2], loras[0], None]
     # a second decode step of fewer requests: stale slots past them, or an un-zeroed shrink buffer, would show
@@ -86,7 +88,7 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
         rows = MAX_NUM_SEQS if is_decode else n
         batch = triton_mgr.prepare(requests, num_tokens, is_decode)
         ref_batch = reference_mgr.prepare(requests, num_tokens, is_decode)
-        assert batch.use_triton and (batch.shrink_out is not None) == (is_decode and path == "sgmv")
+        assert batch.use_triton and (batch.shrink_out is not None) == (is_decode and path != "augmented")
         for (name, lin), (_, ref_lin) in zip(_projections(model), _projections(reference_model)):
             x = torch.randn(rows, lin.weight.shape[1])
             with lora_batch(batch):
