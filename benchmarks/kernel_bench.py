@@ -191,6 +191,19 @@ def run_long_prefill(matmul: float, sweep: bool) -> None:
         for ms, launch in sorted(results, key=lambda r: r[0])[:6] + [r for r in results if "max_query_len" in r[1]]:
             tflops = flops / ms / 1e9
             print(f"  context {context:>6} {launch}: {ms:.3f} ms, {tflops:.0f} TFLOP/s ({100 * tflops / matmul:.0f}% of matmul)")
+    context = LONG_CONTEXT - CHUNK
+    print(f"  short chunks {context} deep (the scheduler's while others decode): split-KV as chosen vs none")
+    for q_len in (256, 662, 2048):
+        seq_lens = torch.tensor([context + q_len], dtype=torch.int32, device="cuda")
+        loc = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
+        flops = causal_chunk_flops(num_heads, q_len, context)
+        cells = []
+        for splits in (None, 1):
+            ms = bench_ms(lambda: prefill_attention(query[:q_len], k_cache, v_cache, block_tables, loc, seq_lens,
+                                                    HEAD_DIM**-0.5, max_query_len=q_len, max_seq_len=context + q_len,
+                                                    num_splits=splits))
+            cells.append(f"{'chosen' if splits is None else 'one split'} {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s")
+        print(f"    {q_len:>5} new tokens: " + ", ".join(cells))
     out = prefill_attention(query[:512], k_cache, v_cache, block_tables, torch.tensor([0, 512], dtype=torch.int32, device="cuda"),
                             torch.tensor([4096], dtype=torch.int32, device="cuda"), HEAD_DIM**-0.5, max_query_len=CHUNK)
     ref = reference.paged_attention(query[:512], k_cache, v_cache, block_tables, torch.tensor([0, 512], dtype=torch.int32, device="cuda"),

@@ -211,11 +211,20 @@ def decode_attention(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(num_seqs, num_heads)](
-            out, part_m, part_l, part_acc,
-            out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            SPLITS_P2=triton.next_power_of_2(num_splits),
-        )
+        merge_splits(out, part_m, part_l, part_acc, num_splits)
     return out
+
+
+def merge_splits(out: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor,
+                 num_splits: int) -> None:
+    """out [rows, num_heads, head_dim] = the softmax-weighted sum of each row's num_splits partials
+    (part_m, part_l [rows, num_heads, num_splits], part_acc [..., head_dim]); a row is a decoding
+    sequence here, a new token in prefill_attention."""
+    rows, num_heads, head_dim = out.shape
+    _merge_splits_kernel[(rows, num_heads)](
+        out, part_m, part_l, part_acc,
+        out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim,
+        NUM_SPLITS=num_splits,
+        SPLITS_P2=triton.next_power_of_2(num_splits),
+    )

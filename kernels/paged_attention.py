@@ -32,4 +32,4 @@ def paged_attention(
             return decode_attention(query, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len,
                                     k_scale=k_scale, v_scale=v_scale)
     return prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
-                             k_scale=k_scale, v_scale=v_scale, max_query_len=max_query_len)
+                             k_scale=k_scale, v_scale=v_scale, max_query_len=max_query_len, max_seq_len=max_seq_len)

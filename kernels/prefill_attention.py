@@ -11,13 +11,18 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import num_sms
+from kernels.decode_attention import merge_splits, num_sms
 
 LOG2E = 1.4426950408889634
 # A step whose longest chunk has this many new tokens takes the long-chunk launch (bf16/fp16, head <= 128).
 LONG_QUERY = 512
 LONG_LAUNCH = dict(block_m=128, block_n=128, num_warps=8, num_stages=3)  # H200 sweep, kernel_bench --long
 SHORT_LONG_LAUNCH = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+# split-KV: programs per SM to aim for, the fewest keys worth a split, the most splits and partial bytes
+WAVES_PER_SM = 8
+MIN_KEYS_PER_SPLIT = 2048
+MAX_PREFILL_SPLITS = 16
+MAX_SPLIT_BYTES = 512 * 2**20
 
 
 @triton.jit
@@ -66,8 +71,11 @@ def _attend_tile(
     if CAUSAL_MASK:
         s = tl.where((toks[None, :] <= q_pos[:, None]) & tok_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_ref = m_new
+    if CAUSAL_MASK:  # with split keys a row may see none of them so far: no -inf - -inf (NaN)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -79,11 +87,15 @@ def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
-    out_ptr,  # [num_tokens, num_heads, head_dim]
+    out_ptr,  # [num_tokens, num_heads, head_dim], written when NUM_SPLITS == 1
+    part_m_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32, running max (log2 domain)
+    part_l_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32, softmax denominator
+    part_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, head_dim] fp32, unnormalised output
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
     num_seqs,
+    num_heads,
     qk_scale,  # softmax scale * log2(e) * k_scale
     v_scale,  # 1.0 unless FP8 pages
     stride_q_tok,
@@ -104,6 +116,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     BLOCK_N: tl.constexpr,  # context tokens per loop step
     PACK_GQA: tl.constexpr,  # a program takes every query head of one KV head, else one query head
+    NUM_SPLITS: tl.constexpr,  # programs sharing one q-block's keys (split-KV), merged by a second kernel
     DOT_PRECISION: tl.constexpr,
 ):
     # rows: (new token, query head of this KV head) when packing, else new tokens of one query head
@@ -149,14 +162,20 @@ def _prefill_kernel(
     first_pos = context_len + q_block_in_seq * BLOCK_Q
     unmasked_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = tl.minimum(seq_len, first_pos + BLOCK_Q)
-    for tok0 in range(0, unmasked_end, BLOCK_N):
+    # this program's share of the keys: whole tiles, the last split ending at kv_end (empty ones write
+    # m = -inf, l = 0, which the merge weighs 0)
+    split = tl.program_id(2)
+    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, kv_end)
+    for tok0 in range(lo, tl.minimum(hi, unmasked_end), BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, q_pos, tok0, kv_end,
             k_cache_ptr, v_cache_ptr, block_table, kv_head,
             stride_k_block, stride_k_tok, stride_k_head, stride_v_block, stride_v_tok, stride_v_head,
             qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
         )
-    for tok0 in range(unmasked_end, kv_end, BLOCK_N):
+    for tok0 in range(tl.maximum(lo, unmasked_end), hi, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, q_pos, tok0, kv_end,
             k_cache_ptr, v_cache_ptr, block_table, kv_head,
@@ -164,9 +183,15 @@ def _prefill_kernel(
             qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
         )
 
-    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = out_ptr + tok_rows[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    if NUM_SPLITS == 1:
+        out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + tok_rows[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+    else:  # the decode kernel's partial layout, a token in place of a sequence: one merge kernel serves both
+        part = (tok_rows * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_M]
+        tl.store(part_m_ptr + part, m_i, mask=row_mask)
+        tl.store(part_l_ptr + part, l_i, mask=row_mask)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc * v_scale, mask=row_mask[:, None])
 
 
 def prefill_attention(
@@ -184,11 +209,14 @@ def prefill_attention(
     k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale
     v_scale: float = 1.0,
     max_query_len: int | None = None,
+    max_seq_len: int | None = None,
     pack_gqa: bool | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """reference.paged_attention for any mix of q_len (0 included); launch sized from shapes and the
-    host-side max_query_len only. Long chunks take one query head per program with large tiles (the
-    tensor cores' shape on Hopper); short ones pack a KV head's query heads into the rows."""
+    host-side max_query_len / max_seq_len only. Long chunks take one query head per program with large
+    tiles (the tensor cores' shape on Hopper); short ones pack a KV head's query heads into the rows. A
+    chunk with too few programs to fill the GPU over a long context splits the keys (split-KV)."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -218,10 +246,19 @@ def prefill_attention(
     block_q = max(1, block_m // rows_per_token)
     # Every sequence's q-blocks fit in [query_start_loc[i] // block_q + i, ...): no host sync.
     num_q_blocks = num_tokens // block_q + num_seqs
-    grid = (num_q_blocks, num_kv_heads) if pack_gqa else (num_heads, num_q_blocks)
+    if num_splits is None:
+        chunk_programs = triton.cdiv(max_query_len or num_tokens, block_q) * (num_kv_heads if pack_gqa else num_heads)
+        num_splits = choose_prefill_splits(chunk_programs, max_seq_len, num_tokens * num_heads * (head_dim + 2) * 4,
+                                           query.device)
+    grid = (num_q_blocks, num_kv_heads, num_splits) if pack_gqa else (num_heads, num_q_blocks, num_splits)
+    # [num_tokens, num_heads, num_splits(, head_dim)] fp32 partials; unused (never read) with one split
+    part_shape = (num_tokens, num_heads, num_splits) if num_splits > 1 else (1,)
+    part_m = torch.empty(part_shape, dtype=torch.float32, device=query.device)
+    part_l = torch.empty(part_shape, dtype=torch.float32, device=query.device)
+    part_acc = torch.empty((*part_shape, head_dim) if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
     _prefill_kernel[grid](
-        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
-        num_seqs, scale * LOG2E * k_scale, v_scale,
+        query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, query_start_loc, seq_lens,
+        num_seqs, num_heads, scale * LOG2E * k_scale, v_scale,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -234,8 +271,23 @@ def prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         PACK_GQA=pack_gqa,
+        NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if num_splits > 1:
+        merge_splits(out, part_m, part_l, part_acc, num_splits)
     return out
+
+
+def choose_prefill_splits(chunk_programs: int, max_seq_len: int | None, split_bytes: int, device: torch.device) -> int:
+    """Key splits per q-block, so that the longest chunk's programs give every SM WAVES_PER_SM of them
+    (a 662-token chunk 112K deep: 308 programs of 64 rows, 1.2 waves of two per SM, so 4 splits); none
+    below MIN_KEYS_PER_SPLIT keys each, nor partials over MAX_SPLIT_BYTES; shapes only."""
+    if max_seq_len is None:
+        return 1
+    wanted = triton.cdiv(WAVES_PER_SM * num_sms(device), max(chunk_programs, 1))
+    worth = max_seq_len // MIN_KEYS_PER_SPLIT
+    affordable = MAX_SPLIT_BYTES // max(split_bytes, 1)
+    return max(1, min(wanted, worth, affordable, MAX_PREFILL_SPLITS))

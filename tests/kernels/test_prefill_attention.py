@@ -52,6 +52,32 @@ def test_prefill_tiles_and_pages(make_paged_kv: Callable, assert_close: Check, d
          pack_gqa=pack_gqa)
 
 
+@pytest.mark.parametrize("pack_gqa", [True, False])
+@pytest.mark.parametrize("num_splits", [2, 5])
+def test_prefill_split_kv(make_paged_kv: Callable, assert_close: Check, device: torch.device, pack_gqa: bool,
+                          num_splits: int) -> None:
+    # split-KV: some splits empty (short contexts), the diagonal in the last one, lengths off the page size
+    scenario = [(16, 48), (5, 100), (40, 3), (1, 77), (0, 9), (33, 0)]
+    _run(make_paged_kv, assert_close, device, scenario, 14, 2, 64, 4, torch.float32, 16, 16, pack_gqa=pack_gqa,
+         num_splits=num_splits)
+
+
+def test_choose_prefill_splits() -> None:
+    from kernels.prefill_attention import MAX_PREFILL_SPLITS, choose_prefill_splits
+
+    gpu = torch.device("cuda")  # 132 SMs on an H200; the count is only read on a CUDA device
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else None
+    if sms is None:
+        gpu = torch.device("cpu")  # the interpreter's stand-in count (8)
+        sms = 8
+    assert choose_prefill_splits(8 * sms, 120_000, 1 << 20, gpu) == 1  # enough programs already
+    assert choose_prefill_splits(sms, 120_000, 1 << 20, gpu) == 8  # 8 waves wanted
+    assert choose_prefill_splits(1, 120_000, 1 << 20, gpu) == MAX_PREFILL_SPLITS
+    assert choose_prefill_splits(1, 5000, 1 << 20, gpu) == 2  # 2048 keys at least per split
+    assert choose_prefill_splits(1, 120_000, 200 << 20, gpu) == 2  # partials within 512 MiB
+    assert choose_prefill_splits(1, None, 1 << 20, gpu) == 1  # no host-side length: no split
+
+
 def test_prefill_long_chunk_launch(make_paged_kv: Callable, assert_close: Check, device: torch.device) -> None:
     # max_query_len at the long-chunk threshold picks the unpacked launch; pages shuffled, lengths off the page size
     from kernels.prefill_attention import LONG_QUERY
@@ -88,6 +114,7 @@ GPU_CASES = [
 def test_prefill_gpu(make_paged_kv: Callable, assert_close: Check, dtype: torch.dtype, num_heads: int,
                      num_kv_heads: int, head_dim: int, block_size: int) -> None:
     scenario = [(1000, 0), (1, 3000), (300, 2700), (0, 40), (517, 1), (1, 1), (2048, 0)]
-    for max_query_len in (None, 2048):  # the short launch and the long-chunk one
+    # the short launch, the long-chunk one, and both with split keys
+    for launch in ({}, {"max_query_len": 2048}, {"max_query_len": 2048, "num_splits": 3}, {"num_splits": 4}):
         _run(make_paged_kv, assert_close, torch.device("cuda"), scenario, num_heads, num_kv_heads, head_dim, block_size,
-             dtype, max_query_len=max_query_len)
+             dtype, **launch)
