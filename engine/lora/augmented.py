@@ -100,14 +100,16 @@ class AugmentedLoRALinear:
         """x [num_tokens, in_local] -> [x, t] [num_tokens, in_local + num_cols], t = x @ A_all^T with only
         each token's own slot's columns kept (all zero for tokens without an adapter)."""
         assert batch.token_slots is not None, "the augmented LoRA path needs the batch's per-token slots"
-        t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
-        if batch.use_triton:
-            from kernels.lora import lora_augment
+        out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
+        if batch.use_triton:  # one launch: the copy of x and each token's own slot's shrink
+            from kernels.lora import lora_shrink_augment
 
-            out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
-            return lora_augment(x, t, batch.token_slots, self.cols_per_slot, out)
+            return lora_shrink_augment(x, self.a_all, batch.token_slots, self.cols_per_slot, out)
+        t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
         mask = self.col_slot[None, :] == batch.token_slots[: x.shape[0], None].to(self.col_slot.device)
-        return torch.cat([x, t * mask], dim=1)
+        out[:, : self.in_local].copy_(x)
+        torch.mul(t, mask, out=out[:, self.in_local :])
+        return out
 
     def linear(self, batch: LoRABatch, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in_local] -> x @ W^T (+ bias) plus each token's adapter delta, [..., out_local]."""
