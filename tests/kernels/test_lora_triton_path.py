@@ -1,4 +1,4 @@
-"""The engine's CUDA LoRA path on CPU under Triton's interpreter: LoRAManager with Triton kernels (decode's
+"""The engine's CUDA LoRA path (on CPU under Triton's interpreter when there is no GPU): LoRAManager with Triton kernels (decode's
 static buffers padded as CUDA graphs pad a batch, the step's shared shrink buffer, prefill segments, two decode
 steps in a row) on both paths and the per-layer choice (GANTRY_LORA_PATH augmented, sgmv, auto), every
 projection against the torch reference path."""
@@ -52,7 +52,8 @@ def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @pytest.mark.parametrize("path", ["auto", "augmented", "sgmv"])
-def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, path: str) -> None:
+def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, device: torch.device,
+                                       path: str) -> None:
     from transformers import Qwen2Config
 
     from engine.lora.adapter import ModelDims
@@ -62,20 +63,22 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
                      num_key_value_heads=2, architectures=["Qwen2ForCausalLM"])
     previous = torch.get_default_dtype()
     try:
-        model = get_model_class(hf.architectures, str(tmp_path))(hf)
+        torch.set_default_dtype(torch.float32)
+        with torch.device("cpu"):
+            model = get_model_class(hf.architectures, str(tmp_path))(hf)
     finally:
         torch.set_default_dtype(previous)
     for p in model.parameters():
         p.data.normal_(std=0.2)
+    model.to(device)  # the GPU when there is one: Triton on CUDA never reads host memory
     reference_model = copy.deepcopy(model)
     dims = ModelDims.from_hf(hf)
     loras = [LoRARequest(f"a{i}", i + 1, _write_adapter(str(tmp_path / f"a{i}"), dims, rank, modules, i))
              for i, (rank, modules) in enumerate(ADAPTERS)]
-    cpu = torch.device("cpu")
     monkeypatch.setenv("GANTRY_LORA_PATH", path)
-    triton_mgr = LoRAManager(model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, cpu, use_triton=True)
+    triton_mgr = LoRAManager(model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, device, use_triton=True)
     monkeypatch.setenv("GANTRY_LORA_PATH", "sgmv")
-    reference_mgr = LoRAManager(reference_model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, cpu)
+    reference_mgr = LoRAManager(reference_model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, device, use_triton=False)
     # qkv, o, gate_up, down: auto puts down_proj (96 -> 64, the one layer with in > out) on SGMV
     want = {"auto": [True, True, True, False], "augmented": [True] * 4, "sgmv": [False] * 4}[path]
     assert all([lin.augmented for lin in lins] == want for lins in triton_mgr.layers.values())
@@ -90,7 +93,7 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
         ref_batch = reference_mgr.prepare(requests, num_tokens, is_decode)
         assert batch.use_triton and (batch.shrink_out is not None) == (is_decode and path != "augmented")
         for (name, lin), (_, ref_lin) in zip(_projections(model), _projections(reference_model)):
-            x = torch.randn(rows, lin.weight.shape[1])
+            x = torch.randn(rows, lin.weight.shape[1], device=device)
             with lora_batch(batch):
                 y = lin(x)
             with lora_batch(ref_batch):
