@@ -70,15 +70,17 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
         torch.set_default_dtype(previous)
     for p in model.parameters():
         p.data.normal_(std=0.2)
-    model.to(device)  # the GPU when there is one: Triton on CUDA never reads host memory
-    reference_model = copy.deepcopy(model)
+    reference_model = copy.deepcopy(model)  # the CPU engine's torch path, on the CPU
+    for _, lin in _projections(model):  # to the GPU when there is one (Triton on CUDA cannot read host tensors);
+        lin.to(device)  # the projections only: the model's rotary cache is shared with other tests' models
     dims = ModelDims.from_hf(hf)
     loras = [LoRARequest(f"a{i}", i + 1, _write_adapter(str(tmp_path / f"a{i}"), dims, rank, modules, i))
              for i, (rank, modules) in enumerate(ADAPTERS)]
     monkeypatch.setenv("GANTRY_LORA_PATH", path)
     triton_mgr = LoRAManager(model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, device, use_triton=True)
     monkeypatch.setenv("GANTRY_LORA_PATH", "sgmv")
-    reference_mgr = LoRAManager(reference_model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, device, use_triton=False)
+    cpu = torch.device("cpu")
+    reference_mgr = LoRAManager(reference_model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, cpu)
     # qkv, o, gate_up, down: auto puts down_proj (96 -> 64, the one layer with in > out) on SGMV
     want = {"auto": [True, True, True, False], "augmented": [True] * 4, "sgmv": [False] * 4}[path]
     assert all([lin.augmented for lin in lins] == want for lins in triton_mgr.layers.values())
@@ -96,6 +98,7 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
             x = torch.randn(rows, lin.weight.shape[1], device=device)
             with lora_batch(batch):
                 y = lin(x)
+            y, x = y.cpu(), x.cpu()
             with lora_batch(ref_batch):
                 want = ref_lin(x[:n])
             torch.testing.assert_close(y[:n], want, rtol=1e-4, atol=1e-4, msg=name)
