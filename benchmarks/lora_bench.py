@@ -133,6 +133,7 @@ def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w
     figures = {"base_gemm_view_ms": graph_ms(lambda: torch.nn.functional.linear(x, layer.weight)),
                "shrink_augment_ms": graph_ms(lambda: lora_shrink_augment(x, aug.a_all, slots, aug.cols_per_slot,
                                                                          x_aug)),
+               "dense_shrink_mm_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),  # the launch it replaced, part 1
                "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
                "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
                "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}

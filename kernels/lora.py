@@ -108,7 +108,10 @@ def _shrink_augment_kernel(
     rows = offs_m.to(tl.int64)
     mine = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1) == slot  # [BLOCK_M]: this slot's tokens
     num_mine = tl.sum(mine.to(tl.int32), axis=0)
-    copy = (slot == 0) & (pid_n == 0)  # one program per token tile copies x into the head columns
+    # one program per token tile copies x into the head columns: the one of the tile's first token's slot (a
+    # prefill tile is mostly one adapter's: that program reads x for its dot anyway), slot 0 if it has none
+    owner = tl.maximum(tl.load(slots_ptr + tl.program_id(1) * BLOCK_M), 0)
+    copy = (slot == owner) & (pid_n == 0)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of the slot's cols_per_slot
     n_mask = offs_n < cols_per_slot
     offs_k = tl.arange(0, BLOCK_K)
@@ -141,7 +144,7 @@ def lora_shrink_augment(x: torch.Tensor, a_all: torch.Tensor, token_slots: torch
     num_t = a_all.shape[0]
     assert x.stride(1) == 1 and a_all.stride(1) == 1 and out.stride(1) == 1 and out.shape == (n, k + num_t)
     assert num_t % cols_per_slot == 0 and token_slots.shape[0] >= n
-    block_m = 16 if n <= 1024 else 32  # decode: more programs over its few tokens; prefill: A read fewer times
+    block_m = 16 if n <= 1024 else 64  # decode: more programs over its few tokens; prefill: A read fewer times
     block_n = min(64, max(16, triton.next_power_of_2(cols_per_slot)))
     grid = (num_t // cols_per_slot, triton.cdiv(n, block_m), triton.cdiv(cols_per_slot, block_n))
     _shrink_augment_kernel[grid](x, a_all, out, token_slots, n, k, cols_per_slot, x.stride(0), a_all.stride(0),
