@@ -116,19 +116,20 @@ def _shrink_augment_kernel(
     n_mask = offs_n < cols_per_slot
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if (num_mine > 0) | copy:
+    if (num_mine > 0) | copy:  # else (a token tile without this slot's tokens, most in a prefill): zeros only
+        # the scalar conditions as vector masks: rows this program copies, A rows it reads (none if it only copies)
+        m_copy = m_mask & ((offs_m * 0 + copy.to(tl.int32)) != 0)
+        n_read = n_mask & ((offs_n * 0 + num_mine) > 0)
         a_base = a_ptr + (slot * cols_per_slot + offs_n).to(tl.int64)[:, None] * stride_a
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):  # no branch inside: masks instead, so Triton pipelines the loads
             ks = k0 + offs_k
             k_mask = ks < K
-            xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                         other=0.0)  # [BLOCK_M, BLOCK_K]
-            if copy:
-                tl.store(out_ptr + rows[:, None] * stride_out + ks[None, :], xt,
-                         mask=m_mask[:, None] & k_mask[None, :])
-            if num_mine > 0:  # a tile without this slot's tokens (most, in a prefill) skips the dot
-                at = tl.load(a_base + ks[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BN, BK]
-                acc = tl.dot(xt.to(at.dtype), tl.trans(at), acc, input_precision=DOT_PRECISION)
+            x_mask = m_mask[:, None] & k_mask[None, :]
+            xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_mask, other=0.0)  # [BM, BK]
+            tl.store(out_ptr + rows[:, None] * stride_out + ks[None, :], xt, mask=m_copy[:, None] & k_mask[None, :])
+            at = tl.load(a_base + ks[None, :], mask=n_read[:, None] & k_mask[None, :],
+                         other=0.0)  # [BLOCK_N, BLOCK_K]; not read by a program that only copies
+            acc = tl.dot(xt.to(at.dtype), tl.trans(at), acc, input_precision=DOT_PRECISION)
     # this slot's columns of the tail: t for its own tokens, 0 for every other token (other slots, -1, padding)
     acc = tl.where(mine[:, None], acc, 0.0)
     t_ptrs = out_ptr + rows[:, None] * stride_out + K + (slot * cols_per_slot + offs_n)[None, :]
