@@ -3,7 +3,8 @@ projection. Prints one JSON line per figure: each request a random adapter vs th
 LoRA (goal >= 0.85; with --ab-path per GANTRY_LORA_PATH: auto, augmented, sgmv), base-only requests on a
 LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the
 base GEMM.
-    python -m benchmarks.lora_bench [--ab-path] [--num-requests 256] [--input-len 512] [--output-len 512]
+    python -m benchmarks.lora_bench [--ab-path] [--kernels-only | --skip-kernels] [--num-requests 256]
+        [--input-len 512] [--output-len 512]
 """
 from __future__ import annotations
 
@@ -192,6 +193,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ab-path", action="store_true",
                     help="GANTRY_LORA_PATH=auto (per layer), augmented and sgmv against one no-LoRA baseline")
+    ap.add_argument("--kernels-only", action="store_true",
+                    help="only the per-projection kernel figures (both paths' parts; no engine runs)")
+    ap.add_argument("--skip-kernels", action="store_true", help="no per-projection kernel figures")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("lora_bench needs a CUDA GPU")
@@ -200,6 +204,9 @@ def main() -> None:
 
     default_path = lora_path()  # GANTRY_LORA_PATH as given (a bad value stops here, before any work)
     shape = make_workload("w1", args.seed).shape
+    if args.kernels_only:
+        kernel_figures(shape, True)
+        return
     model = write_config(shape, args.input_len + args.output_len)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(3, shape["vocab_size"]) for _ in range(args.input_len)] for _ in range(args.num_requests)]
@@ -219,7 +226,8 @@ def main() -> None:
     print(json.dumps({"figure": "lora_base_requests_vs_lora_disabled", "lora_path": default_path, **common,
                       "lora_disabled_tok_s": round(base, 1), "lora_enabled_tok_s": round(base_on_lora, 1),
                       "ratio": round(base_on_lora / base, 4), "goal": 0.97}), flush=True)
-    kernel_figures(shape, args.ab_path)  # last: the throughput figures above are the goal's
+    if not args.skip_kernels:
+        kernel_figures(shape, args.ab_path)  # last: the throughput figures above are the goal's
 
 
 if __name__ == "__main__":
