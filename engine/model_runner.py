@@ -155,6 +155,11 @@ class ModelRunner:
         bind_kv_scales(self.attn_layers, self.kv_cache_dtype)
         self.num_blocks = num_blocks
         p = self.parallel
+        if self.device.type == "cuda":  # compile the prefill kernel's variants now, not mid-serve
+            from kernels.prefill_attention import warmup
+
+            layer = self.attn_layers[0]
+            warmup(layer.k_cache, layer.v_cache, layer.num_heads, self.model_config.dtype, layer.scale)
         if self.device.type == "cuda" and not self.config.enforce_eager and p.pp_size == 1:
             from engine.cuda_graph import DecodeCUDAGraphs
 

@@ -111,7 +111,7 @@ def _decode_kernel(
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc * v_scale, mask=row_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
     part_m_ptr,  # [num_seqs, num_heads, NUM_SPLITS]
@@ -119,16 +119,16 @@ def _merge_splits_kernel(
     part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim]
     stride_o_seq,
     stride_o_head,
+    num_splits,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr,
+    SPLITS_P2: tl.constexpr,  # a power of two >= num_splits
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
     dims = tl.arange(0, HEAD_DIM)
-    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits
+    part = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + splits
     m = tl.load(part_m_ptr + part, mask=split_mask, other=float("-inf"))
     l = tl.load(part_l_ptr + part, mask=split_mask, other=0.0)
     acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
@@ -216,15 +216,15 @@ def decode_attention(
 
 
 def merge_splits(out: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor,
-                 num_splits: int) -> None:
+                 num_splits: int, max_splits: int | None = None) -> None:
     """out [rows, num_heads, head_dim] = the softmax-weighted sum of each row's num_splits partials
     (part_m, part_l [rows, num_heads, num_splits], part_acc [..., head_dim]); a row is a decoding
-    sequence here, a new token in prefill_attention."""
+    sequence here, a new token in prefill_attention. max_splits: one compiled variant for every count
+    up to it (prefill picks counts per step; a compile mid-serve is a second's stall)."""
     rows, num_heads, head_dim = out.shape
     _merge_splits_kernel[(rows, num_heads)](
         out, part_m, part_l, part_acc,
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), num_splits,
         HEAD_DIM=head_dim,
-        NUM_SPLITS=num_splits,
-        SPLITS_P2=triton.next_power_of_2(num_splits),
+        SPLITS_P2=triton.next_power_of_2(max_splits or num_splits),
     )

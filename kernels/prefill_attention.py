@@ -82,7 +82,7 @@ def _attend_tile(
 
 
 # per-step values: specializing on them (== 1, % 16) would compile new variants mid-run
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt_seq"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt_seq"])
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -96,6 +96,7 @@ def _prefill_kernel(
     seq_lens_ptr,  # [num_seqs] int32
     num_seqs,
     num_heads,
+    num_splits,  # programs sharing one q-block's keys (split-KV), merged by a second kernel
     qk_scale,  # softmax scale * log2(e) * k_scale
     v_scale,  # 1.0 unless FP8 pages
     stride_q_tok,
@@ -116,7 +117,7 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per page
     BLOCK_N: tl.constexpr,  # context tokens per loop step
     PACK_GQA: tl.constexpr,  # a program takes every query head of one KV head, else one query head
-    NUM_SPLITS: tl.constexpr,  # programs sharing one q-block's keys (split-KV), merged by a second kernel
+    SPLIT_KV: tl.constexpr,  # num_splits > 1: write partials (a runtime count, so no compile per count)
     DOT_PRECISION: tl.constexpr,
 ):
     # rows: (new token, query head of this KV head) when packing, else new tokens of one query head
@@ -165,9 +166,13 @@ def _prefill_kernel(
     # this program's share of the keys: whole tiles, the last split ending at kv_end (empty ones write
     # m = -inf, l = 0, which the merge weighs 0)
     split = tl.program_id(2)
-    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, kv_end)
+    if SPLIT_KV:
+        per_split = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, kv_end)
+    else:  # loop bounds the compiler sees start at 0 (H200: 384 against 334 TFLOP/s with runtime bounds)
+        lo = 0
+        hi = kv_end
     for tok0 in range(lo, tl.minimum(hi, unmasked_end), BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, q_pos, tok0, kv_end,
@@ -183,12 +188,12 @@ def _prefill_kernel(
             qk_scale, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
         )
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = out_ptr + tok_rows[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:  # the decode kernel's partial layout, a token in place of a sequence: one merge kernel serves both
-        part = (tok_rows * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_M]
+        part = (tok_rows * num_heads + heads) * num_splits + split  # [BLOCK_M]
         tl.store(part_m_ptr + part, m_i, mask=row_mask)
         tl.store(part_l_ptr + part, l_i, mask=row_mask)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc * v_scale, mask=row_mask[:, None])
@@ -258,7 +263,7 @@ def prefill_attention(
     part_acc = torch.empty((*part_shape, head_dim) if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, query_start_loc, seq_lens,
-        num_seqs, num_heads, scale * LOG2E * k_scale, v_scale,
+        num_seqs, num_heads, num_splits, scale * LOG2E * k_scale, v_scale,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -271,13 +276,13 @@ def prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         PACK_GQA=pack_gqa,
-        NUM_SPLITS=num_splits,
+        SPLIT_KV=num_splits > 1,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
     )
     if num_splits > 1:
-        merge_splits(out, part_m, part_l, part_acc, num_splits)
+        merge_splits(out, part_m, part_l, part_acc, num_splits, MAX_PREFILL_SPLITS)
     return out
 
 
@@ -291,3 +296,21 @@ def choose_prefill_splits(chunk_programs: int, max_seq_len: int | None, split_by
     worth = max_seq_len // MIN_KEYS_PER_SPLIT
     affordable = MAX_SPLIT_BYTES // max(split_bytes, 1)
     return max(1, min(wanted, worth, affordable, MAX_PREFILL_SPLITS))
+
+
+def warmup(k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int, dtype: torch.dtype, scale: float) -> None:
+    """Compile every launch variant a step may pick (packed or per-head, 128- or 64-row tiles, split
+    keys or not) on a few of the pool's pages, so that no first long prompt stalls the running streams
+    for the seconds a compile takes. Reads pages only; its outputs are dropped."""
+    num_blocks, block_size, _, head_dim = k_cache.shape
+    device = k_cache.device
+    for num_tokens, max_query_len in ((64, 64), (LONG_QUERY, LONG_QUERY), (2048, 2048), (8192, 8192)):
+        if -(-num_tokens // block_size) > num_blocks:
+            continue
+        query = torch.zeros(num_tokens, num_heads, head_dim, dtype=dtype, device=device)
+        block_tables = torch.arange(-(-num_tokens // block_size), dtype=torch.int32, device=device)[None]
+        loc = torch.tensor([0, num_tokens], dtype=torch.int32, device=device)
+        seq_lens = torch.tensor([num_tokens], dtype=torch.int32, device=device)
+        for num_splits in (1, 2):
+            prefill_attention(query, k_cache, v_cache, block_tables, loc, seq_lens, scale,
+                              max_query_len=max_query_len, num_splits=num_splits)

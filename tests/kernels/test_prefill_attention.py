@@ -118,3 +118,11 @@ def test_prefill_gpu(make_paged_kv: Callable, assert_close: Check, dtype: torch.
     for launch in ({}, {"max_query_len": 2048}, {"max_query_len": 2048, "num_splits": 3}, {"num_splits": 4}):
         _run(make_paged_kv, assert_close, torch.device("cuda"), scenario, num_heads, num_kv_heads, head_dim, block_size,
              dtype, **launch)
+
+
+def test_warmup_runs_on_a_small_pool(device: torch.device) -> None:
+    # the engine calls it once the pool exists; sizes that do not fit the pool are skipped
+    from kernels.prefill_attention import warmup
+
+    k_cache = torch.zeros(8, 16, 2, 32, device=device)  # [num_blocks, block_size, num_kv_heads, head_dim]
+    warmup(k_cache, torch.zeros_like(k_cache), 4, torch.float32, 32**-0.5)
