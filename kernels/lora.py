@@ -145,12 +145,15 @@ def lora_shrink_augment(x: torch.Tensor, a_all: torch.Tensor, token_slots: torch
     num_t = a_all.shape[0]
     assert x.stride(1) == 1 and a_all.stride(1) == 1 and out.stride(1) == 1 and out.shape == (n, k + num_t)
     assert num_t % cols_per_slot == 0 and token_slots.shape[0] >= n
-    block_m = 16 if n <= 1024 else 64  # decode: more programs over its few tokens; prefill: A read fewer times
+    # decode: tiles of 16 tokens (more programs over few tokens), each streaming all of K through few rows, so
+    # wide K steps and more of them in flight; prefill: tiles of 64 (a slot's A read by fewer tiles)
+    decode = n <= 1024
+    block_m, block_k, stages = (16, 128, 4) if decode else (64, 64, 3)
     block_n = min(64, max(16, triton.next_power_of_2(cols_per_slot)))
     grid = (num_t // cols_per_slot, triton.cdiv(n, block_m), triton.cdiv(cols_per_slot, block_n))
     _shrink_augment_kernel[grid](x, a_all, out, token_slots, n, k, cols_per_slot, x.stride(0), a_all.stride(0),
-                                 out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64,
-                                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+                                 out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=stages)
     return out
 
 
