@@ -1,8 +1,9 @@
 """LoRA by augmented K: the base weight lives in W_aug [out_local, in_local + max_loras * num_slices * rank]
 whose tail columns hold every slot's B (scaled; slice i of slot s in its own rank columns, on its slice's
 rows only), and the layer's `weight` is the view W_aug[:, :in_local]. A step with adapters runs ONE GEMM
-[x, t] @ W_aug^T, t = x @ A_all^T masked to each token's own slot, instead of base GEMM + shrink + expand;
-a base-only step reads the view and never the tail. Sharded as engine/lora/layers.py shards."""
+[x, t] @ W_aug^T, t = x @ A^T of each token's own slot (0 in the other slots' columns; on CUDA one launch,
+kernels/lora.lora_shrink_augment, builds [x, t]), instead of base GEMM + shrink + expand; a base-only step
+reads the view and never the tail. Sharded as engine/lora/layers.py shards."""
 from __future__ import annotations
 
 import os
@@ -32,7 +33,9 @@ def augment_wins(in_local: int, out_local: int) -> bool:
     grows with the output width (a read-modify-write of y per slice). H200, W1, 8 rank-16 adapters, LoRA cost
     over the base GEMM in us (decode 256 tokens; prefill 8192), sgmv / augmented: gate_up (3584 -> 37888)
     38.8 / 16.4; 446 / 166; qkv (3584 -> 4608) 14.4 / 12.9; 145 / 152; o (3584 -> 3584) 8.2 / 9.4; 87 / 60;
-    down (18944 -> 3584) 14.8 / 16.5; 75 / 246 (copying the wide input). So: augment when out >= in."""
+    down (18944 -> 3584) 14.8 / 16.5; 75 / 246 (copying the wide input), [x, t] then built by torch.mm + a
+    mask kernel (about 9 us of each augmented decode figure, which the one-launch kernel cuts). So: augment when
+    out >= in (o_proj, a tie, too: what it wins at prefill outweighs what it lost at decode)."""
     return out_local >= in_local
 
 
