@@ -115,13 +115,13 @@ def _sgmv_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: tor
 
 
 def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor) -> dict:
-    """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), the one launch
-    building [x, t] (copy of x, each token's own slot's x @ A^T), the one GEMM over W_aug, and the whole layer."""
+    """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), t = x @ A_all^T,
+    the masked [x, t], the one GEMM over W_aug, and the whole layer."""
     from torch import nn
 
     from engine.lora.augmented import AugmentedLoRALinear
     from engine.lora.layers import LoRASlice
-    from kernels.lora import lora_shrink_augment
+    from kernels.lora import lora_augment
 
     layer = nn.Module()
     layer.weight = nn.Parameter(w.clone(), requires_grad=False)
@@ -129,12 +129,11 @@ def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w
                               NUM_ADAPTERS, RANK, layer)
     aug.a_all.normal_(std=0.01)
     aug.w_aug[:, in_features:].normal_(std=0.01)
+    t = torch.mm(x, aug.a_all.t())
     x_aug = torch.empty(x.shape[0], aug.w_aug.shape[1], dtype=x.dtype, device=x.device)
-    slots = batch.token_slots
     figures = {"base_gemm_view_ms": graph_ms(lambda: torch.nn.functional.linear(x, layer.weight)),
-               "shrink_augment_ms": graph_ms(lambda: lora_shrink_augment(x, aug.a_all, slots, aug.cols_per_slot,
-                                                                         x_aug)),
-               "dense_shrink_mm_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),  # the launch it replaced, part 1
+               "shrink_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),
+               "mask_ms": graph_ms(lambda: lora_augment(x, t, batch.token_slots, aug.cols_per_slot, x_aug)),
                "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
                "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
                "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}
@@ -146,7 +145,6 @@ def kernel_figures(shape: dict, ab: bool) -> None:
     augmented-K path's parts and both paths' whole layer, for a decode step of 256 tokens and a prefill of 8192
     (16 segments), 8 adapters, each timed inside a CUDA graph."""
     from engine.lora.adapter import ModelDims
-    from engine.lora.augmented import augment_wins
     from engine.lora.manager import DECODE_TILE, PREFILL_TILE, tile_segments
     from engine.lora.punica import LoRABatch
 
@@ -180,7 +178,6 @@ def kernel_figures(shape: dict, ab: bool) -> None:
                 line["sgmv_lora_cost_ms"] = round(sgmv["total_ms"] - gemm, 4)
                 line.update({f"augmented_{k}": v if k == "tail_bytes" else round(v, 4) for k, v in aug.items()})
                 line["augmented_lora_cost_ms"] = round(aug["total_ms"] - gemm, 4)
-                line["auto_path"] = "augmented" if augment_wins(in_features, out_features) else "sgmv"
             print(json.dumps(line), flush=True)
             torch.cuda.empty_cache()
 

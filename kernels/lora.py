@@ -1,8 +1,7 @@
 """Triton LoRA kernels after punica: shrink (x @ A^T, to the rank) and expand (y += t @ B^T) with
 every token's adapter picked from stacked slots. SGMV-style for prefill (a tile of one segment's
 tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe);
-lora_shrink_augment builds the augmented-K input [x, x @ A^T of each token's own adapter] in one launch
-(engine/lora/augmented.py)."""
+lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)."""
 from __future__ import annotations
 
 import torch
@@ -91,69 +90,35 @@ def _bgmv_kernel(
 
 
 @triton.jit
-def _shrink_augment_kernel(
+def _augment_kernel(
     x_ptr,  # [num_tokens, K]
-    a_ptr,  # [num_slots * cols_per_slot, K]: every slot's A, slot-major
-    out_ptr,  # [num_tokens, K + num_slots * cols_per_slot]
+    t_ptr,  # [num_tokens, T]: x @ A^T of every slot's A
+    out_ptr,  # [num_tokens, K + T]
     slots_ptr,  # [>= num_tokens] int32: each token's slot, -1 = no adapter
-    num_tokens, K, cols_per_slot, stride_x, stride_a, stride_out,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    K, T, stride_x, stride_t, stride_out, cols_per_slot,
+    BLOCK: tl.constexpr,
 ):
-    # program (slot, token tile, column tile of the slot's cols_per_slot); slot varies fastest, so the
-    # programs of one token tile run together and read its x from L2
-    slot = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_n = tl.program_id(2)
-    m_mask = offs_m < num_tokens
-    rows = offs_m.to(tl.int64)
-    mine = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1) == slot  # [BLOCK_M]: this slot's tokens
-    num_mine = tl.sum(mine.to(tl.int32), axis=0)
-    # one program per token tile copies x into the head columns: the one of the tile's first token's slot (a
-    # prefill tile is mostly one adapter's: that program reads x for its dot anyway), slot 0 if it has none
-    owner = tl.maximum(tl.load(slots_ptr + tl.program_id(1) * BLOCK_M), 0)
-    copy = (slot == owner) & (pid_n == 0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of the slot's cols_per_slot
-    n_mask = offs_n < cols_per_slot
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if (num_mine > 0) | copy:  # else (a token tile without this slot's tokens, most in a prefill): zeros only
-        # the scalar conditions as vector masks: rows this program copies, A rows it reads (none if it only copies)
-        m_copy = m_mask & ((offs_m * 0 + copy.to(tl.int32)) != 0)
-        n_read = n_mask & ((offs_n * 0 + num_mine) > 0)
-        a_base = a_ptr + (slot * cols_per_slot + offs_n).to(tl.int64)[:, None] * stride_a
-        for k0 in range(0, K, BLOCK_K):  # no branch inside: masks instead, so Triton pipelines the loads
-            ks = k0 + offs_k
-            k_mask = ks < K
-            x_mask = m_mask[:, None] & k_mask[None, :]
-            xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_mask, other=0.0)  # [BM, BK]
-            tl.store(out_ptr + rows[:, None] * stride_out + ks[None, :], xt, mask=m_copy[:, None] & k_mask[None, :])
-            at = tl.load(a_base + ks[None, :], mask=n_read[:, None] & k_mask[None, :],
-                         other=0.0)  # [BLOCK_N, BLOCK_K]; not read by a program that only copies
-            acc = tl.dot(xt.to(at.dtype), tl.trans(at), acc, input_precision=DOT_PRECISION)
-    # this slot's columns of the tail: t for its own tokens, 0 for every other token (other slots, -1, padding)
-    acc = tl.where(mine[:, None], acc, 0.0)
-    t_ptrs = out_ptr + rows[:, None] * stride_out + K + (slot * cols_per_slot + offs_n)[None, :]
-    tl.store(t_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.load(slots_ptr + row)
+    head = cols < K
+    j = cols - K  # column of t
+    keep = (cols >= K) & (cols < K + T) & (j // cols_per_slot == slot)
+    v = tl.load(x_ptr + row * stride_x + cols, mask=head, other=0.0)
+    v += tl.load(t_ptr + row * stride_t + j, mask=keep, other=0.0)
+    tl.store(out_ptr + row * stride_out + cols, v, mask=cols < K + T)
 
 
-def lora_shrink_augment(x: torch.Tensor, a_all: torch.Tensor, token_slots: torch.Tensor, cols_per_slot: int,
-                        out: torch.Tensor) -> torch.Tensor:
-    """out [num_tokens, K + T] = [x, t] in one launch: t = x @ a_all^T [T = num_slots * cols_per_slot, K]^T
-    with only each token's own slot's columns (slot s owns s * cols_per_slot ..) computed, the rest 0;
-    tokens of slot -1 (and rows past token_slots' batch, -1 too) get x and zeros."""
+def lora_augment(x: torch.Tensor, t: torch.Tensor, token_slots: torch.Tensor, cols_per_slot: int,
+                 out: torch.Tensor) -> torch.Tensor:
+    """out [num_tokens, K + T] = [x, t with only each token's own slot's columns (slot s owns
+    s * cols_per_slot ..) kept, the rest 0] in one launch; tokens of slot -1 get x and zeros."""
     n, k = x.shape
-    num_t = a_all.shape[0]
-    assert x.stride(1) == 1 and a_all.stride(1) == 1 and out.stride(1) == 1 and out.shape == (n, k + num_t)
-    assert num_t % cols_per_slot == 0 and token_slots.shape[0] >= n
-    # decode: tiles of 16 tokens (more programs over few tokens), each streaming all of K through few rows, so
-    # wide K steps and more of them in flight; prefill: tiles of 64 (a slot's A read by fewer tiles)
-    decode = n <= 1024
-    block_m, block_k, stages = (16, 128, 4) if decode else (64, 64, 3)
-    block_n = min(64, max(16, triton.next_power_of_2(cols_per_slot)))
-    grid = (num_t // cols_per_slot, triton.cdiv(n, block_m), triton.cdiv(cols_per_slot, block_n))
-    _shrink_augment_kernel[grid](x, a_all, out, token_slots, n, k, cols_per_slot, x.stride(0), a_all.stride(0),
-                                 out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_stages=stages)
+    num_t = t.shape[1]
+    assert x.stride(1) == 1 and t.stride(1) == 1 and out.stride(1) == 1 and out.shape == (n, k + num_t)
+    block = 1024
+    _augment_kernel[(n, triton.cdiv(k + num_t, block))](x, t, out, token_slots, k, num_t, x.stride(0), t.stride(0),
+                                                       out.stride(0), cols_per_slot, BLOCK=block)
     return out
 
 

@@ -1,9 +1,8 @@
 """LoRA by augmented K: the base weight lives in W_aug [out_local, in_local + max_loras * num_slices * rank]
 whose tail columns hold every slot's B (scaled; slice i of slot s in its own rank columns, on its slice's
 rows only), and the layer's `weight` is the view W_aug[:, :in_local]. A step with adapters runs ONE GEMM
-[x, t] @ W_aug^T, t = x @ A^T of each token's own slot (0 in the other slots' columns; on CUDA one launch,
-kernels/lora.lora_shrink_augment, builds [x, t]), instead of base GEMM + shrink + expand; a base-only step
-reads the view and never the tail. Sharded as engine/lora/layers.py shards."""
+[x, t] @ W_aug^T, t = x @ A_all^T masked to each token's own slot, instead of base GEMM + shrink + expand;
+a base-only step reads the view and never the tail. Sharded as engine/lora/layers.py shards."""
 from __future__ import annotations
 
 import os
@@ -33,9 +32,7 @@ def augment_wins(in_local: int, out_local: int) -> bool:
     grows with the output width (a read-modify-write of y per slice). H200, W1, 8 rank-16 adapters, LoRA cost
     over the base GEMM in us (decode 256 tokens; prefill 8192), sgmv / augmented: gate_up (3584 -> 37888)
     38.8 / 16.4; 446 / 166; qkv (3584 -> 4608) 14.4 / 12.9; 145 / 152; o (3584 -> 3584) 8.2 / 9.4; 87 / 60;
-    down (18944 -> 3584) 14.8 / 16.5; 75 / 246 (copying the wide input), [x, t] then built by torch.mm + a
-    mask kernel (about 9 us of each augmented decode figure, which the one-launch kernel cuts). So: augment when
-    out >= in (o_proj, a tie, too: what it wins at prefill outweighs what it lost at decode)."""
+    down (18944 -> 3584) 14.8 / 16.5; 75 / 246 (copying the wide input). So: augment when out >= in."""
     return out_local >= in_local
 
 
@@ -103,16 +100,14 @@ class AugmentedLoRALinear:
         """x [num_tokens, in_local] -> [x, t] [num_tokens, in_local + num_cols], t = x @ A_all^T with only
         each token's own slot's columns kept (all zero for tokens without an adapter)."""
         assert batch.token_slots is not None, "the augmented LoRA path needs the batch's per-token slots"
-        out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
-        if batch.use_triton:  # one launch: the copy of x and each token's own slot's shrink
-            from kernels.lora import lora_shrink_augment
-
-            return lora_shrink_augment(x, self.a_all, batch.token_slots, self.cols_per_slot, out)
         t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
+        if batch.use_triton:
+            from kernels.lora import lora_augment
+
+            out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
+            return lora_augment(x, t, batch.token_slots, self.cols_per_slot, out)
         mask = self.col_slot[None, :] == batch.token_slots[: x.shape[0], None].to(self.col_slot.device)
-        out[:, : self.in_local].copy_(x)
-        torch.mul(t, mask, out=out[:, self.in_local :])
-        return out
+        return torch.cat([x, t * mask], dim=1)
 
     def linear(self, batch: LoRABatch, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in_local] -> x @ W^T (+ bias) plus each token's adapter delta, [..., out_local]."""
