@@ -174,7 +174,7 @@ class LLMEngine:
         with self.lock:
             outputs, self._finished_outputs = self._finished_outputs, []
             core_outputs = self.client.get_output()
-            processed = self.output_processor.process_outputs(core_outputs.outputs)
+            processed = self.output_processor.process_outputs(core_outputs.outputs, final_only=not self.stream_outputs)
             if processed.samples_to_abort:  # stopped by a stop string, or failed in the output processor
                 self.client.abort_requests(processed.samples_to_abort)
             for out in processed.request_outputs:

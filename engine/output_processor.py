@@ -82,7 +82,9 @@ class OutputProcessor:
         for request_id in request_ids:
             self.requests.pop(request_id, None)
 
-    def process_outputs(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+    def process_outputs(self, outputs: list[EngineCoreOutput], final_only: bool = False) -> ProcessedOutputs:
+        """final_only: the caller keeps finished requests' outputs only (the offline API), so a running
+        request's RequestOutput is not built, unless DELTA (building one advances what was sent)."""
         touched: dict[str, RequestState] = {}  # batch order
         failed: list[RequestOutput] = []
         to_abort: list[tuple[str, int]] = []
@@ -110,6 +112,8 @@ class OutputProcessor:
             touched[out.request_id] = state
         request_outputs = failed
         for state in touched.values():
+            if final_only and state.params.output_kind != RequestOutputKind.DELTA and not state.finished:
+                continue  # as the caller would drop it (CUMULATIVE and FINAL_ONLY keep no per-output state)
             output = self._make_output(state)
             if output is not None:
                 request_outputs.append(output)
