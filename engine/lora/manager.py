@@ -43,8 +43,8 @@ def stack_rank(max_lora_rank: int) -> int:
 def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dtype: torch.dtype,
                 device: torch.device) -> dict[int, list[LoRALinear | AugmentedLoRALinear]]:
     """LoRA slots on every q/k/v/o/gate/up/down projection this rank holds: layer index -> its four.
-    Augmented K (one GEMM) where the base weight is plain and GANTRY_LORA_PATH (by default the layer's shape:
-    engine/lora/augmented.augment_wins) says so, else SGMV."""
+    Augmented K (one GEMM) where the base weight is plain and GANTRY_LORA_PATH is augmented (the default),
+    else SGMV."""
     path = lora_path()
     attached: dict[int, list[LoRALinear | AugmentedLoRALinear]] = {}
     for idx, layer in model.model.layers.items():
@@ -65,7 +65,7 @@ def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dt
         attached[int(idx)] = []
         for linear, slices, in_local, row_parallel in specs:
             in_start = tp_rank * in_local if row_parallel else 0
-            if use_augmented(path, linear, dtype, in_local, sum(s.size for s in slices)):
+            if use_augmented(path, linear, dtype):
                 linear.lora = AugmentedLoRALinear(slices, in_local, in_start, row_parallel, max_loras, rank, linear)
             else:
                 linear.lora = LoRALinear(slices, in_local, in_start, row_parallel, max_loras, rank, dtype, device)

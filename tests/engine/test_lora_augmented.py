@@ -1,7 +1,7 @@
 """Augmented-K LoRA (engine/lora/augmented.py) on CPU: one GEMM over [x, masked x @ A^T] and [W, B] equals
 the SGMV path's base GEMM + shrink + expand for tokens of several adapters and none; the weight parameter is a
 view of W_aug (no copy); slot swaps zero the old adapter's columns; base-only batches never read the tail;
-GANTRY_LORA_PATH picks the path (auto: by the layer's shape) and quantized layers stay on SGMV."""
+GANTRY_LORA_PATH picks the path (augmented by default) and quantized layers stay on SGMV."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,6 @@ from engine.layers.linear import (
 )
 from engine.lora.augmented import (
     AugmentedLoRALinear,
-    augment_wins,
     can_augment,
     lora_path,
 )
@@ -107,20 +106,13 @@ def test_base_only_batch_never_reads_the_tail() -> None:
 
 def test_lora_path_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GANTRY_LORA_PATH", raising=False)
-    assert lora_path() == "auto"
+    assert lora_path() == "augmented"
     for path in ("augmented", "sgmv"):
         monkeypatch.setenv("GANTRY_LORA_PATH", path)
         assert lora_path() == path
     monkeypatch.setenv("GANTRY_LORA_PATH", "fused")
     with pytest.raises(ValueError, match="GANTRY_LORA_PATH.*'fused'"):
         lora_path()
-
-
-def test_augment_wins_on_the_measured_shapes() -> None:
-    """W1 (Qwen2-7B) on an H200: augmented K won on gate_up, qkv and o, SGMV on down (its 18944-wide input)."""
-    hidden, inter, q, kv = 3584, 18944, 3584, 512
-    assert augment_wins(hidden, 2 * inter) and augment_wins(hidden, q + 2 * kv) and augment_wins(q, hidden)
-    assert not augment_wins(inter, hidden)
 
 
 def test_only_plain_weights_augment() -> None:
@@ -131,11 +123,11 @@ def test_only_plain_weights_augment() -> None:
     assert not can_augment(layer, torch.float32)
 
 
-# the tiny Qwen2 below: qkv 32 -> 64, o 32 -> 32, gate_up 32 -> 96, down 48 -> 32 (the only one in > out)
-ATTACHED = {"auto": [True, True, True, False], "augmented": [True] * 4, "sgmv": [False] * 4}
+# qkv, o, gate_up, down of the tiny Qwen2 below: every plain layer takes the path GANTRY_LORA_PATH names
+ATTACHED = {"augmented": [True] * 4, "sgmv": [False] * 4}
 
 
-@pytest.mark.parametrize("path", ["auto", "augmented", "sgmv"])
+@pytest.mark.parametrize("path", ["augmented", "sgmv"])
 def test_attach_picks_the_path(monkeypatch: pytest.MonkeyPatch, tmp_path, path: str) -> None:
     from transformers import Qwen2Config
 
