@@ -91,7 +91,7 @@ class BlockManager:
         num_computed = seq.num_computed_tokens + len(computed_blocks) * bs
         num_needed = -(-(num_computed + num_new_tokens) // bs) - len(seq.block_table) - len(computed_blocks)
         # computed blocks with no users sit in the free queue: touching them uses them up
-        num_touched_free = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+        num_touched_free = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0) if computed_blocks else 0
         if num_needed > self.num_free_blocks - num_touched_free:
             return False
         for block_id in computed_blocks:
@@ -122,6 +122,8 @@ class BlockManager:
         layer stores all K/V before attending, so a block is readable from this step on."""
         bs = self.block_size
         start = seq.num_hashed_blocks
+        if num_tokens // bs <= start:  # no block filled since the last call (most decode steps)
+            return
         parent = self.blocks[seq.block_table[start - 1]].block_hash if start else self._root_hash(seq)
         for i in range(start, num_tokens // bs):
             block = self.blocks[seq.block_table[i]]

@@ -123,7 +123,7 @@ class Scheduler:
         return True
 
     def _schedule_tokens(self, seq: Sequence, num_new: int, out: SchedulerOutput, scheduled: list[Sequence]) -> None:
-        if seq.num_computed_tokens + num_new == seq.num_tokens + seq.num_placeholders:
+        if seq.num_computed_tokens + num_new == len(seq.token_ids) + seq.num_placeholders:
             seq.num_placeholders += 1  # this step samples the next token
         seq.num_computed_tokens += num_new
         seq.num_in_flight += 1
@@ -158,15 +158,17 @@ class Scheduler:
                 self._ready(s, lane) and s.num_uncomputed_tokens == 1 for s in self.running):
             prefill_budget = self.max_prefill_tokens_while_decoding or budget
         first_chunk = True
+        running = SequenceStatus.RUNNING
         for seq in list(self.running):
             if budget <= 0:
                 break
-            if not self._ready(seq, lane):
+            # _ready and num_uncomputed_tokens inlined: this loop runs once per running sequence per step
+            if seq.lane != lane or seq.status is not running or (seq.num_in_flight and not self._may_schedule(seq)):
                 continue
-            num_new = seq.num_uncomputed_tokens
+            num_new = len(seq.token_ids) + seq.num_placeholders - seq.num_computed_tokens
             if not decode and num_new == 1:
                 continue  # a prefill-first step: this decode waits
-            if not self._lora_fits(seq, loras):
+            if seq.request.lora_request is not None and not self._lora_fits(seq, loras):
                 continue
             if num_new > 1:
                 num_new = self._prefill_chunk(seq.num_computed_tokens, num_new, budget, prefill_budget, first_chunk)
@@ -218,9 +220,9 @@ class Scheduler:
             # It stays in `waiting` (status WAITING) until the engine finishes its request.
             self.unschedulable.append(self.waiting[0])
         for seq in scheduled:
-            self._describe(seq, out)
-            end = seq.num_computed_tokens  # this step's tokens are counted already
-            self.prompt_tokens_total += max(0, min(seq.num_prompt_tokens, end) - (end - out.num_scheduled_tokens[seq.seq_id]))
+            start = self._describe(seq, out)
+            if start < seq.num_prompt_tokens:  # this step's tokens are counted in num_computed_tokens already
+                self.prompt_tokens_total += min(seq.num_prompt_tokens, seq.num_computed_tokens) - start
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
         return out, scheduled
 
@@ -250,8 +252,9 @@ class Scheduler:
             fit = max(fit, min(MIN_PREFILL_CHUNK, int(prefill_budget)))
         return min(n, fit)
 
-    def _describe(self, seq: Sequence, out: SchedulerOutput) -> None:
-        """Full data for a sequence the runners do not hold yet, only the delta otherwise."""
+    def _describe(self, seq: Sequence, out: SchedulerOutput) -> int:
+        """Full data for a sequence the runners do not hold yet, only the delta otherwise; returns the
+        step's first position."""
         start = seq.num_computed_tokens - out.num_scheduled_tokens[seq.seq_id]
         sent = self._sent.get(seq.seq_id)
         if sent is None:
@@ -264,7 +267,8 @@ class Scheduler:
             out.scheduled_cached_reqs.append(CachedRequestData(
                 seq.seq_id, seq.token_ids[num_tokens_sent:], seq.block_table[num_blocks_sent:], start
             ))
-        self._sent[seq.seq_id] = (seq.num_tokens, len(seq.block_table))
+        self._sent[seq.seq_id] = (len(seq.token_ids), len(seq.block_table))
+        return start
 
     def _forget(self, seq: Sequence) -> None:
         if self._sent.pop(seq.seq_id, None) is not None:
@@ -296,22 +300,28 @@ class Scheduler:
             request = seq.request
             request.num_prompt_logprobs = max(request.num_prompt_logprobs, chunk.first_position + len(chunk.entries))
             self._output(seq, outputs).new_prompt_logprobs = (chunk.first_position, chunk.entries)
+        running, logprobs, num_generated = SequenceStatus.RUNNING, result.logprobs, 0
         for i, (seq_id, token_id) in enumerate(zip(result.req_ids, result.sampled_token_ids)):
             seq = by_id.get(seq_id)
-            if seq is None or seq.status != SequenceStatus.RUNNING:
+            if seq is None or seq.status is not running:
                 continue
             seq.num_placeholders -= 1
             seq.token_ids.append(token_id)
-            self.generation_tokens_total += 1
-            out = self._output(seq, outputs)
-            out.new_token_ids.append(token_id)
-            if result.logprobs and result.logprobs[i] is not None:
+            num_generated += 1
+            out = outputs.get(seq_id) if outputs else None  # one output per sample (prompt logprobs first)
+            if out is None:
+                out = outputs[seq_id] = EngineCoreOutput(request_id=seq.request.request_id, index=seq.index,
+                                                         new_token_ids=[token_id], num_cached_tokens=seq.num_cached_tokens)
+            else:
+                out.new_token_ids.append(token_id)
+            if logprobs and logprobs[i] is not None:
                 if out.new_logprobs is None:
                     out.new_logprobs = []
-                out.new_logprobs.append(result.logprobs[i])
+                out.new_logprobs.append(logprobs[i])
             if self._check_stop(seq, token_id):
                 out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
                 self.finish([seq])
+        self.generation_tokens_total += num_generated
         return list(outputs.values())
 
     def _output(self, seq: Sequence, outputs: dict[str, EngineCoreOutput]) -> EngineCoreOutput:
@@ -324,12 +334,14 @@ class Scheduler:
 
     def _check_stop(self, seq: Sequence, token_id: int) -> bool:
         """Token-level stop conditions, after token_id was appended; sets finish_reason."""
-        params = seq.params
-        if seq.num_output_tokens >= params.min_tokens and (
+        params, request = seq.params, seq.request
+        num_tokens = len(seq.token_ids)
+        num_output = num_tokens - seq.num_prompt_tokens
+        if num_output >= params.min_tokens and (
                 (token_id in self.eos_token_id_set and not params.ignore_eos) or token_id in params.stop_token_ids):
             seq.finish_reason = "stop"
             seq.stop_reason = token_id if token_id in params.stop_token_ids else None
-        elif seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_output >= request.max_tokens or num_tokens >= self.max_model_len:
             seq.finish_reason = "length"
         return seq.finish_reason is not None
 
