@@ -24,31 +24,35 @@ RANK, NUM_ADAPTERS = 16, 8
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def write_adapters(shape: dict, seed: int) -> list[str]:
-    """NUM_ADAPTERS PEFT directories (safetensors written directly: no peft needed on the GPU host)."""
+def write_random_adapter(path: str, dims, rank: int, modules: tuple[str, ...], g: torch.Generator, std: float,
+                         dtype: torch.dtype = torch.float32) -> str:
+    """One PEFT directory of random lora_A / lora_B (normal, std) for `modules` of every layer, written with
+    safetensors directly (no peft needed on the GPU host); lora_alpha = 2 * rank."""
     from safetensors.torch import save_file
 
+    tensors = {}
+    for layer in range(dims.num_layers):
+        for m in modules:
+            in_f, out_f = dims.shape(m)
+            kind = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            name = f"base_model.model.model.layers.{layer}.{kind}.{m}"
+            tensors[f"{name}.lora_A.weight"] = (torch.randn(rank, in_f, generator=g) * std).to(dtype)
+            tensors[f"{name}.lora_B.weight"] = (torch.randn(out_f, rank, generator=g) * std).to(dtype)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules)}, f)
+    return path
+
+
+def write_adapters(shape: dict, seed: int) -> list[str]:
+    """NUM_ADAPTERS random rank-RANK adapters on every projection of `shape`, in bf16."""
     from engine.lora.adapter import ModelDims
 
-    hf = type("HF", (), dict(shape, head_dim=None))
-    dims = ModelDims.from_hf(hf)
+    dims = ModelDims.from_hf(type("HF", (), dict(shape, head_dim=None)))
     g = torch.Generator().manual_seed(seed)
-    paths = []
-    for i in range(NUM_ADAPTERS):
-        path = tempfile.mkdtemp(prefix=f"gantry-lora{i}-")
-        tensors = {}
-        for layer in range(dims.num_layers):
-            for m in MODULES:
-                in_f, out_f = dims.shape(m)
-                kind = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-                name = f"base_model.model.model.layers.{layer}.{kind}.{m}"
-                tensors[f"{name}.lora_A.weight"] = (torch.randn(RANK, in_f, generator=g) * 0.01).bfloat16()
-                tensors[f"{name}.lora_B.weight"] = (torch.randn(out_f, RANK, generator=g) * 0.01).bfloat16()
-        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-        with open(os.path.join(path, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "r": RANK, "lora_alpha": 32, "target_modules": list(MODULES)}, f)
-        paths.append(path)
-    return paths
+    return [write_random_adapter(tempfile.mkdtemp(prefix=f"gantry-lora{i}-"), dims, RANK, MODULES, g, 0.01,
+                                 torch.bfloat16) for i in range(NUM_ADAPTERS)]
 
 
 def run(model: str, prompts: list[list[int]], output_len: int, loras: list | None, **kwargs) -> float:

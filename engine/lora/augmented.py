@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.lora.layers import LoRASlice
+from engine.lora.layers import LoRASlice, local_adapter_weights
 from engine.lora.punica import LoRABatch
 
 LORA_PATHS = ("augmented", "sgmv")
@@ -71,15 +71,8 @@ class AugmentedLoRALinear:
         cols = slice(slot * self.cols_per_slot, (slot + 1) * self.cols_per_slot)
         self.a_all[cols].zero_()
         self.w_aug[:, self.in_local + cols.start : self.in_local + cols.stop].zero_()
-        for i, s in enumerate(self.slices):
-            if s.module not in weights:
-                continue
-            a, b = weights[s.module]
+        for i, s, a, b in local_adapter_weights(self.slices, weights, self.row_parallel, self.in_start, self.in_local):
             r = a.shape[0]
-            if self.row_parallel:
-                a = a[:, self.in_start : self.in_start + self.in_local]
-            else:
-                b = b[s.b_row_start : s.b_row_start + s.size]
             start = cols.start + i * self.rank
             self.a_all[start : start + r].copy_(a, non_blocking=True)
             tail = self._tail(slot, i)

@@ -4,6 +4,7 @@ layers split B on its output rows, row-parallel layers split A on its input colu
 partial deltas are summed by the layer's all-reduce)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,22 @@ class LoRASlice:
     offset: int  # first column of the layer's local output
     size: int  # local output columns
     b_row_start: int  # first row of PEFT's full lora_B this rank holds (column-parallel)
+
+
+def local_adapter_weights(slices: list[LoRASlice], weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                          row_parallel: bool, in_start: int, in_local: int
+                          ) -> Iterator[tuple[int, LoRASlice, torch.Tensor, torch.Tensor]]:
+    """(slice index, slice, A [r, in_local], B [slice size, r]) for each slice the adapter has: this rank's
+    shard (row-parallel: A's input columns; column-parallel: B's output rows)."""
+    for i, s in enumerate(slices):
+        if s.module not in weights:
+            continue
+        a, b = weights[s.module]
+        if row_parallel:
+            a = a[:, in_start : in_start + in_local]
+        else:
+            b = b[s.b_row_start : s.b_row_start + s.size]
+        yield i, s, a, b
 
 
 class LoRALinear:
@@ -44,15 +61,8 @@ class LoRALinear:
         """Copy one adapter's (A [r, in], B [out, r]) per module into slot; modules it lacks stay zero."""
         self.a_stack[slot].zero_()
         self.b_all[slot].zero_()
-        for i, s in enumerate(self.slices):
-            if s.module not in weights:
-                continue
-            a, b = weights[s.module]
+        for i, s, a, b in local_adapter_weights(self.slices, weights, self.row_parallel, self.in_start, self.in_local):
             r = a.shape[0]
-            if self.row_parallel:
-                a = a[:, self.in_start : self.in_start + self.in_local]
-            else:
-                b = b[s.b_row_start : s.b_row_start + s.size]
             self.a_stack[slot, i * self.rank : i * self.rank + r].copy_(a, non_blocking=True)
             self.b_all[slot, s.offset : s.offset + s.size, :r].copy_(b, non_blocking=True)
 

@@ -5,8 +5,6 @@ reference path."""
 from __future__ import annotations
 
 import copy
-import json
-import os
 
 import pytest
 import torch
@@ -23,22 +21,9 @@ MAX_NUM_SEQS = 8
 
 
 def _write_adapter(path: str, dims, rank: int, modules: tuple[str, ...], seed: int) -> str:
-    from safetensors.torch import save_file
+    from benchmarks.lora_bench import write_random_adapter
 
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(dims.num_layers):
-        for m in modules:
-            in_f, out_f = dims.shape(m)
-            kind = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            name = f"base_model.model.model.layers.{layer}.{kind}.{m}"
-            tensors[f"{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.3
-            tensors[f"{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.3
-    os.makedirs(path)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(modules)}, f)
-    return path
+    return write_random_adapter(path, dims, rank, modules, torch.Generator().manual_seed(seed), 0.3)
 
 
 def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
