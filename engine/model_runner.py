@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.config import EngineConfig
+from engine.decode_inputs import decode_inputs
 from engine.forward_context import ForwardContext, forward_context
 from engine.layers.attention import Attention
 from engine.layers.quant.fp8_kv import bind_kv_scales, resolve_kv_cache_dtype
@@ -79,7 +80,9 @@ class ModelRunner:
         self.free_rows = list(range(config.max_num_seqs - 1, -1, -1))
         # the last step's sampled tokens, still on the device, to fill the next step's placeholders
         self.last_sampled: torch.Tensor | None = None
-        self.last_sampled_index: dict[str, int] = {}
+        self.last_sampled_ids: list[str] = []  # its rows' requests (_last_sampled_rows)
+        self._last_sampled_index: dict[str, int] | None = None  # built from last_sampled_ids when needed
+        self._num_prompt_logprobs = 0  # requests held that ask for prompt logprobs (none: no plan to build)
         # with async scheduling every TP rank feeds the next step from its own copy of the sampled
         # tokens, so they must be the first TP rank's bit for bit (random draws could differ)
         self.share_sampled = self.parallel.tp_size > 1 and config.uses_async_scheduling(device.type)
@@ -178,11 +181,15 @@ class ModelRunner:
             state = self.requests.pop(req_id, None)
             if state is not None:
                 self.free_rows.append(state.row)
+                self._num_prompt_logprobs -= state.sampling_params.prompt_logprobs is not None
         for new in so.scheduled_new_reqs:
             state = RunnerRequestState(list(new.prompt_token_ids), list(new.block_ids), new.num_computed_tokens,
                                        new.sampling_params, self.free_rows.pop(), len(new.prompt_token_ids),
                                        new.lora_request)
             self.block_table_cpu[state.row, : len(state.block_ids)] = state.block_ids
+            old = self.requests.get(new.req_id)
+            self._num_prompt_logprobs += ((new.sampling_params.prompt_logprobs is not None)
+                                          - (old is not None and old.sampling_params.prompt_logprobs is not None))
             self.requests[new.req_id] = state
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
@@ -202,6 +209,19 @@ class ModelRunner:
                                                            tuple[torch.Tensor, torch.Tensor] | None]:
         """Host data of the step on its way to the device; feed: (input positions, rows of last_sampled) of
         the placeholder tokens, gathered at launch (the previous step's sampler may not be queued yet)."""
+        dev = self.to_device
+        if len(so.num_scheduled_tokens) == so.total_num_scheduled_tokens:  # every request decodes one token
+            ids = list(so.num_scheduled_tokens)
+            d = decode_inputs([self.requests[r] for r in ids], ids, self.block_table_cpu, self.block_size,
+                              PLACEHOLDER, self._last_sampled_rows)
+            ctx = ForwardContext(
+                slot_mapping=dev(d["slots"], torch.long), block_tables=dev(d["block_tables"], torch.int32),
+                seq_lens=dev(d["seq_lens"], torch.int32), query_start_loc=dev(d["query_start_loc"], torch.int32),
+                logits_indices=dev(d["logits_indices"], torch.long), max_query_len=1, max_seq_len=d["max_seq_len"],
+                is_decode=True,
+            )
+            feed = None if d["feed_dst"] is None else (dev(d["feed_dst"], torch.long), dev(d["feed_src"], torch.long))
+            return dev(d["input_ids"], torch.long), dev(d["positions"], torch.long), ctx, d["sampled_ids"], feed
         bs = self.block_size
         input_ids: list[int] = []
         feed_dst: list[int] = []  # input positions whose token is the last step's sampled one ...
@@ -216,7 +236,7 @@ class ModelRunner:
             end = start + num_new
             if state.token_ids[end - 1] == PLACEHOLDER:  # only the newest token can be one
                 feed_dst.append(len(input_ids) + num_new - 1)
-                feed_src.append(self.last_sampled_index[req_id])
+                feed_src.append(self._last_sampled_rows([req_id])[0])
             if num_new == 1:  # decode: plain ints beat numpy at this size
                 input_ids.append(state.token_ids[start])
                 positions.append(start)
@@ -237,7 +257,6 @@ class ModelRunner:
             state.num_computed_tokens = end
         block_tables = self.block_table_cpu[rows, :max_blocks]
 
-        dev = self.to_device
         max_query_len = max(so.num_scheduled_tokens.values())
         ctx = ForwardContext(
             slot_mapping=dev(slots, torch.long),
@@ -296,7 +315,8 @@ class ModelRunner:
         is_last = self.parallel.is_last_pp_rank
         if not so.num_scheduled_tokens:
             return PendingOutput.empty() if is_last else None
-        plan = plan_prompt_logprobs(so, self.requests)  # before prepare_inputs advances the requests
+        # before prepare_inputs advances the requests
+        plan = plan_prompt_logprobs(so, self.requests) if self._num_prompt_logprobs else None
         input_ids, positions, ctx, sampled_ids, feed = self.prepare_inputs(so)
         lora = None
         if self.lora_manager is not None:  # None when no request of this step has an adapter
@@ -304,8 +324,17 @@ class ModelRunner:
                                              list(so.num_scheduled_tokens.values()), ctx.is_decode)
         step = PreparedStep(input_ids, positions, ctx, sampled_ids, feed, plan, lora)
         if is_last:  # the next step's placeholders are rows of this step's tokens (set by submit_sample)
-            self.last_sampled_index = {r: i for i, r in enumerate(sampled_ids)}
+            self.last_sampled_ids, self._last_sampled_index = sampled_ids, None
         return step
+
+    def _last_sampled_rows(self, req_ids: list[str]) -> list[int] | range:
+        """Each request's row in last_sampled (the previous step's tokens): in a steady decode batch the
+        same requests in the same order, so no lookup."""
+        if req_ids == self.last_sampled_ids:
+            return range(len(req_ids))
+        if self._last_sampled_index is None:
+            self._last_sampled_index = {r: i for i, r in enumerate(self.last_sampled_ids)}
+        return [self._last_sampled_index[r] for r in req_ids]
 
     @torch.inference_mode()
     def launch_forward(self, step: PreparedStep | PendingOutput | None) -> StepLogits | PendingOutput | None:
@@ -334,10 +363,11 @@ class ModelRunner:
             self.last_sampled = None
             return PendingOutput.empty(prompt_logprobs)
         # built while the forward runs, before this step's placeholders are appended (it counts the tokens)
-        md = self.sampling_metadata(sampled_ids)
-        num_logprobs = [self.requests[r].sampling_params.logprobs for r in sampled_ids]
-        for req_id in sampled_ids:
-            self.requests[req_id].token_ids.append(PLACEHOLDER)
+        states = [self.requests[r] for r in sampled_ids]
+        md = self.sampling_metadata(sampled_ids, states)
+        num_logprobs = [s.sampling_params.logprobs for s in states]
+        for state in states:
+            state.token_ids.append(PLACEHOLDER)
         return StepLogits(logits, md, sampled_ids, prompt_logprobs, num_logprobs)
 
     @torch.inference_mode()
@@ -351,7 +381,7 @@ class ModelRunner:
         out = self.sampler(step.logits, md)
         if self.share_sampled:
             broadcast_from_first_tp_rank(out.sampled_token_ids)
-        self.last_sampled = out.sampled_token_ids  # placeholders and last_sampled_index: prepare_forward's
+        self.last_sampled = out.sampled_token_ids  # placeholders and last_sampled_ids: prepare_forward's
         on_gpu = self.device.type == "cuda"
         sampled = out.sampled_token_ids.to("cpu", non_blocking=on_gpu)
         logprob_parts, num_logprobs = None, []
@@ -367,6 +397,8 @@ class ModelRunner:
     def to_device(self, x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         return to_device(x, dtype, self.device)
 
-    def sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
-        return build_sampling_metadata([self.requests[r] for r in req_ids], self.model_config.hf_config.vocab_size,
+    def sampling_metadata(self, req_ids: list[str], states: list[RunnerRequestState] | None = None) -> SamplingMetadata:
+        """states: req_ids' (the caller may have them already)."""
+        states = [self.requests[r] for r in req_ids] if states is None else states
+        return build_sampling_metadata(states, self.model_config.hf_config.vocab_size,
                                        self.device, self.default_generator)

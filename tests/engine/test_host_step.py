@@ -39,3 +39,33 @@ def test_final_only_keeps_the_finished_outputs(kind: RequestOutputKind) -> None:
         assert summary(final[3]) == summary(every[3]) == [("a", True, [([13], "length")])]
     else:
         assert final[0] == [] and summary(final[3]) == [("a", True, [([10, 11, 12, 13], "length")])]
+
+
+def test_decode_inputs_match_the_per_request_loop() -> None:
+    """decode_inputs (numpy over the batch) gives what prepare_inputs' per-request loop gives: slots from
+    the block table, placeholders fed from the previous step's rows (looked up when the order changed)."""
+    import numpy as np
+
+    from engine.decode_inputs import decode_inputs
+    from engine.model_runner import PLACEHOLDER, RunnerRequestState
+
+    bs, table = 4, np.zeros((4, 8), dtype=np.int32)
+    states = [RunnerRequestState([5, 6, 7, PLACEHOLDER], [9, 3], 3, None, 2, 3),  # decodes its placeholder
+              RunnerRequestState([1, 2, 3, 4, 8], [7, 1], 4, None, 0, 5),  # a known token, sampled
+              RunnerRequestState([1, 2, 3, 4, 8, 9], [2, 6, 4], 4, None, 1, 6)]  # a known token, not the newest
+    for s in states:
+        table[s.row, : len(s.block_ids)] = s.block_ids
+    asked = []
+
+    def rows(ids: list[str]) -> list[int]:
+        asked.append(ids)
+        return [{"x": 1, "a": 0}[r] for r in ids]
+
+    d = decode_inputs(states, ["a", "b", "c"], table, bs, PLACEHOLDER, rows)
+    assert d["input_ids"].tolist() == [PLACEHOLDER, 8, 8] and d["positions"].tolist() == [3, 4, 4]
+    assert d["slots"].tolist() == [9 * bs + 3, 1 * bs + 0, 6 * bs + 0]
+    assert d["seq_lens"].tolist() == [4, 5, 5] and d["query_start_loc"].tolist() == [0, 1, 2, 3]
+    assert d["logits_indices"].tolist() == [0, 1] and d["sampled_ids"] == ["a", "b"]
+    assert d["block_tables"].tolist() == [[9, 3, 0], [7, 1, 0], [2, 6, 4]] and d["max_seq_len"] == 5
+    assert d["feed_dst"].tolist() == [0] and d["feed_src"].tolist() == [0] and asked == [["a"]]
+    assert [s.num_computed_tokens for s in states] == [4, 5, 5]
