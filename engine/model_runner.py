@@ -25,7 +25,7 @@ from engine.outputs import ModelRunnerOutput, RequestSamplingParams, SchedulerOu
 from engine.parallel import broadcast_from_first_tp_rank, get_parallel_state
 from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
 from engine.runner_output import PendingOutput, PreparedStep, StepLogits
-from engine.sampling_metadata import build_sampling_metadata, to_device
+from engine.sampling_metadata import SamplingMetadataBuilder, to_device
 from engine.structured.bitmask import sampled_bitmask
 
 logger = logging.getLogger("gantry.engine")
@@ -70,6 +70,7 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler()
         self.default_generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.metadata_builder = SamplingMetadataBuilder(model_config.hf_config.vocab_size, device)
         self.requests: dict[str, RunnerRequestState] = {}
         self.num_blocks = 0
         self._pending_sends: list[tuple[dist.Work, torch.Tensor]] = []
@@ -400,5 +401,4 @@ class ModelRunner:
     def sampling_metadata(self, req_ids: list[str], states: list[RunnerRequestState] | None = None) -> SamplingMetadata:
         """states: req_ids' (the caller may have them already)."""
         states = [self.requests[r] for r in req_ids] if states is None else states
-        return build_sampling_metadata(states, self.model_config.hf_config.vocab_size,
-                                       self.device, self.default_generator)
+        return self.metadata_builder.build(states, self.default_generator)

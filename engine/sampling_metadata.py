@@ -1,7 +1,10 @@
-"""The sampler's per-row inputs of one step (SamplingMetadata), built from the runner's request states,
-and the pinned host-to-device copy every step's inputs take."""
+"""The sampler's per-row inputs of one step (SamplingMetadata), built from the runner's request states
+(SamplingMetadataBuilder keeps the params' tensors while the batch is unchanged), and the pinned
+host-to-device copy every step's inputs take."""
 from __future__ import annotations
 
+import operator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,6 +15,7 @@ from engine.sampling_params import mix_seed
 
 if TYPE_CHECKING:
     from engine.model_runner import RunnerRequestState
+    from engine.outputs import RequestSamplingParams
 
 # float32-safe bounds for user floats: past them the sampled distribution no longer changes
 # (uniform for a huge temperature; seen tokens forced or banned for an extreme repetition
@@ -29,41 +33,107 @@ def to_device(x: np.ndarray | list, dtype: torch.dtype, device: torch.device) ->
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def build_sampling_metadata(states: list[RunnerRequestState], vocab: int, device: torch.device,
-                            default_generator: torch.Generator | None) -> SamplingMetadata:
-    """One row per state, in order: temperatures, top-k/p, min-p, seeded generators, min_tokens bans,
-    penalties (token counts scattered on the device) and the most logprobs any row asks for."""
-    params = [s.sampling_params for s in states]
-    n, dev = len(states), device
+@dataclass
+class _RowParams:
+    """What one step's SamplingMetadata takes from its rows' params alone (not from their tokens)."""
 
+    params: list[RequestSamplingParams]  # the rows' params objects: the key (compared by identity)
+    temperature: torch.Tensor
+    top_k: torch.Tensor | None
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
+    all_greedy: bool
+    seeded_rows: list[int]  # rows that draw from their own generator
+    min_tokens_rows: list[int]  # rows with min_tokens: their bans depend on the output length
+    penalties: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # presence, frequency, repetition
+    max_num_logprobs: int | None
+
+
+def _row_params(params: list[RequestSamplingParams], vocab: int, device: torch.device) -> _RowParams:
     def to_dev(x: list, dtype: torch.dtype) -> torch.Tensor:
         return to_device(x, dtype, device)
 
     top_k = [min(p.top_k, vocab) or vocab for p in params]  # larger than the vocabulary: off
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
-    generators: dict[int, torch.Generator] = {}
-    min_tokens_mask: list[tuple[int, torch.Tensor]] = []
-    for row, (state, p) in enumerate(zip(states, params)):
-        num_output = len(state.token_ids) - p.num_prompt_tokens
-        if p.seed is not None and p.temperature > 0:
-            # re-seeded per position: the same text whatever the batch, preemptions included
-            generators[row] = torch.Generator(device=dev).manual_seed(mix_seed(p.seed, num_output))
-        if num_output < p.min_tokens:
-            banned = sorted(t for t in set(p.stop_token_ids) | set(p.eos_token_ids) if t < vocab)
-            min_tokens_mask.append((row, to_dev(banned, torch.long)))
-    md = SamplingMetadata(
+    penalties = None
+    if any(p.has_penalties for p in params):
+        penalties = (to_dev([p.presence_penalty for p in params], torch.float32),
+                     to_dev([p.frequency_penalty for p in params], torch.float32),
+                     to_dev([min(max(p.repetition_penalty, MIN_REPETITION_PENALTY), MAX_REPETITION_PENALTY)
+                             for p in params], torch.float32))
+    logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    return _RowParams(
+        params=params,
         temperature=to_dev([min(p.temperature, MAX_TEMPERATURE) for p in params], torch.float32),
         top_k=to_dev(top_k, torch.long) if any(k < vocab for k in top_k) else None,
         top_p=to_dev(top_p, torch.float32) if any(v < 1.0 for v in top_p) else None,
         min_p=to_dev(min_p, torch.float32) if any(v > 0 for v in min_p) else None,
         all_greedy=all(p.temperature == 0 or p.top_k == 1 for p in params),
-        generators=generators, default_generator=default_generator, min_tokens_mask=min_tokens_mask,
+        seeded_rows=[row for row, p in enumerate(params) if p.seed is not None and p.temperature > 0],
+        min_tokens_rows=[row for row, p in enumerate(params) if p.min_tokens > 0],
+        penalties=penalties, max_num_logprobs=min(max(logprobs), vocab) if logprobs else None,
     )
-    if any(p.has_penalties for p in params):
+
+
+class SamplingMetadataBuilder:
+    """build_sampling_metadata that keeps the per-row tensors of the params (temperatures, top-k/p,
+    min-p, penalty factors) while a step's rows have the same params objects in the same order: a
+    steady decode batch rebuilds only what depends on its tokens (seeded generators, min_tokens bans,
+    penalty counts). Those tensors are only read by the sampler, so steps in flight may share them."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.vocab, self.device = vocab, device
+        self._rows: _RowParams | None = None
+
+    def build(self, states: list[RunnerRequestState], default_generator: torch.Generator | None) -> SamplingMetadata:
+        params = [s.sampling_params for s in states]
+        rows = self._rows
+        if rows is None or len(rows.params) != len(params) or not all(map(operator.is_, params, rows.params)):
+            rows = self._rows = _row_params(params, self.vocab, self.device)
+        return _metadata(states, rows, self.vocab, self.device, default_generator)
+
+
+def build_sampling_metadata(states: list[RunnerRequestState], vocab: int, device: torch.device,
+                            default_generator: torch.Generator | None) -> SamplingMetadata:
+    """One row per state, in order: temperatures, top-k/p, min-p, seeded generators, min_tokens bans,
+    penalties (token counts scattered on the device) and the most logprobs any row asks for."""
+    rows = _row_params([s.sampling_params for s in states], vocab, device)
+    return _metadata(states, rows, vocab, device, default_generator)
+
+
+def _metadata(states: list[RunnerRequestState], rows: _RowParams, vocab: int, device: torch.device,
+              default_generator: torch.Generator | None) -> SamplingMetadata:
+    """rows (the states' params) plus what depends on the states' tokens."""
+    n, dev = len(states), device
+
+    def to_dev(x: list, dtype: torch.dtype) -> torch.Tensor:
+        return to_device(x, dtype, device)
+
+    generators: dict[int, torch.Generator] = {}
+    for row in rows.seeded_rows:
+        state = states[row]
+        p = state.sampling_params
+        # re-seeded per position: the same text whatever the batch, preemptions included
+        num_output = len(state.token_ids) - p.num_prompt_tokens
+        generators[row] = torch.Generator(device=dev).manual_seed(mix_seed(p.seed, num_output))
+    min_tokens_mask: list[tuple[int, torch.Tensor]] = []
+    for row in rows.min_tokens_rows:
+        state = states[row]
+        p = state.sampling_params
+        if len(state.token_ids) - p.num_prompt_tokens < p.min_tokens:
+            banned = sorted(t for t in set(p.stop_token_ids) | set(p.eos_token_ids) if t < vocab)
+            min_tokens_mask.append((row, to_dev(banned, torch.long)))
+    md = SamplingMetadata(
+        temperature=rows.temperature, top_k=rows.top_k, top_p=rows.top_p, min_p=rows.min_p,
+        all_greedy=rows.all_greedy, generators=generators, default_generator=default_generator,
+        min_tokens_mask=min_tokens_mask,
+    )
+    if rows.penalties is not None:
         # (row, token) pairs of generated and of prompt tokens, scattered on the device
         out_rows, out_ids, prompt_rows, prompt_ids = [], [], [], []
-        for row, (state, p) in enumerate(zip(states, params)):
+        for row, state in enumerate(states):
+            p = state.sampling_params
             if not p.has_penalties:
                 continue  # neutral row; it may run ahead on a placeholder token
             num_prompt = p.num_prompt_tokens
@@ -77,10 +147,6 @@ def build_sampling_metadata(states: list[RunnerRequestState], vocab: int, device
         prompt_mask = torch.zeros(n, vocab, dtype=torch.bool, device=dev)
         prompt_mask[to_dev(prompt_rows, torch.long), to_dev(prompt_ids, torch.long)] = True
         md.output_token_counts, md.prompt_token_mask = counts, prompt_mask
-        md.presence_penalty = to_dev([p.presence_penalty for p in params], torch.float32)
-        md.frequency_penalty = to_dev([p.frequency_penalty for p in params], torch.float32)
-        md.repetition_penalty = to_dev([min(max(p.repetition_penalty, MIN_REPETITION_PENALTY),
-                                            MAX_REPETITION_PENALTY) for p in params], torch.float32)
-    logprobs = [p.logprobs for p in params if p.logprobs is not None]
-    md.max_num_logprobs = min(max(logprobs), vocab) if logprobs else None
+        md.presence_penalty, md.frequency_penalty, md.repetition_penalty = rows.penalties
+    md.max_num_logprobs = rows.max_num_logprobs
     return md

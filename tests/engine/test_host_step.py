@@ -69,3 +69,48 @@ def test_decode_inputs_match_the_per_request_loop() -> None:
     assert d["block_tables"].tolist() == [[9, 3, 0], [7, 1, 0], [2, 6, 4]] and d["max_seq_len"] == 5
     assert d["feed_dst"].tolist() == [0] and d["feed_src"].tolist() == [0] and asked == [["a"]]
     assert [s.num_computed_tokens for s in states] == [4, 5, 5]
+
+
+def test_metadata_builder_matches_a_fresh_build() -> None:
+    """SamplingMetadataBuilder reuses its params tensors while the rows' params are the same objects; what
+    depends on the tokens (seeded generators, min_tokens bans, penalty counts) still follows every step."""
+    import torch
+
+    from engine.model_runner import RunnerRequestState
+    from engine.outputs import RequestSamplingParams
+    from engine.sampling_metadata import SamplingMetadataBuilder, build_sampling_metadata
+
+    def params(**kw) -> RequestSamplingParams:
+        base = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, presence_penalty=0.0,
+                    frequency_penalty=0.0, repetition_penalty=1.0, has_penalties=False, min_tokens=0,
+                    stop_token_ids=[], eos_token_ids=[2], logprobs=None, prompt_logprobs=None, num_prompt_tokens=2)
+        return RequestSamplingParams(**{**base, **kw})
+
+    states = [RunnerRequestState([5, 6], [0], 2, params(), 0, 2),
+              RunnerRequestState([5, 6], [1], 2, params(temperature=0.7, seed=3, top_p=0.9), 1, 2),
+              RunnerRequestState([7, 8], [2], 2, params(min_tokens=2, presence_penalty=0.5, has_penalties=True,
+                                                        logprobs=2), 2, 2)]
+    builder, vocab, cpu = SamplingMetadataBuilder(16, torch.device("cpu")), 16, torch.device("cpu")
+
+    def same(a, b) -> None:
+        for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalty", "output_token_counts",
+                     "prompt_token_mask"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None and y is None) or torch.equal(x, y), name
+        assert (a.all_greedy, a.max_num_logprobs) == (b.all_greedy, b.max_num_logprobs)
+        assert [(r, t.tolist()) for r, t in a.min_tokens_mask] == [(r, t.tolist()) for r, t in b.min_tokens_mask]
+        assert {r: g.initial_seed() for r, g in a.generators.items()} == {r: g.initial_seed() for r, g in b.generators.items()}
+
+    first = None
+    for step in range(3):
+        md = builder.build(states, None)
+        same(md, build_sampling_metadata(states, vocab, cpu, None))
+        first = first or md
+        assert md.temperature is first.temperature  # kept: same params objects, same order
+        assert bool(md.min_tokens_mask) == (step < 2) and md.generators  # the bans end at min_tokens
+        for s in states:
+            s.token_ids.append(9 + step)
+    states.reverse()  # another order: rebuilt
+    md = builder.build(states, None)
+    same(md, build_sampling_metadata(states, vocab, cpu, None))
+    assert md.temperature is not first.temperature
