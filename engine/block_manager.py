@@ -86,8 +86,13 @@ class BlockManager:
     def allocate(self, seq: Sequence, num_new_tokens: int, computed_blocks: list[int] | None = None) -> bool:
         """Give seq pages for num_new_tokens more tokens (after any computed_blocks, which are
         prepended to its table). False, with nothing changed, when pages run out: preempt."""
-        computed_blocks = computed_blocks or []
         bs = self.block_size
+        if not computed_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * bs:
+            # its pages hold these tokens already (most decode steps): only a block that filled is cached
+            if self.enable_prefix_caching or seq.request.params.n > 1:
+                self._cache_full_blocks(seq, min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens))
+            return True
+        computed_blocks = computed_blocks or []
         num_computed = seq.num_computed_tokens + len(computed_blocks) * bs
         num_needed = -(-(num_computed + num_new_tokens) // bs) - len(seq.block_table) - len(computed_blocks)
         # computed blocks with no users sit in the free queue: touching them uses them up

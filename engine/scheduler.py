@@ -107,10 +107,11 @@ class Scheduler:
         its tokens (a prefill chunk) or, with async scheduling, can run on a placeholder."""
         if not seq.num_in_flight:
             return True
-        if not seq.num_placeholders:
+        if not self.async_scheduling or not seq.num_placeholders:
             return self.async_scheduling
-        return (self.async_scheduling and not seq.params.has_penalties
-                and seq.num_output_tokens + seq.num_placeholders < seq.request.max_tokens)
+        request = seq.request  # lengths read directly: this runs for every sequence of an async decode step
+        return (not request.params.has_penalties
+                and len(seq.token_ids) - seq.num_prompt_tokens + seq.num_placeholders < request.max_tokens)
 
     def _lora_fits(self, seq: Sequence, loras: set[int]) -> bool:
         """A step holds at most max_loras adapters (added to loras when seq's fits); base requests always fit."""
