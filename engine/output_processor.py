@@ -51,7 +51,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        samples = self.samples  # one sample in most requests: no generator
+        if len(samples) == 1:
+            return samples[0].finish_reason is not None
+        return all(s.finish_reason is not None for s in samples)
 
 
 @dataclass
@@ -129,6 +132,18 @@ class OutputProcessor:
             first, entries = out.new_prompt_logprobs
             extend_prompt_logprobs(state.prompt_logprobs, first, entries, self.tokenizer)
         params, stopped_here = state.params, False
+        if sample.detokenizer is None and (out.new_logprobs is None or sample.logprobs is None):
+            sample.token_ids.extend(out.new_token_ids)  # no text, no logprobs: all the loop below would do
+        else:
+            stopped_here = self._apply_tokens(sample, params, out)
+        if sample.finish_reason is None and out.finish_reason is not None:
+            sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
+        if sample.finish_reason is not None and sample.detokenizer is not None and not isinstance(sample.stop_reason, str):
+            sample.text += sample.detokenizer.flush()
+        return stopped_here
+
+    def _apply_tokens(self, sample: SampleState, params: SamplingParams, out: EngineCoreOutput) -> bool:
+        """_apply's tokens one by one (logprob entries, text, stop strings); True when a stop string ended it."""
         for i, token_id in enumerate(out.new_token_ids):
             sample.token_ids.append(token_id)
             if out.new_logprobs is not None and sample.logprobs is not None:
@@ -143,13 +158,8 @@ class OutputProcessor:
                 old_len = len(sample.text)
                 sample.text += sample.detokenizer.add_tokens([token_id])
                 if params.stop and len(sample.token_ids) >= params.min_tokens and _cut_at_stop(sample, params, old_len):
-                    stopped_here = out.finish_reason is None
-                    break
-        if sample.finish_reason is None and out.finish_reason is not None:
-            sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
-        if sample.finish_reason is not None and sample.detokenizer is not None and not isinstance(sample.stop_reason, str):
-            sample.text += sample.detokenizer.flush()
-        return stopped_here
+                    return out.finish_reason is None
+        return False
 
     def _decode_one(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
