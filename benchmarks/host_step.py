@@ -2,16 +2,17 @@
 
 A tiny random Qwen2 on the CPU (enforce_eager, async scheduling as on a GPU) runs 256 sequences
 whose 512-token prompts are prefilled; the model's forward is replaced by zeros of its output shape
-(timed as `forward`, near 0), so what is left is the engine's Python: schedule, update_states,
-prepare_inputs, sampling_metadata, the sampler, collect, update_from_output, the core's outputs and
-the output processor. Prints ms per decode step per phase as JSON lines (best of --repeats runs: the CPU is shared).
+(timed as `forward`, near 0; the LM head as `compute_logits`), so host_total = step_total - both is the
+engine's Python: schedule, update_states, prepare_inputs, sampling_metadata, the sampler, collect,
+update_from_output, the core's outputs and the output processor. Prints ms per decode step per phase as
+JSON lines (best of --repeats runs: the CPU is shared), and what a multi-rank step pickles.
     python3 -m benchmarks.host_step [--num-seqs 256 --input-len 512 --steps 64 --profile]
 """
 from __future__ import annotations
 
 import argparse
-import cProfile
 import collections
+import cProfile
 import json
 import pickle
 import pstats

@@ -36,7 +36,7 @@ def decode_inputs(states: list[RunnerRequestState], req_ids: list[str], block_ta
     feed_src = None
     if len(feed_dst):
         feed_src = np.asarray(last_sampled_row([req_ids[i] for i in feed_dst.tolist()]), dtype=np.int64)
-    return dict(input_ids=input_ids, positions=pos, slots=slots, block_tables=block_table_cpu[rows, :max_blocks],
-                seq_lens=seq_lens.astype(np.int32), query_start_loc=np.arange(n + 1, dtype=np.int32),
-                logits_indices=logits_indices, sampled_ids=sampled_ids, max_seq_len=int(seq_lens.max()),
-                feed_dst=feed_dst if feed_src is not None else None, feed_src=feed_src)
+    return {"input_ids": input_ids, "positions": pos, "slots": slots, "block_tables": block_table_cpu[rows, :max_blocks],
+            "seq_lens": seq_lens.astype(np.int32), "query_start_loc": np.arange(n + 1, dtype=np.int32),
+            "logits_indices": logits_indices, "sampled_ids": sampled_ids, "max_seq_len": int(seq_lens.max()),
+            "feed_dst": feed_dst if feed_src is not None else None, "feed_src": feed_src}

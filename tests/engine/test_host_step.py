@@ -78,12 +78,16 @@ def test_metadata_builder_matches_a_fresh_build() -> None:
 
     from engine.model_runner import RunnerRequestState
     from engine.outputs import RequestSamplingParams
-    from engine.sampling_metadata import SamplingMetadataBuilder, build_sampling_metadata
+    from engine.sampling_metadata import (
+        SamplingMetadataBuilder,
+        build_sampling_metadata,
+    )
 
     def params(**kw) -> RequestSamplingParams:
-        base = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=None, presence_penalty=0.0,
-                    frequency_penalty=0.0, repetition_penalty=1.0, has_penalties=False, min_tokens=0,
-                    stop_token_ids=[], eos_token_ids=[2], logprobs=None, prompt_logprobs=None, num_prompt_tokens=2)
+        base = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": None, "presence_penalty": 0.0,
+                "frequency_penalty": 0.0, "repetition_penalty": 1.0, "has_penalties": False, "min_tokens": 0,
+                "stop_token_ids": [], "eos_token_ids": [2], "logprobs": None, "prompt_logprobs": None,
+                "num_prompt_tokens": 2}
         return RequestSamplingParams(**{**base, **kw})
 
     states = [RunnerRequestState([5, 6], [0], 2, params(), 0, 2),
