@@ -68,6 +68,11 @@ def _decode_kernel(
     row_mask = rows < GROUP
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
+    if NUM_SPLITS > 1:
+        if start >= end:  # past this sequence's context (graphs split for max_model_len): the merge skips it
+            part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [GROUP_P2]
+            tl.store(part_m_ptr + part, tl.full([GROUP_P2], float("-inf"), tl.float32), mask=row_mask)
+            return
     q = tl.load(
         q_ptr + seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :],
         mask=row_mask[:, None],
@@ -130,8 +135,9 @@ def _merge_splits_kernel(
     dims = tl.arange(0, HEAD_DIM)
     part = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits + splits
     m = tl.load(part_m_ptr + part, mask=split_mask, other=float("-inf"))
-    l = tl.load(part_l_ptr + part, mask=split_mask, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None], other=0.0)
+    used = split_mask & (m > float("-inf"))  # an empty split wrote m = -inf alone: its l and acc are not read
+    l = tl.load(part_l_ptr + part, mask=used, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every split empty
     w = tl.exp2(m - m_max)  # [SPLITS_P2]; empty splits have m = -inf, so weight 0

@@ -34,6 +34,20 @@ def test_decode_splits(make_paged_kv: Callable, assert_close: Check, device: tor
     _run(make_paged_kv, assert_close, device, [3, 300, 64, 129], 8, 2, 64, 16, torch.float32, num_splits)
 
 
+def test_decode_empty_splits_write_nothing_the_merge_reads(make_paged_kv: Callable, assert_close: Check,
+                                                          device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An empty split stores m = -inf alone and the merge skips its l and acc: partial buffers born NaN
+    # must not reach the output.
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    _run(make_paged_kv, assert_close, device, [3, 300, 1, 64], 8, 2, 64, 16, torch.float32, 16)
+
+
 def test_decode_long_context_auto_split(make_paged_kv: Callable, assert_close: Check, device: torch.device) -> None:
     seq_lens = [2500, 1800]
     assert choose_num_splits(len(seq_lens), 2, 2500, device) > 1  # this test covers the split path
