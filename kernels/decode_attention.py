@@ -68,7 +68,7 @@ def _decode_kernel(
     row_mask = rows < GROUP
     heads = kv_head * GROUP + rows
     dims = tl.arange(0, HEAD_DIM)
-    if NUM_SPLITS > 1:
+    if NUM_SPLITS > 1:  # noqa: SIM102 - a constexpr test apart from the runtime one (Triton)
         if start >= end:  # past this sequence's context (graphs split for max_model_len): the merge skips it
             part = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [GROUP_P2]
             tl.store(part_m_ptr + part, tl.full([GROUP_P2], float("-inf"), tl.float32), mask=row_mask)
@@ -119,9 +119,9 @@ def _decode_kernel(
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
     out_ptr,  # [num_seqs, num_heads, head_dim]
-    part_m_ptr,  # [num_seqs, num_heads, NUM_SPLITS]
+    part_m_ptr,  # [num_seqs, num_heads, num_splits]
     part_l_ptr,
-    part_acc_ptr,  # [num_seqs, num_heads, NUM_SPLITS, head_dim]
+    part_acc_ptr,  # [num_seqs, num_heads, num_splits, head_dim]
     stride_o_seq,
     stride_o_head,
     num_splits,
@@ -193,11 +193,7 @@ def decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, query.device)
     if block_n is None:
         block_n = 32 if head_dim > 128 or query.dtype == torch.float32 else 64
-    # [num_seqs, num_heads, num_splits(, head_dim)] fp32 partials; unused (never read) with one split.
-    part_shape = (num_seqs, num_heads, num_splits) if num_splits > 1 else (1,)
-    part_m = torch.empty(part_shape, dtype=torch.float32, device=query.device)
-    part_l = torch.empty(part_shape, dtype=torch.float32, device=query.device)
-    part_acc = torch.empty((*part_shape, head_dim) if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
+    part_m, part_l, part_acc = split_partials(num_seqs, num_heads, num_splits, head_dim, query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
         scale * LOG2E * k_scale, v_scale,
@@ -219,6 +215,16 @@ def decode_attention(
     if num_splits > 1:
         merge_splits(out, part_m, part_l, part_acc, num_splits)
     return out
+
+
+def split_partials(rows: int, num_heads: int, num_splits: int, head_dim: int,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty fp32 partials for merge_splits: m, l [rows, num_heads, num_splits] and acc [..., head_dim];
+    one-element stand-ins with one split (never read)."""
+    shape = (rows, num_heads, num_splits) if num_splits > 1 else (1,)
+    acc_shape = (*shape, head_dim) if num_splits > 1 else (1,)
+    return (torch.empty(shape, dtype=torch.float32, device=device), torch.empty(shape, dtype=torch.float32, device=device),
+            torch.empty(acc_shape, dtype=torch.float32, device=device))
 
 
 def merge_splits(out: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor,

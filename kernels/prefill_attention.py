@@ -11,13 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import merge_splits, num_sms
+from kernels.decode_attention import merge_splits, num_sms, split_partials
 
 LOG2E = 1.4426950408889634
 # A step whose longest chunk has this many new tokens takes the long-chunk launch (bf16/fp16, head <= 128).
 LONG_QUERY = 512
-LONG_LAUNCH = dict(block_m=128, block_n=128, num_warps=8, num_stages=3)  # H200 sweep, kernel_bench --long
-SHORT_LONG_LAUNCH = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+LONG_LAUNCH = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}  # H200 sweep, kernel_bench --long
+SHORT_LONG_LAUNCH = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}
 # split-KV: programs per SM to aim for, the fewest keys worth a split, the most splits and partial bytes
 WAVES_PER_SM = 8
 MIN_KEYS_PER_SPLIT = 2048
@@ -56,16 +56,16 @@ def _attend_tile(
     if CAUSAL_MASK:  # the tile may run past kv_end
         tok_mask = toks < kv_end
         pages = tl.load(block_table + toks // BLOCK_SIZE, mask=tok_mask, other=0).to(tl.int64)
-        k_off = pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head
-        v_off = pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=tok_mask[:, None], other=0.0).to(q.dtype)
     else:  # wholly before the q-block's first position, so before kv_end: no masks
         pages = tl.load(block_table + toks // BLOCK_SIZE).to(tl.int64)
-        k_off = pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head
-        v_off = pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head
-        k = tl.load(k_cache_ptr + k_off[:, None] + dims[None, :]).to(q.dtype)
-        v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :]).to(q.dtype)
+    k_ptrs = k_cache_ptr + (pages * stride_k_block + in_page * stride_k_tok + kv_head * stride_k_head)[:, None] + dims[None, :]
+    v_ptrs = v_cache_ptr + (pages * stride_v_block + in_page * stride_v_tok + kv_head * stride_v_head)[:, None] + dims[None, :]
+    if CAUSAL_MASK:
+        k = tl.load(k_ptrs, mask=tok_mask[:, None], other=0.0).to(q.dtype)
+        v = tl.load(v_ptrs, mask=tok_mask[:, None], other=0.0).to(q.dtype)
+    else:
+        k = tl.load(k_ptrs).to(q.dtype)
+        v = tl.load(v_ptrs).to(q.dtype)
 
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if CAUSAL_MASK:
@@ -87,10 +87,10 @@ def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
-    out_ptr,  # [num_tokens, num_heads, head_dim], written when NUM_SPLITS == 1
-    part_m_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32, running max (log2 domain)
-    part_l_ptr,  # [num_tokens, num_heads, NUM_SPLITS] fp32, softmax denominator
-    part_acc_ptr,  # [num_tokens, num_heads, NUM_SPLITS, head_dim] fp32, unnormalised output
+    out_ptr,  # [num_tokens, num_heads, head_dim], written without SPLIT_KV
+    part_m_ptr,  # [num_tokens, num_heads, num_splits] fp32, running max (log2 domain)
+    part_l_ptr,  # [num_tokens, num_heads, num_splits] fp32, softmax denominator
+    part_acc_ptr,  # [num_tokens, num_heads, num_splits, head_dim] fp32, unnormalised output
     block_tables_ptr,  # [num_seqs, max_blocks_per_seq] int32
     query_start_loc_ptr,  # [num_seqs + 1] int32
     seq_lens_ptr,  # [num_seqs] int32
@@ -239,10 +239,10 @@ def prefill_attention(
     if long and not small:
         # a chunk too short to give every SM two programs of 128 rows takes 64-row tiles (H200 at 8,192
         # new tokens: 128 x 128 tiles 384 TFLOP/s, 64 x 64 352, so 64 wins once the second wave is short)
-        full = (num_tokens // 128) * num_heads >= 2 * num_sms(query.device)
+        full = (num_tokens // LONG_LAUNCH["block_m"]) * num_heads >= 2 * num_sms(query.device)
         launch = LONG_LAUNCH if full else SHORT_LONG_LAUNCH
     else:  # tuned on an H100 (bf16, head 128, 32q/8kv): 128 x 32 tiles with 4 warps beat 128 x 64 with 8 by 10%
-        launch = dict(block_m=64 if small else 128, block_n=32, num_warps=4, num_stages=2)
+        launch = {"block_m": 64 if small else 128, "block_n": 32, "num_warps": 4, "num_stages": 2}
     block_m = block_m or launch["block_m"]
     block_n = block_n or launch["block_n"]
     num_warps = num_warps or launch["num_warps"]
@@ -256,11 +256,7 @@ def prefill_attention(
         num_splits = choose_prefill_splits(chunk_programs, max_seq_len, num_tokens * num_heads * (head_dim + 2) * 4,
                                            query.device)
     grid = (num_q_blocks, num_kv_heads, num_splits) if pack_gqa else (num_heads, num_q_blocks, num_splits)
-    # [num_tokens, num_heads, num_splits(, head_dim)] fp32 partials; unused (never read) with one split
-    part_shape = (num_tokens, num_heads, num_splits) if num_splits > 1 else (1,)
-    part_m = torch.empty(part_shape, dtype=torch.float32, device=query.device)
-    part_l = torch.empty(part_shape, dtype=torch.float32, device=query.device)
-    part_acc = torch.empty((*part_shape, head_dim) if num_splits > 1 else (1,), dtype=torch.float32, device=query.device)
+    part_m, part_l, part_acc = split_partials(num_tokens, num_heads, num_splits, head_dim, query.device)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, query_start_loc, seq_lens,
         num_seqs, num_heads, num_splits, scale * LOG2E * k_scale, v_scale,
