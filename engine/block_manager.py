@@ -87,27 +87,23 @@ class BlockManager:
         """Give seq pages for num_new_tokens more tokens (after any computed_blocks, which are
         prepended to its table). False, with nothing changed, when pages run out: preempt."""
         bs = self.block_size
-        if not computed_blocks and seq.num_computed_tokens + num_new_tokens <= len(seq.block_table) * bs:
-            # its pages hold these tokens already (most decode steps): only a block that filled is cached
-            if self.enable_prefix_caching or seq.request.params.n > 1:
-                self._cache_full_blocks(seq, min(seq.num_computed_tokens + num_new_tokens, seq.num_tokens))
-            return True
         computed_blocks = computed_blocks or []
         num_computed = seq.num_computed_tokens + len(computed_blocks) * bs
         num_needed = -(-(num_computed + num_new_tokens) // bs) - len(seq.block_table) - len(computed_blocks)
-        # computed blocks with no users sit in the free queue: touching them uses them up
-        num_touched_free = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0) if computed_blocks else 0
-        if num_needed > self.num_free_blocks - num_touched_free:
-            return False
-        for block_id in computed_blocks:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.free_queue[block_id]
-            block.ref_count += 1
-        seq.block_table.extend(computed_blocks)
-        seq.num_computed_tokens = num_computed
-        for _ in range(max(0, num_needed)):
-            seq.block_table.append(self._pop_free_block())
+        if computed_blocks or num_needed > 0:  # else its pages hold these tokens already (most decode steps)
+            # computed blocks with no users sit in the free queue: touching them uses them up
+            num_touched_free = sum(1 for b in computed_blocks if self.blocks[b].ref_count == 0)
+            if num_needed > self.num_free_blocks - num_touched_free:
+                return False
+            for block_id in computed_blocks:
+                block = self.blocks[block_id]
+                if block.ref_count == 0:
+                    del self.free_queue[block_id]
+                block.ref_count += 1
+            seq.block_table.extend(computed_blocks)
+            seq.num_computed_tokens = num_computed
+            for _ in range(max(0, num_needed)):
+                seq.block_table.append(self._pop_free_block())
         if self.enable_prefix_caching or seq.request.params.n > 1:
             # a placeholder token (async scheduling) is not known yet: its block waits
             self._cache_full_blocks(seq, min(num_computed + num_new_tokens, seq.num_tokens))

@@ -51,10 +51,7 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        samples = self.samples  # one sample in most requests: no generator
-        if len(samples) == 1:
-            return samples[0].finish_reason is not None
-        return all(s.finish_reason is not None for s in samples)
+        return all(s.finish_reason is not None for s in self.samples)
 
 
 @dataclass

@@ -309,12 +309,8 @@ class Scheduler:
             seq.num_placeholders -= 1
             seq.token_ids.append(token_id)
             num_generated += 1
-            out = outputs.get(seq_id) if outputs else None  # one output per sample (prompt logprobs first)
-            if out is None:
-                out = outputs[seq_id] = EngineCoreOutput(request_id=seq.request.request_id, index=seq.index,
-                                                         new_token_ids=[token_id], num_cached_tokens=seq.num_cached_tokens)
-            else:
-                out.new_token_ids.append(token_id)
+            out = self._output(seq, outputs)
+            out.new_token_ids.append(token_id)
             if logprobs and logprobs[i] is not None:
                 if out.new_logprobs is None:
                     out.new_logprobs = []

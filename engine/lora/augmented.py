@@ -61,10 +61,6 @@ class AugmentedLoRALinear:
         # [num_cols] int32: the slot each column of t belongs to (the CPU mask)
         self.col_slot = torch.arange(num_cols, device=w.device) // self.cols_per_slot
 
-    def _tail(self, slot: int, slice_idx: int) -> slice:
-        start = self.in_local + (slot * len(self.slices) + slice_idx) * self.rank
-        return slice(start, start + self.rank)
-
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy one adapter's (A [r, in], B [out, r]) per module into slot; modules it lacks (and the
         previous adapter's columns) are zeroed."""
@@ -73,10 +69,10 @@ class AugmentedLoRALinear:
         self.w_aug[:, self.in_local + cols.start : self.in_local + cols.stop].zero_()
         for i, s, a, b in local_adapter_weights(self.slices, weights, self.row_parallel, self.in_start, self.in_local):
             r = a.shape[0]
-            start = cols.start + i * self.rank
+            start = cols.start + i * self.rank  # slice i's rank columns of t; in W_aug, after the in_local ones
             self.a_all[start : start + r].copy_(a, non_blocking=True)
-            tail = self._tail(slot, i)
-            self.w_aug[s.offset : s.offset + s.size, tail.start : tail.start + r].copy_(b, non_blocking=True)
+            tail = self.in_local + start
+            self.w_aug[s.offset : s.offset + s.size, tail : tail + r].copy_(b, non_blocking=True)
 
     def augment(self, batch: LoRABatch, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, in_local] -> [x, t] [num_tokens, in_local + num_cols], t = x @ A_all^T with only
