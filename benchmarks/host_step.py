@@ -21,8 +21,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.long_context import TINY
-from benchmarks.throughput import write_config
+from benchmarks.throughput import QWEN2_TINY, write_config
 
 
 def timed(cpu: dict[str, float], name: str, fn: Callable) -> Callable:
@@ -37,7 +36,7 @@ def timed(cpu: dict[str, float], name: str, fn: Callable) -> Callable:
 def build(args: argparse.Namespace):
     from engine import LLM, SamplingParams
 
-    model_dir = write_config(TINY, 4096)
+    model_dir = write_config(QWEN2_TINY, 4096)
     llm = LLM(model_dir, load_format="dummy", dtype="float32", device="cpu", max_model_len=4096,
               max_num_seqs=args.num_seqs, max_num_batched_tokens=8192, enforce_eager=True,
               async_scheduling=not args.no_async_scheduling,
@@ -45,7 +44,7 @@ def build(args: argparse.Namespace):
     engine = llm.llm_engine
     engine.stream_outputs = False  # the offline API's setting (LLM.generate)
     runner = engine.executor.runner
-    hidden = TINY["hidden_size"]
+    hidden = QWEN2_TINY["hidden_size"]
 
     class NoForward(torch.nn.Module):
         """The model's forward taken out: zeros of its output shape (the host path stays the same)."""
@@ -64,7 +63,7 @@ def build(args: argparse.Namespace):
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=args.input_len + 16 * args.steps,
                             detokenize=False)
     for i in range(args.num_seqs):
-        prompt = torch.randint(10, TINY["vocab_size"] - 10, (args.input_len,), generator=g).tolist()
+        prompt = torch.randint(10, QWEN2_TINY["vocab_size"] - 10, (args.input_len,), generator=g).tolist()
         engine.add_request(str(i), prompt, params)
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens
                                           for s in engine.scheduler.running):

@@ -21,15 +21,13 @@ import torch
 from benchmarks.throughput import (
     QWEN2_7B,
     QWEN2_32B,
+    QWEN2_TINY,
     measure_ceilings,
     num_params,
     write_config,
 )
 
-# --shape tiny: a Qwen2 of a few hundred thousand parameters, for the CPU test of the plumbing
-TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "intermediate_size": 128, "vocab_size": 1024, "tie_word_embeddings": True}
-SHAPES = {"w1": QWEN2_7B, "w3": QWEN2_32B, "tiny": TINY}
+SHAPES = {"w1": QWEN2_7B, "w3": QWEN2_32B, "tiny": QWEN2_TINY}  # tiny: the CPU test of the plumbing
 PARTS = ("alone", "four", "mixed", "hf")
 
 

@@ -31,15 +31,20 @@ from collections.abc import Iterator
 
 import torch
 
-from benchmarks.throughput import Workload, make_workload, random_prompts, write_config
+from benchmarks.throughput import (
+    QWEN2_TINY,
+    Workload,
+    make_workload,
+    random_prompts,
+    write_config,
+)
 
 SCHEMA = {"type": "object", "properties": {"log": {"type": "array", "minItems": 400, "items": {
     "type": "object", "properties": {"id": {"type": "integer"}, "level": {"enum": ["info", "warn", "error"]},
                                      "msg": {"type": "string", "maxLength": 24}},
     "required": ["id", "level", "msg"]}}}, "required": ["log"]}
 # --smoke: a Qwen2 of a few hundred thousand parameters over a vocabulary still large enough for the bitmask
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, vocab_size=4096, tie_word_embeddings=True)
+TINY = {**QWEN2_TINY, "vocab_size": 4096}
 
 
 def write_json_tokenizer(path: str, vocab_size: int, seed: int) -> None:

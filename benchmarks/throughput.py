@@ -25,6 +25,9 @@ QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, 
                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)
 QWEN2_32B = dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
                  intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False)
+# a Qwen2 of a few hundred thousand parameters: the CPU tests of the benchmarks' plumbing
+QWEN2_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vocab_size=1024, tie_word_embeddings=True)
 
 
 @dataclass
