@@ -19,6 +19,9 @@ class ForwardContext:
     max_query_len: int  # host-side copies so kernels never sync the device
     max_seq_len: int
     is_decode: bool  # every sequence has exactly one new token (CUDA-graph eligible)
+    # prefill steps: host copies of query_start_loc and seq_lens, so a long chunk can take its own kernel
+    query_start_loc_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
 
 
 _CONTEXT: ForwardContext | None = None

@@ -266,6 +266,7 @@ class ModelRunner:
             query_start_loc=dev(query_start_loc, torch.int32),
             logits_indices=dev(logits_indices, torch.long),
             max_query_len=max_query_len, max_seq_len=max(seq_lens), is_decode=max_query_len == 1,
+            query_start_loc_host=query_start_loc, seq_lens_host=seq_lens,
         )
         feed = (dev(feed_dst, torch.long), dev(feed_src, torch.long)) if feed_dst else None
         return dev(input_ids, torch.long), dev(positions, torch.long), ctx, sampled_ids, feed

@@ -1,4 +1,6 @@
-"""paged_attention with reference.py's semantics: the decode kernel when every q_len is 1, else prefill.
+"""paged_attention with reference.py's semantics: the decode kernel when every q_len is 1, else prefill;
+a sequence with a chunk of CUDNN_MIN_QUERY new tokens or more takes cuDNN's attention (kernels/cudnn_prefill.py)
+when the host-side offsets are given and the pages allow it, the other sequences around it these kernels.
 
 Pass the host-side max_query_len (and max_seq_len) the scheduler already knows, so that choosing a
 kernel never syncs the GPU.
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.cudnn_prefill import CUDNN_MIN_QUERY, can_use_cudnn, chunk_attention
 from kernels.decode_attention import decode_attention
 from kernels.prefill_attention import prefill_attention
 
@@ -23,7 +26,13 @@ def paged_attention(
     max_seq_len: int | None = None,
     k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale, value / v_scale
     v_scale: float = 1.0,
+    query_start_loc_host: list[int] | None = None,  # host copies of query_start_loc and seq_lens (prefill steps)
+    seq_lens_host: list[int] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    if (query_start_loc_host is not None and seq_lens_host is not None and max_query_len is not None
+            and max_query_len >= CUDNN_MIN_QUERY and can_use_cudnn(query, k_cache, k_scale, v_scale)):
+        return _with_long_chunks(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
+                                 query_start_loc_host, seq_lens_host)
     num_seqs = seq_lens.shape[0]
     if query.shape[0] == num_seqs and num_seqs > 0:
         if max_query_len is None:  # one host sync; callers on the hot path pass it
@@ -33,3 +42,30 @@ def paged_attention(
                                     k_scale=k_scale, v_scale=v_scale)
     return prefill_attention(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                              k_scale=k_scale, v_scale=v_scale, max_query_len=max_query_len, max_seq_len=max_seq_len)
+
+
+def _with_long_chunks(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float, loc: list[int], lens: list[int],
+) -> torch.Tensor:
+    """Each long chunk through cuDNN; each run of other sequences between them through the kernels above."""
+    out = torch.empty_like(query)
+    first = 0  # the first sequence of the current run of short ones
+
+    def short_run(end: int) -> None:  # sequences [first, end) through the Triton kernels
+        if end == first or loc[end] == loc[first]:
+            return
+        a, b = loc[first], loc[end]
+        out[a:b] = paged_attention(
+            query[a:b], k_cache, v_cache, block_tables[first:end], query_start_loc[first : end + 1] - a,
+            seq_lens[first:end], scale, max_query_len=max(loc[i + 1] - loc[i] for i in range(first, end)),
+            max_seq_len=max(lens[first:end]))
+
+    for i in range(len(lens)):
+        if loc[i + 1] - loc[i] >= CUDNN_MIN_QUERY:
+            short_run(i)
+            chunk_attention(query[loc[i] : loc[i + 1]], k_cache, v_cache, block_tables[i], lens[i], scale,
+                            out[loc[i] : loc[i + 1]])
+            first = i + 1
+    short_run(len(lens))
+    return out

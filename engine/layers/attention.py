@@ -35,6 +35,7 @@ class Attention(nn.Module):
                 q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens,
                 self.scale, max_query_len=ctx.max_query_len, max_seq_len=ctx.max_seq_len,
                 k_scale=self.k_scale, v_scale=self.v_scale,
+                query_start_loc_host=ctx.query_start_loc_host, seq_lens_host=ctx.seq_lens_host,
             )
         return ops.paged_attention(
             q, self.k_cache, self.v_cache, ctx.block_tables, ctx.query_start_loc, ctx.seq_lens, self.scale,

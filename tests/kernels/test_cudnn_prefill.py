@@ -1,0 +1,89 @@
+"""Long prefill chunks through cuDNN (kernels/cudnn_prefill.py) beside the Triton kernels for the rest of the
+batch: same results as kernels/reference.py. On CPU cuDNN's call is stood in for by plain torch (with its
+log-sum-exp), so the gather, packing, merge and dispatch run through Triton's interpreter."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import kernels.cudnn_prefill as cudnn_prefill
+import kernels.paged_attention as paged
+from kernels import reference
+
+Check = Callable[[torch.Tensor, torch.Tensor], None]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+# (new tokens, context before them) per sequence: decodes, long chunks first, deep, fresh and in between
+SCENARIO = [(1, 30), (9, 40), (1, 7), (0, 5), (12, 0), (3, 3), (8, 90)]
+
+
+def _math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale  # [1, h, n, m]
+    if causal:
+        n = q.shape[2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return (torch.softmax(s, -1) @ v.double()).to(q.dtype), lse.float()[..., None]
+
+
+def _run(make_paged_kv: Callable, scenario: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
+         block_size: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    q_lens = [q for q, _ in scenario]
+    seq_lens = [q + c for q, c in scenario]
+    k_cache, v_cache, block_tables, lens = make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype)
+    loc = [0]
+    for q in q_lens:
+        loc.append(loc[-1] + q)
+    query_start_loc = torch.tensor(loc, dtype=torch.int32, device=device)
+    query = torch.randn(loc[-1], num_heads, head_dim, device=device).to(dtype)
+    out = paged.paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, lens, head_dim**-0.5,
+                                max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+                                query_start_loc_host=loc, seq_lens_host=seq_lens)
+    ref = reference.paged_attention(query, k_cache, v_cache, block_tables, query_start_loc, lens, head_dim**-0.5)
+    return out, ref
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(8, 2), (4, 4)])
+def test_long_chunks_beside_short_ones(make_paged_kv: Callable, assert_close: Check, device: torch.device,
+                                       monkeypatch: pytest.MonkeyPatch, num_heads: int, num_kv_heads: int) -> None:
+    calls = []
+    monkeypatch.setattr(paged, "CUDNN_MIN_QUERY", 8)
+    monkeypatch.setattr(paged, "can_use_cudnn", lambda *a: True)
+    monkeypatch.setattr(cudnn_prefill, "_sdpa", lambda *a: calls.append(a[3]) or _math_sdpa(*a))
+    out, ref = _run(make_paged_kv, SCENARIO, num_heads, num_kv_heads, 16, 4, torch.float32, device)
+    assert_close(out, ref)
+    # (9, 40) and (8, 90): context and own chunk; (12, 0): its own chunk only
+    assert calls == [True, False, True, True, False]
+
+
+def test_short_steps_keep_the_triton_kernels(make_paged_kv: Callable, assert_close: Check, device: torch.device,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paged, "can_use_cudnn", lambda *a: True)
+    monkeypatch.setattr(cudnn_prefill, "_sdpa", lambda *a: pytest.fail("a short step took the cuDNN path"))
+    out, ref = _run(make_paged_kv, SCENARIO, 8, 2, 16, 4, torch.float32, device)
+    assert_close(out, ref)
+
+
+def test_fp32_and_fp8_pages_stay_on_triton() -> None:
+    q = torch.zeros(4, 2, 16)
+    assert not cudnn_prefill.can_use_cudnn(q, torch.zeros(1, 4, 2, 16), 1.0, 1.0)  # CPU / fp32
+    if torch.cuda.is_available():
+        qb = q.to("cuda", torch.bfloat16)
+        assert not cudnn_prefill.can_use_cudnn(qb, torch.zeros(1, 4, 2, 16, device="cuda").to(torch.float8_e4m3fn), 1.0, 1.0)
+        assert not cudnn_prefill.can_use_cudnn(qb, torch.zeros(1, 4, 2, 16, device="cuda", dtype=torch.bfloat16), 0.5, 1.0)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype,num_heads,num_kv_heads,head_dim,block_size", [
+    (torch.bfloat16, 28, 4, 128, 16), (torch.float16, 14, 2, 64, 32), (torch.bfloat16, 8, 8, 128, 16)])
+def test_cudnn_chunks_gpu(make_paged_kv: Callable, assert_close: Check, dtype: torch.dtype, num_heads: int,
+                          num_kv_heads: int, head_dim: int, block_size: int) -> None:
+    if not cudnn_prefill.can_use_cudnn(torch.zeros(1, num_heads, head_dim, dtype=dtype, device="cuda"),
+                                       torch.zeros(1, block_size, num_kv_heads, head_dim, dtype=dtype, device="cuda"), 1.0, 1.0):
+        pytest.skip("cuDNN attention not available for this shape here")
+    scenario = [(1, 3000), (1500, 2700), (5, 9), (1024, 0), (1, 1), (2100, 17), (0, 40)]
+    out, ref = _run(make_paged_kv, scenario, num_heads, num_kv_heads, head_dim, block_size, dtype, torch.device("cuda"))
+    assert_close(out, ref)
