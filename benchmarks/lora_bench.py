@@ -118,17 +118,14 @@ def _sgmv_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: tor
             "total_ms": graph_ms(lambda: lin.apply(batch, x, torch.matmul(x, w.t(), out=y)))}
 
 
-def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor,
-                       producer) -> dict:
+def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor) -> dict:
     """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), t = x @ A_all^T,
-    the masked [x, t], the one GEMM over W_aug, and the whole layer; copying x (o_proj's input) and with x already
-    written into [x, t] by the op before (`written_`: the shrink into the tail, the in-place mask, the layer), and
-    that op (`producer(out)`: RMSNorm or SiLU-and-mul, None for o_proj) into its own tensor and into [x, t]."""
+    the masked [x, t], the one GEMM over W_aug, and the whole layer."""
     from torch import nn
 
     from engine.lora.augmented import AugmentedLoRALinear
     from engine.lora.layers import LoRASlice
-    from kernels.lora import lora_augment, lora_mask_slots
+    from kernels.lora import lora_augment
 
     layer = nn.Module()
     layer.weight = nn.Parameter(w.clone(), requires_grad=False)
@@ -138,34 +135,22 @@ def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w
     aug.w_aug[:, in_features:].normal_(std=0.01)
     t = torch.mm(x, aug.a_all.t())
     x_aug = torch.empty(x.shape[0], aug.w_aug.shape[1], dtype=x.dtype, device=x.device)
-    view = aug.input_view(x.shape[0])  # [x, t] with x written: the tail is rewritten by every call below
-    view.copy_(x)
-    tail = view.lora_augmented_buffer[:, in_features:]
     figures = {"base_gemm_view_ms": graph_ms(lambda: torch.nn.functional.linear(x, layer.weight)),
                "shrink_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),
                "mask_ms": graph_ms(lambda: lora_augment(x, t, batch.token_slots, aug.cols_per_slot, x_aug)),
                "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
                "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
-               "written_shrink_ms": graph_ms(lambda: torch.mm(view, aug.a_all.t(), out=tail)),
-               "written_mask_ms": graph_ms(lambda: lora_mask_slots(tail, batch.token_slots, aug.cols_per_slot)),
-               "written_total_ms": graph_ms(lambda: aug.linear(batch, view, None)),
                "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}
-    if producer is not None:
-        figures["producer_ms"] = graph_ms(lambda: producer(None))
-        figures["producer_into_view_ms"] = graph_ms(lambda: producer(view))
     return figures
 
 
 def kernel_figures(shape: dict, ab: bool) -> None:
     """Per layer type, the SGMV path's shrink and (all slices') expand beside the base GEMM, and with `ab` the
-    augmented-K path's parts (copying x, and with x written into [x, t] by the op before) and the whole layer,
-    for a decode step of 256 tokens and a prefill of 8192 (16 segments), 8 adapters, each timed inside a CUDA
-    graph."""
+    augmented-K path's parts and both paths' whole layer, for a decode step of 256 tokens and a prefill of 8192
+    (16 segments), 8 adapters, each timed inside a CUDA graph."""
     from engine.lora.adapter import ModelDims
     from engine.lora.manager import DECODE_TILE, PREFILL_TILE, tile_segments
     from engine.lora.punica import LoRABatch
-    from kernels.activation import silu_and_mul
-    from kernels.norm import rms_norm
 
     hf = type("HF", (), dict(shape, head_dim=None))
     d, dev = ModelDims.from_hf(hf), torch.device("cuda")
@@ -181,12 +166,6 @@ def kernel_figures(shape: dict, ab: bool) -> None:
             torch.bincount(slots, minlength=NUM_ADAPTERS).numpy(), tile))  # as the engine cuts them
         shrink_out = torch.zeros(num_tokens, 3 * RANK, device=dev) if kind == "decode" else None
         batch = LoRABatch(slots.to(torch.int32).to(dev), perm, seg_start, seg_slot, tile, True, shrink_out)
-        hidden = torch.randn(num_tokens, h, device=dev, dtype=torch.bfloat16)
-        norm_weight = torch.randn(h, device=dev, dtype=torch.bfloat16)
-        gate_up = torch.randn(num_tokens, 2 * i, device=dev, dtype=torch.bfloat16)
-        producers = {"qkv_proj": lambda out: rms_norm(hidden, norm_weight, 1e-6, out=out),
-                     "gate_up_proj": lambda out: rms_norm(hidden, norm_weight, 1e-6, out=out),
-                     "down_proj": lambda out: silu_and_mul(gate_up, out=out)}
         for name, (slices, in_features) in layers.items():
             out_features = sum(size for _, _, size in slices)
             x = torch.randn(num_tokens, in_features, device=dev, dtype=torch.bfloat16)
@@ -198,13 +177,11 @@ def kernel_figures(shape: dict, ab: bool) -> None:
                     "rank": RANK, "gemm_ms": round(gemm, 4), "shrink_ms": round(sgmv["shrink_ms"], 4),
                     "expand_ms": round(sgmv["expand_ms"], 4)}
             if ab:
-                aug = _augmented_figures(batch, slices, in_features, x, w, producers.get(name))
+                aug = _augmented_figures(batch, slices, in_features, x, w)
                 line["sgmv_total_ms"] = round(sgmv["total_ms"], 4)
                 line["sgmv_lora_cost_ms"] = round(sgmv["total_ms"] - gemm, 4)
                 line.update({f"augmented_{k}": v if k == "tail_bytes" else round(v, 4) for k, v in aug.items()})
                 line["augmented_lora_cost_ms"] = round(aug["total_ms"] - gemm, 4)
-                # the engine's path: o_proj copies its input, the others find it written into [x, t]
-                line["augmented_written_lora_cost_ms"] = round(aug["written_total_ms"] - gemm, 4)
             print(json.dumps(line), flush=True)
             torch.cuda.empty_cache()
 

@@ -25,21 +25,16 @@ def _silu_and_mul_kernel(
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """[..., 2 * d] (gate, up) -> [..., d]. out: written and returned instead of a new tensor ([..., d], rows may
-    be strided: the head of augmented K's [x, t])."""
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[..., 2 * d] (gate, up) -> [..., d]."""
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)  # [num_tokens, 2 * d]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if out is None:
-        o2 = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
-    else:
-        assert out.shape == (*x.shape[:-1], d) and out.stride(-1) == 1, "out: [..., d], columns contiguous"
-        o2 = out.view(-1, d)
+    out = torch.empty((x2.shape[0], d), dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0 and d > 0:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, o2, d, x2.stride(0), o2.stride(0), BLOCK=block, num_warps=4
+            x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4
         )
-    return o2.view(*x.shape[:-1], d) if out is None else out
+    return out.view(*x.shape[:-1], d)

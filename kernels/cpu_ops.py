@@ -90,37 +90,25 @@ def decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                            max_seq_len=max_seq_len, k_scale=k_scale, v_scale=v_scale)
 
 
-def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """result, or out holding it: the C kernels write contiguous rows only, so a caller's out (the head of
-    augmented K's [x, t], rows strided) takes a copy. The CPU keeps the same values, not the saving."""
-    if out is None:
-        return result
-    out.copy_(result)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if not (_ok(x, weight) and x.is_contiguous() and weight.shape == x.shape[-1:] and weight.is_contiguous()):
+        return reference.rms_norm(x, weight, eps)
+    out = torch.empty_like(x)
+    NATIVE.lib.rms_norm_f32(x.data_ptr(), None, None, weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                            x.shape[-1], eps)
     return out
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """reference.rms_norm; out: written and returned (kernels/norm.py's out)."""
-    if not (_ok(x, weight) and x.is_contiguous() and weight.shape == x.shape[-1:] and weight.is_contiguous()):
-        return _into(reference.rms_norm(x, weight, eps), out)
-    result = torch.empty_like(x)
-    NATIVE.lib.rms_norm_f32(x.data_ptr(), None, None, weight.data_ptr(), result.data_ptr(),
-                            x.numel() // x.shape[-1], x.shape[-1], eps)
-    return _into(result, out)
-
-
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
-                       out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual = x + residual (a new tensor: the caller's is not written); return (rms_norm(residual), residual),
-    the first in out when given."""
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual = x + residual (a new tensor: the caller's is not written); return (rms_norm(residual), residual)."""
     if not (_ok(x, residual, weight) and x.is_contiguous() and residual.shape == x.shape and residual.is_contiguous()
             and weight.shape == x.shape[-1:] and weight.is_contiguous()):
-        normed, res = reference.fused_add_rms_norm(x, residual, weight, eps)
-        return _into(normed, out), res
-    normed, res = torch.empty_like(x), torch.empty_like(x)
-    NATIVE.lib.rms_norm_f32(x.data_ptr(), residual.data_ptr(), res.data_ptr(), weight.data_ptr(), normed.data_ptr(),
+        return reference.fused_add_rms_norm(x, residual, weight, eps)
+    out, res = torch.empty_like(x), torch.empty_like(x)
+    NATIVE.lib.rms_norm_f32(x.data_ptr(), residual.data_ptr(), res.data_ptr(), weight.data_ptr(), out.data_ptr(),
                             x.numel() // x.shape[-1], x.shape[-1], eps)
-    return _into(normed, out), res
+    return out, res
 
 
 def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
@@ -140,11 +128,10 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: torch.Te
     return q_out, k_out
 
 
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """reference.silu_and_mul; out: written and returned (kernels/activation.py's out)."""
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if not (_ok(x) and x.is_contiguous()):
-        return _into(reference.silu_and_mul(x), out)
+        return reference.silu_and_mul(x)
     d = x.shape[-1] // 2
-    result = torch.empty(*x.shape[:-1], d, dtype=_F32)
-    NATIVE.lib.silu_and_mul_f32(x.data_ptr(), result.data_ptr(), x.numel() // x.shape[-1], d)
-    return _into(result, out)
+    out = torch.empty(*x.shape[:-1], d, dtype=_F32)
+    NATIVE.lib.silu_and_mul_f32(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], d)
+    return out

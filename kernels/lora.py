@@ -1,8 +1,7 @@
 """Triton LoRA kernels after punica: shrink (x @ A^T, to the rank) and expand (y += t @ B^T) with
 every token's adapter picked from stacked slots. SGMV-style for prefill (a tile of one segment's
 tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe);
-lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py),
-lora_mask_slots masks a t already in place there."""
+lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)."""
 from __future__ import annotations
 
 import torch
@@ -121,33 +120,6 @@ def lora_augment(x: torch.Tensor, t: torch.Tensor, token_slots: torch.Tensor, co
     _augment_kernel[(n, triton.cdiv(k + num_t, block))](x, t, out, token_slots, k, num_t, x.stride(0), t.stride(0),
                                                        out.stride(0), cols_per_slot, BLOCK=block)
     return out
-
-
-@triton.jit
-def _mask_slots_kernel(
-    t_ptr,  # [num_tokens, T], rows strided (the tail of [x, t])
-    slots_ptr,  # [>= num_tokens] int32: each token's slot, -1 = no adapter
-    T, stride_t, cols_per_slot,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    slot = tl.load(slots_ptr + row)
-    drop = (cols < T) & (cols // cols_per_slot != slot)  # the own slot's columns are neither read nor written
-    tl.store(t_ptr + row * stride_t + cols, tl.zeros([BLOCK], dtype=t_ptr.dtype.element_ty), mask=drop)
-
-
-def lora_mask_slots(t: torch.Tensor, token_slots: torch.Tensor, cols_per_slot: int) -> None:
-    """In place: zero every column of t [num_tokens, T] (rows may be strided) but each token's own slot's
-    (slot s owns s * cols_per_slot ..); a token of slot -1 gets zeros. lora_augment's masking, for a t that
-    the shrink wrote straight into [x, t]'s tail."""
-    n, num_t = t.shape
-    assert t.stride(1) == 1
-    if n == 0:
-        return
-    block = min(1024, triton.next_power_of_2(num_t))
-    _mask_slots_kernel[(n, triton.cdiv(num_t, block))](t, token_slots, num_t, t.stride(0), cols_per_slot,
-                                                       BLOCK=block)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:

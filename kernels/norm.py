@@ -41,18 +41,13 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
-            out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     hidden = x.shape[-1]
     assert weight.shape == (hidden,) and weight.is_contiguous()
     x2 = x.reshape(-1, hidden)  # [num_rows, hidden]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if out is None:
-        o2 = torch.empty(x2.shape, dtype=torch.result_type(x, weight), device=x.device)
-    else:  # the caller's [num_rows, hidden], rows may be strided (the head of augmented K's [x, t])
-        assert out.shape == x.shape and out.stride(-1) == 1, "out: x's shape, columns contiguous"
-        o2 = out.view(-1, hidden)
+    out = torch.empty(x2.shape, dtype=torch.result_type(x, weight), device=x.device)
     new_residual = None
     r2 = x2
     if residual is not None:
@@ -63,30 +58,28 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     if x2.shape[0] > 0:
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(x2.shape[0],)](
-            x2, r2, weight, o2, new_residual if new_residual is not None else o2, eps,
-            x2.stride(0), r2.stride(0), o2.stride(0),
+            x2, r2, weight, out, new_residual if new_residual is not None else out, eps,
+            x2.stride(0), r2.stride(0), out.stride(0),
             new_residual.stride(0) if new_residual is not None else 0,
             HIDDEN=hidden,
             BLOCK=block,
             ADD_RESIDUAL=residual is not None,
             num_warps=min(16, max(1, block // 512)),
         )
-    out = o2.view(x.shape) if out is None else out  # out itself: the caller may recognise it
+    out = out.view(x.shape)
     return out, None if new_residual is None else new_residual.view(x.shape)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., hidden]; weight: [hidden]. out: written and returned instead of a new tensor (x's shape, rows
-    may be strided, any float dtype: the store rounds to it)."""
-    return _launch(x, None, weight, eps, out)[0]
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., hidden]; weight: [hidden]."""
+    return _launch(x, None, weight, eps)[0]
 
 
 def fused_add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """residual = x + residual; return (rms_norm(residual), residual), both new tensors (the first one out
-    when given, as rms_norm takes it)."""
+    """residual = x + residual; return (rms_norm(residual), residual), both new tensors."""
     assert residual.shape == x.shape
-    out, new_residual = _launch(x, residual, weight, eps, out)
+    out, new_residual = _launch(x, residual, weight, eps)
     assert new_residual is not None
     return out, new_residual

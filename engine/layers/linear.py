@@ -54,14 +54,6 @@ class LinearBase(nn.Module):
         batch = current_lora_batch() if self.lora is not None else None
         return y if batch is None else self.lora.apply(batch, x, y)
 
-    def augmented_input(self, num_tokens: int) -> torch.Tensor | None:
-        """Where the op producing this layer's input should write it (its out=): the x columns [num_tokens,
-        in_local] of a fresh augmented-K [x, t] buffer when this step has adapters and this layer folds them into
-        its GEMM, so that forward() skips copying x; else None (no allocation: base-only steps as before)."""
-        if self.lora is None or not self.lora.augmented or current_lora_batch() is None:
-            return None
-        return self.lora.input_view(num_tokens)
-
     def plain_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T (+ bias) with this batch's adapter deltas; augmented-K LoRA folds them into the GEMM."""
         batch = current_lora_batch() if self.lora is not None else None

@@ -14,10 +14,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, out: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """out: where the normed x goes (returned as is), e.g. the next projection's augmented_input()."""
         ops = ops_for(x)
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps, out=out)
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps, out=out)
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)

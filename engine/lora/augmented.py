@@ -2,9 +2,7 @@
 whose tail columns hold every slot's B (scaled; slice i of slot s in its own rank columns, on its slice's
 rows only), and the layer's `weight` is the view W_aug[:, :in_local]. A step with adapters runs ONE GEMM
 [x, t] @ W_aug^T, t = x @ A_all^T masked to each token's own slot, instead of base GEMM + shrink + expand;
-a base-only step reads the view and never the tail. Where the op before the layer (RMSNorm, SiLU-and-mul) can
-write its output straight into [x, t]'s first columns (input_view), x is not copied. Sharded as
-engine/lora/layers.py shards."""
+a base-only step reads the view and never the tail. Sharded as engine/lora/layers.py shards."""
 from __future__ import annotations
 
 import os
@@ -76,23 +74,9 @@ class AugmentedLoRALinear:
             tail = self.in_local + start
             self.w_aug[s.offset : s.offset + s.size, tail : tail + r].copy_(b, non_blocking=True)
 
-    def input_view(self, num_tokens: int) -> torch.Tensor:
-        """x's columns [num_tokens, in_local] of a fresh [x, t] buffer [num_tokens, in_local + num_cols]: the op
-        producing this layer's input writes there (out=), and linear() given this very tensor fills t in place
-        instead of copying x (a tensor tag, not its storage: inference-mode views keep no _base)."""
-        buf = torch.empty(num_tokens, self.w_aug.shape[1], dtype=self.w_aug.dtype, device=self.w_aug.device)
-        x = buf[:, : self.in_local]
-        x.lora_augmented_buffer = buf
-        return x
-
-    def _slot_mask(self, batch: LoRABatch, num_tokens: int) -> torch.Tensor:
-        """[num_tokens, num_cols] bool: the columns of t each token keeps (the torch path's mask)."""
-        return self.col_slot[None, :] == batch.token_slots[:num_tokens, None].to(self.col_slot.device)
-
     def augment(self, batch: LoRABatch, x: torch.Tensor) -> torch.Tensor:
         """x [num_tokens, in_local] -> [x, t] [num_tokens, in_local + num_cols], t = x @ A_all^T with only
-        each token's own slot's columns kept (all zero for tokens without an adapter). x is copied: the path of
-        an input no op wrote into input_view() (o_proj's: the attention output)."""
+        each token's own slot's columns kept (all zero for tokens without an adapter)."""
         assert batch.token_slots is not None, "the augmented LoRA path needs the batch's per-token slots"
         t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
         if batch.use_triton:
@@ -100,32 +84,13 @@ class AugmentedLoRALinear:
 
             out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
             return lora_augment(x, t, batch.token_slots, self.cols_per_slot, out)
-        return torch.cat([x, t * self._slot_mask(batch, x.shape[0])], dim=1)
-
-    def complete(self, batch: LoRABatch, buf: torch.Tensor) -> torch.Tensor:
-        """buf [num_tokens, in_local + num_cols] of input_view() with x written: t = x @ A_all^T straight into its
-        tail (cuBLAS/BLAS take a row-major out whose row stride exceeds its columns as is), then masked in place
-        as augment() masks it. Returns buf."""
-        assert batch.token_slots is not None, "the augmented LoRA path needs the batch's per-token slots"
-        x, t = buf[:, : self.in_local], buf[:, self.in_local :]
-        torch.mm(x, self.a_all.t(), out=t)  # [num_tokens, num_cols]: one dense GEMM over every slot's A
-        if batch.use_triton:
-            from kernels.lora import lora_mask_slots
-
-            lora_mask_slots(t, batch.token_slots, self.cols_per_slot)
-        else:
-            t.mul_(self._slot_mask(batch, buf.shape[0]))
-        return buf
+        mask = self.col_slot[None, :] == batch.token_slots[: x.shape[0], None].to(self.col_slot.device)
+        return torch.cat([x, t * mask], dim=1)
 
     def linear(self, batch: LoRABatch, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [..., in_local] -> x @ W^T (+ bias) plus each token's adapter delta, [..., out_local]."""
-        buf = getattr(x, "lora_augmented_buffer", None)
-        if buf is not None and buf.shape == (x.shape[0], self.w_aug.shape[1]) and x.shape[-1] == self.in_local:
-            x_aug = self.complete(batch, buf)  # x was written into [x, t] by the op before: no copy
-        else:
-            x2 = x.reshape(-1, x.shape[-1])
-            if not x2.is_contiguous():
-                x2 = x2.contiguous()
-            x_aug = self.augment(batch, x2)
-        y = F.linear(x_aug, self.w_aug, bias)  # [num_tokens, out_local]
+        x2 = x.reshape(-1, x.shape[-1])
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = F.linear(self.augment(batch, x2), self.w_aug, bias)  # [num_tokens, out_local]
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -84,8 +84,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_local]
-        return self.down_proj(self.act_fn(gate_up, out=self.down_proj.augmented_input(gate_up.shape[0])))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -105,16 +104,12 @@ class LlamaDecoderLayer(nn.Module):
             fused = cpu_layer.decoder_layer(self, positions, hidden_states, residual)
             if fused is not None:
                 return fused
-        # with adapters on augmented K, each norm writes straight into its projection's [x, t] (else out=None)
-        num_tokens = hidden_states.shape[0]
-        qkv_in = self.self_attn.qkv_proj.augmented_input(num_tokens)
         if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states, out=qkv_in), hidden_states
+            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual, out=qkv_in)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions, hidden_states)
-        gate_up_in = self.mlp.gate_up_proj.augmented_input(num_tokens)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, out=gate_up_in)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         return self.mlp(hidden_states), residual
 
 
