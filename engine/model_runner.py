@@ -160,10 +160,15 @@ class ModelRunner:
         self.num_blocks = num_blocks
         p = self.parallel
         if self.device.type == "cuda":  # compile the prefill kernel's variants now, not mid-serve
+            from kernels import cudnn_prefill
             from kernels.prefill_attention import warmup
 
             layer = self.attn_layers[0]
             warmup(layer.k_cache, layer.v_cache, layer.num_heads, self.model_config.dtype, layer.scale)
+            query = torch.empty(1, layer.num_heads, layer.head_dim, dtype=self.model_config.dtype, device=self.device)
+            if cudnn_prefill.can_use_cudnn(query, layer.k_cache, layer.k_scale, layer.v_scale):
+                cudnn_prefill.warmup(layer.num_heads, layer.num_kv_heads, layer.head_dim, self.model_config.dtype,
+                                     self.device, self.config.max_num_batched_tokens or 8192, self.model_config.max_model_len)
         if self.device.type == "cuda" and not self.config.enforce_eager and p.pp_size == 1:
             from engine.cuda_graph import DecodeCUDAGraphs
 

@@ -1,14 +1,14 @@
 """A long prefill chunk's attention through cuDNN's fused attention (one of torch's SDPA backends).
 
 Our Triton kernel reads the pages at ~55% of the H200's matmul rate; cuDNN's flash kernel runs at ~87%
-on contiguous K/V. For a chunk of CUDNN_MIN_QUERY or more new tokens the K/V of the whole sequence is
-gathered out of the pages (0.13 ms at 112K tokens, 4 KV heads, against ~22 ms of attention) and the
-chunk attends in two cuDNN calls whose log-sum-exps are merged:
-  - the context before the chunk, which every new token sees whole: no mask, so the G query heads of a
-    KV head stack along the rows ([1, num_kv_heads, G * n, D]) and read each K/V tile once;
-  - the chunk's own tokens, causal (square, so top-left and bottom-right alignment agree), KV heads
-    repeated to the query heads.
-H200, 8,192 new tokens 112K deep (benchmarks/kernel_bench.py --long): Triton 377 TFLOP/s, this path ~600.
+on contiguous K/V. For a chunk of CUDNN_MIN_QUERY or more new tokens at least KEY_PIECE deep, the keys
+before the chunk are gathered out of the pages in whole pieces of KEY_PIECE tokens (0.13 ms for 112K
+tokens of 4 KV heads, against ~22 ms of attention), and each piece is one unmasked cuDNN call with a KV
+head's query heads stacked on the rows ([1, num_kv_heads, G * n, D]: each K/V tile read once). The
+Triton kernel takes the rest (the last partial piece and the chunk on itself, causal) as split partials;
+one merge by log-sum-exp ends it. cuDNN builds an execution plan per shape (~75 ms on the H200, a stall
+mid-serve), so the shapes are few and built at start (warmup): the piece is fixed and the chunk's rows
+are padded to a ladder of eight sizes per octave (at most 12.5% more rows).
 bf16/fp16 pages only (FP8 pages and fp32 take the Triton kernel), head sizes cuDNN supports.
 """
 from __future__ import annotations
@@ -17,9 +17,12 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
+
+from kernels.decode_attention import merge_splits
+from kernels.prefill_attention import LOG2E, MAX_PREFILL_SPLITS, choose_prefill_splits, prefill_attention
 
 CUDNN_MIN_QUERY = 1024  # new tokens of one sequence from which its chunk takes this path
+KEY_PIECE = 16384  # keys per cuDNN call: a chunk less deep than this stays on the Triton kernel
 
 
 @functools.cache
@@ -37,75 +40,77 @@ def can_use_cudnn(query: torch.Tensor, k_cache: torch.Tensor, k_scale: float, v_
             and _cudnn_supports(query.dtype, query.shape[-1], query.device))
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [1, h, n, D], k/v [1, h, m, D] (any strides, last dim contiguous) -> (o [1, h, n, D], lse [1, h, n, 1]
-    natural-log float32)."""
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False, scale=scale)
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked: q [1, h, n, D], k/v [1, h, m, D] (any strides, last dim contiguous) -> (o [1, h, n, D],
+    lse [1, h, n, 1] natural-log float32)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
     return out[0], out[1]
+
+
+def is_long_chunk(q_len: int, seq_len: int) -> bool:
+    """Whether a chunk takes this path: CUDNN_MIN_QUERY new tokens or more, at least KEY_PIECE deep."""
+    return q_len >= CUDNN_MIN_QUERY and seq_len - q_len >= KEY_PIECE
+
+
+def may_hold_long_chunk(max_query_len: int, max_seq_len: int) -> bool:
+    """A step's host-side bounds allow a long chunk in it (each sequence is then checked)."""
+    return max_query_len >= CUDNN_MIN_QUERY and max_seq_len >= CUDNN_MIN_QUERY + KEY_PIECE
+
+
+def padded_rows(n: int) -> int:
+    """n rounded up to the ladder 8, 9, ..., 15 x 2^k: at most 12.5% more, and few shapes."""
+    step = max(1, 2 ** max(0, n.bit_length() - 4))  # an eighth of the octave n lies in
+    return -(-n // step) * step
 
 
 def chunk_attention(
     query: torch.Tensor,  # [n, num_heads, D]: one sequence's new tokens
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, D], the chunk already stored
     v_cache: torch.Tensor,
-    block_table: torch.Tensor,  # [>= blocks of seq_len] int32: this sequence's pages
-    seq_len: int,  # host: context including the chunk
+    block_tables: torch.Tensor,  # [1, >= blocks of seq_len] int32: this sequence's pages
+    query_start_loc: torch.Tensor,  # [2] int32: [0, n] (device)
+    seq_lens: torch.Tensor,  # [1] int32: its context including the chunk (device)
+    seq_len: int,  # the same on the host, at least KEY_PIECE + n
     scale: float,
     out: torch.Tensor,  # [n, num_heads, D], written
 ) -> None:
     n, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group, before = num_heads // num_kv_heads, seq_len - n
-    pages = block_table[: -(-seq_len // block_size)]
-    k = k_cache.index_select(0, pages).view(-1, num_kv_heads, head_dim)  # [pages * block_size, kv_heads, D]
-    v = v_cache.index_select(0, pages).view(-1, num_kv_heads, head_dim)
-    # the chunk on itself, causal: [1, num_heads, n, D] views of q; K/V heads repeated
-    k_new = k[before:seq_len].repeat_interleave(group, dim=1).transpose(0, 1)[None]
-    v_new = v[before:seq_len].repeat_interleave(group, dim=1).transpose(0, 1)[None]
-    o_new, lse_new = _sdpa(query.transpose(0, 1)[None], k_new, v_new, True, scale)
-    if before == 0:
-        out.copy_(o_new[0].transpose(0, 1))
+    group = num_heads // num_kv_heads
+    pieces = (seq_len - n) // KEY_PIECE
+    assert pieces > 0, "a chunk less than KEY_PIECE deep stays on the Triton kernel"
+    base = pieces * KEY_PIECE  # keys [0, base) through cuDNN, [base, seq_len) through Triton
+    rest_splits = choose_prefill_splits(triton.cdiv(n, 128) * num_heads, seq_len - base, n * num_heads * (head_dim + 2) * 4,
+                                        query.device)
+    num_splits = pieces + rest_splits
+    part_m, part_l, part_acc = (torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=query.device),
+                                torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=query.device),
+                                torch.empty(n, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device))
+    prefill_attention(query, k_cache, v_cache, block_tables[:, base // block_size :], query_start_loc, seq_lens - base, scale,
+                      max_query_len=n, max_seq_len=seq_len - base, num_splits=rest_splits,
+                      partials=(part_m, part_l, part_acc, pieces))
+    part_l[:, :, :pieces] = 1.0  # cuDNN's outputs come normalised, with their log-sum-exp
+    k = k_cache.index_select(0, block_tables[0, : base // block_size]).view(pieces, KEY_PIECE, num_kv_heads, head_dim)
+    v = v_cache.index_select(0, block_tables[0, : base // block_size]).view(pieces, KEY_PIECE, num_kv_heads, head_dim)
+    rows = padded_rows(n)
+    q = query.new_zeros(num_kv_heads, group, rows, head_dim)  # rows: (head in group, token), padded
+    q[:, :, :n] = query.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    q = q.view(1, num_kv_heads, group * rows, head_dim)
+    for i in range(pieces):
+        o, lse = _sdpa(q, k[i].transpose(0, 1)[None], v[i].transpose(0, 1)[None], scale)
+        # [num_heads, rows, ...] once viewed: head = kv_head * group + head in group
+        part_acc[:, :, i] = o.view(num_heads, rows, head_dim)[:, :n].transpose(0, 1)
+        part_m[:, :, i] = lse.view(num_heads, rows)[:, :n].t() * LOG2E
+    merge_splits(out, part_m, part_l, part_acc, num_splits, max(MAX_PREFILL_SPLITS, num_splits))
+
+
+def warmup(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+           max_query_len: int, max_model_len: int) -> None:
+    """Build cuDNN's plan for every padded row count a chunk up to max_query_len may take (~75 ms each)."""
+    if not _cudnn_supports(dtype, head_dim, device) or not may_hold_long_chunk(max_query_len, max_model_len):
         return
-    # the context before it, no mask: [1, kv_heads, group * n, D], rows (head in group, token)
-    q_packed = query.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, num_kv_heads, group * n, head_dim)
-    o_old, lse_old = _sdpa(q_packed, k[:before].transpose(0, 1)[None], v[:before].transpose(0, 1)[None], False, scale)
-    # both are [num_heads, n, ...] once viewed: head = kv_head * group + head in group
-    merge_two(o_old.view(num_heads, n, head_dim), lse_old.reshape(num_heads, n),
-              o_new[0], lse_new.reshape(num_heads, n), out)
-
-
-@triton.jit
-def _merge_two_kernel(
-    o1_ptr, lse1_ptr, o2_ptr, lse2_ptr, out_ptr,
-    stride_o1_h, stride_o1_t, stride_lse1_h, stride_o2_h, stride_o2_t, stride_lse2_h, stride_out_t, stride_out_h,
-    HEAD_DIM: tl.constexpr,
-):
-    """out[t, h] = softmax-weighted sum of two partial attentions by their log-sum-exps."""
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    dims = tl.arange(0, HEAD_DIM)
-    lse1 = tl.load(lse1_ptr + h * stride_lse1_h + t)
-    lse2 = tl.load(lse2_ptr + h * stride_lse2_h + t)
-    m = tl.maximum(lse1, lse2)
-    w1 = tl.exp(lse1 - m)
-    w2 = tl.exp(lse2 - m)
-    o1 = tl.load(o1_ptr + h * stride_o1_h + t * stride_o1_t + dims).to(tl.float32)
-    o2 = tl.load(o2_ptr + h * stride_o2_h + t * stride_o2_t + dims).to(tl.float32)
-    o = (o1 * w1 + o2 * w2) / (w1 + w2)
-    tl.store(out_ptr + t * stride_out_t + h * stride_out_h + dims, o.to(out_ptr.dtype.element_ty))
-
-
-def merge_two(
-    o1: torch.Tensor,  # [num_heads, n, D], last dim contiguous
-    lse1: torch.Tensor,  # [num_heads, n] float32, tokens contiguous
-    o2: torch.Tensor,
-    lse2: torch.Tensor,
-    out: torch.Tensor,  # [n, num_heads, D]
-) -> None:
-    num_heads, n, head_dim = o1.shape
-    assert o1.stride(2) == 1 and o2.stride(2) == 1 and out.stride(2) == 1 and lse1.stride(1) == 1 and lse2.stride(1) == 1
-    _merge_two_kernel[(n, num_heads)](
-        o1, lse1, o2, lse2, out,
-        o1.stride(0), o1.stride(1), lse1.stride(0), o2.stride(0), o2.stride(1), lse2.stride(0), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim,
-    )
+    k = torch.zeros(1, num_kv_heads, KEY_PIECE, head_dim, dtype=dtype, device=device)
+    sizes = sorted({padded_rows(n) for n in range(CUDNN_MIN_QUERY, max_query_len + 1)})
+    for rows in sizes:
+        q = torch.zeros(1, num_kv_heads, num_heads // num_kv_heads * rows, head_dim, dtype=dtype, device=device)
+        _sdpa(q, k, k, head_dim**-0.5)

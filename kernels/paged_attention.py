@@ -1,6 +1,7 @@
 """paged_attention with reference.py's semantics: the decode kernel when every q_len is 1, else prefill;
-a sequence with a chunk of CUDNN_MIN_QUERY new tokens or more takes cuDNN's attention (kernels/cudnn_prefill.py)
-when the host-side offsets are given and the pages allow it, the other sequences around it these kernels.
+a sequence with a long chunk deep in its context (cudnn_prefill.is_long_chunk) takes cuDNN's attention
+(kernels/cudnn_prefill.py) when the host-side offsets are given and the pages allow it, the other sequences
+around it these kernels.
 
 Pass the host-side max_query_len (and max_seq_len) the scheduler already knows, so that choosing a
 kernel never syncs the GPU.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cudnn_prefill import CUDNN_MIN_QUERY, can_use_cudnn, chunk_attention
+from kernels.cudnn_prefill import can_use_cudnn, chunk_attention, is_long_chunk, may_hold_long_chunk
 from kernels.decode_attention import decode_attention
 from kernels.prefill_attention import prefill_attention
 
@@ -30,7 +31,8 @@ def paged_attention(
     seq_lens_host: list[int] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     if (query_start_loc_host is not None and seq_lens_host is not None and max_query_len is not None
-            and max_query_len >= CUDNN_MIN_QUERY and can_use_cudnn(query, k_cache, k_scale, v_scale)):
+            and max_seq_len is not None and may_hold_long_chunk(max_query_len, max_seq_len)
+            and can_use_cudnn(query, k_cache, k_scale, v_scale)):
         return _with_long_chunks(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                  query_start_loc_host, seq_lens_host)
     num_seqs = seq_lens.shape[0]
@@ -62,9 +64,10 @@ def _with_long_chunks(
             max_seq_len=max(lens[first:end]))
 
     for i in range(len(lens)):
-        if loc[i + 1] - loc[i] >= CUDNN_MIN_QUERY:
+        if is_long_chunk(loc[i + 1] - loc[i], lens[i]):
             short_run(i)
-            chunk_attention(query[loc[i] : loc[i + 1]], k_cache, v_cache, block_tables[i], lens[i], scale,
+            chunk_attention(query[loc[i] : loc[i + 1]], k_cache, v_cache, block_tables[i : i + 1],
+                            query_start_loc[i : i + 2] - loc[i], seq_lens[i : i + 1], lens[i], scale,
                             out[loc[i] : loc[i + 1]])
             first = i + 1
     short_run(len(lens))

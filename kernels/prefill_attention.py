@@ -82,7 +82,7 @@ def _attend_tile(
 
 
 # per-step values: specializing on them (== 1, % 16) would compile new variants mid-run
-@triton.jit(do_not_specialize=["num_seqs", "num_splits", "stride_bt_seq"])
+@triton.jit(do_not_specialize=["num_seqs", "num_splits", "part_splits", "part_split0", "stride_bt_seq"])
 def _prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -97,6 +97,8 @@ def _prefill_kernel(
     num_seqs,
     num_heads,
     num_splits,  # programs sharing one q-block's keys (split-KV), merged by a second kernel
+    part_splits,  # partials per (token, head) in the buffers: num_splits, or more when a caller adds its own
+    part_split0,  # the first of them this launch writes
     qk_scale,  # softmax scale * log2(e) * k_scale
     v_scale,  # 1.0 unless FP8 pages
     stride_q_tok,
@@ -193,7 +195,7 @@ def _prefill_kernel(
         o_ptrs = out_ptr + tok_rows[:, None] * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :]
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:  # the decode kernel's partial layout, a token in place of a sequence: one merge kernel serves both
-        part = (tok_rows * num_heads + heads) * num_splits + split  # [BLOCK_M]
+        part = (tok_rows * num_heads + heads) * part_splits + part_split0 + split  # [BLOCK_M]
         tl.store(part_m_ptr + part, m_i, mask=row_mask)
         tl.store(part_l_ptr + part, l_i, mask=row_mask)
         tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + dims[None, :], acc * v_scale, mask=row_mask[:, None])
@@ -217,11 +219,14 @@ def prefill_attention(
     max_seq_len: int | None = None,
     pack_gqa: bool | None = None,
     num_splits: int | None = None,
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """reference.paged_attention for any mix of q_len (0 included); launch sized from shapes and the
     host-side max_query_len / max_seq_len only. Long chunks take one query head per program with large
     tiles (the tensor cores' shape on Hopper); short ones pack a KV head's query heads into the rows. A
-    chunk with too few programs to fill the GPU over a long context splits the keys (split-KV)."""
+    chunk with too few programs to fill the GPU over a long context splits the keys (split-KV).
+    partials = (m, l, acc, first): write split partials into the caller's split_partials-shaped buffers
+    from split `first` on, unmerged (kernels/cudnn_prefill.py adds its own); out is then left unwritten."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -256,10 +261,15 @@ def prefill_attention(
         num_splits = choose_prefill_splits(chunk_programs, max_seq_len, num_tokens * num_heads * (head_dim + 2) * 4,
                                            query.device)
     grid = (num_q_blocks, num_kv_heads, num_splits) if pack_gqa else (num_heads, num_q_blocks, num_splits)
-    part_m, part_l, part_acc = split_partials(num_tokens, num_heads, num_splits, head_dim, query.device)
+    if partials is None:
+        part_m, part_l, part_acc = split_partials(num_tokens, num_heads, num_splits, head_dim, query.device)
+        part_split0 = 0
+    else:
+        part_m, part_l, part_acc, part_split0 = partials
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, query_start_loc, seq_lens,
-        num_seqs, num_heads, num_splits, scale * LOG2E * k_scale, v_scale,
+        num_seqs, num_heads, num_splits, part_m.shape[-1] if part_m.dim() == 3 else num_splits, part_split0,
+        scale * LOG2E * k_scale, v_scale,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -272,12 +282,12 @@ def prefill_attention(
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
         PACK_GQA=pack_gqa,
-        SPLIT_KV=num_splits > 1,
+        SPLIT_KV=num_splits > 1 or partials is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and partials is None:
         merge_splits(out, part_m, part_l, part_acc, num_splits, MAX_PREFILL_SPLITS)
     return out
 

@@ -15,15 +15,13 @@ from kernels import reference
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
-# (new tokens, context before them) per sequence: decodes, long chunks first, deep, fresh and in between
-SCENARIO = [(1, 30), (9, 40), (1, 7), (0, 5), (12, 0), (3, 3), (8, 90)]
+# (new tokens, context before them) per sequence: decodes, long chunks (8+ new tokens, 16+ deep: one
+# piece, two pieces and a rest, too shallow) and short ones between them
+SCENARIO = [(1, 30), (9, 40), (1, 7), (0, 5), (12, 0), (3, 3), (8, 90), (10, 16), (11, 15)]
 
 
-def _math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
+def _math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     s = (q.double() @ k.double().transpose(-1, -2)) * scale  # [1, h, n, m]
-    if causal:
-        n = q.shape[2]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, -1)
     return (torch.softmax(s, -1) @ v.double()).to(q.dtype), lse.float()[..., None]
 
@@ -49,13 +47,20 @@ def _run(make_paged_kv: Callable, scenario: list[tuple[int, int]], num_heads: in
 def test_long_chunks_beside_short_ones(make_paged_kv: Callable, assert_close: Check, device: torch.device,
                                        monkeypatch: pytest.MonkeyPatch, num_heads: int, num_kv_heads: int) -> None:
     calls = []
-    monkeypatch.setattr(paged, "CUDNN_MIN_QUERY", 8)
+    monkeypatch.setattr(cudnn_prefill, "CUDNN_MIN_QUERY", 8)
+    monkeypatch.setattr(cudnn_prefill, "KEY_PIECE", 16)
     monkeypatch.setattr(paged, "can_use_cudnn", lambda *a: True)
-    monkeypatch.setattr(cudnn_prefill, "_sdpa", lambda *a: calls.append(a[3]) or _math_sdpa(*a))
+    monkeypatch.setattr(cudnn_prefill, "_sdpa", lambda *a: calls.append(a[1].shape[2]) or _math_sdpa(*a))
     out, ref = _run(make_paged_kv, SCENARIO, num_heads, num_kv_heads, 16, 4, torch.float32, device)
     assert_close(out, ref)
-    # (9, 40) and (8, 90): context and own chunk; (12, 0): its own chunk only
-    assert calls == [True, False, True, True, False]
+    # (9, 40): two pieces of 16 keys, the rest (8 + 9) on Triton; (8, 90): five; (10, 16): one, no rest
+    assert calls == [16] * 8
+
+
+def test_padded_rows() -> None:
+    assert [cudnn_prefill.padded_rows(n) for n in (1024, 1025, 1152, 1153, 2047, 8192, 8193)] == [
+        1024, 1152, 1152, 1280, 2048, 8192, 9216]
+    assert len({cudnn_prefill.padded_rows(n) for n in range(1024, 8193)}) == 25
 
 
 def test_short_steps_keep_the_triton_kernels(make_paged_kv: Callable, assert_close: Check, device: torch.device,
@@ -84,6 +89,6 @@ def test_cudnn_chunks_gpu(make_paged_kv: Callable, assert_close: Check, dtype: t
     if not cudnn_prefill.can_use_cudnn(torch.zeros(1, num_heads, head_dim, dtype=dtype, device="cuda"),
                                        torch.zeros(1, block_size, num_kv_heads, head_dim, dtype=dtype, device="cuda"), 1.0, 1.0):
         pytest.skip("cuDNN attention not available for this shape here")
-    scenario = [(1, 3000), (1500, 2700), (5, 9), (1024, 0), (1, 1), (2100, 17), (0, 40)]
+    scenario = [(1, 3000), (1500, 40000), (5, 9), (1024, 0), (1, 1), (2100, 16384), (0, 40), (1030, 17000)]
     out, ref = _run(make_paged_kv, scenario, num_heads, num_kv_heads, head_dim, block_size, dtype, torch.device("cuda"))
     assert_close(out, ref)
