@@ -21,7 +21,7 @@ import triton
 from kernels.decode_attention import merge_splits
 from kernels.prefill_attention import LOG2E, MAX_PREFILL_SPLITS, choose_prefill_splits, prefill_attention
 
-CUDNN_MIN_QUERY = 1024  # new tokens of one sequence from which its chunk takes this path
+CUDNN_MIN_QUERY = 512  # new tokens of one sequence from which its chunk takes this path
 KEY_PIECE = 16384  # keys per cuDNN call: a chunk less deep than this stays on the Triton kernel
 
 
@@ -63,6 +63,12 @@ def padded_rows(n: int) -> int:
     return -(-n // step) * step
 
 
+def _piece(kv: torch.Tensor, i: int) -> torch.Tensor:
+    """[pieces, KEY_PIECE, num_kv_heads, D] -> piece i as [1, num_kv_heads, KEY_PIECE, D], strided: the layout
+    (strides included) that warmup builds plans for."""
+    return kv[i].transpose(0, 1)[None]
+
+
 def chunk_attention(
     query: torch.Tensor,  # [n, num_heads, D]: one sequence's new tokens
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, D], the chunk already stored
@@ -90,6 +96,7 @@ def chunk_attention(
                       max_query_len=n, max_seq_len=seq_len - base, num_splits=rest_splits,
                       partials=(part_m, part_l, part_acc, pieces))
     part_l[:, :, :pieces] = 1.0  # cuDNN's outputs come normalised, with their log-sum-exp
+    # [pieces, KEY_PIECE, num_kv_heads, D] each
     k = k_cache.index_select(0, block_tables[0, : base // block_size]).view(pieces, KEY_PIECE, num_kv_heads, head_dim)
     v = v_cache.index_select(0, block_tables[0, : base // block_size]).view(pieces, KEY_PIECE, num_kv_heads, head_dim)
     rows = padded_rows(n)
@@ -97,7 +104,7 @@ def chunk_attention(
     q[:, :, :n] = query.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.view(1, num_kv_heads, group * rows, head_dim)
     for i in range(pieces):
-        o, lse = _sdpa(q, k[i].transpose(0, 1)[None], v[i].transpose(0, 1)[None], scale)
+        o, lse = _sdpa(q, _piece(k, i), _piece(v, i), scale)
         # [num_heads, rows, ...] once viewed: head = kv_head * group + head in group
         part_acc[:, :, i] = o.view(num_heads, rows, head_dim)[:, :n].transpose(0, 1)
         part_m[:, :, i] = lse.view(num_heads, rows)[:, :n].t() * LOG2E
@@ -106,10 +113,11 @@ def chunk_attention(
 
 def warmup(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
            max_query_len: int, max_model_len: int) -> None:
-    """Build cuDNN's plan for every padded row count a chunk up to max_query_len may take (~75 ms each)."""
+    """Build cuDNN's plan for every padded row count a chunk up to max_query_len may take (~75 ms each; cuDNN
+    keys its plans by shapes and strides, so the pieces' layout is _piece's)."""
     if not _cudnn_supports(dtype, head_dim, device) or not may_hold_long_chunk(max_query_len, max_model_len):
         return
-    k = torch.zeros(1, num_kv_heads, KEY_PIECE, head_dim, dtype=dtype, device=device)
+    k = _piece(torch.zeros(1, KEY_PIECE, num_kv_heads, head_dim, dtype=dtype, device=device), 0)
     sizes = sorted({padded_rows(n) for n in range(CUDNN_MIN_QUERY, max_query_len + 1)})
     for rows in sizes:
         q = torch.zeros(1, num_kv_heads, num_heads // num_kv_heads * rows, head_dim, dtype=dtype, device=device)
