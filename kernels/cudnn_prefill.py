@@ -92,7 +92,9 @@ def chunk_attention(
     part_m, part_l, part_acc = (torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=query.device),
                                 torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=query.device),
                                 torch.empty(n, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device))
-    prefill_attention(query, k_cache, v_cache, block_tables[:, base // block_size :], query_start_loc, seq_lens - base, scale,
+    # the table's rest copied: a row past the first is seldom 16-byte aligned, and Triton compiles per alignment
+    prefill_attention(query, k_cache, v_cache, block_tables[:, base // block_size :].clone(), query_start_loc,
+                      seq_lens - base, scale,
                       max_query_len=n, max_seq_len=seq_len - base, num_splits=rest_splits,
                       partials=(part_m, part_l, part_acc, pieces))
     part_l[:, :, :pieces] = 1.0  # cuDNN's outputs come normalised, with their log-sum-exp

@@ -58,9 +58,11 @@ def _with_long_chunks(
         if end == first or loc[end] == loc[first]:
             return
         a, b = loc[first], loc[end]
+        # slices copied: Triton compiles a variant per pointer alignment (16 bytes or not), and a row or an
+        # int32 past the first is seldom aligned; a compile is seconds mid-serve
         out[a:b] = paged_attention(
-            query[a:b], k_cache, v_cache, block_tables[first:end], query_start_loc[first : end + 1] - a,
-            seq_lens[first:end], scale, max_query_len=max(loc[i + 1] - loc[i] for i in range(first, end)),
+            query[a:b], k_cache, v_cache, block_tables[first:end].clone(), query_start_loc[first : end + 1] - a,
+            seq_lens[first:end].clone(), scale, max_query_len=max(loc[i + 1] - loc[i] for i in range(first, end)),
             max_seq_len=max(lens[first:end]))
 
     for i in range(len(lens)):
