@@ -1,6 +1,6 @@
 """Multi-LoRA on one GPU: W1 (Qwen2-7B shape, random weights) with 8 random rank-16 adapters on every
 projection. Prints one JSON line per figure: each request a random adapter vs the same run without
-LoRA (goal >= 0.85; with --ab-path per GANTRY_LORA_PATH: auto, augmented, sgmv), base-only requests on a
+LoRA (goal >= 0.85; with --ab-path per GANTRY_LORA_PATH: augmented, sgmv), base-only requests on a
 LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the
 base GEMM.
     python -m benchmarks.lora_bench [--ab-path] [--kernels-only | --skip-kernels] [--num-requests 256]
@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ab-path", action="store_true",
-                    help="GANTRY_LORA_PATH=auto, augmented and sgmv against one no-LoRA baseline")
+                    help="GANTRY_LORA_PATH=augmented and sgmv against one no-LoRA baseline")
     ap.add_argument("--kernels-only", action="store_true",
                     help="only the per-projection kernel figures (both paths' parts; no engine runs)")
     ap.add_argument("--skip-kernels", action="store_true", help="no per-projection kernel figures")
@@ -201,7 +201,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("lora_bench needs a CUDA GPU")
     from engine.lora import LoRARequest
-    from engine.lora.paths import lora_path
+    from engine.lora.augmented import lora_path
 
     default_path = lora_path()  # GANTRY_LORA_PATH as given (a bad value stops here, before any work)
     shape = make_workload("w1", args.seed).shape
@@ -216,7 +216,7 @@ def main() -> None:
     lora_kwargs = {"enable_lora": True, "max_loras": NUM_ADAPTERS, "max_lora_rank": RANK}
     common = {"workload": "w1", "num_requests": args.num_requests, "adapters": NUM_ADAPTERS, "rank": RANK}
     base = run(model, prompts, args.output_len, None)
-    for path in ("auto", "augmented", "sgmv") if args.ab_path else (default_path,):  # default first: a timeout leaves it
+    for path in ("augmented", "sgmv") if args.ab_path else (default_path,):  # default first: a timeout leaves it
         os.environ["GANTRY_LORA_PATH"] = path  # read when the engine attaches LoRA (its processes inherit it)
         with_lora = run(model, prompts, args.output_len, per_request, **lora_kwargs)
         print(json.dumps({"figure": "lora_random_adapter_vs_no_lora", "lora_path": path, **common,

@@ -1,8 +1,7 @@
 """Triton LoRA kernels after punica: shrink (x @ A^T, to the rank) and expand (y += t @ B^T) with
 every token's adapter picked from stacked slots. SGMV-style for prefill (a tile of one segment's
 tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe);
-lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py),
-lora_split_mask splits the stacked-A GEMM's [y, t] into y and t so masked (engine/lora/stacked.py)."""
+lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)."""
 from __future__ import annotations
 
 import torch
@@ -121,40 +120,6 @@ def lora_augment(x: torch.Tensor, t: torch.Tensor, token_slots: torch.Tensor, co
     _augment_kernel[(n, triton.cdiv(k + num_t, block))](x, t, out, token_slots, k, num_t, x.stride(0), t.stride(0),
                                                        out.stride(0), cols_per_slot, BLOCK=block)
     return out
-
-
-@triton.jit
-def _split_mask_kernel(
-    yt_ptr,  # [num_tokens, N + T]: the stacked-A GEMM's output
-    y_ptr,  # [num_tokens, N]
-    t_ptr,  # [num_tokens, T]
-    slots_ptr,  # [>= num_tokens] int32: each token's slot, -1 = no adapter
-    N, T, stride_yt, stride_y, stride_t, cols_per_slot,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    slot = tl.load(slots_ptr + row)
-    v = tl.load(yt_ptr + row * stride_yt + cols, mask=cols < N + T, other=0.0)
-    tl.store(y_ptr + row * stride_y + cols, v, mask=cols < N)
-    j = cols - N  # column of t
-    v = tl.where(j // cols_per_slot == slot, v, 0.0)
-    tl.store(t_ptr + row * stride_t + j, v, mask=(cols >= N) & (cols < N + T))
-
-
-def lora_split_mask(yt: torch.Tensor, n: int, token_slots: torch.Tensor, cols_per_slot: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """yt [num_tokens, n + T] -> (y = yt[:, :n], t = yt[:, n:] with only each token's own slot's columns
-    (slot s owns s * cols_per_slot ..) kept, the rest 0), both contiguous, in one launch."""
-    rows, width = yt.shape
-    assert yt.stride(1) == 1
-    y = torch.empty(rows, n, dtype=yt.dtype, device=yt.device)
-    t = torch.empty(rows, width - n, dtype=yt.dtype, device=yt.device)
-    if rows:
-        block = 1024
-        _split_mask_kernel[(rows, triton.cdiv(width, block))](yt, y, t, token_slots, n, width - n, yt.stride(0),
-                                                             y.stride(0), t.stride(0), cols_per_slot, BLOCK=block)
-    return y, t
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:

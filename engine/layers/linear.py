@@ -55,10 +55,9 @@ class LinearBase(nn.Module):
         return y if batch is None else self.lora.apply(batch, x, y)
 
     def plain_linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ weight^T (+ bias) with this batch's adapter deltas; the stacked and augmented LoRA paths fold them
-        into the GEMM."""
+        """x @ weight^T (+ bias) with this batch's adapter deltas; augmented-K LoRA folds them into the GEMM."""
         batch = current_lora_batch() if self.lora is not None else None
-        if batch is not None and self.lora.owns_gemm:
+        if batch is not None and self.lora.augmented:
             return self.lora.linear(batch, x, bias)
         return self.add_lora(x, F.linear(x, self.weight, bias))
 

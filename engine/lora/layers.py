@@ -39,7 +39,7 @@ def local_adapter_weights(slices: list[LoRASlice], weights: dict[str, tuple[torc
 class LoRALinear:
     """Attached as `layer.lora`; apply() adds the batch's adapters' deltas to the layer's output."""
 
-    owns_gemm = False  # the stacked and augmented paths (engine/lora/paths.py) put the deltas in the layer's GEMM
+    augmented = False  # engine/lora/augmented.py's AugmentedLoRALinear puts the deltas in the layer's GEMM
 
     def __init__(self, slices: list[LoRASlice], in_local: int, in_start: int, row_parallel: bool, max_loras: int,
                  rank: int, dtype: torch.dtype, device: torch.device):

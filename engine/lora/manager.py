@@ -12,12 +12,8 @@ import torch
 from torch import nn
 
 from engine.lora.adapter import LoRAModel, ModelDims, read_adapter
-from engine.lora.augmented import AugmentedLoRALinear
+from engine.lora.augmented import AugmentedLoRALinear, lora_path, use_augmented
 from engine.lora.layers import LoRALinear, LoRASlice
-from engine.lora.paths import layer_path, lora_path
-from engine.lora.stacked import StackedLoRALinear
-
-AttachedLoRA = LoRALinear | AugmentedLoRALinear | StackedLoRALinear
 from engine.lora.punica import LoRABatch, lora_batch
 from engine.lora.request import LoRARequest
 
@@ -45,11 +41,12 @@ def stack_rank(max_lora_rank: int) -> int:
 
 
 def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dtype: torch.dtype,
-                device: torch.device) -> dict[int, list[AttachedLoRA]]:
+                device: torch.device) -> dict[int, list[LoRALinear | AugmentedLoRALinear]]:
     """LoRA slots on every q/k/v/o/gate/up/down projection this rank holds: layer index -> its four.
-    Each takes the path engine/lora/paths.py picks for it under GANTRY_LORA_PATH."""
+    Augmented K (one GEMM) where the base weight is plain and GANTRY_LORA_PATH is augmented (the default),
+    else SGMV."""
     path = lora_path()
-    attached: dict[int, list[AttachedLoRA]] = {}
+    attached: dict[int, list[LoRALinear | AugmentedLoRALinear]] = {}
     for idx, layer in model.model.layers.items():
         attn, mlp = layer.self_attn, layer.mlp
         qkv, gate_up = attn.qkv_proj, mlp.gate_up_proj
@@ -68,10 +65,7 @@ def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dt
         attached[int(idx)] = []
         for linear, slices, in_local, row_parallel in specs:
             in_start = tp_rank * in_local if row_parallel else 0
-            kind = layer_path(path, linear, dtype)
-            if kind == "stacked":
-                linear.lora = StackedLoRALinear(slices, in_local, in_start, row_parallel, max_loras, rank, linear)
-            elif kind == "augmented":
+            if use_augmented(path, linear, dtype):
                 linear.lora = AugmentedLoRALinear(slices, in_local, in_start, row_parallel, max_loras, rank, linear)
             else:
                 linear.lora = LoRALinear(slices, in_local, in_start, row_parallel, max_loras, rank, dtype, device)
@@ -91,14 +85,14 @@ class LoRAManager:
         self.slot_ids: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
         self.slot_lru: OrderedDict[int, None] = OrderedDict.fromkeys(range(max_loras))  # least recent first
         # a decode step's tokens grouped by slot, in static buffers that CUDA graphs captured with LoRA read;
-        # each token's slot (stacked and augmented paths), -1 past the step's tokens (rows graphs pad a batch with)
+        # each token's slot (augmented path), -1 past the step's tokens (rows graphs pad a batch with)
         self.static_token_slots = torch.full((max_num_seqs,), -1, dtype=torch.int32, device=device)
         self.static_perm = torch.zeros(max_num_seqs, dtype=torch.int32, device=device)
         self.max_tiles = -(-max_num_seqs // DECODE_TILE) + max_loras  # each slot's last tile may be partial
         self.static_seg_start = torch.zeros(self.max_tiles + 1, dtype=torch.int32, device=device)
         self.static_seg_slot = torch.full((self.max_tiles,), -1, dtype=torch.int32, device=device)
         # the SGMV layers' shrink outputs side by side, zeroed once per decode step (one memset, not one each)
-        sgmv_layers = [lin for lins in self.layers.values() for lin in lins if not lin.owns_gemm]
+        sgmv_layers = [lin for lins in self.layers.values() for lin in lins if not lin.augmented]
         num_cols = 0
         for lin in sgmv_layers:
             lin.shrink_col, num_cols = num_cols, num_cols + lin.a_stack.shape[1]

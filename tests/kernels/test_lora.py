@@ -1,7 +1,6 @@
 """LoRA shrink/expand: Triton SGMV (prefill segments) and BGMV (decode tokens) against reference.py,
 with tokens of several adapters, of none (-1), ranks padded with zeros, and expand into a column slice;
-lora_augment (augmented K's input [x, t masked to each token's slot]) and lora_split_mask (stacked A's [y, t]
-split, t masked) against torch."""
+lora_augment (augmented K's input [x, t masked to each token's slot]) against torch."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -10,7 +9,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.lora import bgmv, lora_augment, lora_split_mask, sgmv
+from kernels.lora import bgmv, lora_augment, sgmv
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 # bf16 dots are wrong under the interpreter (triton 3.9): bf16 only on the GPU
@@ -167,19 +166,3 @@ def test_sgmv_split_k_shrink_into_step_buffer(assert_close: Check, device: torch
     sgmv(x, a, step[:n, col : col + rank], seg_start, seg_slot, n, add=True, perm=perm, split_k=4)
     assert_close(step[:n, col : col + rank], reference.lora_shrink(x, a, token_slots))
     assert (step[:, :col] == 7.0).all() and (step[:, col + rank :] == 5.0).all() and not step[n:, col:col + rank].any()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_split_mask(device: torch.device, dtype: torch.dtype) -> None:
-    """y = yt[:, :n] and t = yt[:, n:] with each token's own slot's columns kept; yt's rows strided (a view),
-    the slots buffer longer than the batch and n + T over several column blocks."""
-    num_slots, cols_per_slot, n_out = 4, 48, 1500
-    token_slots = torch.tensor([2, -1, 0, 3, 3, 1, -1, 2, 5, 5], dtype=torch.int32, device=device)  # tail: stale
-    rows = 8
-    wide = torch.randn(rows, n_out + num_slots * cols_per_slot + 16, device=device).to(dtype)
-    yt = wide[:, : n_out + num_slots * cols_per_slot]
-    y, t = lora_split_mask(yt, n_out, token_slots, cols_per_slot)
-    col_slot = torch.arange(t.shape[1], device=device) // cols_per_slot
-    assert y.is_contiguous() and t.is_contiguous()
-    assert torch.equal(y, yt[:, :n_out])
-    assert torch.equal(t, yt[:, n_out:] * (col_slot[None, :] == token_slots[:rows, None]))

@@ -11,11 +11,8 @@ import torch
 from torch import nn
 
 from engine.lora import LoRARequest
-from engine.lora.augmented import AugmentedLoRALinear
-from engine.lora.layers import LoRALinear
 from engine.lora.manager import LoRAManager
 from engine.lora.punica import lora_batch
-from engine.lora.stacked import StackedLoRALinear
 
 # (rank, modules): every projection; attention only; MLP only
 ADAPTERS = [(8, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
@@ -39,7 +36,7 @@ def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-@pytest.mark.parametrize("path", ["auto", "augmented", "sgmv"])
+@pytest.mark.parametrize("path", ["augmented", "sgmv"])
 def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, device: torch.device,
                                        path: str) -> None:
     from transformers import Qwen2Config
@@ -69,10 +66,8 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("GANTRY_LORA_PATH", "sgmv")
     cpu = torch.device("cpu")
     reference_mgr = LoRAManager(reference_model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, cpu)
-    # qkv, o, gate_up, down: every plain layer on the path named; auto: gate_up (out 192 > 2 x 64) augmented
-    want = {"auto": ["stacked", "stacked", "augmented", "stacked"], "augmented": ["augmented"] * 4, "sgmv": ["sgmv"] * 4}
-    kinds = {StackedLoRALinear: "stacked", AugmentedLoRALinear: "augmented", LoRALinear: "sgmv"}
-    assert all([kinds[type(lin)] for lin in lins] == want[path] for lins in triton_mgr.layers.values())
+    want = [path == "augmented"] * 4  # qkv, o, gate_up, down: every plain layer on the path named
+    assert all([lin.augmented for lin in lins] == want for lins in triton_mgr.layers.values())
     decode = [loras[1], None, loras[0], loras[2], loras[1]]  # 5 of 8 rows: CUDA graphs pad the rest
     prefill = [loras[2], loras[0], None]
     # a second decode step of fewer requests: stale slots past them, or an un-zeroed shrink buffer, would show
@@ -82,7 +77,7 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
         rows = MAX_NUM_SEQS if is_decode else n
         batch = triton_mgr.prepare(requests, num_tokens, is_decode)
         ref_batch = reference_mgr.prepare(requests, num_tokens, is_decode)
-        assert batch.use_triton and (batch.shrink_out is not None) == (is_decode and path == "sgmv")
+        assert batch.use_triton and (batch.shrink_out is not None) == (is_decode and path != "augmented")
         for (name, lin), (_, ref_lin) in zip(_projections(model), _projections(reference_model)):
             x = torch.randn(rows, lin.weight.shape[1], device=device)
             with lora_batch(batch):
