@@ -7,7 +7,8 @@ Runs a W1-like load (Qwen2-7B shape, random weights) and, without synchronizing 
   last kernel, so the gap between a step's end and the next step's start is time the GPU sat
   idle waiting for the CPU to queue work.
 Prints milliseconds per step for decode-only and mixed (prefill) steps.
-    python -m benchmarks.profile_step [--num-requests 256 --input-len 512 --output-len 128]
+    python -m benchmarks.profile_step [--num-requests 256 --input-len 512 --output-len 128] [--kernels] [--lora]
+One stream deep in a long context: --num-requests 1 --input-len 120000 --output-len 64 --kernels.
 """
 from __future__ import annotations
 
@@ -29,14 +30,25 @@ def main() -> None:
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="also print torch.profiler's top device kernels "
                         "for 2 mixed steps and for decode steps 20-24 (these steps are then not counted)")
+    parser.add_argument("--lora", action="store_true", help="8 random rank-16 adapters on every projection "
+                        "(benchmarks/lora_bench.py's), each request a random one")
     args = parser.parse_args()
     from engine import LLM, SamplingParams
+    from engine.lora import LoRARequest
 
-    model_dir = write_config(QWEN2_7B, 4096)
-    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=2048, enforce_eager=args.enforce_eager,
-              async_scheduling=not args.no_async_scheduling)
-    warm_up = [torch.randint(10, 150000, (args.input_len,)).tolist() for _ in range(8)]
-    llm.generate(warm_up, SamplingParams(temperature=0, ignore_eos=True, max_tokens=4), use_tqdm=False)  # Triton JIT
+    max_model_len = max(2048, args.input_len + args.output_len)
+    model_dir = write_config(QWEN2_7B, max_model_len)
+    lora_kwargs, adapters = {}, [None]
+    if args.lora:
+        from benchmarks.lora_bench import NUM_ADAPTERS, RANK, write_adapters
+
+        lora_kwargs = {"enable_lora": True, "max_loras": NUM_ADAPTERS, "max_lora_rank": RANK}
+        adapters = [LoRARequest(f"adapter{i}", i + 1, p) for i, p in enumerate(write_adapters(QWEN2_7B, 0))]
+    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
+              enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, **lora_kwargs)
+    warm_up = [torch.randint(10, 150000, (min(args.input_len, 512),)).tolist() for _ in range(8)]
+    llm.generate(warm_up, SamplingParams(temperature=0, ignore_eos=True, max_tokens=4), use_tqdm=False,
+                 lora_request=(adapters * 8)[:8] if args.lora else None)  # Triton JIT, adapters loaded
     engine = llm.llm_engine
     runner = engine.executor.runner
     cpu: dict[str, float] = collections.defaultdict(float)  # "kind:phase" -> seconds
@@ -76,7 +88,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     for i in range(args.num_requests):
         prompt = torch.randint(10, 150000, (args.input_len,), generator=g).tolist()
-        engine.add_request(str(i), prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=args.output_len))
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=args.output_len),
+                           lora_request=adapters[int(torch.randint(len(adapters), (1,), generator=g))])
     steps = collections.Counter()
     wall = collections.defaultdict(float)
     torch.cuda.synchronize()
