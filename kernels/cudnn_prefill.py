@@ -23,6 +23,7 @@ from kernels.prefill_attention import LOG2E, MAX_PREFILL_SPLITS, choose_prefill_
 
 CUDNN_MIN_QUERY = 512  # new tokens of one sequence from which its chunk takes this path
 KEY_PIECE = 16384  # keys per cuDNN call: a chunk less deep than this stays on the Triton kernel
+MAX_PARTIAL_BYTES = 3 * 2**30  # a chunk's partials at most (the rest's splits counted at their most)
 
 
 @functools.cache
@@ -47,9 +48,13 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tu
     return out[0], out[1]
 
 
-def is_long_chunk(q_len: int, seq_len: int) -> bool:
-    """Whether a chunk takes this path: CUDNN_MIN_QUERY new tokens or more, at least KEY_PIECE deep."""
-    return q_len >= CUDNN_MIN_QUERY and seq_len - q_len >= KEY_PIECE
+def is_long_chunk(q_len: int, seq_len: int, num_heads: int, head_dim: int) -> bool:
+    """Whether a chunk takes this path: CUDNN_MIN_QUERY new tokens or more, at least KEY_PIECE deep, and its
+    float32 partials (one per piece, plus the Triton rest's) within MAX_PARTIAL_BYTES (0.9 GB for 8,192 new
+    tokens 112K deep at Qwen2-7B's 28 heads; contexts far past 128K fall back to the Triton kernel)."""
+    splits = (seq_len - q_len) // KEY_PIECE + MAX_PREFILL_SPLITS
+    return (q_len >= CUDNN_MIN_QUERY and seq_len - q_len >= KEY_PIECE
+            and q_len * num_heads * splits * (head_dim + 2) * 4 <= MAX_PARTIAL_BYTES)
 
 
 def may_hold_long_chunk(max_query_len: int, max_seq_len: int) -> bool:

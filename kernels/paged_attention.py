@@ -66,7 +66,7 @@ def _with_long_chunks(
             max_seq_len=max(lens[first:end]))
 
     for i in range(len(lens)):
-        if is_long_chunk(loc[i + 1] - loc[i], lens[i]):
+        if is_long_chunk(loc[i + 1] - loc[i], lens[i], query.shape[1], query.shape[2]):
             short_run(i)
             chunk_attention(query[loc[i] : loc[i + 1]], k_cache, v_cache, block_tables[i : i + 1],
                             query_start_loc[i : i + 2] - loc[i], seq_lens[i : i + 1], lens[i], scale,

@@ -57,6 +57,13 @@ def test_long_chunks_beside_short_ones(make_paged_kv: Callable, assert_close: Ch
     assert calls == [16] * 8
 
 
+def test_long_chunk_rule() -> None:
+    long = cudnn_prefill.is_long_chunk
+    assert long(8192, 120000, 28, 128) and long(512, 16384 + 512, 28, 128)
+    assert not long(511, 100000, 28, 128) and not long(8192, 8192 + 16383, 28, 128)  # too short, too shallow
+    assert not long(8192, 2_000_000, 28, 128)  # its partials would pass MAX_PARTIAL_BYTES: the Triton kernel
+
+
 def test_padded_rows() -> None:
     assert [cudnn_prefill.padded_rows(n) for n in (1024, 1025, 1152, 1153, 2047, 8192, 8193)] == [
         1024, 1152, 1152, 1280, 2048, 8192, 9216]
