@@ -212,7 +212,7 @@ def run_long_prefill(matmul: float, sweep: bool) -> None:
     print(f"  long launch relative error vs reference: {((out.float() - ref.float()).norm() / ref.float().norm()).item():.1e}")
     print("  cuDNN path (kernels/cudnn_prefill.py: whole pieces of keys through cuDNN, the rest Triton) against the"
           " Triton launch alone:")
-    warmup(num_heads, num_kv_heads, HEAD_DIM, DTYPE, torch.device("cuda"), CHUNK, LONG_CONTEXT + CHUNK)
+    warmup(k_cache, num_heads, DTYPE, 1.0, 1.0, CHUNK, LONG_CONTEXT + CHUNK)
     for context, q_len in ((KEY_PIECE, CHUNK), (LONG_CONTEXT // 2, CHUNK), (LONG_CONTEXT - CHUNK, CHUNK),
                            (LONG_CONTEXT - CHUNK, 2048), (LONG_CONTEXT - CHUNK, 1100), (KEY_PIECE + 100, 1024)):
         seq_lens = torch.tensor([context + q_len], dtype=torch.int32, device="cuda")

@@ -62,6 +62,10 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters cached in host memory (unset: max_loras)
     max_lora_rank: int = 16  # largest adapter rank served
 
+    def step_token_budget(self) -> int:
+        """max_num_batched_tokens resolved: unset means 8,192 (a block at least)."""
+        return self.max_num_batched_tokens or max(8192, self.block_size)
+
     def uses_async_scheduling(self, device_type: str) -> bool:
         """async_scheduling resolved: unset means on for GPUs without pipeline parallel (its lanes overlap
         instead; on CPU the host is the device, so there is nothing to overlap)."""

@@ -125,7 +125,7 @@ class ModelRunner:
         return max(0, int(budget // per_block))
 
     def _profile_run(self) -> None:
-        num_tokens = min(self.config.max_num_batched_tokens or 8192, self.model_config.max_model_len * 4)
+        num_tokens = min(self.config.step_token_budget(), self.model_config.max_model_len * 4)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.model_config.max_model_len
         ctx = self._dummy_context(num_tokens)
@@ -165,10 +165,8 @@ class ModelRunner:
 
             layer = self.attn_layers[0]
             warmup(layer.k_cache, layer.v_cache, layer.num_heads, self.model_config.dtype, layer.scale)
-            query = torch.empty(1, layer.num_heads, layer.head_dim, dtype=self.model_config.dtype, device=self.device)
-            if cudnn_prefill.can_use_cudnn(query, layer.k_cache, layer.k_scale, layer.v_scale):
-                cudnn_prefill.warmup(layer.num_heads, layer.num_kv_heads, layer.head_dim, self.model_config.dtype,
-                                     self.device, self.config.max_num_batched_tokens or 8192, self.model_config.max_model_len)
+            cudnn_prefill.warmup(layer.k_cache, layer.num_heads, self.model_config.dtype, layer.k_scale, layer.v_scale,
+                                 self.config.step_token_budget(), self.model_config.max_model_len)
         if self.device.type == "cuda" and not self.config.enforce_eager and p.pp_size == 1:
             from engine.cuda_graph import DecodeCUDAGraphs
 

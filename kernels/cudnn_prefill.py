@@ -18,7 +18,7 @@ import functools
 import torch
 import triton
 
-from kernels.decode_attention import merge_splits
+from kernels.decode_attention import merge_splits, split_partials
 from kernels.prefill_attention import LOG2E, MAX_PREFILL_SPLITS, choose_prefill_splits, prefill_attention
 
 CUDNN_MIN_QUERY = 512  # new tokens of one sequence from which its chunk takes this path
@@ -36,9 +36,11 @@ def _cudnn_supports(dtype: torch.dtype, head_dim: int, device: torch.device) -> 
     return bool(torch.backends.cuda.can_use_cudnn_attention(params, False))
 
 
-def can_use_cudnn(query: torch.Tensor, k_cache: torch.Tensor, k_scale: float, v_scale: float) -> bool:
-    return (k_cache.dtype == query.dtype and k_scale == 1.0 and v_scale == 1.0
-            and _cudnn_supports(query.dtype, query.shape[-1], query.device))
+def can_use_cudnn(dtype: torch.dtype, k_cache: torch.Tensor, k_scale: float, v_scale: float) -> bool:
+    """Queries of dtype over these pages can take this path: unscaled pages of the same dtype, a head size
+    and GPU cuDNN supports."""
+    return (k_cache.dtype == dtype and k_scale == 1.0 and v_scale == 1.0
+            and _cudnn_supports(dtype, k_cache.shape[-1], k_cache.device))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,9 +96,7 @@ def chunk_attention(
     rest_splits = choose_prefill_splits(triton.cdiv(n, 128) * num_heads, seq_len - base, n * num_heads * (head_dim + 2) * 4,
                                         query.device)
     num_splits = pieces + rest_splits
-    part_m, part_l, part_acc = (torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=query.device),
-                                torch.empty(n, num_heads, num_splits, dtype=torch.float32, device=query.device),
-                                torch.empty(n, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device))
+    part_m, part_l, part_acc = split_partials(n, num_heads, num_splits, head_dim, query.device)  # num_splits >= 2
     # the table's rest copied: a row past the first is seldom 16-byte aligned, and Triton compiles per alignment
     prefill_attention(query, k_cache, v_cache, block_tables[:, base // block_size :].clone(), query_start_loc,
                       seq_lens - base, scale,
@@ -118,12 +118,15 @@ def chunk_attention(
     merge_splits(out, part_m, part_l, part_acc, num_splits, max(MAX_PREFILL_SPLITS, num_splits))
 
 
-def warmup(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+def warmup(k_cache: torch.Tensor, num_heads: int, dtype: torch.dtype, k_scale: float, v_scale: float,
            max_query_len: int, max_model_len: int) -> None:
-    """Build cuDNN's plan for every padded row count a chunk up to max_query_len may take (~75 ms each; cuDNN
-    keys its plans by shapes and strides, so the pieces' layout is _piece's)."""
-    if not _cudnn_supports(dtype, head_dim, device) or not may_hold_long_chunk(max_query_len, max_model_len):
+    """Build cuDNN's plan for every padded row count a chunk up to max_query_len may take over these pages
+    (~75 ms each; cuDNN keys its plans by shapes and strides, so the pieces' layout is _piece's); nothing
+    when no chunk can take the path."""
+    if not can_use_cudnn(dtype, k_cache, k_scale, v_scale) or not may_hold_long_chunk(max_query_len, max_model_len):
         return
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    device = k_cache.device
     k = _piece(torch.zeros(1, KEY_PIECE, num_kv_heads, head_dim, dtype=dtype, device=device), 0)
     sizes = sorted({padded_rows(n) for n in range(CUDNN_MIN_QUERY, max_query_len + 1)})
     for rows in sizes:

@@ -32,7 +32,7 @@ def paged_attention(
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     if (query_start_loc_host is not None and seq_lens_host is not None and max_query_len is not None
             and max_seq_len is not None and may_hold_long_chunk(max_query_len, max_seq_len)
-            and can_use_cudnn(query, k_cache, k_scale, v_scale)):
+            and can_use_cudnn(query.dtype, k_cache, k_scale, v_scale)):
         return _with_long_chunks(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale,
                                  query_start_loc_host, seq_lens_host)
     num_seqs = seq_lens.shape[0]

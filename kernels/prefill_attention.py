@@ -268,7 +268,7 @@ def prefill_attention(
         part_m, part_l, part_acc, part_split0 = partials
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, part_m, part_l, part_acc, block_tables, query_start_loc, seq_lens,
-        num_seqs, num_heads, num_splits, part_m.shape[-1] if part_m.dim() == 3 else num_splits, part_split0,
+        num_seqs, num_heads, num_splits, num_splits if partials is None else part_m.shape[-1], part_split0,
         scale * LOG2E * k_scale, v_scale,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -79,12 +79,11 @@ def test_short_steps_keep_the_triton_kernels(make_paged_kv: Callable, assert_clo
 
 
 def test_fp32_and_fp8_pages_stay_on_triton() -> None:
-    q = torch.zeros(4, 2, 16)
-    assert not cudnn_prefill.can_use_cudnn(q, torch.zeros(1, 4, 2, 16), 1.0, 1.0)  # CPU / fp32
+    assert not cudnn_prefill.can_use_cudnn(torch.float32, torch.zeros(1, 4, 2, 16), 1.0, 1.0)  # CPU / fp32
     if torch.cuda.is_available():
-        qb = q.to("cuda", torch.bfloat16)
-        assert not cudnn_prefill.can_use_cudnn(qb, torch.zeros(1, 4, 2, 16, device="cuda").to(torch.float8_e4m3fn), 1.0, 1.0)
-        assert not cudnn_prefill.can_use_cudnn(qb, torch.zeros(1, 4, 2, 16, device="cuda", dtype=torch.bfloat16), 0.5, 1.0)
+        bf16 = torch.bfloat16
+        assert not cudnn_prefill.can_use_cudnn(bf16, torch.zeros(1, 4, 2, 16, device="cuda").to(torch.float8_e4m3fn), 1.0, 1.0)
+        assert not cudnn_prefill.can_use_cudnn(bf16, torch.zeros(1, 4, 2, 16, device="cuda", dtype=bf16), 0.5, 1.0)
 
 
 @pytest.mark.gpu
@@ -93,8 +92,8 @@ def test_fp32_and_fp8_pages_stay_on_triton() -> None:
     (torch.bfloat16, 28, 4, 128, 16), (torch.float16, 14, 2, 64, 32), (torch.bfloat16, 8, 8, 128, 16)])
 def test_cudnn_chunks_gpu(make_paged_kv: Callable, assert_close: Check, dtype: torch.dtype, num_heads: int,
                           num_kv_heads: int, head_dim: int, block_size: int) -> None:
-    if not cudnn_prefill.can_use_cudnn(torch.zeros(1, num_heads, head_dim, dtype=dtype, device="cuda"),
-                                       torch.zeros(1, block_size, num_kv_heads, head_dim, dtype=dtype, device="cuda"), 1.0, 1.0):
+    if not cudnn_prefill.can_use_cudnn(dtype, torch.zeros(1, block_size, num_kv_heads, head_dim, dtype=dtype, device="cuda"),
+                                       1.0, 1.0):
         pytest.skip("cuDNN attention not available for this shape here")
     scenario = [(1, 3000), (1500, 40000), (5, 9), (1024, 0), (1, 1), (2100, 16384), (0, 40), (1030, 17000)]
     out, ref = _run(make_paged_kv, scenario, num_heads, num_kv_heads, head_dim, block_size, dtype, torch.device("cuda"))
