@@ -2,15 +2,14 @@
 projection. Prints one JSON line per figure: each request a random adapter vs the same run without
 LoRA (goal >= 0.85; with --ab-path per GANTRY_LORA_PATH: augmented, sgmv), base-only requests on a
 LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the
-base GEMM; --shrink-sweep times lora_shrink_augment's configs per W1 projection and prints a SHRINK_TABLE.
-    python -m benchmarks.lora_bench [--ab-path] [--kernels-only | --skip-kernels | --shrink-sweep]
-        [--num-requests 256] [--input-len 512] [--output-len 512] [--repeats 3]
+base GEMM.
+    python -m benchmarks.lora_bench [--ab-path] [--kernels-only | --skip-kernels] [--num-requests 256]
+        [--input-len 512] [--output-len 512] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import random
@@ -23,7 +22,6 @@ import torch
 from benchmarks.throughput import make_workload, write_config
 
 RANK, NUM_ADAPTERS = 16, 8
-SWEEP_TOKENS = (256, 8192)  # --shrink-sweep: a decode step's tokens and a prefill's
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -122,14 +120,13 @@ def _sgmv_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: tor
 
 
 def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor) -> dict:
-    """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), t = x @ A_all^T
-    and the masked [x, t] (two launches) beside the one kernel that does both, the one GEMM over W_aug, and the
-    whole layer (which takes the one kernel)."""
+    """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), t = x @ A_all^T,
+    the masked [x, t], the one GEMM over W_aug, and the whole layer."""
     from torch import nn
 
     from engine.lora.augmented import AugmentedLoRALinear
     from engine.lora.layers import LoRASlice
-    from kernels.lora import lora_augment, lora_shrink_augment, shrink_workspace
+    from kernels.lora import lora_augment
 
     layer = nn.Module()
     layer.weight = nn.Parameter(w.clone(), requires_grad=False)
@@ -142,102 +139,26 @@ def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w
     figures = {"base_gemm_view_ms": graph_ms(lambda: torch.nn.functional.linear(x, layer.weight)),
                "shrink_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),
                "mask_ms": graph_ms(lambda: lora_augment(x, t, batch.token_slots, aug.cols_per_slot, x_aug)),
-               "shrink_augment_ms": graph_ms(lambda: lora_shrink_augment(
-                   x, aug.a_all, batch.token_slots, aug.cols_per_slot, x_aug,
-                   *shrink_workspace(x.device, aug.a_all.shape[0]))),
                "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
                "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
                "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}
     return figures
 
 
-def projections(shape: dict) -> dict[str, tuple[list[tuple[str, int, int]], int]]:
-    """Per layer type of `shape`: ([(module, first output row, rows)] of its LoRA slices, in_features)."""
-    from engine.lora.adapter import ModelDims
-
-    d = ModelDims.from_hf(type("HF", (), dict(shape, head_dim=None)))
-    q, kv, h, i = d.q_size, d.kv_size, d.hidden, d.intermediate
-    return {"qkv_proj": ([("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h),
-            "o_proj": ([("o_proj", 0, h)], q), "gate_up_proj": ([("gate_proj", 0, i), ("up_proj", i, i)], h),
-            "down_proj": ([("down_proj", 0, h)], i)}
-
-
-def _sweep_configs(m: int, k: int) -> list[tuple[int, int, int, int, int]]:
-    """lora_shrink_augment configs to time at m tokens: at decode sizes tiles of 16-64 x 32-128 with K split
-    2-32 ways (no split empty), else tiles of 64-128 unsplit (the workspace holds SPLIT_K_MAX_TOKENS rows)."""
-    from kernels.lora import SPLIT_K_MAX_TOKENS, even_split_k
-
-    configs = []
-    decode = m <= SPLIT_K_MAX_TOKENS
-    tiles = itertools.product((16, 32, 64), (32, 64, 128)) if decode else ((64, 64), (64, 128), (128, 64), (128, 128))
-    for (bm, bn), bk in itertools.product(tiles, (64, 128) if decode else (32, 64)):
-        for nw in (4, 8) if bm * bn >= 64 * 64 else (4,):
-            splits = {even_split_k(k, bk, s) for s in (2, 4, 8, 16, 32)} if decode else {1}
-            configs += [(bm, bn, bk, sk, nw) for sk in sorted(splits)]
-    return configs
-
-
-def shrink_sweep(shape: dict) -> None:
-    """Per W1 projection at SWEEP_TOKENS (decode, prefill), 8 adapters, bf16: every _sweep_configs config of
-    lora_shrink_augment checked once against torch (x @ A_all^T masked, [x, t]) then timed in a CUDA graph; one JSON
-    line per shape (best config, shrink_config's pick, torch.mm + lora_augment), then the SHRINK_TABLE to paste."""
-    import triton
-    from triton.runtime.errors import OutOfResources
-
-    from kernels.lora import lora_augment, lora_shrink_augment, shrink_config, shrink_workspace
-
-    dev, start, table = torch.device("cuda"), time.perf_counter(), {}
-    shapes = [(name, in_features, NUM_ADAPTERS * len(slices) * RANK)
-              for name, (slices, in_features) in projections(shape).items()]
-    workspace = shrink_workspace(dev, max(t for _, _, t in shapes))
-    for m, (name, k, num_t) in itertools.product(SWEEP_TOKENS, shapes):
-        cols_per_slot = num_t // NUM_ADAPTERS
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        a_all = (torch.randn(num_t, k, device=dev) / k**0.5).to(torch.bfloat16)
-        slots = torch.randint(0, NUM_ADAPTERS, (m,), dtype=torch.int32, device=dev)
-        t = x.float() @ a_all.float().t()  # [m, T]
-        keep = (torch.arange(num_t, device=dev) // cols_per_slot)[None, :] == slots[:, None]
-        want = torch.cat([x, (t * keep).to(x.dtype)], dim=1)
-        out = torch.empty_like(want)
-        t_bf16 = t.to(x.dtype)
-
-        def fused(cfg=None):
-            return lora_shrink_augment(x, a_all, slots, cols_per_slot, out, *workspace, *(cfg or ()))
-
-        timed, skipped = {}, 0
-        for cfg in _sweep_configs(m, k):
-            try:
-                out.fill_(float("nan"))
-                fused(cfg)
-                err = ((out.double() - want.double()).norm() / want.double().norm()).item()
-                assert torch.equal(out[:, :k], x) and err < 2e-2, f"{name} m={m} {cfg}: relative error {err:.2e}"
-                timed[cfg] = graph_ms(lambda cfg=cfg: fused(cfg))
-            except OutOfResources:  # too much shared memory or registers for this tile
-                skipped += 1
-        assert not workspace[0].any() and not workspace[1].any(), "split-K left its workspace dirty"
-        best = min(timed, key=timed.get)
-        table[(triton.next_power_of_2(m), k, num_t)] = best  # shrink_config's key
-        print(json.dumps({"figure": "lora_shrink_sweep", "projection": name, "num_tokens": m, "k": k, "t": num_t,
-                          "best": best, "best_ms": round(timed[best], 4), "default": shrink_config(m, k, num_t),
-                          "default_ms": round(graph_ms(fused), 4),
-                          "mm_plus_augment_ms": round(graph_ms(lambda: lora_augment(
-                              x, torch.mm(x, a_all.t(), out=t_bf16), slots, cols_per_slot, out)), 4),
-                          "configs_timed": len(timed), "configs_skipped": skipped,
-                          "elapsed_s": round(time.perf_counter() - start, 1)}), flush=True)
-        del x, a_all, t, want, out, t_bf16
-        torch.cuda.empty_cache()
-    print(json.dumps({"figure": "lora_shrink_table", "paste": f"SHRINK_TABLE = {table!r}"}), flush=True)
-
-
 def kernel_figures(shape: dict, ab: bool) -> None:
     """Per layer type, the SGMV path's shrink and (all slices') expand beside the base GEMM, and with `ab` the
     augmented-K path's parts and both paths' whole layer, for a decode step of 256 tokens and a prefill of 8192
     (16 segments), 8 adapters, each timed inside a CUDA graph."""
+    from engine.lora.adapter import ModelDims
     from engine.lora.manager import DECODE_TILE, PREFILL_TILE, tile_segments
     from engine.lora.punica import LoRABatch
 
-    dev = torch.device("cuda")
-    layers = projections(shape)
+    hf = type("HF", (), dict(shape, head_dim=None))
+    d, dev = ModelDims.from_hf(hf), torch.device("cuda")
+    q, kv, h, i = d.q_size, d.kv_size, d.hidden, d.intermediate
+    layers = {"qkv_proj": ([("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h),
+              "o_proj": ([("o_proj", 0, h)], q), "gate_up_proj": ([("gate_proj", 0, i), ("up_proj", i, i)], h),
+              "down_proj": ([("down_proj", 0, h)], i)}
     for kind, num_tokens, num_segs in (("decode", 256, 256), ("prefill", 8192, 16)):
         slots = torch.randint(0, NUM_ADAPTERS, (num_segs,)).repeat_interleave(num_tokens // num_segs)
         perm = torch.argsort(slots, stable=True).to(torch.int32).to(dev)
@@ -277,8 +198,6 @@ def main() -> None:
     ap.add_argument("--kernels-only", action="store_true",
                     help="only the per-projection kernel figures (both paths' parts; no engine runs)")
     ap.add_argument("--skip-kernels", action="store_true", help="no per-projection kernel figures")
-    ap.add_argument("--shrink-sweep", action="store_true",
-                    help="only lora_shrink_augment's config sweep per W1 projection (prints a SHRINK_TABLE)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="no-LoRA and LoRA runs alternated this many times (fresh engines), then each path's median "
                     "ratio and spread: the no-LoRA baseline alone moved 3%% between runs of the same code")
@@ -294,9 +213,6 @@ def main() -> None:
     shape = make_workload("w1", args.seed).shape
     if args.kernels_only:
         kernel_figures(shape, True)
-        return
-    if args.shrink_sweep:
-        shrink_sweep(shape)
         return
     model = write_config(shape, args.input_len + args.output_len)
     rng = random.Random(args.seed)

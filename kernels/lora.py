@@ -1,8 +1,7 @@
 """Triton LoRA kernels after punica: shrink (x @ A^T, to the rank) and expand (y += t @ B^T) with
 every token's adapter picked from stacked slots. SGMV-style for prefill (a tile of one segment's
 tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe);
-lora_shrink_augment builds the augmented-K input [x, x @ A_all^T masked to each token's own adapter] in one
-launch (engine/lora/augmented.py); lora_augment masks a t computed apart."""
+lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)."""
 from __future__ import annotations
 
 import torch
@@ -120,135 +119,6 @@ def lora_augment(x: torch.Tensor, t: torch.Tensor, token_slots: torch.Tensor, co
     block = 1024
     _augment_kernel[(n, triton.cdiv(k + num_t, block))](x, t, out, token_slots, k, num_t, x.stride(0), t.stride(0),
                                                        out.stride(0), cols_per_slot, BLOCK=block)
-    return out
-
-
-@triton.jit
-def _shrink_augment_kernel(
-    x_ptr,  # [M, K]
-    a_ptr,  # [T, K]: every slot's A, slot-major
-    out_ptr,  # [M, K + T]
-    slots_ptr,  # [>= M] int32: each token's slot, -1 = no adapter
-    ws_ptr,  # [>= M, >= T] float32 (SPLIT_K): all zero between calls
-    counter_ptr,  # [>= cdiv(M, BLOCK_M) * cdiv(T, BLOCK_N)] int32 (SPLIT_K): all zero between calls
-    M, K, T, stride_x, stride_a, stride_out, stride_ws, cols_per_slot,
-    SPLIT_K: tl.constexpr,  # bool: the grid's third axis splits K, the partial sums meet in ws_ptr
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    rows = offs_m.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < T
-    offs_k = tl.arange(0, BLOCK_K)
-    # the first column tile also writes the x tiles it loads into out[:, :K] (a vector mask: Triton 3.9's
-    # interpreter cannot broadcast a scalar one)
-    copy_rows = m_mask & (offs_m * 0 + pid_n == 0)  # [BLOCK_M]
-    num_splits = tl.num_programs(2)  # a launch argument, not a constexpr: one compile serves every split count
-    k_per_split = tl.cdiv(K, num_splits * BLOCK_K) * BLOCK_K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * k_per_split, tl.minimum((pid_k + 1) * k_per_split, K), BLOCK_K):
-        ks = k0 + offs_k
-        x_mask = m_mask[:, None] & (ks[None, :] < K)
-        xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=x_mask, other=0.0)  # [BLOCK_M, BLOCK_K]
-        tl.store(out_ptr + rows[:, None] * stride_out + ks[None, :], xt, mask=copy_rows[:, None] & (ks[None, :] < K))
-        at = tl.load(a_ptr + offs_n[:, None] * stride_a + ks[None, :],
-                     mask=n_mask[:, None] & (ks[None, :] < K), other=0.0)  # [BLOCK_N, BLOCK_K]
-        acc = tl.dot(xt, tl.trans(at), acc, input_precision=DOT_PRECISION)
-    slot = tl.load(slots_ptr + offs_m, mask=m_mask, other=-1)
-    keep = m_mask[:, None] & n_mask[None, :] & ((offs_n // cols_per_slot)[None, :] == slot[:, None])
-    out_ptrs = out_ptr + rows[:, None] * stride_out + K + offs_n[None, :]
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    if not SPLIT_K:
-        tl.store(out_ptrs, tl.where(keep, acc, 0.0).to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:  # partial sums meet in the workspace (kept entries only); the last program of the tile stores them
-        ws_ptrs = ws_ptr + rows[:, None] * stride_ws + offs_n[None, :]
-        tl.atomic_add(ws_ptrs, acc, mask=keep, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds issued before the counter's release
-        counter = counter_ptr + pid_m * tl.num_programs(1) + pid_n
-        if tl.atomic_add(counter, 1, sem="acq_rel") == num_splits - 1:
-            # read and re-zeroed in one op, on the float's bits (the interpreter has no float32 exchange)
-            bits = tl.atomic_xchg(ws_ptrs.to(tl.pointer_type(tl.int32)), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32),
-                                  mask=keep, sem="relaxed")
-            total = bits.to(tl.float32, bitcast=True)
-            tl.store(out_ptrs, tl.where(keep, total, 0.0).to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter, 0, sem="relaxed")
-
-
-# (next_power_of_2(M), K, T) -> (block_m, block_n, block_k, split_k, num_warps), measured on an H200 with
-# python -m benchmarks.lora_bench --shrink-sweep; shapes not here take shrink_config's rule
-SHRINK_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {}
-SPLIT_K_MAX_TOKENS = 512  # decode's largest CUDA graph: the workspace holds this many rows; more take SPLIT_K = 1
-NUM_SMS = 132  # H200; the rule aims at 1-2 programs per SM
-
-
-def shrink_config(m: int, k: int, t: int) -> tuple[int, int, int, int, int]:
-    """(block_m, block_n, block_k, split_k, num_warps) for x [m, k] @ A_all [t, k]^T: SHRINK_TABLE's entry, else
-    tiles of up to 64 x 64 and, at decode sizes, K split until about two programs per SM run (each split at
-    least two BLOCK_K steps)."""
-    hit = SHRINK_TABLE.get((triton.next_power_of_2(m), k, t))
-    if hit is not None:
-        return hit
-    block_m, block_n = (min(64, max(16, triton.next_power_of_2(n))) for n in (m, t))
-    block_k = 64
-    split_k = 1
-    if m <= SPLIT_K_MAX_TOKENS:
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(t, block_n)
-        k_steps = triton.cdiv(k, block_k)
-        split_k = even_split_k(k, block_k, max(1, min(2 * NUM_SMS // tiles, k_steps // 2)))
-    return block_m, block_n, block_k, split_k, 4
-
-
-def even_split_k(k: int, block_k: int, split_k: int) -> int:
-    """split_k trimmed so that every split has the same number of BLOCK_K steps (the last maybe fewer), none zero."""
-    k_steps = triton.cdiv(k, block_k)
-    return triton.cdiv(k_steps, triton.cdiv(k_steps, min(split_k, k_steps)))
-
-
-_WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def shrink_workspace(device: torch.device, num_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """lora_shrink_augment's split-K buffers on device, shared by every layer (launches on one stream run one at a
-    time and each leaves them zero): (float32 [SPLIT_K_MAX_TOKENS, >= num_cols], int32 counters for its tiles of
-    16 x 16 or more), all zero. Grown only when num_cols is wider than before: call it for every layer's T before
-    a CUDA graph capture, where it then allocates nothing."""
-    ws, counters = _WORKSPACES.get(device, (None, None))
-    if ws is None or ws.shape[1] < num_cols:
-        ws = torch.zeros(SPLIT_K_MAX_TOKENS, num_cols, dtype=torch.float32, device=device)
-        counters = torch.zeros(triton.cdiv(SPLIT_K_MAX_TOKENS, 16) * triton.cdiv(num_cols, 16), dtype=torch.int32,
-                               device=device)
-        _WORKSPACES[device] = (ws, counters)
-    return ws, counters
-
-
-def lora_shrink_augment(x: torch.Tensor, a_all: torch.Tensor, token_slots: torch.Tensor, cols_per_slot: int,
-                        out: torch.Tensor, workspace: torch.Tensor, counters: torch.Tensor,
-                        block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
-                        split_k: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """out [M, K + T] = [x, x @ a_all^T with only each token's own slot's columns (slot s owns s * cols_per_slot
-    ..) kept, the rest 0] in one launch; tokens of slot -1 get x and zeros. x [M, K], a_all [T, K].
-    split_k > 1 sums through workspace (float32 [>= M, >= T]) and counters (int32, one per output tile), both
-    all zero before and after (no memset per call: CUDA-graph safe); a config not given comes from
-    shrink_config, its split-K dropped when the workspace is too small."""
-    m, k = x.shape
-    num_t = a_all.shape[0]
-    assert x.stride(1) == 1 and a_all.stride(1) == 1 and out.stride(1) == 1 and workspace.stride(1) == 1
-    assert a_all.shape[1] == k and out.shape == (m, k + num_t) and a_all.dtype == x.dtype
-    assert workspace.dtype == torch.float32 and counters.dtype == torch.int32
-    cfg = shrink_config(m, k, num_t)
-    bm, bn, bk, sk, nw = (given if given is not None else default for given, default in
-                          zip((block_m, block_n, block_k, split_k, num_warps), cfg))
-    grid = (triton.cdiv(m, bm), triton.cdiv(num_t, bn), sk)
-    fits = m <= workspace.shape[0] and num_t <= workspace.shape[1] and grid[0] * grid[1] <= counters.numel()
-    if sk > 1 and not fits:
-        assert split_k is None, f"split_k={split_k}: the workspace {tuple(workspace.shape)} is too small"
-        sk, grid = 1, grid[:2] + (1,)
-    _shrink_augment_kernel[grid](x, a_all, out, token_slots, workspace, counters, m, k, num_t, x.stride(0),
-                                 a_all.stride(0), out.stride(0), workspace.stride(0), cols_per_slot,
-                                 SPLIT_K=sk > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                 DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=nw)
     return out
 
 

@@ -60,10 +60,6 @@ class AugmentedLoRALinear:
         w.data = self.w_aug[:, :in_local]  # strides (in_local + num_cols, 1): cuBLAS/BLAS take it as is
         # [num_cols] int32: the slot each column of t belongs to (the CPU mask)
         self.col_slot = torch.arange(num_cols, device=w.device) // self.cols_per_slot
-        if w.is_cuda:  # the Triton path's split-K workspace, allocated here: never inside a CUDA graph capture
-            from kernels.lora import shrink_workspace
-
-            shrink_workspace(w.device, num_cols)
 
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy one adapter's (A [r, in], B [out, r]) per module into slot; modules it lacks (and the
@@ -82,13 +78,12 @@ class AugmentedLoRALinear:
         """x [num_tokens, in_local] -> [x, t] [num_tokens, in_local + num_cols], t = x @ A_all^T with only
         each token's own slot's columns kept (all zero for tokens without an adapter)."""
         assert batch.token_slots is not None, "the augmented LoRA path needs the batch's per-token slots"
-        if batch.use_triton:  # one launch: the shrink's programs copy x and store the masked t
-            from kernels.lora import lora_shrink_augment, shrink_workspace
+        t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
+        if batch.use_triton:
+            from kernels.lora import lora_augment
 
             out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
-            return lora_shrink_augment(x, self.a_all, batch.token_slots, self.cols_per_slot, out,
-                                       *shrink_workspace(x.device, self.a_all.shape[0]))
-        t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
+            return lora_augment(x, t, batch.token_slots, self.cols_per_slot, out)
         mask = self.col_slot[None, :] == batch.token_slots[: x.shape[0], None].to(self.col_slot.device)
         return torch.cat([x, t * mask], dim=1)
 
