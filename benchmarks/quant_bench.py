@@ -3,7 +3,10 @@
           fraction of the copy bandwidth measured here, per-kernel device time, then a sweep of tiles x
           splits (--gemv-budget-s) whose best per shape ends as a `gemv_table` line to paste into
           kernels/quant_gemv.py; bf16 `x @ w.T` beside it
-  rows    GEMV vs dequantize + cuBLAS vs fused GEMM at small M (where GEMV_MAX_M should sit)
+  rows    GEMV vs quant_mma vs dequantize + cuBLAS at small M (where GEMV_MAX_M and MMA_MAX_M should sit)
+  mma     kernels.quant_mma (bf16 pairs by LOP3 + FMA, tensor cores) at W1's shapes for M = --mma-m: default
+          config, a sweep (--mma-budget-s) printed as an MMA_TABLE line, the plain-Triton unpacking beside
+          the asm one, the GEMV, dequantize + cuBLAS and bf16 beside it; fraction of copy bandwidth
   gemm    fused GEMM vs dequantize + cuBLAS vs bf16 matmul at M = 256 and 2048
 All times are GPU time of calls replayed from a CUDA graph (the engine's decode); eager_us beside.
   w1      W1 (Qwen2-7B shape, 256 x (512 in, 512 out)): bf16 vs compressed-tensors W4A16 group 128
@@ -167,22 +170,86 @@ def bench_gemv(bandwidth: float, budget_s: float) -> None:
     emit("gemv_table", python="GEMV_TABLE = {" + ", ".join(f"{key}: {val}" for key, val in table.items()) + "}")
 
 
+MMA_SPLITS = (None, 1, 2, 4, 8, 16, 32)  # None: mma_config's rule
+
+
+def _mma_shape(name: str, n: int, k: int, ms: list[int], bandwidth: float, deadlines: list[float]) -> dict:
+    """One W1 shape at each M: the default config's time against the other paths, then the sweep."""
+    from triton.errors import TritonError
+
+    from kernels import quant_gemm, quant_mma
+
+    qweight, scales = random_w4(n, k)
+    w = quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k)
+    wb = quant_gemm.dequantize(w, torch.bfloat16)
+    nbytes = qweight.numel() * 4 + scales.numel() * 2
+    table = {}
+    for m, deadline in zip(ms, deadlines):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = x @ wb.t()
+        err = _check(f"mma {name} M={m}", quant_mma.mma(x, w), ref)
+        _check(f"mma plain {name} M={m}", quant_mma.mma(x, w, use_asm=False), ref)
+        us = _graph_us(lambda: quant_mma.mma(x, w))  # noqa: B023
+        row = {"mma_us": round(us, 2), "copy_fraction": round(nbytes / (us * 1e-6) / bandwidth, 3),
+               "plain_us": round(_graph_us(lambda: quant_mma.mma(x, w, use_asm=False)), 2),  # noqa: B023
+               "bf16_us": round(_graph_us(lambda: x @ wb.t()), 2)}  # noqa: B023
+        if m <= quant_gemm.GEMV_MAX_M:
+            row["gemv_us"] = round(_graph_us(lambda: quant_gemm.gemv(x, w)), 2)  # noqa: B023
+        else:
+            row["dequant_matmul_us"] = round(_graph_us(lambda: x @ quant_gemm.dequantize(w, torch.bfloat16).t()), 2)  # noqa: B023
+        times, failed = {}, 0
+        for bn in (32, 64, 128, 256):
+            for nw in (2, 4, 8):
+                for sp in MMA_SPLITS:
+                    if time.perf_counter() > deadline:
+                        break
+                    cfg = (bn, 16, nw, sp)
+                    try:
+                        if bn == 32 and nw == 2 and sp is None:
+                            _check(f"mma {cfg}", quant_mma.mma(x, w, None, *cfg), ref)
+                        times[cfg] = _graph_us(lambda cfg=cfg: quant_mma.mma(x, w, None, *cfg), calls=10, replays=3)  # noqa: B023
+                    except (TritonError, RuntimeError):
+                        failed += 1
+        if times:
+            best = min(times, key=times.get)
+            sp = best[3] or quant_mma.mma_config(n, k, m, quant_mma.num_sms(x.device))[3]
+            table[(n, k, quant_mma.block_rows(m))] = (*best[:3], sp)
+            row.update(best_config=[*best[:3], sp], best_us=round(times[best], 2),
+                       best_copy_fraction=round(nbytes / (times[best] * 1e-6) / bandwidth, 3))
+        emit("mma", layer=name, N=n, K=k, M=m, rel_error=err, swept=len(times), failed=failed, **row)
+    return table
+
+
+def bench_mma(bandwidth: float, ms: list[int], budget_s: float) -> None:
+    """Each (shape, M) sweeps until its share of budget_s has passed since the start (time left over
+    carries to the next)."""
+    start, total = time.perf_counter(), len(W1_LINEARS) * len(ms)
+    table = {}
+    for i, (name, (n, k)) in enumerate(W1_LINEARS.items()):
+        deadlines = [start + budget_s * (i * len(ms) + j + 1) / total for j in range(len(ms))]
+        table.update(_mma_shape(name, n, k, ms, bandwidth, deadlines))
+        torch.cuda.empty_cache()
+    emit("mma_table", python="MMA_TABLE = {" + ", ".join(f"{key}: {val}" for key, val in table.items()) + "}")
+
+
 def _rows_shape(name: str, n: int, k: int, m: int) -> None:
-    from kernels import quant_gemm
+    from kernels import quant_gemm, quant_mma
 
     qweight, scales = random_w4(n, k)
     w = quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ref = x @ quant_gemm.dequantize(w, torch.bfloat16).t()
     _check(f"rows {name} M={m} gemv", quant_gemm.gemv(x, w), ref)
-    _check(f"rows {name} M={m} gemm", quant_gemm.gemm(x, w), ref)
+    _check(f"rows {name} M={m} mma", quant_mma.mma(x, w), ref)
     emit("rows", layer=name, M=m, gemv_us=round(_graph_us(lambda: quant_gemm.gemv(x, w)), 2),
+         mma_us=round(_graph_us(lambda: quant_mma.mma(x, w)), 2),
          dequant_matmul_us=round(_graph_us(lambda: x @ quant_gemm.dequantize(w, torch.bfloat16).t()), 2),
-         gemm_us=round(_graph_us(lambda: quant_gemm.gemm(x, w), calls=5), 2))
+         dispatched_us=round(_graph_us(lambda: quant_gemm.dequant_gemm(x, w.qweight, w.scales, None, None, 4, 128,
+                                                                      "compressed-tensors")), 2))
 
 
 def bench_rows(ms: list[int]) -> None:
-    for name in ("qkv_proj", "down_proj"):
+    for name in W1_LINEARS:
         for m in ms:
             _rows_shape(name, *W1_LINEARS[name], m)
 
@@ -241,18 +308,25 @@ def weight_split(llm) -> dict:
 def bench_w1(args: argparse.Namespace) -> None:
     w = make_workload("w1", args.seed)
     max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
-    prompts = random_prompts(w, w.shape["vocab_size"], args.seed)
+    prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.w1_prompts]
+    output_lens = w.output_lens[: args.w1_prompts]
     dirs = {"bf16": write_config(w.shape, max_len), "w4a16": write_w4_config(w.shape, max_len, 4, args.group_size)}
 
     def measure(model_dir: str) -> dict:  # the engine is a local: freed on return, before the next starts
         llm, load_s = start_llm(model_dir, max_len, args)
-        result = {**weight_split(llm), **offline_run(llm, prompts, w.output_lens), "load_s": round(load_s, 1)}
+        result = {**weight_split(llm), **offline_run(llm, prompts, output_lens), "load_s": round(load_s, 1)}
         result["tpot_ms"] = round(one_stream_tpot(llm, prompts[0]) * 1e3, 3)
         llm.llm_engine.shutdown()
         return result
 
+    from kernels import quant_gemm
+
+    if args.mma_compare:  # the same 4-bit engine with quant_mma off: small batches dequantize + cuBLAS
+        dirs["w4a16_without_mma"] = dirs["w4a16"]
     results = {}
+    mma_max_m = quant_gemm.MMA_MAX_M
     for config, model_dir in dirs.items():
+        quant_gemm.MMA_MAX_M = quant_gemm.GEMV_MAX_M if config == "w4a16_without_mma" else mma_max_m
         results[config] = result = measure(model_dir)
         free_cuda()
         base = results["bf16"]
@@ -266,8 +340,13 @@ def main() -> None:
     parser.add_argument("--parts", default="gemv,rows,gemm,w1")
     parser.add_argument("--gemv-budget-s", type=float, default=100.0, help="seconds for the GEMV config sweep")
     parser.add_argument("--rows-m", default="1,2,4,8,16")
+    parser.add_argument("--mma-m", default="1,16,64,256")
+    parser.add_argument("--mma-budget-s", type=float, default=90.0, help="seconds for the MMA config sweep")
     parser.add_argument("--gemm-m", default="256,2048")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--w1-prompts", type=int, default=None, help="w1: the workload's first N prompts only")
+    parser.add_argument("--mma-compare", action="store_true",
+                        help="w1: a third engine, 4-bit with kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
@@ -283,6 +362,9 @@ def main() -> None:
     if "gemv" in parts:
         bench_gemv(bandwidth, args.gemv_budget_s)
         log(f"gemv done at {time.perf_counter() - start:.0f} s")
+    if "mma" in parts:
+        bench_mma(bandwidth, [int(m) for m in args.mma_m.split(",")], args.mma_budget_s)
+        log(f"mma done at {time.perf_counter() - start:.0f} s")
     if "rows" in parts:
         bench_rows([int(m) for m in args.rows_m.split(",")])
         log(f"rows done at {time.perf_counter() - start:.0f} s")

@@ -1,5 +1,6 @@
 """Dequantize-in-kernel matmuls for int4/int8 weights packed in int32 words (compressed-tensors
-pack-quantized, GPTQ, AWQ): a split-K GEMV for decode (M <= GEMV_MAX_M), dequantize-then-cuBLAS above;
+pack-quantized, GPTQ, AWQ): a split-K GEMV for decode (M <= GEMV_MAX_M), kernels/quant_mma.py's
+tensor-core kernel for small batches of 4-bit bf16 (M <= MMA_MAX_M), dequantize-then-cuBLAS above;
 a tensor-core GEMM that dequantizes weight tiles in registers is kept (`gemm`) but not dispatched: on
 an H200 it measured 10-30x slower than dequantize + cuBLAS at M=256 (benchmarks/quant_bench.py).
 `dequant_gemm` documents the layouts; kernels.reference.dequant_gemm is the oracle.
@@ -13,12 +14,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import quant_mma
 from kernels.quant_gemv import MAGIC, MAGIC_F, _zero_magic, gemv
 from kernels.quant_gemv import flags as _flags
 from kernels.quant_gemv import ptrs as _ptrs
 
 LAYOUTS = ("compressed-tensors", "gptq", "awq")
-GEMV_MAX_M = 1  # rows up to this use the GEMV; above, dequantize the whole weight once and call cuBLAS
+GEMV_MAX_M = 1  # rows up to this use the GEMV; above, quant_mma where it applies, else dequantize + cuBLAS
+# rows up to this use quant_mma (4-bit bf16, no g_idx): on the H200, W1's shapes with MMA_TABLE's configs,
+# 2.6-5.3x faster than dequantizing the weight and calling cuBLAS at 16 rows, 1.4-2.6x at 32, level at 64
+# (benchmarks/quant_bench.py --parts rows,mma)
+MMA_MAX_M = 32
 
 
 @dataclass(frozen=True)
@@ -268,6 +274,8 @@ def dequant_gemm(
         out = x2.new_empty((0, w.n))
     elif m <= GEMV_MAX_M and not w.pack_n:
         out = gemv(x2, w, bias)
+    elif m <= MMA_MAX_M and x2.is_cuda and quant_mma.supports(w, x2.dtype):
+        out = quant_mma.mma(x2, w, bias)
     else:  # the fused `gemm` measured slower at every M tried; use it here once it measures faster
         out = F.linear(x2, dequantize(w, x.dtype), bias)
     return out.reshape(*x.shape[:-1], w.n)
