@@ -67,7 +67,8 @@ def main() -> None:
     runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs)
     runner.sampling_metadata = timed("sampling_metadata", runner.sampling_metadata)
     engine.executor.collect = timed("wait_for_tokens", engine.executor.collect)
-    engine._process_result = timed("process_result", engine._process_result)
+    engine.scheduler.update_from_output = timed("update_from_output", engine.scheduler.update_from_output)
+    engine.output_processor.process_outputs = timed("process_outputs", engine.output_processor.process_outputs)
     events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (kind, queued start, end)
     profiling = [False]
     original_submit = runner.submit_model
@@ -131,7 +132,7 @@ def main() -> None:
         n_gpu[k] += 1
         if i + 1 < len(events) and events[i + 1][0] != "profiled":
             idle[k] += end.elapsed_time(events[i + 1][1])
-    print(f"async scheduling: {engine.async_scheduling}, CUDA graphs: {runner.cuda_graphs is not None}")
+    print(f"async scheduling: {engine.config.uses_async_scheduling('cuda')}, CUDA graphs: {runner.cuda_graphs is not None}")
     for k in ("mixed", "decode"):
         n = max(1, steps[k])
         g = max(1, n_gpu[k])
