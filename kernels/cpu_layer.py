@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from engine.forward_context import get_forward_context
-from engine.layers.quant.ggml_cpu import BLOCK_BYTES, GEMM_MAX_ROWS
+from engine.layers.quant.ggml_cpu import BLOCK_BYTES, GEMM_MAX_ROWS, row_bytes
 from kernels.cpu_native import NativeLibrary
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +54,7 @@ def _weight(linear: Any, in_features: int) -> _Weight | None:
     if (getattr(linear, "tp_size", 1) != 1 or linear.bias is not None or getattr(linear, "lora", None) is not None
             or getattr(w, "ggml_type", None) not in BLOCK_BYTES or w.device.type != "cpu"
             or getattr(w, "num_cols", None) != in_features or w.data.dtype != torch.uint8
-            or not w.data.is_contiguous() or w.data.shape[1] != in_features // 32 * BLOCK_BYTES[w.ggml_type]):
+            or not w.data.is_contiguous() or w.data.shape[1] != row_bytes(w.ggml_type, in_features)):
         return None
     return _Weight(w.data.data_ptr(), w.ggml_type, w.data.shape[0], in_features)
 

@@ -20,7 +20,7 @@ from engine.model_config import default_model_path
 from tests.conftest import prompts_of_lengths
 from tests.engine.test_correctness import CHAT_PROMPTS  # the same 4 chat prompts (one Chinese)
 
-KEPT = [Q.Q4_0, Q.Q4_1, Q.Q8_0]
+KEPT = [Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 # byte offsets of the f16 scale fields of a K-quant block (random bytes elsewhere)
@@ -93,9 +93,11 @@ def write_tiny_gguf(path: str, *, hidden: int = 64, intermediate: int = 128, lay
 
 
 def random_blocks(qtype: Q, rows: int = 48, cols: int = 256, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(int(qtype))
+    """Blocks of `qtype` and gguf's dequantization of them: quantized by gguf, or (the K-quants, which gguf
+    cannot write) random bytes with sane f16 scales."""
+    rng = np.random.default_rng(int(qtype) + int(offset))
     x = (rng.standard_normal((rows, cols)) * rng.uniform(1e-3, 4, (rows, 1)) + offset).astype(np.float32)
-    raw = quantize(x, qtype)
+    raw = np.ascontiguousarray(_blocks(x, qtype, rng))
     return torch.from_numpy(raw.copy()), torch.from_numpy(gguf_dequantize(raw, qtype).astype(np.float32))
 
 
@@ -135,9 +137,26 @@ def test_shard_inside_a_block_names_the_tensor() -> None:
     assert e.value.tensor == "blk.0.ffn_down.weight"
 
 
+def test_k_quants_kept_in_blocks_match_dequantize_at_load(tmp_path) -> None:
+    """Every projection, the embedding and the (tied) LM head as K-quant super-blocks, kept as blocks:
+    greedy tokens equal to the float weights gguf's dequantization gives."""
+    path = write_tiny_gguf(str(tmp_path / "k.gguf"), hidden=256, intermediate=512,
+                           types={"attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q4_K, "attn_output": Q.Q6_K,
+                                  "ffn_gate": Q.Q5_K, "ffn_up": Q.Q5_K, "ffn_down": Q.Q6_K, "token_embd": Q.Q6_K})
+    kept, llm = _greedy(path, "auto")
+    reference, _ = _greedy(path, "none")
+    assert kept == reference
+    layer = _model(llm).model.layers["0"]
+    for linear, qtype in ((layer.self_attn.qkv_proj, Q.Q4_K), (layer.self_attn.o_proj, Q.Q6_K),
+                          (layer.mlp.gate_up_proj, Q.Q5_K), (layer.mlp.down_proj, Q.Q6_K)):
+        assert linear.weight.ggml_type == qtype and linear.weight.dtype == torch.uint8
+    assert _model(llm).model.embed_tokens.weight.ggml_type == Q.Q6_K
+
+
 @pytest.fixture(scope="module")
 def mixed_gguf(tmp_path_factory) -> str:
-    """Every kind of tensor: kept blocks, K-quants (dequantized at load), float, mixed types in qkv."""
+    """Every kind of tensor: kept blocks (32-weight and K-quant), float, mixed types in qkv and gate_up
+    (dequantized at load)."""
     return write_tiny_gguf(str(tmp_path_factory.mktemp("gguf") / "mixed.gguf"), hidden=256, intermediate=512,
                            types={"attn_v": Q.Q6_K, "attn_k": Q.Q4_K, "ffn_up": Q.Q5_K, "ffn_down": Q.Q4_0,
                                   "ffn_gate": Q.Q8_0, "attn_output": Q.F32})
@@ -157,6 +176,7 @@ def test_mixed_types_match_dequantize_at_load(mixed_gguf: str) -> None:
     layers = _model(llm).model.layers["0"]
     assert layers.mlp.down_proj.weight.ggml_type == Q.Q4_0 and layers.mlp.down_proj.weight.dtype == torch.uint8
     assert layers.self_attn.qkv_proj.weight.ggml_type is None  # Q4_1 + Q4_K + Q6_K: dequantized at load
+    assert layers.mlp.gate_up_proj.weight.ggml_type is None  # Q8_0 + Q5_K
     assert layers.self_attn.o_proj.weight.dtype == torch.float32 and layers.self_attn.o_proj.weight.ggml_type is None
     assert _model(llm).lm_head.weight is _model(llm).model.embed_tokens.weight  # tied, kept as Q8_0
     assert _model(llm).lm_head.weight.ggml_type == Q.Q8_0
@@ -206,7 +226,7 @@ def test_smollm2_kept_in_blocks_matches_float_and_fits_memory(smollm2_path: str)
 
 @pytest.mark.slow
 def test_tp2_matches_tp1(mixed_gguf: str, tmp_path) -> None:
-    """Column- and row-parallel shards of blocks (and of the K-quants dequantized at load) on 2 ranks."""
+    """Column- and row-parallel shards of blocks (and of the mixed types dequantized at load) on 2 ranks."""
     import json
 
     from tests.engine.test_distributed import finish, torchrun

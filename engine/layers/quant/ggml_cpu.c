@@ -1,17 +1,30 @@
-/* ggml Q4_0 / Q4_1 / Q8_0 blocks times float32 activations on an AVX2+FMA+F16C CPU, and
- * dequantization of block rows. Built at first use by engine/layers/quant/ggml_cpu.py (and #included
- * by kernels/cpu_layer.c). ggml_dequant gives exactly gguf.dequantize's values (d*(q-8), d*q+m, d*q: one
- * rounding at most, and fma rounds once); the matmul multiplies the unscaled quants in registers and
- * scales per block (nothing float-sized is written). */
+/* ggml Q4_0 / Q4_1 / Q8_0 blocks and Q4_K / Q5_K / Q6_K super-blocks times float32 activations on an
+ * AVX2+FMA+F16C CPU, and dequantization of block rows. Built at first use by
+ * engine/layers/quant/ggml_cpu.py (and #included by kernels/cpu_layer.c). ggml_dequant gives exactly
+ * gguf.dequantize's values (d*(q-8), d*q+m, d*q: one rounding at most, and fma rounds once; the K-quants'
+ * sub-block scale times a quant is exact, so d*q - m rounds once too); the 32-weight matmul multiplies the
+ * unscaled quants in registers and scales per block, the K-quant one dequantizes one 256-weight
+ * super-block at a time into the stack (nothing tensor-sized is written). */
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
+enum { Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
-static inline int block_bytes(int type) { return type == Q4_0 ? 18 : type == Q4_1 ? 20 : 34; }
+static inline int block_bytes(int type) {
+    switch (type) {
+        case Q4_0: return 18;
+        case Q4_1: return 20;
+        case Q4_K: return 144;
+        case Q5_K: return 176;
+        case Q6_K: return 210;
+        default: return 34;
+    }
+}
+static inline int is_k_quant(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+static inline int block_size(int type) { return is_k_quant(type) ? 256 : 32; }
 
 static inline float f16(const uint8_t *p) {
     uint16_t h;
@@ -132,8 +145,93 @@ static inline __attribute__((always_inline)) void gemm_rows_t(const int type, co
     }
 }
 
+/* Q4_K / Q5_K's 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes (gguf's get_scale_min). */
+static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *mn) {
+    if (j < 4) {
+        *sc = s[j] & 0x3F;
+        *mn = s[j + 4] & 0x3F;
+    } else {
+        *sc = (s[j + 4] & 0x0F) | ((s[j - 4] >> 2) & 0x30);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 2) & 0x30);
+    }
+}
+
+/* One 256-weight super-block into out[0..255], gguf.dequantize's arithmetic and order. */
+static void dequant_super(int type, const uint8_t *b, float *out) {
+    if (type == Q6_K) {  /* ql[128], qh[64], int8 scales[16], f16 d; 16 sub-blocks of 16 */
+        const float d = f16(b + 208);
+        for (int half = 0; half < 2; half++) {  /* 128 weights: ql[64] nibbles, qh[32] bit pairs, 8 scales */
+            const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
+            const int8_t *sc = (const int8_t *)(b + 192) + 8 * half;
+            float *y = out + 128 * half;
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q1 = (int8_t)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int q2 = (int8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = (int8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = (d * (float)sc[is]) * (float)q1;
+                y[l + 32] = (d * (float)sc[is + 2]) * (float)q2;
+                y[l + 64] = (d * (float)sc[is + 4]) * (float)q3;
+                y[l + 96] = (d * (float)sc[is + 6]) * (float)q4;
+            }
+        }
+        return;
+    }
+    /* Q4_K / Q5_K: f16 d, f16 dmin, scales[12], (Q5_K: qh[32]), qs[128]; 8 sub-blocks of 32 */
+    const float d = f16(b), dmin = f16(b + 2);
+    const uint8_t *scales = b + 4, *qh = type == Q5_K ? b + 16 : NULL, *qs = b + (type == Q5_K ? 48 : 16);
+    for (int s = 0; s < 8; s++) {
+        int sc, mn;
+        scale_min_k4(scales, s, &sc, &mn);
+        const float ds = d * (float)sc, dm = dmin * (float)mn;
+        const uint8_t *q = qs + 32 * (s / 2);
+        for (int i = 0; i < 32; i++) {
+            int v = (q[i] >> (4 * (s % 2))) & 0x0F;
+            if (qh) v |= ((qh[i] >> s) & 1) << 4;
+            out[32 * s + i] = ds * (float)v - dm;  /* ds * v is exact: one rounding, as in gguf */
+        }
+    }
+}
+
+/* Rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T for a K-quant W: each super-block dequantized once per
+ * tile of MT activation rows into the stack, then 256-long dot products. */
+static inline __attribute__((always_inline)) void gemm_tile_k(const int type, const int MT, const uint8_t *row,
+                                                              int64_t nsb, int64_t K, const float *x, float *y,
+                                                              int64_t y_stride) {
+    const int bb = block_bytes(type);
+    float w[256] __attribute__((aligned(32)));
+    __m256 acc[8];
+    for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nsb; b++) {
+        dequant_super(type, row + b * bb, w);
+        for (int i = 0; i < MT; i++) {
+            const float *xp = x + i * K + b * 256;
+            __m256 s = acc[i];
+            for (int j = 0; j < 256; j += 8) s = _mm256_fmadd_ps(_mm256_load_ps(w + j), _mm256_loadu_ps(xp + j), s);
+            acc[i] = s;
+        }
+    }
+    for (int i = 0; i < MT; i++) y[i * y_stride] = hsum8(acc[i]);
+}
+
+static void gemm_rows_k(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+                        int64_t n0, int64_t n1) {
+    const int64_t nsb = K / 256, row_bytes = nsb * block_bytes(type);
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = w + n * row_bytes;
+        int64_t m0 = 0;
+        for (; m0 + 8 <= M; m0 += 8) gemm_tile_k(type, 8, row, nsb, K, x + m0 * K, y + m0 * N + n, N);
+        for (; m0 < M; m0++) gemm_tile_k(type, 1, row, nsb, K, x + m0 * K, y + m0 * N + n, N);
+    }
+}
+
 static void gemm_rows(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, const float *xs, int64_t M,
                       float *y, int64_t n0, int64_t n1) {
+    if (is_k_quant(type)) {
+        gemm_rows_k(type, w, N, K, x, M, y, n0, n1);
+        return;
+    }
     switch (type) {  /* one specialized copy per block type */
         case Q4_0: gemm_rows_t(Q4_0, w, N, K, x, xs, M, y, n0, n1); break;
         case Q4_1: gemm_rows_t(Q4_1, w, N, K, x, xs, M, y, n0, n1); break;
@@ -148,7 +246,7 @@ static void gemm_rows(int type, const uint8_t *w, int64_t N, int64_t K, const fl
  * activations' blocks itself (M * K adds against N * M * K multiply-adds). */
 static void gemm_omp_for(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y) {
     const int64_t nb = K / 32;
-    float *xs = type == Q8_0 ? NULL : malloc(sizeof(float) * M * nb);
+    float *xs = type == Q8_0 || is_k_quant(type) ? NULL : malloc(sizeof(float) * M * nb);
     if (xs)
         for (int64_t i = 0; i < M * nb; i++) xs[i] = block_sum(x + i * 32);
 #pragma omp for schedule(dynamic, 1)
@@ -169,10 +267,14 @@ void ggml_gemm(int type, const uint8_t *w, int64_t N, int64_t K, const float *x,
 /* out[len(rows), K] float32 = the rows `rows` of W (rows == NULL: rows 0..num_rows-1). */
 void ggml_dequant(int type, const uint8_t *w, int64_t K, const int64_t *rows, int64_t num_rows, float *out,
                   int num_threads) {
-    const int64_t nb = K / 32, row_bytes = nb * block_bytes(type);
+    const int64_t nb = K / block_size(type), row_bytes = nb * block_bytes(type);
 #pragma omp parallel for schedule(dynamic, 16) num_threads(num_threads)
     for (int64_t r = 0; r < num_rows; r++) {
         const uint8_t *row = w + (rows ? rows[r] : r) * row_bytes;
+        if (is_k_quant(type)) {
+            for (int64_t b = 0; b < nb; b++) dequant_super(type, row + b * block_bytes(type), out + r * K + b * 256);
+            continue;
+        }
         for (int64_t b = 0; b < nb; b++) {
             __m256 wv[4];
             dequant_block(type, row + b * block_bytes(type), wv);

@@ -1,5 +1,5 @@
-"""GGUF weights kept in their ggml blocks: Q4_0, Q4_1 and Q8_0 are matmul'd from the blocks
-(engine.layers.quant.ggml_cpu); the K-quants and other types are dequantized at load, with a log
+"""GGUF weights kept in their ggml blocks: Q4_0, Q4_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K are
+matmul'd from the blocks (engine.layers.quant.ggml_cpu); other types are dequantized at load, with a log
 line naming them. Shards are cut on block boundaries: a split inside a block is a QuantizationError.
 """
 from __future__ import annotations
