@@ -41,8 +41,15 @@ def _state(request: Request) -> ServerState:
 
 # ---- shared plumbing ----
 
+# JSON may carry U+0085, U+2028 and U+2029 raw, but line readers that follow str.splitlines (httpx's
+# iter_lines) end an SSE line there: a token that decodes to one cut its chunk in two. Escaped, they are
+# the same JSON string.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    body = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(',', ':'))
+    return f"data: {body.translate(_LINE_BREAKS)}\n\n"
 
 
 def _engine_error(e: Exception, prompt_param: str) -> APIError:
@@ -101,8 +108,9 @@ _encode_json = msgspec.json.Encoder().encode
 
 
 def _json(value: Any) -> str:
-    """JSON text of a chunk's field (UTF-8 kept as is, like json.dumps(ensure_ascii=False), ~10x faster)."""
-    return _encode_json(value).decode()
+    """JSON text of a chunk's field (UTF-8 kept as is, like json.dumps(ensure_ascii=False), ~10x faster;
+    line separators escaped, as _sse does)."""
+    return _encode_json(value).decode().translate(_LINE_BREAKS)
 
 
 def _sse_head(obj: str, cid: str, created: int, model: str) -> str:
