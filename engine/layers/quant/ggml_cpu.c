@@ -157,45 +157,63 @@ static inline void scale_min_k4(const uint8_t *s, int j, int *sc, int *mn) {
 }
 
 /* One 256-weight super-block into out[0..255], gguf.dequantize's arithmetic and order. */
-static void dequant_super(int type, const uint8_t *b, float *out) {
+static inline __attribute__((always_inline)) void dequant_super(const int type, const uint8_t *b, float *out) {
     if (type == Q6_K) {  /* ql[128], qh[64], int8 scales[16], f16 d; 16 sub-blocks of 16 */
         const float d = f16(b + 208);
+        const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03);
+        const __m256i k32 = _mm256_set1_epi32(32);
         for (int half = 0; half < 2; half++) {  /* 128 weights: ql[64] nibbles, qh[32] bit pairs, 8 scales */
             const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
             const int8_t *sc = (const int8_t *)(b + 192) + 8 * half;
             float *y = out + 128 * half;
-            for (int l = 0; l < 32; l++) {
-                const int is = l / 16;
-                const int q1 = (int8_t)((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
-                const int q2 = (int8_t)((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
-                const int q3 = (int8_t)((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-                const int q4 = (int8_t)((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-                y[l] = (d * (float)sc[is]) * (float)q1;
-                y[l + 32] = (d * (float)sc[is + 2]) * (float)q2;
-                y[l + 64] = (d * (float)sc[is + 4]) * (float)q3;
-                y[l + 96] = (d * (float)sc[is + 6]) * (float)q4;
+            for (int l = 0; l < 32; l += 16) {  /* weights l.. of each quarter; sub-block scale sc[l / 16 + 2q] */
+                const __m128i a = _mm_loadu_si128((const __m128i *)(ql + l));
+                const __m128i c = _mm_loadu_si128((const __m128i *)(ql + l + 32));
+                const __m128i h = _mm_loadu_si128((const __m128i *)(qh + l));
+                __m128i q[4];
+                q[0] = _mm_or_si128(_mm_and_si128(a, m4), _mm_slli_epi16(_mm_and_si128(h, m2), 4));
+                q[1] = _mm_or_si128(_mm_and_si128(c, m4), _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 2), m2), 4));
+                q[2] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(a, 4), m4),
+                                    _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 4), m2), 4));
+                q[3] = _mm_or_si128(_mm_and_si128(_mm_srli_epi16(c, 4), m4),
+                                    _mm_slli_epi16(_mm_and_si128(_mm_srli_epi16(h, 6), m2), 4));
+                for (int k = 0; k < 4; k++) {  /* quarter k: weights 32k + l.. , (d * sc) * (q - 32) */
+                    const __m256 ds = _mm256_set1_ps(d * (float)sc[l / 16 + 2 * k]);
+                    const __m256 lo = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(q[k]), k32));
+                    const __m256 hi = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(q[k], 8)), k32));
+                    _mm256_storeu_ps(y + 32 * k + l, _mm256_mul_ps(ds, lo));
+                    _mm256_storeu_ps(y + 32 * k + l + 8, _mm256_mul_ps(ds, hi));
+                }
             }
         }
         return;
     }
     /* Q4_K / Q5_K: f16 d, f16 dmin, scales[12], (Q5_K: qh[32]), qs[128]; 8 sub-blocks of 32 */
     const float d = f16(b), dmin = f16(b + 2);
-    const uint8_t *scales = b + 4, *qh = type == Q5_K ? b + 16 : NULL, *qs = b + (type == Q5_K ? 48 : 16);
+    const uint8_t *scales = b + 4, *qh = b + 16, *qs = b + (type == Q5_K ? 48 : 16);
     for (int s = 0; s < 8; s++) {
         int sc, mn;
         scale_min_k4(scales, s, &sc, &mn);
-        const float ds = d * (float)sc, dm = dmin * (float)mn;
-        const uint8_t *q = qs + 32 * (s / 2);
-        for (int i = 0; i < 32; i++) {
-            int v = (q[i] >> (4 * (s % 2))) & 0x0F;
-            if (qh) v |= ((qh[i] >> s) & 1) << 4;
-            out[32 * s + i] = ds * (float)v - dm;  /* ds * v is exact: one rounding, as in gguf */
+        /* ds * v is exact, so fma(ds, v, -dm) rounds once, as gguf's d * q - dm does */
+        const __m256 ds = _mm256_set1_ps(d * (float)sc), ndm = _mm256_set1_ps(-(dmin * (float)mn));
+        const __m128i shift = _mm_cvtsi32_si128(4 * (s % 2)), mask = _mm_set1_epi8(0x0F);
+        for (int i = 0; i < 32; i += 16) {
+            __m128i v = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qs + 32 * (s / 2) + i)), shift), mask);
+            if (type == Q5_K) {  /* bit s of qh[i] is the fifth bit of sub-block s's weight i */
+                __m128i h = _mm_and_si128(_mm_srl_epi16(_mm_loadu_si128((const __m128i *)(qh + i)), _mm_cvtsi32_si128(s)),
+                                          _mm_set1_epi8(1));
+                v = _mm_or_si128(v, _mm_slli_epi16(h, 4));
+            }
+            const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+            const __m256 hi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8)));
+            _mm256_storeu_ps(out + 32 * s + i, _mm256_fmadd_ps(ds, lo, ndm));
+            _mm256_storeu_ps(out + 32 * s + i + 8, _mm256_fmadd_ps(ds, hi, ndm));
         }
     }
 }
 
 /* Rows [n0, n1) of y[M, N] = x[M, K] @ W[N, K]^T for a K-quant W: each super-block dequantized once per
- * tile of MT activation rows into the stack, then 256-long dot products. */
+ * tile of MT activation rows into the stack, then each 8 weights loaded once for the MT rows. */
 static inline __attribute__((always_inline)) void gemm_tile_k(const int type, const int MT, const uint8_t *row,
                                                               int64_t nsb, int64_t K, const float *x, float *y,
                                                               int64_t y_stride) {
@@ -205,24 +223,44 @@ static inline __attribute__((always_inline)) void gemm_tile_k(const int type, co
     for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nsb; b++) {
         dequant_super(type, row + b * bb, w);
-        for (int i = 0; i < MT; i++) {
-            const float *xp = x + i * K + b * 256;
-            __m256 s = acc[i];
-            for (int j = 0; j < 256; j += 8) s = _mm256_fmadd_ps(_mm256_load_ps(w + j), _mm256_loadu_ps(xp + j), s);
-            acc[i] = s;
+        const float *xb = x + b * 256;
+        for (int j = 0; j < 256; j += 8) {
+            const __m256 wv = _mm256_load_ps(w + j);
+            for (int i = 0; i < MT; i++) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xb + i * K + j), acc[i]);
         }
     }
     for (int i = 0; i < MT; i++) y[i * y_stride] = hsum8(acc[i]);
 }
 
-static void gemm_rows_k(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
-                        int64_t n0, int64_t n1) {
+static inline __attribute__((always_inline)) void gemm_rows_k_t(const int type, const uint8_t *w, int64_t N,
+                                                                int64_t K, const float *x, int64_t M, float *y,
+                                                                int64_t n0, int64_t n1) {
     const int64_t nsb = K / 256, row_bytes = nsb * block_bytes(type);
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = w + n * row_bytes;
         int64_t m0 = 0;
         for (; m0 + 8 <= M; m0 += 8) gemm_tile_k(type, 8, row, nsb, K, x + m0 * K, y + m0 * N + n, N);
-        for (; m0 < M; m0++) gemm_tile_k(type, 1, row, nsb, K, x + m0 * K, y + m0 * N + n, N);
+        const float *xt = x + m0 * K;
+        float *yt = y + m0 * N + n;
+        switch (M - m0) {  /* constant tile sizes: the accumulators stay in registers, one dequantization */
+            case 1: gemm_tile_k(type, 1, row, nsb, K, xt, yt, N); break;
+            case 2: gemm_tile_k(type, 2, row, nsb, K, xt, yt, N); break;
+            case 3: gemm_tile_k(type, 3, row, nsb, K, xt, yt, N); break;
+            case 4: gemm_tile_k(type, 4, row, nsb, K, xt, yt, N); break;
+            case 5: gemm_tile_k(type, 5, row, nsb, K, xt, yt, N); break;
+            case 6: gemm_tile_k(type, 6, row, nsb, K, xt, yt, N); break;
+            case 7: gemm_tile_k(type, 7, row, nsb, K, xt, yt, N); break;
+            default: break;
+        }
+    }
+}
+
+static void gemm_rows_k(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+                        int64_t n0, int64_t n1) {
+    switch (type) {  /* one specialized copy per K-quant type */
+        case Q4_K: gemm_rows_k_t(Q4_K, w, N, K, x, M, y, n0, n1); break;
+        case Q5_K: gemm_rows_k_t(Q5_K, w, N, K, x, M, y, n0, n1); break;
+        default: gemm_rows_k_t(Q6_K, w, N, K, x, M, y, n0, n1); break;
     }
 }
 
