@@ -15,6 +15,7 @@ import os
 import pickle
 import threading
 import time
+import weakref
 from collections import deque
 from datetime import timedelta
 
@@ -45,7 +46,9 @@ class Heartbeat:
         self.store = dist.distributed_c10d._get_default_store()
         self._stopped = threading.Event()
         self.store.add(self._key(self.rank), 1)  # at once: workers judge rank 0 only after its first beat
-        threading.Thread(target=self._beat, name="gantry-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._beat, name="gantry-heartbeat", daemon=True)
+        self._thread.start()
+        _LIVE.add(self)
 
     @staticmethod
     def _key(rank: int) -> str:
@@ -79,7 +82,23 @@ class Heartbeat:
         return [r for r in range(self.world_size) if r != self.rank and before[r] == after[r]]
 
     def stop(self) -> None:
+        """Stop beating and wait (briefly) for the thread: one left inside a store call when the process exits
+        (or the store it talks to goes) aborts the process from C++ ("terminate called without an active
+        exception")."""
         self._stopped.set()
+        _LIVE.discard(self)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+
+
+_LIVE: weakref.WeakSet[Heartbeat] = weakref.WeakSet()  # this process's running heartbeats
+
+
+def stop_heartbeats() -> None:
+    """Every heartbeat of this process stopped: before its process group and store go (a failed group's
+    executor never reaches its own shutdown)."""
+    for heartbeat in list(_LIVE):
+        heartbeat.stop()
 
 
 class ControlChannel:

@@ -259,10 +259,12 @@ class WorkerGroup:
 
     def _teardown_rank0(self) -> None:
         """This process leaves the group (if the executor did not) and forgets its rank."""
+        from engine.distributed import stop_heartbeats
         from engine.parallel import ParallelState, destroy_distributed, set_parallel_state
 
         if not self._saved_env:  # never became rank 0: any process group here is not ours
             return
+        stop_heartbeats()
         destroy_distributed()
         set_parallel_state(ParallelState())
         for key, value in self._saved_env.items():
