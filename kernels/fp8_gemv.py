@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_gemv import _sum_splits_kernel, num_sms
+from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
 
 MIN_PROGRAM_BYTES = 16384  # weight bytes a split-K program streams at least (fewer: latency, not bandwidth)
 # (N, K) -> (BLOCK_N, BLOCK_K, num_warps, num_splits) measured best at M = 1 on the H200, 2026-12-01
@@ -68,21 +68,14 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1, "rows must be contiguous"
     block_n, block_k, num_warps, num_splits = config or gemv_config(n, k, m, num_sms(x.device))
-    num_tiles = triton.cdiv(k, block_k)
-    tiles_per_split = triton.cdiv(num_tiles, min(num_splits, num_tiles))
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
+    tiles_per_split, num_splits = split_k(triton.cdiv(k, block_k), num_splits)
     scale = weight_scale.float().reshape(-1).expand(n).contiguous()  # [N]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    part = out if num_splits == 1 else torch.empty((num_splits, m, n), dtype=torch.float32, device=x.device)
+    out, part = split_output(m, n, num_splits, x.dtype, x.device)
     has_bias = bias is not None and num_splits == 1
     _fp8_gemv_kernel[(m, triton.cdiv(n, block_n), num_splits)](
         x, weight, scale, bias if has_bias else scale, part, n, k, x.stride(0), weight.stride(0),
         part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
         HAS_BIAS=has_bias, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps)
     if num_splits > 1:
-        splits = triton.next_power_of_2(num_splits)
-        block = max(32, min(1024, 4096 // splits))
-        _sum_splits_kernel[(m, triton.cdiv(n, block))](
-            part, bias if bias is not None else out, out, n, num_splits, part.stride(0), part.stride(1),
-            out.stride(0), HAS_BIAS=bias is not None, SPLITS=splits, BLOCK=block, num_warps=4)
+        sum_splits(part, out, bias)
     return out

@@ -151,6 +151,30 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, N, num_splits, stride_ps, st
     tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def split_k(num_tiles: int, num_splits: int) -> tuple[int, int]:
+    """(tiles_per_split, num_splits) for num_tiles K tiles asked into num_splits: no split left empty."""
+    tiles_per_split = triton.cdiv(num_tiles, min(num_splits, num_tiles))
+    return tiles_per_split, triton.cdiv(num_tiles, tiles_per_split)
+
+
+def split_output(m: int, n: int, num_splits: int, dtype: torch.dtype, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [m, n], part): one split writes out itself; more write float32 partials [num_splits, m, n]."""
+    out = torch.empty((m, n), dtype=dtype, device=device)
+    part = out if num_splits == 1 else torch.empty((num_splits, m, n), dtype=torch.float32, device=device)
+    return out, part
+
+
+def sum_splits(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """out [M, N] = part [num_splits, M, N] (float32) summed over its splits, + bias [N]."""
+    num_splits, m, n = part.shape
+    splits = triton.next_power_of_2(num_splits)
+    block = max(32, min(1024, 4096 // splits))  # at most 4096 partials a program
+    _sum_splits_kernel[(m, triton.cdiv(n, block))](
+        part, bias if bias is not None else out, out, n, num_splits, part.stride(0), part.stride(1),
+        out.stride(0), HAS_BIAS=bias is not None, SPLITS=splits, BLOCK=block, num_warps=4)
+
+
 @cache
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -200,11 +224,8 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, blo
     block_kp = block_kp or 16
     num_warps = num_warps or 4
     num_splits = num_splits or auto_splits(w.n, w.k, w.bits, m, block_n, block_kp, sms)
-    num_tiles = triton.cdiv(w.k // (32 // w.bits), block_kp)
-    tiles_per_split = triton.cdiv(num_tiles, min(num_splits, num_tiles))
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
-    out = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
-    part = out if num_splits == 1 else torch.empty((num_splits, m, w.n), dtype=torch.float32, device=x.device)
+    tiles_per_split, num_splits = split_k(triton.cdiv(w.k // (32 // w.bits), block_kp), num_splits)
+    out, part = split_output(m, w.n, num_splits, x.dtype, x.device)
     has_bias = bias is not None and num_splits == 1
     extra = {} if num_stages is None else {"num_stages": num_stages}
     _gemv_kernel[(m, triton.cdiv(w.n, block_n), num_splits)](
@@ -214,9 +235,5 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, blo
         EVEN_K=w.k % (block_kp * 32 // w.bits) == 0,
         BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=num_warps, **extra, **flags(w))
     if num_splits > 1:
-        splits = triton.next_power_of_2(num_splits)
-        block = max(32, min(1024, 4096 // splits))  # at most 4096 partials a program
-        _sum_splits_kernel[(m, triton.cdiv(w.n, block))](
-            part, bias if bias is not None else out, out, w.n, num_splits, part.stride(0), part.stride(1),
-            out.stride(0), HAS_BIAS=bias is not None, SPLITS=splits, BLOCK=block, num_warps=4)
+        sum_splits(part, out, bias)
     return out

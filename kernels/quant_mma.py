@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_gemv import _sum_splits_kernel, num_sms
+from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
 
 if TYPE_CHECKING:
     from kernels.quant_gemm import PackedWeight
@@ -149,11 +149,8 @@ def mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, bloc
     block_n, block_kp, num_warps = block_n or cfg[0], block_kp or cfg[1], num_warps or cfg[2]
     num_splits = num_splits or cfg[3]
     assert w.group_size % (block_kp * 8) == 0, "a K tile must lie inside one group"
-    num_tiles = w.k // (block_kp * 8)
-    tiles_per_split = triton.cdiv(num_tiles, min(num_splits, num_tiles))
-    num_splits = triton.cdiv(num_tiles, tiles_per_split)  # no empty split
-    out = torch.empty((m, w.n), dtype=x.dtype, device=x.device)
-    part = out if num_splits == 1 else torch.empty((num_splits, m, w.n), dtype=torch.float32, device=x.device)
+    tiles_per_split, num_splits = split_k(w.k // (block_kp * 8), num_splits)
+    out, part = split_output(m, w.n, num_splits, x.dtype, x.device)
     if use_asm is None:
         use_asm = x.device.type == "cuda"
     qa, qb, sg, sn, zg, zn = w.strides
@@ -163,11 +160,6 @@ def mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, bloc
         HAS_ZEROS=w.zeros is not None, USE_ASM=use_asm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=block_kp,
         GROUP=w.group_size, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps)
-    if num_splits > 1 or bias is not None:
-        splits = triton.next_power_of_2(num_splits)
-        block = max(32, min(1024, 4096 // splits))
-        src = part if num_splits > 1 else out.float().unsqueeze(0)
-        _sum_splits_kernel[(m, triton.cdiv(w.n, block))](
-            src, bias if bias is not None else out, out, w.n, num_splits, src.stride(0), src.stride(1),
-            out.stride(0), HAS_BIAS=bias is not None, SPLITS=splits, BLOCK=block, num_warps=4)
+    if num_splits > 1 or bias is not None:  # the kernel adds no bias: one split's out goes through the sum too
+        sum_splits(part if num_splits > 1 else out.float().unsqueeze(0), out, bias)
     return out

@@ -20,11 +20,6 @@ GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 2, 3, 8, 12, 
 K_QUANTS = (GGML_Q4_K, GGML_Q5_K, GGML_Q6_K)
 # the types kept in blocks: bytes a block (32 weights; the K-quants' super-blocks 256)
 BLOCK_BYTES = {GGML_Q4_0: 18, GGML_Q4_1: 20, GGML_Q8_0: 34, GGML_Q4_K: 144, GGML_Q5_K: 176, GGML_Q6_K: 210}
-
-
-def row_bytes(ggml_type: int, k: int) -> int:
-    """Bytes of one row of k weights."""
-    return k // (256 if ggml_type in K_QUANTS else 32) * BLOCK_BYTES[ggml_type]
 # Above this many activation rows, dequantizing the tensor once and calling BLAS beats the
 # in-register kernel, which dequantizes every block once per 8 rows.
 GEMM_MAX_ROWS = 128
@@ -42,6 +37,11 @@ def _bind(lib: ctypes.CDLL) -> None:
 
 NATIVE = NativeLibrary(_SOURCE, _bind)  # None without AVX2 or a compiler: the torch fallback runs
 cpu_kernel = NATIVE.get  # the built kernel library, or None where it cannot run here
+
+
+def row_bytes(ggml_type: int, k: int) -> int:
+    """Bytes of one row of k weights of a kept type."""
+    return k // (256 if ggml_type in K_QUANTS else 32) * BLOCK_BYTES[ggml_type]
 
 
 def _scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
