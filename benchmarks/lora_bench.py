@@ -2,17 +2,14 @@
 projection. Prints one JSON line per figure: each request a random adapter vs the same run without
 LoRA (goal >= 0.85; with --ab-path per GANTRY_LORA_PATH: augmented, sgmv), base-only requests on a
 LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the
-base GEMM (augmented K: torch.mm + lora_augment against lora_shrink_augment's one kernel at decode). --sweep-fused
-times lora_shrink_augment's configs per projection and prints the best as SHRINK_AUGMENT_TABLE entries.
+base GEMM.
     python -m benchmarks.lora_bench [--ab-path] [--kernels-only | --skip-kernels] [--num-requests 256]
         [--input-len 512] [--output-len 512] [--repeats 3]
-    python -m benchmarks.lora_bench --sweep-fused [--sweep-m 256] [--sweep-layers qkv_proj,down_proj]
 """
 from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import json
 import os
 import random
@@ -124,15 +121,12 @@ def _sgmv_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: tor
 
 def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor) -> dict:
     """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), t = x @ A_all^T,
-    the masked [x, t], both in one graph (mm_augment), the one GEMM over W_aug, and the whole layer; at decode
-    also lora_shrink_augment (fused: t and the masked [x, t] in one kernel, its config) and the layer with
-    torch.mm + lora_augment instead (total_mm)."""
+    the masked [x, t], the one GEMM over W_aug, and the whole layer."""
     from torch import nn
 
-    from engine.lora.augmented import LORA_FUSED_MAX_M, AugmentedLoRALinear
+    from engine.lora.augmented import AugmentedLoRALinear
     from engine.lora.layers import LoRASlice
-    from kernels.lora import lora_augment, lora_shrink_augment, shrink_augment_config
-    from kernels.quant_gemv import num_sms
+    from kernels.lora import lora_augment
 
     layer = nn.Module()
     layer.weight = nn.Parameter(w.clone(), requires_grad=False)
@@ -145,105 +139,26 @@ def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w
     figures = {"base_gemm_view_ms": graph_ms(lambda: torch.nn.functional.linear(x, layer.weight)),
                "shrink_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),
                "mask_ms": graph_ms(lambda: lora_augment(x, t, batch.token_slots, aug.cols_per_slot, x_aug)),
-               "mm_augment_ms": graph_ms(lambda: lora_augment(x, torch.mm(x, aug.a_all.t()), batch.token_slots,
-                                                            aug.cols_per_slot, x_aug)),
                "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
+               "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
                "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}
-    if x.shape[0] <= LORA_FUSED_MAX_M:  # the layer's decode path: t and the masked [x, t] in one kernel
-        figures["fused_ms"] = graph_ms(lambda: lora_shrink_augment(x, aug.a_all, batch.token_slots,
-                                                                   aug.cols_per_slot, x_aug))
-        figures["fused_config"] = shrink_augment_config(x.shape[0], in_features, aug.a_all.shape[0],
-                                                        x.element_size(), num_sms(x.device))
-        aug.fused_shrink = False
-        figures["total_mm_ms"] = graph_ms(lambda: aug.linear(batch, x, None))
-        aug.fused_shrink = True
-    figures["total_ms"] = graph_ms(lambda: aug.linear(batch, x, None))
     return figures
-
-
-def _w1_layers(shape: dict) -> dict[str, tuple[list[tuple[str, int, int]], int]]:
-    """Layer type -> (its LoRA slices (module, offset, size), in_features) for `shape`."""
-    from engine.lora.adapter import ModelDims
-
-    d = ModelDims.from_hf(type("HF", (), dict(shape, head_dim=None)))
-    q, kv, h, i = d.q_size, d.kv_size, d.hidden, d.intermediate
-    return {"qkv_proj": ([("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h),
-            "o_proj": ([("o_proj", 0, h)], q), "gate_up_proj": ([("gate_proj", 0, i), ("up_proj", i, i)], h),
-            "down_proj": ([("down_proj", 0, h)], i)}
-
-
-# lora_shrink_augment's configs --sweep-fused times: (BLOCK_M, BLOCK_T, BLOCK_K, num_warps, num_stages) compile
-# once each (two variants: one split and several; 8 warps for 64 x 128 accumulators and more), every num_splits
-# runs on them
-SWEEP_TILES = [(bm, bt, bk, 8 if bm * bt >= 8192 else 4, stages) for bm, bt, bk, stages
-               in itertools.product((16, 32, 64, 128), (32, 64, 128), (64, 128, 256), (3, 4))]
-SWEEP_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24)
-
-
-def sweep_fused(shape: dict, m_values: list[int], layer_names: list[str]) -> None:
-    """Per layer and M: every SWEEP_TILES x SWEEP_SPLITS config of lora_shrink_augment checked against torch
-    (a mismatch, e.g. a miscompile, prints and is never picked) and timed in a CUDA graph; prints the 5 best,
-    the rule's config and torch.mm + lora_augment, and the best as a SHRINK_AUGMENT_TABLE entry."""
-    from kernels.lora import lora_augment, lora_shrink_augment, shrink_augment_config, shrink_augment_key
-    from kernels.quant_gemv import num_sms, split_k
-
-    dev = torch.device("cuda")
-    for (name, (slices, k)), m in itertools.product(_w1_layers(shape).items(), m_values):
-        if name not in layer_names:
-            continue
-        cols_per_slot = len(slices) * RANK
-        num_t = NUM_ADAPTERS * cols_per_slot
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        a_all = (torch.randn(num_t, k, device=dev) * 0.01).to(torch.bfloat16)
-        slots = torch.randint(-1, NUM_ADAPTERS, (m,), dtype=torch.int32, device=dev)
-        keep = (torch.arange(num_t, device=dev) // cols_per_slot)[None, :] == slots[:, None]
-        want = (x.float() @ a_all.float().T) * keep  # [m, T]: out's tail; its head is x itself
-        out = torch.empty(m, k + num_t, device=dev, dtype=torch.bfloat16)
-        times, seen = [], set()
-        for (bm, bt, bk, warps, stages), splits in itertools.product(SWEEP_TILES, SWEEP_SPLITS):
-            splits = split_k(-(-k // bk), splits)[1]  # as the kernel trims it
-            config = (bm, bt, bk, splits, warps, stages)
-            if config in seen or (bm + bt) * bk * 2 * stages > 200 * 1024:  # shared memory: would not launch
-                continue
-            seen.add(config)
-            try:
-                out.fill_(float("nan"))
-                lora_shrink_augment(x, a_all, slots, cols_per_slot, out, config)
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 (a config the compiler or the GPU refuses: not a candidate)
-                print(json.dumps({"figure": "lora_fused_sweep_refused", "layer": name, "m": m, "config": config,
-                                  "error": repr(e)[:200]}), flush=True)
-                continue
-            err = ((out[:, k:].float() - want).norm() / want.norm()).item()
-            if not (err < 2e-2 and torch.equal(out[:, :k], x)):
-                print(json.dumps({"figure": "lora_fused_sweep_mismatch", "layer": name, "m": m, "config": config,
-                                  "rel_error": err}), flush=True)
-                continue
-            times.append((graph_ms(lambda c=config: lora_shrink_augment(x, a_all, slots, cols_per_slot, out, c)),
-                          config))
-        if not times:
-            continue
-        times.sort()
-        rule = shrink_augment_config(m, k, num_t, x.element_size(), num_sms(dev))
-        rule_ms = graph_ms(lambda: lora_shrink_augment(x, a_all, slots, cols_per_slot, out, rule))
-        mm_ms = graph_ms(lambda: lora_augment(x, torch.mm(x, a_all.t()), slots, cols_per_slot, out))
-        best_ms, best = times[0]
-        print(json.dumps({"figure": "lora_fused_sweep_best", "layer": name, "m": m, "k": k, "t": num_t,
-                          "configs_timed": len(times), "best_us": round(best_ms * 1e3, 2), "best": best,
-                          "top5": [[round(t * 1e3, 2), c] for t, c in times[:5]],
-                          "rule_us": round(rule_ms * 1e3, 2), "rule": rule, "mm_augment_us": round(mm_ms * 1e3, 2),
-                          "table_entry": f"{shrink_augment_key(m, k, num_t)}: {best},"}), flush=True)
-        torch.cuda.empty_cache()
 
 
 def kernel_figures(shape: dict, ab: bool) -> None:
     """Per layer type, the SGMV path's shrink and (all slices') expand beside the base GEMM, and with `ab` the
     augmented-K path's parts and both paths' whole layer, for a decode step of 256 tokens and a prefill of 8192
     (16 segments), 8 adapters, each timed inside a CUDA graph."""
+    from engine.lora.adapter import ModelDims
     from engine.lora.manager import DECODE_TILE, PREFILL_TILE, tile_segments
     from engine.lora.punica import LoRABatch
 
-    dev, layers = torch.device("cuda"), _w1_layers(shape)
+    hf = type("HF", (), dict(shape, head_dim=None))
+    d, dev = ModelDims.from_hf(hf), torch.device("cuda")
+    q, kv, h, i = d.q_size, d.kv_size, d.hidden, d.intermediate
+    layers = {"qkv_proj": ([("q_proj", 0, q), ("k_proj", q, kv), ("v_proj", q + kv, kv)], h),
+              "o_proj": ([("o_proj", 0, h)], q), "gate_up_proj": ([("gate_proj", 0, i), ("up_proj", i, i)], h),
+              "down_proj": ([("down_proj", 0, h)], i)}
     for kind, num_tokens, num_segs in (("decode", 256, 256), ("prefill", 8192, 16)):
         slots = torch.randint(0, NUM_ADAPTERS, (num_segs,)).repeat_interleave(num_tokens // num_segs)
         perm = torch.argsort(slots, stable=True).to(torch.int32).to(dev)
@@ -266,8 +181,7 @@ def kernel_figures(shape: dict, ab: bool) -> None:
                 aug = _augmented_figures(batch, slices, in_features, x, w)
                 line["sgmv_total_ms"] = round(sgmv["total_ms"], 4)
                 line["sgmv_lora_cost_ms"] = round(sgmv["total_ms"] - gemm, 4)
-                line.update({f"augmented_{k}": v if k in ("tail_bytes", "fused_config") else round(v, 4)
-                             for k, v in aug.items()})
+                line.update({f"augmented_{k}": v if k == "tail_bytes" else round(v, 4) for k, v in aug.items()})
                 line["augmented_lora_cost_ms"] = round(aug["total_ms"] - gemm, 4)
             print(json.dumps(line), flush=True)
             torch.cuda.empty_cache()
@@ -284,11 +198,6 @@ def main() -> None:
     ap.add_argument("--kernels-only", action="store_true",
                     help="only the per-projection kernel figures (both paths' parts; no engine runs)")
     ap.add_argument("--skip-kernels", action="store_true", help="no per-projection kernel figures")
-    ap.add_argument("--sweep-fused", action="store_true",
-                    help="only: time lora_shrink_augment's configs per projection, print SHRINK_AUGMENT_TABLE entries")
-    ap.add_argument("--sweep-m", default="256", help="--sweep-fused: comma-separated token counts")
-    ap.add_argument("--sweep-layers", default="qkv_proj,o_proj,gate_up_proj,down_proj",
-                    help="--sweep-fused: comma-separated layer types")
     ap.add_argument("--repeats", type=int, default=1,
                     help="no-LoRA and LoRA runs alternated this many times (fresh engines), then each path's median "
                     "ratio and spread: the no-LoRA baseline alone moved 3%% between runs of the same code")
@@ -304,9 +213,6 @@ def main() -> None:
     shape = make_workload("w1", args.seed).shape
     if args.kernels_only:
         kernel_figures(shape, True)
-        return
-    if args.sweep_fused:
-        sweep_fused(shape, [int(m) for m in args.sweep_m.split(",")], args.sweep_layers.split(","))
         return
     model = write_config(shape, args.input_len + args.output_len)
     rng = random.Random(args.seed)

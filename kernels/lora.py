@@ -1,23 +1,12 @@
 """Triton LoRA kernels after punica: shrink (x @ A^T, to the rank) and expand (y += t @ B^T) with
 every token's adapter picked from stacked slots. SGMV-style for prefill (a tile of one segment's
 tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe);
-lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)
-from t; lora_shrink_augment computes t itself in the same launch (decode-sized batches)."""
+lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-from kernels.quant_gemv import num_sms, split_k
-
-MIN_PROGRAM_BYTES = 65536  # x and A bytes a split-K program of lora_shrink_augment streams at least
-MAX_REDUCE_BYTES = 131072  # float32 partials the last program of a tile sums at most (its tail latency)
-NUM_COUNTERS = 4096  # split-K arrival counters per device: (M block, T block) tiles of one launch at most
-# (M bucket, K, T) -> (BLOCK_M, BLOCK_T, BLOCK_K, num_splits, num_warps, num_stages) measured best on the H200
-# (python -m benchmarks.lora_bench --sweep-fused); shapes not listed take shrink_augment_config's rule
-SHRINK_AUGMENT_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int, int, int]] = {}
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -130,146 +119,6 @@ def lora_augment(x: torch.Tensor, t: torch.Tensor, token_slots: torch.Tensor, co
     block = 1024
     _augment_kernel[(n, triton.cdiv(k + num_t, block))](x, t, out, token_slots, k, num_t, x.stride(0), t.stride(0),
                                                        out.stride(0), cols_per_slot, BLOCK=block)
-    return out
-
-
-@triton.jit
-def _store_tail(out_ptr, slots_ptr, acc, rows, offs_m, offs_t, m_ok, t_ok, K, stride_out, cols_per_slot):
-    """out[rows, K + offs_t] = acc [BLOCK_M, BLOCK_T] where the column's slot is the token's own, else 0."""
-    slot = tl.load(slots_ptr + offs_m, mask=m_ok, other=-1)  # [BLOCK_M]
-    keep = (offs_t[None, :] // cols_per_slot) == slot[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_out + K + offs_t[None, :],
-             tl.where(keep, acc, 0.0).to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & t_ok[None, :])
-
-
-@triton.jit
-def _tile_mask(offs, end, ks, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[len(offs), BLOCK_K]: rows offs < end, columns ks < K (constant along K when EVEN_K: 16-byte loads)."""
-    k_ok = tl.full([BLOCK_K], 1, tl.int1) if EVEN_K else ks < K
-    return (offs < end)[:, None] & k_ok[None, :]
-
-
-@triton.jit(do_not_specialize=["tiles_per_split"])
-def _shrink_augment_kernel(
-    x_ptr,  # [M, K]
-    a_ptr,  # [T, K]: every slot's A
-    out_ptr,  # [M, K + T]
-    slots_ptr,  # [>= M] int32: each token's slot, -1 = no adapter
-    part_ptr,  # [num_splits, M, T] float32 (HAS_SPLITS)
-    counters_ptr,  # [>= num M blocks * num T blocks] int32 (HAS_SPLITS): zero before and after every launch
-    M, K, T, stride_x, stride_a, stride_out, cols_per_slot, tiles_per_split,
-    HAS_SPLITS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """Tile (M block, T block) of t = x @ A^T over this split's K range; T block 0 also copies x's tiles."""
-    pid_m = tl.program_id(0)  # fastest: the M blocks sharing an A tile run together and hit L2
-    pid_t = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_ok = offs_m < M
-    t_ok = offs_t < T
-    rows = offs_m.to(tl.int64)
-    k_start = pid_s * tiles_per_split * BLOCK_K
-    k_end = tl.minimum(k_start + tiles_per_split * BLOCK_K, K)
-    copy_end = tl.where(pid_t == 0, M, 0)  # rows of x this program copies: T block 0's
-    # x's copy comes from loads of its own (never xt: Triton 3.6 miscompiles storing a wgmma operand), one tile
-    # ahead so that their latency hides behind the dot's
-    ks = k_start + tl.arange(0, BLOCK_K)
-    xc = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                 mask=_tile_mask(offs_m, copy_end, ks, K, EVEN_K, BLOCK_K), other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_T), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                     mask=_tile_mask(offs_m, M, ks, K, EVEN_K, BLOCK_K), other=0.0)  # [BLOCK_M, BLOCK_K]
-        at = tl.load(a_ptr + offs_t[:, None] * stride_a + ks[None, :],
-                     mask=_tile_mask(offs_t, T, ks, K, EVEN_K, BLOCK_K), other=0.0)  # [BLOCK_T, BLOCK_K]
-        acc = tl.dot(xt, tl.trans(at), acc, input_precision=DOT_PRECISION)
-        tl.store(out_ptr + rows[:, None] * stride_out + ks[None, :], xc,
-                 mask=_tile_mask(offs_m, copy_end, ks, K, EVEN_K, BLOCK_K))
-        ks += BLOCK_K
-        xc = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], other=0.0,
-                     mask=_tile_mask(offs_m, tl.where(k0 + BLOCK_K < k_end, copy_end, 0), ks, K, EVEN_K, BLOCK_K))
-    if HAS_SPLITS:  # partials to scratch; the tile's last program to arrive sums them, then resets its counter
-        tile_ok = m_ok[:, None] & t_ok[None, :]
-        part = offs_m[:, None] * T + offs_t[None, :]  # [BLOCK_M, BLOCK_T] offsets in one split's [M, T]
-        tl.store(part_ptr + pid_s * M * T + part, acc, mask=tile_ok)
-        tl.debug_barrier()  # every thread's partial stored before the release below
-        counter = counters_ptr + pid_m * tl.num_programs(1) + pid_t
-        num_splits = tl.num_programs(2)
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            for s0 in range(0, num_splits, 4):
-                for i in tl.static_range(4):  # 4 loads in flight, not one L2 round trip per split
-                    rows_end = tl.where(s0 + i == pid_s, 0, tl.where(s0 + i < num_splits, M, 0))  # own: acc
-                    acc += tl.load(part_ptr + (s0 + i) * M * T + part, other=0.0, cache_modifier=".cg",
-                                   mask=(offs_m < rows_end)[:, None] & t_ok[None, :])  # from L2: other SMs'
-            tl.store(counter, 0)  # every split has arrived: zero for the next launch (CUDA graph replays)
-            _store_tail(out_ptr, slots_ptr, acc, rows, offs_m, offs_t, m_ok, t_ok, K, stride_out, cols_per_slot)
-    else:
-        _store_tail(out_ptr, slots_ptr, acc, rows, offs_m, offs_t, m_ok, t_ok, K, stride_out, cols_per_slot)
-
-
-def lora_counters(device: torch.device) -> torch.Tensor:
-    """The device's zeroed int32 split-K counters [NUM_COUNTERS] (every launch leaves them zero); allocate them
-    before any CUDA graph capture (the LoRA layer does at attach time)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if device not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("lora_counters: first allocated under CUDA graph capture; call it before capturing")
-        _counters[device] = torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device)
-    return _counters[device]
-
-
-def shrink_augment_key(m: int, k: int, t: int) -> tuple[int, int, int]:
-    """SHRINK_AUGMENT_TABLE's key: (M rounded up to a power of 2 in 16..512, K, T)."""
-    return min(512, max(16, triton.next_power_of_2(m))), k, t
-
-
-def shrink_augment_config(m: int, k: int, t: int, elem_bytes: int, sms: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_T, BLOCK_K, num_splits, num_warps, num_stages): SHRINK_AUGMENT_TABLE's entry, else 64 T
-    columns, the largest BLOCK_M (<= 64) that still reaches one program an SM, K split to about one program an
-    SM with each program streaming >= MIN_PROGRAM_BYTES and the last one summing <= MAX_REDUCE_BYTES."""
-    key = shrink_augment_key(m, k, t)
-    if key in SHRINK_AUGMENT_TABLE:
-        return SHRINK_AUGMENT_TABLE[key]
-    block_t, block_k = min(64, max(16, triton.next_power_of_2(t))), 128 if elem_bytes <= 2 else 64
-    for block_m in (64, 32, 16):
-        if block_m > key[0] and block_m > 16:
-            continue
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(t, block_t)
-        by_stream = max(1, k // max(block_k, MIN_PROGRAM_BYTES // ((block_m + block_t) * elem_bytes)))
-        max_splits = max(1, min(by_stream, MAX_REDUCE_BYTES // (block_m * block_t * 4), triton.cdiv(k, block_k)))
-        if tiles * max_splits >= sms:
-            break
-    return block_m, block_t, block_k, max(1, min(triton.cdiv(sms, tiles), max_splits)), 4, 3
-
-
-def lora_shrink_augment(x: torch.Tensor, a_all: torch.Tensor, token_slots: torch.Tensor, cols_per_slot: int,
-                        out: torch.Tensor, config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
-    """out [M, K + T] = [x, t with only each token's own slot's columns kept (slot s owns s * cols_per_slot ..),
-    the rest 0], t = x [M, K] @ a_all [T, K]^T, in one launch (lora_augment's output without t in memory).
-    Split-K tiles meet through lora_counters(x.device): launches of it must not overlap (one stream)."""
-    m, k = x.shape
-    num_t = a_all.shape[0]
-    assert x.stride(1) == 1 and a_all.stride(1) == 1 and out.stride(1) == 1 and a_all.shape[1] == k
-    assert out.shape == (m, k + num_t) and x.dtype == a_all.dtype
-    if m == 0:
-        return out
-    block_m, block_t, block_k, num_splits, num_warps, num_stages = config or shrink_augment_config(
-        m, k, num_t, x.element_size(), num_sms(x.device))
-    tiles_per_split, num_splits = split_k(triton.cdiv(k, block_k), num_splits)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(num_t, block_t), num_splits)
-    counters = lora_counters(x.device)
-    assert grid[0] * grid[1] <= counters.numel(), f"{grid[0] * grid[1]} tiles over {counters.numel()} counters"
-    part = torch.empty((num_splits, m, num_t), dtype=torch.float32, device=x.device) if num_splits > 1 else out
-    _shrink_augment_kernel[grid](
-        x, a_all, out, token_slots, part, counters, m, k, num_t, x.stride(0), a_all.stride(0), out.stride(0),
-        cols_per_slot, tiles_per_split, HAS_SPLITS=num_splits > 1, EVEN_K=k % block_k == 0, BLOCK_M=block_m,
-        BLOCK_T=block_t, BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages)
     return out
 
 

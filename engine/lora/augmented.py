@@ -15,8 +15,6 @@ from engine.lora.layers import LoRASlice, local_adapter_weights
 from engine.lora.punica import LoRABatch
 
 LORA_PATHS = ("augmented", "sgmv")
-LORA_SHRINKS = ("fused", "mm")
-LORA_FUSED_MAX_M = 512  # tokens up to which the Triton path computes [x, masked t] in one kernel (decode)
 
 
 def lora_path() -> str:
@@ -27,15 +25,6 @@ def lora_path() -> str:
     if path not in LORA_PATHS:
         raise ValueError(f"GANTRY_LORA_PATH: must be one of {', '.join(LORA_PATHS)}, got {path!r}")
     return path
-
-
-def lora_shrink() -> str:
-    """GANTRY_LORA_SHRINK: fused (default: lora_shrink_augment, one kernel for t and [x, masked t], at most
-    LORA_FUSED_MAX_M tokens) or mm (torch.mm, then lora_augment: two launches plus cuBLAS's split-K reduce)."""
-    shrink = os.environ.get("GANTRY_LORA_SHRINK", "fused")
-    if shrink not in LORA_SHRINKS:
-        raise ValueError(f"GANTRY_LORA_SHRINK: must be one of {', '.join(LORA_SHRINKS)}, got {shrink!r}")
-    return shrink
 
 
 def use_augmented(path: str, linear: nn.Module, dtype: torch.dtype) -> bool:
@@ -71,11 +60,6 @@ class AugmentedLoRALinear:
         w.data = self.w_aug[:, :in_local]  # strides (in_local + num_cols, 1): cuBLAS/BLAS take it as is
         # [num_cols] int32: the slot each column of t belongs to (the CPU mask)
         self.col_slot = torch.arange(num_cols, device=w.device) // self.cols_per_slot
-        self.fused_shrink = lora_shrink() == "fused"  # read at attach, as GANTRY_LORA_PATH
-        if self.fused_shrink and w.device.type == "cuda":
-            from kernels.lora import lora_counters
-
-            lora_counters(w.device)  # its split-K counters now, before any CUDA graph capture
 
     def set_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy one adapter's (A [r, in], B [out, r]) per module into slot; modules it lacks (and the
@@ -94,15 +78,12 @@ class AugmentedLoRALinear:
         """x [num_tokens, in_local] -> [x, t] [num_tokens, in_local + num_cols], t = x @ A_all^T with only
         each token's own slot's columns kept (all zero for tokens without an adapter)."""
         assert batch.token_slots is not None, "the augmented LoRA path needs the batch's per-token slots"
+        t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
         if batch.use_triton:
-            from kernels.lora import lora_augment, lora_shrink_augment
+            from kernels.lora import lora_augment
 
             out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
-            if self.fused_shrink and x.shape[0] <= LORA_FUSED_MAX_M:  # one launch, not cuBLAS's split-K + reduce + mask
-                return lora_shrink_augment(x, self.a_all, batch.token_slots, self.cols_per_slot, out)
-            t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
             return lora_augment(x, t, batch.token_slots, self.cols_per_slot, out)
-        t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]
         mask = self.col_slot[None, :] == batch.token_slots[: x.shape[0], None].to(self.col_slot.device)
         return torch.cat([x, t * mask], dim=1)
 
