@@ -43,15 +43,16 @@ class CoreBuild:
     device: torch.device
 
 
-# How much slower the paged prefill attention runs than the linear layers' GEMMs per FLOP (H200, W1
-# shape: ~384 against ~600 TFLOP/s at long context, benchmarks/kernel_bench.py --long).
-ATTENTION_COST = 1.5
+# How much slower the prefill attention runs than the linear layers' GEMMs per FLOP at long context (H200,
+# W1 shape): the keys before a long chunk go through cuDNN (~620 TFLOP/s, kernels/cudnn_prefill.py), the rest
+# through the Triton kernel (~380), against ~600 for the GEMMs.
+ATTENTION_COST = 1.0
 
 
 def prefill_context_cost(hf_config: Any) -> float:
     """A new token's attention to one earlier token (QK^T and PV: 2 * q_size multiply-adds per layer) over
     its linear layers' multiply-adds, scaled by ATTENTION_COST: the scheduler's per-position cost of a chunk.
-    Qwen2-7B: 3.1e-5, so a token 32K deep costs twice one at the start (4.6e-5 with the scaling)."""
+    Qwen2-7B: 3.1e-5, so a token 32K deep costs twice one at the start."""
     dims = ModelDims.from_hf(hf_config)
     linear = sum(i * o for i, o in map(dims.shape, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj")))
