@@ -45,7 +45,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # fixed number of KV pages (overrides the sizing above; tests)
     max_num_seqs: int = 256  # most requests running at once
     max_num_batched_tokens: int | None = None  # token budget per step
-    max_prefill_tokens_while_decoding: int | None = None  # prompt tokens per step while others decode (bounds their ITL), a token p deep counting 1 + p/32500 (Qwen2-7B); 0: prefill first
+    max_prefill_tokens_while_decoding: int | None = None  # prompt tokens per step while others decode (bounds their ITL), a token p deep counting 1 + p/21700 (Qwen2-7B); 0: prefill first
     enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
     enforce_eager: bool = False  # never capture CUDA graphs
     tensor_parallel_size: int = 1  # ranks that split each layer

@@ -43,16 +43,18 @@ class CoreBuild:
     device: torch.device
 
 
-# How much slower the prefill attention runs than the linear layers' GEMMs per FLOP at long context (H200,
-# W1 shape): the keys before a long chunk go through cuDNN (~620 TFLOP/s, kernels/cudnn_prefill.py), the rest
-# through the Triton kernel (~380), against ~600 for the GEMMs.
-ATTENTION_COST = 1.0
+# How much more a prompt token's attention to one earlier token weighs per FLOP than its linear layers'
+# GEMMs, in the scheduler's cost of a chunk beside decoding streams. Measured on the H200 (W1, a 120K prompt
+# beside 32 streams, --max-prefill-tokens-while-decoding 4096, benchmarks/long_context.py): 1.5 keeps the
+# streams' ITL p99 at 143-148 ms with the prompt's TTFT 1.29-1.30x alone; 1.25 gives 206 ms / 1.23x and 1.0
+# 193 ms / 1.19x (deep chunks grow, and the slowest steps with them).
+ATTENTION_COST = 1.5
 
 
 def prefill_context_cost(hf_config: Any) -> float:
     """A new token's attention to one earlier token (QK^T and PV: 2 * q_size multiply-adds per layer) over
     its linear layers' multiply-adds, scaled by ATTENTION_COST: the scheduler's per-position cost of a chunk.
-    Qwen2-7B: 3.1e-5, so a token 32K deep costs twice one at the start."""
+    Qwen2-7B: 3.1e-5, so a token 32K deep costs twice one at the start (4.6e-5 with the scaling)."""
     dims = ModelDims.from_hf(hf_config)
     linear = sum(i * o for i, o in map(dims.shape, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                      "down_proj")))
