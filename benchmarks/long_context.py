@@ -166,7 +166,25 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
     preemptions_before = d.engine.get_stats().num_preemptions_total
     d.add("long", random_ids(args.prompt_len, shape["vocab_size"], gen), 1)
     arrival = d.arrival["long"]
-    steps = d.run_until(lambda: bool(d.stamps["long"]))
+    # per step: wall ms, the long prompt's computed tokens once scheduled, then what might stall a step:
+    # garbage collections, and the CUDA caching allocator's new device allocations and retries
+    step_log = []
+    sched = d.engine.scheduler
+    collections = [0]
+    gc.callbacks.append(on_gc := lambda phase, info: collections.__setitem__(0, collections[0] + (phase == "start")))
+    alloc = (lambda: (lambda st: (st.get("num_device_alloc", 0), st.get("num_alloc_retries", 0)))(
+        torch.cuda.memory_stats())) if torch.cuda.is_available() else (lambda: (0, 0))
+    try:
+        while not d.stamps["long"]:
+            t0, gcs, (allocs, retries) = time.perf_counter(), collections[0], alloc()
+            d.step()
+            done = next((q.num_computed_tokens for q in [*sched.running, *sched.waiting] if q.seq_id == "long"), None)
+            now_allocs, now_retries = alloc()
+            step_log.append((1e3 * (time.perf_counter() - t0), done, collections[0] - gcs, now_allocs - allocs,
+                             now_retries - retries))
+    finally:
+        gc.callbacks.remove(on_gc)
+    steps = len(step_log)
     first = d.stamps["long"][0]
     gaps: list[float] = []
     tokens = 0
@@ -188,6 +206,16 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
            "ttft_ratio_vs_alone": round(ttft / alone_ttft, 3) if alone_ttft else None,
            "goal": "itl_p99_ms <= 150, ttft_ratio_vs_alone <= 1.25"}
     emit("long_context_mixed", **fig)
+    # async scheduling: a step's wall time is mostly the GPU work of the step scheduled one before it
+    slowest = sorted(range(steps), key=lambda i: -step_log[i][0])[:8]
+    emit("long_context_mixed_steps", slowest=[
+        {"step": i, "ms": round(step_log[i][0], 1), "long_done_before": step_log[i - 1][1] if i else 0,
+         "long_done_after": step_log[i][1], "gc": step_log[i][2], "device_allocs": step_log[i][3],
+         "alloc_retries": step_log[i][4]} for i in sorted(slowest)],
+        ms_by_quarter=[round(sum(e[0] for e in part) / max(len(part), 1), 1)
+                       for part in (step_log[k * steps // 4 : (k + 1) * steps // 4] for k in range(4))],
+        steps_with_gc=sum(e[2] > 0 for e in step_log), steps_with_device_allocs=sum(e[3] > 0 for e in step_log),
+        steps_with_alloc_retries=sum(e[4] > 0 for e in step_log))
 
 
 def hf_prefill_child(model_dir: str, prompt_len: int, seed: int) -> None:
