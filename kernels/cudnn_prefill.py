@@ -12,11 +12,12 @@ keys in two parts:
   so top-left causal masking gives each new token exactly the keys up to itself. When rem is large against n
   those dropped rows cost more than the Triton kernel's slower rate saves, and the rest goes to the Triton
   kernel as split partials instead (rest_on_cudnn).
-One merge by log-sum-exp (kernels/lse_merge.py) reads cuDNN's outputs where they lie and ends it. cuDNN builds an execution plan per shape (~75 ms on the H200, a stall
-mid-serve), so the shapes are few and built at start (warmup): piece sizes are fixed and row counts are
-padded to a ladder of four sizes per octave (at most 25% more rows; the common chunk sizes, powers of two,
-sit on it). When the pieces reach the chunk (the prefix is a whole number of pieces: a long prompt in
-chunks of 8,192) no key goes through Triton.
+One merge by log-sum-exp (kernels/lse_merge.py) reads cuDNN's outputs where they lie and ends it. cuDNN
+builds an execution plan per shape (~75 ms on the H200, a stall mid-serve), so the shapes are few and built
+at start (warmup): piece sizes are fixed, a piece's query rows are padded to a ladder of eight sizes per
+octave (at most 12.5% more rows) and a causal square's to one of four (the common chunk sizes, powers of
+two, sit on it). When the pieces reach the chunk (a long prompt in chunks of 8,192) no key goes through
+Triton.
 bf16/fp16 pages only (FP8 pages and fp32 take the Triton kernel), head sizes cuDNN supports.
 """
 from __future__ import annotations
