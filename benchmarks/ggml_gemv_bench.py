@@ -1,0 +1,117 @@
+"""GGUF blocks on one GPU (#13): kernels/ggml_gemv.py's decode GEMV against today's dequantize + matmul
+(ggml_cpu._dequant_torch, then F.linear in bf16) for each kept type at W1's linear shapes, M = 1, bf16
+activations, random blocks with small fp16 scales. One JSON line per type and shape: us (GPU time a call,
+median of 50 replays of a CUDA graph whose calls rotate over enough weight copies to overflow L2), weight
+GB/s and its fraction of the device-to-device copy bandwidth measured in the same run. --sweep also
+times tiles x splits and prints a GEMV_TABLE line for kernels/ggml_gemv.py. About a minute on an H200:
+    python -m benchmarks.ggml_gemv_bench [--types Q4_1,Q6_K] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+import torch
+
+from benchmarks.fp8_bench import W1_LINEARS, emit
+from benchmarks.quant_bench import _check, _graph_us
+
+TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+SCALE_OFFSETS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}  # fp16 fields of a block
+L2_OVERFLOW_BYTES = 200 << 20  # weight copies a graph rotates over: 4x the H200's 50 MB L2
+SWEEP_TILES = [(bn, nw) for bn in (16, 32, 64) for nw in (2, 4, 8)]  # (BLOCK_N, num_warps)
+SWEEP_SPLITS = (1, 2, 4, 8, 16)
+
+
+def random_blocks(ggml_type: int, n: int, k: int) -> torch.Tensor:
+    """uint8 [n, row_bytes] of random quants with fp16 scales (and mins) of 1e-3: finite, sane sums."""
+    from engine.layers.quant.ggml_cpu import BLOCK_BYTES, row_bytes
+
+    blocks = torch.randint(0, 256, (n, row_bytes(ggml_type, k)), dtype=torch.uint8, device="cuda")
+    per_block = blocks.view(n, -1, BLOCK_BYTES[ggml_type])  # [n, num_blocks, block_bytes]
+    for off in SCALE_OFFSETS[ggml_type]:
+        per_block[..., off : off + 2] = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8).cuda()
+    return blocks
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting read and write (median of do_bench)."""
+    import triton.testing
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms / 1e3)
+
+
+def rotating_us(call, copies: list[torch.Tensor], replays: int = 50) -> float:
+    """Microseconds a call of call(blocks) from a CUDA graph of one call per copy (weights never in L2)."""
+    it = itertools.cycle(copies)
+    return _graph_us(lambda: call(next(it)), calls=len(copies), replays=replays)
+
+
+def bench_type(name: str, ggml_type: int, bandwidth: float, sweep: bool) -> dict:
+    from triton.errors import TritonError
+
+    from engine.layers.quant.ggml_cpu import _dequant_torch
+    from kernels.ggml_gemv import gemv_config, ggml_gemv
+    from kernels.quant_gemv import num_sms
+
+    table = {}
+    for layer, (n, k) in W1_LINEARS.items():
+        blocks = random_blocks(ggml_type, n, k)
+        nbytes = blocks.numel()
+        copies = [blocks] + [blocks.clone() for _ in range(max(1, -(-L2_OVERFLOW_BYTES // nbytes)) - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x, _dequant_torch(blocks, ggml_type, k).to(x.dtype))
+        err = _check(f"{name} {layer}", ggml_gemv(x, blocks, ggml_type, k), ref)
+        gemv_us = rotating_us(lambda b: ggml_gemv(x, b, ggml_type, k), copies)  # noqa: B023
+
+        def dequant_matmul(b: torch.Tensor) -> torch.Tensor:  # today's path: the whole tensor, then cuBLAS
+            return torch.nn.functional.linear(x, _dequant_torch(b, ggml_type, k).to(x.dtype))  # noqa: B023
+
+        old_us = rotating_us(dequant_matmul, copies[:4], replays=10)  # ms a call: 10 replays of 4 copies
+        emit("ggml_gemv", type=name, layer=layer, N=n, K=k, weight_bytes=nbytes,
+             config=list(gemv_config(n, k, ggml_type, 1, num_sms(x.device))), us=round(gemv_us, 2),
+             gb_s=round(nbytes / gemv_us / 1e3, 1), copy_fraction=round(nbytes / (gemv_us * 1e-6) / bandwidth, 3),
+             dequant_matmul_us=round(old_us, 1), speedup=round(old_us / gemv_us, 1), rel_err=err)
+        if sweep:
+            times = {}
+            for (block_n, warps), splits in itertools.product(SWEEP_TILES, SWEEP_SPLITS):
+                cfg = (block_n, warps, splits)
+                try:
+                    _check(f"{name} {layer} {cfg}", ggml_gemv(x, blocks, ggml_type, k, cfg), ref)
+                except (RuntimeError, TritonError):  # out of registers / shared memory: the next tile
+                    continue
+                call = lambda b, cfg=cfg: ggml_gemv(x, b, ggml_type, k, cfg)  # noqa: B023, E731
+                times[cfg] = rotating_us(call, copies, replays=10)
+            best = min(times, key=times.get)
+            table[(n, k, ggml_type)] = best
+            emit("ggml_gemv_sweep", type=name, layer=layer, best_config=list(best), best_us=round(times[best], 2),
+                 best_copy_fraction=round(nbytes / (times[best] * 1e-6) / bandwidth, 3), rule_us=round(gemv_us, 2),
+                 top=[[*c, round(times[c], 2)] for c in sorted(times, key=times.get)[:5]])
+        del copies, blocks
+        torch.cuda.empty_cache()
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--types", default=",".join(TYPES), help="comma-separated ggml types")
+    parser.add_argument("--sweep", action="store_true", help="also time BLOCK_N x num_warps x splits (minutes)")
+    opts = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks.ggml_gemv_bench needs a CUDA GPU: it times Triton kernels (none found here)")
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    emit("device", name=torch.cuda.get_device_name(), copy_gb_s=round(bandwidth / 1e9, 1))
+    table = {}
+    for name in opts.types.split(","):
+        table.update(bench_type(name, TYPES[name], bandwidth, opts.sweep))
+    if opts.sweep:
+        emit("ggml_gemv_table", python="GEMV_TABLE = {" + ", ".join(f"{k}: {v}" for k, v in table.items()) + "}")
+
+
+if __name__ == "__main__":
+    main()
