@@ -2,8 +2,8 @@
 e4m3 weights, per-token activations) on a tiny random Llama, on CPU. It loads and its teacher-forced top-1 agrees
 with compressed-tensors' decompression of the same checkpoint (transformers, dequantize=True) run in float32 on
 >= 90% of the positions whose float32 top-2 margin exceeds 0.1: on CPU through the labelled emulation, on a GPU
-natively (skipped without CUDA). llm-compressor pins an older transformers: install it with
-`pip install --no-deps llmcompressor datasets` (skipped without it). For a GPU machine without it:
+natively (skipped without CUDA). llm-compressor pins an older transformers: scripts/test.sh installs it with
+`--no-deps` (and `datasets`, its import's need, with the test extras); skipped without it. For a GPU machine without it:
 `python -m tests.engine.test_fp8_llmcompressor DIR` here, then GANTRY_LLMCOMPRESSOR_CHECKPOINT=DIR there."""
 from __future__ import annotations
 
