@@ -15,10 +15,14 @@ import sys
 import torch
 
 from benchmarks.fp8_bench import W1_LINEARS, emit
+from engine.layers.quant.ggml_cpu import GGML_Q4_0, GGML_Q4_1, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q8_0
 from benchmarks.quant_bench import _check, _graph_us
+from benchmarks.throughput import measure_ceilings
 
-TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
-SCALE_OFFSETS = {2: (0,), 3: (0, 2), 8: (0,), 12: (0, 2), 13: (0, 2), 14: (208,)}  # fp16 fields of a block
+TYPES = {"Q4_0": GGML_Q4_0, "Q4_1": GGML_Q4_1, "Q8_0": GGML_Q8_0, "Q4_K": GGML_Q4_K, "Q5_K": GGML_Q5_K,
+         "Q6_K": GGML_Q6_K}
+SCALE_OFFSETS = {GGML_Q4_0: (0,), GGML_Q4_1: (0, 2), GGML_Q8_0: (0,), GGML_Q4_K: (0, 2), GGML_Q5_K: (0, 2),
+                 GGML_Q6_K: (208,)}  # fp16 fields of a block
 L2_OVERFLOW_BYTES = 200 << 20  # weight copies a graph rotates over: 4x the H200's 50 MB L2
 SWEEP_TILES = [(bn, nw) for bn in (16, 32, 64) for nw in (2, 4, 8)]  # (BLOCK_N, num_warps)
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
@@ -33,16 +37,6 @@ def random_blocks(ggml_type: int, n: int, k: int) -> torch.Tensor:
     for off in SCALE_OFFSETS[ggml_type]:
         per_block[..., off : off + 2] = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8).cuda()
     return blocks
-
-
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, counting read and write (median of do_bench)."""
-    import triton.testing
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
-    return 2 * src.numel() / (ms / 1e3)
 
 
 def rotating_us(call, copies: list[torch.Tensor], replays: int = 50) -> float:
@@ -104,7 +98,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks.ggml_gemv_bench needs a CUDA GPU: it times Triton kernels (none found here)")
     torch.manual_seed(0)
-    bandwidth = copy_bandwidth()
+    bandwidth, _ = measure_ceilings(torch.device("cuda"))  # copy bytes/s, read + write
     emit("device", name=torch.cuda.get_device_name(), copy_gb_s=round(bandwidth / 1e9, 1))
     table = {}
     for name in opts.types.split(","):

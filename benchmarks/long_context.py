@@ -170,17 +170,24 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
     # garbage collections, and the CUDA caching allocator's new device allocations and retries
     step_log = []
     sched = d.engine.scheduler
-    collections = [0]
-    gc.callbacks.append(on_gc := lambda phase, info: collections.__setitem__(0, collections[0] + (phase == "start")))
-    alloc = (lambda: (lambda st: (st.get("num_device_alloc", 0), st.get("num_alloc_retries", 0)))(
-        torch.cuda.memory_stats())) if torch.cuda.is_available() else (lambda: (0, 0))
+    collections = 0
+
+    def on_gc(phase: str, info: dict) -> None:
+        nonlocal collections
+        collections += phase == "start"
+
+    def alloc_counts() -> tuple[int, int]:  # (new device allocations, allocation retries) so far
+        stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+        return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
+
+    gc.callbacks.append(on_gc)
     try:
         while not d.stamps["long"]:
-            t0, gcs, (allocs, retries) = time.perf_counter(), collections[0], alloc()
+            t0, gcs, (allocs, retries) = time.perf_counter(), collections, alloc_counts()
             d.step()
             done = next((q.num_computed_tokens for q in [*sched.running, *sched.waiting] if q.seq_id == "long"), None)
-            now_allocs, now_retries = alloc()
-            step_log.append((1e3 * (time.perf_counter() - t0), done, collections[0] - gcs, now_allocs - allocs,
+            now_allocs, now_retries = alloc_counts()
+            step_log.append((1e3 * (time.perf_counter() - t0), done, collections - gcs, now_allocs - allocs,
                              now_retries - retries))
     finally:
         gc.callbacks.remove(on_gc)

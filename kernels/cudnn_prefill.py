@@ -99,15 +99,15 @@ def padded_rows(n: int, steps: int = LADDER_STEPS) -> int:
     return -(-n // step) * step
 
 
-def _keys(kv: torch.Tensor, start: int, size: int) -> torch.Tensor:
-    """[tokens, num_kv_heads, D] -> tokens [start, start + size) as [1, num_kv_heads, size, D], strided: the
-    layout (strides included) that warmup builds plans for."""
-    return kv[start : start + size].transpose(0, 1)[None]
-
-
 def _heads_first(x: torch.Tensor) -> torch.Tensor:
     """[rows, heads, D] -> [1, heads, rows, D], strided."""
     return x.transpose(0, 1)[None]
+
+
+def _keys(kv: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """[tokens, num_kv_heads, D] -> tokens [start, start + size) as [1, num_kv_heads, size, D], strided: the
+    layout (strides included) that warmup builds plans for."""
+    return _heads_first(kv[start : start + size])
 
 
 def _causal_rest(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, rem: int,
