@@ -66,12 +66,12 @@ def _bench_shape(name: str, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     extra = {}
     if m <= 8:  # decode rows: the weight-only GEMV beside, all three inside CUDA graphs (eager times the launch)
         from benchmarks.quant_bench import _graph_us
-        from kernels.fp8_gemv import fp8_gemv
+        from kernels.weight_gemv import weight_gemv
 
-        gemv = lambda: fp8_gemv(x, wq, ws)  # noqa: E731
+        gemv = lambda: weight_gemv(x, wq, ws)  # noqa: E731
         gemv_err = ((gemv().float() - ref.float()).norm() / ref.float().norm()).item()
         if not gemv_err < 0.05:
-            raise SystemExit(f"fp8_gemv {name} M={m}: off by {gemv_err:.3f} (relative): broken kernel")
+            raise SystemExit(f"weight_gemv {name} M={m}: off by {gemv_err:.3f} (relative): broken kernel")
         g_bf16, g_gemv, g_quant = (_graph_us(f) for f in (lambda: x @ w.t(), gemv, fp8_with_quant))
         extra = {"graph_bf16_us": round(g_bf16, 2), "graph_gemv_us": round(g_gemv, 2),
                  "graph_fp8_with_quant_us": round(g_quant, 2), "gemv_vs_bf16": round(g_bf16 / g_gemv, 3),
@@ -93,38 +93,14 @@ def bench_matmul(ms: list[int]) -> None:
 
 
 def gemv_sweep() -> None:
-    """kernels/fp8_gemv at M = 1 over tiles x splits per W1 shape (CUDA-graph times); the best of each goes
-    into GEMV_TABLE for the rest of this process (so `--parts gemv-sweep,w1` measures the engine with it)
-    and is printed as a line to paste."""
-    from benchmarks.quant_bench import _graph_us
-    from engine.layers.quant.fp8 import quantize_rows
-    from kernels import fp8_gemv
+    """kernels/weight_gemv's FP8 configs at M = 1 swept per W1 shape (benchmarks/decode_gemv_bench.py); the best go
+    into GEMV_TABLE for the rest of this process, so `--parts gemv-sweep,w1` measures the engine with them."""
+    from benchmarks.decode_gemv_bench import read_bandwidth, sweep_table
+    from kernels import weight_gemv
 
-    table = {}
-    for name, (n, k) in W1_LINEARS.items():
-        wq, ws = quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        ref = x.float() @ (wq.float() * ws[:, None]).t()
-        times = {}
-        for bn in (32, 64, 128):
-            for bk in (128, 256, 512):
-                for nw in (4, 8):
-                    if not 16 <= bn * bk // (32 * nw) <= 256:  # weight bytes a thread holds a tile
-                        continue
-                    for sp in (None, 1, 2, 4, 8, 16):
-                        cfg = (bn, bk, nw, sp or fp8_gemv.gemv_config(n, k, 1, fp8_gemv.num_sms(x.device))[3])
-                        out = fp8_gemv.fp8_gemv(x, wq, ws, None, cfg)
-                        if not ((out.float() - ref).norm() / ref.norm()).item() < 0.01:
-                            raise SystemExit(f"fp8_gemv {name} {cfg}: wrong output")
-                        times[cfg] = _graph_us(lambda cfg=cfg: fp8_gemv.fp8_gemv(x, wq, ws, None, cfg), 10, 3)  # noqa: B023
-        default = fp8_gemv.gemv_config(n, k, 1, fp8_gemv.num_sms(x.device))
-        best = min(times, key=times.get)
-        table[(n, k)] = best
-        emit("gemv_sweep", layer=name, best=list(best), best_us=round(times[best], 2),
-             best_weight_gb_s=round(n * k / times[best] / 1e3, 1), default=list(default),
-             default_us=round(times.get(default, float("nan")), 2), configs=len(times))
-    fp8_gemv.GEMV_TABLE.update(table)
-    emit("gemv_table", python="GEMV_TABLE = {" + ", ".join(f"{key}: {val}" for key, val in table.items()) + "}")
+    table = sweep_table(["fp8"], [1], True, False, read_bandwidth())
+    weight_gemv.GEMV_TABLE.update(table)
+    emit("gemv_table", python=", ".join(f"{key}: {val}" for key, val in table.items()))
 
 
 def start_llm(model_dir: str, max_len: int, args: argparse.Namespace, **engine: object):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import get_forward_context
-from engine.layers.linear import materialize, shard
+from engine.layers.linear import dense_linear, materialize, shard
 from engine.parallel import get_parallel_state, tp_all_gather, tp_all_reduce
 
 
@@ -46,7 +46,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_sampled, vocab] in the model dtype, only at the sampled positions."""
         hidden_states = hidden_states[get_forward_context().logits_indices]
-        logits = F.linear(hidden_states, self.weight)  # [num_sampled, vocab / tp]
+        logits = dense_linear(hidden_states, self.weight, None)  # [num_sampled, vocab / tp]
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
         return logits

@@ -6,6 +6,7 @@ indexing and .to(): a torch.Tensor or a safetensors slice (see engine/loader.py)
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -28,6 +29,22 @@ def shard(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
 
 def materialize(loaded: Any) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+
+
+# one-row decode on the GPU streams bf16/fp16 weights through kernels/weight_gemv.py (4-8 whole rows a program,
+# no split-K reduce) instead of cuBLAS: W1's projections at 0.70-0.98 of read bandwidth against cuBLAS's 0.52-0.84
+# (benchmarks/decode_gemv_bench.py; at 2 rows cuBLAS wins); GANTRY_DENSE_GEMV=0 keeps cuBLAS (A/B runs)
+DENSE_GEMV = os.environ.get("GANTRY_DENSE_GEMV", "1") != "0"
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias); one row on the GPU through the decode GEMV."""
+    if (DENSE_GEMV and x.is_cuda and x.numel() == x.shape[-1] and weight.dtype in (torch.bfloat16, torch.float16)
+            and x.dtype == weight.dtype and weight.stride(1) == 1):
+        from kernels.weight_gemv import weight_gemv
+
+        return weight_gemv(x.reshape(1, -1).contiguous(), weight, None, bias).view(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class LinearBase(nn.Module):
@@ -59,7 +76,7 @@ class LinearBase(nn.Module):
         batch = current_lora_batch() if self.lora is not None else None
         if batch is not None and self.lora.augmented:
             return self.lora.linear(batch, x, bias)
-        return self.add_lora(x, F.linear(x, self.weight, bias))
+        return self.add_lora(x, dense_linear(x, self.weight, bias))
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         self.store(param, loaded)

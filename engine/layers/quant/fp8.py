@@ -1,7 +1,7 @@
 """FP8 (e4m3) W8A8 linear layers: weights in float8_e4m3fn with one float32 scale per output row,
 activations quantized per token at run time (or with the checkpoint's static input_scale), GEMMs
 through torch._scaled_mm (cuBLASLt, row-wise scales); decode steps of <= FP8_GEMV_MAX_M rows on a
-GPU take kernels/fp8_gemv.py instead (weight-only: the activations stay in the model's dtype). Weights
+GPU take kernels/weight_gemv.py instead (weight-only: the activations stay in the model's dtype). Weights
 come from a float checkpoint (`quantization=fp8`, quantized at load), compressed-tensors
 `float-quantized` (per tensor, per channel, block) or HF's `fp8` format (per tensor, or DeepSeek's
 128x128 blocks, `weight_scale_inv`).
@@ -20,7 +20,7 @@ from engine.layers.quant import QuantizationConfig
 from engine.layers.quant.fp8_support import FP8_DTYPE, FP8_MAX
 
 MIN_SCALE = 1e-12  # an all-zero row or token quantizes to zeros, not NaN
-# decode steps of up to this many rows skip activation quantization and cuBLASLt: kernels/fp8_gemv.py streams
+# decode steps of up to this many rows skip activation quantization and cuBLASLt: kernels/weight_gemv.py streams
 # the FP8 weights against the activations as they are (W8A16, more precise than W8A8). H200, W1's four
 # projections summed: 95 us against cuBLASLt + quantization's 145 at one row, 137 against 148 at two, 211
 # against 147 at four (benchmarks/fp8_bench.py --parts matmul)
@@ -240,9 +240,9 @@ class Fp8LinearMethod:
         if x2.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], out_features)
         if x.is_cuda and x2.shape[0] <= FP8_GEMV_MAX_M:
-            from kernels.fp8_gemv import fp8_gemv
+            from kernels.weight_gemv import weight_gemv
 
-            y = fp8_gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), layer.weight, layer.weight_scale, bias)
+            y = weight_gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), layer.weight, layer.weight_scale, bias)
             return y.reshape(*x.shape[:-1], out_features)
         xq, x_scale = self.quantize_input(layer, x2)
         if x.is_cuda and in_features % 16 == 0 and out_features % 16 == 0:  # cuBLASLt's FP8 shape rule

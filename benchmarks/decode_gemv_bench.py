@@ -1,0 +1,113 @@
+"""Decode GEMVs (#12's and #14's one-stream decode): cuBLAS `F.linear` in bf16 against kernels/weight_gemv.py on
+bf16 and on FP8 (e4m3, a scale per row) weights, over W1's shapes. Each call runs on its own copy of the
+weight (copies rotated inside one CUDA graph, >= 256 MB in all), so no call finds its weight in L2, as a decode
+step never does. Read bandwidth (a plain `sum` over 2 GB) and copy bandwidth are measured beside; one JSON line
+per figure. `--sweep` tries every config and prints the best as GEMV_TABLE entries.
+    python -m benchmarks.decode_gemv_bench [--sweep] [--dtypes bf16,fp8] [--m 1,2] [--lm-head]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.fp8_bench import W1_LINEARS, emit
+from benchmarks.quant_bench import _graph_us
+from benchmarks.throughput import measure_ceilings
+
+ROTATE_BYTES = 256 << 20
+LM_HEAD = {"lm_head": (152064, 3584)}
+
+
+def rotated_us(fn, copies: int) -> float:
+    """GPU microseconds a call of fn(i), i over the copies, inside one CUDA graph."""
+    return _graph_us(lambda: [fn(i) for i in range(copies)], calls=2, replays=5) / copies
+
+
+def read_bandwidth() -> float:
+    """Bytes a second a plain reduction reads (no writes): the ceiling a GEMV's weight stream can reach."""
+    big = torch.ones(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GB
+    us = _graph_us(lambda: torch.sum(big, dtype=torch.float32), calls=3, replays=5)
+    return big.numel() * 2 / us / 1e-6
+
+
+def sweep_configs(elem_bytes: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_N, BLOCK_K, num_warps, splits) holding 4-128 weight bytes a thread a tile."""
+    return [(bn, bk, nw, sp) for bn in (4, 8, 16, 32, 64, 128) for bk in (128, 256, 512, 1024) for nw in (1, 2, 4, 8)
+            for sp in (1, 2, 4, 8) if 4 <= bn * bk * elem_bytes // (32 * nw) <= 128]
+
+
+def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    from engine.layers.quant.fp8 import quantize_rows
+
+    out = []
+    for _ in range(copies):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        out.append(quantize_rows(w) if dtype == "fp8" else (w, None))
+    return out
+
+
+def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dict:
+    """The GEMV's time at its rule/table config, or the best of the sweep; wrong output exits."""
+    from kernels import weight_gemv as wg
+
+    elem = 1 if dtype == "fp8" else 2
+    copies = max(1, -(-ROTATE_BYTES // (n * k * elem)))
+    ws = random_weights(n, k, dtype, copies)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w0, s0 = ws[0]
+    ref = x.float() @ (w0.float() * (1 if s0 is None else s0[:, None])).t()
+    default = wg.gemv_config(n, k, m, wg.num_sms(x.device), elem)
+    cands = sorted(set(sweep_configs(elem)) | {default}) if sweep else [default]
+    times = {}
+    for cfg in cands:
+        out = wg.weight_gemv(x, w0, s0, None, cfg)
+        if not ((out.float() - ref).norm() / ref.norm()).item() < 0.01:
+            raise SystemExit(f"weight_gemv {name} {dtype} {cfg}: wrong output")
+        times[cfg] = rotated_us(lambda i, cfg=cfg: wg.weight_gemv(x, ws[i][0], ws[i][1], None, cfg), copies)
+    best = min(times, key=times.get)
+    row = {"gemv_best": list(best), "gemv_us": round(times[best], 2), "default": list(default),
+           "default_us": round(times[default], 2), "configs": len(times)}
+    if dtype == "bf16":
+        row["cublas_us"] = round(rotated_us(lambda i: F.linear(x, ws[i][0]), copies), 2)
+    del ws
+    torch.cuda.empty_cache()
+    return row
+
+
+def sweep_table(dtypes: list[str], ms: list[int], sweep: bool, lm_head: bool, read_bw: float) -> dict:
+    """One line per (shape, dtype, M); the best M = 1 configs, keyed as GEMV_TABLE keys them."""
+    table = {}
+    shapes = {**W1_LINEARS, **(LM_HEAD if lm_head else {})}
+    for dtype in dtypes:
+        elem = 1 if dtype == "fp8" else 2
+        for name, (n, k) in shapes.items():
+            for m in ms:
+                row = best_gemv(name, n, k, dtype, m, sweep and m == 1)
+                frac = {key.replace("_us", "_of_read_bw"): round(n * k * elem / (row[key] * 1e-6) / read_bw, 3)
+                        for key in ("gemv_us", "cublas_us") if key in row}
+                emit("decode_gemv", layer=name, dtype=dtype, M=m, N=n, K=k, MB=round(n * k * elem / 1e6, 1),
+                     **row, **frac)
+                if m == 1 and name in W1_LINEARS:
+                    table[(n, k, elem)] = tuple(row["gemv_best"])
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--sweep", action="store_true", help="every config at M = 1, not only the table's/rule's")
+    p.add_argument("--dtypes", default="bf16,fp8")
+    p.add_argument("--m", default="1", help="rows, comma-separated")
+    p.add_argument("--lm-head", action="store_true", help="also W1's LM head shape (1.09 GB in bf16)")
+    args = p.parse_args()
+    copy_bw, _ = measure_ceilings(torch.device("cuda"))
+    read_bw = read_bandwidth()
+    emit("bandwidth", copy_GB_s=round(copy_bw / 1e9), read_GB_s=round(read_bw / 1e9))
+    table = sweep_table(args.dtypes.split(","), [int(m) for m in args.m.split(",")], args.sweep, args.lm_head, read_bw)
+    if args.sweep:
+        emit("gemv_table", python=", ".join(f"{key}: {val}" for key, val in table.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The decode GEMV of dense weights: x [M, K] (bf16/fp16/fp32, M small) @ (w [N, K] (* scale [N])).T, w in
+bf16/fp16 or e4m3 with a scale per row.
+- FP8: at a decode step's few rows cuBLASLt's FP8 GEMM has a 4-16 us floor and the activations must first be
+  quantized (a kernel of their own), so one stream decoded slower in FP8 than in bf16 on the H200; this kernel
+  streams the e4m3 weights once (half bf16's bytes) and keeps the activations in their own dtype (W8A16: more
+  precise than the W8A8 GEMM, never less).
+- bf16 at one row: cuBLAS's GEMVs reach 0.52-0.84 of read bandwidth on W1's projections and split K behind a
+  reduce kernel; programs of 4-8 whole rows here reach 0.70-0.98 with no second kernel
+  (benchmarks/decode_gemv_bench.py). At two rows and more cuBLAS reads the weights once and wins.
+Split-K programs write float32 partials that quant_gemv's kernel sums (and adds the bias to).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
+
+MIN_PROGRAM_BYTES = 16384  # weight bytes a split-K program streams at least (fewer: latency, not bandwidth)
+# (N, K, weight bytes an element) -> (BLOCK_N, BLOCK_K, num_warps, num_splits) measured best at M = 1 on the
+# H200, 2026-12-01 (python -m benchmarks.decode_gemv_bench --sweep: W1's shapes, weights rotated out of L2);
+# shapes not listed take gemv_config's rule
+GEMV_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (4608, 3584, 2): (8, 512, 4, 1), (3584, 3584, 2): (4, 1024, 2, 1), (37888, 3584, 2): (8, 256, 4, 1),
+    (3584, 18944, 2): (4, 1024, 2, 1), (4608, 3584, 1): (8, 512, 8, 1), (3584, 3584, 1): (4, 1024, 4, 1),
+    (37888, 3584, 1): (8, 512, 2, 1), (3584, 18944, 1): (4, 1024, 4, 1)}
+
+
+@triton.jit(do_not_specialize=["tiles_per_split"])
+def _weight_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,  # x [M, K]; w [N, K]; ws [N] float32; out [splits, M, N] or [M, N]
+    N, K, stride_xm, stride_wn, stride_os, stride_om, tiles_per_split,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Row m, BLOCK_N outputs, this split's K range in [BLOCK_N, BLOCK_K] tiles (16-byte loads along K)."""
+    m = tl.program_id(0)  # fastest: the rows sharing a weight tile run together and hit L2
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_ok = offs_n < N
+    t_start = pid_s * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        ks = t * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]: starts on a BLOCK_K boundary (aligned vectors)
+        # EVEN_K (whole tiles): a mask constant along K, so the weights load as 16-byte vectors
+        k_ok = tl.full([BLOCK_K], 1, tl.int1) if EVEN_K else ks < K
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        xk = tl.load(x_ptr + m * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+        acc += w.to(tl.float32) * xk[None, :]
+    out = tl.sum(acc, axis=1)  # [BLOCK_N]
+    if HAS_SCALE:  # the row's scale
+        out *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid_s * stride_os + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def gemv_config(n: int, k: int, m: int, sms: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_splits) for weights of elem_bytes an element: the measured table, else
+    8 whole rows a program in tiles of 512 columns on 4 warps (what the sweeps found best at W1's shapes, for
+    both FP8 and bf16), K split only until about 4 programs an SM, each streaming >= MIN_PROGRAM_BYTES."""
+    if (n, k, elem_bytes) in GEMV_TABLE:
+        return GEMV_TABLE[(n, k, elem_bytes)]
+    block_n, block_k = 8, min(512, max(64, triton.next_power_of_2(k)))
+    programs = triton.cdiv(n, block_n) * m
+    max_splits = max(1, k // max(block_k, MIN_PROGRAM_BYTES // (block_n * elem_bytes)))
+    return block_n, block_k, 4, max(1, min(triton.cdiv(4 * sms, programs), max_splits))
+
+
+def weight_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (unit stride in K), weight [N, K] (bf16/fp16/float8_e4m3fn, unit stride in K), weight_scale
+    float32 [N] or one per-tensor value (None: unscaled) -> [M, N] in x's dtype: x @ (weight * scale).T (+ bias)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1, "rows must be contiguous"
+    block_n, block_k, num_warps, num_splits = config or gemv_config(n, k, m, num_sms(x.device), weight.element_size())
+    tiles_per_split, num_splits = split_k(triton.cdiv(k, block_k), num_splits)
+    scale = None if weight_scale is None else weight_scale.float().reshape(-1).expand(n).contiguous()  # [N]
+    out, part = split_output(m, n, num_splits, x.dtype, x.device)
+    has_bias = bias is not None and num_splits == 1
+    unused = out  # a pointer never read
+    _weight_gemv_kernel[(m, triton.cdiv(n, block_n), num_splits)](
+        x, weight, unused if scale is None else scale, bias if has_bias else unused, part, n, k, x.stride(0),
+        weight.stride(0), part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
+        HAS_SCALE=scale is not None, HAS_BIAS=has_bias, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps)
+    if num_splits > 1:
+        sum_splits(part, out, bias)
+    return out
