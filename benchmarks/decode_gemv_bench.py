@@ -1,9 +1,10 @@
-"""Decode GEMVs (#12's and #14's one-stream decode): cuBLAS `F.linear` in bf16 against kernels/weight_gemv.py on
-bf16 and on FP8 (e4m3, a scale per row) weights, over W1's shapes. Each call runs on its own copy of the
+"""Decode GEMVs (#12's, #13's and #14's one-stream decode): cuBLAS `F.linear` in bf16 against kernels/weight_gemv.py
+on bf16 and on FP8 (e4m3, a scale per row) weights, and kernels/quant_gemv.py on 4-bit group-128 weights (w4,
+compressed-tensors' layout), over W1's shapes. Each call runs on its own copy of the
 weight (copies rotated inside one CUDA graph, >= 256 MB in all), so no call finds its weight in L2, as a decode
 step never does. Read bandwidth (a plain `sum` over 2 GB) and copy bandwidth are measured beside; one JSON line
 per figure. `--sweep` tries every config and prints the best as GEMV_TABLE entries.
-    python -m benchmarks.decode_gemv_bench [--sweep] [--dtypes bf16,fp8] [--m 1,2] [--lm-head]
+    python -m benchmarks.decode_gemv_bench [--sweep] [--dtypes bf16,fp8,w4] [--m 1,2] [--lm-head]
 """
 from __future__ import annotations
 
@@ -32,40 +33,74 @@ def read_bandwidth() -> float:
     return big.numel() * 2 / us / 1e-6
 
 
-def sweep_configs(elem_bytes: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_N, BLOCK_K, num_warps, splits) holding 4-128 weight bytes a thread a tile."""
+def sweep_configs(elem_bytes: float) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_N, BLOCK_K, num_warps, splits) holding 4-128 weight bytes a thread a tile; for 4-bit weights
+    (elem_bytes 0.5) BLOCK_K counts int32 words and a thread holds 4-32 of them."""
+    if elem_bytes < 1:
+        return [(bn, kp, nw, sp) for bn in (4, 8, 16, 32) for kp in (16, 32, 64, 128) for nw in (1, 2, 4)
+                for sp in (1, 2, 4) if 4 <= bn * kp // (32 * nw) <= 32]
     return [(bn, bk, nw, sp) for bn in (4, 8, 16, 32, 64, 128) for bk in (128, 256, 512, 1024) for nw in (1, 2, 4, 8)
             for sp in (1, 2, 4, 8) if 4 <= bn * bk * elem_bytes // (32 * nw) <= 128]
 
 
-def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5}
+
+
+def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
+    """(weight, row scales or None) a copy; w4: (PackedWeight, None)."""
+    from benchmarks.quant_bench import random_w4
     from engine.layers.quant.fp8 import quantize_rows
+    from kernels import quant_gemm
 
     out = []
     for _ in range(copies):
+        if dtype == "w4":
+            qweight, scales = random_w4(n, k)
+            out.append((quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k), None))
+            continue
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         out.append(quantize_rows(w) if dtype == "fp8" else (w, None))
     return out
 
 
+def gemv_call(dtype: str, x: torch.Tensor, w, scale, cfg: tuple) -> torch.Tensor:
+    from kernels import quant_gemv, weight_gemv
+
+    if dtype == "w4":
+        return quant_gemv.gemv(x, w, None, *cfg)
+    return weight_gemv.weight_gemv(x, w, scale, None, cfg)
+
+
+def default_config(dtype: str, n: int, k: int, m: int) -> tuple[int, int, int, int]:
+    from kernels import quant_gemv, weight_gemv
+
+    sms = quant_gemv.num_sms(torch.device("cuda"))
+    if dtype == "w4":
+        return quant_gemv.gemv_config(n, k, 4, m, sms)
+    return weight_gemv.gemv_config(n, k, m, sms, ELEM_BYTES[dtype])
+
+
 def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dict:
     """The GEMV's time at its rule/table config, or the best of the sweep; wrong output exits."""
-    from kernels import weight_gemv as wg
+    from kernels import quant_gemm
 
-    elem = 1 if dtype == "fp8" else 2
-    copies = max(1, -(-ROTATE_BYTES // (n * k * elem)))
+    elem = ELEM_BYTES[dtype]
+    copies = max(1, int(-(-ROTATE_BYTES // (n * k * elem))))
     ws = random_weights(n, k, dtype, copies)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w0, s0 = ws[0]
-    ref = x.float() @ (w0.float() * (1 if s0 is None else s0[:, None])).t()
-    default = wg.gemv_config(n, k, m, wg.num_sms(x.device), elem)
+    if dtype == "w4":
+        ref = x.float() @ quant_gemm.dequantize(w0, torch.float32).t()
+    else:
+        ref = x.float() @ (w0.float() * (1 if s0 is None else s0[:, None])).t()
+    default = default_config(dtype, n, k, m)
     cands = sorted(set(sweep_configs(elem)) | {default}) if sweep else [default]
     times = {}
     for cfg in cands:
-        out = wg.weight_gemv(x, w0, s0, None, cfg)
+        out = gemv_call(dtype, x, w0, s0, cfg)
         if not ((out.float() - ref).norm() / ref.norm()).item() < 0.01:
-            raise SystemExit(f"weight_gemv {name} {dtype} {cfg}: wrong output")
-        times[cfg] = rotated_us(lambda i, cfg=cfg: wg.weight_gemv(x, ws[i][0], ws[i][1], None, cfg), copies)
+            raise SystemExit(f"GEMV {name} {dtype} {cfg}: wrong output")
+        times[cfg] = rotated_us(lambda i, cfg=cfg: gemv_call(dtype, x, ws[i][0], ws[i][1], cfg), copies)
     best = min(times, key=times.get)
     row = {"gemv_best": list(best), "gemv_us": round(times[best], 2), "default": list(default),
            "default_us": round(times[default], 2), "configs": len(times)}
@@ -76,21 +111,24 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
     return row
 
 
-def sweep_table(dtypes: list[str], ms: list[int], sweep: bool, lm_head: bool, read_bw: float) -> dict:
+def sweep_table(dtypes: list[str], ms: list[int], sweep: bool, lm_head: bool, read_bw: float,
+                copy_bw: float = 0.0) -> dict:
     """One line per (shape, dtype, M); the best M = 1 configs, keyed as GEMV_TABLE keys them."""
     table = {}
     shapes = {**W1_LINEARS, **(LM_HEAD if lm_head else {})}
     for dtype in dtypes:
-        elem = 1 if dtype == "fp8" else 2
+        elem = ELEM_BYTES[dtype]
         for name, (n, k) in shapes.items():
             for m in ms:
                 row = best_gemv(name, n, k, dtype, m, sweep and m == 1)
                 frac = {key.replace("_us", "_of_read_bw"): round(n * k * elem / (row[key] * 1e-6) / read_bw, 3)
                         for key in ("gemv_us", "cublas_us") if key in row}
+                if dtype == "w4":  # the packed weights and their group scales, against copy bandwidth as issue 13 asks
+                    frac["gemv_of_copy_bw"] = round((n * k // 2 + n * k // 64) / (row["gemv_us"] * 1e-6) / copy_bw, 3)
                 emit("decode_gemv", layer=name, dtype=dtype, M=m, N=n, K=k, MB=round(n * k * elem / 1e6, 1),
                      **row, **frac)
                 if m == 1 and name in W1_LINEARS:
-                    table[(n, k, elem)] = tuple(row["gemv_best"])
+                    table[(n, k, 4 if dtype == "w4" else elem)] = tuple(row["gemv_best"])
     return table
 
 
@@ -104,7 +142,8 @@ def main() -> None:
     copy_bw, _ = measure_ceilings(torch.device("cuda"))
     read_bw = read_bandwidth()
     emit("bandwidth", copy_GB_s=round(copy_bw / 1e9), read_GB_s=round(read_bw / 1e9))
-    table = sweep_table(args.dtypes.split(","), [int(m) for m in args.m.split(",")], args.sweep, args.lm_head, read_bw)
+    table = sweep_table(args.dtypes.split(","), [int(m) for m in args.m.split(",")], args.sweep, args.lm_head, read_bw,
+                        copy_bw)
     if args.sweep:
         emit("gemv_table", python=", ".join(f"{key}: {val}" for key, val in table.items()))
 
