@@ -1,8 +1,8 @@
 """Decode GEMVs (#12's, #13's and #14's one-stream decode): cuBLAS `F.linear` in bf16 against kernels/weight_gemv.py
 on bf16 and on FP8 (e4m3, a scale per row) weights, and kernels/quant_gemv.py on 4-bit group-128 weights (w4,
-compressed-tensors' layout), over W1's shapes. Each call runs on its own copy of the
-weight (copies rotated inside one CUDA graph, >= 256 MB in all), so no call finds its weight in L2, as a decode
-step never does. Read bandwidth (a plain `sum` over 2 GB) and copy bandwidth are measured beside; one JSON line
+compressed-tensors' layout), over W1's shapes. Each call runs on its own copy of the weight (copies rotated
+inside one CUDA graph, >= 200 MB in all: quant_bench.rotating_us), so no call finds its weight in L2, as a
+decode step never does. Read bandwidth (a plain `sum` over 2 GB) and copy bandwidth are measured beside; one JSON line
 per figure. `--sweep` tries every config and prints the best as GEMV_TABLE entries.
     python -m benchmarks.decode_gemv_bench [--sweep] [--dtypes bf16,fp8,w4] [--m 1,2] [--lm-head]
 """
@@ -14,16 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.fp8_bench import W1_LINEARS, emit
-from benchmarks.quant_bench import _graph_us
+from benchmarks.quant_bench import L2_OVERFLOW_BYTES, _graph_us, rotating_us
 from benchmarks.throughput import measure_ceilings
 
-ROTATE_BYTES = 256 << 20
 LM_HEAD = {"lm_head": (152064, 3584)}
-
-
-def rotated_us(fn, copies: int) -> float:
-    """GPU microseconds a call of fn(i), i over the copies, inside one CUDA graph."""
-    return _graph_us(lambda: [fn(i) for i in range(copies)], calls=2, replays=5) / copies
 
 
 def read_bandwidth() -> float:
@@ -85,8 +79,8 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
     from kernels import quant_gemm
 
     elem = ELEM_BYTES[dtype]
-    copies = max(1, int(-(-ROTATE_BYTES // (n * k * elem))))
-    ws = random_weights(n, k, dtype, copies)
+    copies = max(1, int(-(-L2_OVERFLOW_BYTES // (n * k * elem))))
+    ws = random_weights(n, k, dtype, copies)  # [(weight, scale)] a copy
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w0, s0 = ws[0]
     if dtype == "w4":
@@ -100,12 +94,12 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
         out = gemv_call(dtype, x, w0, s0, cfg)
         if not ((out.float() - ref).norm() / ref.norm()).item() < 0.01:
             raise SystemExit(f"GEMV {name} {dtype} {cfg}: wrong output")
-        times[cfg] = rotated_us(lambda i, cfg=cfg: gemv_call(dtype, x, ws[i][0], ws[i][1], cfg), copies)
+        times[cfg] = rotating_us(lambda pair, cfg=cfg: gemv_call(dtype, x, *pair, cfg), ws, replays=10)
     best = min(times, key=times.get)
     row = {"gemv_best": list(best), "gemv_us": round(times[best], 2), "default": list(default),
            "default_us": round(times[default], 2), "configs": len(times)}
     if dtype == "bf16":
-        row["cublas_us"] = round(rotated_us(lambda i: F.linear(x, ws[i][0]), copies), 2)
+        row["cublas_us"] = round(rotating_us(lambda pair: F.linear(x, pair[0]), ws, replays=10), 2)
     del ws
     torch.cuda.empty_cache()
     return row

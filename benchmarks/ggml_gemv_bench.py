@@ -16,14 +16,13 @@ import torch
 
 from benchmarks.fp8_bench import W1_LINEARS, emit
 from engine.layers.quant.ggml_cpu import GGML_Q4_0, GGML_Q4_1, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q8_0
-from benchmarks.quant_bench import _check, _graph_us
+from benchmarks.quant_bench import L2_OVERFLOW_BYTES, _check, rotating_us
 from benchmarks.throughput import measure_ceilings
 
 TYPES = {"Q4_0": GGML_Q4_0, "Q4_1": GGML_Q4_1, "Q8_0": GGML_Q8_0, "Q4_K": GGML_Q4_K, "Q5_K": GGML_Q5_K,
          "Q6_K": GGML_Q6_K}
 SCALE_OFFSETS = {GGML_Q4_0: (0,), GGML_Q4_1: (0, 2), GGML_Q8_0: (0,), GGML_Q4_K: (0, 2), GGML_Q5_K: (0, 2),
                  GGML_Q6_K: (208,)}  # fp16 fields of a block
-L2_OVERFLOW_BYTES = 200 << 20  # weight copies a graph rotates over: 4x the H200's 50 MB L2
 SWEEP_TILES = [(bn, nw) for bn in (16, 32, 64) for nw in (2, 4, 8)]  # (BLOCK_N, num_warps)
 SWEEP_SPLITS = (1, 2, 4, 8, 16)
 
@@ -37,12 +36,6 @@ def random_blocks(ggml_type: int, n: int, k: int) -> torch.Tensor:
     for off in SCALE_OFFSETS[ggml_type]:
         per_block[..., off : off + 2] = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8).cuda()
     return blocks
-
-
-def rotating_us(call, copies: list[torch.Tensor], replays: int = 50) -> float:
-    """Microseconds a call of call(blocks) from a CUDA graph of one call per copy (weights never in L2)."""
-    it = itertools.cycle(copies)
-    return _graph_us(lambda: call(next(it)), calls=len(copies), replays=replays)
 
 
 def bench_type(name: str, ggml_type: int, bandwidth: float, sweep: bool) -> dict:

@@ -18,6 +18,7 @@ w1 (two engine starts with CUDA graphs) is best run as a separate call.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import torch
@@ -87,6 +88,16 @@ def _graph_us(fn, calls: int = 20, replays: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[len(times) // 2]
+
+
+L2_OVERFLOW_BYTES = 200 << 20  # weight copies a graph rotates over: 4x the H200's 50 MB L2
+
+
+def rotating_us(call, copies: list, replays: int = 50) -> float:
+    """Microseconds a call of call(copy) from a CUDA graph of one call per copy: with copies of a weight
+    adding up to L2_OVERFLOW_BYTES or more, no call finds its weight in L2, as a decode step never does."""
+    it = itertools.cycle(copies)
+    return _graph_us(lambda: call(next(it)), calls=len(copies), replays=replays)
 
 
 def _kernel_us(fn, calls: int = 20) -> dict:
