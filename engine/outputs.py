@@ -133,6 +133,9 @@ class SchedulerOutput:
     # sample may take next (engine/structured/); None when no constrained sample is scheduled
     grammar_bitmask: Any = None
     structured_output_req_ids: list[str] = field(default_factory=list)  # seq ids of grammar_bitmask's rows
+    # a prompt chunk of DEEP_CHUNK_TOKENS or more new tokens at least DEEP_CHUNK_START deep is in it
+    # (engine/scheduler.py): hundreds of kernel launches, so the engine core collects the step in flight first
+    has_deep_chunk: bool = False
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -47,6 +47,10 @@ def request_sampling_params(seq: Sequence, eos_token_ids: list[int]) -> RequestS
     )
 
 
+# a prompt chunk of this many new tokens at least this deep takes the long-chunk attention path on a GPU
+# (kernels/cudnn_prefill.py's CUDNN_MIN_QUERY and KEY_PIECES[-1]): several cuDNN calls a layer, hundreds of
+# kernel launches a step (SchedulerOutput.has_deep_chunk)
+DEEP_CHUNK_TOKENS, DEEP_CHUNK_START = 512, 8192
 MIN_PREFILL_CHUNK = 256  # prompt tokens a step that decodes may always give one prefill
 
 
@@ -126,6 +130,8 @@ class Scheduler:
     def _schedule_tokens(self, seq: Sequence, num_new: int, out: SchedulerOutput, scheduled: list[Sequence]) -> None:
         if seq.num_computed_tokens + num_new == len(seq.token_ids) + seq.num_placeholders:
             seq.num_placeholders += 1  # this step samples the next token
+        if num_new >= DEEP_CHUNK_TOKENS and seq.num_computed_tokens >= DEEP_CHUNK_START:
+            out.has_deep_chunk = True
         seq.num_computed_tokens += num_new
         seq.num_in_flight += 1
         scheduled.append(seq)

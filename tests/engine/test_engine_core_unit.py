@@ -144,3 +144,60 @@ def test_outputs_round_trip_msgpack() -> None:
         assert decode.decode(encoder.encode(outs)) == outs
     client.shutdown()
     assert client.core.executor.shut
+
+
+class SplitExecutor(FakeExecutor):
+    """FakeExecutor with the in-process executor's split submit, logging the order of the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+        self.prepared: SchedulerOutput | None = None
+
+    def submit(self, so: SchedulerOutput) -> None:
+        self.calls.append("submit")
+        super().submit(so)
+
+    def prepare_forward(self, so: SchedulerOutput) -> None:
+        assert self.prepared is None
+        self.calls.append("prepare")
+        self.prepared = so
+
+    def launch_forward(self) -> None:
+        assert self.prepared is not None
+        self.calls.append("launch")
+
+    def submit_sample(self, so: SchedulerOutput) -> None:
+        assert so is self.prepared
+        self.prepared = None
+        self.calls.append("sample")
+        super().submit(so)
+
+    def collect(self) -> ModelRunnerOutput:
+        self.calls.append("collect")
+        return super().collect()
+
+
+def test_deep_chunk_collects_the_step_in_flight_first(monkeypatch) -> None:
+    """With async scheduling, a step with a deep prompt chunk is prepared, the step in flight collected, and only
+    then launched; the tokens are those of the synchronous loop."""
+    import engine.scheduler as scheduler_module
+
+    monkeypatch.setattr(scheduler_module, "DEEP_CHUNK_TOKENS", 4)
+    monkeypatch.setattr(scheduler_module, "DEEP_CHUNK_START", 8)
+    results = []
+    for async_scheduling in (False, True):
+        sched = Scheduler(BlockManager(40, 4, True), 8, 8, [EOS], async_scheduling=async_scheduling, max_model_len=256)
+        executor = SplitExecutor()
+        client = InprocClient(EngineCore(sched, executor, max_in_flight=2 if async_scheduling else 1))
+        client.add_request(request("short", 2, max_tokens=12))
+        client.add_request(request("long", 30, max_tokens=3))  # in chunks beside the decode, most 8+ deep
+        tokens, _ = run(client)
+        assert_all_free(client)
+        results.append(dict(tokens))
+        if async_scheduling:
+            order = " ".join(executor.calls)
+            assert "prepare collect launch sample" in order  # the deep chunks' steps
+            assert order.count("prepare") >= 2 and "submit" in order  # the other steps as before
+    assert results[0] == results[1]
+    assert results[1][("long", 0)] == [token_at(30 + j) for j in range(3)]

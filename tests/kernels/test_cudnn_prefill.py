@@ -79,6 +79,10 @@ def test_long_chunk_rule() -> None:
     assert long(8192, 120000, 28, 128) and long(512, 8192 + 512, 28, 128)
     assert not long(511, 100000, 28, 128) and not long(8192, 8192 + 8191, 28, 128)  # too short, too shallow
     assert not long(8192, 2_000_000, 28, 128)  # its partials would pass MAX_PARTIAL_BYTES: the Triton kernel
+    # the scheduler flags the same chunks (the engine core then collects the step in flight before launching)
+    from engine.scheduler import DEEP_CHUNK_START, DEEP_CHUNK_TOKENS
+
+    assert (DEEP_CHUNK_TOKENS, DEEP_CHUNK_START) == (cudnn_prefill.CUDNN_MIN_QUERY, cudnn_prefill.KEY_PIECES[-1])
 
 
 def test_pieces_and_rests() -> None:
