@@ -14,10 +14,12 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 
+from benchmarks.step_trace import StepTrace
 from benchmarks.throughput import (
     QWEN2_7B,
     QWEN2_32B,
@@ -170,27 +172,40 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
     # garbage collections, and the CUDA caching allocator's new device allocations and retries
     step_log = []
     sched = d.engine.scheduler
-    collections = 0
+    num_collections = 0
 
     def on_gc(phase: str, info: dict) -> None:
-        nonlocal collections
-        collections += phase == "start"
+        nonlocal num_collections
+        num_collections += phase == "start"
 
     def alloc_counts() -> tuple[int, int]:  # (new device allocations, allocation retries) so far
         stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
         return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
+    def long_chunk(so) -> tuple[int, int, int]:  # (its first position or -1, its new tokens, the other tokens)
+        first_pos = next((r.num_computed_tokens for r in [*so.scheduled_new_reqs, *so.scheduled_cached_reqs]
+                          if r.req_id == "long"), -1)
+        n = so.num_scheduled_tokens.get("long", 0)
+        return first_pos, n, sum(so.num_scheduled_tokens.values()) - n
+
+    trace = StepTrace(d.engine, label=long_chunk)  # host ms per phase of each step, device ms of each
     gc.callbacks.append(on_gc)
+    if args.sync_debug and torch.cuda.is_available():  # every op that waits for the GPU warns, once per line
+        warnings.simplefilter("default")
+        torch.cuda.set_sync_debug_mode("warn")
     try:
         while not d.stamps["long"]:
-            t0, gcs, (allocs, retries) = time.perf_counter(), collections, alloc_counts()
+            t0, gcs, (allocs, retries) = time.perf_counter(), num_collections, alloc_counts()
             d.step()
             done = next((q.num_computed_tokens for q in [*sched.running, *sched.waiting] if q.seq_id == "long"), None)
             now_allocs, now_retries = alloc_counts()
-            step_log.append((1e3 * (time.perf_counter() - t0), done, collections - gcs, now_allocs - allocs,
-                             now_retries - retries))
+            step_log.append((1e3 * (time.perf_counter() - t0), done, num_collections - gcs, now_allocs - allocs,
+                             now_retries - retries, {k: round(v, 1) for k, v in trace.take_phases().items()}))
     finally:
+        if args.sync_debug and torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
         gc.callbacks.remove(on_gc)
+        trace.close()
     steps = len(step_log)
     first = d.stamps["long"][0]
     gaps: list[float] = []
@@ -207,6 +222,7 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
     if not gaps:
         raise SystemExit("mixed: no stream got a token while the long prompt prefilled")
     fig = {"streams": args.num_streams, "short_prompt_len": args.short_prompt_len, "prompt_len": args.prompt_len,
+           "max_prefill_tokens_while_decoding": d.engine.scheduler.max_prefill_tokens_while_decoding,
            "steps_during_prefill": steps, "stream_tokens_during_prefill": tokens, "itl_gaps": len(gaps),
            "itl_p50_ms": round(1e3 * percentile(gaps, 50), 2), "itl_p99_ms": round(1e3 * percentile(gaps, 99), 2),
            "itl_max_ms": round(1e3 * max(gaps), 2), "preemptions": preempted, "long_ttft_s": round(ttft, 4),
@@ -218,11 +234,15 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
     emit("long_context_mixed_steps", slowest=[
         {"step": i, "ms": round(step_log[i][0], 1), "long_done_before": step_log[i - 1][1] if i else 0,
          "long_done_after": step_log[i][1], "gc": step_log[i][2], "device_allocs": step_log[i][3],
-         "alloc_retries": step_log[i][4]} for i in sorted(slowest)],
+         "alloc_retries": step_log[i][4], "host_ms": step_log[i][5]} for i in sorted(slowest)],
         ms_by_quarter=[round(sum(e[0] for e in part) / max(len(part), 1), 1)
                        for part in (step_log[k * steps // 4 : (k + 1) * steps // 4] for k in range(4))],
         steps_with_gc=sum(e[2] > 0 for e in step_log), steps_with_device_allocs=sum(e[3] > 0 for e in step_log),
         steps_with_alloc_retries=sum(e[4] > 0 for e in step_log))
+    device = trace.device_steps()
+    if device:  # per step: the long prompt's first position and new tokens, other tokens, device ms, idle ms
+        emit("long_context_mixed_device", columns=["long_start", "long_new", "other_tokens", "device_ms", "idle_ms"],
+             steps=[[*chunk, round(busy, 2), round(idle, 2)] for chunk, busy, idle in device])
 
 
 def hf_prefill_child(model_dir: str, prompt_len: int, seed: int) -> None:
@@ -290,6 +310,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prefill-tokens-while-decoding", type=int)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--mixed-budgets", type=lambda v: [int(x) for x in v.split(",")],
+                   help="comma-separated max_prefill_tokens_while_decoding values: the mixed part once with each, "
+                   "on the same engine (default: once, with --max-prefill-tokens-while-decoding)")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="mixed part: warn at every operation that waits for the GPU (torch's sync debug mode)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-child", metavar="MODEL_DIR", help=argparse.SUPPRESS)  # the hf part's subprocess
     args = p.parse_args(argv)
@@ -303,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.prompt_len + args.decode_tokens > args.max_model_len:
         p.error(f"--prompt-len {args.prompt_len} + --decode-tokens {args.decode_tokens} exceed --max-model-len "
                 f"{args.max_model_len}")
+    if args.mixed_budgets is not None and (not args.mixed_budgets or min(args.mixed_budgets) < 0):
+        p.error(f"--mixed-budgets: each must be >= 0, got {args.mixed_budgets}")
     if args.short_prompt_len >= args.max_model_len:
         p.error(f"--short-prompt-len {args.short_prompt_len}: must be below --max-model-len {args.max_model_len}")
     return args
@@ -357,7 +384,9 @@ def main(argv: list[str] | None = None) -> None:
             elif part == "four":
                 part_four(d, args, shape, gen)
             else:
-                part_mixed(d, args, shape, gen, alone_ttft)
+                for budget in args.mixed_budgets or [sched.max_prefill_tokens_while_decoding]:
+                    sched.max_prefill_tokens_while_decoding = budget  # the engine's, or each of the sweep's
+                    part_mixed(d, args, shape, gen, alone_ttft)
         llm.llm_engine.shutdown()
         del llm, d
         gc.collect()

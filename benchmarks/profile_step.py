@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from benchmarks.step_trace import StepTrace
 from benchmarks.throughput import QWEN2_7B, write_config
 
 
@@ -53,39 +54,17 @@ def main() -> None:
     runner = engine.executor.runner
     cpu: dict[str, float] = collections.defaultdict(float)  # "kind:phase" -> seconds
     kind = ["mixed"]
-
-    def timed(name: str, fn):
-        def wrapper(*a, **k):
-            t0 = time.perf_counter()
-            out = fn(*a, **k)
-            cpu[f"{kind[0]}:{name}"] += time.perf_counter() - t0
-            return out
-        return wrapper
-
-    engine.scheduler.schedule = timed("schedule", engine.scheduler.schedule)
-    runner.update_states = timed("update_states", runner.update_states)
-    runner.prepare_inputs = timed("prepare_inputs", runner.prepare_inputs)
-    runner.sampling_metadata = timed("sampling_metadata", runner.sampling_metadata)
-    engine.executor.collect = timed("wait_for_tokens", engine.executor.collect)
-    engine.scheduler.update_from_output = timed("update_from_output", engine.scheduler.update_from_output)
-    engine.output_processor.process_outputs = timed("process_outputs", engine.output_processor.process_outputs)
-    events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (kind, queued start, end)
     profiling = [False]
-    original_submit = runner.submit_model
 
-    def submit(so):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        step_kind = "decode" if max(so.num_scheduled_tokens.values(), default=1) == 1 else "mixed"
-        step_kind = "profiled" if profiling[0] else step_kind
-        t0 = time.perf_counter()
-        start.record()
-        out = original_submit(so)
-        end.record()
-        cpu[f"{step_kind}:submit (update+prepare+launch+sampler)"] += time.perf_counter() - t0
-        events.append((step_kind, start, end))
-        return out
+    def label(so) -> str:  # the device step's kind
+        if profiling[0]:
+            return "profiled"
+        return "decode" if max(so.num_scheduled_tokens.values(), default=1) == 1 else "mixed"
 
-    runner.submit_model = submit
+    phases = (("scheduler", "schedule"), ("runner", "update_states"), ("runner", "prepare_inputs"),
+              ("runner", "sampling_metadata"), ("executor", "collect"), ("scheduler", "update_from_output"),
+              ("output_processor", "process_outputs"))
+    trace = StepTrace(engine, phases, label)  # "submit" is update + prepare + launch + sampler
     g = torch.Generator().manual_seed(0)
     for i in range(args.num_requests):
         prompt = torch.randint(10, 150000, (args.input_len,), generator=g).tolist()
@@ -109,6 +88,8 @@ def main() -> None:
             kind[0] = "profiled"  # keeps the profiled steps' CPU times out of the figures
         t0 = time.perf_counter()
         engine.step()
+        for name, ms in trace.take_phases().items():
+            cpu[f"{kind[0]}:{name}"] += ms / 1e3
         kind[0] = step_kind
         if profiling[0]:
             steps["profiled " + kind[0]] += 1
@@ -120,18 +101,19 @@ def main() -> None:
             continue
         wall[kind[0]] += time.perf_counter() - t0
         steps[kind[0]] += 1
-    torch.cuda.synchronize()
+    trace.close()
     for k, table in tables.items():
         print(f"--- device kernels over {steps['profiled ' + k]} {k} steps (not counted below) ---")
         print(table)
     busy, idle, n_gpu = collections.defaultdict(float), collections.defaultdict(float), collections.Counter()
-    for i, (k, start, end) in enumerate(events):
+    device = trace.device_steps()
+    for i, (k, busy_ms, idle_ms) in enumerate(device):
         if k == "profiled":
             continue
-        busy[k] += start.elapsed_time(end)
+        busy[k] += busy_ms
         n_gpu[k] += 1
-        if i + 1 < len(events) and events[i + 1][0] != "profiled":
-            idle[k] += end.elapsed_time(events[i + 1][1])
+        if i + 1 < len(device) and device[i + 1][0] != "profiled":
+            idle[k] += idle_ms
     print(f"async scheduling: {engine.config.uses_async_scheduling('cuda')}, CUDA graphs: {runner.cuda_graphs is not None}")
     for k in ("mixed", "decode"):
         n = max(1, steps[k])

@@ -1,0 +1,92 @@
+"""Where an in-process engine's steps spend their time, for benchmarks: host milliseconds per phase
+(the methods named, timed wherever they are called) and, on a GPU, the device's time of every submitted
+step (CUDA events queued around runner.submit_model), by patching one engine's methods until close().
+
+    trace = StepTrace(llm.llm_engine, phases=StepTrace.PHASES, label=lambda so: ...)
+    ... engine.step() ...; trace.take_phases()  # {"schedule": ms, ...} since the last take
+    trace.close(); trace.device_steps()  # [(label, device ms, device idle ms before the next step), ...]
+"""
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+# (owner, method): owner is "scheduler", "executor", "runner" or "output_processor" of the engine
+Phases = tuple[tuple[str, str], ...]
+
+
+class StepTrace:
+    # a step's host work, from scheduling through launching to processing the tokens
+    PHASES: Phases = (("scheduler", "schedule"), ("runner", "prepare_forward"), ("runner", "launch_forward"),
+                      ("runner", "submit_sample"), ("executor", "collect"), ("scheduler", "update_from_output"),
+                      ("output_processor", "process_outputs"))
+
+    def __init__(self, engine: Any, phases: Phases = PHASES, label: Callable[[Any], Any] | None = None) -> None:
+        runner = getattr(engine.executor, "runner", None)  # None: the ranks run in other processes
+        owners = {"scheduler": engine.scheduler, "executor": engine.executor, "runner": runner,
+                  "output_processor": engine.output_processor}
+        self.phases: dict[str, float] = collections.defaultdict(float)  # host ms per phase since take_phases()
+        self._events: list[tuple[Any, torch.cuda.Event, torch.cuda.Event]] = []  # (label, start, end)
+        self._patched: list[tuple[Any, str]] = []
+        for owner, name in phases:
+            obj = owners[owner]
+            if obj is not None and hasattr(obj, name):
+                self._patch(obj, name, self._timed(name, getattr(obj, name)))
+        if runner is not None and torch.cuda.is_available():
+            self._patch(runner, "submit_model", self._evented(runner.submit_model, label or (lambda so: None)))
+
+    def _patch(self, obj: Any, name: str, fn: Callable) -> None:
+        assert name not in vars(obj), f"{name} is already patched"
+        setattr(obj, name, fn)
+        self._patched.append((obj, name))
+
+    def _timed(self, name: str, fn: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.phases[name] += 1e3 * (time.perf_counter() - t0)
+        return wrapper
+
+    def _evented(self, submit: Callable, label: Callable[[Any], Any]) -> Callable:
+        def wrapper(so):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            tag = label(so)
+            t0 = time.perf_counter()
+            start.record()
+            try:
+                return submit(so)
+            finally:
+                end.record()
+                self.phases["submit"] += 1e3 * (time.perf_counter() - t0)
+                self._events.append((tag, start, end))
+        return wrapper
+
+    def take_phases(self) -> dict[str, float]:
+        """Host ms per phase since the last take, then zero."""
+        taken = dict(self.phases)
+        self.phases.clear()
+        return taken
+
+    def close(self) -> None:
+        """Put the engine's own methods back (the instance attributes go: no bound method keeps a cycle)."""
+        for obj, name in reversed(self._patched):
+            delattr(obj, name)
+        self._patched.clear()
+
+    def device_steps(self) -> list[tuple[Any, float, float]]:
+        """(label, device ms from the step's first queued work to its last, device ms before the next step's
+        start) per submitted step; waits for the device. A host stall inside a submit counts as device time:
+        the start event is queued before the step's inputs are prepared."""
+        if self._events:
+            torch.cuda.synchronize()
+        steps = []
+        for i, (tag, start, end) in enumerate(self._events):
+            idle = end.elapsed_time(self._events[i + 1][1]) if i + 1 < len(self._events) else 0.0
+            steps.append((tag, start.elapsed_time(end), idle))
+        return steps
