@@ -67,6 +67,7 @@ class Driver:
 
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
         self.stamps[request_id] = []
+        self.finished.discard(request_id)  # an id used again (the mixed part once per budget): running again
         self.arrival[request_id] = time.perf_counter()
         self.engine.add_request(request_id, prompt, params)
 
@@ -165,6 +166,7 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
         d.add(rid, prompt, args.max_model_len - args.short_prompt_len)
     d.run_until(lambda: all(d.stamps[r] for r in streams))  # every stream past its prompt: decoding
     d.step()  # one more step, so each has a token stamped by a decode step before the long prompt comes
+    log(f"mixed: {len(streams)} streams decoding, budget {d.engine.scheduler.max_prefill_tokens_while_decoding}")
     preemptions_before = d.engine.get_stats().num_preemptions_total
     d.add("long", random_ids(args.prompt_len, shape["vocab_size"], gen), 1)
     arrival = d.arrival["long"]
@@ -201,6 +203,8 @@ def part_mixed(d: Driver, args: argparse.Namespace, shape: dict, gen: torch.Gene
             now_allocs, now_retries = alloc_counts()
             step_log.append((1e3 * (time.perf_counter() - t0), done, num_collections - gcs, now_allocs - allocs,
                              now_retries - retries, {k: round(v, 1) for k, v in trace.take_phases().items()}))
+            if len(step_log) % 25 == 0:  # progress on stderr: a stall shows where it began
+                log(f"mixed: step {len(step_log)}, long prompt {done} tokens in, {time.perf_counter() - arrival:.1f} s")
     finally:
         if args.sync_debug and torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode("default")

@@ -63,3 +63,36 @@ def test_bad_flags_are_named(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "--parts: unknown 'prefill'" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_bench(["--shape", "tiny", "--prompt-len", "5000", "--max-model-len", "4096"], tmp_path)
     assert proc.returncode != 0 and "--max-model-len 4096" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_driver_aborts_an_id_used_again() -> None:
+    """The mixed part runs once per budget with the same stream ids: a stream that finished (or was aborted and
+    reported) in one run and was added again is aborted by the next drain, not left decoding to max_tokens."""
+    from benchmarks.long_context import Driver
+
+    class Engine:
+        def __init__(self) -> None:
+            self.live: set[str] = set()
+            self.aborted: list[str] = []
+
+        def add_request(self, request_id, prompt, params) -> None:
+            self.live.add(request_id)
+
+        def abort_request(self, request_ids) -> None:
+            self.aborted += request_ids
+            self.live -= set(request_ids)
+
+        def has_unfinished_requests(self) -> bool:
+            return bool(self.live)
+
+        def step(self) -> list:
+            return []
+
+    engine = Engine()
+    d = Driver(engine)
+    d.add("stream-0", [1, 2, 3], 8)
+    d.finished.add("stream-0")  # as step() records a finished (or aborted) output
+    engine.live.clear()
+    d.add("stream-0", [1, 2, 3], 8)
+    d.drain(["stream-0"])
+    assert engine.aborted == ["stream-0"] and not engine.live
