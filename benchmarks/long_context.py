@@ -10,16 +10,14 @@ import argparse
 import gc
 import itertools
 import json
-import math
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
 
 import torch
 
-from benchmarks.step_trace import StepTrace
+from benchmarks.step_trace import Driver, StepTrace, percentile
 from benchmarks.throughput import (
     QWEN2_7B,
     QWEN2_32B,
@@ -44,63 +42,6 @@ def emit(figure: str, **fields: object) -> None:
 def random_ids(n: int, vocab: int, gen: torch.Generator) -> list[int]:
     """Random token ids: no two prompts share a prefix, so prefix caching could not help anyway."""
     return torch.randint(10, vocab - 10, (n,), generator=gen).tolist()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-class Driver:
-    """The engine's own step loop with a perf_counter stamp per new token of each request."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-        engine.stream_outputs = True  # step() returns every request that got tokens, not only finished ones
-        self.arrival: dict[str, float] = {}
-        self.stamps: dict[str, list[float]] = {}  # request id -> one time per output token
-        self.finished: set[str] = set()
-
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
-        from engine import SamplingParams
-
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
-        self.stamps[request_id] = []
-        self.finished.discard(request_id)  # an id used again (the mixed part once per budget): running again
-        self.arrival[request_id] = time.perf_counter()
-        self.engine.add_request(request_id, prompt, params)
-
-    def step(self) -> None:
-        outputs = self.engine.step()
-        now = time.perf_counter()
-        for out in outputs:
-            if out.error is not None:
-                raise SystemExit(f"request {out.request_id} failed: {out.error}")
-            stamps = self.stamps.get(out.request_id)
-            if stamps is None:
-                continue
-            stamps.extend([now] * (len(out.outputs[0].token_ids) - len(stamps)))
-            if out.finished:
-                self.finished.add(out.request_id)
-
-    def run_until(self, done: Callable[[], bool]) -> int:
-        steps = 0
-        while not done():
-            if not self.engine.has_unfinished_requests():
-                raise SystemExit("the engine ran out of work before the benchmark's condition held")
-            self.step()
-            steps += 1
-        return steps
-
-    def ttft(self, request_id: str) -> float:
-        return self.stamps[request_id][0] - self.arrival[request_id]
-
-    def drain(self, request_ids: list[str]) -> None:
-        """Abort what is still running among request_ids and step until the engine is idle."""
-        self.engine.abort_request([r for r in request_ids if r not in self.finished])
-        while self.engine.has_unfinished_requests():
-            self.step()
 
 
 def prefill_roofline_s(shape: dict, n: int, flops_rate: float, tp: int) -> float:
@@ -317,6 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mixed-budgets", type=lambda v: [int(x) for x in v.split(",")],
                    help="comma-separated max_prefill_tokens_while_decoding values: the mixed part once with each, "
                    "on the same engine (default: once, with --max-prefill-tokens-while-decoding)")
+    p.add_argument("--piece-batches", type=lambda v: tuple(int(x) for x in v.split(",")),
+                   help="kernels/cudnn_prefill.py's PIECE_BATCHES for this run, e.g. 4,2,1 (must include 1)")
     p.add_argument("--sync-debug", action="store_true",
                    help="mixed part: warn at every operation that waits for the GPU (torch's sync debug mode)")
     p.add_argument("--seed", type=int, default=0)
@@ -332,6 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.prompt_len + args.decode_tokens > args.max_model_len:
         p.error(f"--prompt-len {args.prompt_len} + --decode-tokens {args.decode_tokens} exceed --max-model-len "
                 f"{args.max_model_len}")
+    if args.piece_batches is not None and 1 not in args.piece_batches:
+        p.error(f"--piece-batches: must include 1, got {args.piece_batches}")
     if args.mixed_budgets is not None and (not args.mixed_budgets or min(args.mixed_budgets) < 0):
         p.error(f"--mixed-budgets: each must be >= 0, got {args.mixed_budgets}")
     if args.short_prompt_len >= args.max_model_len:
@@ -367,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
         from engine.config import ConfigError
         from engine.errors import ModelLoadError, RankFailedError
 
+        if args.piece_batches:  # read by the cuDNN warm-up at start and by every long chunk (this process)
+            import kernels.cudnn_prefill
+
+            kernels.cudnn_prefill.PIECE_BATCHES = args.piece_batches
         try:
             llm = build_llm(model_dir, args, on_gpu)
         except (ConfigError, ModelLoadError, RankFailedError) as e:  # e.g. max_model_len does not fit

@@ -1,6 +1,7 @@
 """Where an in-process engine's steps spend their time, for benchmarks: host milliseconds per phase
 (the methods named, timed wherever they are called) and, on a GPU, the device's time of every submitted
-step (CUDA events queued around runner.submit_model), by patching one engine's methods until close().
+step (CUDA events queued around runner.submit_model), by patching one engine's methods until close();
+and Driver, the engine's own step loop with a time stamp per new token of each request.
 
     trace = StepTrace(llm.llm_engine, phases=StepTrace.PHASES, label=lambda so: ...)
     ... engine.step() ...; trace.take_phases()  # {"schedule": ms, ...} since the last take
@@ -9,6 +10,7 @@ step (CUDA events queued around runner.submit_model), by patching one engine's m
 from __future__ import annotations
 
 import collections
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -90,3 +92,60 @@ class StepTrace:
             idle = end.elapsed_time(self._events[i + 1][1]) if i + 1 < len(self._events) else 0.0
             steps.append((tag, start.elapsed_time(end), idle))
         return steps
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+class Driver:
+    """The engine's own step loop with a perf_counter stamp per new token of each request."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        engine.stream_outputs = True  # step() returns every request that got tokens, not only finished ones
+        self.arrival: dict[str, float] = {}
+        self.stamps: dict[str, list[float]] = {}  # request id -> one time per output token
+        self.finished: set[str] = set()
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
+        from engine import SamplingParams
+
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        self.stamps[request_id] = []
+        self.finished.discard(request_id)  # an id used again (the mixed part once per budget): running again
+        self.arrival[request_id] = time.perf_counter()
+        self.engine.add_request(request_id, prompt, params)
+
+    def step(self) -> None:
+        outputs = self.engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.error is not None:
+                raise SystemExit(f"request {out.request_id} failed: {out.error}")
+            stamps = self.stamps.get(out.request_id)
+            if stamps is None:
+                continue
+            stamps.extend([now] * (len(out.outputs[0].token_ids) - len(stamps)))
+            if out.finished:
+                self.finished.add(out.request_id)
+
+    def run_until(self, done: Callable[[], bool]) -> int:
+        steps = 0
+        while not done():
+            if not self.engine.has_unfinished_requests():
+                raise SystemExit("the engine ran out of work before the benchmark's condition held")
+            self.step()
+            steps += 1
+        return steps
+
+    def ttft(self, request_id: str) -> float:
+        return self.stamps[request_id][0] - self.arrival[request_id]
+
+    def drain(self, request_ids: list[str]) -> None:
+        """Abort what is still running among request_ids and step until the engine is idle."""
+        self.engine.abort_request([r for r in request_ids if r not in self.finished])
+        while self.engine.has_unfinished_requests():
+            self.step()

@@ -6,7 +6,7 @@ keys in two parts:
 - the keys before it, as far as whole pieces of KEY_PIECES' sizes reach (largest first), are gathered out
   of the pages (0.13 ms for 112K tokens of 4 KV heads, against ~22 ms of attention); each piece is one
   unmasked cuDNN call with a KV head's query heads stacked on the rows ([1, num_kv_heads, G * n, D]: each
-  K/V tile read once);
+  K/V tile read once), or PIECE_BATCHES of equal pieces share one call as its batch (the queries repeated);
 - the rest (the keys past the last piece, `rem` of them, then the chunk's own) is one causal cuDNN call on a
   square: the queries sit on its last n rows (the first rem rows are zero queries whose outputs are dropped),
   so top-left causal masking gives each new token exactly the keys up to itself. When rem is large against n
@@ -34,6 +34,11 @@ CUDNN_MIN_QUERY = 512  # new tokens of one sequence from which its chunk takes t
 KEY_PIECES = (16384, 8192)  # keys per unmasked cuDNN call, largest first; a chunk less deep than the last stays on Triton
 LADDER_STEPS = 8  # padded row counts per octave of a piece's queries (a power of two)
 CAUSAL_LADDER_STEPS = 4  # ... and of a causal square's rows: fewer plans, the common sizes are powers of two
+# equal pieces per cuDNN call, largest first (a run of 7 with (4, 2, 1): calls of 4, 2 and 1), each a plan per
+# row count. A short chunk deep in a long prompt (the mixed steps beside decoding streams: n ~ 650, 4 KV heads
+# of 7 query heads, 36 x 4 = 144 tiles of 128 rows) fills 1.09 waves of the H200's 132 SMs in a call of one
+# piece, so the second wave runs nearly empty; a batch of pieces fills its waves. (1,): one piece a call.
+PIECE_BATCHES = (1,)
 TRITON_RELATIVE_RATE = 0.6  # the Triton prefill kernel's rate over cuDNN's (H200: 377 against 619 TFLOP/s)
 MAX_PARTIAL_BYTES = 3 * 2**30  # a chunk's partials at most (the rest's splits counted at their most)
 
@@ -71,6 +76,25 @@ def piece_sizes(prefix: int) -> list[int]:
     return sizes
 
 
+def piece_calls(sizes: list[int], batches: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
+    """(piece size, pieces in the call) per cuDNN call over `sizes` (piece_sizes' list, equal sizes adjacent):
+    each run of equal pieces in batches of PIECE_BATCHES, largest first."""
+    calls = []
+    i = 0
+    while i < len(sizes):
+        run = 1
+        while i + run < len(sizes) and sizes[i + run] == sizes[i]:
+            run += 1
+        left = run
+        for batch in sorted(batches or PIECE_BATCHES, reverse=True):
+            while left >= batch:
+                calls.append((sizes[i], batch))
+                left -= batch
+        assert left == 0, "PIECE_BATCHES must include 1"
+        i += run
+    return calls
+
+
 def rest_on_cudnn(n: int, rem: int) -> bool:
     """Whether the causal square of rem + n rows (rem of them dropped, padded up its ladder) costs less than
     the Triton kernel's n x (rem + n / 2) at its rate."""
@@ -104,10 +128,12 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1)[None]
 
 
-def _keys(kv: torch.Tensor, start: int, size: int) -> torch.Tensor:
-    """[tokens, num_kv_heads, D] -> tokens [start, start + size) as [1, num_kv_heads, size, D], strided: the
-    layout (strides included) that warmup builds plans for."""
-    return _heads_first(kv[start : start + size])
+def _keys(kv: torch.Tensor, start: int, size: int, batch: int = 1) -> torch.Tensor:
+    """[tokens, num_kv_heads, D] -> `batch` pieces of `size` tokens from start as [batch, num_kv_heads, size, D],
+    strided: the layout (strides included) that warmup builds plans for."""
+    if batch == 1:
+        return _heads_first(kv[start : start + size])
+    return kv[start : start + batch * size].unflatten(0, (batch, size)).transpose(1, 2)
 
 
 def _causal_rest(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, rem: int,
@@ -176,11 +202,12 @@ def chunk_attention(
     q[:, :, :n] = query.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.view(1, num_kv_heads, group * rows, head_dim)
     start = 0
-    for size in sizes:
-        o, lse = _sdpa(q, _keys(k, start, size), _keys(v, start, size), scale)
-        start += size
-        # [num_heads, rows, ...] once viewed: head = kv_head * group + head in group
-        sources.append((o.view(num_heads, rows, head_dim), lse.view(num_heads, rows)))
+    for size, batch in piece_calls(sizes):
+        qb = q if batch == 1 else q.expand(batch, -1, -1, -1).contiguous()  # the queries once per piece
+        o, lse = _sdpa(qb, _keys(k, start, size, batch), _keys(v, start, size, batch), scale)
+        start += batch * size
+        # [num_heads, rows, ...] per piece once viewed: head = kv_head * group + head in group
+        sources += [(o[b].view(num_heads, rows, head_dim), lse[b].view(num_heads, rows)) for b in range(batch)]
     merge_normalized(out, sources, partials)
 
 
@@ -205,11 +232,12 @@ def warmup(k_cache: torch.Tensor, num_heads: int, dtype: torch.dtype, k_scale: f
     device, group, scale = k_cache.device, num_heads // num_kv_heads, head_dim**-0.5
     max_query_len = min(max_query_len, max_model_len - KEY_PIECES[-1])
     for size in KEY_PIECES:
-        if size + CUDNN_MIN_QUERY > max_model_len:
-            continue
-        k = _keys(torch.zeros(size, num_kv_heads, head_dim, dtype=dtype, device=device), 0, size)
-        for rows in ladder(CUDNN_MIN_QUERY, max_query_len):
-            _sdpa(torch.zeros(1, num_kv_heads, group * rows, head_dim, dtype=dtype, device=device), k, k, scale)
+        for batch in PIECE_BATCHES:
+            if batch * size + CUDNN_MIN_QUERY > max_model_len:
+                continue
+            k = _keys(torch.zeros(batch * size, num_kv_heads, head_dim, dtype=dtype, device=device), 0, size, batch)
+            for rows in ladder(CUDNN_MIN_QUERY, max_query_len):
+                _sdpa(torch.zeros(batch, num_kv_heads, group * rows, head_dim, dtype=dtype, device=device), k, k, scale)
     for rows in ladder(CUDNN_MIN_QUERY, max_query_len + KEY_PIECES[-1] - 1, CAUSAL_LADDER_STEPS):
         x = _heads_first(torch.zeros(rows, num_heads, head_dim, dtype=dtype, device=device))
         o, lse = _sdpa(x, x, x, scale, causal=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.long_context import percentile
+from benchmarks.step_trace import percentile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,7 +68,7 @@ def test_bad_flags_are_named(tmp_path: Path) -> None:
 def test_driver_aborts_an_id_used_again() -> None:
     """The mixed part runs once per budget with the same stream ids: a stream that finished (or was aborted and
     reported) in one run and was added again is aborted by the next drain, not left decoding to max_tokens."""
-    from benchmarks.long_context import Driver
+    from benchmarks.step_trace import Driver
 
     class Engine:
         def __init__(self) -> None:

@@ -120,14 +120,17 @@ def test_fp32_and_fp8_pages_stay_on_triton() -> None:
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("batches", [(1,), (4, 2, 1)])  # PIECE_BATCHES: one piece a call, or equal ones batched
 @pytest.mark.parametrize("dtype,num_heads,num_kv_heads,head_dim,block_size", [
     (torch.bfloat16, 28, 4, 128, 16), (torch.float16, 14, 2, 64, 32), (torch.bfloat16, 8, 8, 128, 16)])
-def test_cudnn_chunks_gpu(make_paged_kv: Callable, assert_close: Check, dtype: torch.dtype, num_heads: int,
-                          num_kv_heads: int, head_dim: int, block_size: int) -> None:
+def test_cudnn_chunks_gpu(make_paged_kv: Callable, assert_close: Check, monkeypatch: pytest.MonkeyPatch,
+                          dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                          batches: tuple[int, ...]) -> None:
+    monkeypatch.setattr(cudnn_prefill, "PIECE_BATCHES", batches)
     if not cudnn_prefill.can_use_cudnn(dtype, torch.zeros(1, block_size, num_kv_heads, head_dim, dtype=dtype, device="cuda"),
                                        1.0, 1.0):
         pytest.skip("cuDNN attention not available for this shape here")
-    # (1500, 40000): two pieces, a rest of 7,232 keys on Triton; (2100, 16384): one piece, its own keys causal;
+    # (1500, 40000): two pieces (one call of two when batched), a rest of 7,232 keys on Triton; (2100, 16384): one piece, its own keys causal;
     # (1030, 17000) and (600, 8300): a piece, then 616 or 108 keys and its own in one causal square
     scenario = [(1, 3000), (1500, 40000), (5, 9), (1024, 0), (1, 1), (2100, 16384), (0, 40), (1030, 17000), (600, 8300)]
     out, ref = _run(make_paged_kv, scenario, num_heads, num_kv_heads, head_dim, block_size, dtype, torch.device("cuda"))
@@ -141,3 +144,28 @@ def test_warmup_builds_every_shape_gpu() -> None:
     if not cudnn_prefill.can_use_cudnn(torch.bfloat16, k_cache, 1.0, 1.0):
         pytest.skip("cuDNN attention not available here")
     cudnn_prefill.warmup(k_cache, 28, torch.bfloat16, 1.0, 1.0, max_query_len=1024, max_model_len=40000)
+
+
+def test_piece_calls() -> None:
+    assert cudnn_prefill.piece_calls([16384] * 7, (4, 2, 1)) == [(16384, 4), (16384, 2), (16384, 1)]
+    assert cudnn_prefill.piece_calls([16384] * 6 + [8192], (4, 2, 1)) == [(16384, 4), (16384, 2), (8192, 1)]
+    assert cudnn_prefill.piece_calls([16384] * 3, (1,)) == [(16384, 1)] * 3
+    assert cudnn_prefill.piece_calls([], (4, 1)) == []
+
+
+@pytest.mark.parametrize("batches", [(2, 1), (4, 2, 1)])
+def test_batched_pieces(make_paged_kv: Callable, assert_close: Check, device: torch.device,
+                        monkeypatch: pytest.MonkeyPatch, batches: tuple[int, ...]) -> None:
+    """Equal pieces sharing one cuDNN call as its batch (PIECE_BATCHES): the same results, fewer calls."""
+    calls = []
+    monkeypatch.setattr(cudnn_prefill, "CUDNN_MIN_QUERY", 8)
+    monkeypatch.setattr(cudnn_prefill, "KEY_PIECES", (16, 8))
+    monkeypatch.setattr(cudnn_prefill, "PIECE_BATCHES", batches)
+    monkeypatch.setattr(paged, "can_use_cudnn", lambda *a: True)
+    monkeypatch.setattr(cudnn_prefill, "_sdpa", lambda *a, causal=False: calls.append(
+        (a[0].shape[0], a[1].shape[2], causal)) or _math_sdpa(*a, causal=causal))
+    out, ref = _run(make_paged_kv, SCENARIO, 8, 2, 16, 4, torch.float32, device)
+    assert_close(out, ref)
+    pieces = [(batch, keys) for batch, keys, causal in calls if not causal]
+    assert sum(batch * keys for batch, keys in pieces) == sum(keys for keys, c in CALLS[0.6] if not c)
+    assert (2, 16) in pieces and len(pieces) < sum(1 for _, c in CALLS[0.6] if not c)
