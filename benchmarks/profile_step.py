@@ -61,10 +61,10 @@ def main() -> None:
             return "profiled"
         return "decode" if max(so.num_scheduled_tokens.values(), default=1) == 1 else "mixed"
 
-    phases = (("scheduler", "schedule"), ("runner", "update_states"), ("runner", "prepare_inputs"),
-              ("runner", "sampling_metadata"), ("executor", "collect"), ("scheduler", "update_from_output"),
-              ("output_processor", "process_outputs"))
-    trace = StepTrace(engine, phases, label)  # "submit" is update + prepare + launch + sampler
+    phases = (("scheduler", "schedule"), ("runner", "submit_model"), ("runner", "update_states"),
+              ("runner", "prepare_inputs"), ("runner", "sampling_metadata"), ("executor", "collect"),
+              ("scheduler", "update_from_output"), ("output_processor", "process_outputs"))
+    trace = StepTrace(engine, phases, label)  # submit_model: update + prepare + launch + sampler
     g = torch.Generator().manual_seed(0)
     for i in range(args.num_requests):
         prompt = torch.randint(10, 150000, (args.input_len,), generator=g).tolist()

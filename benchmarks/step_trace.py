@@ -1,6 +1,7 @@
 """Where an in-process engine's steps spend their time, for benchmarks: host milliseconds per phase
-(the methods named, timed wherever they are called) and, on a GPU, the device's time of every submitted
-step (CUDA events queued around runner.submit_model), by patching one engine's methods until close();
+(the methods named, timed wherever they are called) and, on a GPU, the device's time of every step (CUDA
+events queued when runner.prepare_forward starts and after its launch_forward or submit_sample: every
+in-process path, the engine core's split ones included), by patching one engine's methods until close();
 and Driver, the engine's own step loop with a time stamp per new token of each request.
 
     trace = StepTrace(llm.llm_engine, phases=StepTrace.PHASES, label=lambda so: ...)
@@ -32,19 +33,28 @@ class StepTrace:
         owners = {"scheduler": engine.scheduler, "executor": engine.executor, "runner": runner,
                   "output_processor": engine.output_processor}
         self.phases: dict[str, float] = collections.defaultdict(float)  # host ms per phase since take_phases()
-        self._events: list[tuple[Any, torch.cuda.Event, torch.cuda.Event]] = []  # (label, start, end)
+        self._label = label or (lambda so: None)
+        self._events: list[list] = []  # [label, start event, end event] per step, the end moved as it queues more
+        self._open: dict[int, tuple[Any, list]] = {}  # id of a step's PreparedStep or StepLogits -> (it, its entry)
         self._patched: list[tuple[Any, str]] = []
+        wrappers: dict[tuple[int, str], tuple[Any, Callable]] = {}  # (id(owner), method) -> (owner, wrapped method)
+
+        def wrap(obj: Any, name: str, make: Callable[[Callable], Callable]) -> None:
+            _, fn = wrappers.get((id(obj), name), (obj, getattr(obj, name)))
+            wrappers[(id(obj), name)] = (obj, make(fn))
+
         for owner, name in phases:
             obj = owners[owner]
             if obj is not None and hasattr(obj, name):
-                self._patch(obj, name, self._timed(name, getattr(obj, name)))
+                wrap(obj, name, lambda fn, name=name: self._timed(name, fn))
         if runner is not None and torch.cuda.is_available():
-            self._patch(runner, "submit_model", self._evented(runner.submit_model, label or (lambda so: None)))
-
-    def _patch(self, obj: Any, name: str, fn: Callable) -> None:
-        assert name not in vars(obj), f"{name} is already patched"
-        setattr(obj, name, fn)
-        self._patched.append((obj, name))
+            wrap(runner, "prepare_forward", self._step_start)
+            wrap(runner, "launch_forward", lambda fn: self._step_end(fn, samples_next=True))
+            wrap(runner, "submit_sample", lambda fn: self._step_end(fn, samples_next=False))
+        for (_, name), (obj, fn) in wrappers.items():
+            assert name not in vars(obj), f"{name} is already patched"
+            setattr(obj, name, fn)
+            self._patched.append((obj, name))
 
     def _timed(self, name: str, fn: Callable) -> Callable:
         def wrapper(*args, **kwargs):
@@ -55,18 +65,31 @@ class StepTrace:
                 self.phases[name] += 1e3 * (time.perf_counter() - t0)
         return wrapper
 
-    def _evented(self, submit: Callable, label: Callable[[Any], Any]) -> Callable:
+    def _step_start(self, prepare: Callable) -> Callable:
         def wrapper(so):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            tag = label(so)
-            t0 = time.perf_counter()
+            start = torch.cuda.Event(enable_timing=True)
             start.record()
-            try:
-                return submit(so)
-            finally:
-                end.record()
-                self.phases["submit"] += 1e3 * (time.perf_counter() - t0)
-                self._events.append((tag, start, end))
+            entry = [self._label(so), start, None]
+            self._events.append(entry)
+            step = prepare(so)
+            self._open[id(step)] = (step, entry)  # launch_forward gets this step
+            return step
+        return wrapper
+
+    def _step_end(self, fn: Callable, samples_next: bool) -> Callable:
+        """launch_forward(step) or submit_sample(logits, ...): the end of the entry its argument belongs to moves
+        past the work it queued; launch_forward's logits (StepLogits) are what submit_sample gets next."""
+        from engine.runner_output import StepLogits
+
+        def wrapper(item, *args, **kwargs):
+            _, entry = self._open.pop(id(item), (None, None))
+            out = fn(item, *args, **kwargs)
+            if entry is not None:
+                entry[2] = torch.cuda.Event(enable_timing=True)
+                entry[2].record()
+                if samples_next and isinstance(out, StepLogits):
+                    self._open[id(out)] = (out, entry)  # held until sampled, so that its id is not reused
+            return out
         return wrapper
 
     def take_phases(self) -> dict[str, float]:
@@ -83,13 +106,14 @@ class StepTrace:
 
     def device_steps(self) -> list[tuple[Any, float, float]]:
         """(label, device ms from the step's first queued work to its last, device ms before the next step's
-        start) per submitted step; waits for the device. A host stall inside a submit counts as device time:
-        the start event is queued before the step's inputs are prepared."""
+        start) per step; waits for the device. A host stall while a step is prepared or launched counts as device
+        time: the start event is queued before its inputs are prepared."""
         if self._events:
             torch.cuda.synchronize()
         steps = []
-        for i, (tag, start, end) in enumerate(self._events):
-            idle = end.elapsed_time(self._events[i + 1][1]) if i + 1 < len(self._events) else 0.0
+        events = [e for e in self._events if e[2] is not None]  # steps launched (one prepared last may not be)
+        for i, (tag, start, end) in enumerate(events):
+            idle = end.elapsed_time(events[i + 1][1]) if i + 1 < len(events) else 0.0
             steps.append((tag, start.elapsed_time(end), idle))
         return steps
 
