@@ -38,7 +38,9 @@ CAUSAL_LADDER_STEPS = 4  # ... and of a causal square's rows: fewer plans, the c
 # row count. A short chunk deep in a long prompt (the mixed steps beside decoding streams: n ~ 650, 4 KV heads
 # of 7 query heads, 36 x 4 = 144 tiles of 128 rows) fills 1.09 waves of the H200's 132 SMs in a call of one
 # piece, so the second wave runs nearly empty; a batch of pieces fills its waves. (1,): one piece a call.
-PIECE_BATCHES = (1,)
+# Measured on the H200 (a 120K prompt beside 32 decoding streams, budget 4096): TTFT 1.22x alone against
+# 1.37x with (1,), ITL p99 115 against 132 ms (benchmarks/RESULTS.md, fifteenth session).
+PIECE_BATCHES = (4, 2, 1)
 TRITON_RELATIVE_RATE = 0.6  # the Triton prefill kernel's rate over cuDNN's (H200: 377 against 619 TFLOP/s)
 MAX_PARTIAL_BYTES = 3 * 2**30  # a chunk's partials at most (the rest's splits counted at their most)
 
@@ -231,9 +233,10 @@ def warmup(k_cache: torch.Tensor, num_heads: int, dtype: torch.dtype, k_scale: f
     _, _, num_kv_heads, head_dim = k_cache.shape
     device, group, scale = k_cache.device, num_heads // num_kv_heads, head_dim**-0.5
     max_query_len = min(max_query_len, max_model_len - KEY_PIECES[-1])
-    for size in KEY_PIECES:
+    for i, size in enumerate(KEY_PIECES):
+        longest_run = KEY_PIECES[i - 1] // size - 1 if i else max_model_len // size  # a larger piece takes more
         for batch in PIECE_BATCHES:
-            if batch * size + CUDNN_MIN_QUERY > max_model_len:
+            if batch * size + CUDNN_MIN_QUERY > max_model_len or batch > longest_run:
                 continue
             k = _keys(torch.zeros(batch * size, num_kv_heads, head_dim, dtype=dtype, device=device), 0, size, batch)
             for rows in ladder(CUDNN_MIN_QUERY, max_query_len):

@@ -23,7 +23,7 @@ SCENARIO = [(1, 30), (9, 40), (1, 7), (0, 5), (12, 0), (3, 3), (8, 90), (10, 16)
 def _math_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool = False):
     s = (q.double() @ k.double().transpose(-1, -2)) * scale  # [1, h, n, m]
     if causal:  # top-left: row i sees keys 0..i
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, -1)
     return (torch.softmax(s, -1) @ v.double()).to(q.dtype), lse.float()[..., None]
 
@@ -66,6 +66,7 @@ def test_long_chunks_beside_short_ones(make_paged_kv: Callable, assert_close: Ch
     monkeypatch.setattr(cudnn_prefill, "CUDNN_MIN_QUERY", 8)
     monkeypatch.setattr(cudnn_prefill, "KEY_PIECES", (16, 8))
     monkeypatch.setattr(cudnn_prefill, "TRITON_RELATIVE_RATE", rate)
+    monkeypatch.setattr(cudnn_prefill, "PIECE_BATCHES", (1,))  # one piece a call (test_batched_pieces: batched)
     monkeypatch.setattr(paged, "can_use_cudnn", lambda *a: True)
     monkeypatch.setattr(cudnn_prefill, "_sdpa",
                         lambda *a, causal=False: calls.append((a[1].shape[2], causal)) or _math_sdpa(*a, causal=causal))
