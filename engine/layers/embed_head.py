@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import get_forward_context
-from engine.layers.linear import dense_linear, materialize, shard
+from engine.layers.linear import LinearBase, dense_linear, materialize, shard
+from engine.layers.quant import QuantizationConfig
 from engine.parallel import get_parallel_state, tp_all_gather, tp_all_reduce
 
 
@@ -47,6 +48,29 @@ class ParallelLMHead(VocabParallelEmbedding):
         """[num_tokens, hidden] -> [num_sampled, vocab] in the model dtype, only at the sampled positions."""
         hidden_states = hidden_states[get_forward_context().logits_indices]
         logits = dense_linear(hidden_states, self.weight, None)  # [num_sampled, vocab / tp]
+        if self.tp_size > 1:
+            logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
+        return logits
+
+
+class QuantParallelLMHead(LinearBase):
+    """The LM head kept quantized (GPTQ's `lm_head: true`): ParallelLMHead's vocabulary split (each rank
+    rows [vocab_start, vocab_end), padded to num_per_partition), its matmul the quantization's linear method."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, quant_config: QuantizationConfig):
+        tp_size = get_parallel_state().tp_size
+        super().__init__(embedding_dim, -(-num_embeddings // tp_size), False, 0, quant_config)
+        VocabParallelEmbedding._partition(self, num_embeddings)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        """This rank's vocabulary rows; the padding rows of the last rank stay zero."""
+        size = self.vocab_end - self.vocab_start
+        self.store(param, shard(loaded, 0, self.vocab_start, size), 0, size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[num_tokens, hidden] -> [num_sampled, vocab], only at the sampled positions."""
+        hidden_states = hidden_states[get_forward_context().logits_indices]
+        logits = self.quant_method.apply(self, hidden_states)  # [num_sampled, vocab / tp]
         if self.tp_size > 1:
             logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
         return logits

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.config import ConfigError
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import Attention
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -161,6 +162,9 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.model.is_last:
             self.lm_head = embedding_classes(config)[1](config.vocab_size, config.hidden_size)
+            if self.tie_word_embeddings and self.lm_head.weight is None:  # kept quantized: nothing to share
+                raise ConfigError("quantization_config.lm_head", "a quantized LM head cannot be tied to the float "
+                                  "token embedding (config.json's tie_word_embeddings is true)")
             if self.tie_word_embeddings and self.model.is_first:
                 self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -73,7 +73,7 @@ def gptq_quantizer(bits: int, group: int, desc_act: bool, sym: bool, v1: bool, s
         size = columns if group == -1 else group
         g_idx = torch.arange(columns, dtype=torch.int32) // size
         if desc_act:  # GPTQ: g_idx = [i // group for i in range(columns)][invperm]
-            parent, proj = module.rsplit(".", 1)
+            parent, _, proj = module.rpartition(".")  # "lm_head": no parent
             key = f"{parent}.{SAME_INPUT.get(proj, proj)}"
             perm = perms.setdefault(key, torch.randperm(columns, generator=torch.Generator().manual_seed(seed + len(perms))))
             g_idx = g_idx[torch.argsort(perm)]
@@ -88,8 +88,9 @@ def gptq_quantizer(bits: int, group: int, desc_act: bool, sym: bool, v1: bool, s
 
 
 def write_quantized(path: str, arch: str, quantize: Quantizer, quantization_config: dict,
-                    intermediate_size: int = 512) -> tuple[str, str]:
-    """(quantized checkpoint, float32 reference with the dequantized weights) from one tiny random model."""
+                    intermediate_size: int = 512, lm_head: bool = False) -> tuple[str, str]:
+    """(quantized checkpoint, float32 reference with the dequantized weights) from one tiny random model;
+    lm_head: the LM head quantized too (GPTQModel's lm_head=True)."""
     from safetensors.torch import load_file, save_file
 
     src = write_tiny_checkpoint(path + "-float", arch, tie=False, hidden_size=256, intermediate_size=intermediate_size)
@@ -97,7 +98,7 @@ def write_quantized(path: str, arch: str, quantize: Quantizer, quantization_conf
     quantized, reference = {}, dict(tensors)
     for name, t in tensors.items():
         module, kind = name.rsplit(".", 1)
-        if kind == "weight" and module.split(".")[-1] in LINEARS:
+        if kind == "weight" and (module.split(".")[-1] in LINEARS or (lm_head and module == "lm_head")):
             packed, reference[name] = quantize(module, t)
             quantized.update({f"{module}.{k}": v.contiguous() for k, v in packed.items()})
         else:
@@ -114,11 +115,12 @@ def write_quantized(path: str, arch: str, quantize: Quantizer, quantization_conf
 
 
 def write_gptq(path: str, arch: str, bits: int, group: int, desc_act: bool, sym: bool, fmt: str,
-               intermediate_size: int = 512) -> tuple[str, str]:
+               intermediate_size: int = 512, lm_head: bool = False) -> tuple[str, str]:
     qc = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": desc_act, "sym": sym,
-          "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": fmt}
+          "static_groups": False, "true_sequential": True, "damp_percent": 0.01, "checkpoint_format": fmt,
+          "lm_head": lm_head}
     return write_quantized(path, arch, gptq_quantizer(bits, group, desc_act, sym, v1=fmt == "gptq"), qc,
-                           intermediate_size)
+                           intermediate_size, lm_head)
 
 
 def hf_greedy(path: str, prompts: list[list[int]] = PROMPTS, max_tokens: int = 16) -> list[list[int]]:
@@ -216,7 +218,7 @@ def edited_copy(path: str, tmp: str, config: dict | None = None, drop: str | Non
 
 
 @pytest.mark.parametrize("field,value", [("bits", 3), ("group_size", 0), ("checkpoint_format", "marlin"),
-                                         ("desc_act", "yes"), ("lm_head", True)])
+                                         ("desc_act", "yes"), ("lm_head", "yes")])
 def test_unsupported_config_names_the_field(one_gptq: tuple[str, str], tmp_path, field: str, value: object) -> None:
     with pytest.raises(ConfigError) as e:
         LLM(edited_copy(one_gptq[0], str(tmp_path / "bad"), config={field: value}))
@@ -227,6 +229,32 @@ def test_missing_scales_name_the_tensor(one_gptq: tuple[str, str], tmp_path) -> 
     bad = edited_copy(one_gptq[0], str(tmp_path / "bad"), drop="model.layers.1.mlp.down_proj.scales")
     with pytest.raises(ModelLoadError, match=r"missing weights: model\.layers\.1\.mlp\.down_proj\.scales"):
         LLM(bad)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_quantized_lm_head_matches_transformers(desc_act: bool, tmp_path) -> None:
+    """lm_head: true (GPTQModel's lm_head=True): the LM head stays packed and its logits are the dequantized head's."""
+    path, reference = write_gptq(str(tmp_path / "head"), "Qwen2ForCausalLM", 4, 64, desc_act, False, "gptq", lm_head=True)
+    llm = LLM(path, enable_prefix_caching=False, device="cpu")
+    head = llm.llm_engine.executor.runner.model.lm_head
+    assert head.weight is None and head.qweight.dtype == torch.int32
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(reference)
+
+
+def test_quantized_lm_head_errors_name_the_field(one_gptq: tuple[str, str], tmp_path) -> None:
+    """lm_head: true on a checkpoint whose head is float names the head's float tensor; on a model whose
+    head is tied to the (float) embedding it names quantization_config.lm_head."""
+    with pytest.raises(ModelLoadError, match=r"unexpected tensor 'lm_head\.weight'"):
+        LLM(edited_copy(one_gptq[0], str(tmp_path / "float-head"), config={"lm_head": True}))
+    tied = edited_copy(one_gptq[0], str(tmp_path / "tied"), config={"lm_head": True})
+    with open(os.path.join(tied, "config.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(tied, "config.json"), "w") as f:
+        json.dump({**data, "tie_word_embeddings": True}, f)
+    with pytest.raises(ConfigError) as e:
+        LLM(tied)
+    assert e.value.param == "quantization_config.lm_head"
 
 
 def test_mixed_column_orders_in_one_fused_matmul_are_named(tmp_path) -> None:
@@ -245,17 +273,18 @@ def test_mixed_column_orders_in_one_fused_matmul_are_named(tmp_path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case,intermediate_size", [("qwen2-4bit-g128-act-asym-v2", 512),
-                                                     ("llama-4bit-g64-asym-gptq", 512),
-                                                     ("qwen2-4bit-g128-act-asym-v2", 384)])
-def test_tp2_matches_tp1(case: str, intermediate_size: int, tmp_path) -> None:
+@pytest.mark.parametrize("case,intermediate_size,lm_head", [("qwen2-4bit-g128-act-asym-v2", 512, False),
+                                                             ("llama-4bit-g64-asym-gptq", 512, True),
+                                                             ("qwen2-4bit-g128-act-asym-v2", 384, False)])
+def test_tp2_matches_tp1(case: str, intermediate_size: int, lm_head: bool, tmp_path) -> None:
     """Column-parallel layers split qweight/scales/qzeros by output; row-parallel ones split the input:
     with desc_act the ranks keep every group and split g_idx (so down_proj's 192 input columns a rank
-    may cut groups of 128), without it each rank keeps its own groups."""
+    may cut groups of 128), without it each rank keeps its own groups. A quantized LM head splits the
+    vocabulary like the float one."""
     from tests.engine.quant_tp2 import assert_tp2_equals_tp1
 
-    assert_tp2_equals_tp1(write_gptq(str(tmp_path / case), *CASES[case], intermediate_size=intermediate_size)[0],
-                          tmp_path)
+    path, _ = write_gptq(str(tmp_path / case), *CASES[case], intermediate_size=intermediate_size, lm_head=lm_head)
+    assert_tp2_equals_tp1(path, tmp_path)
 
 
 @pytest.mark.slow

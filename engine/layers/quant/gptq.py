@@ -6,6 +6,7 @@ Kept packed; a matmul dequantizes in torch, or runs kernels.quant_gemm on CUDA.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ConfigError
-from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.embed_head import ParallelLMHead, QuantParallelLMHead, VocabParallelEmbedding
 from engine.layers.quant import QuantizationConfig
 from engine.layers.quant.packed import PackedDest, PackedSource
 
@@ -74,7 +75,7 @@ class GPTQConfig(QuantizationConfig):
         config_field(qc, ("sym",), (True, False), True)  # asymmetric zeros are stored like symmetric ones
         self.checkpoint_format: str = config_field(qc, ("checkpoint_format", "format"), ("gptq", "gptq_v2"), "gptq")
         config_field(qc, ("pack_dtype",), ("int32", None))
-        config_field(qc, ("lm_head",), (False, None))
+        self.lm_head: bool = bool(config_field(qc, ("lm_head",), (False, True, None)))  # GPTQModel's lm_head=True
         if qc.get("dynamic"):
             raise ConfigError("quantization_config.dynamic", "per-module overrides are not supported")
 
@@ -83,7 +84,7 @@ class GPTQConfig(QuantizationConfig):
                                   zero_offset=1 if self.checkpoint_format == "gptq" else 0, layout="gptq")
 
     def embedding_classes(self) -> tuple[type, type]:
-        return VocabParallelEmbedding, ParallelLMHead
+        return VocabParallelEmbedding, partial(QuantParallelLMHead, quant_config=self) if self.lm_head else ParallelLMHead
 
 
 class PackedLinearMethod:
