@@ -106,10 +106,11 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
 
 
 def sweep_table(dtypes: list[str], ms: list[int], sweep: bool, lm_head: bool, read_bw: float,
-                copy_bw: float = 0.0) -> dict:
+                copy_bw: float = 0.0, only: list[str] | None = None) -> dict:
     """One line per (shape, dtype, M); the best M = 1 configs, keyed as GEMV_TABLE keys them."""
     table = {}
     shapes = {**W1_LINEARS, **(LM_HEAD if lm_head else {})}
+    shapes = {name: shape for name, shape in shapes.items() if not only or name in only}
     for dtype in dtypes:
         elem = ELEM_BYTES[dtype]
         for name, (n, k) in shapes.items():
@@ -121,7 +122,7 @@ def sweep_table(dtypes: list[str], ms: list[int], sweep: bool, lm_head: bool, re
                     frac["gemv_of_copy_bw"] = round((n * k // 2 + n * k // 64) / (row["gemv_us"] * 1e-6) / copy_bw, 3)
                 emit("decode_gemv", layer=name, dtype=dtype, M=m, N=n, K=k, MB=round(n * k * elem / 1e6, 1),
                      **row, **frac)
-                if m == 1 and name in W1_LINEARS:
+                if m == 1:
                     table[(n, k, 4 if dtype == "w4" else elem)] = tuple(row["gemv_best"])
     return table
 
@@ -132,12 +133,13 @@ def main() -> None:
     p.add_argument("--dtypes", default="bf16,fp8")
     p.add_argument("--m", default="1", help="rows, comma-separated")
     p.add_argument("--lm-head", action="store_true", help="also W1's LM head shape (1.09 GB in bf16)")
+    p.add_argument("--shapes", help="comma-separated layer names to run (default: all), e.g. lm_head --lm-head")
     args = p.parse_args()
     copy_bw, _ = measure_ceilings(torch.device("cuda"))
     read_bw = read_bandwidth()
     emit("bandwidth", copy_GB_s=round(copy_bw / 1e9), read_GB_s=round(read_bw / 1e9))
     table = sweep_table(args.dtypes.split(","), [int(m) for m in args.m.split(",")], args.sweep, args.lm_head, read_bw,
-                        copy_bw)
+                        copy_bw, args.shapes.split(",") if args.shapes else None)
     if args.sweep:
         emit("gemv_table", python=", ".join(f"{key}: {val}" for key, val in table.items()))
 

@@ -33,12 +33,21 @@ def main() -> None:
                         "for 2 mixed steps and for decode steps 20-24 (these steps are then not counted)")
     parser.add_argument("--lora", action="store_true", help="8 random rank-16 adapters on every projection "
                         "(benchmarks/lora_bench.py's), each request a random one")
+    parser.add_argument("--quantization", choices=("none", "fp8", "w4a16", "gptq-head"), default="none",
+                        help="fp8: weights quantized at load; w4a16: 4-bit group-128 compressed-tensors (random); "
+                        "gptq-head: 4-bit group-128 GPTQ with the LM head quantized too (random)")
     args = parser.parse_args()
     from engine import LLM, SamplingParams
     from engine.lora import LoRARequest
 
     max_model_len = max(2048, args.input_len + args.output_len)
     model_dir = write_config(QWEN2_7B, max_model_len)
+    quant_kwargs = {"quantization": "fp8"} if args.quantization == "fp8" else {}
+    if args.quantization in ("w4a16", "gptq-head"):
+        from engine.layers.quant.dummy import GPTQ_4BIT, add_quantization_config, compressed_tensors_config
+
+        qc = compressed_tensors_config(4, 128) if args.quantization == "w4a16" else {**GPTQ_4BIT, "lm_head": True}
+        add_quantization_config(model_dir, qc)
     lora_kwargs, adapters = {}, [None]
     if args.lora:
         from benchmarks.lora_bench import NUM_ADAPTERS, RANK, write_adapters
@@ -46,7 +55,8 @@ def main() -> None:
         lora_kwargs = {"enable_lora": True, "max_loras": NUM_ADAPTERS, "max_lora_rank": RANK}
         adapters = [LoRARequest(f"adapter{i}", i + 1, p) for i, p in enumerate(write_adapters(QWEN2_7B, 0))]
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=max_model_len,
-              enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, **lora_kwargs)
+              enforce_eager=args.enforce_eager, async_scheduling=not args.no_async_scheduling, **lora_kwargs,
+              **quant_kwargs)
     warm_up = [torch.randint(10, 150000, (min(args.input_len, 512),)).tolist() for _ in range(8)]
     llm.generate(warm_up, SamplingParams(temperature=0, ignore_eos=True, max_tokens=4), use_tqdm=False,
                  lora_request=(adapters * 8)[:8] if args.lora else None)  # Triton JIT, adapters loaded
@@ -97,7 +107,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 prof.stop()
                 profiling[0] = False
-                tables[kind[0]] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+                tables[kind[0]] = kernel_table(prof, last - first)
             continue
         wall[kind[0]] += time.perf_counter() - t0
         steps[kind[0]] += 1
@@ -123,6 +133,16 @@ def main() -> None:
         for name, t in sorted(cpu.items()):
             if name.startswith(k + ":"):
                 print(f"    CPU {name.split(':', 1)[1]:42s} {1e3 * t / g:8.3f} ms per device step")
+
+
+def kernel_table(prof: torch.profiler.profile, num_steps: int, rows: int = 24) -> str:
+    """The device kernels taking the most time: µs and calls per step, name (short lines: device logs cut)."""
+    events = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) / num_steps
+    lines = [f"{total:9.1f} us per step in all"]
+    lines += [f"{e.self_device_time_total / num_steps:9.1f} us {e.count / num_steps:6.1f}x  {e.key[:90]}"
+              for e in events[:rows]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

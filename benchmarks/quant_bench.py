@@ -310,7 +310,7 @@ def weight_split(llm) -> dict:
     for module in model.modules():
         own = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
         total += own
-        if hasattr(module, "weight_packed"):
+        if hasattr(module, "weight_packed") or hasattr(module, "qweight"):
             quantized += own
     return {"weight_gb": round(total / 1e9, 3), "quantized_layers_gb": round(quantized / 1e9, 3),
             "float_gb": round((total - quantized) / 1e9, 3)}
@@ -321,7 +321,17 @@ def bench_w1(args: argparse.Namespace) -> None:
     max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.w1_prompts]
     output_lens = w.output_lens[: args.w1_prompts]
-    dirs = {"bf16": write_config(w.shape, max_len), "w4a16": write_w4_config(w.shape, max_len, 4, args.group_size)}
+    from engine.layers.quant.dummy import GPTQ_4BIT, add_quantization_config
+
+    makers = {"bf16": lambda: write_config(w.shape, max_len),
+              "w4a16": lambda: write_w4_config(w.shape, max_len, 4, args.group_size),
+              # GPTQ 4-bit with the LM head quantized too (GPTQModel's lm_head=True)
+              "gptq_head": lambda: add_quantization_config(write_config(w.shape, max_len),
+                                                           {**GPTQ_4BIT, "group_size": args.group_size, "lm_head": True})}
+    configs = args.w1_configs.split(",")
+    if configs[0] != "bf16" or not set(configs) <= set(makers):
+        raise SystemExit(f"--w1-configs: bf16 first, then any of {sorted(makers)}; got {args.w1_configs}")
+    dirs = {config: makers[config]() for config in configs}
 
     def measure(model_dir: str) -> dict:  # the engine is a local: freed on return, before the next starts
         llm, load_s = start_llm(model_dir, max_len, args)
@@ -356,6 +366,8 @@ def main() -> None:
     parser.add_argument("--gemm-m", default="256,2048")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--w1-prompts", type=int, default=None, help="w1: the workload's first N prompts only")
+    parser.add_argument("--w1-configs", default="bf16,w4a16,gptq_head",
+                        help="w1: bf16 first, then w4a16 (compressed-tensors), gptq_head (GPTQ, LM head quantized)")
     parser.add_argument("--mma-compare", action="store_true",
                         help="w1: a third engine, 4-bit with kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
     parser.add_argument("--max-num-seqs", type=int, default=256)

@@ -30,17 +30,20 @@ def test_dummy_compressed_tensors_checkpoint(bits: int, tmp_path) -> None:
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-@pytest.mark.parametrize("desc_act", [False, True])
-def test_dummy_gptq_checkpoint(desc_act: bool, tmp_path) -> None:
-    """GPTQ's tensors too: random words, midpoint zeros, group-order g_idx (a valid desc_act permutation)."""
+@pytest.mark.parametrize("desc_act,lm_head", [(False, True), (True, False)])
+def test_dummy_gptq_checkpoint(desc_act: bool, lm_head: bool, tmp_path) -> None:
+    """GPTQ's tensors too: random words, midpoint zeros, group-order g_idx (a valid desc_act permutation);
+    with lm_head: true the LM head's as well."""
     path = write_tiny_checkpoint(str(tmp_path / "m"), "LlamaForCausalLM", tie=False, hidden_size=256,
                                  intermediate_size=384)
     add_quantization_config(path, {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": desc_act,
-                                   "sym": True, "checkpoint_format": "gptq_v2"})
+                                   "sym": True, "checkpoint_format": "gptq_v2", "lm_head": lm_head})
     llm = LLM(path, load_format="dummy", enable_prefix_caching=False)
-    layer = llm.llm_engine.executor.runner.model.model.layers["1"].mlp.down_proj
+    model = llm.llm_engine.executor.runner.model
+    layer = model.model.layers["1"].mlp.down_proj
     assert torch.equal(layer.g_idx, torch.arange(384, dtype=torch.int32) // 128)
-    w = layer.quant_method.dequantize(layer).float()
-    assert w.abs().max() <= DUMMY_RANGE * 1.01 and w.std() > DUMMY_RANGE / 10
+    for module in (layer, model.lm_head) if lm_head else (layer,):
+        w = module.quant_method.dequantize(module).float()
+        assert w.abs().max() <= DUMMY_RANGE * 1.01 and w.std() > DUMMY_RANGE / 10
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4

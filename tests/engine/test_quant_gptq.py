@@ -178,6 +178,9 @@ def test_greedy_matches_transformers(gptq: tuple[str, str]) -> None:
     assert llm.llm_engine.model_config.quantization == "gptq"
     layer = llm.llm_engine.executor.runner.model.model.layers["0"].mlp.down_proj
     assert layer.weight is None and layer.qweight.dtype == torch.int32  # kept packed
+    with open(os.path.join(path, "config.json")) as f:
+        sym = json.load(f)["quantization_config"]["sym"]
+    assert layer.midpoint_zeros == sym  # symmetric: the kernels skip the zero points
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(reference)
 

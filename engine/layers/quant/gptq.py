@@ -180,6 +180,9 @@ class PackedLinearMethod:
             layer.qzeros.data = pack_cols(zeros, self.bits)
         # without desc_act g_idx is k // group_size: the kernels compute it (and it cannot differ by rank)
         layer.use_g_idx = self.desc_act
+        # sym=True checkpoints store every zero point as 2**(bits-1): the kernels then skip reading them
+        word = sum(1 << (self.bits - 1) << shift for shift in range(0, 32, self.bits))  # every value 2**(bits-1)
+        layer.midpoint_zeros = bool((layer.qzeros.data == word - (1 << 32 if word >= 1 << 31 else 0)).all())
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         g_idx = layer.g_idx if layer.use_g_idx else None
@@ -190,7 +193,8 @@ class PackedLinearMethod:
             from kernels.quant_gemm import dequant_gemm
 
             g_idx = layer.g_idx if layer.use_g_idx else None
-            return dequant_gemm(x, layer.qweight, layer.scales, layer.qzeros, g_idx, self.bits, self.group_size,
+            zeros = None if layer.midpoint_zeros else layer.qzeros  # None: 2**(bits-1), as stored
+            return dequant_gemm(x, layer.qweight, layer.scales, zeros, g_idx, self.bits, self.group_size,
                                 "gptq", bias)
         return F.linear(x, self.dequantize(layer).to(x.dtype), bias)
 
