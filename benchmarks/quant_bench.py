@@ -321,10 +321,14 @@ def bench_w1(args: argparse.Namespace) -> None:
     max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.w1_prompts]
     output_lens = w.output_lens[: args.w1_prompts]
-    from engine.layers.quant.dummy import GPTQ_4BIT, add_quantization_config
+    from engine.layers.quant.dummy import GPTQ_4BIT, add_quantization_config, compressed_tensors_config
 
     makers = {"bf16": lambda: write_config(w.shape, max_len),
               "w4a16": lambda: write_w4_config(w.shape, max_len, 4, args.group_size),
+              # compressed-tensors 4-bit with the token embedding and the LM head packed too
+              "w4a16_tables": lambda: add_quantization_config(
+                  write_config(w.shape, max_len), compressed_tensors_config(4, args.group_size, lm_head=True,
+                                                                            embedding=True)),
               # GPTQ 4-bit with the LM head quantized too (GPTQModel's lm_head=True)
               "gptq_head": lambda: add_quantization_config(write_config(w.shape, max_len),
                                                            {**GPTQ_4BIT, "group_size": args.group_size, "lm_head": True})}
@@ -366,8 +370,9 @@ def main() -> None:
     parser.add_argument("--gemm-m", default="256,2048")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--w1-prompts", type=int, default=None, help="w1: the workload's first N prompts only")
-    parser.add_argument("--w1-configs", default="bf16,w4a16,gptq_head",
-                        help="w1: bf16 first, then w4a16 (compressed-tensors), gptq_head (GPTQ, LM head quantized)")
+    parser.add_argument("--w1-configs", default="bf16,w4a16,w4a16_tables,gptq_head",
+                        help="w1: bf16 first, then w4a16 (compressed-tensors), w4a16_tables (its embedding and LM "
+                        "head packed too), gptq_head (GPTQ, LM head quantized)")
     parser.add_argument("--mma-compare", action="store_true",
                         help="w1: a third engine, 4-bit with kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
     parser.add_argument("--max-num-seqs", type=int, default=256)

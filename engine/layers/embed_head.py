@@ -53,9 +53,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         return logits
 
 
-class QuantParallelLMHead(LinearBase):
-    """The LM head kept quantized (GPTQ's `lm_head: true`): ParallelLMHead's vocabulary split (each rank
-    rows [vocab_start, vocab_end), padded to num_per_partition), its matmul the quantization's linear method."""
+class QuantVocabParallelEmbedding(LinearBase):
+    """The token embedding kept quantized (compressed-tensors with "Embedding" in its targets): the
+    vocabulary split of VocabParallelEmbedding (each rank rows [vocab_start, vocab_end), padded to
+    num_per_partition), the packed table a [vocab, hidden] matrix of the quantization's linear method;
+    the looked-up rows are dequantized per step."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, quant_config: QuantizationConfig):
         tp_size = get_parallel_state().tp_size
@@ -66,6 +68,18 @@ class QuantParallelLMHead(LinearBase):
         """This rank's vocabulary rows; the padding rows of the last rank stay zero."""
         size = self.vocab_end - self.vocab_start
         self.store(param, shard(loaded, 0, self.vocab_start, size), 0, size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
+        if self.tp_size == 1:
+            return self.quant_method.dequantize_rows(self, input_ids)
+        mask = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
+        y = self.quant_method.dequantize_rows(self, (input_ids - self.vocab_start) * mask)
+        return tp_all_reduce(y * mask.unsqueeze(-1).to(y.dtype))
+
+
+class QuantParallelLMHead(QuantVocabParallelEmbedding):
+    """The LM head kept quantized (GPTQ's `lm_head: true`, compressed-tensors without lm_head in `ignore`):
+    ParallelLMHead's vocabulary split, its matmul the quantization's linear method."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_sampled, vocab], only at the sampled positions."""

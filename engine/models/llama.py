@@ -163,8 +163,11 @@ class LlamaForCausalLM(nn.Module):
         if self.model.is_last:
             self.lm_head = embedding_classes(config)[1](config.vocab_size, config.hidden_size)
             if self.tie_word_embeddings and self.lm_head.weight is None:  # kept quantized: nothing to share
-                raise ConfigError("quantization_config.lm_head", "a quantized LM head cannot be tied to the float "
+                raise ConfigError("quantization_config.lm_head", "a quantized LM head cannot be tied to the "
                                   "token embedding (config.json's tie_word_embeddings is true)")
+            if self.tie_word_embeddings and self.model.is_first and self.model.embed_tokens.weight is None:
+                raise ConfigError("quantization_config.config_groups", "a quantized token embedding cannot be "
+                                  "tied to the float LM head (config.json's tie_word_embeddings is true)")
             if self.tie_word_embeddings and self.model.is_first:
                 self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -14,18 +14,21 @@ from engine.layers.quant.dummy import (
 from tests.conftest import write_tiny_checkpoint
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_dummy_compressed_tensors_checkpoint(bits: int, tmp_path) -> None:
+@pytest.mark.parametrize("bits,tables", [(4, False), (8, False), (4, True)])
+def test_dummy_compressed_tensors_checkpoint(bits: int, tables: bool, tmp_path) -> None:
+    """tables: the token embedding and the LM head packed too, and random like the layers."""
     path = write_tiny_checkpoint(str(tmp_path / "m"), "Qwen2ForCausalLM", tie=False, hidden_size=256,
                                  intermediate_size=384)
-    add_quantization_config(path, compressed_tensors_config(bits, 128))
+    add_quantization_config(path, compressed_tensors_config(bits, 128, lm_head=tables, embedding=tables))
     llm = LLM(path, load_format="dummy", enable_prefix_caching=False)
-    layer = llm.llm_engine.executor.runner.model.model.layers["1"].mlp.down_proj
+    model = llm.llm_engine.executor.runner.model
+    layer = model.model.layers["1"].mlp.down_proj
     packed = layer.weight_packed
     assert packed.dtype == torch.int32 and packed.shape == (256, 384 * bits // 32)
     assert packed.unique().numel() > packed.numel() // 2  # random words, not a constant fill
-    w = layer.quant_method.dequantize(layer).float()
-    assert w.abs().max() <= DUMMY_RANGE * 1.01 and w.std() > DUMMY_RANGE / 10
+    for module in (layer, model.model.embed_tokens, model.lm_head) if tables else (layer,):
+        w = module.quant_method.dequantize(module).float()
+        assert w.abs().max() <= DUMMY_RANGE * 1.01 and w.std() > DUMMY_RANGE / 10
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
 

@@ -6,6 +6,7 @@ weight and calls the float matmul.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,8 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ConfigError
-from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.embed_head import (
+    ParallelLMHead,
+    QuantParallelLMHead,
+    QuantVocabParallelEmbedding,
+    VocabParallelEmbedding,
+)
 from engine.layers.quant import QuantizationConfig
+
+
+LM_HEAD_NAMES = ("lm_head", "re:.*lm_head")  # how llm-compressor recipes name the LM head in `ignore`
 
 
 def _field(qc: dict[str, Any], key: str, allowed: tuple, where: str) -> Any:
@@ -37,11 +46,16 @@ class CompressedTensorsConfig(QuantizationConfig):
         _field(format_source, "format", ("pack-quantized",), format_where)
         if group.get("input_activations") or group.get("output_activations"):
             raise ConfigError(f"quantization_config.{where}input_activations", "only weight-only schemes (W4A16, W8A16) run")
-        if not set(group.get("targets") or []) <= {"Linear"}:
-            raise ConfigError(f"quantization_config.{where}targets", f"{group.get('targets')} (supported: ['Linear'])")
-        ignore = [n for n in qc.get("ignore") or [] if n != "lm_head"]
-        if ignore:
-            raise ConfigError("quantization_config.ignore", f"unquantized layers {ignore[:3]} are not supported")
+        targets = set(group.get("targets") or [])
+        if "Linear" not in targets or not targets <= {"Linear", "Embedding"}:
+            raise ConfigError(f"quantization_config.{where}targets",
+                              f"{group.get('targets')} (supported: ['Linear'], ['Linear', 'Embedding'])")
+        self.embedding = "Embedding" in targets  # the token embedding packed too
+        ignore = qc.get("ignore") or []
+        others = [n for n in ignore if n not in LM_HEAD_NAMES]
+        if others:
+            raise ConfigError("quantization_config.ignore", f"unquantized layers {others[:3]} are not supported")
+        self.lm_head = not set(ignore) & set(LM_HEAD_NAMES)  # "Linear" matches the LM head unless it is ignored
         weights = group.get("weights") or {}
         wh = where + "weights."
         self.num_bits: int = _field(weights, "num_bits", (4, 8), wh)
@@ -56,7 +70,8 @@ class CompressedTensorsConfig(QuantizationConfig):
         return CompressedTensorsLinearMethod(self)
 
     def embedding_classes(self) -> tuple[type, type]:
-        return VocabParallelEmbedding, ParallelLMHead
+        embedding = partial(QuantVocabParallelEmbedding, quant_config=self) if self.embedding else VocabParallelEmbedding
+        return embedding, partial(QuantParallelLMHead, quant_config=self) if self.lm_head else ParallelLMHead
 
 
 class CompressedTensorsLinearMethod:
@@ -99,15 +114,22 @@ class CompressedTensorsLinearMethod:
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         """float [out, in] = q * scale, q the signed values (compressed-tensors' own arithmetic)."""
-        packed = layer.weight_packed.view(torch.uint8)  # [out, in * bits / 8], little-endian words
+        return self._dequantize(layer.weight_packed, layer.weight_scale)
+
+    def dequantize_rows(self, layer: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        """[num_rows] indices -> float [num_rows, in]: those rows of the [out, in] weight (a token embedding)."""
+        return self._dequantize(layer.weight_packed[rows], layer.weight_scale[rows])
+
+    def _dequantize(self, words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """words int32 [rows, in * bits / 32], scales [rows, num_groups] -> [rows, in] in the scales' dtype."""
+        packed = words.contiguous().view(torch.uint8)  # [rows, in * bits / 8], little-endian words
         if self.config.num_bits == 4:
             q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1).to(torch.int8) - 8
         else:
             q = (packed.to(torch.int16) - 128).to(torch.int8)
-        out, num_groups = layer.weight_scale.shape
-        scale = layer.weight_scale.to(torch.float32)
-        w = q.reshape(out, num_groups, -1).to(torch.float32) * scale.unsqueeze(-1)  # [out, num_groups, group]
-        return w.reshape(out, -1).to(layer.weight_scale.dtype)
+        rows, num_groups = scales.shape
+        w = q.reshape(rows, num_groups, -1).to(torch.float32) * scales.to(torch.float32).unsqueeze(-1)
+        return w.reshape(rows, -1).to(scales.dtype)  # [rows, num_groups, group] -> [rows, in]
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.is_cuda:  # Triton, imported only where a GPU runs it

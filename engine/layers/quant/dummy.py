@@ -16,14 +16,17 @@ from torch import nn
 DUMMY_RANGE = 0.05  # engine.loader draws float dummy weights uniformly on [-0.05, 0.05]
 
 
-def compressed_tensors_config(bits: int, group_size: int) -> dict[str, Any]:
+def compressed_tensors_config(bits: int, group_size: int, lm_head: bool = False, embedding: bool = False
+                              ) -> dict[str, Any]:
     """config.json's quantization_config as llm-compressor writes it for W4A16 / W8A16 (pack-quantized,
-    symmetric int, one scale per group_size input columns; the LM head left in float)."""
+    symmetric int, one scale per group_size input columns; the LM head left in float unless lm_head, the
+    token embedding packed too with embedding: targets Linear and Embedding)."""
     weights = {"num_bits": bits, "type": "int", "symmetric": True, "strategy": "group", "group_size": group_size,
                "dynamic": False, "actorder": None, "observer": "minmax"}
-    group = {"targets": ["Linear"], "weights": weights, "input_activations": None, "output_activations": None}
+    targets = ["Linear", "Embedding"] if embedding else ["Linear"]
+    group = {"targets": targets, "weights": weights, "input_activations": None, "output_activations": None}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": group}, "ignore": ["lm_head"]}
+            "config_groups": {"group_0": group}, "ignore": [] if lm_head else ["lm_head"]}
 
 
 # config.json's quantization_config of 4-bit group-128 GPTQ (AutoGPTQ's format) and AWQ (AutoAWQ's GEMM)
