@@ -39,7 +39,7 @@ CAUSAL_LADDER_STEPS = 4  # ... and of a causal square's rows: fewer plans, the c
 # of 7 query heads, 36 x 4 = 144 tiles of 128 rows) fills 1.09 waves of the H200's 132 SMs in a call of one
 # piece, so the second wave runs nearly empty; a batch of pieces fills its waves. (1,): one piece a call.
 # Measured on the H200 (a 120K prompt beside 32 decoding streams, budget 4096): TTFT 1.22x alone against
-# 1.37x with (1,), ITL p99 115 against 132 ms (benchmarks/RESULTS.md, fifteenth session).
+# 1.37x with (1,) in the same run (1.26x in a second run), ITL p99 115 against 132 ms (benchmarks/RESULTS.md).
 PIECE_BATCHES = (4, 2, 1)
 TRITON_RELATIVE_RATE = 0.6  # the Triton prefill kernel's rate over cuDNN's (H200: 377 against 619 TFLOP/s)
 MAX_PARTIAL_BYTES = 3 * 2**30  # a chunk's partials at most (the rest's splits counted at their most)
