@@ -96,6 +96,17 @@ def write_tiny_checkpoint(path: str, arch: str, tie: bool, rope_scaling: dict | 
     return path
 
 
+def edit_config(path: str, **fields) -> str:
+    """Checkpoint `path` with `fields` set in its config.json (written in place); returns path."""
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**config, **fields}, f)
+    return path
+
+
 @pytest.fixture(scope="session", params=list(TINY_ARCHS))
 def tiny_model(request, tmp_path_factory) -> str:
     spec = dict(TINY_ARCHS[request.param])

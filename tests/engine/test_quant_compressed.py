@@ -4,7 +4,6 @@ compressed-tensors itself from tiny random Llama/Qwen2 models: greedy tokens equ
 cuts a group are typed errors naming the tensor."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -15,6 +14,7 @@ from engine import LLM, SamplingParams
 from engine.config import ConfigError
 from engine.errors import ModelLoadError
 from tests.conftest import (
+    edit_config,
     prompts_of_lengths,
     write_tiny_checkpoint,
     write_tiny_tokenizer,
@@ -119,12 +119,8 @@ def test_packed_embedding_and_lm_head(arch: str, tmp_path) -> None:
 
 def test_packed_embedding_tied_to_a_float_head_is_named(tmp_path) -> None:
     path = write_compressed(str(tmp_path / "emb"), "LlamaForCausalLM", "W4A16", targets=("Linear", "Embedding"))
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({**config, "tie_word_embeddings": True}, f)
     with pytest.raises(ConfigError) as e:
-        LLM(path)
+        LLM(edit_config(path, tie_word_embeddings=True))
     assert e.value.param == "quantization_config.config_groups"
 
 

@@ -18,7 +18,7 @@ from engine import LLM, SamplingParams
 from engine.config import ConfigError
 from engine.errors import ModelLoadError
 from engine.layers.quant.gptq import dequantize_gptq
-from tests.conftest import prompts_of_lengths, write_tiny_checkpoint
+from tests.conftest import edit_config, prompts_of_lengths, write_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 PROMPTS = prompts_of_lengths([1, 5, 17, 40])
@@ -251,12 +251,8 @@ def test_quantized_lm_head_errors_name_the_field(one_gptq: tuple[str, str], tmp_
     with pytest.raises(ModelLoadError, match=r"unexpected tensor 'lm_head\.weight'"):
         LLM(edited_copy(one_gptq[0], str(tmp_path / "float-head"), config={"lm_head": True}))
     tied = edited_copy(one_gptq[0], str(tmp_path / "tied"), config={"lm_head": True})
-    with open(os.path.join(tied, "config.json")) as f:
-        data = json.load(f)
-    with open(os.path.join(tied, "config.json"), "w") as f:
-        json.dump({**data, "tie_word_embeddings": True}, f)
     with pytest.raises(ConfigError) as e:
-        LLM(tied)
+        LLM(edit_config(tied, tie_word_embeddings=True))
     assert e.value.param == "quantization_config.lm_head"
 
 
