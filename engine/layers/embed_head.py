@@ -2,6 +2,7 @@
 (padded to a multiple of tp_size); logits are gathered on the last pipeline stage."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +13,26 @@ from engine.forward_context import get_forward_context
 from engine.layers.linear import LinearBase, dense_linear, materialize, shard
 from engine.layers.quant import QuantizationConfig
 from engine.parallel import get_parallel_state, tp_all_gather, tp_all_reduce
+
+
+def lookup(layer: nn.Module, input_ids: torch.Tensor, rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[num_tokens] -> [num_tokens, hidden]: rows(local ids) of this rank's slice of the vocabulary (a
+    VocabParallelEmbedding's partition fields), summed over the TP ranks (ids of other ranks give zeros)."""
+    if layer.tp_size == 1:
+        return rows(input_ids)
+    mask = (input_ids >= layer.vocab_start) & (input_ids < layer.vocab_end)
+    y = rows((input_ids - layer.vocab_start) * mask)
+    return tp_all_reduce(y * mask.unsqueeze(-1).to(y.dtype))
+
+
+def sampled_logits(layer: nn.Module, hidden_states: torch.Tensor,
+                   matmul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """[num_tokens, hidden] -> [num_sampled, vocab], only at the sampled positions: matmul gives this rank's
+    [num_sampled, vocab / tp] slice, gathered over the TP ranks (the last rank's padding dropped)."""
+    logits = matmul(hidden_states[get_forward_context().logits_indices])
+    if layer.tp_size > 1:
+        logits = tp_all_gather(logits, dim=-1)[:, : layer.num_embeddings]
+    return logits
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -35,22 +56,13 @@ class VocabParallelEmbedding(nn.Module):
         param.data[:size].copy_(materialize(shard(loaded, 0, self.vocab_start, size)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
-        if self.tp_size == 1:
-            return F.embedding(input_ids, self.weight)
-        mask = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        y = F.embedding((input_ids - self.vocab_start) * mask, self.weight)
-        y = y * mask.unsqueeze(-1).to(y.dtype)
-        return tp_all_reduce(y)
+        return lookup(self, input_ids, lambda ids: F.embedding(ids, self.weight))
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_sampled, vocab] in the model dtype, only at the sampled positions."""
-        hidden_states = hidden_states[get_forward_context().logits_indices]
-        logits = dense_linear(hidden_states, self.weight, None)  # [num_sampled, vocab / tp]
-        if self.tp_size > 1:
-            logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
-        return logits
+        return sampled_logits(self, hidden_states, lambda h: dense_linear(h, self.weight, None))
 
 
 class QuantVocabParallelEmbedding(LinearBase):
@@ -70,11 +82,7 @@ class QuantVocabParallelEmbedding(LinearBase):
         self.store(param, shard(loaded, 0, self.vocab_start, size), 0, size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] -> [num_tokens, hidden]
-        if self.tp_size == 1:
-            return self.quant_method.dequantize_rows(self, input_ids)
-        mask = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        y = self.quant_method.dequantize_rows(self, (input_ids - self.vocab_start) * mask)
-        return tp_all_reduce(y * mask.unsqueeze(-1).to(y.dtype))
+        return lookup(self, input_ids, lambda ids: self.quant_method.dequantize_rows(self, ids))
 
 
 class QuantParallelLMHead(QuantVocabParallelEmbedding):
@@ -83,8 +91,4 @@ class QuantParallelLMHead(QuantVocabParallelEmbedding):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_sampled, vocab], only at the sampled positions."""
-        hidden_states = hidden_states[get_forward_context().logits_indices]
-        logits = self.quant_method.apply(self, hidden_states)  # [num_sampled, vocab / tp]
-        if self.tp_size > 1:
-            logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
-        return logits
+        return sampled_logits(self, hidden_states, lambda h: self.quant_method.apply(self, h))

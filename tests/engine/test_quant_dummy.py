@@ -40,11 +40,13 @@ def test_dummy_gptq_checkpoint(desc_act: bool, lm_head: bool, tmp_path) -> None:
     path = write_tiny_checkpoint(str(tmp_path / "m"), "LlamaForCausalLM", tie=False, hidden_size=256,
                                  intermediate_size=384)
     add_quantization_config(path, {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": desc_act,
-                                   "sym": True, "checkpoint_format": "gptq_v2", "lm_head": lm_head})
+                                   "sym": True, "checkpoint_format": "gptq" if lm_head else "gptq_v2",
+                                   "lm_head": lm_head})
     llm = LLM(path, load_format="dummy", enable_prefix_caching=False)
     model = llm.llm_engine.executor.runner.model
     layer = model.model.layers["1"].mlp.down_proj
     assert torch.equal(layer.g_idx, torch.arange(384, dtype=torch.int32) // 128)
+    assert layer.midpoint_zeros  # symmetric, as stored in the config's format: the kernels skip the zero points
     for module in (layer, model.lm_head) if lm_head else (layer,):
         w = module.quant_method.dequantize(module).float()
         assert w.abs().max() <= DUMMY_RANGE * 1.01 and w.std() > DUMMY_RANGE / 10

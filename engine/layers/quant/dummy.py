@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.layers.quant.gptq import midpoint_word
+
 DUMMY_RANGE = 0.05  # engine.loader draws float dummy weights uniformly on [-0.05, 0.05]
 
 
@@ -57,12 +59,6 @@ def _bits(module: nn.Module) -> int | None:
     return bits if isinstance(bits, int) else None
 
 
-def _midpoint_word(bits: int) -> int:
-    """An int32 word whose every value is 2**(bits-1), the symmetric zero point."""
-    word = sum(2 ** (bits - 1) << (c * bits) for c in range(32 // bits))
-    return word - 2**32 if word >= 2**31 else word
-
-
 @torch.no_grad()
 def fill_dummy_quantized(model: nn.Module, generator: torch.Generator) -> set[str]:
     """Fills the parameters of every integer-quantized layer; returns their names for the loader to skip."""
@@ -77,7 +73,7 @@ def fill_dummy_quantized(model: nn.Module, generator: torch.Generator) -> set[st
                 group = group if group > 0 else param.numel()
                 param.data.copy_(torch.arange(param.numel(), device=param.device) // group)
             elif "zero" in name and not param.is_floating_point():
-                param.data.fill_(_midpoint_word(bits))
+                param.data.fill_(midpoint_word(bits, getattr(module.quant_method, "zero_offset", 0)))
             elif not param.is_floating_point():  # packed values, or a shape record the layer ignores
                 info = torch.iinfo(param.dtype)
                 param.data.random_(info.min, info.max, generator=generator)

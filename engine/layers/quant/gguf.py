@@ -13,12 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.forward_context import get_forward_context
 from engine.gguf_file import GGML_BLOCK_SIZES, dequantize
-from engine.layers.embed_head import VocabParallelEmbedding
+from engine.layers.embed_head import VocabParallelEmbedding, lookup, sampled_logits
 from engine.layers.quant import QuantizationConfig, QuantizationError
 from engine.layers.quant.ggml_cpu import BLOCK_BYTES, dequantize_rows, ggml_linear
-from engine.parallel import tp_all_gather, tp_all_reduce
 
 logger = logging.getLogger("gantry.engine")
 
@@ -153,21 +151,13 @@ class GGUFVocabParallelEmbedding(VocabParallelEmbedding):
         return dequantize_rows(w.data, w.ggml_type, w.num_cols, ids).to(self.weight_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return self._rows(input_ids)
-        mask = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        y = self._rows((input_ids - self.vocab_start) * mask) * mask.unsqueeze(-1).to(self.weight_dtype)
-        return tp_all_reduce(y)
+        return lookup(self, input_ids, self._rows)
 
 
 class GGUFParallelLMHead(GGUFVocabParallelEmbedding):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[num_tokens, hidden] -> [num_sampled, vocab], only at the sampled positions."""
-        hidden_states = hidden_states[get_forward_context().logits_indices]
-        logits = _matmul(hidden_states, self.weight)  # [num_sampled, vocab / tp]
-        if self.tp_size > 1:
-            logits = tp_all_gather(logits, dim=-1)[:, : self.num_embeddings]
-        return logits
+        return sampled_logits(self, hidden_states, lambda h: _matmul(h, self.weight))
 
 
 

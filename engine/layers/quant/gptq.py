@@ -43,6 +43,13 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*packed.shape[:-1], -1)
 
 
+def midpoint_word(bits: int, zero_offset: int = 0) -> int:
+    """The int32 word whose every value is 2**(bits-1) - zero_offset: the symmetric zero point as stored
+    (zero_offset 1: gptq v1 stores zero - 1)."""
+    word = sum((1 << (bits - 1)) - zero_offset << shift for shift in range(0, 32, bits))
+    return word - (1 << 32) if word >= 1 << 31 else word
+
+
 def pack_cols(values: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of unpack_cols: int [..., n] values in [0, 2**bits) -> int32 [..., n / pack]."""
     shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=values.device)
@@ -181,8 +188,7 @@ class PackedLinearMethod:
         # without desc_act g_idx is k // group_size: the kernels compute it (and it cannot differ by rank)
         layer.use_g_idx = self.desc_act
         # sym=True checkpoints store every zero point as 2**(bits-1): the kernels then skip reading them
-        word = sum(1 << (self.bits - 1) << shift for shift in range(0, 32, self.bits))  # every value 2**(bits-1)
-        layer.midpoint_zeros = bool((layer.qzeros.data == word - (1 << 32 if word >= 1 << 31 else 0)).all())
+        layer.midpoint_zeros = bool((layer.qzeros.data == midpoint_word(self.bits)).all())
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         g_idx = layer.g_idx if layer.use_g_idx else None
