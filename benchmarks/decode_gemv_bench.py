@@ -37,7 +37,10 @@ def sweep_configs(elem_bytes: float) -> list[tuple[int, int, int, int]]:
             for sp in (1, 2, 4, 8) if 4 <= bn * bk * elem_bytes // (32 * nw) <= 128]
 
 
-ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5}
+ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5, "w4x2": 0.5}  # w4x2: kernels/quant_gemv_f16x2.py on w4's weights
+# w4x2's sweep: a scale per tile, so 16-word tiles (one group of 128 values)
+F16X2_CONFIGS = [(bn, 16, nw, sp) for bn in (32, 64, 128, 256) for nw in (2, 4, 8) for sp in (1, 2, 4, 8, 16)
+                 if 4 <= bn * 16 // (32 * nw) <= 32]
 
 
 def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
@@ -48,7 +51,7 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
 
     out = []
     for _ in range(copies):
-        if dtype == "w4":
+        if dtype in ("w4", "w4x2"):
             qweight, scales = random_w4(n, k)
             out.append((quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k), None))
             continue
@@ -58,10 +61,12 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
 
 
 def gemv_call(dtype: str, x: torch.Tensor, w, scale, cfg: tuple) -> torch.Tensor:
-    from kernels import quant_gemv, weight_gemv
+    from kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
 
     if dtype == "w4":
         return quant_gemv.gemv(x, w, None, *cfg)
+    if dtype == "w4x2":
+        return quant_gemv_f16x2.gemv_f16x2(x, w, None, config=cfg)
     return weight_gemv.weight_gemv(x, w, scale, None, cfg)
 
 
@@ -69,7 +74,7 @@ def default_config(dtype: str, n: int, k: int, m: int) -> tuple[int, int, int, i
     from kernels import quant_gemv, weight_gemv
 
     sms = quant_gemv.num_sms(torch.device("cuda"))
-    if dtype == "w4":
+    if dtype in ("w4", "w4x2"):
         return quant_gemv.gemv_config(n, k, 4, m, sms)
     return weight_gemv.gemv_config(n, k, m, sms, ELEM_BYTES[dtype])
 
@@ -83,12 +88,13 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
     ws = random_weights(n, k, dtype, copies)  # [(weight, scale)] a copy
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w0, s0 = ws[0]
-    if dtype == "w4":
+    if dtype in ("w4", "w4x2"):
         ref = x.float() @ quant_gemm.dequantize(w0, torch.float32).t()
     else:
         ref = x.float() @ (w0.float() * (1 if s0 is None else s0[:, None])).t()
     default = default_config(dtype, n, k, m)
-    cands = sorted(set(sweep_configs(elem)) | {default}) if sweep else [default]
+    swept = F16X2_CONFIGS if dtype == "w4x2" else sweep_configs(elem)
+    cands = sorted(set(swept) | {default}) if sweep else [default]
     times = {}
     for cfg in cands:
         out = gemv_call(dtype, x, w0, s0, cfg)
@@ -118,12 +124,12 @@ def sweep_table(dtypes: list[str], ms: list[int], sweep: bool, lm_head: bool, re
                 row = best_gemv(name, n, k, dtype, m, sweep and m == 1)
                 frac = {key.replace("_us", "_of_read_bw"): round(n * k * elem / (row[key] * 1e-6) / read_bw, 3)
                         for key in ("gemv_us", "cublas_us") if key in row}
-                if dtype == "w4":  # the packed weights and their group scales, against copy bandwidth as issue 13 asks
+                if dtype in ("w4", "w4x2"):  # the packed weights and their group scales, against copy bandwidth as issue 13 asks
                     frac["gemv_of_copy_bw"] = round((n * k // 2 + n * k // 64) / (row["gemv_us"] * 1e-6) / copy_bw, 3)
                 emit("decode_gemv", layer=name, dtype=dtype, M=m, N=n, K=k, MB=round(n * k * elem / 1e6, 1),
                      **row, **frac)
                 if m == 1:
-                    table[(n, k, 4 if dtype == "w4" else elem)] = tuple(row["gemv_best"])
+                    table[(n, k, 4 if dtype in ("w4", "w4x2") else elem)] = tuple(row["gemv_best"])
     return table
 
 

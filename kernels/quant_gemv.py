@@ -216,6 +216,11 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, blo
     """x [M, K] (unit stride in K) -> [M, N]; weights packed along K. Arguments left None come from
     gemv_config (num_splits from auto_splits when the tile is given)."""
     assert not w.pack_n, "the GEMV reads words packed along K"
+    if block_n is None:
+        from kernels import quant_gemv_f16x2
+
+        if quant_gemv_f16x2.GEMV_F16X2 and quant_gemv_f16x2.supports(w):  # off by default until measured
+            return quant_gemv_f16x2.gemv_f16x2(x, w, bias)
     m = x.shape[0]
     sms = num_sms(x.device)
     if block_n is None:

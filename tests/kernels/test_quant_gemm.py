@@ -193,3 +193,39 @@ def test_compressed_tensors_layer_agrees(bits: int, strategy: str, device: torch
     got = layer(x) if device.type == "cuda" else dequant_gemm(
         x, layer.weight_packed, layer.weight_scale, None, None, bits, layer.group_size, "compressed-tensors", layer.bias)
     assert_close(got, want)
+
+
+F16X2_CASES = [("gptq", 4, 128, True, False), ("gptq", 4, 128, False, False), ("compressed-tensors", 4, 128, False, False)]
+
+
+@pytest.mark.parametrize("layout,bits,group_size,asym,act_order", F16X2_CASES)
+@pytest.mark.parametrize("m,x_scale", [(1, 1.0), (3, 1.0), (1, 3e4)])
+def test_gemv_f16x2(layout: str, bits: int, group_size: int, asym: bool, act_order: bool, m: int, x_scale: float,
+                    device: torch.device) -> None:
+    """kernels/quant_gemv_f16x2.py against the reference: on CPU its float32 stand-in for the PTX (same packed
+    operands), on the GPU the PTX and the stand-in. x up to 3e4 (f16 overflows without the tile's scaling).
+    N = 96: a partial row tile; K = 640: a partial K tile (16 words of 8 values a tile)."""
+    from kernels import quant_gemv_f16x2
+
+    args, _ = make_weight(layout, 96, 640, bits, group_size, asym, act_order, device)
+    w = quant_gemm.prepare(args["qweight"], args["scales"], args["zeros"], args["g_idx"], bits, group_size, layout, 640)
+    assert quant_gemv_f16x2.supports(w)
+    x = torch.randn(m, 640, device=device) * x_scale
+    want = reference.dequant_gemm(x, **args)
+    tol = {"rtol": 2e-3, "atol": 2e-3 * x_scale}
+    for use_ptx in (False, True) if device.type == "cuda" else (False,):
+        torch.testing.assert_close(quant_gemv_f16x2.gemv_f16x2(x, w, use_ptx=use_ptx), want, **tol)
+
+
+def test_gemv_f16x2_dispatch(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GANTRY_GEMV_F16X2=1 routes the 4-bit GEMV there; g_idx and AWQ's layout keep quant_gemv.py."""
+    from kernels import quant_gemv_f16x2
+
+    calls = []
+    monkeypatch.setattr(quant_gemv_f16x2, "GEMV_F16X2", True)
+    monkeypatch.setattr(quant_gemv_f16x2, "gemv_f16x2", lambda x, w, bias=None: calls.append(w) or x.new_zeros(1, w.n))
+    for case, taken in ((CASES[3], True), (CASES[5], False), (CASES[0], True)):
+        before = len(calls)
+        args, _ = make_weight(case[0], 64, 256, *case[1:], device)
+        dequant_gemm(torch.randn(1, 256, device=device), **args)
+        assert len(calls) == before + taken, case

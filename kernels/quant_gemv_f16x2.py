@@ -1,0 +1,187 @@
+"""The 4-bit decode GEMV of kernels/quant_gemv.py with packed half arithmetic: fewer instructions a value.
+
+quant_gemv.py spends three float32 instructions on each 4-bit value (LOP3, FADD, FFMA), and its 4-bit GEMV streams
+about as many values a second as the FP8 one: per-value work holds it at 0.43-0.48 of copy bandwidth. Here a word's
+eight values become four f16x2 pairs (Marlin's trick: a nibble OR-ed into the mantissa of 1024.0 reads 1024 + q
+exactly, one LOP3 a pair; the nibbles at bits 4-7 of each half read 1024 + 16q and are scaled by 1/16), take
+q - zero with one f16x2 subtract or FMA a pair, and multiply x's pairs with f16x2 FMAs: ~16 instructions a word
+where float32 takes ~26. Pairs are (x0, x4), (x1, x5), (x2, x6), (x3, x7) of the word's eight x values.
+
+f16 overflows where bf16 does not, so each K tile's x is divided by its largest |x| before the conversion (a word's
+products then stay within 8 x 15) and the tile's partial sums are multiplied back with the group scale.
+Sym or asym zero points, no g_idx, a scale per tile (the group a multiple of the tile), M rows one program each.
+
+On the GPU a word is one inline PTX block. Triton's interpreter cannot run PTX: there the same sum is taken in
+float32 from the same packed operands, so CPU tests check how x's pairs and the zero constants are packed.
+Off by default (GEMV_F16X2 / GANTRY_GEMV_F16X2=1) until measured against quant_gemv.py on the device.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant_gemv import _gemv_load, gemv_config, num_sms, split_k, split_output, sum_splits
+
+if TYPE_CHECKING:
+    from kernels.quant_gemm import PackedWeight
+
+GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "0") == "1"
+
+# $0 = sum of a word's 8 products (float32); $1 word, $2..$5 x pairs (f16x2), $6 (1024 + z) twice, $7 -(64 + z) twice
+WORD_DOT_PTX = tl.constexpr("""
+{
+.reg .b32 t0, t1, t2, t3, w8, a, sx;
+.reg .b16 lo, hi;
+.reg .f32 flo, fhi;
+lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
+shr.u32 w8, $1, 8;
+lop3.b32 t2, w8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 t3, w8, 0x00F000F0, 0x64006400, 0xEA;
+sub.f16x2 t0, t0, $6;
+sub.f16x2 t2, t2, $6;
+mov.b32 sx, 0x2C002C00;
+fma.rn.f16x2 t1, t1, sx, $7;
+fma.rn.f16x2 t3, t3, sx, $7;
+mul.f16x2 a, t0, $2;
+fma.rn.f16x2 a, t1, $3, a;
+fma.rn.f16x2 a, t2, $4, a;
+fma.rn.f16x2 a, t3, $5, a;
+mov.b32 {lo, hi}, a;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+""")
+
+
+@triton.jit
+def _half(bits):
+    """The float32 value of f16 bits (int32, low 16 bits)."""
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_dot(words, p0, p1, p2, p3, zbase, zneg, USE_PTX: tl.constexpr):
+    """[BLOCK_N, BLOCK_KP] float32: sum over each word's 8 values of (q - z) * x (x as packed in p0..p3)."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise(WORD_DOT_PTX, "=f,r,r,r,r,r,r,r", [words, p0, p1, p2, p3, zbase, zneg],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:  # the same arithmetic in float32 from the same operands (products not rounded to f16)
+        z = (zbase & 0xFFFF) - 0x6400  # 1024 + z as f16 bits is 0x6400 + z
+        acc = (words * 0).to(tl.float32)
+        for c in tl.static_range(4):
+            p = p0 if c == 0 else p1 if c == 1 else p2 if c == 2 else p3
+            q_lo = (words >> (4 * c)) & 0xF  # value c
+            q_hi = (words >> (16 + 4 * c)) & 0xF  # value c + 4
+            acc += (q_lo - z).to(tl.float32) * _half(p) + (q_hi - z).to(tl.float32) * _half(p >> 16)
+        return acc
+
+
+@triton.jit
+def _pair(lo, hi):
+    """int32 f16x2 of two float32 tensors: lo in the low half."""
+    lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi_bits = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return lo_bits | (hi_bits << 16)
+
+
+@triton.jit
+def _gemv_f16x2_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,  # x [M, K]; out [num_splits, M, N]
+    N, K, stride_xm, stride_qa, stride_qb, stride_sg, stride_sn, stride_zg, stride_zn, stride_os, stride_om,
+    tiles_per_split,
+    GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, USE_PTX: tl.constexpr,
+):
+    """One row m, BLOCK_N outputs, this split's K tiles of BLOCK_KP words (8 values each); the next tile's
+    words in flight while this one is taken."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    n_ok = offs_n < N
+    num_words = K // 8
+    t_start = pid_s * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(num_words, BLOCK_KP))
+    kp_end = tl.minimum(num_words, t_end * BLOCK_KP)
+    acc = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
+    words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
+                          stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
+    for t in range(t_start, t_end):
+        next_words, next_s = _gemv_load(qw_ptr, s_ptr, t + 1, t_end, kp_end, offs_n, N, stride_qa, stride_qb,
+                                        stride_sg, stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
+        kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
+        kp_ok = tl.full([BLOCK_KP], 1, tl.int1) if EVEN_K else kp < num_words
+        x0 = tl.load(x_ptr + m * stride_xm + kp * 8 + 0, mask=kp_ok, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + m * stride_xm + kp * 8 + 1, mask=kp_ok, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + m * stride_xm + kp * 8 + 2, mask=kp_ok, other=0.0).to(tl.float32)
+        x3 = tl.load(x_ptr + m * stride_xm + kp * 8 + 3, mask=kp_ok, other=0.0).to(tl.float32)
+        x4 = tl.load(x_ptr + m * stride_xm + kp * 8 + 4, mask=kp_ok, other=0.0).to(tl.float32)
+        x5 = tl.load(x_ptr + m * stride_xm + kp * 8 + 5, mask=kp_ok, other=0.0).to(tl.float32)
+        x6 = tl.load(x_ptr + m * stride_xm + kp * 8 + 6, mask=kp_ok, other=0.0).to(tl.float32)
+        x7 = tl.load(x_ptr + m * stride_xm + kp * 8 + 7, mask=kp_ok, other=0.0).to(tl.float32)
+        big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
+                         tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
+        amax = tl.max(big, axis=0)  # this tile's largest |x|: x / amax fits f16 and its products stay small
+        amax = tl.where(amax > 0, amax, 1.0)
+        inv = 1.0 / amax
+        # f16 bits of x / amax, paired (x_c low, x_{c+4} high) as the PTX's word halves hold (q_c, q_{c+4})
+        p0 = _pair(x0 * inv, x4 * inv)[None, :]
+        p1 = _pair(x1 * inv, x5 * inv)[None, :]
+        p2 = _pair(x2 * inv, x6 * inv)[None, :]
+        p3 = _pair(x3 * inv, x7 * inv)[None, :]
+        if HAS_ZEROS:
+            g = t * BLOCK_KP * 8 // GROUP
+            zw = tl.load(z_ptr + g * stride_zg + (offs_n // 8) * stride_zn, mask=n_ok, other=0)
+            z = ((zw >> ((offs_n % 8) * 4)) & 0xF)[:, None]  # [BLOCK_N, 1]
+        else:
+            z = tl.full([BLOCK_N, 1], 8, tl.int32)
+        zbase = (0x6400 + z) | ((0x6400 + z) << 16)  # f16x2 (1024 + z, 1024 + z)
+        zneg = (0xD400 + 16 * z) | ((0xD400 + 16 * z) << 16)  # f16x2 (-(64 + z), -(64 + z))
+        shape: tl.constexpr = [BLOCK_N, BLOCK_KP]
+        dots = _word_dot(words, tl.broadcast_to(p0, shape), tl.broadcast_to(p1, shape), tl.broadcast_to(p2, shape),
+                         tl.broadcast_to(p3, shape), tl.broadcast_to(zbase, shape), tl.broadcast_to(zneg, shape),
+                         USE_PTX)
+        acc += dots * (s * amax)
+        words, s = next_words, next_s
+    out = tl.sum(acc, axis=1)  # [BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid_s * stride_os + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def supports(w: PackedWeight, block_kp: int | None = None) -> bool:
+    """4-bit, packed along K, no g_idx, and a scale per tile of block_kp words (default: the configured one)."""
+    if w.bits != 4 or w.pack_n or w.g_idx is not None:
+        return False
+    block_kp = block_kp or gemv_config(w.n, w.k, w.bits, 1, 1)[1]
+    return w.group_size % (block_kp * 8) == 0
+
+
+def gemv_f16x2(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, use_ptx: bool | None = None,
+               config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] (unit stride in K) -> [M, N]; config (BLOCK_N, BLOCK_KP, num_warps, num_splits), default
+    quant_gemv.gemv's for the shape; use_ptx None: the PTX on the GPU."""
+    m = x.shape[0]
+    sms = num_sms(x.device)
+    block_n, block_kp, num_warps, num_splits = config or gemv_config(w.n, w.k, w.bits, m, sms)
+    assert supports(w, block_kp), "4-bit words packed along K, no g_idx, a scale per tile"
+    tiles_per_split, num_splits = split_k(triton.cdiv(w.k // 8, block_kp), num_splits)
+    out, part = split_output(m, w.n, num_splits, x.dtype, x.device)
+    has_bias = bias is not None and num_splits == 1
+    zeros = w.zeros if w.zeros is not None else w.scales
+    _, _, sg, sn, zg, zn = w.strides
+    _gemv_f16x2_kernel[(m, triton.cdiv(w.n, block_n), num_splits)](
+        x, w.qweight, w.scales, zeros, bias if has_bias else out, part, w.n, w.k, x.stride(0), w.strides[0],
+        w.strides[1], sg, sn, zg, zn, part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
+        GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_BIAS=has_bias,
+        EVEN_K=w.k % (block_kp * 8) == 0, BLOCK_N=block_n, BLOCK_KP=block_kp,
+        USE_PTX=x.is_cuda if use_ptx is None else use_ptx, num_warps=num_warps)
+    if num_splits > 1:
+        sum_splits(part, out, bias)
+    return out
