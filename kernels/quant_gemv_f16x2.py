@@ -7,8 +7,8 @@ exactly, one LOP3 a pair; the nibbles at bits 4-7 of each half read 1024 + 16q a
 q - zero with one f16x2 subtract or FMA a pair, and multiply x's pairs with f16x2 FMAs: ~16 instructions a word
 where float32 takes ~26. Pairs are (x0, x4), (x1, x5), (x2, x6), (x3, x7) of the word's eight x values.
 
-f16 overflows where bf16 does not, so each K tile's x is divided by its largest |x| before the conversion (a word's
-products then stay within 8 x 15) and the tile's partial sums are multiplied back with the group scale.
+f16 overflows where bf16 does not, so x is divided by its largest |x| over the program's K range before the
+conversion (a word's products then stay within 8 x 15) and the sums are multiplied back at the end.
 Sym or asym zero points, no g_idx, a scale per tile (the group a multiple of the tile), M rows one program each.
 
 On the GPU a word is one inline PTX block. Triton's interpreter cannot run PTX: there the same sum is taken in
@@ -91,6 +91,26 @@ def _pair(lo, hi):
 
 
 @triton.jit
+def split_amax(x_row, t_start, t_end, num_words, PER_WORD: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_W: tl.constexpr):
+    """The largest |x| over this split's K range (words [t_start, t_end) tiles of BLOCK_W, PER_WORD values a word),
+    1 when all are 0: x / amax fits f16 and a word's products stay small. One cross-thread reduction a program."""
+    big = tl.zeros([BLOCK_W], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        kw = t * BLOCK_W + tl.arange(0, BLOCK_W)
+        kw_ok = tl.full([BLOCK_W], 1, tl.int1) if EVEN_K else kw < num_words
+        for c in tl.static_range(PER_WORD):
+            big = tl.maximum(big, tl.abs(tl.load(x_row + kw * PER_WORD + c, mask=kw_ok, other=0.0).to(tl.float32)))
+    amax = tl.max(big, axis=0)
+    return tl.where(amax > 0, amax, 1.0)
+
+
+@triton.jit
+def _x(x_row, kp, c: tl.constexpr, kp_ok, inv):
+    """x[kp * 8 + c] / amax, float32 [BLOCK_KP]."""
+    return tl.load(x_row + kp * 8 + c, mask=kp_ok, other=0.0).to(tl.float32) * inv
+
+
+@triton.jit
 def _gemv_f16x2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,  # x [M, K]; out [num_splits, M, N]
     N, K, stride_xm, stride_qa, stride_qb, stride_sg, stride_sn, stride_zg, stride_zn, stride_os, stride_om,
@@ -109,6 +129,9 @@ def _gemv_f16x2_kernel(
     t_start = pid_s * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(num_words, BLOCK_KP))
     kp_end = tl.minimum(num_words, t_end * BLOCK_KP)
+    x_row = x_ptr + m * stride_xm
+    amax = split_amax(x_row, t_start, t_end, num_words, 8, EVEN_K, BLOCK_KP)
+    inv = 1.0 / amax
     acc = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
     words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
                           stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
@@ -117,24 +140,11 @@ def _gemv_f16x2_kernel(
                                         stride_sg, stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
         kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
         kp_ok = tl.full([BLOCK_KP], 1, tl.int1) if EVEN_K else kp < num_words
-        x0 = tl.load(x_ptr + m * stride_xm + kp * 8 + 0, mask=kp_ok, other=0.0).to(tl.float32)
-        x1 = tl.load(x_ptr + m * stride_xm + kp * 8 + 1, mask=kp_ok, other=0.0).to(tl.float32)
-        x2 = tl.load(x_ptr + m * stride_xm + kp * 8 + 2, mask=kp_ok, other=0.0).to(tl.float32)
-        x3 = tl.load(x_ptr + m * stride_xm + kp * 8 + 3, mask=kp_ok, other=0.0).to(tl.float32)
-        x4 = tl.load(x_ptr + m * stride_xm + kp * 8 + 4, mask=kp_ok, other=0.0).to(tl.float32)
-        x5 = tl.load(x_ptr + m * stride_xm + kp * 8 + 5, mask=kp_ok, other=0.0).to(tl.float32)
-        x6 = tl.load(x_ptr + m * stride_xm + kp * 8 + 6, mask=kp_ok, other=0.0).to(tl.float32)
-        x7 = tl.load(x_ptr + m * stride_xm + kp * 8 + 7, mask=kp_ok, other=0.0).to(tl.float32)
-        big = tl.maximum(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))),
-                         tl.maximum(tl.maximum(tl.abs(x4), tl.abs(x5)), tl.maximum(tl.abs(x6), tl.abs(x7))))
-        amax = tl.max(big, axis=0)  # this tile's largest |x|: x / amax fits f16 and its products stay small
-        amax = tl.where(amax > 0, amax, 1.0)
-        inv = 1.0 / amax
         # f16 bits of x / amax, paired (x_c low, x_{c+4} high) as the PTX's word halves hold (q_c, q_{c+4})
-        p0 = _pair(x0 * inv, x4 * inv)[None, :]
-        p1 = _pair(x1 * inv, x5 * inv)[None, :]
-        p2 = _pair(x2 * inv, x6 * inv)[None, :]
-        p3 = _pair(x3 * inv, x7 * inv)[None, :]
+        p0 = _pair(_x(x_row, kp, 0, kp_ok, inv), _x(x_row, kp, 4, kp_ok, inv))[None, :]
+        p1 = _pair(_x(x_row, kp, 1, kp_ok, inv), _x(x_row, kp, 5, kp_ok, inv))[None, :]
+        p2 = _pair(_x(x_row, kp, 2, kp_ok, inv), _x(x_row, kp, 6, kp_ok, inv))[None, :]
+        p3 = _pair(_x(x_row, kp, 3, kp_ok, inv), _x(x_row, kp, 7, kp_ok, inv))[None, :]
         if HAS_ZEROS:
             g = t * BLOCK_KP * 8 // GROUP
             zw = tl.load(z_ptr + g * stride_zg + (offs_n // 8) * stride_zn, mask=n_ok, other=0)
@@ -147,9 +157,9 @@ def _gemv_f16x2_kernel(
         dots = _word_dot(words, tl.broadcast_to(p0, shape), tl.broadcast_to(p1, shape), tl.broadcast_to(p2, shape),
                          tl.broadcast_to(p3, shape), tl.broadcast_to(zbase, shape), tl.broadcast_to(zneg, shape),
                          USE_PTX)
-        acc += dots * (s * amax)
+        acc += dots * s
         words, s = next_words, next_s
-    out = tl.sum(acc, axis=1)  # [BLOCK_N]
+    out = tl.sum(acc, axis=1) * amax  # [BLOCK_N]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + pid_s * stride_os + m * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
