@@ -6,7 +6,7 @@ can be compared on any machine, and the packed-half kernels' PTX is checked by p
   words on 4 warps (128 values a thread);
 - FP8: kernels/weight_gemv.py against kernels/weight_gemv_f16x2.py at W1 gate_up's table config, 8 rows x 512
   weights on 2 warps (64 weights a thread).
-Speed still needs the device (decode_gemv_bench --dtypes w4,w4x2).
+Speed still needs the device (decode_gemv_bench --dtypes w4,w4x2,fp8,fp8x2).
     python -m benchmarks.gemv_sass
 """
 from __future__ import annotations
