@@ -31,6 +31,14 @@ if TYPE_CHECKING:
 
 GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "0") == "1"
 
+# the end of a word's PTX: the f16x2 sum `a` of its products -> $0, the float32 sum of the two halves
+HALF2_TO_SUM = """
+mov.b32 {lo, hi}, a;
+cvt.f32.f16 flo, lo;
+cvt.f32.f16 fhi, hi;
+add.f32 $0, flo, fhi;
+}
+"""
 # $0 = sum of a word's 8 products (float32); $1 word, $2..$5 x pairs (f16x2), $6 (1024 + z) twice, $7 -(64 + z) twice
 WORD_DOT_PTX = tl.constexpr("""
 {
@@ -50,13 +58,8 @@ fma.rn.f16x2 t3, t3, sx, $7;
 mul.f16x2 a, t0, $2;
 fma.rn.f16x2 a, t1, $3, a;
 fma.rn.f16x2 a, t2, $4, a;
-fma.rn.f16x2 a, t3, $5, a;
-mov.b32 {lo, hi}, a;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-""")
+fma.rn.f16x2 a, t3, $5, a;""" + HALF2_TO_SUM)
+
 
 
 @triton.jit
@@ -91,6 +94,13 @@ def _pair(lo, hi):
 
 
 @triton.jit
+def split_tiles(tiles_per_split, num_words, BLOCK_W: tl.constexpr):
+    """(t_start, t_end): the K tiles (BLOCK_W words each) of this program's split (grid axis 2)."""
+    t_start = tl.program_id(2) * tiles_per_split
+    return t_start, tl.minimum(t_start + tiles_per_split, tl.cdiv(num_words, BLOCK_W))
+
+
+@triton.jit
 def split_amax(x_row, t_start, t_end, num_words, PER_WORD: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_W: tl.constexpr):
     """The largest |x| over this split's K range (words [t_start, t_end) tiles of BLOCK_W, PER_WORD values a word),
     1 when all are 0: x / amax fits f16 and a word's products stay small. One cross-thread reduction a program."""
@@ -121,13 +131,11 @@ def _gemv_f16x2_kernel(
     """One row m, BLOCK_N outputs, this split's K tiles of BLOCK_KP words (8 values each); the next tile's
     words in flight while this one is taken."""
     m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_ok = offs_n < N
     num_words = K // 8
-    t_start = pid_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(num_words, BLOCK_KP))
+    t_start, t_end = split_tiles(tiles_per_split, num_words, BLOCK_KP)
     kp_end = tl.minimum(num_words, t_end * BLOCK_KP)
     x_row = x_ptr + m * stride_xm
     amax = split_amax(x_row, t_start, t_end, num_words, 8, EVEN_K, BLOCK_KP)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
-from kernels.quant_gemv_f16x2 import _half, _pair, split_amax
+from kernels.quant_gemv_f16x2 import HALF2_TO_SUM, _half, _pair, split_amax, split_tiles
 from kernels.weight_gemv import gemv_config
 
 FP8_GEMV_F16X2 = os.environ.get("GANTRY_FP8_GEMV_F16X2", "0") == "1"
@@ -29,19 +29,14 @@ FP8_GEMV_F16X2 = os.environ.get("GANTRY_FP8_GEMV_F16X2", "0") == "1"
 WORD_DOT_PTX = tl.constexpr("""
 {
 .reg .b16 l, h, lo, hi;
-.reg .b32 a, b, acc;
+.reg .b32 a, b0, b1;
 .reg .f32 flo, fhi;
 mov.b32 {l, h}, $1;
-cvt.rn.f16x2.e4m3x2 a, l;
-cvt.rn.f16x2.e4m3x2 b, h;
-mul.f16x2 acc, a, $2;
-fma.rn.f16x2 acc, b, $3, acc;
-mov.b32 {lo, hi}, acc;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
-}
-""")
+cvt.rn.f16x2.e4m3x2 b0, l;
+cvt.rn.f16x2.e4m3x2 b1, h;
+mul.f16x2 a, b0, $2;
+fma.rn.f16x2 a, b1, $3, a;""" + HALF2_TO_SUM)
+
 
 
 @triton.jit
@@ -70,13 +65,11 @@ def _fp8_gemv_f16x2_kernel(
 ):
     """Row m, BLOCK_N outputs, this split's K range in [BLOCK_N, BLOCK_KW] word tiles (4 weights a word)."""
     m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_ok = offs_n < N
     num_words = K // 4
-    t_start = pid_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(num_words, BLOCK_KW))
+    t_start, t_end = split_tiles(tiles_per_split, num_words, BLOCK_KW)
     x_row = x_ptr + m * stride_xm
     amax = split_amax(x_row, t_start, t_end, num_words, 4, EVEN_K, BLOCK_KW)
     inv = 1.0 / amax

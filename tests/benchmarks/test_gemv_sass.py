@@ -1,5 +1,5 @@
-"""benchmarks/gemv_sass.py: both 4-bit GEMVs compile for sm_90 here (ptxas checks the packed-half GEMV's PTX, which
-no CPU test can run) and the packed-half loop is the shorter. In a subprocess: Triton compiles for a target only
+"""benchmarks/gemv_sass.py: the 4-bit and FP8 GEMVs compile for sm_90 here (ptxas checks the packed-half GEMVs' PTX,
+which no CPU test can run) and the packed-half loops are the shorter. In a subprocess: Triton compiles for a target only
 when TRITON_INTERPRET is unset when the kernels are defined."""
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def test_packed_half_gemv_compiles_shorter() -> None:
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    counts = {(r["kernel"].split()[0], r["zero_points"]): r["loop_instructions"] for r in rows}
+    counts = {(r["kernel"].split(" (")[0], r.get("zero_points")): r["loop_instructions"] for r in rows}
     for zeros in (False, True):
         assert 0 < counts[("quant_gemv_f16x2", zeros)] < counts[("quant_gemv", zeros)]
+    assert 0 < counts[("weight_gemv_f16x2 fp8", None)] < counts[("weight_gemv fp8", None)]
