@@ -77,7 +77,8 @@ class QuantVocabParallelEmbedding(LinearBase):
         VocabParallelEmbedding._partition(self, num_embeddings)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
-        """This rank's vocabulary rows; the padding rows of the last rank stay zero."""
+        """This rank's vocabulary rows (the last rank's padding rows are never read: ids and logits stop at
+        vocab_end)."""
         size = self.vocab_end - self.vocab_start
         self.store(param, shard(loaded, 0, self.vocab_start, size), 0, size)
 

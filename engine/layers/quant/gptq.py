@@ -187,7 +187,7 @@ class PackedLinearMethod:
             layer.qzeros.data = pack_cols(zeros, self.bits)
         # without desc_act g_idx is k // group_size: the kernels compute it (and it cannot differ by rank)
         layer.use_g_idx = self.desc_act
-        # sym=True checkpoints store every zero point as 2**(bits-1): the kernels then skip reading them
+        # zero points all 2**(bits-1) (sym=True; v1's offset added back above): the kernels skip reading them
         layer.midpoint_zeros = bool((layer.qzeros.data == midpoint_word(self.bits)).all())
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
