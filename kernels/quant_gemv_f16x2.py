@@ -4,7 +4,7 @@ quant_gemv.py spends three float32 instructions on each 4-bit value (LOP3, FADD,
 about as many values a second as the FP8 one: per-value work holds it at 0.43-0.48 of copy bandwidth. Here a word's
 eight values become four f16x2 pairs (Marlin's trick: a nibble OR-ed into the mantissa of 1024.0 reads 1024 + q
 exactly, one LOP3 a pair; the nibbles at bits 4-7 of each half read 1024 + 16q and are scaled by 1/16), take
-q - zero with one f16x2 subtract or FMA a pair, and multiply x's pairs with f16x2 FMAs: ~16 instructions a word
+q - zero with one f16x2 subtract or FMA a pair, and multiply x's pairs with f16x2 FMAs: ~15 instructions a word
 where float32 takes ~26. Pairs are (x0, x4), (x1, x5), (x2, x6), (x3, x7) of the word's eight x values.
 
 f16 overflows where bf16 does not, so x is divided by its largest |x| over the program's K range before the
@@ -31,12 +31,12 @@ if TYPE_CHECKING:
 
 GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "0") == "1"
 
-# the end of a word's PTX: the f16x2 sum `a` of its products -> $0, the float32 sum of the two halves
+# the end of a word's PTX: the f16x2 sum `a` of its products -> $0, the sum of its two halves (added in f16: two
+# instructions where converting both halves and adding in float32 takes three)
 HALF2_TO_SUM = """
 mov.b32 {lo, hi}, a;
-cvt.f32.f16 flo, lo;
-cvt.f32.f16 fhi, hi;
-add.f32 $0, flo, fhi;
+add.f16 lo, lo, hi;
+cvt.f32.f16 $0, lo;
 }
 """
 # $0 = sum of a word's 8 products (float32); $1 word, $2..$5 x pairs (f16x2), $6 (1024 + z) twice, $7 -(64 + z) twice
@@ -44,7 +44,6 @@ WORD_DOT_PTX = tl.constexpr("""
 {
 .reg .b32 t0, t1, t2, t3, w8, a, sx;
 .reg .b16 lo, hi;
-.reg .f32 flo, fhi;
 lop3.b32 t0, $1, 0x000F000F, 0x64006400, 0xEA;
 lop3.b32 t1, $1, 0x00F000F0, 0x64006400, 0xEA;
 shr.u32 w8, $1, 8;

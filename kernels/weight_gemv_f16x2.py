@@ -4,7 +4,7 @@ weight_gemv.py takes each e4m3 weight to float32 (a byte permute, a half-to-floa
 convert a pair) and multiplies it with an FFMA: ~6 SASS instructions a weight in its loop, and the FP8 GEMV streams
 about as many weights a second as the 4-bit one (0.82 of copy bandwidth on W1's gate_up, where issue 14's TPOT line
 needs ~0.94). Here an int32 word of four e4m3 weights is two `cvt.rn.f16x2.e4m3x2` (exact: e4m3 values are f16
-values) and one f16x2 multiply and one FMA with x's pairs (x0, x1), (x2, x3), then one float32 add: ~2.5 a weight.
+values) and one f16x2 multiply and one FMA with x's pairs (x0, x1), (x2, x3), its halves added and converted: ~2 a weight.
 
 f16 overflows where bf16 does not, so x is divided by its largest |x| over the program's K range before the
 conversion (a word's products then stay within 4 x 448) and the sums are multiplied back. The row scale is applied at the end.
@@ -30,7 +30,6 @@ WORD_DOT_PTX = tl.constexpr("""
 {
 .reg .b16 l, h, lo, hi;
 .reg .b32 a, b0, b1;
-.reg .f32 flo, fhi;
 mov.b32 {l, h}, $1;
 cvt.rn.f16x2.e4m3x2 b0, l;
 cvt.rn.f16x2.e4m3x2 b1, h;
