@@ -60,7 +60,6 @@ fma.rn.f16x2 a, t2, $4, a;
 fma.rn.f16x2 a, t3, $5, a;""" + HALF2_TO_SUM)
 
 
-
 @triton.jit
 def _half(bits):
     """The float32 value of f16 bits (int32, low 16 bits)."""
