@@ -346,7 +346,7 @@ def bench_w1(args: argparse.Namespace) -> None:
 
     from kernels import quant_gemm
 
-    if args.mma_compare:  # the same 4-bit engine with quant_mma off: small batches dequantize + cuBLAS
+    if args.mma_compare and "w4a16" in dirs:  # the same 4-bit engine with quant_mma off: small batches dequantize + cuBLAS
         dirs["w4a16_without_mma"] = dirs["w4a16"]
     results = {}
     mma_max_m = quant_gemm.MMA_MAX_M
