@@ -39,6 +39,7 @@ def sweep_configs(elem_bytes: float) -> list[tuple[int, int, int, int]]:
 
 # w4x2 and fp8x2: the packed-half GEMVs (kernels/quant_gemv_f16x2.py, kernels/weight_gemv_f16x2.py) on w4's and fp8's weights
 ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5, "w4x2": 0.5, "fp8x2": 1}
+W4_DTYPES = ("w4", "w4x2")  # 4-bit packed words and group scales (compressed-tensors' layout)
 # w4x2's sweep: a scale per tile, so 16-word tiles (one group of 128 values)
 F16X2_CONFIGS = [(bn, 16, nw, sp) for bn in (32, 64, 128, 256) for nw in (2, 4, 8) for sp in (1, 2, 4, 8, 16)
                  if 4 <= bn * 16 // (32 * nw) <= 32]
@@ -52,7 +53,7 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
 
     out = []
     for _ in range(copies):
-        if dtype in ("w4", "w4x2"):
+        if dtype in W4_DTYPES:
             qweight, scales = random_w4(n, k)
             out.append((quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k), None))
             continue
@@ -79,7 +80,7 @@ def default_config(dtype: str, n: int, k: int, m: int) -> tuple[int, int, int, i
     from kernels import quant_gemv, weight_gemv
 
     sms = quant_gemv.num_sms(torch.device("cuda"))
-    if dtype in ("w4", "w4x2"):
+    if dtype in W4_DTYPES:
         return quant_gemv.gemv_config(n, k, 4, m, sms)
     return weight_gemv.gemv_config(n, k, m, sms, ELEM_BYTES[dtype])
 
@@ -93,7 +94,7 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
     ws = random_weights(n, k, dtype, copies)  # [(weight, scale)] a copy
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w0, s0 = ws[0]
-    if dtype in ("w4", "w4x2"):
+    if dtype in W4_DTYPES:
         ref = x.float() @ quant_gemm.dequantize(w0, torch.float32).t()
     else:
         ref = x.float() @ (w0.float() * (1 if s0 is None else s0[:, None])).t()
@@ -129,12 +130,12 @@ def sweep_table(dtypes: list[str], ms: list[int], sweep: bool, lm_head: bool, re
                 row = best_gemv(name, n, k, dtype, m, sweep and m == 1)
                 frac = {key.replace("_us", "_of_read_bw"): round(n * k * elem / (row[key] * 1e-6) / read_bw, 3)
                         for key in ("gemv_us", "cublas_us") if key in row}
-                if dtype in ("w4", "w4x2"):  # the packed weights and their group scales, against copy bandwidth as issue 13 asks
+                if dtype in W4_DTYPES:  # the packed weights and their group scales, against copy bandwidth as issue 13 asks
                     frac["gemv_of_copy_bw"] = round((n * k // 2 + n * k // 64) / (row["gemv_us"] * 1e-6) / copy_bw, 3)
                 emit("decode_gemv", layer=name, dtype=dtype, M=m, N=n, K=k, MB=round(n * k * elem / 1e6, 1),
                      **row, **frac)
                 if m == 1:
-                    table[(n, k, 4 if dtype in ("w4", "w4x2") else elem)] = tuple(row["gemv_best"])
+                    table[(n, k, 4 if dtype in W4_DTYPES else elem)] = tuple(row["gemv_best"])
     return table
 
 

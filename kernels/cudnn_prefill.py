@@ -204,8 +204,11 @@ def chunk_attention(
     q[:, :, :n] = query.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
     q = q.view(1, num_kv_heads, group * rows, head_dim)
     start = 0
-    for size, batch in piece_calls(sizes):
-        qb = q if batch == 1 else q.expand(batch, -1, -1, -1).contiguous()  # the queries once per piece
+    calls = piece_calls(sizes)
+    most = max((batch for _, batch in calls), default=1)
+    q_rep = q.expand(most, -1, -1, -1).contiguous() if most > 1 else q  # the queries once per piece of a call
+    for size, batch in calls:
+        qb = q if batch == 1 else q_rep[:batch]  # the largest call's copy serves the smaller ones
         o, lse = _sdpa(qb, _keys(k, start, size, batch), _keys(v, start, size, batch), scale)
         start += batch * size
         # [num_heads, rows, ...] per piece once viewed: head = kv_head * group + head in group

@@ -37,7 +37,6 @@ mul.f16x2 a, b0, $2;
 fma.rn.f16x2 a, b1, $3, a;""" + HALF2_TO_SUM)
 
 
-
 @triton.jit
 def _e4m3(byte):
     """float32 of e4m3 bits (int32, low 8 bits)."""

@@ -203,7 +203,7 @@ F16X2_CASES = [("gptq", 4, 128, True, False), ("gptq", 4, 128, False, False), ("
 def test_gemv_f16x2(layout: str, bits: int, group_size: int, asym: bool, act_order: bool, m: int, x_scale: float,
                     device: torch.device) -> None:
     """kernels/quant_gemv_f16x2.py against the reference: on CPU its float32 stand-in for the PTX (same packed
-    operands), on the GPU the PTX and the stand-in. x up to 3e4 (f16 overflows without the tile's scaling).
+    operands), on the GPU the PTX and the stand-in. x up to 3e4 (f16 overflows without x scaled by its largest |x|).
     N = 96: a partial row tile; K = 640: a partial K tile (16 words of 8 values a tile)."""
     from kernels import quant_gemv_f16x2
 
@@ -218,7 +218,7 @@ def test_gemv_f16x2(layout: str, bits: int, group_size: int, asym: bool, act_ord
 
 
 def test_gemv_f16x2_dispatch(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
-    """GANTRY_GEMV_F16X2=1 routes the 4-bit GEMV there; g_idx and AWQ's layout keep quant_gemv.py."""
+    """GANTRY_GEMV_F16X2=1 routes the 4-bit GEMV there; 8-bit weights with g_idx keep quant_gemv.py."""
     from kernels import quant_gemv_f16x2
 
     calls = []

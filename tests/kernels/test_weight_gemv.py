@@ -72,7 +72,7 @@ def test_bf16_weights_match_float32(n: int, k: int) -> None:
 def test_fp8_gemv_f16x2(m: int, x_scale: float, n: int, k: int, config: tuple | None, with_bias: bool,
                         device: torch.device) -> None:
     """kernels/weight_gemv_f16x2.py against float32 math: on CPU its float32 stand-in for the PTX (same packed
-    operands), on the GPU the PTX too; x up to 3e4 (f16 overflows without the tile's scaling); partial tiles."""
+    operands), on the GPU the PTX too; x up to 3e4 (f16 overflows without x scaled by its largest |x|); partial tiles."""
     from kernels.weight_gemv_f16x2 import fp8_gemv_f16x2
 
     w = torch.randn(n, k, device=device) * 0.05
