@@ -37,8 +37,8 @@ def sweep_configs(elem_bytes: float) -> list[tuple[int, int, int, int]]:
             for sp in (1, 2, 4, 8) if 4 <= bn * bk * elem_bytes // (32 * nw) <= 128]
 
 
-# w4x2 and fp8x2: the packed-half GEMVs (kernels/quant_gemv_f16x2.py, kernels/weight_gemv_f16x2.py) on w4's and fp8's weights
-ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5, "w4x2": 0.5, "fp8x2": 1}
+# w4x2: the packed-half GEMV (kernels/quant_gemv_f16x2.py) on w4's weights
+ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5, "w4x2": 0.5}
 W4_DTYPES = ("w4", "w4x2")  # 4-bit packed words and group scales (compressed-tensors' layout)
 # w4x2's sweep: a scale per tile, so 16-word tiles (one group of 128 values)
 F16X2_CONFIGS = [(bn, 16, nw, sp) for bn in (32, 64, 128, 256) for nw in (2, 4, 8) for sp in (1, 2, 4, 8, 16)
@@ -58,7 +58,7 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
             out.append((quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k), None))
             continue
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        out.append(quantize_rows(w) if dtype in ("fp8", "fp8x2") else (w, None))
+        out.append(quantize_rows(w) if dtype == "fp8" else (w, None))
     return out
 
 
@@ -69,10 +69,6 @@ def gemv_call(dtype: str, x: torch.Tensor, w, scale, cfg: tuple) -> torch.Tensor
         return quant_gemv.gemv(x, w, None, *cfg)
     if dtype == "w4x2":
         return quant_gemv_f16x2.gemv_f16x2(x, w, None, config=cfg)
-    if dtype == "fp8x2":
-        from kernels.weight_gemv_f16x2 import fp8_gemv_f16x2
-
-        return fp8_gemv_f16x2(x, w, scale, None, cfg)
     return weight_gemv.weight_gemv(x, w, scale, None, cfg)
 
 

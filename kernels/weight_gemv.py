@@ -78,13 +78,8 @@ def weight_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1, "rows must be contiguous"
     block_n, block_k, num_warps, num_splits = config or gemv_config(n, k, m, num_sms(x.device), weight.element_size())
-    scale = None if weight_scale is None else weight_scale.float().reshape(-1).expand(n).contiguous()  # [N]
-    if weight.dtype == torch.float8_e4m3fn and block_k % 4 == 0:
-        from kernels import weight_gemv_f16x2
-
-        if weight_gemv_f16x2.FP8_GEMV_F16X2 and weight_gemv_f16x2.supports(weight):  # off until measured
-            return weight_gemv_f16x2.fp8_gemv_f16x2(x, weight, scale, bias, (block_n, block_k, num_warps, num_splits))
     tiles_per_split, num_splits = split_k(triton.cdiv(k, block_k), num_splits)
+    scale = None if weight_scale is None else weight_scale.float().reshape(-1).expand(n).contiguous()  # [N]
     out, part = split_output(m, n, num_splits, x.dtype, x.device)
     has_bias = bias is not None and num_splits == 1
     unused = out  # a pointer never read

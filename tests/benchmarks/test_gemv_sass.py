@@ -1,6 +1,7 @@
-"""benchmarks/gemv_sass.py: the 4-bit and FP8 GEMVs compile for sm_90 here (ptxas checks the packed-half GEMVs' PTX,
-which no CPU test can run) and the packed-half loops are the shorter. In a subprocess: Triton compiles for a target only
-when TRITON_INTERPRET is unset when the kernels are defined."""
+"""benchmarks/gemv_sass.py: the decode GEMVs compile for sm_90 here (ptxas checks the 4-bit packed-half GEMV's PTX,
+which no CPU test can run), specialized as at run time: each thread's weights come in 128-bit loads, and the 4-bit
+packed-half loop is the shorter. In a subprocess: Triton compiles for a target only when TRITON_INTERPRET is unset
+when the kernels are defined."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,18 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_packed_half_gemv_compiles_shorter() -> None:
+def test_gemv_sass_runtime_specialized() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gemv_sass"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    counts = {(r["kernel"].split(" (")[0], r.get("zero_points")): r["loop_instructions"] for r in rows}
+    rows = {(r["kernel"].split(" (")[0], r.get("zero_points")): r
+            for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    assert set(rows) == {("quant_gemv", False), ("quant_gemv_f16x2", False), ("quant_gemv", True),
+                         ("quant_gemv_f16x2", True), ("weight_gemv fp8", None)}
     for zeros in (False, True):
-        assert 0 < counts[("quant_gemv_f16x2", zeros)] < counts[("quant_gemv", zeros)]
-    assert 0 < counts[("weight_gemv_f16x2 fp8", None)] < counts[("weight_gemv fp8", None)]
+        assert 0 < rows[("quant_gemv_f16x2", zeros)]["loop_instructions"] < rows[("quant_gemv", zeros)]["loop_instructions"]
+        for kernel in ("quant_gemv", "quant_gemv_f16x2"):  # 128 x 16 words on 128 threads: 16 words, 4 loads of 128 bits
+            assert rows[(kernel, zeros)]["global_loads"].get("LDG.E.128") == 4, rows[(kernel, zeros)]
+    fp8 = rows[("weight_gemv fp8", None)]  # 8 x 512 bytes on 64 threads: 64 bytes a thread, and x's 8 bf16
+    assert fp8["loop_instructions"] > 0 and fp8["global_loads"] == {"LDG.E.128": 5}, fp8

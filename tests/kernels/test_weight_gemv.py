@@ -64,36 +64,3 @@ def test_bf16_weights_match_float32(n: int, k: int) -> None:
     bias = torch.randn(n, device="cuda").to(torch.bfloat16)
     want = x.float() @ w.float().t() + bias.float()
     torch.testing.assert_close(weight_gemv(x, w, None, bias).float(), want, rtol=1e-2, atol=1e-2)
-
-
-@pytest.mark.parametrize("m,x_scale", [(1, 1.0), (3, 1.0), (1, 3e4)])
-@pytest.mark.parametrize("n,k,config", [(80, 1000, (8, 128, 4, 1)), (80, 1000, (16, 256, 2, 3)), (200, 384, None)])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fp8_gemv_f16x2(m: int, x_scale: float, n: int, k: int, config: tuple | None, with_bias: bool,
-                        device: torch.device) -> None:
-    """kernels/weight_gemv_f16x2.py against float32 math: on CPU its float32 stand-in for the PTX (same packed
-    operands), on the GPU the PTX too; x up to 3e4 (f16 overflows without x scaled by its largest |x|); partial tiles."""
-    from kernels.weight_gemv_f16x2 import fp8_gemv_f16x2
-
-    w = torch.randn(n, k, device=device) * 0.05
-    w[:, 7] *= 40
-    wq, scale = quantize_rows(w)
-    x = torch.randn(m, k, device=device) * x_scale
-    bias = torch.randn(n, device=device) if with_bias else None
-    want = x @ (wq.float() * scale[:, None]).t() + (bias if with_bias else 0)
-    for use_ptx in (False, True) if device.type == "cuda" else (False,):
-        got = fp8_gemv_f16x2(x, wq, scale, bias, config, use_ptx=use_ptx)
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * x_scale)
-
-
-def test_fp8_gemv_f16x2_dispatch(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
-    """GANTRY_FP8_GEMV_F16X2=1 routes e4m3 weights there; bf16 weights keep weight_gemv's kernel."""
-    from kernels import weight_gemv_f16x2
-
-    calls = []
-    monkeypatch.setattr(weight_gemv_f16x2, "FP8_GEMV_F16X2", True)
-    monkeypatch.setattr(weight_gemv_f16x2, "fp8_gemv_f16x2", lambda x, w, *a: calls.append(w) or x.new_zeros(1, w.shape[0]))
-    wq, scale = quantize_rows(torch.randn(64, 256, device=device))
-    weight_gemv(torch.randn(1, 256, device=device), wq, scale)
-    weight_gemv(torch.randn(1, 256, device=device), torch.randn(64, 256, device=device))
-    assert len(calls) == 1
