@@ -73,10 +73,12 @@ def gemv_call(dtype: str, x: torch.Tensor, w, scale, cfg: tuple) -> torch.Tensor
 
 
 def default_config(dtype: str, n: int, k: int, m: int) -> tuple[int, int, int, int]:
-    from kernels import quant_gemv, weight_gemv
+    from kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
 
     sms = quant_gemv.num_sms(torch.device("cuda"))
-    if dtype in W4_DTYPES:
+    if dtype == "w4x2":
+        return quant_gemv_f16x2.f16x2_config(n, k, 4, m, sms)
+    if dtype == "w4":
         return quant_gemv.gemv_config(n, k, 4, m, sms)
     return weight_gemv.gemv_config(n, k, m, sms, ELEM_BYTES[dtype])
 

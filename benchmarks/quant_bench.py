@@ -344,14 +344,17 @@ def bench_w1(args: argparse.Namespace) -> None:
         llm.llm_engine.shutdown()
         return result
 
-    from kernels import quant_gemm
+    from kernels import quant_gemm, quant_gemv_f16x2
 
+    if args.f16x2_compare:  # each 4-bit engine again with one-row GEMVs on kernels/quant_gemv_f16x2.py
+        dirs.update({f"{config}_f16x2": dirs[config] for config in configs[1:]})
     if args.mma_compare and "w4a16" in dirs:  # the same 4-bit engine with quant_mma off: small batches dequantize + cuBLAS
         dirs["w4a16_without_mma"] = dirs["w4a16"]
     results = {}
     mma_max_m = quant_gemm.MMA_MAX_M
     for config, model_dir in dirs.items():
         quant_gemm.MMA_MAX_M = quant_gemm.GEMV_MAX_M if config == "w4a16_without_mma" else mma_max_m
+        quant_gemv_f16x2.GEMV_F16X2 = config.endswith("_f16x2")
         results[config] = result = measure(model_dir)
         free_cuda()
         base = results["bf16"]
@@ -375,6 +378,8 @@ def main() -> None:
                         "head packed too), gptq_head (GPTQ, LM head quantized)")
     parser.add_argument("--mma-compare", action="store_true",
                         help="w1: a third engine, 4-bit with kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
+    parser.add_argument("--f16x2-compare", action="store_true",
+                        help="w1: each 4-bit config again with GANTRY_GEMV_F16X2 on (kernels/quant_gemv_f16x2.py)")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)

@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from kernels.quant_gemm import PackedWeight
 
 GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "0") == "1"
+# (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits) at M = 1: W1's shapes, H200 sweep (decode_gemv_bench
+# --dtypes w4x2 --sweep); other shapes take quant_gemv.gemv_config's
+F16X2_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
+    (4608, 3584, 4): (64, 16, 2, 16), (3584, 3584, 4): (64, 16, 2, 16), (37888, 3584, 4): (64, 16, 2, 2),
+    (3584, 18944, 4): (128, 16, 4, 38)}
 
 # the end of a word's PTX: the f16x2 sum `a` of its products -> $0, the sum of its two halves (added in f16: two
 # instructions where converting both halves and adding in float32 takes three)
@@ -84,8 +89,11 @@ def _word_dot(words, p0, p1, p2, p3, zbase, zneg, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def _pair(lo, hi):
-    """int32 f16x2 of two float32 tensors: lo in the low half."""
+def _pair(lo, hi, USE_PTX: tl.constexpr):
+    """int32 f16x2 of two float32 tensors: lo in the low half (on the GPU one cvt for both)."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi], dtype=tl.int32,
+                                         is_pure=True, pack=1)
     lo_bits = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     hi_bits = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return lo_bits | (hi_bits << 16)
@@ -102,20 +110,28 @@ def split_tiles(tiles_per_split, num_words, BLOCK_W: tl.constexpr):
 def split_amax(x_row, t_start, t_end, num_words, PER_WORD: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_W: tl.constexpr):
     """The largest |x| over this split's K range (words [t_start, t_end) tiles of BLOCK_W, PER_WORD values a word),
     1 when all are 0: x / amax fits f16 and a word's products stay small. One cross-thread reduction a program."""
-    big = tl.zeros([BLOCK_W], dtype=tl.float32)
+    big = tl.zeros([BLOCK_W, PER_WORD], dtype=tl.float32)
     for t in range(t_start, t_end):
         kw = t * BLOCK_W + tl.arange(0, BLOCK_W)
         kw_ok = tl.full([BLOCK_W], 1, tl.int1) if EVEN_K else kw < num_words
-        for c in tl.static_range(PER_WORD):
-            big = tl.maximum(big, tl.abs(tl.load(x_row + kw * PER_WORD + c, mask=kw_ok, other=0.0).to(tl.float32)))
-    amax = tl.max(big, axis=0)
+        xt = tl.load(x_row + kw[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :], mask=kw_ok[:, None], other=0.0)
+        big = tl.maximum(big, tl.abs(xt.to(tl.float32)))  # a word's x values as one vector load
+    amax = tl.max(tl.max(big, axis=1), axis=0)
     return tl.where(amax > 0, amax, 1.0)
 
 
 @triton.jit
-def _x(x_row, kp, c: tl.constexpr, kp_ok, inv):
-    """x[kp * 8 + c] / amax, float32 [BLOCK_KP]."""
-    return tl.load(x_row + kp * 8 + c, mask=kp_ok, other=0.0).to(tl.float32) * inv
+def _x_pairs(x_row, kp, kp_ok, inv, USE_PTX: tl.constexpr):
+    """x / amax for a tile's words as f16x2 pairs p0..p3 [1, BLOCK_KP] int32: p_c = (x[8 kp + c], x[8 kp + c + 4]);
+    a word's 8 x values load as one 16-byte vector."""
+    xt = tl.load(x_row + kp[:, None] * 8 + tl.arange(0, 8)[None, :], mask=kp_ok[:, None], other=0.0)  # [BLOCK_KP, 8]
+    xt = xt.to(tl.float32) * inv
+    lo, hi = tl.split(tl.permute(tl.reshape(xt, [kp.shape[0], 2, 4]), (0, 2, 1)))  # [BLOCK_KP, 4]: x_c, x_{c+4}
+    pairs = tl.reshape(_pair(lo, hi, USE_PTX), [kp.shape[0], 2, 2])  # [BLOCK_KP, a, b]: c = 2a + b
+    even, odd = tl.split(pairs)  # c in (0, 2), (1, 3)
+    p0, p2 = tl.split(even)
+    p1, p3 = tl.split(odd)
+    return p0[None, :], p1[None, :], p2[None, :], p3[None, :]
 
 
 @triton.jit
@@ -147,10 +163,7 @@ def _gemv_f16x2_kernel(
         kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
         kp_ok = tl.full([BLOCK_KP], 1, tl.int1) if EVEN_K else kp < num_words
         # f16 bits of x / amax, paired (x_c low, x_{c+4} high) as the PTX's word halves hold (q_c, q_{c+4})
-        p0 = _pair(_x(x_row, kp, 0, kp_ok, inv), _x(x_row, kp, 4, kp_ok, inv))[None, :]
-        p1 = _pair(_x(x_row, kp, 1, kp_ok, inv), _x(x_row, kp, 5, kp_ok, inv))[None, :]
-        p2 = _pair(_x(x_row, kp, 2, kp_ok, inv), _x(x_row, kp, 6, kp_ok, inv))[None, :]
-        p3 = _pair(_x(x_row, kp, 3, kp_ok, inv), _x(x_row, kp, 7, kp_ok, inv))[None, :]
+        p0, p1, p2, p3 = _x_pairs(x_row, kp, kp_ok, inv, USE_PTX)
         if HAS_ZEROS:
             g = t * BLOCK_KP * 8 // GROUP
             zw = tl.load(z_ptr + g * stride_zg + (offs_n // 8) * stride_zn, mask=n_ok, other=0)
@@ -175,17 +188,24 @@ def supports(w: PackedWeight, block_kp: int | None = None) -> bool:
     """4-bit, packed along K, no g_idx, and a scale per tile of block_kp words (default: the configured one)."""
     if w.bits != 4 or w.pack_n or w.g_idx is not None:
         return False
-    block_kp = block_kp or gemv_config(w.n, w.k, w.bits, 1, 1)[1]
+    block_kp = block_kp or f16x2_config(w.n, w.k, w.bits, 1, 1)[1]
     return w.group_size % (block_kp * 8) == 0
+
+
+def f16x2_config(n: int, k: int, bits: int, m: int, sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_KP, num_warps, num_splits): F16X2_TABLE at M = 1, else quant_gemv's."""
+    if m == 1 and (n, k, bits) in F16X2_TABLE:
+        return F16X2_TABLE[(n, k, bits)]
+    return gemv_config(n, k, bits, m, sms)
 
 
 def gemv_f16x2(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, use_ptx: bool | None = None,
                config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K] (unit stride in K) -> [M, N]; config (BLOCK_N, BLOCK_KP, num_warps, num_splits), default
-    quant_gemv.gemv's for the shape; use_ptx None: the PTX on the GPU."""
+    f16x2_config's for the shape; use_ptx None: the PTX on the GPU."""
     m = x.shape[0]
     sms = num_sms(x.device)
-    block_n, block_kp, num_warps, num_splits = config or gemv_config(w.n, w.k, w.bits, m, sms)
+    block_n, block_kp, num_warps, num_splits = config or f16x2_config(w.n, w.k, w.bits, m, sms)
     assert supports(w, block_kp), "4-bit words packed along K, no g_idx, a scale per tile"
     tiles_per_split, num_splits = split_k(triton.cdiv(w.k // 8, block_kp), num_splits)
     out, part = split_output(m, w.n, num_splits, x.dtype, x.device)
