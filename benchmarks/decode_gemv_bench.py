@@ -37,9 +37,10 @@ def sweep_configs(elem_bytes: float) -> list[tuple[int, int, int, int]]:
             for sp in (1, 2, 4, 8) if 4 <= bn * bk * elem_bytes // (32 * nw) <= 128]
 
 
-# w4x2: the packed-half GEMV (kernels/quant_gemv_f16x2.py) on w4's weights
-ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5, "w4x2": 0.5}
-W4_DTYPES = ("w4", "w4x2")  # 4-bit packed words and group scales (compressed-tensors' layout)
+# w4x2: the packed-half GEMV (kernels/quant_gemv_f16x2.py) on w4's weights; a trailing k: the words and scales stored
+# K-major, as compressed-tensors' checkpoints hold them, instead of out-major as the engine stores them after loading
+ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5, "w4x2": 0.5, "w4k": 0.5, "w4x2k": 0.5}
+W4_DTYPES = ("w4", "w4x2", "w4k", "w4x2k")  # 4-bit packed words and group scales (compressed-tensors' values)
 # w4x2's sweep: a scale per tile, so 16-word tiles (one group of 128 values)
 F16X2_CONFIGS = [(bn, 16, nw, sp) for bn in (32, 64, 128, 256) for nw in (2, 4, 8) for sp in (1, 2, 4, 8, 16)
                  if 4 <= bn * 16 // (32 * nw) <= 32]
@@ -54,7 +55,9 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
     out = []
     for _ in range(copies):
         if dtype in W4_DTYPES:
-            qweight, scales = random_w4(n, k)
+            qweight, scales = random_w4(n, k)  # [N, K / 8], [N, K / 128], K-major
+            if not dtype.endswith("k"):
+                qweight, scales = qweight.t().contiguous().t(), scales.t().contiguous().t()
             out.append((quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k), None))
             continue
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -65,9 +68,9 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
 def gemv_call(dtype: str, x: torch.Tensor, w, scale, cfg: tuple) -> torch.Tensor:
     from kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
 
-    if dtype == "w4":
+    if dtype.removesuffix("k") == "w4":
         return quant_gemv.gemv(x, w, None, *cfg)
-    if dtype == "w4x2":
+    if dtype.removesuffix("k") == "w4x2":
         return quant_gemv_f16x2.gemv_f16x2(x, w, None, config=cfg)
     return weight_gemv.weight_gemv(x, w, scale, None, cfg)
 
@@ -76,9 +79,9 @@ def default_config(dtype: str, n: int, k: int, m: int) -> tuple[int, int, int, i
     from kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
 
     sms = quant_gemv.num_sms(torch.device("cuda"))
-    if dtype == "w4x2":
+    if dtype.removesuffix("k") == "w4x2":
         return quant_gemv_f16x2.f16x2_config(n, k, 4, m, sms)
-    if dtype == "w4":
+    if dtype.removesuffix("k") == "w4":
         return quant_gemv.gemv_config(n, k, 4, m, sms)
     return weight_gemv.gemv_config(n, k, m, sms, ELEM_BYTES[dtype])
 
@@ -97,7 +100,7 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
     else:
         ref = x.float() @ (w0.float() * (1 if s0 is None else s0[:, None])).t()
     default = default_config(dtype, n, k, m)
-    swept = F16X2_CONFIGS if dtype == "w4x2" else sweep_configs(elem)
+    swept = F16X2_CONFIGS if dtype.removesuffix("k") == "w4x2" else sweep_configs(elem)
     cands = sorted(set(swept) | {default}) if sweep else [default]
     times = {}
     for cfg in cands:

@@ -18,6 +18,7 @@ w1 (two engine starts with CUDA graphs) is best run as a separate call.
 from __future__ import annotations
 
 import argparse
+import ast
 import itertools
 import time
 
@@ -346,6 +347,8 @@ def bench_w1(args: argparse.Namespace) -> None:
 
     from kernels import quant_gemm, quant_gemv_f16x2
 
+    if args.f16x2_table:  # decode_gemv_bench --sweep's gemv_table line, applied in this process
+        quant_gemv_f16x2.F16X2_TABLE.update(ast.literal_eval("{" + args.f16x2_table + "}"))
     if args.f16x2_compare:  # each 4-bit engine again with one-row GEMVs on kernels/quant_gemv_f16x2.py
         dirs.update({f"{config}_f16x2": dirs[config] for config in configs[1:]})
     if args.mma_compare and "w4a16" in dirs:  # the same 4-bit engine with quant_mma off: small batches dequantize + cuBLAS
@@ -380,6 +383,7 @@ def main() -> None:
                         help="w1: a third engine, 4-bit with kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
     parser.add_argument("--f16x2-compare", action="store_true",
                         help="w1: each 4-bit config again with GANTRY_GEMV_F16X2 on (kernels/quant_gemv_f16x2.py)")
+    parser.add_argument("--f16x2-table", help="w1: F16X2_TABLE entries as decode_gemv_bench --sweep prints them")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)

@@ -18,12 +18,11 @@ if TYPE_CHECKING:
 # float32 2**23: OR-ing an integer q < 2**23 into its mantissa gives exactly 2**23 + q, no int->float convert
 MAGIC = tl.constexpr(0x4B000000)
 MAGIC_F = tl.constexpr(8388608.0)
-# (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, num_splits) measured best on the device the engine runs
-# on (H200, M = 1); shapes not listed use the rule in gemv_config
-# (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits): W1's shapes, from the H200 sweep of 2026-12-01
+# (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits) at M = 1: W1's shapes, from the H200 sweep of 2026-12-02
+# on words stored out-major (GPTQ's order, and compressed-tensors' once loaded); other shapes use gemv_config's rule
 GEMV_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (4608, 3584, 4): (128, 16, 4, 8), (3584, 3584, 4): (64, 8, 2, 16), (37888, 3584, 4): (128, 16, 4, 8),
-    (3584, 18944, 4): (128, 16, 4, 38)}
+    (4608, 3584, 4): (16, 64, 4, 4), (3584, 3584, 4): (16, 64, 4, 4), (37888, 3584, 4): (32, 32, 4, 1),
+    (3584, 18944, 4): (16, 64, 4, 4)}
 MIN_PROGRAM_BYTES = 16384  # weight bytes a split-K program streams at least (fewer: latency, not bandwidth)
 
 

@@ -30,11 +30,11 @@ if TYPE_CHECKING:
     from kernels.quant_gemm import PackedWeight
 
 GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "0") == "1"
-# (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits) at M = 1: W1's shapes, H200 sweep (decode_gemv_bench
-# --dtypes w4x2 --sweep); other shapes take quant_gemv.gemv_config's
+# (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits) at M = 1: W1's shapes, H200 sweep of 2026-12-02 on words
+# stored out-major (decode_gemv_bench --dtypes w4x2 --sweep); other shapes take quant_gemv.gemv_config's
 F16X2_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (4608, 3584, 4): (64, 16, 2, 16), (3584, 3584, 4): (64, 16, 2, 16), (37888, 3584, 4): (64, 16, 2, 2),
-    (3584, 18944, 4): (128, 16, 4, 38)}
+    (4608, 3584, 4): (32, 16, 2, 8), (3584, 3584, 4): (64, 16, 2, 16), (37888, 3584, 4): (64, 16, 2, 2),
+    (3584, 18944, 4): (128, 16, 4, 16)}
 
 # the end of a word's PTX: the f16x2 sum `a` of its products -> $0, the sum of its two halves (added in f16: two
 # instructions where converting both halves and adding in float32 takes three)

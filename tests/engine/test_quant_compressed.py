@@ -79,6 +79,7 @@ def test_greedy_matches_transformers(compressed: str) -> None:
     assert llm.llm_engine.model_config.quantization == "compressed-tensors"
     layer = llm.llm_engine.executor.runner.model.model.layers["0"].mlp.down_proj
     assert layer.weight is None and layer.weight_packed.dtype == torch.int32  # kept packed
+    assert layer.weight_packed.stride(0) == layer.weight_scale.stride(0) == 1  # stored out-major for the GEMV
     outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(compressed)
 
