@@ -70,12 +70,12 @@ def loop_body(listing: str) -> list[str]:
 
 
 def unit_strides(layout: str, zero_points: bool) -> tuple[str, ...]:
-    """The PackedWeight strides equal to 1 for contiguous checkpoint tensors of the layout (CPU, tiny shapes):
-    compressed-tensors qweight [N, K / 8], scales [N, groups]; GPTQ qweight [K / 8, N], scales [groups, N],
-    zeros [groups, N / 8]."""
+    """The PackedWeight strides equal to 1 for the layout's tensors as the engine holds them (CPU, tiny shapes):
+    compressed-tensors qweight [N, K / 8], scales [N, groups], stored out-major once loaded; GPTQ qweight
+    [K / 8, N], scales [groups, N], zeros [groups, N / 8]."""
     n, k = 256, 1024
     if layout == "compressed-tensors":
-        qweight, scales, zeros = torch.zeros(n, k // 8, dtype=torch.int32), torch.zeros(n, k // 128), None
+        qweight, scales, zeros = torch.zeros(k // 8, n, dtype=torch.int32).t(), torch.zeros(k // 128, n).t(), None
     else:
         qweight, scales = torch.zeros(k // 8, n, dtype=torch.int32), torch.zeros(k // 128, n)
         zeros = torch.zeros(k // 128, n // 8, dtype=torch.int32) if zero_points else None

@@ -349,15 +349,15 @@ def bench_w1(args: argparse.Namespace) -> None:
 
     if args.f16x2_table:  # decode_gemv_bench --sweep's gemv_table line, applied in this process
         quant_gemv_f16x2.F16X2_TABLE.update(ast.literal_eval("{" + args.f16x2_table + "}"))
-    if args.f16x2_compare:  # each 4-bit engine again with one-row GEMVs on kernels/quant_gemv_f16x2.py
+    if args.f16x2_compare:  # each 4-bit engine on quant_gemv.py's one-row GEMV, then again on quant_gemv_f16x2.py
         dirs.update({f"{config}_f16x2": dirs[config] for config in configs[1:]})
     if args.mma_compare and "w4a16" in dirs:  # the same 4-bit engine with quant_mma off: small batches dequantize + cuBLAS
         dirs["w4a16_without_mma"] = dirs["w4a16"]
     results = {}
-    mma_max_m = quant_gemm.MMA_MAX_M
+    mma_max_m, f16x2_default = quant_gemm.MMA_MAX_M, quant_gemv_f16x2.GEMV_F16X2
     for config, model_dir in dirs.items():
         quant_gemm.MMA_MAX_M = quant_gemm.GEMV_MAX_M if config == "w4a16_without_mma" else mma_max_m
-        quant_gemv_f16x2.GEMV_F16X2 = config.endswith("_f16x2")
+        quant_gemv_f16x2.GEMV_F16X2 = config.endswith("_f16x2") if args.f16x2_compare else f16x2_default
         results[config] = result = measure(model_dir)
         free_cuda()
         base = results["bf16"]
@@ -382,7 +382,8 @@ def main() -> None:
     parser.add_argument("--mma-compare", action="store_true",
                         help="w1: a third engine, 4-bit with kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
     parser.add_argument("--f16x2-compare", action="store_true",
-                        help="w1: each 4-bit config again with GANTRY_GEMV_F16X2 on (kernels/quant_gemv_f16x2.py)")
+                        help="w1: each 4-bit config with one-row GEMVs on kernels/quant_gemv.py (float32), then again "
+                        "on kernels/quant_gemv_f16x2.py (the default)")
     parser.add_argument("--f16x2-table", help="w1: F16X2_TABLE entries as decode_gemv_bench --sweep prints them")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -218,7 +218,7 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, blo
     if block_n is None:
         from kernels import quant_gemv_f16x2
 
-        if quant_gemv_f16x2.GEMV_F16X2 and quant_gemv_f16x2.supports(w):  # off by default until measured
+        if quant_gemv_f16x2.GEMV_F16X2 and quant_gemv_f16x2.supports(w):  # 4-bit, no g_idx: packed-half arithmetic
             return quant_gemv_f16x2.gemv_f16x2(x, w, bias)
     m = x.shape[0]
     sms = num_sms(x.device)

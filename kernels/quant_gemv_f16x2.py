@@ -1,19 +1,21 @@
 """The 4-bit decode GEMV of kernels/quant_gemv.py with packed half arithmetic: fewer instructions a value.
 
-quant_gemv.py spends three float32 instructions on each 4-bit value (LOP3, FADD, FFMA), and its 4-bit GEMV streams
-about as many values a second as the FP8 one: per-value work holds it at 0.43-0.48 of copy bandwidth. Here a word's
+quant_gemv.py spends three float32 instructions on each 4-bit value (LOP3, FADD, FFMA). Here a word's
 eight values become four f16x2 pairs (Marlin's trick: a nibble OR-ed into the mantissa of 1024.0 reads 1024 + q
 exactly, one LOP3 a pair; the nibbles at bits 4-7 of each half read 1024 + 16q and are scaled by 1/16), take
 q - zero with one f16x2 subtract or FMA a pair, and multiply x's pairs with f16x2 FMAs: ~15 instructions a word
-where float32 takes ~26. Pairs are (x0, x4), (x1, x5), (x2, x6), (x3, x7) of the word's eight x values.
+where float32 takes ~26. Pairs are (x0, x4), (x1, x5), (x2, x6), (x3, x7) of the word's eight x values; a word's
+x values load as one 16-byte vector and pair with one cvt a pair.
 
 f16 overflows where bf16 does not, so x is divided by its largest |x| over the program's K range before the
-conversion (a word's products then stay within 8 x 15) and the sums are multiplied back at the end.
+conversion (a word's products then stay within 8 x 15) and the sums are multiplied back at the end. A word's 8
+products are summed in f16: about 5e-4 of the output's norm, under the bf16 output's own rounding.
 Sym or asym zero points, no g_idx, a scale per tile (the group a multiple of the tile), M rows one program each.
 
 On the GPU a word is one inline PTX block. Triton's interpreter cannot run PTX: there the same sum is taken in
 float32 from the same packed operands, so CPU tests check how x's pairs and the zero constants are packed.
-Off by default (GEMV_F16X2 / GANTRY_GEMV_F16X2=1) until measured against quant_gemv.py on the device.
+The engine's one-row 4-bit GEMV wherever it applies (GANTRY_GEMV_F16X2=0: quant_gemv.py's): on the H200, W1's
+4-bit decode TPOT 0.566 of bf16's against 0.670 (benchmarks/RESULTS.md, sixteenth session).
 """
 from __future__ import annotations
 
@@ -29,12 +31,12 @@ from kernels.quant_gemv import _gemv_load, gemv_config, num_sms, split_k, split_
 if TYPE_CHECKING:
     from kernels.quant_gemm import PackedWeight
 
-GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "0") == "1"
+GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "1") == "1"
 # (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits) at M = 1: W1's shapes, H200 sweep of 2026-12-02 on words
 # stored out-major (decode_gemv_bench --dtypes w4x2 --sweep); other shapes take quant_gemv.gemv_config's
 F16X2_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (4608, 3584, 4): (32, 16, 2, 8), (3584, 3584, 4): (64, 16, 2, 16), (37888, 3584, 4): (64, 16, 2, 2),
-    (3584, 18944, 4): (128, 16, 4, 16)}
+    (4608, 3584, 4): (64, 16, 2, 8), (3584, 3584, 4): (64, 16, 2, 16), (37888, 3584, 4): (64, 16, 2, 4),
+    (3584, 18944, 4): (64, 16, 2, 16)}
 
 # the end of a word's PTX: the f16x2 sum `a` of its products -> $0, the sum of its two halves (added in f16: two
 # instructions where converting both halves and adding in float32 takes three)
@@ -143,7 +145,7 @@ def _gemv_f16x2_kernel(
     BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, USE_PTX: tl.constexpr,
 ):
     """One row m, BLOCK_N outputs, this split's K tiles of BLOCK_KP words (8 values each); the next tile's
-    words in flight while this one is taken."""
+    words in flight while this one is taken, the first tile's while x's largest value is found."""
     m = tl.program_id(0)
     pid_s = tl.program_id(2)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -151,12 +153,12 @@ def _gemv_f16x2_kernel(
     num_words = K // 8
     t_start, t_end = split_tiles(tiles_per_split, num_words, BLOCK_KP)
     kp_end = tl.minimum(num_words, t_end * BLOCK_KP)
+    words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
+                          stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
     x_row = x_ptr + m * stride_xm
     amax = split_amax(x_row, t_start, t_end, num_words, 8, EVEN_K, BLOCK_KP)
     inv = 1.0 / amax
     acc = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
-    words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
-                          stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
     for t in range(t_start, t_end):
         next_words, next_s = _gemv_load(qw_ptr, s_ptr, t + 1, t_end, kp_end, offs_n, N, stride_qa, stride_qb,
                                         stride_sg, stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
