@@ -53,7 +53,7 @@ class EngineOptions:
     num_kv_blocks: Optional[int] = None  # fixed number of KV pages (tests)
     max_num_seqs: int = 256  # most requests running at once
     max_num_batched_tokens: Optional[int] = None  # token budget per step; null: max(8192, block_size)
-    max_prefill_tokens_while_decoding: Optional[int] = None  # prompt tokens per step while others decode; null: budget; 0: prefill first
+    max_prefill_tokens_while_decoding: Optional[int] = None  # prompt tokens per step while others decode; null: 4608 served (latency); 0: prefill first
     enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
     enforce_eager: bool = False  # never capture CUDA graphs
     kv_cache_dtype: str = "auto"  # auto (model dtype) | fp8 | fp8_e4m3: FP8 KV pages, twice the tokens (GPU >= sm_89)

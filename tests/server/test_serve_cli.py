@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from engine.config import EngineConfig, ServerConfig
-from engine.serve import main, parse_configs
+from engine.serve import main, parse_configs, serving_defaults
 from tests.server.conftest import REPO
 
 
@@ -35,6 +35,14 @@ def test_defaults_serve_the_embedded_model():
     engine, server, _ = parse_configs([])
     assert engine == EngineConfig() and engine.model is None
     assert server == ServerConfig()
+
+
+@pytest.mark.parametrize("given,served", [(None, 4608), (0, 0), (8192, 8192)])
+def test_served_prompt_budget_beside_decodes(given: int | None, served: int) -> None:
+    """Unset, a server sizes the prompt tokens a step beside decodes for latency (offline keeps the step budget);
+    a value given, 0 included, is kept."""
+    config = EngineConfig(max_prefill_tokens_while_decoding=given)
+    assert serving_defaults(config).max_prefill_tokens_while_decoding == served
 
 
 def test_config_file_under_explicit_flags(tmp_path):
