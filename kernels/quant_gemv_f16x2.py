@@ -15,7 +15,7 @@ Sym or asym zero points, no g_idx, a scale per tile (the group a multiple of the
 On the GPU a word is one inline PTX block. Triton's interpreter cannot run PTX: there the same sum is taken in
 float32 from the same packed operands, so CPU tests check how x's pairs and the zero constants are packed.
 The engine's one-row 4-bit GEMV wherever it applies (GANTRY_GEMV_F16X2=0: quant_gemv.py's): on the H200, W1's
-4-bit decode TPOT 0.566 of bf16's against 0.670 (benchmarks/RESULTS.md, sixteenth session).
+4-bit decode TPOT 0.557 of bf16's against 0.683 (benchmarks/RESULTS.md, sixteenth session).
 """
 from __future__ import annotations
 
