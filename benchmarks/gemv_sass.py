@@ -86,7 +86,7 @@ def unit_strides(layout: str, zero_points: bool) -> tuple[str, ...]:
 def main() -> None:
     kernels = {
         "quant_gemv (float32)": (quant_gemv._gemv_kernel, {"BITS": 4, "HAS_G_IDX": False, "SCALE_PER_TILE": True}),
-        "quant_gemv_f16x2 (PTX)": (quant_gemv_f16x2._gemv_f16x2_kernel, {"USE_PTX": True}),
+        "quant_gemv_f16x2 (PTX)": (quant_gemv_f16x2._gemv_f16x2_kernel, {"USE_PTX": True, "PDL": False}),
     }
     values = TILE["BLOCK_N"] * TILE["BLOCK_KP"] * 8 // (32 * 4)  # a thread's 4-bit values a tile
     for zeros, layout in ((False, "compressed-tensors"), (True, "gptq")):
@@ -94,7 +94,13 @@ def main() -> None:
         for name, (fn, extra) in kernels.items():
             body = loop_body(sass(fn, {**TILE, **extra, "HAS_ZEROS": zeros}, ones=ones))
             emit(name, body, values, zero_points=zeros, layout=layout, ones=list(ones))
-    fp8 = {"HAS_SCALE": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": 8, "BLOCK_K": 512}
+    # GANTRY_PDL (kernels/pdl.py): griddepcontrol.wait (ACQBULK) and launch_dependents (PREEXIT), outside the loop
+    listing = sass(quant_gemv_f16x2._gemv_f16x2_kernel, {**TILE, "USE_PTX": True, "PDL": True, "HAS_ZEROS": False},
+                   ones=unit_strides("compressed-tensors", False))
+    ops = [m.group(2) for m in map(SASS_LINE.search, listing.splitlines()) if m]
+    print(json.dumps({"figure": "gemv_sass_pdl", "kernel": "quant_gemv_f16x2 (PTX, PDL)", "wait": ops.count("ACQBULK"),
+                      "launch_dependents": ops.count("PREEXIT"), "loop_instructions": len(loop_body(listing))}))
+    fp8 = {"HAS_SCALE": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": 8, "BLOCK_K": 512, "PDL": False}
     body = loop_body(sass(weight_gemv._weight_gemv_kernel, fp8, num_warps=2, pointers={"w_ptr": "*fp8e4nv"}))
     emit("weight_gemv fp8 (float32)", body, 8 * 512 // 64)
 

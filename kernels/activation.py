@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
+
 
 @triton.jit
 def _silu_and_mul_kernel(
@@ -14,7 +16,9 @@ def _silu_and_mul_kernel(
     stride_x,
     stride_o,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -35,6 +39,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0] > 0 and d > 0:
         block = min(1024, triton.next_power_of_2(d))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](
-            x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4
+            x2, out, d, x2.stride(0), out.stride(0), BLOCK=block, num_warps=4, **launch_kwargs(x.device)
         )
     return out.view(*x.shape[:-1], d)

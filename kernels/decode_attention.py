@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
+
 LOG2E = 1.4426950408889634
 # Fewest context tokens worth a split of their own: below this the merge costs more than it saves.
 MIN_TOKENS_PER_SPLIT = 512
@@ -53,7 +55,9 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # context tokens per loop step (may span several pages)
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -127,7 +131,9 @@ def _merge_splits_kernel(
     num_splits,
     HEAD_DIM: tl.constexpr,
     SPLITS_P2: tl.constexpr,  # a power of two >= num_splits
+    PDL: tl.constexpr,
 ):
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)
@@ -211,6 +217,7 @@ def decode_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
+        **launch_kwargs(query.device),
     )
     if num_splits > 1:
         merge_splits(out, part_m, part_l, part_acc, num_splits)
@@ -239,4 +246,5 @@ def merge_splits(out: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, 
         out.stride(0), out.stride(1), num_splits,
         HEAD_DIM=head_dim,
         SPLITS_P2=triton.next_power_of_2(max_splits or num_splits),
+        **launch_kwargs(out.device),
     )

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
+
 
 @triton.jit
 def _store_kvcache_kernel(
@@ -32,7 +34,9 @@ def _store_kvcache_kernel(
     HEADS_P2: tl.constexpr,
     DIM_P2: tl.constexpr,
     FP8: tl.constexpr,  # the pages are float8_e4m3fn
+    PDL: tl.constexpr,
 ):
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     heads = tl.arange(0, HEADS_P2)
@@ -81,4 +85,5 @@ def store_kvcache(
         HEADS_P2=triton.next_power_of_2(num_kv_heads),
         DIM_P2=triton.next_power_of_2(head_dim),
         FP8=k_cache.dtype == torch.float8_e4m3fn,
+        **launch_kwargs(key.device),
     )

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -24,7 +26,9 @@ def _rms_norm_kernel(
     HIDDEN: tl.constexpr,
     BLOCK: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN
@@ -65,6 +69,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
             BLOCK=block,
             ADD_RESIDUAL=residual is not None,
             num_warps=min(16, max(1, block // 512)),
+            **launch_kwargs(x.device),
         )
     out = out.view(x.shape)
     return out, None if new_residual is None else new_residual.view(x.shape)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
+
 if TYPE_CHECKING:
     from kernels.quant_gemm import PackedWeight
 
@@ -135,9 +137,10 @@ def _gemv_kernel(
 
 @triton.jit
 def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, N, num_splits, stride_ps, stride_pm, stride_om,
-                       HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum over splits of the float32 partials (+ bias): one load of all splits (no chain of
     dependent loads), a fixed reduction tree: deterministic."""
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     ok = offs < N
@@ -171,7 +174,7 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None)
     block = max(32, min(1024, 4096 // splits))  # at most 4096 partials a program
     _sum_splits_kernel[(m, triton.cdiv(n, block))](
         part, bias if bias is not None else out, out, n, num_splits, part.stride(0), part.stride(1),
-        out.stride(0), HAS_BIAS=bias is not None, SPLITS=splits, BLOCK=block, num_warps=4)
+        out.stride(0), HAS_BIAS=bias is not None, SPLITS=splits, BLOCK=block, num_warps=4, **launch_kwargs(out.device))
 
 
 @cache

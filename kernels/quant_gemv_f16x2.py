@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
 from kernels.quant_gemv import _gemv_load, gemv_config, num_sms, split_k, split_output, sum_splits
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ def _gemv_f16x2_kernel(
     tiles_per_split,
     GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, USE_PTX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One row m, BLOCK_N outputs, this split's K tiles of BLOCK_KP words (8 values each); the next tile's
     words in flight while this one is taken, the first tile's while x's largest value is found."""
@@ -155,6 +157,7 @@ def _gemv_f16x2_kernel(
     kp_end = tl.minimum(num_words, t_end * BLOCK_KP)
     words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
                           stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
+    wait_prior(PDL)  # kernels/pdl.py: only the first weight tile is read before the kernel before has finished
     x_row = x_ptr + m * stride_xm
     amax = split_amax(x_row, t_start, t_end, num_words, 8, EVEN_K, BLOCK_KP)
     inv = 1.0 / amax
@@ -219,7 +222,7 @@ def gemv_f16x2(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = Non
         w.strides[1], sg, sn, zg, zn, part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
         GROUP=w.group_size, HAS_ZEROS=w.zeros is not None, HAS_BIAS=has_bias,
         EVEN_K=w.k % (block_kp * 8) == 0, BLOCK_N=block_n, BLOCK_KP=block_kp,
-        USE_PTX=x.is_cuda if use_ptx is None else use_ptx, num_warps=num_warps)
+        USE_PTX=x.is_cuda if use_ptx is None else use_ptx, num_warps=num_warps, **launch_kwargs(x.device))
     if num_splits > 1:
         sum_splits(part, out, bias)
     return out

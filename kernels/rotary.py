@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
+
 
 @triton.jit
 def _rotate_heads(
@@ -51,7 +53,9 @@ def _rotary_kernel(
     HEADS_P2: tl.constexpr,
     KV_HEADS_P2: tl.constexpr,
     HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF)
@@ -87,5 +91,6 @@ def rotary_embedding(
             HEADS_P2=triton.next_power_of_2(num_heads),
             KV_HEADS_P2=triton.next_power_of_2(num_kv_heads),
             HALF=head_dim // 2,
+            **launch_kwargs(query.device),
         )
     return q_out, k_out

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
 from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
 
 MIN_PROGRAM_BYTES = 16384  # weight bytes a split-K program streams at least (fewer: latency, not bandwidth)
@@ -33,8 +34,10 @@ def _weight_gemv_kernel(
     N, K, stride_xm, stride_wn, stride_os, stride_om, tiles_per_split,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Row m, BLOCK_N outputs, this split's K range in [BLOCK_N, BLOCK_K] tiles (16-byte loads along K)."""
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     m = tl.program_id(0)  # fastest: the rows sharing a weight tile run together and hit L2
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -87,7 +90,7 @@ def weight_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         x, weight, unused if scale is None else scale, bias if has_bias else unused, part, n, k, x.stride(0),
         weight.stride(0), part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
         HAS_SCALE=scale is not None, HAS_BIAS=has_bias, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps)
+        num_warps=num_warps, **launch_kwargs(x.device))
     if num_splits > 1:
         sum_splits(part, out, bias)
     return out

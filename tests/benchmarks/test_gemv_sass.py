@@ -1,7 +1,7 @@
 """benchmarks/gemv_sass.py: the decode GEMVs compile for sm_90 here (ptxas checks the 4-bit packed-half GEMV's PTX,
-which no CPU test can run), specialized as at run time: each thread's weights come in 128-bit loads, and the 4-bit
-packed-half loop is the shorter. In a subprocess: Triton compiles for a target only when TRITON_INTERPRET is unset
-when the kernels are defined."""
+which no CPU test can run), specialized as at run time: each thread's weights come in 128-bit loads, the 4-bit
+packed-half loop is the shorter, and GANTRY_PDL adds its wait and early launch outside the loop. In a subprocess:
+Triton compiles for a target only when TRITON_INTERPRET is unset when the kernels are defined."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,11 @@ def test_gemv_sass_runtime_specialized() -> None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gemv_sass"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {(r["kernel"].split(" (")[0], r.get("zero_points")): r
-            for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = {(r["kernel"].split(" (")[0], r.get("zero_points")): r for r in lines if r["figure"] == "gemv_sass"}
+    pdl = next(r for r in lines if r["figure"] == "gemv_sass_pdl")  # one wait, one early launch, the loop unchanged
+    assert (pdl["wait"], pdl["launch_dependents"]) == (1, 1), pdl
+    assert pdl["loop_instructions"] == rows[("quant_gemv_f16x2", False)]["loop_instructions"], pdl
     assert set(rows) == {("quant_gemv", False), ("quant_gemv_f16x2", False), ("quant_gemv", True),
                          ("quant_gemv_f16x2", True), ("weight_gemv fp8", None)}
     for zeros in (False, True):

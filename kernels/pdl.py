@@ -1,0 +1,45 @@
+"""Programmatic dependent launch (Hopper and later): a decode kernel starts while the kernel before it finishes.
+
+A decode step is a chain of short kernels (RMSNorm, GEMV, split sums, rotary, KV store, attention, SiLU-and-mul,
+at W1's shape 2-30 µs each), and each boundary costs a launch and a ramp. With GANTRY_PDL=1 these Triton kernels
+are launched with CUDA's programmatic stream serialization (`launch_pdl`): once every program of the kernel before
+has passed `wait_prior` (each calls launch_dependents right after its own wait), the next kernel's programs start
+and park in their own wait, so its launch overlaps the previous kernel's tail. Everything before the wait must not
+touch memory another kernel writes or reads: only weights (kernels/quant_gemv_f16x2.py loads its first weight tile
+there). A kernel launched without it (torch's, cuBLAS's) is an ordinary boundary. CUDA graph capture keeps the
+dependency as a programmatic edge.
+
+Off by default until measured on the device (benchmarks/quant_bench.py, fp8_bench.py, long_context.py with and
+without GANTRY_PDL=1); on CPU and before sm_90 it is always off.
+"""
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import cuda as tl_cuda
+
+PDL = os.environ.get("GANTRY_PDL", "0") == "1"
+
+
+@cache
+def _supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def launch_kwargs(device: torch.device) -> dict:
+    """Extra arguments for a launch of a kernel that calls wait_prior(PDL): PDL, and launch_pdl where it is on."""
+    if PDL and _supported(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def wait_prior(PDL: tl.constexpr):
+    """Wait until the kernel before has finished and its writes are visible, then let the next kernel launch."""
+    if PDL:
+        tl_cuda.gdc_wait()
+        tl_cuda.gdc_launch_dependents()
