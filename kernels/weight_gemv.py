@@ -28,6 +28,23 @@ GEMV_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
     (37888, 3584, 1): (8, 512, 2, 1), (3584, 18944, 1): (4, 1024, 4, 1)}
 
 
+@triton.jit
+def _weight_tile(w_ptr, offs_n, n_ok, t, K, stride_wn, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Tile t's weights [BLOCK_N, BLOCK_K]: it starts on a BLOCK_K boundary (aligned vectors); with EVEN_K (whole
+    tiles) its mask is constant along K, so the weights load as 16-byte vectors."""
+    ks = t * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    k_ok = tl.full([BLOCK_K], 1, tl.int1) if EVEN_K else ks < K
+    return tl.load(w_ptr + offs_n[:, None] * stride_wn + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _x_tile(x_row, t, K, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x's values [BLOCK_K] for tile t, float32."""
+    ks = t * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = tl.full([BLOCK_K], 1, tl.int1) if EVEN_K else ks < K
+    return tl.load(x_row + ks, mask=k_ok, other=0.0).to(tl.float32)
+
+
 @triton.jit(do_not_specialize=["tiles_per_split"])
 def _weight_gemv_kernel(
     x_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr,  # x [M, K]; w [N, K]; ws [N] float32; out [splits, M, N] or [M, N]
@@ -37,22 +54,25 @@ def _weight_gemv_kernel(
     PDL: tl.constexpr,
 ):
     """Row m, BLOCK_N outputs, this split's K range in [BLOCK_N, BLOCK_K] tiles (16-byte loads along K)."""
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
     m = tl.program_id(0)  # fastest: the rows sharing a weight tile run together and hit L2
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_ok = offs_n < N
-    t_start = pid_s * tiles_per_split
+    t_start = pid_s * tiles_per_split  # split_k leaves no split empty
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
+    x_row = x_ptr + m * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for t in range(t_start, t_end):
-        ks = t * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]: starts on a BLOCK_K boundary (aligned vectors)
-        # EVEN_K (whole tiles): a mask constant along K, so the weights load as 16-byte vectors
-        k_ok = tl.full([BLOCK_K], 1, tl.int1) if EVEN_K else ks < K
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + ks[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        xk = tl.load(x_ptr + m * stride_xm + ks, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-        acc += w.to(tl.float32) * xk[None, :]
+    if PDL:  # kernels/pdl.py: the first tile's weights in flight while the kernel before finishes
+        w = _weight_tile(w_ptr, offs_n, n_ok, t_start, K, stride_wn, EVEN_K, BLOCK_K)
+        wait_prior(PDL)
+        acc += w.to(tl.float32) * _x_tile(x_row, t_start, K, EVEN_K, BLOCK_K)[None, :]
+        t_first = t_start + 1
+    else:
+        t_first = t_start
+    for t in range(t_first, t_end):
+        w = _weight_tile(w_ptr, offs_n, n_ok, t, K, stride_wn, EVEN_K, BLOCK_K)
+        acc += w.to(tl.float32) * _x_tile(x_row, t, K, EVEN_K, BLOCK_K)[None, :]
     out = tl.sum(acc, axis=1)  # [BLOCK_N]
     if HAS_SCALE:  # the row's scale
         out *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
