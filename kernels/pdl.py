@@ -6,7 +6,7 @@ are launched with CUDA's programmatic stream serialization (`launch_pdl`): once 
 has passed `wait_prior` (each calls launch_dependents right after its own wait), the next kernel's programs start
 and park in their own wait, so its launch overlaps the previous kernel's tail. Everything before the wait must not
 touch memory another kernel writes or reads: only weights (kernels/quant_gemv_f16x2.py loads its first weight tile
-there). A kernel launched without it (torch's, cuBLAS's) is an ordinary boundary. CUDA graph capture keeps the
+there, and weight_gemv.py its first tile). A kernel launched without it (torch's, cuBLAS's) is an ordinary boundary. CUDA graph capture keeps the
 dependency as a programmatic edge.
 
 Off by default until measured on the device (benchmarks/quant_bench.py, fp8_bench.py, long_context.py with and
