@@ -4,10 +4,10 @@ A decode step is a chain of short kernels (RMSNorm, GEMV, split sums, rotary, KV
 at W1's shape 2-30 µs each), and each boundary costs a launch and a ramp. With GANTRY_PDL=1 these Triton kernels
 are launched with CUDA's programmatic stream serialization (`launch_pdl`): once every program of the kernel before
 has passed `wait_prior` (each calls launch_dependents right after its own wait), the next kernel's programs start
-and park in their own wait, so its launch overlaps the previous kernel's tail. Everything before the wait must not
-touch memory another kernel writes or reads: only weights (kernels/quant_gemv_f16x2.py loads its first weight tile
-there, and weight_gemv.py its first tile). A kernel launched without it (torch's, cuBLAS's) is an ordinary boundary. CUDA graph capture keeps the
-dependency as a programmatic edge.
+and park in their own wait, so its launch overlaps the previous kernel's tail. Before its wait a kernel writes
+nothing and reads only weights, which no kernel writes: the GEMVs (quant_gemv_f16x2.py, weight_gemv.py) load their
+first weight tile there. A kernel launched without it (torch's, cuBLAS's) is an ordinary boundary. CUDA graph
+capture keeps the dependency as a programmatic edge.
 
 Off by default until measured on the device (benchmarks/quant_bench.py, fp8_bench.py, long_context.py with and
 without GANTRY_PDL=1); on CPU and before sm_90 it is always off.
