@@ -103,34 +103,38 @@ def _pair(lo, hi, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def split_tiles(tiles_per_split, num_words, BLOCK_W: tl.constexpr):
-    """(t_start, t_end): the K tiles (BLOCK_W words each) of this program's split (grid axis 2)."""
+def _split_tiles(tiles_per_split, num_words, BLOCK_KP: tl.constexpr):
+    """(t_start, t_end): the K tiles (BLOCK_KP words each) of this program's split (grid axis 2)."""
     t_start = tl.program_id(2) * tiles_per_split
-    return t_start, tl.minimum(t_start + tiles_per_split, tl.cdiv(num_words, BLOCK_W))
+    return t_start, tl.minimum(t_start + tiles_per_split, tl.cdiv(num_words, BLOCK_KP))
 
 
 @triton.jit
-def split_amax(x_row, t_start, t_end, num_words, PER_WORD: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_W: tl.constexpr):
-    """The largest |x| over this split's K range (words [t_start, t_end) tiles of BLOCK_W, PER_WORD values a word),
-    1 when all are 0: x / amax fits f16 and a word's products stay small. One cross-thread reduction a program."""
-    big = tl.zeros([BLOCK_W, PER_WORD], dtype=tl.float32)
+def _x_tile(x_row, t, num_words, EVEN_K: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """x's values for tile t's words, [BLOCK_KP, 8] in x's dtype: a word's 8 as one 16-byte vector, 0 past K."""
+    kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
+    kp_ok = tl.full([BLOCK_KP], 1, tl.int1) if EVEN_K else kp < num_words
+    return tl.load(x_row + kp[:, None] * 8 + tl.arange(0, 8)[None, :], mask=kp_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _split_amax(x_row, t_start, t_end, num_words, EVEN_K: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """The largest |x| over this split's K tiles, 1 when all are 0: x / amax fits f16 and a word's products stay
+    small. One cross-thread reduction a program."""
+    big = tl.zeros([BLOCK_KP, 8], dtype=tl.float32)
     for t in range(t_start, t_end):
-        kw = t * BLOCK_W + tl.arange(0, BLOCK_W)
-        kw_ok = tl.full([BLOCK_W], 1, tl.int1) if EVEN_K else kw < num_words
-        xt = tl.load(x_row + kw[:, None] * PER_WORD + tl.arange(0, PER_WORD)[None, :], mask=kw_ok[:, None], other=0.0)
-        big = tl.maximum(big, tl.abs(xt.to(tl.float32)))  # a word's x values as one vector load
+        big = tl.maximum(big, tl.abs(_x_tile(x_row, t, num_words, EVEN_K, BLOCK_KP).to(tl.float32)))
     amax = tl.max(tl.max(big, axis=1), axis=0)
     return tl.where(amax > 0, amax, 1.0)
 
 
 @triton.jit
-def _x_pairs(x_row, kp, kp_ok, inv, USE_PTX: tl.constexpr):
-    """x / amax for a tile's words as f16x2 pairs p0..p3 [1, BLOCK_KP] int32: p_c = (x[8 kp + c], x[8 kp + c + 4]);
-    a word's 8 x values load as one 16-byte vector."""
-    xt = tl.load(x_row + kp[:, None] * 8 + tl.arange(0, 8)[None, :], mask=kp_ok[:, None], other=0.0)  # [BLOCK_KP, 8]
+def _x_pairs(xt, inv, USE_PTX: tl.constexpr, BLOCK_KP: tl.constexpr):
+    """A tile's x [BLOCK_KP, 8] / amax as f16x2 pairs p0..p3 [1, BLOCK_KP] int32: p_c = (x[8 kp + c], x[8 kp + c + 4]),
+    as the PTX's word halves hold (q_c, q_{c+4})."""
     xt = xt.to(tl.float32) * inv
-    lo, hi = tl.split(tl.permute(tl.reshape(xt, [kp.shape[0], 2, 4]), (0, 2, 1)))  # [BLOCK_KP, 4]: x_c, x_{c+4}
-    pairs = tl.reshape(_pair(lo, hi, USE_PTX), [kp.shape[0], 2, 2])  # [BLOCK_KP, a, b]: c = 2a + b
+    lo, hi = tl.split(tl.permute(tl.reshape(xt, [BLOCK_KP, 2, 4]), (0, 2, 1)))  # [BLOCK_KP, 4]: x_c, x_{c+4}
+    pairs = tl.reshape(_pair(lo, hi, USE_PTX), [BLOCK_KP, 2, 2])  # [BLOCK_KP, a, b]: c = 2a + b
     even, odd = tl.split(pairs)  # c in (0, 2), (1, 3)
     p0, p2 = tl.split(even)
     p1, p3 = tl.split(odd)
@@ -153,22 +157,19 @@ def _gemv_f16x2_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     n_ok = offs_n < N
     num_words = K // 8
-    t_start, t_end = split_tiles(tiles_per_split, num_words, BLOCK_KP)
+    t_start, t_end = _split_tiles(tiles_per_split, num_words, BLOCK_KP)
     kp_end = tl.minimum(num_words, t_end * BLOCK_KP)
     words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
                           stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
     wait_prior(PDL)  # kernels/pdl.py: only the first weight tile is read before the kernel before has finished
     x_row = x_ptr + m * stride_xm
-    amax = split_amax(x_row, t_start, t_end, num_words, 8, EVEN_K, BLOCK_KP)
+    amax = _split_amax(x_row, t_start, t_end, num_words, EVEN_K, BLOCK_KP)
     inv = 1.0 / amax
     acc = tl.zeros([BLOCK_N, BLOCK_KP], dtype=tl.float32)
     for t in range(t_start, t_end):
         next_words, next_s = _gemv_load(qw_ptr, s_ptr, t + 1, t_end, kp_end, offs_n, N, stride_qa, stride_qb,
                                         stride_sg, stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
-        kp = t * BLOCK_KP + tl.arange(0, BLOCK_KP)  # [BLOCK_KP] word index along K
-        kp_ok = tl.full([BLOCK_KP], 1, tl.int1) if EVEN_K else kp < num_words
-        # f16 bits of x / amax, paired (x_c low, x_{c+4} high) as the PTX's word halves hold (q_c, q_{c+4})
-        p0, p1, p2, p3 = _x_pairs(x_row, kp, kp_ok, inv, USE_PTX)
+        p0, p1, p2, p3 = _x_pairs(_x_tile(x_row, t, num_words, EVEN_K, BLOCK_KP), inv, USE_PTX, BLOCK_KP)
         if HAS_ZEROS:
             g = t * BLOCK_KP * 8 // GROUP
             zw = tl.load(z_ptr + g * stride_zg + (offs_n // 8) * stride_zn, mask=n_ok, other=0)
