@@ -36,7 +36,7 @@ def _store_kvcache_kernel(
     FP8: tl.constexpr,  # the pages are float8_e4m3fn
     PDL: tl.constexpr,
 ):
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     heads = tl.arange(0, HEADS_P2)

@@ -140,7 +140,7 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, N, num_splits, stride_ps, st
                        HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum over splits of the float32 partials (+ bias): one load of all splits (no chain of
     dependent loads), a fixed reduction tree: deterministic."""
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with GANTRY_PDL
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     ok = offs < N
