@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 
 from engine import LLM, SamplingParams
 from engine.config import ConfigError
+from engine.layers.quant.dummy import add_quantization_config
 from engine.layers.quant.fp8_support import EMULATE_ENV
-from tests.conftest import prompts_of_lengths, write_tiny_checkpoint
+from tests.conftest import edit_config, prompts_of_lengths, write_tiny_checkpoint
 
 FP8 = torch.float8_e4m3fn
 PROMPTS = prompts_of_lengths([40, 64, 97, 120], seed=3)
@@ -110,8 +111,7 @@ def write_fp8(src: str, dst: str, kind: str) -> str:
                   "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": kind, "dynamic": False},
                   "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
                                         "dynamic": True}}}}
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump({**config, "quantization_config": qc}, f)
+    add_quantization_config(src, qc, dst)
     ref = dst + "-float"
     os.makedirs(ref, exist_ok=True)
     save_file(floats, os.path.join(ref, "model.safetensors"))
@@ -209,10 +209,8 @@ def test_bad_kv_cache_dtype_and_config_fields(tmp_path, float_model: str, emulat
     assert e.value.param == "kv_cache_dtype"
     path = write_fp8(float_model, str(tmp_path / "blk"), "block")
     with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"]["weight_block_size"] = [128]
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
+        qc = json.load(f)["quantization_config"]
+    edit_config(path, quantization_config={**qc, "weight_block_size": [128]})
     with pytest.raises(ConfigError) as e:
         LLM(path)
     assert e.value.param == "quantization_config.weight_block_size"
