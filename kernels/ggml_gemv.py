@@ -12,6 +12,7 @@ import triton.language as tl
 
 from engine.layers.quant.ggml_cpu import (BLOCK_BYTES, GGML_Q4_0, GGML_Q4_1, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K,
                                           GGML_Q8_0, K_QUANTS)
+from kernels.pdl import launch_kwargs, wait_prior
 from kernels.quant_gemv import MIN_PROGRAM_BYTES, num_sms, split_k, split_output, sum_splits
 
 GGML_GEMV_MAX_M = 4  # above this many rows dequantize + matmul (tensor cores) wins: prefill
@@ -139,9 +140,10 @@ def _ggml_gemv_kernel(
     # and as fp16; out [splits, M, N] float32 or [M, N]
     N, K, num_tiles, stride_xm, stride_bn, stride_os, stride_om, tiles_per_split,
     GGML_TYPE: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     """Row m, BLOCK_N outputs, this split's tiles of 256 weights a row."""
+    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     m = tl.program_id(0)  # fastest: the rows sharing a weight tile run together and hit L2
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -194,7 +196,8 @@ def ggml_gemv(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, k: int,
     _ggml_gemv_kernel[(m, triton.cdiv(n, block_n), num_splits)](
         x, blocks, words, blocks.view(torch.float16), part, n, k, num_tiles, x.stride(0), blocks.stride(0),
         part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
-        GGML_TYPE=int(ggml_type), BB=BLOCK_BYTES[ggml_type], W=word, R=r, C=c, BLOCK_N=block_n, num_warps=num_warps)
+        GGML_TYPE=int(ggml_type), BB=BLOCK_BYTES[ggml_type], W=word, R=r, C=c, BLOCK_N=block_n, num_warps=num_warps,
+        **launch_kwargs(x.device))
     if num_splits > 1:
         sum_splits(part, out, None)
     return out

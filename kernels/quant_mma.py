@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_kwargs, wait_prior
 from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def _mma_kernel(
     M, N, K, stride_xm, stride_qa, stride_qb, stride_sg, stride_sn, stride_zg, stride_zn, stride_os, stride_om,
     tiles_per_split,
     HAS_ZEROS: tl.constexpr, USE_ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_KP: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_KP: tl.constexpr, GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (m tile, n tile, split): this split's K tiles of BLOCK_KP words (BLOCK_KP * 8 values inside
     one group); the next tile's words load while this one is unpacked."""
@@ -80,6 +81,7 @@ def _mma_kernel(
     # a tile past the split's end loads nothing (vector < scalar: the interpreter mis-types bool & bool scalar)
     words = tl.load(w_ptrs + t_start * BLOCK_KP * stride_qa,
                     mask=(offs_n < N * (t_start < t_end).to(tl.int32))[:, None], other=0)
+    wait_prior(PDL)  # kernels/pdl.py: only the first weight tile is read before the kernel before has finished
     for t in range(t_start, t_end):
         nxt = t + 1
         next_words = tl.load(w_ptrs + nxt * BLOCK_KP * stride_qa,
@@ -159,7 +161,7 @@ def mma(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, bloc
         qa, qb, sg, sn, zg, zn, part.stride(0) if num_splits > 1 else 0, part.stride(-2), tiles_per_split,
         HAS_ZEROS=w.zeros is not None, USE_ASM=use_asm, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=block_kp,
         GROUP=w.group_size, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=num_warps)
+        num_warps=num_warps, **launch_kwargs(x.device))
     if num_splits > 1 or bias is not None:  # the kernel adds no bias: one split's out goes through the sum too
         sum_splits(part if num_splits > 1 else out.float().unsqueeze(0), out, bias)
     return out
