@@ -34,9 +34,11 @@ if TYPE_CHECKING:
 
 GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "1") == "1"
 # (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits) at M = 1: W1's shapes, H200 sweep of 2026-12-02 on words
-# stored out-major (decode_gemv_bench --dtypes w4x2 --sweep); other shapes take quant_gemv.gemv_config's
+# stored out-major (decode_gemv_bench --dtypes w4x2 --sweep), o_proj's 8 splits from two later runs (5.5-5.9 µs
+# against 16 splits' 7.4-7.6 in the same runs; benchmarks/RESULTS.md, seventeenth session); other shapes take
+# quant_gemv.gemv_config's
 F16X2_TABLE: dict[tuple[int, int, int], tuple[int, int, int, int]] = {
-    (4608, 3584, 4): (64, 16, 2, 8), (3584, 3584, 4): (64, 16, 2, 16), (37888, 3584, 4): (64, 16, 2, 4),
+    (4608, 3584, 4): (64, 16, 2, 8), (3584, 3584, 4): (64, 16, 2, 8), (37888, 3584, 4): (64, 16, 2, 4),
     (3584, 18944, 4): (64, 16, 2, 16)}
 
 # the end of a word's PTX: the f16x2 sum `a` of its products -> $0, the sum of its two halves (added in f16: two
