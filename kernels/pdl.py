@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import cuda as tl_cuda
 
-PDL = os.environ.get("GANTRY_PDL", "1") == "1"
+# Triton's PDL (gdc_wait, launch_pdl: triton-lang/triton#6394, 2025); with an older Triton every launch is plain
+PDL = os.environ.get("GANTRY_PDL", "1") == "1" and hasattr(tl_cuda, "gdc_wait")
 
 
 @cache
