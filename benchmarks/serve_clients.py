@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 if TYPE_CHECKING:
-    from benchmarks.serve import RequestResult, RequestSpec, RunConfig
+    from benchmarks.serve import RequestSpec, RunConfig
+    from benchmarks.serve_report import RequestResult
 
 START_DELAY_S = 3.0  # time for the processes to start and import before the common start instant
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from benchmarks import serve as bench
-from benchmarks.serve import RequestResult, RequestSpec, RunConfig
+from benchmarks.serve import RequestSpec, RunConfig
+from benchmarks.serve_report import RequestResult
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
