@@ -5,7 +5,7 @@ Like vLLM's `vllm bench serve`, written for Gantry. Requests with random token-i
 `ignore_eos: true` and `max_tokens` = the output length, arriving as a Poisson process at
 --request-rate (gamma-distributed gaps with --burstiness; `inf` sends all at once), capped
 at --max-concurrency in flight. Token counts come from the server's usage
-(`stream_options.include_usage`), never from counting chunks.
+(`stream_options.include_usage`); chunks are counted only when a server sends no usage.
 
 Reported per run: completed/failed requests, duration, request/input/output/total token
 throughput, and mean/median/p90/p99 of TTFT (time to first token), TPOT (time per output
@@ -13,6 +13,10 @@ token after the first: (E2E - TTFT) / (output tokens - 1), per request), ITL (in
 latency: every gap between consecutive streamed chunks) and E2E latency. The client is one
 asyncio loop on httpx, about 30 us of CPU per streamed chunk; at very high token rates give
 it a core of its own, or it adds its own queueing to ITL.
+
+This file holds the workload (random token-id requests, arrival times), the run loop and the
+CLI; one request's HTTP side is benchmarks/serve_client.py, the metrics and reports
+benchmarks/serve_report.py, the client processes benchmarks/serve_clients.py.
 
 Exit status: 0 all requests succeeded, 3 some failed, 1 the server was not ready or
 unusable, 2 bad arguments.
@@ -39,12 +43,11 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.serve_client import CHAT, COMPLETIONS, auth_headers, build_payload, make_client, send_request
 from benchmarks.serve_report import (DEFAULT_PERCENTILES, RequestResult, compute_metrics, format_run, format_table,
                                      peak_concurrency, write_result_json)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-COMPLETIONS = "/v1/completions"
-CHAT = "/v1/chat/completions"
 
 
 # ---- workload ----
@@ -101,95 +104,6 @@ def arrival_offsets(num: int, request_rate: float, burstiness: float, seed: int)
     return ([0.0] + [float(x) for x in np.cumsum(gaps[1:])]) if num else []
 
 
-# ---- one request ----
-
-def build_payload(endpoint: str, model: str, spec: RequestSpec, temperature: float,
-                  extra_body: dict[str, Any] | None) -> dict[str, Any]:
-    """A streaming request whose output length is fixed: max_tokens with ignore_eos."""
-    body: dict[str, Any] = {
-        "model": model,
-        "max_tokens": spec.output_len,
-        "ignore_eos": True,
-        "temperature": temperature,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if endpoint == CHAT:
-        content = spec.prompt if isinstance(spec.prompt, str) else " ".join(map(str, spec.prompt))
-        body["messages"] = [{"role": "user", "content": content}]
-    else:
-        body["prompt"] = spec.prompt
-    body.update(extra_body or {})
-    return body
-
-
-def _generated(chunk: dict[str, Any], chat: bool) -> bool:
-    """Whether an SSE chunk carries generated output (not the chat role preamble, not usage alone)."""
-    choices = chunk.get("choices") or []
-    if not choices:
-        return False
-    if not chat:
-        return True
-    for c in choices:
-        delta = c.get("delta") or {}
-        if delta.get("content") or c.get("finish_reason") is not None or c.get("logprobs"):
-            return True
-    return False
-
-
-async def send_request(client: httpx.AsyncClient, url: str, payload: dict[str, Any],
-                       headers: dict[str, str], chat: bool) -> RequestResult:
-    """POST one streaming request and time its chunks; never raises for server or network errors."""
-    result = RequestResult(output_len=int(payload.get("max_tokens") or 0))
-    start = time.perf_counter()
-    last = start
-    chunks = 0
-    try:
-        async with client.stream("POST", url, json=payload, headers=headers) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode("utf-8", "replace")
-                result.error = f"HTTP {response.status_code}: {body[:300]}"
-                return result
-            done = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    done = True
-                    break
-                now = time.perf_counter()
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
-                    return result
-                if _generated(chunk, chat):
-                    if chunks == 0:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    last = now
-                    chunks += 1
-                usage = chunk.get("usage")
-                if usage:
-                    result.usage_reported = True
-                    result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-                    result.output_tokens = int(usage.get("completion_tokens") or 0)
-            result.latency = time.perf_counter() - start
-            if not done:
-                result.error = "stream ended without data: [DONE]"
-            elif chunks == 0:
-                result.error = "no generated chunk in the stream"
-            else:
-                if not result.usage_reported:  # a server without include_usage: fall back to chunk counts
-                    result.output_tokens = chunks
-                result.success = True
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
-        result.error = f"{type(e).__name__}: {e}"
-        result.latency = time.perf_counter() - start
-    return result
-
-
 # ---- a run ----
 
 @dataclass
@@ -209,18 +123,6 @@ class RunConfig:
     request_timeout_s: float = 3600.0
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES
     client_processes: int = 1  # > 1: requests spread over processes (benchmarks/serve_clients.py)
-
-
-def auth_headers(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
-def make_client(timeout_s: float, max_connections: int | None = None) -> httpx.AsyncClient:
-    """One pooled client for every request of a run; no connection cap unless asked."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-        trust_env=False)
 
 
 async def run_benchmark(specs: Sequence[RequestSpec], cfg: RunConfig,

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from benchmarks.serve_client import CHAT, auth_headers, build_payload, make_client, send_request
+
 if TYPE_CHECKING:
     from benchmarks.serve import RequestSpec, RunConfig
     from benchmarks.serve_report import RequestResult
@@ -43,8 +45,6 @@ def _run_part(specs: list[RequestSpec], offsets: list[float], cfg: RunConfig,
 
 async def _part(specs: list[RequestSpec], offsets: list[float], cfg: RunConfig,
                 start_wall: float) -> tuple[list[RequestResult], float]:
-    from benchmarks.serve import CHAT, auth_headers, build_payload, make_client, send_request
-
     url = cfg.base_url.rstrip("/") + cfg.endpoint
     headers = auth_headers(cfg.api_key)
     async with make_client(cfg.request_timeout_s) as client:

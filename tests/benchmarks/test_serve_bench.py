@@ -1,4 +1,4 @@
-"""benchmarks/serve.py: metric arithmetic, arrivals and workload, and whole runs against a
+"""benchmarks/serve_report.py's metric arithmetic; benchmarks/serve.py's arrivals and workload, and whole runs against a
 stand-in OpenAI SSE server (raw asyncio, on a free loopback port, in its own thread) that
 streams with known timings; a slow test runs the CLI against `python -m engine.serve`."""
 from __future__ import annotations
@@ -20,7 +20,8 @@ import pytest
 
 from benchmarks import serve as bench
 from benchmarks.serve import RequestSpec, RunConfig
-from benchmarks.serve_report import RequestResult
+from benchmarks.serve_client import CHAT, COMPLETIONS
+from benchmarks.serve_report import RequestResult, compute_metrics
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -124,7 +125,7 @@ class StandIn:
             text = " ".join(f"w{t}" for t in json.loads(raw)["tokens"])
             await self._send(writer, 200, json.dumps({"prompt": text}).encode())
             return
-        if path not in (bench.COMPLETIONS, bench.CHAT):
+        if path not in (COMPLETIONS, CHAT):
             await self._send(writer, 404, b"{}")
             return
         body = json.loads(raw)
@@ -137,7 +138,7 @@ class StandIn:
         self.active += 1
         self.max_active = max(self.max_active, self.active)
         try:
-            await self._stream(writer, body, chat=path == bench.CHAT)
+            await self._stream(writer, body, chat=path == CHAT)
         finally:
             self.active -= 1
 
@@ -189,7 +190,7 @@ def test_compute_metrics_exact():
         RequestResult(success=True, prompt_tokens=5, output_tokens=1, usage_reported=True, ttft=0.2, latency=0.2),
         RequestResult(success=False, error="HTTP 500: boom", prompt_tokens=99, output_tokens=99, latency=0.01),
     ]
-    m = bench.compute_metrics(results, duration=2.0, percentiles=(50, 90, 99))
+    m = compute_metrics(results, duration=2.0, percentiles=(50, 90, 99))
     assert (m["completed"], m["failed"]) == (3, 1)
     assert (m["total_input_tokens"], m["total_output_tokens"]) == (35, 9)  # the failed one counts nothing
     assert m["request_throughput"] == pytest.approx(1.5)
@@ -208,7 +209,7 @@ def test_compute_metrics_exact():
 
 
 def test_compute_metrics_empty_run():
-    m = bench.compute_metrics([RequestResult(error="x")], duration=1.0)
+    m = compute_metrics([RequestResult(error="x")], duration=1.0)
     assert m["completed"] == 0 and m["failed"] == 1 and m["request_throughput"] == 0
     assert m["ttft_ms"] == {"mean": 0.0, "median": 0.0, "std": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
 
@@ -306,7 +307,7 @@ def test_poisson_sends_on_schedule(standin: StandIn):
 
 def test_chat_ignores_the_role_preamble(standin: StandIn):
     specs = [RequestSpec("w1 w2 w3 w4", 4, 5), RequestSpec("w5 w6", 2, 5)]
-    out = run(specs, standin, endpoint=bench.CHAT)
+    out = run(specs, standin, endpoint=CHAT)
     m = out["metrics"]
     assert m["completed"] == 2 and m["total_input_tokens"] == 6 and m["total_output_tokens"] == 10
     assert m["ttft_ms"]["mean"] >= 1000 * standin.ttft_s  # not the instant role chunk
@@ -401,7 +402,7 @@ def test_end_to_end_against_engine_serve(tmp_path: Path):
         assert m["total_input_tokens"] == 6 * 16 and m["total_output_tokens"] == 6 * 6  # ignore_eos, exact
         assert 0 < m["ttft_ms"]["p50"] <= m["e2el_ms"]["p50"] and m["tpot_ms"]["mean"] > 0 and m["itl_ms"]["p99"] > 0
         chat = tmp_path / "chat.json"
-        assert bench.main([*base, "--endpoint", bench.CHAT, "--num-prompts", "2", "--max-concurrency", "2",
+        assert bench.main([*base, "--endpoint", CHAT, "--num-prompts", "2", "--max-concurrency", "2",
                            "--num-warmups", "0", "--result-json", str(chat)]) == 0
         m = json.loads(chat.read_text())["runs"][0]["metrics"]
         assert m["completed"] == 2 and m["total_output_tokens"] == 12 and m["total_input_tokens"] > 2 * 6
