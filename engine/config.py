@@ -27,6 +27,11 @@ QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "compressed-tensors", "f
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; auto: the model dtype
 
 
+# the unset step budget on CPU: 2 cores run the embedded SmolLM2-135M at ~6 ms a prompt token, so a step of prompt
+# tokens takes ~3 s (a 1.5B model: ~40 s, still inside engine_hang_timeout_s's 60)
+CPU_STEP_TOKENS = 512
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file
@@ -44,7 +49,7 @@ class EngineConfig:
     kv_cache_memory_gib: float | None = None  # fixed KV pool size in GiB
     num_kv_blocks: int | None = None  # fixed number of KV pages (overrides the sizing above; tests)
     max_num_seqs: int = 256  # most requests running at once
-    max_num_batched_tokens: int | None = None  # token budget per step
+    max_num_batched_tokens: int | None = None  # token budget per step (unset: 8,192 on a GPU, 512 on CPU)
     max_prefill_tokens_while_decoding: int | None = None  # prompt tokens per step while others decode (bounds their ITL), a token p deep counting 1 + p/21700 (Qwen2-7B); 0: prefill first
     enable_prefix_caching: bool = True  # share KV pages of identical prompt prefixes
     enforce_eager: bool = False  # never capture CUDA graphs
@@ -62,9 +67,11 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters cached in host memory (unset: max_loras)
     max_lora_rank: int = 16  # largest adapter rank served
 
-    def step_token_budget(self) -> int:
-        """max_num_batched_tokens resolved: unset means 8,192 (a block at least)."""
-        return self.max_num_batched_tokens or max(8192, self.block_size)
+    def step_token_budget(self, device_type: str) -> int:
+        """max_num_batched_tokens resolved: unset means 8,192 on a GPU and CPU_STEP_TOKENS on CPU (a block at
+        least). A CPU step of 8,192 prompt tokens takes over a minute even for the embedded 135M model, which
+        engine_hang_timeout_s would take for a hung engine, and every other stream would wait that long."""
+        return self.max_num_batched_tokens or max(8192 if device_type == "cuda" else CPU_STEP_TOKENS, self.block_size)
 
     def uses_async_scheduling(self, device_type: str) -> bool:
         """async_scheduling resolved: unset means on for GPUs without pipeline parallel (its lanes overlap

@@ -133,7 +133,7 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
                 "%d tokens per request: %.2fx", num_blocks, config.block_size, tokens, gib,
                 str(runner.kv_cache_dtype).replace("torch.", ""), mc.max_model_len, tokens / mc.max_model_len)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    max_num_batched_tokens = config.step_token_budget()
+    max_num_batched_tokens = config.step_token_budget(device.type)
     # with pipeline parallel, one batch in flight per stage keeps every stage busy
     num_lanes = config.pipeline_parallel_size if config.pipeline_parallel_lanes is None else config.pipeline_parallel_lanes
     async_scheduling = config.uses_async_scheduling(device.type)

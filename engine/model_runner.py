@@ -125,7 +125,7 @@ class ModelRunner:
         return max(0, int(budget // per_block))
 
     def _profile_run(self) -> None:
-        num_tokens = min(self.config.step_token_budget(), self.model_config.max_model_len * 4)
+        num_tokens = min(self.config.step_token_budget(self.device.type), self.model_config.max_model_len * 4)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.model_config.max_model_len
         ctx = self._dummy_context(num_tokens)
@@ -166,7 +166,7 @@ class ModelRunner:
             layer = self.attn_layers[0]
             warmup(layer.k_cache, layer.v_cache, layer.num_heads, self.model_config.dtype, layer.scale)
             cudnn_prefill.warmup(layer.k_cache, layer.num_heads, self.model_config.dtype, layer.k_scale, layer.v_scale,
-                                 self.config.step_token_budget(), self.model_config.max_model_len)
+                                 self.config.step_token_budget(self.device.type), self.model_config.max_model_len)
         if self.device.type == "cuda" and not self.config.enforce_eager and p.pp_size == 1:
             from engine.cuda_graph import DecodeCUDAGraphs
 

@@ -54,7 +54,7 @@ UNSET_MEANS = {
     "max_model_len": "the model's max_position_embeddings",
     "kv_cache_memory_gib": "GPU: what gpu_memory_utilization leaves; CPU: max(max_model_len, 8192) tokens",
     "num_kv_blocks": "sized from kv_cache_memory_gib or memory",
-    "max_num_batched_tokens": "max(8192, block_size)",
+    "max_num_batched_tokens": "8192 on a GPU, 512 on CPU (a block at least)",
     "max_prefill_tokens_while_decoding": "4608 when serving (latency), max_num_batched_tokens offline (throughput)",
     "pipeline_parallel_lanes": "pipeline_parallel_size",
     "async_scheduling": "on for GPUs without pipeline parallel",

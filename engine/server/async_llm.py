@@ -245,7 +245,8 @@ class AsyncLLM:
             # stuck inside a step sends nothing at all
             if self.state == "ready" and time.monotonic() - self._last_progress > timeout:
                 return self._core_gone(f"the engine core made no progress for {timeout:g}s while it had work, "
-                                       "or sent no heartbeat (engine_hang_timeout_s)", hung=True)
+                                       "or sent no heartbeat (engine_hang_timeout_s; if one step is that slow, "
+                                       "lower max_num_batched_tokens or raise engine_hang_timeout_s)", hung=True)
 
     def _core_gone(self, reason: str, hung: bool = False) -> None:
         """/health turns 503 now; streams fail; the server exits non-zero in a moment, so Docker,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from engine import LLM, SamplingParams
 from engine.block_manager import BlockManager
-from engine.config import ConfigError
+from engine.config import CPU_STEP_TOKENS, ConfigError
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
@@ -261,4 +261,19 @@ def test_fuzz_sampling_params_never_break_a_step(engine: LLMEngine, batch: list[
         added.append(f"fuzz{i}")
     out = run(engine)
     assert sorted(out) == sorted(added) and all(o.error is None for o in out.values())
+    assert_idle(engine)
+
+
+def test_cpu_steps_stay_short_by_default(tiny_llama: str) -> None:
+    """Unset, the step budget on CPU is CPU_STEP_TOKENS: a 1,000-token prompt prefills in two steps. One step of
+    8,191 prompt tokens took the served embedded model over the 60 s engine_hang_timeout_s, and the server
+    took the engine for hung (found by fuzzing the API)."""
+    engine = LLM(tiny_llama).llm_engine
+    assert engine.scheduler.max_num_batched_tokens == CPU_STEP_TOKENS == 512
+    engine.add_request("long", [5 + i % 400 for i in range(1000)], SamplingParams(max_tokens=1))
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+    assert steps >= 2
     assert_idle(engine)
