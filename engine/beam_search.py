@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gantry.engine")
 
 MAX_BEAM_WIDTH = 16  # a step asks each beam for beam_width + (number of EOS ids) logprobs: MAX_LOGPROBS caps it
+# |length_penalty| above this could overflow a score: num_tokens ** 32 stays finite up to 2**31 tokens
+MAX_LENGTH_PENALTY = 32.0
 
 # One request of a step: (request id, prompt + beam token ids, its SamplingParams)
 StepRequest = tuple[str, list[int], SamplingParams]
@@ -67,6 +69,9 @@ class BeamSearchParams:
             raise SamplingParamsError("beam_width", f"must be in [1, {MAX_BEAM_WIDTH}], got {self.beam_width}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SamplingParamsError("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise SamplingParamsError("length_penalty", f"must be in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}] "
+                                                        f"(a score past that overflows), got {self.length_penalty}")
         if self.temperature != 0.0:
             raise SamplingParamsError("temperature", "beam search ranks beams by the model's log-probabilities; "
                                                      f"only 0 is supported, got {self.temperature}")

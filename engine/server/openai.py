@@ -134,7 +134,9 @@ async def _beam_search(state: ServerState, prompts: list[list[int]], beam: BeamS
         return await run_beam_search_all(
             step_generate(state.engine.generate), prompts, beam, n, eos_token_ids=sorted(state.engine.eos_token_ids),
             max_model_len=info.max_model_len, tokenizer=state.frontend.tokenizer, request_id=cid)
-    except (ValueError, ConnectionAbortedError) as e:
+    except APIError:
+        raise
+    except Exception as e:  # a refusal, or (as in _iterate) the engine died or the server is shutting down
         raise _engine_error(e, prompt_param) from None
 
 

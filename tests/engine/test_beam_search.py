@@ -197,6 +197,10 @@ def test_beam_search_refusals(long_beams) -> None:
         BeamSearchParams(2, 8, early_stopping="sometimes")
     with pytest.raises(SamplingParamsError, match="temperature"):
         BeamSearchParams(2, 8, temperature=0.7)
+    for penalty in (2000.0, -2000.0):  # num_tokens ** penalty overflowed, or underflowed to 0 (fuzzing the API)
+        with pytest.raises(SamplingParamsError, match="length_penalty"):
+            BeamSearchParams(2, 8, length_penalty=penalty)
+    assert BeamSearchParams(2, 8, length_penalty=-32.0).length_penalty == -32.0
     with pytest.raises(RequestError, match="max_tokens") as e:
         llm.beam_search([LONG_PROMPT], BeamSearchParams(2, 400), use_tqdm=False)
     assert e.value.param == "max_tokens"

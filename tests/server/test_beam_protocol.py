@@ -100,6 +100,8 @@ def test_beam_width_defaults() -> None:
     ({"use_beam_search": True, "early_stopping": 1}, "early_stopping"),
     ({"use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
     ({"use_beam_search": True, "length_penalty": math.inf}, "length_penalty"),
+    ({"use_beam_search": True, "length_penalty": 2000}, "length_penalty"),  # a score overflowed: a 500 before
+    ({"use_beam_search": True, "length_penalty": -2000}, "length_penalty"),  # divided by 0.0: a 500 before
     ({"use_beam_search": True, "temperature": 0.7}, "temperature"),
     ({"use_beam_search": True, "top_p": 0.9}, "top_p"),
     ({"use_beam_search": True, "stop": ["x"]}, "stop"),
@@ -299,3 +301,21 @@ def test_run_beam_search_all_prompts() -> None:
     with pytest.raises(RequestError) as e:  # one prompt too long for max_tokens: refused, the other cancelled
         asyncio.run(run_beam_search_all(hanging.generate, [[1], [2] * 62], params, 2, **kwargs))
     assert e.value.param == "max_tokens" and hanging.cancelled
+
+
+def test_a_dead_engine_fails_a_beam_search_as_a_500() -> None:
+    """The engine core dying mid-search is the same clean 500 (code internal_error) that a sampling request gets,
+    not an unhandled error with a traceback (found by fuzzing the API)."""
+    from engine.server.openai import _beam_search
+
+    @asynccontextmanager
+    async def dead(requests, arrival):
+        raise RuntimeError("the engine core exited (code -9)")
+        yield
+
+    state = SimpleNamespace(check_capacity=lambda n: None, engine=SimpleNamespace(generate=dead, eos_token_ids={EOS}),
+                            model_info=SimpleNamespace(default_max_tokens=None, max_model_len=64),
+                            frontend=SimpleNamespace(tokenizer=None))
+    with pytest.raises(APIError) as e:
+        asyncio.run(_beam_search(state, [[4, 4]], BeamSearchParams(2, 4), 2, "cmpl-1", "prompt"))
+    assert e.value.status == 500 and e.value.body()["error"]["code"] == "internal_error"
