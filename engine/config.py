@@ -161,7 +161,7 @@ class ServerConfig:
     api_key_env: str | None = None  # name of an environment variable holding the key
     api_key_file: str | None = None  # path of a file holding the key
     metrics_require_key: bool = False  # guard /metrics with the API key too
-    max_waiting_requests: int = 1024  # beyond this many waiting requests, answer 503
+    max_waiting_requests: int = 1024  # beyond this many waiting requests, answer 503; one request of more sequences (prompts x n): 400
     max_request_body_bytes: int = 8 * 1024 * 1024  # larger bodies get 413
     shutdown_grace_s: float = 30.0  # SIGTERM: how long in-flight requests may finish
     log_requests: bool = True  # one info line per finished request

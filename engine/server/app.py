@@ -124,9 +124,15 @@ class ServerState:
                     self.frontend.num_workers, ", started at the first large body" if self.frontend.lazy else "",
                     time.monotonic() - t0, self.frontend.ctx.max_text_chars)
 
-    def check_capacity(self, num_new: int) -> None:
-        """503 when the waiting queue would exceed max_waiting_requests."""
+    def check_capacity(self, num_new: int, num_seqs: int, param: str) -> None:
+        """num_new engine requests of num_seqs sequences in all (prompts x n, best_of or the beam width): a 400
+        naming param when the sequences alone are more than max_waiting_requests (as much work as that many
+        requests: one 2.6 KB body of 256 prompts x n=128 held the engine for minutes), a 503 when the waiting
+        queue would exceed it."""
         limit = self.server_config.max_waiting_requests
+        if num_seqs > limit:
+            raise APIError(400, f"{param}: this request asks for {num_seqs} sequences (its prompts x {param}), more "
+                                f"than the server takes at once (max_waiting_requests {limit})", param=param)
         if self.engine.num_waiting() + num_new > limit:
             logger.warning("request rejected: waiting queue full (%d requests)", limit)
             raise APIError(503, f"the server is overloaded: more than {limit} requests waiting; retry later",

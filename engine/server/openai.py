@@ -72,7 +72,9 @@ async def _generate(request: Request, state: ServerState, requests: list[tuple[s
                     prompt_param: str, respond: Callable[[RequestStream, Results], Any],
                     prompt_texts: list[str | None] | None = None, lora_request: LoRARequest | None = None) -> Any:
     """Submit, then hand the stream to `respond`; engine refusals become 400s naming the field."""
-    state.check_capacity(len(requests))
+    params = requests[0][2]
+    state.check_capacity(len(requests), len(requests) * max(params.n, params.best_of or 1),
+                         "best_of" if params.best_of else "n")
     arrival = time.time()
     results = Results([rid for rid, _, _ in requests], requests[0][2].n)
     for r, text in zip(results.requests, prompt_texts or []):
@@ -126,7 +128,8 @@ async def _beam_search(state: ServerState, prompts: list[list[int]], beam: BeamS
                        prompt_param: str) -> list[list[BeamResult]]:
     """use_beam_search: each prompt's n best beams (engine/server/beam.py), each step's requests
     through the same AsyncLLM.generate as sampling; refusals become 400s naming the field."""
-    state.check_capacity(beam.beam_width * len(prompts))
+    num_beams = beam.beam_width * len(prompts)  # each step: one engine request a beam
+    state.check_capacity(num_beams, num_beams, "beam_width")
     info = state.model_info
     if beam.max_tokens is None and info.default_max_tokens:
         beam = dataclasses.replace(beam, max_tokens=info.default_max_tokens)

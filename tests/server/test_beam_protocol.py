@@ -313,7 +313,7 @@ def test_a_dead_engine_fails_a_beam_search_as_a_500() -> None:
         raise RuntimeError("the engine core exited (code -9)")
         yield
 
-    state = SimpleNamespace(check_capacity=lambda n: None, engine=SimpleNamespace(generate=dead, eos_token_ids={EOS}),
+    state = SimpleNamespace(check_capacity=lambda *args: None, engine=SimpleNamespace(generate=dead, eos_token_ids={EOS}),
                             model_info=SimpleNamespace(default_max_tokens=None, max_model_len=64),
                             frontend=SimpleNamespace(tokenizer=None))
     with pytest.raises(APIError) as e:

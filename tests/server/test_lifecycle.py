@@ -96,6 +96,9 @@ def test_queue_full_gives_503_with_retry_after(keyed: LiveServer):
         else:
             assert r.json()["usage"]["completion_tokens"] == 8
     assert post(0).status_code == 200  # and once the queue has drained, requests are taken again
+    # more sequences in one request than the queue takes (prompts x n) never fit: a 400 naming n, not a 503
+    r = httpx.post(keyed.url("/v1/completions"), json={**body, "n": 2}, headers=keyed.headers, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
 
 
 def test_key_never_logged_or_exported(keyed: LiveServer):
