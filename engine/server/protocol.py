@@ -193,7 +193,10 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise bad("stream_options", "only allowed when stream is true")
     if not isinstance(opts, dict):
         raise bad("stream_options", "must be an object")
-    return bool(_bool(opts, "include_usage"))
+    usage = opts.get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise bad("stream_options.include_usage", f"must be a boolean, got {show(usage)}")
+    return bool(usage)
 
 
 def _stop(body: dict, ctx: ModelContext) -> list[str]:

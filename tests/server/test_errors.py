@@ -62,6 +62,8 @@ BAD_REQUESTS = [
     ("stream-not-bool", "POST", CHAT, chat(stream="yes"), 400, "stream"),
     ("stream-options-without-stream", "POST", CHAT, chat(stream_options={"include_usage": True}), 400,
      "stream_options"),
+    ("include-usage-not-bool", "POST", CHAT, chat(stream=True, stream_options={"include_usage": "yes"}), 400,
+     "stream_options.include_usage"),
     ("logprobs-not-bool", "POST", CHAT, chat(logprobs=3), 400, "logprobs"),
     ("top-logprobs-without-logprobs", "POST", CHAT, chat(top_logprobs=2), 400, "top_logprobs"),
     ("top-logprobs-too-many", "POST", CHAT, chat(logprobs=True, top_logprobs=50), 400, "top_logprobs"),
