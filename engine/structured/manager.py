@@ -38,7 +38,8 @@ class SampleGrammar:
     matcher: Any  # xgrammar.GrammarMatcher
     gate: ReasoningGate | None = None  # with a reasoning parser: where the sample is around <think>
     num_accepted: int = 0  # tokens of the sample seen (the scheduler's num_output_tokens once collected)
-    dropped: bool = False  # its grammar refused a sampled token: the sample goes on unconstrained
+    min_tokens: int = 0  # the request's: why its grammar could refuse a sampled token (the stop token banned)
+    dropped: bool = False  # its grammar refused a sampled token: the sample fails (take_refused)
     terminated: bool = False  # the matcher's is_terminated() after its last accepted token (one call a step)
 
     @property
@@ -58,6 +59,7 @@ class StructuredOutputManager:
         self._worker: ThreadPoolExecutor | None = None  # runs a step's fill beside the engine loop's thread
         self.fill_s = 0.0  # CPU seconds filling bitmasks (benchmarks)
         self.samples: dict[str, list[SampleGrammar]] = {}  # request id -> one per sample
+        self.refused: list[tuple[str, int, tuple[str, str]]] = []  # (request id, sample, (field, message)) to fail
         self.think_tokens: ThinkTokens | None = None  # the tokenizer's bytes, once a tokenizer is loaded
 
     @property
@@ -113,8 +115,8 @@ class StructuredOutputManager:
         spec = PARSERS[p.reasoning_parser] if p.reasoning_parser and not p.enable_in_reasoning else None
         assert self.think_tokens is not None
         self.samples[request.request_id] = [
-            SampleGrammar(xgr.GrammarMatcher(compiled),
-                          None if spec is None else ReasoningGate(spec, self.think_tokens)) for _ in request.seqs]
+            SampleGrammar(xgr.GrammarMatcher(compiled), None if spec is None else ReasoningGate(spec, self.think_tokens),
+                          min_tokens=request.params.min_tokens) for _ in request.seqs]
 
     def free(self, request_id: str) -> None:
         self.samples.pop(request_id, None)
@@ -132,14 +134,19 @@ class StructuredOutputManager:
                 ok = sample.matcher.accept_token(token_id) if sample.gate is None else sample.gate.accept(
                     token_id, sample.matcher)
                 if not ok:
-                    # only a token the bitmask allowed can be sampled, unless min_tokens banned the stop
-                    # token when it was the only one left; the sample goes on unconstrained
-                    logger.warning("request %s sample %d: token %d not accepted by its grammar; the sample goes on "
-                                   "unconstrained", out.request_id, out.index, token_id)
+                    # only a token the bitmask allowed can be sampled, unless the bitmask allowed none: min_tokens
+                    # banned the stop token when it was the only one left, or the grammar matches nothing. The
+                    # sample fails (a 400 naming the field) rather than going on unconstrained.
                     sample.dropped = True
+                    self.refused.append((out.request_id, out.index, _refusal(sample)))
                 else:
                     sample.terminated = sample.matcher.is_terminated()
             sample.num_accepted += len(out.new_token_ids)
+
+    def take_refused(self) -> list[tuple[str, int, tuple[str, str]]]:
+        """The samples whose grammar refused a token since the last call: (request id, sample, (field, message))."""
+        refused, self.refused = self.refused, []
+        return refused
 
     def _bitmask_rows(self, k: int) -> torch.Tensor:
         """[k, words] int32 rows of one buffer kept across steps. Every filled row is written whole, and
@@ -224,3 +231,11 @@ class PendingBitmask:
             if opening is not None:  # qwen3's start: the grammar's tokens, or <think>
                 bitmask[k] |= opening
         return bitmask, self.seq_ids
+
+
+def _refusal(sample: SampleGrammar) -> tuple[str, str]:
+    """The field to blame when a sample's grammar allowed no token after sample.num_accepted tokens."""
+    if sample.num_accepted < sample.min_tokens:
+        return "min_tokens", (f"the structured output can end after {sample.num_accepted} tokens, but min_tokens "
+                              f"({sample.min_tokens}) asked for more; lower min_tokens")
+    return "structured_outputs", f"the grammar allows no token after {sample.num_accepted} (it matches no string)"

@@ -39,7 +39,7 @@ class Sample:
 
     def __init__(self, manager: StructuredOutputManager, rid: str, **spec) -> None:
         self.manager, self.rid = manager, rid
-        params = SimpleNamespace(structured_outputs=StructuredOutputsParams(**spec))
+        params = SimpleNamespace(structured_outputs=StructuredOutputsParams(**spec), min_tokens=0)
         self.seq = SimpleNamespace(seq_id=rid, index=0, num_output_tokens=0)
         self.seq.request = SimpleNamespace(request_id=rid, params=params, seqs=[self.seq])
         manager.add_request(self.seq.request, [2])
