@@ -10,6 +10,7 @@ filled, as vLLM and SGLang overlap it, and the next step is scheduled while a wo
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import defaultdict, deque
@@ -23,6 +24,8 @@ from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 from engine.structured.manager import StructuredOutputManager
 from engine.structured.params import StructuredOutputsError
+
+logger = logging.getLogger("gantry.engine")
 
 
 class PhaseTimer:
