@@ -10,7 +10,6 @@ filled, as vLLM and SGLang overlap it, and the next step is scheduled while a wo
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections import defaultdict, deque
@@ -24,8 +23,6 @@ from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
 from engine.structured.manager import StructuredOutputManager
 from engine.structured.params import StructuredOutputsError
-
-logger = logging.getLogger("gantry.engine")
 
 
 class PhaseTimer:
@@ -316,25 +313,20 @@ class EngineCore:
             self.scheduler.unschedulable.clear()
         return so, scheduled
 
-    def _fail_refused(self, refused: list[tuple[str, int, tuple[str, str]]]) -> list[EngineCoreOutput]:
-        """Samples whose grammar allowed no token end with an error naming the field (the client fails the
-        request); the outputs that say so."""
-        failed = []
-        for request_id, index, error in refused:
-            request = self.requests.get(request_id)
-            if request is None:
+    def _fail_refused(self, outputs: list[EngineCoreOutput], refused: list[tuple[str, int, tuple[str, str]]]) -> None:
+        """Samples whose grammar allowed no token (their refused token is in this step's outputs) end there with
+        an error naming the field, which fails the request at the client."""
+        failed = {(request_id, index): error for request_id, index, error in refused}
+        for out in outputs:
+            error = failed.get((out.request_id, out.index))
+            request = self.requests.get(out.request_id)
+            if error is None or request is None:
                 continue
-            seq = request.seqs[index]
-            if seq.is_finished:  # it ended at that very token (max_tokens): its final output is out already
-                logger.warning("request %s sample %d: %s: %s", request_id, index, *error)
-                continue
-            seq.finish_reason = "abort"
-            self.scheduler.finish([seq])
-            failed.append(EngineCoreOutput(request_id=request_id, index=index, finish_reason="abort", error=error))
-            if request.finished:
-                del self.requests[request_id]
-                self._free_grammar(request_id)
-        return failed
+            seq = request.seqs[out.index]
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish([seq])
+            out.finish_reason, out.error = "abort", error
 
     def _has_grammars(self) -> bool:
         return self.structured_output_manager is not None and self.structured_output_manager.num_requests > 0
@@ -347,9 +339,8 @@ class EngineCore:
         """accepted: the matchers have taken these tokens already."""
         if outputs and not accepted and self._has_grammars():
             self.structured_output_manager.accept_tokens(outputs)
-        failed = []  # after this step's tokens: a refused sample's last token, then its error
         if self.structured_output_manager is not None and self.structured_output_manager.refused:
-            failed = self._fail_refused(self.structured_output_manager.take_refused())
+            self._fail_refused(outputs, self.structured_output_manager.take_refused())
         for out in outputs:
             request = self.requests.get(out.request_id)
             if request is None:
@@ -359,7 +350,6 @@ class EngineCore:
             if out.finish_reason is not None and request.finished:  # forgotten once all samples finished
                 del self.requests[out.request_id]
                 self._free_grammar(out.request_id)
-        outputs = outputs + failed
         if self._pending:
             outputs, self._pending = self._pending + outputs, []
         return EngineCoreOutputs(outputs=outputs, timestamp=time.time(), stats=self.get_stats(),

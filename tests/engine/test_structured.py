@@ -144,15 +144,16 @@ def test_bad_constraint_names_the_field(spec: dict, param: str) -> None:
     assert info.value.param == param
 
 
-@pytest.mark.parametrize("spec,min_tokens,param", [
-    ({"regex": "a"}, 5, "min_tokens"),  # the stop token is the only one left after "a", and min_tokens bans it
-    ({"regex": r"[^\x00-\U0010FFFF]"}, 0, "structured_outputs"),  # matches no string
+@pytest.mark.parametrize("spec,min_tokens,max_tokens,param", [
+    ({"regex": "a"}, 5, 10, "min_tokens"),  # the stop token is the only one left after "a", and min_tokens bans it
+    ({"regex": "a"}, 2, 2, "min_tokens"),  # the same, the refused token also the last one max_tokens allows
+    ({"regex": r"[^\x00-\U0010FFFF]"}, 0, 10, "structured_outputs"),  # matches no string
 ])
 def test_a_constraint_that_cannot_be_met_fails_naming_the_field(llm: LLM, spec: dict, min_tokens: int,
-                                                               param: str) -> None:
+                                                               max_tokens: int, param: str) -> None:
     """Such a sample used to go on unconstrained and come back as if it had matched (found by fuzzing the API);
     it fails alone, naming the field, and the engine goes on."""
-    params = SamplingParams(temperature=0, max_tokens=10, min_tokens=min_tokens, structured_outputs=spec)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=min_tokens, structured_outputs=spec)
     bad, good = llm.generate([PROMPT, PROMPT], [params, constrained(regex=REGEX, max_tokens=16)], use_tqdm=False)
     assert bad.error is not None and bad.error.param == param, bad
     assert re.fullmatch(REGEX, good.outputs[0].text) and good.error is None
