@@ -146,6 +146,7 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     scheduler.max_prefill_tokens_while_decoding = config.max_prefill_tokens_while_decoding
     scheduler.prefill_context_cost = prefill_context_cost(mc.hf_config)
     core = EngineCore(scheduler, executor, max_in_flight)
+    core.max_lora_rank = config.max_lora_rank if config.enable_lora else None
     core.structured_output_manager = StructuredOutputManager(  # loads the tokenizer at the first constrained request
         lambda: load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=False), mc.hf_config.vocab_size)
     # what the phases recorded inside (model config, weights...) did not cover

@@ -59,6 +59,7 @@ class EngineCore:
         self._pending: list[EngineCoreOutput] = []  # requests failed outside a step, sent with the next
         self.use_batch_queue = max_in_flight > 1  # chosen once at start-up (see step_fn)
         self.structured_output_manager: StructuredOutputManager | None = None  # set by build_engine_core
+        self.max_lora_rank: int | None = None  # with enable_lora (build_engine_core): adapters' files checked on arrival
         # fill step t+1's bitmask while its forward runs: needs the executor's split submit (one
         # process), one lane and two steps in flight; a test may turn it off to compare
         self.overlap_bitmask = (max_in_flight == 2 and scheduler.num_lanes == 1
@@ -93,6 +94,15 @@ class EngineCore:
         for i in range(params.n):
             seq_id = req.request_id if params.n == 1 else f"{req.request_id}#{i}"
             request.seqs.append(Sequence(seq_id, request, i, list(req.prompt_token_ids), len(req.prompt_token_ids)))
+        if req.lora_request is not None and self.max_lora_rank is not None:
+            from engine.lora.adapter import LoRAError, check_adapter_files
+
+            try:
+                check_adapter_files(req.lora_request.lora_path, self.max_lora_rank, "model")
+            except LoRAError as e:  # removed or changed since it was registered: this request fails alone
+                self._pending.extend(EngineCoreOutput(request_id=req.request_id, index=s.index, finish_reason="abort",
+                                                      error=(e.param, e.message)) for s in request.seqs)
+                return
         if params.structured_outputs is not None:
             try:
                 if self.structured_output_manager is None:

@@ -10,7 +10,7 @@ class RequestError(ValueError):
 
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
-        self.param = param
+        self.param, self.message = param, message
 
 
 class ModelLoadError(RuntimeError):

@@ -98,6 +98,14 @@ def read_adapter_config(path: str, max_lora_rank: int, param: str = "lora_path")
     return config
 
 
+def check_adapter_files(path: str, max_lora_rank: int, param: str = "lora_request") -> None:
+    """The adapter directory still holds a readable config and a weights file (the engine core's check when a
+    request arrives: files removed after registration fail that request alone)."""
+    read_adapter_config(path, max_lora_rank, param)
+    if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
+        raise LoRAError(param, f"{os.path.join(path, WEIGHTS_FILE)} is missing")
+
+
 def _scaling(config: dict[str, Any], rank: int) -> float:
     alpha = float(config.get("lora_alpha", 8))
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -144,6 +152,8 @@ def read_adapter(path: str, lora_int_id: int, dims: ModelDims, max_lora_rank: in
         if list(a_shape) != [rank, in_features] or list(b_shape) != [out_features, rank]:
             raise LoRAError(param, f"{where}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit the base "
                             f"model (expected [r, {in_features}] / [{out_features}, r])")
+        if rank < 1:  # its scaling would divide by zero inside the engine
+            raise LoRAError(param, f"{where}: lora_A {list(a_shape)} has rank 0")
         if rank > max_lora_rank:
             raise LoRAError(param, f"{where}: rank {rank} exceeds max_lora_rank {max_lora_rank}")
         max_rank = max(max_rank, rank)

@@ -93,6 +93,39 @@ def test_shape_not_of_this_model(tmp_path) -> None:
     refused(tmp_path, src, "layers.0.k_proj")
 
 
+def test_rank_zero_tensors(tmp_path) -> None:
+    """config r 4 but tensors of rank 0: the engine core divided by zero on the first request and died (found
+    by fuzzing the API)."""
+    src = write(str(tmp_path / "zero"), modules=("q_proj",))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(0, 32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 0)},
+              os.path.join(src, "adapter_model.safetensors"))
+    assert "has rank 0" in refused(tmp_path, src, "layers.0.q_proj")
+
+
+def test_files_removed_after_registration_fail_that_request_alone(tiny_llama: str, tmp_path) -> None:
+    """The engine core checks an adapter's files when a request arrives (a server registered it earlier): a
+    directory removed since fails that request, naming model, and the engine goes on. The core died of it before
+    (found by fuzzing the API)."""
+    from engine import LLM, SamplingParams
+    from engine.core_messages import EngineCoreRequest
+    from tests.engine.test_lora import write_adapter
+
+    path = write_adapter(tiny_llama, str(tmp_path / "gone"), 4, 8, ["q_proj"], False, 0)
+    core = LLM(tiny_llama, enable_lora=True, max_lora_rank=8, max_model_len=64).llm_engine.engine_core
+    shutil.rmtree(path)
+    params = SamplingParams(temperature=0, max_tokens=4)
+    for rid, lora in (("bad", LoRARequest("gone", 1, path)), ("good", None)):
+        core.add_request(EngineCoreRequest(request_id=rid, prompt_token_ids=[5, 6, 7], sampling_params=params,
+                                           max_tokens=4, arrival_time=0.0, lora_request=lora))
+    outputs = []
+    while core.has_work():
+        outputs += core.step_fn().outputs
+    bad = [o for o in outputs if o.request_id == "bad"]
+    assert len(bad) == 1 and bad[0].error[0] == "model" and "does not exist" in bad[0].error[1]
+    assert sum(len(o.new_token_ids) for o in outputs if o.request_id == "good") == 4
+
+
 def test_name_taken_and_unknown_removal(tmp_path) -> None:
     r = registry()
     path = write(str(tmp_path / "a"))
