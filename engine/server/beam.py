@@ -34,7 +34,9 @@ Submit = Callable[[list[tuple[str, list[int], SamplingParams]], float], Abstract
 _NOT_WITH_BEAMS: dict[str, tuple[Any, ...]] = {
     "temperature": (0,), "top_p": (1,), "top_k": (0, -1), "min_p": (0,), "presence_penalty": (0,),
     "frequency_penalty": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "stop": ("", []),
-    "stop_token_ids": ([],),
+    "stop_token_ids": ([],), "logit_bias": ({},),
+    # constraints a beam's greedy steps do not apply (they came back broken with a 200: fuzzing the API)
+    "structured_outputs": (), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
 }
 
 

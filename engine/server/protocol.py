@@ -257,6 +257,12 @@ def beam_search_params(body: dict, ctx: ModelContext, params: SamplingParams, st
     return parse_beam_search(body, ctx, params, stream, logprobs_field)
 
 
+# vLLM request fields this server does not act on: a 400 naming each, never a 200 that ignored it
+VLLM_UNSUPPORTED = ("allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs",
+                    "return_tokens_as_token_ids", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                    "guided_decoding_backend", "guided_whitespace_pattern")
+
+
 def _unsupported(body: dict, *names: str) -> None:
     for name in names:
         if body.get(name) not in (None, [], {}, False):
@@ -304,7 +310,7 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
             raise bad(name, "must not be empty")
         if isinstance(p, str):
             check_text(p, name, ctx)
-    _unsupported(body, "suffix")
+    _unsupported(body, "suffix", *VLLM_UNSUPPORTED)
     stream = bool(_bool(body, "stream"))
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     params = sampling_params(body, ctx, _int(body, "max_tokens", 1), logprobs)
@@ -329,6 +335,7 @@ class ChatRequest:
     logprobs: bool
     top_logprobs: int
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
+    continue_final_message: bool = False  # the last (assistant) message is left open for the model to go on
 
 
 def _message_content(content: Any, name: str, ctx: ModelContext) -> str:
@@ -370,7 +377,8 @@ def parse_messages(messages: Any, ctx: ModelContext) -> list[dict[str, str]]:
 def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     check_model(body, ctx)
     messages = parse_messages(body.get("messages"), ctx)
-    _unsupported(body, "functions", "audio", "prediction")  # tools: engine/server/tools.py
+    _unsupported(body, "functions", "audio", "prediction", "echo", "chat_template", "chat_template_kwargs",
+                 "documents", *VLLM_UNSUPPORTED)  # tools: engine/server/tools.py
     stream = bool(_bool(body, "stream"))
     logprobs = bool(_bool(body, "logprobs"))
     top_logprobs = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
@@ -379,11 +387,17 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     max_tokens = _int(body, "max_completion_tokens", 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1)
-    add_generation_prompt = _bool(body, "add_generation_prompt")
+    add_generation_prompt = _bool(body, "add_generation_prompt") is not False
+    continue_final = bool(_bool(body, "continue_final_message"))
+    if continue_final and add_generation_prompt:  # vLLM's rule: the two open different messages
+        raise bad("continue_final_message", "cannot be true with add_generation_prompt (set it to false)")
+    if continue_final and messages[-1]["role"] != "assistant":
+        raise bad("continue_final_message", "the last message must be the assistant's to continue")
     params = sampling_params(body, ctx, max_tokens, (top_logprobs or 0) if logprobs else None)
     return ChatRequest(
         messages=messages,
-        add_generation_prompt=True if add_generation_prompt is None else add_generation_prompt,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final,
         params=params,
         stream=stream,
         include_usage=_stream_options(body, stream),

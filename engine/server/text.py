@@ -72,12 +72,12 @@ def _encode(tokenizer: Any, text: str, name: str, add_special_tokens: bool = Tru
 
 
 def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                         tools: list[dict[str, Any]] | None = None) -> list[int]:
+                         tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False) -> list[int]:
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise bad("messages", "this model has no chat template")
     try:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                             tools=tools)
+                                             tools=tools, continue_final_message=continue_final_message)
     except Exception as e:  # the model's own Jinja template may reject the conversation (raise_exception)
         raise bad("messages", f"the chat template rejected the messages: {e}") from None
     return tokenizer.encode(text, add_special_tokens=False)
@@ -111,7 +111,7 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
         apply_tool_constraint(tools, req.params)
     constrain_after_reasoning(req.params, ctx.reasoning_parser)
     ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
-                               None if tools is None else tools.tools)
+                               None if tools is None else tools.tools, req.continue_final_message)
     _check_room(ids, "messages", ctx)
     req.messages = []
     return PreparedChat(req, ids, tools)

@@ -101,6 +101,8 @@ def test_beam_width_defaults() -> None:
     ({"use_beam_search": True, "length_penalty": "long"}, "length_penalty"),
     ({"use_beam_search": True, "length_penalty": math.inf}, "length_penalty"),
     ({"use_beam_search": True, "length_penalty": 2000}, "length_penalty"),  # a score overflowed: a 500 before
+    ({"use_beam_search": True, "structured_outputs": {"regex": "a"}}, "structured_outputs"),  # ignored before
+    ({"use_beam_search": True, "logit_bias": {"5": 10}}, "logit_bias"),
     ({"use_beam_search": True, "length_penalty": -2000}, "length_penalty"),  # divided by 0.0: a 500 before
     ({"use_beam_search": True, "temperature": 0.7}, "temperature"),
     ({"use_beam_search": True, "top_p": 0.9}, "top_p"),
@@ -114,6 +116,15 @@ def test_beam_width_defaults() -> None:
 ])
 def test_bad_fields_are_400s_naming_the_field(parse, fields: dict, param: str) -> None:
     assert refused(parse, **fields).param == param
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+])
+def test_chat_constraints_refused_with_beams(fields: dict, param: str) -> None:
+    """A beam's greedy steps apply no constraint: these came back broken with a 200 (found by fuzzing the API)."""
+    assert refused(chat, use_beam_search=True, **fields).param == param
 
 
 def test_beam_search_refuses_logprobs() -> None:

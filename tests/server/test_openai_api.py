@@ -111,6 +111,20 @@ def test_chat_plain(server: LiveServer, client: openai.OpenAI):
     assert 0 < r.usage.completion_tokens <= 8
 
 
+def test_chat_continue_final_message(server: LiveServer, client: openai.OpenAI):
+    """vLLM's assistant prefill: the last assistant message stays open, so the answer goes on from its text, as a
+    completion of the template's text without the message's end does (it was ignored: fuzzing the API)."""
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "The answer is"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    closed = tokenize(server, messages=messages, add_generation_prompt=False)  # ends with the message's <|im_end|>
+    assert r.usage.prompt_tokens < len(closed)
+    text = httpx.post(server.url("/detokenize"), json={"model": MODEL, "tokens": closed}, timeout=30).json()["prompt"]
+    prompt = text[: text.rindex("The answer is") + len("The answer is")]
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == plain.choices[0].text
+
+
 def test_chat_n2_stop_max_completion_tokens_logprobs(client: openai.OpenAI):
     messages = [{"role": "user", "content": "Write a long story about a dragon."}]
     r = client.chat.completions.create(model=MODEL, messages=messages, n=2, max_completion_tokens=6,
