@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -192,6 +193,7 @@ async def list_models(request: Request) -> HTTPResponse:
 
 async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
     state = _state(request).require_ready()
+    model_id = urllib.parse.unquote(model_id)  # Sanic hands the path over percent-encoded (a name "ü" is %C3%BC)
     name = state.model_info.model_name
     adapter = next((c for c in adapter_cards(state, state.created) if c["id"] == model_id), None)
     if adapter is not None:
@@ -385,6 +387,7 @@ async def tokenize(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
     assert state.frontend is not None
     tokens: list[int] = await state.frontend.run("tokenize", request.body)
+    requested_lora(state, request.body)  # with LoRA on, `model` is checked here: an unknown name is a 404
     return json_response({"count": len(tokens), "max_model_len": state.model_context.max_model_len, "tokens": tokens,
                           "token_strs": None})
 
@@ -392,6 +395,7 @@ async def tokenize(request: Request) -> HTTPResponse:
 async def detokenize(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
     assert state.frontend is not None
+    requested_lora(state, request.body)
     return json_response({"prompt": await state.frontend.run("detokenize", request.body)})
 
 

@@ -73,6 +73,10 @@ def test_unknown_model_is_404_naming_model(lora_server) -> None:
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
     assert e.value.body["param"] == "model" and "nope" in e.value.body["message"]
+    # /tokenize and /detokenize check `model` too (with LoRA on, /tokenize took any name: fuzzing the API)
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})):
+        r = httpx.post(lora_server.url(path), json={"model": "nope", **body}, headers=lora_server.headers)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
 
 
 def test_load_and_unload_at_run_time(lora_server, files, offline) -> None:
@@ -85,6 +89,13 @@ def test_load_and_unload_at_run_time(lora_server, files, offline) -> None:
     r = httpx.post(url("/v1/load_lora_adapter"), json=body, headers=lora_server.headers)
     assert r.status_code == 200, r.text
     assert _text(client, "b") == offline["b"]
+    odd = httpx.post(url("/v1/load_lora_adapter"), json={"lora_name": "ü b", "lora_path": files["b"]},
+                     headers=lora_server.headers)
+    assert odd.status_code == 200, odd.text
+    card = httpx.get(url("/v1/models/%C3%BC%20b"), headers=lora_server.headers)  # percent-encoded, as clients send
+    assert card.status_code == 200 and card.json()["id"] == "ü b", card.text
+    assert httpx.post(url("/v1/unload_lora_adapter"), json={"lora_name": "ü b"},
+                      headers=lora_server.headers).status_code == 200
     taken = httpx.post(url("/v1/load_lora_adapter"), json={"lora_name": "a", "lora_path": files["b"]},
                        headers=lora_server.headers)
     assert taken.status_code == 400 and taken.json()["error"]["param"] == "lora_name"
