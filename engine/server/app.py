@@ -57,6 +57,7 @@ class ServerState:
         self.engine = engine
         self.created = int(time.time())
         self.draining = False
+        self.interrupted = False  # SIGINT (Ctrl-C): a drain without its grace period
         self.exit_code = 0
         self.frontend: TextFrontend | None = None  # started with the server, loaded once the engine is
         self.on_fatal: Callable[[int], None] = lambda code: None  # stops the server with an exit code
@@ -287,8 +288,9 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
         state.frontend = TextFrontend()  # its workers (unless lazy) start importing while the model loads
         state.engine.start(loop, on_fatal)
         loop.create_task(state.load_frontend())
-        # Sanic's own SIGTERM handler stops at once; ours drains first.
+        # Sanic's own handlers stop at once, cutting streams off mid-chunk; ours drain first (SIGINT: aborting)
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(drain(app)))
+        loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(drain(app, interrupted=True)))
         logger.info("listening on http://%s:%d (model loading in the background; /ready says when)",
                     server_config.host, server_config.port)
 
@@ -314,20 +316,25 @@ async def _stop_once_serving(app: Sanic) -> None:
     app.stop()
 
 
-async def drain(app: Sanic) -> None:
-    """SIGTERM: refuse new work, let in-flight requests finish within the grace period, abort the rest, stop."""
+async def drain(app: Sanic, interrupted: bool = False) -> None:
+    """SIGTERM: refuse new work, let in-flight requests finish within the grace period, abort the rest, stop.
+    SIGINT (Ctrl-C), or a second signal during a drain: the same without the grace period, so every stream still
+    ends with its final chunk."""
     state: ServerState = app.ctx.state
+    state.interrupted = state.interrupted or interrupted
     if state.draining:
         return
     state.draining = True
     state.on_drain()  # API process 0: the other API processes drain too
-    grace = state.server_config.shutdown_grace_s
-    logger.info("SIGTERM: draining %d in-flight requests (grace %.0fs)", state.engine.num_in_flight, grace)
+    grace = 0.0 if interrupted else state.server_config.shutdown_grace_s
+    logger.info("%s: draining %d in-flight requests (grace %.0fs)", "SIGINT" if interrupted else "SIGTERM",
+                state.engine.num_in_flight, grace)
     deadline = time.monotonic() + grace
-    while state.engine.num_in_flight and time.monotonic() < deadline:
+    while state.engine.num_in_flight and time.monotonic() < deadline and not state.interrupted:
         await asyncio.sleep(0.05)
     if state.engine.num_in_flight:
-        logger.warning("grace period over: aborting %d requests", state.engine.num_in_flight)
+        logger.warning("%s: aborting %d requests", "interrupted" if state.interrupted else "grace period over",
+                       state.engine.num_in_flight)
         state.engine.abort_all()
         deadline = time.monotonic() + 5.0
         while state.engine.num_in_flight and time.monotonic() < deadline:
