@@ -215,12 +215,16 @@ def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str |
     text = message.get("content") or ""
     if tr.tool_choice == "auto":
         content, calls = parse_tool_calls(tr.parser or "hermes", text)
+    elif finish_reason == "length":  # cut by max_tokens: what a stream would have sent, as it would report it
+        from engine.server.tool_stream import cut_constrained_calls
+
+        content, calls = cut_constrained_calls(tr, text)
     else:
         content, calls = None, calls_from_constrained(tr, text)
     if not calls:
         return finish_reason
     message["content"], message["tool_calls"] = content, calls
-    return finish_reason if tr.tool_choice == "named" else "tool_calls"
+    return finish_reason if tr.tool_choice == "named" or finish_reason == "length" else "tool_calls"
 
 
 def apply_tool_constraint(tr: ToolsRequest, params: Any) -> None:

@@ -124,6 +124,24 @@ def test_streamed_calls_accumulate_to_the_whole_answer(client: openai.OpenAI, to
     assert all(fragments[i] > 1 for i in first)  # the arguments came while they were written
 
 
+@pytest.mark.parametrize("tool_choice,max_tokens", [
+    ("required", 20),  # a first call whole, the second cut
+    ({"type": "function", "function": {"name": "get_weather"}}, 6),  # the arguments cut
+])
+def test_an_answer_cut_by_max_tokens_agrees_streamed_and_not(client: openai.OpenAI, tool_choice, max_tokens) -> None:
+    """Cut by max_tokens, both report finish_reason "length" and the same calls, the last one's arguments cut
+    as OpenAI returns them. Before, the plain answer gave the raw text as content and the stream gave calls with
+    "tool_calls" (found by fuzzing the API)."""
+    kwargs = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": max_tokens,
+              "temperature": 0.0}
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    calls, finish = streamed_calls(client.chat.completions.create(stream=True, **kwargs))
+    assert whole.finish_reason == finish == "length"
+    assert whole.message.tool_calls and all(c.id.startswith("call_") for c in whole.message.tool_calls)
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
+        (calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)]
+
+
 def test_bad_tool_choice_is_400(tool_server: LiveServer, server: LiveServer) -> None:
     body = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 4,
             "tool_choice": {"type": "function", "function": {"name": "nope"}}}
