@@ -11,6 +11,9 @@ from engine.lora.adapter import LoRAError, ModelDims, read_adapter
 from engine.lora.request import LoRARequest
 
 
+MAX_LORA_NAME_CHARS = 256  # an adapter name is a model id: in /v1/models, metrics labels and log lines
+
+
 class LoRARegistry:
     def __init__(self, config: EngineConfig, hf_config: Any, base_name: str | None = None):
         """hf_config: the base model's HF config, or its ModelDims (an API process has only those)."""
@@ -43,6 +46,8 @@ class LoRARegistry:
             raise RequestError(param, "LoRA adapters are not enabled on this engine (enable_lora)")
         if not isinstance(name, str) or not name:
             raise RequestError(param, "must be a non-empty string")
+        if len(name) > MAX_LORA_NAME_CHARS:
+            raise RequestError(param, f"at most {MAX_LORA_NAME_CHARS} characters, got {len(name)}")
         if name in self.by_name or name == self.base_name:
             raise LoRAError(param, f"the name {name!r} is already taken")
         req = LoRARequest(name, next(self._ids), path)

@@ -135,6 +135,9 @@ def test_name_taken_and_unknown_removal(tmp_path) -> None:
         with pytest.raises(LoRAError, match="already taken") as e:
             r.add(name, str(tmp_path / "b"))
         assert e.value.param == "lora_name"
+    with pytest.raises(RequestError, match="at most 256 characters") as e:  # 100,000 were taken (fuzzing)
+        r.add("x" * 257, str(tmp_path / "b"))
+    assert e.value.param == "lora_name"
     assert list(r.by_name) == ["a"]  # nothing else disturbed
     with pytest.raises(LoRAError, match="no adapter named 'zzz'"):
         r.remove("zzz")
