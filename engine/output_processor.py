@@ -151,7 +151,9 @@ class OutputProcessor:
                 sample.logprobs.append(entry)
                 sample.cumulative_logprob += lp.logprobs[0]
             last = i == len(out.new_token_ids) - 1
-            if sample.detokenizer is not None and not (last and out.finish_reason == "stop"):
+            # a stop token (EOS, stop_token_ids) ends the text, but is in it with include_stop_str_in_output (vLLM's)
+            if sample.detokenizer is not None and not (last and out.finish_reason == "stop"
+                                                       and not params.include_stop_str_in_output):
                 old_len = len(sample.text)
                 sample.text += sample.detokenizer.add_tokens([token_id])
                 if params.stop and len(sample.token_ids) >= params.min_tokens and _cut_at_stop(sample, params, old_len):

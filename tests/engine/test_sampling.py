@@ -72,6 +72,11 @@ def test_stop_token_ids_and_length(llm: LLM) -> None:
     out = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
     assert out.token_ids == ids[: ids.index(stop_id) + 1]
+    kept = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_id],
+                                                   include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    stop_text = llm.llm_engine.tokenizer.decode([stop_id], skip_special_tokens=True).strip()
+    assert kept.token_ids == out.token_ids and kept.text.startswith(out.text)
+    assert kept.text.endswith(stop_text) and (len(kept.text) > len(out.text) or not stop_text)  # left out before
     mins = llm.generate(PROMPTS[1], SamplingParams(temperature=0, max_tokens=20, min_tokens=10, stop_token_ids=[stop_id]), use_tqdm=False)[0].outputs[0]
     assert stop_id not in mins.token_ids[:10] and len(mins.token_ids) >= 10
 
