@@ -211,7 +211,8 @@ class HermesStream:
 
 def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str | None) -> str | None:
     """Turn a chat response's message (content already split from reasoning) into its tool calls, in
-    place; returns the finish reason ("tool_calls" when calls were made, as OpenAI, but for a named function)."""
+    place; returns the finish reason ("tool_calls" when calls were made, as OpenAI, but for a named function or an
+    answer cut by max_tokens: "length")."""
     text = message.get("content") or ""
     if tr.tool_choice == "auto":
         content, calls = parse_tool_calls(tr.parser or "hermes", text)
