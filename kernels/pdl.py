@@ -6,8 +6,9 @@ are launched with CUDA's programmatic stream serialization (`launch_pdl`): once 
 has passed `wait_prior` (each calls launch_dependents right after its own wait), the next kernel's programs start
 and park in their own wait, so its launch overlaps the previous kernel's tail. Before its wait a kernel writes
 nothing and reads only weights, which no kernel writes: the GEMVs (quant_gemv_f16x2.py, weight_gemv.py) and the
-few-row 4-bit kernel (quant_mma.py) load their first weight tile there; the GGUF GEMV (ggml_gemv.py) waits first. A kernel launched without it (torch's, cuBLAS's) is an ordinary boundary. CUDA graph
-capture keeps the dependency as a programmatic edge.
+few-row 4-bit kernel (quant_mma.py) load their first weight tile there; the GGUF GEMV (ggml_gemv.py) waits first.
+A kernel launched without it (torch's, cuBLAS's) is an ordinary boundary. CUDA graph capture keeps the dependency
+as a programmatic edge.
 
 On by default (GANTRY_PDL=0 turns it off): on the H200 it took W1's one-stream decode from 4.16 to 3.92 ms a token
 in bf16, 2.30 to 2.11 at 4 bits and 2.93 to 2.69 in FP8 (benchmarks/RESULTS.md, seventeenth session). On CPU and

@@ -98,12 +98,14 @@ def read_adapter_config(path: str, max_lora_rank: int, param: str = "lora_path")
     return config
 
 
-def check_adapter_files(path: str, max_lora_rank: int, param: str = "lora_request") -> None:
-    """The adapter directory still holds a readable config and a weights file (the engine core's check when a
-    request arrives: files removed after registration fail that request alone)."""
-    read_adapter_config(path, max_lora_rank, param)
-    if not os.path.isfile(os.path.join(path, WEIGHTS_FILE)):
-        raise LoRAError(param, f"{os.path.join(path, WEIGHTS_FILE)} is missing")
+def check_adapter_files(path: str, max_lora_rank: int, param: str = "lora_request") -> dict[str, Any]:
+    """The adapter directory holds a readable config and a weights file: the config (read_adapter's first check,
+    and the engine core's when a request arrives, so files removed after registration fail that request alone)."""
+    config = read_adapter_config(path, max_lora_rank, param)
+    file = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(file):
+        raise LoRAError(param, f"{file} is missing (only the safetensors format is read)")
+    return config
 
 
 def _scaling(config: dict[str, Any], rank: int) -> float:
@@ -118,10 +120,8 @@ def read_adapter(path: str, lora_int_id: int, dims: ModelDims, max_lora_rank: in
     import torch
     from safetensors import SafetensorError, safe_open
 
-    config = read_adapter_config(path, max_lora_rank, param)
+    config = check_adapter_files(path, max_lora_rank, param)
     file = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(file):
-        raise LoRAError(param, f"{file} is missing (only the safetensors format is read)")
     pairs: dict[tuple[int, str], dict[str, Any]] = {}
     try:
         with safe_open(file, framework="pt") as f:

@@ -77,7 +77,7 @@ async def _generate(request: Request, state: ServerState, requests: list[tuple[s
     state.check_capacity(len(requests), len(requests) * max(params.n, params.best_of or 1),
                          "best_of" if params.best_of else "n")
     arrival = time.time()
-    results = Results([rid for rid, _, _ in requests], requests[0][2].n)
+    results = Results([rid for rid, _, _ in requests], params.n)
     for r, text in zip(results.requests, prompt_texts or []):
         r.prompt = text or ""
     try:
