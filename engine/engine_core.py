@@ -60,6 +60,8 @@ class EngineCore:
         self.use_batch_queue = max_in_flight > 1  # chosen once at start-up (see step_fn)
         self.structured_output_manager: StructuredOutputManager | None = None  # set by build_engine_core
         self.max_lora_rank: int | None = None  # with enable_lora (build_engine_core): adapters' files checked on arrival
+        # rank 0's LoRAManager (this process's): adapters a step could not read again, whose requests fail here
+        self.lora_manager = getattr(getattr(executor, "runner", None), "lora_manager", None)
         # fill step t+1's bitmask while its forward runs: needs the executor's split submit (one
         # process), one lane and two steps in flight; a test may turn it off to compare
         self.overlap_bitmask = (max_in_flight == 2 and scheduler.num_lanes == 1
@@ -308,20 +310,35 @@ class EngineCore:
         if self.scheduler.unschedulable:
             capacity = self.block_manager.num_blocks * self.block_manager.block_size
             for seq in self.scheduler.unschedulable:
-                request = self.requests.pop(seq.request.request_id, None)
-                if request is None:
-                    continue
-                self._free_grammar(request.request_id)
-                live = [s for s in request.seqs if not s.is_finished]
-                for s in live:
-                    s.finish_reason = "abort"
-                self.scheduler.finish(live)
-                error = ("max_tokens", f"the request needs more than the whole KV cache ({capacity} tokens) "
-                                       "for one sample")
-                self._pending.extend(EngineCoreOutput(request_id=request.request_id, index=s.index,
-                                                      finish_reason="abort", error=error) for s in request.seqs)
+                request = self.requests.get(seq.request.request_id)
+                if request is not None:
+                    self._fail(request, ("max_tokens", f"the request needs more than the whole KV cache ({capacity} "
+                                                       "tokens) for one sample"))
             self.scheduler.unschedulable.clear()
         return so, scheduled
+
+    def _fail(self, request: Request, error: tuple[str, str]) -> None:
+        """End a request the core holds, every sample, with an error naming the field (sent with the next outputs)."""
+        del self.requests[request.request_id]
+        self._free_grammar(request.request_id)
+        live = [s for s in request.seqs if not s.is_finished]
+        for s in live:
+            s.finish_reason = "abort"
+        self.scheduler.finish(live)
+        self._pending.extend(EngineCoreOutput(request_id=request.request_id, index=s.index, finish_reason="abort",
+                                              error=error) for s in request.seqs)
+
+    def _fail_unreadable_adapters(self, outputs: list[EngineCoreOutput]) -> list[EngineCoreOutput]:
+        """Requests whose adapter a step could not read again (its files removed or spoiled since they arrived; its
+        rows ran on the base model) fail alone, naming model and the file; their tokens are dropped."""
+        failed = self.lora_manager.take_failed()
+        doomed = [r for r in self.requests.values() if r.lora_request is not None
+                  and r.lora_request.lora_int_id in failed]
+        for request in doomed:
+            e = failed[request.lora_request.lora_int_id]
+            self._fail(request, (e.param, e.message))
+        ids = {r.request_id for r in doomed}
+        return [o for o in outputs if o.request_id not in ids]
 
     def _fail_refused(self, outputs: list[EngineCoreOutput], refused: list[tuple[str, int, tuple[str, str]]]) -> None:
         """Samples whose grammar allowed no token (their refused token is in this step's outputs) end there with
@@ -347,6 +364,8 @@ class EngineCore:
 
     def _outputs(self, outputs: list[EngineCoreOutput], accepted: bool = False) -> EngineCoreOutputs:
         """accepted: the matchers have taken these tokens already."""
+        if self.lora_manager is not None and self.lora_manager.failed:
+            outputs = self._fail_unreadable_adapters(outputs)
         if outputs and not accepted and self._has_grammars():
             self.structured_output_manager.accept_tokens(outputs)
         if self.structured_output_manager is not None and self.structured_output_manager.refused:

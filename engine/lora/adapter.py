@@ -1,6 +1,6 @@
 """PEFT adapters from disk: adapter_config.json + adapter_model.safetensors, checked against the
-base model (target modules, ranks up to max_lora_rank, shapes) and read as (A, B) pairs per
-(layer, module) with the scaling (lora_alpha / r, or / sqrt(r) for rsLoRA) folded into B."""
+base model (target modules, ranks up to max_lora_rank, shapes, finite values) and read as (A, B) pairs
+per (layer, module) with the scaling (lora_alpha / r, or / sqrt(r) for rsLoRA) folded into B."""
 from __future__ import annotations
 
 import json
@@ -114,9 +114,10 @@ def _scaling(config: dict[str, Any], rank: int) -> float:
 
 
 def read_adapter(path: str, lora_int_id: int, dims: ModelDims, max_lora_rank: int, load: bool = True,
-                 param: str = "lora_path") -> LoRAModel:
-    """Check an adapter against the base model; load=False reads only the safetensors header
-    (the front end's check), the returned weights then empty."""
+                 param: str = "lora_path", check_values: bool = False) -> LoRAModel:
+    """Check an adapter against the base model. load=False reads only the safetensors header (the front end's
+    check of a request's adapter), the returned weights then empty; check_values adds each tensor, one at a time,
+    checked for NaN and inf (registration). A load checks each tensor so, once, as it reads it."""
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -136,9 +137,14 @@ def read_adapter(path: str, lora_int_id: int, dims: ModelDims, max_lora_rank: in
                                     f"(supported: {', '.join(SUPPORTED_MODULES)})")
                 if layer >= dims.num_layers:
                     raise LoRAError(param, f"{file}: tensor {name}: the base model has {dims.num_layers} layers")
-                pairs.setdefault((layer, module), {})[which] = f.get_tensor(name) if load else f.get_slice(name)
+                tensor = f.get_tensor(name) if load or check_values else None
+                if tensor is not None and not torch.isfinite(tensor).all():  # NaN in, NaN out: empty or garbage text
+                    raise LoRAError(param, f"{file}: tensor {name} holds NaN or inf values")
+                pairs.setdefault((layer, module), {})[which] = tensor if load else f.get_slice(name)
     except SafetensorError as e:
         raise LoRAError(param, f"{file} is corrupt: {e}") from None
+    except OSError as e:  # removed or unreadable since check_adapter_files looked
+        raise LoRAError(param, f"{file} is not readable: {e}") from None
     if not pairs:
         raise LoRAError(param, f"{file} holds no LoRA tensors")
     weights, max_rank = {}, 0

@@ -1,6 +1,8 @@
 """LoRAManager (one per rank): attaches LoRA slots to the model's linear layers, keeps adapters
 in a host LRU (max_cpu_loras) and max_loras of them resident in device slots, swapped between
-steps, and builds each step's LoRABatch (None when no request of the step has an adapter)."""
+steps, and builds each step's LoRABatch (None when no request of the step has an adapter).
+An adapter it cannot read again (its files removed or spoiled since) runs that step on the base
+model and is reported (take_failed): the engine core fails its requests alone."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.lora.adapter import LoRAModel, ModelDims, read_adapter
+from engine.lora.adapter import LoRAError, LoRAModel, ModelDims, read_adapter
 from engine.lora.augmented import AugmentedLoRALinear, lora_path, use_augmented
 from engine.lora.layers import LoRALinear, LoRASlice
 from engine.lora.punica import LoRABatch, lora_batch
@@ -100,11 +102,12 @@ class LoRAManager:
         if self.use_triton and num_cols:  # [max_num_seqs, num_cols] float32
             self.static_shrink = torch.zeros(max_num_seqs, num_cols, dtype=torch.float32, device=device)
         self.graphs = None  # DecodeCUDAGraphs captured with LoRA on (CUDA, not enforce_eager)
+        self.failed: dict[int, LoRAError] = {}  # lora_int_id -> why a step could not read it, until take_failed
 
     def _host(self, req: LoRARequest) -> LoRAModel:
         model = self.cpu_cache.get(req.lora_int_id)
         if model is None:
-            model = read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank)
+            model = read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank, param="model")
             if self.device.type == "cuda":  # pinned: slot swaps copy without waiting for the device
                 model.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in model.weights.items()}
             logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s", req.lora_name, req.lora_int_id,
@@ -116,7 +119,8 @@ class LoRAManager:
         return model
 
     def activate(self, reqs: list[LoRARequest]) -> dict[int, int]:
-        """Make these adapters (at most max_loras: the scheduler's limit) resident; lora_int_id -> slot."""
+        """Make these adapters (at most max_loras: the scheduler's limit) resident; lora_int_id -> slot. One whose
+        read fails gets no slot (its rows run on the base model) and goes to self.failed."""
         wanted = {r.lora_int_id: r for r in reqs}
         assert len(wanted) <= self.max_loras, "the scheduler let more adapters than max_loras into one step"
         slot_of = {i: s for s, i in enumerate(self.slot_ids) if i in wanted}
@@ -124,7 +128,12 @@ class LoRAManager:
             if lora_id not in slot_of:
                 # an empty slot, else the least recently used one no adapter of this step holds
                 slot = next(s for s in self.slot_lru if self.slot_ids[s] not in slot_of)
-                weights = self._host(req).weights
+                try:  # from disk unless the host cache holds it: removed or spoiled since its requests were checked
+                    weights = self._host(req).weights
+                except LoRAError as e:
+                    logger.warning("LoRA adapter %s (id %d) could not be read again: %s", req.lora_name, lora_id, e)
+                    self.failed[lora_id] = e
+                    continue
                 for layer_idx, linears in self.layers.items():
                     for linear in linears:
                         linear.set_slot(slot, {s.module: weights[(layer_idx, s.module)] for s in linear.slices
@@ -133,12 +142,19 @@ class LoRAManager:
             self.slot_lru.move_to_end(slot_of[lora_id])
         return slot_of
 
+    def take_failed(self) -> dict[int, LoRAError]:
+        """The adapters steps could not read since the last call (lora_int_id -> error), forgotten here."""
+        failed, self.failed = self.failed, {}
+        return failed
+
     def prepare(self, loras: list[LoRARequest | None], num_tokens: list[int], is_decode: bool) -> LoRABatch | None:
         """The step's LoRABatch: loras and num_tokens per request in batch order; None without adapters."""
         if all(r is None for r in loras):
             return None
         slot_of = self.activate([r for r in loras if r is not None])
-        slots = np.array([-1 if r is None else slot_of[r.lora_int_id] for r in loras], dtype=np.int32)
+        if not slot_of:  # every adapter of the step failed to read: the base model alone
+            return None
+        slots = np.array([-1 if r is None else slot_of.get(r.lora_int_id, -1) for r in loras], dtype=np.int32)
         token_slots = np.repeat(slots, num_tokens)  # [num_tokens]
         if not self.use_triton:
             return LoRABatch(torch.from_numpy(token_slots), None, None, None, None, False)

@@ -1,5 +1,5 @@
 """The front end's adapters: names registered at start-up (lora_modules) or at run time, each
-checked against the base model once (config and safetensors header) before any request uses it."""
+checked against the base model once (config, safetensors header, finite weights) before any request uses it."""
 from __future__ import annotations
 
 import itertools
@@ -29,19 +29,22 @@ class LoRARegistry:
             except RequestError as e:  # a start-up error: the config is at fault
                 raise ConfigError(e.param, str(e)[len(e.param) + 2 :]) from None
 
-    def check(self, req: LoRARequest | None, param: str = "lora_request.lora_path") -> None:
-        """Refuse a request's adapter we cannot serve (RequestError naming param and the file)."""
+    def check(self, req: LoRARequest | None, param: str = "lora_request.lora_path", check_values: bool = False) -> None:
+        """Refuse a request's adapter we cannot serve (RequestError naming param and the file), from its header;
+        check_values (registration) reads its weights too, refusing NaN or inf. A request's own adapter has its
+        weights checked where the engine reads them, which fails that request alone."""
         if req is None or req in self._checked:
             return
         if not self.enable_lora:
             raise RequestError("lora_request", "LoRA adapters are not enabled on this engine (enable_lora)")
         if not isinstance(req, LoRARequest):
             raise RequestError("lora_request", f"must be a LoRARequest, got {type(req).__name__}")
-        read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank, load=False, param=param)
+        read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank, load=False, param=param,
+                     check_values=check_values)
         self._checked.add(req)
 
     def add(self, name: str, path: str, param: str = "lora_name", path_param: str = "lora_path") -> LoRARequest:
-        """Register an adapter under a new name, checked first; the name must be free."""
+        """Register an adapter under a new name, checked first, weights included; the name must be free."""
         if not self.enable_lora:
             raise RequestError(param, "LoRA adapters are not enabled on this engine (enable_lora)")
         if not isinstance(name, str) or not name:
@@ -51,7 +54,7 @@ class LoRARegistry:
         if name in self.by_name or name == self.base_name:
             raise LoRAError(param, f"the name {name!r} is already taken")
         req = LoRARequest(name, next(self._ids), path)
-        self.check(req, path_param)
+        self.check(req, path_param, check_values=True)
         self.by_name[name] = req
         return req
 
