@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.config import DTYPES, ConfigError, EngineConfig, ServerConfig  # torch-free: engine/__init__ is lazy
 from launcher.keys import unknown_keys
+from launcher.literals import literal_problems
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
 from launcher.weights import ModelFacts, host_model_path, missing_weights, model_facts, model_kind
 
@@ -278,7 +279,7 @@ def validate(cfg: GantryConfig) -> list[Problem]:
         problems += check(cfg, cfg.deploy)
     if not dns_name(cfg.job_name):
         problems.append(Problem(("job_name",), f"{cfg.job_name!r} has no letters or digits"))
-    return problems
+    return problems + [Problem((key,), message) for key, message in literal_problems(cfg)]
 
 
 def _rank_model_path(cfg: GantryConfig, host_path: str | None) -> str | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 from typing import Any
 
@@ -32,7 +33,7 @@ def script_name(plan: Plan, node_rank: int) -> str:
 def _health_cmd(python: str, port: int) -> str:
     """GET /ready with the image's python (no curl needed); non-zero exit on any error."""
     code = "import sys, urllib.request as r; r.urlopen(sys.argv[1], timeout=5)"
-    return f"{python} -c '{code}' http://127.0.0.1:{port}/ready"
+    return f"{shlex.quote(python)} -c '{code}' http://127.0.0.1:{port}/ready"
 
 
 def _start_message(plan: Plan, node_rank: int, container: str) -> str:
