@@ -135,14 +135,13 @@ class LLMEngine:
         with self.lock:
             if request_id in self.requests or request_id in self.engine_core.requests:
                 raise RequestError("request_id", f"request {request_id!r} is already running")
-            if isinstance(prompt, str):
-                prompt_text, token_ids = prompt, self.encode(prompt)
-            else:
-                token_ids = list(prompt)
-                prompt_text = self.tokenizer.decode(token_ids) if self.tokenizer is not None else None
+            token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
             arrival_time = arrival_time or time.time()
             self.lora_registry.check(lora_request)
             request = self.input_processor.process(request_id, token_ids, params, arrival_time, lora_request=lora_request)
+            # token ids are decoded once checked: the tokenizer overflows on ids out of the int64 range
+            prompt_text = prompt if isinstance(prompt, str) else (
+                self.tokenizer.decode(token_ids) if self.tokenizer is not None else None)
             # registered only once everything above succeeded: a refused request leaves no trace
             self.output_processor.add_request(request_id, prompt_text, token_ids, params, arrival_time)
             self.client.add_request(request)
