@@ -26,7 +26,7 @@ from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.lora.request import LoRARequest
 from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 Prompt = str | list[int]  # what the engine takes
 PromptType = str | list[int] | dict[str, Any]  # what generate() takes (vLLM's PromptType, text only)
@@ -86,6 +86,8 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
+        if not isinstance(messages, list):
+            raise RequestError("messages", f"must be a list of messages or of conversations, got {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.llm_engine.apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self._run(prompts, sampling_params, use_tqdm)
@@ -94,6 +96,9 @@ class LLM:
                     params: BeamSearchParams | SequenceABC[BeamSearchParams], use_tqdm: bool = True) -> list[BeamSearchOutput]:
         """vLLM's: one BeamSearchOutput per prompt, its beam_width sequences best first (transformers'
         beam search semantics; see engine/beam_search.py). params: one for all, or one per prompt."""
+        if not isinstance(params, BeamSearchParams) and not (
+                isinstance(params, SequenceABC) and all(isinstance(p, BeamSearchParams) for p in params)):
+            raise RequestError("params", f"must be a BeamSearchParams or a list of them, got {type(params).__name__}")
         engine = self.llm_engine
         token_ids = [engine.encode(p) if isinstance(p, str) else p for p in _parse_prompts(prompts)]
         request_ids = (f"beam-{next(self._counter)}" for _ in itertools.count())
@@ -106,21 +111,14 @@ class LLM:
     ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            params_list = [sampling_params] * len(prompts)
-        else:
-            params_list = list(sampling_params)
-            if len(params_list) != len(prompts):
-                raise ValueError(f"sampling_params: {len(params_list)} given for {len(prompts)} prompts")
-        loras = list(lora_request) if isinstance(lora_request, SequenceABC) else [lora_request] * len(prompts)
-        if len(loras) != len(prompts):
-            raise RequestError("lora_request", f"{len(loras)} given for {len(prompts)} prompts")
+        params_list = _per_prompt(sampling_params, SamplingParams, "sampling_params", len(prompts))
+        loras = _per_prompt(lora_request, LoRARequest, "lora_request", len(prompts))
         engine = self.llm_engine
         ids = []
         try:
             for prompt, params, lora in zip(prompts, params_list, loras):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, best_of_params(params, engine.config.max_num_seqs),
+                engine.add_request(request_id, prompt, _offline_params(params, engine.config.max_num_seqs),
                                    lora_request=lora)
                 ids.append(request_id)
         except Exception:
@@ -136,6 +134,32 @@ class LLM:
                         finished[output.request_id] = output
                         bar.update(1)
         return [keep_best_of(finished[i], p) for i, p in zip(ids, params_list)]
+
+
+def _per_prompt(value: Any, cls: type, name: str, count: int) -> list[Any]:
+    """value (a cls, or for lora_request None) for every prompt, or a list of one per prompt; anything
+    else is a RequestError naming the argument or its entry."""
+    optional = cls is LoRARequest  # None: the base model
+    if isinstance(value, cls) or (optional and value is None):
+        return [value] * count
+    if not isinstance(value, SequenceABC) or isinstance(value, str):
+        raise RequestError(name, f"must be a {cls.__name__} or a list of one per prompt, got {type(value).__name__}")
+    items = list(value)
+    for i, item in enumerate(items):
+        if not (isinstance(item, cls) or (optional and item is None)):
+            raise RequestError(f"{name}[{i}]", f"must be a {cls.__name__}{' or None' if optional else ''},"
+                                               f" got {type(item).__name__}")
+    if len(items) != count:
+        raise RequestError(name, f"{len(items)} given for {count} prompts")
+    return items
+
+
+def _offline_params(params: SamplingParams, max_num_seqs: int) -> SamplingParams:
+    """What the engine runs for params: best_of samples (best_of_params), and the whole final output
+    whatever output_kind says, as vLLM's LLM returns (DELTA would keep only the last step's tokens)."""
+    if params.output_kind == RequestOutputKind.DELTA:
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
+    return best_of_params(params, max_num_seqs)
 
 
 def _parse_prompts(prompts: Any) -> list[Prompt]:
