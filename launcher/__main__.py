@@ -1,6 +1,7 @@
 """`python -m launcher [group=option ...] [key=value ...]`: compose -> validate -> plan -> render -> run/submit.
 
-Invalid configurations exit with status 2 and name the keys; nothing is rendered then. What the
+Invalid configurations exit with status 2 and name the keys; nothing is rendered then (values of the
+wrong type and unknown options are Hydra's messages, with status 2 too). What the
 rendering machine lacks is a warning; submit=true refuses it (status 2). Ctrl-C is never a traceback.
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import host, schema
-from launcher.keys import unknown_override_keys
+from launcher.keys import unknown_override_keys, unparsable_overrides
 from launcher.plan import Plan, PlanError, build_plan
 from launcher.render import render_job, write_job
 from launcher.targets import target_module
@@ -85,8 +86,13 @@ def launch(cfg: DictConfig, job_dir: Path, overrides: list[str]) -> int:
     return target_module(plan.target).submit(plan)
 
 
+_composed = False  # set once Hydra composed the config: an exit before that is a config error
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    global _composed
+    _composed = True
     hc = HydraConfig.get()
     code = launch(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     if code:
@@ -95,7 +101,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """The console entry: typos in override keys first (one line each), then Hydra."""
-    unknown = unknown_override_keys(sys.argv[1:])
+    unknown = unparsable_overrides(sys.argv[1:]) or unknown_override_keys(sys.argv[1:])
     for key, message in unknown:
         print(f"gantry: invalid config: {key}: {message}", file=sys.stderr)
     if unknown:
@@ -105,6 +111,10 @@ def main() -> None:
     except KeyboardInterrupt:  # before or after the torchrun group ran (it handles its own Ctrl-C)
         print(file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as e:  # Hydra reports a value of the wrong type, or a missing option, with status 1
+        if e.code == 1 and not _composed:
+            sys.exit(EXIT_INVALID)
+        raise
 
 
 if __name__ == "__main__":

@@ -88,6 +88,25 @@ def unknown_override_keys(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+def unparsable_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """Command-line overrides Hydra's grammar cannot read, as (key, message): Hydra's own error
+    ("mismatched input '=' expecting <EOF>") names neither the key nor the fix."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser, out = OverridesParser.create(), []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue  # a flag (--cfg job, -m) or a flag's value
+        try:
+            parser.parse_override(arg)
+        except HydraException as e:
+            key = arg.split("=", 1)[0]
+            out.append((key, f"cannot read {arg!r} ({e}); quote a value holding blanks, '=', quotes, brackets"
+                             f" or commas: {key}='VALUE' (in the shell: \"{key}='VALUE'\")"))
+    return out
+
+
 def _check_path(parts: list[str], schemas: list[type]) -> tuple[str, str] | None:
     """parts[1:] followed through the schemas; the first unknown component, if any."""
     for depth in range(1, len(parts)):
