@@ -1,9 +1,10 @@
 """Multi-LoRA on one GPU: W1 (Qwen2-7B shape, random weights) with 8 random rank-16 adapters on every
 projection. Prints one JSON line per figure: each request a random adapter vs the same run without
-LoRA (goal >= 0.85; with --ab-path per GANTRY_LORA_PATH: augmented, sgmv), base-only requests on a
+LoRA (goal >= 0.85; with --paths or --ab-path per GANTRY_LORA_PATH), base-only requests on a
 LoRA-enabled engine vs LoRA disabled (goal >= 0.97), and per projection the LoRA kernels' times beside the
 base GEMM.
-    python -m benchmarks.lora_bench [--ab-path] [--kernels-only | --skip-kernels] [--num-requests 256]
+    python -m benchmarks.lora_bench [--ab-path | --paths augmented,augmented-k]
+        [--kernels-only | --skip-kernels] [--num-requests 256]
         [--input-len 512] [--output-len 512] [--repeats 3]
 """
 from __future__ import annotations
@@ -62,8 +63,11 @@ def run(model: str, prompts: list[list[int]], output_len: int, loras: list | Non
 
     llm = LLM(model, load_format="dummy", **kwargs)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    llm.generate(prompts[:8], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False,
-                 lora_request=None if loras is None else loras[:8])  # warm-up: adapters loaded, kernels compiled
+    # warm-up: kernels compiled and, as a server that has served each adapter once, every adapter resident (the
+    # first 8 requests' adapters alone left about 3 of 8 to be read from disk inside the timed run)
+    warm = [None] * 8 if loras is None else list({lora.lora_int_id: lora for lora in loras}.values())
+    llm.generate(prompts[: len(warm)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False,
+                 lora_request=None if loras is None else warm)
     torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
@@ -119,29 +123,37 @@ def _sgmv_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: tor
             "total_ms": graph_ms(lambda: lin.apply(batch, x, torch.matmul(x, w.t(), out=y)))}
 
 
-def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor) -> dict:
-    """The augmented-K path: the base GEMM through the weight's view of W_aug (base-only steps), t = x @ A_all^T,
-    the masked [x, t], the one GEMM over W_aug, and the whole layer."""
+def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w: torch.Tensor, mode: str) -> dict:
+    """An augmented path's parts and whole layer. Mode k: the base GEMM through the weight's view of W_aug
+    (base-only steps), t = x @ A_all^T, the masked [x, t], the one GEMM over W_aug. Mode n: the one GEMM over
+    [W; A_all] giving [y, t], t masked in place, y += t @ B_all^T."""
     from torch import nn
 
     from engine.lora.augmented import AugmentedLoRALinear
     from engine.lora.layers import LoRASlice
-    from kernels.lora import lora_augment
+    from kernels.lora import lora_augment, lora_mask_
 
     layer = nn.Module()
     layer.weight = nn.Parameter(w.clone(), requires_grad=False)
     aug = AugmentedLoRALinear([LoRASlice(m, off, size, 0) for m, off, size in slices], in_features, 0, False,
-                              NUM_ADAPTERS, RANK, layer)
+                              NUM_ADAPTERS, RANK, layer, mode)
     aug.a_all.normal_(std=0.01)
-    aug.w_aug[:, in_features:].normal_(std=0.01)
-    t = torch.mm(x, aug.a_all.t())
-    x_aug = torch.empty(x.shape[0], aug.w_aug.shape[1], dtype=x.dtype, device=x.device)
+    aug.b_all.normal_(std=0.01)
     figures = {"base_gemm_view_ms": graph_ms(lambda: torch.nn.functional.linear(x, layer.weight)),
-               "shrink_ms": graph_ms(lambda: torch.mm(x, aug.a_all.t())),
-               "mask_ms": graph_ms(lambda: lora_augment(x, t, batch.token_slots, aug.cols_per_slot, x_aug)),
-               "gemm_ms": graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)),
-               "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
-               "tail_bytes": aug.w_aug[:, in_features:].numel() * aug.w_aug.element_size()}
+               "gemm_ms": None, "total_ms": graph_ms(lambda: aug.linear(batch, x, None)),
+               "adapter_bytes": (aug.a_all.numel() + aug.b_all.numel()) * aug.w_aug.element_size()}
+    if mode == "k":
+        t = torch.mm(x, aug.a_all.t())
+        x_aug = torch.empty(x.shape[0], aug.w_aug.shape[1], dtype=x.dtype, device=x.device)
+        figures.update(shrink_ms=graph_ms(lambda: torch.mm(x, aug.a_all.t())),
+                       mask_ms=graph_ms(lambda: lora_augment(x, t, batch.token_slots, aug.cols_per_slot, x_aug)),
+                       gemm_ms=graph_ms(lambda: torch.nn.functional.linear(x_aug, aug.w_aug)))
+    else:
+        yt = torch.nn.functional.linear(x, aug.w_aug)
+        y, t = yt[:, : aug.out_local], yt[:, aug.out_local :]
+        figures.update(gemm_ms=graph_ms(lambda: torch.nn.functional.linear(x, aug.w_aug)),
+                       mask_ms=graph_ms(lambda: lora_mask_(t, batch.token_slots, aug.cols_per_slot)),
+                       expand_ms=graph_ms(lambda: y.addmm_(t, aug.b_all.t())))
     return figures
 
 
@@ -178,11 +190,12 @@ def kernel_figures(shape: dict, ab: bool) -> None:
                     "rank": RANK, "gemm_ms": round(gemm, 4), "shrink_ms": round(sgmv["shrink_ms"], 4),
                     "expand_ms": round(sgmv["expand_ms"], 4)}
             if ab:
-                aug = _augmented_figures(batch, slices, in_features, x, w)
                 line["sgmv_total_ms"] = round(sgmv["total_ms"], 4)
                 line["sgmv_lora_cost_ms"] = round(sgmv["total_ms"] - gemm, 4)
-                line.update({f"augmented_{k}": v if k == "tail_bytes" else round(v, 4) for k, v in aug.items()})
-                line["augmented_lora_cost_ms"] = round(aug["total_ms"] - gemm, 4)
+                for mode in ("k", "n"):
+                    aug = _augmented_figures(batch, slices, in_features, x, w, mode)
+                    line.update({f"aug_{mode}_{k}": v if k == "adapter_bytes" else round(v, 4) for k, v in aug.items()})
+                    line[f"aug_{mode}_lora_cost_ms"] = round(aug["total_ms"] - gemm, 4)
             print(json.dumps(line), flush=True)
             torch.cuda.empty_cache()
 
@@ -194,7 +207,10 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ab-path", action="store_true",
-                    help="GANTRY_LORA_PATH=augmented and sgmv against one no-LoRA baseline")
+                    help="GANTRY_LORA_PATH=augmented and sgmv against one no-LoRA baseline (--paths augmented,sgmv)")
+    ap.add_argument("--paths", default=None,
+                    help="comma-separated GANTRY_LORA_PATH values run against one no-LoRA baseline, the first the "
+                    "default afterwards (augmented, augmented-k, sgmv)")
     ap.add_argument("--kernels-only", action="store_true",
                     help="only the per-projection kernel figures (both paths' parts; no engine runs)")
     ap.add_argument("--skip-kernels", action="store_true", help="no per-projection kernel figures")
@@ -222,6 +238,12 @@ def main() -> None:
     lora_kwargs = {"enable_lora": True, "max_loras": NUM_ADAPTERS, "max_lora_rank": RANK}
     common = {"workload": "w1", "num_requests": args.num_requests, "adapters": NUM_ADAPTERS, "rank": RANK}
     paths = ("augmented", "sgmv") if args.ab_path else (default_path,)  # default first: a timeout leaves it
+    if args.paths:
+        paths = tuple(args.paths.split(","))
+        for path in paths:
+            os.environ["GANTRY_LORA_PATH"] = path
+            lora_path()  # a bad value stops here, before any work
+        default_path = paths[0]
     ratios: dict[str, list[float]] = {path: [] for path in paths}
     for repeat in range(args.repeats):
         base = run(model, prompts, args.output_len, None)
@@ -244,7 +266,7 @@ def main() -> None:
                       "lora_disabled_tok_s": round(base, 1), "lora_enabled_tok_s": round(base_on_lora, 1),
                       "ratio": round(base_on_lora / base, 4), "goal": 0.97}), flush=True)
     if not args.skip_kernels:
-        kernel_figures(shape, args.ab_path)  # last: the throughput figures above are the goal's
+        kernel_figures(shape, args.ab_path or bool(args.paths))  # last: the throughput figures above are the goal's
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Triton LoRA kernels after punica: shrink (x @ A^T, to the rank) and expand (y += t @ B^T) with
 every token's adapter picked from stacked slots. SGMV-style for prefill (a tile of one segment's
 tokens against its adapter, tl.dot), BGMV-style for decode (one token per program; CUDA-graph safe);
-lora_augment builds the augmented-K input [x, t masked to each token's own adapter] (engine/lora/augmented.py)."""
+lora_augment builds the augmented-K input [x, t masked to each token's own adapter] and lora_mask_ masks the
+augmented-N GEMM's t in place (engine/lora/augmented.py)."""
 from __future__ import annotations
 
 import torch
@@ -120,6 +121,30 @@ def lora_augment(x: torch.Tensor, t: torch.Tensor, token_slots: torch.Tensor, co
     _augment_kernel[(n, triton.cdiv(k + num_t, block))](x, t, out, token_slots, k, num_t, x.stride(0), t.stride(0),
                                                        out.stride(0), cols_per_slot, BLOCK=block)
     return out
+
+
+@triton.jit
+def _mask_kernel(
+    t_ptr,  # [num_tokens, T], rows strided: x @ A^T of every slot's A
+    slots_ptr,  # [>= num_tokens] int32: each token's slot, -1 = no adapter
+    T, stride_t, cols_per_slot,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    slot = tl.load(slots_ptr + row)
+    inside = cols < T
+    v = tl.load(t_ptr + row * stride_t + cols, mask=inside & (cols // cols_per_slot == slot), other=0.0)
+    tl.store(t_ptr + row * stride_t + cols, v, mask=inside)
+
+
+def lora_mask_(t: torch.Tensor, token_slots: torch.Tensor, cols_per_slot: int) -> torch.Tensor:
+    """Zero t's columns outside each token's own slot (slot s owns s * cols_per_slot ..; slot -1 keeps none),
+    in place, in one launch; t [num_tokens, T] may have strided rows."""
+    assert t.stride(1) == 1
+    _mask_kernel[(t.shape[0],)](t, token_slots, t.shape[1], t.stride(0), cols_per_slot,
+                                BLOCK=triton.next_power_of_2(t.shape[1]))
+    return t
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """LoRA shrink/expand: Triton SGMV (prefill segments) and BGMV (decode tokens) against reference.py,
 with tokens of several adapters, of none (-1), ranks padded with zeros, and expand into a column slice;
-lora_augment (augmented K's input [x, t masked to each token's slot]) against torch."""
+lora_augment (augmented K's input [x, t masked to each token's slot]) and lora_mask_ (augmented N's t, masked in
+place) against torch."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from kernels import reference
-from kernels.lora import bgmv, lora_augment, sgmv
+from kernels.lora import bgmv, lora_augment, lora_mask_, sgmv
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 # bf16 dots are wrong under the interpreter (triton 3.9): bf16 only on the GPU
@@ -149,6 +150,22 @@ def test_lora_augment(device: torch.device, dtype: torch.dtype) -> None:
     col_slot = torch.arange(t.shape[1], device=device) // cols_per_slot
     want = torch.cat([x, t * (col_slot[None, :] == token_slots[:n, None])], dim=1)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_mask_in_place(device: torch.device, dtype: torch.dtype) -> None:
+    """t, the tail of the augmented-N GEMM's output (strided rows), keeps each token's own slot's columns and
+    zeroes the rest; the GEMM's own columns before it are untouched; the slots buffer is longer than the batch."""
+    num_slots, cols_per_slot, out = 4, 48, 40
+    token_slots = torch.tensor([2, -1, 0, 3, 3, 1, -1, 2, 5, 5], dtype=torch.int32, device=device)  # tail: stale
+    n = 8
+    yt = torch.randn(n, out + num_slots * cols_per_slot, device=device).to(dtype)
+    want = yt.clone()
+    col_slot = torch.arange(num_slots * cols_per_slot, device=device) // cols_per_slot
+    want[:, out:] *= col_slot[None, :] == token_slots[:n, None]
+    t = yt[:, out:]
+    assert lora_mask_(t, token_slots, cols_per_slot) is t
+    assert torch.equal(yt, want)
 
 
 def test_sgmv_split_k_shrink_into_step_buffer(assert_close: Check, device: torch.device) -> None:

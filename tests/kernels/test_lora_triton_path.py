@@ -1,6 +1,6 @@
 """The engine's CUDA LoRA path (on CPU under Triton's interpreter when there is no GPU): LoRAManager with Triton kernels (decode's
 static buffers padded as CUDA graphs pad a batch, the step's shared shrink buffer, prefill segments, two decode
-steps in a row) on both paths (GANTRY_LORA_PATH augmented, sgmv), every projection against the torch
+steps in a row) on every path (GANTRY_LORA_PATH augmented: modes n and k by layer; augmented-k; sgmv), every projection against the torch
 reference path."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def _projections(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-@pytest.mark.parametrize("path", ["augmented", "sgmv"])
+@pytest.mark.parametrize("path", ["augmented", "augmented-k", "sgmv"])
 def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path, device: torch.device,
                                        path: str) -> None:
     from transformers import Qwen2Config
@@ -66,7 +66,7 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("GANTRY_LORA_PATH", "sgmv")
     cpu = torch.device("cpu")
     reference_mgr = LoRAManager(reference_model, hf, 3, 3, 16, MAX_NUM_SEQS, torch.float32, cpu)
-    want = [path == "augmented"] * 4  # qkv, o, gate_up, down: every plain layer on the path named
+    want = [path != "sgmv"] * 4  # qkv, o, gate_up, down: every plain layer on the path named
     assert all([lin.augmented for lin in lins] == want for lins in triton_mgr.layers.values())
     decode = [loras[1], None, loras[0], loras[2], loras[1]]  # 5 of 8 rows: CUDA graphs pad the rest
     prefill = [loras[2], loras[0], None]
@@ -77,7 +77,7 @@ def test_triton_path_matches_reference(monkeypatch: pytest.MonkeyPatch, tmp_path
         rows = MAX_NUM_SEQS if is_decode else n
         batch = triton_mgr.prepare(requests, num_tokens, is_decode)
         ref_batch = reference_mgr.prepare(requests, num_tokens, is_decode)
-        assert batch.use_triton and (batch.shrink_out is not None) == (is_decode and path != "augmented")
+        assert batch.use_triton and (batch.shrink_out is not None) == (is_decode and path == "sgmv")
         for (name, lin), (_, ref_lin) in zip(_projections(model), _projections(reference_model)):
             x = torch.randn(rows, lin.weight.shape[1], device=device)
             with lora_batch(batch):
