@@ -17,6 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from engine.config import DTYPES, ConfigError, EngineConfig, ServerConfig  # torch-free: engine/__init__ is lazy
+from launcher.fields import K8S_QUANTITY, SLURM_MEM, field_problems
 from launcher.keys import unknown_keys
 from launcher.literals import literal_problems
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
@@ -213,8 +214,8 @@ def _check_slurm(cfg: GantryConfig, d: SlurmDeploy) -> list[Problem]:
         out.append(Problem(("deploy.cpus_per_task",), f"must be >= 1, got {d.cpus_per_task}"))
     if not SLURM_TIME.fullmatch(d.time):
         out.append(Problem(("deploy.time",), f"must be a Slurm time like 24:00:00 or 1-00:00:00, got {d.time!r}"))
-    if not SIZE.fullmatch(d.mem):
-        out.append(Problem(("deploy.mem",), f"must be a size like 64G (0: all), got {d.mem!r}"))
+    if not SLURM_MEM.fullmatch(d.mem):
+        out.append(Problem(("deploy.mem",), f"must be a size like 64G or 500M (0: all), got {d.mem!r}"))
     if d.python == "":
         out.append(Problem(("deploy.python",), "is empty; name the interpreter on the nodes, or null for the default"))
     for key in ("partition", "account", "qos", "constraint"):
@@ -239,7 +240,7 @@ def _check_k8s(cfg: GantryConfig, d: K8sDeploy) -> list[Problem]:
         out.append(Problem(("deploy.image_pull_policy",), f"must be Always, IfNotPresent or Never, got {d.image_pull_policy!r}"))
     if d.service_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
         out.append(Problem(("deploy.service_type",), f"must be ClusterIP, NodePort or LoadBalancer, got {d.service_type!r}"))
-    if not SIZE.fullmatch(d.shm_size):
+    if not K8S_QUANTITY.fullmatch(d.shm_size):
         out.append(Problem(("deploy.shm_size",), f"must be a quantity like 64Gi, got {d.shm_size!r}"))
     if d.startup_timeout_s < 10:
         out.append(Problem(("deploy.startup_timeout_s",), f"must be >= 10, got {d.startup_timeout_s}"))
@@ -279,7 +280,9 @@ def validate(cfg: GantryConfig) -> list[Problem]:
         problems += check(cfg, cfg.deploy)
     if not dns_name(cfg.job_name):
         problems.append(Problem(("job_name",), f"{cfg.job_name!r} has no letters or digits"))
-    return problems + [Problem((key,), message) for key, message in literal_problems(cfg)]
+    reserved = (os.path.dirname(CONTAINER_CONFIG), LORA_MOUNT, os.path.dirname(CONTAINER_KEY_FILE))
+    found = literal_problems(cfg) + field_problems(cfg, reserved)
+    return problems + [Problem((key,), message) for key, message in found]
 
 
 def _rank_model_path(cfg: GantryConfig, host_path: str | None) -> str | None:

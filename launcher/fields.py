@@ -1,0 +1,90 @@
+"""Checks of single launcher fields the engine's own config never sees: formats the target's tool
+parses (Kubernetes quantities and labels, Slurm memory, Docker health intervals, a module name),
+empty strings that would silently mean something else ("" as model.path is the current directory),
+container mounts that collide with the job's own, and the adapters' directories. Each bad value
+is reported as (key, message)."""
+from __future__ import annotations
+
+import os
+import re
+
+from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
+
+Found = tuple[str, str]  # (key, message), as launcher.plan.Problem takes them
+
+K8S_QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE]|[eE][+-]?[0-9]+)?")  # resource.Quantity
+SLURM_MEM = re.compile(r"[0-9]+[KMGTkmgt]?")  # sbatch --mem (checked by launcher.plan)
+MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY = re.compile(rf"({_DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+
+
+def _empty_strings(cfg: GantryConfig) -> list[Found]:
+    m, out = cfg.model, []
+    for key in ("path", "local_dir", "served_model_name", "tokenizer"):
+        value = getattr(m, key)
+        if value is not None and not value.strip():
+            out.append((f"model.{key}", "is empty; use null for the default"))
+    if not MODULE.fullmatch(cfg.deploy.module):
+        out.append(("deploy.module", f"{cfg.deploy.module!r} is not a Python module name (python -m MODULE)"))
+    return out
+
+
+def _labels(key: str, labels: dict[str, str]) -> list[Found]:
+    for name, value in labels.items():
+        if not LABEL_KEY.fullmatch(str(name)) or not LABEL_VALUE.fullmatch(str(value)):
+            return [(key, f"{name!r}: {value!r} is not a Kubernetes label (name and value: letters, digits, '-', '_',"
+                          " '.', at most 63 characters, starting and ending with a letter or digit)")]
+    return []
+
+
+def _check_k8s(d: K8sDeploy) -> list[Found]:
+    out = [(f"deploy.{key}", f"{getattr(d, key)!r} is not a Kubernetes quantity like 8, 500m, 64Gi or 64G")
+           for key in ("cpu", "memory") if not K8S_QUANTITY.fullmatch(getattr(d, key))]
+    out += _labels("deploy.node_selector", dict(d.node_selector))
+    if d.service_monitor:
+        out += _labels("deploy.service_monitor_labels", dict(d.service_monitor_labels))
+    sub = d.storage.sub_path
+    if sub and (sub.startswith("/") or ".." in sub.split("/")):
+        out.append(("deploy.storage.sub_path", f"{sub!r} must be a relative path inside the claim, without '..'"))
+    return out
+
+
+def _mount_collision(model_mount: str, reserved: tuple[str, ...]) -> list[Found]:
+    """The weights' mount point may not hide, or sit inside, a mount of the job's own files."""
+    mount = os.path.normpath(model_mount)
+    if mount == "/":
+        return [("deploy.model_mount", "'/' is the container's root; pick a directory, e.g. /models")]
+    for own in reserved:
+        if mount == own or own.startswith(mount + "/") or mount.startswith(own + "/"):
+            return [("deploy.model_mount", f"{model_mount!r} collides with {own}, where the job mounts its own files;"
+                                           " pick another directory, e.g. /models")]
+    return []
+
+
+def missing_adapters(cfg: GantryConfig) -> list[Found]:
+    """model.lora_modules directories that are not on this machine."""
+    return [(f"model.lora_modules.{name}", f"{path} does not exist on this machine; put the adapter's directory"
+                                          " there first (adapter_config.json and its weights)")
+            for name, path in cfg.model.lora_modules.items() if not os.path.exists(os.path.expanduser(path))]
+
+
+def field_problems(cfg: GantryConfig, reserved_mounts: tuple[str, ...]) -> list[Found]:
+    """Every single-field problem of cfg (see the module docstring); reserved_mounts: directories
+    a container of the job mounts its own files at."""
+    d, s, out = cfg.deploy, cfg.server, _empty_strings(cfg)
+    if s.api_key and s.api_key_file:
+        out.append(("server.api_key", "is set together with server.api_key_file; set one of them (the other null)"))
+    if isinstance(d, (DockerDeploy, K8sDeploy)):
+        out += _mount_collision(d.model_mount, reserved_mounts)
+    if isinstance(d, DockerDeploy):
+        if d.health_interval_s < 1:
+            out.append(("deploy.health_interval_s", f"must be >= 1, got {d.health_interval_s}"))
+        if d.health_start_period_s < 0:
+            out.append(("deploy.health_start_period_s", f"must be >= 0, got {d.health_start_period_s}"))
+    if isinstance(d, K8sDeploy):
+        out += _check_k8s(d)
+    if isinstance(d, LocalDeploy):
+        out += missing_adapters(cfg)  # deploy=local runs here: they must be here
+    return out
