@@ -7,6 +7,7 @@ rendering machine lacks is a warning; submit=true refuses it (status 2). Ctrl-C 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -40,9 +41,10 @@ def _record(cfg: DictConfig, overrides: list[str]) -> str:
 
 
 def _remove_empty(job_dir: Path, root: Path) -> None:
-    """Remove the run directory Hydra made (and its empty parents below root) when nothing was rendered."""
+    """Remove the run directory Hydra made (and its empty parents below root, or below where a job_name
+    with '..' led it) when nothing was rendered."""
     path = job_dir.resolve()
-    root = root.resolve()
+    root = Path(os.path.commonpath([path, root.resolve()]))
     while path != root and root in path.parents:
         try:
             path.rmdir()

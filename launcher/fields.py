@@ -1,6 +1,7 @@
 """Checks of single launcher fields the engine's own config never sees: formats the target's tool
-parses (Kubernetes quantities and labels, Slurm memory, Docker health intervals, a module name),
-empty strings that would silently mean something else ("" as model.path is the current directory),
+parses (Kubernetes quantities, labels and tolerations, Slurm memory, Docker health intervals, a
+module name), empty strings that would silently mean something else ("" as model.path is the current
+directory), a job_name whose '..' leads the job directory out of output_dir,
 container mounts that collide with the job's own, and the adapters' directories. Each bad value
 is reported as (key, message)."""
 from __future__ import annotations
@@ -17,15 +18,18 @@ SLURM_MEM = re.compile(r"[0-9]+[KMGTkmgt]?")  # sbatch --mem (checked by launche
 MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 LABEL_KEY = re.compile(rf"({_DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?")
+TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
 
-def _empty_strings(cfg: GantryConfig) -> list[Found]:
+def _names(cfg: GantryConfig) -> list[Found]:
     m, out = cfg.model, []
     for key in ("path", "local_dir", "served_model_name", "tokenizer"):
         value = getattr(m, key)
         if value is not None and not value.strip():
             out.append((f"model.{key}", "is empty; use null for the default"))
+    if ".." in re.split(r"[/\\]", cfg.job_name):
+        out.append(("job_name", f"{cfg.job_name!r} names a directory outside output_dir ({cfg.output_dir}); drop the '..'"))
     if not MODULE.fullmatch(cfg.deploy.module):
         out.append(("deploy.module", f"{cfg.deploy.module!r} is not a Python module name (python -m MODULE)"))
     return out
@@ -45,6 +49,10 @@ def _check_k8s(d: K8sDeploy) -> list[Found]:
     out += _labels("deploy.node_selector", dict(d.node_selector))
     if d.service_monitor:
         out += _labels("deploy.service_monitor_labels", dict(d.service_monitor_labels))
+    for i, toleration in enumerate(d.tolerations):
+        unknown = sorted(set(toleration) - set(TOLERATION_FIELDS))
+        if unknown:
+            out.append(("deploy.tolerations", f"entry {i} has {unknown[0]!r}; a toleration has {', '.join(TOLERATION_FIELDS)}"))
     sub = d.storage.sub_path
     if sub and (sub.startswith("/") or ".." in sub.split("/")):
         out.append(("deploy.storage.sub_path", f"{sub!r} must be a relative path inside the claim, without '..'"))
@@ -73,7 +81,7 @@ def missing_adapters(cfg: GantryConfig) -> list[Found]:
 def field_problems(cfg: GantryConfig, reserved_mounts: tuple[str, ...]) -> list[Found]:
     """Every single-field problem of cfg (see the module docstring); reserved_mounts: directories
     a container of the job mounts its own files at."""
-    d, s, out = cfg.deploy, cfg.server, _empty_strings(cfg)
+    d, s, out = cfg.deploy, cfg.server, _names(cfg)
     if s.api_key and s.api_key_file:
         out.append(("server.api_key", "is set together with server.api_key_file; set one of them (the other null)"))
     if isinstance(d, (DockerDeploy, K8sDeploy)):

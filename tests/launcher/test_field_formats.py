@@ -11,7 +11,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from launcher.plan import PlanError, build_plan
-from tests.launcher.conftest import FIXED, JOB_DIR, compose_config
+from tests.launcher.conftest import FIXED, JOB_DIR, compose_config, run_cli
 
 
 def plan_with(overrides: list[str], values: dict):
@@ -46,6 +46,8 @@ REFUSED = {
     "k8s_sub_path": (["deploy=k8s", "model=llama3.1-8b", "deploy.storage.kind=pvc", "deploy.storage.pvc_name=w"],
                      {"deploy.storage.sub_path": "../other"}, "deploy.storage.sub_path"),
     "slurm_mem": (["deploy=slurm"], {"deploy.mem": "64GB"}, "deploy.mem"),
+    "k8s_toleration": (K8S, {"deploy.tolerations": [{"key": "gpu", "operater": "Exists"}]}, "deploy.tolerations"),
+    "job_name_escapes": (DOCKER, {"job_name": "../elsewhere"}, "job_name"),
     "local_missing_adapter": (["engine=cpu", "engine.enable_lora=true"],
                               {"model.lora_modules": {"sql": "/nonexistent/adapters/sql"}}, "model.lora_modules.sql"),
 }
@@ -82,3 +84,11 @@ def test_good_field_is_kept(case: str) -> None:
 def test_local_adapter_that_exists_is_served(tmp_path: Path) -> None:
     plan = plan_with(["engine=cpu", "engine.enable_lora=true"], {"model.lora_modules": {"sql": str(tmp_path)}})
     assert plan.engine["lora_modules"] == {"sql": str(tmp_path)}
+
+
+def test_job_name_out_of_output_dir_leaves_nothing(tmp_path: Path) -> None:
+    """Hydra made the run directory beside output_dir, where the empty-directory clean-up never looked."""
+    done = run_cli(["deploy=docker", "job_name=../elsewhere", f"output_dir={tmp_path / 'jobs'}", "submit=false"],
+                   cwd=tmp_path)
+    assert done.returncode == 2 and "job_name" in done.stderr, done.stderr
+    assert not (tmp_path / "elsewhere").exists()
