@@ -1,5 +1,5 @@
-"""Checks against the machine that renders: are the weights here, is there a GPU per rank, does the
-cluster need a Secret or a pushed image. Rendering only warns (the job may run elsewhere);
+"""Checks against the machine that renders: are the weights and LoRA adapters here, is there a GPU
+per rank, does the cluster need a Secret or a pushed image. Rendering only warns (the job may run elsewhere);
 submit=true refuses what cannot start, with one line naming the key and the command that fixes it.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from launcher.fields import missing_adapters
 from launcher.plan import Plan, Problem, keyless_local
 from launcher.schema import K8sDeploy, LocalDeploy, SlurmDeploy
 from launcher.weights import missing_weights
@@ -34,20 +35,21 @@ def _weights_where(plan: Plan) -> str:
     return ""
 
 
-def _missing_weights(plan: Plan) -> Problem | None:
+def _missing_files(plan: Plan) -> list[Problem]:
+    """Weights and LoRA adapters (host paths the ranks mount or read) missing on this machine."""
     d = plan.cfg.deploy
-    if isinstance(d, LocalDeploy) or (isinstance(d, K8sDeploy) and d.storage.kind != "hostPath"):
-        return None  # local: already a config error; a PVC is not on this machine
-    missing = missing_weights(plan.cfg)
-    return Problem((missing[0],), missing[1] + _weights_where(plan)) if missing else None
+    if isinstance(d, LocalDeploy):
+        return []  # already config errors
+    weights = None if isinstance(d, K8sDeploy) and d.storage.kind != "hostPath" else missing_weights(plan.cfg)
+    out = [Problem((weights[0],), weights[1] + _weights_where(plan))] if weights else []
+    # adapters are always host paths (docker -v, k8s hostPath, the Slurm nodes' shared file system)
+    return out + [Problem((key,), message) for key, message in missing_adapters(plan.cfg)]
 
 
 def render_notes(plan: Plan) -> list[str]:
     """One line each: what this render needs before it can start (printed, never fatal)."""
     d, server, notes = plan.cfg.deploy, plan.cfg.server, []
-    missing = _missing_weights(plan)
-    if missing:
-        notes.append(f"warning: {missing}")
+    notes += [f"warning: {missing}" for missing in _missing_files(plan)]
     if isinstance(d, LocalDeploy) and keyless_local(plan.cfg):
         notes.append(f"warning: server.api_key_env: {server.api_key_env} is not set: no API key, so the API listens"
                      f" on {plan.server['host']} only (export {server.api_key_env} to require a key and listen on"
@@ -73,10 +75,7 @@ def secret_command(plan: Plan) -> str:
 
 def submit_problems(plan: Plan) -> list[Problem]:
     """Why submit=true must not run or submit this job here (empty: go)."""
-    problems = []
-    missing = _missing_weights(plan)
-    if missing:
-        problems.append(missing)
+    problems = _missing_files(plan)
     if isinstance(plan.cfg.deploy, LocalDeploy):
         gpus = _gpu_problem(plan, plan.cfg.deploy)
         if gpus:

@@ -92,3 +92,14 @@ def test_job_name_out_of_output_dir_leaves_nothing(tmp_path: Path) -> None:
                    cwd=tmp_path)
     assert done.returncode == 2 and "job_name" in done.stderr, done.stderr
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_missing_adapter_is_a_warning_and_blocks_submit(tmp_path: Path) -> None:
+    """docker run -v would create the missing directory (empty, root's) and the engine fail on it."""
+    args = ["deploy=docker", "engine=cpu", "engine.enable_lora=true", "+model.lora_modules.sql=/nonexistent/sql",
+            f"output_dir={tmp_path / 'jobs'}"]
+    rendered = run_cli([*args, "submit=false"], cwd=tmp_path)
+    assert rendered.returncode == 0 and "warning: model.lora_modules.sql: /nonexistent/sql" in rendered.stderr
+    submitted = run_cli([*args, "submit=true"], cwd=tmp_path)
+    assert submitted.returncode == 2, submitted.stdout + submitted.stderr
+    assert "cannot submit: model.lora_modules.sql" in submitted.stderr
