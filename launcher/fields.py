@@ -1,14 +1,15 @@
 """Checks of single launcher fields the engine's own config never sees: formats the target's tool
-parses (Kubernetes quantities, labels and tolerations, Slurm memory, Docker health intervals, a
-module name), empty strings that would silently mean something else ("" as model.path is the current
-directory), a job_name whose '..' leads the job directory out of output_dir,
-container mounts that collide with the job's own, and the adapters' directories. Each bad value
-is reported as (key, message)."""
+parses (Kubernetes quantities, labels, object names and tolerations, Slurm memory, Docker health
+intervals, host names, a module name), empty strings that would silently mean something else (""
+as model.path is the current directory), a job_name whose '..' leads the job directory out of
+output_dir, container mounts that collide with the job's own, and the adapters' directories. Each
+bad value is reported as (key, message)."""
 from __future__ import annotations
 
 import os
 import re
 
+from launcher.literals import CONTROL
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
 
 Found = tuple[str, str]  # (key, message), as launcher.plan.Problem takes them
@@ -18,6 +19,8 @@ SLURM_MEM = re.compile(r"[0-9]+[KMGTkmgt]?")  # sbatch --mem (checked by launche
 MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 LABEL_KEY = re.compile(rf"({_DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?")
+HOST = re.compile(r"[A-Za-z0-9_.:%\[\]][-A-Za-z0-9_.:%\[\]]*")  # a host name or an IPv4/IPv6 address
+DNS_SUBDOMAIN = re.compile(_DNS_SUBDOMAIN)
 TOLERATION_FIELDS = ("key", "operator", "value", "effect", "tolerationSeconds")
 LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
@@ -28,6 +31,12 @@ def _names(cfg: GantryConfig) -> list[Found]:
         value = getattr(m, key)
         if value is not None and not value.strip():
             out.append((f"model.{key}", "is empty; use null for the default"))
+    addresses = {"server.host": cfg.server.host, "deploy.master_addr": getattr(cfg.deploy, "master_addr", None)}
+    out += [(key, f"{value!r} is not a host name or IP address") for key, value in addresses.items()
+            if value is not None and not HOST.fullmatch(value)]
+    python = getattr(cfg.deploy, "python", None)
+    if python is not None and (python.startswith("-") or CONTROL.search(python)):
+        out.append(("deploy.python", f"{python!r} is not an interpreter's name or path"))
     if ".." in re.split(r"[/\\]", cfg.job_name):
         out.append(("job_name", f"{cfg.job_name!r} names a directory outside output_dir ({cfg.output_dir}); drop the '..'"))
     if not MODULE.fullmatch(cfg.deploy.module):
@@ -49,6 +58,9 @@ def _check_k8s(d: K8sDeploy) -> list[Found]:
     out += _labels("deploy.node_selector", dict(d.node_selector))
     if d.service_monitor:
         out += _labels("deploy.service_monitor_labels", dict(d.service_monitor_labels))
+    out += [(f"deploy.{key}", f"{value!r} is not a Kubernetes object name (lower-case letters, digits, '-', '.')")
+            for key, value in (("storage.pvc_name", d.storage.pvc_name), ("runtime_class_name", d.runtime_class_name))
+            if value and not DNS_SUBDOMAIN.fullmatch(value)]
     for i, toleration in enumerate(d.tolerations):
         unknown = sorted(set(toleration) - set(TOLERATION_FIELDS))
         if unknown:

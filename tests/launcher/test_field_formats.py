@@ -48,6 +48,13 @@ REFUSED = {
     "slurm_mem": (["deploy=slurm"], {"deploy.mem": "64GB"}, "deploy.mem"),
     "k8s_toleration": (K8S, {"deploy.tolerations": [{"key": "gpu", "operater": "Exists"}]}, "deploy.tolerations"),
     "job_name_escapes": (DOCKER, {"job_name": "../elsewhere"}, "job_name"),
+    "server_host_blank": (["deploy=slurm"], {"server.host": "0.0.0.0 "}, "server.host"),
+    "master_addr_newline": (["deploy=docker", "model=tiny-llama", "parallel=tp2pp2", "engine=cpu"],
+                            {"deploy.master_addr": "node0\nnode1"}, "deploy.master_addr"),
+    "python_option": (["deploy=slurm"], {"deploy.python": "-x"}, "deploy.python"),
+    "k8s_pvc_name": (["deploy=k8s", "model=llama3.1-8b", "deploy.storage.kind=pvc"],
+                     {"deploy.storage.pvc_name": "My Weights"}, "deploy.storage.pvc_name"),
+    "k8s_runtime_class": (K8S, {"deploy.runtime_class_name": "nvidia runtime"}, "deploy.runtime_class_name"),
     "local_missing_adapter": (["engine=cpu", "engine.enable_lora=true"],
                               {"model.lora_modules": {"sql": "/nonexistent/adapters/sql"}}, "model.lora_modules.sql"),
 }
@@ -69,6 +76,9 @@ ACCEPTED = {
     "k8s_sub_path": (["deploy=k8s", "model=llama3.1-8b", "deploy.storage.kind=pvc", "deploy.storage.pvc_name=w"],
                      {"deploy.storage.sub_path": "models/llama"}),
     "slurm_mem": (["deploy=slurm"], {"deploy.mem": "0"}),
+    "ipv6_host": (["deploy=slurm"], {"server.host": "::"}),
+    "master_addr": (["deploy=docker", "model=tiny-llama", "parallel=tp2pp2", "engine=cpu"],
+                    {"deploy.master_addr": "node-0.cluster.local"}),
     "docker_mount": (["deploy=docker", "model=llama3.1-8b"], {"deploy.model_mount": "/mnt/weights"}),
 }
 
