@@ -23,6 +23,11 @@ PROBE_PERIOD_S = 10  # seconds between probes
 RANK_FROM_HOSTNAME = 'NODE_RANK="${HOSTNAME:-$(cat /proc/sys/kernel/hostname)}"; NODE_RANK="${NODE_RANK##*-}"; '
 
 
+def literal(text: str) -> str:
+    """text as Kubernetes leaves it: it expands $(NAME) in env values, command and args, and reads $$ as $."""
+    return text.replace("$", "$$")
+
+
 def _deploy(plan: Plan) -> K8sDeploy:
     assert isinstance(plan.cfg.deploy, K8sDeploy)
     return plan.cfg.deploy
@@ -66,9 +71,9 @@ def context(plan: Plan) -> dict[str, Any]:
         "engine_yaml": plan.engine_yaml(),
         "image": d.image,
         "image_pull_policy": d.image_pull_policy,
-        "command": _command(plan, d.python, master),
+        "command": _command(plan, literal(d.python), master),
         "config_mount_dir": CONTAINER_CONFIG.rsplit("/", 1)[0],
-        "env": extra_env(plan),
+        "env": [(name, literal(value)) for name, value in extra_env(plan)],
         "auth": auth,
         "key_env": CONTAINER_KEY_ENV,
         "secret_name": server.api_key_secret,

@@ -3,7 +3,7 @@ naming the key (found by fuzzing the launcher). A newline in deploy.partition en
 header and ran the next line as a command; one in deploy.image did the same from run.sh's comment;
 docker run -v split a host path at its ':'; a broken deploy.master_addr_command made job.sbatch
 unparsable. Values that can be quoted are kept as given and the scripts stay safe (executed here
-with stub commands: nothing the value holds runs)."""
+with stub commands: nothing the value holds runs); Kubernetes manifests keep $(NAME) literal."""
 from __future__ import annotations
 
 import shlex
@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from launcher.plan import PlanError, build_plan
@@ -112,3 +113,36 @@ def test_docker_health_check_quotes_the_interpreter() -> None:
     line = next(line for line in files["run.sh"][0].splitlines() if "--health-cmd" in line)
     health_cmd = shlex.split(line.removesuffix("\\"))[1]
     assert shlex.split(health_cmd)[0] == "/opt/my env/python"
+
+
+def _k8s_expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' expansion of env values and command words: $$ is $, $(NAME) a defined variable."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif text.startswith("$(", i) and ")" in text[i:]:
+            end = text.index(")", i)
+            name = text[i + 2:end]
+            out.append(env.get(name, text[i:end + 1]))
+            i = end + 1
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+@pytest.mark.parametrize("nodes", [["parallel=tp1"], ["model=tiny-llama", "parallel=tp2pp2"]], ids=["one", "two"])
+def test_k8s_keeps_dollar_references_literal(nodes: list[str]) -> None:
+    """Kubernetes expands $(NAME) in env values and in the command: deploy.env.A='$(GANTRY_API_KEY)'
+    became the API key, and an interpreter path holding $(X) changed."""
+    files = render_job(plan_with(["deploy=k8s", "engine=cpu", *nodes],
+                                 {"deploy.env": {"A": "$(GANTRY_API_KEY)", "B": "a$$b$c"}, "deploy.python": "/opt/$(B)/py"}))
+    manifest = next(text for path, (text, _) in files.items() if path.endswith(("deployment.yaml", "statefulset.yaml")))
+    container = yaml.safe_load(manifest)["spec"]["template"]["spec"]["containers"][0]
+    pod_env = {"GANTRY_API_KEY": "sk-secret", "B": "bee"}
+    env = {e["name"]: _k8s_expand(e["value"], pod_env) for e in container["env"] if "value" in e}
+    assert env["A"] == "$(GANTRY_API_KEY)" and env["B"] == "a$$b$c"
+    command = " ".join(_k8s_expand(word, pod_env) for word in container["command"])
+    assert "/opt/$(B)/py" in command and "sk-secret" not in command
