@@ -96,8 +96,11 @@ class OutputProcessor:
             if out.error is not None:
                 failed.append(self._fail(state, RequestError(*out.error) if out.error[0] else RuntimeError(out.error[1])))
                 continue
+            sample = state.samples[out.index]
+            if sample.finish_reason is not None:
+                continue  # ended here by a stop string (n > 1): the core ran it on until our abort arrived
             try:
-                if self._apply(state, state.samples[out.index], out):
+                if self._apply(state, sample, out):
                     to_abort.append((out.request_id, out.index))
             except Exception as e:  # a tokenizer failure ends this request alone
                 failed.append(self._fail(state, e))
