@@ -57,17 +57,19 @@ def write_adapters(shape: dict, seed: int) -> list[str]:
                                  torch.bfloat16) for i in range(NUM_ADAPTERS)]
 
 
-def run(model: str, prompts: list[list[int]], output_len: int, loras: list | None, **kwargs) -> float:
-    """Output tokens/s of one offline generate() over every prompt (a fresh engine, freed after)."""
+def run(model: str, prompts: list[list[int]], output_len: int, loras: list | None, cold: bool = False,
+        **kwargs) -> float:
+    """Output tokens/s of one offline generate() over every prompt (a fresh engine, freed after); cold: the
+    warm-up runs no adapter, so each is read from disk and copied to its slot inside the timed run."""
     from engine import LLM, SamplingParams
 
     llm = LLM(model, load_format="dummy", **kwargs)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     # warm-up: kernels compiled and, as a server that has served each adapter once, every adapter resident (the
     # first 8 requests' adapters alone left about 3 of 8 to be read from disk inside the timed run)
-    warm = [None] * 8 if loras is None else list({lora.lora_int_id: lora for lora in loras}.values())
+    warm = [None] * 8 if loras is None or cold else list({lora.lora_int_id: lora for lora in loras}.values())
     llm.generate(prompts[: len(warm)], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False,
-                 lora_request=None if loras is None else warm)
+                 lora_request=None if loras is None or cold else warm)
     torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
@@ -213,6 +215,8 @@ def main() -> None:
                     "default afterwards (augmented, augmented-k, sgmv)")
     ap.add_argument("--kernels-only", action="store_true",
                     help="only the per-projection kernel figures (both paths' parts; no engine runs)")
+    ap.add_argument("--cold-adapters", action="store_true",
+                    help="also a LoRA run whose warm-up loads no adapter: what reading each from disk costs")
     ap.add_argument("--skip-kernels", action="store_true", help="no per-projection kernel figures")
     ap.add_argument("--repeats", type=int, default=1,
                     help="no-LoRA and LoRA runs alternated this many times (fresh engines), then each path's median "
@@ -265,6 +269,14 @@ def main() -> None:
     print(json.dumps({"figure": "lora_base_requests_vs_lora_disabled", "lora_path": default_path, **common,
                       "lora_disabled_tok_s": round(base, 1), "lora_enabled_tok_s": round(base_on_lora, 1),
                       "ratio": round(base_on_lora / base, 4), "goal": 0.97}), flush=True)
+    if args.cold_adapters:
+        warm = statistics.median(ratios[default_path]) * base
+        cold = run(model, prompts, args.output_len, per_request, cold=True, **lora_kwargs)
+        num_tokens = len(prompts) * args.output_len
+        print(json.dumps({"figure": "lora_cold_adapters_vs_no_lora", "lora_path": default_path, **common,
+                          "lora_cold_tok_s": round(cold, 1), "ratio": round(cold / base, 4),
+                          "load_ms_per_adapter": round((num_tokens / cold - num_tokens / warm) / NUM_ADAPTERS * 1e3, 1)}),
+              flush=True)
     if not args.skip_kernels:
         kernel_figures(shape, args.ab_path or bool(args.paths))  # last: the throughput figures above are the goal's
 

@@ -75,6 +75,21 @@ def attach_lora(model: nn.Module, dims: ModelDims, max_loras: int, rank: int, dt
     return attached
 
 
+def pin_weights(weights: dict[Any, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+                ) -> dict[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter's (A, B) pairs as views of one pinned host buffer in the slots' dtype: one pinned allocation,
+    not two per module, and the rounding the slot copy would do, done once here (same values)."""
+    flat = torch.empty(sum(a.numel() + b.numel() for a, b in weights.values()), dtype=dtype, pin_memory=True)
+    pinned, at = {}, 0
+    for key, pair in weights.items():
+        views = []
+        for t in pair:
+            views.append(flat[at : at + t.numel()].view(t.shape).copy_(t))
+            at += t.numel()
+        pinned[key] = (views[0], views[1])
+    return pinned
+
+
 class LoRAManager:
     def __init__(self, model: nn.Module, hf_config: Any, max_loras: int, max_cpu_loras: int, max_lora_rank: int,
                  max_num_seqs: int, dtype: torch.dtype, device: torch.device, use_triton: bool | None = None):
@@ -82,6 +97,7 @@ class LoRAManager:
         self.max_loras, self.max_cpu_loras, self.max_lora_rank = max_loras, max_cpu_loras, max_lora_rank
         # Triton kernels and static decode buffers: on CUDA (tests force them on CPU under Triton's interpreter)
         self.device, self.use_triton = device, device.type == "cuda" if use_triton is None else use_triton
+        self.dtype = dtype
         self.layers = attach_lora(model, self.dims, max_loras, stack_rank(max_lora_rank), dtype, device)
         self.cpu_cache: OrderedDict[int, LoRAModel] = OrderedDict()  # lora_int_id -> adapter, LRU first
         self.slot_ids: list[int | None] = [None] * max_loras  # lora_int_id resident in each slot
@@ -98,6 +114,7 @@ class LoRAManager:
         num_cols = 0
         for lin in sgmv_layers:
             lin.shrink_col, num_cols = num_cols, num_cols + lin.a_stack.shape[1]
+        self.segments = bool(sgmv_layers)  # whether a step needs its tokens grouped by slot (augmented: no)
         self.static_shrink = None
         if self.use_triton and num_cols:  # [max_num_seqs, num_cols] float32
             self.static_shrink = torch.zeros(max_num_seqs, num_cols, dtype=torch.float32, device=device)
@@ -109,7 +126,7 @@ class LoRAManager:
         if model is None:
             model = read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank, param="model")
             if self.device.type == "cuda":  # pinned: slot swaps copy without waiting for the device
-                model.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in model.weights.items()}
+                model.weights = pin_weights(model.weights, self.dtype)
             logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s", req.lora_name, req.lora_int_id,
                         model.rank, req.lora_path)
             self.cpu_cache[req.lora_int_id] = model
@@ -158,6 +175,8 @@ class LoRAManager:
         token_slots = np.repeat(slots, num_tokens)  # [num_tokens]
         if not self.use_triton:
             return LoRABatch(torch.from_numpy(token_slots), None, None, None, None, False)
+        if not self.segments:  # every layer augmented: each token's slot is all the kernels read
+            return self._token_slots_only(token_slots, is_decode)
         keep = np.nonzero(token_slots >= 0)[0]
         perm = keep[np.argsort(token_slots[keep], kind="stable")].astype(np.int32)  # rows grouped by slot
         counts = np.bincount(token_slots[keep], minlength=self.max_loras)
@@ -169,15 +188,22 @@ class LoRAManager:
             seg_slot = np.concatenate([seg_slot, np.full(self.max_tiles - num, -1, dtype=np.int32)])
             if self.static_shrink is not None:  # stream-ordered after the previous step's reads, before this one
                 self.static_shrink.zero_()
-            padded = np.full(len(self.static_token_slots), -1, dtype=np.int32)
-            padded[: len(token_slots)] = token_slots
-            self.static_token_slots.copy_(self._dev(padded))
+            self._token_slots_only(token_slots, True)
             self.static_perm[: len(perm)].copy_(self._dev(perm))
             self.static_seg_start.copy_(self._dev(seg_start))
             self.static_seg_slot.copy_(self._dev(seg_slot))
             return self._static_batch()
         return LoRABatch(self._dev(token_slots), self._dev(perm), self._dev(seg_start), self._dev(seg_slot),
                          min(tile, int(counts.max())), True)
+
+    def _token_slots_only(self, token_slots: np.ndarray, is_decode: bool) -> LoRABatch:
+        """Each token's slot on the device (decode: into the static buffer, -1 past the step's tokens)."""
+        if not is_decode:
+            return LoRABatch(self._dev(token_slots), None, None, None, None, True)
+        padded = np.full(len(self.static_token_slots), -1, dtype=np.int32)
+        padded[: len(token_slots)] = token_slots
+        self.static_token_slots.copy_(self._dev(padded))
+        return self._static_batch()
 
     def _static_batch(self) -> LoRABatch:
         return LoRABatch(self.static_token_slots, self.static_perm, self.static_seg_start, self.static_seg_slot,
