@@ -232,13 +232,16 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
 
     @app.signal("http.routing.after")
     async def authenticate(request: Request, **_: Any) -> None:
-        """Right after routing, before the body is read: an unauthorized request is refused without
-        buffering its body (Sanic drains it), and the key check never runs for no route."""
-        if state.api_key is None or is_public(request.route):
-            return
-        if not is_authorized(request.headers.get("authorization"), state.api_key):
+        """Right after routing, before the body is read: an unauthorized request, or a compressed body,
+        is refused without buffering its body (Sanic drains it); the key check never runs for no route."""
+        if state.api_key is not None and not is_public(request.route) and not is_authorized(
+                request.headers.get("authorization"), state.api_key):
             raise APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):  # else a gzip body was "not valid JSON: can't decode byte 0x8b"
+            raise APIError(415, f"Content-Encoding: {printable(encoding, 40)} is not supported; send the body "
+                                "uncompressed", param="Content-Encoding", code="unsupported_content_encoding")
 
     @app.on_request
     async def stamp(request: Request) -> None:
