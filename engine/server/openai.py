@@ -65,7 +65,7 @@ def _engine_error(e: Exception, prompt_param: str) -> APIError:
         message = str(e).split(": ", 1)[-1]
         return APIError(400, f"{param}: {message}", param=param)
     if isinstance(e, ConnectionAbortedError):
-        return APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
+        return APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
     return APIError(500, "internal server error: the engine failed", code="internal_error")
 
 
