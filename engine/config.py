@@ -6,7 +6,11 @@ engine.yaml as two sections, `engine:` and `server:`, and `engine.serve --config
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +21,40 @@ class ConfigError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+_TYPE_TEXT = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+              dict: "a mapping", type(None): "null"}
+
+
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The types a field annotation allows: (int, NoneType) for `int | None`, (dict,) for `dict[str, str]`."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return tuple(typing.get_origin(a) or a for a in (typing.get_args(tp) if union else (tp,)))
+
+
+def _accepts(tp: type, value: Any) -> bool:
+    """Whether value is of type tp: a bool is not an int here, an int is a float, a float is finite."""
+    if tp is bool or isinstance(value, bool):
+        return tp is bool and isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, tp)  # a dict's items are checked by its field's own check
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[Any, ...]]:
+    return {name: _members(tp) for name, tp in typing.get_type_hints(cls).items()}  # annotations are strings here
+
+
+def check_field_types(config: Any) -> None:
+    """Every field of a config dataclass has its declared type, else a ConfigError naming it (LLM(...,
+    max_num_seqs="8") failed later in a comparison, and enforce_eager="yes" was taken as true)."""
+    for f in dataclasses.fields(config):
+        allowed, value = _field_types(type(config))[f.name], getattr(config, f.name)
+        if not any(_accepts(tp, value) for tp in allowed):
+            expected = " or ".join(_TYPE_TEXT.get(tp, tp.__name__) for tp in allowed)
+            raise ConfigError(f.name, f"must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 DEFAULT_API_KEY_ENV = "GANTRY_API_KEY"  # read when no key is configured (vLLM reads VLLM_API_KEY)
@@ -81,6 +119,7 @@ class EngineConfig:
         return device_type == "cuda" and self.pipeline_parallel_size == 1
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"must be one of {', '.join(DTYPES[:4])}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
@@ -95,6 +134,8 @@ class EngineConfig:
             raise ConfigError("block_size", f"must be a power of two, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
+            raise ConfigError("kv_cache_memory_gib", f"must be > 0, got {self.kv_cache_memory_gib}")
         if self.max_num_seqs < 1:
             raise ConfigError("max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
@@ -113,6 +154,8 @@ class EngineConfig:
         if self.async_scheduling and self.pipeline_parallel_size > 1:
             raise ConfigError("async_scheduling", "does not work with pipeline_parallel_size > 1 (its lanes keep "
                               "several batches in flight instead)")
+        if not self.distributed_timeout_s > 0:
+            raise ConfigError("distributed_timeout_s", f"must be > 0, got {self.distributed_timeout_s}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ConfigError("device", f"must be auto, cuda or cpu, got {self.device!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
@@ -174,10 +217,15 @@ class ServerConfig:
     tool_call_parser: str | None = None  # hermes | llama3_json | mistral: the model's tool-call format
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"must be in 0..65535, got {self.port}")
         if self.max_waiting_requests < 1:
             raise ConfigError("max_waiting_requests", f"must be >= 1, got {self.max_waiting_requests}")
+        if self.max_request_body_bytes < 1:
+            raise ConfigError("max_request_body_bytes", f"must be >= 1, got {self.max_request_body_bytes}")
+        if self.shutdown_grace_s < 0:
+            raise ConfigError("shutdown_grace_s", f"must be >= 0 (0: abort in-flight requests), got {self.shutdown_grace_s}")
         if not 1 <= self.api_server_count <= 64:
             raise ConfigError("api_server_count", f"must be in 1..64, got {self.api_server_count}")
         if self.allow_runtime_lora_updating and self.api_server_count > 1:  # each process has its own names
