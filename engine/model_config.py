@@ -96,19 +96,70 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> Pret
 
             if not os.path.isfile(os.path.join(path, "config.json")):
                 raise ModelLoadError(path, "no config.json: expected a Hugging Face model directory or a .gguf file")
+            from huggingface_hub.errors import StrictDataclassError
+
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
                 json.load(f)  # a clear error for a corrupt file before transformers' own
-            config = AutoConfig.from_pretrained(path)
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except StrictDataclassError as e:  # transformers' own checks, e.g. hidden_size / num_attention_heads
+                raise ModelLoadError(path, f"inconsistent config.json: {e.__cause__ or e}") from None
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(path, f"cannot read the model config: {e}") from None
+    derived_head_dim = _derived_head_dim(config)
     for key, value in overrides.items():
-        setattr(config, key, value)
+        try:
+            setattr(config, key, value)
+        except Exception as e:  # transformers' strict config fields (huggingface_hub's validation error)
+            raise ConfigError(f"hf_overrides.{key}", f"{value!r} refused by the model config: {e}") from None
+    _check_shape(config, overrides, derived_head_dim, "gguf" if is_gguf else "config.json")
     if not getattr(config, "architectures", None):
         arch = _ARCH_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
         config.architectures = [arch] if arch else []
     return config
+
+
+def _derived_head_dim(config: PretrainedConfig) -> bool:
+    """Whether the checkpoint's head_dim is hidden_size / num_attention_heads (transformers and our GGUF
+    reader write that one out) rather than a size of its own (Qwen3's 128)."""
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None or not isinstance(hidden, int) or not isinstance(heads, int) or heads < 1:
+        return True
+    return hidden % heads == 0 and head_dim == hidden // heads
+
+
+def _check_shape(config: PretrainedConfig, overrides: dict[str, Any], derived_head_dim: bool, source: str) -> None:
+    """The attention shape the model is built from, hf_overrides applied: positive sizes, hidden_size split
+    into num_attention_heads (a derived head_dim follows an override of either), query heads grouped over
+    num_key_value_heads; a ConfigError names the override, else the checkpoint's field (source: config.json
+    or gguf). hf_overrides={"num_attention_heads": 3} on hidden_size 64 loaded and generated garbage."""
+    def param(*keys: str) -> str:
+        key = next((k for k in keys if k in overrides), keys[0])
+        return f"hf_overrides.{key}" if key in overrides else f"{source}.{key}"
+
+    if not hasattr(config, "num_key_value_heads"):
+        config.num_key_value_heads = getattr(config, "num_attention_heads", None)  # no GQA
+    sizes = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
+             "vocab_size", "max_position_embeddings", "head_dim")
+    for key in sizes:
+        value = getattr(config, key, None)
+        if value is None and key == "head_dim":  # derived below
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(param(key), f"must be an integer >= 1, got {value!r}")
+    hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+    if "head_dim" not in overrides and derived_head_dim:
+        if hidden % heads:
+            raise ConfigError(param("num_attention_heads", "hidden_size"),
+                              f"hidden_size {hidden} is not divisible by num_attention_heads {heads} "
+                              "(or give head_dim too)")
+        config.head_dim = hidden // heads
+    if heads % kv_heads:
+        raise ConfigError(param("num_key_value_heads", "num_attention_heads"),
+                          f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
 
 
 def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
