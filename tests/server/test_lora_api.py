@@ -68,6 +68,17 @@ def test_model_selects_the_adapter(lora_server, offline) -> None:
     assert client.models.retrieve("a").parent == base_name
 
 
+
+def test_runtime_adapter_named_like_the_model_refused(lora_server, files) -> None:
+    """`model` would name both the base model and the adapter: 400 naming lora_name, the base still served."""
+    base_name = httpx.get(lora_server.url("/v1/models"), headers=lora_server.headers).json()["data"][0]["id"]
+    r = httpx.post(lora_server.url("/v1/load_lora_adapter"), json={"lora_name": base_name, "lora_path": files["b"]},
+                   headers=lora_server.headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_name", r.text
+    assert "already taken" in r.json()["error"]["message"]
+    ids = [m["id"] for m in httpx.get(lora_server.url("/v1/models"), headers=lora_server.headers).json()["data"]]
+    assert ids.count(base_name) == 1
+
 def test_unknown_model_is_404_naming_model(lora_server) -> None:
     client = openai.OpenAI(base_url=lora_server.url("/v1"), api_key=KEY, max_retries=0, timeout=120)
     with pytest.raises(openai.NotFoundError) as e:
