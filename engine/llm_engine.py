@@ -65,7 +65,8 @@ class LLMEngine:
             self.engine_core.add_eos_token_ids([self.tokenizer.eos_token_id])
         self.client: EngineCoreClient = InprocClient(self.engine_core)
         self.input_processor = InputProcessor(self.info)
-        self.lora_registry = LoRARegistry(config, mc.hf_config, mc.served_model_name)  # lora_modules checked here
+        # lora_modules' names and headers; build_engine_core's registry has read their weights
+        self.lora_registry = LoRARegistry(config, mc.hf_config, mc.served_model_name, check_values=False)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._finished_outputs: list[RequestOutput] = []  # aborted/unschedulable, reported at the next step
         self.stream_outputs = True  # False: step() reports requests only when they finish (offline API)

@@ -15,8 +15,10 @@ MAX_LORA_NAME_CHARS = 256  # an adapter name is a model id: in /v1/models, metri
 
 
 class LoRARegistry:
-    def __init__(self, config: EngineConfig, hf_config: Any, base_name: str | None = None):
-        """hf_config: the base model's HF config, or its ModelDims (an API process has only those)."""
+    def __init__(self, config: EngineConfig, hf_config: Any, base_name: str | None = None, check_values: bool = True):
+        """hf_config: the base model's HF config, or its ModelDims (an API process has only those). check_values:
+        read lora_modules' weights for NaN and inf; a front end whose engine core's start-up registry has done so
+        passes False and reads only their headers (an adapter's weights read once, not once per process)."""
         self.enable_lora, self.max_lora_rank = config.enable_lora, config.max_lora_rank
         self.dims = hf_config if isinstance(hf_config, ModelDims) else ModelDims.from_hf(hf_config)
         self.base_name = base_name  # the served model's name: no adapter may take it
@@ -25,7 +27,7 @@ class LoRARegistry:
         self._ids = itertools.count(1)  # ids never reused: a reloaded name shares no slot or KV page
         for name, path in config.lora_modules.items():
             try:
-                self.add(name, path, f"lora_modules.{name}", f"lora_modules.{name}")
+                self.add(name, path, f"lora_modules.{name}", f"lora_modules.{name}", check_values)
             except RequestError as e:  # a start-up error: the config is at fault
                 raise ConfigError(e.param, str(e)[len(e.param) + 2 :]) from None
 
@@ -43,8 +45,10 @@ class LoRARegistry:
                      check_values=check_values)
         self._checked.add(req)
 
-    def add(self, name: str, path: str, param: str = "lora_name", path_param: str = "lora_path") -> LoRARequest:
-        """Register an adapter under a new name, checked first, weights included; the name must be free."""
+    def add(self, name: str, path: str, param: str = "lora_name", path_param: str = "lora_path",
+            check_values: bool = True) -> LoRARequest:
+        """Register an adapter under a new name, checked first (its weights too, with check_values); the name
+        must be free."""
         if not self.enable_lora:
             raise RequestError(param, "LoRA adapters are not enabled on this engine (enable_lora)")
         if not isinstance(name, str) or not name:
@@ -54,7 +58,7 @@ class LoRARegistry:
         if name in self.by_name or name == self.base_name:
             raise LoRAError(param, f"the name {name!r} is already taken")
         req = LoRARequest(name, next(self._ids), path)
-        self.check(req, path_param, check_values=True)
+        self.check(req, path_param, check_values=check_values)
         self.by_name[name] = req
         return req
 

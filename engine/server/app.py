@@ -66,6 +66,7 @@ class ServerState:
         self.group: Any = None  # with api_server_count > 1: the group's readiness (api_procs.ReadyGroup)
         self._group_ready = True
         self.lora_registry: Any = None  # engine.lora.registry.LoRARegistry once needed (engine/server/lora_routes.py)
+        self.lora_load_lock: Any = None  # asyncio.Lock of run-time adapter loads, made in the event loop
 
     @property
     def ready(self) -> bool:

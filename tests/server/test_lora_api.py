@@ -131,3 +131,23 @@ def test_runtime_updates_refused_unless_allowed(files, tmp_path) -> None:
         assert r.status_code == 403 and r.json()["error"]["param"] == "allow_runtime_lora_updating"
     finally:
         s.stop()
+
+
+def test_concurrent_loads_of_one_name_take_it_once(lora_server, files) -> None:
+    """Loads read the weights off the event loop, one at a time: of 6 concurrent loads of one new name exactly one
+    succeeds and the rest are 400 naming lora_name; the server answers a health check meanwhile."""
+    import concurrent.futures
+
+    body = {"lora_name": "same", "lora_path": files["a"]}
+
+    def load() -> httpx.Response:
+        return httpx.post(lora_server.url("/v1/load_lora_adapter"), json=body, headers=lora_server.headers,
+                          timeout=60)
+
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: load(), range(6)))
+        assert httpx.get(lora_server.url("/health"), timeout=60).status_code == 200
+    assert sorted(r.status_code for r in results) == [200] + [400] * 5, [r.text for r in results]
+    assert all(r.json()["error"]["param"] == "lora_name" for r in results if r.status_code == 400)
+    assert httpx.post(lora_server.url("/v1/unload_lora_adapter"), json={"lora_name": "same"},
+                      headers=lora_server.headers).status_code == 200
