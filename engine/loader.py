@@ -22,6 +22,7 @@ from tqdm import tqdm
 from engine import startup
 from engine.errors import ModelLoadError
 from engine.gguf_file import open_gguf
+from engine.layers.linear import check_loaded
 from engine.layers.quant.dummy import fill_dummy_quantized
 from engine.layers.quant.fp8_kv import take_kv_scale
 from engine.layers.quant.gguf import GGUFBlocks
@@ -113,6 +114,7 @@ def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[
 
 
 def _default_loader(param: nn.Parameter, loaded: Any) -> None:
+    check_loaded(loaded, tuple(param.shape))  # e.g. a norm's [hidden]: copy_ would broadcast a [1]
     param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded[:])
 
 
@@ -178,7 +180,7 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
                 loader(param, loaded, shard_id)
         except ModelLoadError:
             raise
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # ValueError: engine.layers.linear.check_loaded
             raise ModelLoadError(model_config.path, f"tensor {name!r} of shape {shape} does not fit {param_name}: {e}") from None
         loaded_names.add(param_name if shard_id is None else f"{param_name}:{shard_id}")
     expected = set()

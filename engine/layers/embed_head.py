@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.forward_context import get_forward_context
-from engine.layers.linear import LinearBase, dense_linear, materialize, shard
+from engine.layers.linear import LinearBase, check_loaded, dense_linear, materialize, shard
 from engine.layers.quant import QuantizationConfig
 from engine.parallel import get_parallel_state, tp_all_gather, tp_all_reduce
 
@@ -52,6 +52,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_end = min(self.vocab_start + self.num_per_partition, num_embeddings)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        check_loaded(loaded, (self.num_embeddings, param.shape[1]))  # [vocab, hidden], whole
         size = self.vocab_end - self.vocab_start
         param.data[:size].copy_(materialize(shard(loaded, 0, self.vocab_start, size)))
 

@@ -31,6 +31,26 @@ def materialize(loaded: Any) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
 
+# safetensors dtype names of floating-point tensors (a slice's get_dtype())
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+def check_loaded(loaded: Any, expected: tuple[int, ...]) -> None:
+    """A float weight's checkpoint tensor, whole (before this rank's shard), is floating point and of
+    `expected` shape: copy_ broadcasts [1, N] over [M, N] (or a bias [1] over [N]), a slice clamps and
+    narrow cuts a longer tensor to this rank's rows, and an integer tensor converts, all silently.
+    Raises ValueError; the loader names the file, the tensor and the parameter."""
+    if isinstance(loaded, torch.Tensor):
+        shape, is_float, dtype = tuple(loaded.shape), loaded.is_floating_point(), str(loaded.dtype)
+    else:  # a safetensors slice
+        shape, dtype = tuple(loaded.get_shape()), loaded.get_dtype()
+        is_float = dtype in _FLOAT_DTYPES
+    if shape != tuple(expected):
+        raise ValueError(f"expected shape {tuple(expected)}")
+    if not is_float:
+        raise ValueError(f"expected floating-point weights, got {dtype}")
+
+
 # one-row decode on the GPU streams bf16/fp16 weights through kernels/weight_gemv.py (4-8 whole rows a program,
 # no split-K reduce) instead of cuBLAS: W1's projections at 0.70-0.98 of read bandwidth against cuBLAS's 0.52-0.84
 # (benchmarks/decode_gemv_bench.py; at 2 rows cuBLAS wins); GANTRY_DENSE_GEMV=0 keeps cuBLAS (A/B runs)
@@ -78,7 +98,14 @@ class LinearBase(nn.Module):
             return self.lora.linear(batch, x, bias)
         return self.add_lora(x, dense_linear(x, self.weight, bias))
 
+    def is_float_param(self, param: nn.Parameter) -> bool:
+        """Whether param is a float weight or bias of this layer, loaded as the checkpoint stores it (a
+        quantization's tensors pass in its own views and shapes: its loaders check them)."""
+        return param is self.bias or (param is self.weight and self.quant_method is None)
+
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+        if self.is_float_param(param):
+            check_loaded(loaded, tuple(param.shape))
         self.store(param, loaded)
 
     def store(self, param: nn.Parameter, loaded: Any, offset: int = 0, size: int | None = None) -> None:
@@ -112,6 +139,8 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         size = param.data.shape[0]
+        if self.is_float_param(param):
+            check_loaded(loaded, (size * self.tp_size, *param.shape[1:]))
         self.store(param, shard(loaded, 0, self.tp_rank * size, size))
 
 
@@ -126,6 +155,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int) -> None:
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
+        if self.is_float_param(param):
+            check_loaded(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
         self.store(param, shard(loaded, 0, self.tp_rank * size, size), offset, size)
 
 
@@ -154,6 +185,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         else:
             offset = q_size + (kv_size if shard_id == "v" else 0)
             size, rank = kv_size, self.tp_rank // self.kv_replicas
+        if self.is_float_param(param):  # the checkpoint's kv heads: ours times the ranks over their replicas
+            check_loaded(loaded, (size * (self.tp_size // (1 if shard_id == "q" else self.kv_replicas)), *param.shape[1:]))
         self.store(param, shard(loaded, 0, rank * size, size), offset, size)
 
 
@@ -167,9 +200,13 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         if param.data.dim() == 1:  # bias: added once, after the reduce
+            if self.is_float_param(param):
+                check_loaded(loaded, tuple(param.shape))
             param.data.copy_(materialize(loaded))
             return
         size = param.data.shape[1]
+        if self.is_float_param(param):
+            check_loaded(loaded, (param.shape[0], size * self.tp_size))
         self.store(param, shard(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
