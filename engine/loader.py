@@ -37,8 +37,13 @@ def _safetensors_files(path: str) -> list[str]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelLoadError(index, f"corrupt index: {e}") from None
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(index, f"corrupt index: weight_map must map tensor names to files, got {type(weight_map).__name__}")
+        for tensor, name in weight_map.items():  # a file name in the model directory, not a path out of it
+            if not isinstance(name, str) or not name or os.path.basename(name) != name or name in (".", ".."):
+                raise ModelLoadError(index, f"corrupt index: weight_map[{tensor!r}] = {name!r} is not a file name in {path}")
         files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
         for file in files:
             if not os.path.isfile(file):
@@ -54,11 +59,15 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, Any]]:
     """(name, lazy slice) pairs; a slice reads from disk only the rows/cols asked of it."""
     from safetensors import SafetensorError, safe_open
 
+    seen: dict[str, str] = {}  # tensor name -> the file that held it
     for file in _safetensors_files(path):
         try:
             with safe_open(file, framework="pt") as f:
                 names = list(f.keys())
             for name in names:
+                if name in seen:  # the later copy would overwrite the first, whichever is right
+                    raise ModelLoadError(file, f"tensor {name!r} is also in {seen[name]}")
+                seen[name] = file
                 # Reopened per tensor: pages read through the memory map count in this process's
                 # RSS until it is unmapped, so one open file would hold all of it that we touched.
                 with safe_open(file, framework="pt") as f:
@@ -157,7 +166,12 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
     loaded_names: set[str] = set()
     # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
     show_progress = show_progress and sys.stderr.isatty()
+    num_layers = model_config.num_layers
     for name, loaded in tqdm(tensors, desc="Loading weights", unit="tensor", total=total, disable=not show_progress):
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        if layer and int(layer.group(1)) >= num_layers:  # the model would run without it (another stage's is skipped)
+            raise ModelLoadError(model_config.path, f"tensor {name!r} is beyond the model's layers: "
+                                 f"config num_hidden_layers is {num_layers}")
         mapped = model.checkpoint_to_param(name)
         if mapped is None:
             continue

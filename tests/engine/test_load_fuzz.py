@@ -78,3 +78,56 @@ def test_config_vocab_smaller_than_the_embedding_refused(tiny_llama: str, tmp_pa
     path = edit_config(_copy(tiny_llama, tmp_path / "m"), vocab_size=256)
     with pytest.raises(ModelLoadError, match=r"of shape \(512, 64\).*expected shape \(256, 64\)"):
         LLM(path, max_model_len=64)
+
+
+def test_layers_beyond_num_hidden_layers_refused(tiny_llama: str, tmp_path) -> None:
+    """config.json says 2 layers, the weights hold 3: the third was skipped and the model ran without it."""
+    path = edit_config(_copy(tiny_llama, tmp_path / "m"), num_hidden_layers=2)
+    with pytest.raises(ModelLoadError, match=r"'model\.layers\.2\..*' is beyond the model's layers: config num_hidden_layers is 2") as e:
+        LLM(path, max_model_len=64)
+    assert path in str(e.value)
+
+
+def _shard(path: str, index: Callable[[dict, list[str]], object] | None = None, duplicate: bool = False) -> str:
+    """The checkpoint split in two files with a model.safetensors.index.json (index edits its dict)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    os.remove(os.path.join(path, "model.safetensors"))
+    names = sorted(tensors)
+    files = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2 :]}
+    for file, part in files.items():
+        extra = names[-1:] if duplicate and file == "a.safetensors" else []
+        save_file({n: tensors[n] for n in part + extra}, os.path.join(path, file), metadata={"format": "pt"})
+    weight_map = {n: file for file, part in files.items() for n in part}
+    data = {"metadata": {}, "weight_map": weight_map}
+    if index is not None:
+        data = index(data, names)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(data, f)
+    return path
+
+
+@pytest.mark.parametrize("index,words", [
+    (lambda d, names: [1, 2], "corrupt index"),
+    (lambda d, names: {"weight_map": ["a.safetensors"]}, "weight_map must map tensor names to files, got list"),
+    (lambda d, names: {"weight_map": {**d["weight_map"], names[0]: 3}}, "= 3 is not a file name"),
+    (lambda d, names: {"weight_map": {**d["weight_map"], names[0]: "../x/model.safetensors"}}, "is not a file name"),
+])
+def test_malformed_shard_index_refused(tiny_llama: str, tmp_path, index, words: str) -> None:
+    path = _shard(_copy(tiny_llama, tmp_path / "m"), index)
+    with pytest.raises(ModelLoadError) as e:
+        LLM(path, max_model_len=64)
+    assert "model.safetensors.index.json" in str(e.value) and words in str(e.value), str(e.value)
+
+
+def test_tensor_in_two_shards_refused(tiny_llama: str, tmp_path) -> None:
+    """The second copy overwrote the first, whichever was right."""
+    path = _shard(_copy(tiny_llama, tmp_path / "m"), duplicate=True)
+    with pytest.raises(ModelLoadError, match=r"b\.safetensors: tensor '.*' is also in .*a\.safetensors"):
+        LLM(path, max_model_len=64)
+
+
+def test_sharded_checkpoint_loads(tiny_llama: str, tmp_path) -> None:
+    path = _shard(_copy(tiny_llama, tmp_path / "m"))
+    assert LLM(path, max_model_len=64).llm_engine is not None
