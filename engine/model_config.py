@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -162,6 +163,41 @@ def _check_shape(config: PretrainedConfig, overrides: dict[str, Any], derived_he
                           f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
 
 
+# config.json fields transformers would default (LlamaConfig: hidden_size 4096, 32 layers, vocab 32000, ...)
+REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size")
+
+
+def _check_model_fields(path: str, config: PretrainedConfig, overrides: dict[str, Any], is_gguf: bool) -> None:
+    """Of a supported architecture: the sizes are in config.json (or hf_overrides), not transformers'
+    defaults (a config without hidden_size was built at 4096 and failed on the first weight, naming no
+    field); the fields the model reads are ones it implements: hidden_act silu (SiluAndMul whatever it
+    says), rms_norm_eps and rope_theta positive numbers (rope_theta 'x' escaped as a TypeError)."""
+    source = "gguf" if is_gguf else "config.json"
+
+    def param(key: str) -> str:
+        return f"hf_overrides.{key}" if key in overrides else f"{source}.{key}"
+
+    if not is_gguf:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)  # read before, by _load_hf_config
+        aliases = {ours: alias for alias, ours in getattr(config, "attribute_map", {}).items()}
+        for key in REQUIRED_FIELDS:
+            if key not in raw and aliases.get(key) not in raw and key not in overrides:
+                raise ConfigError(param(key), f"missing from {os.path.join(path, 'config.json')}")
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):  # transformers: the same SiLU
+        raise ConfigError(param("hidden_act"), f"{act!r} is not supported (the MLP of {config.architectures[0]} is silu)")
+    rope = getattr(config, "rope_parameters", None)
+    theta_key = "rope_parameters" if isinstance(rope, dict) and "rope_theta" in rope else "rope_theta"
+    for key, value in (("rms_norm_eps", getattr(config, "rms_norm_eps", 1e-6)),
+                       (theta_key, rope["rope_theta"] if theta_key == "rope_parameters" else getattr(config, "rope_theta", 1.0))):
+        if value is None and key != "rms_norm_eps":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            name = "rope_theta" if key == "rope_parameters" else key
+            raise ConfigError(param(key), f"{name} must be a number > 0, got {value!r}")
+
+
 def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
     import torch
 
@@ -187,6 +223,7 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device | None) -> Mode
         raise UnsupportedArchitectureError(
             path, f"architectures {hf_config.architectures} not supported; supported: {', '.join(sorted(MODEL_CLASSES))}"
         )
+    _check_model_fields(path, hf_config, cfg.hf_overrides, is_gguf)
     limit = hf_config.max_position_embeddings
     max_model_len = cfg.max_model_len or limit
     if max_model_len > limit:

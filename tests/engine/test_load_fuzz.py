@@ -131,3 +131,40 @@ def test_tensor_in_two_shards_refused(tiny_llama: str, tmp_path) -> None:
 def test_sharded_checkpoint_loads(tiny_llama: str, tmp_path) -> None:
     path = _shard(_copy(tiny_llama, tmp_path / "m"))
     assert LLM(path, max_model_len=64).llm_engine is not None
+
+
+def _without(path: str, key: str) -> str:
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.pop(key)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size"])
+def test_missing_size_in_config_refused(tiny_llama: str, tmp_path, key: str) -> None:
+    """transformers' LlamaConfig defaults (hidden_size 4096, ...) built a model the weights failed to fit,
+    naming a tensor, not the missing field."""
+    path = _without(_copy(tiny_llama, tmp_path / "m"), key)
+    with pytest.raises(ConfigError) as e:
+        LLM(path, max_model_len=64)
+    assert e.value.param == f"config.json.{key}" and os.path.join(path, "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize("fields,param", [
+    (dict(hidden_act="gelu"), "config.json.hidden_act"),  # ran SiluAndMul anyway
+    (dict(rms_norm_eps=-1.0), "config.json.rms_norm_eps"),
+    (dict(rope_parameters={"rope_theta": "x", "rope_type": "default"}), "config.json.rope_parameters"),  # a TypeError
+    (dict(rope_parameters={"rope_theta": -5.0, "rope_type": "default"}), "config.json.rope_parameters"),
+])
+def test_config_field_the_model_would_misread_refused(tiny_llama: str, tmp_path, fields: dict, param: str) -> None:
+    path = edit_config(_copy(tiny_llama, tmp_path / "m"), **fields)
+    with pytest.raises(ConfigError) as e:
+        LLM(path, max_model_len=64)
+    assert e.value.param == param, str(e.value)
+
+
+def test_hf_override_supplies_a_missing_field(tiny_llama: str, tmp_path) -> None:
+    path = _without(_copy(tiny_llama, tmp_path / "m"), "intermediate_size")
+    assert LLM(path, max_model_len=64, hf_overrides={"intermediate_size": 128}).llm_engine is not None
