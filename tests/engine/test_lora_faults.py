@@ -49,6 +49,16 @@ def test_non_finite_weights_refused_at_registration(tmp_path, value: float) -> N
     assert ce.value.param == "lora_modules.bad" and Q_A in str(ce.value)
 
 
+def test_huge_finite_weights_accepted(tmp_path) -> None:
+    """The NaN check sums each tensor first: finite values whose sum overflows to inf are still accepted."""
+    path = poison(write(str(tmp_path / "huge")), 3e38)
+    file = os.path.join(path, WEIGHTS_FILE)
+    tensors = load_file(file)
+    tensors[Q_A][0, 1] = 3e38  # two of them: the float32 sum is inf
+    save_file(tensors, file)
+    assert registry().add("huge", path).lora_name == "huge"
+
+
 def test_weights_file_removed_after_the_files_check(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Removed between check_adapter_files and the read (safetensors raised FileNotFoundError past the handler)."""
     from engine.lora import adapter
