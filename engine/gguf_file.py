@@ -233,7 +233,20 @@ def _parse(path: str) -> GGUFFile:
             raise ModelLoadError(path, f"corrupt GGUF metadata (general.alignment {alignment!r})")
         data_start = -(-pos // alignment) * alignment
     tensors = [GGUFTensorInfo(name, shape, t, data_start + off) for name, shape, t, off in table]
+    _check_no_overlap(path, tensors)
     return GGUFFile(path, metadata, tensors)
+
+
+def _check_no_overlap(path: str, tensors: list[GGUFTensorInfo]) -> None:
+    """No tensor's data runs into the next one's (llama.cpp checks each offset too): a tensor whose type
+    or shape was corrupted to a larger size read its neighbours' bytes as weights. Tensors of an unknown
+    type are left to iter_tensors, which names them."""
+    spans = sorted((t.offset, t.offset + n, t.name) for t in tensors
+                   if (n := _num_bytes(t.ggml_type, math.prod(t.shape))) is not None)
+    for (_, end, name), (start, _, following) in zip(spans, spans[1:]):
+        if end > start:
+            raise ModelLoadError(path, f"tensor {name} runs {end - start} bytes into tensor {following}'s data "
+                                 "(corrupt type or shape?)")
 
 
 @functools.lru_cache(maxsize=2)

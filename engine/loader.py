@@ -101,6 +101,22 @@ def _unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def gguf_expected_shape(name: str, c: Any) -> tuple[int, ...] | None:
+    """The shape of GGUF tensor `name` (its HF name) that the model config built from the same file gives
+    (torch order); None for a tensor this does not know. A quantized matrix goes to its layer in blocks,
+    past the float layers' check (engine.layers.linear.check_loaded): its shape is checked here."""
+    h, i, head_dim = c.hidden_size, c.intermediate_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    module, kind = name.split(".")[-2:]
+    rows = {"embed_tokens": c.vocab_size, "lm_head": c.vocab_size, "q_proj": q, "k_proj": kv, "v_proj": kv,
+            "o_proj": h, "gate_proj": i, "up_proj": i, "down_proj": h, "q_norm": head_dim, "k_norm": head_dim}.get(module)
+    if rows is None and module.endswith("norm"):
+        rows = h
+    if rows is None:
+        return None
+    return (rows,) if kind == "bias" or module.endswith("norm") else (rows, {"o_proj": q, "down_proj": i}.get(module, h))
+
+
 def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[tuple[str, Any]]:
     """(HF name, float32 tensor) from the GGUF file, through the parse the model config made; with
     keep_blocks, block-quantized matrices come as GGUFBlocks (rows permuted like the floats)."""
@@ -113,6 +129,10 @@ def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[
                 break
         else:
             continue  # rope_freqs and other tensors we compute ourselves
+        expected = gguf_expected_shape(name, hf_config)
+        if expected is not None and tuple(info.shape) != expected:  # before the q/k rows are un-permuted
+            raise ModelLoadError(path, f"tensor {info.name} ({name}) of shape {tuple(info.shape)}: expected {expected} "
+                                 "from the file's metadata")
         if permute and name.endswith("q_proj.weight"):
             weights = _unpermute_qk(weights, hf_config.num_attention_heads)
         elif permute and name.endswith("k_proj.weight"):

@@ -168,3 +168,53 @@ def test_config_field_the_model_would_misread_refused(tiny_llama: str, tmp_path,
 def test_hf_override_supplies_a_missing_field(tiny_llama: str, tmp_path) -> None:
     path = _without(_copy(tiny_llama, tmp_path / "m"), "intermediate_size")
     assert LLM(path, max_model_len=64, hf_overrides={"intermediate_size": 128}).llm_engine is not None
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> str:
+    from tests.engine.test_quant_gguf import write_tiny_gguf
+
+    return write_tiny_gguf(str(tmp_path_factory.mktemp("gguf") / "tiny.gguf"))
+
+
+def _patch_tensor_info(src: str, dst, tensor: str, field: str, value) -> str:
+    """A copy of the GGUF with one field of `tensor`'s table entry rewritten (type, or dims fastest first)."""
+    import struct
+
+    data = bytearray(open(src, "rb").read())
+    at = data.find(tensor.encode() + b"\x02\x00\x00\x00") + len(tensor)  # name, then n_dims (2) u32
+    if field == "type":
+        struct.pack_into("<I", data, at + 4 + 16, value)
+    else:
+        struct.pack_into("<2Q", data, at + 4, *value)
+    with open(dst, "wb") as f:
+        f.write(data)
+    return str(dst)
+
+
+@pytest.mark.parametrize("quantization", ["auto", "none"])
+def test_gguf_tensor_running_into_the_next_refused(tiny_gguf: str, tmp_path, quantization: str) -> None:
+    """A Q4_1 tensor relabelled F32 read its neighbours' bytes as its weights and generated garbage."""
+    path = _patch_tensor_info(tiny_gguf, tmp_path / "m.gguf", "blk.0.attn_q.weight", "type", 0)
+    with pytest.raises(ModelLoadError, match="tensor blk.0.attn_q.weight runs .* bytes into tensor blk.0.attn_k.weight's data") as e:
+        LLM(path, max_model_len=64, quantization=quantization)
+    assert path in str(e.value)
+
+
+@pytest.mark.parametrize("quantization", ["auto", "none"])
+def test_gguf_tensor_of_wrong_shape_refused(tiny_gguf: str, tmp_path, quantization: str) -> None:
+    """attn_q [1, 64] for [64, 64] escaped as a RuntimeError from the q/k row un-permute."""
+    path = _patch_tensor_info(tiny_gguf, tmp_path / "m.gguf", "blk.0.attn_q.weight", "dims", (64, 1))
+    with pytest.raises(ModelLoadError, match=r"tensor blk.0.attn_q.weight \(model.layers.0.self_attn.q_proj.weight\) "
+                                             r"of shape \(1, 64\): expected \(64, 64\)") as e:
+        LLM(path, max_model_len=64, quantization=quantization)
+    assert path in str(e.value)
+
+
+def test_gguf_vocab_larger_than_the_quantized_embedding_refused(tiny_gguf: str, tmp_path) -> None:
+    """vocab_size 10 rows past token_embd's (kept in Q8_0 blocks) loaded and generated from rows of nothing."""
+    path = str(tmp_path / "m.gguf")
+    shutil.copy(tiny_gguf, path)
+    with pytest.raises(ModelLoadError, match=r"tensor token_embd.weight \(model.embed_tokens.weight\) of shape \(49152, 64\): "
+                                             r"expected \(49162, 64\)"):
+        LLM(path, max_model_len=64, hf_overrides={"vocab_size": 49162})
