@@ -100,14 +100,14 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> Pret
             from huggingface_hub.errors import StrictDataclassError
 
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-                json.load(f)  # a clear error for a corrupt file before transformers' own
+                _check_raw_config(os.path.join(path, "config.json"), json.load(f))  # before transformers' own errors
             try:
                 config = AutoConfig.from_pretrained(path)
             except StrictDataclassError as e:  # transformers' own checks, e.g. hidden_size / num_attention_heads
                 raise ModelLoadError(path, f"inconsistent config.json: {e.__cause__ or e}") from None
     except ModelLoadError:
         raise
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # transformers' on a config it misreads
         raise ModelLoadError(path, f"cannot read the model config: {e}") from None
     derived_head_dim = _derived_head_dim(config)
     for key, value in overrides.items():
@@ -120,6 +120,20 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> Pret
         arch = _ARCH_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
         config.architectures = [arch] if arch else []
     return config
+
+
+def _check_raw_config(path: str, raw: Any) -> None:
+    """config.json's shapes transformers reads without checking: null escaped as a TypeError, a string
+    quantization_config as an AttributeError, and architectures "LlamaForCausalLM" was read a letter at
+    a time (the error then said LlamaForCausalLM was not supported)."""
+    if not isinstance(raw, dict):
+        raise ModelLoadError(path, f"must hold a JSON object, got {type(raw).__name__}")
+    archs = raw.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise ModelLoadError(path, f"architectures must be a list of class names, got {archs!r}")
+    qc = raw.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise ModelLoadError(path, f"quantization_config must be a JSON object, got {qc!r}")
 
 
 def _derived_head_dim(config: PretrainedConfig) -> bool:

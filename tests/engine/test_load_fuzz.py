@@ -218,3 +218,29 @@ def test_gguf_vocab_larger_than_the_quantized_embedding_refused(tiny_gguf: str, 
     with pytest.raises(ModelLoadError, match=r"tensor token_embd.weight \(model.embed_tokens.weight\) of shape \(49152, 64\): "
                                              r"expected \(49162, 64\)"):
         LLM(path, max_model_len=64, hf_overrides={"vocab_size": 49162})
+
+
+@pytest.mark.parametrize("text,words", [
+    ("null", "must hold a JSON object, got NoneType"),  # a TypeError escaped
+    ('"x"', "must hold a JSON object, got str"),
+])
+def test_config_json_not_an_object_refused(tiny_llama: str, tmp_path, text: str, words: str) -> None:
+    path = _copy(tiny_llama, tmp_path / "m")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(text)
+    with pytest.raises(ModelLoadError) as e:
+        LLM(path, max_model_len=64)
+    assert f"{os.path.join(path, 'config.json')}: {words}" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("fields,words", [
+    (dict(quantization_config="fp8"), "quantization_config must be a JSON object, got 'fp8'"),  # an AttributeError
+    (dict(quantization_config=[1]), "quantization_config must be a JSON object, got [1]"),
+    (dict(architectures="LlamaForCausalLM"), "architectures must be a list of class names, got 'LlamaForCausalLM'"),
+])
+def test_config_field_of_the_wrong_json_type_refused(tiny_llama: str, tmp_path, fields: dict, words: str) -> None:
+    """architectures "LlamaForCausalLM" was read a letter at a time: 'LlamaForCausalLM not supported'."""
+    path = edit_config(_copy(tiny_llama, tmp_path / "m"), **fields)
+    with pytest.raises(ModelLoadError) as e:
+        LLM(path, max_model_len=64)
+    assert f"{os.path.join(path, 'config.json')}: {words}" in str(e.value), str(e.value)
