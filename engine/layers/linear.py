@@ -42,6 +42,8 @@ def check_loaded(loaded: Any, expected: tuple[int, ...]) -> None:
     Raises ValueError; the loader names the file, the tensor and the parameter."""
     if isinstance(loaded, torch.Tensor):
         shape, is_float, dtype = tuple(loaded.shape), loaded.is_floating_point(), str(loaded.dtype)
+    elif not hasattr(loaded, "get_dtype"):  # GGUF blocks: engine.loader.iter_gguf checked their shape
+        return
     else:  # a safetensors slice
         shape, dtype = tuple(loaded.get_shape()), loaded.get_dtype()
         is_float = dtype in _FLOAT_DTYPES
@@ -99,9 +101,10 @@ class LinearBase(nn.Module):
         return self.add_lora(x, dense_linear(x, self.weight, bias))
 
     def is_float_param(self, param: nn.Parameter) -> bool:
-        """Whether param is a float weight or bias of this layer, loaded as the checkpoint stores it (a
-        quantization's tensors pass in its own views and shapes: its loaders check them)."""
-        return param is self.bias or (param is self.weight and self.quant_method is None)
+        """Whether param is this layer's weight or bias in the checkpoint's [out, in] / [out] layout (float,
+        or FP8 and GGUF weights, whose blocks engine.loader.iter_gguf checked); a quantization's packed
+        tensors pass in its own views and shapes: its loaders check them."""
+        return param is self.bias or param is getattr(self, "weight", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         if self.is_float_param(param):

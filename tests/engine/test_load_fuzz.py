@@ -244,3 +244,18 @@ def test_config_field_of_the_wrong_json_type_refused(tiny_llama: str, tmp_path, 
     with pytest.raises(ModelLoadError) as e:
         LLM(path, max_model_len=64)
     assert f"{os.path.join(path, 'config.json')}: {words}" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda t: t[:1].clone(), "expected shape (64, 64)"),
+    (lambda t: torch.cat([t, t]), "expected shape (64, 64)"),
+    (lambda t: torch.ones_like(t, dtype=torch.int32), "expected floating-point weights, got I32"),
+])
+def test_wrong_weight_refused_when_quantized_at_load(biased: str, tmp_path, monkeypatch, make, words: str) -> None:
+    """quantization='fp8' on float weights: the layer's weight belongs to the FP8 method, and a broadcast,
+    cut or integer q_proj loaded silently."""
+    monkeypatch.setenv("GANTRY_FP8_EMULATE", "1")
+    path = _edit_tensors(_copy(biased, tmp_path / "m"), _set(f"{Q}.weight", make))
+    with pytest.raises(ModelLoadError) as e:
+        LLM(path, max_model_len=64, quantization="fp8")
+    assert repr(f"{Q}.weight") in str(e.value) and words in str(e.value), str(e.value)
