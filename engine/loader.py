@@ -57,6 +57,12 @@ def _safetensors_files(path: str) -> list[str]:
 
 def iter_safetensors(path: str) -> Iterator[tuple[str, Any]]:
     """(name, lazy slice) pairs; a slice reads from disk only the rows/cols asked of it."""
+    for _, name, loaded in iter_safetensors_files(path):
+        yield name, loaded
+
+
+def iter_safetensors_files(path: str) -> Iterator[tuple[str, str, Any]]:
+    """(file, name, lazy slice): iter_safetensors with the shard file each tensor is in, for errors to name."""
     from safetensors import SafetensorError, safe_open
 
     seen: dict[str, str] = {}  # tensor name -> the file that held it
@@ -71,7 +77,7 @@ def iter_safetensors(path: str) -> Iterator[tuple[str, Any]]:
                 # Reopened per tensor: pages read through the memory map count in this process's
                 # RSS until it is unmapped, so one open file would hold all of it that we touched.
                 with safe_open(file, framework="pt") as f:
-                    yield name, f.get_slice(name)
+                    yield file, name, f.get_slice(name)
         except SafetensorError as e:
             raise ModelLoadError(file, f"corrupt safetensors file: {e}") from None
 
@@ -178,19 +184,22 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
         return
     if model_config.load_format == "gguf":
         keep_blocks = model_config.quantization == "gguf"
-        tensors: Iterator[tuple[str, Any]] = iter_gguf(model_config.path, model_config.hf_config, keep_blocks)
+        tensors: Iterator[tuple[str, str, Any]] = (
+            (model_config.path, name, loaded)
+            for name, loaded in iter_gguf(model_config.path, model_config.hf_config, keep_blocks))
         total = len(open_gguf(model_config.path).tensors)
     else:
-        tensors = iter_safetensors(model_config.path)
+        tensors = iter_safetensors_files(model_config.path)  # errors name the shard a tensor is in
         total = None
     loaded_names: set[str] = set()
     # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
     show_progress = show_progress and sys.stderr.isatty()
     num_layers = model_config.num_layers
-    for name, loaded in tqdm(tensors, desc="Loading weights", unit="tensor", total=total, disable=not show_progress):
+    for file, name, loaded in tqdm(tensors, desc="Loading weights", unit="tensor", total=total,
+                                   disable=not show_progress):
         layer = re.match(r"model\.layers\.(\d+)\.", name)
         if layer and int(layer.group(1)) >= num_layers:  # the model would run without it (another stage's is skipped)
-            raise ModelLoadError(model_config.path, f"tensor {name!r} is beyond the model's layers: "
+            raise ModelLoadError(file, f"tensor {name!r} is beyond the model's layers: "
                                  f"config num_hidden_layers is {num_layers}")
         mapped = model.checkpoint_to_param(name)
         if mapped is None:
@@ -200,7 +209,7 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
         if param is None and take_kv_scale(model, param_name, loaded):  # per-layer KV scales, not parameters
             continue
         if param is None:
-            raise ModelLoadError(model_config.path, f"unexpected tensor {name!r} for {model_config.architecture}")
+            raise ModelLoadError(file, f"unexpected tensor {name!r} for {model_config.architecture}")
         loader = getattr(param, "weight_loader", None)
         if isinstance(loaded, GGUFBlocks) and not getattr(param, "accepts_gguf_blocks", False):
             loaded = loaded.dequantize()  # a parameter of a layer that is not quantized
@@ -215,7 +224,7 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
         except ModelLoadError:
             raise
         except (RuntimeError, ValueError) as e:  # ValueError: engine.layers.linear.check_loaded
-            raise ModelLoadError(model_config.path, f"tensor {name!r} of shape {shape} does not fit {param_name}: {e}") from None
+            raise ModelLoadError(file, f"tensor {name!r} of shape {shape} does not fit {param_name}: {e}") from None
         loaded_names.add(param_name if shard_id is None else f"{param_name}:{shard_id}")
     expected = set()
     for name, param in params.items():

@@ -133,6 +133,21 @@ def test_sharded_checkpoint_loads(tiny_llama: str, tmp_path) -> None:
     assert LLM(path, max_model_len=64).llm_engine is not None
 
 
+def test_sharded_error_names_the_shard(tiny_llama: str, tmp_path) -> None:
+    """A wrong-shaped tensor in the second shard: the error names that file, not the model directory."""
+    from safetensors.torch import load_file, save_file
+
+    path = _shard(_copy(tiny_llama, tmp_path / "m"))
+    file = os.path.join(path, "b.safetensors")
+    tensors = load_file(file)
+    name = next(n for n in sorted(tensors) if n.endswith("q_proj.weight"))
+    tensors[name] = tensors[name][:1]  # [1, hidden]: would broadcast
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as e:
+        LLM(path, max_model_len=64)
+    assert e.value.path == file and name in str(e.value), str(e.value)
+
+
 def _without(path: str, key: str) -> str:
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
