@@ -26,6 +26,7 @@ from engine.layers.linear import check_loaded
 from engine.layers.quant.dummy import fill_dummy_quantized
 from engine.layers.quant.fp8_kv import take_kv_scale
 from engine.layers.quant.gguf import GGUFBlocks
+from engine.lora.adapter import SUPPORTED_MODULES, ModelDims
 from engine.model_config import ModelConfig
 
 logger = logging.getLogger("gantry.engine")
@@ -111,16 +112,16 @@ def gguf_expected_shape(name: str, c: Any) -> tuple[int, ...] | None:
     """The shape of GGUF tensor `name` (its HF name) that the model config built from the same file gives
     (torch order); None for a tensor this does not know. A quantized matrix goes to its layer in blocks,
     past the float layers' check (engine.layers.linear.check_loaded): its shape is checked here."""
-    h, i, head_dim = c.hidden_size, c.intermediate_size, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    dims = ModelDims.from_hf(c)  # the projections' (in, out), as LoRA adapters are checked against them
     module, kind = name.split(".")[-2:]
-    rows = {"embed_tokens": c.vocab_size, "lm_head": c.vocab_size, "q_proj": q, "k_proj": kv, "v_proj": kv,
-            "o_proj": h, "gate_proj": i, "up_proj": i, "down_proj": h, "q_norm": head_dim, "k_norm": head_dim}.get(module)
-    if rows is None and module.endswith("norm"):
-        rows = h
-    if rows is None:
-        return None
-    return (rows,) if kind == "bias" or module.endswith("norm") else (rows, {"o_proj": q, "down_proj": i}.get(module, h))
+    if module in SUPPORTED_MODULES:
+        in_features, out_features = dims.shape(module)
+        return (out_features,) if kind == "bias" else (out_features, in_features)
+    if module in ("embed_tokens", "lm_head"):
+        return (c.vocab_size, dims.hidden)
+    if module in ("q_norm", "k_norm"):
+        return (dims.q_size // c.num_attention_heads,)  # head_dim
+    return (dims.hidden,) if module.endswith("norm") else None
 
 
 def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[tuple[str, Any]]:
