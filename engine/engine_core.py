@@ -102,8 +102,7 @@ class EngineCore:
             try:
                 check_adapter_files(req.lora_request.lora_path, self.max_lora_rank, "model")
             except LoRAError as e:  # removed or changed since it was registered: this request fails alone
-                self._pending.extend(EngineCoreOutput(request_id=req.request_id, index=s.index, finish_reason="abort",
-                                                      error=(e.param, e.message)) for s in request.seqs)
+                self._report_failed(request, (e.param, e.message))
                 return
         if params.structured_outputs is not None:
             try:
@@ -111,8 +110,7 @@ class EngineCore:
                     raise StructuredOutputsError("structured_outputs", "not supported by this engine")
                 self.structured_output_manager.add_request(request, self.scheduler.eos_token_ids)
             except StructuredOutputsError as e:  # the request fails alone, with the field named
-                self._pending.extend(EngineCoreOutput(request_id=req.request_id, index=s.index, finish_reason="abort",
-                                                      error=(e.param, e.message)) for s in request.seqs)
+                self._report_failed(request, (e.param, e.message))
                 return
         self.requests[req.request_id] = request
         for seq in request.seqs:
@@ -325,6 +323,10 @@ class EngineCore:
         for s in live:
             s.finish_reason = "abort"
         self.scheduler.finish(live)
+        self._report_failed(request, error)
+
+    def _report_failed(self, request: Request, error: tuple[str, str]) -> None:
+        """Every sample of request ends with error (param, message), sent with the next outputs."""
         self._pending.extend(EngineCoreOutput(request_id=request.request_id, index=s.index, finish_reason="abort",
                                               error=error) for s in request.seqs)
 
