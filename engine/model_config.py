@@ -122,6 +122,12 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> Pret
     return config
 
 
+def _field_param(key: str, overrides: dict[str, Any], source: str) -> str:
+    """The field a ConfigError names: hf_overrides.<key> when the override set it, else <source>.<key>
+    (config.json or gguf)."""
+    return f"hf_overrides.{key}" if key in overrides else f"{source}.{key}"
+
+
 def _check_raw_config(path: str, raw: Any) -> None:
     """config.json's shapes transformers reads without checking: null escaped as a TypeError, a string
     quantization_config as an AttributeError, and architectures "LlamaForCausalLM" was read a letter at
@@ -151,9 +157,8 @@ def _check_shape(config: PretrainedConfig, overrides: dict[str, Any], derived_he
     into num_attention_heads (a derived head_dim follows an override of either), query heads grouped over
     num_key_value_heads; a ConfigError names the override, else the checkpoint's field (source: config.json
     or gguf). hf_overrides={"num_attention_heads": 3} on hidden_size 64 loaded and generated garbage."""
-    def param(*keys: str) -> str:
-        key = next((k for k in keys if k in overrides), keys[0])
-        return f"hf_overrides.{key}" if key in overrides else f"{source}.{key}"
+    def param(*keys: str) -> str:  # the first key overridden, else the first
+        return _field_param(next((k for k in keys if k in overrides), keys[0]), overrides, source)
 
     if not hasattr(config, "num_key_value_heads"):
         config.num_key_value_heads = getattr(config, "num_attention_heads", None)  # no GQA
@@ -189,7 +194,7 @@ def _check_model_fields(path: str, config: PretrainedConfig, overrides: dict[str
     source = "gguf" if is_gguf else "config.json"
 
     def param(key: str) -> str:
-        return f"hf_overrides.{key}" if key in overrides else f"{source}.{key}"
+        return _field_param(key, overrides, source)
 
     if not is_gguf:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
