@@ -15,10 +15,10 @@ import kubernetes_validate
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from launcher import schema
-from launcher.plan import Plan, build_plan
+from launcher.plan import Plan, PlanError, build_plan
 from launcher.render import render_job
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +38,21 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 def plan_for(overrides: list[str], job_dir: str = JOB_DIR) -> Plan:
     return build_plan(compose_config(FIXED + overrides), job_dir)
+
+
+def plan_with(overrides: list[str], values: dict) -> Plan:
+    """The plan of overrides with values set afterwards (newlines cannot be typed as overrides)."""
+    cfg = compose_config(FIXED + overrides)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return build_plan(cfg, JOB_DIR)
+
+
+def assert_refused(overrides: list[str], values: dict, key: str) -> None:
+    """plan_with refuses the config, and one of its problems names key."""
+    with pytest.raises(PlanError) as err:
+        plan_with(overrides, values)
+    assert any(key in p.keys for p in err.value.problems), err.value
 
 
 def render(overrides: list[str], job_dir: str = JOB_DIR) -> dict[str, str]:

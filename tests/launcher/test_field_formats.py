@@ -10,15 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from launcher.plan import PlanError, build_plan
-from tests.launcher.conftest import FIXED, JOB_DIR, compose_config, run_cli
-
-
-def plan_with(overrides: list[str], values: dict):
-    cfg = compose_config(FIXED + overrides)
-    for key, value in values.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    return build_plan(cfg, JOB_DIR)
+from tests.launcher.conftest import assert_refused, plan_with, run_cli
 
 
 K8S = ["deploy=k8s"]
@@ -62,10 +54,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_bad_field_is_refused_naming_it(case: str) -> None:
-    overrides, values, key = REFUSED[case]
-    with pytest.raises(PlanError) as err:
-        plan_with(overrides, values)
-    assert any(key in p.keys for p in err.value.problems), err.value
+    assert_refused(*REFUSED[case])
 
 
 ACCEPTED = {

@@ -12,21 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
-from launcher.plan import PlanError, build_plan
 from launcher.render import render_job
-from tests.launcher.conftest import FIXED, JOB_DIR, compose_config
+from tests.launcher.conftest import assert_refused, plan_with
 
 INJECT = "x\ntouch PWNED"
-
-
-def plan_with(overrides: list[str], values: dict):
-    """The plan of overrides with values set afterwards (newlines cannot be typed as overrides)."""
-    cfg = compose_config(FIXED + overrides)
-    for key, value in values.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    return build_plan(cfg, JOB_DIR)
 
 
 REFUSED = {
@@ -55,10 +45,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
 def test_unquotable_value_is_refused_naming_the_key(case: str) -> None:
-    overrides, values, key = REFUSED[case]
-    with pytest.raises(PlanError) as err:
-        plan_with(overrides, values)
-    assert any(key in p.keys for p in err.value.problems), err.value
+    assert_refused(*REFUSED[case])
 
 
 @pytest.mark.parametrize("image", ["gantry:latest", "gantry", "registry.example.com:5000/team/gantry:0.1",
