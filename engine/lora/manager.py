@@ -188,7 +188,7 @@ class LoRAManager:
             seg_slot = np.concatenate([seg_slot, np.full(self.max_tiles - num, -1, dtype=np.int32)])
             if self.static_shrink is not None:  # stream-ordered after the previous step's reads, before this one
                 self.static_shrink.zero_()
-            self._token_slots_only(token_slots, True)
+            self._write_static_slots(token_slots)
             self.static_perm[: len(perm)].copy_(self._dev(perm))
             self.static_seg_start.copy_(self._dev(seg_start))
             self.static_seg_slot.copy_(self._dev(seg_slot))
@@ -197,13 +197,17 @@ class LoRAManager:
                          min(tile, int(counts.max())), True)
 
     def _token_slots_only(self, token_slots: np.ndarray, is_decode: bool) -> LoRABatch:
-        """Each token's slot on the device (decode: into the static buffer, -1 past the step's tokens)."""
+        """Each token's slot on the device, and nothing grouped by slot."""
         if not is_decode:
             return LoRABatch(self._dev(token_slots), None, None, None, None, True)
+        self._write_static_slots(token_slots)
+        return self._static_batch()
+
+    def _write_static_slots(self, token_slots: np.ndarray) -> None:
+        """A decode step's token slots into the static buffer CUDA graphs read, -1 past the step's tokens."""
         padded = np.full(len(self.static_token_slots), -1, dtype=np.int32)
         padded[: len(token_slots)] = token_slots
         self.static_token_slots.copy_(self._dev(padded))
-        return self._static_batch()
 
     def _static_batch(self) -> LoRABatch:
         return LoRABatch(self.static_token_slots, self.static_perm, self.static_seg_start, self.static_seg_slot,
