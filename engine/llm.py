@@ -84,13 +84,17 @@ class LLM:
         messages: Conversation | list[Conversation],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+        *,
         add_generation_prompt: bool = True,
     ) -> list[RequestOutput]:
+        """vLLM's positional order (messages, sampling_params, use_tqdm, lora_request); the rest by keyword.
+        messages: one conversation or a list of them; lora_request as generate()'s."""
         if not isinstance(messages, list):
             raise RequestError("messages", f"must be a list of messages or of conversations, got {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.llm_engine.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self._run(prompts, sampling_params, use_tqdm)
+        return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType],
                     params: BeamSearchParams | SequenceABC[BeamSearchParams], use_tqdm: bool = True) -> list[BeamSearchOutput]:

@@ -1,0 +1,36 @@
+"""The offline API as a vLLM user porting a script drives it: each test is a defect found by fuzzing
+LLM.generate/chat/beam_search with vLLM's signatures and SamplingParams (one LLM for the module)."""
+from __future__ import annotations
+
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.errors import RequestError
+from engine.lora.request import LoRARequest
+
+PROMPT = [5, 6, 7, 8]
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama: str) -> LLM:
+    return LLM(tiny_llama, max_model_len=64, max_num_seqs=8)
+
+
+def token_ids(outputs: list) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_chat_takes_lora_request_where_vllm_does(llm: LLM) -> None:
+    """vLLM's LLM.chat(messages, sampling_params, use_tqdm, lora_request, ...): the adapter given
+    positionally was taken as add_generation_prompt and the base model answered, silently."""
+    conversation = [{"role": "user", "content": "the cat"}]
+    adapter = LoRARequest("missing", 1, "/nonexistent/adapter")
+    with pytest.raises(RequestError) as err:  # this engine has no LoRA: the adapter is refused, not dropped
+        llm.chat(conversation, GREEDY, False, adapter)
+    assert err.value.param == "lora_request"
+    with pytest.raises(RequestError) as err:
+        llm.chat(conversation, GREEDY, use_tqdm=False, lora_request=adapter)
+    assert err.value.param == "lora_request"
+    assert token_ids(llm.chat(conversation, GREEDY, False, None)) == token_ids(
+        llm.chat(conversation, GREEDY, use_tqdm=False, add_generation_prompt=True))
