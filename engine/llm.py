@@ -118,26 +118,37 @@ class LLM:
         params_list = _per_prompt(sampling_params, SamplingParams, "sampling_params", len(prompts))
         loras = _per_prompt(lora_request, LoRARequest, "lora_request", len(prompts))
         engine = self.llm_engine
-        ids = []
+        ids: list[str] = []
+        finished: dict[str, RequestOutput] = {}
         try:
             for prompt, params, lora in zip(prompts, params_list, loras):
                 request_id = str(next(self._counter))
                 engine.add_request(request_id, prompt, _offline_params(params, engine.config.max_num_seqs),
                                    lora_request=lora)
                 ids.append(request_id)
-        except Exception:
-            engine.abort_request(ids)
-            engine.step()
+            ours = set(ids)
+            # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
+            show = use_tqdm and sys.stderr.isatty()
+            with tqdm(total=len(ids), desc="Generating", unit="req", disable=not show) as bar:
+                while len(finished) < len(ids):
+                    for output in engine.step():
+                        if output.finished and output.request_id in ours:
+                            finished[output.request_id] = output
+                            bar.update(1)
+        except BaseException:  # a refused prompt, or an interrupt (Ctrl-C): nothing of this call keeps running
+            _abort(engine, [i for i in ids if i not in finished])
             raise
-        finished: dict[str, RequestOutput] = {}
-        # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
-        with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm or not sys.stderr.isatty()) as bar:
-            while len(finished) < len(ids):
-                for output in engine.step():
-                    if output.finished and output.request_id in ids:
-                        finished[output.request_id] = output
-                        bar.update(1)
         return [keep_best_of(finished[i], p) for i, p in zip(ids, params_list)]
+
+
+def _abort(engine: LLMEngine, request_ids: list[str]) -> None:
+    """Free request_ids in the engine and collect their final outputs, so no page stays held and the next
+    call starts idle; a failure while collecting (the engine itself down) leaves the caller's exception."""
+    engine.abort_request(request_ids)
+    try:
+        engine.step()
+    except Exception:
+        logging.getLogger("gantry").debug("collecting aborted requests failed", exc_info=True)
 
 
 def _per_prompt(value: Any, cls: type, name: str, count: int) -> list[Any]:

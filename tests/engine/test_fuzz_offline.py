@@ -34,3 +34,25 @@ def test_chat_takes_lora_request_where_vllm_does(llm: LLM) -> None:
     assert err.value.param == "lora_request"
     assert token_ids(llm.chat(conversation, GREEDY, False, None)) == token_ids(
         llm.chat(conversation, GREEDY, use_tqdm=False, add_generation_prompt=True))
+
+
+def test_interrupted_generate_leaves_nothing_running(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in a notebook mid-generate: the batch kept running inside the next generate() call
+    (its outputs thrown away), as beam_search's engine_step already prevents."""
+    engine = llm.llm_engine
+    reference = token_ids(llm.generate([PROMPT], GREEDY, use_tqdm=False))
+    real_step, calls = engine.step, []
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", interrupted_step)
+    long = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([PROMPT] * 4, long, use_tqdm=False)
+    monkeypatch.setattr(engine, "step", real_step)
+    assert not engine.has_unfinished_requests()
+    assert token_ids(llm.generate([PROMPT], GREEDY, use_tqdm=False)) == reference
