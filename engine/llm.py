@@ -97,9 +97,16 @@ class LLM:
         return self._run(prompts, sampling_params, use_tqdm, lora_request)
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType],
-                    params: BeamSearchParams | SequenceABC[BeamSearchParams], use_tqdm: bool = True) -> list[BeamSearchOutput]:
+                    params: BeamSearchParams | SequenceABC[BeamSearchParams],
+                    lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+                    use_tqdm: bool = True) -> list[BeamSearchOutput]:
         """vLLM's: one BeamSearchOutput per prompt, its beam_width sequences best first (transformers'
-        beam search semantics; see engine/beam_search.py). params: one for all, or one per prompt."""
+        beam search semantics; see engine/beam_search.py). params: one for all, or one per prompt.
+        lora_request: in vLLM's place, but beams run on the base model, so an adapter is refused (as the
+        server's use_beam_search refuses one) rather than ignored."""
+        loras = [lora_request] if not isinstance(lora_request, SequenceABC) else list(lora_request)
+        if any(lora is not None for lora in loras):
+            raise RequestError("lora_request", "not supported with beam search (the beams run on the base model)")
         if not isinstance(params, BeamSearchParams) and not (
                 isinstance(params, SequenceABC) and all(isinstance(p, BeamSearchParams) for p in params)):
             raise RequestError("params", f"must be a BeamSearchParams or a list of them, got {type(params).__name__}")

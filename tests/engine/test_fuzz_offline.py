@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.beam_search import BeamSearchParams
 from engine.errors import RequestError
 from engine.lora.request import LoRARequest
 
@@ -56,3 +57,18 @@ def test_interrupted_generate_leaves_nothing_running(llm: LLM, monkeypatch: pyte
     monkeypatch.setattr(engine, "step", real_step)
     assert not engine.has_unfinished_requests()
     assert token_ids(llm.generate([PROMPT], GREEDY, use_tqdm=False)) == reference
+
+
+def test_beam_search_takes_lora_request_where_vllm_does(llm: LLM) -> None:
+    """vLLM's LLM.beam_search(prompts, params, lora_request, use_tqdm): the adapter given positionally
+    was taken as use_tqdm and the base model searched, silently. Beams run on the base model's steps,
+    so an adapter is refused (as the server's use_beam_search does), not dropped."""
+    params = BeamSearchParams(beam_width=2, max_tokens=3)
+    adapter = LoRARequest("adapter", 1, "/nonexistent/adapter")
+    for call in (lambda: llm.beam_search([PROMPT], params, adapter),
+                 lambda: llm.beam_search([PROMPT], params, lora_request=[adapter])):
+        with pytest.raises(RequestError) as err:
+            call()
+        assert err.value.param == "lora_request"
+    [out] = llm.beam_search([PROMPT], params, None, False)
+    assert len(out.sequences) == 2
