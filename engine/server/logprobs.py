@@ -2,11 +2,22 @@
 and the legacy completions object (tokens, token_logprobs, top_logprobs, text_offset)."""
 from __future__ import annotations
 
+import re
+from functools import lru_cache
 from typing import Any
 
 from engine.outputs import Logprob
 
 MIN_LOGPROB = -9999.0  # stands for -inf, which JSON cannot carry
+SP_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback tokens
+
+
+@lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte -> the byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    return {**{chr(b): b for b in keep}, **{chr(256 + k): b for k, b in enumerate(shifted)}}
 
 
 def _clamp(logprob: float) -> float:
@@ -24,6 +35,21 @@ class TokenText:
             return lp.decoded_token
         return self.tokenizer.decode([token_id])
 
+    def utf8(self, token_id: int, text: str) -> list[int]:
+        """A token's `bytes`: for a token that is part of a character (its text decodes to U+FFFD) the
+        token's own bytes, from its byte-level BPE or <0xHH> piece, so that a client joining the bytes of
+        consecutive tokens gets the character, as OpenAI intends; else the UTF-8 of its text."""
+        if "\ufffd" in text and self.tokenizer is not None:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and piece:
+                alphabet = _byte_level_alphabet()
+                m = SP_BYTE_TOKEN.fullmatch(piece)
+                raw = (bytes([int(m.group(1), 16)]) if m else bytes(alphabet[c] for c in piece)
+                       if all(c in alphabet for c in piece) else None)
+                if raw is not None and raw.decode("utf-8", "replace") == text:  # the piece is the token's bytes
+                    return list(raw)
+        return list(text.encode("utf-8"))
+
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int, detok: TokenText) -> dict:
     """A choice's `logprobs` object: per-token content; `refusal` is required and this server never refuses."""
@@ -35,9 +61,9 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top:
         content.append({
             "token": token,
             "logprob": _clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
-            "bytes": list(token.encode("utf-8")),
+            "bytes": detok.utf8(tid, token),
             "top_logprobs": [
-                {"token": (t := detok(i, lp)), "logprob": _clamp(lp.logprob), "bytes": list(t.encode("utf-8"))}
+                {"token": (t := detok(i, lp)), "logprob": _clamp(lp.logprob), "bytes": detok.utf8(i, t)}
                 for i, lp in tops
             ],
         })

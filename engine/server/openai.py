@@ -27,7 +27,7 @@ from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from engine.beam_search import BeamSearchParams, best_of_params
 from engine.server.beam import BeamResult, best_of_order, run_beam_search_all, step_generate
 from engine.server.protocol import APIError
-from engine.server.results import Results
+from engine.server.results import Results, Sample
 from engine.server.reasoning import ReasoningDeltas, assistant_message, get_reasoning_spec
 from engine.server.text import PreparedChat, PreparedCompletion
 from engine.server.tool_stream import ToolDeltas
@@ -164,6 +164,12 @@ def _keep_best_of(results: Results, n: int) -> None:
     results.n = n
 
 
+def _usage_so_far(prompt_token_ids: list[int], sample: Sample | None) -> dict[str, int]:
+    """stream_options.continuous_usage_stats: a chunk's usage, its choice's tokens so far (as vLLM's)."""
+    prompt, completion = len(prompt_token_ids), 0 if sample is None else len(sample.token_ids)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 async def _collect(stream: RequestStream, results: Results, prompt_param: str) -> None:
     async for delta in _iterate(stream, prompt_param):
         results.apply(delta)
@@ -285,9 +291,11 @@ async def create_completion(request: Request) -> HTTPResponse | None:
                     continue  # tokens that end inside a character: nothing to say yet
                 # the common chunk written directly: json.dumps of the whole body per token was
                 # the API process's largest cost at a few thousand tokens a second
+                usage = (f',"usage":{_json(_usage_so_far(results.requests[choice // results.n].prompt_token_ids, s))}'
+                         if req.continuous_usage else "")
                 parts.append(f'{head}{{"index":{choice},"text":{_json(text + new_text)},"logprobs":'
                              f'{_json(lps)},"finish_reason":{_json(s.finish_reason)},"stop_reason":'
-                             f'{_json(s.stop_reason)}}}]}}\n\n')
+                             f'{_json(s.stop_reason)}}}]{usage}}}\n\n')
             if parts:
                 await response.send("".join(parts))
         if req.include_usage:
@@ -348,9 +356,10 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
                 body["usage"] = usage
             return _sse(body)
 
+        role_usage = _usage_so_far(prepared.prompt_token_ids, None) if req.continuous_usage else None
         for i in range(req.params.n):
             await response.send(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]))
+                                        "logprobs": None, "finish_reason": None}], role_usage))
         head = _sse_head("chat.completion.chunk", cid, created, model)
         tail = ',"usage":null}\n\n' if req.include_usage else '}\n\n'
         split = None if reasoning is None else ReasoningDeltas(reasoning)
@@ -370,6 +379,8 @@ async def create_chat_completion(request: Request) -> HTTPResponse | None:
                     if tool_deltas is not None:
                         d, finish = tool_deltas.delta(choice, d, done), tool_deltas.finish_reason(choice, finish)
                     message = _json(d)
+                if req.continuous_usage:
+                    tail = f',"usage":{_json(_usage_so_far(prepared.prompt_token_ids, s))}}}\n\n'
                 parts.append(f'{head}{{"index":{choice},"delta":{message},"logprobs":{_json(lps)},'
                              f'"finish_reason":{_json(finish)},"stop_reason":{_json(s.stop_reason)}}}]'
                              f'{tail}')

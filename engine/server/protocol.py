@@ -184,19 +184,21 @@ def check_model(body: dict, ctx: ModelContext) -> None:
                             f"`{ctx.served_model_name}`", param="model", code="model_not_found")
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
-    """include_usage from stream_options (only valid with stream=true)."""
+def _stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
+    """(include_usage, continuous usage) from stream_options (only valid with stream=true); vLLM's
+    continuous_usage_stats puts the usage so far in every chunk, when include_usage is true too."""
     opts = body.get("stream_options")
     if opts is None:
-        return False
+        return False, False
     if not stream:
         raise bad("stream_options", "only allowed when stream is true")
     if not isinstance(opts, dict):
         raise bad("stream_options", "must be an object")
-    usage = opts.get("include_usage")
-    if usage is not None and not isinstance(usage, bool):
-        raise bad("stream_options.include_usage", f"must be a boolean, got {show(usage)}")
-    return bool(usage)
+    for key in ("include_usage", "continuous_usage_stats"):
+        if opts.get(key) is not None and not isinstance(opts[key], bool):
+            raise bad(f"stream_options.{key}", f"must be a boolean, got {show(opts[key])}")
+    usage = bool(opts.get("include_usage"))
+    return usage, usage and bool(opts.get("continuous_usage_stats"))
 
 
 def _stop(body: dict, ctx: ModelContext) -> list[str]:
@@ -212,8 +214,11 @@ def _stop(body: dict, ctx: ModelContext) -> list[str]:
     return stop
 
 
-def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    """Every sampling field both APIs share; max_tokens None means up to the context left."""
+def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logprobs: int | None,
+                    max_tokens_param: str = "max_tokens") -> SamplingParams:
+    """Every sampling field both APIs share; max_tokens None means up to the context left
+    (max_tokens_param: the field that gave it)."""
+    _str(body, "user")  # not acted on, but a string (as OpenAI's and vLLM's schemas require)
     from engine.server.protocol_structured import structured_outputs_params  # it imports this module
     logit_bias = body.get("logit_bias")
     if logit_bias:
@@ -222,7 +227,7 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
     if stop_token_ids is not None:
         _token_ids(stop_token_ids, "stop_token_ids", ctx.vocab_size, ctx.vocab_size)
     if max_tokens is not None and max_tokens > ctx.max_model_len:
-        raise bad("max_tokens", f"must be <= max_model_len ({ctx.max_model_len}), got {max_tokens}")
+        raise bad(max_tokens_param, f"must be <= max_model_len ({ctx.max_model_len}), got {max_tokens}")
     kwargs: dict[str, Any] = {
         "n": _int(body, "n", 1, MAX_N),
         # with use_beam_search, best_of is the beam width (beam_search_params)
@@ -278,6 +283,7 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # stream_options.continuous_usage_stats: usage in every chunk
     echo: bool
     logprobs: int | None  # top-k per token in the legacy format
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
@@ -314,11 +320,13 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
     stream = bool(_bool(body, "stream"))
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
     params = sampling_params(body, ctx, _int(body, "max_tokens", 1), logprobs)
+    include_usage, continuous_usage = _stream_options(body, stream)
     return CompletionRequest(
         prompts=prompts,
         params=params,
         stream=stream,
-        include_usage=_stream_options(body, stream),
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
         echo=bool(_bool(body, "echo")),
         logprobs=logprobs,
         beam=beam_search_params(body, ctx, params, stream, None if logprobs is None else "logprobs"),
@@ -332,22 +340,28 @@ class ChatRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # stream_options.continuous_usage_stats: usage in every chunk
     logprobs: bool
     top_logprobs: int
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
     continue_final_message: bool = False  # the last (assistant) message is left open for the model to go on
 
 
-def _message_content(content: Any, name: str, ctx: ModelContext) -> str:
+def _message_content(content: Any, name: str, ctx: ModelContext, role: str) -> str:
+    """A message's text; a list of parts is joined with newlines, as vLLM joins them (an assistant's
+    `refusal` part counts as text, as vLLM's does)."""
     if isinstance(content, str):
         return check_text(content, name, ctx)
     if isinstance(content, list):
         parts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad(f"{name}[{j}]", "only parts of type `text` with a string `text` are supported")
-            parts.append(check_text(part["text"], f"{name}[{j}].text", ctx))
-        return check_text("".join(parts), name, ctx)
+            kind = part.get("type") if isinstance(part, dict) else None
+            key = "refusal" if kind == "refusal" and role == "assistant" else "text"
+            if kind != key or not isinstance(part.get(key), str):
+                raise bad(f"{name}[{j}]", f"only parts of type `text` with a string `text` are supported, got "
+                                          f"{show(kind) if isinstance(part, dict) else show(part)}")
+            parts.append(check_text(part[key], f"{name}[{j}].{key}", ctx))
+        return check_text("\n".join(parts), name, ctx)
     raise bad(name, "must be a string or a list of text parts")
 
 
@@ -366,7 +380,13 @@ def parse_messages(messages: Any, ctx: ModelContext) -> list[dict[str, str]]:
         content = m.get("content")
         if content is None and role == "assistant":
             content = ""
-        out.append({"role": role, "content": _message_content(content, f"messages[{i}].content", ctx)})
+        message = {"role": role, "content": _message_content(content, f"messages[{i}].content", ctx, role)}
+        speaker = m.get("name")  # a participant's name: the chat template may show it (as vLLM passes it on)
+        if speaker is not None:
+            if not isinstance(speaker, str):
+                raise bad(f"messages[{i}].name", f"must be a string, got {show(speaker)}")
+            message["name"] = check_text(speaker, f"messages[{i}].name", ctx)
+        out.append(message)
     total = sum(len(m["content"]) for m in out)
     if ctx.max_text_chars is not None and total > ctx.max_text_chars:
         raise bad("messages", f"{total} characters of content cannot fit in max_model_len ({ctx.max_model_len} "
@@ -384,23 +404,26 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     top_logprobs = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
     if top_logprobs is not None and not logprobs:
         raise bad("top_logprobs", "requires logprobs to be true")
-    max_tokens = _int(body, "max_completion_tokens", 1)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", 1)
+    # both checked; max_completion_tokens wins (OpenAI's newer name, as vLLM)
+    max_completion_tokens, max_tokens = _int(body, "max_completion_tokens", 1), _int(body, "max_tokens", 1)
+    max_tokens_param = "max_tokens" if max_completion_tokens is None else "max_completion_tokens"
+    max_tokens = max_tokens if max_completion_tokens is None else max_completion_tokens
     add_generation_prompt = _bool(body, "add_generation_prompt") is not False
     continue_final = bool(_bool(body, "continue_final_message"))
     if continue_final and add_generation_prompt:  # vLLM's rule: the two open different messages
         raise bad("continue_final_message", "cannot be true with add_generation_prompt (set it to false)")
     if continue_final and messages[-1]["role"] != "assistant":
         raise bad("continue_final_message", "the last message must be the assistant's to continue")
-    params = sampling_params(body, ctx, max_tokens, (top_logprobs or 0) if logprobs else None)
+    params = sampling_params(body, ctx, max_tokens, (top_logprobs or 0) if logprobs else None, max_tokens_param)
+    include_usage, continuous_usage = _stream_options(body, stream)
     return ChatRequest(
         messages=messages,
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final,
         params=params,
         stream=stream,
-        include_usage=_stream_options(body, stream),
+        include_usage=include_usage,
+        continuous_usage=continuous_usage,
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         beam=beam_search_params(body, ctx, params, stream, "logprobs" if logprobs else None),

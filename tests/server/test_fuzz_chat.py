@@ -1,0 +1,135 @@
+"""A hostile but realistic client of /v1/chat/completions and /v1/completions, on the shared live
+server: each test pins a defect that was found by hand (the request, then what the server should do),
+in vLLM's or OpenAI's behaviour: text parts joined with newlines, `name` kept, a `refusal` part read,
+max_tokens checked beside max_completion_tokens, `user` a string, stream_options.continuous_usage_stats
+honoured, and logprobs `bytes` that join back into the text when a token is half a character."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import MODEL, LiveServer
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0)
+
+
+def tokenize_chat(server: LiveServer, messages: list) -> list[int]:
+    r = httpx.post(server.url("/tokenize"), json={"model": MODEL, "messages": messages}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def chat(server: LiveServer, **body) -> httpx.Response:
+    return httpx.post(server.url("/v1/chat/completions"), json={"model": MODEL, "messages": HI, "max_tokens": 2,
+                                                                **body}, timeout=60)
+
+
+def sse_events(server: LiveServer, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.url(path), json={"model": MODEL, **body}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        data = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]
+
+
+def test_text_parts_are_joined_with_newlines(server: LiveServer) -> None:
+    """[{text: Hello}, {text: world}] was templated as "Helloworld"; vLLM joins parts with "\\n"."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]}]
+    assert tokenize_chat(server, parts) == tokenize_chat(server, [{"role": "user", "content": "Hello\nworld"}])
+
+
+def test_an_image_part_is_a_400_naming_the_part(server: LiveServer) -> None:
+    content = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    r = chat(server, messages=[{"role": "user", "content": content}])
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "messages[0].content[1]" and "image_url" in err["message"]
+
+
+def test_an_assistant_refusal_part_is_its_text(server: LiveServer, client: openai.OpenAI) -> None:
+    """An assistant message replayed with OpenAI's `refusal` part was a 400; vLLM reads it as text."""
+    refused = [*HI, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+               {"role": "user", "content": "Why?"}]
+    as_text = [*HI, {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?"}]
+    assert tokenize_chat(server, refused) == tokenize_chat(server, as_text)
+    assert client.chat.completions.create(model=MODEL, messages=refused, max_tokens=2).choices[0].message
+    r = chat(server, messages=[{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]"  # the assistant's only
+
+
+def test_a_message_name_is_accepted_and_checked(server: LiveServer, client: openai.OpenAI) -> None:
+    named = [{"role": "user", "name": "bob", "content": "Hi"}]
+    assert client.chat.completions.create(model=MODEL, messages=named, max_tokens=2).choices[0].finish_reason
+    r = chat(server, messages=[{"role": "user", "name": 5, "content": "Hi"}])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"
+
+
+def test_max_tokens_is_checked_beside_max_completion_tokens(server: LiveServer) -> None:
+    """max_tokens=-5 passed unread when max_completion_tokens was given, and a too large
+    max_completion_tokens was blamed on max_tokens."""
+    r = chat(server, max_tokens=-5, max_completion_tokens=2)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = chat(server, max_tokens=None, max_completion_tokens=10**6)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    r = chat(server, max_tokens=50, max_completion_tokens=2)  # both valid: max_completion_tokens wins, as vLLM
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", {"messages": HI}), ("/v1/completions", {"prompt": "Hi"})])
+def test_user_must_be_a_string(server: LiveServer, path: str, body: dict) -> None:
+    r = httpx.post(server.url(path), json={"model": MODEL, "max_tokens": 2, "user": 5, **body}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "user"
+    r = httpx.post(server.url(path), json={"model": MODEL, "max_tokens": 2, "user": "u-1", "metadata": {"k": "v"},
+                                           "store": False, **body}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", {"messages": HI, "n": 2}),
+                                       ("/v1/completions", {"prompt": ["Hi", "Hello"]})])
+def test_continuous_usage_stats_puts_usage_in_every_chunk(server: LiveServer, path: str, body: dict) -> None:
+    """stream_options.continuous_usage_stats (vLLM) was ignored: only the last chunk had usage."""
+    opts = {"include_usage": True, "continuous_usage_stats": True}
+    events = sse_events(server, path, {**body, "max_tokens": 4, "ignore_eos": True, "stream": True,
+                                       "stream_options": opts})
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 8
+    seen: dict[int, int] = {}
+    for chunk in chunks:
+        (choice,) = chunk["choices"]
+        usage = chunk["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] and usage["prompt_tokens"] > 0
+        assert usage["completion_tokens"] >= seen.get(choice["index"], 0)
+        seen[choice["index"]] = usage["completion_tokens"]
+    assert seen == {0: 4, 1: 4}
+    # without include_usage it asks for nothing, as in vLLM
+    events = sse_events(server, path, {**body, "max_tokens": 2, "stream": True,
+                                       "stream_options": {"continuous_usage_stats": True}})
+    assert all("usage" not in e or e["usage"] is None for e in events)
+    r = httpx.post(server.url(path), json={"model": MODEL, **body, "max_tokens": 2, "stream": True,
+                                           "stream_options": {"continuous_usage_stats": "yes"}}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.continuous_usage_stats"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprob_bytes_of_split_characters_join_into_the_text(client: openai.OpenAI, stream: bool) -> None:
+    """An emoji or CJK character split over tokens: each token's text is U+FFFD, and `bytes` were
+    U+FFFD's (EF BF BD), so joining them gave mojibake; OpenAI's `bytes` are the token's own."""
+    text = "😀你好🎉 é"
+    r = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=20, logprobs=True, top_logprobs=2,
+                                       stream=stream, extra_body={"structured_outputs": {"regex": text}})
+    if stream:
+        tokens = [t for chunk in r if chunk.choices and chunk.choices[0].logprobs
+                  for t in chunk.choices[0].logprobs.content]
+    else:
+        tokens = r.choices[0].logprobs.content
+    assert any(t.token == "\ufffd" for t in tokens)  # the case under test: a token that is part of a character
+    joined = b"".join(bytes(t.bytes) for t in tokens).decode("utf-8")
+    assert joined.startswith(text)  # then only the end-of-turn token
