@@ -130,7 +130,9 @@ class OutputProcessor:
         still runs it and must abort it)."""
         if out.new_prompt_logprobs is not None:
             first, entries = out.new_prompt_logprobs
-            extend_prompt_logprobs(state.prompt_logprobs, first, entries, self.tokenizer)
+            # detokenize=False: no decoded_token either (vLLM's), nor the decoding it costs
+            extend_prompt_logprobs(state.prompt_logprobs, first, entries,
+                                   self.tokenizer if state.params.detokenize else None)
         params, stopped_here = state.params, False
         if sample.detokenizer is None and (out.new_logprobs is None or sample.logprobs is None):
             sample.token_ids.extend(out.new_token_ids)  # no text, no logprobs: all the loop below would do
@@ -148,9 +150,9 @@ class OutputProcessor:
             sample.token_ids.append(token_id)
             if out.new_logprobs is not None and sample.logprobs is not None:
                 lp = out.new_logprobs[i]
-                entry = {t: Logprob(v, r, self._decode_one(t))
+                entry = {t: Logprob(v, r, self._decode_one(t, params))
                          for r, (t, v) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), 1)}
-                entry[token_id] = Logprob(lp.logprobs[0], lp.rank, self._decode_one(token_id))
+                entry[token_id] = Logprob(lp.logprobs[0], lp.rank, self._decode_one(token_id, params))
                 sample.logprobs.append(entry)
                 sample.cumulative_logprob += lp.logprobs[0]
             last = i == len(out.new_token_ids) - 1
@@ -163,8 +165,9 @@ class OutputProcessor:
                     return out.finish_reason is None
         return False
 
-    def _decode_one(self, token_id: int) -> str | None:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else None
+    def _decode_one(self, token_id: int, params: SamplingParams) -> str | None:
+        """A logprob entry's decoded_token: None with detokenize=False (vLLM's) or without a tokenizer."""
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None and params.detokenize else None
 
     def _make_output(self, state: RequestState) -> RequestOutput | None:
         kind, finished = state.params.output_kind, state.finished

@@ -72,3 +72,16 @@ def test_beam_search_takes_lora_request_where_vllm_does(llm: LLM) -> None:
         assert err.value.param == "lora_request"
     [out] = llm.beam_search([PROMPT], params, None, False)
     assert len(out.sequences) == 2
+
+
+def test_detokenize_false_names_no_logprob_token(llm: LLM) -> None:
+    """vLLM's detokenize=False: no text and no Logprob.decoded_token (sample and prompt logprobs); the
+    tokenizer decoded every top-k token anyway, the CPU cost detokenize=False is for."""
+    params = SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=2, detokenize=False)
+    [out] = llm.generate([PROMPT], params, use_tqdm=False)
+    assert out.outputs[0].text == ""
+    entries = [e for e in out.outputs[0].logprobs + out.prompt_logprobs[1:]]
+    assert entries and all(lp.decoded_token is None for e in entries for lp in e.values())
+    [named] = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=2),
+                           use_tqdm=False)
+    assert all(lp.decoded_token is not None for e in named.outputs[0].logprobs for lp in e.values())
