@@ -234,17 +234,21 @@ class ToolDeltas:
         self.held: dict[int, str] = {}  # hermes: a possible tag; else the whole text (a fallback, or to parse)
         self.bodies: dict[int, str] = {}  # hermes: the open call's text, content again if it is no call
         self.num_calls: dict[int, int] = {}
+        self.spaces: dict[int, str] = {}  # hermes: content's trailing whitespace, held back (see _hold_spaces)
 
     def _entries(self, choice: int, events: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """OpenAI tool_calls delta entries; a call's fragments in one step go out as one entry."""
+        """OpenAI tool_calls delta entries; a call's fragments in one step go out as one entry. With
+        parallel_tool_calls false only the first call goes out (as vLLM drops the others)."""
         out: list[dict[str, Any]] = []
+        single = not self.tr.parallel_tool_calls
         for kind, value in events:
             if kind == "call":
                 index = self.num_calls.get(choice, 0)
                 self.num_calls[choice] = index + 1
-                out.append({"index": index, "id": new_call_id(), "type": "function",
-                            "function": {"name": value, "arguments": ""}})
-            elif not value:
+                if not (single and index):
+                    out.append({"index": index, "id": new_call_id(), "type": "function",
+                                "function": {"name": value, "arguments": ""}})
+            elif not value or (single and self.num_calls[choice] > 1):
                 continue
             elif out and "id" not in out[-1]:
                 out[-1]["function"]["arguments"] += value
@@ -287,12 +291,24 @@ class ToolDeltas:
                 content += HERMES_START + self.bodies[choice] + HERMES_END
         return content, entries
 
+    def _hold_spaces(self, choice: int, content: str, finished: bool) -> str:
+        """Content's trailing whitespace waits for more text: the whole answer's content is stripped when it made
+        calls (tools.parse_tool_calls), so the newline between two calls, or after the last, is not content."""
+        text = self.spaces.pop(choice, "") + content
+        body = text.rstrip()
+        if not finished:
+            self.spaces[choice] = text[len(body):]
+        elif not self.num_calls.get(choice):  # no calls: the whole answer keeps its text as it is
+            body = text
+        return body
+
     def delta(self, choice: int, d: dict[str, Any], finished: bool) -> dict[str, Any]:
         """d: the delta so far ({"content"} and maybe reasoning fields); returns it with tool calls."""
         text = d.pop("content", "") or ""
         content, entries = "", []
         if self.tr.tool_choice == "auto" and self.tr.parser == "hermes":
             content, entries = self._hermes(choice, text, finished)
+            content = self._hold_spaces(choice, content, finished)
         elif self.tr.tool_choice == "auto":  # llama3_json, mistral: the whole text decides
             self.held[choice] = self.held.get(choice, "") + text
             if finished:

@@ -224,7 +224,7 @@ def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str |
         content, calls = None, calls_from_constrained(tr, text)
     if not calls:
         return finish_reason
-    message["content"], message["tool_calls"] = content, calls
+    message["content"], message["tool_calls"] = content, calls if tr.parallel_tool_calls else calls[:1]
     return finish_reason if tr.tool_choice == "named" or finish_reason == "length" else "tool_calls"
 
 

@@ -2,7 +2,8 @@
 server: each test pins a defect that was found by hand (the request, then what the server should do),
 in vLLM's or OpenAI's behaviour: text parts joined with newlines, `name` kept, a `refusal` part read,
 max_tokens checked beside max_completion_tokens, `user` a string, stream_options.continuous_usage_stats
-honoured, and logprobs `bytes` that join back into the text when a token is half a character."""
+honoured, logprobs `bytes` that join back into the text when a token is half a character; with tools,
+parallel_tool_calls=false honoured and streamed content equal to the whole answer's around calls."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import openai
 import pytest
 
 from tests.server.conftest import MODEL, LiveServer
+from tests.server.test_tools_server import tool_server  # noqa: F401 (the auto tool-choice server, for this module)
 
 HI = [{"role": "user", "content": "Hi"}]
 
@@ -133,3 +135,51 @@ def test_logprob_bytes_of_split_characters_join_into_the_text(client: openai.Ope
     assert any(t.token == "\ufffd" for t in tokens)  # the case under test: a token that is part of a character
     joined = b"".join(bytes(t.bytes) for t in tokens).decode("utf-8")
     assert joined.startswith(text)  # then only the end-of-turn token
+
+
+# ---- tools, on a server with --enable-auto-tool-choice --tool-call-parser hermes ----
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+             "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {
+             "type": "object", "properties": {"tz": {"type": "string"}}, "required": ["tz"]}}}]
+TWO_CALLS = (r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "Paris"\}\}</tool_call>\n'
+             r'<tool_call>\{"name": "get_time", "arguments": \{"tz": "UTC"\}\}</tool_call>\n')
+
+
+def tool_answers(tool_server: LiveServer, regex: str, **kwargs) -> tuple[tuple, tuple]:
+    """(content, [(name, arguments)], finish_reason) of the same forced answer, not streamed and streamed."""
+    tool_client = openai.OpenAI(base_url=tool_server.url("/v1"), api_key="unused", max_retries=0)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris, time in UTC?"}],
+            "tools": TOOLS, "max_tokens": 120, "extra_body": {"structured_outputs": {"regex": regex}}, **kwargs}
+    choice = tool_client.chat.completions.create(**body).choices[0]
+    whole = (choice.message.content or "", [(c.function.name, c.function.arguments)
+                                            for c in choice.message.tool_calls or []], choice.finish_reason)
+    content, calls, finish = "", {}, None
+    for chunk in tool_client.chat.completions.create(**body, stream=True):
+        for c in chunk.choices:
+            content += c.delta.content or ""
+            finish = c.finish_reason or finish
+            for tc in c.delta.tool_calls or []:
+                name, args = calls.get(tc.index, ("", ""))
+                calls[tc.index] = (name + (tc.function.name or ""), args + (tc.function.arguments or ""))
+    return whole, (content, [calls[i] for i in sorted(calls)], finish)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_tool_calls_false_returns_one_call(tool_server: LiveServer, parallel: bool) -> None:
+    """With tool_choice auto, parallel_tool_calls=false still returned every call the model wrote; vLLM (PR 26233)
+    and OpenAI return at most one."""
+    whole, streamed = tool_answers(tool_server, TWO_CALLS, parallel_tool_calls=parallel)
+    calls = [("get_weather", '{"city": "Paris"}'), ("get_time", '{"tz": "UTC"}')]
+    assert whole == streamed == ("", calls if parallel else calls[:1], "tool_calls")
+
+
+@pytest.mark.parametrize("regex,content", [(TWO_CALLS, ""), ("Sure! " + TWO_CALLS, "Sure!"),
+                                           (r"\n\nHi  \n", "\n\nHi  \n")])
+def test_whitespace_between_calls_is_not_streamed_as_content(tool_server: LiveServer, regex: str,
+                                                             content: str) -> None:
+    """The newline between two hermes calls (and after the last) went out as streamed content "\\n", while the
+    whole answer's content is stripped (None); an answer without calls keeps its whitespace both ways."""
+    whole, streamed = tool_answers(tool_server, regex)
+    assert whole == streamed and whole[0] == content
