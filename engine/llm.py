@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import logging
 import sys
+import threading
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
@@ -58,6 +59,9 @@ class LLM:
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self.llm_engine.stream_outputs = False  # generate() returns finished requests only
         self._counter = itertools.count()
+        # one call at a time: a call's step loop keeps its own requests' outputs only, so two calls
+        # stepping at once (threads) would each drop the other's and both wait forever
+        self._lock = threading.Lock()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -113,12 +117,20 @@ class LLM:
         engine = self.llm_engine
         token_ids = [engine.encode(p) if isinstance(p, str) else p for p in _parse_prompts(prompts)]
         request_ids = (f"beam-{next(self._counter)}" for _ in itertools.count())
-        return beam_search_offline(engine, token_ids, params if isinstance(params, BeamSearchParams) else list(params),
-                                   request_ids, use_tqdm)
+        per_prompt = params if isinstance(params, BeamSearchParams) else list(params)
+        with self._lock:
+            return beam_search_offline(engine, token_ids, per_prompt, request_ids, use_tqdm)
 
     def _run(
         self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool,
         lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+    ) -> list[RequestOutput]:
+        with self._lock:
+            return self._run_locked(prompts, sampling_params, use_tqdm, lora_request)
+
+    def _run_locked(
+        self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None,
     ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()

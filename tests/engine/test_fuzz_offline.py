@@ -2,6 +2,8 @@
 LLM.generate/chat/beam_search with vLLM's signatures and SamplingParams (one LLM for the module)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from engine import LLM, SamplingParams
@@ -85,3 +87,36 @@ def test_detokenize_false_names_no_logprob_token(llm: LLM) -> None:
     [named] = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=3, logprobs=2, prompt_logprobs=2),
                            use_tqdm=False)
     assert all(lp.decoded_token is not None for e in named.outputs[0].logprobs for lp in e.values())
+
+
+def test_generate_from_several_threads_returns_each_its_own(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each call's step loop kept only its own requests' outputs and dropped the others': generate()
+    from two threads at once hung both forever."""
+    prompts = [PROMPT, [9, 10, 11]]
+    expected = token_ids(llm.generate(prompts, GREEDY, use_tqdm=False))
+    results: dict[int, list[list[int]]] = {}
+    engine, real_step = llm.llm_engine, llm.llm_engine.step
+    both_added, stepped = threading.Barrier(2, timeout=2), threading.local()
+
+    def step_once_both_added():  # the calls overlap for sure: neither steps before both added their requests
+        if not getattr(stepped, "once", False):
+            stepped.once = True
+            try:
+                both_added.wait()
+            except threading.BrokenBarrierError:
+                pass  # calls that run one after another
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step_once_both_added)
+
+    def call(k: int) -> None:
+        results[k] = token_ids(llm.generate(prompts[k:] + prompts[:k], GREEDY, use_tqdm=False))
+
+    threads = [threading.Thread(target=call, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert results == {0: expected, 1: expected[::-1]}
+    assert not llm.llm_engine.has_unfinished_requests()
