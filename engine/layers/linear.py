@@ -106,9 +106,19 @@ class LinearBase(nn.Module):
         tensors pass in its own views and shapes: its loaders check them."""
         return param is self.bias or param is getattr(self, "weight", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
+        """Every checkpoint tensor's way into param: a float weight or bias is checked whole against the
+        checkpoint's shape (check_loaded), then this rank's shard is stored (store_shard)."""
         if self.is_float_param(param):
-            check_loaded(loaded, tuple(param.shape))
+            check_loaded(loaded, self.checkpoint_shape(param, *shard_id))
+        self.store_shard(param, loaded, *shard_id)
+
+    def checkpoint_shape(self, param: nn.Parameter, *shard_id: Any) -> tuple[int, ...]:
+        """The whole checkpoint tensor's shape (before this rank's shard) of param's shard_id."""
+        return tuple(param.shape)
+
+    def store_shard(self, param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
+        """This rank's shard of the checkpoint tensor `loaded` into param."""
         self.store(param, loaded)
 
     def store(self, param: nn.Parameter, loaded: Any, offset: int = 0, size: int | None = None) -> None:
@@ -140,10 +150,11 @@ class ColumnParallelLinear(LinearBase):
         tp_size = get_parallel_state().tp_size
         super().__init__(input_size, divide(output_size, tp_size, "output size"), bias, 0, quant_config)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+    def checkpoint_shape(self, param: nn.Parameter, *shard_id: Any) -> tuple[int, ...]:
+        return (param.shape[0] * self.tp_size, *param.shape[1:])
+
+    def store_shard(self, param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
         size = param.data.shape[0]
-        if self.is_float_param(param):
-            check_loaded(loaded, (size * self.tp_size, *param.shape[1:]))
         self.store(param, shard(loaded, 0, self.tp_rank * size, size))
 
 
@@ -155,11 +166,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias, quant_config)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int) -> None:
+    def checkpoint_shape(self, param: nn.Parameter, shard_id: int) -> tuple[int, ...]:
+        return (self.output_sizes[shard_id], *param.shape[1:])
+
+    def store_shard(self, param: nn.Parameter, loaded: Any, shard_id: int) -> None:
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        if self.is_float_param(param):
-            check_loaded(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
         self.store(param, shard(loaded, 0, self.tp_rank * size, size), offset, size)
 
 
@@ -181,16 +193,20 @@ class QKVParallelLinear(ColumnParallelLinear):
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
         super().__init__(hidden_size, output_size, bias, quant_config)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str) -> None:
+    def _rows(self, shard_id: str) -> tuple[int, int, int]:
+        """(offset, size, replicas): shard_id's rows in our weight, and the ranks that hold the same heads."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, rank = 0, q_size, self.tp_rank
-        else:
-            offset = q_size + (kv_size if shard_id == "v" else 0)
-            size, rank = kv_size, self.tp_rank // self.kv_replicas
-        if self.is_float_param(param):  # the checkpoint's kv heads: ours times the ranks over their replicas
-            check_loaded(loaded, (size * (self.tp_size // (1 if shard_id == "q" else self.kv_replicas)), *param.shape[1:]))
-        self.store(param, shard(loaded, 0, rank * size, size), offset, size)
+            return 0, q_size, 1
+        return q_size + (kv_size if shard_id == "v" else 0), kv_size, self.kv_replicas
+
+    def checkpoint_shape(self, param: nn.Parameter, shard_id: str) -> tuple[int, ...]:
+        _, size, replicas = self._rows(shard_id)  # the checkpoint's heads: ours times the ranks over their replicas
+        return (size * (self.tp_size // replicas), *param.shape[1:])
+
+    def store_shard(self, param: nn.Parameter, loaded: Any, shard_id: str) -> None:
+        offset, size, replicas = self._rows(shard_id)
+        self.store(param, shard(loaded, 0, self.tp_rank // replicas * size, size), offset, size)
 
 
 class RowParallelLinear(LinearBase):
@@ -201,15 +217,16 @@ class RowParallelLinear(LinearBase):
         tp_size = get_parallel_state().tp_size
         super().__init__(divide(input_size, tp_size, "input size"), output_size, bias, 1, quant_config)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
+    def checkpoint_shape(self, param: nn.Parameter, *shard_id: Any) -> tuple[int, ...]:
+        if param.dim() == 1:  # bias: whole on every rank
+            return tuple(param.shape)
+        return (param.shape[0], param.shape[1] * self.tp_size)
+
+    def store_shard(self, param: nn.Parameter, loaded: Any, *shard_id: Any) -> None:
         if param.data.dim() == 1:  # bias: added once, after the reduce
-            if self.is_float_param(param):
-                check_loaded(loaded, tuple(param.shape))
-            param.data.copy_(materialize(loaded))
+            self.store(param, loaded)
             return
         size = param.data.shape[1]
-        if self.is_float_param(param):
-            check_loaded(loaded, (param.shape[0], size * self.tp_size))
         self.store(param, shard(loaded, 1, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
