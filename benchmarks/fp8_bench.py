@@ -1,7 +1,10 @@
 """FP8 on one Hopper GPU (#14), one JSON line per figure, all ratios from this one run:
   matmul  bf16 `x @ w.T` vs torch._scaled_mm FP8 (row-wise scales; with and without the per-token
           quantization of x) at W1's shapes (Qwen2-7B K/N, M = 1..256)
+  gemm-sweep  kernels/fp8_gemm.py's tiles swept at W1's and W3's shapes, M = 16..256
+          (benchmarks/fp8_gemm_sweep.py); the winners replace GEMM_TABLE for the rest of this process
   w1      W1 offline throughput and one-stream decode TPOT: bf16 vs quantization=fp8 vs kv_cache_dtype=fp8
+          (configs ending in _cublas run every FP8 GEMM through torch._scaled_mm, for A/B)
   w3      W3 (Qwen2-32B shape, 64 x 1024 in / 512 out, one GPU): KV pool tokens, preemptions and
           throughput with bf16 KV, FP8 KV, FP8 weights + FP8 KV
   agree   greedy agreement fp8 vs bf16 on a small real-shaped random model (Qwen2-0.5B shape)
@@ -13,6 +16,7 @@ an H200; under a 4-minute limit run `--parts matmul,w1,agree` and `--parts w3` a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import time
@@ -156,6 +160,21 @@ def one_stream_tpot(llm, prompt: list[int], num_tokens: int = 256) -> float:
 
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8_kv": {"kv_cache_dtype": "fp8"},
            "fp8_both": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
+CONFIGS.update({f"{name}_cublas": CONFIGS[name] for name in ("fp8", "fp8_both")})
+
+
+@contextlib.contextmanager
+def gemm_table_for(config: str):
+    """An empty kernels/fp8_gemm.py table (every FP8 GEMM through cuBLASLt) for configs ending in _cublas."""
+    from kernels import fp8_gemm
+
+    saved = dict(fp8_gemm.GEMM_TABLE)
+    if config.endswith("_cublas"):
+        fp8_gemm.GEMM_TABLE.clear()
+    try:
+        yield
+    finally:
+        fp8_gemm.GEMM_TABLE.update(saved)
 
 
 def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot: bool) -> None:
@@ -166,12 +185,13 @@ def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot
     results = {}
 
     def measure(config: str) -> dict:  # the engine is a local: freed on return, before the next starts
-        llm, load_s = start_llm(model_dir, max_len, args, **CONFIGS[config])
-        result = offline_run(llm, prompts, w.output_lens)
-        result["load_s"] = round(load_s, 1)
-        if tpot:
-            result["tpot_ms"] = round(one_stream_tpot(llm, prompts[0]) * 1e3, 3)
-        llm.llm_engine.shutdown()
+        with gemm_table_for(config):
+            llm, load_s = start_llm(model_dir, max_len, args, **CONFIGS[config])
+            result = offline_run(llm, prompts, w.output_lens)
+            result["load_s"] = round(load_s, 1)
+            if tpot:
+                result["tpot_ms"] = round(one_stream_tpot(llm, prompts[0]) * 1e3, 3)
+            llm.llm_engine.shutdown()
         return result
 
     for config in configs:
@@ -243,6 +263,12 @@ def main() -> None:
         return
     if "gemv-sweep" in parts:
         gemv_sweep()
+    if "gemm-sweep" in parts:
+        from benchmarks.fp8_gemm_sweep import sweep
+        from kernels import fp8_gemm
+
+        fp8_gemm.GEMM_TABLE.update(sweep(["w1", "w3"], [16, 32, 64, 128, 256]))
+        log(f"gemm-sweep done at {time.perf_counter() - start:.0f} s")
     if "matmul" in parts:
         bench_matmul([int(m) for m in args.matmul_m.split(",")])
         log(f"matmul done at {time.perf_counter() - start:.0f} s")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.layers.quant.fp8 import (
+    FP8_GEMV_MAX_M,
     Fp8Config,
     Fp8LinearMethod,
     per_token_quant_torch,
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
                                 reason="torch._scaled_mm FP8 needs a GPU of compute capability >= 8.9")
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (37, 1536, 576), (256, 4096, 1024), (5, 128, 16)])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (37, 1536, 576), (256, 4096, 1024), (5, 128, 16), (200, 3584, 4608),
+                                   (64, 18944, 3584)])
 @pytest.mark.parametrize("outliers", [False, True])
 def test_scaled_mm_equals_the_emulation(m: int, k: int, n: int, outliers: bool) -> None:
     layer = nn.Module()
@@ -29,8 +31,11 @@ def test_scaled_mm_equals_the_emulation(m: int, k: int, n: int, outliers: bool) 
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     if outliers:  # a few channels 100x the rest, as the inputs of down_proj carry
         x[:, torch.randperm(k, device="cuda")[:4]] *= 100
-    got = Fp8LinearMethod(Fp8Config.dynamic()).apply(layer, x)  # [m, n] bf16 through torch._scaled_mm
-    xq, x_scale_ref = per_token_quant_torch(x)  # the Triton kernel's twin (tests/kernels/test_fp8_kv.py)
+    got = Fp8LinearMethod(Fp8Config.dynamic()).apply(layer, x)  # [m, n] bf16
+    if m <= FP8_GEMV_MAX_M:  # the weight-only GEMV: x is not quantized
+        xq, x_scale_ref = x.float(), torch.ones(m, 1, device="cuda")
+    else:  # torch._scaled_mm or kernels/fp8_gemm.py on per-token FP8 x
+        xq, x_scale_ref = per_token_quant_torch(x)  # the Triton kernel's twin (tests/kernels/test_fp8_kv.py)
     exact = (xq.float() @ q.float().t()) * x_scale_ref * scale.view(1, -1)  # float32
     want = exact.to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)

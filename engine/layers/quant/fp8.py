@@ -1,7 +1,9 @@
 """FP8 (e4m3) W8A8 linear layers: weights in float8_e4m3fn with one float32 scale per output row,
 activations quantized per token at run time (or with the checkpoint's static input_scale), GEMMs
-through torch._scaled_mm (cuBLASLt, row-wise scales); decode steps of <= FP8_GEMV_MAX_M rows on a
-GPU take kernels/weight_gemv.py instead (weight-only: the activations stay in the model's dtype). Weights
+through torch._scaled_mm (cuBLASLt, row-wise scales, the bias in its epilogue), or kernels/fp8_gemm.py where
+its table says it is faster (decode batches of up to 256 rows at W1's and W3's shapes); decode steps of
+<= FP8_GEMV_MAX_M rows on a GPU take kernels/weight_gemv.py instead (weight-only: the activations stay in the
+model's dtype). Weights
 come from a float checkpoint (`quantization=fp8`, quantized at load), compressed-tensors
 `float-quantized` (per tensor, per channel, block) or HF's `fp8` format (per tensor, or DeepSeek's
 128x128 blocks, `weight_scale_inv`).
@@ -245,10 +247,21 @@ class Fp8LinearMethod:
             y = weight_gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), layer.weight, layer.weight_scale, bias)
             return y.reshape(*x.shape[:-1], out_features)
         xq, x_scale = self.quantize_input(layer, x2)
+        if x.is_cuda:
+            from kernels.fp8_gemm import config_for, fp8_gemm
+
+            config = config_for(x2.shape[0], out_features, in_features)
+            if config is not None:
+                y = fp8_gemm(xq, x_scale, layer.weight, layer.weight_scale, config, bias, out_dtype=x.dtype)
+                return y.reshape(*x.shape[:-1], out_features)
         if x.is_cuda and in_features % 16 == 0 and out_features % 16 == 0:  # cuBLASLt's FP8 shape rule
-            # row-wise scales: scale_a [M, 1], scale_b [1, N], float32; mat2 column-major (the weight's .t())
+            # row-wise scales: scale_a [M, 1], scale_b [1, N], float32; mat2 column-major (the weight's .t());
+            # row-wise scaling writes bf16 only, and takes a bias of that dtype
+            fused = bias is not None and bias.dtype == torch.bfloat16
             y = torch._scaled_mm(xq, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),
-                                 out_dtype=torch.bfloat16)
+                                 bias=bias if fused else None, out_dtype=torch.bfloat16)
+            if fused:
+                bias = None
         else:
             # emulated (CPU tests, odd shapes): the same FP8 values and scales, float32 accumulation
             y = (xq.float() @ layer.weight.float().t()) * x_scale * layer.weight_scale.view(1, -1)
