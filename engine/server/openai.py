@@ -307,9 +307,22 @@ async def create_completion(request: Request) -> HTTPResponse | None:
 
 
 async def create_chat_completion(request: Request) -> HTTPResponse | None:
+    """A refusal that names max_tokens names the field the client wrote (max_completion_tokens: OpenAI's
+    newer name, which the engine knows as max_tokens)."""
+    try:
+        return await _chat_completion(request)
+    except APIError as e:
+        field = getattr(request.ctx, "max_tokens_param", "max_tokens")
+        if e.param != "max_tokens" or field == "max_tokens":
+            raise
+        raise APIError(e.status, e.message.replace("max_tokens", field), field, e.type, e.code, e.headers) from None
+
+
+async def _chat_completion(request: Request) -> HTTPResponse | None:
     state = _state(request).require_ready()
     assert state.frontend is not None
     prepared: PreparedChat = await state.frontend.run("chat", request.body)
+    request.ctx.max_tokens_param = prepared.request.max_tokens_param
     lora = requested_lora(state, request.body, beam=prepared.request.beam is not None)
     req = prepared.request
     cid = f"chatcmpl-{uuid.uuid4().hex}"

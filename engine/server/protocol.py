@@ -345,6 +345,7 @@ class ChatRequest:
     top_logprobs: int
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
     continue_final_message: bool = False  # the last (assistant) message is left open for the model to go on
+    max_tokens_param: str = "max_tokens"  # the field that gave params.max_tokens (max_completion_tokens wins)
 
 
 def _message_content(content: Any, name: str, ctx: ModelContext, role: str) -> str:
@@ -394,6 +395,17 @@ def parse_messages(messages: Any, ctx: ModelContext) -> list[dict[str, str]]:
     return out
 
 
+def _open_message(body: dict, messages: list[dict[str, str]]) -> tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message): which message the template leaves open."""
+    add_generation_prompt = _bool(body, "add_generation_prompt") is not False
+    continue_final = bool(_bool(body, "continue_final_message"))
+    if continue_final and add_generation_prompt:  # vLLM's rule: the two open different messages
+        raise bad("continue_final_message", "cannot be true with add_generation_prompt (set it to false)")
+    if continue_final and messages[-1]["role"] != "assistant":
+        raise bad("continue_final_message", "the last message must be the assistant's to continue")
+    return add_generation_prompt, continue_final
+
+
 def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     check_model(body, ctx)
     messages = parse_messages(body.get("messages"), ctx)
@@ -408,12 +420,7 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     max_completion_tokens, max_tokens = _int(body, "max_completion_tokens", 1), _int(body, "max_tokens", 1)
     max_tokens_param = "max_tokens" if max_completion_tokens is None else "max_completion_tokens"
     max_tokens = max_tokens if max_completion_tokens is None else max_completion_tokens
-    add_generation_prompt = _bool(body, "add_generation_prompt") is not False
-    continue_final = bool(_bool(body, "continue_final_message"))
-    if continue_final and add_generation_prompt:  # vLLM's rule: the two open different messages
-        raise bad("continue_final_message", "cannot be true with add_generation_prompt (set it to false)")
-    if continue_final and messages[-1]["role"] != "assistant":
-        raise bad("continue_final_message", "the last message must be the assistant's to continue")
+    add_generation_prompt, continue_final = _open_message(body, messages)
     params = sampling_params(body, ctx, max_tokens, (top_logprobs or 0) if logprobs else None, max_tokens_param)
     include_usage, continuous_usage = _stream_options(body, stream)
     return ChatRequest(
@@ -424,6 +431,7 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous_usage,
+        max_tokens_param=max_tokens_param,
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         beam=beam_search_params(body, ctx, params, stream, "logprobs" if logprobs else None),
@@ -436,6 +444,7 @@ class TokenizeRequest:
     messages: list[dict[str, str]] | None  # ... or chat messages through the template
     add_special_tokens: bool
     add_generation_prompt: bool
+    continue_final_message: bool = False  # as chat's: the prompt a chat request with these fields would get
 
 
 def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
@@ -447,9 +456,8 @@ def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
         check_text(prompt, "prompt", ctx)
     messages = parse_messages(body["messages"], ctx) if prompt is None else None
     add_special = _bool(body, "add_special_tokens")
-    add_gen = _bool(body, "add_generation_prompt")
-    return TokenizeRequest(prompt, messages, True if add_special is None else add_special,
-                           True if add_gen is None else add_gen)
+    add_gen, continue_final = _open_message(body, messages) if messages is not None else (True, False)
+    return TokenizeRequest(prompt, messages, True if add_special is None else add_special, add_gen, continue_final)
 
 
 def parse_detokenize_request(body: dict, ctx: ModelContext) -> list[int]:

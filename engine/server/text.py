@@ -118,9 +118,11 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
 
 
 def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> list[int]:
-    req = parse_tokenize_request(parse_json_body(raw), ctx)
-    if req.messages is not None:
-        return _apply_chat_template(tokenizer, req.messages, req.add_generation_prompt)
+    body = parse_json_body(raw)
+    req = parse_tokenize_request(body, ctx)
+    if req.messages is not None:  # templated as chat templates them (tool fields, an open last message)
+        return _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]),
+                                    req.add_generation_prompt, continue_final_message=req.continue_final_message)
     assert req.prompt is not None
     return _encode(tokenizer, req.prompt, "prompt", req.add_special_tokens)
 

@@ -3,7 +3,8 @@ server: each test pins a defect that was found by hand (the request, then what t
 in vLLM's or OpenAI's behaviour: text parts joined with newlines, `name` kept, a `refusal` part read,
 max_tokens checked beside max_completion_tokens, `user` a string, stream_options.continuous_usage_stats
 honoured, logprobs `bytes` that join back into the text when a token is half a character; with tools,
-parallel_tool_calls=false honoured and streamed content equal to the whole answer's around calls."""
+parallel_tool_calls=false honoured and streamed content equal to the whole answer's around calls; /tokenize
+templating messages as chat does."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import MODEL, LiveServer
+from tests.server.conftest import MAX_MODEL_LEN, MODEL, LiveServer
 from tests.server.test_tools_server import tool_server  # noqa: F401 (the auto tool-choice server, for this module)
 
 HI = [{"role": "user", "content": "Hi"}]
@@ -76,11 +77,16 @@ def test_a_message_name_is_accepted_and_checked(server: LiveServer, client: open
 
 def test_max_tokens_is_checked_beside_max_completion_tokens(server: LiveServer) -> None:
     """max_tokens=-5 passed unread when max_completion_tokens was given, and a too large
-    max_completion_tokens was blamed on max_tokens."""
+    max_completion_tokens was blamed on max_tokens (by the parser, and by the engine's context check)."""
     r = chat(server, max_tokens=-5, max_completion_tokens=2)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = chat(server, max_tokens=None, max_completion_tokens=10**6)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    for stream in (False, True):  # fits max_model_len alone, not after the prompt: the engine's refusal
+        r = chat(server, max_tokens=None, max_completion_tokens=MAX_MODEL_LEN - 1, stream=stream)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "max_completion_tokens", err
+        assert "max_completion_tokens" in err["message"] and "max_tokens " not in err["message"]
     r = chat(server, max_tokens=50, max_completion_tokens=2)  # both valid: max_completion_tokens wins, as vLLM
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
 
@@ -135,6 +141,20 @@ def test_logprob_bytes_of_split_characters_join_into_the_text(client: openai.Ope
     assert any(t.token == "\ufffd" for t in tokens)  # the case under test: a token that is part of a character
     joined = b"".join(bytes(t.bytes) for t in tokens).decode("utf-8")
     assert joined.startswith(text)  # then only the end-of-turn token
+
+
+def test_tokenize_counts_the_prompt_chat_would_run(server: LiveServer) -> None:
+    """/tokenize ignored continue_final_message: it counted a closed assistant message (34 tokens here) where
+    the chat request runs an open one (32)."""
+    messages = [*HI, {"role": "assistant", "content": "Sure"}]
+    opened = {"continue_final_message": True, "add_generation_prompt": False}
+    r = httpx.post(server.url("/tokenize"), json={"model": MODEL, "messages": messages, **opened}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] == chat(server, messages=messages, **opened).json()["usage"]["prompt_tokens"]
+    assert r.json()["count"] < len(tokenize_chat(server, messages))
+    r = httpx.post(server.url("/tokenize"), json={"model": MODEL, "messages": messages,
+                                                  "continue_final_message": True}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
 
 
 # ---- tools, on a server with --enable-auto-tool-choice --tool-call-parser hermes ----
