@@ -336,16 +336,16 @@ class ToolDeltas:
 
     def finish_reason(self, choice: int, reason: str | None) -> str | None:
         """"tool_calls" once calls went out, as OpenAI; "length" when max_tokens cut the answer (a call may be
-        cut too), as the same answer not streamed reports (cut_constrained_calls)."""
+        cut too), as the same answer not streamed reports (cut_calls)."""
         if reason in (None, "length") or not self.num_calls.get(choice) or self.tr.tool_choice == "named":
             return reason
         return "tool_calls"
 
 
-def cut_constrained_calls(tr: ToolsRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, calls) of a required or named tool answer cut by max_tokens: the calls as ToolDeltas would have
-    streamed them (the last one's arguments possibly cut, as OpenAI returns them), so that a streamed and a plain
-    response agree; the text as content when no call had begun."""
+def cut_calls(tr: ToolsRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, calls) of a tool answer cut by max_tokens (any tool_choice): the calls as ToolDeltas would have
+    streamed them (the last one's arguments possibly cut, as OpenAI returns them; for hermes, a call begun but not
+    closed), so that a streamed and a plain response agree; the text as content when no call had begun."""
     stream = ToolDeltas(tr)
     d = stream.delta(0, {"content": text}, True)
     calls: list[dict[str, Any]] = []

@@ -214,12 +214,12 @@ def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str |
     place; returns the finish reason ("tool_calls" when calls were made, as OpenAI, but for a named function or an
     answer cut by max_tokens: "length")."""
     text = message.get("content") or ""
-    if tr.tool_choice == "auto":
-        content, calls = parse_tool_calls(tr.parser or "hermes", text)
-    elif finish_reason == "length":  # cut by max_tokens: what a stream would have sent, as it would report it
-        from engine.server.tool_stream import cut_constrained_calls
+    if finish_reason == "length":  # cut by max_tokens: what a stream would have sent, as it would report it
+        from engine.server.tool_stream import cut_calls
 
-        content, calls = cut_constrained_calls(tr, text)
+        content, calls = cut_calls(tr, text)
+    elif tr.tool_choice == "auto":
+        content, calls = parse_tool_calls(tr.parser or "hermes", text)
     else:
         content, calls = None, calls_from_constrained(tr, text)
     if not calls:

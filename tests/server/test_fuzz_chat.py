@@ -171,7 +171,8 @@ def tool_answers(tool_server: LiveServer, regex: str, **kwargs) -> tuple[tuple, 
     """(content, [(name, arguments)], finish_reason) of the same forced answer, not streamed and streamed."""
     tool_client = openai.OpenAI(base_url=tool_server.url("/v1"), api_key="unused", max_retries=0)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris, time in UTC?"}],
-            "tools": TOOLS, "max_tokens": 120, "extra_body": {"structured_outputs": {"regex": regex}}, **kwargs}
+            "tools": TOOLS, "max_tokens": 120, "temperature": 0.0,  # greedy: the same tokens (a regex can be
+            "extra_body": {"structured_outputs": {"regex": regex}}, **kwargs}  # written in several splits)
     choice = tool_client.chat.completions.create(**body).choices[0]
     whole = (choice.message.content or "", [(c.function.name, c.function.arguments)
                                             for c in choice.message.tool_calls or []], choice.finish_reason)
@@ -203,3 +204,11 @@ def test_whitespace_between_calls_is_not_streamed_as_content(tool_server: LiveSe
     whole answer's content is stripped (None); an answer without calls keeps its whitespace both ways."""
     whole, streamed = tool_answers(tool_server, regex)
     assert whole == streamed and whole[0] == content
+
+
+@pytest.mark.parametrize("max_tokens", [12, 40])  # greedy, cut: before the first call's arguments; in its end tag
+def test_an_auto_answer_cut_by_max_tokens_agrees_streamed_and_not(tool_server: LiveServer, max_tokens: int) -> None:
+    """hermes, cut inside a call: the stream had sent the call begun (its arguments cut) while the plain answer
+    gave that call's text as content; now both give the stream's view, as required and named answers do."""
+    whole, streamed = tool_answers(tool_server, TWO_CALLS, max_tokens=max_tokens)
+    assert whole == streamed and whole[2] == "length"
