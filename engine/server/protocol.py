@@ -22,6 +22,9 @@ MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's integer fields are int64
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Objects and lists inside one another in a body: a schema or tool-call history nested deeper cannot be
+# pickled to a text worker or the engine core (Python's recursion limit; ~800 levels failed with a 500)
+MAX_JSON_DEPTH = 128
 
 
 class APIError(Exception):
@@ -81,7 +84,19 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise APIError(400, f"body: not acceptable JSON: {str(e).split(':')[0]}", param="body") from None
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", param="body")
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:  # else it cannot nest deeper (and the walk is skipped)
+        check_depth(data, "body")
     return data
+
+
+def check_depth(value: Any, name: str) -> None:
+    """APIError unless value nests at most MAX_JSON_DEPTH objects and lists (a walk over its containers only)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    for _ in range(MAX_JSON_DEPTH):
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
+        if not level:
+            return
+    raise APIError(400, f"{name}: JSON nested deeper than {MAX_JSON_DEPTH} levels", param=name)
 
 
 # --- typed field readers: None when absent or null, else the value or an APIError ---

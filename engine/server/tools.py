@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.server.protocol import bad, show
+from engine.server.protocol import bad, check_depth, show
 from engine.structured.params import StructuredOutputsError, StructuredOutputsParams
 
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral")
@@ -253,11 +253,12 @@ def with_tool_fields(messages: list[dict[str, Any]], raw: list[Any]) -> list[dic
                 fn = call.get("function") if isinstance(call, dict) else None
                 if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
                     raise bad(f"messages[{i}].tool_calls[{j}]", "must have function.name and function.arguments")
-                args = fn.get("arguments", "{}")
+                args, param = fn.get("arguments", "{}"), f"messages[{i}].tool_calls[{j}].function.arguments"
                 try:
                     args = json.loads(args) if isinstance(args, str) else args
-                except json.JSONDecodeError:
-                    raise bad(f"messages[{i}].tool_calls[{j}].function.arguments", "is not valid JSON") from None
+                except (json.JSONDecodeError, RecursionError):
+                    raise bad(param, "is not valid JSON (or nested too deeply)") from None
+                check_depth(args, param)
                 parsed.append({"id": call.get("id"), "type": "function",
                                "function": {"name": fn["name"], "arguments": args}})
             m = {**m, "tool_calls": parsed}

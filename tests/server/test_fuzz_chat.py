@@ -4,7 +4,7 @@ in vLLM's or OpenAI's behaviour: text parts joined with newlines, `name` kept, a
 max_tokens checked beside max_completion_tokens, `user` a string, stream_options.continuous_usage_stats
 honoured, logprobs `bytes` that join back into the text when a token is half a character; with tools,
 parallel_tool_calls=false honoured and streamed content equal to the whole answer's around calls; /tokenize
-templating messages as chat does."""
+templating messages as chat does; JSON nested too deep refused with a 400."""
 from __future__ import annotations
 
 import json
@@ -155,6 +155,28 @@ def test_tokenize_counts_the_prompt_chat_would_run(server: LiveServer) -> None:
     r = httpx.post(server.url("/tokenize"), json={"model": MODEL, "messages": messages,
                                                   "continue_final_message": True}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
+def nested_schema(levels: int) -> dict:
+    """An object schema with `levels` objects inside one another (2 JSON levels each)."""
+    schema: dict = {"type": "object"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_deep_json_is_a_400_not_a_500(server: LiveServer) -> None:
+    """A response_format schema nested 400 objects deep (800 JSON levels, 18 KB) parsed, then failed to pickle
+    to the text worker: a 500; a history tool call's arguments "[[[[..." hit the JSON decoder's recursion: a 500."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested_schema(400)}}
+    r = chat(server, response_format=fmt)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested_schema(50)}}
+    assert chat(server, response_format=fmt).status_code == 200  # deep, but within MAX_JSON_DEPTH
+    for arguments in ("[" * 5000, json.dumps(nested_schema(100))):
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+        r = chat(server, messages=[*HI, {"role": "assistant", "tool_calls": [call]}])
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].tool_calls[0].function.arguments"
 
 
 # ---- tools, on a server with --enable-auto-tool-choice --tool-call-parser hermes ----
