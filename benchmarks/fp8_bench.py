@@ -4,7 +4,7 @@
   gemm-sweep  kernels/fp8_gemm.py's tiles swept at W1's and W3's shapes, M = 16..256
           (benchmarks/fp8_gemm_sweep.py); the winners replace GEMM_TABLE for the rest of this process
   w1      W1 offline throughput and one-stream decode TPOT: bf16 vs quantization=fp8 vs kv_cache_dtype=fp8
-          (configs ending in _cublas run every FP8 GEMM through torch._scaled_mm, for A/B)
+          (configs ending in _cublas or _unfused turn one FP8 speed-up off, for A/B: fp8_switches)
   w3      W3 (Qwen2-32B shape, 64 x 1024 in / 512 out, one GPU): KV pool tokens, preemptions and
           throughput with bf16 KV, FP8 KV, FP8 weights + FP8 KV
   agree   greedy agreement fp8 vs bf16 on a small real-shaped random model (Qwen2-0.5B shape)
@@ -160,21 +160,25 @@ def one_stream_tpot(llm, prompt: list[int], num_tokens: int = 256) -> float:
 
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8_kv": {"kv_cache_dtype": "fp8"},
            "fp8_both": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
-CONFIGS.update({f"{name}_cublas": CONFIGS[name] for name in ("fp8", "fp8_both")})
+CONFIGS.update({f"{name}_{switch}": CONFIGS[name] for name in ("fp8", "fp8_both") for switch in ("cublas", "unfused")})
 
 
 @contextlib.contextmanager
-def gemm_table_for(config: str):
-    """An empty kernels/fp8_gemm.py table (every FP8 GEMM through cuBLASLt) for configs ending in _cublas."""
+def fp8_switches(config: str):
+    """For A/B in one process: configs ending in _cublas run every FP8 GEMM through cuBLASLt (kernels/fp8_gemm.py's
+    table emptied); _unfused quantizes GEMM inputs in a kernel of their own (engine.layers.quant.fp8.FUSE_INPUT_QUANT)."""
+    from engine.layers.quant import fp8
     from kernels import fp8_gemm
 
     saved = dict(fp8_gemm.GEMM_TABLE)
     if config.endswith("_cublas"):
         fp8_gemm.GEMM_TABLE.clear()
+    fp8.FUSE_INPUT_QUANT = not config.endswith("_unfused")
     try:
         yield
     finally:
         fp8_gemm.GEMM_TABLE.update(saved)
+        fp8.FUSE_INPUT_QUANT = True
 
 
 def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot: bool) -> None:
@@ -185,7 +189,7 @@ def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot
     results = {}
 
     def measure(config: str) -> dict:  # the engine is a local: freed on return, before the next starts
-        with gemm_table_for(config):
+        with fp8_switches(config):
             llm, load_s = start_llm(model_dir, max_len, args, **CONFIGS[config])
             result = offline_run(llm, prompts, w.output_lens)
             result["load_s"] = round(load_s, 1)

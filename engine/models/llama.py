@@ -17,6 +17,7 @@ from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.norm import RMSNorm
 from engine.layers.quant import get_quant_config
+from engine.layers.quant.fp8 import Fp8Activation, wants_fp8_input
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel import get_parallel_state
 from kernels import cpu_layer
@@ -61,7 +62,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [num_tokens, (heads + 2 * kv_heads) * head_dim]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -84,8 +85,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, quant_config=quant_config)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Fp8Activation) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate / tp]
+        return self.down_proj(self.act_fn(gate_up, fp8_out=wants_fp8_input(self.down_proj, gate_up)))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -105,12 +107,15 @@ class LlamaDecoderLayer(nn.Module):
             fused = cpu_layer.decoder_layer(self, positions, hidden_states, residual)
             if fused is not None:
                 return fused
+        # an FP8 qkv / gate_up GEMM gets its input quantized by the norm's kernel (engine/layers/quant/fp8.py)
+        fp8 = wants_fp8_input(self.self_attn.qkv_proj, hidden_states)
         if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
+            hidden_states, residual = self.input_layernorm(hidden_states, fp8_out=fp8), hidden_states
         else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+            hidden_states, residual = self.input_layernorm(hidden_states, residual, fp8_out=fp8)
         hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        fp8 = wants_fp8_input(self.mlp.gate_up_proj, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual, fp8_out=fp8)
         return self.mlp(hidden_states), residual
 
 

@@ -275,3 +275,31 @@ def test_checkpoint_written_by_compressed_tensors(float_model: str, tmp_path, em
     top1 = engine_top1(llm)
     assert agreement(top1, hf_top1(path + "-float")) >= MIN_AGREEMENT
     assert top1 == engine_top1(LLM(path + "-float", quantization="fp8", enable_prefix_caching=False))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="FP8 GEMMs need a GPU of compute capability >= 8.9")
+def test_fused_input_quantization_changes_no_bit(float_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The norm and SiLU kernels quantizing their outputs for the FP8 GEMMs after them (FUSE_INPUT_QUANT) give
+    the same tokens and log-probabilities as a separate quantization kernel."""
+    import kernels.norm
+    from engine.layers.quant import fp8
+
+    calls = []
+    fused_norm = kernels.norm.rms_norm_fp8
+    monkeypatch.setattr(kernels.norm, "rms_norm_fp8", lambda *a: calls.append(1) or fused_norm(*a))
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+
+    def run() -> list[tuple]:
+        llm = LLM(float_model, quantization="fp8", dtype="bfloat16", enable_prefix_caching=False,
+                  gpu_memory_utilization=0.3)
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        llm.llm_engine.shutdown()
+        return [(o.outputs[0].token_ids, [sorted(e.items()) for e in o.outputs[0].logprobs]) for o in outs]
+
+    fused = run()
+    assert calls, "the fused path did not run"
+    monkeypatch.setattr(fp8, "FUSE_INPUT_QUANT", False)
+    calls.clear()
+    assert run() == fused and not calls
+    gc.collect()

@@ -10,7 +10,7 @@ come from a float checkpoint (`quantization=fp8`, quantized at load), compressed
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +27,25 @@ MIN_SCALE = 1e-12  # an all-zero row or token quantizes to zeros, not NaN
 # projections summed: 95 us against cuBLASLt + quantization's 145 at one row, 137 against 148 at two, 211
 # against 147 at four (benchmarks/fp8_bench.py --parts matmul)
 FP8_GEMV_MAX_M = 2
+# the RMSNorm and SiLU-and-mul kernels before a dynamic-FP8 GEMM quantize their output per token in the same
+# pass (Fp8Activation), where a separate kernel would read it again; False runs them apart (benchmark A/B)
+FUSE_INPUT_QUANT = True
+
+
+class Fp8Activation(NamedTuple):
+    """A linear layer's input already quantized per token, by the kernel that produced it."""
+
+    q: torch.Tensor  # [M, K] float8_e4m3fn
+    scale: torch.Tensor  # [M, 1] float32
+    dtype: torch.dtype  # the model's: what the producer would have written, and the GEMM's output
+
+
+def wants_fp8_input(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether `layer` would quantize x [..., K] per token before its GEMM, so the kernel producing x may hand it
+    over as an Fp8Activation: dynamic FP8 on a GPU, more rows than the weight-only GEMV takes, no LoRA."""
+    method = getattr(layer, "quant_method", None)
+    return (FUSE_INPUT_QUANT and isinstance(method, Fp8LinearMethod) and method.config.activation_scheme == "dynamic"
+            and x.is_cuda and x.numel() > FP8_GEMV_MAX_M * x.shape[-1] and getattr(layer, "lora", None) is None)
 
 
 class Fp8Config(QuantizationConfig):
@@ -236,8 +255,10 @@ class Fp8LinearMethod:
             return per_token_quant(x)
         return per_token_quant_torch(x)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, layer: nn.Module, x: torch.Tensor | Fp8Activation, bias: torch.Tensor | None = None) -> torch.Tensor:
         out_features, in_features = layer.weight.shape
+        if isinstance(x, Fp8Activation):  # quantized by the kernel before (wants_fp8_input said so)
+            return self._fp8_gemm(layer, x.q, x.scale, x.q, bias, x.dtype)
         x2 = x.reshape(-1, in_features)  # [M, K]
         if x2.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], out_features)
@@ -247,12 +268,18 @@ class Fp8LinearMethod:
             y = weight_gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), layer.weight, layer.weight_scale, bias)
             return y.reshape(*x.shape[:-1], out_features)
         xq, x_scale = self.quantize_input(layer, x2)
+        return self._fp8_gemm(layer, xq, x_scale, x, bias, x.dtype)
+
+    def _fp8_gemm(self, layer: nn.Module, xq: torch.Tensor, x_scale: torch.Tensor, x: torch.Tensor,
+                  bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """xq [M, K] FP8 with x_scale [M, 1] -> [*x.shape[:-1], N] in dtype."""
+        out_features, in_features = layer.weight.shape
         if x.is_cuda:
             from kernels.fp8_gemm import config_for, fp8_gemm
 
-            config = config_for(x2.shape[0], out_features, in_features)
+            config = config_for(xq.shape[0], out_features, in_features)
             if config is not None:
-                y = fp8_gemm(xq, x_scale, layer.weight, layer.weight_scale, config, bias, out_dtype=x.dtype)
+                y = fp8_gemm(xq, x_scale, layer.weight, layer.weight_scale, config, bias, out_dtype=dtype)
                 return y.reshape(*x.shape[:-1], out_features)
         if x.is_cuda and in_features % 16 == 0 and out_features % 16 == 0:  # cuBLASLt's FP8 shape rule
             # row-wise scales: scale_a [M, 1], scale_b [1, N], float32; mat2 column-major (the weight's .t());
@@ -265,7 +292,7 @@ class Fp8LinearMethod:
         else:
             # emulated (CPU tests, odd shapes): the same FP8 values and scales, float32 accumulation
             y = (xq.float() @ layer.weight.float().t()) * x_scale * layer.weight_scale.view(1, -1)
-        y = y.to(x.dtype)
+        y = y.to(dtype)
         if bias is not None:
             y = y + bias
         return y.reshape(*x.shape[:-1], out_features)
