@@ -117,7 +117,9 @@ class LLM:
         engine = self.llm_engine
         token_ids = [engine.encode(p) if isinstance(p, str) else p for p in _parse_prompts(prompts)]
         request_ids = (f"beam-{next(self._counter)}" for _ in itertools.count())
-        per_prompt = params if isinstance(params, BeamSearchParams) else list(params)
+        # checked again, as generate()'s SamplingParams: fields set after construction
+        per_prompt = dataclasses.replace(params) if isinstance(params, BeamSearchParams) else [
+            dataclasses.replace(p) for p in params]
         with self._lock:
             return beam_search_offline(engine, token_ids, per_prompt, request_ids, use_tqdm)
 
@@ -137,13 +139,13 @@ class LLM:
         params_list = _per_prompt(sampling_params, SamplingParams, "sampling_params", len(prompts))
         loras = _per_prompt(lora_request, LoRARequest, "lora_request", len(prompts))
         engine = self.llm_engine
+        run_params = _offline_params(params_list, engine.config.max_num_seqs)  # before any request is added
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
-            for prompt, params, lora in zip(prompts, params_list, loras):
+            for prompt, params, lora in zip(prompts, run_params, loras):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, _offline_params(params, engine.config.max_num_seqs),
-                                   lora_request=lora)
+                engine.add_request(request_id, prompt, params, lora_request=lora)
                 ids.append(request_id)
             ours = set(ids)
             # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
@@ -188,12 +190,19 @@ def _per_prompt(value: Any, cls: type, name: str, count: int) -> list[Any]:
     return items
 
 
-def _offline_params(params: SamplingParams, max_num_seqs: int) -> SamplingParams:
-    """What the engine runs for params: best_of samples (best_of_params), and the whole final output
-    whatever output_kind says, as vLLM's LLM returns (DELTA would keep only the last step's tokens)."""
-    if params.output_kind == RequestOutputKind.DELTA:
-        params = dataclasses.replace(params, output_kind=RequestOutputKind.FINAL_ONLY)
-    return best_of_params(params, max_num_seqs)
+def _offline_params(params_list: list[SamplingParams], max_num_seqs: int) -> list[SamplingParams]:
+    """What the engine runs for each prompt's params: a copy checked and normalized again (vLLM scripts set
+    fields after construction: top_k=-1, stop="...", or a value out of range), best_of samples
+    (best_of_params), and the whole final output whatever output_kind says, as vLLM's LLM returns (DELTA
+    would keep only the last step's tokens). One copy per distinct params object."""
+    copies: dict[int, SamplingParams] = {}
+    for params in params_list:
+        if id(params) not in copies:
+            run = dataclasses.replace(params)  # __post_init__ again: a SamplingParamsError names the field
+            if run.output_kind == RequestOutputKind.DELTA:
+                run.output_kind = RequestOutputKind.FINAL_ONLY
+            copies[id(params)] = best_of_params(run, max_num_seqs)
+    return [copies[id(params)] for params in params_list]
 
 
 def _parse_prompts(prompts: Any) -> list[Prompt]:

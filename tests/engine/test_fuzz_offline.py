@@ -120,3 +120,37 @@ def test_generate_from_several_threads_returns_each_its_own(llm: LLM, monkeypatc
     assert not any(t.is_alive() for t in threads)
     assert results == {0: expected, 1: expected[::-1]}
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("field,value,meaning", [
+    ("top_k", -1, "off"),  # vLLM's documented "all tokens": every token was masked, token 0 came out
+    ("stop", "\n\n", ["\n\n"]),  # a string was matched character by character
+])
+def test_sampling_params_changed_after_construction_mean_what_vllm_says(llm: LLM, field: str, value: object,
+                                                                        meaning: object) -> None:
+    """vLLM scripts set fields on a SamplingParams after building it; they reached the engine unchecked
+    and un-normalized (checks and normalization ran only in __post_init__)."""
+    params = SamplingParams(seed=3, max_tokens=6, ignore_eos=True)
+    setattr(params, field, value)
+    expected = SamplingParams(seed=3, max_tokens=6, ignore_eos=True, **({} if meaning == "off" else {field: meaning}))
+    assert token_ids(llm.generate([PROMPT], params, use_tqdm=False)) == token_ids(
+        llm.generate([PROMPT], expected, use_tqdm=False))
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 0), ("temperature", -1.0), ("logprobs", 1000), ("n", 0)])
+def test_sampling_params_made_invalid_after_construction_are_refused(llm: LLM, field: str, value: object) -> None:
+    """max_tokens=0 ran to the default length, temperature=-1 ran greedy, logprobs=1000 returned 1000 per token."""
+    params = SamplingParams(max_tokens=4)
+    setattr(params, field, value)
+    with pytest.raises(ValueError) as err:
+        llm.generate([PROMPT, PROMPT], [SamplingParams(max_tokens=4), params], use_tqdm=False)
+    assert getattr(err.value, "param", None) == field
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_beam_search_params_made_invalid_after_construction_are_refused(llm: LLM) -> None:
+    params = BeamSearchParams(beam_width=2, max_tokens=3)
+    params.beam_width = 0
+    with pytest.raises(ValueError) as err:
+        llm.beam_search([PROMPT], params)
+    assert getattr(err.value, "param", None) == "beam_width"
