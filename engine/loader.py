@@ -2,7 +2,8 @@
 GGUF (dequantized by engine.gguf_file) and dummy (random, for benchmarks).
 
 Each checkpoint tensor goes to its parameter's weight_loader, which copies only this rank's
-shard, so peak host memory stays about one tensor (or one shard) above the model.
+shard, so peak host memory stays about one tensor (or one shard) above the model; once a float
+parameter's tensors are in, it is checked for NaN and inf on its device (one sum).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from engine import startup
 from engine.errors import ModelLoadError
 from engine.gguf_file import open_gguf
-from engine.layers.linear import check_loaded
+from engine.layers.linear import LinearBase, check_loaded, materialize
 from engine.layers.quant.dummy import fill_dummy_quantized
 from engine.layers.quant.fp8_kv import take_kv_scale
 from engine.layers.quant.gguf import GGUFBlocks
@@ -149,9 +150,58 @@ def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[
         yield name, weights
 
 
+# dtypes of the parameters checked for NaN and inf once loaded (torch has no isfinite for float8)
+_CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in t, computed on its device: a finite sum means every value is finite (one
+    reduction, no mask of t's size as isfinite(t) makes); a sum that is not finite, from a NaN or an
+    inf or from finite values overflowing it, goes to the exact check."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+def _holds_float_weights(module: nn.Module | None, param: nn.Parameter) -> bool:
+    """Whether param holds checkpoint values as the model computes with them, to check for NaN and inf: a
+    float weight or bias (LinearBase.is_float_param; of other layers, any float parameter), not a
+    quantization's packed integers or scales (a quantized embedding's last rank has unwritten padding
+    rows there), FP8 weights, or a GGUF weight kept in blocks (a one-element placeholder until then)."""
+    if param.dtype not in _CHECKED_DTYPES or getattr(param, "accepts_gguf_blocks", False):
+        return False
+    return not isinstance(module, LinearBase) or module.is_float_param(param)
+
+
+def _check_values(model_config: ModelConfig, param_name: str, param: nn.Parameter,
+                  sources: list[tuple[str, str]]) -> None:
+    """NaN or inf in a loaded checkpoint (or a value beyond the model dtype's range) decodes as garbage
+    text: refused, naming the tensor. param is checked once, on its device, when the last of its
+    checkpoint tensors (sources: (file, name), several for a packed one such as qkv_proj) is in."""
+    if all_finite(param.data):
+        return
+    dtype = str(param.dtype).removeprefix("torch.")
+    file, name = sources[0] if len(sources) == 1 else _non_finite_source(model_config, sources, param.dtype)
+    raise ModelLoadError(file, f"tensor {name!r} holds NaN or inf values as {dtype} (in {param_name})")
+
+
+def _non_finite_source(model_config: ModelConfig, sources: list[tuple[str, str]],
+                       dtype: torch.dtype) -> tuple[str, str]:
+    """Which of the tensors packed into one parameter holds the NaN or inf found there: each read again,
+    on the host (this error's path only), in the parameter's dtype."""
+    wanted = {name for _, name in sources}
+    if model_config.load_format == "gguf":
+        tensors: Iterator[tuple[str, str, Any]] = (
+            (model_config.path, name, loaded) for name, loaded in iter_gguf(model_config.path, model_config.hf_config))
+    else:
+        tensors = iter_safetensors_files(model_config.path)
+    for file, name, loaded in tensors:
+        if name in wanted and not torch.isfinite(materialize(loaded).to(dtype)).all():
+            return file, name
+    return sources[-1]  # not reached: the parameter holds nothing but these tensors' values
+
+
 def _default_loader(param: nn.Parameter, loaded: Any) -> None:
     check_loaded(loaded, tuple(param.shape))  # e.g. a norm's [hidden]: copy_ would broadcast a [1]
-    param.data.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded[:])
+    param.data.copy_(materialize(loaded))
 
 
 def load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bool, seed: int) -> None:
@@ -193,6 +243,8 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
         tensors = iter_safetensors_files(model_config.path)  # errors name the shard a tensor is in
         total = None
     loaded_names: set[str] = set()
+    modules = dict(model.named_modules())
+    sources: dict[str, list[tuple[str, str]]] = {}  # a parameter whose values are checked -> its tensors in so far
     # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
     show_progress = show_progress and sys.stderr.isatty()
     num_layers = model_config.num_layers
@@ -227,6 +279,10 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
         except (RuntimeError, ValueError) as e:  # ValueError: engine.layers.linear.check_loaded
             raise ModelLoadError(file, f"tensor {name!r} of shape {shape} does not fit {param_name}: {e}") from None
         loaded_names.add(param_name if shard_id is None else f"{param_name}:{shard_id}")
+        if _holds_float_weights(modules.get(param_name.rpartition(".")[0]), param):
+            sources.setdefault(param_name, []).append((file, name))
+            if all(f"{param_name}:{s}" in loaded_names for s in _shard_ids(model, param_name)):  # its last tensor
+                _check_values(model_config, param_name, param, sources.pop(param_name))
     expected = set()
     for name, param in params.items():
         shard_ids = _shard_ids(model, name)
