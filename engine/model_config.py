@@ -87,8 +87,10 @@ def cpu_kv_cache_tokens(max_model_len: int) -> int:
     return max(max_model_len, CPU_KV_CACHE_MIN_TOKENS)
 
 
-def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> PretrainedConfig:
-    """A GGUF's config is built without transformers (engine.gguf_config), in every process."""
+def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> tuple[PretrainedConfig, dict[str, Any]]:
+    """(the config, hf_overrides applied; config.json's fields as written, {} for a GGUF). A GGUF's config
+    is built without transformers (engine.gguf_config), in every process."""
+    raw: dict[str, Any] = {}
     try:
         if is_gguf:
             config = open_gguf(path).hf_config()
@@ -100,7 +102,8 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> Pret
             from huggingface_hub.errors import StrictDataclassError
 
             with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-                _check_raw_config(os.path.join(path, "config.json"), json.load(f))  # before transformers' own errors
+                raw = json.load(f)
+            _check_raw_config(os.path.join(path, "config.json"), raw)  # before transformers' own errors
             try:
                 config = AutoConfig.from_pretrained(path)
             except StrictDataclassError as e:  # transformers' own checks, e.g. hidden_size / num_attention_heads
@@ -119,7 +122,7 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> Pret
     if not getattr(config, "architectures", None):
         arch = _ARCH_BY_MODEL_TYPE.get(getattr(config, "model_type", ""))
         config.architectures = [arch] if arch else []
-    return config
+    return config, raw
 
 
 def _field_param(key: str, overrides: dict[str, Any], source: str) -> str:
@@ -186,19 +189,19 @@ def _check_shape(config: PretrainedConfig, overrides: dict[str, Any], derived_he
 REQUIRED_FIELDS = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size")
 
 
-def _check_model_fields(path: str, config: PretrainedConfig, overrides: dict[str, Any], is_gguf: bool) -> None:
-    """Of a supported architecture: the sizes are in config.json (or hf_overrides), not transformers'
-    defaults (a config without hidden_size was built at 4096 and failed on the first weight, naming no
-    field); the fields the model reads are ones it implements: hidden_act silu (SiluAndMul whatever it
-    says), rms_norm_eps and rope_theta positive numbers (rope_theta 'x' escaped as a TypeError)."""
+def _check_model_fields(path: str, config: PretrainedConfig, raw: dict[str, Any], overrides: dict[str, Any],
+                        is_gguf: bool) -> None:
+    """Of a supported architecture: the sizes are in config.json (raw: its fields as written) or hf_overrides,
+    not transformers' defaults (a config without hidden_size was built at 4096 and failed on the first
+    weight, naming no field); the fields the model reads are ones it implements: hidden_act silu (SiluAndMul
+    whatever it says), rms_norm_eps and rope_theta positive numbers (rope_theta 'x' escaped as a TypeError),
+    eos_token_id in the vocabulary."""
     source = "gguf" if is_gguf else "config.json"
 
     def param(key: str) -> str:
         return _field_param(key, overrides, source)
 
     if not is_gguf:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)  # read before, by _load_hf_config
         aliases = {ours: alias for alias, ours in getattr(config, "attribute_map", {}).items()}
         for key in REQUIRED_FIELDS:
             if key not in raw and aliases.get(key) not in raw and key not in overrides:
@@ -215,6 +218,19 @@ def _check_model_fields(path: str, config: PretrainedConfig, overrides: dict[str
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             name = "rope_theta" if key == "rope_parameters" else key
             raise ConfigError(param(key), f"{name} must be a number > 0, got {value!r}")
+    check_token_ids(param("eos_token_id"), getattr(config, "eos_token_id", None), config.vocab_size)
+
+
+def check_token_ids(param: str, value: Any, vocab_size: int) -> None:
+    """EOS ids (an int, a list of them or None) name tokens of the vocabulary: one outside it never ends a
+    sequence (no sampled token has it), and a negative one under min_tokens masks another token (it
+    indexes the logits from the end)."""
+    for token in value if isinstance(value, list) else [] if value is None else [value]:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise ConfigError(param, f"must be a token id or a list of them, got {value!r}")
+        if not 0 <= token < vocab_size:
+            of = f" (of {value})" if isinstance(value, list) else ""
+            raise ConfigError(param, f"{token}{of} is outside the vocabulary (vocab_size {vocab_size})")
 
 
 def resolve_dtype(name: str, hf_config: PretrainedConfig, device: torch.device) -> torch.dtype:
@@ -236,13 +252,13 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device | None) -> Mode
     if not os.path.exists(path):
         raise ModelLoadError(path, "model path does not exist (give a local HF directory or .gguf file; weights are never downloaded at run time)")
     is_gguf = os.path.isfile(path) and path.endswith(".gguf")
-    hf_config = _load_hf_config(path, is_gguf, cfg.hf_overrides)
+    hf_config, raw_config = _load_hf_config(path, is_gguf, cfg.hf_overrides)
     arch = next((a for a in hf_config.architectures if a in MODEL_CLASSES), None)
     if arch is None:
         raise UnsupportedArchitectureError(
             path, f"architectures {hf_config.architectures} not supported; supported: {', '.join(sorted(MODEL_CLASSES))}"
         )
-    _check_model_fields(path, hf_config, cfg.hf_overrides, is_gguf)
+    _check_model_fields(path, hf_config, raw_config, cfg.hf_overrides, is_gguf)
     limit = hf_config.max_position_embeddings
     max_model_len = cfg.max_model_len or limit
     if max_model_len > limit:
@@ -259,7 +275,12 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device | None) -> Mode
     tokenizer = cfg.tokenizer or path
     if not os.path.exists(tokenizer):
         raise ConfigError("tokenizer", f"{tokenizer} does not exist (give a tokenizer directory or .gguf file)")
-    generation_config, source = resolve_generation_config(cfg, path, is_gguf)
+    model_generation = (_read_generation_config(path, "model")
+                        if not is_gguf and os.path.isfile(os.path.join(path, "generation_config.json")) else None)
+    if model_generation is not None:  # its EOS ids end sequences whatever --generation-config says
+        check_token_ids("generation_config.json.eos_token_id", model_generation.get("eos_token_id"),
+                        hf_config.vocab_size)
+    generation_config, source = resolve_generation_config(cfg, model_generation)
     quantization = resolve_quantization(cfg.quantization, hf_config, load_format)
     if device is not None:
         from engine.layers.quant.fp8 import uses_fp8
@@ -317,10 +338,11 @@ def _read_generation_config(directory: str, param: str) -> dict[str, Any]:
     return data
 
 
-def resolve_generation_config(cfg: EngineConfig, path: str, is_gguf: bool) -> tuple[dict[str, Any], str]:
-    """vLLM's --generation-config: `auto` reads the model's generation_config.json (the embedded
-    model's defaults: EMBEDDED_GENERATION_CONFIG), `vllm` none, a directory its file;
-    --override-generation-config goes on top. Returns (the applied keys, where they came from)."""
+def resolve_generation_config(cfg: EngineConfig, model_generation: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
+    """vLLM's --generation-config: `auto` takes the model's generation_config.json (model_generation,
+    None without one; the embedded model's defaults: EMBEDDED_GENERATION_CONFIG), `vllm` none, a
+    directory its file; --override-generation-config goes on top. Returns (the applied keys, where they
+    came from)."""
     if cfg.generation_config == "vllm":
         data, source = {}, "ignored (--generation-config vllm)"
     elif cfg.generation_config != "auto":
@@ -328,8 +350,8 @@ def resolve_generation_config(cfg: EngineConfig, path: str, is_gguf: bool) -> tu
         source = os.path.join(cfg.generation_config, "generation_config.json")
     elif cfg.model is None:
         data, source = dict(EMBEDDED_GENERATION_CONFIG), "the embedded model's defaults"
-    elif not is_gguf and os.path.isfile(os.path.join(path, "generation_config.json")):
-        data, source = _read_generation_config(path, "model"), "the model's generation_config.json"
+    elif model_generation is not None:
+        data, source = model_generation, "the model's generation_config.json"
     else:
         data, source = {}, "none in the model"
     if cfg.override_generation_config:
