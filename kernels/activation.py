@@ -12,6 +12,15 @@ from kernels.pdl import launch_kwargs, wait_prior
 
 
 @triton.jit
+def _silu_mul_block(x_ptr, row, cols, mask, d, stride_x):
+    """silu(gate) * up at cols of one token's row, float32 holding values of the input dtype."""
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # F.silu rounds to the input dtype
+    return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)  # rounded as the output is
+
+
+@triton.jit
 def _silu_and_mul_kernel(
     x_ptr,  # [num_tokens, 2 * d]
     out_ptr,  # [num_tokens, d]
@@ -25,19 +34,8 @@ def _silu_and_mul_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)  # F.silu rounds to the input dtype
-    out = act.to(tl.float32) * up.to(tl.float32)
+    out = _silu_mul_block(x_ptr, row, cols, mask, d, stride_x)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _silu_mul_block(x_ptr, row, cols, mask, d, stride_x):
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    return (act.to(tl.float32) * up.to(tl.float32)).to(up.dtype).to(tl.float32)  # as silu_and_mul stores it
 
 
 @triton.jit
