@@ -81,7 +81,7 @@ class LLM:
         """prompts: one prompt or a list (see the module docstring); sampling_params: one for all,
         one per prompt, or None for get_default_sampling_params(); lora_request: an adapter for
         all, one (or None: the base model) per prompt, or None."""
-        return self._run(_parse_prompts(prompts), sampling_params, use_tqdm, lora_request)
+        return self._run(_parse_prompts(prompts), sampling_params, use_tqdm, lora_request, "prompts")
 
     def chat(
         self,
@@ -98,7 +98,7 @@ class LLM:
             raise RequestError("messages", f"must be a list of messages or of conversations, got {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.llm_engine.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self._run(prompts, sampling_params, use_tqdm, lora_request)
+        return self._run(prompts, sampling_params, use_tqdm, lora_request, "messages")
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType],
                     params: BeamSearchParams | SequenceABC[BeamSearchParams],
@@ -125,15 +125,16 @@ class LLM:
 
     def _run(
         self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool,
-        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None, where: str,
     ) -> list[RequestOutput]:
         with self._lock:
-            return self._run_locked(prompts, sampling_params, use_tqdm, lora_request)
+            return self._run_locked(prompts, sampling_params, use_tqdm, lora_request, where)
 
     def _run_locked(
         self, prompts: list[Prompt], sampling_params: SamplingParams | SequenceABC[SamplingParams] | None, use_tqdm: bool,
-        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None,
+        lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None, where: str,
     ) -> list[RequestOutput]:
+        """where: what the caller's list is called (prompts, messages), to say which entry a refusal is about."""
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
         params_list = _per_prompt(sampling_params, SamplingParams, "sampling_params", len(prompts))
@@ -143,9 +144,15 @@ class LLM:
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
-            for prompt, params, lora in zip(prompts, run_params, loras):
+            for i, (prompt, params, lora) in enumerate(zip(prompts, run_params, loras)):
                 request_id = str(next(self._counter))
-                engine.add_request(request_id, prompt, params, lora_request=lora)
+                try:
+                    engine.add_request(request_id, prompt, params, lora_request=lora)
+                except RequestError as e:  # say which entry (its type, LoRAError included, kept)
+                    if len(prompts) > 1:
+                        e.message = f"{e.message} ({where}[{i}])"
+                        e.args = (f"{e.param}: {e.message}",)
+                    raise
                 ids.append(request_id)
             ours = set(ids)
             # a bar only on a terminal: in a log file every refresh would append to one ever-longer line

@@ -154,3 +154,16 @@ def test_beam_search_params_made_invalid_after_construction_are_refused(llm: LLM
     with pytest.raises(ValueError) as err:
         llm.beam_search([PROMPT], params)
     assert getattr(err.value, "param", None) == "beam_width"
+
+
+def test_a_refused_prompt_of_a_batch_is_named_by_its_index(llm: LLM) -> None:
+    """One prompt past max_model_len among many: the error said "the prompt has 70 tokens" but not which
+    one; the batch is refused whole (as vLLM) and the engine is left idle."""
+    prompts = [PROMPT, PROMPT, list(range(3, 73)), PROMPT]
+    with pytest.raises(RequestError) as err:
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert err.value.param == "prompt" and "prompts[2]" in str(err.value)
+    with pytest.raises(RequestError) as err:
+        llm.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b " * 80}]], GREEDY, use_tqdm=False)
+    assert "messages[1]" in str(err.value)
+    assert not llm.llm_engine.has_unfinished_requests()
