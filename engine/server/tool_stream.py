@@ -235,6 +235,7 @@ class ToolDeltas:
         self.bodies: dict[int, str] = {}  # hermes: the open call's text, content again if it is no call
         self.num_calls: dict[int, int] = {}
         self.spaces: dict[int, str] = {}  # hermes: content's trailing whitespace, held back (see _hold_spaces)
+        self.said: set[int] = set()  # hermes: the choices that have sent content other than whitespace
 
     def _entries(self, choice: int, events: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """OpenAI tool_calls delta entries; a call's fragments in one step go out as one entry. With
@@ -292,10 +293,15 @@ class ToolDeltas:
         return content, entries
 
     def _hold_spaces(self, choice: int, content: str, finished: bool) -> str:
-        """Content's trailing whitespace waits for more text: the whole answer's content is stripped when it made
-        calls (tools.parse_tool_calls), so the newline between two calls, or after the last, is not content."""
+        """Content's trailing whitespace waits for more text, and content that begins after a call is sent without
+        its leading whitespace: an answer with calls has its content stripped (as tools.parse_tool_calls strips it),
+        so the newline between two calls, or after the last, is not content."""
         text = self.spaces.pop(choice, "") + content
+        if self.num_calls.get(choice) and choice not in self.said:
+            text = text.lstrip()
         body = text.rstrip()
+        if body:
+            self.said.add(choice)
         if not finished:
             self.spaces[choice] = text[len(body):]
         elif not self.num_calls.get(choice):  # no calls: the whole answer keeps its text as it is
@@ -336,16 +342,16 @@ class ToolDeltas:
 
     def finish_reason(self, choice: int, reason: str | None) -> str | None:
         """"tool_calls" once calls went out, as OpenAI; "length" when max_tokens cut the answer (a call may be
-        cut too), as the same answer not streamed reports (cut_calls)."""
+        cut too), as the same answer not streamed reports (streamed_calls)."""
         if reason in (None, "length") or not self.num_calls.get(choice) or self.tr.tool_choice == "named":
             return reason
         return "tool_calls"
 
 
-def cut_calls(tr: ToolsRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
-    """(content, calls) of a tool answer cut by max_tokens (any tool_choice): the calls as ToolDeltas would have
-    streamed them (the last one's arguments possibly cut, as OpenAI returns them; for hermes, a call begun but not
-    closed), so that a streamed and a plain response agree; the text as content when no call had begun."""
+def streamed_calls(tr: ToolsRequest, text: str) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, calls) of a whole answer as ToolDeltas streams them, so that a streamed and a plain response
+    agree: for one cut by max_tokens (any tool_choice) the last call's arguments possibly cut, as OpenAI returns
+    them, or a hermes call begun but not closed; the text as content when no call had begun."""
     stream = ToolDeltas(tr)
     d = stream.delta(0, {"content": text}, True)
     calls: list[dict[str, Any]] = []

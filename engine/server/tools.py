@@ -214,10 +214,12 @@ def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str |
     place; returns the finish reason ("tool_calls" when calls were made, as OpenAI, but for a named function or an
     answer cut by max_tokens: "length")."""
     text = message.get("content") or ""
-    if finish_reason == "length":  # cut by max_tokens: what a stream would have sent, as it would report it
-        from engine.server.tool_stream import cut_calls
+    if finish_reason == "length" or (tr.tool_choice == "auto" and tr.parser == "hermes"):
+        # what a stream sends, as it would report it: calls cut by max_tokens as they stood; hermes calls as they
+        # streamed (a call whose arguments turn out not to be JSON went out before that was known, as OpenAI's may)
+        from engine.server.tool_stream import streamed_calls
 
-        content, calls = cut_calls(tr, text)
+        content, calls = streamed_calls(tr, text)
     elif tr.tool_choice == "auto":
         content, calls = parse_tool_calls(tr.parser or "hermes", text)
     else:

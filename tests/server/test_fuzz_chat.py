@@ -219,11 +219,11 @@ def test_parallel_tool_calls_false_returns_one_call(tool_server: LiveServer, par
 
 
 @pytest.mark.parametrize("regex,content", [(TWO_CALLS, ""), ("Sure! " + TWO_CALLS, "Sure!"),
-                                           (r"\n\nHi  \n", "\n\nHi  \n")])
+                                           (TWO_CALLS + " done", "done"), (r"\n\nHi  \n", "\n\nHi  \n")])
 def test_whitespace_between_calls_is_not_streamed_as_content(tool_server: LiveServer, regex: str,
                                                              content: str) -> None:
-    """The newline between two hermes calls (and after the last) went out as streamed content "\\n", while the
-    whole answer's content is stripped (None); an answer without calls keeps its whitespace both ways."""
+    """The newline between two hermes calls (and after the last, or before text after them) went out as streamed
+    content, while the whole answer's content is stripped; an answer without calls keeps its whitespace both ways."""
     whole, streamed = tool_answers(tool_server, regex)
     assert whole == streamed and whole[0] == content
 
@@ -234,3 +234,29 @@ def test_an_auto_answer_cut_by_max_tokens_agrees_streamed_and_not(tool_server: L
     gave that call's text as content; now both give the stream's view, as required and named answers do."""
     whole, streamed = tool_answers(tool_server, TWO_CALLS, max_tokens=max_tokens)
     assert whole == streamed and whole[2] == "length"
+
+
+def test_a_hermes_call_with_arguments_that_are_not_json_agrees_streamed_and_not(tool_server: LiveServer) -> None:
+    """The stream sends a call as soon as its name and arguments begin, so a call whose arguments turn out not to
+    be JSON has gone out; the plain answer gave the whole text as content instead (tool_calls: none)."""
+    regex = r'Sure! <tool_call>\{"name": "get_weather", "arguments": \{"city": Paris\}\}</tool_call> done'
+    whole, streamed = tool_answers(tool_server, regex)
+    assert whole == streamed == ("Sure!  done", [("get_weather", '{"city": Paris}')], "tool_calls")
+
+
+HERMES_ANSWERS = [  # regexes the model is held to: calls in odd shapes, text around them, cut tags
+    r'Ok\. <tool_call>\{"name": "get_time", "arguments": \{"tz": "UTC"\}\}</tool_call>\n'
+    r'<tool_call>\{"name": "get_weather", "arguments": \{\}\}</tool_call>',
+    r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "😀你"\}\}</tool_call> done',
+    r'<tool_call>\[\{"name": "get_time", "arguments": \{"tz": "CET"\}\}, \{"name": "get_weather", "parameters": '
+    r'\{"city": "x"\}\}\]</tool_call>',
+    r'<tool_call>\{"name": "get_weather", "arguments": "\{\\"city\\": \\"Oslo\\"\}"\}</tool_call>',
+    r'no tools here <tool_ca',
+]
+
+
+@pytest.mark.parametrize("max_tokens", [15, 120])
+@pytest.mark.parametrize("regex", HERMES_ANSWERS)
+def test_hermes_answers_agree_streamed_and_not(tool_server: LiveServer, regex: str, max_tokens: int) -> None:
+    whole, streamed = tool_answers(tool_server, regex, max_tokens=max_tokens)
+    assert whole == streamed
