@@ -147,7 +147,7 @@ class LLM:
             for i, (prompt, params, lora) in enumerate(zip(prompts, run_params, loras)):
                 request_id = str(next(self._counter))
                 try:
-                    engine.add_request(request_id, prompt, params, lora_request=lora)
+                    engine.add_request(request_id, _truncated(engine, prompt, params), params, lora_request=lora)
                 except RequestError as e:  # say which entry (its type, LoRAError included, kept)
                     if len(prompts) > 1:
                         e.message = f"{e.message} ({where}[{i}])"
@@ -177,6 +177,18 @@ def _abort(engine: LLMEngine, request_ids: list[str]) -> None:
         engine.step()
     except Exception:
         logging.getLogger("gantry").debug("collecting aborted requests failed", exc_info=True)
+
+
+def _truncated(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> Prompt:
+    """prompt cut to its last params.truncate_prompt_tokens tokens (vLLM's; -1: max_model_len), as token ids."""
+    k = params.truncate_prompt_tokens
+    if k is None:
+        return prompt
+    limit = engine.max_model_len
+    if k > limit:
+        raise RequestError("truncate_prompt_tokens", f"must be at most max_model_len ({limit}), got {k}")
+    token_ids = engine.encode(prompt) if isinstance(prompt, str) else prompt
+    return token_ids[-(limit if k == -1 else k):]
 
 
 def _per_prompt(value: Any, cls: type, name: str, count: int) -> list[Any]:

@@ -115,6 +115,7 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only, no text (saves CPU in offline benchmarks)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each RequestOutput holds
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (engine/structured/)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len); offline LLM
 
     def __post_init__(self) -> None:
         self._normalize_types()
@@ -127,7 +128,7 @@ class SamplingParams:
         self.n = _int("n", self.n)
         self.top_k = _int("top_k", self.top_k)
         self.min_tokens = _int("min_tokens", self.min_tokens)
-        for name in ("best_of", "max_tokens", "logprobs", "prompt_logprobs", "seed"):
+        for name in ("best_of", "max_tokens", "logprobs", "prompt_logprobs", "seed", "truncate_prompt_tokens"):
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -197,6 +198,9 @@ class SamplingParams:
             raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
             raise bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {_show(self.prompt_logprobs)}")
+        truncate = self.truncate_prompt_tokens
+        if truncate is not None and not (truncate == -1 or truncate >= 1):
+            raise bad("truncate_prompt_tokens", f"must be -1 (max_model_len) or >= 1, got {_show(truncate)}")
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
             raise bad("seed", f"must be a 64-bit integer in [-2**63, 2**63 - 1], got {_show(self.seed)}")
 

@@ -2,6 +2,7 @@
 LLM.generate/chat/beam_search with vLLM's signatures and SamplingParams (one LLM for the module)."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -167,3 +168,29 @@ def test_a_refused_prompt_of_a_batch_is_named_by_its_index(llm: LLM) -> None:
         llm.chat([[{"role": "user", "content": "a"}], [{"role": "user", "content": "b " * 80}]], GREEDY, use_tqdm=False)
     assert "messages[1]" in str(err.value)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(llm: LLM) -> None:
+    """vLLM's SamplingParams(truncate_prompt_tokens=k): a TypeError (no such field), so a ported script
+    could not run at all."""
+    long_prompt = list(range(3, 33))
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=5)
+    text = llm.get_tokenizer().decode(long_prompt)
+    [by_ids, by_text] = llm.generate([long_prompt, text], params, use_tqdm=False)
+    assert by_ids.prompt_token_ids == long_prompt[-5:]
+    assert by_text.prompt_token_ids == llm.get_tokenizer().encode(text)[-5:]
+    plain = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    assert token_ids([by_ids]) == token_ids(llm.generate([long_prompt[-5:]], plain, use_tqdm=False))
+    assert token_ids(llm.generate([PROMPT], dataclasses.replace(plain, truncate_prompt_tokens=50), use_tqdm=False)) == \
+        token_ids(llm.generate([PROMPT], plain, use_tqdm=False))  # shorter than k: unchanged
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError) as err:
+            SamplingParams(truncate_prompt_tokens=bad)
+        assert err.value.param == "truncate_prompt_tokens"
+    with pytest.raises(RequestError) as err:  # past the context: vLLM's refusal
+        llm.generate([PROMPT], dataclasses.replace(plain, truncate_prompt_tokens=65), use_tqdm=False)
+    assert err.value.param == "truncate_prompt_tokens"
+    # -1: max_model_len tokens, which leave no room to generate: the prompt's own refusal
+    with pytest.raises(RequestError) as err:
+        llm.generate([list(range(3, 83))], dataclasses.replace(plain, truncate_prompt_tokens=-1), use_tqdm=False)
+    assert err.value.param == "prompt" and "64 tokens" in str(err.value)
