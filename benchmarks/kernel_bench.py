@@ -20,7 +20,7 @@ import triton.testing
 
 from kernels import reference
 from kernels.decode_attention import choose_num_splits, decode_attention
-from kernels.cudnn_prefill import KEY_PIECE, chunk_attention, warmup
+from kernels.cudnn_prefill import KEY_PIECES, chunk_attention, warmup
 from kernels.prefill_attention import prefill_attention
 
 BLOCK_SIZE = 16
@@ -213,8 +213,8 @@ def run_long_prefill(matmul: float, sweep: bool) -> None:
     print("  cuDNN path (kernels/cudnn_prefill.py: whole pieces of keys through cuDNN, the rest Triton) against the"
           " Triton launch alone:")
     warmup(k_cache, num_heads, DTYPE, 1.0, 1.0, CHUNK, LONG_CONTEXT + CHUNK)
-    for context, q_len in ((KEY_PIECE, CHUNK), (LONG_CONTEXT // 2, CHUNK), (LONG_CONTEXT - CHUNK, CHUNK),
-                           (LONG_CONTEXT - CHUNK, 2048), (LONG_CONTEXT - CHUNK, 1100), (KEY_PIECE + 100, 1024)):
+    for context, q_len in ((KEY_PIECES[0], CHUNK), (LONG_CONTEXT // 2, CHUNK), (LONG_CONTEXT - CHUNK, CHUNK),
+                           (LONG_CONTEXT - CHUNK, 2048), (LONG_CONTEXT - CHUNK, 1100), (KEY_PIECES[0] + 100, 1024)):
         seq_lens = torch.tensor([context + q_len], dtype=torch.int32, device="cuda")
         loc = torch.tensor([0, q_len], dtype=torch.int32, device="cuda")
         flops = causal_chunk_flops(num_heads, q_len, context)
