@@ -5,6 +5,7 @@ request that builds can never make the engine raise; values past what float32 or
 vocabulary can hold are clamped where that keeps their meaning (see ModelRunner)."""
 from __future__ import annotations
 
+import copy
 import enum
 import math
 import numbers
@@ -203,6 +204,10 @@ class SamplingParams:
             raise bad("truncate_prompt_tokens", f"must be -1 (max_model_len) or >= 1, got {_show(truncate)}")
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
             raise bad("seed", f"must be a 64-bit integer in [-2**63, 2**63 - 1], got {_show(self.seed)}")
+
+    def clone(self) -> SamplingParams:
+        """vLLM's: a deep copy (its lists and structured_outputs not shared)."""
+        return copy.deepcopy(self)
 
     @property
     def greedy(self) -> bool:

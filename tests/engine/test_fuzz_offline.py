@@ -194,3 +194,13 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(llm: LLM) -> None:
     with pytest.raises(RequestError) as err:
         llm.generate([list(range(3, 83))], dataclasses.replace(plain, truncate_prompt_tokens=-1), use_tqdm=False)
     assert err.value.param == "prompt" and "64 tokens" in str(err.value)
+
+
+def test_sampling_params_clone() -> None:
+    """vLLM's SamplingParams.clone(): an AttributeError, so a ported script died before generating."""
+    params = SamplingParams(temperature=0, max_tokens=4, stop=["x"], stop_token_ids=[3])
+    copy = params.clone()
+    assert copy == params and copy is not params
+    copy.stop.append("y")
+    copy.stop_token_ids.append(4)
+    assert params.stop == ["x"] and params.stop_token_ids == [3]
