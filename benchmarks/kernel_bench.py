@@ -129,6 +129,32 @@ def run_sweep(copy_gbs: float) -> None:
         torch.cuda.empty_cache()
 
 
+def run_fp8_kv_decode(copy_gbs: float) -> None:
+    """Decode attention over bf16 and FP8 pages at W1's heads (28q/4kv), batch 256: an FP8 page is half the
+    bytes, but the loop takes as many steps at the same block_n, so wider blocks are timed too."""
+    num_heads, num_kv_heads = SHAPES["28q/4kv (Qwen2-7B)"]
+    print("\nFP8 KV decode: graph ms and % of copy bandwidth (of each page dtype's bytes), batch 256, 28q/4kv")
+    for context in (512, 1024, 4096):
+        args = make_decode_batch(256, context, num_heads, num_kv_heads)
+        query, k_cache, v_cache, block_tables, seq_lens = args
+        fp8 = (query, k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn), block_tables, seq_lens)
+        kv_bytes = {"bf16": decode_bytes(256, context, num_heads, num_kv_heads)}
+        kv_bytes["fp8"] = kv_bytes["bf16"] - 256 * context * num_kv_heads * HEAD_DIM * 2  # K and V at one byte
+        for name, pages in (("bf16", args), ("fp8", fp8)):
+            err = check_decode(pages)
+            cells = []
+            for block_n, warps, stages in itertools.product((64, 128), (4, 8), (2, 3, 4)):
+                ms = time_decode(pages, graph=True, block_n=block_n, num_warps=warps, num_stages=stages)
+                cells.append((ms, f"{block_n}/{warps}w/{stages}s {ms:.3f} ({100 * kv_bytes[name] / ms / 1e6 / copy_gbs:.0f}%)"))
+            default = time_decode(pages, graph=True)
+            best = sorted(cells)[:3]
+            print(f"  context {context:>5} {name}: default {default:.3f} ms "
+                  f"({100 * kv_bytes[name] / default / 1e6 / copy_gbs:.0f}%), err {err:.1e}; best "
+                  + ", ".join(c for _, c in best))
+        del args, fp8
+        torch.cuda.empty_cache()
+
+
 def run_prefill(matmul: float, sweep: bool) -> None:
     """8 sequences of 2048 new tokens, no earlier context: causal FLOPs = 2 * 2 * H * D * sum(q_len^2 / 2)."""
     num_heads, num_kv_heads = SHAPES["32q/8kv"]
@@ -239,7 +265,7 @@ def run_long_prefill(matmul: float, sweep: bool) -> None:
 
 def run_long_decode(copy_gbs: float) -> None:
     num_heads, num_kv_heads = LONG_SHAPE
-    print(f"\nlong decode: graph ms and % of copy bandwidth by split count (* = choose_num_splits)")
+    print("\nlong decode: graph ms and % of copy bandwidth by split count (* = choose_num_splits)")
     for batch, context in ((1, LONG_CONTEXT), (4, LONG_CONTEXT // 4), (32, 8192)):
         args = make_decode_batch(batch, context, num_heads, num_kv_heads)
         nbytes = decode_bytes(batch, context, num_heads, num_kv_heads)
@@ -258,12 +284,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch variants and split counts")
     parser.add_argument("--long", action="store_true", help="long-context prefill chunk and decode instead")
+    parser.add_argument("--fp8-kv", action="store_true", help="decode over bf16 and FP8 pages (W1 heads) instead")
     opts = parser.parse_args()
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     matmul = matmul_tflops()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s; bf16 matmul 8192^3: {matmul:.0f} TFLOP/s")
+    if opts.fp8_kv:
+        run_fp8_kv_decode(copy_gbs)
+        return
     if opts.long:
         run_long_decode(copy_gbs)
         run_long_prefill(matmul, opts.sweep)
