@@ -25,16 +25,14 @@ from engine import startup
 from engine.server.tools import ToolsRequest, apply_tool_constraint, parse_tools, with_tool_fields
 from engine.server.protocol import (
     APIError,
-    ChatRequest,
     CompletionRequest,
     ModelContext,
     bad,
-    parse_chat_request,
     parse_completion_request,
     parse_detokenize_request,
     parse_json_body,
-    parse_tokenize_request,
 )
+from engine.server.protocol_chat import ChatRequest, parse_chat_request, parse_tokenize_request
 from engine.server.protocol_structured import constrain_after_reasoning
 
 logger = logging.getLogger("gantry.server")
