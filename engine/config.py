@@ -74,6 +74,7 @@ CPU_STEP_TOKENS = 512
 class EngineConfig:
     model: str | None = None  # HF directory or .gguf file
     tokenizer: str | None = None  # tokenizer directory or .gguf
+    trust_remote_code: bool = False  # let transformers run the model directory's own config/tokenizer code (vLLM's)
     served_model_name: str | None = None  # name in the API
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (auto: checkpoint dtype on GPU, float32 on CPU)
     max_model_len: int | None = None  # context length

@@ -90,14 +90,30 @@ class LLM:
         use_tqdm: bool = True,
         lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
         *,
+        chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
         """vLLM's positional order (messages, sampling_params, use_tqdm, lora_request); the rest by keyword.
-        messages: one conversation or a list of them; lora_request as generate()'s."""
+        messages: one conversation or a list of them; lora_request as generate()'s. chat_template: a Jinja
+        string instead of the tokenizer's; continue_final_message: leave the last (assistant) message open,
+        with add_generation_prompt=False; tools: OpenAI tool dicts, the template's `tools`;
+        chat_template_kwargs: more template variables (e.g. {"enable_thinking": False})."""
         if not isinstance(messages, list):
             raise RequestError("messages", f"must be a list of messages or of conversations, got {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.llm_engine.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        prompts: list[Prompt] = []
+        for i, conversation in enumerate(conversations):
+            try:
+                prompts.append(self.llm_engine.apply_chat_template(
+                    conversation, add_generation_prompt, continue_final_message=continue_final_message, tools=tools,
+                    chat_template=chat_template, chat_template_kwargs=chat_template_kwargs))
+            except RequestError as e:  # an option's own error (tools, chat_template...) is the same for all
+                if e.param.startswith("messages"):
+                    _name_entry(e, "messages", i, len(conversations))
+                raise
         return self._run(prompts, sampling_params, use_tqdm, lora_request, "messages")
 
     def beam_search(self, prompts: PromptType | SequenceABC[PromptType],
@@ -148,10 +164,8 @@ class LLM:
                 request_id = str(next(self._counter))
                 try:
                     engine.add_request(request_id, _truncated(engine, prompt, params), params, lora_request=lora)
-                except RequestError as e:  # say which entry (its type, LoRAError included, kept)
-                    if len(prompts) > 1:
-                        e.message = f"{e.message} ({where}[{i}])"
-                        e.args = (f"{e.param}: {e.message}",)
+                except RequestError as e:
+                    _name_entry(e, where, i, len(prompts))
                     raise
                 ids.append(request_id)
             ours = set(ids)
@@ -177,6 +191,14 @@ def _abort(engine: LLMEngine, request_ids: list[str]) -> None:
         engine.step()
     except Exception:
         logging.getLogger("gantry").debug("collecting aborted requests failed", exc_info=True)
+
+
+def _name_entry(e: RequestError, where: str, i: int, count: int) -> None:
+    """Say in e which entry of the caller's list it is about, when there are several (its type, LoRAError
+    included, kept)."""
+    if count > 1:
+        e.message = f"{e.message} ({where}[{i}])"
+        e.args = (f"{e.param}: {e.message}",)
 
 
 def _truncated(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> Prompt:

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from engine.config import EngineConfig
 from engine.core_build import build_engine_core, resolve_device
@@ -25,7 +26,7 @@ from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.spawn import ensure_group, failures_named
-from engine.tokenizer import load_tokenizer
+from engine.tokenizer import apply_chat_template, load_tokenizer
 
 __all__ = ["EngineStats", "LLMEngine", "resolve_device"]
 
@@ -60,7 +61,8 @@ class LLMEngine:
         mc = build.model_config
         self.max_model_len = mc.max_model_len
         self.model_name = mc.served_model_name
-        self.tokenizer = load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy")
+        self.tokenizer = load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy",
+                                        trust_remote_code=config.trust_remote_code)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.engine_core.add_eos_token_ids([self.tokenizer.eos_token_id])
         self.client: EngineCoreClient = InprocClient(self.engine_core)
@@ -108,9 +110,12 @@ class LLMEngine:
             raise RequestError("prompt", "this model has no tokenizer (load_format=dummy): give token ids")
         return self.tokenizer.encode(prompt)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError("messages", "this model has no chat template")
+    def apply_chat_template(
+        self, messages: list[dict], add_generation_prompt: bool = True, *, continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """One conversation's prompt token ids; the options are vLLM's LLM.chat's (engine.tokenizer)."""
         if not isinstance(messages, list) or not messages:
             raise RequestError("messages", "must be a non-empty list of messages")
         for i, m in enumerate(messages):
@@ -118,11 +123,10 @@ class LLMEngine:
                 raise RequestError(f"messages[{i}].role", "must be one of system, user, assistant, tool, developer")
             if not isinstance(m.get("content"), (str, list)) and m.get("content") is not None:
                 raise RequestError(f"messages[{i}].content", "must be a string or a list of content parts")
-        try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-        except Exception as e:  # jinja errors from the model's own template
-            raise RequestError("messages", f"the chat template rejected the messages: {e}") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return apply_chat_template(
+            self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, tools=tools, chat_template=chat_template,
+            chat_template_kwargs=chat_template_kwargs)
 
     @property
     def requests(self) -> dict[str, RequestState]:

@@ -1,4 +1,4 @@
-"""Tokenizer loading (HF directory or GGUF) and incremental detokenisation.
+"""Tokenizer loading (HF directory or GGUF), chat templating and incremental detokenisation.
 
 The detokenizer decodes a window of recent tokens and emits only text that ends in a
 complete character, so multi-byte UTF-8 (Chinese, emoji) never streams half a character,
@@ -7,10 +7,10 @@ nor ends a sequence with one.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine import startup
-from engine.errors import ModelLoadError
+from engine.errors import ModelLoadError, RequestError
 from engine.gguf_file import open_gguf
 
 if TYPE_CHECKING:
@@ -20,15 +20,22 @@ REPLACEMENT_CHAR = "\ufffd"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# apply_chat_template's own arguments that chat_template_kwargs may not set: they change what it returns
+# (token ids, tensors, a dict), or have an argument of their own (chat_template)
+NOT_TEMPLATE_KWARGS = ("chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
 
 
-def load_tokenizer(path: str, is_gguf: bool, required: bool = True) -> PreTrainedTokenizerBase | None:
-    """The model's tokenizer; None when it has none and none is required (dummy weights)."""
+def load_tokenizer(path: str, is_gguf: bool, required: bool = True,
+                   trust_remote_code: bool = False) -> PreTrainedTokenizerBase | None:
+    """The model's tokenizer; None when it has none and none is required (dummy weights).
+    trust_remote_code: EngineConfig's, for a tokenizer class in the model directory's own code."""
     with startup.phase("tokenizer"):
-        return _load_tokenizer(path, is_gguf, required)
+        return _load_tokenizer(path, is_gguf, required, trust_remote_code)
 
 
-def _load_tokenizer(path: str, is_gguf: bool, required: bool) -> PreTrainedTokenizerBase | None:
+def _load_tokenizer(path: str, is_gguf: bool, required: bool,
+                    trust_remote_code: bool) -> PreTrainedTokenizerBase | None:
     if not is_gguf and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
         # transformers would build an empty tokenizer from config.json alone: refuse instead
         if not required:
@@ -40,7 +47,7 @@ def _load_tokenizer(path: str, is_gguf: bool, required: bool) -> PreTrainedToken
         # imported here: its module imports torch, which a GGUF's tokenizer (the API process's) never needs
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except ModelLoadError:
         if not required:
             return None
@@ -49,6 +56,69 @@ def _load_tokenizer(path: str, is_gguf: bool, required: bool) -> PreTrainedToken
         if not required:
             return None
         raise ModelLoadError(path, f"cannot load the tokenizer: {e}") from None
+
+
+def apply_chat_template(
+    tokenizer: PreTrainedTokenizerBase | None, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+    continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[int]:
+    """messages rendered by chat_template (a Jinja string), else the tokenizer's, and tokenized without
+    special tokens (the template writes its own): the one renderer of the offline LLM and the server.
+    vLLM's semantics: chat_template_kwargs go to the template and may set add_generation_prompt,
+    continue_final_message and tools too; the first two open different messages, so not both.
+    A RequestError names the field (the server answers it as a 400)."""
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise RequestError("chat_template", f"must be a string (a Jinja template), got {type(chat_template).__name__}")
+    if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
+        raise RequestError("messages", "this model has no chat template")
+    options: dict[str, Any] = {"add_generation_prompt": add_generation_prompt,
+                               "continue_final_message": continue_final_message, "tools": tools}
+    extra = _template_kwargs(chat_template_kwargs)
+    options.update(extra)
+
+    def where(name: str) -> str:  # the field that set an option
+        return f"chat_template_kwargs.{name}" if name in extra else name
+
+    if options["continue_final_message"] and options["add_generation_prompt"]:
+        raise RequestError(where("continue_final_message"),
+                           "cannot be true with add_generation_prompt (set add_generation_prompt to false)")
+    _check_tools(options["tools"], where("tools"))
+    from jinja2 import TemplateSyntaxError  # transformers' dependency, imported with it
+
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=False, **options)
+    except TemplateSyntaxError as e:
+        raise RequestError("chat_template" if chat_template is not None else "messages",
+                           f"the chat template does not parse: {e}") from None
+    except Exception as e:  # the template itself may reject the conversation (raise_exception)
+        raise RequestError("messages", f"the chat template rejected the messages: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _template_kwargs(chat_template_kwargs: Any) -> dict[str, Any]:
+    if chat_template_kwargs is None:
+        return {}
+    if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+        raise RequestError("chat_template_kwargs", f"must be a dict of template variables by name, "
+                                                   f"got {type(chat_template_kwargs).__name__}")
+    for key in chat_template_kwargs:
+        if key in NOT_TEMPLATE_KWARGS:
+            hint = "give it as chat_template=" if key == "chat_template" else "the prompt is always rendered as text"
+            raise RequestError(f"chat_template_kwargs.{key}", f"not a template variable ({hint})")
+    return chat_template_kwargs
+
+
+def _check_tools(tools: Any, param: str) -> None:
+    """OpenAI tool dicts ({"type": "function", "function": {...}}), as vLLM takes them; transformers would
+    take a Python function's signature for any other object, and fail on it deep in the template."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise RequestError(param, f"must be a list of tool dicts, got {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise RequestError(f"{param}[{i}]", f"must be a dict (OpenAI's tool form), got {type(tool).__name__}")
 
 
 class IncrementalDetokenizer:

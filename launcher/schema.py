@@ -66,6 +66,7 @@ class EngineOptions:
     max_loras: int = 1  # adapters resident on the GPU at once (and so in one step)
     max_cpu_loras: Optional[int] = None  # adapters cached in host memory; null: max_loras
     max_lora_rank: int = 16  # largest adapter rank served
+    trust_remote_code: bool = False  # let transformers run the model directory's own config/tokenizer code (vLLM's)
 
 
 @dataclass

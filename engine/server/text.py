@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from engine import startup
+from engine.errors import RequestError
 from engine.server.tools import ToolsRequest, apply_tool_constraint, parse_tools, with_tool_fields
 from engine.server.protocol import (
     APIError,
@@ -34,6 +35,7 @@ from engine.server.protocol import (
 )
 from engine.server.protocol_chat import ChatRequest, parse_chat_request, parse_tokenize_request
 from engine.server.protocol_structured import constrain_after_reasoning
+from engine.tokenizer import apply_chat_template
 
 logger = logging.getLogger("gantry.server")
 
@@ -71,14 +73,11 @@ def _encode(tokenizer: Any, text: str, name: str, add_special_tokens: bool = Tru
 
 def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
                          tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False) -> list[int]:
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise bad("messages", "this model has no chat template")
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
-                                             tools=tools, continue_final_message=continue_final_message)
-    except Exception as e:  # the model's own Jinja template may reject the conversation (raise_exception)
-        raise bad("messages", f"the chat template rejected the messages: {e}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    try:  # the offline LLM's renderer
+        return apply_chat_template(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                   continue_final_message=continue_final_message)
+    except RequestError as e:  # as an APIError: it crosses back from a text worker intact
+        raise bad(e.param, e.message) from None
 
 
 def _check_room(token_ids: list[int], name: str, ctx: ModelContext) -> None:
