@@ -25,6 +25,9 @@ from engine.structured.manager import StructuredOutputManager
 from engine.structured.params import StructuredOutputsError
 
 
+READ_WAIT_S = 0.01  # the longest a step with nothing to run waits for an adapter read (new requests wait that long)
+
+
 class PhaseTimer:
     """Host seconds per named phase of a step, summed over steps: mark(name) closes the phase that
     began at start() or at the previous mark."""
@@ -62,6 +65,12 @@ class EngineCore:
         self.max_lora_rank: int | None = None  # with enable_lora (build_engine_core): adapters' files checked on arrival
         # rank 0's LoRAManager (this process's): adapters a step could not read again, whose requests fail here
         self.lora_manager = getattr(getattr(executor, "runner", None), "lora_manager", None)
+        self.lora_prefetcher = None  # reads adapters off this loop from their requests' arrival (lora/prefetch.py)
+        if self.lora_manager is not None:
+            from engine.lora.prefetch import AdapterPrefetcher
+
+            self.lora_prefetcher = AdapterPrefetcher(self.lora_manager)
+            scheduler.lora_ready = self.lora_prefetcher.ready
         # fill step t+1's bitmask while its forward runs: needs the executor's split submit (one
         # process), one lane and two steps in flight; a test may turn it off to compare
         self.overlap_bitmask = (max_in_flight == 2 and scheduler.num_lanes == 1
@@ -104,6 +113,8 @@ class EngineCore:
             except LoRAError as e:  # removed or changed since it was registered: this request fails alone
                 self._report_failed(request, (e.param, e.message))
                 return
+            if self.lora_prefetcher is not None:  # its requests wait for the read; the running streams go on
+                self.lora_prefetcher.start(req.lora_request)
         if params.structured_outputs is not None:
             try:
                 if self.structured_output_manager is None:
@@ -298,7 +309,11 @@ class EngineCore:
         self.bitmask_fill_steps += 1
 
     def _schedule(self, lane: int, with_bitmask: bool = True) -> tuple[SchedulerOutput, list[Sequence]]:
+        if self.lora_prefetcher is not None:
+            self.lora_prefetcher.collect()  # adapters read since the last step: their requests may run
         so, scheduled = self.scheduler.schedule(lane)
+        if not scheduled and self.lora_prefetcher is not None and not self.batch_queue and self._forwarded is None:
+            self.lora_prefetcher.wait(READ_WAIT_S)  # nothing runs but adapters are read: wait for one, not spin
         if with_bitmask and self._has_grammars():
             self._fill_bitmask(so, scheduled)
         now = time.time()
@@ -410,6 +425,8 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Collect batches still in flight, then release the executor (and the other ranks)."""
+        if self.lora_prefetcher is not None:
+            self.lora_prefetcher.shutdown()
         if self._forwarded is not None:  # a queued forward: its sampler too, so that every step is collected
             so, scheduled = self._forwarded
             self.executor.submit_sample(so)

@@ -22,10 +22,11 @@ detokenization) is the client's: it aborts a request whose text hits a stop stri
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from engine.block_manager import BlockManager
 from engine.core_messages import EngineCoreOutput
+from engine.lora.request import LoRARequest
 from engine.outputs import (
     CachedRequestData, ModelRunnerOutput, NewRequestData, RequestSamplingParams, SchedulerOutput,
 )
@@ -75,6 +76,9 @@ class Scheduler:
         self._sent: dict[str, tuple[int, int]] = {}
         self.unschedulable: list[Sequence] = []  # too long for the whole KV pool; the engine fails their requests
         self.max_loras: int | None = None  # distinct adapters per step (the device slots), set when LoRA is on
+        # the engine core's AdapterPrefetcher.ready when LoRA is on: False while an adapter is read off the engine
+        # loop (its sequences wait, keeping their place; the others go on), so that no step reads adapter files
+        self.lora_ready: Callable[[LoRARequest], bool] | None = None
         # prompt tokens per step while some sequence of the step decodes (None: the whole budget): bounds
         # how long a burst of new prompts stalls the running streams (their inter-token latency)
         self.max_prefill_tokens_while_decoding: int | None = None
@@ -116,6 +120,11 @@ class Scheduler:
         request = seq.request  # lengths read directly: this runs for every sequence of an async decode step
         return (not request.params.has_penalties
                 and len(seq.token_ids) - seq.num_prompt_tokens + seq.num_placeholders < request.max_tokens)
+
+    def _lora_pending(self, lora: LoRARequest, loras: set[int]) -> bool:
+        """lora's adapter is not in a device slot or host memory yet (lora_ready starts its read); one that this
+        step holds already is."""
+        return self.lora_ready is not None and lora.lora_int_id not in loras and not self.lora_ready(lora)
 
     def _lora_fits(self, seq: Sequence, loras: set[int]) -> bool:
         """A step holds at most max_loras adapters (added to loras when seq's fits); base requests always fit."""
@@ -175,7 +184,8 @@ class Scheduler:
             num_new = len(seq.token_ids) + seq.num_placeholders - seq.num_computed_tokens
             if not decode and num_new == 1:
                 continue  # a prefill-first step: this decode waits
-            if seq.request.lora_request is not None and not self._lora_fits(seq, loras):
+            lora = seq.request.lora_request
+            if lora is not None and (self._lora_pending(lora, loras) or not self._lora_fits(seq, loras)):
                 continue
             if num_new > 1:
                 num_new = self._prefill_chunk(seq.num_computed_tokens, num_new, budget, prefill_budget, first_chunk)
@@ -200,9 +210,16 @@ class Scheduler:
                 budget -= num_new
         num_in_lane = sum(1 for s in self.running if s.lane == lane)
         cap = self._lane_cap()
-        while (self.waiting and budget > 0 and (prefill_budget is None or prefill_budget > 0)
+        i, head = 0, None  # waiting[i] is next; head: the first one not passed over for its adapter
+        while (i < len(self.waiting) and budget > 0 and (prefill_budget is None or prefill_budget > 0)
                and len(self.running) < self.max_num_seqs and not preempted and num_in_lane < cap):
-            seq = self.waiting[0]
+            seq = self.waiting[i]
+            lora = seq.request.lora_request
+            if lora is not None and not seq.num_in_flight and self._lora_pending(lora, loras):
+                i += 1  # its adapter is being read: it keeps its place, those behind it go on
+                continue
+            if head is None:
+                head = seq
             if seq.num_in_flight or not self._lora_fits(seq, loras):  # in flight when preempted: wait for it
                 break
             # prompt logprobs need every prompt position's logits: no prefix-cache hits (as vLLM)
@@ -214,7 +231,7 @@ class Scheduler:
             if prefill_budget is not None:
                 prefill_budget -= self._prefill_cost(num_cached, num_new)
             first_chunk = False
-            self.waiting.popleft()
+            del self.waiting[i]
             if seq.num_output_tokens == 0:
                 seq.num_cached_tokens = num_cached
             seq.status, seq.lane = SequenceStatus.RUNNING, lane
@@ -222,10 +239,10 @@ class Scheduler:
             self.running.append(seq)
             self._schedule_tokens(seq, num_new, out, scheduled)
             budget -= num_new
-        if not scheduled and not self.running and self.waiting and not preempted and not self.waiting[0].num_in_flight:
-            # the whole pool is free and the oldest sequence still does not fit: it never will.
-            # It stays in `waiting` (status WAITING) until the engine finishes its request.
-            self.unschedulable.append(self.waiting[0])
+        if not scheduled and not self.running and head is not None and not preempted and not head.num_in_flight:
+            # the whole pool is free and the oldest sequence (whose adapter is ready) still does not fit: it never
+            # will. It stays in `waiting` (status WAITING) until the engine finishes its request.
+            self.unschedulable.append(head)
         for seq in scheduled:
             start = self._describe(seq, out)
             if start < seq.num_prompt_tokens:  # this step's tokens are counted in num_computed_tokens already

@@ -1,8 +1,9 @@
 """LoRAManager (one per rank): attaches LoRA slots to the model's linear layers, keeps adapters
 in a host LRU (max_cpu_loras) and max_loras of them resident in device slots, swapped between
 steps, and builds each step's LoRABatch (None when no request of the step has an adapter).
-An adapter it cannot read again (its files removed or spoiled since) runs that step on the base
-model and is reported (take_failed): the engine core fails its requests alone."""
+Adapters are read ahead of their first step, off the engine loop (prefetch.py: read, admit), else inside
+the step; one a step cannot read (its files removed or spoiled since) runs that step on the base model and
+is reported (take_failed): the engine core fails its requests alone."""
 from __future__ import annotations
 
 import logging
@@ -121,17 +122,37 @@ class LoRAManager:
         self.graphs = None  # DecodeCUDAGraphs captured with LoRA on (CUDA, not enforce_eager)
         self.failed: dict[int, LoRAError] = {}  # lora_int_id -> why a step could not read it, until take_failed
 
+    def read(self, req: LoRARequest) -> LoRAModel:
+        """The adapter from its files, checked (NaN and inf too: LoRAError naming `model`), pinned on CUDA. Touches
+        nothing of the manager: the prefetcher's threads call it (prefetch.py), and _host when none did."""
+        model = read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank, param="model")
+        if self.device.type == "cuda":  # pinned: slot swaps copy without waiting for the device
+            with torch.cuda.device(self.device):  # a read thread's current device is 0: no context made there
+                model.weights = pin_weights(model.weights, self.dtype)
+        logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s", req.lora_name, req.lora_int_id, model.rank,
+                    req.lora_path)
+        return model
+
+    def admit(self, model: LoRAModel) -> None:
+        """A read adapter into the host cache, most recent; the least recently used ones past max_cpu_loras leave."""
+        self.cpu_cache[model.lora_int_id] = model
+        self.cpu_cache.move_to_end(model.lora_int_id)
+        while len(self.cpu_cache) > self.max_cpu_loras:
+            self.cpu_cache.popitem(last=False)
+
+    def resident(self, lora_int_id: int) -> bool:
+        """Whether a step can use the adapter without reading its files: in a device slot or in the host cache
+        (moved to its most recent end, so that admitting another does not evict it before the step)."""
+        if lora_int_id in self.cpu_cache:
+            self.cpu_cache.move_to_end(lora_int_id)
+            return True
+        return lora_int_id in self.slot_ids
+
     def _host(self, req: LoRARequest) -> LoRAModel:
         model = self.cpu_cache.get(req.lora_int_id)
-        if model is None:
-            model = read_adapter(req.lora_path, req.lora_int_id, self.dims, self.max_lora_rank, param="model")
-            if self.device.type == "cuda":  # pinned: slot swaps copy without waiting for the device
-                model.weights = pin_weights(model.weights, self.dtype)
-            logger.info("LoRA adapter %s (id %d, rank %d) loaded from %s", req.lora_name, req.lora_int_id,
-                        model.rank, req.lora_path)
-            self.cpu_cache[req.lora_int_id] = model
-            while len(self.cpu_cache) > self.max_cpu_loras:
-                self.cpu_cache.popitem(last=False)
+        if model is None:  # not read ahead (prefetch.py): read here, inside the step
+            model = self.read(req)
+            self.admit(model)
         self.cpu_cache.move_to_end(req.lora_int_id)
         return model
 
