@@ -301,11 +301,13 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     @app.before_server_stop
     async def stop_engine(app: Sanic) -> None:
         if state.children is not None:  # the other API processes first: they use the core while draining
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):  # Sanic removed ours: a second signal still reaches them
+                loop.add_signal_handler(sig, state.on_drain)
             if state.exit_code:
                 state.children.kill()
             else:
-                await asyncio.get_running_loop().run_in_executor(
-                    None, state.children.join, server_config.shutdown_grace_s + 10)
+                await loop.run_in_executor(None, state.children.join, server_config.shutdown_grace_s + 10)
         state.engine.shutdown()
         if state.frontend is not None:
             state.frontend.shutdown()
@@ -325,9 +327,11 @@ async def drain(app: Sanic, interrupted: bool = False) -> None:
     SIGINT (Ctrl-C), or a second signal during a drain: the same without the grace period, so every stream still
     ends with its final chunk."""
     state: ServerState = app.ctx.state
-    state.interrupted = state.interrupted or interrupted
-    if state.draining:
+    if state.draining:  # a second signal, SIGTERM included (docker stop twice, scancel then scancel again)
+        state.interrupted = True
+        state.on_drain()  # the other API processes take it as their second signal too
         return
+    state.interrupted = interrupted
     state.draining = True
     state.on_drain()  # API process 0: the other API processes drain too
     grace = 0.0 if interrupted else state.server_config.shutdown_grace_s
