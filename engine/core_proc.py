@@ -35,7 +35,8 @@ import zmq
 
 from engine import startup
 from engine.config import ConfigError, EngineConfig
-from engine.core_messages import CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, encoder
+from engine.core_messages import (CoreInfo, EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest, SchedulerStats,
+                                  encoder)
 from engine.errors import ModelLoadError
 from engine.sampling_params import SamplingParams
 
@@ -48,6 +49,9 @@ ADD, ABORT, EOS, SHUTDOWN = b"a", b"x", b"e", b"s"
 OUTPUTS, READY, FAILED, DEAD = b"o", b"r", b"f", b"d"
 
 CoreFactory = Callable[[EngineConfig], Any]  # EngineConfig -> CoreBuild (engine.core_build)
+# SchedulerStats' cumulative counters (the rest are gauges)
+COUNTERS = ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total", "prompt_tokens_total",
+            "generation_tokens_total")
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,8 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: 
     core, group = _load(config, core_factory, outputs)
     try:
         # with ranks of our own (no torchrun), stopping releases them and waits for them to exit
-        code = EngineCoreLoop(core, inputs, outputs, group.shutdown if group is not None else core.shutdown).run()
+        code = EngineCoreLoop(core, inputs, outputs, group.shutdown if group is not None else core.shutdown,
+                              baseline=core.get_stats()).run()
     except Exception as e:  # a failure no single request explains: the API processes see us gone
         logger.exception("engine core died")
         for sock in outputs:
@@ -246,8 +251,10 @@ class EngineCoreLoop:
     """The busy loop: take every waiting message, run one step while there is work, send what it
     produced to the clients whose requests it concerns; block on the input socket when idle."""
 
-    def __init__(self, core: Any, inputs: Any, outputs: list, stop: Callable[[], None]):
+    def __init__(self, core: Any, inputs: Any, outputs: list, stop: Callable[[], None],
+                 baseline: SchedulerStats | None = None):
         self.core, self.inputs, self.outputs, self.stop = core, inputs, outputs, stop
+        self.baseline = baseline  # the counters after the warm-up, which no client sent: /metrics counts from here
         self.client_of: dict[str, int] = {}  # request id -> the API process that sent it
         self.request_decoder = msgspec.msgpack.Decoder(EngineCoreRequest)
         self.abort_decoder = msgspec.msgpack.Decoder(list[str | tuple[str, int]])
@@ -270,7 +277,7 @@ class EngineCoreLoop:
                 self._send(core.step_fn())
             now = time.monotonic()
             if now - last_heartbeat >= HEARTBEAT_INTERVAL_S:
-                beat = encoder.encode(EngineCoreOutputs(timestamp=time.time(), stats=core.get_stats()))
+                beat = encoder.encode(EngineCoreOutputs(timestamp=time.time(), stats=self._stats(core.get_stats())))
                 for sock in self.outputs:
                     sock.send_multipart((OUTPUTS, beat))
                 last_heartbeat = now
@@ -306,9 +313,17 @@ class EngineCoreLoop:
             return
         self.client_of[request.request_id] = request.client_index
 
+    def _stats(self, stats: SchedulerStats) -> SchedulerStats:
+        if self.baseline is None:
+            return stats
+        return msgspec.structs.replace(stats, **{name: getattr(stats, name) - getattr(self.baseline, name)
+                                                 for name in COUNTERS})
+
     def _send(self, step: EngineCoreOutputs) -> None:
         if not step.outputs:
             return
+        if step.stats is not None:
+            step.stats = self._stats(step.stats)
         if len(self.outputs) == 1:
             self.outputs[0].send_multipart((OUTPUTS, encoder.encode(step)))
         else:

@@ -52,6 +52,37 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     s.stop()
 
 
+def test_warm_up_is_not_counted(server: LiveServer) -> None:
+    """The core's warm-up request (4 prompt tokens, 2 generated) was in prompt/generation_tokens_total."""
+    assert {name: server.initial.get((name, ())) for name in COUNTERS} == dict.fromkeys(COUNTERS, 0.0)
+
+
+def test_counts_equal_what_was_sent(server: LiveServer) -> None:
+    server.wait_idle()
+    before = server.metrics()
+    prompt = completion = 0
+    for i in range(3):
+        r = httpx.post(server.url("/v1/completions"), json={"model": MODEL, "prompt": f"Number {i} is",
+                                                            "max_tokens": 4, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        prompt, completion = prompt + r.json()["usage"]["prompt_tokens"], completion + r.json()["usage"]["completion_tokens"]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", server.url("/v1/chat/completions"), json=body, timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    usage = chunks[-1]["usage"]
+    prompt, completion = prompt + usage["prompt_tokens"], completion + usage["completion_tokens"]
+    after = server.wait_idle()
+    hits = _delta(after, before, "gantry:prefix_cache_hits_total")  # prompt tokens computed: cache hits excluded
+    assert _delta(after, before, "gantry:prompt_tokens_total") == prompt - hits
+    assert _delta(after, before, "gantry:generation_tokens_total") == completion == 15
+    assert _delta(after, before, "gantry:request_success_total", finished_reason="length") == 4
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert _delta(after, before, f"gantry:{histogram}_count") == 4, histogram
+    assert _delta(after, before, "gantry:inter_token_latency_seconds_count") == completion - 4
+    assert after[("gantry:num_requests_running", ())] == 0
+
+
 def test_second_sigterm_cuts_the_grace_period(server: LiveServer) -> None:
     """Last in this group: it stops the server. docker stop twice (or scancel twice) must not wait out a
     60 s grace period; the second SIGTERM was ignored while a SIGINT was not."""
