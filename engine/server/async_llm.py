@@ -351,6 +351,7 @@ class AsyncLLM:
                 self.metrics.itl.observe(now - t.last_token_time)
             else:
                 t.first_token_time = now
+                self.metrics.observe_first_token(now - t.arrival_time)
             t.last_token_time = now
             t.num_generated += num_new
         delta = RequestDelta(out.request_id, samples, out.finished)
@@ -386,7 +387,7 @@ class AsyncLLM:
         ttft = first_token - t.arrival_time if first_token is not None else None
         m = out.metrics if out is not None else None
         queue = m.first_scheduled_time - t.arrival_time if m is not None and m.first_scheduled_time else None
-        self.metrics.observe_finished(reason, ttft, now - t.arrival_time, queue)
+        self.metrics.observe_finished(reason, now - t.arrival_time, queue)
         if self.server_config.log_requests:
             logger.info("request %s finished: prompt_tokens=%d generated_tokens=%d ttft=%s total=%.3fs "
                         "finish_reason=%s", rid, t.num_prompt_tokens, t.num_generated,

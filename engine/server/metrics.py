@@ -130,10 +130,12 @@ class ServerMetrics:
                                     "Histogram of time spent in WAITING phase for request.",
                                     labels, buckets=REQUEST_LATENCY_BUCKETS, registry=reg).labels(model_name)
 
-    def observe_finished(self, finish_reason: str, ttft: float | None, e2e: float, queue_time: float | None) -> None:
+    def observe_first_token(self, ttft: float) -> None:
+        """When the first token arrives, as vLLM: not when the request ends (minutes later for a long one)."""
+        self.ttft.observe(ttft)
+
+    def observe_finished(self, finish_reason: str, e2e: float, queue_time: float | None) -> None:
         self.request_success.labels(self.model_name, finish_reason).inc()
-        if ttft is not None:
-            self.ttft.observe(ttft)
         if queue_time is not None:
             self.queue_time.observe(queue_time)
         self.e2e.observe(e2e)

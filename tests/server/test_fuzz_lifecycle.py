@@ -83,6 +83,28 @@ def test_counts_equal_what_was_sent(server: LiveServer) -> None:
     assert after[("gantry:num_requests_running", ())] == 0
 
 
+def test_ttft_is_observed_at_the_first_token(server: LiveServer) -> None:
+    """vLLM observes TTFT when the first token comes; it was observed when the request ended, so a long
+    stream's TTFT reached Prometheus minutes late. A client that hangs up: running back to 0, one abort."""
+    before = server.metrics()
+    body = {"model": MODEL, "prompt": "Tell a long story", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url("/v1/completions"), json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        deadline = time.monotonic() + 5
+        while _delta(server.metrics(), before, "gantry:time_to_first_token_seconds_count") == 0:
+            assert time.monotonic() < deadline, "no TTFT observation while the stream runs"
+            time.sleep(0.1)
+        during = server.metrics()
+        assert during[("gantry:num_requests_running", ())] == 1
+        assert _delta(during, before, "gantry:e2e_request_latency_seconds_count") == 0  # still running
+    after = server.wait_idle()
+    assert after[("gantry:num_requests_running", ())] == 0
+    assert _delta(after, before, "gantry:time_to_first_token_seconds_count") == 1
+    assert _delta(after, before, "gantry:e2e_request_latency_seconds_count") == 1
+    assert _delta(after, before, "gantry:request_success_total", finished_reason="abort") == 1
+
+
 def test_second_sigterm_cuts_the_grace_period(server: LiveServer) -> None:
     """Last in this group: it stops the server. docker stop twice (or scancel twice) must not wait out a
     60 s grace period; the second SIGTERM was ignored while a SIGINT was not."""
