@@ -27,6 +27,7 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 
 PREFIX = "gantry:"
+FINISH_REASONS = ("stop", "length", "abort")  # request_success_total's finished_reason values
 
 
 class _EngineStatsCollector(Collector):
@@ -119,6 +120,8 @@ class ServerMetrics:
         reg.register(self._engine_collector)
         self.request_success = Counter(PREFIX + "request_success", "Count of successfully processed requests.",
                                        labels + ["finished_reason"], registry=reg)
+        for reason in FINISH_REASONS:  # as vLLM: every series exists from the start, so rate() sees the first one
+            self.request_success.labels(model_name, reason)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
                               labels, buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
         self.itl = BatchedHistogram(Histogram(

@@ -57,6 +57,12 @@ def test_warm_up_is_not_counted(server: LiveServer) -> None:
     assert {name: server.initial.get((name, ())) for name in COUNTERS} == dict.fromkeys(COUNTERS, 0.0)
 
 
+def test_request_success_series_exist_from_the_start(server: LiveServer) -> None:
+    """As vLLM: every finished_reason series exists at 0, so rate() and increase() see the first request."""
+    for reason in ("stop", "length", "abort"):
+        assert server.initial.get(("gantry:request_success_total", (("finished_reason", reason),))) == 0.0, reason
+
+
 def test_counts_equal_what_was_sent(server: LiveServer) -> None:
     server.wait_idle()
     before = server.metrics()
