@@ -292,6 +292,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     count = server_config.api_server_count
     # first: a taken port is known in milliseconds
     sock = bind_socket(server_config.host, server_config.port, reuse_port=count > 1)
+    if server_config.port == 0:  # the kernel's choice: logged, and the one the other API processes bind
+        server_config = dataclasses.replace(server_config, port=sock.getsockname()[1])
     from engine.core_proc import CoreAddresses, EngineCoreProcess, remove_dir
     from engine.server.api_procs import ApiProcesses, ReadyGroup, enable_multiprocess_metrics
 

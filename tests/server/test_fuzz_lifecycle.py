@@ -152,6 +152,13 @@ def two(tmp_path_factory: pytest.TempPathFactory):
     s.stop()
 
 
+def test_port_0_is_one_port_for_every_api_process(two: LiveServer) -> None:
+    """--port 0 logged 'listening on ...:0', and API process 1 bound a port of its own: half the server
+    was unreachable at the port the operator could not learn anyway."""
+    assert len(two.ports) == 2 and two.ports[0] != 0 and two.ports[0] == two.ports[1], two.log()[-3000:]
+    assert httpx.get(two.url("/ready"), timeout=10).status_code == 200
+
+
 def _serving_pid(port: int, client_port: int, pids: list[int]) -> int | None:
     """Which of pids holds the server end of the TCP connection 127.0.0.1:client_port -> port."""
     inode = None
