@@ -402,9 +402,12 @@ class AsyncLLM:
     # ---- stopping ----
 
     def shutdown(self) -> None:
-        """Stop the core (API process 0: SHUTDOWN, then wait; kill a hung one) and close the sockets."""
+        """Stop the core (API process 0: SHUTDOWN, then wait; kill a hung one) and close the sockets. Requests
+        still running (a stop for a fatal error skips the drain) end first, with a final "abort"."""
         for task in self._tasks:
             task.cancel()
+        if self.ready:
+            self.abort_all()
         if self.core is not None and self.core.is_alive():
             if self.state == "hung":
                 self.core.stop(0)

@@ -177,6 +177,44 @@ def _serving_pid(port: int, client_port: int, pids: list[int]) -> int | None:
     return None
 
 
+def test_death_of_an_api_process_ends_the_others_streams(two: LiveServer) -> None:
+    """Last in this group. SIGKILL of API process 1: process 0 stops the server (exit 1) and its own streams
+    end with a final chunk; they were cut mid-body, and the abort sent after the sockets closed was logged
+    as 'cannot send to the engine core'."""
+    children = [int(p) for p in re.search(r"share the port \(pids ([\d, ]+)\)", two.log())[1].split(", ")][1:]
+    body = {"model": MODEL, "prompt": "Write a very long story:", "max_tokens": 900, "ignore_eos": True}
+    lines: list[str] = []
+    for _ in range(20):  # new connections until one lands on API process 0 (the kernel picks)
+        client = httpx.Client(timeout=120)
+        r = client.send(client.build_request("POST", two.url("/v1/completions"), json={**body, "stream": True}),
+                        stream=True)
+        client_port = r.extensions["network_stream"].get_extra_info("socket").getsockname()[1]
+        if _serving_pid(two.port, client_port, [two.proc.pid, *children]) == two.proc.pid:
+            break
+        r.close()
+        client.close()
+    else:
+        pytest.fail("no connection reached API process 0")
+
+    def read() -> None:
+        try:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+        except httpx.HTTPError as e:
+            lines.append(f"EXC {type(e).__name__}: {e}")
+
+    t = threading.Thread(target=read)
+    t.start()
+    time.sleep(1.0)
+    os.kill(children[0], signal.SIGKILL)
+    assert two.proc.wait(30) == 1, two.log()[-3000:]
+    t.join(10)
+    client.close()
+    assert lines[-1] == "[DONE]", lines[-3:]
+    assert "cannot send to the engine core" not in two.log() and "Traceback" not in two.log(), two.log()[-3000:]
+
+
 # ---- stopping while starting, and a model that cannot load -------------------------------------------
 
 
