@@ -253,7 +253,7 @@ def bind_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket
 def _start_ready_log(app: Any) -> None:
     """A listener that returns nothing: Sanic awaits what a listener returns, and SIGTERM while a
     listener still runs stopped the loop under it (a traceback, and a process that never exited)."""
-    app.add_task(_log_when_ready(app))
+    app.ctx.state.run_in_background(_log_when_ready(app))
 
 
 async def _log_when_ready(app: Any) -> None:
@@ -333,7 +333,7 @@ async def _start_api_processes(app: Any) -> None:
     """After the engine core started (its pid is theirs to watch)."""
     state = app.ctx.state
     state.children.start(state.engine.core_pid)
-    app.add_task(_watch_api_processes(state))
+    state.run_in_background(_watch_api_processes(state))
 
 
 async def _watch_api_processes(state: Any) -> None:

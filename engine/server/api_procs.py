@@ -118,6 +118,7 @@ def run_api_process(engine_config: EngineConfig, server_config: ServerConfig, ap
     app = create_app(engine_config, server_config, api_key, client_index=client_index, addresses=addresses,
                      core_pid=core_pid, log_level=log_level)
     app.ctx.state.set_group(ReadyGroup(ready_events, client_index))
-    app.register_listener(lambda app: app.add_task(_until_ready(app.ctx.state)), "after_server_start")
+    app.register_listener(lambda app: app.ctx.state.run_in_background(_until_ready(app.ctx.state)),
+                          "after_server_start")
     app.run(sock=sock, single_process=True, access_log=False, motd=False)
     sys.exit(app.ctx.state.exit_code)

@@ -67,6 +67,12 @@ class ServerState:
         self._group_ready = True
         self.lora_registry: Any = None  # engine.lora.registry.LoRARegistry once needed (engine/server/lora_routes.py)
         self.lora_load_lock: Any = None  # asyncio.Lock of run-time adapter loads, made in the event loop
+        self.background: list[asyncio.Task] = []  # start-up waiters, cancelled when the server stops
+
+    def run_in_background(self, coro: Any) -> None:
+        """A task that waits on start-up, cancelled at stop: a stop while it waits (SIGTERM, a failed
+        load) otherwise closed the loop under it ('Task was destroyed but it is pending!')."""
+        self.background.append(asyncio.get_running_loop().create_task(coro))
 
     @property
     def ready(self) -> bool:
@@ -291,7 +297,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
         state.on_fatal = on_fatal
         state.frontend = TextFrontend()  # its workers (unless lazy) start importing while the model loads
         state.engine.start(loop, on_fatal)
-        loop.create_task(state.load_frontend())
+        state.run_in_background(state.load_frontend())
         # Sanic's own handlers stop at once, cutting streams off mid-chunk; ours drain first (SIGINT: aborting)
         loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(drain(app)))
         loop.add_signal_handler(signal.SIGINT, lambda: loop.create_task(drain(app, interrupted=True)))
@@ -300,6 +306,9 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
 
     @app.before_server_stop
     async def stop_engine(app: Sanic) -> None:
+        for task in state.background:
+            task.cancel()
+        await asyncio.gather(*state.background, return_exceptions=True)
         if state.children is not None:  # the other API processes first: they use the core while draining
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):  # Sanic removed ours: a second signal still reaches them

@@ -164,6 +164,7 @@ class AsyncLLM:
             self.core_pid = self.core.pid
         self.state = "loading"
         tokenizer = loop.run_in_executor(None, self._load_tokenizer)
+        tokenizer.add_done_callback(_retrieve)  # unawaited when the core fails first: its error is not news then
         self._tasks = [loop.create_task(self._run(tokenizer)), loop.create_task(self._watch())]
 
     def _load_tokenizer(self) -> Any:
@@ -421,3 +422,9 @@ class AsyncLLM:
             self.client.close()
         if self._ipc_dir is not None:
             remove_dir(self._ipc_dir)
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    """Marks a future's exception as seen (else asyncio logs 'Future exception was never retrieved')."""
+    if not fut.cancelled():
+        fut.exception()

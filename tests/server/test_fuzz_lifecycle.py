@@ -221,3 +221,24 @@ def test_death_of_an_api_process_ends_the_others_streams(two: LiveServer) -> Non
 def _core_pids(server: LiveServer) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.proc.pid)], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def test_a_model_without_tokenizer_fails_without_traceback(tmp_path: Path) -> None:
+    """A directory with config.json, broken weights and no tokenizer: exit 2 naming the file, as before, but
+    the tokenizer's error was also logged as 'Future exception was never retrieved' with a traceback, and
+    'Task was destroyed but it is pending!' twice."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1000,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "torch_dtype": "float32"}))
+    (model / "model.safetensors").write_bytes(b"not safetensors")
+    s = launch(tmp_path, "--model", str(model), "--max-model-len", "256")
+    try:
+        assert s.proc.wait(120) == 2, s.log()[-3000:]
+        log = s.log()
+        assert "model.safetensors" in log, log[-3000:]
+        assert "Traceback" not in log and "Task was destroyed" not in log and "never retrieved" not in log, log
+    finally:
+        s.stop()
