@@ -109,7 +109,7 @@ class EngineCoreProcess:
         return self.proc.poll() if self.proc is not None else None
 
     def kill(self) -> None:
-        """At once, for a start that a check in the API process refused."""
+        """At once: a start that a check in the API process refused, a core still loading, or a hung one."""
         if self.is_alive():
             self.proc.kill()
             self.proc.wait(5)

@@ -403,19 +403,20 @@ class AsyncLLM:
     # ---- stopping ----
 
     def shutdown(self) -> None:
-        """Stop the core (API process 0: SHUTDOWN, then wait; kill a hung one) and close the sockets. Requests
+        """Stop the core (API process 0: SHUTDOWN, then wait; kill one that is hung, or still loading: a load
+        has nothing to save, and the core reads SHUTDOWN only once loaded) and close the sockets. Requests
         still running (a stop for a fatal error skips the drain) end first, with a final "abort"."""
         for task in self._tasks:
             task.cancel()
         if self.ready:
             self.abort_all()
         if self.core is not None and self.core.is_alive():
-            if self.state == "hung":
-                self.core.stop(0)
-            else:
+            if self.state == "ready":
                 assert self.client is not None
                 self.client.shutdown_core()
                 self.core.stop(CORE_STOP_TIMEOUT_S)
+            else:
+                self.core.kill()
         if self.state in ("loading", "ready"):
             self.state = "stopped"
         if self.client is not None:

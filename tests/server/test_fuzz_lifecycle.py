@@ -223,6 +223,27 @@ def _core_pids(server: LiveServer) -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
+def test_sigterm_while_loading_does_not_wait_for_the_load(tmp_path: Path) -> None:
+    """SIGTERM once listening, model still loading: the server waited for the whole load (the core reads
+    SHUTDOWN only once loaded; up to 20 s, then a kill) - longer than docker stop's 10 s."""
+    s = launch(tmp_path, "--max-model-len", "1024")
+    try:
+        deadline = time.monotonic() + 60
+        while "listening on" not in s.log() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cores = _core_pids(s)
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 0, s.log()[-3000:]
+        waited = time.monotonic() - start
+        assert "ready: model" not in s.log(), "loaded before the signal: the test proves nothing"
+        assert waited < 4, (waited, s.log()[-3000:])
+        assert not [p for p in cores if Path(f"/proc/{p}").exists()]
+        assert "Traceback" not in s.log() and "Task was destroyed" not in s.log(), s.log()[-3000:]
+    finally:
+        s.stop()
+
+
 def test_a_model_without_tokenizer_fails_without_traceback(tmp_path: Path) -> None:
     """A directory with config.json, broken weights and no tokenizer: exit 2 naming the file, as before, but
     the tokenizer's error was also logged as 'Future exception was never retrieved' with a traceback, and
