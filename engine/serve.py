@@ -302,6 +302,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     # The engine core starts now: its interpreter, imports and model load overlap this process's
     # imports and checks below (RESULTS.md: start-up on CPU). A check that fails stops it.
     core = EngineCoreProcess(engine_config, addresses, log_level)
+    _stop_on_signal_while_starting(core, [d for d in (ipc_dir, metrics_dir) if d is not None])
     core.start()
     try:
         with startup.phase("imports"):  # no torch here on CPU: tests/server/test_cpu_footprint.py
@@ -310,6 +311,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     except BaseException:
         core.kill()
         remove_dir(ipc_dir)
+        if metrics_dir is not None:
+            remove_dir(metrics_dir)
         raise
     log_api_key(server_config, source)
     app = create_app(engine_config, server_config, api_key, addresses=addresses, log_level=log_level, core=core)
@@ -327,6 +330,24 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
         if metrics_dir is not None:
             remove_dir(metrics_dir)
     return app.ctx.state.exit_code
+
+
+def _stop_on_signal_while_starting(core: Any, temp_dirs: list[str]) -> None:
+    """Until Sanic takes SIGTERM and SIGINT over (then they drain): stop the engine core, remove the
+    temporary directories and exit at once, with one line (SIGTERM: 0, as a stop while loading; SIGINT: 130).
+    Python's default died by the signal (143) mid-import, leaving the directories behind."""
+    from engine.core_proc import remove_dir
+
+    def handler(signum: int, frame: Any) -> None:
+        core.kill()
+        for path in temp_dirs:
+            remove_dir(path)
+        name = signal.Signals(signum).name
+        os.write(2, f"engine.serve: {name} while starting: stopped\n".encode())  # not print: it may be mid-write
+        os._exit(0 if signum == signal.SIGTERM else 130)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
 
 
 async def _start_api_processes(app: Any) -> None:

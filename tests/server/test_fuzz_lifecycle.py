@@ -244,6 +244,26 @@ def test_sigterm_while_loading_does_not_wait_for_the_load(tmp_path: Path) -> Non
         s.stop()
 
 
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_signal_while_importing_stops_cleanly(tmp_path: Path, signum: int, code: int) -> None:
+    """Before Sanic handles signals (imports, checks): SIGTERM killed the process by the signal (143), with no
+    word in the log, and left its socket directory behind (and the metrics one with several API processes)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    s = launch(tmp_path, "--api-server-count", "2", env={"TMPDIR": str(tmp)})
+    try:
+        deadline = time.monotonic() + 30
+        while not _core_pids(s) and time.monotonic() < deadline:  # the core started: the directories exist
+            time.sleep(0.01)
+        assert "listening on" not in s.log()
+        s.proc.send_signal(signum)
+        assert s.proc.wait(30) == code, s.log()[-3000:]
+        assert f"{signal.Signals(signum).name} while starting: stopped" in s.log(), s.log()[-3000:]
+        assert not list(tmp.glob("gantry-*")), list(tmp.iterdir())
+    finally:
+        s.stop()
+
+
 def test_a_model_without_tokenizer_fails_without_traceback(tmp_path: Path) -> None:
     """A directory with config.json, broken weights and no tokenizer: exit 2 naming the file, as before, but
     the tokenizer's error was also logged as 'Future exception was never retrieved' with a traceback, and
