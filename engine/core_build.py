@@ -148,7 +148,8 @@ def build_engine_core(config: EngineConfig, show_progress: bool = True) -> CoreB
     core = EngineCore(scheduler, executor, max_in_flight)
     core.max_lora_rank = config.max_lora_rank if config.enable_lora else None
     core.structured_output_manager = StructuredOutputManager(  # loads the tokenizer at the first constrained request
-        lambda: load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=False), mc.hf_config.vocab_size)
+        lambda: load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=False,
+                               trust_remote_code=config.trust_remote_code), mc.hf_config.vocab_size)
     # what the phases recorded inside (model config, weights...) did not cover
     startup.record("model build and KV pool", time.monotonic() - start - (startup.recorded() - before))
     info = CoreInfo(

@@ -87,7 +87,8 @@ def cpu_kv_cache_tokens(max_model_len: int) -> int:
     return max(max_model_len, CPU_KV_CACHE_MIN_TOKENS)
 
 
-def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> tuple[PretrainedConfig, dict[str, Any]]:
+def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any],
+                    trust_remote_code: bool = False) -> tuple[PretrainedConfig, dict[str, Any]]:
     """(the config, hf_overrides applied; config.json's fields as written, {} for a GGUF). A GGUF's config
     is built without transformers (engine.gguf_config), in every process."""
     raw: dict[str, Any] = {}
@@ -105,7 +106,7 @@ def _load_hf_config(path: str, is_gguf: bool, overrides: dict[str, Any]) -> tupl
                 raw = json.load(f)
             _check_raw_config(os.path.join(path, "config.json"), raw)  # before transformers' own errors
             try:
-                config = AutoConfig.from_pretrained(path)
+                config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
             except StrictDataclassError as e:  # transformers' own checks, e.g. hidden_size / num_attention_heads
                 raise ModelLoadError(path, f"inconsistent config.json: {e.__cause__ or e}") from None
     except ModelLoadError:
@@ -252,7 +253,7 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device | None) -> Mode
     if not os.path.exists(path):
         raise ModelLoadError(path, "model path does not exist (give a local HF directory or .gguf file; weights are never downloaded at run time)")
     is_gguf = os.path.isfile(path) and path.endswith(".gguf")
-    hf_config, raw_config = _load_hf_config(path, is_gguf, cfg.hf_overrides)
+    hf_config, raw_config = _load_hf_config(path, is_gguf, cfg.hf_overrides, cfg.trust_remote_code)
     arch = next((a for a in hf_config.architectures if a in MODEL_CLASSES), None)
     if arch is None:
         raise UnsupportedArchitectureError(
