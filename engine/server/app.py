@@ -306,6 +306,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
 
     @app.before_server_stop
     async def stop_engine(app: Sanic) -> None:
+        if not state.exit_code and state.engine.state in ("dead", "hung"):  # a drain came before the planned exit
+            state.exit_code = 1
         for task in state.background:
             task.cancel()
         await asyncio.gather(*state.background, return_exceptions=True)

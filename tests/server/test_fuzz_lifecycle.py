@@ -1,7 +1,8 @@
 """An operator's probes of the server's life (Docker, Kubernetes, Slurm) and of /metrics (Prometheus):
 the counters count what clients sent and nothing else, TTFT is observed when the first token comes,
 a second SIGTERM cuts the grace period, --port 0 is one port for every API process, an API process's
-death ends the other's streams cleanly, and a stop while starting or loading is quick and leaves nothing.
+death ends the other's streams cleanly, a stop while starting or loading is quick and leaves nothing, and
+a SIGTERM after the engine core died still exits non-zero.
 Each test failed before its fix (found by probing a live server)."""
 from __future__ import annotations
 
@@ -281,5 +282,22 @@ def test_a_model_without_tokenizer_fails_without_traceback(tmp_path: Path) -> No
         log = s.log()
         assert "model.safetensors" in log, log[-3000:]
         assert "Traceback" not in log and "Task was destroyed" not in log and "never retrieved" not in log, log
+    finally:
+        s.stop()
+
+
+def test_sigterm_after_the_core_died_still_exits_non_zero(tmp_path: Path) -> None:
+    """The core dies, and SIGTERM comes within the 3 s in which /health says 503 before the server exits
+    (docker stop, a Kubernetes rollout, scancel): the drain's clean stop exited 0, hiding the crash."""
+    s = wait_ready(launch(tmp_path))
+    try:
+        core = int(re.search(r"engine core pid (\d+)", s.log())[1])
+        os.kill(core, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while httpx.get(s.url("/health"), timeout=5).status_code != 503:
+            assert time.monotonic() < deadline, s.log()[-3000:]
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(30) == 1, s.log()[-3000:]
     finally:
         s.stop()
