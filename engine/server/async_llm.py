@@ -174,7 +174,8 @@ class AsyncLLM:
         from engine.tokenizer import load_tokenizer
 
         mc = resolve_model_config(self.engine_config, frontend_device(self.engine_config))  # parsed once, cached
-        tokenizer = load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy")
+        tokenizer = load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy",
+                                   trust_remote_code=self.engine_config.trust_remote_code)
         forget_parses()  # this process reads no more of the file: its parse and the conversion's garbage go
         startup.release_memory()
         return tokenizer
