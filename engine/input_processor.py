@@ -1,20 +1,24 @@
 """InputProcessor: the front end's checks of a tokenized request against the model and the KV pool,
-and the EngineCoreRequest it becomes (max_tokens resolved). Refusals are RequestErrors naming the
-field; nothing reaches the core unless every check passed."""
+and the EngineCoreRequest it becomes (max_tokens resolved, bad_words tokenized). Refusals are
+RequestErrors naming the field; nothing reaches the core unless every check passed."""
 from __future__ import annotations
+
+from typing import Any
 
 from engine.core_messages import CoreInfo, EngineCoreRequest
 from engine.errors import RequestError
 from engine.lora.request import LoRARequest
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 class InputProcessor:
-    def __init__(self, info: CoreInfo):
+    def __init__(self, info: CoreInfo, tokenizer: Any = None):
         self.info = info
+        self.tokenizer = tokenizer  # the front end's; bad_words need it (None: a request with them is refused)
 
     def process(self, request_id: str, token_ids: list[int], params: SamplingParams, arrival_time: float,
                 client_index: int = 0, lora_request: LoRARequest | None = None) -> EngineCoreRequest:
+        params = self.tokenize_bad_words(params)
         self.validate(token_ids, params)
         info = self.info
         # no max_tokens: the model's generation_config default (as vLLM), else the context left
@@ -23,6 +27,19 @@ class InputProcessor:
         return EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                                  max_tokens=max_tokens, arrival_time=arrival_time, client_index=client_index,
                                  lora_request=lora_request)
+
+    def tokenize_bad_words(self, params: SamplingParams) -> SamplingParams:
+        """params with its bad_words as token ids (a copy: the caller's may serve other prompts)."""
+        if not params.bad_words or params.bad_words_token_ids is not None:
+            return params
+        if self.tokenizer is None:
+            raise RequestError("bad_words", "need the model's tokenizer, and this engine has none")
+        params = params.clone()
+        try:
+            params.update_from_tokenizer(self.tokenizer)
+        except SamplingParamsError as e:
+            raise RequestError(e.param, str(e).split(": ", 1)[-1]) from None
+        return params
 
     def validate(self, token_ids: list[int], params: SamplingParams) -> None:
         info = self.info
@@ -45,6 +62,12 @@ class InputProcessor:
             raise RequestError("n", f"must be at most max_num_seqs ({info.max_num_seqs}), got {params.n}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")
+        bad_word_ids = [t for word in params.bad_words_token_ids or () for t in word]
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("bad_words", bad_word_ids)):
+            outside = sorted(t for t in ids if t >= vocab)
+            if outside:
+                raise RequestError(name, f"token id {outside[0]} is outside the vocabulary [0, {vocab})")
         capacity = info.kv_capacity
         if len(token_ids) + 1 > capacity:
             raise RequestError("prompt", f"the prompt does not fit in the whole KV cache ({capacity} tokens)")

@@ -103,6 +103,9 @@ class RequestSamplingParams(_PicklesPositionally):
     logprobs: int | None  # top-k logprobs to return per sampled token; None: none
     prompt_logprobs: int | None  # top-k per prompt token, while this sequence still owes them; None: none
     num_prompt_tokens: int  # tokens of the prompt; the rest of the sequence's tokens are output
+    logit_bias: dict[int, float] | None = None  # token id -> added to its raw logit; None: none
+    allowed_token_ids: list[int] | None = None  # only these may be sampled; None: any
+    bad_words_token_ids: list[list[int]] | None = None  # each one's last token masked after its prefix; None: none
 
 
 @dataclass

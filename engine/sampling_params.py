@@ -24,6 +24,7 @@ class SamplingParamsError(ValueError):
 
 
 MAX_STOP_STRINGS = 64
+MAX_BAD_WORDS = 128  # bad_words strings; each may tokenize to two sequences (with and without a leading space)
 MAX_LOGPROBS = 20
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
 
@@ -117,6 +118,11 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each RequestOutput holds
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output (engine/structured/)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: max_model_len); offline LLM
+    logit_bias: dict[int, float] | None = None  # token id -> added to its raw logit (before penalties, temperature)
+    allowed_token_ids: list[int] | None = None  # only these may be sampled (every other token masked)
+    bad_words: list[str] = field(default_factory=list)  # never generated: a word's last token masked after its prefix
+    # bad_words tokenized by the front end (update_from_tokenizer), as vLLM's; None until then
+    _bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self._normalize_types()
@@ -150,6 +156,7 @@ class SamplingParams:
         if kind not in {k.value for k in RequestOutputKind}:
             raise SamplingParamsError("output_kind", f"must be one of {[k.name for k in RequestOutputKind]}, got {kind}")
         self.output_kind = RequestOutputKind(kind)
+        self._normalize_logits_processor_types()
         so = self.structured_outputs
         try:
             if isinstance(so, dict):
@@ -158,6 +165,32 @@ class SamplingParams:
             raise SamplingParamsError(e.param, e.message) from None
         if so is not None and not isinstance(so, StructuredOutputsParams):
             raise SamplingParamsError("structured_outputs", f"must be StructuredOutputsParams, got {_show(so)}")
+
+    def _normalize_logits_processor_types(self) -> None:
+        """logit_bias, allowed_token_ids and bad_words to plain types (string keys of logit_bias to ints, as vLLM)."""
+        bias = self.logit_bias
+        if bias is not None and not isinstance(bias, dict):
+            raise SamplingParamsError("logit_bias", f"must be a dict of token id -> bias, got {_show(bias)}")
+        converted: dict[int, float] = {}
+        for key, value in (bias or {}).items():
+            try:
+                token_id = _int("logit_bias", int(key) if isinstance(key, str) else key)
+            except ValueError:
+                raise SamplingParamsError("logit_bias", f"keys must be token ids, got {_show(key)}") from None
+            converted[token_id] = _float("logit_bias", value)
+        self.logit_bias = converted or None
+        allowed = self.allowed_token_ids
+        if allowed is not None:
+            if not isinstance(allowed, (list, tuple)):
+                raise SamplingParamsError("allowed_token_ids", f"must be a list of token ids, got {_show(allowed)}")
+            self.allowed_token_ids = list(dict.fromkeys(_int("allowed_token_ids", t) for t in allowed))
+        words = self.bad_words
+        if words is not None and (not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words)):
+            raise SamplingParamsError("bad_words", f"must be a list of strings, got {_show(words)}")
+        self.bad_words = list(dict.fromkeys(words or []))  # duplicates dropped, as vLLM
+        ids = self._bad_words_token_ids
+        if ids is not None:
+            self._bad_words_token_ids = [[_int("bad_words", t) for t in word] for word in ids]
 
     def _validate(self) -> None:
         def bad(param: str, message: str) -> SamplingParamsError:
@@ -199,11 +232,42 @@ class SamplingParams:
             raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {_show(self.logprobs)}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
             raise bad("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {_show(self.prompt_logprobs)}")
+        if self.logit_bias is not None and any(t < 0 for t in self.logit_bias):
+            raise bad("logit_bias", "token ids must be >= 0")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise bad("allowed_token_ids", "must not be empty (no token could be sampled)")
+        if self.allowed_token_ids is not None and any(t < 0 for t in self.allowed_token_ids):
+            raise bad("allowed_token_ids", "token ids must be >= 0")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise bad("bad_words", f"at most {MAX_BAD_WORDS} bad words, got {len(self.bad_words)}")
+        if any(not w.strip() for w in self.bad_words):
+            raise bad("bad_words", "bad words must be non-empty strings")
         truncate = self.truncate_prompt_tokens
         if truncate is not None and not (truncate == -1 or truncate >= 1):
             raise bad("truncate_prompt_tokens", f"must be -1 (max_model_len) or >= 1, got {_show(truncate)}")
         if self.seed is not None and not INT64_MIN <= self.seed <= INT64_MAX:
             raise bad("seed", f"must be a 64-bit integer in [-2**63, 2**63 - 1], got {_show(self.seed)}")
+
+    def update_from_tokenizer(self, tokenizer: Any) -> None:
+        """vLLM's: tokenize bad_words, each both as given and after a space (a word at the start of the text
+        and one inside it are different tokens); the spaced form is kept when it tokenizes differently."""
+        if not self.bad_words:
+            return
+        token_ids: list[list[int]] = []
+        for word in self.bad_words:
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if not plain:
+                raise SamplingParamsError("bad_words", f"{_show(word)} tokenizes to no token")
+            token_ids.append(plain)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                token_ids.append(spaced)
+        self._bad_words_token_ids = token_ids
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """bad_words as token ids, once the front end tokenized them (update_from_tokenizer)."""
+        return self._bad_words_token_ids
 
     def clone(self) -> SamplingParams:
         """vLLM's: a deep copy (its lists and structured_outputs not shared)."""
@@ -217,3 +281,10 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         """Penalties need every earlier token on the host when sampling."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def needs_past_tokens(self) -> bool:
+        """Sampling reads this request's earlier tokens on the host (penalties; a bad word of several tokens,
+        masked after its prefix): with async scheduling it waits for its last token, never a placeholder."""
+        words = self._bad_words_token_ids  # read for every running sequence of an async step: cheap when None
+        return self.has_penalties or (words is not None and any(len(word) > 1 for word in words))

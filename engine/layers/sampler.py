@@ -1,5 +1,6 @@
-"""Sampler: penalties, temperature, min-p, top-k/top-p and per-request seeded sampling, all
-on the logits' device with no host sync per request (one copy of the results at the end).
+"""Sampler: allowed_token_ids, bad_words, logit_bias, penalties, temperature, min-p, top-k/top-p and
+per-request seeded sampling, all on the logits' device with no host sync per request (one copy of the
+results at the end).
 
 Sampling uses the exponential-race trick: argmax(p / q) with q ~ Exp(1) draws from p, and a
 seeded request draws its own q from its own generator, so its text does not depend on
@@ -31,6 +32,17 @@ class SamplingMetadata:
     max_num_logprobs: int | None = None  # largest top-k logprobs asked in the batch
     grammar_bitmask: torch.Tensor | None = None  # [num_reqs, ceil(vocab / 32)] int32: structured outputs
     grammar_rows: list[int] | None = None  # the rows grammar_bitmask constrains (the others are unchanged)
+    # vLLM's built-in logits processors (engine/sampling_metadata.py builds them from small index tensors):
+    # (rows [k] int64, disallowed [k, vocab] bool): allowed_token_ids of the rows that have them
+    allowed_token_mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    bad_words_bans: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (rows [m], token ids [m])
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows [m], token ids [m], bias [m] f32)
+
+    @property
+    def modifies_logits(self) -> bool:
+        """Some row's logits change before sampling (penalties, bans, masks, biases)."""
+        return (self.output_token_counts is not None or bool(self.min_tokens_mask) or self.grammar_bitmask is not None
+                or self.allowed_token_mask is not None or bool(self.bad_words_bans) or self.logit_bias is not None)
 
 
 @dataclass
@@ -52,6 +64,19 @@ def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
     return logits - md.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
 
+def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> None:
+    """vLLM V1's built-in processors in its order, in place on float32 logits: allowed_token_ids, bad_words,
+    logit_bias (after the masks, before penalties and temperature)."""
+    if md.allowed_token_mask is not None:
+        rows, disallowed = md.allowed_token_mask
+        logits[rows] = logits[rows].masked_fill_(disallowed, float("-inf"))
+    for rows, token_ids in md.bad_words_bans:
+        logits[rows, token_ids] = float("-inf")
+    if md.logit_bias is not None:
+        rows, token_ids, bias = md.logit_bias
+        logits.index_put_((rows, token_ids), bias, accumulate=True)  # (row, token) pairs are distinct
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab_size = logits.shape[-1]
@@ -70,11 +95,12 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
 class Sampler:
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
         """logits: [num_reqs, vocab] in the model dtype; all-greedy batches argmax it as is."""
-        if (md.all_greedy and md.max_num_logprobs is None and md.output_token_counts is None and not md.min_tokens_mask
-                and md.grammar_bitmask is None):
+        if md.all_greedy and md.max_num_logprobs is None and not md.modifies_logits:
             return SamplerOutput(logits.argmax(dim=-1), None, None, None)
         logits = logits.float()
+        # logprobs are the model's own (vLLM's default raw_logprobs): before every processor and penalty
         raw_logprobs = logits.log_softmax(dim=-1) if md.max_num_logprobs is not None else None
+        apply_logits_processors(logits, md)
         for row, banned in md.min_tokens_mask:
             logits[row, banned] = float("-inf")
         if md.grammar_bitmask is not None:  # EOS stays allowed only where the grammar may end

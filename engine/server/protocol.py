@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sampling_params import MAX_BAD_WORDS, SamplingParams, SamplingParamsError
 
 if TYPE_CHECKING:
     from engine.beam_search import BeamSearchParams
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 MAX_N = 128  # parallel samples per prompt
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions API
+MAX_LOGIT_BIAS = 100.0  # OpenAI's: a bias is in [-100, 100]
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's integer fields are int64
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Objects and lists inside one another in a body: a schema or tool-call history nested deeper cannot be
@@ -229,18 +230,55 @@ def _stop(body: dict, ctx: ModelContext) -> list[str]:
     return stop
 
 
+def _logit_bias(body: dict, ctx: ModelContext) -> dict[int, float] | None:
+    """OpenAI's logit_bias: {"token id": bias in [-100, 100]}."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise bad("logit_bias", f"must be an object mapping token ids to biases, got {show(bias)}")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        token_id = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 20 else -1
+        if not 0 <= token_id < ctx.vocab_size:
+            raise bad("logit_bias", f"key {show(key)} is not a token id in the vocabulary [0, {ctx.vocab_size})")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise bad("logit_bias", f"the bias of token {token_id} must be a number in [-100, 100], got {show(value)}")
+        out[token_id] = float(value)
+    return out or None
+
+
+def _bad_words(body: dict, ctx: ModelContext) -> list[str] | None:
+    """vLLM's bad_words: strings never generated (tokenized by the front end's InputProcessor)."""
+    words = body.get("bad_words")
+    if words is None:
+        return None
+    if not isinstance(words, list) or any(not isinstance(w, str) for w in words):
+        raise bad("bad_words", "must be a list of strings")
+    if len(words) > MAX_BAD_WORDS:
+        raise bad("bad_words", f"at most {MAX_BAD_WORDS} bad words, got {len(words)}")
+    for w in words:
+        check_text(w, "bad_words", ctx)
+    return words
+
+
 def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logprobs: int | None,
                     max_tokens_param: str = "max_tokens") -> SamplingParams:
     """Every sampling field both APIs share; max_tokens None means up to the context left
     (max_tokens_param: the field that gave it)."""
     _str(body, "user")  # not acted on, but a string (as OpenAI's and vLLM's schemas require)
     from engine.server.protocol_structured import structured_outputs_params  # it imports this module
-    logit_bias = body.get("logit_bias")
-    if logit_bias:
-        raise bad("logit_bias", "is not supported")
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is not None:
         _token_ids(stop_token_ids, "stop_token_ids", ctx.vocab_size, ctx.vocab_size)
+    allowed_token_ids = body.get("allowed_token_ids")
+    if allowed_token_ids is not None:
+        _token_ids(allowed_token_ids, "allowed_token_ids", ctx.vocab_size, ctx.vocab_size)
+    if _bool(body, "use_beam_search"):  # its greedy steps rank the model's own logprobs (engine/server/beam.py)
+        for name in ("allowed_token_ids", "bad_words"):
+            if body.get(name) not in (None, []):
+                raise bad(name, "not supported with use_beam_search")
     if max_tokens is not None and max_tokens > ctx.max_model_len:
         raise bad(max_tokens_param, f"must be <= max_model_len ({ctx.max_model_len}), got {max_tokens}")
     kwargs: dict[str, Any] = {
@@ -257,6 +295,9 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         "repetition_penalty": _float(body, "repetition_penalty"),
         "min_tokens": _int(body, "min_tokens"),
         "stop_token_ids": stop_token_ids,
+        "logit_bias": _logit_bias(body, ctx),
+        "allowed_token_ids": allowed_token_ids,  # an empty list is refused by SamplingParams
+        "bad_words": _bad_words(body, ctx),
         "ignore_eos": _bool(body, "ignore_eos"),
         "skip_special_tokens": _bool(body, "skip_special_tokens"),
         "include_stop_str_in_output": _bool(body, "include_stop_str_in_output"),
@@ -278,7 +319,7 @@ def beam_search_params(body: dict, ctx: ModelContext, params: SamplingParams, st
 
 
 # vLLM request fields this server does not act on: a 400 naming each, never a 200 that ignored it
-VLLM_UNSUPPORTED = ("allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs",
+VLLM_UNSUPPORTED = ("truncate_prompt_tokens", "prompt_logprobs",
                     "return_tokens_as_token_ids", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
                     "guided_decoding_backend", "guided_whitespace_pattern")
 
