@@ -286,5 +286,6 @@ class SamplingParams:
     def needs_past_tokens(self) -> bool:
         """Sampling reads this request's earlier tokens on the host (penalties; a bad word of several tokens,
         masked after its prefix): with async scheduling it waits for its last token, never a placeholder."""
-        words = self._bad_words_token_ids  # read for every running sequence of an async step: cheap when None
-        return self.has_penalties or (words is not None and any(len(word) > 1 for word in words))
+        words = self._bad_words_token_ids  # read for every running sequence of an async step: has_penalties inlined
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or (words is not None and any(len(word) > 1 for word in words)))
