@@ -44,7 +44,8 @@ def request_sampling_params(seq: Sequence, eos_token_ids: list[int]) -> RequestS
         repetition_penalty=p.repetition_penalty, has_penalties=p.has_penalties, min_tokens=p.min_tokens,
         stop_token_ids=p.stop_token_ids, eos_token_ids=eos_token_ids, logprobs=p.logprobs,
         prompt_logprobs=p.prompt_logprobs if seq.needs_prompt_logprobs else None,
-        num_prompt_tokens=seq.num_prompt_tokens,
+        num_prompt_tokens=seq.num_prompt_tokens, logit_bias=p.logit_bias, allowed_token_ids=p.allowed_token_ids,
+        bad_words_token_ids=p.bad_words_token_ids or None,
     )
 
 
@@ -118,7 +119,7 @@ class Scheduler:
         if not self.async_scheduling or not seq.num_placeholders:
             return self.async_scheduling
         request = seq.request  # lengths read directly: this runs for every sequence of an async decode step
-        return (not request.params.has_penalties
+        return (not request.params.needs_past_tokens
                 and len(seq.token_ids) - seq.num_prompt_tokens + seq.num_placeholders < request.max_tokens)
 
     def _lora_pending(self, lora: LoRARequest, loras: set[int]) -> bool:

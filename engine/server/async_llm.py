@@ -215,7 +215,7 @@ class AsyncLLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
             self.client.add_eos_token_ids([self.tokenizer.eos_token_id])  # before any request: one socket, in order
-        self.input_processor = InputProcessor(info)
+        self.input_processor = InputProcessor(info, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.metrics.bind_engine(info.model_name, lambda: self.stats)
         self._last_message = self._last_progress = time.monotonic()
