@@ -53,7 +53,7 @@ class StructuredOutputsParams:
 
     @property
     def kind(self) -> str:
-        return next(k for k in KINDS if getattr(self, k) not in (None, False))
+        return _given(self)[0]
 
     def grammar_key(self) -> tuple[str, str]:
         """(kind, spec text): what the compiled grammar depends on, a cache key."""
@@ -98,9 +98,14 @@ def _build(kind: str, spec: str) -> None:
         raise ValueError(_clean(e)) from None
 
 
+def _given(p: StructuredOutputsParams) -> list[str]:
+    """The constraints set: json_object false is off; json false is a schema (one that matches nothing)."""
+    return [k for k in KINDS if getattr(p, k) is not None and not (k == "json_object" and getattr(p, k) is False)]
+
+
 def check_structured_outputs(p: StructuredOutputsParams) -> None:
     """Types, exactly one constraint, and a grammar that compiles; else StructuredOutputsError."""
-    given = [k for k in KINDS if getattr(p, k) not in (None, False)]
+    given = _given(p)
     if len(given) != 1:
         raise StructuredOutputsError("structured_outputs", f"give exactly one of {', '.join(KINDS)}; got "
                                      f"{', '.join(given) or 'none'}")
@@ -114,7 +119,11 @@ def check_structured_outputs(p: StructuredOutputsParams) -> None:
         raise StructuredOutputsError("structured_outputs.reasoning_parser", f"unknown parser {p.reasoning_parser!r}; "
                                      f"choose one of {', '.join(PARSERS)}")
     if kind == "json":
-        if isinstance(value, dict):
+        if isinstance(value, bool):  # JSON Schema's boolean schemas, as the text "true" is taken
+            if not value:
+                raise StructuredOutputsError(param, "the schema false matches no output")
+            p.json = text = "true"  # as text: the engine core's message types take a schema as str or object
+        elif isinstance(value, dict):
             try:
                 text = json.dumps(value)
             except (TypeError, ValueError) as e:

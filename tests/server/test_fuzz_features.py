@@ -39,3 +39,16 @@ def test_ignore_eos_keeps_the_output_in_the_grammar(base: str) -> None:
     raw = _completions(base, max_tokens=6, ignore_eos=True, skip_special_tokens=False,
                        structured_outputs={"regex": "[0-9]{2}"})["choices"][0]["text"]
     assert re.fullmatch(r"[0-9]{2}(<\|im_end\|>)+", raw), raw  # what follows is the stop token, nothing else
+
+
+@pytest.mark.parametrize("spec,status,message", [
+    ({"json": True}, 200, None),  # the boolean schema true (the text "true" was taken, the bool refused)
+    ({"json": False}, 400, "matches no output"),  # was "got none", as if no constraint had been given
+    ({"json": 0}, 400, "must be a JSON schema object"),  # 0 == False: also "got none"
+])
+def test_boolean_json_schemas(base: str, spec: dict, status: int, message: str | None) -> None:
+    r = httpx.post(base + "/v1/completions", json={"model": MODEL, "prompt": "JSON:", "max_tokens": 8,
+                                                  "structured_outputs": spec}, timeout=120)
+    assert r.status_code == status, r.text
+    if message is not None:
+        assert r.json()["error"]["param"] == "structured_outputs.json" and message in r.json()["error"]["message"]
