@@ -128,6 +128,9 @@ def check_structured_outputs(p: StructuredOutputsParams) -> None:
                 text = json.dumps(value)
             except (TypeError, ValueError) as e:
                 raise StructuredOutputsError(param, f"not a JSON schema: {e}") from None
+            # kept as its text: one string to the engine core, whose message encoder refuses ints past 64 bits
+            # (an annotation such as "description": 10**30 that the grammar ignores was a 500)
+            p.json = text
         elif isinstance(value, str):
             text = value
             try:
