@@ -25,7 +25,7 @@ from engine.structured.manager import StructuredOutputManager
 from engine.structured.params import StructuredOutputsError
 
 
-READ_WAIT_S = 0.01  # the longest a step with nothing to run waits for an adapter read (new requests wait that long)
+READ_WAIT_S = 0.01  # the longest a step with nothing to run waits for an adapter read or a grammar compile
 
 
 class PhaseTimer:
@@ -61,7 +61,7 @@ class EngineCore:
         self.batch_queue: deque[tuple[SchedulerOutput, list[Sequence], int]] = deque()
         self._pending: list[EngineCoreOutput] = []  # requests failed outside a step, sent with the next
         self.use_batch_queue = max_in_flight > 1  # chosen once at start-up (see step_fn)
-        self.structured_output_manager: StructuredOutputManager | None = None  # set by build_engine_core
+        self._structured_output_manager: StructuredOutputManager | None = None  # set by build_engine_core
         self.max_lora_rank: int | None = None  # with enable_lora (build_engine_core): adapters' files checked on arrival
         # rank 0's LoRAManager (this process's): adapters a step could not read again, whose requests fail here
         self.lora_manager = getattr(getattr(executor, "runner", None), "lora_manager", None)
@@ -93,6 +93,16 @@ class EngineCore:
     def block_manager(self):  # the scheduler's (a test may swap it)
         return self.scheduler.block_manager
 
+    @property
+    def structured_output_manager(self) -> StructuredOutputManager | None:
+        return self._structured_output_manager
+
+    @structured_output_manager.setter
+    def structured_output_manager(self, manager: StructuredOutputManager | None) -> None:
+        """The manager, and its ready() as the scheduler's grammar_ready: a request waits while its grammar compiles."""
+        self._structured_output_manager = manager
+        self.scheduler.grammar_ready = None if manager is None else manager.ready
+
     # ---- requests ------------------------------------------------------------------------
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -119,7 +129,8 @@ class EngineCore:
             try:
                 if self.structured_output_manager is None:
                     raise StructuredOutputsError("structured_outputs", "not supported by this engine")
-                self.structured_output_manager.add_request(request, self.scheduler.eos_token_ids)
+                # compiled on the manager's worker: its samples wait, the running streams go on (_schedule collects)
+                self.structured_output_manager.start_request(request, self.scheduler.eos_token_ids)
             except StructuredOutputsError as e:  # the request fails alone, with the field named
                 self._report_failed(request, (e.param, e.message))
                 return
@@ -157,6 +168,7 @@ class EngineCore:
 
     def step(self) -> EngineCoreOutputs:
         """Schedule one batch, run it, and return what it produced."""
+        self._collect_inputs()
         if not self.scheduler.has_unfinished():
             return self._outputs([])
         so, scheduled = self._schedule(0)
@@ -168,6 +180,7 @@ class EngineCore:
     def step_with_batch_queue(self) -> EngineCoreOutputs:
         """Submit a batch while a slot (a PP lane, or the second async slot) is free; collect the
         oldest once the queue is full or nothing new could be scheduled."""
+        self._collect_inputs()
         submitted = False
         if self._forwarded is not None or (self.overlap_bitmask and self.pipelined and self._has_grammars()):
             return self._step_pipelined()
@@ -303,17 +316,32 @@ class EngineCore:
         self.executor.prepare_forward(so)
         return so, scheduled
 
+    def _collect_inputs(self) -> None:
+        """Adapters read and grammars compiled off the loop since the last step: their requests may run from this
+        one (collected before the step chooses its path, which depends on whether grammars are live); a grammar
+        that failed to compile fails its request alone."""
+        if self.lora_prefetcher is not None:
+            self.lora_prefetcher.collect()
+        som = self.structured_output_manager
+        if som is not None and som.compiling:
+            for request, error in som.collect():
+                if request.request_id in self.requests:
+                    self._fail(request, error)
+
     def _fill_bitmask(self, so: SchedulerOutput, scheduled: list[Sequence]) -> None:
         """so's grammar rows: every matcher of `scheduled` must have taken its sample's tokens."""
         so.grammar_bitmask, so.structured_output_req_ids = self.structured_output_manager.grammar_bitmask(scheduled)
         self.bitmask_fill_steps += 1
 
     def _schedule(self, lane: int, with_bitmask: bool = True) -> tuple[SchedulerOutput, list[Sequence]]:
-        if self.lora_prefetcher is not None:
-            self.lora_prefetcher.collect()  # adapters read since the last step: their requests may run
+        som = self.structured_output_manager
         so, scheduled = self.scheduler.schedule(lane)
-        if not scheduled and self.lora_prefetcher is not None and not self.batch_queue and self._forwarded is None:
-            self.lora_prefetcher.wait(READ_WAIT_S)  # nothing runs but adapters are read: wait for one, not spin
+        if not scheduled and not self.batch_queue and self._forwarded is None:
+            # nothing runs but adapters are read or grammars compiled: wait for one, not spin against them
+            if self.lora_prefetcher is not None and self.lora_prefetcher.reads:
+                self.lora_prefetcher.wait(READ_WAIT_S)
+            elif som is not None and som.compiling:
+                som.wait(READ_WAIT_S)
         if with_bitmask and self._has_grammars():
             self._fill_bitmask(so, scheduled)
         now = time.time()
@@ -427,6 +455,8 @@ class EngineCore:
         """Collect batches still in flight, then release the executor (and the other ranks)."""
         if self.lora_prefetcher is not None:
             self.lora_prefetcher.shutdown()
+        if self.structured_output_manager is not None:
+            self.structured_output_manager.shutdown()
         if self._forwarded is not None:  # a queued forward: its sampler too, so that every step is collected
             so, scheduled = self._forwarded
             self.executor.submit_sample(so)

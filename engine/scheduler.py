@@ -80,6 +80,9 @@ class Scheduler:
         # the engine core's AdapterPrefetcher.ready when LoRA is on: False while an adapter is read off the engine
         # loop (its sequences wait, keeping their place; the others go on), so that no step reads adapter files
         self.lora_ready: Callable[[LoRARequest], bool] | None = None
+        # the StructuredOutputManager's ready (request id): False while a request's grammar compiles off the
+        # engine loop (its sequences wait, keeping their place; the others go on)
+        self.grammar_ready: Callable[[str], bool] | None = None
         # prompt tokens per step while some sequence of the step decodes (None: the whole budget): bounds
         # how long a burst of new prompts stalls the running streams (their inter-token latency)
         self.max_prefill_tokens_while_decoding: int | None = None
@@ -126,6 +129,14 @@ class Scheduler:
         """lora's adapter is not in a device slot or host memory yet (lora_ready starts its read); one that this
         step holds already is."""
         return self.lora_ready is not None and lora.lora_int_id not in loras and not self.lora_ready(lora)
+
+    def _input_pending(self, seq: Sequence, loras: set[int]) -> bool:
+        """seq's adapter is still being read, or its grammar compiled, off the engine loop."""
+        request = seq.request
+        if request.lora_request is not None and self._lora_pending(request.lora_request, loras):
+            return True
+        return (self.grammar_ready is not None and request.params.structured_outputs is not None
+                and not self.grammar_ready(request.request_id))
 
     def _lora_fits(self, seq: Sequence, loras: set[int]) -> bool:
         """A step holds at most max_loras adapters (added to loras when seq's fits); base requests always fit."""
@@ -215,9 +226,8 @@ class Scheduler:
         while (i < len(self.waiting) and budget > 0 and (prefill_budget is None or prefill_budget > 0)
                and len(self.running) < self.max_num_seqs and not preempted and num_in_lane < cap):
             seq = self.waiting[i]
-            lora = seq.request.lora_request
-            if lora is not None and not seq.num_in_flight and self._lora_pending(lora, loras):
-                i += 1  # its adapter is being read: it keeps its place, those behind it go on
+            if not seq.num_in_flight and self._input_pending(seq, loras):
+                i += 1  # its adapter is being read or its grammar compiled: it keeps its place, those behind go on
                 continue
             if head is None:
                 head = seq

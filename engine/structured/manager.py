@@ -4,6 +4,9 @@ Grammars are compiled once per spec against the tokenizer's vocabulary (xgrammar
 each constrained sample has its own GrammarMatcher, advanced with the tokens the scheduler accepts
 and dropped when its request finishes or is aborted. Before a step runs, the matchers of the
 scheduled samples fill one bitmask row each; it travels in the SchedulerOutput to the sampler.
+A request's grammar compiles on a worker thread from its arrival (start_request; xgrammar releases the GIL), as
+vLLM's does: a costly grammar (a regex of many bounded repeats compiled for 23 s on CPU) held every stream while
+the engine loop compiled it. Its request waits (ready) until collect() gives its samples their matchers.
 With a reasoning parser a sample's grammar waits until its <think> section ends (reasoning.py).
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +66,10 @@ class StructuredOutputManager:
         self.refused: list[tuple[str, int, tuple[str, str]]] = []  # (request id, sample, (field, message)) to fail
         self.think_tokens: ThinkTokens | None = None  # the tokenizer's bytes, once a tokenizer is loaded
         self._stop_row: torch.Tensor | None = None  # [ceil(grammar_vocab_size / 32)] int32: only the stop tokens
+        # request id -> (its request, its compile) until collect(); one worker, so that the first compile's
+        # tokenizer load and compiler set-up (_compiler_for) run once, and before any other compile
+        self.compiling: dict[str, tuple[Request, Future[Any]]] = {}
+        self._compile_pool: ThreadPoolExecutor | None = None
 
     @property
     def num_requests(self) -> int:
@@ -111,12 +118,53 @@ class StructuredOutputManager:
             raise StructuredOutputsError(f"structured_outputs.{p.kind}", f"cannot be compiled: {e}") from None
 
     def add_request(self, request: Request, eos_token_ids: list[int]) -> None:
-        """One matcher per sample of a constrained request; raises StructuredOutputsError."""
+        """One matcher per sample of a constrained request, compiled here; raises StructuredOutputsError."""
+        p = request.params.structured_outputs
+        assert p is not None
+        self._add_matchers(request, self.compile(p, eos_token_ids))
+
+    def start_request(self, request: Request, eos_token_ids: list[int]) -> None:
+        """Compile request's grammar on the worker; its samples get their matchers at collect() once it is done."""
+        p = request.params.structured_outputs
+        assert p is not None
+        if self._compile_pool is None:
+            self._compile_pool = ThreadPoolExecutor(1, thread_name_prefix="gantry-grammar")
+        self.compiling[request.request_id] = (request, self._compile_pool.submit(self.compile, p, eos_token_ids))
+
+    def collect(self) -> list[tuple[Request, tuple[str, str]]]:
+        """Compiled grammars to their requests' matchers (the engine loop's, before a step is scheduled); returns
+        the requests whose grammar failed to compile, with (field, message): they fail alone."""
+        failed = []
+        for request_id, (request, future) in list(self.compiling.items()):
+            if not future.done():
+                continue
+            del self.compiling[request_id]
+            try:
+                self._add_matchers(request, future.result())
+            except StructuredOutputsError as e:
+                failed.append((request, (e.param, e.message)))
+        return failed
+
+    def ready(self, request_id: str) -> bool:
+        """Whether request_id's samples may be scheduled: its grammar is not still compiling."""
+        return request_id not in self.compiling
+
+    def wait(self, timeout: float) -> None:
+        """Block until a compile finishes, at most timeout seconds (none running: return at once)."""
+        if self.compiling:
+            wait([f for _, f in self.compiling.values()], timeout, FIRST_COMPLETED)
+
+    def shutdown(self) -> None:
+        """Cancel the compiles not begun and wait for the one under way."""
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=True, cancel_futures=True)
+        self.compiling.clear()
+
+    def _add_matchers(self, request: Request, compiled: Any) -> None:
         import xgrammar as xgr
 
         p = request.params.structured_outputs
         assert p is not None
-        compiled = self.compile(p, eos_token_ids)
         spec = PARSERS[p.reasoning_parser] if p.reasoning_parser and not p.enable_in_reasoning else None
         assert self.think_tokens is not None
         ignore_eos = getattr(request.params, "ignore_eos", False)  # stand-in params in unit tests lack it
@@ -127,6 +175,9 @@ class StructuredOutputManager:
 
     def free(self, request_id: str) -> None:
         self.samples.pop(request_id, None)
+        pending = self.compiling.pop(request_id, None)
+        if pending is not None:  # aborted while compiling: a compile not begun is dropped, one begun runs out
+            pending[1].cancel()
 
     def accept_tokens(self, outputs: Iterable[EngineCoreOutput]) -> None:
         """Advance the matchers with the tokens the scheduler appended this step."""
