@@ -29,6 +29,7 @@ from engine.layers.quant.fp8_kv import take_kv_scale
 from engine.layers.quant.gguf import GGUFBlocks
 from engine.lora.adapter import SUPPORTED_MODULES, ModelDims
 from engine.model_config import ModelConfig
+from engine.tensor_checks import all_finite
 
 logger = logging.getLogger("gantry.engine")
 
@@ -152,13 +153,6 @@ def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[
 
 # dtypes of the parameters checked for NaN and inf once loaded (torch has no isfinite for float8)
 _CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN or inf in t, computed on its device: a finite sum means every value is finite (one
-    reduction, no mask of t's size as isfinite(t) makes); a sum that is not finite, from a NaN or an
-    inf or from finite values overflowing it, goes to the exact check."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
 def _holds_float_weights(module: nn.Module | None, param: nn.Parameter) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import RequestError
+from engine.tensor_checks import all_finite
 
 if TYPE_CHECKING:  # imported where adapters are read: the API process imports ModelDims without torch
     import torch
@@ -138,10 +139,8 @@ def read_adapter(path: str, lora_int_id: int, dims: ModelDims, max_lora_rank: in
                 if layer >= dims.num_layers:
                     raise LoRAError(param, f"{file}: tensor {name}: the base model has {dims.num_layers} layers")
                 tensor = f.get_tensor(name) if load or check_values else None
-                # NaN in, NaN out: empty or garbage text. A finite sum means every value is finite (an inf or a NaN
-                # makes the sum inf or NaN): one reduction, ~10x faster than isfinite().all() on a 7B adapter;
-                # a sum that overflows on finite values goes to the exact check
-                if tensor is not None and not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+                # NaN in, NaN out: empty or garbage text
+                if tensor is not None and not all_finite(tensor):
                     raise LoRAError(param, f"{file}: tensor {name} holds NaN or inf values")
                 pairs.setdefault((layer, module), {})[which] = tensor if load else f.get_slice(name)
     except SafetensorError as e:
