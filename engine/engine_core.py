@@ -439,7 +439,9 @@ class EngineCore:
             num_preemptions_total=sched.num_preemptions, prefix_cache_queries_total=bm.prefix_cache_queries,
             prefix_cache_hits_total=bm.prefix_cache_hits, prompt_tokens_total=sched.prompt_tokens_total,
             generation_tokens_total=sched.generation_tokens_total, num_steps=sched.num_steps,
-            has_work=self.has_work(),
+            # the watchdog's: a request that only waits for a compile or an adapter read is no step overdue
+            has_work=self.has_work() and not (self.scheduler.only_waits_for_inputs() and not self.batch_queue
+                                             and self._forwarded is None and not self._pending),
             **({} if sched.max_loras is None else self._lora_stats(running, waiting)),
         )
 

@@ -138,6 +138,11 @@ class Scheduler:
         return (self.grammar_ready is not None and request.params.structured_outputs is not None
                 and not self.grammar_ready(request.request_id))
 
+    def only_waits_for_inputs(self) -> bool:
+        """Nothing runs, and every waiting sequence waits for its adapter's read or its grammar's compile: no step
+        is due, which is no hang (the engine core's stats say it has no work to be watched for)."""
+        return not self.running and bool(self.waiting) and all(self._input_pending(s, set()) for s in self.waiting)
+
     def _lora_fits(self, seq: Sequence, loras: set[int]) -> bool:
         """A step holds at most max_loras adapters (added to loras when seq's fits); base requests always fit."""
         lora = seq.request.lora_request

@@ -91,6 +91,20 @@ def test_failed_compile_fails_its_request_alone(engine, monkeypatch: pytest.Monk
     assert error is not None and "structured_outputs.regex" in str(error), error
 
 
+def test_a_compile_alone_is_no_work_for_the_hang_watchdog(engine, slow_compile: list[float]) -> None:
+    """The server's watchdog exits when steps stop while the core has work; a request waiting only for its grammar
+    is not a step overdue (a compile longer than engine_hang_timeout_s would have killed the server)."""
+    core = engine.engine_core
+    while core.has_work():  # a step of an earlier test still in flight (async scheduling)
+        engine.step()
+    engine.add_request("slow", "Hello", SamplingParams(
+        temperature=0, max_tokens=4, structured_outputs=StructuredOutputsParams(regex=REGEX)))
+    engine.step()
+    assert core.structured_output_manager.compiling and not core.get_stats().has_work
+    run(engine, {"slow"})
+    assert not core.get_stats().has_work
+
+
 def test_abort_while_compiling(engine, slow_compile: list[float]) -> None:
     engine.add_request("gone", "Hello", SamplingParams(
         temperature=0, max_tokens=8, structured_outputs=StructuredOutputsParams(regex=REGEX)))
