@@ -165,11 +165,11 @@ def test_llama3_json_streams_its_calls_at_the_end() -> None:
 def test_required_and_named_constraints() -> None:
     body = {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
     tr = parse_tools(body, False, None)
-    schema = tool_constraint(tr).json
+    schema = json.loads(tool_constraint(tr).json)  # a schema is kept as its JSON text once checked
     assert schema["maxItems"] == 1 and schema["items"]["anyOf"][0]["properties"]["name"] == {"enum": ["get_weather"]}
     named = parse_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
                         False, None)
-    assert named.named == "get_weather" and tool_constraint(named).json == TOOLS[0]["function"]["parameters"]
+    assert named.named == "get_weather" and json.loads(tool_constraint(named).json) == TOOLS[0]["function"]["parameters"]
     content, calls, finish = _stream(named, ['{"city": ', '"Rome"}'])
     assert names_args(calls) == [("get_weather", {"city": "Rome"})] and finish == "stop" and not content
     assert parse_tools({"tools": TOOLS, "tool_choice": "none"}, False, None) is None
