@@ -161,24 +161,30 @@ def one_stream_tpot(llm, prompt: list[int], num_tokens: int = 256) -> float:
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8_kv": {"kv_cache_dtype": "fp8"},
            "fp8_both": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
 CONFIGS.update({f"{name}_{switch}": CONFIGS[name] for name in ("fp8", "fp8_both") for switch in ("cublas", "unfused")})
+CONFIGS.update({f"{name}_f16dot": CONFIGS[name] for name in ("fp8_kv", "fp8_both")})
 
 
 @contextlib.contextmanager
 def fp8_switches(config: str):
     """For A/B in one process: configs ending in _cublas run every FP8 GEMM through cuBLASLt (kernels/fp8_gemm.py's
-    table emptied); _unfused quantizes GEMM inputs in a kernel of their own (engine.layers.quant.fp8.FUSE_INPUT_QUANT)."""
+    table emptied); _unfused quantizes GEMM inputs in a kernel of their own (engine.layers.quant.fp8.FUSE_INPUT_QUANT);
+    _f16dot widens FP8 pages to fp16 in decode attention (kernels.decode_attention.F16_DOT_FOR_FP8)."""
     from engine.layers.quant import fp8
-    from kernels import fp8_gemm
+    from kernels import decode_attention, fp8_gemm
 
     saved = dict(fp8_gemm.GEMM_TABLE)
     if config.endswith("_cublas"):
         fp8_gemm.GEMM_TABLE.clear()
     fp8.FUSE_INPUT_QUANT = not config.endswith("_unfused")
+    saved_f16 = decode_attention.F16_DOT_FOR_FP8
+    if config.endswith("_f16dot"):
+        decode_attention.F16_DOT_FOR_FP8 = True
     try:
         yield
     finally:
         fp8_gemm.GEMM_TABLE.update(saved)
         fp8.FUSE_INPUT_QUANT = True
+        decode_attention.F16_DOT_FOR_FP8 = saved_f16
 
 
 def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot: bool) -> None:

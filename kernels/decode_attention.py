@@ -22,6 +22,8 @@ MAX_SPLITS = 128
 # Programs per SM to aim for when a batch has fewer programs than SMs: one program per SM leaves HBM
 # idle between its loads (H200, one stream at 120K: 32 splits 46% of copy bandwidth, 128 splits 87%).
 PROGRAMS_PER_SM = 4
+# FP8 pages with a bf16 query: widen pages to fp16 rather than bf16 (e4m3 -> bf16 has no single cvt).
+F16_DOT_FOR_FP8 = False
 
 
 @triton.jit(do_not_specialize=["stride_bt_seq"])  # varies per step outside CUDA graphs
@@ -55,6 +57,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,  # context tokens per loop step (may span several pages)
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    F16_DOT: tl.constexpr,  # FP8 pages widen to fp16 (one cvt per pair on sm_89+) and q narrows to fp16
     PDL: tl.constexpr,
 ):
     wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
@@ -82,6 +85,8 @@ def _decode_kernel(
         mask=row_mask[:, None],
         other=0.0,
     )  # [GROUP_P2, HEAD_DIM]
+    if F16_DOT:
+        q = q.to(tl.float16)
 
     m_i = tl.full([GROUP_P2], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_P2], tl.float32)
@@ -183,9 +188,10 @@ def decode_attention(
     num_stages: int = 3,
     k_scale: float = 1.0,  # FP8 pages: a page holds key / k_scale
     v_scale: float = 1.0,
+    f16_dot: bool | None = None,
 ) -> torch.Tensor:  # [num_seqs, num_heads, head_dim]
     """paged_attention for q_len = 1 everywhere. max_seq_len (host int) only tunes the split count;
-    num_splits, block_n, num_warps and num_stages override the launch heuristics (benchmarks)."""
+    num_splits, block_n, num_warps, num_stages and f16_dot override the launch heuristics (benchmarks)."""
     num_seqs, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and head_dim == triton.next_power_of_2(head_dim)
@@ -199,6 +205,8 @@ def decode_attention(
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, query.device)
     if block_n is None:
         block_n = 32 if head_dim > 128 or query.dtype == torch.float32 else 64
+    if f16_dot is None:
+        f16_dot = F16_DOT_FOR_FP8 and k_cache.dtype == torch.float8_e4m3fn and query.dtype == torch.bfloat16
     part_m, part_l, part_acc = split_partials(num_seqs, num_heads, num_splits, head_dim, query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
@@ -215,6 +223,7 @@ def decode_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        F16_DOT=f16_dot,
         num_warps=num_warps,
         num_stages=num_stages,
         **launch_kwargs(query.device),

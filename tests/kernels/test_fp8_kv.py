@@ -85,6 +85,20 @@ def test_decode_fp8_matches_reference(make_paged_kv: Callable, assert_close: Che
     assert (plain - ref).abs().max() > 1.0
 
 
+@pytest.mark.parametrize("f16_dot", [pytest.param(False, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="Triton's interpreter computes bf16 dots wrongly")), True])
+def test_decode_fp8_bf16_query_either_widening(make_paged_kv: Callable, assert_close: Check, device: torch.device,
+                                               f16_dot: bool) -> None:
+    """A bf16 query over FP8 pages: the pages widen to bf16, or to fp16 with the query narrowed to fp16."""
+    k_cache, v_cache, block_tables, lens = _fp8_pages(make_paged_kv, [1, 17, 130, 33], 2, 64, 16)
+    query = torch.randn(4, 8, 64, device=device).to(torch.bfloat16)
+    out = decode_attention(query, k_cache, v_cache, block_tables, lens, 0.125, k_scale=0.01, v_scale=0.5,
+                           f16_dot=f16_dot)
+    ref = reference.decode_attention(query, k_cache, v_cache, block_tables, lens, 0.125, k_scale=0.01, v_scale=0.5)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_prefill_fp8_matches_reference(make_paged_kv: Callable, assert_close: Check, device: torch.device,
                                        dtype: torch.dtype) -> None:
