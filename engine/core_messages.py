@@ -71,7 +71,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, kw_onl
     num_preemptions_total: int = 0
     prefix_cache_queries_total: int = 0  # tokens looked up in the prefix cache
     prefix_cache_hits_total: int = 0  # tokens found there
-    prompt_tokens_total: int = 0  # prompt tokens computed (cache hits excluded)
+    prompt_tokens_total: int = 0  # every prompt token of every request, cache hits included (vLLM's)
     generation_tokens_total: int = 0
     num_steps: int = 0  # steps run so far: a client that sees it stall while has_work detects a hang
     has_work: bool = False

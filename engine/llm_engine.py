@@ -43,7 +43,7 @@ class EngineStats:
     num_preemptions_total: int
     prefix_cache_queries_total: int  # tokens looked up in the prefix cache
     prefix_cache_hits_total: int  # tokens found there
-    prompt_tokens_total: int  # prompt tokens computed (cache hits excluded)
+    prompt_tokens_total: int  # every prompt token of every request, cache hits included (vLLM's)
     generation_tokens_total: int
 
 

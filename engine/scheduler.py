@@ -63,7 +63,7 @@ class Scheduler:
     ):
         self.max_model_len = max_model_len or 2**62  # a sample reaching it finishes with "length"
         self.eos_token_id_set = frozenset(eos_token_ids)
-        self.prompt_tokens_total = self.generation_tokens_total = 0  # prompt: cache hits excluded
+        self.prompt_tokens_total = self.generation_tokens_total = 0  # prompt: cache hits included (vLLM's)
         self.num_steps = 0  # results processed so far (a hang shows as no progress while has_work)
         self.num_lanes, self.async_scheduling = num_lanes, async_scheduling
         self.block_manager = block_manager
@@ -260,9 +260,7 @@ class Scheduler:
             # will. It stays in `waiting` (status WAITING) until the engine finishes its request.
             self.unschedulable.append(head)
         for seq in scheduled:
-            start = self._describe(seq, out)
-            if start < seq.num_prompt_tokens:  # this step's tokens are counted in num_computed_tokens already
-                self.prompt_tokens_total += min(seq.num_prompt_tokens, seq.num_computed_tokens) - start
+            self._describe(seq, out)
         out.finished_req_ids, self._finished_ids = self._finished_ids, []
         return out, scheduled
 
@@ -348,6 +346,8 @@ class Scheduler:
             seq.num_placeholders -= 1
             seq.token_ids.append(token_id)
             num_generated += 1
+            if seq.index == 0 and len(seq.token_ids) == seq.num_prompt_tokens + 1:
+                self.prompt_tokens_total += seq.num_prompt_tokens  # a request's first token: its whole prompt
             out = self._output(seq, outputs)
             out.new_token_ids.append(token_id)
             if logprobs and logprobs[i] is not None:

@@ -256,8 +256,29 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
 
     @app.on_response
     async def count_request(request: Request, response: HTTPResponse) -> None:
-        if not getattr(request.ctx, "aborted", False):  # a hang-up is counted as aborted, not as a response
-            state.metrics.observe_http(request.method, _route_label(request), response.status)
+        if getattr(request.ctx, "aborted", False):  # a hang-up is counted as aborted, not as a response
+            return
+        if response.content_type == "text/event-stream" and request.conn_info is not None:
+            # A stream's head goes out before its body: it counts once its handler ends (http.handler.after),
+            # or as aborted when the client hangs up first (the connection ends with it still open).
+            request.conn_info.ctx.open_stream = (request.method, _route_label(request), response.status)
+            return
+        state.metrics.observe_http(request.method, _route_label(request), response.status)
+
+    @app.signal("http.handler.after")
+    async def count_stream(request: Request, **_: Any) -> None:
+        stream = getattr(request.conn_info.ctx, "open_stream", None) if request.conn_info is not None else None
+        if stream is not None:
+            request.conn_info.ctx.open_stream = None
+            state.metrics.observe_http(*stream)
+
+    @app.signal("http.lifecycle.complete")
+    async def count_hung_up_stream(conn_info: Any, **_: Any) -> None:
+        stream = getattr(conn_info.ctx, "open_stream", None)
+        if stream is not None:  # its handler never ended: cancelled when the client hung up mid-stream
+            conn_info.ctx.open_stream = None
+            logger.info("client hung up mid-stream: %s %s", stream[0], stream[1])
+            state.metrics.observe_aborted(stream[0], stream[1])
 
     @app.get("/health", ctx_public=True)
     async def health(request: Request) -> HTTPResponse:

@@ -39,7 +39,7 @@ class _EngineStatsCollector(Collector):
         ("kv_cache_usage_perc", "kv_cache_usage", "KV-cache usage. 1 means 100 percent usage."),
     )
     COUNTERS = (
-        ("prompt_tokens", "prompt_tokens_total", "Number of prefill tokens processed."),
+        ("prompt_tokens", "prompt_tokens_total", "Number of prefill tokens processed."),  # cache hits included
         ("generation_tokens", "generation_tokens_total", "Number of generation tokens processed."),
         ("num_preemptions", "num_preemptions_total", "Cumulative number of preemptions from the engine."),
         ("prefix_cache_queries", "prefix_cache_queries_total",

@@ -140,6 +140,7 @@ def test_preemption_chunking_same_tokens(async_scheduling: bool) -> None:
                  max_in_flight=2 if async_scheduling else 1)
     assert sched.num_preemptions > 0
     assert {k: tokens_of(v) for k, v in outs.items()} == ref
+    assert sched.prompt_tokens_total == sum(map(len, PROMPTS))  # a recomputed prompt is counted once (vLLM's)
     assert_all_free(sched)
 
 
@@ -168,6 +169,11 @@ def test_prefix_cache_hits_reported() -> None:
     assert first["a#0"][0].num_cached_tokens == 0
     assert second["b#0"][0].num_cached_tokens == 16
     assert tokens_of(second["b#0"]) == tokens_of(first["a#0"])
+    # vllm:prompt_tokens_total counts every prompt token, cached or not: a dashboard's prompt tokens/s
+    # must not drop when the cache hits (hits have their own counter); n=2 is one request, one prompt
+    assert sched.prompt_tokens_total == 2 * len(prompt)
+    drive(sched, [make_request("c", prompt, n=2)])
+    assert sched.prompt_tokens_total == 3 * len(prompt)
     assert_all_free(sched)
 
 

@@ -80,14 +80,30 @@ def test_counts_equal_what_was_sent(server: LiveServer) -> None:
     usage = chunks[-1]["usage"]
     prompt, completion = prompt + usage["prompt_tokens"], completion + usage["completion_tokens"]
     after = server.wait_idle()
-    hits = _delta(after, before, "gantry:prefix_cache_hits_total")  # prompt tokens computed: cache hits excluded
-    assert _delta(after, before, "gantry:prompt_tokens_total") == prompt - hits
+    assert _delta(after, before, "gantry:prompt_tokens_total") == prompt
     assert _delta(after, before, "gantry:generation_tokens_total") == completion == 15
     assert _delta(after, before, "gantry:request_success_total", finished_reason="length") == 4
     for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
         assert _delta(after, before, f"gantry:{histogram}_count") == 4, histogram
     assert _delta(after, before, "gantry:inter_token_latency_seconds_count") == completion - 4
     assert after[("gantry:num_requests_running", ())] == 0
+
+
+def test_prompt_tokens_count_cache_hits(server: LiveServer) -> None:
+    """vllm:prompt_tokens_total counts every prompt token of every request, cached or not (the prefix
+    cache has its own queries/hits counters); hits were left out, so prompt tokens/s fell as the cache warmed."""
+    server.wait_idle()
+    before = server.metrics()
+    body = {"model": MODEL, "prompt": "The same long preamble, word for word, again and again. " * 6 + "Go",
+            "max_tokens": 2, "ignore_eos": True}
+    prompt = 0
+    for _ in range(2):
+        r = httpx.post(server.url("/v1/completions"), json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        prompt += r.json()["usage"]["prompt_tokens"]
+    after = server.wait_idle()
+    assert _delta(after, before, "gantry:prefix_cache_hits_total") > 0  # the second request hit the cache
+    assert _delta(after, before, "gantry:prompt_tokens_total") == prompt
 
 
 def test_ttft_is_observed_at_the_first_token(server: LiveServer) -> None:
@@ -110,6 +126,24 @@ def test_ttft_is_observed_at_the_first_token(server: LiveServer) -> None:
     assert _delta(after, before, "gantry:time_to_first_token_seconds_count") == 1
     assert _delta(after, before, "gantry:e2e_request_latency_seconds_count") == 1
     assert _delta(after, before, "gantry:request_success_total", finished_reason="abort") == 1
+    # its HTTP request too: it was counted as a 200 (the stream's head had gone out), not as aborted
+    route = (("method", "POST"), ("route", "/v1/completions"))
+    assert _delta(after, before, "gantry:http_requests_aborted_total", **dict(route)) == 1
+    assert _delta(after, before, "gantry:http_requests_total", **dict(route), status="200") == 0
+
+
+def test_finished_stream_counts_as_200(server: LiveServer) -> None:
+    before = server.metrics()
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2, "stream": True}
+    with httpx.stream("POST", server.url("/v1/completions"), json=body, timeout=60) as r:
+        assert r.status_code == 200 and list(r.iter_lines())[-2] == "data: [DONE]"
+    labels = {"method": "POST", "route": "/v1/completions"}
+    deadline = time.monotonic() + 5  # counted when its handler returns, just after the last byte
+    while _delta(after := server.metrics(), before, "gantry:http_requests_total", **labels, status="200") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert _delta(after, before, "gantry:http_requests_total", **labels, status="200") == 1
+    assert _delta(after, before, "gantry:http_requests_aborted_total", **labels) == 0
 
 
 def test_second_sigterm_cuts_the_grace_period(server: LiveServer) -> None:
