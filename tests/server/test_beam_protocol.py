@@ -313,7 +313,7 @@ def test_run_beam_search_all_prompts() -> None:
 def test_a_dead_engine_fails_a_beam_search_as_a_500() -> None:
     """The engine core dying mid-search is the same clean 500 (code internal_error) that a sampling request gets,
     not an unhandled error with a traceback (found by fuzzing the API)."""
-    from engine.server.openai import _beam_search
+    from engine.server.serving import beam_search
 
     @asynccontextmanager
     async def dead(requests, arrival):
@@ -324,5 +324,5 @@ def test_a_dead_engine_fails_a_beam_search_as_a_500() -> None:
                             model_info=SimpleNamespace(default_max_tokens=None, max_model_len=64),
                             frontend=SimpleNamespace(tokenizer=None))
     with pytest.raises(APIError) as e:
-        asyncio.run(_beam_search(state, [[4, 4]], BeamSearchParams(2, 4), 2, "cmpl-1", "prompt"))
+        asyncio.run(beam_search(state, [[4, 4]], BeamSearchParams(2, 4), 2, "cmpl-1", "prompt"))
     assert e.value.status == 500 and e.value.body()["error"]["code"] == "internal_error"

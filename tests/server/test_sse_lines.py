@@ -7,7 +7,7 @@ import json
 
 from httpx._decoders import LineDecoder
 
-from engine.server.openai import _json, _sse
+from engine.server.serving import json_field as _json, sse as _sse
 
 TEXT = "a\u2028b\x85c\u2029d\x1ce\u00e9\u4e2d\n"
 
