@@ -12,10 +12,10 @@ import re
 from launcher.literals import CONTROL
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
 
-Found = tuple[str, str]  # (key, message), as launcher.plan.Problem takes them
+Found = tuple[str, str]  # (key, message), as launcher.checks.Problem takes them
 
 K8S_QUANTITY = re.compile(r"[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[mkMGTPE]|[eE][+-]?[0-9]+)?")  # resource.Quantity
-SLURM_MEM = re.compile(r"[0-9]+[KMGTkmgt]?")  # sbatch --mem (checked by launcher.plan)
+SLURM_MEM = re.compile(r"[0-9]+[KMGTkmgt]?")  # sbatch --mem (checked by launcher.checks)
 MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 LABEL_KEY = re.compile(rf"({_DNS_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?")

@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 from launcher.fields import missing_adapters
-from launcher.plan import Plan, Problem, keyless_local
+from launcher.checks import Problem
+from launcher.plan import Plan, keyless_local
 from launcher.schema import K8sDeploy, LocalDeploy, SlurmDeploy
 from launcher.weights import missing_weights
 

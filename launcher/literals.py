@@ -16,7 +16,7 @@ import subprocess
 from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, SlurmDeploy
 from launcher.weights import host_model_path, weights_key
 
-Found = tuple[str, str]  # (key, message), as launcher.plan.Problem takes them
+Found = tuple[str, str]  # (key, message), as launcher.checks.Problem takes them
 
 # Docker's reference grammar (distribution/reference): [registry[:port]/]path[:tag][@digest]
 _HOST = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?/)?"

@@ -1,14 +1,13 @@
-"""Cross-field checks and derived values: a composed config becomes a validated Plan.
+"""Derived values: a composed config becomes a validated Plan.
 
-Every user error is collected as a Problem naming the config keys; build_plan raises
-PlanError with all of them before anything is rendered. The Plan also holds the
-engine.yaml sections as the ranks of the chosen target will see them.
+build_plan raises PlanError with every Problem (launcher.checks) before anything is rendered.
+The Plan holds the engine.yaml sections as the ranks of the chosen target will see them: the
+model path and adapters at their container mounts, the API key as the ranks find it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,24 +15,19 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from engine.config import DTYPES, ConfigError, EngineConfig, ServerConfig  # torch-free: engine/__init__ is lazy
-from launcher.fields import K8S_QUANTITY, SLURM_MEM, field_problems
+from engine.config import ConfigError, EngineConfig, ServerConfig  # torch-free: engine/__init__ is lazy
+from launcher.checks import Problem, dns_name, validate
 from launcher.keys import unknown_keys
-from launcher.literals import literal_problems
-from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
-from launcher.weights import ModelFacts, host_model_path, missing_weights, model_facts, model_kind
+from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
+from launcher.weights import host_model_path, model_kind
 
 CONTAINER_CONFIG = "/etc/gantry/engine.yaml"  # where docker and k8s mount engine.yaml
 CONTAINER_KEY_ENV = "GANTRY_API_KEY"  # the key's variable inside containers and pods
 CONTAINER_KEY_FILE = "/run/secrets/gantry-api-key"  # where docker mounts server.api_key_file
 DEFAULT_KEY_ENV = "GANTRY_API_KEY"  # server.api_key_env's default: unset on deploy=local means no key
 LORA_MOUNT = "/adapters"  # model.lora_modules' directories inside a container: /adapters/<index>
+RESERVED_MOUNTS = (os.path.dirname(CONTAINER_CONFIG), LORA_MOUNT, os.path.dirname(CONTAINER_KEY_FILE))  # the job's own
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[a-zA-Z]*")
-SLURM_TIME = re.compile(r"([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}|infinite|UNLIMITED")
-MAX_NAME_LEN = 40  # leaves room for "-headless", pod ordinals and StatefulSet revision labels
 
 # EngineConfig/ServerConfig field -> the launcher key that sets it (for error messages).
 _ENGINE_KEYS = {
@@ -47,15 +41,6 @@ _ENGINE_KEYS = {
 }
 # ServerConfig fields a model config sets (the model's output format)
 _MODEL_SERVER_KEYS = {"reasoning_parser": "model.reasoning_parser", "tool_call_parser": "model.tool_call_parser"}
-
-
-@dataclass(frozen=True)
-class Problem:
-    keys: tuple[str, ...]  # config keys at fault, as the user writes them on the command line
-    message: str  # what is wrong and how to fix it
-
-    def __str__(self) -> str:
-        return f"{', '.join(self.keys)}: {self.message}"
 
 
 class PlanError(Exception):
@@ -109,180 +94,6 @@ def to_config(cfg: DictConfig | GantryConfig) -> GantryConfig:
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, GantryConfig), type(obj)
     return obj
-
-
-def dns_name(job_name: str) -> str:
-    """job_name lower-cased, runs of other characters turned into '-', cut to MAX_NAME_LEN."""
-    return re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:MAX_NAME_LEN].strip("-")
-
-
-def _check_parallel(cfg: GantryConfig, facts: ModelFacts) -> list[Problem]:
-    p, out = cfg.parallel, []
-    for key in ("tensor_parallel_size", "pipeline_parallel_size", "nnodes", "gpus_per_node"):
-        if getattr(p, key) < 1:
-            out.append(Problem((f"parallel.{key}",), f"must be >= 1, got {getattr(p, key)}"))
-    if out:
-        return out
-    tp, pp = p.tensor_parallel_size, p.pipeline_parallel_size
-    if tp * pp != p.nnodes * p.gpus_per_node:
-        out.append(Problem(
-            ("parallel.tensor_parallel_size", "parallel.pipeline_parallel_size", "parallel.nnodes", "parallel.gpus_per_node"),
-            f"tp x pp = {tp} x {pp} = {tp * pp} ranks, but nnodes x gpus_per_node = {p.nnodes} x {p.gpus_per_node}"
-            f" = {p.nnodes * p.gpus_per_node} GPUs; they must be equal"))
-    heads, kv = facts.num_attention_heads, facts.num_key_value_heads
-    if heads is not None and heads % tp:
-        out.append(Problem(("parallel.tensor_parallel_size", "model.num_attention_heads"),
-                           f"tensor parallel size {tp} must divide the {heads} attention heads of {cfg.model.name}"))
-    if kv is not None and (kv % tp if tp <= kv else tp % kv):
-        out.append(Problem(("parallel.tensor_parallel_size", "model.num_key_value_heads"),
-                           f"tensor parallel size {tp} and the {kv} KV heads of {cfg.model.name}: one must divide"
-                           " the other (KV heads are split, or replicated when tp > KV heads)"))
-    layers = facts.num_hidden_layers
-    if layers is not None and pp > layers:
-        out.append(Problem(("parallel.pipeline_parallel_size", "model.num_hidden_layers"),
-                           f"pipeline parallel size {pp} exceeds the {layers} layers of {cfg.model.name}"))
-    if not 1 <= p.master_port <= 65535:
-        out.append(Problem(("parallel.master_port",), f"must be in 1..65535, got {p.master_port}"))
-    elif p.master_port == cfg.server.port:
-        out.append(Problem(("parallel.master_port", "server.port"), f"both are {p.master_port}; node 0 needs two ports"))
-    return out
-
-
-def _check_model(cfg: GantryConfig, facts: ModelFacts) -> list[Problem]:
-    m, out = cfg.model, []
-    if m.dtype not in DTYPES:
-        out.append(Problem(("model.dtype",), f"must be one of {', '.join(DTYPES[:4])}, got {m.dtype!r}"))
-    limit = facts.max_position_embeddings
-    if m.max_model_len is not None and limit is not None and m.max_model_len > limit:
-        out.append(Problem(("model.max_model_len", "model.max_position_embeddings"),
-                           f"{m.max_model_len} exceeds the {limit} positions {m.name} was trained for"))
-    return out
-
-
-def _check_server(cfg: GantryConfig) -> list[Problem]:
-    s, out = cfg.server, []
-    if not 1 <= s.port <= 65535:
-        out.append(Problem(("server.port",), f"must be in 1..65535, got {s.port}"))
-    if s.api_key is not None and not s.api_key:
-        out.append(Problem(("server.api_key",), "is empty; use null for no literal key"))
-    if s.api_key_env is not None and not ENV_NAME.fullmatch(s.api_key_env):
-        out.append(Problem(("server.api_key_env",), f"{s.api_key_env!r} is not an environment variable name"))
-    return out
-
-
-def _check_local(cfg: GantryConfig, d: LocalDeploy) -> list[Problem]:
-    out = []
-    if cfg.parallel.nnodes > 1:
-        if d.node_rank is None or d.master_addr is None:
-            out.append(Problem(("parallel.nnodes", "deploy.node_rank", "deploy.master_addr"),
-                               f"deploy=local runs one node; for {cfg.parallel.nnodes} nodes set deploy.node_rank and"
-                               " deploy.master_addr on each machine, or use deploy=slurm, docker or k8s"))
-        elif not 0 <= d.node_rank < cfg.parallel.nnodes:
-            out.append(Problem(("deploy.node_rank",), f"must be in 0..{cfg.parallel.nnodes - 1}, got {d.node_rank}"))
-    missing = missing_weights(cfg)  # deploy=local runs here: the weights must be here
-    if missing:
-        out.append(Problem((missing[0],), missing[1]))
-    if d.stop_timeout_s <= 0:
-        out.append(Problem(("deploy.stop_timeout_s",), f"must be > 0, got {d.stop_timeout_s}"))
-    return out
-
-
-def _check_docker(cfg: GantryConfig, d: DockerDeploy) -> list[Problem]:
-    out = _check_container(d.image, d.model_mount, cfg)
-    if d.pull not in ("missing", "never", "always"):
-        out.append(Problem(("deploy.pull",), f"must be missing, never or always, got {d.pull!r}"))
-    if not re.fullmatch(r"no|always|unless-stopped|on-failure(:[0-9]+)?", d.restart):
-        out.append(Problem(("deploy.restart",), f"must be no, on-failure[:N], always or unless-stopped, got {d.restart!r}"))
-    if not 1 <= d.host_port <= 65535:
-        out.append(Problem(("deploy.host_port",), f"must be in 1..65535, got {d.host_port}"))
-    if not SIZE.fullmatch(d.shm_size):
-        out.append(Problem(("deploy.shm_size",), f"must be a size like 64g, got {d.shm_size!r}"))
-    if cfg.parallel.nnodes > 1 and not d.master_addr:
-        out.append(Problem(("deploy.master_addr", "parallel.nnodes"),
-                           f"{cfg.parallel.nnodes} nodes: set deploy.master_addr to node 0's address"))
-    if d.cuda_visible_devices is not None and len(d.cuda_visible_devices.split(",")) != cfg.parallel.gpus_per_node:
-        out.append(Problem(("deploy.cuda_visible_devices", "parallel.gpus_per_node"),
-                           f"{d.cuda_visible_devices!r} lists a different number of GPUs than {cfg.parallel.gpus_per_node}"))
-    if d.container_name is not None and not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", d.container_name):
-        out.append(Problem(("deploy.container_name",), f"{d.container_name!r} is not a valid container name"))
-    return out
-
-
-def _check_slurm(cfg: GantryConfig, d: SlurmDeploy) -> list[Problem]:
-    out = []
-    if d.cpus_per_task < 1:
-        out.append(Problem(("deploy.cpus_per_task",), f"must be >= 1, got {d.cpus_per_task}"))
-    if not SLURM_TIME.fullmatch(d.time):
-        out.append(Problem(("deploy.time",), f"must be a Slurm time like 24:00:00 or 1-00:00:00, got {d.time!r}"))
-    if not SLURM_MEM.fullmatch(d.mem):
-        out.append(Problem(("deploy.mem",), f"must be a size like 64G or 500M (0: all), got {d.mem!r}"))
-    if d.python == "":
-        out.append(Problem(("deploy.python",), "is empty; name the interpreter on the nodes, or null for the default"))
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(d, key) == "":
-            out.append(Problem((f"deploy.{key}",), "is empty; use null to omit it"))
-    return out
-
-
-def _check_k8s(cfg: GantryConfig, d: K8sDeploy) -> list[Problem]:
-    out = _check_container(d.image, d.model_mount, cfg)
-    kind = model_kind(cfg.model.path)
-    if not DNS_LABEL.fullmatch(d.namespace):
-        out.append(Problem(("deploy.namespace",), f"{d.namespace!r} is not a DNS label"))
-    if d.storage.kind not in ("hostPath", "pvc", "none"):
-        out.append(Problem(("deploy.storage.kind",), f"must be hostPath, pvc or none, got {d.storage.kind!r}"))
-    elif d.storage.kind == "pvc" and not d.storage.pvc_name:
-        out.append(Problem(("deploy.storage.pvc_name", "deploy.storage.kind"), "storage.kind=pvc needs the claim's name"))
-    elif d.storage.kind == "none" and kind != "embedded":
-        out.append(Problem(("deploy.storage.kind", "model.path"),
-                           f"the pods need {cfg.model.path}'s weights: use hostPath or pvc"))
-    if d.image_pull_policy not in ("Always", "IfNotPresent", "Never"):
-        out.append(Problem(("deploy.image_pull_policy",), f"must be Always, IfNotPresent or Never, got {d.image_pull_policy!r}"))
-    if d.service_type not in ("ClusterIP", "NodePort", "LoadBalancer"):
-        out.append(Problem(("deploy.service_type",), f"must be ClusterIP, NodePort or LoadBalancer, got {d.service_type!r}"))
-    if not K8S_QUANTITY.fullmatch(d.shm_size):
-        out.append(Problem(("deploy.shm_size",), f"must be a quantity like 64Gi, got {d.shm_size!r}"))
-    if d.startup_timeout_s < 10:
-        out.append(Problem(("deploy.startup_timeout_s",), f"must be >= 10, got {d.startup_timeout_s}"))
-    if not DNS_LABEL.fullmatch(cfg.server.api_key_secret):
-        out.append(Problem(("server.api_key_secret",), f"{cfg.server.api_key_secret!r} is not a valid Secret name"))
-    return out
-
-
-def _check_container(image: str, model_mount: str, cfg: GantryConfig) -> list[Problem]:
-    out = []
-    if not image.strip():
-        out.append(Problem(("deploy.image",), "is empty: name the image built from docker/Dockerfile (e.g. gantry:latest)"))
-    if not model_mount.startswith("/"):
-        out.append(Problem(("deploy.model_mount",), f"must be an absolute path, got {model_mount!r}"))
-    if cfg.model.tokenizer is not None and model_kind(cfg.model.tokenizer) == "local":
-        out.append(Problem(("model.tokenizer",), "a host path is not visible in the container: keep the tokenizer"
-                           " files in the model directory and set model.tokenizer=null"))
-    return out
-
-
-_TARGET_CHECKS = {LocalDeploy: _check_local, DockerDeploy: _check_docker, SlurmDeploy: _check_slurm, K8sDeploy: _check_k8s}
-
-
-def validate(cfg: GantryConfig) -> list[Problem]:
-    """Every problem of the config (empty: deployable)."""
-    facts = model_facts(cfg)
-    problems = _check_model(cfg, facts) + _check_parallel(cfg, facts) + _check_server(cfg)
-    bad_env = [name for name in cfg.deploy.env if not ENV_NAME.fullmatch(str(name))]
-    if bad_env:
-        problems.append(Problem(("deploy.env",), f"{bad_env[0]!r} is not an environment variable name"))
-    if cfg.engine.device not in ("auto", "cuda", "cpu"):
-        problems.append(Problem(("engine.device",), f"must be auto, cuda or cpu, got {cfg.engine.device!r}"))
-    check = _TARGET_CHECKS.get(type(cfg.deploy))
-    if check is None:
-        problems.append(Problem(("deploy",), f"unknown target {cfg.deploy.target!r}: local, docker, slurm or k8s"))
-    else:
-        problems += check(cfg, cfg.deploy)
-    if not dns_name(cfg.job_name):
-        problems.append(Problem(("job_name",), f"{cfg.job_name!r} has no letters or digits"))
-    reserved = (os.path.dirname(CONTAINER_CONFIG), LORA_MOUNT, os.path.dirname(CONTAINER_KEY_FILE))
-    found = literal_problems(cfg) + field_problems(cfg, reserved)
-    return problems + [Problem((key,), message) for key, message in found]
 
 
 def _rank_model_path(cfg: GantryConfig, host_path: str | None) -> str | None:
@@ -391,7 +202,7 @@ def build_plan(cfg: DictConfig | GantryConfig, job_dir: str | Path) -> Plan:
     source = _api_key_source(config)
     engine = _checked(EngineConfig, _engine_section(config, host_path), _ENGINE_KEYS, "engine")
     server = _checked(ServerConfig, _server_section(config, source), _MODEL_SERVER_KEYS, "server")
-    problems = validate(config)
+    problems = validate(config, RESERVED_MOUNTS)
     for section in (engine, server):
         if isinstance(section, Problem) and not any(section.keys[0] in p.keys for p in problems):
             problems.append(section)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.plan import to_config, validate
+from launcher.checks import validate
+from launcher.plan import RESERVED_MOUNTS, to_config
 from tests.launcher.conftest import CONF_DIR, FIXED, compose_config, k8s_validate, plan_for, render, shellcheck
 
 GROUPS = ("model", "parallel", "deploy", "engine", "server", "experiment")
@@ -51,7 +52,7 @@ def test_deepseek32b_is_the_seeds_model() -> None:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_presets_are_valid(experiment: str) -> None:
     cfg = to_config(compose_config(FIXED + [f"experiment={experiment}"]))
-    assert validate(cfg) == []
+    assert validate(cfg, RESERVED_MOUNTS) == []
     plan_for([f"experiment={experiment}"])
 
 
