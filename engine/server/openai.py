@@ -21,7 +21,7 @@ from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs
 from engine.server.lora_routes import adapter_cards, register_lora_routes, requested_lora
 from engine.server.protocol import APIError
 from engine.server.reasoning import ReasoningDeltas, assistant_message, get_reasoning_spec
-from engine.server.results import Results
+from engine.server.results import Results, Sample
 from engine.server.serving import (
     beam_search,
     beam_usage,
@@ -82,6 +82,15 @@ async def retrieve_model(request: Request, model_id: str) -> HTTPResponse:
     return json_response(_model_card(state))
 
 
+def _hide_samples(samples: list[Sample]) -> None:
+    """max_tokens 0 with echo: the one token each sample drew is not the client's; a choice is its prompt
+    alone, finished by length, and counts no completion tokens (as OpenAI's)."""
+    for s in samples:
+        s.text, s.token_ids, s.logprobs = "", [], []
+        if s.finish_reason is not None:
+            s.finish_reason, s.stop_reason = "length", None
+
+
 async def create_completion(request: Request) -> HTTPResponse | None:
     state = _state(request).require_ready()
     assert state.frontend is not None
@@ -122,6 +131,8 @@ async def create_completion(request: Request) -> HTTPResponse | None:
             await collect(stream, results, "prompt")
             if results.n != n:
                 keep_best_of(results, n)
+            if req.echo_only:
+                _hide_samples([s for r in results.requests for s in r.samples])
             choices = []
             for p, r in enumerate(results.requests):
                 for i, s in enumerate(r.samples):
@@ -150,7 +161,11 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         head = sse_head("text_completion", cid, created, model)
         async for batch in iterate_sse(response, stream, "prompt"):
             parts = []
-            for choice, s, new_text, num_new in results.apply_all(batch):
+            changes = results.apply_all(batch)
+            if req.echo_only:
+                changes = [(choice, s, "", 0) for choice, s, _, _ in changes]
+                _hide_samples([s for _, s, _, _ in changes])
+            for choice, s, new_text, num_new in changes:
                 text, lps = ("", None)
                 if choice not in offsets:
                     text, lps = prefix(results, choice)

@@ -342,6 +342,7 @@ class CompletionRequest:
     continuous_usage: bool  # stream_options.continuous_usage_stats: usage in every chunk
     echo: bool
     logprobs: int | None  # top-k per token in the legacy format
+    echo_only: bool = False  # max_tokens 0 with echo: the prompt alone (params.max_tokens 1, its token hidden)
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
 
 
@@ -375,7 +376,11 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
     _unsupported(body, "suffix", *VLLM_UNSUPPORTED)
     stream = bool(_bool(body, "stream"))
     logprobs = _int(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
-    params = sampling_params(body, ctx, _int(body, "max_tokens", 1), logprobs)
+    echo = bool(_bool(body, "echo"))
+    max_tokens = _int(body, "max_tokens", 0 if echo else 1)
+    if max_tokens == 0 and _bool(body, "use_beam_search"):
+        raise bad("max_tokens", "0 (echo the prompt alone) is not supported with use_beam_search")
+    params = sampling_params(body, ctx, 1 if max_tokens == 0 else max_tokens, logprobs)
     include_usage, continuous_usage = _stream_options(body, stream)
     return CompletionRequest(
         prompts=prompts,
@@ -383,8 +388,9 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous_usage,
-        echo=bool(_bool(body, "echo")),
+        echo=echo,
         logprobs=logprobs,
+        echo_only=max_tokens == 0,
         beam=beam_search_params(body, ctx, params, stream, None if logprobs is None else "logprobs"),
     )
 

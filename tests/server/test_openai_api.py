@@ -293,6 +293,27 @@ def test_completion_streaming_echo(client: openai.OpenAI):
     assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
 
 
+def test_completion_echo_with_max_tokens_0_scores_the_prompt(server: LiveServer, client: openai.OpenAI):
+    """echo with max_tokens 0 (OpenAI's legacy API and vLLM: how evaluation harnesses score a prompt) gives the
+    prompt alone with its logprobs, finished by length, no completion tokens; it was a 400 naming max_tokens."""
+    prompt = "The capital of France is"
+    r = client.completions.create(model=MODEL, prompt=[prompt, "Hi"], max_tokens=0, echo=True, logprobs=1, n=2)
+    assert [c.text for c in r.choices] == [prompt, prompt, "Hi", "Hi"]
+    assert {c.finish_reason for c in r.choices} == {"length"}
+    ids = tokenize(server, prompt=prompt)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(ids) and "".join(lp.tokens) == prompt
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert r.usage.prompt_tokens == len(ids) + 1 and r.usage.completion_tokens == 0  # per prompt, not per choice
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 0
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):  # without echo there is nothing to return
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
+
+
 def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
     m = server.metrics()
