@@ -12,17 +12,20 @@ from engine.sampling_params import SamplingParams, SamplingParamsError
 
 
 class InputProcessor:
-    def __init__(self, info: CoreInfo, tokenizer: Any = None):
+    def __init__(self, info: CoreInfo, tokenizer: Any = None, *, serving_defaults: bool = True):
         self.info = info
         self.tokenizer = tokenizer  # the front end's; bad_words need it (None: a request with them is refused)
+        # max_tokens None: True (API server) the generation config's max_new_tokens, as vLLM's serving layer
+        # fills it; False (offline LLMEngine) the context left, as vLLM's input processor (offline, the
+        # generation config's default comes in through LLM.get_default_sampling_params instead)
+        self.serving_defaults = serving_defaults
 
     def process(self, request_id: str, token_ids: list[int], params: SamplingParams, arrival_time: float,
                 client_index: int = 0, lora_request: LoRARequest | None = None) -> EngineCoreRequest:
         params = self.tokenize_bad_words(params)
         self.validate(token_ids, params)
         info = self.info
-        # no max_tokens: the model's generation_config default (as vLLM), else the context left
-        default = info.default_max_tokens or info.max_model_len
+        default = (info.default_max_tokens if self.serving_defaults else None) or info.max_model_len
         max_tokens = min(params.max_tokens or default, info.max_model_len - len(token_ids))
         return EngineCoreRequest(request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                                  max_tokens=max_tokens, arrival_time=arrival_time, client_index=client_index,

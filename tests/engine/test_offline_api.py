@@ -3,6 +3,7 @@ config (--generation-config / --override-generation-config), no progress bar wri
 non-terminal stream, and a CPU KV pool sized for the model and left unzeroed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -15,7 +16,7 @@ from engine.errors import RequestError
 from engine.model_config import resolve_model_config
 
 GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-UNCAPPED = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)  # the engine fills max_tokens
+UNCAPPED = SamplingParams(temperature=0, max_tokens=None, ignore_eos=True)  # up to the context left
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +64,18 @@ def test_max_tokens_default_from_generation_config(tiny_llama: str, tmp_path) ->
         ({}, 3),  # auto: the model's generation_config.json, as vLLM
         ({"override_generation_config": {"max_new_tokens": 2}}, 2),
         ({"generation_config": str(own)}, 4),
-        ({"generation_config": "vllm"}, 32 - len(prompt)),  # none: up to the context length
+        ({"generation_config": "vllm"}, 16),  # none: SamplingParams' own default, as vLLM
     ]
     for kwargs, expected in cases:
         llm = LLM(str(model), device="cpu", max_model_len=32, **kwargs)
-        assert len(llm.generate(prompt, UNCAPPED, use_tqdm=False)[0].outputs[0].token_ids) == expected, kwargs
-        default = llm.get_default_sampling_params()  # sampling_params=None: vLLM's default (16) without one
-        assert default.max_tokens == (expected if kwargs.get("generation_config") != "vllm" else 16)
-        assert len(llm.generate(prompt, use_tqdm=False)[0].outputs[0].token_ids) <= default.max_tokens
+        default = llm.get_default_sampling_params()  # what sampling_params=None means
+        assert default.max_tokens == expected
+        assert len(llm.generate(prompt, use_tqdm=False)[0].outputs[0].token_ids) <= expected
+        greedy_default = dataclasses.replace(default, temperature=0, ignore_eos=True)
+        assert len(llm.generate(prompt, greedy_default, use_tqdm=False)[0].outputs[0].token_ids) == expected, kwargs
+        # SamplingParams(max_tokens=None) given explicitly: up to the context left, whatever the generation
+        # config says (vLLM's input processor); the default only ever came through sampling_params=None
+        assert len(llm.generate(prompt, UNCAPPED, use_tqdm=False)[0].outputs[0].token_ids) == 32 - len(prompt), kwargs
 
 
 def test_embedded_model_default_max_tokens(smollm2_path: str) -> None:
