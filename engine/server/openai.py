@@ -297,10 +297,10 @@ async def _chat_completion(request: Request) -> HTTPResponse | None:
 async def tokenize(request: Request) -> HTTPResponse:
     state = _state(request).require_ready()
     assert state.frontend is not None
-    tokens: list[int] = await state.frontend.run("tokenize", request.body)
+    tokens, token_strs = await state.frontend.run("tokenize", request.body)
     requested_lora(state, request.body)  # with LoRA on, `model` is checked here: an unknown name is a 404
     return json_response({"count": len(tokens), "max_model_len": state.model_context.max_model_len, "tokens": tokens,
-                          "token_strs": None})
+                          "token_strs": token_strs})
 
 
 async def detokenize(request: Request) -> HTTPResponse:

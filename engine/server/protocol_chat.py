@@ -140,6 +140,7 @@ class TokenizeRequest:
     add_special_tokens: bool
     add_generation_prompt: bool
     continue_final_message: bool = False  # as chat's: the prompt a chat request with these fields would get
+    return_token_strs: bool = False  # vLLM's: the tokens' vocabulary strings too (token_strs)
 
 
 def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
@@ -152,4 +153,5 @@ def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
     messages = parse_messages(body["messages"], ctx) if prompt is None else None
     add_special = _bool(body, "add_special_tokens")
     add_gen, continue_final = _open_message(body, messages) if messages is not None else (True, False)
-    return TokenizeRequest(prompt, messages, True if add_special is None else add_special, add_gen, continue_final)
+    return TokenizeRequest(prompt, messages, True if add_special is None else add_special, add_gen, continue_final,
+                           bool(_bool(body, "return_token_strs")))

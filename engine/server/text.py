@@ -114,14 +114,17 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
     return PreparedChat(req, ids, tools)
 
 
-def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> list[int]:
+def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> tuple[list[int], list[str] | None]:
+    """The token ids, and their vocabulary strings when return_token_strs asks for them."""
     body = parse_json_body(raw)
     req = parse_tokenize_request(body, ctx)
     if req.messages is not None:  # templated as chat templates them (tool fields, an open last message)
-        return _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]),
-                                    req.add_generation_prompt, continue_final_message=req.continue_final_message)
-    assert req.prompt is not None
-    return _encode(tokenizer, req.prompt, "prompt", req.add_special_tokens)
+        ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]),
+                                   req.add_generation_prompt, continue_final_message=req.continue_final_message)
+    else:
+        assert req.prompt is not None
+        ids = _encode(tokenizer, req.prompt, "prompt", req.add_special_tokens)
+    return ids, tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
 
 
 def detokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> str:

@@ -257,6 +257,14 @@ def test_tokenize_detokenize_roundtrip(server: LiveServer):
     assert r["count"] == len(r["tokens"]) and r["max_model_len"] == MAX_MODEL_LEN
     back = httpx.post(server.url("/detokenize"), json={"model": MODEL, "tokens": r["tokens"]}).json()
     assert back["prompt"] == text
+    assert r["token_strs"] is None
+    # vLLM's return_token_strs: each token's vocabulary string (it was ignored: token_strs stayed null)
+    strs = []
+    for body in ({"prompt": text}, {"messages": [{"role": "user", "content": text}]}):
+        s = httpx.post(server.url("/tokenize"), json={"model": MODEL, "return_token_strs": True, **body}).json()
+        assert len(s["token_strs"]) == s["count"]
+        strs.append(s["token_strs"])
+    assert "".join(strs[0]).replace("Ġ", " ") == text and strs[1][0] == "<|im_start|>"  # byte-level BPE pieces
 
 
 def test_ops_routes(server: LiveServer):
