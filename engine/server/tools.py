@@ -100,7 +100,19 @@ def tool_constraint(tr: ToolsRequest) -> StructuredOutputsParams | None:
         # compact: the arguments are re-serialized anyway, and a sampled run of whitespace only costs tokens
         return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
     except StructuredOutputsError as e:
-        raise bad("tools", f"a function's parameters schema cannot be compiled: {e.message}") from None
+        raise bad(_uncompilable_tool(tr), e.message) from None
+
+
+def _uncompilable_tool(tr: ToolsRequest) -> str:
+    """The field of the function whose parameters schema does not compile alone (the named one, else the
+    first such); `tools` when only their `required` union fails. Only a refused request pays for this."""
+    for i, (name, schema) in enumerate(tr.schemas.items()):  # in the order of `tools` (names are unique)
+        if tr.named in (None, name):
+            try:
+                StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+            except StructuredOutputsError:
+                return f"tools[{i}].function.parameters"
+    return "tools"
 
 
 def new_call_id() -> str:

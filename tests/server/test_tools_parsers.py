@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from typing import Any
 
 import pytest
 
@@ -190,6 +191,17 @@ def test_bad_tools_name_the_field(body: dict, auto: bool, param: str) -> None:
     with pytest.raises(APIError) as info:
         parse_tools(body, auto, "hermes" if auto else None)
     assert info.value.status == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "broken"}}])
+def test_an_uncompilable_parameters_schema_is_named(choice: Any) -> None:
+    """The 400 names the function whose schema fails (it named `tools` and said "cannot be compiled" twice)."""
+    broken = {"type": "function", "function": {"name": "broken", "parameters": {"type": "bogus"}}}
+    tr = parse_tools({"tools": [*TOOLS, broken], "tool_choice": choice}, False, None)
+    with pytest.raises(APIError) as info:
+        tool_constraint(tr)
+    assert info.value.param == f"tools[{len(TOOLS)}].function.parameters"
+    assert info.value.message.count("cannot be compiled") == 1 and "bogus" in info.value.message
 
 
 def test_parser_config_errors() -> None:
