@@ -261,24 +261,27 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
         if response.content_type == "text/event-stream" and request.conn_info is not None:
             # A stream's head goes out before its body: it counts once its handler ends (http.handler.after),
             # or as aborted when the client hangs up first (the connection ends with it still open).
-            request.conn_info.ctx.open_stream = (request.method, _route_label(request), response.status)
+            request.ctx.stream_status = response.status
+            request.conn_info.ctx.open_stream = request
             return
         state.metrics.observe_http(request.method, _route_label(request), response.status)
 
     @app.signal("http.handler.after")
     async def count_stream(request: Request, **_: Any) -> None:
-        stream = getattr(request.conn_info.ctx, "open_stream", None) if request.conn_info is not None else None
-        if stream is not None:
+        if request.conn_info is not None and getattr(request.conn_info.ctx, "open_stream", None) is request:
             request.conn_info.ctx.open_stream = None
-            state.metrics.observe_http(*stream)
+            state.metrics.observe_http(request.method, _route_label(request), request.ctx.stream_status)
 
     @app.signal("http.lifecycle.complete")
     async def count_hung_up_stream(conn_info: Any, **_: Any) -> None:
-        stream = getattr(conn_info.ctx, "open_stream", None)
-        if stream is not None:  # its handler never ended: cancelled when the client hung up mid-stream
-            conn_info.ctx.open_stream = None
-            logger.info("client hung up mid-stream: %s %s", stream[0], stream[1])
-            state.metrics.observe_aborted(stream[0], stream[1])
+        request = getattr(conn_info.ctx, "open_stream", None)
+        if request is None:
+            return
+        conn_info.ctx.open_stream = None
+        # its handler never ended: cancelled when the client hung up (counted already if before any chunk)
+        if not getattr(request.ctx, "aborted", False):
+            logger.info("client hung up mid-stream: %s %s", request.method, printable(request.path))
+            state.metrics.observe_aborted(request.method, _route_label(request))
 
     @app.get("/health", ctx_public=True)
     async def health(request: Request) -> HTTPResponse:

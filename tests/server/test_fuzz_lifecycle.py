@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -144,6 +145,25 @@ def test_finished_stream_counts_as_200(server: LiveServer) -> None:
         time.sleep(0.05)
     assert _delta(after, before, "gantry:http_requests_total", **labels, status="200") == 1
     assert _delta(after, before, "gantry:http_requests_aborted_total", **labels) == 0
+
+
+def test_stream_hung_up_before_its_first_chunk_counts_once(server: LiveServer) -> None:
+    """Hung up while its prompt is computed (no chunk went out yet): the error handler counted it, and
+    the end of its connection counted it again."""
+    warm_up = {"model": MODEL, "prompt": "other " * 900, "max_tokens": 1}  # starts the text workers (large bodies)
+    assert httpx.post(server.url("/v1/completions"), json=warm_up, timeout=60).status_code == 200
+    server.wait_idle()
+    before = server.metrics()
+    body = json.dumps({"model": MODEL, "prompt": "word " * 900, "max_tokens": 5, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(1.0)  # submitted; on a CPU its 900-token prefill takes longer (on a GPU: a hang-up mid-stream)
+    after = server.wait_idle()
+    labels = {"method": "POST", "route": "/v1/completions"}
+    assert _delta(after, before, "gantry:http_requests_aborted_total", **labels) == 1
+    assert _delta(after, before, "gantry:http_requests_total", **labels, status="200") == 0
+    assert _delta(after, before, "gantry:request_success_total", finished_reason="abort") == 1
 
 
 def test_second_sigterm_cuts_the_grace_period(server: LiveServer) -> None:
