@@ -194,8 +194,9 @@ class ModelContext:
 
 
 def check_model(body: dict, ctx: ModelContext) -> None:
+    """404 naming `model` unless it is the served name; absent, null or "" mean the served model (as vLLM)."""
     model = _str(body, "model")
-    if model is not None and model != ctx.served_model_name and not ctx.lora_enabled:
+    if model and model != ctx.served_model_name and not ctx.lora_enabled:
         raise APIError(404, f"model: the model {show(model)} does not exist; this server serves "
                             f"`{ctx.served_model_name}`", param="model", code="model_not_found")
 

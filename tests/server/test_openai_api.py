@@ -322,6 +322,17 @@ def test_completion_echo_with_max_tokens_0_scores_the_prompt(server: LiveServer,
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
 
 
+def test_model_empty_or_absent_is_the_served_model(server: LiveServer):
+    """`model` "" or absent names the served model, as in vLLM (an empty name was a 404)."""
+    for path, body in (("/v1/completions", {"prompt": "Hi", "max_tokens": 1}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}),
+                       ("/tokenize", {"prompt": "Hi"})):
+        for model in ({"model": ""}, {}):
+            r = httpx.post(server.url(path), json={**model, **body}, timeout=60)
+            assert r.status_code == 200, (path, model, r.text)
+            assert r.json().get("model", MODEL) == MODEL
+
+
 def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
     m = server.metrics()
