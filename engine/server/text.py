@@ -23,7 +23,7 @@ from typing import Any
 
 from engine import startup
 from engine.errors import RequestError
-from engine.server.tools import ToolsRequest, apply_tool_constraint, parse_tools, with_tool_fields
+from engine.server.tools import ToolsRequest, apply_tool_constraint, parse_tools, template_tools, with_tool_fields
 from engine.server.protocol import (
     APIError,
     CompletionRequest,
@@ -108,7 +108,7 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
         apply_tool_constraint(tools, req.params)
     constrain_after_reasoning(req.params, ctx.reasoning_parser)
     ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
-                               None if tools is None else tools.tools, req.continue_final_message)
+                               template_tools(body), req.continue_final_message)
     _check_room(ids, "messages", ctx)
     req.messages = []
     return PreparedChat(req, ids, tools)
@@ -120,7 +120,7 @@ def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> tuple[list[int], 
     req = parse_tokenize_request(body, ctx)
     if req.messages is not None:  # templated as chat templates them (tool fields, an open last message)
         ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]),
-                                   req.add_generation_prompt, continue_final_message=req.continue_final_message)
+                                   req.add_generation_prompt, template_tools(body), req.continue_final_message)
     else:
         assert req.prompt is not None
         ids = _encode(tokenizer, req.prompt, "prompt", req.add_special_tokens)

@@ -31,16 +31,8 @@ class ToolsRequest:
     schemas: dict[str, dict[str, Any]] = field(default_factory=dict)  # function name -> its parameters schema
 
 
-def parse_tools(body: dict, enable_auto_tool_choice: bool, tool_call_parser: str | None) -> ToolsRequest | None:
-    """The request's tools, or None when it has none or tool_choice is "none"; APIError naming the field."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    parallel = body.get("parallel_tool_calls")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise bad("parallel_tool_calls", f"must be true or false, got {show(parallel)}")
-    if tools is None or tools == []:
-        if choice not in (None, "none"):
-            raise bad("tool_choice", "needs `tools`")
-        return None
+def check_tools(tools: Any) -> dict[str, dict[str, Any]]:
+    """A non-empty `tools` list checked: each function's name -> its parameters schema, in the list's order."""
     if not isinstance(tools, list):
         raise bad("tools", f"must be a list of function tools, got {show(tools)}")
     schemas: dict[str, dict[str, Any]] = {}
@@ -57,6 +49,30 @@ def parse_tools(body: dict, enable_auto_tool_choice: bool, tool_call_parser: str
         if not isinstance(params, dict):
             raise bad(f"tools[{i}].function.parameters", f"must be a JSON schema object, got {show(params)}")
         schemas[name] = params or {"type": "object"}
+    return schemas
+
+
+def template_tools(body: dict) -> list[dict[str, Any]] | None:
+    """The tools the chat template shows the model: the request's, checked, whatever its tool_choice ("none"
+    too, as vLLM's default: the model still knows them, it is only not asked to call one); /tokenize's too."""
+    tools = body.get("tools")
+    if tools is None or tools == []:
+        return None
+    check_tools(tools)
+    return tools
+
+
+def parse_tools(body: dict, enable_auto_tool_choice: bool, tool_call_parser: str | None) -> ToolsRequest | None:
+    """The request's tools, or None when it has none or tool_choice is "none"; APIError naming the field."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise bad("parallel_tool_calls", f"must be true or false, got {show(parallel)}")
+    if tools is None or tools == []:
+        if choice not in (None, "none"):
+            raise bad("tool_choice", "needs `tools`")
+        return None
+    schemas = check_tools(tools)
     param = "tool_choice"
     if choice is None:  # OpenAI's default with tools
         choice, param = "auto", "tools"

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from engine.config import ConfigError, ServerConfig
-from engine.server.protocol import APIError
+from engine.server.protocol import APIError, ModelContext
+from engine.server.text import prepare_chat
+from engine.server.text import tokenize as text_tokenize
 from engine.server.tool_stream import CanonicalJSON, ToolDeltas
 from engine.server.tools import (
     ToolsRequest,
@@ -202,6 +204,37 @@ def test_an_uncompilable_parameters_schema_is_named(choice: Any) -> None:
         tool_constraint(tr)
     assert info.value.param == f"tools[{len(TOOLS)}].function.parameters"
     assert info.value.message.count("cannot be compiled") == 1 and "bogus" in info.value.message
+
+
+class TemplateSpy:
+    """A tokenizer whose chat template records the tools it was given."""
+    chat_template = "spy"
+
+    def __init__(self) -> None:
+        self.tools: list = []
+
+    def apply_chat_template(self, messages: list, chat_template: Any = None, tokenize: bool = False, **options) -> str:
+        self.tools.append(options["tools"])
+        return "x" * len(messages)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [1] * len(text)
+
+
+@pytest.mark.parametrize("choice", ["none", "required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_the_chat_template_sees_the_tools_whatever_the_tool_choice(choice: Any) -> None:
+    """tool_choice "none" keeps the tools in the prompt, as vLLM does by default (they were dropped), and
+    /tokenize templates a request's tools as chat does (they were ignored)."""
+    ctx = ModelContext("m", max_model_len=64, vocab_size=100)
+    spy = TemplateSpy()
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": TOOLS, "tool_choice": choice}
+    prepare_chat(json.dumps(body).encode(), ctx, spy)
+    del body["tool_choice"]
+    assert text_tokenize(json.dumps(body).encode(), ctx, spy) == ([1], None)
+    assert spy.tools == [TOOLS, TOOLS]
+    with pytest.raises(APIError) as info:  # checked as chat checks them
+        text_tokenize(json.dumps({**body, "tools": [{"type": "retrieval"}]}).encode(), ctx, spy)
+    assert info.value.param == "tools[0]"
 
 
 def test_parser_config_errors() -> None:
