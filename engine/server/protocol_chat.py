@@ -41,6 +41,7 @@ class ChatRequest:
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
     continue_final_message: bool = False  # the last (assistant) message is left open for the model to go on
     max_tokens_param: str = "max_tokens"  # the field that gave params.max_tokens (max_completion_tokens wins)
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (the renderer checks them)
 
 
 def _message_content(content: Any, name: str, ctx: ModelContext, role: str) -> str:
@@ -104,8 +105,8 @@ def _open_message(body: dict, messages: list[dict[str, str]]) -> tuple[bool, boo
 def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
     check_model(body, ctx)
     messages = parse_messages(body.get("messages"), ctx)
-    _unsupported(body, "functions", "audio", "prediction", "echo", "chat_template", "chat_template_kwargs",
-                 "documents", *VLLM_UNSUPPORTED)  # tools: engine/server/tools.py
+    _unsupported(body, "functions", "audio", "prediction", "echo", "chat_template", "documents",
+                 *VLLM_UNSUPPORTED)  # tools: engine/server/tools.py
     stream = bool(_bool(body, "stream"))
     logprobs = bool(_bool(body, "logprobs"))
     top_logprobs = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
@@ -127,6 +128,7 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
         include_usage=include_usage,
         continuous_usage=continuous_usage,
         max_tokens_param=max_tokens_param,
+        chat_template_kwargs=body.get("chat_template_kwargs"),
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         beam=beam_search_params(body, ctx, params, stream, "logprobs" if logprobs else None),
@@ -141,6 +143,7 @@ class TokenizeRequest:
     add_generation_prompt: bool
     continue_final_message: bool = False  # as chat's: the prompt a chat request with these fields would get
     return_token_strs: bool = False  # vLLM's: the tokens' vocabulary strings too (token_strs)
+    chat_template_kwargs: dict[str, Any] | None = None  # as chat's
 
 
 def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
@@ -154,4 +157,4 @@ def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
     add_special = _bool(body, "add_special_tokens")
     add_gen, continue_final = _open_message(body, messages) if messages is not None else (True, False)
     return TokenizeRequest(prompt, messages, True if add_special is None else add_special, add_gen, continue_final,
-                           bool(_bool(body, "return_token_strs")))
+                           bool(_bool(body, "return_token_strs")), body.get("chat_template_kwargs"))

@@ -72,10 +72,12 @@ def _encode(tokenizer: Any, text: str, name: str, add_special_tokens: bool = Tru
 
 
 def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
-                         tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False) -> list[int]:
+                         tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
+                         chat_template_kwargs: Any = None) -> list[int]:
     try:  # the offline LLM's renderer
         return apply_chat_template(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                   continue_final_message=continue_final_message)
+                                   continue_final_message=continue_final_message,
+                                   chat_template_kwargs=chat_template_kwargs)
     except RequestError as e:  # as an APIError: it crosses back from a text worker intact
         raise bad(e.param, e.message) from None
 
@@ -108,7 +110,7 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
         apply_tool_constraint(tools, req.params)
     constrain_after_reasoning(req.params, ctx.reasoning_parser)
     ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
-                               template_tools(body), req.continue_final_message)
+                               template_tools(body), req.continue_final_message, req.chat_template_kwargs)
     _check_room(ids, "messages", ctx)
     req.messages = []
     return PreparedChat(req, ids, tools)
@@ -120,7 +122,8 @@ def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> tuple[list[int], 
     req = parse_tokenize_request(body, ctx)
     if req.messages is not None:  # templated as chat templates them (tool fields, an open last message)
         ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]),
-                                   req.add_generation_prompt, template_tools(body), req.continue_final_message)
+                                   req.add_generation_prompt, template_tools(body), req.continue_final_message,
+                                   req.chat_template_kwargs)
     else:
         assert req.prompt is not None
         ids = _encode(tokenizer, req.prompt, "prompt", req.add_special_tokens)

@@ -333,6 +333,26 @@ def test_model_empty_or_absent_is_the_served_model(server: LiveServer):
             assert r.json().get("model", MODEL) == MODEL
 
 
+def test_chat_template_kwargs(server: LiveServer, client: openai.OpenAI):
+    """vLLM's chat_template_kwargs reach the chat template on chat and /tokenize (they were a 400: Qwen3's
+    {"enable_thinking": false} is a common one); a key that is no template variable is a 400 naming it."""
+    ask = [{"role": "user", "content": "Hi"}]
+    open_ids = tokenize(server, messages=ask)
+    closed_ids = tokenize(server, messages=ask, chat_template_kwargs={"add_generation_prompt": False})
+    assert len(closed_ids) < len(open_ids) and open_ids[:len(closed_ids)] == closed_ids
+    r = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=1,
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.usage.prompt_tokens == len(open_ids)
+    r = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=1,
+                                       extra_body={"chat_template_kwargs": {"add_generation_prompt": False}})
+    assert r.usage.prompt_tokens == len(closed_ids)
+    for kwargs, param in (({"tokenize": True}, "chat_template_kwargs.tokenize"), ([1], "chat_template_kwargs")):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=ask, max_tokens=1,
+                                           extra_body={"chat_template_kwargs": kwargs})
+        assert info.value.body["param"] == param
+
+
 def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
     m = server.metrics()
