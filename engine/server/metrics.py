@@ -3,16 +3,20 @@
 Engine-wide gauges and counters are read from the latest EngineStats at scrape time;
 per-request histograms are fed by the engine thread as requests advance and finish;
 HTTP requests are counted by route and status (a client that hangs up first, as aborted).
-One CollectorRegistry per server; with several API processes, summed across them at scrape time.
+One CollectorRegistry per server; with several API processes, summed across them at scrape time, the
+engine's from the freshest process's copy (freshest_stats).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import glob
 import os
 import time
 from bisect import bisect_left
+
+import msgspec
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -27,6 +31,7 @@ REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 
 PREFIX = "gantry:"
+STATS_FILE_PREFIX = "engine_stats_"  # one API process's copy of the core's stats, in PROMETHEUS_MULTIPROC_DIR
 FINISH_REASONS = ("stop", "length", "abort")  # request_success_total's finished_reason values
 
 
@@ -55,6 +60,9 @@ class _EngineStatsCollector(Collector):
         stats = self.get_stats()
         if stats is None:
             return
+        shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared_dir is not None:
+            stats = freshest_stats(stats, shared_dir, [attr for _, attr, _ in self.COUNTERS])
         for name, attr, doc in self.GAUGES:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             g.add_metric([self.model_name], float(getattr(stats, attr)))
@@ -69,6 +77,35 @@ class _EngineStatsCollector(Collector):
             g.add_metric([",".join(sorted(stats.running_lora_adapters)), str(stats.max_lora),
                           ",".join(sorted(stats.waiting_lora_adapters))], time.time())
             yield g
+
+
+def freshest_stats(stats: Any, shared_dir: str, counters: list[str]) -> Any:
+    """--api-server-count N: each API process holds its own copy of the core's stats, refreshed when a
+    message reaches it (at least every heartbeat), so two scrapes answered by two processes could see a
+    counter go back, which Prometheus reads as a reset (a rate() spike). Each scrape leaves this process's
+    copy in the shared directory and answers with the freshest copy (most steps; this one on a tie), each
+    counter the largest any copy holds: what one process exported, every later scrape exports at least."""
+    path = os.path.join(shared_dir, f"{STATS_FILE_PREFIX}{os.getpid()}.msgpack")
+    with open(path + ".tmp", "wb") as f:
+        f.write(msgspec.msgpack.encode(stats))
+    os.replace(path + ".tmp", path)  # a reader sees the old copy or the new one, never half of one
+    decoder = msgspec.msgpack.Decoder(type(stats))
+    copies = []
+    for other in glob.glob(os.path.join(shared_dir, STATS_FILE_PREFIX + "*.msgpack")):
+        if other == path:
+            continue
+        try:
+            with open(other, "rb") as f:
+                copies.append(decoder.decode(f.read()))
+        except (OSError, msgspec.DecodeError):  # a process that exited meanwhile
+            continue
+    if not copies:
+        return stats
+    freshest = max(copies, key=lambda c: c.num_steps)
+    if freshest.num_steps <= stats.num_steps:
+        freshest = stats
+    return msgspec.structs.replace(freshest, **{name: max(getattr(c, name) for c in [stats, *copies])
+                                                for name in counters})
 
 
 class BatchedHistogram:

@@ -3,6 +3,8 @@ Every openai-client test passes against them, and /metrics, whichever process an
 every request once; SIGTERM drains both and exits 0."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.server.conftest import LiveServer, launch, wait_ready
@@ -44,3 +46,38 @@ def test_metrics_count_every_request_once(server: LiveServer) -> None:
     server.wait_idle()
     scrapes = {totals() for _ in range(6)}  # each scrape may be answered by either process
     assert scrapes == {(before[0] + 12, before[1] + 12)}, (before, scrapes)
+
+
+def test_engine_counters_never_go_back(server: LiveServer) -> None:
+    """Each API process has its own copy of the core's stats (an idle one refreshes it with the heartbeat,
+    every 0.5 s): scrapes answered by both processes in turn saw generation_tokens_total go back, which
+    Prometheus reads as a counter reset (rate() spikes). Streams run on one connection meanwhile."""
+    import threading
+
+    import httpx
+
+    from tests.server.conftest import MODEL
+
+    body = {"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 100, "ignore_eos": True}
+    done, statuses = threading.Event(), []
+
+    def generate() -> None:
+        with httpx.Client() as client:  # one connection: one process
+            while not done.is_set():
+                statuses.append(client.post(server.url("/v1/completions"), json=body, timeout=120).status_code)
+
+    streaming = threading.Thread(target=generate)
+    streaming.start()
+    seen = []
+    try:
+        while len(seen) < 40:
+            with httpx.Client() as client:  # a new connection: either process answers
+                r = client.get(server.url("/metrics"), timeout=10)
+            seen.append(next(float(line.rsplit(" ", 1)[1]) for line in r.text.splitlines()
+                             if line.startswith("gantry:generation_tokens_total")))
+            time.sleep(0.05)
+    finally:
+        done.set()
+        streaming.join()
+    assert set(statuses) == {200}, statuses
+    assert seen == sorted(seen) and seen[-1] > seen[0], seen
