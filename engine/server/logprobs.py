@@ -25,15 +25,21 @@ def _clamp(logprob: float) -> float:
 
 
 class TokenText:
-    """Token id -> text, preferring the engine's decoded_token."""
+    """Token id -> text, preferring the engine's decoded_token; and the name a logprob entry shows for it."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, as_ids: bool = False):
         self.tokenizer = tokenizer
+        self.as_ids = as_ids  # vLLM's return_tokens_as_token_ids: entries name tokens "token_id:{id}"
 
     def __call__(self, token_id: int, lp: Logprob | None = None) -> str:
         if lp is not None and lp.decoded_token is not None:
             return lp.decoded_token
         return self.tokenizer.decode([token_id])
+
+    def name(self, token_id: int, text: str) -> str:
+        """A logprob entry's token: its text, or "token_id:{id}" (a token that is part of a character has no
+        text of its own); offsets and bytes stay the text's."""
+        return f"token_id:{token_id}" if self.as_ids else text
 
     def utf8(self, token_id: int, text: str) -> list[int]:
         """A token's `bytes`: for a token that is part of a character (its text decodes to U+FFFD) the
@@ -59,11 +65,11 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top:
         token = detok(tid, chosen)
         tops = sorted(lps.items(), key=lambda kv: kv[1].rank)[:top]
         content.append({
-            "token": token,
+            "token": detok.name(tid, token),
             "logprob": _clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB,
             "bytes": detok.utf8(tid, token),
             "top_logprobs": [
-                {"token": (t := detok(i, lp)), "logprob": _clamp(lp.logprob), "bytes": detok.utf8(i, t)}
+                {"token": detok.name(i, t := detok(i, lp)), "logprob": _clamp(lp.logprob), "bytes": detok.utf8(i, t)}
                 for i, lp in tops
             ],
         })
@@ -78,7 +84,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
         lps = logprobs[k] if logprobs is not None and k < len(logprobs) else None
         chosen = lps.get(tid) if lps is not None else None
         token = detok(tid, chosen)
-        out["tokens"].append(token)
+        out["tokens"].append(detok.name(tid, token))
         out["text_offset"].append(offset)
         offset += len(token)
         if lps is None:
@@ -86,7 +92,7 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(_clamp(chosen.logprob) if chosen is not None else MIN_LOGPROB)
-        out["top_logprobs"].append({detok(i, lp): _clamp(lp.logprob) for i, lp in lps.items()
+        out["top_logprobs"].append({detok.name(i, detok(i, lp)): _clamp(lp.logprob) for i, lp in lps.items()
                                     if lp.rank <= top or i == tid})
     return out
 

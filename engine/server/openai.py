@@ -100,7 +100,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = state.model_info.model_name if lora is None else lora.lora_name
-    detok = TokenText(state.frontend.tokenizer)
+    detok = TokenText(state.frontend.tokenizer, req.tokens_as_ids)
     params = req.params
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
@@ -215,7 +215,7 @@ async def _chat_completion(request: Request) -> HTTPResponse | None:
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model = state.model_info.model_name if lora is None else lora.lora_name
-    detok = TokenText(state.frontend.tokenizer)
+    detok = TokenText(state.frontend.tokenizer, req.tokens_as_ids)
     params, n = req.params, req.params.n
     reasoning = get_reasoning_spec(state.server_config.reasoning_parser)
     if req.beam is not None:  # non-streaming only (the parser refuses stream)

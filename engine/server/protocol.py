@@ -320,9 +320,8 @@ def beam_search_params(body: dict, ctx: ModelContext, params: SamplingParams, st
 
 
 # vLLM request fields this server does not act on: a 400 naming each, never a 200 that ignored it
-VLLM_UNSUPPORTED = ("truncate_prompt_tokens", "prompt_logprobs",
-                    "return_tokens_as_token_ids", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                    "guided_decoding_backend", "guided_whitespace_pattern")
+VLLM_UNSUPPORTED = ("truncate_prompt_tokens", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
+                    "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern")
 
 
 def _unsupported(body: dict, *names: str) -> None:
@@ -344,6 +343,7 @@ class CompletionRequest:
     echo: bool
     logprobs: int | None  # top-k per token in the legacy format
     echo_only: bool = False  # max_tokens 0 with echo: the prompt alone (params.max_tokens 1, its token hidden)
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
 
 
@@ -392,6 +392,7 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
         echo=echo,
         logprobs=logprobs,
         echo_only=max_tokens == 0,
+        tokens_as_ids=bool(_bool(body, "return_tokens_as_token_ids")),
         beam=beam_search_params(body, ctx, params, stream, None if logprobs is None else "logprobs"),
     )
 

@@ -42,6 +42,7 @@ class ChatRequest:
     continue_final_message: bool = False  # the last (assistant) message is left open for the model to go on
     max_tokens_param: str = "max_tokens"  # the field that gave params.max_tokens (max_completion_tokens wins)
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (the renderer checks them)
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
 
 
 def _message_content(content: Any, name: str, ctx: ModelContext, role: str) -> str:
@@ -129,6 +130,7 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
         continuous_usage=continuous_usage,
         max_tokens_param=max_tokens_param,
         chat_template_kwargs=body.get("chat_template_kwargs"),
+        tokens_as_ids=bool(_bool(body, "return_tokens_as_token_ids")),
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         beam=beam_search_params(body, ctx, params, stream, "logprobs" if logprobs else None),

@@ -353,6 +353,31 @@ def test_chat_template_kwargs(server: LiveServer, client: openai.OpenAI):
         assert info.value.body["param"] == param
 
 
+def test_return_tokens_as_token_ids(client: openai.OpenAI):
+    """vLLM's return_tokens_as_token_ids: logprob entries name their tokens "token_id:{id}" (chat and legacy
+    completions, streamed or not); bytes and text offsets stay the text's. It was a 400."""
+    ask = [{"role": "user", "content": "Hi"}]
+    extra = {"return_tokens_as_token_ids": True}
+    plain = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4, temperature=0, logprobs=True,
+                                           top_logprobs=2, extra_body={"ignore_eos": True})
+    named = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4, temperature=0, logprobs=True,
+                                           top_logprobs=2, extra_body={"ignore_eos": True, **extra})
+    for p, t in zip(plain.choices[0].logprobs.content, named.choices[0].logprobs.content):
+        assert t.token.startswith("token_id:") and int(t.token[9:]) >= 0 and t.bytes == p.bytes
+        assert all(x.token.startswith("token_id:") for x in t.top_logprobs) and len(t.top_logprobs) == 2
+    assert b"".join(bytes(t.bytes) for t in named.choices[0].logprobs.content).decode() == plain.choices[0].message.content
+    prompt = "The sky is"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=1, echo=True,
+                                  extra_body=extra)
+    lp = r.choices[0].logprobs
+    assert all(t.startswith("token_id:") for t in lp.tokens) and len(lp.tokens) == len(lp.text_offset)
+    assert lp.text_offset[0] == 0 and lp.text_offset[-1] < len(r.choices[0].text)
+    assert all(k.startswith("token_id:") for d in lp.top_logprobs[1:] for k in d)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=1,
+                                            stream=True, extra_body=extra))
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens[-3:]
+
+
 def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
     m = server.metrics()
