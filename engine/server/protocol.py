@@ -320,8 +320,16 @@ def beam_search_params(body: dict, ctx: ModelContext, params: SamplingParams, st
 
 
 # vLLM request fields this server does not act on: a 400 naming each, never a 200 that ignored it
-VLLM_UNSUPPORTED = ("truncate_prompt_tokens", "prompt_logprobs", "guided_json", "guided_regex", "guided_choice",
-                    "guided_grammar", "guided_decoding_backend", "guided_whitespace_pattern")
+VLLM_UNSUPPORTED = ("prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                    "guided_decoding_backend", "guided_whitespace_pattern")
+
+
+def prompt_truncation(body: dict, ctx: ModelContext) -> int | None:
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: max_model_len); None: keep them all."""
+    k = _int(body, "truncate_prompt_tokens", -1, ctx.max_model_len)
+    if k == 0:
+        raise bad("truncate_prompt_tokens", "must be -1 (max_model_len) or at least 1, got 0")
+    return ctx.max_model_len if k == -1 else k
 
 
 def _unsupported(body: dict, *names: str) -> None:
@@ -344,6 +352,7 @@ class CompletionRequest:
     logprobs: int | None  # top-k per token in the legacy format
     echo_only: bool = False  # max_tokens 0 with echo: the prompt alone (params.max_tokens 1, its token hidden)
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
+    truncate: int | None = None  # truncate_prompt_tokens: each prompt keeps its last `truncate` tokens
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
 
 
@@ -352,8 +361,9 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt", "is required")
-    # a token-id prompt must leave room for one generated token
-    max_ids = ctx.max_model_len - 1
+    # a token-id prompt must leave room for one generated token (once truncated, if it is)
+    truncate = prompt_truncation(body, ctx)
+    max_ids = None if truncate else ctx.max_model_len - 1
     if isinstance(prompt, str):
         prompts: list[Prompt] = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -393,6 +403,7 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
         logprobs=logprobs,
         echo_only=max_tokens == 0,
         tokens_as_ids=bool(_bool(body, "return_tokens_as_token_ids")),
+        truncate=truncate,
         beam=beam_search_params(body, ctx, params, stream, None if logprobs is None else "logprobs"),
     )
 

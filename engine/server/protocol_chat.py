@@ -20,6 +20,7 @@ from engine.server.protocol import (
     beam_search_params,
     check_model,
     check_text,
+    prompt_truncation,
     sampling_params,
     show,
 )
@@ -43,6 +44,7 @@ class ChatRequest:
     max_tokens_param: str = "max_tokens"  # the field that gave params.max_tokens (max_completion_tokens wins)
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (the renderer checks them)
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
+    truncate: int | None = None  # truncate_prompt_tokens: the templated prompt keeps its last `truncate` tokens
 
 
 def _message_content(content: Any, name: str, ctx: ModelContext, role: str) -> str:
@@ -131,6 +133,7 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
         max_tokens_param=max_tokens_param,
         chat_template_kwargs=body.get("chat_template_kwargs"),
         tokens_as_ids=bool(_bool(body, "return_tokens_as_token_ids")),
+        truncate=prompt_truncation(body, ctx),
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         beam=beam_search_params(body, ctx, params, stream, "logprobs" if logprobs else None),

@@ -95,9 +95,12 @@ def prepare_completion(raw: bytes, ctx: ModelContext, tokenizer: Any) -> Prepare
     for i, prompt in enumerate(req.prompts):
         name = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
         ids = _encode(tokenizer, prompt, name) if isinstance(prompt, str) else prompt
+        cut = req.truncate is not None and len(ids) > req.truncate
+        ids = ids[-req.truncate:] if cut else ids
         _check_room(ids, name, ctx)
         token_ids.append(ids)
-        texts.append(prompt if isinstance(prompt, str) and req.echo else None)  # only echo needs the text back
+        # only echo needs the text back; a truncated prompt echoes as its kept tokens decode
+        texts.append(prompt if isinstance(prompt, str) and req.echo and not cut else None)
     req.prompts = token_ids  # type: ignore[assignment]
     return PreparedCompletion(req, texts)
 
@@ -111,6 +114,7 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
     constrain_after_reasoning(req.params, ctx.reasoning_parser)
     ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
                                template_tools(body), req.continue_final_message, req.chat_template_kwargs)
+    ids = ids[-req.truncate:] if req.truncate is not None else ids
     _check_room(ids, "messages", ctx)
     req.messages = []
     return PreparedChat(req, ids, tools)

@@ -378,6 +378,27 @@ def test_return_tokens_as_token_ids(client: openai.OpenAI):
     assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens[-3:]
 
 
+def test_truncate_prompt_tokens(server: LiveServer, client: openai.OpenAI):
+    """vLLM's truncate_prompt_tokens keeps each prompt's last k tokens (completions, token ids longer than the
+    context too, and chat's templated prompt); it was refused as unsupported."""
+    prompt = "one two three four five six seven eight"
+    ids = tokenize(server, prompt=prompt)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True,
+                                  extra_body={"truncate_prompt_tokens": 3})
+    kept = httpx.post(server.url("/detokenize"), json={"tokens": ids[-3:]}).json()["prompt"]
+    assert r.usage.prompt_tokens == 3 and r.choices[0].text.startswith(kept)
+    r = client.completions.create(model=MODEL, prompt=[5] * (MAX_MODEL_LEN + 50) + ids[-2:], max_tokens=1,
+                                  extra_body={"truncate_prompt_tokens": 2})
+    assert r.usage.prompt_tokens == 2
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=1,
+                                       extra_body={"truncate_prompt_tokens": 4})
+    assert r.usage.prompt_tokens == 4
+    for k in (0, -2, MAX_MODEL_LEN + 1):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={"truncate_prompt_tokens": k})
+        assert info.value.body["param"] == "truncate_prompt_tokens"
+
+
 def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
     m = server.metrics()
