@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -69,6 +70,9 @@ class LLMEngine:
         self.input_processor = InputProcessor(self.info, self.tokenizer, serving_defaults=False)
         # lora_modules' names and headers; build_engine_core's registry has read their weights
         self.lora_registry = LoRARegistry(config, mc.hf_config, mc.served_model_name, check_values=False)
+        # lora_int_id -> the adapter that first came with it: the core caches adapters, and the prefix cache
+        # keys pages, by that id alone, so another directory under a used id would silently run the first one
+        self._adapters_by_id: dict[int, LoRARequest] = {r.lora_int_id: r for r in self.lora_registry.by_name.values()}
         self.output_processor = OutputProcessor(self.tokenizer)
         self._finished_outputs: list[RequestOutput] = []  # aborted/unschedulable, reported at the next step
         self.stream_outputs = True  # False: step() reports requests only when they finish (offline API)
@@ -142,6 +146,7 @@ class LLMEngine:
                 raise RequestError("request_id", f"request {request_id!r} is already running")
             token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
             arrival_time = arrival_time or time.time()
+            self._check_lora_int_id(lora_request)
             self.lora_registry.check(lora_request)
             request = self.input_processor.process(request_id, token_ids, params, arrival_time, lora_request=lora_request)
             # token ids are decoded once checked: the tokenizer overflows on ids out of the int64 range
@@ -150,6 +155,18 @@ class LLMEngine:
             # registered only once everything above succeeded: a refused request leaves no trace
             self.output_processor.add_request(request_id, prompt_text, token_ids, params, arrival_time)
             self.client.add_request(request)
+            if lora_request is not None:
+                self._adapters_by_id.setdefault(lora_request.lora_int_id, lora_request)
+
+    def _check_lora_int_id(self, lora: LoRARequest | None) -> None:
+        """Refuse an adapter whose lora_int_id already names another directory (vLLM's contract: one id per
+        adapter); the same directory under another name is the same adapter."""
+        if not isinstance(lora, LoRARequest):  # None, or a wrong type the registry names
+            return
+        known = self._adapters_by_id.get(lora.lora_int_id)
+        if known is not None and os.path.realpath(known.lora_path) != os.path.realpath(lora.lora_path):
+            raise RequestError("lora_request.lora_int_id", f"{lora.lora_int_id} already names adapter "
+                               f"{known.lora_name!r} ({known.lora_path}); give each adapter its own lora_int_id")
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         """Free these requests in the core; each one's final output ("abort") comes with the next step."""

@@ -204,3 +204,28 @@ def test_sampling_params_clone() -> None:
     copy.stop.append("y")
     copy.stop_token_ids.append(4)
     assert params.stop == ["x"] and params.stop_token_ids == [3]
+
+
+def test_a_lora_int_id_names_one_adapter(tiny_llama: str, tmp_path) -> None:
+    """LoRARequest("b", 1, dir_b) after LoRARequest("a", 1, dir_a): the core caches adapters (and the prefix
+    cache keys pages) by lora_int_id alone, so b's requests silently ran adapter a. Refused, naming the id;
+    the same directory under another name is the same adapter and runs."""
+    from tests.engine.test_lora import write_adapter
+
+    dirs = [write_adapter(tiny_llama, str(tmp_path / f"a{i}"), 4, 8, ["q_proj", "v_proj"], False, i) for i in (1, 2)]
+    llm = LLM(tiny_llama, device="cpu", max_model_len=64, enable_lora=True, max_loras=2)
+
+    def run(lora: LoRARequest) -> list[list[int]]:
+        return token_ids(llm.generate([PROMPT], GREEDY, use_tqdm=False, lora_request=lora))
+
+    first, second = run(LoRARequest("a", 1, dirs[0])), run(LoRARequest("b", 2, dirs[1]))
+    assert first != second
+    with pytest.raises(RequestError) as err:
+        run(LoRARequest("b", 1, dirs[1]))
+    assert err.value.param == "lora_request.lora_int_id" and "'a'" in str(err.value)
+    with pytest.raises(RequestError):  # two adapters under one new id in one batch: refused whole
+        llm.generate([PROMPT, PROMPT], GREEDY, use_tqdm=False,
+                     lora_request=[LoRARequest("a", 3, dirs[0]), LoRARequest("b", 3, dirs[1])])
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert run(LoRARequest("a-again", 1, dirs[0] + "/")) == first
+    assert run(LoRARequest("b", 2, dirs[1])) == second
