@@ -24,16 +24,9 @@ from typing import Any
 from engine import startup
 from engine.errors import RequestError
 from engine.server.tools import ToolsRequest, apply_tool_constraint, parse_tools, template_tools, with_tool_fields
-from engine.server.protocol import (
-    APIError,
-    CompletionRequest,
-    ModelContext,
-    bad,
-    parse_completion_request,
-    parse_detokenize_request,
-    parse_json_body,
-)
+from engine.server.protocol import APIError, ModelContext, bad, parse_json_body
 from engine.server.protocol_chat import ChatRequest, parse_chat_request, parse_tokenize_request
+from engine.server.protocol_completion import CompletionRequest, parse_completion_request, parse_detokenize_request
 from engine.server.protocol_structured import constrain_after_reasoning
 from engine.tokenizer import apply_chat_template
 

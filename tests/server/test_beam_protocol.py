@@ -23,7 +23,8 @@ from engine.server.beam import (
     step_generate,
     step_output,
 )
-from engine.server.protocol import APIError, ModelContext, parse_completion_request
+from engine.server.protocol import APIError, ModelContext
+from engine.server.protocol_completion import parse_completion_request
 from engine.server.protocol_chat import parse_chat_request
 
 CTX = ModelContext("tiny", max_model_len=64, vocab_size=16, max_num_seqs=8)
