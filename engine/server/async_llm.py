@@ -1,10 +1,10 @@
 """AsyncLLM: what the routes see of the engine, in an API process; the engine core runs in its own.
 
-Handlers submit tokenized requests and iterate RequestDeltas. Here, on the event loop: the checks
-against the model (InputProcessor), sending to the core (AsyncMPClient), and one task that takes
-each step's token deltas from the core and turns them into text (OutputProcessor: detokenization,
-stop strings, whose samples it aborts in the core), metrics and per-request queues. Nothing is
-copied per step in proportion to what a request already generated.
+Handlers submit tokenized requests and iterate RequestDeltas (request_stream.py). Here, on the
+event loop: the checks against the model (InputProcessor), sending to the core (AsyncMPClient), and
+one task that takes each step's token deltas from the core and turns them into text
+(OutputProcessor: detokenization, stop strings, whose samples it aborts in the core), metrics and
+per-request queues. Nothing is copied per step in proportion to what a request already generated.
 
 A watchdog turns the core's death, or no progress for engine_hang_timeout_s while it has work
 (or no heartbeat at all), into /health 503 and an exit non-zero a moment later.
@@ -29,9 +29,10 @@ from engine.input_processor import InputProcessor
 from engine.lora.request import LoRARequest
 from engine.mp_client import AsyncMPClient
 from engine.output_processor import OutputProcessor
-from engine.outputs import Logprob, RequestOutput
+from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.server.metrics import ServerMetrics
+from engine.server.request_stream import RequestDelta, RequestStream, SampleDelta
 
 logger = logging.getLogger("gantry.server")
 
@@ -39,63 +40,6 @@ PromptInput = str | list[int]
 DEAD_ENGINE_EXIT_DELAY_S = 3.0  # how long /health reports 503 before a server whose engine died exits
 WATCH_INTERVAL_S = 0.2
 CORE_STOP_TIMEOUT_S = 20.0  # after SHUTDOWN: batches in flight, and the other ranks released
-
-
-@dataclass(slots=True)
-class SampleDelta:
-    index: int  # which of the request's n samples
-    text: str  # new text since the previous delta (complete UTF-8 characters only)
-    new_token_ids: list[int]  # tokens generated since the previous delta
-    new_logprobs: list[dict[int, Logprob]] | None  # one dict per new token, when logprobs were asked
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
-    stop_reason: int | str | None
-
-
-@dataclass
-class RequestDelta:
-    request_id: str
-    samples: list[SampleDelta]
-    finished: bool
-    prompt: str | None = None  # set on a request's first delta only
-    prompt_token_ids: list[int] | None = None  # set on a request's first delta only
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first delta only, when asked
-
-
-class RequestStream:
-    """The event-loop side of one HTTP request: deltas of its engine requests, in step order."""
-
-    def __init__(self, request_ids: list[str]):
-        self.request_ids = request_ids
-        self.queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
-        self.unfinished = set(request_ids)
-
-    @property
-    def finished(self) -> bool:
-        return not self.unfinished
-
-    async def __aiter__(self) -> AsyncIterator[RequestDelta]:
-        async for batch in self.batches():
-            for delta in batch:
-                yield delta
-
-    async def batches(self) -> AsyncIterator[list[RequestDelta]]:
-        """Every delta queued by the time the handler runs, together: a handler that fell behind
-        catches up with one write instead of one per step."""
-        while self.unfinished:
-            items = [await self.queue.get()]
-            while not self.queue.empty():
-                items.append(self.queue.get_nowait())
-            batch = []
-            for item in items:
-                if isinstance(item, BaseException):
-                    self.unfinished.clear()
-                    if batch:
-                        yield batch
-                    raise item
-                if item.finished:
-                    self.unfinished.discard(item.request_id)
-                batch.append(item)
-            yield batch
 
 
 @dataclass(eq=False)

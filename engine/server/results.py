@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.outputs import Logprob
-from engine.server.async_llm import RequestDelta
+from engine.server.request_stream import RequestDelta
 
 
 @dataclass

@@ -16,9 +16,10 @@ from sanic import Request
 from engine.beam_search import BeamSearchParams, best_of_params
 from engine.lora.request import LoRARequest
 from engine.sampling_params import SamplingParams
-from engine.server.async_llm import PromptInput, RequestDelta, RequestStream
+from engine.server.async_llm import PromptInput
 from engine.server.beam import BeamResult, best_of_order, run_beam_search_all, step_generate
 from engine.server.protocol import APIError
+from engine.server.request_stream import RequestDelta, RequestStream
 from engine.server.results import Results, Sample
 
 if TYPE_CHECKING:

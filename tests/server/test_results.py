@@ -3,7 +3,7 @@ gets one merged entry per sample, with every token, its text and logprobs kept, 
 from __future__ import annotations
 
 from engine.outputs import Logprob
-from engine.server.async_llm import RequestDelta, SampleDelta
+from engine.server.request_stream import RequestDelta, SampleDelta
 from engine.server.results import Results
 
 
