@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from engine.cli_args import parse_configs
 from engine.config import EngineConfig, ServerConfig
-from engine.serve import main, parse_configs, serving_defaults
+from engine.serve import main, serving_defaults
 from tests.server.conftest import REPO
 
 
@@ -96,7 +97,7 @@ def test_bad_config_process_exit_code(tmp_path):
 
 
 def test_help_shows_defaults_and_never_none() -> None:
-    from engine.serve import build_parser
+    from engine.cli_args import build_parser
 
     text = build_parser().format_help()
     assert "None" not in text

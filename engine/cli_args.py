@@ -1,0 +1,130 @@
+"""The flags of `python -m engine.serve`: EngineConfig's and ServerConfig's fields, one flag each
+(vLLM's spelling: --max-model-len), with each field's comment as its --help text. `--config
+engine.yaml` (written by the launcher) is read first and explicit flags override it."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from engine.config import DEFAULT_API_KEY_ENV, ConfigError, EngineConfig, ServerConfig, load_config_file
+
+# vLLM's short spellings, and flags whose name differs from the field.
+ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"]}
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """The one-line comment of each dataclass field, used as its --help text."""
+    source = inspect.getsource(cls)
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", source, flags=re.MULTILINE))
+
+
+# What a field left unset means, for --help (never Python's `None`).
+UNSET_MEANS = {
+    "model": "the embedded SmolLM2-135M-Instruct",
+    "tokenizer": "the model's",
+    "served_model_name": "the model's file or directory name",
+    "max_model_len": "the model's max_position_embeddings",
+    "kv_cache_memory_gib": "GPU: what gpu_memory_utilization leaves; CPU: max(max_model_len, 8192) tokens",
+    "num_kv_blocks": "sized from kv_cache_memory_gib or memory",
+    "max_num_batched_tokens": "8192 on a GPU, 512 on CPU (a block at least)",
+    "max_prefill_tokens_while_decoding": "4608 when serving (latency), max_num_batched_tokens offline (throughput)",
+    "pipeline_parallel_lanes": "pipeline_parallel_size",
+    "async_scheduling": "on for GPUs without pipeline parallel",
+    "api_key_env": f"{DEFAULT_API_KEY_ENV} when set, else no key",
+    "override_generation_config": "none",
+}
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if value is None or value == {}:
+        return UNSET_MEANS.get(f.name, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{comments.get(f.name, '')} (default: {_default_text(f)})".strip().replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": f"{cls.__name__}.{f.name}", "default": argparse.SUPPRESS, "help": help_text}
+        ftype = str(f.type)
+        if not ftype.startswith("bool"):
+            kwargs["metavar"] = f.name.upper()
+        if ftype in ("bool", "bool | None"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.name == "lora_modules":  # vLLM's form: --lora-modules name=path [name=path ...]
+            kwargs.update(type=_lora_module, nargs="+", metavar="NAME=PATH")
+        elif ftype.startswith("dict"):
+            kwargs["type"], kwargs["metavar"] = _json_object, "JSON"
+        elif ftype.startswith("int"):
+            kwargs["type"] = int
+        elif ftype.startswith("float"):
+            kwargs["type"] = float
+        group.add_argument(flag, *ALIASES.get(f.name, []), **kwargs)
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line, not the whole usage: the flag at fault and why; exit 2."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m engine.serve",
+        description="Serve a model with Gantry's engine behind an OpenAI-compatible API.")
+    parser.add_argument("--config", metavar="ENGINE_YAML", default=None,
+                        help="engine.yaml with `engine:` and `server:` sections; flags given override it "
+                             "(default: none)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="(default: info)")
+    _add_dataclass_flags(parser, EngineConfig, "engine (EngineConfig)")
+    _add_dataclass_flags(parser, ServerConfig, "server (ServerConfig)")
+    parser.add_argument("--disable-ui", dest="ServerConfig.ui", action="store_false", default=argparse.SUPPRESS,
+                        help="do not serve the built-in chat page at / and /ui, same as --no-ui (default: served)")
+    return parser
+
+
+def parse_configs(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServerConfig, argparse.Namespace]:
+    """Configs from --config (if any) with explicit flags on top; raises ConfigError."""
+    args = build_parser().parse_args(argv)
+    engine_config, server_config = load_config_file(args.config) if args.config else (EngineConfig(), ServerConfig())
+    overrides: dict[str, dict[str, Any]] = {"EngineConfig": {}, "ServerConfig": {}}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            cls_name, name = dest.split(".", 1)
+            if name == "lora_modules":  # [(name, path), ...] from the flag; a name given twice is ambiguous
+                names = [n for n, _ in value]
+                if len(set(names)) < len(names):
+                    raise ConfigError("lora_modules", f"an adapter name is given twice: {', '.join(names)}")
+                value = dict(value)
+            overrides[cls_name][name] = value
+    engine_config = dataclasses.replace(engine_config, **overrides["EngineConfig"])
+    server_config = dataclasses.replace(server_config, **overrides["ServerConfig"])
+    return engine_config, server_config, args
