@@ -1,8 +1,7 @@
-"""ModelRunner: holds this rank's model shard and KV pool; turns a SchedulerOutput into
-input tensors and a forward context, runs the model, and samples on the last PP stage."""
+"""ModelRunner: holds this rank's model shard and KV pool (its pages: kv_pool.py); turns a SchedulerOutput
+into input tensors and a forward context, runs the model, and samples on the last PP stage."""
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,8 +12,9 @@ from torch import nn
 from engine.config import EngineConfig
 from engine.decode_inputs import decode_inputs
 from engine.forward_context import ForwardContext, forward_context
+from engine.kv_pool import allocate_kv_pages, gpu_kv_budget, kv_block_bytes, profile_context
 from engine.layers.attention import Attention
-from engine.layers.quant.fp8_kv import bind_kv_scales, resolve_kv_cache_dtype
+from engine.layers.quant.fp8_kv import resolve_kv_cache_dtype
 from engine.layers.sampler import Sampler, SamplingMetadata
 from engine.loader import load_weights
 from engine.lora.punica import lora_batch
@@ -27,8 +27,6 @@ from engine.prompt_logprobs import compute_prompt_logprobs, plan_prompt_logprobs
 from engine.runner_output import PendingOutput, PreparedStep, StepLogits
 from engine.sampling_metadata import SamplingMetadataBuilder, to_device
 from engine.structured.bitmask import sampled_bitmask
-
-logger = logging.getLogger("gantry.engine")
 
 PLACEHOLDER = -1  # a token this runner sampled whose value the scheduler has not sent back yet
 
@@ -91,9 +89,7 @@ class ModelRunner:
     # ---- KV pool -------------------------------------------------------------------------
 
     def kv_bytes_per_block(self) -> int:
-        a = self.attn_layers[0]
-        elem = self.kv_cache_dtype.itemsize  # FP8 pages: half the bytes of bf16, twice the tokens
-        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * elem
+        return kv_block_bytes(self.attn_layers, self.block_size, self.kv_cache_dtype)
 
     @torch.inference_mode()
     def determine_num_blocks(self) -> int:
@@ -106,29 +102,15 @@ class ModelRunner:
             return max(1, int(self.config.kv_cache_memory_gib * 2**30 // per_block))
         if self.device.type != "cuda":
             return -(-cpu_kv_cache_tokens(self.model_config.max_model_len) // self.block_size)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)  # weights (and anything else this process holds)
-        self._profile_run()
-        torch.cuda.synchronize(self.device)
-        free, total = torch.cuda.mem_get_info(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - peak - used_by_others
-        torch.cuda.empty_cache()
-        # what the pool is sized on (benchmarks read it; a short pool shows here which part grew)
-        self.kv_budget = {"total": total, "allocated_before_profile": before, "profile_activations": peak - before,
-                          "used_by_others": used_by_others, "pool_budget": int(budget)}
-        logger.info("KV budget: %.2f GiB = %.2f x %.2f GiB total - %.2f GiB allocated (weights) - %.2f GiB profile "
-                    "run - %.2f GiB outside this process's allocator", budget / 2**30, self.config.gpu_memory_utilization,
-                    total / 2**30, before / 2**30, (peak - before) / 2**30, used_by_others / 2**30)
+        # self.kv_budget: what the pool is sized on (benchmarks read it)
+        budget, self.kv_budget = gpu_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_run)
         return max(0, int(budget // per_block))
 
     def _profile_run(self) -> None:
         num_tokens = min(self.config.step_token_budget(self.device.type), self.model_config.max_model_len * 4)
         input_ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device) % self.model_config.max_model_len
-        ctx = self._dummy_context(num_tokens)
+        ctx = profile_context(num_tokens, self.config.max_num_seqs, self.device)
         with forward_context(ctx):
             if self.parallel.is_first_pp_rank:
                 hidden = self.model(input_ids, positions)
@@ -138,25 +120,9 @@ class ModelRunner:
             if self.parallel.is_last_pp_rank:
                 self.model.compute_logits(hidden)
 
-    def _dummy_context(self, num_tokens: int) -> ForwardContext:
-        z = torch.zeros(1, dtype=torch.int32, device=self.device)
-        return ForwardContext(
-            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.long, device=self.device),
-            block_tables=z.view(1, 1), seq_lens=z, query_start_loc=torch.tensor([0, num_tokens], device=self.device),
-            logits_indices=torch.arange(min(num_tokens, self.config.max_num_seqs), device=self.device),
-            max_query_len=num_tokens, max_seq_len=num_tokens, is_decode=False,
-        )
-
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        a = self.attn_layers[0]
-        shape = (num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
-        # Not zeroed on CPU, where that took seconds (a page is written before it is read); on a GPU
-        # it takes milliseconds and keeps the rows CUDA graphs pad a batch with finite.
-        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
-        for layer in self.attn_layers:
-            layer.k_cache = alloc(shape, dtype=self.kv_cache_dtype, device=self.device)
-            layer.v_cache = alloc(shape, dtype=self.kv_cache_dtype, device=self.device)
-        bind_kv_scales(self.attn_layers, self.kv_cache_dtype)
+        """The pages (kv_pool.py), then the prefill kernels' warm-up and the decode CUDA graphs that read them."""
+        allocate_kv_pages(self.attn_layers, num_blocks, self.block_size, self.kv_cache_dtype, self.device)
         self.num_blocks = num_blocks
         p = self.parallel
         if self.device.type == "cuda":  # compile the prefill kernel's variants now, not mid-serve
