@@ -102,3 +102,12 @@ def merge_completion_logprobs(a: dict[str, list] | None, b: dict[str, list]) -> 
     if a is None:
         return b
     return {k: a[k] + b[k] for k in a}
+
+
+def prompt_logprobs_json(logprobs: list[dict[int, Logprob] | None] | None,
+                         detok: TokenText) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's prompt_logprobs: at each prompt position (null for the first) {token id: {logprob, rank,
+    decoded_token}} for its top-k and its own token."""
+    return [None if lps is None else {str(i): {"logprob": _clamp(lp.logprob), "rank": lp.rank,
+                                                "decoded_token": detok(i, lp)} for i, lp in lps.items()}
+            for lps in logprobs or []]

@@ -17,7 +17,13 @@ from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
 from engine.server.async_llm import RequestStream
-from engine.server.logprobs import TokenText, chat_logprobs, completion_logprobs, merge_completion_logprobs
+from engine.server.logprobs import (
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    merge_completion_logprobs,
+    prompt_logprobs_json,
+)
 from engine.server.lora_routes import adapter_cards, register_lora_routes, requested_lora
 from engine.server.protocol import APIError
 from engine.server.reasoning import ReasoningDeltas, assistant_message, get_reasoning_spec
@@ -102,7 +108,8 @@ async def create_completion(request: Request) -> HTTPResponse | None:
     model = state.model_info.model_name if lora is None else lora.lora_name
     detok = TokenText(state.frontend.tokenizer, req.tokens_as_ids)
     params = req.params
-    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get their logprobs too
+    # the echoed prompt's tokens get their logprobs too (the request's own prompt_logprobs wins, as in vLLM)
+    if req.echo and req.logprobs is not None and params.prompt_logprobs is None:
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
     top = req.logprobs or 0
     if req.beam is not None:  # non-streaming only (the parser refuses stream)
@@ -142,6 +149,8 @@ async def create_completion(request: Request) -> HTTPResponse | None:
                         lps = merge_completion_logprobs(lps, completion_logprobs(s.token_ids, s.logprobs, top, detok, len(text)))
                     choices.append({"index": choice, "text": text + s.text, "logprobs": lps,
                                     "finish_reason": s.finish_reason, "stop_reason": s.stop_reason})
+                    if req.params.prompt_logprobs is not None:  # vLLM's extra field, when asked
+                        choices[-1]["prompt_logprobs"] = prompt_logprobs_json(r.prompt_logprobs, detok)
             return json_response({"id": cid, "object": "text_completion", "created": created, "model": model,
                                   "choices": choices, "usage": results.usage()})
 
@@ -241,8 +250,11 @@ async def _chat_completion(request: Request) -> HTTPResponse | None:
                                                                                       s.finish_reason)
                 choices.append({"index": i, "message": message, "logprobs": lps, "finish_reason": finish,
                                 "stop_reason": s.stop_reason})
-            return json_response({"id": cid, "object": "chat.completion", "created": created, "model": model,
-                                  "choices": choices, "usage": results.usage()})
+            body = {"id": cid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+                    "usage": results.usage()}
+            if params.prompt_logprobs is not None:  # vLLM's extra field, when asked
+                body["prompt_logprobs"] = prompt_logprobs_json(results.requests[0].prompt_logprobs, detok)
+            return json_response(body)
 
         return await submit(request, state, subs, "messages", respond, lora_request=lora)
 

@@ -278,9 +278,11 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
     if allowed_token_ids is not None:
         _token_ids(allowed_token_ids, "allowed_token_ids", ctx.vocab_size, ctx.vocab_size)
     if _bool(body, "use_beam_search"):  # its greedy steps rank the model's own logprobs (engine/server/beam.py)
-        for name in ("allowed_token_ids", "bad_words"):
+        for name in ("allowed_token_ids", "bad_words", "prompt_logprobs"):
             if body.get(name) not in (None, []):
                 raise bad(name, "not supported with use_beam_search")
+    if body.get("prompt_logprobs") is not None and body.get("stream") is True:  # as vLLM: they come whole
+        raise bad("prompt_logprobs", "not available when stream is true")
     if max_tokens is not None and max_tokens > ctx.max_model_len:
         raise bad(max_tokens_param, f"must be <= max_model_len ({ctx.max_model_len}), got {max_tokens}")
     kwargs: dict[str, Any] = {
@@ -296,6 +298,7 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         "frequency_penalty": _float(body, "frequency_penalty"),
         "repetition_penalty": _float(body, "repetition_penalty"),
         "min_tokens": _int(body, "min_tokens"),
+        "prompt_logprobs": _int(body, "prompt_logprobs"),  # vLLM's: top-k at each prompt position
         "stop_token_ids": stop_token_ids,
         "logit_bias": _logit_bias(body, ctx),
         "allowed_token_ids": allowed_token_ids,  # an empty list is refused by SamplingParams
@@ -321,8 +324,8 @@ def beam_search_params(body: dict, ctx: ModelContext, params: SamplingParams, st
 
 
 # vLLM request fields this server does not act on: a 400 naming each, never a 200 that ignored it
-VLLM_UNSUPPORTED = ("prompt_logprobs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                    "guided_decoding_backend", "guided_whitespace_pattern")
+VLLM_UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+                    "guided_whitespace_pattern")
 
 
 def prompt_truncation(body: dict, ctx: ModelContext) -> int | None:

@@ -68,7 +68,8 @@ BAD_REQUESTS = [
     ("include-usage-not-bool", "POST", CHAT, chat(stream=True, stream_options={"include_usage": "yes"}), 400,
      "stream_options.include_usage"),
     # vLLM fields this server does not act on: refused, not ignored (fuzzing found 200s that ignored them)
-    ("prompt-logprobs", "POST", COMPLETIONS, completion(prompt_logprobs=1), 400, "prompt_logprobs"),
+    ("prompt-logprobs-stream", "POST", COMPLETIONS, completion(prompt_logprobs=1, stream=True), 400, "prompt_logprobs"),
+    ("prompt-logprobs-too-many", "POST", CHAT, chat(prompt_logprobs=21), 400, "prompt_logprobs"),
     ("guided-json", "POST", CHAT, chat(guided_json={"type": "object"}), 400, "guided_json"),
     ("chat-template", "POST", CHAT, chat(chat_template="{{ raise }}"), 400, "chat_template"),
     ("continue-with-generation-prompt", "POST", CHAT,

@@ -399,6 +399,34 @@ def test_truncate_prompt_tokens(server: LiveServer, client: openai.OpenAI):
         assert info.value.body["param"] == "truncate_prompt_tokens"
 
 
+def test_prompt_logprobs(server: LiveServer, client: openai.OpenAI):
+    """vLLM's prompt_logprobs: per prompt position (null first) {token id: {logprob, rank, decoded_token}}, in each
+    completions choice and at the top of a chat response; not with stream (as vLLM). It was refused."""
+    prompt = "The capital of France is"
+    ids = tokenize(server, prompt=prompt)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, n=2, extra_body={"prompt_logprobs": 2})
+    for choice in r.choices:
+        plp = choice.model_extra["prompt_logprobs"]
+        assert len(plp) == len(ids) and plp[0] is None
+        for tid, entry in zip(ids[1:], plp[1:]):
+            assert str(tid) in entry and 2 <= len(entry) <= 3
+            assert all(v["logprob"] <= 0 and isinstance(v["decoded_token"], str) for v in entry.values())
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    assert "prompt_logprobs" not in echoed.choices[0].model_extra
+    top1 = [max(e.values(), key=lambda v: v["logprob"]) for e in r.choices[0].model_extra["prompt_logprobs"][1:]]
+    assert [max(d.values()) for d in echoed.choices[0].logprobs.top_logprobs[1:]] == pytest.approx(
+        [v["logprob"] for v in top1], abs=1e-4)
+    ask = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    plp = chat.model_extra["prompt_logprobs"]
+    chat_ids = tokenize(server, messages=ask)
+    assert len(plp) == len(chat_ids) and [list(e) for e in plp[1:]] == [[str(t)] for t in chat_ids[1:]]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, stream=True,
+                                  extra_body={"prompt_logprobs": 1})
+    assert info.value.body["param"] == "prompt_logprobs"
+
+
 def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body={"ignore_eos": True})
     m = server.metrics()
