@@ -277,6 +277,7 @@ def beam_search_offline(engine: LLMEngine, prompts: list[list[int]], params: Bea
     if engine.tokenizer is not None:
         for out, p in zip(outputs, params_list):
             decode_sequences(out.sequences, engine.tokenizer, p.include_stop_str_in_output)
+            name_logprob_tokens(out.sequences, engine.tokenizer)
     return outputs
 
 
@@ -290,6 +291,16 @@ def decode_sequences(sequences: list[BeamSearchSequence], tokenizer: Any, includ
         seq.text = tokenizer.decode(body, skip_special_tokens=True)
         if seq.stop_reason is not None and include_stop_str_in_output:
             seq.text += tokenizer.decode([seq.stop_reason], skip_special_tokens=False)
+
+
+def name_logprob_tokens(sequences: list[BeamSearchSequence], tokenizer: Any) -> None:
+    """Each sequence's per-token Logprob.decoded_token, as vLLM's beams carry them (the steps run with
+    detokenize=False, so they came back None)."""
+    for seq in sequences:
+        texts = tokenizer.batch_decode([[t] for t in seq.output_token_ids])
+        for entry, text in zip(seq.logprobs, texts):
+            for lp in entry.values():
+                lp.decoded_token = text
 
 
 # ---- best_of with sampling (vLLM's): best_of samples run, the n with the highest cumulative logprob return

@@ -104,6 +104,9 @@ def test_ignore_eos_and_text(beam_model) -> None:
     tok = llm.get_tokenizer()
     assert [s.text for s in out.sequences] == [tok.decode(s.output_token_ids, skip_special_tokens=True)
                                                for s in out.sequences]
+    # each token's Logprob names it, as vLLM's beams do (the steps run with detokenize=False: it was None)
+    assert all([entry[t].decoded_token for t, entry in zip(s.output_token_ids, s.logprobs)] ==
+               [tok.decode([t]) for t in s.output_token_ids] for s in out.sequences)
 
 
 @pytest.fixture(scope="module")
