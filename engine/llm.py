@@ -77,11 +77,16 @@ class LLM:
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
         lora_request: LoRARequest | SequenceABC[LoRARequest | None] | None = None,
+        *,
+        priority: SequenceABC[int] | None = None,
     ) -> list[RequestOutput]:
         """prompts: one prompt or a list (see the module docstring); sampling_params: one for all,
         one per prompt, or None for get_default_sampling_params(); lora_request: an adapter for
-        all, one (or None: the base model) per prompt, or None."""
-        return self._run(_parse_prompts(prompts), sampling_params, use_tqdm, lora_request, "prompts")
+        all, one (or None: the base model) per prompt, or None. priority: vLLM's, one per prompt; requests
+        run first come, first served (vLLM's default policy), where every priority must be 0."""
+        parsed = _parse_prompts(prompts)
+        _check_priority(priority, len(parsed))
+        return self._run(parsed, sampling_params, use_tqdm, lora_request, "prompts")
 
     def chat(
         self,
@@ -199,6 +204,20 @@ def _name_entry(e: RequestError, where: str, i: int, count: int) -> None:
     if count > 1:
         e.message = f"{e.message} ({where}[{i}])"
         e.args = (f"{e.param}: {e.message}",)
+
+
+def _check_priority(priority: Any, count: int) -> None:
+    """vLLM's refusal of a non-zero priority without priority scheduling, which this engine does not have."""
+    if priority is None:
+        return
+    if not isinstance(priority, SequenceABC) or isinstance(priority, str):
+        raise RequestError("priority", f"must be a list of one int per prompt, got {type(priority).__name__}")
+    if len(priority) != count:
+        raise RequestError("priority", f"{len(priority)} given for {count} prompts")
+    for i, p in enumerate(priority):
+        if p != 0 or isinstance(p, bool) or not isinstance(p, int):
+            raise RequestError(f"priority[{i}]", f"must be 0: requests run first come, first served (no priority "
+                                                 f"scheduling), got {p!r}")
 
 
 def _truncated(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> Prompt:

@@ -229,3 +229,15 @@ def test_a_lora_int_id_names_one_adapter(tiny_llama: str, tmp_path) -> None:
     assert not llm.llm_engine.has_unfinished_requests()
     assert run(LoRARequest("a-again", 1, dirs[0] + "/")) == first
     assert run(LoRARequest("b", 2, dirs[1])) == second
+
+
+def test_generate_takes_vllm_priority(llm: LLM) -> None:
+    """vLLM's LLM.generate(..., priority=[...]): a TypeError, so a ported script could not run. Requests run
+    first come, first served (vLLM's default policy, which refuses a non-zero priority too)."""
+    expected = token_ids(llm.generate([PROMPT, PROMPT], GREEDY, use_tqdm=False))
+    assert token_ids(llm.generate([PROMPT, PROMPT], GREEDY, use_tqdm=False, priority=[0, 0])) == expected
+    for priority, field in (([0, 1], "priority[1]"), ([0], "priority"), (0, "priority")):
+        with pytest.raises(RequestError) as err:
+            llm.generate([PROMPT, PROMPT], GREEDY, use_tqdm=False, priority=priority)
+        assert err.value.param == field
+    assert not llm.llm_engine.has_unfinished_requests()
