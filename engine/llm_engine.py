@@ -127,6 +127,7 @@ class LLMEngine:
                 raise RequestError(f"messages[{i}].role", "must be one of system, user, assistant, tool, developer")
             if not isinstance(m.get("content"), (str, list)) and m.get("content") is not None:
                 raise RequestError(f"messages[{i}].content", "must be a string or a list of content parts")
+        messages = [_with_text_content(m, i) for i, m in enumerate(messages)]
         return apply_chat_template(
             self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tools=tools, chat_template=chat_template,
@@ -226,3 +227,21 @@ class LLMEngine:
         """Collect batches still in flight, then release the other ranks."""
         with self.lock:
             (self.worker_group.shutdown if self.worker_group is not None else self.client.shutdown)()
+
+
+def _with_text_content(message: dict[str, Any], i: int) -> dict[str, Any]:
+    """message with a list of OpenAI content parts joined into one text (newline-separated), as vLLM renders
+    them for a template that takes string content and as the API server does; the caller's dict is left as is."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        key = "refusal" if kind == "refusal" and message.get("role") == "assistant" else "text"
+        if kind != key or not isinstance(part.get(key), str):
+            got = kind if kind is not None else type(part).__name__
+            raise RequestError(f"messages[{i}].content[{j}]",
+                               f"only parts of type 'text' with a string 'text' are supported (a text model), got {got!r}")
+        texts.append(part[key])
+    return {**message, "content": "\n".join(texts)}

@@ -140,3 +140,17 @@ def test_trust_remote_code_reaches_the_tokenizer_load(tiny_llama: str, monkeypat
     with pytest.raises(ConfigError) as err:
         EngineConfig(trust_remote_code="yes")  # type: ignore[arg-type]
     assert err.value.param == "trust_remote_code"
+
+
+def test_content_parts_render_as_their_text(llm: LLM) -> None:
+    """OpenAI content parts ([{"type": "text", "text": ...}]), which vLLM's LLM.chat takes: the template got the
+    list itself and the call failed ("the chat template rejected the messages: can only concatenate str");
+    the parts' texts are joined with newlines, as vLLM and the API server render them."""
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "the quick"}, {"type": "text", "text": "brown fox"}]}]
+    joined = [QUESTION[0], {"role": "user", "content": "the quick\nbrown fox"}]
+    assert chat_ids(llm, parts) == chat_ids(llm, joined)
+    assert parts[1]["content"][0] == {"type": "text", "text": "the quick"}  # the caller's messages unchanged
+    with pytest.raises(RequestError) as err:
+        chat_ids(llm, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert err.value.param == "messages[0].content[0]" and "image_url" in str(err.value)
