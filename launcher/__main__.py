@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launcher import host, schema
@@ -96,14 +97,27 @@ def _hydra_main(cfg: DictConfig) -> None:
     global _composed
     _composed = True
     hc = HydraConfig.get()
+    swept = Path(hc.sweep.dir) / "multirun.yaml"  # a sweep's record of the config, as engine.yaml keeps a literal key
+    if hc.mode == RunMode.MULTIRUN and cfg.server.api_key and swept.is_file():
+        swept.chmod(0o600)
     code = launch(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task))
     if code:
         sys.exit(code)
 
 
+def _swept_key(args: list[str]) -> list[tuple[str, str]]:
+    """A literal server.api_key in a sweep's overrides: Hydra prints every job's overrides."""
+    sweep = any(a in ("-m", "--multirun") for a in args) or "hydra.mode=MULTIRUN" in args
+    if sweep and any(re.match(r"\+*server\.api_key=(?!null$)", a) for a in args):
+        return [("server.api_key", "a sweep (--multirun) prints every job's overrides: give the key through"
+                                   " server.api_key_env or server.api_key_file instead")]
+    return []
+
+
 def main() -> None:
     """The console entry: typos in override keys first (one line each), then Hydra."""
-    unknown = unparsable_overrides(sys.argv[1:]) or unknown_override_keys(sys.argv[1:])
+    args = sys.argv[1:]
+    unknown = unparsable_overrides(args) or unknown_override_keys(args) or _swept_key(args)
     for key, message in unknown:
         print(f"gantry: invalid config: {key}: {message}", file=sys.stderr)
     if unknown:

@@ -6,6 +6,8 @@ config with any before anything is rendered.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -20,6 +22,9 @@ DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 SIZE = re.compile(r"[0-9]+(\.[0-9]+)?[a-zA-Z]*")
 SLURM_TIME = re.compile(r"([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}|infinite|UNLIMITED")
 MAX_NAME_LEN = 40  # leaves room for "-headless", pod ordinals and StatefulSet revision labels
+WILDCARD_HOSTS = ("0.0.0.0", "::")  # server.host values a published port, a Service or a probe can reach
+KEY_ENV = "GANTRY_API_KEY"  # the engine's default key variable, and the key's variable in containers and pods
+INT32_MAX = 2**31 - 1  # Kubernetes' integer fields (probe thresholds, seconds)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,31 @@ class Problem:
 def dns_name(job_name: str) -> str:
     """job_name lower-cased, runs of other characters turned into '-', cut to MAX_NAME_LEN."""
     return re.sub(r"[^a-z0-9]+", "-", job_name.lower()).strip("-")[:MAX_NAME_LEN].strip("-")
+
+
+def _model_facts(cfg: GantryConfig) -> tuple[ModelFacts, list[Problem]]:
+    """The model's head and layer counts; one below 1 is a Problem and unknown to the other checks."""
+    facts = model_facts(cfg)
+    bad = {f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)
+           if getattr(facts, f.name) is not None and getattr(facts, f.name) < 1}
+    problems = [Problem((f"model.{name}",), f"must be >= 1, got {value} (from the model's yaml, its config.json or"
+                                            " model.hf_overrides)") for name, value in bad.items()]
+    return dataclasses.replace(facts, **{name: None for name in bad}), problems
+
+
+def _env_taken(cfg: GantryConfig) -> list[Problem]:
+    """deploy.env names the job sets itself: the API key's variable (a value there is written in plain text
+    and hid the Secret's in a pod), and the GPU variables deploy=docker sets from its own fields."""
+    d, out = cfg.deploy, []
+    for name in sorted({KEY_ENV, cfg.server.api_key_env or KEY_ENV} & set(map(str, d.env))):
+        out.append(Problem((f"deploy.env.{name}",), "the API key's variable: give the key through server.api_key_env,"
+                                                   " server.api_key_file or server.api_key (deploy.env is written in"
+                                                   " the job files in plain text)"))
+    if isinstance(d, DockerDeploy):
+        for name, key in (("CUDA_VISIBLE_DEVICES", "cuda_visible_devices"), ("TORCH_CUDA_ARCH_LIST", "torch_cuda_arch_list")):
+            if name in d.env:
+                out.append(Problem((f"deploy.env.{name}",), f"set by the job from deploy.{key}; use that instead"))
+    return out
 
 
 def _check_parallel(cfg: GantryConfig, facts: ModelFacts) -> list[Problem]:
@@ -102,8 +132,8 @@ def _check_local(cfg: GantryConfig, d: LocalDeploy) -> list[Problem]:
     missing = missing_weights(cfg)  # deploy=local runs here: the weights must be here
     if missing:
         out.append(Problem((missing[0],), missing[1]))
-    if d.stop_timeout_s <= 0:
-        out.append(Problem(("deploy.stop_timeout_s",), f"must be > 0, got {d.stop_timeout_s}"))
+    if not 0 < d.stop_timeout_s < math.inf:  # nan too
+        out.append(Problem(("deploy.stop_timeout_s",), f"must be a number of seconds > 0, got {d.stop_timeout_s}"))
     return out
 
 
@@ -117,6 +147,11 @@ def _check_docker(cfg: GantryConfig, d: DockerDeploy) -> list[Problem]:
         out.append(Problem(("deploy.host_port",), f"must be in 1..65535, got {d.host_port}"))
     if not SIZE.fullmatch(d.shm_size):
         out.append(Problem(("deploy.shm_size",), f"must be a size like 64g, got {d.shm_size!r}"))
+    host = cfg.server.host
+    if not (d.network_host or cfg.parallel.nnodes > 1) and host not in WILDCARD_HOSTS:
+        out.append(Problem(("server.host", "deploy.network_host"),
+                           f"{host} inside the container is unreachable through the published port (-p {d.host_port}:"
+                           f"{cfg.server.port}); use 0.0.0.0, or deploy.network_host=true to listen on the host's {host}"))
     if cfg.parallel.nnodes > 1 and not d.master_addr:
         out.append(Problem(("deploy.master_addr", "parallel.nnodes"),
                            f"{cfg.parallel.nnodes} nodes: set deploy.master_addr to node 0's address"))
@@ -147,8 +182,13 @@ def _check_slurm(cfg: GantryConfig, d: SlurmDeploy) -> list[Problem]:
 def _check_k8s(cfg: GantryConfig, d: K8sDeploy) -> list[Problem]:
     out = _check_container(d.image, d.model_mount, cfg)
     kind = model_kind(cfg.model.path)
-    if not DNS_LABEL.fullmatch(d.namespace):
-        out.append(Problem(("deploy.namespace",), f"{d.namespace!r} is not a DNS label"))
+    if not DNS_LABEL.fullmatch(d.namespace) or len(d.namespace) > 63:
+        out.append(Problem(("deploy.namespace",), f"{d.namespace!r} is not a DNS label (at most 63 lower-case letters,"
+                                                  " digits and '-')"))
+    name = dns_name(cfg.job_name)
+    if name[:1].isdigit():  # a Service's name is a DNS-1035 label
+        out.append(Problem(("job_name",), f"{name!r} names the Services, which must start with a letter;"
+                                          f" e.g. job_name=gantry-{name}"))
     if d.storage.kind not in ("hostPath", "pvc", "none"):
         out.append(Problem(("deploy.storage.kind",), f"must be hostPath, pvc or none, got {d.storage.kind!r}"))
     elif d.storage.kind == "pvc" and not d.storage.pvc_name:
@@ -162,8 +202,11 @@ def _check_k8s(cfg: GantryConfig, d: K8sDeploy) -> list[Problem]:
         out.append(Problem(("deploy.service_type",), f"must be ClusterIP, NodePort or LoadBalancer, got {d.service_type!r}"))
     if not K8S_QUANTITY.fullmatch(d.shm_size):
         out.append(Problem(("deploy.shm_size",), f"must be a quantity like 64Gi, got {d.shm_size!r}"))
-    if d.startup_timeout_s < 10:
-        out.append(Problem(("deploy.startup_timeout_s",), f"must be >= 10, got {d.startup_timeout_s}"))
+    if not 10 <= d.startup_timeout_s <= INT32_MAX:
+        out.append(Problem(("deploy.startup_timeout_s",), f"must be in 10..{INT32_MAX}, got {d.startup_timeout_s}"))
+    if cfg.server.host not in WILDCARD_HOSTS:
+        out.append(Problem(("server.host",), f"{cfg.server.host} is not reachable from the Service and the kubelet's probes"
+                                             " (they connect to the pod's IP); use 0.0.0.0 or ::"))
     if not DNS_LABEL.fullmatch(cfg.server.api_key_secret):
         out.append(Problem(("server.api_key_secret",), f"{cfg.server.api_key_secret!r} is not a valid Secret name"))
     return out
@@ -187,11 +230,12 @@ _TARGET_CHECKS = {LocalDeploy: _check_local, DockerDeploy: _check_docker, SlurmD
 def validate(cfg: GantryConfig, reserved_mounts: tuple[str, ...]) -> list[Problem]:
     """Every problem of the config (empty: deployable); reserved_mounts: directories a container of the
     job mounts its own files at (launcher.plan.RESERVED_MOUNTS)."""
-    facts = model_facts(cfg)
-    problems = _check_model(cfg, facts) + _check_parallel(cfg, facts) + _check_server(cfg)
+    facts, problems = _model_facts(cfg)
+    problems += _check_model(cfg, facts) + _check_parallel(cfg, facts) + _check_server(cfg)
     bad_env = [name for name in cfg.deploy.env if not ENV_NAME.fullmatch(str(name))]
     if bad_env:
         problems.append(Problem(("deploy.env",), f"{bad_env[0]!r} is not an environment variable name"))
+    problems += _env_taken(cfg)
     if cfg.engine.device not in ("auto", "cuda", "cpu"):
         problems.append(Problem(("engine.device",), f"must be auto, cuda or cpu, got {cfg.engine.device!r}"))
     check = _TARGET_CHECKS.get(type(cfg.deploy))

@@ -2,7 +2,8 @@
 parses (Kubernetes quantities, labels, object names and tolerations, Slurm memory, Docker health
 intervals, host names, a module name), empty strings that would silently mean something else (""
 as model.path is the current directory), a job_name whose '..' leads the job directory out of
-output_dir, container mounts that collide with the job's own, and the adapters' directories. Each
+output_dir, container mounts that collide with the job's own, and the directories of the adapters
+and of model.generation_config. Each
 bad value is reported as (key, message)."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import re
 
 from launcher.literals import CONTROL
-from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
+from launcher.schema import GENERATION_CONFIG_WORDS, DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
 
 Found = tuple[str, str]  # (key, message), as launcher.checks.Problem takes them
 
@@ -34,6 +35,8 @@ def _names(cfg: GantryConfig) -> list[Found]:
     addresses = {"server.host": cfg.server.host, "deploy.master_addr": getattr(cfg.deploy, "master_addr", None)}
     out += [(key, f"{value!r} is not a host name or IP address") for key, value in addresses.items()
             if value is not None and not HOST.fullmatch(value)]
+    if cfg.server.api_key_file is not None and CONTROL.search(cfg.server.api_key_file):
+        out.append(("server.api_key_file", f"{cfg.server.api_key_file!r} holds a control character; move the file"))
     python = getattr(cfg.deploy, "python", None)
     if python is not None and (python.startswith("-") or CONTROL.search(python)):
         out.append(("deploy.python", f"{python!r} is not an interpreter's name or path"))
@@ -83,11 +86,16 @@ def _mount_collision(model_mount: str, reserved: tuple[str, ...]) -> list[Found]
     return []
 
 
-def missing_adapters(cfg: GantryConfig) -> list[Found]:
-    """model.lora_modules directories that are not on this machine."""
-    return [(f"model.lora_modules.{name}", f"{path} does not exist on this machine; put the adapter's directory"
+def missing_dirs(cfg: GantryConfig) -> list[Found]:
+    """model.lora_modules directories, and model.generation_config's, that are not on this machine."""
+    out = [(f"model.lora_modules.{name}", f"{path} does not exist on this machine; put the adapter's directory"
                                           " there first (adapter_config.json and its weights)")
-            for name, path in cfg.model.lora_modules.items() if not os.path.exists(os.path.expanduser(path))]
+           for name, path in cfg.model.lora_modules.items() if not os.path.exists(os.path.expanduser(path))]
+    generation_config = cfg.model.generation_config
+    if generation_config not in GENERATION_CONFIG_WORDS and not os.path.isdir(os.path.expanduser(generation_config)):
+        out.append(("model.generation_config", f"{generation_config} is not a directory on this machine; put a"
+                    " generation_config.json in one there, or use auto (the model's own) or vllm (none)"))
+    return out
 
 
 def field_problems(cfg: GantryConfig, reserved_mounts: tuple[str, ...]) -> list[Found]:
@@ -106,5 +114,5 @@ def field_problems(cfg: GantryConfig, reserved_mounts: tuple[str, ...]) -> list[
     if isinstance(d, K8sDeploy):
         out += _check_k8s(d)
     if isinstance(d, LocalDeploy):
-        out += missing_adapters(cfg)  # deploy=local runs here: they must be here
+        out += missing_dirs(cfg)  # deploy=local runs here: they must be here
     return out

@@ -5,12 +5,13 @@ submit=true refuses what cannot start, with one line naming the key and the comm
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 
-from launcher.fields import missing_adapters
+from launcher.fields import missing_dirs
 from launcher.checks import Problem
-from launcher.plan import Plan, keyless_local
+from launcher.plan import DEFAULT_KEY_ENV, Plan, keyless_local
 from launcher.schema import K8sDeploy, LocalDeploy, SlurmDeploy
 from launcher.weights import missing_weights
 
@@ -37,14 +38,15 @@ def _weights_where(plan: Plan) -> str:
 
 
 def _missing_files(plan: Plan) -> list[Problem]:
-    """Weights and LoRA adapters (host paths the ranks mount or read) missing on this machine."""
+    """Weights, LoRA adapters and a generation config (host paths the ranks mount or read) missing on this machine."""
     d = plan.cfg.deploy
     if isinstance(d, LocalDeploy):
         return []  # already config errors
     weights = None if isinstance(d, K8sDeploy) and d.storage.kind != "hostPath" else missing_weights(plan.cfg)
     out = [Problem((weights[0],), weights[1] + _weights_where(plan))] if weights else []
-    # adapters are always host paths (docker -v, k8s hostPath, the Slurm nodes' shared file system)
-    return out + [Problem((key,), message) for key, message in missing_adapters(plan.cfg)]
+    # adapters and a generation config are always host paths (docker -v, k8s hostPath, the Slurm nodes' shared
+    # file system)
+    return out + [Problem((key,), message) for key, message in missing_dirs(plan.cfg)]
 
 
 def render_notes(plan: Plan) -> list[str]:
@@ -67,11 +69,17 @@ def render_notes(plan: Plan) -> list[str]:
 
 
 def secret_command(plan: Plan) -> str:
-    """kubectl's command creating the key's Secret from $GANTRY_API_KEY (the value never appears)."""
+    """kubectl's command creating the key's Secret from where the key is: server.api_key_file, or the variable
+    server.api_key_env ($GANTRY_API_KEY for a literal key); the value never appears."""
     d, s = plan.cfg.deploy, plan.cfg.server
     assert isinstance(d, K8sDeploy)
-    return (f"kubectl -n {d.namespace} create secret generic {s.api_key_secret}"
-            f" --from-literal={s.api_key_secret_key}=\"$GANTRY_API_KEY\"")
+    if plan.api_key_source == "file":  # $(cat) drops the file's last newline, as the engine's read of the file does
+        path = shlex.quote(os.path.abspath(os.path.expanduser(s.api_key_file or "")))
+        source = f"--from-literal={s.api_key_secret_key}=\"$(cat {path})\""
+    else:
+        env = s.api_key_env if plan.api_key_source == "env" and s.api_key_env else DEFAULT_KEY_ENV
+        source = f"--from-literal={s.api_key_secret_key}=\"${env}\""
+    return f"kubectl -n {d.namespace} create secret generic {s.api_key_secret} {source}"
 
 
 def submit_problems(plan: Plan) -> list[Problem]:

@@ -12,10 +12,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.schema import DeployConfig, DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy, SlurmDeploy
+from launcher.schema import (DeployConfig, DockerDeploy, EngineOptions, GantryConfig, K8sDeploy, LocalDeploy, ModelConfig,
+                             ParallelConfig, ServerOptions, SlurmDeploy)
 
 GROUPS = ("model", "parallel", "deploy", "engine", "server", "experiment", "hydra")  # `group=option` names
 DEPLOY_SCHEMAS = (LocalDeploy, DockerDeploy, SlurmDeploy, K8sDeploy)
+_DEPLOY_BY_TARGET: dict[str, type] = {cls.target: cls for cls in DEPLOY_SCHEMAS}
 
 
 def _fields(cls: type) -> dict[str, Any]:
@@ -24,8 +26,23 @@ def _fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _group_fields() -> dict[str, str]:
+    """Field name -> its key in a group (engine options, server, model, parallel, deploy of any target)."""
+    schemas = [("model", ModelConfig), ("parallel", ParallelConfig), ("engine", EngineOptions), ("server", ServerOptions)]
+    schemas += [("deploy", cls) for cls in (DeployConfig, *DEPLOY_SCHEMAS)]
+    out: dict[str, str] = {}
+    for group, cls in schemas:
+        out.update({name: f"{group}.{name}" for name in _fields(cls) if name not in out})
+    return out
+
+
 def _message(key: str, name: str, known: list[str]) -> tuple[str, str]:
+    """The unknown key's line: the same field in another group (engine.max_model_len is model.max_model_len,
+    vLLM's --max-model-len spelt with dashes too), else the nearest key here, else the keys here."""
     parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    elsewhere = _group_fields().get(name.replace("-", "_"))
+    if elsewhere and elsewhere != key:
+        return key, f"unknown key (did you mean {elsewhere}?)"
     known = sorted(set(known))
     near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
     hint = f"did you mean {parent}{near[0]}?" if near else f"known keys here: {', '.join(known)}"
@@ -44,7 +61,8 @@ def unknown_keys(cfg: DictConfig) -> list[tuple[str, str]]:
         for key in node.keys():
             path = f"{prefix}{key}"
             if key not in known:
-                out.append(_message(path, str(key), known))
+                target = node.get("target") if issubclass(cls, DeployConfig) else None
+                out.append(_other_target(path, str(key), target) or _message(path, str(key), known))
                 continue
             child = node._get_node(key)  # the node itself: no interpolation is resolved here
             if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
@@ -52,6 +70,24 @@ def unknown_keys(cfg: DictConfig) -> list[tuple[str, str]]:
 
     walk(cfg, "")
     return out
+
+
+def _other_target(key: str, name: str, target: str | None) -> tuple[str, str] | None:
+    """deploy.NAME when NAME is a field of other targets only: deploy=local has no image."""
+    owners = [cls.target for cls in DEPLOY_SCHEMAS if name in _fields(cls) and cls.target != target]
+    if target is None or not owners or name in _fields(_DEPLOY_BY_TARGET.get(target, DeployConfig)):
+        return None
+    return key, f"deploy={target} has no {name}; it is a field of {' and '.join(f'deploy={o}' for o in owners)}"
+
+
+def _chosen_target(args: list[str]) -> str | None:
+    """The deploy target the command line picks (deploy=docker; none given and no experiment: local);
+    None when an experiment or a sweep decides."""
+    choices = [arg.split("=", 1)[1] for arg in args if arg.split("=", 1)[0].lstrip("+") == "deploy" and "=" in arg]
+    if choices:
+        return choices[-1] if choices[-1] in _DEPLOY_BY_TARGET else None
+    experiments = [arg for arg in args if arg.split("=", 1)[0].lstrip("+") == "experiment" and arg != "experiment=null"]
+    return None if experiments else "local"
 
 
 def _schema_of(head: str) -> list[type]:
@@ -83,6 +119,8 @@ def unknown_override_keys(args: list[str]) -> list[tuple[str, str]]:
             out.append(_message(parts[0], parts[0], list(_fields(GantryConfig))))
             continue
         problem = _check_path(parts, schemas)
+        if parts[0] == "deploy" and not problem and not arg.startswith("+"):
+            problem = _other_target(key, parts[1], _chosen_target(args))
         if problem:
             out.append(problem)
     return out

@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 
-from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, SlurmDeploy
+from launcher.schema import GENERATION_CONFIG_WORDS, DockerDeploy, GantryConfig, K8sDeploy, SlurmDeploy
 from launcher.weights import host_model_path, weights_key
 
 Found = tuple[str, str]  # (key, message), as launcher.checks.Problem takes them
@@ -68,6 +68,8 @@ def _docker_mount_sources(cfg: GantryConfig) -> list[tuple[str, str]]:
     model = host_model_path(cfg)
     sources = [(weights_key(cfg), model)] if model else []
     sources += [(f"model.lora_modules.{name}", host(path)) for name, path in cfg.model.lora_modules.items()]
+    if cfg.model.generation_config not in GENERATION_CONFIG_WORDS:
+        sources.append(("model.generation_config", host(cfg.model.generation_config)))
     if cfg.server.api_key_file and not cfg.server.api_key:
         sources.append(("server.api_key_file", host(cfg.server.api_key_file)))
     return sources

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from engine.config import ConfigError, EngineConfig, ServerConfig  # torch-free: engine/__init__ is lazy
 from launcher.checks import Problem, dns_name, validate
 from launcher.keys import unknown_keys
-from launcher.schema import DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
+from launcher.schema import GENERATION_CONFIG_WORDS, DockerDeploy, GantryConfig, K8sDeploy, LocalDeploy
 from launcher.weights import host_model_path, model_kind
 
 CONTAINER_CONFIG = "/etc/gantry/engine.yaml"  # where docker and k8s mount engine.yaml
@@ -26,7 +26,9 @@ CONTAINER_KEY_ENV = "GANTRY_API_KEY"  # the key's variable inside containers and
 CONTAINER_KEY_FILE = "/run/secrets/gantry-api-key"  # where docker mounts server.api_key_file
 DEFAULT_KEY_ENV = "GANTRY_API_KEY"  # server.api_key_env's default: unset on deploy=local means no key
 LORA_MOUNT = "/adapters"  # model.lora_modules' directories inside a container: /adapters/<index>
-RESERVED_MOUNTS = (os.path.dirname(CONTAINER_CONFIG), LORA_MOUNT, os.path.dirname(CONTAINER_KEY_FILE))  # the job's own
+GENERATION_CONFIG_MOUNT = "/generation-config"  # model.generation_config's directory inside a container
+RESERVED_MOUNTS = (os.path.dirname(CONTAINER_CONFIG), LORA_MOUNT, os.path.dirname(CONTAINER_KEY_FILE),
+                   GENERATION_CONFIG_MOUNT)  # the job's own
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 # EngineConfig/ServerConfig field -> the launcher key that sets it (for error messages).
@@ -121,6 +123,16 @@ def lora_mounts(cfg: GantryConfig) -> dict[str, tuple[str, str]]:
     return out
 
 
+def generation_config_mount(cfg: GantryConfig) -> tuple[str, str] | None:
+    """model.generation_config as a directory: (its absolute path on the host, the directory as the ranks
+    see it: its mount in a container, read-only); None for auto and vllm."""
+    path = cfg.model.generation_config
+    if path in GENERATION_CONFIG_WORDS:
+        return None
+    host = os.path.abspath(os.path.expanduser(path))
+    return host, GENERATION_CONFIG_MOUNT if isinstance(cfg.deploy, (DockerDeploy, K8sDeploy)) else host
+
+
 def keyless_local(cfg: GantryConfig) -> bool:
     """deploy=local with the default key variable unset: no key, API on loopback only (vLLM's rule for
     VLLM_API_KEY, made safe: nobody else can reach a keyless server). A variable named explicitly
@@ -169,7 +181,8 @@ def _engine_section(cfg: GantryConfig, host_path: str | None) -> dict[str, Any]:
         "model": _rank_model_path(cfg, host_path), "tokenizer": m.tokenizer, "served_model_name": served,
         "dtype": m.dtype, "max_model_len": m.max_model_len, "load_format": m.load_format,
         "quantization": m.quantization,
-        "hf_overrides": dict(m.hf_overrides), "generation_config": m.generation_config,
+        "hf_overrides": dict(m.hf_overrides),
+        "generation_config": (generation_config_mount(cfg) or (None, m.generation_config))[1],
         "override_generation_config": dict(m.override_generation_config),
         "lora_modules": {name: rank_path for name, (_, rank_path) in lora_mounts(cfg).items()},
         "tensor_parallel_size": p.tensor_parallel_size,

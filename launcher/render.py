@@ -6,6 +6,7 @@ Filters: `sh` (shlex.quote; ShellExpr passes through unquoted), `shjoin` (a quot
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +29,21 @@ class Artefact:
     path: str  # output path relative to the job directory
     context: dict[str, Any]  # what the template sees
     executable: bool = False  # chmod +x (scripts)
+    private: bool = False  # holds the API key: readable by its owner only
 
 
 def shell_quote(value: Any) -> str:
-    """One shell word: ShellExpr as is, anything else through shlex.quote.
+    """One shell word: ShellExpr as is, a plain word as is, else quoted.
 
-    A word with single quotes but nothing that double quotes would expand is double-quoted
-    instead, which reads better than shlex's '"'"' splicing.
+    A word holding a single quote, '$' or '`' is double-quoted with \\, ", $ and ` escaped: it reads
+    better than shlex's '"'"' splicing, and shellcheck reads a '$' in single quotes as a forgotten
+    expansion (SC2016). Others are single-quoted (shlex.quote).
     """
     if isinstance(value, ShellExpr):
         return str(value)
     text = str(value)
-    if "'" in text and not any(c in text for c in '"$`\\!'):
-        return f'"{text}"'
+    if any(c in text for c in "'$`"):
+        return '"' + re.sub(r'([\\"$`])', r"\\\1", text) + '"'
     return shlex.quote(text)
 
 
@@ -75,7 +78,8 @@ def render_job(plan: Plan, env: jinja2.Environment | None = None) -> dict[str, t
     from launcher.targets import target_module  # targets import this module's ShellExpr
 
     env = env or environment()
-    files = {a.path: (env.get_template(a.template).render(**a.context), 0o755 if a.executable else 0o644)
+    files = {a.path: (env.get_template(a.template).render(**a.context),
+                      0o600 if a.private else 0o755 if a.executable else 0o644)
              for a in target_module(plan.target).artefacts(plan)}
     # a literal key (the user's choice) is the only secret engine.yaml can hold
     files["engine.yaml"] = (plan.engine_yaml(), 0o600 if plan.server.get("api_key") else 0o644)

@@ -11,6 +11,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+GENERATION_CONFIG_WORDS = ("auto", "vllm")  # model.generation_config values that are not a directory
+
 
 @dataclass
 class ModelConfig:

@@ -12,7 +12,8 @@ import subprocess
 from typing import Any
 
 from launcher.host import BUILD_COMMAND, local_image
-from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, CONTAINER_KEY_FILE, Plan, lora_mounts
+from launcher.plan import (CONTAINER_CONFIG, CONTAINER_KEY_ENV, CONTAINER_KEY_FILE, Plan, generation_config_mount,
+                           lora_mounts)
 from launcher.render import Artefact
 from launcher.schema import DockerDeploy
 from launcher.targets._common import engine_summary, extra_env, key_env_check, summary, torchrun_lines
@@ -65,6 +66,9 @@ def node_context(plan: Plan, node_rank: int) -> dict[str, Any]:
     if plan.host_model_path is not None:
         volumes.insert(0, f"{plan.host_model_path}:{plan.engine['model']}:ro")
     volumes += [f"{host}:{mount}:ro" for host, mount in lora_mounts(plan.cfg).values()]  # LoRA adapters
+    generation_config = generation_config_mount(plan.cfg)
+    if generation_config:
+        volumes.append(f"{generation_config[0]}:{generation_config[1]}:ro")
     if plan.api_key_source == "file":
         volumes.append(f"{os.path.abspath(os.path.expanduser(server.api_key_file or ''))}:{CONTAINER_KEY_FILE}:ro")
     key_env = key_env_check(plan)

@@ -12,8 +12,8 @@ import subprocess
 from typing import Any
 
 from launcher.host import secret_command
-from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, Plan, lora_mounts
-from launcher.render import Artefact, ShellExpr, shell_join
+from launcher.plan import CONTAINER_CONFIG, CONTAINER_KEY_ENV, Plan, generation_config_mount, lora_mounts
+from launcher.render import Artefact, ShellExpr
 from launcher.schema import K8sDeploy
 from launcher.targets._common import engine_summary, extra_env, flat, summary, torchrun_lines
 
@@ -40,12 +40,28 @@ def _probe_exec(python: str, port: int, path: str) -> list[str]:
     return [python, "-c", code]
 
 
+def _sh_word(word: str) -> str:
+    """One word of the pods' sh -c line: single quotes (a '$' escaped with a backslash would hide Kubernetes'
+    $$ from it), around the literal text."""
+    return str(word) if isinstance(word, ShellExpr) else shlex.quote(literal(word))
+
+
 def _command(plan: Plan, python: str, master: str) -> list[str]:
     """The container's argv: torchrun; several pods go through sh to take the rank from the hostname."""
     if not plan.multi_node:
-        return [python] + flat(torchrun_lines(plan, CONTAINER_CONFIG))
+        return [literal(python)] + flat(torchrun_lines(plan, CONTAINER_CONFIG))
     argv = [python] + flat(torchrun_lines(plan, CONTAINER_CONFIG, node_rank=ShellExpr('"$NODE_RANK"'), master_addr=master))
-    return ["/bin/sh", "-c", RANK_FROM_HOSTNAME + "exec " + shell_join(argv)]
+    return ["/bin/sh", "-c", RANK_FROM_HOSTNAME + "exec " + " ".join(_sh_word(word) for word in argv)]
+
+
+def _host_dir_volumes(plan: Plan) -> list[dict[str, str]]:
+    """Directories of the node mounted read-only (hostPath): LoRA adapters, model.generation_config."""
+    out = [{"name": f"lora-{i}", "host_path": host, "mount": mount}
+           for i, (host, mount) in enumerate(lora_mounts(plan.cfg).values())]
+    generation_config = generation_config_mount(plan.cfg)
+    if generation_config:
+        out.append({"name": "generation-config", "host_path": generation_config[0], "mount": generation_config[1]})
+    return out
 
 
 def context(plan: Plan) -> dict[str, Any]:
@@ -71,7 +87,7 @@ def context(plan: Plan) -> dict[str, Any]:
         "engine_yaml": plan.engine_yaml(),
         "image": d.image,
         "image_pull_policy": d.image_pull_policy,
-        "command": _command(plan, literal(d.python), master),
+        "command": _command(plan, d.python, master),
         "config_mount_dir": CONTAINER_CONFIG.rsplit("/", 1)[0],
         "env": [(name, literal(value)) for name, value in extra_env(plan)],
         "auth": auth,
@@ -99,8 +115,7 @@ def context(plan: Plan) -> dict[str, Any]:
         "has_sub_path": bool(d.storage.sub_path),
         "model_mount": model_path,
         "model_read_only": d.storage.read_only,
-        "lora_volumes": [{"name": f"lora-{i}", "host_path": host, "mount": mount}  # hostPath, read-only
-                         for i, (host, mount) in enumerate(lora_mounts(plan.cfg).values())],
+        "host_dir_volumes": _host_dir_volumes(plan),
         "startup_failure_threshold": max(1, -(-d.startup_timeout_s // PROBE_PERIOD_S)),
         "probe_period_s": PROBE_PERIOD_S,
         "ready_exec": _probe_exec(d.python, server.port, "/ready"),
@@ -132,7 +147,7 @@ def artefacts(plan: Plan) -> list[Artefact]:
     files.append(("k8s/service.yaml.j2", "k8s/service.yaml"))
     if ctx["service_monitor"]:
         files.append(("k8s/servicemonitor.yaml.j2", "k8s/servicemonitor.yaml"))
-    return [Artefact(template, path, ctx) for template, path in files]
+    return [Artefact(template, path, ctx, private=path == "k8s/secret.yaml") for template, path in files]
 
 
 def apply_command(plan: Plan) -> list[str]:
