@@ -185,6 +185,8 @@ class LLM:
         except BaseException:  # a refused prompt, or an interrupt (Ctrl-C): nothing of this call keeps running
             _abort(engine, [i for i in ids if i not in finished])
             raise
+        for request_id, lora in zip(ids, loras):
+            finished[request_id].lora_request = lora
         return [keep_best_of(finished[i], p) for i, p in zip(ids, params_list)]
 
 

@@ -80,6 +80,7 @@ class RequestOutput:
     # naming the field when the request itself is at fault, else the internal error
     error: Exception | None = None
     prompt_logprobs: PromptLogprobs | None = None  # when SamplingParams.prompt_logprobs was asked
+    lora_request: LoRARequest | None = None  # the adapter it ran with (vLLM's; set by the offline LLM)
 
 
 @dataclass(slots=True)

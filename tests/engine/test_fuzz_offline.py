@@ -228,6 +228,9 @@ def test_a_lora_int_id_names_one_adapter(tiny_llama: str, tmp_path) -> None:
                      lora_request=[LoRARequest("a", 3, dirs[0]), LoRARequest("b", 3, dirs[1])])
     assert not llm.llm_engine.has_unfinished_requests()
     assert run(LoRARequest("a-again", 1, dirs[0] + "/")) == first
+    # vLLM's RequestOutput.lora_request: which adapter each output ran with (an AttributeError before)
+    outputs = llm.generate([PROMPT, PROMPT], GREEDY, use_tqdm=False, lora_request=[None, LoRARequest("b", 2, dirs[1])])
+    assert [o.lora_request for o in outputs] == [None, LoRARequest("b", 2, dirs[1])]
     assert run(LoRARequest("b", 2, dirs[1])) == second
 
 
