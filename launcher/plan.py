@@ -174,11 +174,19 @@ def _server_section(cfg: GantryConfig, source: str) -> dict[str, Any]:
     return {**section, **key}
 
 
+def _rank_tokenizer(tokenizer: str | None) -> str | None:
+    """model.tokenizer as the ranks see it: a directory or file of this machine made absolute (a Slurm job runs in
+    its job directory), anything else (a hub id, gpt2) as given. Containers refuse host paths (launcher.checks)."""
+    if tokenizer is not None and os.path.exists(os.path.expanduser(tokenizer)):
+        return os.path.abspath(os.path.expanduser(tokenizer))
+    return tokenizer
+
+
 def _engine_section(cfg: GantryConfig, host_path: str | None) -> dict[str, Any]:
     m, e, p = cfg.model, cfg.engine, cfg.parallel
     served = m.served_model_name or (m.path if model_kind(m.path) == "hub" else None)
     values = {
-        "model": _rank_model_path(cfg, host_path), "tokenizer": m.tokenizer, "served_model_name": served,
+        "model": _rank_model_path(cfg, host_path), "tokenizer": _rank_tokenizer(m.tokenizer), "served_model_name": served,
         "dtype": m.dtype, "max_model_len": m.max_model_len, "load_format": m.load_format,
         "quantization": m.quantization,
         "hf_overrides": dict(m.hf_overrides),

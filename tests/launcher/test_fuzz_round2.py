@@ -137,3 +137,12 @@ def test_swept_literal_key_is_refused_and_a_yaml_key_kept_private(tmp_path: Path
     assert done.returncode == 0, done.stderr
     [swept] = (tmp_path / "b").rglob("multirun.yaml")
     assert swept.stat().st_mode & 0o777 == 0o600
+
+
+def test_relative_tokenizer_is_made_absolute_for_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """model.tokenizer=tok (a directory here) reached engine.yaml as 'tok': the Slurm job runs in its job directory."""
+    (tmp_path / "tok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    engine = plan_for(["deploy=slurm", "engine=cpu", "model.tokenizer=tok"]).engine
+    assert engine["tokenizer"] == str(tmp_path / "tok")
+    assert plan_for(["deploy=slurm", "engine=cpu", "model.tokenizer=org/tokenizer"]).engine["tokenizer"] == "org/tokenizer"
