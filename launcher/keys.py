@@ -139,9 +139,11 @@ def unparsable_overrides(args: list[str]) -> list[tuple[str, str]]:
         try:
             parser.parse_override(arg)
         except HydraException as e:
-            key = arg.split("=", 1)[0]
-            out.append((key, f"cannot read {arg!r} ({e}); quote a value holding blanks, '=', quotes, brackets"
-                             f" or commas: {key}='VALUE' (in the shell: \"{key}='VALUE'\")"))
+            key, value = arg.split("=", 1)
+            form = {"[": "['ITEM', ...]", "{": "{NAME: 'VALUE', ...}"}.get(value.lstrip()[:1], "'VALUE'")
+            what = "each item" if form.startswith("[") else "each value" if form.startswith("{") else "a value"
+            out.append((key, f"cannot read {arg!r} ({e}); quote {what} holding blanks, '=', quotes, brackets"
+                             f" or commas: {key}={form} (in the shell: \"{key}={form}\")"))
     return out
 
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from launcher.host import secret_command
-from launcher.keys import unknown_override_keys
+from launcher.keys import unknown_override_keys, unparsable_overrides
 from launcher.plan import PlanError, build_plan
 from launcher.render import render_job, shell_quote
 from tests.launcher.conftest import (assert_refused, compose_config, k8s_validate, plan_for, plan_with, run_cli,
@@ -146,3 +146,12 @@ def test_relative_tokenizer_is_made_absolute_for_slurm(tmp_path: Path, monkeypat
     engine = plan_for(["deploy=slurm", "engine=cpu", "model.tokenizer=tok"]).engine
     assert engine["tokenizer"] == str(tmp_path / "tok")
     assert plan_for(["deploy=slurm", "engine=cpu", "model.tokenizer=org/tokenizer"]).engine["tokenizer"] == "org/tokenizer"
+
+
+def test_unreadable_list_override_shows_the_list_form() -> None:
+    """deploy.extra_sbatch=[--reservation=x] (the schema's own example unquoted) was told to quote the whole value,
+    which makes a string where a list is expected."""
+    [(key, message)] = unparsable_overrides(["deploy.extra_sbatch=[--reservation=x]"])
+    assert key == "deploy.extra_sbatch" and "deploy.extra_sbatch=['ITEM', ...]" in message
+    [(_, message)] = unparsable_overrides(["model.served_model_name=a=b"])
+    assert "model.served_model_name='VALUE'" in message
