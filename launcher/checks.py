@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ MAX_NAME_LEN = 40  # leaves room for "-headless", pod ordinals and StatefulSet r
 WILDCARD_HOSTS = ("0.0.0.0", "::")  # server.host values a published port, a Service or a probe can reach
 KEY_ENV = "GANTRY_API_KEY"  # the engine's default key variable, and the key's variable in containers and pods
 INT32_MAX = 2**31 - 1  # Kubernetes' integer fields (probe thresholds, seconds)
+GPU_LIST = re.compile(r"([A-Za-z0-9/-]+(,[A-Za-z0-9/-]+)*)?")  # CUDA_VISIBLE_DEVICES: indices, GPU-/MIG- UUIDs; "": none
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,14 @@ def _env_taken(cfg: GantryConfig) -> list[Problem]:
             if name in d.env:
                 out.append(Problem((f"deploy.env.{name}",), f"set by the job from deploy.{key}; use that instead"))
     return out
+
+
+def _gpu_list(devices: str | None) -> list[Problem]:
+    """deploy.cuda_visible_devices: indices or UUIDs, comma-separated (CUDA stops reading at a blank)."""
+    if devices is None or GPU_LIST.fullmatch(devices):
+        return []
+    return [Problem(("deploy.cuda_visible_devices",), f"{devices!r} is not a list of GPUs like 0,1 or GPU-<uuid>,..."
+                                                      " (commas only, no blanks)")]
 
 
 def _check_parallel(cfg: GantryConfig, facts: ModelFacts) -> list[Problem]:
@@ -132,6 +142,7 @@ def _check_local(cfg: GantryConfig, d: LocalDeploy) -> list[Problem]:
     missing = missing_weights(cfg)  # deploy=local runs here: the weights must be here
     if missing:
         out.append(Problem((missing[0],), missing[1]))
+    out += _gpu_list(d.cuda_visible_devices)
     if not 0 < d.stop_timeout_s < math.inf:  # nan too
         out.append(Problem(("deploy.stop_timeout_s",), f"must be a number of seconds > 0, got {d.stop_timeout_s}"))
     return out
@@ -155,6 +166,7 @@ def _check_docker(cfg: GantryConfig, d: DockerDeploy) -> list[Problem]:
     if cfg.parallel.nnodes > 1 and not d.master_addr:
         out.append(Problem(("deploy.master_addr", "parallel.nnodes"),
                            f"{cfg.parallel.nnodes} nodes: set deploy.master_addr to node 0's address"))
+    out += _gpu_list(d.cuda_visible_devices)
     if d.cuda_visible_devices is not None and len(d.cuda_visible_devices.split(",")) != cfg.parallel.gpus_per_node:
         out.append(Problem(("deploy.cuda_visible_devices", "parallel.gpus_per_node"),
                            f"{d.cuda_visible_devices!r} lists a different number of GPUs than {cfg.parallel.gpus_per_node}"))
@@ -218,7 +230,8 @@ def _check_container(image: str, model_mount: str, cfg: GantryConfig) -> list[Pr
         out.append(Problem(("deploy.image",), "is empty: name the image built from docker/Dockerfile (e.g. gantry:latest)"))
     if not model_mount.startswith("/"):
         out.append(Problem(("deploy.model_mount",), f"must be an absolute path, got {model_mount!r}"))
-    if cfg.model.tokenizer is not None and model_kind(cfg.model.tokenizer) == "local":
+    tokenizer = cfg.model.tokenizer
+    if tokenizer is not None and (tokenizer.startswith(("/", ".", "~")) or os.path.exists(os.path.expanduser(tokenizer))):
         out.append(Problem(("model.tokenizer",), "a host path is not visible in the container: keep the tokenizer"
                            " files in the model directory and set model.tokenizer=null"))
     return out

@@ -155,3 +155,10 @@ def test_unreadable_list_override_shows_the_list_form() -> None:
     assert key == "deploy.extra_sbatch" and "deploy.extra_sbatch=['ITEM', ...]" in message
     [(_, message)] = unparsable_overrides(["model.served_model_name=a=b"])
     assert "model.served_model_name='VALUE'" in message
+
+
+def test_bare_hub_tokenizer_is_not_taken_for_a_host_path() -> None:
+    """model.tokenizer=gpt2 (a hub id without an org) was refused in containers as 'a host path'."""
+    assert plan_for(["deploy=docker", "model.tokenizer=gpt2"]).engine["tokenizer"] == "gpt2"
+    assert_refused(["deploy=k8s"], {"model.tokenizer": "/srv/tokenizer"}, "model.tokenizer")
+    assert plan_for(["deploy.cuda_visible_devices=''"]).cfg.deploy.cuda_visible_devices == ""  # no GPU: kept

@@ -38,6 +38,9 @@ REFUSED = {
     "docker_model_colon": (["deploy=docker", "engine=cpu"], {"model.path": "/srv/models/qwen:v2"}, "model.path"),
     "docker_lora_colon": (["deploy=docker", "engine=cpu", "engine.enable_lora=true"],
                           {"model.lora_modules": {"sql": "/srv/adapters/sql:v1"}}, "model.lora_modules.sql"),
+    "local_gpus_not_a_list": (["engine=cpu"], {"deploy.cuda_visible_devices": "0;touch PWNED"},
+                              "deploy.cuda_visible_devices"),
+    "docker_gpus_blank": (["deploy=docker"], {"deploy.cuda_visible_devices": "0, 1"}, "deploy.cuda_visible_devices"),
     "docker_key_file_colon": (["deploy=docker", "engine=cpu"], {"server.api_key_file": "/run/key:1"},
                               "server.api_key_file"),
 }
@@ -61,8 +64,7 @@ KEPT = {
               "deploy.setup": ["export HF_HOME=/scratch/hf"]},
     "docker": {"deploy.python": "/opt/my env/$(touch PWNED)", "deploy.env": {"A": "$(touch PWNED)'\"`x`"},
                "deploy.container_name": "gantry.1", "deploy.volumes": ["/a b:/c"]},
-    "local": {"deploy.python": "/opt/my env/`touch PWNED`", "deploy.env": {"A": INJECT},
-              "deploy.cuda_visible_devices": "0;touch PWNED"},
+    "local": {"deploy.python": "/opt/my env/`touch PWNED`", "deploy.env": {"A": INJECT}},
 }
 
 
