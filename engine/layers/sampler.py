@@ -1,4 +1,4 @@
-"""Sampler: allowed_token_ids, bad_words, logit_bias, penalties, temperature, min-p, top-k/top-p and
+"""Sampler: allowed_token_ids, bad_words, logit_bias, penalties, temperature, min-p, top-k/top-p (vLLM's order) and
 per-request seeded sampling, all on the logits' device with no host sync per request (one copy of the
 results at the end).
 
@@ -77,6 +77,13 @@ def apply_logits_processors(logits: torch.Tensor, md: SamplingMetadata) -> None:
         logits.index_put_((rows, token_ids), bias, accumulate=True)  # (row, token) pairs are distinct
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask the tokens less likely than min_p [num_reqs] times their row's most likely one."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab_size = logits.shape[-1]
@@ -118,12 +125,11 @@ class Sampler:
             row_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
             temperature = torch.where(md.temperature > 0, md.temperature, 1.0).unsqueeze(1)
             logits = (logits - row_max) / temperature
+            if md.min_p is not None:  # vLLM's order: min-p on the tempered distribution, then top-k/top-p on what is left
+                logits = apply_min_p(logits, md.min_p)
             if md.top_k is not None or md.top_p is not None:
                 logits = apply_top_k_top_p(logits, md.top_k, md.top_p)
             probs = logits.softmax(dim=-1)
-            if md.min_p is not None:
-                threshold = md.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-                probs = probs.masked_fill(probs < threshold, 0.0)
             q = torch.empty_like(probs).exponential_(generator=md.default_generator)
             for row, generator in md.generators.items():
                 q[row].exponential_(generator=generator)

@@ -3,6 +3,7 @@ penalties, and multi-byte-safe incremental detokenisation."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.tokenizer import IncrementalDetokenizer
@@ -125,3 +126,18 @@ def test_incremental_detokenizer_multibyte(smollm2_path: str) -> None:
     deltas = [detok.add_tokens([t]) for t in ids]
     assert all("\ufffd" not in d for d in deltas)
     assert "".join(deltas) == tokenizer.decode(ids)
+
+
+def test_min_p_before_top_p_as_vllm() -> None:
+    """vLLM applies min_p to the tempered distribution and top-k/top-p to what it leaves; min_p ran last, so
+    top_p measured its mass over tokens min_p then dropped and kept more. probs [.5, .3, .15, .05], min_p 0.2
+    drops token 3; top_p 0.82 over the rest [.53, .32, .16] keeps tokens 0 and 1 only (over all four, 0 to 2)."""
+    from engine.layers.sampler import Sampler, SamplingMetadata
+
+    rows = 400
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(rows, 1)  # [rows, 4]
+    md = SamplingMetadata(temperature=torch.ones(rows), top_k=None, top_p=torch.full((rows,), 0.82),
+                          min_p=torch.full((rows,), 0.2), all_greedy=False, generators={},
+                          default_generator=torch.Generator().manual_seed(0))
+    sampled = Sampler()(logits, md).sampled_token_ids.tolist()
+    assert set(sampled) == {0, 1}
