@@ -100,7 +100,9 @@ def extend_prompt_logprobs(lps: PromptLogprobs, first: int, entries: list[TokenL
     texts = tokenizer.batch_decode([[t] for t in ids]) if tokenizer is not None else [None] * len(ids)
     k = 0
     for e in new:
-        entry = {tid: Logprob(lp, r, texts[k + r]) for r, (tid, lp) in enumerate(zip(e.token_ids, e.logprobs)) if r}
-        entry[e.token_ids[0]] = Logprob(e.logprobs[0], e.rank, texts[k])  # the prompt's own token, whatever its rank
+        # the prompt's own token first, whatever its rank (vLLM's order), then the top k
+        entry = {e.token_ids[0]: Logprob(e.logprobs[0], e.rank, texts[k])}
+        for r in range(1, len(e.token_ids)):
+            entry.setdefault(e.token_ids[r], Logprob(e.logprobs[r], r, texts[k + r]))
         lps.append(entry)
         k += len(e.token_ids)

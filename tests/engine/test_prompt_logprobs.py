@@ -39,6 +39,7 @@ def check(output: RequestOutput, expected: torch.Tensor, k: int = K) -> None:
         assert {t for t, lp in entry.items() if lp.rank <= k} == set(top)
         assert len(entry) == k + (token not in top)
         assert all(lp.decoded_token is not None for lp in entry.values())
+        assert next(iter(entry)) == token  # the prompt's token first, then the top k (vLLM's order)
 
 
 def test_prompt_logprobs_match_transformers(tiny_llama: str, hf_logprobs) -> None:
