@@ -22,8 +22,9 @@ MAX_SPLITS = 128
 # Programs per SM to aim for when a batch has fewer programs than SMs: one program per SM leaves HBM
 # idle between its loads (H200, one stream at 120K: 32 splits 46% of copy bandwidth, 128 splits 87%).
 PROGRAMS_PER_SM = 4
-# FP8 pages with a bf16 query: widen pages to fp16 rather than bf16 (e4m3 -> bf16 has no single cvt).
-F16_DOT_FOR_FP8 = False
+# FP8 pages with a bf16 query: widen pages to fp16 rather than bf16 (e4m3 -> bf16 has no single cvt):
+# H100, 256 streams x 512 tokens, 12% faster; H200, W1 with FP8 weights and KV, 1.26 -> 1.29x bf16 end to end.
+F16_DOT_FOR_FP8 = True
 
 
 @triton.jit(do_not_specialize=["stride_bt_seq"])  # varies per step outside CUDA graphs
@@ -203,10 +204,11 @@ def decode_attention(
     if num_splits is None:
         max_context = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
         num_splits = choose_num_splits(num_seqs, num_kv_heads, max_context, query.device)
-    if block_n is None:
-        block_n = 32 if head_dim > 128 or query.dtype == torch.float32 else 64
+    fp8_pages = k_cache.dtype == torch.float8_e4m3fn
+    if block_n is None:  # FP8 pages: half the bytes a step, so twice the tokens (H100, 256 x 512: 12% faster)
+        block_n = 32 if head_dim > 128 or query.dtype == torch.float32 else 128 if fp8_pages else 64
     if f16_dot is None:
-        f16_dot = F16_DOT_FOR_FP8 and k_cache.dtype == torch.float8_e4m3fn and query.dtype == torch.bfloat16
+        f16_dot = F16_DOT_FOR_FP8 and fp8_pages and query.dtype == torch.bfloat16
     part_m, part_l, part_acc = split_partials(num_seqs, num_heads, num_splits, head_dim, query.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,

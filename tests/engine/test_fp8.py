@@ -16,13 +16,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import LLM, SamplingParams
+from engine import LLM as _LLM
+from engine import SamplingParams
 from engine.config import ConfigError
 from engine.layers.quant.dummy import add_quantization_config
 from engine.layers.quant.fp8_support import EMULATE_ENV
 from tests.conftest import edit_config, prompts_of_lengths, write_tiny_checkpoint
 
 FP8 = torch.float8_e4m3fn
+
+
+def LLM(*args: object, **kwargs: object) -> _LLM:  # noqa: N802 - stands in for the class
+    """These tests check the CPU emulation CI runs; on a GPU machine the same engines run on the CPU too
+    (the GPU paths have their own tests: tests/kernels/test_fp8_*.py, test_fp8_llmcompressor.py)."""
+    return _LLM(*args, device="cpu", **kwargs)
 PROMPTS = prompts_of_lengths([40, 64, 97, 120], seed=3)
 # k/v: 64 rows (a partial 128-row block); weights ~N(0, 0.1): less chaotic than the default 0.25
 SHAPE = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
