@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -107,8 +108,12 @@ class AsyncLLM:
                 self.core.start()
             self.core_pid = self.core.pid
         self.state = "loading"
-        tokenizer = loop.run_in_executor(None, self._load_tokenizer)
+        # a daemon thread, not the loop's executor: the interpreter joins executor threads at exit, so a
+        # SIGTERM while loading waited for the tokenizer (seconds on a busy host) after the server had stopped
+        tokenizer = loop.create_future()
         tokenizer.add_done_callback(_retrieve)  # unawaited when the core fails first: its error is not news then
+        threading.Thread(target=_resolve_in_thread, args=(loop, tokenizer, self._load_tokenizer),
+                         name="gantry-tokenizer", daemon=True).start()
         self._tasks = [loop.create_task(self._run(tokenizer)), loop.create_task(self._watch())]
 
     def _load_tokenizer(self) -> Any:
@@ -368,6 +373,22 @@ class AsyncLLM:
             self.client.close()
         if self._ipc_dir is not None:
             remove_dir(self._ipc_dir)
+
+
+def _resolve_in_thread(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, fn: Callable[[], Any]) -> None:
+    """fn() on this thread, its result or error set on fut by the loop (dropped once the loop is closed)."""
+    try:
+        result, error = fn(), None
+    except BaseException as e:  # noqa: BLE001 - handed to the future
+        result, error = None, e
+
+    def settle() -> None:
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop closed while it loaded: the server stopped
+        pass
 
 
 def _retrieve(fut: asyncio.Future) -> None:
