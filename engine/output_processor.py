@@ -161,7 +161,8 @@ class OutputProcessor:
                                                        and not params.include_stop_str_in_output):
                 old_len = len(sample.text)
                 sample.text += sample.detokenizer.add_tokens([token_id])
-                if params.stop and len(sample.token_ids) >= params.min_tokens and _cut_at_stop(sample, params, old_len):
+                # vLLM checks stop strings only once more than min_tokens tokens are out
+                if params.stop and len(sample.token_ids) > params.min_tokens and _cut_at_stop(sample, params, old_len):
                     return out.finish_reason is None
         return False
 

@@ -88,3 +88,17 @@ def test_stop_token_out_of_text_and_error(tokenizer) -> None:
                                                   error=("max_tokens", "too long"))]).request_outputs[0]
     assert failed.finished and isinstance(failed.error, RequestError) and failed.error.param == "max_tokens"
     assert failed.outputs[0].finish_reason == "abort" and not op.requests
+
+
+def test_stop_string_waits_past_min_tokens(tokenizer) -> None:
+    """vLLM's rule: a stop string counts only once more than min_tokens tokens are out; one ending in token
+    number min_tokens does not stop the sample."""
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    first = tokenizer.decode(ids[:2])  # the text of the first two tokens
+    op = OutputProcessor(tokenizer)
+    add(op, "m", stop=[first[-2:]], min_tokens=2)
+    steps = feed(op, "m", ids[:4], finish_last=None)
+    assert not any(s.samples_to_abort for s in steps)
+    op2 = OutputProcessor(tokenizer)
+    add(op2, "n", stop=[first[-2:]], min_tokens=1)
+    assert any(s.samples_to_abort for s in feed(op2, "n", ids[:4], finish_last=None))
