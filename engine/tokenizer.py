@@ -23,7 +23,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 # apply_chat_template's own arguments that chat_template_kwargs may not set: they change what it returns
 # (token ids, tensors, a dict), or have an argument of their own (chat_template)
 NOT_TEMPLATE_KWARGS = ("chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs")
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages", "conversation")
 
 
 def load_tokenizer(path: str, is_gguf: bool, required: bool = True,
@@ -104,7 +104,8 @@ def _template_kwargs(chat_template_kwargs: Any) -> dict[str, Any]:
                                                    f"got {type(chat_template_kwargs).__name__}")
     for key in chat_template_kwargs:
         if key in NOT_TEMPLATE_KWARGS:
-            hint = "give it as chat_template=" if key == "chat_template" else "the prompt is always rendered as text"
+            hint = ("give it as chat_template=" if key == "chat_template" else "the request's messages fill it"
+                    if key in ("messages", "conversation") else "the prompt is always rendered as text")
             raise RequestError(f"chat_template_kwargs.{key}", f"not a template variable ({hint})")
     return chat_template_kwargs
 

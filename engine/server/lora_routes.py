@@ -48,7 +48,7 @@ def requested_lora(state: ServerState, body: bytes, beam: bool = False) -> LoRAR
         model = msgspec.json.decode(body, type=_ModelField).model
     except msgspec.DecodeError:
         return None
-    if model is None or model == reg.base_name:
+    if not model or model == reg.base_name:  # "" means the served model, as without adapters (vLLM's)
         return None
     lora = reg.by_name.get(model) if isinstance(model, str) else None
     if lora is None:

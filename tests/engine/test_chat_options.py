@@ -85,6 +85,8 @@ def test_each_option_changes_the_prompt(llm: LLM) -> None:
     ({"chat_template": "{{ raise_exception('no system messages') }}"}, "messages"),
     ({"chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs"),
     ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize"),
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs.messages"),
+    ({"chat_template_kwargs": {"conversation": []}}, "chat_template_kwargs.conversation"),
     ({"chat_template_kwargs": {"chat_template": QWEN3_LIKE}}, "chat_template_kwargs.chat_template"),
     ({"tools": TOOLS[0]}, "tools"),
     ({"tools": ["get_weather"]}, "tools[0]"),

@@ -88,6 +88,8 @@ def test_unknown_model_is_404_naming_model(lora_server) -> None:
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [5]})):
         r = httpx.post(lora_server.url(path), json={"model": "nope", **body}, headers=lora_server.headers)
         assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text
+    # an empty name means the served model, as without adapters (vLLM's)
+    assert client.completions.create(model="", prompt="hi", max_tokens=2).choices[0].finish_reason in ("length", "stop")
 
 
 def test_load_and_unload_at_run_time(lora_server, files, offline) -> None:
