@@ -81,6 +81,11 @@ def test_prometheus_scrapes_metrics(prometheus_binary: str, metrics_server: Live
             except httpx.TransportError:
                 time.sleep(0.5)
                 continue
+            except httpx.HTTPStatusError as e:  # 503 while Prometheus still starts (its TSDB not open yet)
+                if e.response.status_code != 503:
+                    raise
+                time.sleep(0.5)
+                continue
             if up == 1 and tokens and ttft_count == NUM_REQUESTS:
                 break
             time.sleep(0.5)
