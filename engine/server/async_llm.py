@@ -3,8 +3,9 @@
 Handlers submit tokenized requests and iterate RequestDeltas (request_stream.py). Here, on the
 event loop: the checks against the model (InputProcessor), sending to the core (AsyncMPClient), and
 one task that takes each step's token deltas from the core and turns them into text
-(OutputProcessor: detokenization, stop strings, whose samples it aborts in the core), metrics and
-per-request queues. Nothing is copied per step in proportion to what a request already generated.
+(OutputProcessor: detokenization, stop strings, whose samples it aborts in the core), per-request
+queues and each request's metrics (request_stats.py). Nothing is copied per step in proportion to
+what a request already generated.
 
 A watchdog turns the core's death, or no progress for engine_hang_timeout_s while it has work
 (or no heartbeat at all), into /health 503 and an exit non-zero a moment later.
@@ -18,7 +19,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from engine import startup
@@ -33,6 +33,7 @@ from engine.output_processor import OutputProcessor
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.server.metrics import ServerMetrics
+from engine.server.request_stats import TrackedRequest, observe_finished
 from engine.server.request_stream import RequestDelta, RequestStream, SampleDelta
 
 logger = logging.getLogger("gantry.server")
@@ -41,18 +42,6 @@ PromptInput = str | list[int]
 DEAD_ENGINE_EXIT_DELAY_S = 3.0  # how long /health reports 503 before a server whose engine died exits
 WATCH_INTERVAL_S = 0.2
 CORE_STOP_TIMEOUT_S = 20.0  # after SHUTDOWN: batches in flight, and the other ranks released
-
-
-@dataclass(eq=False)
-class _Tracked:
-    stream: RequestStream
-    arrival_time: float
-    num_prompt_tokens: int
-    n: int
-    num_generated: int = 0
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    sent_prompt: bool = False
 
 
 class AsyncLLM:
@@ -74,7 +63,7 @@ class AsyncLLM:
         self.num_in_flight = 0  # HTTP requests between submission and their last delta
         self.core = core  # already started by engine.serve, else started by start()
         self.client: AsyncMPClient | None = None
-        self._tracked: dict[str, _Tracked] = {}
+        self._tracked: dict[str, TrackedRequest] = {}
         self._num_added_since_stats = 0
         self._last_message = self._last_progress = time.monotonic()
         self._last_num_steps = -1
@@ -233,7 +222,7 @@ class AsyncLLM:
             if prompt_text is None and self.tokenizer is not None:
                 prompt_text = self.tokenizer.decode(ids)
             self.output_processor.add_request(rid, prompt_text, ids, params, arrival_time)
-            self._tracked[rid] = _Tracked(stream, arrival_time, len(ids), params.n)
+            self._tracked[rid] = TrackedRequest(stream, arrival_time, len(ids), params.n)
             self.client.add_request(core_request)
         self._num_added_since_stats += len(prepared)
         self.num_in_flight += 1
@@ -260,7 +249,7 @@ class AsyncLLM:
             t = self._tracked.pop(rid)
             samples = [SampleDelta(i, "", [], None, "abort", None) for i in range(t.n)]
             t.stream.queue.put_nowait(RequestDelta(rid, samples, True))
-            self._finish(rid, t, "abort", None)
+            observe_finished(self.metrics, rid, t, "abort", None, self.server_config.log_requests)
 
     def abort_all(self) -> None:
         self.abort(list(self._tracked))
@@ -292,19 +281,13 @@ class AsyncLLM:
             self._deliver(out, t, now)
         self.metrics.itl.flush()
 
-    def _deliver(self, out: RequestOutput, t: _Tracked, now: float) -> None:
+    def _deliver(self, out: RequestOutput, t: TrackedRequest, now: float) -> None:
         samples, num_new = [], 0
         for o in out.outputs:  # DELTA: only what is new
             samples.append(SampleDelta(o.index, o.text, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason))
             num_new += len(o.token_ids)
         if num_new:
-            if t.last_token_time is not None:
-                self.metrics.itl.observe(now - t.last_token_time)
-            else:
-                t.first_token_time = now
-                self.metrics.observe_first_token(now - t.arrival_time)
-            t.last_token_time = now
-            t.num_generated += num_new
+            t.observe_tokens(self.metrics, num_new, now)
         delta = RequestDelta(out.request_id, samples, out.finished)
         if not t.sent_prompt:
             delta.prompt, delta.prompt_token_ids = out.prompt, out.prompt_token_ids
@@ -314,9 +297,10 @@ class AsyncLLM:
         if out.finished:
             del self._tracked[out.request_id]
             reason = out.outputs[0].finish_reason if out.outputs else "abort"
-            self._finish(out.request_id, t, reason or "abort", out)
+            observe_finished(self.metrics, out.request_id, t, reason or "abort", out,
+                             self.server_config.log_requests)
 
-    def _fail_stream(self, request_id: str, t: _Tracked, error: Exception) -> None:
+    def _fail_stream(self, request_id: str, t: TrackedRequest, error: Exception) -> None:
         """A request failed inside the engine: its HTTP request gets the error (a 400 naming the
         field for a RequestError, else a 500), and the other prompts of that HTTP request are aborted."""
         if isinstance(error, RequestError):
@@ -331,18 +315,6 @@ class AsyncLLM:
             for rid in siblings:
                 del self._tracked[rid]
         t.stream.queue.put_nowait(error)
-
-    def _finish(self, rid: str, t: _Tracked, reason: str, out: RequestOutput | None) -> None:
-        now = time.time()
-        first_token = t.first_token_time
-        ttft = first_token - t.arrival_time if first_token is not None else None
-        m = out.metrics if out is not None else None
-        queue = m.first_scheduled_time - t.arrival_time if m is not None and m.first_scheduled_time else None
-        self.metrics.observe_finished(reason, now - t.arrival_time, queue)
-        if self.server_config.log_requests:
-            logger.info("request %s finished: prompt_tokens=%d generated_tokens=%d ttft=%s total=%.3fs "
-                        "finish_reason=%s", rid, t.num_prompt_tokens, t.num_generated,
-                        f"{ttft:.3f}s" if ttft is not None else "-", now - t.arrival_time, reason)
 
     def _fail_all(self, error: BaseException) -> None:
         streams = {id(t.stream): t.stream for t in self._tracked.values()}
