@@ -160,7 +160,8 @@ def one_stream_tpot(llm, prompt: list[int], num_tokens: int = 256) -> float:
 
 CONFIGS = {"bf16": {}, "fp8": {"quantization": "fp8"}, "fp8_kv": {"kv_cache_dtype": "fp8"},
            "fp8_both": {"quantization": "fp8", "kv_cache_dtype": "fp8"}}
-CONFIGS.update({f"{name}_{switch}": CONFIGS[name] for name in ("fp8", "fp8_both") for switch in ("cublas", "unfused")})
+CONFIGS.update({f"{name}_{switch}": CONFIGS[name] for name in ("fp8", "fp8_both")
+                for switch in ("cublas", "unfused", "precise")})
 CONFIGS.update({f"{name}_bf16dot": CONFIGS[name] for name in ("fp8_kv", "fp8_both")})
 
 
@@ -169,7 +170,8 @@ def fp8_switches(config: str):
     """For A/B in one process: configs ending in _cublas run every FP8 GEMM through cuBLASLt (kernels/fp8_gemm.py's
     table emptied); _unfused quantizes GEMM inputs in a kernel of their own (engine.layers.quant.fp8.FUSE_INPUT_QUANT);
     _bf16dot widens FP8 pages to bf16 in decode attention, as before the fp16 default
-    (kernels.decode_attention.F16_DOT_FOR_FP8)."""
+    (kernels.decode_attention.F16_DOT_FOR_FP8); _precise promotes FP8 GEMM sums to float32 every K tile, as before
+    fast accumulation became the default (engine.layers.quant.fp8.FAST_ACCUM)."""
     from engine.layers.quant import fp8
     from kernels import decode_attention, fp8_gemm
 
@@ -177,6 +179,7 @@ def fp8_switches(config: str):
     if config.endswith("_cublas"):
         fp8_gemm.GEMM_TABLE.clear()
     fp8.FUSE_INPUT_QUANT = not config.endswith("_unfused")
+    fp8.FAST_ACCUM = not config.endswith("_precise")
     saved_f16 = decode_attention.F16_DOT_FOR_FP8
     if config.endswith("_bf16dot"):
         decode_attention.F16_DOT_FOR_FP8 = False
@@ -185,6 +188,7 @@ def fp8_switches(config: str):
     finally:
         fp8_gemm.GEMM_TABLE.update(saved)
         fp8.FUSE_INPUT_QUANT = True
+        fp8.FAST_ACCUM = True
         decode_attention.F16_DOT_FOR_FP8 = saved_f16
 
 

@@ -7,7 +7,7 @@ and the split of K come from a table per (N, K, M bucket) that benchmarks/fp8_ge
 SPLIT_K > 1 each split writes its float32 partial [SPLIT_K, M, N] and _split_epilogue_kernel sums them, scales
 and adds the bias (deterministic; no atomics). Hopper's FP8 MMA keeps ~14 bits in its accumulator, so each
 K tile's products are summed apart and added in float32 (max_num_imprecise_acc; Triton's sm_90 default never
-promotes), as cuBLASLt does without fast accumulation.
+promotes), as cuBLASLt does without fast accumulation; fast_accum=True skips the promotion (use_fast_accum).
 """
 from __future__ import annotations
 
@@ -104,6 +104,7 @@ def _fp8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    FAST_ACCUM: tl.constexpr,  # no float32 promotion per K tile (Triton's sm_90 default for FP8 dots)
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -128,7 +129,10 @@ def _fp8_gemm_kernel(
     for _ in tl.range(0, tl.minimum(K_PER_SPLIT, K - k0) // BLOCK_K, num_stages=NUM_STAGES):
         a = tl.load(a_ptrs)
         w = tl.load(w_ptrs)
-        acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
+        if FAST_ACCUM:
+            acc = tl.dot(a, w, acc)
+        else:
+            acc = tl.dot(a, w, acc, max_num_imprecise_acc=BLOCK_K)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     out_mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -182,6 +186,7 @@ def fp8_gemm(
     config: GemmConfig,
     bias: torch.Tensor | None = None,  # [N]
     out_dtype: torch.dtype = torch.bfloat16,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """[M, N] in out_dtype, with `config` from config_for (callers use torch._scaled_mm where it is None)."""
     m, k = xq.shape
@@ -200,6 +205,7 @@ def fp8_gemm(
         m, n, k, xq.stride(0), wq.stride(0), out.stride(0), triton.cdiv(k // cfg.block_k, cfg.split_k) * cfg.block_k,
         HAS_BIAS=bias is not None, SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+        FAST_ACCUM=fast_accum,
         num_stages=cfg.num_stages,
     )
     if cfg.split_k > 1:

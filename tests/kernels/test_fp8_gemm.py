@@ -23,7 +23,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_
 @pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (37, 1536, 576), (256, 4096, 1024), (5, 128, 16), (200, 3584, 4608),
                                    (64, 18944, 3584)])
 @pytest.mark.parametrize("outliers", [False, True])
-def test_scaled_mm_equals_the_emulation(m: int, k: int, n: int, outliers: bool) -> None:
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_scaled_mm_equals_the_emulation(m: int, k: int, n: int, outliers: bool, fast_accum: bool,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.layers.quant import fp8
+
+    monkeypatch.setattr(fp8, "FAST_ACCUM", fast_accum)
     layer = nn.Module()
     w = torch.randn(n, k, device="cuda") * 0.05
     q, scale = quantize_rows(w)
@@ -44,5 +49,7 @@ def test_scaled_mm_equals_the_emulation(m: int, k: int, n: int, outliers: bool) 
     magnitude = (xq.float().abs() @ q.float().abs().t()) * x_scale_ref * scale.view(1, -1)
     sums = 2**-12 * magnitude
     err = (got.float() - want.float()).abs()
-    assert (err <= sums + 2**-8 * (2 * exact.abs() + sums)).all(), err.max()
     assert err.norm() <= 2**-7 * want.float().norm()  # a wrong scale or layout is off by O(1)
+    if fast_accum:  # the MMA's own ~14-bit sums over all of K: only the norm is bounded
+        return
+    assert (err <= sums + 2**-8 * (2 * exact.abs() + sums)).all(), err.max()

@@ -61,3 +61,16 @@ def test_supports_whole_tiles_only() -> None:
     assert supports(256, GemmConfig(64, 64, 128, 2, 4, 3))
     assert not supports(200, GemmConfig(64, 64, 128, 1, 4, 3))
     assert not supports(256, GemmConfig(64, 64, 128, 4, 4, 3))
+
+
+@pytest.mark.parametrize("m,n,k,config", CASES)
+def test_fast_accumulation_stays_close(m: int, n: int, k: int, config: GemmConfig) -> None:
+    """fast_accum=True (no float32 promotion per K tile, engine.layers.quant.fp8.FAST_ACCUM): the MMA's own
+    accumulator over the whole K loop; relative error in norm under 2**-7, as for the promoted sums above."""
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    xq, xs = quantize(x)
+    wq, ws = quantize(w)
+    exact = (xq.float() @ wq.float().t()) * xs * ws.view(1, -1)
+    got = fp8_gemm(xq.to(DEVICE), xs.to(DEVICE), wq.to(DEVICE), ws.view(-1).to(DEVICE), config,
+                   fast_accum=True).float().cpu()
+    assert (got - exact).norm() <= 2**-7 * exact.norm()

@@ -30,6 +30,12 @@ FP8_GEMV_MAX_M = 2
 # the RMSNorm and SiLU-and-mul kernels before a dynamic-FP8 GEMM quantize their output per token in the same
 # pass (Fp8Activation), where a separate kernel would read it again; False runs them apart (benchmark A/B)
 FUSE_INPUT_QUANT = True
+# FP8 tensor-core products summed in the MMA's own accumulator (~14 bits on Hopper) across the whole K loop, with
+# no float32 promotion per K tile: torch._scaled_mm's use_fast_accum, and kernels/fp8_gemm.py's fast_accum. vLLM's
+# CUTLASS FP8 kernels on sm_90 use the same schedules (KernelTmaWarpSpecialized*FP8FastAccum). H200, W1 (256 x
+# 512 / 512): 1.297x bf16 without, 1.374x with (benchmarks/fp8_bench.py, configs fp8_precise and fp8). Block-wise
+# checkpoints (DeepSeek's) are dequantized at load and requantized per row, so they take this path too.
+FAST_ACCUM = True
 
 
 class Fp8Activation(NamedTuple):
@@ -279,14 +285,15 @@ class Fp8LinearMethod:
 
             config = config_for(xq.shape[0], out_features, in_features)
             if config is not None:
-                y = fp8_gemm(xq, x_scale, layer.weight, layer.weight_scale, config, bias, out_dtype=dtype)
+                y = fp8_gemm(xq, x_scale, layer.weight, layer.weight_scale, config, bias, out_dtype=dtype,
+                             fast_accum=FAST_ACCUM)
                 return y.reshape(*x.shape[:-1], out_features)
         if x.is_cuda and in_features % 16 == 0 and out_features % 16 == 0:  # cuBLASLt's FP8 shape rule
             # row-wise scales: scale_a [M, 1], scale_b [1, N], float32; mat2 column-major (the weight's .t());
             # row-wise scaling writes bf16 only, and takes a bias of that dtype
             fused = bias is not None and bias.dtype == torch.bfloat16
             y = torch._scaled_mm(xq, layer.weight.t(), scale_a=x_scale, scale_b=layer.weight_scale.view(1, -1),
-                                 bias=bias if fused else None, out_dtype=torch.bfloat16)
+                                 bias=bias if fused else None, out_dtype=torch.bfloat16, use_fast_accum=FAST_ACCUM)
             if fused:
                 bias = None
         else:
