@@ -297,9 +297,9 @@ def test_fused_input_quantization_changes_no_bit(float_model: str, monkeypatch: 
     monkeypatch.setattr(kernels.norm, "rms_norm_fp8", lambda *a: calls.append(1) or fused_norm(*a))
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
 
-    def run() -> list[tuple]:
-        llm = LLM(float_model, quantization="fp8", dtype="bfloat16", enable_prefix_caching=False,
-                  gpu_memory_utilization=0.3)
+    def run() -> list[tuple]:  # on the GPU: the real class, not this module's CPU stand-in
+        llm = _LLM(float_model, quantization="fp8", dtype="bfloat16", enable_prefix_caching=False,
+                   gpu_memory_utilization=0.3)
         outs = llm.generate(PROMPTS, params, use_tqdm=False)
         llm.llm_engine.shutdown()
         return [(o.outputs[0].token_ids, [sorted(e.items()) for e in o.outputs[0].logprobs]) for o in outs]

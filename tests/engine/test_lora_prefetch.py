@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from engine.errors import RequestError
@@ -52,6 +53,8 @@ def _warm(llm: LLM, lora: LoRARequest, reads: list[float]) -> None:
 
 def _llm(base: str, **kwargs) -> LLM:
     kwargs = {"max_loras": 2, "max_lora_rank": 8, **kwargs}
+    if torch.cuda.is_available():  # two engines are alive at once in some tests: each takes a share of the GPU
+        kwargs.setdefault("gpu_memory_utilization", 0.2)
     return LLM(base, enable_lora=True, enable_prefix_caching=False, **kwargs)
 
 
