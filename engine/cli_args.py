@@ -46,6 +46,8 @@ def _default_text(f: dataclasses.Field) -> str:
         return UNSET_MEANS.get(f.name, "none")
     if isinstance(value, bool):
         return "on" if value else "off"
+    if isinstance(value, list):
+        return " ".join(value)
     return str(value)
 
 
@@ -63,6 +65,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, title: str)
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.name == "lora_modules":  # vLLM's form: --lora-modules name=path [name=path ...]
             kwargs.update(type=_lora_module, nargs="+", metavar="NAME=PATH")
+        elif ftype.startswith("list"):  # vLLM's forms: --allowed-origins a b, or one JSON list '["a", "b"]'
+            kwargs.update(type=str, nargs="*", action=_ListAction)
         elif ftype.startswith("dict"):
             kwargs["type"], kwargs["metavar"] = _json_object, "JSON"
         elif ftype.startswith("int"):
@@ -80,6 +84,21 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
     return value
+
+
+class _ListAction(argparse.Action):
+    """Strings given one by one, or one JSON list of strings (vLLM's older form)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if len(values) == 1 and values[0].lstrip().startswith("["):
+            try:
+                values = json.loads(values[0])
+            except ValueError:
+                raise argparse.ArgumentError(self, f"not a valid JSON list: {values[0]!r}") from None
+            if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+                raise argparse.ArgumentError(self, f"must be a JSON list of strings, got {values!r}")
+        setattr(namespace, self.dest, list(values))
 
 
 def _lora_module(text: str) -> tuple[str, str]:

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 _TYPE_TEXT = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-              dict: "a mapping", type(None): "null"}
+              dict: "a mapping", list: "a list", type(None): "null"}
 
 
 def _members(tp: Any) -> tuple[Any, ...]:
@@ -39,7 +39,7 @@ def _accepts(tp: type, value: Any) -> bool:
         return tp is bool and isinstance(value, bool)
     if tp is float:
         return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, tp)  # a dict's items are checked by its field's own check
+    return isinstance(value, tp)  # a dict's or list's items are checked by its field's own check
 
 
 @functools.cache
@@ -216,6 +216,10 @@ class ServerConfig:
     reasoning_parser: str | None = None  # deepseek_r1 | qwen3: <think> text goes to message.reasoning_content
     enable_auto_tool_choice: bool = False  # tool_choice "auto": the model decides, --tool-call-parser reads its calls
     tool_call_parser: str | None = None  # hermes | llama3_json | mistral: the model's tool-call format
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS: origins browsers may call the API from (*: any)
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])  # CORS: methods a cross-origin request may use
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])  # CORS: headers a cross-origin request may send
+    allow_credentials: bool = False  # CORS: browsers may send cookies and auth headers cross-origin
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -241,6 +245,10 @@ class ServerConfig:
         if self.reasoning_parser not in (None, *REASONING_PARSERS):  # engine/server/reasoning.py's
             raise ConfigError("reasoning_parser", f"unknown parser {self.reasoning_parser!r}; choose one of "
                                                   f"{', '.join(REASONING_PARSERS)}")
+        for name in ("allowed_origins", "allowed_methods", "allowed_headers"):
+            values = getattr(self, name)
+            if not all(isinstance(v, str) and v.strip() for v in values):  # []: none allowed
+                raise ConfigError(name, f"must be a list of non-empty strings (* allows any), got {values!r}")
 
     def resolve_api_key(self) -> str | None:
         """The key from value, environment variable or file (in that order), else from

@@ -90,6 +90,10 @@ class ServerOptions:
     engine_hang_timeout_s: float = 60.0  # no engine step for this long while it has work: 503, then exit 1
     allow_runtime_lora_updating: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (with the key)
     enable_auto_tool_choice: bool = False  # tool_choice "auto" (needs model.tool_call_parser)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])  # CORS: origins browsers may call the API from (*: any)
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])  # CORS: methods a cross-origin request may use
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])  # CORS: headers a cross-origin request may send
+    allow_credentials: bool = False  # CORS: browsers may send cookies and auth headers cross-origin
 
 
 @dataclass

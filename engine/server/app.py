@@ -27,6 +27,7 @@ from engine.core_messages import CoreInfo
 from engine.core_proc import CoreAddresses, CoreFactory, EngineCoreProcess
 from engine.server.async_llm import AsyncLLM
 from engine.server.auth import is_authorized, is_public
+from engine.server.cors import register_cors
 from engine.server.metrics import ServerMetrics
 from engine.server.openai import register_openai_routes
 from engine.server.protocol import APIError, ModelContext
@@ -253,6 +254,8 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     @app.on_request
     async def stamp(request: Request) -> None:
         request.ctx.start = time.monotonic()
+
+    register_cors(app, server_config)  # preflights are answered before the key check
 
     @app.on_response
     async def count_request(request: Request, response: HTTPResponse) -> None:
