@@ -287,6 +287,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
             state.metrics.observe_aborted(request.method, _route_label(request))
 
     @app.get("/health", ctx_public=True)
+    @app.route("/ping", methods=["GET", "POST"], name="ping", ctx_public=True)  # SageMaker's health route (vLLM's)
     async def health(request: Request) -> HTTPResponse:
         if state.engine.alive:
             return json_response({"status": "ok"})

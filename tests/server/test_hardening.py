@@ -102,8 +102,8 @@ def test_open_routes_in_every_form(keyed_server: LiveServer, path: str):
 def test_default_deny_every_registered_route():
     """A route is guarded unless registered public: only the ops routes (/metrics as configured) and
     the chat page's static files are."""
-    for metrics_require_key, public in ((False, {"/health", "/ready", "/version", "/metrics"}),
-                                        (True, {"/health", "/ready", "/version"})):
+    for metrics_require_key, public in ((False, {"/health", "/ping", "/ready", "/version", "/metrics"}),
+                                        (True, {"/health", "/ping", "/ready", "/version"})):
         app = create_app(EngineConfig(device="cpu"), ServerConfig(metrics_require_key=metrics_require_key),
                          api_key="k")
         Sanic.unregister_app(app)  # not run: its name is free for the next one
