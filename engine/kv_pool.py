@@ -1,10 +1,12 @@
 """This rank's KV pool: the bytes one block of pages takes, the bytes a GPU has left for the pool after
-a profiling forward, and the pages themselves, one K and one V tensor per attention layer. The
-ModelRunner sizes and allocates it (determine_num_blocks, allocate_kv_cache)."""
+the engine's weights and a profiling forward (memory held before the engine started is not its own), and
+the pages themselves, one K and one V tensor per attention layer. The ModelRunner sizes and allocates it
+(determine_num_blocks, allocate_kv_cache)."""
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -22,11 +24,35 @@ def kv_block_bytes(attn_layers: list[Attention], block_size: int, kv_cache_dtype
     return 2 * len(attn_layers) * block_size * a.num_kv_heads * a.head_dim * elem
 
 
-def gpu_kv_budget(device: torch.device, gpu_memory_utilization: float,
-                  profile_run: Callable[[], None]) -> tuple[float, dict[str, int]]:
-    """Bytes the pool may take: gpu_memory_utilization of the device less the peak of profile_run (a
-    forward at the full token budget, over the weights) and what other processes hold; and the figures
-    it is made of (benchmarks read them; a short pool shows there which part grew)."""
+class MemoryAtStart(NamedTuple):
+    """What the GPU held before this engine loaded anything: not the engine's, so not counted against its
+    gpu_memory_utilization (vLLM v1's per-instance rule: two engines at 0.45 share one GPU)."""
+
+    allocated: int  # this process's torch allocations (an earlier engine in the same process)
+    outside_allocator: int  # every other byte in use: other processes, CUDA contexts
+
+
+def memory_at_start(device: torch.device, gpu_memory_utilization: float) -> MemoryAtStart:
+    """Snapshot before the weights load; a ConfigError naming gpu_memory_utilization when the GPU has less free
+    than the engine is to take (vLLM refuses to start the same way)."""
+    from engine.config import ConfigError
+
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    wanted = total * gpu_memory_utilization
+    if free < wanted:
+        raise ConfigError("gpu_memory_utilization", f"{gpu_memory_utilization} of {device}'s {total / 2**30:.1f} GiB "
+                          f"is {wanted / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB is free (other processes or "
+                          "engines hold the rest): lower gpu_memory_utilization or free the GPU")
+    return MemoryAtStart(torch.cuda.memory_allocated(device), total - free - torch.cuda.memory_reserved(device))
+
+
+def gpu_kv_budget(device: torch.device, gpu_memory_utilization: float, profile_run: Callable[[], None],
+                  start: MemoryAtStart) -> tuple[float, dict[str, int]]:
+    """Bytes the pool may take: gpu_memory_utilization of the device less what this engine added since `start`:
+    its weights, the peak of profile_run (a forward at the full token budget) and memory outside torch's
+    allocator that grew (cuBLAS and NCCL workspaces); and the figures it is made of (benchmarks read them; a
+    short pool shows there which part grew)."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)  # weights (and anything else this process holds)
@@ -34,14 +60,16 @@ def gpu_kv_budget(device: torch.device, gpu_memory_utilization: float,
     torch.cuda.synchronize(device)
     free, total = torch.cuda.mem_get_info(device)
     peak = torch.cuda.max_memory_allocated(device)
-    used_by_others = total - free - torch.cuda.memory_reserved(device)
-    budget = total * gpu_memory_utilization - peak - used_by_others
+    outside_growth = max(0, total - free - torch.cuda.memory_reserved(device) - start.outside_allocator)
+    budget = total * gpu_memory_utilization - (peak - start.allocated) - outside_growth
     torch.cuda.empty_cache()
-    figures = {"total": total, "allocated_before_profile": before, "profile_activations": peak - before,
-               "used_by_others": used_by_others, "pool_budget": int(budget)}
-    logger.info("KV budget: %.2f GiB = %.2f x %.2f GiB total - %.2f GiB allocated (weights) - %.2f GiB profile "
-                "run - %.2f GiB outside this process's allocator", budget / 2**30, gpu_memory_utilization,
-                total / 2**30, before / 2**30, (peak - before) / 2**30, used_by_others / 2**30)
+    figures = {"total": total, "weights": before - start.allocated, "profile_activations": peak - before,
+               "outside_allocator_growth": outside_growth, "not_this_engine": start.allocated + start.outside_allocator,
+               "pool_budget": int(budget)}
+    logger.info("KV budget: %.2f GiB = %.2f x %.2f GiB total - %.2f GiB weights - %.2f GiB profile run - %.2f GiB "
+                "outside torch's allocator (%.2f GiB held before this engine started is not counted)",
+                budget / 2**30, gpu_memory_utilization, total / 2**30, (before - start.allocated) / 2**30,
+                (peak - before) / 2**30, outside_growth / 2**30, figures["not_this_engine"] / 2**30)
     return budget, figures
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from engine.config import EngineConfig
 from engine.decode_inputs import decode_inputs
 from engine.forward_context import ForwardContext, forward_context
-from engine.kv_pool import allocate_kv_pages, gpu_kv_budget, kv_block_bytes, profile_context
+from engine.kv_pool import allocate_kv_pages, gpu_kv_budget, kv_block_bytes, memory_at_start, profile_context
 from engine.layers.attention import Attention
 from engine.layers.quant.fp8_kv import resolve_kv_cache_dtype
 from engine.layers.sampler import Sampler, SamplingMetadata
@@ -50,6 +50,9 @@ class ModelRunner:
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, model_config.dtype, device)  # pages
         hf = model_config.hf_config
         model_cls = get_model_class(hf.architectures, model_config.path)
+        self.memory_at_start = None  # GPU memory not this engine's (kv_pool.MemoryAtStart), when util sizes the pool
+        if device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_memory_gib is None:
+            self.memory_at_start = memory_at_start(device, config.gpu_memory_utilization)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:
@@ -103,7 +106,8 @@ class ModelRunner:
         if self.device.type != "cuda":
             return -(-cpu_kv_cache_tokens(self.model_config.max_model_len) // self.block_size)
         # self.kv_budget: what the pool is sized on (benchmarks read it)
-        budget, self.kv_budget = gpu_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_run)
+        budget, self.kv_budget = gpu_kv_budget(self.device, self.config.gpu_memory_utilization, self._profile_run,
+                                               self.memory_at_start)
         return max(0, int(budget // per_block))
 
     def _profile_run(self) -> None:

@@ -22,6 +22,7 @@ from engine.layers.quant.dummy import (
 )
 from engine.layers.quant.fp8_support import EMULATE_ENV
 from engine.loader import weight_bytes
+from engine.kv_pool import MemoryAtStart, memory_at_start
 from engine.model_runner import ModelRunner
 from tests.conftest import write_tiny_checkpoint
 
@@ -110,9 +111,11 @@ class _FakeCuda:
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: reserved)
 
 
-def _fake_runner(kv_dtype: torch.dtype) -> ModelRunner:
-    """W1's attention (Qwen2-7B: 28 layers, 4 KV heads of 128) on a pretend GPU, profile run stubbed."""
+def _fake_runner(kv_dtype: torch.dtype, start: MemoryAtStart = MemoryAtStart(0, 0)) -> ModelRunner:
+    """W1's attention (Qwen2-7B: 28 layers, 4 KV heads of 128) on a pretend GPU, profile run stubbed; `start`:
+    what the GPU held before this engine."""
     runner = ModelRunner.__new__(ModelRunner)
+    runner.memory_at_start = start
     runner.config = SimpleNamespace(num_kv_blocks=None, kv_cache_memory_gib=None, gpu_memory_utilization=0.9)
     runner.device, runner.block_size, runner.kv_cache_dtype = torch.device("cuda"), 16, kv_dtype
     runner.attn_layers = [SimpleNamespace(num_kv_heads=4, head_dim=128)] * 28
@@ -132,7 +135,8 @@ def test_gpu_budget_turns_freed_weights_and_fp8_pages_into_tokens(monkeypatch) -
         tokens[name] = runner.determine_num_blocks() * runner.block_size
         expected = (total * 0.9 - weights - acts - others) / (runner.kv_bytes_per_block() / runner.block_size)
         assert expected - runner.block_size < tokens[name] <= expected
-        assert runner.kv_budget["profile_activations"] == acts and runner.kv_budget["used_by_others"] == others
+        assert runner.kv_budget["profile_activations"] == acts
+        assert runner.kv_budget["outside_allocator_growth"] == others
     assert tokens["fp8_kv"] / tokens["bf16"] >= 1.9999
     per_token = 2 * 28 * 4 * 128 * 2
     assert abs(tokens["w4"] - tokens["bf16"] - (15_230_000_000 - 5_550_000_000) / per_token) <= 16
@@ -148,3 +152,28 @@ def test_model_loaded_line_states_weight_bytes_and_quantization(case: str, check
     lines = [r.getMessage() for r in caplog.records if " loaded: " in r.getMessage()]
     quantization = "none" if case == "plain" else case
     assert len(lines) == 1 and f"weights {mib:.1f} MiB on this rank, quantization {quantization}" in lines[0], lines
+
+
+def test_memory_held_before_the_engine_started_is_not_its_own(monkeypatch) -> None:
+    """vLLM v1's per-instance gpu_memory_utilization: another engine in this process (its allocations) or another
+    process (memory outside the allocator) present at start-up does not shrink this engine's pool; memory outside
+    the allocator that grows while the engine starts (workspaces) does."""
+    total, weights, acts = 150_000_000_000, 15_230_000_000, 3_000_000_000
+    earlier_engine, other_process, workspaces = 40_000_000_000, 30_000_000_000, 500_000_000
+    _FakeCuda(monkeypatch, total, earlier_engine + weights, acts, other_process + workspaces)
+    runner = _fake_runner(torch.bfloat16, MemoryAtStart(earlier_engine, other_process))
+    runner.config.gpu_memory_utilization = 0.45
+    tokens = runner.determine_num_blocks() * runner.block_size
+    expected = (total * 0.45 - weights - acts - workspaces) / (runner.kv_bytes_per_block() / runner.block_size)
+    assert expected - runner.block_size < tokens <= expected
+    assert runner.kv_budget["weights"] == weights and runner.kv_budget["outside_allocator_growth"] == workspaces
+
+
+def test_less_free_than_the_utilization_asks_is_a_config_error(monkeypatch) -> None:
+    from engine.config import ConfigError
+
+    _FakeCuda(monkeypatch, 100_000_000_000, 0, 0, 60_000_000_000)  # 40 GB free
+    assert memory_at_start(torch.device("cuda"), 0.4) == MemoryAtStart(0, 60_000_000_000)
+    with pytest.raises(ConfigError, match=r"gpu_memory_utilization: 0.5 of cuda's 93.1 GiB is 46.6 GiB, but only "
+                                          r"37.3 GiB is free"):
+        memory_at_start(torch.device("cuda"), 0.5)
