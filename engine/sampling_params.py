@@ -113,6 +113,9 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs at each sampled position (plus the sampled token)
     prompt_logprobs: int | None = None  # top-k logprobs at each prompt position (plus the prompt's token)
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # vLLM's: spaces between special tokens in the text; only slow tokenizers read it (vLLM's fast
+    # detokenizer, like the fast tokenizers this engine loads, ignores it)
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False  # keep the matched stop string
     detokenize: bool = True  # False: token ids only, no text (saves CPU in offline benchmarks)
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE  # what each RequestOutput holds
@@ -121,6 +124,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # token id -> added to its raw logit (before penalties, temperature)
     allowed_token_ids: list[int] | None = None  # only these may be sampled (every other token masked)
     bad_words: list[str] = field(default_factory=list)  # never generated: a word's last token masked after its prefix
+    extra_args: dict[str, Any] | None = None  # vLLM's: free-form arguments for custom code; the engine ignores them
     # bad_words tokenized by the front end (update_from_tokenizer), as vLLM's; None until then
     _bad_words_token_ids: list[list[int]] | None = None
 
@@ -140,7 +144,8 @@ class SamplingParams:
                 setattr(self, name, _int(name, getattr(self, name)))
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             setattr(self, name, _float(name, getattr(self, name)))
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "detokenize"):
+        for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output",
+                     "detokenize"):
             setattr(self, name, _bool(name, getattr(self, name)))
         stop = self.stop
         if isinstance(stop, str):
@@ -152,6 +157,9 @@ class SamplingParams:
         if ids is not None and not isinstance(ids, (list, tuple)):
             raise SamplingParamsError("stop_token_ids", f"must be a list of token ids, got {_show(ids)}")
         self.stop_token_ids = [_int("stop_token_ids", t) for t in ids or []]
+        extra = self.extra_args
+        if extra is not None and (not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra)):
+            raise SamplingParamsError("extra_args", f"must be a dict with string keys, got {_show(extra)}")
         kind = _int("output_kind", self.output_kind)
         if kind not in {k.value for k in RequestOutputKind}:
             raise SamplingParamsError("output_kind", f"must be one of {[k.name for k in RequestOutputKind]}, got {kind}")
