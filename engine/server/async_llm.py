@@ -155,7 +155,7 @@ class AsyncLLM:
             self.client.add_eos_token_ids([self.tokenizer.eos_token_id])  # before any request: one socket, in order
         self.input_processor = InputProcessor(info, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.metrics.bind_engine(info.model_name, lambda: self.stats)
+        self.metrics.bind_engine(info.model_name, info.max_model_len, lambda: self.stats)
         self._last_message = self._last_progress = time.monotonic()
         self.state = "ready"
         logger.info("ready: model %s, max_model_len %d, %d KV blocks (engine core pid %s)", info.model_name,
@@ -222,7 +222,7 @@ class AsyncLLM:
             if prompt_text is None and self.tokenizer is not None:
                 prompt_text = self.tokenizer.decode(ids)
             self.output_processor.add_request(rid, prompt_text, ids, params, arrival_time)
-            self._tracked[rid] = TrackedRequest(stream, arrival_time, len(ids), params.n)
+            self._tracked[rid] = TrackedRequest(stream, arrival_time, len(ids), params.n, core_request.max_tokens)
             self.client.add_request(core_request)
         self._num_added_since_stats += len(prepared)
         self.num_in_flight += 1
@@ -282,12 +282,9 @@ class AsyncLLM:
         self.metrics.itl.flush()
 
     def _deliver(self, out: RequestOutput, t: TrackedRequest, now: float) -> None:
-        samples, num_new = [], 0
-        for o in out.outputs:  # DELTA: only what is new
-            samples.append(SampleDelta(o.index, o.text, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason))
-            num_new += len(o.token_ids)
-        if num_new:
-            t.observe_tokens(self.metrics, num_new, now)
+        samples = [SampleDelta(o.index, o.text, o.token_ids, o.logprobs, o.finish_reason, o.stop_reason)
+                   for o in out.outputs]  # DELTA: only what is new
+        t.observe_tokens(self.metrics, out.outputs, now)
         delta = RequestDelta(out.request_id, samples, out.finished)
         if not t.sent_prompt:
             delta.prompt, delta.prompt_token_ids = out.prompt, out.prompt_token_ids

@@ -1,7 +1,7 @@
 """Prometheus metrics under the `gantry:` prefix, shaped like vLLM's `vllm:` ones.
 
 Engine-wide gauges and counters are read from the latest EngineStats at scrape time;
-per-request histograms are fed by the engine thread as requests advance and finish;
+per-request histograms are fed by the engine thread as requests advance and finish (request_stats.py);
 HTTP requests are counted by route and status (a client that hangs up first, as aborted).
 One CollectorRegistry per server; with several API processes, summed across them at scrape time, the
 engine's from the freshest process's copy (freshest_stats).
@@ -9,6 +9,7 @@ engine's from the freshest process's copy (freshest_stats).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import glob
@@ -29,10 +30,38 @@ ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                10.0, 20.0, 40.0, 80.0]
 REQUEST_LATENCY_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
                            50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+REQUEST_PARAMS_N_BUCKETS = [1, 2, 5, 10, 20]
 
 PREFIX = "gantry:"
 STATS_FILE_PREFIX = "engine_stats_"  # one API process's copy of the core's stats, in PROMETHEUS_MULTIPROC_DIR
 FINISH_REASONS = ("stop", "length", "abort")  # request_success_total's finished_reason values
+
+
+def build_1_2_5_buckets(max_value: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to max_value: vLLM's buckets for token counts (up to max_model_len)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_value:
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
+@dataclass
+class FinishedRequestStats:
+    """What a request the engine finished adds to vLLM's per-request histograms; one per request,
+    its n samples together (vLLM's n child requests each add their own, and n and the longest once)."""
+
+    num_prompt_tokens: int  # cached prefix included
+    num_generation_tokens: int  # all samples together
+    max_num_generation_tokens: int  # the longest sample's
+    n: int  # the request's n (samples)
+    max_tokens: int  # max_tokens as the engine ran it (resolved when the client gave none)
+    queued_time: float | None  # arrival -> first scheduled; None: never scheduled
+    prefill_time: float | None  # first scheduled -> first token; None: never scheduled or no token
+    decode_time: float | None  # first token -> last token
+    inference_time: float | None  # first scheduled -> last token
 
 
 class _EngineStatsCollector(Collector):
@@ -148,7 +177,7 @@ class ServerMetrics:
         self.model_name: str | None = None
         self._engine_collector: _EngineStatsCollector | None = None
 
-    def bind_engine(self, model_name: str, get_stats: Callable[[], Any]) -> None:
+    def bind_engine(self, model_name: str, max_model_len: int, get_stats: Callable[[], Any]) -> None:
         """Create the engine's metrics, labelled with the served model name."""
         self.model_name = model_name
         labels = ["model_name"]
@@ -159,26 +188,56 @@ class ServerMetrics:
                                        labels + ["finished_reason"], registry=reg)
         for reason in FINISH_REASONS:  # as vLLM: every series exists from the start, so rate() sees the first one
             self.request_success.labels(model_name, reason)
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              labels, buckets=TTFT_BUCKETS, registry=reg).labels(model_name)
-        self.itl = BatchedHistogram(Histogram(
-            PREFIX + "inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels,
-            buckets=ITL_BUCKETS, registry=reg).labels(model_name))
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                             labels, buckets=REQUEST_LATENCY_BUCKETS, registry=reg).labels(model_name)
-        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
-                                    "Histogram of time spent in WAITING phase for request.",
-                                    labels, buckets=REQUEST_LATENCY_BUCKETS, registry=reg).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: list[float] | list[int]) -> Any:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=reg).labels(model_name)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                              TTFT_BUCKETS)
+        self.itl = BatchedHistogram(histogram("inter_token_latency_seconds",
+                                              "Histogram of inter-token latency in seconds.", ITL_BUCKETS))
+        self.e2e = histogram("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                             REQUEST_LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds",
+                                    "Histogram of time spent in WAITING phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds",
+                                      "Histogram of time spent in PREFILL phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds",
+                                     "Histogram of time spent in DECODE phase for request.", REQUEST_LATENCY_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds",
+                                        "Histogram of time spent in RUNNING phase for request.",
+                                        REQUEST_LATENCY_BUCKETS)
+        token_buckets = build_1_2_5_buckets(max_model_len)
+        self.prompt_tokens = histogram("request_prompt_tokens", "Number of prefill tokens processed.", token_buckets)
+        self.generation_tokens = histogram("request_generation_tokens", "Number of generation tokens processed.",
+                                           token_buckets)
+        self.max_num_generation_tokens = histogram(
+            "request_max_num_generation_tokens", "Histogram of maximum number of requested generation tokens.",
+            token_buckets)
+        self.params_n = histogram("request_params_n", "Histogram of the n request parameter.", REQUEST_PARAMS_N_BUCKETS)
+        self.params_max_tokens = histogram("request_params_max_tokens",
+                                           "Histogram of the max_tokens request parameter.", token_buckets)
 
     def observe_first_token(self, ttft: float) -> None:
         """When the first token arrives, as vLLM: not when the request ends (minutes later for a long one)."""
         self.ttft.observe(ttft)
 
-    def observe_finished(self, finish_reason: str, e2e: float, queue_time: float | None) -> None:
+    def observe_finished(self, finish_reason: str, e2e: float, finished: FinishedRequestStats | None) -> None:
+        """finished: None for a request aborted in this process (its client left, shutdown), which vLLM's
+        per-request histograms leave out (they count what the engine finished)."""
         self.request_success.labels(self.model_name, finish_reason).inc()
-        if queue_time is not None:
-            self.queue_time.observe(queue_time)
         self.e2e.observe(e2e)
+        if finished is None:
+            return
+        for histogram, value in ((self.queue_time, finished.queued_time), (self.prefill_time, finished.prefill_time),
+                                 (self.decode_time, finished.decode_time),
+                                 (self.inference_time, finished.inference_time),
+                                 (self.prompt_tokens, finished.num_prompt_tokens),
+                                 (self.generation_tokens, finished.num_generation_tokens),
+                                 (self.max_num_generation_tokens, finished.max_num_generation_tokens),
+                                 (self.params_n, finished.n), (self.params_max_tokens, finished.max_tokens)):
+            if value is not None:
+                histogram.observe(value)
 
     def observe_http(self, method: str, route: str, status: int) -> None:
         self.http_requests.labels(method, route, str(status)).inc()

@@ -87,6 +87,13 @@ def test_counts_equal_what_was_sent(server: LiveServer) -> None:
     for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
         assert _delta(after, before, f"gantry:{histogram}_count") == 4, histogram
     assert _delta(after, before, "gantry:inter_token_latency_seconds_count") == completion - 4
+    # vLLM's per-request histograms: each request once, their sums what usage said
+    assert _delta(after, before, "gantry:request_prompt_tokens_sum") == prompt
+    assert _delta(after, before, "gantry:request_generation_tokens_sum") == completion
+    assert _delta(after, before, "gantry:request_params_max_tokens_sum") == 3 * 4 + 3
+    for histogram in ("request_prompt_tokens", "request_params_n", "request_prefill_time_seconds",
+                      "request_decode_time_seconds", "request_inference_time_seconds"):
+        assert _delta(after, before, f"gantry:{histogram}_count") == 4, histogram
     assert after[("gantry:num_requests_running", ())] == 0
 
 
@@ -105,6 +112,7 @@ def test_prompt_tokens_count_cache_hits(server: LiveServer) -> None:
     after = server.wait_idle()
     assert _delta(after, before, "gantry:prefix_cache_hits_total") > 0  # the second request hit the cache
     assert _delta(after, before, "gantry:prompt_tokens_total") == prompt
+    assert _delta(after, before, "gantry:request_prompt_tokens_sum") == prompt  # whole, cached prefix too
 
 
 def test_ttft_is_observed_at_the_first_token(server: LiveServer) -> None:
@@ -127,6 +135,10 @@ def test_ttft_is_observed_at_the_first_token(server: LiveServer) -> None:
     assert _delta(after, before, "gantry:time_to_first_token_seconds_count") == 1
     assert _delta(after, before, "gantry:e2e_request_latency_seconds_count") == 1
     assert _delta(after, before, "gantry:request_success_total", finished_reason="abort") == 1
+    # vLLM's per-request histograms count what the engine finished: not a request its client left
+    for histogram in ("request_prompt_tokens", "request_generation_tokens", "request_queue_time_seconds",
+                      "request_prefill_time_seconds", "request_inference_time_seconds"):
+        assert _delta(after, before, f"gantry:{histogram}_count") == 0, histogram
     # its HTTP request too: it was counted as a 200 (the stream's head had gone out), not as aborted
     route = (("method", "POST"), ("route", "/v1/completions"))
     assert _delta(after, before, "gantry:http_requests_aborted_total", **dict(route)) == 1

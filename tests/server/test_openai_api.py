@@ -436,3 +436,33 @@ def test_latency_histograms_observed(server: LiveServer, client: openai.OpenAI):
     assert m[("gantry:request_success_total", (("finished_reason", "length"),))] > 0
     assert m[("gantry:prompt_tokens_total", ())] > 0
     assert ("gantry:prefix_cache_queries_total", ()) in m and ("gantry:num_preemptions_total", ()) in m
+
+
+def test_request_histograms_of_known_requests(server: LiveServer, client: openai.OpenAI):
+    """vLLM's per-request histograms, one observation per request (its n samples together): n=2 not
+    streamed, then the same prompt streamed (its prefix cached now: still counted whole)."""
+    ids = tokenize(server, prompt="Count the hens in the yard, then the ducks")
+    server.wait_idle()
+    before = server.metrics()
+    r = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, n=2, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 6
+    stream = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert len([c for c in stream if c.choices and c.choices[0].text]) >= 1
+    after = server.wait_idle()
+
+    def delta(name: str, **labels: str) -> float:
+        key = (f"gantry:{name}", tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    sums = {"request_prompt_tokens": 2 * len(ids), "request_generation_tokens": 6 + 4,
+            "request_max_num_generation_tokens": 3 + 4, "request_params_n": 2 + 1, "request_params_max_tokens": 3 + 4}
+    for name, total in sums.items():
+        assert (delta(f"{name}_count"), delta(f"{name}_sum")) == (2, total), name
+    assert (delta("request_params_n_bucket", le="1.0"), delta("request_params_n_bucket", le="2.0")) == (1, 2)
+    phases = {name: delta(f"request_{name}_time_seconds_sum") for name in ("queue", "prefill", "decode", "inference")}
+    for name in phases:
+        assert delta(f"request_{name}_time_seconds_count") == 2, name
+    assert phases["prefill"] > 0 and phases["decode"] > 0 and phases["queue"] >= 0
+    assert phases["inference"] == pytest.approx(phases["prefill"] + phases["decode"], abs=1e-6)
+    assert phases["queue"] + phases["inference"] <= delta("e2e_request_latency_seconds_sum")
