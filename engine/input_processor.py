@@ -17,7 +17,9 @@ class InputProcessor:
         self.tokenizer = tokenizer  # the front end's; bad_words need it (None: a request with them is refused)
         # max_tokens None: True (API server) the generation config's max_new_tokens, as vLLM's serving layer
         # fills it; False (offline LLMEngine) the context left, as vLLM's input processor (offline, the
-        # generation config's default comes in through LLM.get_default_sampling_params instead)
+        # generation config's default comes in through LLM.get_default_sampling_params instead).
+        # max_tokens past the context: True refused, as vLLM's server; False cut to the context, as vLLM's
+        # offline engine (its input processor checks the prompt alone; the sample ends with "length")
         self.serving_defaults = serving_defaults
 
     def process(self, request_id: str, token_ids: list[int], params: SamplingParams, arrival_time: float,
@@ -56,7 +58,8 @@ class InputProcessor:
                 "prompt", f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "
                 f"{info.max_model_len}, which leaves no room to generate"
             )
-        if params.max_tokens is not None and len(token_ids) + params.max_tokens > info.max_model_len:
+        if (self.serving_defaults and params.max_tokens is not None
+                and len(token_ids) + params.max_tokens > info.max_model_len):
             raise RequestError(
                 "max_tokens", f"this model's maximum context length is {info.max_model_len} tokens, but "
                 f"{len(token_ids)} prompt tokens + max_tokens {params.max_tokens} exceed it"
@@ -71,9 +74,12 @@ class InputProcessor:
             outside = sorted(t for t in ids if t >= vocab)
             if outside:
                 raise RequestError(name, f"token id {outside[0]} is outside the vocabulary [0, {vocab})")
+        max_tokens = params.max_tokens  # offline, cut to the context (serving_defaults)
+        if max_tokens is not None and not self.serving_defaults:
+            max_tokens = min(max_tokens, info.max_model_len - len(token_ids))
         capacity = info.kv_capacity
         if len(token_ids) + 1 > capacity:
             raise RequestError("prompt", f"the prompt does not fit in the whole KV cache ({capacity} tokens)")
-        if len(token_ids) + (params.max_tokens or 0) > capacity:
-            raise RequestError("max_tokens", f"{len(token_ids)} prompt tokens + max_tokens {params.max_tokens} do "
+        if len(token_ids) + (max_tokens or 0) > capacity:
+            raise RequestError("max_tokens", f"{len(token_ids)} prompt tokens + max_tokens {max_tokens} do "
                                              f"not fit in the whole KV cache ({capacity} tokens)")

@@ -40,3 +40,31 @@ def test_bad_spaces_between_special_tokens_and_extra_args_name_the_field(field: 
     with pytest.raises(SamplingParamsError) as e:
         SamplingParams(**{field: value})
     assert e.value.param == field
+
+
+def test_offline_max_tokens_past_the_context_ends_at_the_context(llm: LLM) -> None:
+    """vLLM's offline engine checks the prompt alone: max_tokens past the context runs until the context is
+    full and ends with "length". Here it was a RequestError, so a script's generous max_tokens=4096 failed
+    the whole batch on a model with a shorter context (or beside one long prompt)."""
+    params = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+    short, long = [5, 6], [3 + i for i in range(60)]
+    outs = llm.generate([short, long], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [64 - 2, 64 - 60]
+    assert [o.outputs[0].finish_reason for o in outs] == ["length", "length"]
+    # the same tokens as a max_tokens that fits exactly
+    [exact] = llm.generate([short], SamplingParams(temperature=0, max_tokens=62, ignore_eos=True), use_tqdm=False)
+    assert exact.outputs[0].token_ids == outs[0].outputs[0].token_ids
+    engine = llm.llm_engine
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_server_input_processor_still_refuses_max_tokens_past_the_context(llm: LLM) -> None:
+    """The API server's InputProcessor (serving defaults) keeps vLLM's server refusal, naming max_tokens."""
+    from engine.errors import RequestError
+    from engine.input_processor import InputProcessor
+
+    server = InputProcessor(llm.llm_engine.info, llm.get_tokenizer())
+    with pytest.raises(RequestError) as e:
+        server.process("r", [5, 6], SamplingParams(max_tokens=500), arrival_time=0.0)
+    assert e.value.param == "max_tokens" and "maximum context length is 64" in str(e.value)
+    assert server.process("r", [5, 6], SamplingParams(max_tokens=62), arrival_time=0.0).max_tokens == 62
