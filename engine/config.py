@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.sampling_params import SamplingParams, SamplingParamsError
+
 
 class ConfigError(ValueError):
     """A user-facing configuration error; `param` names the offending field."""
@@ -58,11 +60,26 @@ def check_field_types(config: Any) -> None:
 
 
 DEFAULT_API_KEY_ENV = "GANTRY_API_KEY"  # read when no key is configured (vLLM reads VLLM_API_KEY)
-GENERATION_CONFIG_KEYS = ("max_new_tokens",)  # generation_config keys the engine applies as request defaults
+# vLLM's: the generation_config keys applied as defaults of requests that do not set them (max_new_tokens: max_tokens)
+GENERATION_CONFIG_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
 DTYPES = ("auto", "float16", "bfloat16", "float32", "half", "bf16", "fp16", "float", "fp32")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATIONS = ("auto", "none", "gguf", "gptq", "awq", "compressed-tensors", "fp8")  # vLLM's names, plus auto and none
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # vLLM's names; auto: the model dtype
+
+
+def check_generation_value(param: str, key: str, value: Any, where: str = "") -> None:
+    """A generation config value as a request default: what SamplingParams takes for that field
+    (max_new_tokens: an integer >= 1), else a ConfigError naming param (where: the file, for the message)."""
+    suffix = f" (in {where})" if where else ""
+    if key == "max_new_tokens":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(param, f"must be an integer >= 1, got {value!r}{suffix}")
+        return
+    try:
+        SamplingParams(**{key: value})
+    except SamplingParamsError as e:
+        raise ConfigError(param, str(e).split(": ", 1)[-1] + suffix) from None
 
 
 # the unset step budget on CPU: 2 cores run the embedded SmolLM2-135M at ~6 ms a prompt token, so a step of prompt
@@ -98,8 +115,8 @@ class EngineConfig:
     pipeline_parallel_lanes: int | None = None  # batches in flight with pp > 1 (1 to compare)
     distributed_timeout_s: float = 60.0  # a collective that waits longer than this means a dead rank
     async_scheduling: bool | None = None  # schedule step t+1 while step t runs
-    generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
-    override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {"max_new_tokens": 512}
+    generation_config: str = "auto"  # request defaults (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens): auto (the model's generation_config.json) | vllm (none) | a directory
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {"temperature": 0.6, "max_new_tokens": 512}
     enable_lora: bool = False  # serve PEFT LoRA adapters (engine/lora)
     lora_modules: dict[str, str] = field(default_factory=dict)  # adapters registered at start-up: name -> directory
     max_loras: int = 1  # adapters resident on the device at once (and so in one step)
@@ -185,8 +202,7 @@ class EngineConfig:
             if key not in GENERATION_CONFIG_KEYS:
                 raise ConfigError(f"override_generation_config.{key}",
                                   f"not applied by this engine (supported: {', '.join(GENERATION_CONFIG_KEYS)})")
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"override_generation_config.{key}", f"must be an integer >= 1, got {value!r}")
+            check_generation_value(f"override_generation_config.{key}", key, value)
 
     @property
     def world_size(self) -> int:

@@ -26,6 +26,7 @@ from engine.config import EngineConfig
 from engine.errors import RequestError
 from engine.llm_engine import LLMEngine
 from engine.lora.request import LoRARequest
+from engine.sampling_defaults import log_sampling_defaults
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
@@ -58,6 +59,8 @@ class LLM:
         _show_engine_logs()
         self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self.llm_engine.stream_outputs = False  # generate() returns finished requests only
+        model_config = self.llm_engine.model_config
+        log_sampling_defaults(model_config.default_sampling_params, model_config.generation_config_source)
         self._counter = itertools.count()
         # one call at a time: a call's step loop keeps its own requests' outputs only, so two calls
         # stepping at once (threads) would each drop the other's and both wait forever
@@ -67,9 +70,9 @@ class LLM:
         return self.llm_engine.tokenizer
 
     def get_default_sampling_params(self) -> SamplingParams:
-        """vLLM's: the model's generation defaults (max_new_tokens -> max_tokens), else SamplingParams()."""
-        max_tokens = self.llm_engine.model_config.default_max_tokens
-        return SamplingParams(max_tokens=max_tokens) if max_tokens is not None else SamplingParams()
+        """vLLM's: SamplingParams() with the generation config's defaults (temperature, top_p, top_k, min_p,
+        repetition_penalty; max_new_tokens as max_tokens); what generate() and chat() use for None."""
+        return SamplingParams(**self.llm_engine.model_config.default_sampling_params)
 
     def generate(
         self,

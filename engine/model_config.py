@@ -9,10 +9,11 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.config import GENERATION_CONFIG_KEYS, ConfigError, EngineConfig
+from engine.config import GENERATION_CONFIG_KEYS, ConfigError, EngineConfig, check_generation_value
 from engine.errors import ModelLoadError, UnsupportedArchitectureError
 from engine.gguf_file import open_gguf
 from engine.models.registry import MODEL_CLASSES
+from engine.sampling_defaults import HF_GENERATION_DEFAULTS, sampling_defaults
 
 # torch, and transformers' config module (it imports torch: its rope utilities), are imported where a
 # device is given: the API process resolves its view of the model without them
@@ -67,6 +68,11 @@ class ModelConfig:
         """max_tokens of a request that sets none (vLLM: generation_config's max_new_tokens);
         None: up to the context length."""
         return self.generation_config.get("max_new_tokens")
+
+    @property
+    def default_sampling_params(self) -> dict[str, Any]:
+        """vLLM's get_diff_sampling_param: SamplingParams fields of requests that set none."""
+        return sampling_defaults(self.generation_config)
 
     @property
     def num_layers(self) -> int:
@@ -276,8 +282,7 @@ def resolve_model_config(cfg: EngineConfig, device: torch.device | None) -> Mode
     tokenizer = cfg.tokenizer or path
     if not os.path.exists(tokenizer):
         raise ConfigError("tokenizer", f"{tokenizer} does not exist (give a tokenizer directory or .gguf file)")
-    model_generation = (_read_generation_config(path, "model")
-                        if not is_gguf and os.path.isfile(os.path.join(path, "generation_config.json")) else None)
+    model_generation = _model_generation_config(path, is_gguf)
     if model_generation is not None:  # its EOS ids end sequences whatever --generation-config says
         check_token_ids("generation_config.json.eos_token_id", model_generation.get("eos_token_id"),
                         hf_config.vocab_size)
@@ -339,11 +344,24 @@ def _read_generation_config(directory: str, param: str) -> dict[str, Any]:
     return data
 
 
+def _model_generation_config(path: str, is_gguf: bool) -> dict[str, Any] | None:
+    """The model directory's generation_config.json; None for a GGUF file or a directory without one."""
+    if is_gguf or not os.path.isfile(os.path.join(path, "generation_config.json")):
+        return None
+    return _read_generation_config(path, "model")
+
+
+def generation_defaults(cfg: EngineConfig) -> tuple[dict[str, Any], str]:
+    """resolve_generation_config without the rest of the model config (the API process's request defaults)."""
+    path = cfg.model or default_model_path()
+    return resolve_generation_config(cfg, _model_generation_config(path, os.path.isfile(path) and path.endswith(".gguf")))
+
+
 def resolve_generation_config(cfg: EngineConfig, model_generation: dict[str, Any] | None) -> tuple[dict[str, Any], str]:
     """vLLM's --generation-config: `auto` takes the model's generation_config.json (model_generation,
     None without one; the embedded model's defaults: EMBEDDED_GENERATION_CONFIG), `vllm` none, a
-    directory its file; --override-generation-config goes on top. Returns (the applied keys, where they
-    came from)."""
+    directory its file; --override-generation-config goes on top. A file's value equal to transformers'
+    default is left out (HF_GENERATION_DEFAULTS). Returns (the applied keys, where they came from)."""
     if cfg.generation_config == "vllm":
         data, source = {}, "ignored (--generation-config vllm)"
     elif cfg.generation_config != "auto":
@@ -355,11 +373,15 @@ def resolve_generation_config(cfg: EngineConfig, model_generation: dict[str, Any
         data, source = model_generation, "the model's generation_config.json"
     else:
         data, source = {}, "none in the model"
-    if cfg.override_generation_config:
-        data = {**data, **cfg.override_generation_config}
+    applied = {}
+    for key in GENERATION_CONFIG_KEYS:
+        value = data.get(key)
+        if value is None:
+            continue
+        check_generation_value(f"generation_config.json.{key}", key, value, source)
+        if value != HF_GENERATION_DEFAULTS.get(key):
+            applied[key] = value
+    if cfg.override_generation_config:  # checked by EngineConfig; taken as given
+        applied.update(cfg.override_generation_config)
         source += " + --override-generation-config"
-    applied = {k: data[k] for k in GENERATION_CONFIG_KEYS if data.get(k) is not None}
-    max_new = applied.get("max_new_tokens")
-    if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1):
-        raise ConfigError("generation_config", f"max_new_tokens must be an integer >= 1, got {max_new!r} ({source})")
     return applied, source

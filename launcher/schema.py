@@ -27,7 +27,7 @@ class ModelConfig:
     quantization: str = "auto"  # auto (from the checkpoint) | gguf | gptq | awq | compressed-tensors | fp8 | none
     hf_overrides: dict[str, Any] = field(default_factory=dict)  # HF config fields to override (tiny dummy shapes)
     generation_config: str = "auto"  # request defaults: auto (the model's generation_config.json) | vllm (none) | a directory
-    override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {max_new_tokens: 512}
+    override_generation_config: dict[str, Any] = field(default_factory=dict)  # on top, e.g. {temperature: 0.6, max_new_tokens: 512}
     lora_modules: dict[str, str] = field(default_factory=dict)  # LoRA adapters by name: name -> directory (engine.enable_lora)
     reasoning_parser: Optional[str] = None  # deepseek_r1 | qwen3: <think> text to message.reasoning_content
     tool_call_parser: Optional[str] = None  # hermes | llama3_json | mistral: the model's tool-call format

@@ -25,6 +25,7 @@ from sanic.response import json as json_response
 from engine.config import EngineConfig, ServerConfig
 from engine.core_messages import CoreInfo
 from engine.core_proc import CoreAddresses, CoreFactory, EngineCoreProcess
+from engine.sampling_defaults import api_sampling_defaults
 from engine.server.async_llm import AsyncLLM
 from engine.server.auth import is_authorized, is_public
 from engine.server.cors import register_cors
@@ -69,6 +70,7 @@ class ServerState:
         self.lora_registry: Any = None  # engine.lora.registry.LoRARegistry once needed (engine/server/lora_routes.py)
         self.lora_load_lock: Any = None  # asyncio.Lock of run-time adapter loads, made in the event loop
         self.background: list[asyncio.Task] = []  # start-up waiters, cancelled when the server stops
+        self.default_sampling: dict[str, Any] = {}  # the generation config's request defaults (ModelContext's)
 
     def run_in_background(self, coro: Any) -> None:
         """A task that waits on start-up, cancelled at stop: a stop while it waits (SIGTERM, a failed
@@ -121,7 +123,8 @@ class ServerState:
                            lora_enabled=self.engine_config.enable_lora,
                            enable_auto_tool_choice=self.server_config.enable_auto_tool_choice,
                            tool_call_parser=self.server_config.tool_call_parser,
-                           reasoning_parser=self.server_config.reasoning_parser)
+                           reasoning_parser=self.server_config.reasoning_parser,
+                           default_sampling=self.default_sampling)
         t0 = time.monotonic()
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.frontend.load, self.engine.tokenizer, ctx)
@@ -236,6 +239,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig, api_key
     engine = AsyncLLM(engine_config, server_config, ServerMetrics(), client_index=client_index, addresses=addresses,
                       core_pid=core_pid, core_factory=core_factory, log_level=log_level, core=core)
     state = ServerState(engine_config, server_config, api_key, engine)
+    state.default_sampling = api_sampling_defaults(engine_config, log=client_index == 0)
     app.ctx.state = state
 
     @app.signal("http.routing.after")

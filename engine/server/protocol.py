@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from engine.sampling_defaults import with_defaults
 from engine.sampling_params import MAX_BAD_WORDS, SamplingParams, SamplingParamsError
 
 if TYPE_CHECKING:
@@ -192,6 +193,8 @@ class ModelContext:
     enable_auto_tool_choice: bool = False  # ServerConfig's: tool_choice "auto" allowed (engine/server/tools.py)
     tool_call_parser: str | None = None  # ServerConfig's
     reasoning_parser: str | None = None  # ServerConfig's: a chat constraint starts after the reasoning
+    # the generation config's defaults of fields a request leaves unset (temperature, top_p...; not max_tokens)
+    default_sampling: dict[str, Any] = field(default_factory=dict)
 
 
 def check_model(body: dict, ctx: ModelContext) -> None:
@@ -308,6 +311,8 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         "include_stop_str_in_output": _bool(body, "include_stop_str_in_output"),
         "structured_outputs": structured_outputs_params(body),  # response_format / structured_outputs
     }
+    if not _bool(body, "use_beam_search"):  # vLLM's: the model's defaults where the request set nothing
+        kwargs = with_defaults(kwargs, ctx.default_sampling)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, stop=_stop(body, ctx), **kwargs)

@@ -88,7 +88,8 @@ def test_embedded_model_default_max_tokens(smollm2_path: str) -> None:
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"override_generation_config": {"temperature": 0.5}}, "override_generation_config.temperature"),
+    ({"override_generation_config": {"temperature": -0.5}}, "override_generation_config.temperature"),
+    ({"override_generation_config": {"do_sample": True}}, "override_generation_config.do_sample"),
     ({"override_generation_config": {"max_new_tokens": 0}}, "override_generation_config.max_new_tokens"),
     ({"override_generation_config": "max_new_tokens=3"}, "override_generation_config"),
 ])

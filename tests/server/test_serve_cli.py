@@ -153,7 +153,7 @@ def test_port_in_use_is_one_line_naming_the_port() -> None:
     (["--model", "/nonexistent/model.gguf"], "/nonexistent/model.gguf: model path does not exist"),
     (["--max-model-len", "100000"], "max_model_len: 100000 exceeds the model's max_position_embeddings (8192)"),
     (["--tensor-parallel-size", "2", "--device", "cuda"], "needs 2 GPUs (one per rank), but 0 are visible"),
-    (["--override-generation-config", '{"top_p": 0.5}'], "override_generation_config.top_p: not applied"),
+    (["--override-generation-config", '{"do_sample": true}'], "override_generation_config.do_sample: not applied"),
 ])
 def test_config_errors_before_listening(args: list[str], words: str) -> None:
     from tests.server.conftest import free_port
