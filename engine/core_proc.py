@@ -273,10 +273,14 @@ class EngineCoreLoop:
             if self.stopping:
                 self.stop()  # collects batches in flight, releases the other ranks
                 return 0
+            went_idle = False
             if core.has_work():
                 self._send(core.step_fn())
+                went_idle = not core.has_work()
             now = time.monotonic()
-            if now - last_heartbeat >= HEARTBEAT_INTERVAL_S:
+            # also once the last request is out: every API process's copy of the stats (its /metrics) then
+            # counts it, not only the one that served it (--api-server-count N)
+            if went_idle or now - last_heartbeat >= HEARTBEAT_INTERVAL_S:
                 beat = encoder.encode(EngineCoreOutputs(timestamp=time.time(), stats=self._stats(core.get_stats())))
                 for sock in self.outputs:
                     sock.send_multipart((OUTPUTS, beat))
