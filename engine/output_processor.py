@@ -150,9 +150,11 @@ class OutputProcessor:
             sample.token_ids.append(token_id)
             if out.new_logprobs is not None and sample.logprobs is not None:
                 lp = out.new_logprobs[i]
-                entry = {t: Logprob(v, r, self._decode_one(t, params))
-                         for r, (t, v) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), 1)}
-                entry[token_id] = Logprob(lp.logprobs[0], lp.rank, self._decode_one(token_id, params))
+                # vLLM's order: the sampled token first (with its own rank), then the top-k it is not among
+                entry = {token_id: Logprob(lp.logprobs[0], lp.rank, self._decode_one(token_id, params))}
+                for r, (t, v) in enumerate(zip(lp.token_ids[1:], lp.logprobs[1:]), 1):
+                    if t != token_id:
+                        entry[t] = Logprob(v, r, self._decode_one(t, params))
                 sample.logprobs.append(entry)
                 sample.cumulative_logprob += lp.logprobs[0]
             last = i == len(out.new_token_ids) - 1

@@ -110,6 +110,12 @@ def test_parallel_samples_share_prompt_blocks(tiny_llama: str) -> None:
 def test_logprobs(llm: LLM) -> None:
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=5, logprobs=3, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     assert len(out.logprobs) == 5
+    assert all(next(iter(entry)) == t for t, entry in zip(out.token_ids, out.logprobs))  # vLLM's: sampled first
+    seeded = llm.generate(PROMPTS[0], SamplingParams(temperature=5.0, seed=1, max_tokens=8, logprobs=2),
+                          use_tqdm=False)[0].outputs[0]  # hot: most sampled tokens are outside the top 2
+    for t, entry in zip(seeded.token_ids, seeded.logprobs):
+        assert next(iter(entry)) == t and len(entry) == (2 if entry[t].rank <= 2 else 3)
+        assert sorted(lp.rank for lp in list(entry.values())[1:]) == [r for r in (1, 2) if r != entry[t].rank]
     for token_id, entry in zip(out.token_ids, out.logprobs):
         assert token_id in entry and entry[token_id].rank == 1  # greedy takes the top token
         assert len(entry) == 3 and all(lp.logprob <= 0 for lp in entry.values())
