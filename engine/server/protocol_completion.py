@@ -81,6 +81,9 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
     max_tokens = _int(body, "max_tokens", 0 if echo else 1)
     if max_tokens == 0 and _bool(body, "use_beam_search"):
         raise bad("max_tokens", "0 (echo the prompt alone) is not supported with use_beam_search")
+    min_tokens = _int(body, "min_tokens", 0)
+    if max_tokens == 0 and min_tokens:  # checked here: the engine runs max_tokens 0 as 1, hidden
+        raise bad("min_tokens", f"must be <= max_tokens (0), got {min_tokens}")
     params = sampling_params(body, ctx, 1 if max_tokens == 0 else max_tokens, logprobs)
     include_usage, continuous_usage = _stream_options(body, stream)
     return CompletionRequest(

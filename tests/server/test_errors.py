@@ -41,6 +41,8 @@ BAD_REQUESTS = [
     ("max-tokens-zero-no-echo", "POST", COMPLETIONS, completion(max_tokens=0), 400, "max_tokens"),
     ("max-tokens-zero-echo-beam", "POST", COMPLETIONS, completion(max_tokens=0, echo=True, use_beam_search=True), 400,
      "max_tokens"),
+    ("echo-min-tokens-past-max-tokens-zero", "POST", COMPLETIONS, completion(max_tokens=0, echo=True, min_tokens=3),
+     400, "max_tokens (0)"),  # the engine runs max_tokens 0 as 1: the message must name what the client sent
     ("max-tokens-negative", "POST", COMPLETIONS, completion(max_tokens=-5), 400, "max_tokens"),
     ("max-tokens-beyond-context", "POST", CHAT, chat(max_tokens=10 * MAX_MODEL_LEN), 400, "max_tokens"),
     ("max-tokens-prompt-plus", "POST", COMPLETIONS, completion(max_tokens=MAX_MODEL_LEN), 400, "max_tokens"),
