@@ -183,7 +183,8 @@ class EngineConfig:
 
     def _check_lora(self) -> None:
         if self.lora_modules and not self.enable_lora:
-            raise ConfigError("lora_modules", "adapters given but enable_lora is off")
+            raise ConfigError("lora_modules", "adapters given but enable_lora is off: turn it on (--enable-lora; "
+                                              "launcher: engine.enable_lora=true)")
         if not isinstance(self.lora_modules, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
                                                                for k, v in self.lora_modules.items()):
             raise ConfigError("lora_modules", f"must map adapter names to directories, got {self.lora_modules!r}")
