@@ -27,6 +27,11 @@ from engine.structured.params import StructuredOutputsError
 READ_WAIT_S = 0.01  # the longest a step with nothing to run waits for an adapter read or a grammar compile
 
 
+def sample_ids(request_id: str, n: int) -> list[str]:
+    """Its samples' sequence ids: the request id for one sample, else "request_id#index"."""
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
 class Executor(Protocol):
     """What the core needs of an executor (UniprocExecutor, MultiprocExecutor)."""
 
@@ -94,8 +99,7 @@ class EngineCore(OverlappedSteps):
         params = req.sampling_params
         request = Request(req.request_id, None, req.prompt_token_ids, params, RequestMetrics(req.arrival_time),
                           req.max_tokens, lora_request=req.lora_request)
-        for i in range(params.n):
-            seq_id = req.request_id if params.n == 1 else f"{req.request_id}#{i}"
+        for i, seq_id in enumerate(sample_ids(req.request_id, params.n)):
             request.seqs.append(Sequence(seq_id, request, i, list(req.prompt_token_ids), len(req.prompt_token_ids)))
         if req.lora_request is not None and self.max_lora_rank is not None:
             from engine.lora.adapter import LoRAError, check_adapter_files
@@ -119,6 +123,20 @@ class EngineCore(OverlappedSteps):
         self.requests[req.request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
+
+    def sample_id_taken(self, request_id: str, n: int) -> str | None:
+        """A sample id of a new request (request_id, n samples) that a live request's sample has, else None:
+        "a" with n=2 has samples "a#0" and "a#1", the id of a request "a#1" (n=1) too, and two sequences under
+        one id would share the runners' state and pages (both requests hung)."""
+        for seq_id in sample_ids(request_id, n):
+            other = self.requests.get(seq_id)
+            if other is not None and other.params.n == 1:
+                return seq_id
+            base, _, index = seq_id.rpartition("#")
+            other = self.requests.get(base) if base else None
+            if other is not None and other.params.n > 1 and index.isdigit() and int(index) < other.params.n:
+                return seq_id
+        return None
 
     def abort_requests(self, request_ids: Iterable[str | tuple[str, int]]) -> None:
         """Free these requests (an id) or samples ((id, index); index -1: all) wherever they are;

@@ -139,12 +139,22 @@ class LLMEngine:
         return self.output_processor.requests
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, arrival_time: float | None = None,
-        lora_request: LoRARequest | None = None,
+        self, request_id: str, prompt: str | list[int] | dict[str, Any], params: SamplingParams,
+        arrival_time: float | None = None, lora_request: LoRARequest | None = None,
     ) -> None:
+        """prompt: any of vLLM's forms, as LLM.generate takes one ({"prompt": ...} and {"prompt_token_ids": ...}
+        too; a dict was read as its keys and refused as bad token ids)."""
+        if isinstance(prompt, dict):
+            from engine.llm import _parse_prompt  # engine.llm imports this module
+
+            prompt = _parse_prompt(prompt, "prompt")
         with self.lock:
             if request_id in self.requests or request_id in self.engine_core.requests:
                 raise RequestError("request_id", f"request {request_id!r} is already running")
+            taken = self.engine_core.sample_id_taken(request_id, params.n)
+            if taken is not None:
+                raise RequestError("request_id", f"request {request_id!r}: its sample id {taken!r} is a running "
+                                                 f"request's (n > 1 samples are named request_id#index)")
             token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
             arrival_time = arrival_time or time.time()
             self._check_lora_int_id(lora_request)
