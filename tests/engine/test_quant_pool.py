@@ -90,10 +90,13 @@ def test_bytes_per_block_are_the_pages_bytes(kv_cache_dtype: str, checkpoint: st
     llm = LLM(checkpoint, load_format="dummy", enable_prefix_caching=False, num_kv_blocks=8, max_model_len=128,
               kv_cache_dtype=kv_cache_dtype)
     runner = llm.llm_engine.executor.runner
-    pages = sum(t.nbytes for a in runner.attn_layers for t in (a.k_cache, a.v_cache))
-    assert pages == 8 * runner.kv_bytes_per_block()
-    assert runner.attn_layers[0].k_cache.element_size() == (1 if kv_cache_dtype == "fp8" else 4)
-    llm.llm_engine.shutdown()
+    try:
+        pages = sum(t.nbytes for a in runner.attn_layers for t in (a.k_cache, a.v_cache))
+        assert pages == 8 * runner.kv_bytes_per_block()
+        model_bytes = torch.empty(0, dtype=runner.model_config.dtype).element_size()  # float32 on CPU, bf16 on a GPU
+        assert runner.attn_layers[0].k_cache.element_size() == (1 if kv_cache_dtype == "fp8" else model_bytes)
+    finally:
+        llm.llm_engine.shutdown()
 
 
 class _FakeCuda:
