@@ -262,10 +262,6 @@ def beam_search_offline(engine: LLMEngine, prompts: list[list[int]], params: Bea
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     if len(params_list) != len(prompts):
         raise ValueError(f"params: {len(params_list)} given for {len(prompts)} prompts")
-    max_num_seqs = engine.config.max_num_seqs
-    for p in params_list:
-        if p.beam_width > max_num_seqs:
-            raise RequestError("beam_width", f"must be at most max_num_seqs ({max_num_seqs}), got {p.beam_width}")
     searches = [BeamSearch(ids, p, engine.eos_token_ids, engine.max_model_len) for ids, p in zip(prompts, params_list)]
     if not engine.config.enable_prefix_caching:
         logger.warning("beam search without prefix caching recomputes every beam's prompt at every step")
@@ -312,11 +308,12 @@ def select_best_of(cumulative_logprobs: list[float], n: int) -> list[int]:
     return order[:n]
 
 
-def best_of_params(params: SamplingParams, max_num_seqs: int) -> SamplingParams:
-    """What the engine runs for params: best_of samples, each with its cumulative logprob."""
+def best_of_params(params: SamplingParams, max_num_seqs: int | None) -> SamplingParams:
+    """What the engine runs for params: best_of samples, each with its cumulative logprob. max_num_seqs: the
+    server's bound on best_of; None (offline LLM): none, they run max_num_seqs at a time as vLLM's."""
     if params.best_of is None or params.best_of == params.n:
         return params
-    if params.best_of > max_num_seqs:
+    if max_num_seqs is not None and params.best_of > max_num_seqs:
         raise RequestError("best_of", f"must be at most max_num_seqs ({max_num_seqs}), got {params.best_of}")
     return dataclasses.replace(params, n=params.best_of, logprobs=0 if params.logprobs is None else params.logprobs)
 

@@ -64,7 +64,7 @@ class InputProcessor:
                 "max_tokens", f"this model's maximum context length is {info.max_model_len} tokens, but "
                 f"{len(token_ids)} prompt tokens + max_tokens {params.max_tokens} exceed it"
             )
-        if params.n > info.max_num_seqs:
+        if self.serving_defaults and params.n > info.max_num_seqs:  # offline: they run max_num_seqs at a time
             raise RequestError("n", f"must be at most max_num_seqs ({info.max_num_seqs}), got {params.n}")
         if any(t >= vocab for t in params.stop_token_ids):
             raise RequestError("stop_token_ids", f"token ids must be in [0, {vocab})")

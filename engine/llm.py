@@ -164,7 +164,7 @@ class LLM:
         params_list = _per_prompt(sampling_params, SamplingParams, "sampling_params", len(prompts))
         loras = _per_prompt(lora_request, LoRARequest, "lora_request", len(prompts))
         engine = self.llm_engine
-        run_params = _offline_params(params_list, engine.config.max_num_seqs)  # before any request is added
+        run_params = _offline_params(params_list)  # before any request is added
         ids: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
@@ -255,7 +255,7 @@ def _per_prompt(value: Any, cls: type, name: str, count: int) -> list[Any]:
     return items
 
 
-def _offline_params(params_list: list[SamplingParams], max_num_seqs: int) -> list[SamplingParams]:
+def _offline_params(params_list: list[SamplingParams]) -> list[SamplingParams]:
     """What the engine runs for each prompt's params: a copy checked and normalized again (vLLM scripts set
     fields after construction: top_k=-1, stop="...", or a value out of range), best_of samples
     (best_of_params), and the whole final output whatever output_kind says, as vLLM's LLM returns (DELTA
@@ -266,7 +266,7 @@ def _offline_params(params_list: list[SamplingParams], max_num_seqs: int) -> lis
             run = dataclasses.replace(params)  # __post_init__ again: a SamplingParamsError names the field
             if run.output_kind == RequestOutputKind.DELTA:
                 run.output_kind = RequestOutputKind.FINAL_ONLY
-            copies[id(params)] = best_of_params(run, max_num_seqs)
+            copies[id(params)] = best_of_params(run, None)
     return [copies[id(params)] for params in params_list]
 
 

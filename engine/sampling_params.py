@@ -26,6 +26,7 @@ class SamplingParamsError(ValueError):
 MAX_STOP_STRINGS = 64
 MAX_BAD_WORDS = 128  # bad_words strings; each may tokenize to two sequences (with and without a leading space)
 MAX_LOGPROBS = 20
+MAX_N_SEQUENCES = 16384  # vLLM's bound on n and best_of (VLLM_MAX_N_SEQUENCES' default)
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # OpenAI's seed is an int64
 
 
@@ -204,8 +205,10 @@ class SamplingParams:
         def bad(param: str, message: str) -> SamplingParamsError:
             return SamplingParamsError(param, message)
 
-        if self.n < 1:
-            raise bad("n", f"must be an integer >= 1, got {self.n!r}")
+        if not 1 <= self.n <= MAX_N_SEQUENCES:
+            raise bad("n", f"must be in [1, {MAX_N_SEQUENCES}], got {_show(self.n)}")
+        if self.best_of is not None and self.best_of > MAX_N_SEQUENCES:
+            raise bad("best_of", f"must be at most {MAX_N_SEQUENCES}, got {_show(self.best_of)}")
         if self.best_of is not None and self.best_of < self.n:
             raise bad("best_of", f"must be >= n ({self.n}), got {_show(self.best_of)}")
         if self.temperature < 0:
