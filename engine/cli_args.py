@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.config import DEFAULT_API_KEY_ENV, ConfigError, EngineConfig, ServerConfig, load_config_file
+from engine.vllm_args import resolve_vllm_args
 
 # vLLM's short spellings, and flags whose name differs from the field.
 ALIASES = {"tensor_parallel_size": ["-tp"], "pipeline_parallel_size": ["-pp"]}
@@ -114,6 +115,54 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # vLLM's choices
+
+
+def _add_vllm_flags(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags that are not config fields (engine/vllm_args.py says what each does here)."""
+    group = parser.add_argument_group("vLLM's flags (engine/vllm_args.py: taken where they mean what this engine "
+                                      "does, else refused naming the flag)")
+
+    def flag(name: str, default: str, help: str, **kwargs: Any) -> None:
+        group.add_argument("--" + name.replace("_", "-"), dest=f"vllm.{name}", default=argparse.SUPPRESS,
+                           help=f"{help} (default: {default})", **kwargs)
+
+    flag("num_gpu_blocks_override", "--num-kv-blocks's", "vLLM's name of --num-kv-blocks", type=int, metavar="N")
+    flag("disable_log_stats", "off", "taken: this engine logs no periodic stats (see /metrics)", action="store_true")
+    flag("enable_chunked_prefill", "on", "on: what this engine always does (off is refused)",
+         action=argparse.BooleanOptionalAction)
+    flag("swap_space", "4", "ignored with a warning, as vLLM's v1 engine ignores it", type=float, metavar="GIB")
+    flag("tokenizer_mode", "auto", "auto or hf: transformers' AutoTokenizer (others are refused)", metavar="MODE")
+    flag("skip_tokenizer_init", "off", "refused: the engine needs the model's tokenizer", action="store_true")
+    flag("max_seq_len_to_capture", "8192", "ignored with a warning, as vLLM's v1 engine ignores it", type=int,
+         metavar="N")
+    flag("revision", "none", "refused: local model paths only, nothing is downloaded", metavar="REVISION")
+    flag("download_dir", "none", "refused: local model paths only, nothing is downloaded", metavar="DIR")
+    flag("distributed_executor_backend", "mp", "mp: what this engine does (others are refused)", metavar="BACKEND")
+    flag("uvicorn_log_level", "info", "taken: the HTTP server (not uvicorn) logs no connection lines; --log-level "
+         "sets this engine's", choices=UVICORN_LOG_LEVELS)
+    flag("disable_frontend_multiprocessing", "off", "ignored with a warning, as vLLM's v1 engine ignores it (the "
+         "engine core is its own process)", action="store_true")
+    group.add_argument("--disable-log-requests", dest="ServerConfig.log_requests", action="store_false",
+                       default=argparse.SUPPRESS,
+                       help="vLLM's: no line per finished request, same as --no-log-requests (default: logged)")
+    group.add_argument("--enable-log-requests", dest="ServerConfig.log_requests", action="store_true",
+                       default=argparse.SUPPRESS,
+                       help="vLLM's: a line per finished request, same as --log-requests (default: logged)")
+
+
+def _server_only_warnings(vllm: dict[str, Any]) -> list[str]:
+    """Warning lines for the vLLM flags only a server has."""
+    warnings = []
+    if vllm.pop("uvicorn_log_level", "info") in ("debug", "trace"):
+        warnings.append("--uvicorn-log-level: the HTTP server is not uvicorn and logs no connection lines; "
+                        "--log-level debug sets this engine's own")
+    if vllm.pop("disable_frontend_multiprocessing", False):
+        warnings.append("--disable-frontend-multiprocessing: ignored, as vLLM's v1 engine ignores it (the engine "
+                        "core runs in a process of its own)")
+    return warnings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m engine.serve",
@@ -127,14 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(parser, ServerConfig, "server (ServerConfig)")
     parser.add_argument("--disable-ui", dest="ServerConfig.ui", action="store_false", default=argparse.SUPPRESS,
                         help="do not serve the built-in chat page at / and /ui, same as --no-ui (default: served)")
+    _add_vllm_flags(parser)
     return parser
 
 
 def parse_configs(argv: Sequence[str] | None = None) -> tuple[EngineConfig, ServerConfig, argparse.Namespace]:
-    """Configs from --config (if any) with explicit flags on top; raises ConfigError."""
+    """Configs from --config (if any) with explicit flags on top; raises ConfigError. args.vllm_warnings: lines
+    for the caller to log, about vLLM flags taken but ignored."""
     args = build_parser().parse_args(argv)
     engine_config, server_config = load_config_file(args.config) if args.config else (EngineConfig(), ServerConfig())
-    overrides: dict[str, dict[str, Any]] = {"EngineConfig": {}, "ServerConfig": {}}
+    overrides: dict[str, dict[str, Any]] = {"EngineConfig": {}, "ServerConfig": {}, "vllm": {}}
     for dest, value in vars(args).items():
         if "." in dest:
             cls_name, name = dest.split(".", 1)
@@ -144,6 +195,10 @@ def parse_configs(argv: Sequence[str] | None = None) -> tuple[EngineConfig, Serv
                     raise ConfigError("lora_modules", f"an adapter name is given twice: {', '.join(names)}")
                 value = dict(value)
             overrides[cls_name][name] = value
+    args.vllm_warnings = _server_only_warnings(overrides["vllm"])
+    engine_overrides, warnings = resolve_vllm_args({**overrides["EngineConfig"], **overrides["vllm"]})
+    args.vllm_warnings = warnings + args.vllm_warnings
+    overrides["EngineConfig"] = engine_overrides
     engine_config = dataclasses.replace(engine_config, **overrides["EngineConfig"])
     server_config = dataclasses.replace(server_config, **overrides["ServerConfig"])
     return engine_config, server_config, args

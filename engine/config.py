@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 
 class ConfigError(ValueError):
@@ -122,6 +122,7 @@ class EngineConfig:
     max_loras: int = 1  # adapters resident on the device at once (and so in one step)
     max_cpu_loras: int | None = None  # adapters cached in host memory (unset: max_loras)
     max_lora_rank: int = 16  # largest adapter rank served
+    max_logprobs: int = 20  # most logprobs and prompt_logprobs a request may ask for (vLLM's; 20 at most; offline only so far)
 
     def step_token_budget(self, device_type: str) -> int:
         """max_num_batched_tokens resolved: unset means 8,192 on a GPU and CPU_STEP_TOKENS on CPU (a block at
@@ -178,6 +179,9 @@ class EngineConfig:
             raise ConfigError("device", f"must be auto, cuda or cpu, got {self.device!r}")
         if not isinstance(self.generation_config, str) or not self.generation_config:
             raise ConfigError("generation_config", f"must be auto, vllm or a directory, got {self.generation_config!r}")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:  # vLLM's -1 (no cap) too: SamplingParams caps them at 20
+            raise ConfigError("max_logprobs", f"must be in [0, {MAX_LOGPROBS}] (requests take at most "
+                                              f"{MAX_LOGPROBS} logprobs here), got {self.max_logprobs}")
         self._check_generation_override()
         self._check_lora()
 

@@ -29,6 +29,7 @@ from engine.lora.request import LoRARequest
 from engine.sampling_defaults import log_sampling_defaults
 from engine.outputs import RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.vllm_args import VLLM_ARGS, log_warnings, resolve_vllm_args
 
 Prompt = str | list[int]  # what the engine takes
 PromptType = str | list[int] | dict[str, Any]  # what generate() takes (vLLM's PromptType, text only)
@@ -49,15 +50,19 @@ def _show_engine_logs() -> None:
 
 class LLM:
     """LLM(model=None) serves the embedded SmolLM2-135M-Instruct; keyword arguments are
-    EngineConfig fields (dtype, max_model_len, block_size, gpu_memory_utilization, ...)."""
+    EngineConfig fields (dtype, max_model_len, block_size, gpu_memory_utilization, ...) and the vLLM
+    arguments of engine/vllm_args.py (num_gpu_blocks_override, swap_space, seed=None, ...)."""
 
     def __init__(self, model: str | None = None, **kwargs: Any):
-        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        known = {f.name for f in dataclasses.fields(EngineConfig)} | set(VLLM_ARGS)
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"LLM() got unknown argument {unknown[0]!r}; known: {', '.join(sorted(known))}")
         _show_engine_logs()
-        self.llm_engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        kwargs, warnings = resolve_vllm_args(kwargs)
+        config = EngineConfig(model=model, **kwargs)
+        log_warnings(warnings)
+        self.llm_engine = LLMEngine(config)
         self.llm_engine.stream_outputs = False  # generate() returns finished requests only
         model_config = self.llm_engine.model_config
         log_sampling_defaults(model_config.default_sampling_params, model_config.generation_config_source)
@@ -171,6 +176,7 @@ class LLM:
             for i, (prompt, params, lora) in enumerate(zip(prompts, run_params, loras)):
                 request_id = str(next(self._counter))
                 try:
+                    _check_max_logprobs(params, engine.config.max_logprobs)
                     engine.add_request(request_id, _truncated(engine, prompt, params), params, lora_request=lora)
                 except RequestError as e:
                     _name_entry(e, where, i, len(prompts))
@@ -223,6 +229,14 @@ def _check_priority(priority: Any, count: int) -> None:
         if p != 0 or isinstance(p, bool) or not isinstance(p, int):
             raise RequestError(f"priority[{i}]", f"must be 0: requests run first come, first served (no priority "
                                                  f"scheduling), got {p!r}")
+
+
+def _check_max_logprobs(params: SamplingParams, limit: int) -> None:
+    """vLLM's bound on logprobs and prompt_logprobs: max_logprobs, with vLLM's message."""
+    for name, what in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+        value = getattr(params, name)
+        if value is not None and value > limit:
+            raise RequestError(name, f"Requested {what} logprobs of {value}, which is greater than max allowed: {limit}")
 
 
 def _truncated(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> Prompt:

@@ -25,6 +25,7 @@ from typing import Any
 from engine.cli_args import parse_configs
 from engine.config import DEFAULT_API_KEY_ENV, ConfigError, EngineConfig, ServerConfig
 from engine.errors import ModelLoadError
+from engine.vllm_args import log_warnings
 
 # Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. Spinning threads took the
 # cores from the server's own threads and from whatever else runs on a laptop (a decode step waits for
@@ -169,6 +170,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     """Rank 0: the port, the engine core process (started first, it loads while we check), checks,
     then API process 0 (Sanic), which with api_server_count > 1 starts the other API processes."""
     engine_config = serving_defaults(engine_config)
+    if engine_config.max_logprobs != EngineConfig.max_logprobs:  # never silently unbounded: refused until it is
+        raise ConfigError("max_logprobs", "only the offline LLM applies it so far; the API server bounds requests "
+                                          f"at {EngineConfig.max_logprobs} (leave it unset)")
     api_key, source = server_config.resolve_api_key_and_source()
     count = server_config.api_server_count
     # first: a taken port is known in milliseconds
@@ -260,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_config, server_config, args = parse_configs(argv)
         logging.basicConfig(level=args.log_level.upper(),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        if rank == 0:
+            log_warnings(args.vllm_warnings)
         if rank > 0:
             # Ranks > 0 of a torchrun group run their shard of the model for rank 0's engine core,
             # which also tells them when to stop: SIGTERM (docker stop, scancel) only starts rank 0's drain.
