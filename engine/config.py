@@ -122,7 +122,7 @@ class EngineConfig:
     max_loras: int = 1  # adapters resident on the device at once (and so in one step)
     max_cpu_loras: int | None = None  # adapters cached in host memory (unset: max_loras)
     max_lora_rank: int = 16  # largest adapter rank served
-    max_logprobs: int = 20  # most logprobs and prompt_logprobs a request may ask for (vLLM's; 20 at most; offline only so far)
+    max_logprobs: int = 20  # most logprobs and prompt_logprobs a request may ask for (vLLM's; 20 at most)
 
     def step_token_budget(self, device_type: str) -> int:
         """max_num_batched_tokens resolved: unset means 8,192 on a GPU and CPU_STEP_TOKENS on CPU (a block at

@@ -8,12 +8,14 @@ from typing import Any
 from engine.core_messages import CoreInfo, EngineCoreRequest
 from engine.errors import RequestError
 from engine.lora.request import LoRARequest
-from engine.sampling_params import SamplingParams, SamplingParamsError
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams, SamplingParamsError
 
 
 class InputProcessor:
-    def __init__(self, info: CoreInfo, tokenizer: Any = None, *, serving_defaults: bool = True):
+    def __init__(self, info: CoreInfo, tokenizer: Any = None, *, serving_defaults: bool = True,
+                 max_logprobs: int = MAX_LOGPROBS):
         self.info = info
+        self.max_logprobs = max_logprobs  # EngineConfig's (vLLM's): the most logprobs and prompt_logprobs
         self.tokenizer = tokenizer  # the front end's; bad_words need it (None: a request with them is refused)
         # max_tokens None: True (API server) the generation config's max_new_tokens, as vLLM's serving layer
         # fills it; False (offline LLMEngine) the context left, as vLLM's input processor (offline, the
@@ -64,6 +66,11 @@ class InputProcessor:
                 "max_tokens", f"this model's maximum context length is {info.max_model_len} tokens, but "
                 f"{len(token_ids)} prompt tokens + max_tokens {params.max_tokens} exceed it"
             )
+        for name, what in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):  # vLLM's message
+            value = getattr(params, name)
+            if value is not None and value > self.max_logprobs:
+                raise RequestError(name, f"Requested {what} logprobs of {value}, which is greater than max "
+                                         f"allowed: {self.max_logprobs}")
         if self.serving_defaults and params.n > info.max_num_seqs:  # offline: they run max_num_seqs at a time
             raise RequestError("n", f"must be at most max_num_seqs ({info.max_num_seqs}), got {params.n}")
         if any(t >= vocab for t in params.stop_token_ids):

@@ -176,7 +176,6 @@ class LLM:
             for i, (prompt, params, lora) in enumerate(zip(prompts, run_params, loras)):
                 request_id = str(next(self._counter))
                 try:
-                    _check_max_logprobs(params, engine.config.max_logprobs)
                     engine.add_request(request_id, _truncated(engine, prompt, params), params, lora_request=lora)
                 except RequestError as e:
                     _name_entry(e, where, i, len(prompts))
@@ -229,14 +228,6 @@ def _check_priority(priority: Any, count: int) -> None:
         if p != 0 or isinstance(p, bool) or not isinstance(p, int):
             raise RequestError(f"priority[{i}]", f"must be 0: requests run first come, first served (no priority "
                                                  f"scheduling), got {p!r}")
-
-
-def _check_max_logprobs(params: SamplingParams, limit: int) -> None:
-    """vLLM's bound on logprobs and prompt_logprobs: max_logprobs, with vLLM's message."""
-    for name, what in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
-        value = getattr(params, name)
-        if value is not None and value > limit:
-            raise RequestError(name, f"Requested {what} logprobs of {value}, which is greater than max allowed: {limit}")
 
 
 def _truncated(engine: LLMEngine, prompt: Prompt, params: SamplingParams) -> Prompt:

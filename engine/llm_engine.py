@@ -67,7 +67,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.engine_core.add_eos_token_ids([self.tokenizer.eos_token_id])
         self.client: EngineCoreClient = InprocClient(self.engine_core)
-        self.input_processor = InputProcessor(self.info, self.tokenizer, serving_defaults=False)
+        self.input_processor = InputProcessor(self.info, self.tokenizer, serving_defaults=False,
+                                              max_logprobs=config.max_logprobs)
         # lora_modules' names and headers; build_engine_core's registry has read their weights
         self.lora_registry = LoRARegistry(config, mc.hf_config, mc.served_model_name, check_values=False)
         # lora_int_id -> the adapter that first came with it: the core caches adapters, and the prefix cache

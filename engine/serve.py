@@ -170,9 +170,6 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     """Rank 0: the port, the engine core process (started first, it loads while we check), checks,
     then API process 0 (Sanic), which with api_server_count > 1 starts the other API processes."""
     engine_config = serving_defaults(engine_config)
-    if engine_config.max_logprobs != EngineConfig.max_logprobs:  # never silently unbounded: refused until it is
-        raise ConfigError("max_logprobs", "only the offline LLM applies it so far; the API server bounds requests "
-                                          f"at {EngineConfig.max_logprobs} (leave it unset)")
     api_key, source = server_config.resolve_api_key_and_source()
     count = server_config.api_server_count
     # first: a taken port is known in milliseconds

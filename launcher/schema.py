@@ -69,7 +69,7 @@ class EngineOptions:
     max_cpu_loras: Optional[int] = None  # adapters cached in host memory; null: max_loras
     max_lora_rank: int = 16  # largest adapter rank served
     trust_remote_code: bool = False  # let transformers run the model directory's own config/tokenizer code (vLLM's)
-    max_logprobs: int = 20  # most logprobs and prompt_logprobs a request may ask for (vLLM's; 20 at most; the API server: 20 only so far)
+    max_logprobs: int = 20  # most logprobs and prompt_logprobs a request may ask for (vLLM's; 20 at most)
 
 
 @dataclass

@@ -153,7 +153,7 @@ class AsyncLLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
             self.client.add_eos_token_ids([self.tokenizer.eos_token_id])  # before any request: one socket, in order
-        self.input_processor = InputProcessor(info, self.tokenizer)
+        self.input_processor = InputProcessor(info, self.tokenizer, max_logprobs=self.engine_config.max_logprobs)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.metrics.bind_engine(info.model_name, info.max_model_len, lambda: self.stats)
         self._last_message = self._last_progress = time.monotonic()

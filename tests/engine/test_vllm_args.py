@@ -101,6 +101,13 @@ def test_max_logprobs_bounds_requests_with_vllms_message(llm: LLM, field: str, w
     assert f"Requested {what} logprobs of 3, which is greater than max allowed: 2" in str(e.value)
     out = llm.generate("Hello", SamplingParams(max_tokens=2, **{field: 2}), use_tqdm=False)  # at the bound: served
     assert len(out) == 1 and not llm.llm_engine.has_unfinished_requests()
+    # the API server's input processor (engine.serve --max-logprobs 2) refuses the same way: a 400 naming the field
+    from engine.input_processor import InputProcessor
+
+    api = InputProcessor(llm.llm_engine.info, llm.get_tokenizer(), max_logprobs=2)
+    with pytest.raises(RequestError) as e:
+        api.process("r", [5, 6], SamplingParams(max_tokens=2, **{field: 3}), arrival_time=0.0)
+    assert e.value.param == field and "greater than max allowed: 2" in str(e.value)
 
 
 def test_ignored_arguments_log_one_warning(tiny_llama: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -69,7 +69,6 @@ def run_serve(*args: str) -> subprocess.CompletedProcess:
     (["--no-enable-chunked-prefill"], "enable_chunked_prefill"),
     (["--distributed-executor-backend", "ray"], "distributed_executor_backend"),
     (["--max-logprobs", "-1"], "max_logprobs"),
-    (["--max-logprobs", "5", "--port", "0"], "max_logprobs"),  # the API server does not bound requests by it yet
     (["--num-gpu-blocks-override", "64", "--num-kv-blocks", "32"], "num_gpu_blocks_override"),
 ])
 def test_flags_this_engine_cannot_honour_exit_2_naming_the_field(args: list[str], field: str) -> None:
