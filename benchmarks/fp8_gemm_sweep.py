@@ -34,6 +34,7 @@ def sweep_configs(k: int) -> list:
 
 
 def bench_shape(model: str, name: str, n: int, k: int, m: int, table: dict) -> None:
+    from engine.layers.quant import fp8
     from engine.layers.quant.fp8 import quantize_rows
     from kernels.fp8_gemm import config_for, fp8_gemm, m_bucket
     from kernels.fp8_quant import per_token_quant
@@ -47,9 +48,11 @@ def bench_shape(model: str, name: str, n: int, k: int, m: int, table: dict) -> N
     xq, xs = per_token_quant(x)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
 
+    fast = fp8.FAST_ACCUM  # both sides sum as the engine does (fast accumulation by default)
+
     def cublas(wc: torch.Tensor, with_bias: bool = False) -> torch.Tensor:
         return torch._scaled_mm(xq, wc.t(), scale_a=xs, scale_b=ws_row, out_dtype=torch.bfloat16,
-                                bias=bias if with_bias else None)
+                                bias=bias if with_bias else None, use_fast_accum=fast)
 
     ref = cublas(wq).float()
     row = {"figure": "fp8_gemm", "model": model, "layer": name, "M": m, "N": n, "K": k}
@@ -67,8 +70,8 @@ def bench_shape(model: str, name: str, n: int, k: int, m: int, table: dict) -> N
     current = config_for(m, n, k)  # this checkout's table entry, timed first
     for cfg in ([current] if current else []) + sweep_configs(k):
         try:
-            got = fp8_gemm(xq, xs, wq, ws, cfg, bias).float()
-            us = rotating_us(lambda wc: fp8_gemm(xq, xs, wc, ws, cfg, bias), wqs, replays=20)
+            got = fp8_gemm(xq, xs, wq, ws, cfg, bias, fast_accum=fast).float()
+            us = rotating_us(lambda wc: fp8_gemm(xq, xs, wc, ws, cfg, bias, fast_accum=fast), wqs, replays=20)
         except Exception as e:  # noqa: BLE001 - out of shared memory etc.: skip the config
             if "resource" not in str(e).lower():
                 raise
