@@ -24,6 +24,7 @@ import torch
 
 from engine.core_messages import EngineCoreOutput
 from engine.sequence import Request, Sequence
+from engine.structured.json_schema import json_schema_grammar
 from engine.structured.params import StructuredOutputsError, StructuredOutputsParams
 from engine.structured.reasoning import PARSERS, ReasoningGate, ThinkTokens
 
@@ -107,7 +108,7 @@ class StructuredOutputManager:
         kind, spec = p.grammar_key()
         try:
             if kind == "json":
-                return compiler.compile_json_schema(p.json_text(), any_whitespace=not p.disable_any_whitespace)
+                return compiler.compile_grammar(json_schema_grammar(p.json_text(), not p.disable_any_whitespace))
             if kind == "json_object":  # any object: OpenAI's json_object
                 return compiler.compile_json_schema('{"type": "object"}', strict_mode=False,
                                                     any_whitespace=not p.disable_any_whitespace)
