@@ -9,6 +9,7 @@
           throughput with bf16 KV, FP8 KV, FP8 weights + FP8 KV
   agree   greedy agreement fp8 vs bf16 on a small real-shaped random model (Qwen2-0.5B shape)
     python -m benchmarks.fp8_bench [--parts matmul,w1,w3,agree]
+    python -m benchmarks.fp8_bench --parts w3 --kv-cache-memory-gib 6.9   (W3 with a short KV pool, as on 11-30)
     python -m benchmarks.fp8_bench --pool-only   (KV pool sizes of W1 per config: benchmarks/kv_pools.py)
 Each engine start (dummy weights, CUDA graphs) costs ~30 s: all parts take an estimated 5-7 minutes on
 an H200; under a 4-minute limit run `--parts matmul,w1,agree` and `--parts w3` as two calls.
@@ -113,7 +114,8 @@ def start_llm(model_dir: str, max_len: int, args: argparse.Namespace, **engine: 
     t0 = time.perf_counter()
     llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=max(max_len, 2048),
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=8192,
-              gpu_memory_utilization=args.gpu_memory_utilization, **engine)
+              gpu_memory_utilization=args.gpu_memory_utilization, kv_cache_memory_gib=args.kv_cache_memory_gib,
+              **engine)
     return llm, time.perf_counter() - t0
 
 
@@ -259,6 +261,9 @@ def main() -> None:
     parser.add_argument("--w3-configs", default="bf16,fp8_kv,fp8_both")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                        help="a fixed KV pool for every engine (the same bytes: FP8 pages hold twice the tokens); "
+                        "6.9 GiB is the W3 pool of 2026-11-30 (1,765 pages of 16 bf16 tokens), which preempted")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool-only", action="store_true", help="only the KV pool sizes (W1 shape, no CUDA graphs, "
                         "about 15 s an engine): bf16, FP8 KV, FP8 / 4-bit weights (benchmarks/kv_pools.py)")
