@@ -224,6 +224,8 @@ class MultiprocExecutor:
         self.channel.send_to_workers(_SHUTDOWN)
         self.channel.wait_sent()
         self.channel.heartbeat.stop()
+        self.in_flight.clear()
+        self.runner.release()
         destroy_distributed()
 
 

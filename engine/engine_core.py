@@ -355,3 +355,4 @@ class EngineCore(OverlappedSteps):
             self.batch_queue.popleft()
             self.executor.collect()
         self.executor.shutdown()
+        self.lora_manager = None  # the runner's: its adapter buffers and CUDA graphs go with the runner

@@ -66,4 +66,6 @@ class UniprocExecutor:
         return self.pending.popleft().get()
 
     def shutdown(self) -> None:
-        pass
+        self.pending.clear()
+        self.forwarded = self.prepared = None
+        self.runner.release()

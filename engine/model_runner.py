@@ -372,6 +372,24 @@ class ModelRunner:
     def to_device(self, x: np.ndarray | list, dtype: torch.dtype) -> torch.Tensor:
         return to_device(x, dtype, self.device)
 
+    def release(self) -> None:
+        """At shutdown: drop the weights, KV pages, CUDA graphs and buffers, and return the GPU memory, even while
+        the LLM (or a reference to this runner) lives on, so the next engine in the process finds it free.
+        Idempotent; the runner is unusable after it (see __getattr__)."""
+        device = vars(self).get("device")
+        vars(self).clear()
+        self._released = True
+        if device is not None and device.type == "cuda":
+            import gc
+
+            gc.collect()  # the model's modules reference each other (parametrized layers, LoRA wrappers)
+            torch.cuda.empty_cache()
+
+    def __getattr__(self, name: str):  # called only for a name not found: after release(), every name
+        if vars(self).get("_released"):
+            raise RuntimeError(f"ModelRunner.{name}: the engine was shut down (its weights and KV cache released)")
+        raise AttributeError(name)
+
     def sampling_metadata(self, req_ids: list[str], states: list[RunnerRequestState] | None = None) -> SamplingMetadata:
         """states: req_ids' (the caller may have them already)."""
         states = [self.requests[r] for r in req_ids] if states is None else states
