@@ -29,7 +29,8 @@ class GemmConfig(NamedTuple):
 
 
 # (N, K, M bucket) -> config where this kernel beat torch._scaled_mm in `python3 -m benchmarks.fp8_gemm_sweep`
-# on an H200 (nineteenth session; at M = 128-256 cuBLASLt mostly wins); the M bucket is the smallest of
+# on an H200 (twenty-second session, fast accumulation on both sides; at M = 128-256 cuBLASLt mostly wins); the
+# M bucket is the smallest of
 # M_BUCKETS at or above M. Other shapes and M go to cuBLASLt. Fields: block_m, block_n, block_k, split_k,
 # num_warps, num_stages.
 M_BUCKETS = (16, 32, 64, 128, 256)
@@ -37,42 +38,43 @@ GEMM_TABLE: dict[tuple[int, int, int], GemmConfig] = {
     # W1 qkv_proj
     (4608, 3584, 16): GemmConfig(64, 128, 128, 8, 4, 3),
     (4608, 3584, 32): GemmConfig(64, 64, 128, 4, 4, 4),
-    (4608, 3584, 64): GemmConfig(64, 64, 128, 4, 4, 4),
-    (4608, 3584, 128): GemmConfig(64, 64, 128, 1, 4, 4),
+    (4608, 3584, 64): GemmConfig(64, 128, 128, 2, 4, 4),
+    (4608, 3584, 128): GemmConfig(64, 128, 128, 1, 4, 4),
     # W1 o_proj
     (3584, 3584, 16): GemmConfig(64, 128, 128, 4, 4, 4),
-    (3584, 3584, 32): GemmConfig(64, 64, 128, 4, 4, 4),
-    (3584, 3584, 64): GemmConfig(64, 64, 128, 4, 4, 4),
-    (3584, 3584, 128): GemmConfig(64, 64, 128, 2, 4, 4),
-    (3584, 3584, 256): GemmConfig(64, 64, 128, 1, 4, 4),
+    (3584, 3584, 32): GemmConfig(64, 128, 128, 4, 4, 4),
+    (3584, 3584, 64): GemmConfig(64, 128, 128, 4, 4, 4),
+    (3584, 3584, 128): GemmConfig(64, 128, 128, 2, 4, 4),
+    (3584, 3584, 256): GemmConfig(64, 128, 128, 1, 4, 4),
     # W1 gate_up_proj
     (37888, 3584, 16): GemmConfig(64, 128, 128, 1, 4, 3),
     (37888, 3584, 32): GemmConfig(64, 128, 128, 1, 4, 3),
     (37888, 3584, 64): GemmConfig(64, 128, 128, 1, 4, 3),
     # W1 down_proj
-    (3584, 18944, 16): GemmConfig(64, 128, 128, 8, 4, 4),
+    (3584, 18944, 16): GemmConfig(64, 64, 128, 8, 4, 3),
     (3584, 18944, 32): GemmConfig(64, 64, 128, 8, 4, 3),
     (3584, 18944, 64): GemmConfig(64, 64, 128, 4, 4, 4),
     (3584, 18944, 128): GemmConfig(64, 128, 128, 4, 4, 4),
-    (3584, 18944, 256): GemmConfig(128, 64, 128, 2, 8, 4),
+    (3584, 18944, 256): GemmConfig(128, 256, 128, 4, 8, 4),
     # W3 qkv_proj
-    (7168, 5120, 16): GemmConfig(64, 128, 128, 4, 4, 4),
+    (7168, 5120, 16): GemmConfig(64, 128, 128, 4, 4, 3),
     (7168, 5120, 32): GemmConfig(64, 64, 128, 2, 4, 4),
     (7168, 5120, 64): GemmConfig(64, 64, 128, 2, 4, 4),
     # W3 o_proj
-    (5120, 5120, 16): GemmConfig(64, 64, 128, 4, 4, 4),
+    (5120, 5120, 16): GemmConfig(64, 256, 128, 4, 4, 4),
     (5120, 5120, 32): GemmConfig(64, 64, 128, 4, 4, 4),
     (5120, 5120, 64): GemmConfig(64, 64, 128, 4, 4, 4),
     (5120, 5120, 128): GemmConfig(64, 64, 128, 2, 4, 4),
     # W3 gate_up_proj
-    (55296, 5120, 16): GemmConfig(64, 128, 128, 1, 4, 4),
+    (55296, 5120, 16): GemmConfig(64, 256, 128, 1, 4, 4),
     (55296, 5120, 32): GemmConfig(64, 128, 128, 1, 4, 4),
     (55296, 5120, 64): GemmConfig(64, 128, 128, 1, 4, 4),
+    (55296, 5120, 128): GemmConfig(128, 256, 128, 1, 8, 4),
     # W3 down_proj
-    (5120, 27648, 16): GemmConfig(64, 128, 128, 8, 4, 3),
+    (5120, 27648, 16): GemmConfig(64, 128, 128, 4, 4, 4),
     (5120, 27648, 32): GemmConfig(64, 64, 128, 4, 4, 4),
     (5120, 27648, 64): GemmConfig(64, 64, 128, 4, 4, 4),
-    (5120, 27648, 128): GemmConfig(64, 128, 128, 4, 4, 3),
+    (5120, 27648, 128): GemmConfig(128, 256, 128, 4, 8, 4),
 }
 
 
