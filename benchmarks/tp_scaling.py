@@ -4,6 +4,7 @@ tp2 and pp2, offline, random weights (load_format=dummy). Each config runs in a 
 Prints output tok/s, the ratios, and for tp > 1 the all-reduce time of one decode step at batch 256
 (NCCL kernels in a torch.profiler trace on rank 0, waits on the peer included) and its share of the step.
     python -m benchmarks.tp_scaling [--json out.json]      # GPU; --smoke: tiny shapes on CPU (plumbing)
+    python -m benchmarks.tp_scaling --configs w3:tp1,w3:tp2 --kv-cache-memory-gib 6.9   # W3 with a short pool
 """
 from __future__ import annotations
 
@@ -63,7 +64,8 @@ def run_child(spec: dict) -> dict:
               device="cpu" if smoke else "cuda", max_model_len=max(max_len, 2048),
               tensor_parallel_size=spec["tp"], pipeline_parallel_size=spec["pp"], max_num_seqs=spec["max_num_seqs"],
               max_num_batched_tokens=spec["max_num_batched_tokens"], enforce_eager=spec["enforce_eager"],
-              gpu_memory_utilization=spec["gpu_memory_utilization"], distributed_timeout_s=spec["timeout_s"])
+              gpu_memory_utilization=spec["gpu_memory_utilization"], kv_cache_memory_gib=spec.get("kv_cache_memory_gib"),
+              distributed_timeout_s=spec["timeout_s"])
     load_s = time.perf_counter() - t0
     engine = llm.llm_engine
     sync = torch.cuda.synchronize if not smoke else (lambda: None)
@@ -215,6 +217,9 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                        help="a fixed KV pool per rank (the same per GPU: tp2 holds twice tp1's tokens); 6.9 GiB is "
+                        "W3's pool of 2026-11-30, where tp1 preempts, as issue 19's W3 line assumes")
     parser.add_argument("--allreduce-batch", type=int, default=256, help="decode batch of the all-reduce profile")
     parser.add_argument("--timeout-s", type=float, default=1800.0, help="per config, start-up included")
     parser.add_argument("--seed", type=int, default=0)
@@ -230,6 +235,7 @@ def main() -> None:
         spec = dict(workload=name, tp=tp, pp=pp, smoke=args.smoke, seed=args.seed, max_num_seqs=args.max_num_seqs,
                     max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
                     gpu_memory_utilization=args.gpu_memory_utilization, allreduce_batch=args.allreduce_batch,
+                    kv_cache_memory_gib=args.kv_cache_memory_gib,
                     timeout_s=60.0 if args.smoke else 300.0)
         key = text.strip()
         results[key] = r = run_config(spec, args.timeout_s)
