@@ -105,7 +105,9 @@ def test_n4_and_unconstrained_neighbour_unchanged(which: str, request: pytest.Fi
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = llm.generate(["The capital of France is"], greedy, use_tqdm=False)[0].outputs[0].token_ids
     prompts = ["The capital of France is"] + [PROMPT] * len(SCHEMAS) + ["Answer yes or no.", "Good or bad?"]
-    params = ([greedy] + [constrained(json=s, n=4, disable_any_whitespace=k != "bounds") for k, s in SCHEMAS.items()]
+    # 96 tokens: "required" allows 22 characters of strings, and a CJK character can take 3 tokens
+    params = ([greedy] + [constrained(json=s, n=4, max_tokens=96, disable_any_whitespace=k != "bounds")
+                          for k, s in SCHEMAS.items()]
               + [constrained(regex=REGEX, n=4, max_tokens=16), constrained(choice=CHOICES, n=4, max_tokens=8)])
     specs = [("json", s) for s in SCHEMAS.values()] + [("regex", REGEX), ("choice", CHOICES)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
