@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from engine.structured.json_schema import json_schema_grammar
 from engine.structured.reasoning import PARSERS
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -88,8 +89,9 @@ def _build(kind: str, spec: str) -> None:
     import xgrammar as xgr  # imported on first use: it takes seconds
 
     try:
-        if kind == "json":
-            xgr.Grammar.from_json_schema(spec.split("\0")[0])
+        if kind == "json":  # the grammar the engine core compiles (json_schema.py), cached there for it
+            schema, _, compact = spec.partition("\0")
+            json_schema_grammar(schema, not compact)  # positional, as the manager calls it: one cache entry
         elif kind == "regex":
             xgr.Grammar.from_regex(spec)
         elif kind == "grammar":
