@@ -38,6 +38,18 @@ SCHEMAS = {
                                                   "note": {"type": "string", "maxLength": 6}},
                  "required": ["title", "year"]},
 }
+# Each schema's longest document in bytes: every string at its maxLength of 6-byte escapes ("\u00e9"), the
+# widest numbers, and the separators compact JSON uses (", " and ": ", as json.dumps). A token is at least one
+# byte, so a sample of a schema ends by its length plus one token (the end of sequence) or the grammar is wrong;
+# a smaller max_tokens let a sample of 16 Korean characters run out (CI, 2026-12-02).
+LONGEST = {
+    "nested": {"user": {"name": "\u00e9" * 12, "id": 9999}, "active": False},
+    "array": {"tags": ["\u00e9" * 8] * 3},
+    "enum": {"color": "green", "size": "S"},
+    "bounds": {"age": 120, "score": -0.123456},
+    "required": {"title": "\u00e9" * 16, "year": 2100, "note": "\u00e9" * 6},
+}
+JSON_TOKENS = {name: len(json.dumps(doc).encode()) + 1 for name, doc in LONGEST.items()}
 REGEX = r"(yes|no), [0-9]{1,3}(\.[0-9])?"
 CHOICES = ["positive", "negative", "neutral"]
 PROMPT = "Describe something as JSON."
@@ -49,6 +61,14 @@ def constrained(max_tokens: int = 64, n: int = 1, **spec) -> SamplingParams:
     spec.setdefault("disable_any_whitespace", "json" in spec)
     return SamplingParams(temperature=1.0, max_tokens=max_tokens, n=n,
                           structured_outputs=StructuredOutputsParams(**spec))
+
+
+def test_longest_documents_fit_their_schemas() -> None:
+    """The documents the token bounds come from are valid, and their strings are at maxLength."""
+    for name, doc in LONGEST.items():
+        jsonschema.validate(doc, SCHEMAS[name])
+    assert LONGEST["required"]["title"] == "\u00e9" * SCHEMAS["required"]["properties"]["title"]["maxLength"]
+    assert json.dumps(LONGEST["required"]).count("\\u00e9") == 22
 
 
 def check_batch(outputs: list, specs: list[tuple[str, object]]) -> None:
@@ -85,9 +105,9 @@ def test_samples_per_schema_all_valid(llm: LLM) -> None:
     """SAMPLES_PER_SCHEMA JSON samples per schema, and regex and choice samples, in one batch."""
     prompts, params, specs = [], [], []
     k = SAMPLES_PER_SCHEMA
-    for schema in SCHEMAS.values():
+    for name, schema in SCHEMAS.items():
         prompts += [PROMPT] * k
-        params += [constrained(json=schema)] * k
+        params += [constrained(json=schema, max_tokens=JSON_TOKENS[name])] * k
         specs += [("json", schema)] * k
     prompts += ["Answer yes or no, then a number."] * k + ["Is this review good?"] * k
     params += [constrained(regex=REGEX, max_tokens=16)] * k + [constrained(choice=CHOICES, max_tokens=8)] * k
@@ -105,9 +125,9 @@ def test_n4_and_unconstrained_neighbour_unchanged(which: str, request: pytest.Fi
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = llm.generate(["The capital of France is"], greedy, use_tqdm=False)[0].outputs[0].token_ids
     prompts = ["The capital of France is"] + [PROMPT] * len(SCHEMAS) + ["Answer yes or no.", "Good or bad?"]
-    # 96 tokens: "required" allows 22 characters of strings, and a CJK character can take 3 tokens
-    params = ([greedy] + [constrained(json=s, n=4, max_tokens=96, disable_any_whitespace=k != "bounds")
-                          for k, s in SCHEMAS.items()]
+    # "bounds" allows any whitespace, which has no bound: it gets twice its compact length
+    params = ([greedy] + [constrained(json=s, n=4, max_tokens=JSON_TOKENS[k] * (1 + (k == "bounds")),
+                                      disable_any_whitespace=k != "bounds") for k, s in SCHEMAS.items()]
               + [constrained(regex=REGEX, n=4, max_tokens=16), constrained(choice=CHOICES, n=4, max_tokens=8)])
     specs = [("json", s) for s in SCHEMAS.values()] + [("regex", REGEX), ("choice", CHOICES)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
