@@ -24,7 +24,7 @@ import torch
 
 from engine.core_messages import EngineCoreOutput
 from engine.sequence import Request, Sequence
-from engine.structured.json_schema import json_schema_grammar
+from engine.structured.json_schema import json_object_grammar, json_schema_grammar
 from engine.structured.params import StructuredOutputsError, StructuredOutputsParams
 from engine.structured.reasoning import PARSERS, ReasoningGate, ThinkTokens
 
@@ -110,8 +110,7 @@ class StructuredOutputManager:
             if kind == "json":
                 return compiler.compile_grammar(json_schema_grammar(p.json_text(), not p.disable_any_whitespace))
             if kind == "json_object":  # any object: OpenAI's json_object
-                return compiler.compile_json_schema('{"type": "object"}', strict_mode=False,
-                                                    any_whitespace=not p.disable_any_whitespace)
+                return compiler.compile_grammar(json_object_grammar(not p.disable_any_whitespace))
             if kind == "regex":
                 return compiler.compile_regex(spec)
             return compiler.compile_grammar(spec)

@@ -17,6 +17,7 @@ import pytest
 from engine import LLM, SamplingParams
 from engine.sampling_params import SamplingParamsError
 from engine.structured import StructuredOutputsParams
+from engine.structured.json_schema import MAX_WHITESPACE
 
 SCHEMAS = {
     "nested": {"type": "object", "properties": {
@@ -50,6 +51,9 @@ LONGEST = {
     "required": {"title": "\u00e9" * 16, "year": 2100, "note": "\u00e9" * 6},
 }
 JSON_TOKENS = {name: len(json.dumps(doc).encode()) + 1 for name, doc in LONGEST.items()}
+# with any whitespace the separators are "," and ":" and each of the 8 gaps between its JSON tokens
+# ({ "age" : 120 , "score" : -0.1 }) takes up to MAX_WHITESPACE characters
+SPACED_BOUNDS_TOKENS = len(json.dumps(LONGEST["bounds"], separators=(",", ":"))) + 8 * MAX_WHITESPACE + 1
 REGEX = r"(yes|no), [0-9]{1,3}(\.[0-9])?"
 CHOICES = ["positive", "negative", "neutral"]
 PROMPT = "Describe something as JSON."
@@ -125,9 +129,9 @@ def test_n4_and_unconstrained_neighbour_unchanged(which: str, request: pytest.Fi
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = llm.generate(["The capital of France is"], greedy, use_tqdm=False)[0].outputs[0].token_ids
     prompts = ["The capital of France is"] + [PROMPT] * len(SCHEMAS) + ["Answer yes or no.", "Good or bad?"]
-    # "bounds" allows any whitespace, which has no bound: it gets twice its compact length
-    params = ([greedy] + [constrained(json=s, n=4, max_tokens=JSON_TOKENS[k] * (1 + (k == "bounds")),
-                                      disable_any_whitespace=k != "bounds") for k, s in SCHEMAS.items()]
+    tokens = {**JSON_TOKENS, "bounds": SPACED_BOUNDS_TOKENS}  # "bounds" with any whitespace
+    params = ([greedy] + [constrained(json=s, n=4, max_tokens=tokens[k], disable_any_whitespace=k != "bounds")
+                          for k, s in SCHEMAS.items()]
               + [constrained(regex=REGEX, n=4, max_tokens=16), constrained(choice=CHOICES, n=4, max_tokens=8)])
     specs = [("json", s) for s in SCHEMAS.values()] + [("regex", REGEX), ("choice", CHOICES)]
     outputs = llm.generate(prompts, params, use_tqdm=False)

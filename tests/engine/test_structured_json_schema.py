@@ -1,6 +1,8 @@
 """Length-bounded JSON strings compile to grammars whose every output is valid JSON (json_schema.py):
 xgrammar's own lowering of maxLength admits a raw tab, which json.loads refuses (a CI failure of
-test_samples_per_schema_all_valid, 2026-12-03), and no escape. Checked with xgrammar's matcher; no model."""
+test_samples_per_schema_all_valid, 2026-12-03), and no escape. Where any whitespace is allowed, a gap
+between JSON tokens takes at most MAX_WHITESPACE characters, so a model cannot loop on whitespace until
+max_tokens. Checked with xgrammar's matcher; no model."""
 from __future__ import annotations
 
 import json
@@ -9,13 +11,14 @@ import time
 import pytest
 import xgrammar as xgr
 
-from engine.structured.json_schema import json_schema_grammar
+from engine.structured.json_schema import MAX_WHITESPACE, json_object_grammar, json_schema_grammar
 
 
-def accepts(schema: dict, text: str, any_whitespace: bool = False) -> bool:
-    """Whether the grammar the engine compiles for schema accepts text as a whole output."""
+def accepts(schema: dict | None, text: str, any_whitespace: bool = False) -> bool:
+    """Whether the grammar the engine compiles for schema (None: json_object) accepts text as a whole output."""
     compiler = xgr.GrammarCompiler(xgr.TokenizerInfo(["a"]))
-    grammar = compiler.compile_grammar(json_schema_grammar(json.dumps(schema), any_whitespace))
+    grammar = compiler.compile_grammar(json_object_grammar(any_whitespace) if schema is None
+                                       else json_schema_grammar(json.dumps(schema), any_whitespace))
     matcher = xgr.GrammarMatcher(grammar, terminate_without_stop_token=True)
     return matcher.accept_string(text) and matcher.is_completed()
 
@@ -54,4 +57,14 @@ def test_nested_and_large_bounds_compile_fast() -> None:
 
 def test_schema_without_bounded_strings_unchanged() -> None:
     text = json.dumps(obj({"type": "string", "pattern": "^[a-z]+$"}))
-    assert str(json_schema_grammar(text, True)) == str(xgr.Grammar.from_json_schema(text, any_whitespace=True))
+    assert str(json_schema_grammar(text, True)) == str(
+        xgr.Grammar.from_json_schema(text, any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE))
+
+
+@pytest.mark.parametrize("schema", [obj({"type": "array", "items": {"type": "integer"}}), None], ids=["schema", "object"])
+def test_whitespace_gaps_bounded(schema: dict | None) -> None:
+    doc = {"t": [1, 2]}
+    assert accepts(schema, json.dumps(doc, indent=4), any_whitespace=True)  # pretty-printed
+    for gap, ok in ((MAX_WHITESPACE, True), (MAX_WHITESPACE + 1, False)):
+        assert accepts(schema, '{"t":%s[1,\n%s2]}' % (" " * gap, "\t" * (gap - 1)), any_whitespace=True) == ok
+    assert accepts(schema, json.dumps(doc)) and not accepts(schema, json.dumps(doc, indent=4))  # compact
