@@ -21,9 +21,9 @@ from __future__ import annotations
 import functools
 import re
 
+MAX_WHITESPACE = 20  # characters in one gap between JSON tokens, when any whitespace is allowed
 _BARE_CHARACTER = re.compile(r'^(\w+) ::= \(\(\[\^\\"\\\\\\r\\n\]\)\)$', re.MULTILINE)  # c ::= (([^\"\\\r\n]))
 _JSON_CHARACTER = r'\1 ::= (([^\\0-\\x1f\\"\\\\]) | ("\\\\" basic_escape))'
-MAX_WHITESPACE = 20  # characters in one gap between JSON tokens, when any whitespace is allowed
 _BASIC_ESCAPE = 'basic_escape ::= (([\\"\\\\/bfnrt]) | ("u" [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9] [A-Fa-f0-9]))'
 
 

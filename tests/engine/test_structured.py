@@ -42,7 +42,7 @@ SCHEMAS = {
 # Each schema's longest document in bytes: every string at its maxLength of 6-byte escapes ("\u00e9"), the
 # widest numbers, and the separators compact JSON uses (", " and ": ", as json.dumps). A token is at least one
 # byte, so a sample of a schema ends by its length plus one token (the end of sequence) or the grammar is wrong;
-# a smaller max_tokens let a sample of 16 Korean characters run out (CI, 2026-12-02).
+# a smaller max_tokens let a sample of 16 Korean characters run out in CI.
 LONGEST = {
     "nested": {"user": {"name": "\u00e9" * 12, "id": 9999}, "active": False},
     "array": {"tags": ["\u00e9" * 8] * 3},
@@ -56,6 +56,7 @@ JSON_TOKENS = {name: len(json.dumps(doc).encode()) + 1 for name, doc in LONGEST.
 SPACED_BOUNDS_TOKENS = len(json.dumps(LONGEST["bounds"], separators=(",", ":"))) + 8 * MAX_WHITESPACE + 1
 REGEX = r"(yes|no), [0-9]{1,3}(\.[0-9])?"
 CHOICES = ["positive", "negative", "neutral"]
+REGEX_TOKENS, CHOICE_TOKENS = len("yes, 123.4") + 1, max(map(len, CHOICES)) + 1  # ASCII: a byte a character
 PROMPT = "Describe something as JSON."
 SAMPLES_PER_SCHEMA = int(os.environ.get("GANTRY_STRUCTURED_SAMPLES", "100"))
 
@@ -114,7 +115,8 @@ def test_samples_per_schema_all_valid(llm: LLM) -> None:
         params += [constrained(json=schema, max_tokens=JSON_TOKENS[name])] * k
         specs += [("json", schema)] * k
     prompts += ["Answer yes or no, then a number."] * k + ["Is this review good?"] * k
-    params += [constrained(regex=REGEX, max_tokens=16)] * k + [constrained(choice=CHOICES, max_tokens=8)] * k
+    params += ([constrained(regex=REGEX, max_tokens=REGEX_TOKENS)] * k
+               + [constrained(choice=CHOICES, max_tokens=CHOICE_TOKENS)] * k)
     specs += [("regex", REGEX)] * k + [("choice", CHOICES)] * k
     check_batch(llm.generate(prompts, params, use_tqdm=False), specs)
     assert not llm.llm_engine.engine_core.structured_output_manager.samples  # freed on finish
@@ -132,7 +134,8 @@ def test_n4_and_unconstrained_neighbour_unchanged(which: str, request: pytest.Fi
     tokens = {**JSON_TOKENS, "bounds": SPACED_BOUNDS_TOKENS}  # "bounds" with any whitespace
     params = ([greedy] + [constrained(json=s, n=4, max_tokens=tokens[k], disable_any_whitespace=k != "bounds")
                           for k, s in SCHEMAS.items()]
-              + [constrained(regex=REGEX, n=4, max_tokens=16), constrained(choice=CHOICES, n=4, max_tokens=8)])
+              + [constrained(regex=REGEX, n=4, max_tokens=REGEX_TOKENS),
+                 constrained(choice=CHOICES, n=4, max_tokens=CHOICE_TOKENS)])
     specs = [("json", s) for s in SCHEMAS.values()] + [("regex", REGEX), ("choice", CHOICES)]
     outputs = llm.generate(prompts, params, use_tqdm=False)
     assert outputs[0].outputs[0].token_ids == alone
@@ -184,7 +187,8 @@ def test_a_constraint_that_cannot_be_met_fails_naming_the_field(llm: LLM, spec: 
     """Such a sample used to go on unconstrained and come back as if it had matched (found by fuzzing the API);
     it fails alone, naming the field, and the engine goes on."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=min_tokens, structured_outputs=spec)
-    bad, good = llm.generate([PROMPT, PROMPT], [params, constrained(regex=REGEX, max_tokens=16)], use_tqdm=False)
+    good_params = constrained(regex=REGEX, max_tokens=REGEX_TOKENS)
+    bad, good = llm.generate([PROMPT, PROMPT], [params, good_params], use_tqdm=False)
     assert bad.error is not None and bad.error.param == param, bad
     assert re.fullmatch(REGEX, good.outputs[0].text) and good.error is None
     assert not llm.llm_engine.engine_core.structured_output_manager.samples
