@@ -61,7 +61,8 @@ def test_schema_without_bounded_strings_unchanged() -> None:
         xgr.Grammar.from_json_schema(text, any_whitespace=True, max_whitespace_cnt=MAX_WHITESPACE))
 
 
-@pytest.mark.parametrize("schema", [obj({"type": "array", "items": {"type": "integer"}}), None], ids=["schema", "object"])
+@pytest.mark.parametrize("schema", [obj({"type": "array", "items": {"type": "integer"}}), None],
+                         ids=["schema", "object"])
 def test_whitespace_gaps_bounded(schema: dict | None) -> None:
     doc = {"t": [1, 2]}
     assert accepts(schema, json.dumps(doc, indent=4), any_whitespace=True)  # pretty-printed

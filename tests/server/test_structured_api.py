@@ -20,7 +20,7 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength
 MESSAGES = [{"role": "user", "content": "Describe Paris as JSON."}]
 # Room for the longest compact document: a token is at least a byte, and a city of 6 six-byte escapes (\u00e9)
 # with the widest population is 90 bytes, plus the end of sequence (the server's context is 128 tokens, hence
-# the short city). Any whitespace is also allowed, and that has no bound.
+# the short city). Whitespace between tokens (up to 20 characters a gap) is allowed too; this bound leaves it out.
 JSON_MAX_TOKENS = len(json.dumps({"city": "\u00e9" * 6, "population": 10**7, "capital": False}).encode()) + 1
 
 
@@ -31,13 +31,13 @@ def client(server: LiveServer) -> openai.OpenAI:
 
 def test_chat_json_schema_stream_and_not(client: openai.OpenAI) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
-    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=JSON_MAX_TOKENS, temperature=1.0, n=2,
-                                       response_format=fmt)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=JSON_MAX_TOKENS,
+                                       temperature=1.0, n=2, response_format=fmt)
     for choice in r.choices:
         assert choice.finish_reason == "stop"
         jsonschema.validate(json.loads(choice.message.content), SCHEMA)
-    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=JSON_MAX_TOKENS, temperature=1.0,
-                                            response_format=fmt, stream=True)
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=JSON_MAX_TOKENS,
+                                            temperature=1.0, response_format=fmt, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     jsonschema.validate(json.loads(text), SCHEMA)
     obj = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0,
