@@ -8,6 +8,13 @@ import pytest
 import torch
 
 pytest_plugins = ["tests.xdist_workers"]  # scheduling and `exclusive` tests under pytest-xdist
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pythonpath_with_repo() -> str:
+    """PYTHONPATH for a child process importing this checkout: the repository first, then whatever the
+    parent's PYTHONPATH already held (packages installed with --target there stay importable)."""
+    return os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
 
 
 def _import_triton_for_the_interpreter() -> None:

@@ -9,15 +9,14 @@ import sys
 import pytest
 
 from engine import LLM, SamplingParams
-from tests.conftest import TINY_ARCHS, prompts_of_lengths, write_tiny_checkpoint
+from tests.conftest import REPO, TINY_ARCHS, prompts_of_lengths, pythonpath_with_repo, write_tiny_checkpoint
 from tests.ports import free_port
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.slow
 
 
 def dist_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=REPO)
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=pythonpath_with_repo())
     env.pop("RANK", None)
     return env
 

@@ -81,9 +81,11 @@ def test_the_shard_file_holding_the_tensor_is_named(tmp_path) -> None:
 
 
 def test_finite_values_whose_sum_overflows_load(biased: str, tmp_path) -> None:
-    """float32's largest values sum to inf: the exact check then finds every value finite."""
+    """Values near float32's largest sum to inf: the exact check then finds every value finite. bfloat16's
+    largest, which float32 holds too: float32's own rounds to inf in bfloat16 (a GPU's default dtype), which
+    is a value the model dtype cannot hold and rightly refused."""
     name = f"{L0}mlp.down_proj.weight"
-    big = torch.finfo(torch.float32).max
+    big = torch.finfo(torch.bfloat16).max
     path = _with(biased, tmp_path / "m", name, lambda t: torch.full_like(t, big))
     llm = LLM(path, max_model_len=64)
     assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1), use_tqdm=False)[0].outputs

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from launcher import schema
 from launcher.plan import Plan, PlanError, build_plan
 from launcher.render import render_job
+from tests.conftest import pythonpath_with_repo
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO_ROOT / "conf"
@@ -102,7 +103,7 @@ def k8s_validate(files: dict[str, str]) -> list[str]:
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, unset: tuple[str, ...] = (),
             timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m launcher ARGS` in a fresh interpreter, importing this checkout; env added, unset removed."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": pythonpath_with_repo(), **(env or {})}
     for name in unset:
         full_env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=cwd, env=full_env,

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import pythonpath_with_repo
 from tests.launcher.conftest import REPO_ROOT
 from tests.launcher.standin_serve import is_alive
 from tests.ports import free_port
@@ -40,7 +41,7 @@ def _start(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> tu
     argv = [sys.executable, "-m", "launcher", f"deploy.module={STANDIN}", "parallel=pp2", "engine=cpu",
             "server=noauth", f"output_dir={out}", *extra]
     with open(tmp_path / "launcher.log", "w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})},
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": pythonpath_with_repo(), **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT)
     return proc, out
 
@@ -141,7 +142,7 @@ def _serve_ask_stop(tmp_path: Path, args: list[str], env: dict[str, str], key: s
     argv = [sys.executable, "-m", "launcher", *args, f"server.port={port}", f"output_dir={out}"]
     with open(tmp_path / "launcher.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**env, "PYTHONPATH": str(REPO_ROOT)})
+                                env={**env, "PYTHONPATH": pythonpath_with_repo()})
     base = f"http://127.0.0.1:{port}"
     try:
         def ready() -> bool:

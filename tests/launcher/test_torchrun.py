@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import pythonpath_with_repo
 from tests.launcher.conftest import REPO_ROOT
 from tests.launcher.standin_serve import is_alive
 from tests.launcher.test_local import _kill_leftovers, _wait
@@ -25,7 +26,7 @@ def _start(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[subproces
             "--max-restarts", "0", "-m", "tests.launcher.standin_serve", "--config", str(tmp_path / "engine.yaml")]
     with open(tmp_path / "agent.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+                                env={**os.environ, "PYTHONPATH": pythonpath_with_repo(), **(env or {})})
     ranks = tmp_path / "ranks"
     _wait(lambda: proc.poll() is None and len(list(ranks.glob("*.pid"))) == 2, 120, "both ranks to start")
     return proc, ranks

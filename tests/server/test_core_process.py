@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import write_tiny_checkpoint
+from tests.conftest import pythonpath_with_repo, write_tiny_checkpoint
 from tests.server.conftest import MODEL, REPO, LiveServer, free_port, launch, wait_ready
 
 HANG_TIMEOUT_S = 4.0
@@ -125,7 +125,7 @@ def test_sigterm_to_a_tp2_group_with_16_streams(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "launcher.torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "2",
            "-m", "engine.serve", "--model", model, "--tensor-parallel-size", "2", "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--shutdown-grace-s", "3", "--max-model-len", "512"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=pythonpath_with_repo())
     env.pop("RANK", None)
     log_path = tmp_path / "group.log"
     with open(log_path, "wb") as log:
