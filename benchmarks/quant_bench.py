@@ -386,6 +386,8 @@ def main() -> None:
                         "on kernels/quant_gemv_f16x2.py (the default)")
     parser.add_argument("--f16x2-table", help="w1: F16X2_TABLE entries as decode_gemv_bench --sweep prints them")
     parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=None,
+                        help="KV pool bytes, as fp8_bench's (default: what gpu_memory_utilization leaves)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
