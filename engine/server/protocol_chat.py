@@ -156,6 +156,8 @@ def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
     prompt = _str(body, "prompt")
     if prompt is None and body.get("messages") is None:
         raise bad("prompt", "either `prompt` or `messages` is required")
+    if prompt is not None and body.get("messages") is not None:  # one would be dropped without a word
+        raise bad("messages", "give `prompt` or `messages`, not both")
     if prompt is not None:
         check_text(prompt, "prompt", ctx)
     messages = parse_messages(body["messages"], ctx) if prompt is None else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from engine.server.results import Results, Sample
 
 if TYPE_CHECKING:
     from engine.server.app import ServerState
+
+logger = logging.getLogger("gantry.server")
 
 # JSON may carry U+0085, U+2028 and U+2029 raw, but line readers that follow str.splitlines (httpx's
 # iter_lines) end an SSE line there: a token that decodes to one cut its chunk in two. Escaped, they are
@@ -49,6 +52,7 @@ def engine_error(e: Exception, prompt_param: str) -> APIError:
         return APIError(400, f"{param}: {message}", param=param)
     if isinstance(e, ConnectionAbortedError):
         return APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+    logger.error("engine failed a request: %s: %s", type(e).__name__, e, exc_info=e)
     return APIError(500, "internal server error: the engine failed", code="internal_error")
 
 

@@ -286,8 +286,8 @@ def with_tool_fields(messages: list[dict[str, Any]], raw: list[Any]) -> list[dic
                 args, param = fn.get("arguments", "{}"), f"messages[{i}].tool_calls[{j}].function.arguments"
                 try:
                     args = json.loads(args) if isinstance(args, str) else args
-                except (json.JSONDecodeError, RecursionError):
-                    raise bad(param, "is not valid JSON (or nested too deeply)") from None
+                except (ValueError, RecursionError):  # ValueError: also an integer past 4,300 digits
+                    raise bad(param, "is not valid JSON (or nested too deeply, or a number too long)") from None
                 check_depth(args, param)
                 parsed.append({"id": call.get("id"), "type": "function",
                                "function": {"name": fn["name"], "arguments": args}})

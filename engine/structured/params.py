@@ -150,6 +150,12 @@ def check_structured_outputs(p: StructuredOutputsParams) -> None:
         if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
             raise StructuredOutputsError(param, "must be a non-empty list of non-empty strings")
         p.choice = list(value)
+        for i, c in enumerate(p.choice):  # the grammar escapes a lone surrogate; the engine core's encoder cannot
+            try:
+                c.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise StructuredOutputsError(f"{param}[{i}]", "not valid Unicode: a lone surrogate "
+                                             f"\\u{ord(c[e.start]):04x} at character {e.start}") from None
         text = choice_ebnf(p.choice)
     else:
         if not isinstance(value, str) or not value:

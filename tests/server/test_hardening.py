@@ -146,6 +146,15 @@ BAD_INPUT = [
       for name, value in [("top_logprobs", INT64_OVER), ("max_completion_tokens", INT64_OVER), ("n", -INT64_OVER - 1)]],
     ("token-id-beyond-int64", COMPLETIONS, _json({"prompt": [1, INT64_OVER], "max_tokens": 2}), "prompt"),
     ("detokenize-too-many", "/detokenize", _json({"tokens": [1] * 5000}), "tokens"),
+    *[(f"5000-digit-tool-arguments{where}", path, _json({**body, "messages": [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "9" * 5000}}]}]}),
+        "messages[1].tool_calls[0].function.arguments")
+      for where, path, body in [("", CHAT, {"max_tokens": 2}), ("-tokenize", "/tokenize", {})]],
+    ("tokenize-prompt-and-messages", "/tokenize", _json({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}),
+     "messages"),
+    ("surrogate-choice", COMPLETIONS, b'{"prompt": "Hi", "max_tokens": 2, "structured_outputs": {"choice": ["a", "\\udc00b"]}}',
+     "structured_outputs.choice[1]"),
 ]
 
 
