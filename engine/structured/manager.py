@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -53,6 +54,12 @@ class SampleGrammar:
         return not (self.dropped or reasoning or (self.terminated and not self.ignore_eos))
 
 
+# Grammars compiling at once (xgrammar compiles in parallel threads, outside the GIL). vLLM v1 takes half the
+# cores; at least two here, so that one costly grammar (a regex such as 'a*' * 500 takes a minute) does not hold
+# every other constrained request behind it.
+COMPILE_WORKERS = max(2, ((os.cpu_count() or 1) + 1) // 2)
+
+
 class StructuredOutputManager:
     def __init__(self, load_tokenizer: Callable[[], Any], vocab_size: int):
         self._load_tokenizer = load_tokenizer  # called at the first constrained request (seconds)
@@ -67,16 +74,21 @@ class StructuredOutputManager:
         self.refused: list[tuple[str, int, tuple[str, str]]] = []  # (request id, sample, (field, message)) to fail
         self.think_tokens: ThinkTokens | None = None  # the tokenizer's bytes, once a tokenizer is loaded
         self._stop_row: torch.Tensor | None = None  # [ceil(grammar_vocab_size / 32)] int32: only the stop tokens
-        # request id -> (its request, its compile) until collect(); one worker, so that the first compile's
-        # tokenizer load and compiler set-up (_compiler_for) run once, and before any other compile
+        # request id -> (its request, its compile) until collect(); COMPILE_WORKERS at once, the first compile's
+        # tokenizer load and compiler set-up (_compiler_for) run once, under _setup_lock, before any other compile
         self.compiling: dict[str, tuple[Request, Future[Any]]] = {}
         self._compile_pool: ThreadPoolExecutor | None = None
+        self._setup_lock = threading.Lock()
 
     @property
     def num_requests(self) -> int:
         return len(self.samples)
 
     def _compiler_for(self, eos_token_ids: list[int]) -> Any:
+        with self._setup_lock:  # compile workers: the first one sets up, the others wait for it
+            return self._set_up(eos_token_ids)
+
+    def _set_up(self, eos_token_ids: list[int]) -> Any:
         if self._compiler is None:
             import xgrammar as xgr
 
@@ -128,7 +140,7 @@ class StructuredOutputManager:
         p = request.params.structured_outputs
         assert p is not None
         if self._compile_pool is None:
-            self._compile_pool = ThreadPoolExecutor(1, thread_name_prefix="gantry-grammar")
+            self._compile_pool = ThreadPoolExecutor(COMPILE_WORKERS, thread_name_prefix="gantry-grammar")
         self.compiling[request.request_id] = (request, self._compile_pool.submit(self.compile, p, eos_token_ids))
 
     def collect(self) -> list[tuple[Request, tuple[str, str]]]:

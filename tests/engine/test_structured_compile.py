@@ -118,3 +118,40 @@ def test_abort_while_compiling(engine, slow_compile: list[float]) -> None:
     while engine.engine_core.has_work() and time.perf_counter() < deadline:
         engine.step()
     assert "gone" not in som.samples and "gone" not in engine.engine_core.requests
+
+
+def test_a_costly_grammar_does_not_hold_the_others(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grammars compile on at least two workers: while one compiles for long (a regex such as 'a*' * 500 takes a
+    minute), a later request's grammar compiles and its request is collected."""
+    import threading
+    from types import SimpleNamespace
+
+    from engine.structured import manager as manager_module
+
+    assert manager_module.COMPILE_WORKERS >= 2
+    release = threading.Event()
+
+    def compile_(self, p, eos_token_ids):
+        if p.regex == "slow":
+            release.wait(60)
+        return p.regex
+
+    monkeypatch.setattr(StructuredOutputManager, "compile", compile_)
+    monkeypatch.setattr(StructuredOutputManager, "_add_matchers", lambda self, request, compiled: None)
+    manager = StructuredOutputManager(lambda: None, 8)
+
+    def request(request_id: str) -> SimpleNamespace:
+        return SimpleNamespace(request_id=request_id,
+                               params=SimpleNamespace(structured_outputs=StructuredOutputsParams(regex=request_id)))
+
+    try:
+        manager.start_request(request("slow"), [])
+        manager.start_request(request("fast"), [])
+        deadline = time.perf_counter() + 20
+        while not manager.ready("fast") and time.perf_counter() < deadline:
+            manager.wait(0.1)
+            assert manager.collect() == []
+        assert manager.ready("fast") and not manager.ready("slow")
+    finally:
+        release.set()
+        manager.shutdown()
