@@ -61,10 +61,11 @@ def _load_tokenizer(path: str, is_gguf: bool, required: bool,
 def apply_chat_template(
     tokenizer: PreTrainedTokenizerBase | None, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
     continue_final_message: bool = False, tools: list[dict[str, Any]] | None = None, chat_template: str | None = None,
-    chat_template_kwargs: dict[str, Any] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None, add_special_tokens: bool = False,
 ) -> list[int]:
     """messages rendered by chat_template (a Jinja string), else the tokenizer's, and tokenized without
-    special tokens (the template writes its own): the one renderer of the offline LLM and the server.
+    special tokens (the template writes its own; add_special_tokens, vLLM's chat field, adds them too):
+    the one renderer of the offline LLM and the server.
     vLLM's semantics: chat_template_kwargs go to the template and may set add_generation_prompt,
     continue_final_message and tools too; the first two open different messages, so not both.
     A RequestError names the field (the server answers it as a 400)."""
@@ -93,7 +94,11 @@ def apply_chat_template(
                            f"the chat template does not parse: {e}") from None
     except Exception as e:  # the template itself may reject the conversation (raise_exception)
         raise RequestError("messages", f"the chat template rejected the messages: {e}") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    try:
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    except Exception as e:  # what a template wrote from a request's values (a lone surrogate in a kwarg)
+        raise RequestError("chat_template_kwargs" if extra else "messages",
+                           f"the rendered conversation cannot be tokenized: {type(e).__name__}: {e}") from None
 
 
 def _template_kwargs(chat_template_kwargs: Any) -> dict[str, Any]:

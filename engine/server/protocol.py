@@ -308,9 +308,12 @@ def sampling_params(body: dict, ctx: ModelContext, max_tokens: int | None, logpr
         "bad_words": _bad_words(body, ctx),
         "ignore_eos": _bool(body, "ignore_eos"),
         "skip_special_tokens": _bool(body, "skip_special_tokens"),
+        "spaces_between_special_tokens": _bool(body, "spaces_between_special_tokens"),
         "include_stop_str_in_output": _bool(body, "include_stop_str_in_output"),
         "structured_outputs": structured_outputs_params(body),  # response_format / structured_outputs
     }
+    if _int(body, "priority") not in (None, 0):  # vLLM answers the same without --scheduling-policy priority
+        raise bad("priority", "priority scheduling is not enabled: requests run first come, first served (priority 0)")
     if not _bool(body, "use_beam_search"):  # vLLM's: the model's defaults where the request set nothing
         kwargs = with_defaults(kwargs, ctx.default_sampling)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}

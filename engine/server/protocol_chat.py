@@ -45,6 +45,7 @@ class ChatRequest:
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more template variables (the renderer checks them)
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
     truncate: int | None = None  # truncate_prompt_tokens: the templated prompt keeps its last `truncate` tokens
+    add_special_tokens: bool = False  # vLLM's: the tokenizer's special tokens around the templated text too
 
 
 def _message_content(content: Any, name: str, ctx: ModelContext, role: str) -> str:
@@ -137,6 +138,7 @@ def parse_chat_request(body: dict, ctx: ModelContext) -> ChatRequest:
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         beam=beam_search_params(body, ctx, params, stream, "logprobs" if logprobs else None),
+        add_special_tokens=bool(_bool(body, "add_special_tokens")),
     )
 
 
@@ -161,7 +163,7 @@ def parse_tokenize_request(body: dict, ctx: ModelContext) -> TokenizeRequest:
     if prompt is not None:
         check_text(prompt, "prompt", ctx)
     messages = parse_messages(body["messages"], ctx) if prompt is None else None
-    add_special = _bool(body, "add_special_tokens")
+    add_special = _bool(body, "add_special_tokens")  # vLLM's defaults: true for a prompt, false for messages
     add_gen, continue_final = _open_message(body, messages) if messages is not None else (True, False)
-    return TokenizeRequest(prompt, messages, True if add_special is None else add_special, add_gen, continue_final,
-                           bool(_bool(body, "return_token_strs")), body.get("chat_template_kwargs"))
+    return TokenizeRequest(prompt, messages, messages is None if add_special is None else add_special, add_gen,
+                           continue_final, bool(_bool(body, "return_token_strs")), body.get("chat_template_kwargs"))

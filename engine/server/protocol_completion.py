@@ -44,6 +44,7 @@ class CompletionRequest:
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}"
     truncate: int | None = None  # truncate_prompt_tokens: each prompt keeps its last `truncate` tokens
     beam: BeamSearchParams | None = None  # use_beam_search: this search runs instead of sampling
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's special tokens (a BOS) around a text prompt
 
 
 def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest:
@@ -98,6 +99,7 @@ def parse_completion_request(body: dict, ctx: ModelContext) -> CompletionRequest
         tokens_as_ids=bool(_bool(body, "return_tokens_as_token_ids")),
         truncate=truncate,
         beam=beam_search_params(body, ctx, params, stream, None if logprobs is None else "logprobs"),
+        add_special_tokens=_bool(body, "add_special_tokens") is not False,
     )
 
 

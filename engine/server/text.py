@@ -66,11 +66,11 @@ def _encode(tokenizer: Any, text: str, name: str, add_special_tokens: bool = Tru
 
 def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
                          tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
-                         chat_template_kwargs: Any = None) -> list[int]:
+                         chat_template_kwargs: Any = None, add_special_tokens: bool = False) -> list[int]:
     try:  # the offline LLM's renderer
         return apply_chat_template(tokenizer, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                    continue_final_message=continue_final_message,
-                                   chat_template_kwargs=chat_template_kwargs)
+                                   chat_template_kwargs=chat_template_kwargs, add_special_tokens=add_special_tokens)
     except RequestError as e:  # as an APIError: it crosses back from a text worker intact
         raise bad(e.param, e.message) from None
 
@@ -87,7 +87,7 @@ def prepare_completion(raw: bytes, ctx: ModelContext, tokenizer: Any) -> Prepare
     token_ids: list[list[int]] = []
     for i, prompt in enumerate(req.prompts):
         name = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
-        ids = _encode(tokenizer, prompt, name) if isinstance(prompt, str) else prompt
+        ids = _encode(tokenizer, prompt, name, req.add_special_tokens) if isinstance(prompt, str) else prompt
         cut = req.truncate is not None and len(ids) > req.truncate
         ids = ids[-req.truncate:] if cut else ids
         _check_room(ids, name, ctx)
@@ -106,7 +106,8 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
         apply_tool_constraint(tools, req.params)
     constrain_after_reasoning(req.params, ctx.reasoning_parser)
     ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
-                               template_tools(body), req.continue_final_message, req.chat_template_kwargs)
+                               template_tools(body), req.continue_final_message, req.chat_template_kwargs,
+                               req.add_special_tokens)
     ids = ids[-req.truncate:] if req.truncate is not None else ids
     _check_room(ids, "messages", ctx)
     req.messages = []
@@ -120,7 +121,7 @@ def tokenize(raw: bytes, ctx: ModelContext, tokenizer: Any) -> tuple[list[int], 
     if req.messages is not None:  # templated as chat templates them (tool fields, an open last message)
         ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]),
                                    req.add_generation_prompt, template_tools(body), req.continue_final_message,
-                                   req.chat_template_kwargs)
+                                   req.chat_template_kwargs, req.add_special_tokens)
     else:
         assert req.prompt is not None
         ids = _encode(tokenizer, req.prompt, "prompt", req.add_special_tokens)
