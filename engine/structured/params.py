@@ -78,9 +78,12 @@ def choice_ebnf(choices: list[str]) -> str:
 
 
 def _clean(error: Exception) -> str:
-    """xgrammar's message without its C++ source location prefix."""
+    """xgrammar's message without its C++ source location and assertion prefixes, nor the copy of the whole
+    schema it appends (up to MAX_SPEC_CHARS: the request's own text)."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    text = re.sub(r"^Check failed: \(.*?\) is false: ", "", text)
+    return text.split(". The JSON string is:")[0]
 
 
 @functools.lru_cache(maxsize=256)

@@ -69,3 +69,17 @@ def test_whitespace_gaps_bounded(schema: dict | None) -> None:
     for gap, ok in ((MAX_WHITESPACE, True), (MAX_WHITESPACE + 1, False)):
         assert accepts(schema, '{"t":%s[1,\n%s2]}' % (" " * gap, "\t" * (gap - 1)), any_whitespace=True) == ok
     assert accepts(schema, json.dumps(doc)) and not accepts(schema, json.dumps(doc, indent=4))  # compact
+
+
+def test_a_schema_xgrammar_refuses_is_named_without_its_internals() -> None:
+    """NaN parses as Python's JSON but not as xgrammar's: the error names the field and says why, without
+    xgrammar's assertion text or its copy of the whole schema (the request's own text, up to 64 KiB)."""
+    from engine.structured import StructuredOutputsParams
+    from engine.structured.params import StructuredOutputsError
+
+    schema = json.dumps({"type": "object", "description": "x" * 500, "properties": {"a": {"type": "number"}}})
+    with pytest.raises(StructuredOutputsError) as e:
+        StructuredOutputsParams(json=schema.replace('"number"}', '"number", "maximum": NaN}'))
+    assert e.value.param == "structured_outputs.json"
+    assert "Failed to parse JSON" in str(e.value) and "Check failed" not in str(e.value)
+    assert "x" * 100 not in str(e.value)
