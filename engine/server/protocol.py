@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.sampling_defaults import with_defaults
 from engine.sampling_params import MAX_BAD_WORDS, SamplingParams, SamplingParamsError
+from engine.valid_text import unicode_problem
 
 if TYPE_CHECKING:
     from engine.beam_search import BeamSearchParams
@@ -158,10 +159,8 @@ def check_text(text: str, name: str, ctx: ModelContext) -> str:
     if ctx.max_text_chars is not None and len(text) > ctx.max_text_chars:
         raise bad(name, f"{len(text)} characters cannot fit in max_model_len ({ctx.max_model_len} tokens of at "
                         f"most {ctx.max_text_chars // ctx.max_model_len} characters each)")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise bad(name, f"not valid Unicode: a lone surrogate \\u{ord(text[e.start]):04x} at character {e.start}") from None
+    if (problem := unicode_problem(text)) is not None:
+        raise bad(name, problem)
     return text
 
 

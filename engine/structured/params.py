@@ -14,6 +14,7 @@ from typing import Any
 
 from engine.structured.json_schema import json_schema_grammar
 from engine.structured.reasoning import PARSERS
+from engine.valid_text import unicode_problem
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 MAX_SPEC_CHARS = 1_000_000  # a larger schema or grammar is refused before compiling
@@ -154,11 +155,8 @@ def check_structured_outputs(p: StructuredOutputsParams) -> None:
             raise StructuredOutputsError(param, "must be a non-empty list of non-empty strings")
         p.choice = list(value)
         for i, c in enumerate(p.choice):  # the grammar escapes a lone surrogate; the engine core's encoder cannot
-            try:
-                c.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise StructuredOutputsError(f"{param}[{i}]", "not valid Unicode: a lone surrogate "
-                                             f"\\u{ord(c[e.start]):04x} at character {e.start}") from None
+            if (problem := unicode_problem(c)) is not None:
+                raise StructuredOutputsError(f"{param}[{i}]", problem)
         text = choice_ebnf(p.choice)
     else:
         if not isinstance(value, str) or not value:
