@@ -41,8 +41,8 @@ def _start(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> tu
     argv = [sys.executable, "-m", "launcher", f"deploy.module={STANDIN}", "parallel=pp2", "engine=cpu",
             "server=noauth", f"output_dir={out}", *extra]
     with open(tmp_path / "launcher.log", "w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": pythonpath_with_repo(), **(env or {})},
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": pythonpath_with_repo(), **(env or {})})
     return proc, out
 
 

@@ -36,7 +36,8 @@ class RecordingTokenizer:
 ])
 def test_add_special_tokens_reaches_the_tokenizer(field: dict, want_ids: list[int], want_asked: list[bool]) -> None:
     tokenizer = RecordingTokenizer()
-    prepared = prepare_completion(json.dumps({"prompt": "two words", "max_tokens": 1, **field}).encode(), CTX, tokenizer)
+    body = json.dumps({"prompt": "two words", "max_tokens": 1, **field}).encode()
+    prepared = prepare_completion(body, CTX, tokenizer)
     assert prepared.request.prompts == [want_ids] and tokenizer.asked == want_asked
 
 

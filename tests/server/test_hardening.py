@@ -148,17 +148,19 @@ BAD_INPUT = [
     ("detokenize-too-many", "/detokenize", _json({"tokens": [1] * 5000}), "tokens"),
     *[(f"5000-digit-tool-arguments{where}", path, _json({**body, "messages": [
         {"role": "user", "content": "Hi"},
-        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "9" * 5000}}]}]}),
+        {"role": "assistant", "tool_calls": [{"id": "a", "type": "function",
+                                              "function": {"name": "f", "arguments": "9" * 5000}}]}]}),
         "messages[1].tool_calls[0].function.arguments")
       for where, path, body in [("", CHAT, {"max_tokens": 2}), ("-tokenize", "/tokenize", {})]],
-    ("tokenize-prompt-and-messages", "/tokenize", _json({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}),
-     "messages"),
+    ("tokenize-prompt-and-messages", "/tokenize",
+     _json({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}), "messages"),
     ("priority-without-its-policy", COMPLETIONS, _json({"prompt": "Hi", "max_tokens": 2, "priority": 1}), "priority"),
     ("spaces-between-special-tokens-type", CHAT, _json({"messages": [{"role": "user", "content": "Hi"}],
                                                         "spaces_between_special_tokens": "no"}),
      "spaces_between_special_tokens"),
     ("add-special-tokens-type", COMPLETIONS, _json({"prompt": "Hi", "add_special_tokens": [1]}), "add_special_tokens"),
-    ("surrogate-choice", COMPLETIONS, b'{"prompt": "Hi", "max_tokens": 2, "structured_outputs": {"choice": ["a", "\\udc00b"]}}',
+    ("surrogate-choice", COMPLETIONS,
+     b'{"prompt": "Hi", "max_tokens": 2, "structured_outputs": {"choice": ["a", "\\udc00b"]}}',
      "structured_outputs.choice[1]"),
 ]
 
