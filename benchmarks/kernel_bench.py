@@ -290,11 +290,31 @@ def run_long_decode(copy_gbs: float) -> None:
         torch.cuda.empty_cache()
 
 
+def run_one_stream(copy_gbs: float) -> None:
+    """One decoding stream at W1's heads (28q/4kv) and short contexts, the case of a one-stream TPOT: every split
+    count and two token blocks (graph replays, the merge included). The engine captures its graphs with the split
+    count of max_model_len, so short contexts leave most splits empty."""
+    num_heads, num_kv_heads = SHAPES["28q/4kv (Qwen2-7B)"]
+    print("\none stream, 28q/4kv: graph µs by split count / block_n (* = choose_num_splits at that context)")
+    for context in (640, 1024, 2048, 8192):
+        args = make_decode_batch(1, context, num_heads, num_kv_heads)
+        chosen = choose_num_splits(1, num_kv_heads, context, args[0].device)
+        cells = []
+        for n in (1, 2, 4, 8, 16, 32, 64, 128):
+            for block_n in (32, 64):
+                us = 1e3 * time_decode(args, graph=True, num_splits=n, block_n=block_n)
+                cells.append(f"{n}{'*' if n == chosen else ''}/{block_n}: {us:.1f}")
+        print(f"  context {context:>5} err {check_decode(args, num_splits=32, block_n=32):.1e}  " + "  ".join(cells))
+        del args
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time launch variants and split counts")
     parser.add_argument("--long", action="store_true", help="long-context prefill chunk and decode instead")
     parser.add_argument("--fp8-kv", action="store_true", help="decode over bf16 and FP8 pages (W1 heads) instead")
+    parser.add_argument("--one-stream", action="store_true", help="one stream at short contexts (W1 heads) instead")
     opts = parser.parse_args()
     torch.manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
@@ -303,6 +323,9 @@ def main() -> None:
     print(f"copy bandwidth (read + write): {copy_gbs:.0f} GB/s; bf16 matmul 8192^3: {matmul:.0f} TFLOP/s")
     if opts.fp8_kv:
         run_fp8_kv_decode(copy_gbs)
+        return
+    if opts.one_stream:
+        run_one_stream(copy_gbs)
         return
     if opts.long:
         run_long_decode(copy_gbs)

@@ -16,8 +16,11 @@ import triton.language as tl
 from kernels.pdl import launch_kwargs, wait_prior
 
 LOG2E = 1.4426950408889634
-# Fewest context tokens worth a split of their own: below this the merge costs more than it saves.
-MIN_TOKENS_PER_SPLIT = 512
+# Fewest context tokens a split is given. Splits are only added while a batch has fewer programs than SMs, and a
+# CUDA graph captured for max_model_len gives a short context only as many splits as it fills (the rest exit at
+# once), so this is one token block: H200, one stream, W1's heads, 640-2,048 tokens, graph replays with the merge:
+# 5.1-5.8 µs at 32 splits against 7.7-15.1 at 512 tokens a split (benchmarks/RESULTS.md, twenty-fifth session).
+MIN_TOKENS_PER_SPLIT = 64
 MAX_SPLITS = 128
 # Programs per SM to aim for when a batch has fewer programs than SMs: one program per SM leaves HBM
 # idle between its loads (H200, one stream at 120K: 32 splits 46% of copy bandwidth, 128 splits 87%).
