@@ -21,9 +21,11 @@ REPLACEMENT_CHAR = "\ufffd"
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # apply_chat_template's own arguments that chat_template_kwargs may not set: they change what it returns
-# (token ids, tensors, a dict), or have an argument of their own (chat_template)
+# (token ids, tensors, a dict), have an argument of their own (chat_template), or were refused by transformers
+# in words that named no field (documents, unsupported as chat's own field is; sanitize_control_tokens; self)
 NOT_TEMPLATE_KWARGS = ("chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages", "conversation")
+                       "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages", "conversation",
+                       "documents", "sanitize_control_tokens", "self")
 
 
 def load_tokenizer(path: str, is_gguf: bool, required: bool = True,
@@ -110,7 +112,8 @@ def _template_kwargs(chat_template_kwargs: Any) -> dict[str, Any]:
     for key in chat_template_kwargs:
         if key in NOT_TEMPLATE_KWARGS:
             hint = ("give it as chat_template=" if key == "chat_template" else "the request's messages fill it"
-                    if key in ("messages", "conversation") else "the prompt is always rendered as text")
+                    if key in ("messages", "conversation") else "retrieval documents are not supported"
+                    if key == "documents" else "an option of the renderer: the prompt is always rendered as text")
             raise RequestError(f"chat_template_kwargs.{key}", f"not a template variable ({hint})")
     return chat_template_kwargs
 

@@ -7,7 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from engine.beam_search import (
@@ -98,11 +98,15 @@ class BeamResult:
 
 async def run_beam_search(generate: AsyncStep, prompt_token_ids: list[int], params: BeamSearchParams, n: int, *,
                           eos_token_ids: Sequence[int], max_model_len: int, tokenizer: Any,
-                          request_id: str) -> list[BeamResult]:
+                          request_id: str, default_max_tokens: int | None = None) -> list[BeamResult]:
     """The n best beams for one prompt. generate runs one step: it submits each (request id, token ids,
     SamplingParams) to the engine and returns step_output() of each once finished, in order; it must
     abort its requests when cancelled (a client that leaves cancels this coroutine). A bad request
-    raises RequestError naming the field (max_tokens, prompt) before anything is submitted."""
+    raises RequestError naming the field (max_tokens, prompt) before anything is submitted.
+    default_max_tokens: a request without max_tokens generates at most this many, within the context left
+    (as sampling does; the generation config's max_new_tokens)."""
+    if params.max_tokens is None and default_max_tokens and len(prompt_token_ids) < max_model_len:
+        params = replace(params, max_tokens=min(default_max_tokens, max_model_len - len(prompt_token_ids)))
     search = BeamSearch(prompt_token_ids, params, eos_token_ids, max_model_len)
     sequences = (await run_beam_search_async(search, generate, request_id))[:n]
     if tokenizer is not None:
@@ -113,12 +117,13 @@ async def run_beam_search(generate: AsyncStep, prompt_token_ids: list[int], para
 
 async def run_beam_search_all(generate: AsyncStep, prompts: list[list[int]], params: BeamSearchParams, n: int, *,
                               eos_token_ids: Sequence[int], max_model_len: int, tokenizer: Any,
-                              request_id: str) -> list[list[BeamResult]]:
+                              request_id: str, default_max_tokens: int | None = None) -> list[list[BeamResult]]:
     """run_beam_search for each prompt of one API request, concurrently (their steps batch in the
     engine); the first failure (a refused prompt) cancels the others and is raised."""
     tasks = [asyncio.ensure_future(run_beam_search(generate, ids, params, n, eos_token_ids=eos_token_ids,
                                                    max_model_len=max_model_len, tokenizer=tokenizer,
-                                                   request_id=f"{request_id}-{i}"))
+                                                   request_id=f"{request_id}-{i}",
+                                                   default_max_tokens=default_max_tokens))
              for i, ids in enumerate(prompts)]
     try:
         return list(await asyncio.gather(*tasks))

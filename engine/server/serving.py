@@ -4,7 +4,6 @@ into APIErrors, and the best_of and beam-search steps both APIs share.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -119,12 +118,11 @@ async def beam_search(state: ServerState, prompts: list[list[int]], beam: BeamSe
     num_beams = beam.beam_width * len(prompts)  # each step: one engine request a beam
     state.check_capacity(num_beams, num_beams, "beam_width")
     info = state.model_info
-    if beam.max_tokens is None and info.default_max_tokens:
-        beam = dataclasses.replace(beam, max_tokens=info.default_max_tokens)
     try:
         return await run_beam_search_all(
             step_generate(state.engine.generate), prompts, beam, n, eos_token_ids=sorted(state.engine.eos_token_ids),
-            max_model_len=info.max_model_len, tokenizer=state.frontend.tokenizer, request_id=cid)
+            max_model_len=info.max_model_len, tokenizer=state.frontend.tokenizer, request_id=cid,
+            default_max_tokens=info.default_max_tokens)
     except APIError:
         raise
     except Exception as e:  # a refusal, or (as in iterate) the engine died or the server is shutting down

@@ -242,8 +242,11 @@ def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str |
     place; returns the finish reason ("tool_calls" when calls were made, as OpenAI, but for a named function or an
     answer cut by max_tokens: "length")."""
     text = message.get("content") or ""
-    if finish_reason == "length" or (tr.tool_choice == "auto" and tr.parser == "hermes"):
-        # what a stream sends, as it would report it: calls cut by max_tokens as they stood; hermes calls as they
+    constrained = calls_from_constrained(tr, text) if tr.tool_choice != "auto" else []
+    # a constrained answer that is not whole JSON was cut: by max_tokens, or by a stop string or token
+    cut = finish_reason == "length" or (tr.tool_choice != "auto" and not constrained)
+    if cut or (tr.tool_choice == "auto" and tr.parser == "hermes"):
+        # what a stream sends, as it would report it: calls cut (max_tokens, a stop) as they stood; hermes calls as they
         # streamed (a call whose arguments turn out not to be JSON went out before that was known, as OpenAI's may)
         from engine.server.tool_stream import streamed_calls
 
@@ -251,7 +254,7 @@ def tool_message(tr: ToolsRequest, message: dict[str, Any], finish_reason: str |
     elif tr.tool_choice == "auto":
         content, calls = parse_tool_calls(tr.parser or "hermes", text)
     else:
-        content, calls = None, calls_from_constrained(tr, text)
+        content, calls = None, constrained
     if not calls:
         return finish_reason
     message["content"], message["tool_calls"] = content, calls if tr.parallel_tool_calls else calls[:1]
