@@ -80,8 +80,10 @@ def gguf_hf_config_dict(path: str, metadata: dict[str, Any], tensor_names: set[s
             config[hf_key] = metadata[f"{arch}.{key}"]
     config.setdefault("num_key_value_heads", config["num_attention_heads"])  # llama.cpp's default: no GQA
     if model_type in ("llama", "mistral"):  # transformers maps rope.dimension_count to head_dim for these
-        config["head_dim"] = metadata.get(f"{arch}.rope.dimension_count",
-                                          config["hidden_size"] // config["num_attention_heads"])
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        derived = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
+        # None: model_config's shape check names the bad size (head_count 0 was a ZeroDivisionError here)
+        config["head_dim"] = metadata.get(f"{arch}.rope.dimension_count", derived)
     elif model_type == "qwen3" and f"{arch}.attention.key_length" in metadata:
         config["head_dim"] = metadata[f"{arch}.attention.key_length"]
     # transformers >= 5 keeps theta in rope_parameters (rope_scaling is its alias); engine.layers.rotary reads it

@@ -104,12 +104,20 @@ class GGUFFile:
         if tokenizer_dict.get("tokenizer_type") == "llama":
             tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp adds BOS to sentencepiece vocabularies
         tokens = tokenizer_dict["tokens"]
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+            raise ModelLoadError(self.path, "tokenizer.ggml.tokens must be a non-empty array of strings")
         for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                           ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
             token_id = self.metadata.get(f"tokenizer.ggml.{key}")
+            if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
+                raise ModelLoadError(self.path, f"tokenizer.ggml.{key} must be a token id, got {token_id!r}")
             tokenizer_config[name] = tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
-        backend, extra = convert_gguf_tokenizer(self.architecture, tokenizer_dict)
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+        try:
+            backend, extra = convert_gguf_tokenizer(self.architecture, tokenizer_dict)
+            return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
+        except Exception as e:  # the tokenizers library raises a bare Exception on merges or tokens it refuses
+            raise ModelLoadError(self.path, f"cannot build the tokenizer from the GGUF metadata (tokenizer.ggml.*): "
+                                 f"{type(e).__name__}: {e}") from None
 
 
 class _BlockSizes(dict):
@@ -191,6 +199,9 @@ def _parse(path: str) -> GGUFFile:
 
         def string(pos: int) -> tuple[str, int]:
             (n,) = struct.unpack_from("<Q", buf, pos)
+            if n > len(buf) - pos - 8:  # the slice would stop at the end and decode the rest of the file
+                raise ModelLoadError(path, f"corrupt GGUF file (a string of {n} bytes at offset {pos} runs past "
+                                     "the end)")
             return buf[pos + 8 : pos + 8 + n].decode("utf-8"), pos + 8 + n
 
         def value(pos: int, vtype: int) -> tuple[Any, int]:
@@ -204,6 +215,8 @@ def _parse(path: str) -> GGUFFile:
                 pos += 12
                 if count > len(buf) - pos:  # every element takes a byte at least
                     raise ModelLoadError(path, f"corrupt GGUF metadata (an array of {count} elements)")
+                if etype == _ARRAY:  # llama.cpp refuses them too; nested deep they were a RecursionError
+                    raise ModelLoadError(path, "corrupt GGUF metadata (an array of arrays)")
                 if etype in _SCALAR:
                     fmt = _SCALAR[etype]
                     items = list(struct.unpack_from(f"<{count}{fmt[1]}", buf, pos))
@@ -221,10 +234,18 @@ def _parse(path: str) -> GGUFFile:
             (vtype,) = struct.unpack_from("<I", buf, pos)
             metadata[key], pos = value(pos + 4, vtype)
         table = []
+        names = set()
         for _ in range(num_tensors):
             name, pos = string(pos)
             (num_dims,) = struct.unpack_from("<I", buf, pos)
+            if not 1 <= num_dims <= 4:  # ggml's GGML_MAX_DIMS
+                raise ModelLoadError(path, f"corrupt GGUF tensor table (tensor {name} of {num_dims} dimensions)")
             dims = struct.unpack_from(f"<{num_dims}Q", buf, pos + 4)
+            if 0 in dims:  # a reshape of its zero bytes escaped as a ValueError
+                raise ModelLoadError(path, f"corrupt GGUF tensor table (tensor {name} of dimensions {dims})")
+            if name in names:  # the later copy would load over the first, whichever is right
+                raise ModelLoadError(path, f"corrupt GGUF tensor table (tensor {name} listed twice)")
+            names.add(name)
             ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * num_dims)
             pos += 4 + 8 * num_dims + 12
             table.append((name, tuple(reversed(dims)), ggml_type, offset))  # ggml lists the fastest dim first

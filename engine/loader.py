@@ -81,8 +81,77 @@ def iter_safetensors_files(path: str) -> Iterator[tuple[str, str, Any]]:
                 # RSS until it is unmapped, so one open file would hold all of it that we touched.
                 with safe_open(file, framework="pt") as f:
                     yield file, name, f.get_slice(name)
-        except SafetensorError as e:
-            raise ModelLoadError(file, f"corrupt safetensors file: {e}") from None
+        except (SafetensorError, OSError) as e:
+            raise _unreadable(file, e) from None
+
+
+def _unreadable(file: str, e: Exception) -> ModelLoadError:
+    """A shard safetensors refuses (SafetensorError) or the OS cannot open: a directory or a dangling link
+    named *.safetensors, a file this user may not read (its OSError escaped as a traceback)."""
+    if isinstance(e, OSError):
+        return ModelLoadError(file, f"cannot read the weights file: {e}")
+    return ModelLoadError(file, f"corrupt safetensors file: {e}")
+
+
+def _layer_index(file: str, name: str, architecture: str) -> int | None:
+    """The layer of checkpoint tensor `name` (model.layers.<i>.*), None outside the layers. An index that is
+    not a plain number is refused: model.layers.abc.* escaped as a ValueError, and model.layers.-1.* or
+    model.layers.1_0.* were skipped without a word."""
+    if not name.startswith("model.layers."):
+        return None
+    index = name.split(".")[2]
+    if not re.fullmatch(r"0|[1-9][0-9]*", index):
+        raise ModelLoadError(file, f"unexpected tensor {name!r} for {architecture}: {index!r} is not a layer number")
+    return int(index)
+
+
+def _checkpoint_table(model_config: ModelConfig) -> Iterator[tuple[str, str, tuple[int, ...], str]]:
+    """(file, HF name, shape, the tensor as an error names it) of every checkpoint tensor, from the GGUF
+    tensor table or the safetensors headers: no weights are read."""
+    if model_config.load_format == "gguf":
+        for info in open_gguf(model_config.path).tensors:
+            name = gguf_hf_name(info.name)
+            if name is not None:
+                yield model_config.path, name, tuple(info.shape), f"tensor {info.name} ({name})"
+        return
+    from safetensors import SafetensorError, safe_open
+
+    for file in _safetensors_files(model_config.path):
+        try:
+            with safe_open(file, framework="pt") as f:
+                table = [(name, tuple(f.get_slice(name).get_shape())) for name in f.keys()]
+        except (SafetensorError, OSError) as e:
+            raise _unreadable(file, e) from None
+        for name, shape in table:
+            yield file, name, shape, f"tensor {name!r}"
+
+
+def check_checkpoint_sizes(model_config: ModelConfig) -> None:
+    """Before the model is built: the checkpoint holds every one of num_hidden_layers layers, and each float
+    weight or bias has the shape the config gives it. A size in config.json or the GGUF metadata far beyond
+    the weights (num_hidden_layers 10**6, hidden_size 2**20, llama.embedding_length 2**31) built a model of
+    terabytes first: killed for memory, or a raw allocator error naming nothing."""
+    if model_config.load_format == "dummy":
+        return
+    hf, is_gguf = model_config.hf_config, model_config.load_format == "gguf"
+    layers: set[int] = set()
+    for file, name, shape, label in _checkpoint_table(model_config):
+        layer = _layer_index(file, name, model_config.architecture)
+        if layer is not None and layer >= hf.num_hidden_layers:
+            raise ModelLoadError(file, f"tensor {name!r} is beyond the model's layers: "
+                                 f"config num_hidden_layers is {hf.num_hidden_layers}")
+        if layer is not None:
+            layers.add(layer)
+        expected = gguf_expected_shape(name, hf) if name.rpartition(".")[2] in ("weight", "bias") else None
+        if expected is None or shape == expected:
+            continue
+        if is_gguf:
+            raise ModelLoadError(file, f"{label} of shape {shape}: expected {expected} from the file's metadata")
+        raise ModelLoadError(file, f"{label} of shape {shape} does not fit the model config: expected shape {expected}")
+    missing = next(i for i in range(hf.num_hidden_layers + 1) if i not in layers)  # not a set of range(10**9)
+    if missing < hf.num_hidden_layers:
+        raise ModelLoadError(model_config.path, f"config num_hidden_layers is {hf.num_hidden_layers}, but the "
+                             f"checkpoint has no tensors of layer {missing}")
 
 
 # GGUF tensor names -> HF names (llama.cpp's naming for Llama/Qwen2/Qwen3)
@@ -102,6 +171,14 @@ _GGUF_NAMES = [
     (r"^blk\.(\d+)\.ffn_up\.", r"model.layers.\1.mlp.up_proj."),
     (r"^blk\.(\d+)\.ffn_down\.", r"model.layers.\1.mlp.down_proj."),
 ]
+
+
+def gguf_hf_name(name: str) -> str | None:
+    """The HF name of GGUF tensor `name`; None for one the model computes itself (rope_freqs)."""
+    for pattern, repl in _GGUF_NAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    return None
 
 
 def _unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -131,12 +208,8 @@ def iter_gguf(path: str, hf_config: Any, keep_blocks: bool = False) -> Iterator[
     keep_blocks, block-quantized matrices come as GGUFBlocks (rows permuted like the floats)."""
     permute = hf_config.model_type in ("llama", "mistral")
     for info, weights in open_gguf(path).iter_tensors(keep_blocks):
-        name = info.name
-        for pattern, repl in _GGUF_NAMES:
-            if re.match(pattern, name):
-                name = re.sub(pattern, repl, name)
-                break
-        else:
+        name = gguf_hf_name(info.name)
+        if name is None:
             continue  # rope_freqs and other tensors we compute ourselves
         expected = gguf_expected_shape(name, hf_config)
         if expected is not None and tuple(info.shape) != expected:  # before the q/k rows are un-permuted
@@ -244,14 +317,18 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
     num_layers = model_config.num_layers
     for file, name, loaded in tqdm(tensors, desc="Loading weights", unit="tensor", total=total,
                                    disable=not show_progress):
-        layer = re.match(r"model\.layers\.(\d+)\.", name)
-        if layer and int(layer.group(1)) >= num_layers:  # the model would run without it (another stage's is skipped)
+        layer = _layer_index(file, name, model_config.architecture)
+        if layer is not None and layer >= num_layers:  # the model would run without it (another stage's is skipped)
             raise ModelLoadError(file, f"tensor {name!r} is beyond the model's layers: "
                                  f"config num_hidden_layers is {num_layers}")
         mapped = model.checkpoint_to_param(name)
         if mapped is None:
             continue
         param_name, shard_id = mapped
+        if shard_id is None and _shard_ids(model, param_name):  # its loader takes its parts (a TypeError escaped)
+            parts = [ckpt for ckpt, (ours, _) in model.packed_modules.items() if f".{ours}." in param_name]
+            raise ModelLoadError(file, f"unexpected tensor {name!r} for {model_config.architecture}: the "
+                                 f"checkpoint holds this layer's {', '.join(parts)} as separate tensors")
         param = params.get(param_name)
         if param is None and take_kv_scale(model, param_name, loaded):  # per-layer KV scales, not parameters
             continue

@@ -225,7 +225,37 @@ def _check_model_fields(path: str, config: PretrainedConfig, raw: dict[str, Any]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             name = "rope_theta" if key == "rope_parameters" else key
             raise ConfigError(param(key), f"{name} must be a number > 0, got {value!r}")
+    _check_rope_scaling(config, raw, overrides, source)
     check_token_ids(param("eos_token_id"), getattr(config, "eos_token_id", None), config.vocab_size)
+
+
+# what engine.layers.rotary reads of each scaled rope type: a number > 0 (an integer for the context length)
+_ROPE_SCALING_FIELDS = {"linear": ("factor",),
+                        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _check_rope_scaling(config: PretrainedConfig, raw: dict[str, Any], overrides: dict[str, Any], source: str) -> None:
+    """The scaling fields the rotary embedding divides by: factor 0 or NaN loaded and generated token 0
+    forever, factor "x" or null escaped as a TypeError, llama3's low_freq_factor 0 as a ZeroDivisionError
+    (transformers only logs a warning for these)."""
+    key = next((k for k in ("rope_scaling", "rope_parameters") if k in overrides),
+               "rope_scaling" if "rope_scaling" in raw and "rope_parameters" not in raw else "rope_parameters")
+    where = f"hf_overrides.{key}" if key in overrides else f"{source}.{key}"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise ConfigError(where, f"must be a mapping, got {rope!r}")
+    fields = _ROPE_SCALING_FIELDS.get(rope.get("rope_type", rope.get("type")), ())
+    for name in fields:
+        value = rope.get(name)
+        kind = int if name == "original_max_position_embeddings" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+            what = "an integer >= 1" if kind is int else "a number > 0"
+            raise ConfigError(f"{where}.{name}", f"must be {what}, got {value!r}")
+    if "low_freq_factor" in fields and rope["low_freq_factor"] > rope["high_freq_factor"]:  # equal: no band, as HF
+        raise ConfigError(f"{where}.low_freq_factor", f"must not exceed high_freq_factor "
+                          f"({rope['high_freq_factor']}), got {rope['low_freq_factor']}")
 
 
 def check_token_ids(param: str, value: Any, vocab_size: int) -> None:

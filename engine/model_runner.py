@@ -16,7 +16,7 @@ from engine.kv_pool import allocate_kv_pages, gpu_kv_budget, kv_block_bytes, mem
 from engine.layers.attention import Attention
 from engine.layers.quant.fp8_kv import resolve_kv_cache_dtype
 from engine.layers.sampler import Sampler, SamplingMetadata
-from engine.loader import load_weights
+from engine.loader import check_checkpoint_sizes, load_weights
 from engine.lora.punica import lora_batch
 from engine.lora.request import LoRARequest
 from engine.model_config import ModelConfig, cpu_kv_cache_tokens
@@ -53,6 +53,7 @@ class ModelRunner:
         self.memory_at_start = None  # GPU memory not this engine's (kv_pool.MemoryAtStart), when util sizes the pool
         if device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_memory_gib is None:
             self.memory_at_start = memory_at_start(device, config.gpu_memory_utilization)
+        check_checkpoint_sizes(model_config)  # before a config size far beyond the weights allocates the model
         previous = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:

@@ -6,6 +6,7 @@ nor ends a sequence with one.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -54,10 +55,27 @@ def _load_tokenizer(path: str, is_gguf: bool, required: bool,
         if not required:
             return None
         raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # AttributeError: a JSON file of null
         if not required:
             return None
+        not_an_object = _not_an_object(path)
+        if not_an_object:
+            raise ModelLoadError(not_an_object, "must hold a JSON object") from None
         raise ModelLoadError(path, f"cannot load the tokenizer: {e}") from None
+
+
+def _not_an_object(path: str) -> str | None:
+    """The tokenizer JSON file of directory `path` that parses to something other than an object (transformers
+    read tokenizer_config.json `null` as an AttributeError), for the error to name; read on that error's path only."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        file = os.path.join(path, name)
+        try:
+            with open(file, encoding="utf-8") as f:
+                if not isinstance(json.load(f), dict):
+                    return file
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def apply_chat_template(

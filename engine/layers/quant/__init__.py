@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.config import ConfigError
 from engine.errors import ModelLoadError
 
 
@@ -29,6 +30,20 @@ class QuantizationConfig:
     def embedding_classes(self) -> tuple[type, type]:
         """(embedding, LM head) module classes."""
         raise NotImplementedError
+
+
+def check_mapping(value: Any, param: str) -> dict[str, Any]:
+    """A quantization_config section that must be a JSON object (a group of null escaped as an AttributeError)."""
+    if not isinstance(value, dict):
+        raise ConfigError(param, f"must be a JSON object, got {value!r}")
+    return value
+
+
+def check_names(value: Any, param: str) -> list[str]:
+    """A list of module names (ignore "lm_head" was read a letter at a time: unquantized layers ['l', 'm', '_'])."""
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ConfigError(param, f"must be a list of module names, got {value!r}")
+    return value
 
 
 def get_quant_config(hf_config: Any) -> QuantizationConfig | None:
@@ -63,5 +78,6 @@ def get_quant_config(hf_config: Any) -> QuantizationConfig | None:
 
 def _is_float_quantized(qc: dict[str, Any]) -> bool:
     """compressed-tensors' FP8 format (the config's or its one group's `format`)."""
-    groups = list((qc.get("config_groups") or {}).values())
+    groups = qc.get("config_groups") or {}
+    groups = list(groups.values()) if isinstance(groups, dict) else []  # the config's own check names the field
     return "float-quantized" in (qc.get("format"), *(g.get("format") for g in groups if isinstance(g, dict)))

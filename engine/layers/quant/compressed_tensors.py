@@ -20,7 +20,7 @@ from engine.layers.embed_head import (
     QuantVocabParallelEmbedding,
     VocabParallelEmbedding,
 )
-from engine.layers.quant import QuantizationConfig
+from engine.layers.quant import QuantizationConfig, check_mapping, check_names
 
 
 LM_HEAD_NAMES = ("lm_head", "re:.*lm_head")  # how llm-compressor recipes name the LM head in `ignore`
@@ -37,11 +37,12 @@ class CompressedTensorsConfig(QuantizationConfig):
     name = "compressed-tensors"
 
     def __init__(self, qc: dict[str, Any]):
-        groups = qc.get("config_groups") or {}
+        groups = check_mapping(qc.get("config_groups") or {}, "quantization_config.config_groups")
         if len(groups) != 1:
             raise ConfigError("quantization_config.config_groups", f"one group is supported, got {len(groups)}")
         (group_name, group), = groups.items()
         where = f"config_groups.{group_name}."
+        check_mapping(group, f"quantization_config.{where}".rstrip("."))
         format_where, format_source = (where, group) if group.get("format") else ("", qc)
         _field(format_source, "format", ("pack-quantized",), format_where)
         if group.get("input_activations") or group.get("output_activations"):
@@ -51,12 +52,12 @@ class CompressedTensorsConfig(QuantizationConfig):
             raise ConfigError(f"quantization_config.{where}targets",
                               f"{group.get('targets')} (supported: ['Linear'], ['Linear', 'Embedding'])")
         self.embedding = "Embedding" in targets  # the token embedding packed too
-        ignore = qc.get("ignore") or []
+        ignore = check_names(qc.get("ignore") or [], "quantization_config.ignore")
         others = [n for n in ignore if n not in LM_HEAD_NAMES]
         if others:
             raise ConfigError("quantization_config.ignore", f"unquantized layers {others[:3]} are not supported")
         self.lm_head = not set(ignore) & set(LM_HEAD_NAMES)  # "Linear" matches the LM head unless it is ignored
-        weights = group.get("weights") or {}
+        weights = check_mapping(group.get("weights") or {}, f"quantization_config.{where}weights")
         wh = where + "weights."
         self.num_bits: int = _field(weights, "num_bits", (4, 8), wh)
         _field(weights, "type", ("int",), wh)

@@ -18,7 +18,7 @@ from torch import nn
 from engine.config import ConfigError
 from engine.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import materialize
-from engine.layers.quant import QuantizationConfig
+from engine.layers.quant import QuantizationConfig, check_mapping, check_names
 from engine.layers.quant.fp8_support import FP8_DTYPE, FP8_MAX
 
 MIN_SCALE = 1e-12  # an all-zero row or token quantizes to zeros, not NaN
@@ -76,10 +76,11 @@ class Fp8Config(QuantizationConfig):
         """From a quantization_config: HF's `fp8` or compressed-tensors `float-quantized`."""
         if qc.get("quant_method") == "fp8":
             return cls.from_hf(qc)
-        groups = qc.get("config_groups") or {}
+        groups = check_mapping(qc.get("config_groups") or {}, "quantization_config.config_groups")
         if len(groups) != 1:
             raise ConfigError("quantization_config.config_groups", f"one group is supported, got {len(groups)}")
         (group_name, group), = groups.items()
+        check_mapping(group, f"quantization_config.config_groups.{group_name}")
         if not set(group.get("targets") or []) <= {"Linear"}:
             raise ConfigError(f"quantization_config.config_groups.{group_name}.targets",
                               f"{group.get('targets')} (supported: ['Linear'])")
@@ -93,7 +94,8 @@ class Fp8Config(QuantizationConfig):
         scheme = qc.get("activation_scheme", "dynamic")
         if scheme not in ("dynamic", "static"):
             raise ConfigError("quantization_config.activation_scheme", f"{scheme!r} (supported: dynamic, static)")
-        ignored = [n for n in (qc.get("ignored_layers") or qc.get("modules_to_not_convert") or []) if n != "lm_head"]
+        key = "ignored_layers" if qc.get("ignored_layers") else "modules_to_not_convert"
+        ignored = [n for n in check_names(qc.get(key) or [], f"quantization_config.{key}") if n != "lm_head"]
         if ignored:
             raise ConfigError("quantization_config.ignored_layers", f"unquantized layers {ignored[:3]} are not supported")
         block = qc.get("weight_block_size")
@@ -108,18 +110,19 @@ class Fp8Config(QuantizationConfig):
     def from_compressed_tensors(cls, qc: dict[str, Any], group_name: str, group: dict[str, Any]) -> Fp8Config:
         """compressed-tensors `float-quantized`: 8-bit float weights per tensor, channel or block."""
         where = f"quantization_config.config_groups.{group_name}."
-        weights = group.get("weights") or {}
+        weights = check_mapping(group.get("weights") or {}, f"{where}weights")
         for key, allowed in (("num_bits", (8,)), ("type", ("float",)), ("symmetric", (True,)),
                              ("strategy", ("tensor", "channel", "block"))):
             if weights.get(key) not in allowed:
                 raise ConfigError(f"{where}weights.{key}", f"{weights.get(key)!r} is not supported (supported: {allowed})")
-        acts = group.get("input_activations") or {"dynamic": True}  # weight-only FP8: run W8A8 per token
+        acts = check_mapping(group.get("input_activations") or {"dynamic": True},  # weight-only FP8: W8A8 per token
+                             f"{where}input_activations")
         scheme = "dynamic" if acts.get("dynamic") else "static"
         if scheme == "static" and acts.get("strategy") != "tensor":
             raise ConfigError(f"{where}input_activations.strategy", f"static {acts.get('strategy')!r} (supported: tensor)")
         if acts.get("type", "float") != "float" or acts.get("num_bits", 8) != 8:
             raise ConfigError(f"{where}input_activations", "only 8-bit float activations run with FP8 weights")
-        ignore = [n for n in qc.get("ignore") or [] if n != "lm_head"]
+        ignore = [n for n in check_names(qc.get("ignore") or [], "quantization_config.ignore") if n != "lm_head"]
         if ignore:
             raise ConfigError("quantization_config.ignore", f"unquantized layers {ignore[:3]} are not supported")
         if weights["strategy"] != "block":
