@@ -314,13 +314,9 @@ def _load_weights(model: nn.Module, model_config: ModelConfig, show_progress: bo
     sources: dict[str, list[tuple[str, str]]] = {}  # a parameter whose values are checked -> its tensors in so far
     # a bar only on a terminal: in a log file every refresh would append to one ever-longer line
     show_progress = show_progress and sys.stderr.isatty()
-    num_layers = model_config.num_layers
     for file, name, loaded in tqdm(tensors, desc="Loading weights", unit="tensor", total=total,
                                    disable=not show_progress):
-        layer = _layer_index(file, name, model_config.architecture)
-        if layer is not None and layer >= num_layers:  # the model would run without it (another stage's is skipped)
-            raise ModelLoadError(file, f"tensor {name!r} is beyond the model's layers: "
-                                 f"config num_hidden_layers is {num_layers}")
+        # layer numbers and sizes were checked before the model was built (check_checkpoint_sizes)
         mapped = model.checkpoint_to_param(name)
         if mapped is None:
             continue
