@@ -1,5 +1,5 @@
-"""Decode GEMVs (#12's, #13's and #14's one-stream decode): cuBLAS `F.linear` in bf16 against kernels/weight_gemv.py
-on bf16 and on FP8 (e4m3, a scale per row) weights, and kernels/quant_gemv.py on 4-bit group-128 weights (w4,
+"""Decode GEMVs (#12's, #13's and #14's one-stream decode): cuBLAS `F.linear` in bf16 against gantry_kernels/weight_gemv.py
+on bf16 and on FP8 (e4m3, a scale per row) weights, and gantry_kernels/quant_gemv.py on 4-bit group-128 weights (w4,
 compressed-tensors' layout), over W1's shapes. Each call runs on its own copy of the weight (copies rotated
 inside one CUDA graph, >= 200 MB in all: quant_bench.rotating_us), so no call finds its weight in L2, as a
 decode step never does. Read bandwidth (a plain `sum` over 2 GB) and copy bandwidth are measured beside; one JSON line
@@ -37,7 +37,7 @@ def sweep_configs(elem_bytes: float) -> list[tuple[int, int, int, int]]:
             for sp in (1, 2, 4, 8) if 4 <= bn * bk * elem_bytes // (32 * nw) <= 128]
 
 
-# w4x2: the packed-half GEMV (kernels/quant_gemv_f16x2.py) on w4's weights; a trailing k: the words and scales stored
+# w4x2: the packed-half GEMV (gantry_kernels/quant_gemv_f16x2.py) on w4's weights; a trailing k: the words and scales stored
 # K-major, as compressed-tensors' checkpoints hold them, instead of out-major as the engine stores them after loading
 ELEM_BYTES = {"bf16": 2, "fp8": 1, "w4": 0.5, "w4x2": 0.5, "w4k": 0.5, "w4x2k": 0.5}
 W4_DTYPES = ("w4", "w4x2", "w4k", "w4x2k")  # 4-bit packed words and group scales (compressed-tensors' values)
@@ -50,7 +50,7 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
     """(weight, row scales or None) a copy; w4: (PackedWeight, None)."""
     from benchmarks.quant_bench import random_w4
     from engine.layers.quant.fp8 import quantize_rows
-    from kernels import quant_gemm
+    from gantry_kernels import quant_gemm
 
     out = []
     for _ in range(copies):
@@ -66,7 +66,7 @@ def random_weights(n: int, k: int, dtype: str, copies: int) -> list[tuple]:
 
 
 def gemv_call(dtype: str, x: torch.Tensor, w, scale, cfg: tuple) -> torch.Tensor:
-    from kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
+    from gantry_kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
 
     if dtype.removesuffix("k") == "w4":
         return quant_gemv.gemv(x, w, None, *cfg)
@@ -76,7 +76,7 @@ def gemv_call(dtype: str, x: torch.Tensor, w, scale, cfg: tuple) -> torch.Tensor
 
 
 def default_config(dtype: str, n: int, k: int, m: int) -> tuple[int, int, int, int]:
-    from kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
+    from gantry_kernels import quant_gemv, quant_gemv_f16x2, weight_gemv
 
     sms = quant_gemv.num_sms(torch.device("cuda"))
     if dtype.removesuffix("k") == "w4x2":
@@ -88,7 +88,7 @@ def default_config(dtype: str, n: int, k: int, m: int) -> tuple[int, int, int, i
 
 def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dict:
     """The GEMV's time at its rule/table config, or the best of the sweep; wrong output exits."""
-    from kernels import quant_gemm
+    from gantry_kernels import quant_gemm
 
     elem = ELEM_BYTES[dtype]
     copies = max(1, int(-(-L2_OVERFLOW_BYTES // (n * k * elem))))

@@ -1,7 +1,7 @@
 """FP8 on one Hopper GPU (#14), one JSON line per figure, all ratios from this one run:
   matmul  bf16 `x @ w.T` vs torch._scaled_mm FP8 (row-wise scales; with and without the per-token
           quantization of x) at W1's shapes (Qwen2-7B K/N, M = 1..256)
-  gemm-sweep  kernels/fp8_gemm.py's tiles swept at W1's and W3's shapes, M = 16..256
+  gemm-sweep  gantry_kernels/fp8_gemm.py's tiles swept at W1's and W3's shapes, M = 16..256
           (benchmarks/fp8_gemm_sweep.py); the winners replace GEMM_TABLE for the rest of this process
   w1      W1 offline throughput and one-stream decode TPOT: bf16 vs quantization=fp8 vs kv_cache_dtype=fp8
           (configs ending in _cublas or _unfused turn one FP8 speed-up off, for A/B: fp8_switches)
@@ -49,7 +49,7 @@ def _timed(fn) -> float:
 
 
 def _bench_shape(name: str, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, m: int) -> None:
-    from kernels.fp8_quant import per_token_quant
+    from gantry_kernels.fp8_quant import per_token_quant
 
     n, k = w.shape
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # [M, K]
@@ -71,7 +71,7 @@ def _bench_shape(name: str, w: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
     extra = {}
     if m <= 8:  # decode rows: the weight-only GEMV beside, all three inside CUDA graphs (eager times the launch)
         from benchmarks.quant_bench import _graph_us
-        from kernels.weight_gemv import weight_gemv
+        from gantry_kernels.weight_gemv import weight_gemv
 
         gemv = lambda: weight_gemv(x, wq, ws)  # noqa: E731
         gemv_err = ((gemv().float() - ref.float()).norm() / ref.float().norm()).item()
@@ -98,10 +98,10 @@ def bench_matmul(ms: list[int]) -> None:
 
 
 def gemv_sweep() -> None:
-    """kernels/weight_gemv's FP8 configs at M = 1 swept per W1 shape (benchmarks/decode_gemv_bench.py); the best go
+    """gantry_kernels/weight_gemv's FP8 configs at M = 1 swept per W1 shape (benchmarks/decode_gemv_bench.py); the best go
     into GEMV_TABLE for the rest of this process, so `--parts gemv-sweep,w1` measures the engine with them."""
     from benchmarks.decode_gemv_bench import read_bandwidth, sweep_table
-    from kernels import weight_gemv
+    from gantry_kernels import weight_gemv
 
     table = sweep_table(["fp8"], [1], True, False, read_bandwidth())
     weight_gemv.GEMV_TABLE.update(table)
@@ -169,13 +169,13 @@ CONFIGS.update({f"{name}_bf16dot": CONFIGS[name] for name in ("fp8_kv", "fp8_bot
 
 @contextlib.contextmanager
 def fp8_switches(config: str):
-    """For A/B in one process: configs ending in _cublas run every FP8 GEMM through cuBLASLt (kernels/fp8_gemm.py's
+    """For A/B in one process: configs ending in _cublas run every FP8 GEMM through cuBLASLt (gantry_kernels/fp8_gemm.py's
     table emptied); _unfused quantizes GEMM inputs in a kernel of their own (engine.layers.quant.fp8.FUSE_INPUT_QUANT);
     _bf16dot widens FP8 pages to bf16 in decode attention, as before the fp16 default
-    (kernels.decode_attention.F16_DOT_FOR_FP8); _precise promotes FP8 GEMM sums to float32 every K tile, as before
+    (gantry_kernels.decode_attention.F16_DOT_FOR_FP8); _precise promotes FP8 GEMM sums to float32 every K tile, as before
     fast accumulation became the default (engine.layers.quant.fp8.FAST_ACCUM)."""
     from engine.layers.quant import fp8
-    from kernels import decode_attention, fp8_gemm
+    from gantry_kernels import decode_attention, fp8_gemm
 
     saved = dict(fp8_gemm.GEMM_TABLE)
     if config.endswith("_cublas"):
@@ -285,7 +285,7 @@ def main() -> None:
         gemv_sweep()
     if "gemm-sweep" in parts:
         from benchmarks.fp8_gemm_sweep import sweep
-        from kernels import fp8_gemm
+        from gantry_kernels import fp8_gemm
 
         fp8_gemm.GEMM_TABLE.update(sweep(["w1", "w3"], [16, 32, 64, 128, 256]))
         log(f"gemm-sweep done at {time.perf_counter() - start:.0f} s")

@@ -1,4 +1,4 @@
-"""The Triton FP8 GEMM (kernels/fp8_gemm.py) swept over tiles and K splits at decode batch sizes, beside
+"""The Triton FP8 GEMM (gantry_kernels/fp8_gemm.py) swept over tiles and K splits at decode batch sizes, beside
 torch._scaled_mm (cuBLASLt, row-wise scales) and bf16 `x @ w.T`, on W1's (Qwen2-7B) and W3's (Qwen2-32B)
 linear shapes. Times are µs a call inside CUDA graphs with the weights rotated out of L2 (as a decode step
 finds them). One JSON line per (shape, M); the last line is the GEMM_TABLE entries where Triton won.
@@ -20,7 +20,7 @@ MODELS = {"w1": W1_LINEARS, "w3": W3_LINEARS}
 
 
 def sweep_configs(k: int) -> list:
-    from kernels.fp8_gemm import GemmConfig, supports
+    from gantry_kernels.fp8_gemm import GemmConfig, supports
 
     out = []
     for bm in (64, 128):
@@ -36,8 +36,8 @@ def sweep_configs(k: int) -> list:
 def bench_shape(model: str, name: str, n: int, k: int, m: int, table: dict) -> None:
     from engine.layers.quant import fp8
     from engine.layers.quant.fp8 import quantize_rows
-    from kernels.fp8_gemm import config_for, fp8_gemm, m_bucket
-    from kernels.fp8_quant import per_token_quant
+    from gantry_kernels.fp8_gemm import config_for, fp8_gemm, m_bucket
+    from gantry_kernels.fp8_quant import per_token_quant
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02  # [N, K]
     wq, ws = quantize_rows(w)

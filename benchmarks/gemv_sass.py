@@ -6,9 +6,9 @@ specialized as Triton's runtime specializes them: an int argument equal to 1 (a 
 constant, and the others, and every pointer, are marked divisible by 16 (W1's sizes and strides are; torch's
 allocations are aligned), except tiles_per_split (4 at W1's 4-bit table configs) and what the kernel leaves
 unspecialized. Without that the loads come out scalar (LDG.E per word) where the device runs LDG.E.128.
-- 4-bit: kernels/quant_gemv.py (float32 arithmetic) against kernels/quant_gemv_f16x2.py, a tile of 128 rows x 16
+- 4-bit: gantry_kernels/quant_gemv.py (float32 arithmetic) against gantry_kernels/quant_gemv_f16x2.py, a tile of 128 rows x 16
   words on 4 warps (128 values a thread), in compressed-tensors' symmetric layout and in GPTQ's with zero points;
-- FP8, for reference: kernels/weight_gemv.py at W1 gate_up's table config, 8 rows x 512 weights on 2 warps.
+- FP8, for reference: gantry_kernels/weight_gemv.py at W1 gate_up's table config, 8 rows x 512 weights on 2 warps.
 One JSON line a kernel: the loop's instruction count, a thread's values a tile, the commonest opcodes and the
 global loads by width. Speed still needs the device (decode_gemv_bench --dtypes w4,w4x2,fp8).
     python -m benchmarks.gemv_sass
@@ -27,7 +27,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import quant_gemm, quant_gemv, quant_gemv_f16x2, weight_gemv
+from gantry_kernels import quant_gemm, quant_gemv, quant_gemv_f16x2, weight_gemv
 
 POINTERS = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*i32", "g_ptr": "*i32",
             "bias_ptr": "*bf16", "out_ptr": "*fp32", "ws_ptr": "*fp32"}
@@ -94,7 +94,7 @@ def main() -> None:
         for name, (fn, extra) in kernels.items():
             body = loop_body(sass(fn, {**TILE, **extra, "HAS_ZEROS": zeros}, ones=ones))
             emit(name, body, values, zero_points=zeros, layout=layout, ones=list(ones))
-    # GANTRY_PDL (kernels/pdl.py): griddepcontrol.wait (ACQBULK) and launch_dependents (PREEXIT), outside the loop
+    # GANTRY_PDL (gantry_kernels/pdl.py): griddepcontrol.wait (ACQBULK) and launch_dependents (PREEXIT), outside the loop
     listing = sass(quant_gemv_f16x2._gemv_f16x2_kernel, {**TILE, "USE_PTX": True, "PDL": True, "HAS_ZEROS": False},
                    ones=unit_strides("compressed-tensors", False))
     ops = [m.group(2) for m in map(SASS_LINE.search, listing.splitlines()) if m]

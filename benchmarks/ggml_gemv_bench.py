@@ -1,9 +1,9 @@
-"""GGUF blocks on one GPU (#13): kernels/ggml_gemv.py's decode GEMV against today's dequantize + matmul
+"""GGUF blocks on one GPU (#13): gantry_kernels/ggml_gemv.py's decode GEMV against today's dequantize + matmul
 (ggml_cpu._dequant_torch, then F.linear in bf16) for each kept type at W1's linear shapes, M = 1, bf16
 activations, random blocks with small fp16 scales. One JSON line per type and shape: us (GPU time a call,
 median of 50 replays of a CUDA graph whose calls rotate over enough weight copies to overflow L2), weight
 GB/s and its fraction of the device-to-device copy bandwidth measured in the same run. --sweep also
-times tiles x splits and prints a GEMV_TABLE line for kernels/ggml_gemv.py. About a minute on an H200:
+times tiles x splits and prints a GEMV_TABLE line for gantry_kernels/ggml_gemv.py. About a minute on an H200:
     python -m benchmarks.ggml_gemv_bench [--types Q4_1,Q6_K] [--sweep]
 """
 from __future__ import annotations
@@ -42,8 +42,8 @@ def bench_type(name: str, ggml_type: int, bandwidth: float, sweep: bool) -> dict
     from triton.errors import TritonError
 
     from engine.layers.quant.ggml_cpu import _dequant_torch
-    from kernels.ggml_gemv import gemv_config, ggml_gemv
-    from kernels.quant_gemv import num_sms
+    from gantry_kernels.ggml_gemv import gemv_config, ggml_gemv
+    from gantry_kernels.quant_gemv import num_sms
 
     table = {}
     for layer, (n, k) in W1_LINEARS.items():

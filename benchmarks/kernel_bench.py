@@ -18,10 +18,10 @@ from collections.abc import Callable
 import torch
 import triton.testing
 
-from kernels import reference
-from kernels.decode_attention import choose_num_splits, decode_attention
-from kernels.cudnn_prefill import KEY_PIECES, chunk_attention, warmup
-from kernels.prefill_attention import prefill_attention
+from gantry_kernels import reference
+from gantry_kernels.decode_attention import choose_num_splits, decode_attention
+from gantry_kernels.cudnn_prefill import KEY_PIECES, chunk_attention, warmup
+from gantry_kernels.prefill_attention import prefill_attention
 
 BLOCK_SIZE = 16
 HEAD_DIM = 128
@@ -246,7 +246,7 @@ def run_long_prefill(matmul: float, sweep: bool) -> None:
     ref = reference.paged_attention(query[:512], k_cache, v_cache, block_tables, torch.tensor([0, 512], dtype=torch.int32, device="cuda"),
                                     torch.tensor([4096], dtype=torch.int32, device="cuda"), HEAD_DIM**-0.5)
     print(f"  long launch relative error vs reference: {((out.float() - ref.float()).norm() / ref.float().norm()).item():.1e}")
-    print("  cuDNN path (kernels/cudnn_prefill.py: whole pieces of keys through cuDNN, the rest Triton) against the"
+    print("  cuDNN path (gantry_kernels/cudnn_prefill.py: whole pieces of keys through cuDNN, the rest Triton) against the"
           " Triton launch alone:")
     warmup(k_cache, num_heads, DTYPE, 1.0, 1.0, CHUNK, LONG_CONTEXT + CHUNK)
     for context, q_len in ((KEY_PIECES[0], CHUNK), (LONG_CONTEXT // 2, CHUNK), (LONG_CONTEXT - CHUNK, CHUNK),

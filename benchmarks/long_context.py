@@ -259,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated max_prefill_tokens_while_decoding values: the mixed part once with each, "
                    "on the same engine (default: once, with --max-prefill-tokens-while-decoding)")
     p.add_argument("--piece-batches", type=lambda v: tuple(int(x) for x in v.split(",")),
-                   help="kernels/cudnn_prefill.py's PIECE_BATCHES for this run, e.g. 4,2,1 (must include 1)")
+                   help="gantry_kernels/cudnn_prefill.py's PIECE_BATCHES for this run, e.g. 4,2,1 (must include 1)")
     p.add_argument("--sync-debug", action="store_true",
                    help="mixed part: warn at every operation that waits for the GPU (torch's sync debug mode)")
     p.add_argument("--seed", type=int, default=0)
@@ -313,9 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         from engine.errors import ModelLoadError, RankFailedError
 
         if args.piece_batches:  # read by the cuDNN warm-up at start and by every long chunk (this process)
-            import kernels.cudnn_prefill
+            import gantry_kernels.cudnn_prefill
 
-            kernels.cudnn_prefill.PIECE_BATCHES = args.piece_batches
+            gantry_kernels.cudnn_prefill.PIECE_BATCHES = args.piece_batches
         try:
             llm = build_llm(model_dir, args, on_gpu)
         except (ConfigError, ModelLoadError, RankFailedError) as e:  # e.g. max_model_len does not fit

@@ -133,7 +133,7 @@ def _augmented_figures(batch, slices: list, in_features: int, x: torch.Tensor, w
 
     from engine.lora.augmented import AugmentedLoRALinear
     from engine.lora.layers import LoRASlice
-    from kernels.lora import lora_augment, lora_mask_
+    from gantry_kernels.lora import lora_augment, lora_mask_
 
     layer = nn.Module()
     layer.weight = nn.Parameter(w.clone(), requires_grad=False)

@@ -1,10 +1,10 @@
 """Packed int4 weights on one GPU (#13), one JSON line per figure, all ratios from this one run:
-  gemv    kernels.quant_gemm's GEMV at W1's linear shapes (M = 1, 4-bit, group 128): us, GB/s and the
+  gemv    gantry_kernels.quant_gemm's GEMV at W1's linear shapes (M = 1, 4-bit, group 128): us, GB/s and the
           fraction of the copy bandwidth measured here, per-kernel device time, then a sweep of tiles x
           splits (--gemv-budget-s) whose best per shape ends as a `gemv_table` line to paste into
-          kernels/quant_gemv.py; bf16 `x @ w.T` beside it
+          gantry_kernels/quant_gemv.py; bf16 `x @ w.T` beside it
   rows    GEMV vs quant_mma vs dequantize + cuBLAS at small M (where GEMV_MAX_M and MMA_MAX_M should sit)
-  mma     kernels.quant_mma (bf16 pairs by LOP3 + FMA, tensor cores) at W1's shapes for M = --mma-m: default
+  mma     gantry_kernels.quant_mma (bf16 pairs by LOP3 + FMA, tensor cores) at W1's shapes for M = --mma-m: default
           config, a sweep (--mma-budget-s) printed as an MMA_TABLE line, the plain-Triton unpacking beside
           the asm one, the GEMV, dequantize + cuBLAS and bf16 beside it; fraction of copy bandwidth
   gemm    fused GEMM vs dequantize + cuBLAS vs bf16 matmul at M = 256 and 2048
@@ -131,7 +131,7 @@ def bench_gemv(bandwidth: float, budget_s: float) -> None:
     its best per shape is printed as a GEMV_TABLE line."""
     from triton.errors import TritonError
 
-    from kernels import quant_gemm, quant_gemv
+    from gantry_kernels import quant_gemm, quant_gemv
 
     shapes = {}
     for name, (n, k) in W1_LINEARS.items():
@@ -189,7 +189,7 @@ def _mma_shape(name: str, n: int, k: int, ms: list[int], bandwidth: float, deadl
     """One W1 shape at each M: the default config's time against the other paths, then the sweep."""
     from triton.errors import TritonError
 
-    from kernels import quant_gemm, quant_mma
+    from gantry_kernels import quant_gemm, quant_mma
 
     qweight, scales = random_w4(n, k)
     w = quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k)
@@ -245,7 +245,7 @@ def bench_mma(bandwidth: float, ms: list[int], budget_s: float) -> None:
 
 
 def _rows_shape(name: str, n: int, k: int, m: int) -> None:
-    from kernels import quant_gemm, quant_mma
+    from gantry_kernels import quant_gemm, quant_mma
 
     qweight, scales = random_w4(n, k)
     w = quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k)
@@ -267,7 +267,7 @@ def bench_rows(ms: list[int]) -> None:
 
 
 def _gemm_shape(name: str, n: int, k: int, m: int) -> None:
-    from kernels import quant_gemm
+    from gantry_kernels import quant_gemm
 
     qweight, scales = random_w4(n, k)
     w = quant_gemm.prepare(qweight, scales, None, None, 4, 128, "compressed-tensors", k)
@@ -345,7 +345,7 @@ def bench_w1(args: argparse.Namespace) -> None:
         llm.llm_engine.shutdown()
         return result
 
-    from kernels import quant_gemm, quant_gemv_f16x2
+    from gantry_kernels import quant_gemm, quant_gemv_f16x2
 
     if args.f16x2_table:  # decode_gemv_bench --sweep's gemv_table line, applied in this process
         quant_gemv_f16x2.F16X2_TABLE.update(ast.literal_eval("{" + args.f16x2_table + "}"))
@@ -380,10 +380,10 @@ def main() -> None:
                         help="w1: bf16 first, then w4a16 (compressed-tensors), w4a16_tables (its embedding and LM "
                         "head packed too), gptq_head (GPTQ, LM head quantized)")
     parser.add_argument("--mma-compare", action="store_true",
-                        help="w1: a third engine, 4-bit with kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
+                        help="w1: a third engine, 4-bit with gantry_kernels.quant_mma off (MMA_MAX_M = GEMV_MAX_M)")
     parser.add_argument("--f16x2-compare", action="store_true",
-                        help="w1: each 4-bit config with one-row GEMVs on kernels/quant_gemv.py (float32), then again "
-                        "on kernels/quant_gemv_f16x2.py (the default)")
+                        help="w1: each 4-bit config with one-row GEMVs on gantry_kernels/quant_gemv.py (float32), then again "
+                        "on gantry_kernels/quant_gemv_f16x2.py (the default)")
     parser.add_argument("--f16x2-table", help="w1: F16X2_TABLE entries as decode_gemv_bench --sweep prints them")
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--kv-cache-memory-gib", type=float, default=None,

@@ -131,8 +131,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         p = self.parallel
         if self.device.type == "cuda":  # compile the prefill kernel's variants now, not mid-serve
-            from kernels import cudnn_prefill
-            from kernels.prefill_attention import warmup
+            from gantry_kernels import cudnn_prefill
+            from gantry_kernels.prefill_attention import warmup
 
             layer = self.attn_layers[0]
             warmup(layer.k_cache, layer.v_cache, layer.num_heads, self.model_config.dtype, layer.scale)

@@ -50,7 +50,7 @@ def request_sampling_params(seq: Sequence, eos_token_ids: list[int]) -> RequestS
 
 
 # a prompt chunk of this many new tokens at least this deep takes the long-chunk attention path on a GPU
-# (kernels/cudnn_prefill.py's CUDNN_MIN_QUERY and KEY_PIECES[-1]): several cuDNN calls a layer, hundreds of
+# (gantry_kernels/cudnn_prefill.py's CUDNN_MIN_QUERY and KEY_PIECES[-1]): several cuDNN calls a layer, hundreds of
 # kernel launches a step (SchedulerOutput.has_deep_chunk)
 DEEP_CHUNK_TOKENS, DEEP_CHUNK_START = 512, 8192
 MIN_PREFILL_CHUNK = 256  # prompt tokens a step that decodes may always give one prefill

@@ -13,7 +13,7 @@ class SiluAndMul(nn.Module):
         """[num_tokens, 2 * d] -> [num_tokens, d]; quantized per token for the FP8 GEMM after it with fp8_out
         (callers ask only on a GPU: engine.layers.quant.fp8.wants_fp8_input)."""
         if fp8_out:
-            from kernels.activation import silu_and_mul_fp8
+            from gantry_kernels.activation import silu_and_mul_fp8
 
             return Fp8Activation(*silu_and_mul_fp8(x), x.dtype)
         return ops_for(x).silu_and_mul(x)

@@ -53,7 +53,7 @@ def check_loaded(loaded: Any, expected: tuple[int, ...]) -> None:
         raise ValueError(f"expected floating-point weights, got {dtype}")
 
 
-# one-row decode on the GPU streams bf16/fp16 weights through kernels/weight_gemv.py (4-8 whole rows a program,
+# one-row decode on the GPU streams bf16/fp16 weights through gantry_kernels/weight_gemv.py (4-8 whole rows a program,
 # no split-K reduce) instead of cuBLAS: W1's projections at 0.70-0.98 of read bandwidth against cuBLAS's 0.52-0.84
 # (benchmarks/decode_gemv_bench.py; at 2 rows cuBLAS wins); GANTRY_DENSE_GEMV=0 keeps cuBLAS (A/B runs)
 DENSE_GEMV = os.environ.get("GANTRY_DENSE_GEMV", "1") != "0"
@@ -63,7 +63,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """F.linear(x, weight, bias); one row on the GPU through the decode GEMV."""
     if (DENSE_GEMV and x.is_cuda and x.numel() == x.shape[-1] and weight.dtype in (torch.bfloat16, torch.float16)
             and x.dtype == weight.dtype and weight.stride(1) == 1):
-        from kernels.weight_gemv import weight_gemv
+        from gantry_kernels.weight_gemv import weight_gemv
 
         return weight_gemv(x.reshape(1, -1).contiguous(), weight, None, bias).view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)

@@ -19,7 +19,7 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None, fp8_out: bool = False
     ) -> torch.Tensor | Fp8Activation | tuple[torch.Tensor | Fp8Activation, torch.Tensor]:
         if fp8_out:  # callers ask only on a GPU (engine.layers.quant.fp8.wants_fp8_input)
-            from kernels.norm import rms_norm_fp8
+            from gantry_kernels.norm import rms_norm_fp8
 
             q, scale, new_residual = rms_norm_fp8(x, residual, self.weight, self.eps)
             out = Fp8Activation(q, scale, torch.result_type(x, self.weight))

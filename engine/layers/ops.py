@@ -5,12 +5,12 @@ from types import ModuleType
 
 import torch
 
-from kernels import cpu_ops
+from gantry_kernels import cpu_ops
 
 
 def ops_for(x: torch.Tensor) -> ModuleType:
     if x.is_cuda:
-        import kernels.triton_ops as triton_ops  # noqa: PLC0415 - needs a GPU build of Triton
+        import gantry_kernels.triton_ops as triton_ops  # noqa: PLC0415 - needs a GPU build of Triton
 
         return triton_ops
-    return cpu_ops  # kernels/cpu_attention.c where it applies, else kernels/reference.py
+    return cpu_ops  # gantry_kernels/cpu_attention.c where it applies, else gantry_kernels/reference.py

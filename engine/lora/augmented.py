@@ -108,7 +108,7 @@ class AugmentedLoRALinear:
     def _mask(self, batch: LoRABatch, t: torch.Tensor) -> torch.Tensor:
         """t [num_tokens, num_cols] (rows may be strided) with only each token's own slot's columns kept, in place."""
         if batch.use_triton:
-            from kernels.lora import lora_mask_
+            from gantry_kernels.lora import lora_mask_
 
             return lora_mask_(t, batch.token_slots, self.cols_per_slot)
         keep = self.col_slot[None, :] == batch.token_slots[: t.shape[0], None].to(self.col_slot.device)
@@ -119,7 +119,7 @@ class AugmentedLoRALinear:
         only each token's own slot's columns kept (all zero for tokens without an adapter)."""
         t = torch.mm(x, self.a_all.t())  # [num_tokens, num_cols]: one dense GEMM over every slot's A
         if batch.use_triton:
-            from kernels.lora import lora_augment
+            from gantry_kernels.lora import lora_augment
 
             out = torch.empty(x.shape[0], self.w_aug.shape[1], dtype=x.dtype, device=x.device)
             return lora_augment(x, t, batch.token_slots, self.cols_per_slot, out)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import reference
+from gantry_kernels import reference
 
 
 @dataclass
@@ -67,7 +67,7 @@ def shrink(batch: LoRABatch, x: torch.Tensor, a_stack: torch.Tensor, out: torch.
     given, is a zeroed float32 [num_tokens, rank] view (rows may be strided) the Triton path adds into."""
     if not batch.use_triton:
         return reference.lora_shrink(x, a_stack, batch.token_slots)
-    from kernels.lora import sgmv
+    from gantry_kernels.lora import sgmv
 
     if out is None:
         out = torch.zeros(x.shape[0], a_stack.shape[1], dtype=torch.float32, device=x.device)
@@ -83,7 +83,7 @@ def expand(batch: LoRABatch, t: torch.Tensor, b_stack: torch.Tensor, y: torch.Te
     if not batch.use_triton:
         reference.lora_expand(t, b_stack, batch.token_slots, y, offset)
         return
-    from kernels.lora import sgmv
+    from gantry_kernels.lora import sgmv
 
     msl, bm = _tile(batch, t.shape[0])
     sgmv(t, b_stack, y, batch.seg_start, batch.seg_slot, msl, offset, add=True, perm=batch.perm, block_m=bm)
@@ -94,7 +94,7 @@ def expand_fused(batch: LoRABatch, t: torch.Tensor, b_all: torch.Tensor, y: torc
     """Every slice's expand in one launch (Triton only): y [num_tokens, out] += each slice's rank columns of t
     [num_tokens, num_slices * rank] @ its rows of b_all [max_loras, out, rank]^T; x_col: each output tile's
     first column of t."""
-    from kernels.lora import sgmv
+    from gantry_kernels.lora import sgmv
 
     msl, bm = _tile(batch, t.shape[0])
     sgmv(t, b_all, y, batch.seg_start, batch.seg_slot, msl, 0, add=True, perm=batch.perm, block_m=bm,

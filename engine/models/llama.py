@@ -20,7 +20,7 @@ from engine.layers.quant import get_quant_config
 from engine.layers.quant.fp8 import Fp8Activation, wants_fp8_input
 from engine.layers.rotary import RotaryEmbedding
 from engine.parallel import get_parallel_state
-from kernels import cpu_layer
+from gantry_kernels import cpu_layer
 
 # Intermediate state between pipeline stages: (hidden_states, residual), each [num_tokens, hidden].
 Intermediate = tuple[torch.Tensor, torch.Tensor]
@@ -103,7 +103,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> Intermediate:
-        if not hidden_states.is_cuda:  # CPU: the whole layer in one C call where it applies (kernels/cpu_layer.py)
+        if not hidden_states.is_cuda:  # CPU: the whole layer in one C call where it applies (gantry_kernels/cpu_layer.py)
             fused = cpu_layer.decoder_layer(self, positions, hidden_states, residual)
             if fused is not None:
                 return fused

@@ -289,12 +289,12 @@ def test_checkpoint_written_by_compressed_tensors(float_model: str, tmp_path, em
 def test_fused_input_quantization_changes_no_bit(float_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The norm and SiLU kernels quantizing their outputs for the FP8 GEMMs after them (FUSE_INPUT_QUANT) give
     the same tokens and log-probabilities as a separate quantization kernel."""
-    import kernels.norm
+    import gantry_kernels.norm
     from engine.layers.quant import fp8
 
     calls = []
-    fused_norm = kernels.norm.rms_norm_fp8
-    monkeypatch.setattr(kernels.norm, "rms_norm_fp8", lambda *a: calls.append(1) or fused_norm(*a))
+    fused_norm = gantry_kernels.norm.rms_norm_fp8
+    monkeypatch.setattr(gantry_kernels.norm, "rms_norm_fp8", lambda *a: calls.append(1) or fused_norm(*a))
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
 
     def run() -> list[tuple]:  # on the GPU: the real class, not this module's CPU stand-in

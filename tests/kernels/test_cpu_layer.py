@@ -1,4 +1,4 @@
-"""kernels/cpu_layer.py: a Llama decoder layer in one C call, bit-equal to the layer run op by op (same
+"""gantry_kernels/cpu_layer.py: a Llama decoder layer in one C call, bit-equal to the layer run op by op (same
 C kernels), on a tiny GGUF served by LLM (prefill, chunks, batched decode; Q4_0, Q4_1, Q8_0 linears);
 layers it cannot run fall back; a change in a #included C file rebuilds the library."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 
 from engine import LLM, SamplingParams
 from engine.models import llama
-from kernels import cpu_layer, cpu_native
+from gantry_kernels import cpu_layer, cpu_native
 from tests.conftest import prompts_of_lengths
 from tests.engine.test_quant_gguf import write_tiny_gguf
 

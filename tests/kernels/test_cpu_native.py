@@ -1,4 +1,4 @@
-"""kernels.cpu_native.NativeLibrary, the one loader of the CPU C kernels (cpu_ops, cpu_layer, ggml_cpu):
+"""gantry_kernels.cpu_native.NativeLibrary, the one loader of the CPU C kernels (cpu_ops, cpu_layer, ggml_cpu):
 built and bound once at first use, the same answer after, None (and no build) when switched off, without
 a compiler or without its source."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import time
 import pytest
 
 from engine.layers.quant import ggml_cpu
-from kernels import cpu_layer, cpu_native, cpu_ops
-from kernels.cpu_native import NativeLibrary
+from gantry_kernels import cpu_layer, cpu_native, cpu_ops
+from gantry_kernels.cpu_native import NativeLibrary
 
 SOURCE = "int answer(void) { return 42; }\n"
 

@@ -1,11 +1,11 @@
-"""kernels/cpu_ops.py (the C kernels of kernels/cpu_attention.c) against kernels/reference.py on CPU:
+"""gantry_kernels/cpu_ops.py (the C kernels of gantry_kernels/cpu_attention.c) against gantry_kernels/reference.py on CPU:
 paged attention over shuffled pages (prefill, chunked, decode in one batch), KV store, norms, rotary, SiLU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import cpu_ops, reference
+from gantry_kernels import cpu_ops, reference
 
 H, HKV, D, BS, NB = 9, 3, 64, 16, 40
 
@@ -70,6 +70,6 @@ def test_other_dtypes_fall_back_to_reference() -> None:
 
 def test_an_install_without_the_c_source_falls_back(tmp_path) -> None:
     """An install that lacks a kernel's C source (or a compiler) runs the torch code: None, no error."""
-    from kernels import cpu_native
+    from gantry_kernels import cpu_native
 
     assert cpu_native.load(str(tmp_path / "missing.c")) is None

@@ -1,5 +1,5 @@
-"""Long prefill chunks through cuDNN (kernels/cudnn_prefill.py) beside the Triton kernels for the rest of the
-batch: same results as kernels/reference.py. On CPU cuDNN's call is stood in for by plain torch (with its
+"""Long prefill chunks through cuDNN (gantry_kernels/cudnn_prefill.py) beside the Triton kernels for the rest of the
+batch: same results as gantry_kernels/reference.py. On CPU cuDNN's call is stood in for by plain torch (with its
 log-sum-exp), so the gather, packing, merge and dispatch run through Triton's interpreter."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-import kernels.cudnn_prefill as cudnn_prefill
-import kernels.paged_attention as paged
-from kernels import reference
+import gantry_kernels.cudnn_prefill as cudnn_prefill
+import gantry_kernels.paged_attention as paged
+from gantry_kernels import reference
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

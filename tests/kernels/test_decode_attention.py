@@ -6,8 +6,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import reference
-from kernels.decode_attention import choose_num_splits, decode_attention
+from gantry_kernels import reference
+from gantry_kernels.decode_attention import choose_num_splits, decode_attention
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 

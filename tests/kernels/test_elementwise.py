@@ -6,10 +6,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import reference
-from kernels.activation import silu_and_mul
-from kernels.norm import fused_add_rms_norm, rms_norm
-from kernels.rotary import rotary_embedding
+from gantry_kernels import reference
+from gantry_kernels.activation import silu_and_mul
+from gantry_kernels.norm import fused_add_rms_norm, rms_norm
+from gantry_kernels.rotary import rotary_embedding
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 Check = Callable[[torch.Tensor, torch.Tensor], None]

@@ -1,15 +1,15 @@
 """RMSNorm and SiLU-and-mul with their output quantized per token in the same kernel (fp8_out, for the FP8
-GEMM after them) give the same bits as the plain kernel followed by kernels/fp8_quant.py: FP8 values and
+GEMM after them) give the same bits as the plain kernel followed by gantry_kernels/fp8_quant.py: FP8 values and
 scales, the new residual too. On the GPU and in Triton's interpreter on CPU."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-import kernels.activation
-from kernels.activation import silu_and_mul, silu_and_mul_fp8
-from kernels.fp8_quant import per_token_quant
-from kernels.norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
+import gantry_kernels.activation
+from gantry_kernels.activation import silu_and_mul, silu_and_mul_fp8
+from gantry_kernels.fp8_quant import per_token_quant
+from gantry_kernels.norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
 
 DTYPES = [torch.bfloat16, torch.float16]
 
@@ -46,7 +46,7 @@ def test_rms_norm_fp8(device: torch.device, dtype: torch.dtype, rows: int, hidde
 @pytest.mark.parametrize("fused_min_rows", [0, 1024])  # the one-kernel path, and two kernels below 1024 rows
 def test_silu_and_mul_fp8(device: torch.device, dtype: torch.dtype, rows: int, d: int, fused_min_rows: int,
                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels.activation, "FUSED_MIN_ROWS", fused_min_rows)
+    monkeypatch.setattr(gantry_kernels.activation, "FUSED_MIN_ROWS", fused_min_rows)
     x = torch.randn(rows, 2 * d, device=device, dtype=dtype) * 4
     x[:, d + 3] *= 30
     q, scale = silu_and_mul_fp8(x)

@@ -39,7 +39,7 @@ def test_scaled_mm_equals_the_emulation(m: int, k: int, n: int, outliers: bool, 
     got = Fp8LinearMethod(Fp8Config.dynamic()).apply(layer, x)  # [m, n] bf16
     if m <= FP8_GEMV_MAX_M:  # the weight-only GEMV: x is not quantized
         xq, x_scale_ref = x.float(), torch.ones(m, 1, device="cuda")
-    else:  # torch._scaled_mm or kernels/fp8_gemm.py on per-token FP8 x
+    else:  # torch._scaled_mm or gantry_kernels/fp8_gemm.py on per-token FP8 x
         xq, x_scale_ref = per_token_quant_torch(x)  # the Triton kernel's twin (tests/kernels/test_fp8_kv.py)
     exact = (xq.float() @ q.float().t()) * x_scale_ref * scale.view(1, -1)  # float32
     want = exact.to(torch.bfloat16)

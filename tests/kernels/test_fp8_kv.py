@@ -1,5 +1,5 @@
 """FP8 KV pages (float8_e4m3fn, per-layer k_scale / v_scale) and per-token FP8 activation quantization:
-Triton (interpreter on CPU, GPU where present) against kernels/reference.py on fresh random inputs."""
+Triton (interpreter on CPU, GPU where present) against gantry_kernels/reference.py on fresh random inputs."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from engine.layers.quant.fp8 import per_token_quant_torch
-from kernels import reference
-from kernels.decode_attention import decode_attention
-from kernels.fp8_quant import per_token_quant
-from kernels.kv_store import store_kvcache
-from kernels.prefill_attention import prefill_attention
+from gantry_kernels import reference
+from gantry_kernels.decode_attention import decode_attention
+from gantry_kernels.fp8_quant import per_token_quant
+from gantry_kernels.kv_store import store_kvcache
+from gantry_kernels.prefill_attention import prefill_attention
 
 FP8 = torch.float8_e4m3fn
 Check = Callable[[torch.Tensor, torch.Tensor], None]

@@ -1,4 +1,4 @@
-"""kernels/fp8_gemm.py against the float32 formula on the same FP8 values and scales: tiles, K splits (even
+"""gantry_kernels/fp8_gemm.py against the float32 formula on the same FP8 values and scales: tiles, K splits (even
 and uneven), rows and columns past a tile's edge, with and without bias. On the GPU and in Triton's
 interpreter on CPU."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.fp8_gemm import GemmConfig, fp8_gemm, supports
+from gantry_kernels.fp8_gemm import GemmConfig, fp8_gemm, supports
 
 if torch.cuda.is_available():
     DEVICE = "cuda"

@@ -1,4 +1,4 @@
-"""kernels/ggml_gemv.py (decode rows times GGUF blocks, dequantized in registers) against gguf's dequantize
+"""gantry_kernels/ggml_gemv.py (decode rows times GGUF blocks, dequantized in registers) against gguf's dequantize
 and a float64 matmul: every kept type, rows past the last BLOCK_N tile, partial 8-block tiles, split-K or
 not, a tensor-parallel shard's strided rows; and ggml_linear's dispatch (Triton's interpreter on CPU, the
 GPU where present)."""
@@ -10,9 +10,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-import kernels.ggml_gemv
+import gantry_kernels.ggml_gemv
 from engine.layers.quant import ggml_cpu
-from kernels.ggml_gemv import GGML_GEMV_MAX_M, ggml_gemv
+from gantry_kernels.ggml_gemv import GGML_GEMV_MAX_M, ggml_gemv
 from tests.engine.test_quant_gguf import KEPT, random_blocks
 from tests.kernels.conftest import rel_error
 
@@ -66,7 +66,7 @@ def test_ggml_linear_on_cpu_never_calls_the_gemv(monkeypatch: pytest.MonkeyPatch
     def fail(*args: object) -> None:
         raise AssertionError("the Triton GEMV ran on CPU")
 
-    monkeypatch.setattr(kernels.ggml_gemv, "ggml_gemv", fail)
+    monkeypatch.setattr(gantry_kernels.ggml_gemv, "ggml_gemv", fail)
     blocks, reference = random_blocks(Q.Q4_1, rows=N, cols=64)
     x = torch.randn(1, 64)
     torch.testing.assert_close(ggml_cpu.ggml_linear(x, blocks, Q.Q4_1, 64), x @ reference.T, rtol=1e-5, atol=1e-5)
@@ -82,7 +82,7 @@ def test_ggml_linear_on_cuda_takes_the_gemv_for_decode_rows(qtype: Q, monkeypatc
         calls.append(args[0].shape[0])
         return ggml_gemv(*args)
 
-    monkeypatch.setattr(kernels.ggml_gemv, "ggml_gemv", counted)
+    monkeypatch.setattr(gantry_kernels.ggml_gemv, "ggml_gemv", counted)
     blocks, reference = random_blocks(qtype, rows=N, cols=512)
     blocks = blocks.cuda()
     for m in range(1, GGML_GEMV_MAX_M + 2):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.kv_store import store_kvcache
+from gantry_kernels import reference
+from gantry_kernels.kv_store import store_kvcache
 
 
 def _check(device: torch.device, num_tokens: int, num_kv_heads: int, head_dim: int, block_size: int,

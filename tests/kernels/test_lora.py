@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import reference
-from kernels.lora import bgmv, lora_augment, lora_mask_, sgmv
+from gantry_kernels import reference
+from gantry_kernels.lora import bgmv, lora_augment, lora_mask_, sgmv
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 # bf16 dots are wrong under the interpreter (triton 3.9): bf16 only on the GPU

@@ -1,11 +1,11 @@
-"""kernels/lse_merge.py: normalised outputs over disjoint key sets (strided, rows offset as cuDNN's are) and a
+"""gantry_kernels/lse_merge.py: normalised outputs over disjoint key sets (strided, rows offset as cuDNN's are) and a
 Triton kernel's split partials (an empty split among them) merge to attention over all the keys."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.lse_merge import LOG2E, merge_normalized
+from gantry_kernels.lse_merge import LOG2E, merge_normalized
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

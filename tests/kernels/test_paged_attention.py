@@ -6,9 +6,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.paged_attention import paged_attention
+import gantry_kernels
+from gantry_kernels import reference
+from gantry_kernels.paged_attention import paged_attention
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -28,13 +28,13 @@ def test_dispatch_matches_reference(make_paged_kv: Callable, assert_close: Check
 
 
 def test_get_ops(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kernels import triton_ops
+    from gantry_kernels import triton_ops
 
-    assert kernels.get_ops("cuda") is triton_ops
+    assert gantry_kernels.get_ops("cuda") is triton_ops
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # get_ops may set it; monkeypatch restores it after
     monkeypatch.delenv("GANTRY_TRITON_INTERPRET", raising=False)
-    assert kernels.get_ops("cpu") is reference
+    assert gantry_kernels.get_ops("cpu") is reference
     monkeypatch.setenv("GANTRY_TRITON_INTERPRET", "1")
-    assert kernels.get_ops("cpu") is triton_ops
+    assert gantry_kernels.get_ops("cpu") is triton_ops
     for name in triton_ops.__all__:  # the twins have the same functions
         assert callable(getattr(reference, name))

@@ -1,11 +1,11 @@
-"""kernels/pdl.py: GANTRY_PDL never reaches a CPU launch; on a Hopper GPU a decode chain of our kernels captured in
+"""gantry_kernels/pdl.py: GANTRY_PDL never reaches a CPU launch; on a Hopper GPU a decode chain of our kernels captured in
 a CUDA graph with programmatic launches gives the same bits as launched one after another."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import pdl
+from gantry_kernels import pdl
 
 
 def test_off_on_cpu_even_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -17,10 +17,10 @@ def test_off_on_cpu_even_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _decode_chain(x: torch.Tensor, weights: dict) -> torch.Tensor:
     """RMSNorm -> packed 4-bit GEMV (split K: its sum kernel) -> bf16 GEMV -> SiLU-and-mul -> bf16 GEMV."""
-    from kernels.activation import silu_and_mul
-    from kernels.norm import rms_norm
-    from kernels.quant_gemv_f16x2 import gemv_f16x2
-    from kernels.weight_gemv import weight_gemv
+    from gantry_kernels.activation import silu_and_mul
+    from gantry_kernels.norm import rms_norm
+    from gantry_kernels.quant_gemv_f16x2 import gemv_f16x2
+    from gantry_kernels.weight_gemv import weight_gemv
 
     h = rms_norm(x, weights["norm"], 1e-6)
     h = gemv_f16x2(h, weights["w4"], config=(64, 16, 2, 4))
@@ -51,7 +51,7 @@ def _replayed_with_pdl(chain, monkeypatch: pytest.MonkeyPatch) -> None:
 @requires_sm90
 def test_pdl_chain_in_a_cuda_graph_matches(monkeypatch: pytest.MonkeyPatch) -> None:
     from benchmarks.quant_bench import random_w4
-    from kernels import quant_gemm
+    from gantry_kernels import quant_gemm
 
     torch.manual_seed(0)
     k = 2048
@@ -70,10 +70,10 @@ def test_pdl_few_rows_chain_in_a_cuda_graph_matches(monkeypatch: pytest.MonkeyPa
     from gguf import GGMLQuantizationType as Q
 
     from benchmarks.quant_bench import random_w4
-    from kernels import quant_gemm
-    from kernels.ggml_gemv import ggml_gemv
-    from kernels.norm import rms_norm
-    from kernels.quant_mma import mma
+    from gantry_kernels import quant_gemm
+    from gantry_kernels.ggml_gemv import ggml_gemv
+    from gantry_kernels.norm import rms_norm
+    from gantry_kernels.quant_mma import mma
     from tests.engine.test_quant_gguf import random_blocks
 
     torch.manual_seed(0)

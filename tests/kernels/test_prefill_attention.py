@@ -6,8 +6,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import reference
-from kernels.prefill_attention import prefill_attention
+from gantry_kernels import reference
+from gantry_kernels.prefill_attention import prefill_attention
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -63,7 +63,7 @@ def test_prefill_split_kv(make_paged_kv: Callable, assert_close: Check, device: 
 
 
 def test_choose_prefill_splits() -> None:
-    from kernels.prefill_attention import MAX_PREFILL_SPLITS, choose_prefill_splits
+    from gantry_kernels.prefill_attention import MAX_PREFILL_SPLITS, choose_prefill_splits
 
     gpu = torch.device("cuda")  # 132 SMs on an H200; the count is only read on a CUDA device
     sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else None
@@ -80,7 +80,7 @@ def test_choose_prefill_splits() -> None:
 
 def test_prefill_long_chunk_launch(make_paged_kv: Callable, assert_close: Check, device: torch.device) -> None:
     # max_query_len at the long-chunk threshold picks the unpacked launch; pages shuffled, lengths off the page size
-    from kernels.prefill_attention import LONG_QUERY
+    from gantry_kernels.prefill_attention import LONG_QUERY
 
     scenario = [(LONG_QUERY, 37), (3, 600), (LONG_QUERY // 2 + 5, 0)]
     _run(make_paged_kv, assert_close, device, scenario, 6, 2, 32, 16, torch.float32, max_query_len=LONG_QUERY)
@@ -122,7 +122,7 @@ def test_prefill_gpu(make_paged_kv: Callable, assert_close: Check, dtype: torch.
 
 def test_warmup_runs_on_a_small_pool(device: torch.device) -> None:
     # the engine calls it once the pool exists; sizes that do not fit the pool are skipped
-    from kernels.prefill_attention import warmup
+    from gantry_kernels.prefill_attention import warmup
 
     k_cache = torch.zeros(8, 16, 2, 32, device=device)  # [num_blocks, block_size, num_kv_heads, head_dim]
     warmup(k_cache, torch.zeros_like(k_cache), 4, torch.float32, 32**-0.5)

@@ -1,4 +1,4 @@
-"""Packed int4/int8 dequant-GEMM (kernels/quant_gemm.py): the reference against the published packings
+"""Packed int4/int8 dequant-GEMM (gantry_kernels/quant_gemm.py): the reference against the published packings
 (compressed-tensors' own packer; AutoGPTQ's and AutoAWQ's pack loops, rewritten here), then every
 kernel path (GEMV with and without split-K, tensor-core GEMM, dequantize + matmul) against it."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import quant_gemm, reference
-from kernels.quant_gemm import dequant_gemm
+from gantry_kernels import quant_gemm, reference
+from gantry_kernels.quant_gemm import dequant_gemm
 
 pack_to_int32 = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers").pack_to_int32
 Check = Callable[[torch.Tensor, torch.Tensor], None]
@@ -84,7 +84,7 @@ def test_dequant_gemm_matches_reference(layout: str, bits: int, group_size: int,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """float32 to float32's tolerance: one row takes quant_gemv.py here (quant_gemv_f16x2.py's f16 sums have
     their own test, test_gemv_f16x2, and test_gemv_f16x2_dispatch checks which rows go there)."""
-    from kernels import quant_gemv_f16x2
+    from gantry_kernels import quant_gemv_f16x2
 
     monkeypatch.setattr(quant_gemv_f16x2, "GEMV_F16X2", False)
     # N = 96: a partial 64-wide tile; K = 384: a partial 256-value GEMV tile
@@ -208,10 +208,10 @@ F16X2_CASES = [("gptq", 4, 128, True, False), ("gptq", 4, 128, False, False), ("
 @pytest.mark.parametrize("m,x_scale", [(1, 1.0), (3, 1.0), (1, 3e4)])
 def test_gemv_f16x2(layout: str, bits: int, group_size: int, asym: bool, act_order: bool, m: int, x_scale: float,
                     device: torch.device) -> None:
-    """kernels/quant_gemv_f16x2.py against the reference: on CPU its float32 stand-in for the PTX (same packed
+    """gantry_kernels/quant_gemv_f16x2.py against the reference: on CPU its float32 stand-in for the PTX (same packed
     operands), on the GPU the PTX and the stand-in. x up to 3e4 (f16 overflows without x scaled by its largest |x|).
     N = 96: a partial row tile; K = 640: five tiles of 16 words (8 values each), in 2 splits."""
-    from kernels import quant_gemv_f16x2
+    from gantry_kernels import quant_gemv_f16x2
 
     args, _ = make_weight(layout, 96, 640, bits, group_size, asym, act_order, device)
     w = quant_gemm.prepare(args["qweight"], args["scales"], args["zeros"], args["g_idx"], bits, group_size, layout, 640)
@@ -230,7 +230,7 @@ def test_gemv_f16x2(layout: str, bits: int, group_size: int, asym: bool, act_ord
 def test_gemv_f16x2_dispatch(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
     """GEMV_F16X2 (on unless GANTRY_GEMV_F16X2=0) routes the 4-bit GEMV there; 8-bit weights with g_idx keep
     quant_gemv.py."""
-    from kernels import quant_gemv_f16x2
+    from gantry_kernels import quant_gemv_f16x2
 
     calls = []
     monkeypatch.setattr(quant_gemv_f16x2, "GEMV_F16X2", True)

@@ -1,4 +1,4 @@
-"""kernels/quant_mma.py, the tensor-core kernel for small batches of 4-bit weights: on CUDA its bf16 pairs come
+"""gantry_kernels/quant_mma.py, the tensor-core kernel for small batches of 4-bit weights: on CUDA its bf16 pairs come
 from inline PTX (LOP3 + two bf16x2 FMAs) and must equal the plain-Triton unpacking bit for bit; on CPU the
 interpreter runs the plain unpacking in float32 (its bf16 tl.dot is wrong). Weights are packed here (value c of
 a word at bits 4c, as compressed-tensors and GPTQ store them) so that the file also runs where
@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import quant_gemm, quant_mma, reference
+from gantry_kernels import quant_gemm, quant_mma, reference
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 

@@ -1,4 +1,4 @@
-"""kernels/weight_gemv.py (the decode GEMV of FP8 weights with row scales, and of bf16/fp16 weights) against
+"""gantry_kernels/weight_gemv.py (the decode GEMV of FP8 weights with row scales, and of bf16/fp16 weights) against
 float32 math on the same values: split-K or not, partial tiles along N and K, with and without bias (Triton's
 interpreter on CPU, the GPU where present)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.layers.quant.fp8 import quantize_rows
-from kernels.weight_gemv import weight_gemv
+from gantry_kernels.weight_gemv import weight_gemv
 
 Check = Callable[[torch.Tensor, torch.Tensor], None]
 

@@ -184,7 +184,7 @@ def test_wheel_ships_conf_and_templates(tmp_path: Path) -> None:
     src = tmp_path / "src"  # a copy: building in the checkout would write build/ beside others' work
     src.mkdir()
     shutil.copy(REPO_ROOT / "pyproject.toml", src)
-    for package in ("conf", "launcher", "templates", "engine", "kernels"):
+    for package in ("conf", "launcher", "templates", "engine", "gantry_kernels"):
         shutil.copytree(REPO_ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)

@@ -1,7 +1,7 @@
 """compressed-tensors `pack-quantized` weights (what llm-compressor writes for W4A16 / W8A16):
 int4 or int8 values packed little-endian into int32 along the input dim (stored as q + 2^(bits-1)),
 one scale per group of input columns (or per row), symmetric. Kept packed; on CUDA each matmul is
-kernels.quant_gemm.dequant_gemm (dequantized inside Triton kernels), elsewhere torch dequantizes the
+gantry_kernels.quant_gemm.dequant_gemm (dequantized inside Triton kernels), elsewhere torch dequantizes the
 weight and calls the float matmul.
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ class CompressedTensorsLinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.is_cuda:  # Triton, imported only where a GPU runs it
-            from kernels.quant_gemm import dequant_gemm
+            from gantry_kernels.quant_gemm import dequant_gemm
 
             return dequant_gemm(x, layer.weight_packed, layer.weight_scale, None, None, self.config.num_bits,
                                 layer.group_size, "compressed-tensors", bias)

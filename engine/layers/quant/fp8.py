@@ -1,8 +1,8 @@
 """FP8 (e4m3) W8A8 linear layers: weights in float8_e4m3fn with one float32 scale per output row,
 activations quantized per token at run time (or with the checkpoint's static input_scale), GEMMs
-through torch._scaled_mm (cuBLASLt, row-wise scales, the bias in its epilogue), or kernels/fp8_gemm.py where
+through torch._scaled_mm (cuBLASLt, row-wise scales, the bias in its epilogue), or gantry_kernels/fp8_gemm.py where
 its table says it is faster (decode batches of up to 256 rows at W1's and W3's shapes); decode steps of
-<= FP8_GEMV_MAX_M rows on a GPU take kernels/weight_gemv.py instead (weight-only: the activations stay in the
+<= FP8_GEMV_MAX_M rows on a GPU take gantry_kernels/weight_gemv.py instead (weight-only: the activations stay in the
 model's dtype). Weights
 come from a float checkpoint (`quantization=fp8`, quantized at load), compressed-tensors
 `float-quantized` (per tensor, per channel, block) or HF's `fp8` format (per tensor, or DeepSeek's
@@ -22,7 +22,7 @@ from engine.layers.quant import QuantizationConfig, check_mapping, check_names
 from engine.layers.quant.fp8_support import FP8_DTYPE, FP8_MAX
 
 MIN_SCALE = 1e-12  # an all-zero row or token quantizes to zeros, not NaN
-# decode steps of up to this many rows skip activation quantization and cuBLASLt: kernels/weight_gemv.py streams
+# decode steps of up to this many rows skip activation quantization and cuBLASLt: gantry_kernels/weight_gemv.py streams
 # the FP8 weights against the activations as they are (W8A16, more precise than W8A8). H200, W1's four
 # projections summed: 95 us against cuBLASLt + quantization's 145 at one row, 137 against 148 at two, 211
 # against 147 at four (benchmarks/fp8_bench.py --parts matmul)
@@ -31,7 +31,7 @@ FP8_GEMV_MAX_M = 2
 # pass (Fp8Activation), where a separate kernel would read it again; False runs them apart (benchmark A/B)
 FUSE_INPUT_QUANT = True
 # FP8 tensor-core products summed in the MMA's own accumulator (~14 bits on Hopper) across the whole K loop, with
-# no float32 promotion per K tile: torch._scaled_mm's use_fast_accum, and kernels/fp8_gemm.py's fast_accum. vLLM's
+# no float32 promotion per K tile: torch._scaled_mm's use_fast_accum, and gantry_kernels/fp8_gemm.py's fast_accum. vLLM's
 # CUTLASS FP8 kernels on sm_90 use the same schedules (KernelTmaWarpSpecialized*FP8FastAccum). H200, W1 (256 x
 # 512 / 512): 1.297x bf16 without, 1.374x with (benchmarks/fp8_bench.py, configs fp8_precise and fp8). Block-wise
 # checkpoints (DeepSeek's) are dequantized at load and requantized per row, so they take this path too.
@@ -154,7 +154,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def per_token_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (float8_e4m3fn [M, K], float32 [M, 1]): one scale per token (kernels.fp8_quant's twin)."""
+    """[M, K] -> (float8_e4m3fn [M, K], float32 [M, 1]): one scale per token (gantry_kernels.fp8_quant's twin)."""
     xf = x.float()
     scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(MIN_SCALE)  # [M, 1]
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
@@ -259,7 +259,7 @@ class Fp8LinearMethod:
         if self.config.activation_scheme == "static":
             return static_quant(x, layer.input_scale)
         if x.is_cuda:
-            from kernels.fp8_quant import per_token_quant
+            from gantry_kernels.fp8_quant import per_token_quant
 
             return per_token_quant(x)
         return per_token_quant_torch(x)
@@ -272,7 +272,7 @@ class Fp8LinearMethod:
         if x2.shape[0] == 0:
             return x.new_empty(*x.shape[:-1], out_features)
         if x.is_cuda and x2.shape[0] <= FP8_GEMV_MAX_M:
-            from kernels.weight_gemv import weight_gemv
+            from gantry_kernels.weight_gemv import weight_gemv
 
             y = weight_gemv(x2 if x2.stride(1) == 1 else x2.contiguous(), layer.weight, layer.weight_scale, bias)
             return y.reshape(*x.shape[:-1], out_features)
@@ -284,7 +284,7 @@ class Fp8LinearMethod:
         """xq [M, K] FP8 with x_scale [M, 1] -> [*x.shape[:-1], N] in dtype."""
         out_features, in_features = layer.weight.shape
         if x.is_cuda:
-            from kernels.fp8_gemm import config_for, fp8_gemm
+            from gantry_kernels.fp8_gemm import config_for, fp8_gemm
 
             config = config_for(xq.shape[0], out_features, in_features)
             if config is not None:

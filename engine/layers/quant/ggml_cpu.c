@@ -1,6 +1,6 @@
 /* ggml Q4_0 / Q4_1 / Q8_0 blocks and Q4_K / Q5_K / Q6_K super-blocks times float32 activations on an
  * AVX2+FMA+F16C CPU, and dequantization of block rows. Built at first use by
- * engine/layers/quant/ggml_cpu.py (and #included by kernels/cpu_layer.c). ggml_dequant gives exactly
+ * engine/layers/quant/ggml_cpu.py (and #included by gantry_kernels/cpu_layer.c). ggml_dequant gives exactly
  * gguf.dequantize's values (d*(q-8), d*q+m, d*q: one rounding at most, and fma rounds once; the K-quants'
  * sub-block scale times a quant is exact, so d*q - m rounds once too); the 32-weight matmul multiplies the
  * unscaled quants in registers and scales per block, the K-quant one dequantizes one 256-weight
@@ -279,7 +279,7 @@ static void gemm_rows(int type, const uint8_t *w, int64_t N, int64_t K, const fl
 
 #define GEMM_CHUNK 16
 /* The work-sharing loop of ggml_gemm, orphaned: it splits over the threads of the enclosing parallel
- * region (kernels/cpu_layer.c runs a whole decoder layer in one region). Rows are dealt dynamically:
+ * region (gantry_kernels/cpu_layer.c runs a whole decoder layer in one region). Rows are dealt dynamically:
  * on a shared CPU a descheduled thread would otherwise hold the whole matmul up. Each thread sums the
  * activations' blocks itself (M * K adds against N * M * K multiply-adds). */
 static void gemm_omp_for(int type, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M, float *y) {

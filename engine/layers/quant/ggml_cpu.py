@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from kernels.cpu_native import NativeLibrary
+from gantry_kernels.cpu_native import NativeLibrary
 
 GGML_Q4_0, GGML_Q4_1, GGML_Q8_0, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K = 2, 3, 8, 12, 13, 14
 K_QUANTS = (GGML_Q4_K, GGML_Q5_K, GGML_Q6_K)
@@ -112,7 +112,7 @@ def dequantize_rows(blocks: torch.Tensor, ggml_type: int, k: int, rows: torch.Te
 def ggml_linear(x: torch.Tensor, blocks: torch.Tensor, ggml_type: int, k: int) -> torch.Tensor:
     """x [num_tokens, k] @ W^T -> [num_tokens, n] for W given as blocks uint8 [n, row_bytes(ggml_type, k)]."""
     if x.is_cuda:
-        from kernels.ggml_gemv import GEMV_TYPES, GGML_GEMV_MAX_M, ggml_gemv  # Triton: imported where it runs
+        from gantry_kernels.ggml_gemv import GEMV_TYPES, GGML_GEMV_MAX_M, ggml_gemv  # Triton: imported where it runs
         if 0 < x.shape[0] <= GGML_GEMV_MAX_M and ggml_type in GEMV_TYPES:  # decode: dequantized in registers
             return ggml_gemv(x, blocks, ggml_type, k)
     lib = cpu_kernel() if not x.is_cuda and x.dtype == torch.float32 else None

@@ -2,7 +2,7 @@
 along the input dim (qweight [in / pack, out]), zero points packed along the output dim (qzeros
 [num_groups, out / pack]; checkpoint_format gptq stores zero - 1, gptq_v2 the zero), scales
 [num_groups, out] and g_idx [in], each input column's group (a permutation of groups with desc_act).
-Kept packed; a matmul dequantizes in torch, or runs kernels.quant_gemm on CUDA.
+Kept packed; a matmul dequantizes in torch, or runs gantry_kernels.quant_gemm on CUDA.
 """
 from __future__ import annotations
 
@@ -196,7 +196,7 @@ class PackedLinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.is_cuda:
-            from kernels.quant_gemm import dequant_gemm
+            from gantry_kernels.quant_gemm import dequant_gemm
 
             g_idx = layer.g_idx if layer.use_g_idx else None
             zeros = None if layer.midpoint_zeros else layer.qzeros  # None: 2**(bits-1), as stored

@@ -1,4 +1,4 @@
-"""A whole Llama decoder layer in one C call on CPU (kernels/cpu_layer.c): no Python, no torch op and no
+"""A whole Llama decoder layer in one C call on CPU (gantry_kernels/cpu_layer.c): no Python, no torch op and no
 OpenMP thread wake-up between its ten ops, which at one decode token cost about as much as its matmuls.
 Same arithmetic as the per-op C path. Used for float32 layers whose linears are ggml blocks (GGUF), one
 rank, no LoRA, no bias, no q/k norm, at most GEMM_MAX_ROWS tokens; anything else returns None and the
@@ -14,7 +14,7 @@ import torch
 
 from engine.forward_context import get_forward_context
 from engine.layers.quant.ggml_cpu import BLOCK_BYTES, GEMM_MAX_ROWS, row_bytes
-from kernels.cpu_native import NativeLibrary
+from gantry_kernels.cpu_native import NativeLibrary
 
 _DIR = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_DIR, "cpu_layer.c")

@@ -1,4 +1,4 @@
-"""The decode GEMV of kernels/quant_gemm.py (int4/int8 words packed along K, M <= GEMV_MAX_M): split-K
+"""The decode GEMV of gantry_kernels/quant_gemm.py (int4/int8 words packed along K, M <= GEMV_MAX_M): split-K
 programs that each stream a run of [BLOCK_N, BLOCK_KP] word tiles (the next tile's load in flight while
 this one is unpacked), float32 partials summed by a second kernel. `gemv_config` picks the tile by shape:
 measured configs from `GEMV_TABLE` (python -m benchmarks.quant_bench --parts gemv prints them), else a rule.
@@ -12,10 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.pdl import launch_kwargs, wait_prior
 
 if TYPE_CHECKING:
-    from kernels.quant_gemm import PackedWeight
+    from gantry_kernels.quant_gemm import PackedWeight
 
 # float32 2**23: OR-ing an integer q < 2**23 into its mantissa gives exactly 2**23 + q, no int->float convert
 MAGIC = tl.constexpr(0x4B000000)
@@ -140,7 +140,7 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, N, num_splits, stride_ps, st
                        HAS_BIAS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = sum over splits of the float32 partials (+ bias): one load of all splits (no chain of
     dependent loads), a fixed reduction tree: deterministic."""
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     ok = offs < N
@@ -219,7 +219,7 @@ def gemv(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, blo
     gemv_config (num_splits from auto_splits when the tile is given)."""
     assert not w.pack_n, "the GEMV reads words packed along K"
     if block_n is None:
-        from kernels import quant_gemv_f16x2
+        from gantry_kernels import quant_gemv_f16x2
 
         if quant_gemv_f16x2.GEMV_F16X2 and quant_gemv_f16x2.supports(w):  # 4-bit, no g_idx: packed-half arithmetic
             return quant_gemv_f16x2.gemv_f16x2(x, w, bias)

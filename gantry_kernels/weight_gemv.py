@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, wait_prior
-from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
+from gantry_kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
 
 MIN_PROGRAM_BYTES = 16384  # weight bytes a split-K program streams at least (fewer: latency, not bandwidth)
 # (N, K, weight bytes an element) -> (BLOCK_N, BLOCK_K, num_warps, num_splits) measured best at M = 1 on the
@@ -63,7 +63,7 @@ def _weight_gemv_kernel(
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(K, BLOCK_K))
     x_row = x_ptr + m * stride_xm
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PDL:  # kernels/pdl.py: the first tile's weights in flight while the kernel before finishes
+    if PDL:  # gantry_kernels/pdl.py: the first tile's weights in flight while the kernel before finishes
         w = _weight_tile(w_ptr, offs_n, n_ok, t_start, K, stride_wn, EVEN_K, BLOCK_K)
         wait_prior(PDL)
         acc += w.to(tl.float32) * _x_tile(x_row, t_start, K, EVEN_K, BLOCK_K)[None, :]

@@ -1,6 +1,6 @@
 """paged_attention with reference.py's semantics: the decode kernel when every q_len is 1, else prefill;
 a sequence with a long chunk deep in its context (cudnn_prefill.is_long_chunk) takes cuDNN's attention
-(kernels/cudnn_prefill.py) when the host-side offsets are given and the pages allow it, the other sequences
+(gantry_kernels/cudnn_prefill.py) when the host-side offsets are given and the pages allow it, the other sequences
 around it these kernels.
 
 Pass the host-side max_query_len (and max_seq_len) the scheduler already knows, so that choosing a
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.cudnn_prefill import can_use_cudnn, chunk_attention, is_long_chunk, may_hold_long_chunk
-from kernels.decode_attention import decode_attention
-from kernels.prefill_attention import prefill_attention
+from gantry_kernels.cudnn_prefill import can_use_cudnn, chunk_attention, is_long_chunk, may_hold_long_chunk
+from gantry_kernels.decode_attention import decode_attention
+from gantry_kernels.prefill_attention import prefill_attention
 
 
 def paged_attention(

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.pdl import launch_kwargs, wait_prior
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _store_kvcache_kernel(
     FP8: tl.constexpr,  # the pages are float8_e4m3fn
     PDL: tl.constexpr,
 ):
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     heads = tl.arange(0, HEADS_P2)

@@ -1,14 +1,14 @@
 """Triton SiLU-and-mul: [num_tokens, 2 * d] (gate, up) -> silu(gate) * up, rounded as reference.py rounds;
 silu_and_mul_fp8 quantizes each token's output for the FP8 GEMM after it (the same bits as silu_and_mul
-then kernels/fp8_quant.py)."""
+then gantry_kernels/fp8_quant.py)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_quant import FP8_MAX, MIN_SCALE, per_token_quant
-from kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.fp8_quant import FP8_MAX, MIN_SCALE, per_token_quant
+from gantry_kernels.pdl import launch_kwargs, wait_prior
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _silu_and_mul_kernel(
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -69,7 +69,7 @@ def _silu_and_mul_fp8_kernel(
 
 # One program a token walks its row twice, so a decode batch has too few programs to hide the loads: on an
 # H200 at W1's d = 18,944 and 256 rows it took 16 us (18.6 with 8,192-wide blocks) against 11 for SiLU-and-mul
-# then kernels/fp8_quant.py. Below this many rows silu_and_mul_fp8 runs those two kernels instead.
+# then gantry_kernels/fp8_quant.py. Below this many rows silu_and_mul_fp8 runs those two kernels instead.
 FUSED_MIN_ROWS = 1024
 
 

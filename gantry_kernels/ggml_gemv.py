@@ -2,7 +2,7 @@
 [N, row_bytes] of Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K (layouts: engine/layers/quant/ggml_cpu.py), each
 block dequantized in registers with ggml's arithmetic, never written out. One program: row m, BLOCK_N
 output rows, one split of K's tiles (256 weights a row: 8 blocks of 32, or one K-quant super-block);
-split-K partials are float32, summed by kernels/quant_gemv.py's sum_splits.
+split-K partials are float32, summed by gantry_kernels/quant_gemv.py's sum_splits.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import triton.language as tl
 
 from engine.layers.quant.ggml_cpu import (BLOCK_BYTES, GGML_Q4_0, GGML_Q4_1, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K,
                                           GGML_Q8_0, K_QUANTS)
-from kernels.pdl import launch_kwargs, wait_prior
-from kernels.quant_gemv import MIN_PROGRAM_BYTES, num_sms, split_k, split_output, sum_splits
+from gantry_kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.quant_gemv import MIN_PROGRAM_BYTES, num_sms, split_k, split_output, sum_splits
 
 GGML_GEMV_MAX_M = 4  # above this many rows dequantize + matmul (tensor cores) wins: prefill
 TILE = 256  # weights a row per loop step: 8 blocks of 32, or one K-quant super-block
@@ -143,7 +143,7 @@ def _ggml_gemv_kernel(
     BLOCK_N: tl.constexpr, PDL: tl.constexpr,
 ):
     """Row m, BLOCK_N outputs, this split's tiles of 256 weights a row."""
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     m = tl.program_id(0)  # fastest: the rows sharing a weight tile run together and hit L2
     pid_n = tl.program_id(1)
     pid_s = tl.program_id(2)

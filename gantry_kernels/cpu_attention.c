@@ -1,6 +1,6 @@
 /* CPU paged attention over float32 pages, and the small per-layer ops of a decode step (RMSNorm with
  * the residual add, NeoX rotary, SiLU-and-mul), on an AVX2+FMA CPU. Built at first use by
- * kernels/cpu_native.py. One call per layer for every sequence: the pages are read in place through
+ * gantry_kernels/cpu_native.py. One call per layer for every sequence: the pages are read in place through
  * the block tables (no gather of the context), softmax is online (one pass over the keys). */
 #include <immintrin.h>
 #include <math.h>
@@ -40,7 +40,7 @@ static inline void scale_add(float *acc, float c, float p, const float *v, int64
  * pages k/v[num_blocks, BS, Hkv, D]. The i-th of a sequence's
  * q_len new tokens sits at position seq_len - q_len + i and sees positions 0..itself. This is the
  * work-sharing loop, orphaned: it splits over the threads of the enclosing parallel region
- * (paged_attention_f32 below, or kernels/cpu_layer.c, which runs a whole decoder layer in one region). */
+ * (paged_attention_f32 below, or gantry_kernels/cpu_layer.c, which runs a whole decoder layer in one region). */
 static void paged_attention_omp_for(const float *q, const float *k, const float *v, const int32_t *block_tables,
                                     int64_t max_blocks, const int32_t *query_start_loc, const int32_t *seq_lens,
                                     int64_t num_seqs, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t BS,

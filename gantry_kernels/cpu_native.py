@@ -1,7 +1,7 @@
 """Build-once loader of the engine's small C kernels (AVX2+FMA, OpenMP): compiled with the system C
 compiler at first use, cached per source hash under ~/.cache/gantry/kernels; None where the CPU lacks
 AVX2 or no compiler works (callers then run their torch code). NativeLibrary: one source's library
-as its callers hold it (kernels/cpu_ops.py, kernels/cpu_layer.py, engine/layers/quant/ggml_cpu.py).
+as its callers hold it (gantry_kernels/cpu_ops.py, gantry_kernels/cpu_layer.py, engine/layers/quant/ggml_cpu.py).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.pdl import launch_kwargs, wait_prior
 
 LOG2E = 1.4426950408889634
 # Fewest context tokens a split is given. Splits are only added while a batch has fewer programs than SMs, and a
@@ -64,7 +64,7 @@ def _decode_kernel(
     F16_DOT: tl.constexpr,  # FP8 pages widen to fp16 (one cvt per pair on sm_89+) and q narrows to fp16
     PDL: tl.constexpr,
 ):
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -142,7 +142,7 @@ def _merge_splits_kernel(
     SPLITS_P2: tl.constexpr,  # a power of two >= num_splits
     PDL: tl.constexpr,
 ):
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS_P2)

@@ -1,5 +1,5 @@
-"""The engine's CPU ops: kernels/cpu_attention.c where it applies (float32 tensors, an AVX2 CPU, a C
-compiler), else kernels/reference.py, which stays the plain-torch oracle. One C call replaces the 5-40
+"""The engine's CPU ops: gantry_kernels/cpu_attention.c where it applies (float32 tensors, an AVX2 CPU, a C
+compiler), else gantry_kernels/reference.py, which stays the plain-torch oracle. One C call replaces the 5-40
 torch ops of each (and the per-sequence Python loop of attention): a decode step on a small model is
 made of these calls, so their count, not their arithmetic, set its time. GANTRY_CPU_NATIVE=0: torch only.
 """
@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from kernels import reference
-from kernels.cpu_native import NativeLibrary
+from gantry_kernels import reference
+from gantry_kernels.cpu_native import NativeLibrary
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.c")
 _F32 = torch.float32

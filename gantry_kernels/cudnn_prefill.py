@@ -12,7 +12,7 @@ keys in two parts:
   so top-left causal masking gives each new token exactly the keys up to itself. When rem is large against n
   those dropped rows cost more than the Triton kernel's slower rate saves, and the rest goes to the Triton
   kernel as split partials instead (rest_on_cudnn).
-One merge by log-sum-exp (kernels/lse_merge.py) reads cuDNN's outputs where they lie and ends it. cuDNN
+One merge by log-sum-exp (gantry_kernels/lse_merge.py) reads cuDNN's outputs where they lie and ends it. cuDNN
 builds an execution plan per shape (~75 ms on the H200, a stall mid-serve), so the shapes are few and built
 at start (warmup): piece sizes are fixed, a piece's query rows are padded to a ladder of eight sizes per
 octave (at most 12.5% more rows) and a causal square's to one of four (the common chunk sizes, powers of
@@ -27,8 +27,8 @@ import functools
 import torch
 import triton
 
-from kernels.lse_merge import merge_normalized
-from kernels.prefill_attention import MAX_PREFILL_SPLITS, choose_prefill_splits, prefill_attention
+from gantry_kernels.lse_merge import merge_normalized
+from gantry_kernels.prefill_attention import MAX_PREFILL_SPLITS, choose_prefill_splits, prefill_attention
 
 CUDNN_MIN_QUERY = 512  # new tokens of one sequence from which its chunk takes this path
 KEY_PIECES = (16384, 8192)  # keys per unmasked cuDNN call, largest first; a chunk less deep than the last stays on Triton

@@ -1,6 +1,6 @@
 /* One Llama decoder layer in one call on an AVX2+FMA CPU: norm (with the residual add), qkv matmul,
  * NeoX rotary, KV store, paged attention, o matmul, residual add and norm, gate_up matmul, SiLU-and-mul,
- * down matmul. Built at first use by kernels/cpu_native.py. The ops are the functions of
+ * down matmul. Built at first use by gantry_kernels/cpu_native.py. The ops are the functions of
  * cpu_attention.c and ggml_cpu.c (the same arithmetic, so the same outputs as one call per op); they
  * run in one OpenMP region, so no Python and no thread wake-up sits between them. */
 #include <omp.h>

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import merge_splits, num_sms, split_partials
+from gantry_kernels.decode_attention import merge_splits, num_sms, split_partials
 
 LOG2E = 1.4426950408889634
 # A step whose longest chunk has this many new tokens takes the long-chunk launch (bf16/fp16, head <= 128).
@@ -226,7 +226,7 @@ def prefill_attention(
     tiles (the tensor cores' shape on Hopper); short ones pack a KV head's query heads into the rows. A
     chunk with too few programs to fill the GPU over a long context splits the keys (split-KV).
     partials = (m, l, acc, first): write split partials into the caller's split_partials-shaped buffers
-    from split `first` on, unmerged (kernels/cudnn_prefill.py adds its own); out is then left unwritten."""
+    from split `first` on, unmerged (gantry_kernels/cudnn_prefill.py adds its own); out is then left unwritten."""
     num_tokens, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens.shape[0]

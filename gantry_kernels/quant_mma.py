@@ -15,11 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, wait_prior
-from kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
+from gantry_kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.quant_gemv import num_sms, split_k, split_output, sum_splits
 
 if TYPE_CHECKING:
-    from kernels.quant_gemm import PackedWeight
+    from gantry_kernels.quant_gemm import PackedWeight
 
 # (N, K, BLOCK_M) -> (BLOCK_N, BLOCK_KP, num_warps, splits): W1's shapes at 16 and 32 rows, from the H200
 # sweeps of 2026-12-01 (python -m benchmarks.quant_bench --parts mma --mma-m 16 / 32); other shapes take
@@ -81,7 +81,7 @@ def _mma_kernel(
     # a tile past the split's end loads nothing (vector < scalar: the interpreter mis-types bool & bool scalar)
     words = tl.load(w_ptrs + t_start * BLOCK_KP * stride_qa,
                     mask=(offs_n < N * (t_start < t_end).to(tl.int32))[:, None], other=0)
-    wait_prior(PDL)  # kernels/pdl.py: only the first weight tile is read before the kernel before has finished
+    wait_prior(PDL)  # gantry_kernels/pdl.py: only the first weight tile is read before the kernel before has finished
     for t in range(t_start, t_end):
         nxt = t + 1
         next_words = tl.load(w_ptrs + nxt * BLOCK_KP * stride_qa,

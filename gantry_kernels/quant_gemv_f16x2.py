@@ -1,4 +1,4 @@
-"""The 4-bit decode GEMV of kernels/quant_gemv.py with packed half arithmetic: fewer instructions a value.
+"""The 4-bit decode GEMV of gantry_kernels/quant_gemv.py with packed half arithmetic: fewer instructions a value.
 
 quant_gemv.py spends three float32 instructions on each 4-bit value (LOP3, FADD, FFMA). Here a word's
 eight values become four f16x2 pairs (Marlin's trick: a nibble OR-ed into the mantissa of 1024.0 reads 1024 + q
@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, wait_prior
-from kernels.quant_gemv import _gemv_load, gemv_config, num_sms, split_k, split_output, sum_splits
+from gantry_kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.quant_gemv import _gemv_load, gemv_config, num_sms, split_k, split_output, sum_splits
 
 if TYPE_CHECKING:
-    from kernels.quant_gemm import PackedWeight
+    from gantry_kernels.quant_gemm import PackedWeight
 
 GEMV_F16X2 = os.environ.get("GANTRY_GEMV_F16X2", "1") == "1"
 # (N, K, bits) -> (BLOCK_N, BLOCK_KP, num_warps, splits) at M = 1: W1's shapes, H200 sweep of 2026-12-02 on words
@@ -163,7 +163,7 @@ def _gemv_f16x2_kernel(
     kp_end = tl.minimum(num_words, t_end * BLOCK_KP)
     words, s = _gemv_load(qw_ptr, s_ptr, t_start, t_end, kp_end, offs_n, N, stride_qa, stride_qb, stride_sg,
                           stride_sn, 4, GROUP, False, True, EVEN_K, BLOCK_N, BLOCK_KP)
-    wait_prior(PDL)  # kernels/pdl.py: only the first weight tile is read before the kernel before has finished
+    wait_prior(PDL)  # gantry_kernels/pdl.py: only the first weight tile is read before the kernel before has finished
     x_row = x_ptr + m * stride_xm
     amax = _split_amax(x_row, t_start, t_end, num_words, EVEN_K, BLOCK_KP)
     inv = 1.0 / amax

@@ -1,9 +1,9 @@
 """Dequantize-in-kernel matmuls for int4/int8 weights packed in int32 words (compressed-tensors
-pack-quantized, GPTQ, AWQ): a split-K GEMV for decode (M <= GEMV_MAX_M), kernels/quant_mma.py's
+pack-quantized, GPTQ, AWQ): a split-K GEMV for decode (M <= GEMV_MAX_M), gantry_kernels/quant_mma.py's
 tensor-core kernel for small batches of 4-bit bf16 (M <= MMA_MAX_M), dequantize-then-cuBLAS above;
 a tensor-core GEMM that dequantizes weight tiles in registers is kept (`gemm`) but not dispatched: on
 an H200 it measured 10-30x slower than dequantize + cuBLAS at M=256 (benchmarks/quant_bench.py).
-`dequant_gemm` documents the layouts; kernels.reference.dequant_gemm is the oracle.
+`dequant_gemm` documents the layouts; gantry_kernels.reference.dequant_gemm is the oracle.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import quant_mma
-from kernels.quant_gemv import MAGIC, MAGIC_F, _zero_magic, gemv
-from kernels.quant_gemv import flags as _flags
-from kernels.quant_gemv import ptrs as _ptrs
+from gantry_kernels import quant_mma
+from gantry_kernels.quant_gemv import MAGIC, MAGIC_F, _zero_magic, gemv
+from gantry_kernels.quant_gemv import flags as _flags
+from gantry_kernels.quant_gemv import ptrs as _ptrs
 
 LAYOUTS = ("compressed-tensors", "gptq", "awq")
 GEMV_MAX_M = 1  # rows up to this use the GEMV; above, quant_mma where it applies, else dequantize + cuBLAS

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.decode_attention import LOG2E
+from gantry_kernels.decode_attention import LOG2E
 
 _LOG2E = tl.constexpr(LOG2E)
 META = 6  # per source: o address, lse address, o head stride, o row stride, lse head stride, lse row stride

@@ -1,6 +1,6 @@
 """Plain-torch kernels: the CPU path of the engine and the oracle for the Triton kernels.
 
-KV cache layout (shared with kernels/*.py): per layer one K and one V tensor of shape
+KV cache layout (shared with gantry_kernels/*.py): per layer one K and one V tensor of shape
 [num_blocks, block_size, num_kv_heads, head_dim]; a token's slot is block_id * block_size + offset.
 FP8 pages (float8_e4m3fn) hold value / scale with one k_scale and v_scale per layer.
 """
@@ -189,7 +189,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int, awq_order: bool = Fa
 
 def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                       g_idx: torch.Tensor | None, bits: int, group_size: int, layout: str) -> torch.Tensor:
-    """float32 [N, K]: (q - zero) * scale, layouts as kernels.quant_gemm.dequant_gemm documents."""
+    """float32 [N, K]: (q - zero) * scale, layouts as gantry_kernels.quant_gemm.dequant_gemm documents."""
     if layout == "compressed-tensors":
         q, scales = unpack_int32(qweight, bits, 1).t(), scales.t()  # q [K, N], scales [num_groups, N]
     elif layout == "gptq":

@@ -1,7 +1,7 @@
 """Triton RMSNorm, alone and fused with the residual add (one read of x and residual, one pass).
 
 Rounding follows reference.py: normalise in fp32, round to the input dtype, then scale by the weight.
-With fp8_out the row is then quantized per token for the FP8 GEMM after it (kernels/fp8_quant.py's
+With fp8_out the row is then quantized per token for the FP8 GEMM after it (gantry_kernels/fp8_quant.py's
 rounding on the output as rounded to its dtype, so the same bits as norm then quant), in the same pass.
 """
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8_quant import FP8_MAX, MIN_SCALE
-from kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.fp8_quant import FP8_MAX, MIN_SCALE
+from gantry_kernels.pdl import launch_kwargs, wait_prior
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _rms_norm_kernel(
     MIN_SCALE: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < HIDDEN

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import launch_kwargs, wait_prior
+from gantry_kernels.pdl import launch_kwargs, wait_prior
 
 
 @triton.jit
@@ -55,7 +55,7 @@ def _rotary_kernel(
     HALF: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    wait_prior(PDL)  # kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
+    wait_prior(PDL)  # gantry_kernels/pdl.py: no-op unless launched with PDL (sm_90+, GANTRY_PDL not 0)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF)

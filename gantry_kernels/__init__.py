@@ -1,4 +1,4 @@
-"""Kernel dispatch: kernels.triton_ops on CUDA, kernels.reference (plain torch) on CPU.
+"""Kernel dispatch: gantry_kernels.triton_ops on CUDA, gantry_kernels.reference (plain torch) on CPU.
 
 Both modules define the same functions. GANTRY_TRITON_INTERPRET=1 (or TRITON_INTERPRET=1) runs the
 Triton kernels on CPU through Triton's interpreter; set it before the first get_ops call that needs
@@ -22,9 +22,9 @@ def get_ops(device: torch.device | str) -> ModuleType:
     if torch.device(device).type == "cuda" or interpret():
         if interpret():
             os.environ["TRITON_INTERPRET"] = "1"
-        from kernels import triton_ops
+        from gantry_kernels import triton_ops
 
         return triton_ops
-    from kernels import reference
+    from gantry_kernels import reference
 
     return reference
