@@ -22,6 +22,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.core_messages import CoreInfo
 from engine.engine_core import EngineCore
 from engine.executor import UniprocExecutor
+from engine.kv_pool import check_pool_holds_max_model_len
 from engine.loader import weight_bytes
 from engine.lora.adapter import ModelDims
 from engine.lora.registry import LoRARegistry
@@ -81,19 +82,6 @@ def config_eos_token_ids(mc: ModelConfig) -> set[int]:
             eos = json.load(f).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     return ids
-
-
-def check_pool_holds_max_model_len(config: EngineConfig, max_model_len: int, num_blocks: int) -> None:
-    """Refuse to start (like vLLM) when one max_model_len sequence cannot fit in the KV pool:
-    such a request would pass validation and then never be scheduled."""
-    capacity = num_blocks * config.block_size
-    if capacity < max_model_len:
-        raise ConfigError(
-            "max_model_len", f"{max_model_len} tokens do not fit in the KV cache, which holds {capacity} "
-            f"tokens ({num_blocks} blocks of {config.block_size}); the largest max_model_len that fits is "
-            f"{capacity}. Lower max_model_len, or make the cache larger with num_kv_blocks, kv_cache_memory_gib "
-            "or gpu_memory_utilization"
-        )
 
 
 def describe_device(device: torch.device) -> str:

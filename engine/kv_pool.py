@@ -5,11 +5,13 @@ the pages themselves, one K and one V tensor per attention layer. The ModelRunne
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from engine.config import ConfigError, EngineConfig
 from engine.forward_context import ForwardContext
 from engine.layers.attention import Attention
 from engine.layers.quant.fp8_kv import bind_kv_scales
@@ -24,6 +26,63 @@ def kv_block_bytes(attn_layers: list[Attention], block_size: int, kv_cache_dtype
     return 2 * len(attn_layers) * block_size * a.num_kv_heads * a.head_dim * elem
 
 
+def check_pool_holds_max_model_len(config: EngineConfig, max_model_len: int, num_blocks: int) -> None:
+    """Refuse to start (like vLLM) when one max_model_len sequence cannot fit in the KV pool:
+    such a request would pass validation and then never be scheduled."""
+    capacity = num_blocks * config.block_size
+    if capacity < max_model_len:
+        raise ConfigError(
+            "max_model_len", f"{max_model_len} tokens do not fit in the KV cache, which holds {capacity} "
+            f"tokens ({num_blocks} blocks of {config.block_size}); the largest max_model_len that fits is "
+            f"{capacity}. Lower max_model_len, or make the cache larger with num_kv_blocks, kv_cache_memory_gib "
+            "or gpu_memory_utilization"
+        )
+
+
+def check_max_model_len_fits_memory(config: EngineConfig, hf_config: Any, max_model_len: int,
+                                    kv_cache_dtype: torch.dtype, tp_size: int, pp_size: int, device: torch.device) -> None:
+    """Before anything is sized by max_model_len (the rotary cache, the block table, the CPU pool): a ConfigError
+    naming it when one sequence of it needs more KV memory than the pool could ever get: num_kv_blocks,
+    kv_cache_memory_gib, the GPU's memory at gpu_memory_utilization (weights not yet counted), or the host's
+    available memory on CPU. The exact check follows once the pool is sized (check_pool_holds_max_model_len).
+    A config.json max_position_embeddings of 10**9 taken as max_model_len allocated terabytes and the
+    process was killed."""
+    if config.num_kv_blocks is not None:
+        check_pool_holds_max_model_len(config, max_model_len, config.num_kv_blocks)
+        return
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    # the fewest bytes a token takes on any rank, so a pool that could fit is never refused
+    per_token = (2 * max(1, hf_config.num_hidden_layers // pp_size) * max(1, hf_config.num_key_value_heads // tp_size)
+                 * head_dim * kv_cache_dtype.itemsize)
+    if config.kv_cache_memory_gib is not None:
+        memory, where = config.kv_cache_memory_gib * 2**30, f"kv_cache_memory_gib ({config.kv_cache_memory_gib})"
+    elif device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        memory = total * config.gpu_memory_utilization
+        where = f"{config.gpu_memory_utilization} of {device}'s {total / 2**30:.1f} GiB, before the weights"
+    else:
+        memory, where = host_available_memory(), "this machine's available memory"
+    if max_model_len * per_token <= memory:
+        return
+    fits = int(memory // per_token) // config.block_size * config.block_size
+    given = "" if config.max_model_len else " (the model's max_position_embeddings: no max_model_len was given)"
+    raise ConfigError("max_model_len", f"{max_model_len} tokens{given} need {max_model_len * per_token / 2**30:.1f} "
+                      f"GiB of KV cache for one sequence, more than {where} ({memory / 2**30:.1f} GiB); the largest "
+                      f"max_model_len that could fit is {fits}. Set max_model_len")
+
+
+def host_available_memory() -> int:
+    """Bytes the kernel reports available (MemAvailable), else the machine's physical memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class MemoryAtStart(NamedTuple):
     """What the GPU held before this engine loaded anything: not the engine's, so not counted against its
     gpu_memory_utilization (vLLM v1's per-instance rule: two engines at 0.45 share one GPU)."""
@@ -35,8 +94,6 @@ class MemoryAtStart(NamedTuple):
 def memory_at_start(device: torch.device, gpu_memory_utilization: float) -> MemoryAtStart:
     """Snapshot before the weights load; a ConfigError naming gpu_memory_utilization when the GPU has less free
     than the engine is to take (vLLM refuses to start the same way)."""
-    from engine.config import ConfigError
-
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     wanted = total * gpu_memory_utilization

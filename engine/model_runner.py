@@ -12,9 +12,11 @@ from torch import nn
 from engine.config import EngineConfig
 from engine.decode_inputs import decode_inputs
 from engine.forward_context import ForwardContext, forward_context
-from engine.kv_pool import allocate_kv_pages, gpu_kv_budget, kv_block_bytes, memory_at_start, profile_context
+from engine.kv_pool import (allocate_kv_pages, check_max_model_len_fits_memory, gpu_kv_budget, kv_block_bytes,
+                            memory_at_start, profile_context)
 from engine.layers.attention import Attention
 from engine.layers.quant.fp8_kv import resolve_kv_cache_dtype
+from engine.layers.rotary import rotary_positions
 from engine.layers.sampler import Sampler, SamplingMetadata
 from engine.loader import check_checkpoint_sizes, load_weights
 from engine.lora.punica import lora_batch
@@ -54,10 +56,12 @@ class ModelRunner:
         if device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_memory_gib is None:
             self.memory_at_start = memory_at_start(device, config.gpu_memory_utilization)
         check_checkpoint_sizes(model_config)  # before a config size far beyond the weights allocates the model
+        check_max_model_len_fits_memory(config, hf, model_config.max_model_len, self.kv_cache_dtype,
+                                        self.parallel.tp_size, self.parallel.pp_size, device)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:
-            with torch.device(device):
+            with torch.device(device), rotary_positions(model_config.max_model_len):
                 self.model: nn.Module = model_cls(hf)
         finally:
             torch.set_default_dtype(previous)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,6 +14,19 @@ from engine.layers.ops import ops_for
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_CACHE: dict[tuple, RotaryEmbedding] = {}  # see RotaryEmbedding.from_config
+_max_positions: int | None = None  # set by rotary_positions while a model is built
+
+
+@contextmanager
+def rotary_positions(max_model_len: int) -> Iterator[None]:
+    """Rotary caches built inside hold max_model_len positions, the most a sequence reaches, rather than the
+    config's max_position_embeddings (10**9 in a config asked for terabytes at any max_model_len)."""
+    global _max_positions
+    previous, _max_positions = _max_positions, max_model_len
+    try:
+        yield
+    finally:
+        _max_positions = previous
 
 
 def _inv_freq(rotary_dim: int, base: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -52,10 +67,10 @@ class RotaryEmbedding(nn.Module):
         params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
         base = params.pop("rope_theta", None) or getattr(config, "rope_theta", None) or 10000.0
         device = torch.empty(0).device  # the model is built under `with torch.device(...)`
-        key = (head_dim, config.max_position_embeddings, base, repr(sorted(params.items())), str(device),
-               torch.get_default_dtype())
+        positions = min(config.max_position_embeddings, _max_positions or config.max_position_embeddings)
+        key = (head_dim, positions, base, repr(sorted(params.items())), str(device), torch.get_default_dtype())
         if key not in _ROPE_CACHE:
-            _ROPE_CACHE[key] = cls(head_dim, config.max_position_embeddings, base, params or None)
+            _ROPE_CACHE[key] = cls(head_dim, positions, base, params or None)
         return _ROPE_CACHE[key]
 
     def forward(
