@@ -38,6 +38,7 @@ from engine.server.serving import (
     keep_best_of,
     sse,
     sse_head,
+    stream_started,
     submit,
     usage_so_far,
 )
@@ -157,6 +158,7 @@ async def create_completion(request: Request) -> HTTPResponse | None:
         return await submit(request, state, subs, "prompt", respond, prepared.prompt_texts, lora)
 
     async def respond_stream(stream: RequestStream, results: Results) -> None:
+        await stream_started(stream, "prompt")
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         offsets: dict[int, int] = {}
 
@@ -259,6 +261,7 @@ async def _chat_completion(request: Request) -> HTTPResponse | None:
         return await submit(request, state, subs, "messages", respond, lora_request=lora)
 
     async def respond_stream(stream: RequestStream, results: Results) -> None:
+        await stream_started(stream, "messages")
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
         def chunk(choices: list[dict], usage: dict | None = None) -> str:

@@ -36,6 +36,17 @@ class RequestStream:
         self.request_ids = request_ids
         self.queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         self.unfinished = set(request_ids)
+        self._head: list[RequestDelta | BaseException] = []  # an item first() took off the queue
+
+    async def first(self) -> None:
+        """Wait for the first delta, raising a failure that comes instead: a streamed response starts once the
+        engine has taken the request, so a refusal it finds (a grammar that does not compile against the
+        vocabulary) is the same 400 streamed or not, not a 200 and an error event."""
+        if not self._head:
+            self._head.append(await self.queue.get())
+        if isinstance(self._head[0], BaseException):
+            self.unfinished.clear()
+            raise self._head.pop()
 
     @property
     def finished(self) -> bool:
@@ -50,7 +61,7 @@ class RequestStream:
         """Every delta queued by the time the handler runs, together: a handler that fell behind
         catches up with one write instead of one per step."""
         while self.unfinished:
-            items = [await self.queue.get()]
+            items, self._head = self._head or [await self.queue.get()], []
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
             batch = []

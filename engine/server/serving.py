@@ -85,6 +85,14 @@ async def iterate(stream: RequestStream, prompt_param: str) -> AsyncIterator[Req
         raise engine_error(e, prompt_param) from None
 
 
+async def stream_started(stream: RequestStream, prompt_param: str) -> None:
+    """Before the SSE headers: the first delta has come, or its failure is raised as an APIError."""
+    try:
+        await stream.first()
+    except Exception as e:
+        raise engine_error(e, prompt_param) from None
+
+
 async def iterate_sse(response: Any, stream: RequestStream, prompt_param: str) -> AsyncIterator[list[RequestDelta]]:
     """The deltas queued since the last write, once the SSE headers are out: a failure becomes an
     error event."""

@@ -82,3 +82,16 @@ def test_bad_constraint_is_400_naming_the_field(server: LiveServer, path: str, b
     r = httpx.post(server.url(path), json={**base, "max_tokens": 4, **body}, timeout=60)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_unmeetable_constraint_is_the_same_400_streamed(server: LiveServer, path: str) -> None:
+    """The engine finds it at the first token, before any text: a streamed request got a 200 and an error event
+    where the same request unstreamed got a 400. A stream's headers now wait for its first delta."""
+    base = ({"model": MODEL, "messages": MESSAGES} if "chat" in path else {"model": MODEL, "prompt": "Hi"})
+    body = {**base, "max_tokens": 4, "stream": True, "structured_outputs": {"regex": r"[^\x00-\U0010FFFF]"}}
+    r = httpx.post(server.url(path), json=body, timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "structured_outputs"
+    ok = httpx.post(server.url(path), json={**body, "structured_outputs": {"regex": "[a-z]+"}}, timeout=60)
+    assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]"), ok.text
