@@ -27,7 +27,7 @@ from engine.output_processor import OutputProcessor, RequestState
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.spawn import ensure_group, failures_named
-from engine.tokenizer import apply_chat_template, load_tokenizer
+from engine.tokenizer import apply_chat_template, check_encoded_ids, load_tokenizer, warn_if_beyond_vocab
 
 __all__ = ["EngineStats", "LLMEngine", "resolve_device"]
 
@@ -64,6 +64,7 @@ class LLMEngine:
         self.model_name = mc.served_model_name
         self.tokenizer = load_tokenizer(mc.tokenizer, mc.tokenizer_is_gguf, required=mc.load_format != "dummy",
                                         trust_remote_code=config.trust_remote_code)
+        warn_if_beyond_vocab(self.tokenizer, self.info.vocab_size)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.engine_core.add_eos_token_ids([self.tokenizer.eos_token_id])
         self.client: EngineCoreClient = InprocClient(self.engine_core)
@@ -113,7 +114,9 @@ class LLMEngine:
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise RequestError("prompt", "this model has no tokenizer (load_format=dummy): give token ids")
-        return self.tokenizer.encode(prompt)
+        token_ids = self.tokenizer.encode(prompt)
+        check_encoded_ids(token_ids, self.info.vocab_size, "prompt")
+        return token_ids
 
     def apply_chat_template(
         self, messages: list[dict], add_generation_prompt: bool = True, *, continue_final_message: bool = False,
@@ -129,10 +132,12 @@ class LLMEngine:
             if not isinstance(m.get("content"), (str, list)) and m.get("content") is not None:
                 raise RequestError(f"messages[{i}].content", "must be a string or a list of content parts")
         messages = [_with_text_content(m, i) for i, m in enumerate(messages)]
-        return apply_chat_template(
+        token_ids = apply_chat_template(
             self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tools=tools, chat_template=chat_template,
             chat_template_kwargs=chat_template_kwargs)
+        check_encoded_ids(token_ids, self.info.vocab_size, "messages")
+        return token_ids
 
     @property
     def requests(self) -> dict[str, RequestState]:

@@ -7,6 +7,7 @@ nor ends a sequence with one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT_CHAR = "\ufffd"
+logger = logging.getLogger("gantry.engine")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -27,6 +29,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 NOT_TEMPLATE_KWARGS = ("chat_template", "tokenize", "padding", "truncation", "max_length", "return_tensors",
                        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs", "messages", "conversation",
                        "documents", "sanitize_control_tokens", "self")
+
+
+def warn_if_beyond_vocab(tokenizer: PreTrainedTokenizerBase | None, vocab_size: int) -> None:
+    """At load: a tokenizer larger than the model's vocabulary (check_encoded_ids refuses what uses the rest)."""
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        logger.warning("the tokenizer has %d tokens, more than the model's vocab_size %d: text that encodes to the "
+                       "others is refused naming its field", len(tokenizer), vocab_size)
+
+
+def check_encoded_ids(token_ids: list[int], vocab_size: int, param: str) -> None:
+    """Text encoded by a tokenizer with more tokens than the model's vocab_size may hold ids the model lacks."""
+    if token_ids and (top := max(token_ids)) >= vocab_size:
+        raise RequestError(param, f"encodes to token id {top}, which this model does not have (vocab_size "
+                                  f"{vocab_size}): its tokenizer has more tokens than the model's vocabulary")
 
 
 def load_tokenizer(path: str, is_gguf: bool, required: bool = True,

@@ -28,7 +28,7 @@ from engine.server.protocol import APIError, ModelContext, bad, parse_json_body
 from engine.server.protocol_chat import ChatRequest, parse_chat_request, parse_tokenize_request
 from engine.server.protocol_completion import CompletionRequest, parse_completion_request, parse_detokenize_request
 from engine.server.protocol_structured import constrain_after_reasoning
-from engine.tokenizer import apply_chat_template
+from engine.tokenizer import apply_chat_template, check_encoded_ids, warn_if_beyond_vocab
 
 logger = logging.getLogger("gantry.server")
 
@@ -64,6 +64,13 @@ def _encode(tokenizer: Any, text: str, name: str, add_special_tokens: bool = Tru
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
+def _check_vocab(token_ids: list[int], name: str, ctx: ModelContext) -> None:
+    try:
+        check_encoded_ids(token_ids, ctx.vocab_size, name)
+    except RequestError as e:
+        raise bad(e.param, e.message) from None
+
+
 def _apply_chat_template(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool,
                          tools: list[dict[str, Any]] | None = None, continue_final_message: bool = False,
                          chat_template_kwargs: Any = None, add_special_tokens: bool = False) -> list[int]:
@@ -87,7 +94,11 @@ def prepare_completion(raw: bytes, ctx: ModelContext, tokenizer: Any) -> Prepare
     token_ids: list[list[int]] = []
     for i, prompt in enumerate(req.prompts):
         name = "prompt" if len(req.prompts) == 1 else f"prompt[{i}]"
-        ids = _encode(tokenizer, prompt, name, req.add_special_tokens) if isinstance(prompt, str) else prompt
+        if isinstance(prompt, str):
+            ids = _encode(tokenizer, prompt, name, req.add_special_tokens)
+            _check_vocab(ids, name, ctx)
+        else:
+            ids = prompt
         cut = req.truncate is not None and len(ids) > req.truncate
         ids = ids[-req.truncate:] if cut else ids
         _check_room(ids, name, ctx)
@@ -108,6 +119,7 @@ def prepare_chat(raw: bytes, ctx: ModelContext, tokenizer: Any) -> PreparedChat:
     ids = _apply_chat_template(tokenizer, with_tool_fields(req.messages, body["messages"]), req.add_generation_prompt,
                                template_tools(body), req.continue_final_message, req.chat_template_kwargs,
                                req.add_special_tokens)
+    _check_vocab(ids, "messages", ctx)
     ids = ids[-req.truncate:] if req.truncate is not None else ids
     _check_room(ids, "messages", ctx)
     req.messages = []
@@ -241,7 +253,10 @@ class TextFrontend:
         # /ready does not wait for the workers: only bodies over INLINE_MAX_BODY_BYTES need them
         if self._pool is not None:  # else a lazy pool takes it when it starts
             self._hand_out(blob)
-        vocab_size = len(self.tokenizer) if self.tokenizer is not None else ctx.vocab_size
+        # a token id must be the tokenizer's and the model's: ids past the tokenizer are padding rows of the model
+        # (they do not decode), and ids past the model's vocab_size have no embedding
+        vocab_size = min(len(self.tokenizer), ctx.vocab_size) if self.tokenizer is not None else ctx.vocab_size
+        warn_if_beyond_vocab(self.tokenizer, ctx.vocab_size)
         startup.release_memory()  # get_vocab's 49k-entry dict and the pickling: 12 MiB of RSS on SmolLM2
         self.ctx = replace(ctx, vocab_size=vocab_size, max_text_chars=max_text_chars)
 
