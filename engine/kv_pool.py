@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -15,6 +15,9 @@ from engine.config import ConfigError, EngineConfig
 from engine.forward_context import ForwardContext
 from engine.layers.attention import Attention
 from engine.layers.quant.fp8_kv import bind_kv_scales
+
+if TYPE_CHECKING:
+    from engine.model_config import ModelConfig
 
 logger = logging.getLogger("gantry.engine")
 
@@ -39,21 +42,21 @@ def check_pool_holds_max_model_len(config: EngineConfig, max_model_len: int, num
         )
 
 
-def check_max_model_len_fits_memory(config: EngineConfig, hf_config: Any, max_model_len: int,
-                                    kv_cache_dtype: torch.dtype, tp_size: int, pp_size: int, device: torch.device) -> None:
+def check_max_model_len_fits_memory(config: EngineConfig, model_config: ModelConfig, kv_cache_dtype: torch.dtype,
+                                    tp_size: int, pp_size: int, device: torch.device) -> None:
     """Before anything is sized by max_model_len (the rotary cache, the block table, the CPU pool): a ConfigError
     naming it when one sequence of it needs more KV memory than the pool could ever get: num_kv_blocks,
     kv_cache_memory_gib, the GPU's memory at gpu_memory_utilization (weights not yet counted), or the host's
     available memory on CPU. The exact check follows once the pool is sized (check_pool_holds_max_model_len).
     A config.json max_position_embeddings of 10**9 taken as max_model_len allocated terabytes and the
     process was killed."""
+    max_model_len = model_config.max_model_len
     if config.num_kv_blocks is not None:
         check_pool_holds_max_model_len(config, max_model_len, config.num_kv_blocks)
         return
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
     # the fewest bytes a token takes on any rank, so a pool that could fit is never refused
-    per_token = (2 * max(1, hf_config.num_hidden_layers // pp_size) * max(1, hf_config.num_key_value_heads // tp_size)
-                 * head_dim * kv_cache_dtype.itemsize)
+    per_token = (2 * max(1, model_config.num_layers // pp_size) * max(1, model_config.num_kv_heads // tp_size)
+                 * model_config.head_dim * kv_cache_dtype.itemsize)
     if config.kv_cache_memory_gib is not None:
         memory, where = config.kv_cache_memory_gib * 2**30, f"kv_cache_memory_gib ({config.kv_cache_memory_gib})"
     elif device.type == "cuda":

@@ -56,8 +56,8 @@ class ModelRunner:
         if device.type == "cuda" and config.num_kv_blocks is None and config.kv_cache_memory_gib is None:
             self.memory_at_start = memory_at_start(device, config.gpu_memory_utilization)
         check_checkpoint_sizes(model_config)  # before a config size far beyond the weights allocates the model
-        check_max_model_len_fits_memory(config, hf, model_config.max_model_len, self.kv_cache_dtype,
-                                        self.parallel.tp_size, self.parallel.pp_size, device)
+        check_max_model_len_fits_memory(config, model_config, self.kv_cache_dtype, self.parallel.tp_size,
+                                        self.parallel.pp_size, device)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(model_config.dtype)
         try:
