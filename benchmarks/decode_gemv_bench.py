@@ -27,14 +27,15 @@ def read_bandwidth() -> float:
     return big.numel() * 2 / us / 1e-6
 
 
-def sweep_configs(elem_bytes: float) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_N, BLOCK_K, num_warps, splits) holding 4-128 weight bytes a thread a tile; for 4-bit weights
-    (elem_bytes 0.5) BLOCK_K counts int32 words and a thread holds 4-32 of them."""
+def sweep_configs(elem_bytes: float) -> list[tuple[int, ...]]:
+    """bf16/FP8: (BLOCK_N, BLOCK_K, num_warps, splits, num_stages) holding 16-128 weight bytes a thread a tile
+    (the range earlier sweeps' winners fell in), tiles pipelined 1-6 deep; 4-bit weights: (BLOCK_N, BLOCK_K,
+    num_warps, splits) with BLOCK_K counting int32 words, a thread holding 4-32 of them."""
     if elem_bytes < 1:
         return [(bn, kp, nw, sp) for bn in (4, 8, 16, 32) for kp in (16, 32, 64, 128) for nw in (1, 2, 4)
                 for sp in (1, 2, 4) if 4 <= bn * kp // (32 * nw) <= 32]
-    return [(bn, bk, nw, sp) for bn in (4, 8, 16, 32, 64, 128) for bk in (128, 256, 512, 1024) for nw in (1, 2, 4, 8)
-            for sp in (1, 2, 4, 8) if 4 <= bn * bk * elem_bytes // (32 * nw) <= 128]
+    return [(bn, bk, nw, sp, ns) for bn in (4, 8, 16, 32) for bk in (128, 256, 512, 1024) for nw in (1, 2, 4, 8)
+            for sp in (1, 2, 4) for ns in (1, 3, 4, 6) if 16 <= bn * bk * elem_bytes // (32 * nw) <= 128]
 
 
 # w4x2: the packed-half GEMV (gantry_kernels/quant_gemv_f16x2.py) on w4's weights; a trailing k: the words and scales stored

@@ -15,8 +15,9 @@ Check = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 @pytest.mark.parametrize("m", [1, 3])
-@pytest.mark.parametrize("n,k,config", [(80, 1000, (64, 128, 4, 1)), (80, 1000, (64, 128, 4, 3)),
-                                        (128, 512, (32, 64, 2, 4)), (200, 384, None)])
+@pytest.mark.parametrize("n,k,config", [(80, 1000, (64, 128, 4, 1, 1)), (80, 1000, (64, 128, 4, 3, 1)),
+                                        (128, 512, (32, 64, 2, 4, 1)), (80, 1000, (16, 64, 2, 2, 4)),
+                                        (200, 384, None)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fp8_weights_match_float32(m: int, n: int, k: int, config: tuple | None, with_bias: bool,
                                   device: torch.device, assert_close: Check) -> None:
@@ -40,8 +41,8 @@ def test_fp8_weights_bf16_activations() -> None:
 
 
 @pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("n,k,config", [(80, 1000, (8, 512, 8, 1)), (80, 1000, (8, 256, 2, 3)),
-                                        (200, 384, None), (36, 600, None)])
+@pytest.mark.parametrize("n,k,config", [(80, 1000, (8, 512, 8, 1, 1)), (80, 1000, (8, 256, 2, 3, 1)),
+                                        (80, 1000, (8, 128, 2, 1, 5)), (200, 384, None), (36, 600, None)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_unscaled_weights_match_float32(m: int, n: int, k: int, config: tuple | None, with_bias: bool,
                                         device: torch.device, assert_close: Check) -> None:
