@@ -91,8 +91,8 @@ def _weight_gemv_kernel(
 def gemv_config(n: int, k: int, m: int, sms: int, elem_bytes: int) -> Config:
     """(BLOCK_N, BLOCK_K, num_warps, num_splits, num_stages) for weights of elem_bytes an element: the measured
     table, else a rule. bf16: 8 whole rows a program in tiles of 512 columns on 4 warps, not pipelined. FP8: 4 rows
-    on one warp, pipelined 4 deep (on the H200, 2026-12-03, 0.77x the 4-warp loop's time a layer on 8B and 32B
-    shapes, 0.97x on 0.5B ones; bf16 gained 3% and lost on small shapes, so it keeps its rule). Both split K
+    on one warp, pipelined 4 deep (on the H200, 2026-12-03, 0.78-0.80x the 4-warp loop's time a layer on 8B and
+    32B shapes, 0.91x on 0.5B ones; bf16 gained 3% and lost on small shapes, so it keeps its rule). Both split K
     until about 4 programs of 8 rows an SM, each split streaming >= MIN_PROGRAM_BYTES over 8 rows."""
     if (n, k, elem_bytes) in GEMV_TABLE:
         return GEMV_TABLE[(n, k, elem_bytes)]
