@@ -8,7 +8,8 @@ allocations are aligned), except tiles_per_split (4 at W1's 4-bit table configs)
 unspecialized. Without that the loads come out scalar (LDG.E per word) where the device runs LDG.E.128.
 - 4-bit: gantry_kernels/quant_gemv.py (float32 arithmetic) against gantry_kernels/quant_gemv_f16x2.py, a tile of 128 rows x 16
   words on 4 warps (128 values a thread), in compressed-tensors' symmetric layout and in GPTQ's with zero points;
-- FP8, for reference: gantry_kernels/weight_gemv.py at W1 gate_up's table config, 8 rows x 512 weights on 2 warps.
+- FP8, for reference: gantry_kernels/weight_gemv.py, 8 rows x 512 weights on 2 warps loaded into registers, and at
+  W1 gate_up's table config, where the tiles stream through shared memory (cp.async: LDGSTS) several stages ahead.
 One JSON line a kernel: the loop's instruction count, a thread's values a tile, the commonest opcodes and the
 global loads by width. Speed still needs the device (decode_gemv_bench --dtypes w4,w4x2,fp8).
     python -m benchmarks.gemv_sass
@@ -100,9 +101,15 @@ def main() -> None:
     ops = [m.group(2) for m in map(SASS_LINE.search, listing.splitlines()) if m]
     print(json.dumps({"figure": "gemv_sass_pdl", "kernel": "quant_gemv_f16x2 (PTX, PDL)", "wait": ops.count("ACQBULK"),
                       "launch_dependents": ops.count("PREEXIT"), "loop_instructions": len(loop_body(listing))}))
-    fp8 = {"HAS_SCALE": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": 8, "BLOCK_K": 512, "PDL": False}
+    fp8 = {"HAS_SCALE": True, "HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": 8, "BLOCK_K": 512, "PDL": False,
+           "NUM_STAGES": 1}
     body = loop_body(sass(weight_gemv._weight_gemv_kernel, fp8, num_warps=2, pointers={"w_ptr": "*fp8e4nv"}))
     emit("weight_gemv fp8 (float32)", body, 8 * 512 // 64)
+    block_n, block_k, num_warps, _, stages = weight_gemv.GEMV_TABLE[(37888, 3584, 1)]  # W1 gate_up's table config
+    fp8.update(BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=stages)
+    body = loop_body(sass(weight_gemv._weight_gemv_kernel, fp8, num_warps=num_warps, pointers={"w_ptr": "*fp8e4nv"}))
+    emit("weight_gemv fp8 pipelined (table config)", body, block_n * block_k // (32 * num_warps), stages=stages,
+         async_loads=dict(collections.Counter(op for op in body if op.startswith("LDGSTS"))))
 
 
 def emit(kernel: str, body: list[str], values: int, **extra) -> None:
