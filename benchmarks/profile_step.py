@@ -9,6 +9,7 @@ Runs a W1-like load (Qwen2-7B shape, random weights) and, without synchronizing 
 Prints milliseconds per step for decode-only and mixed (prefill) steps.
     python -m benchmarks.profile_step [--num-requests 256 --input-len 512 --output-len 128] [--kernels] [--lora]
 One stream deep in a long context: --num-requests 1 --input-len 120000 --output-len 64 --kernels.
+Where one stream's token goes kernel by kernel: --num-requests 1 --kernels --chain [--quantization fp8].
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def main() -> None:
     parser.add_argument("--no-async-scheduling", action="store_true")
     parser.add_argument("--kernels", action="store_true", help="also print torch.profiler's top device kernels "
                         "for 2 mixed steps and for decode steps 20-24 (these steps are then not counted)")
+    parser.add_argument("--chain", action="store_true", help="with --kernels: attribute the profiled decode steps' time "
+                        "kernel by kernel along the chain (each kernel's end minus the latest earlier end), which "
+                        "stays right when programmatic dependent launch overlaps a kernel with the one before it")
     parser.add_argument("--lora", action="store_true", help="8 random rank-16 adapters on every projection "
                         "(benchmarks/lora_bench.py's), each request a random one")
     parser.add_argument("--quantization", choices=("none", "fp8", "w4a16", "gptq-head"), default="none",
@@ -108,6 +112,8 @@ def main() -> None:
                 prof.stop()
                 profiling[0] = False
                 tables[kind[0]] = kernel_table(prof, last - first)
+                if args.chain:
+                    tables[kind[0]] += "\n" + kernel_chain(prof, last - first)
             continue
         wall[kind[0]] += time.perf_counter() - t0
         steps[kind[0]] += 1
@@ -142,6 +148,32 @@ def kernel_table(prof: torch.profiler.profile, num_steps: int, rows: int = 24) -
     lines = [f"{total:9.1f} us per step in all"]
     lines += [f"{e.self_device_time_total / num_steps:9.1f} us {e.count / num_steps:6.1f}x  {e.key[:90]}"
               for e in events[:rows]]
+    return "\n".join(lines)
+
+
+def kernel_chain(prof: torch.profiler.profile, num_steps: int, rows: int = 32) -> str:
+    """Each kernel's share of the device time along the chain: its end minus the latest end of any kernel that
+    started before it, summed by name, µs per step. Under programmatic dependent launch a kernel starts while the
+    one before it runs and waits inside, so its own duration overstates it; the end-to-end increments do not."""
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    share: dict[str, float] = collections.defaultdict(float)
+    calls: collections.Counter = collections.Counter()
+    latest = kernels[0][0] if kernels else 0.0
+    steps = []  # (name, µs added) in order
+    for start, end, name in kernels:
+        added = max(0.0, end - max(latest, start))
+        share[name] += added
+        calls[name] += 1
+        steps.append((name, added))
+        latest = max(latest, end)
+    total = sum(share.values()) / num_steps
+    lines = [f"{total:9.1f} us per step along the chain (gaps with no kernel running left out)"]
+    lines += [f"{t / num_steps:9.1f} us {calls[name] / num_steps:6.1f}x  {name[:90]}"
+              for name, t in sorted(share.items(), key=lambda kv: -kv[1])[:rows]]
+    middle = len(steps) // (2 * num_steps)  # a run of kernels inside the first step: about one decoder layer
+    lines.append("kernels in order from the middle of the first profiled step, µs added each:")
+    lines += [f"{added:9.1f} us  {name[:90]}" for name, added in steps[middle:middle + 14]]
     return "\n".join(lines)
 
 
