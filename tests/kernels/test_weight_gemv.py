@@ -31,11 +31,12 @@ def test_fp8_weights_match_float32(m: int, n: int, k: int, config: tuple | None,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp8_weights_bf16_activations() -> None:
+@pytest.mark.parametrize("n,k", [(384, 2048), (7168, 5120), (5120, 27648)])  # the rule's config: 32B's qkv and down
+def test_fp8_weights_bf16_activations(n: int, k: int) -> None:
     """The engine's case: bf16 x and output, float32 accumulation inside."""
-    w = torch.randn(384, 2048, device="cuda") * 0.05
+    w = torch.randn(n, k, device="cuda") * 0.05
     wq, scale = quantize_rows(w)
-    x = torch.randn(2, 2048, device="cuda").to(torch.bfloat16)
+    x = torch.randn(2, k, device="cuda").to(torch.bfloat16)
     want = x.float() @ (wq.float() * scale[:, None]).t()
     torch.testing.assert_close(weight_gemv(x, wq, scale).float(), want, rtol=1e-2, atol=1e-2)
 
