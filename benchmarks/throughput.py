@@ -4,6 +4,9 @@ same workload, one run, with random-weight checkpoints of real shapes (load_form
 Prints output tokens/s for both, the ratio, and the fraction of the roofline (bytes over the
 measured copy bandwidth, FLOPs over the measured matmul rate, both measured in this run).
     python -m benchmarks.throughput --workload w1 [--hf-batch-sizes 64,128,256] [--json out.json]
+On several GPUs (`LLM` spawns its other ranks, one GPU each; transformers stays on one GPU, and the roofline is
+that of all the engine's GPUs: weights, KV and FLOPs split evenly, communication free):
+    python -m benchmarks.throughput --workload w3 --tensor-parallel-size 2 [--pipeline-parallel-size 1] --skip-hf
 """
 from __future__ import annotations
 
@@ -113,15 +116,23 @@ def random_prompts(w: Workload, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(10, vocab - 10, (n,), generator=g).tolist() for n in w.input_lens]
 
 
+def engine_kwargs(w: Workload, args: argparse.Namespace) -> dict:
+    """The LLM's arguments for this workload and these flags."""
+    max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
+    return dict(load_format="dummy", dtype="bfloat16", max_model_len=max(max_len, 2048),
+                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                # unset: the engine's default (on, except under pipeline parallel, whose lanes overlap steps)
+                async_scheduling=False if args.no_async_scheduling else None,
+                tensor_parallel_size=args.tensor_parallel_size,
+                pipeline_parallel_size=args.pipeline_parallel_size)
+
+
 def run_gantry(w: Workload, model_dir: str, prompts: list[list[int]], args: argparse.Namespace) -> dict:
     from engine import LLM, SamplingParams
 
-    max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
     t0 = time.perf_counter()
-    llm = LLM(model_dir, load_format="dummy", dtype="bfloat16", max_model_len=max(max_len, 2048),
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-              async_scheduling=not args.no_async_scheduling)
+    llm = LLM(model_dir, **engine_kwargs(w, args))
     load_s = time.perf_counter() - t0
     log(f"gantry engine up in {load_s:.1f} s")
     # token ids only, as transformers' generate returns them
@@ -198,7 +209,7 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", default="w1", help="w1 | w2 | w3")
     parser.add_argument("--hf-batch-sizes", default="32,64,128,256", help="static batch sizes to try for transformers")
@@ -210,14 +221,21 @@ def main() -> None:
     parser.add_argument("--no-async-scheduling", action="store_true", help="one step at a time (to compare)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the results here too")
-    args = parser.parse_args()
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="the engine's GPUs per stage")
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, help="the engine's pipeline stages")
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device("cuda")
+    gpus = args.tensor_parallel_size * args.pipeline_parallel_size
     w = make_workload(args.workload, args.seed)
     bandwidth, flops_rate = measure_ceilings(device)
     log(f"ceilings: copy {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s")
     model_dir = write_config(w.shape, max(p + o for p, o in zip(w.input_lens, w.output_lens)))
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)
-    roofline_s = roofline_seconds(w, bandwidth, flops_rate, args.max_num_seqs)
+    roofline_s = roofline_seconds(w, bandwidth * gpus, flops_rate * gpus, args.max_num_seqs)
     out_tokens = sum(w.output_lens)
     hf = None
     if not args.skip_hf:
@@ -226,7 +244,8 @@ def main() -> None:
     ours = run_gantry(w, model_dir, prompts, args)
     log(f"gantry: {json.dumps(ours)}")
     result = dict(
-        workload=w.name, device=torch.cuda.get_device_name(), torch=torch.__version__,
+        workload=w.name, device=torch.cuda.get_device_name(), torch=torch.__version__, gpus=gpus,
+        tensor_parallel_size=args.tensor_parallel_size, pipeline_parallel_size=args.pipeline_parallel_size,
         copy_bandwidth_GBps=bandwidth / 1e9, matmul_TFLOPs=flops_rate / 1e12,
         roofline_s=roofline_s, roofline_output_tok_s=out_tokens / roofline_s,
         gantry=ours, hf=hf, fraction_of_roofline=roofline_s / ours["elapsed_s"],
@@ -234,11 +253,12 @@ def main() -> None:
     )
     print(json.dumps(result, indent=2))
     print(f"\n{w.name} on {result['device']}: copy {bandwidth / 1e9:.0f} GB/s, matmul {flops_rate / 1e12:.0f} TFLOP/s")
-    print(f"  gantry : {ours['output_tok_s']:10.0f} output tok/s ({ours['elapsed_s']:.1f} s, {ours['preemptions']} preemptions)")
+    on = f" on {gpus} GPUs (tp {args.tensor_parallel_size}, pp {args.pipeline_parallel_size})" if gpus > 1 else ""
+    print(f"  gantry : {ours['output_tok_s']:10.0f} output tok/s{on} ({ours['elapsed_s']:.1f} s, {ours['preemptions']} preemptions)")
     if hf:
-        print(f"  hf     : {hf['output_tok_s']:10.0f} output tok/s (best static batch {hf['best_batch_size']})")
+        print(f"  hf     : {hf['output_tok_s']:10.0f} output tok/s on one GPU (best static batch {hf['best_batch_size']})")
         print(f"  ratio  : {result['ratio_vs_hf']:.2f}x transformers")
-    print(f"  roofline: {result['roofline_output_tok_s']:.0f} output tok/s; gantry reaches {result['fraction_of_roofline']:.0%}")
+    print(f"  roofline{on}: {result['roofline_output_tok_s']:.0f} output tok/s; gantry reaches {result['fraction_of_roofline']:.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
