@@ -45,10 +45,15 @@ def corpus_text() -> str:
                                                    decimal, difflib, doctest, heapq, pickle))
 
 
-def token_sequences(model_path: str, num_seqs: int, seq_len: int, first_seq: int = 0) -> list[list[int]]:
+def token_sequences(model_path: str, num_seqs: int, seq_len: int, first_seq: int = 0,
+                    at_most: bool = False) -> list[list[int]]:
+    """num_seqs sequences of seq_len corpus tokens from sequence first_seq on; at_most: fewer where the corpus
+    ends (at least one)."""
     from engine.tokenizer import load_tokenizer
 
     ids = load_tokenizer(model_path, is_gguf=True).encode(corpus_text())
+    if at_most:
+        num_seqs = max(1, min(num_seqs, len(ids) // seq_len - first_seq))
     if len(ids) < (first_seq + num_seqs) * seq_len:
         raise SystemExit(f"the corpus has {len(ids)} tokens, {(first_seq + num_seqs) * seq_len} asked")
     return [ids[i * seq_len : (i + 1) * seq_len] for i in range(first_seq, first_seq + num_seqs)]

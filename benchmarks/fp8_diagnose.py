@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--per-layer", action="store_true", help="also W8A8 in one decoder layer at a time")
     parser.add_argument("--only", default="", help="comma-separated experiment names to run (default: all)")
     parser.add_argument("--smooth", action="store_true",
-                        help="also K / V pages minus their per-channel means, measured on the next --num-seqs sequences")
+                        help="also K / V pages minus their per-channel means, measured on the next --num-seqs "
+                        "sequences (fewer where the corpus ends)")
     parser.add_argument("--mantissa-sweep", action="store_true",
                         help="also weights and activations rounded to 3, 4, 5 mantissa bits without range limits")
     args = parser.parse_args()
@@ -176,7 +177,8 @@ def main() -> None:
     ]
     if args.smooth:
         PLAN.__dict__.update(Plan(collect=True).__dict__)
-        logits_of(model, token_sequences(path, args.num_seqs, args.seq_len, first_seq=args.num_seqs))  # held out
+        held_out = token_sequences(path, args.num_seqs, args.seq_len, first_seq=args.num_seqs, at_most=True)
+        logits_of(model, held_out)
         means = {i: (k / n, v / n) for i, (k, v, n) in KV_SUMS.items()}
         experiments += [("kv_fp8_smoothed", Plan(kv="kv", kv_means=means)),
                         ("kv_fp8_k_only_smoothed", Plan(kv="k", kv_means=means)),
