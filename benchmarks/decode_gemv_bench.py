@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.fp8_bench import W1_LINEARS, emit
-from benchmarks.quant_bench import L2_OVERFLOW_BYTES, _graph_us, rotating_us
+from benchmarks.quant_bench import _graph_us, copies_for, rotating_us
 from benchmarks.throughput import measure_ceilings
 
 LM_HEAD = {"lm_head": (152064, 3584)}
@@ -92,7 +92,7 @@ def best_gemv(name: str, n: int, k: int, dtype: str, m: int, sweep: bool) -> dic
     from gantry_kernels import quant_gemm
 
     elem = ELEM_BYTES[dtype]
-    copies = max(1, int(-(-L2_OVERFLOW_BYTES // (n * k * elem))))
+    copies = copies_for(int(n * k * elem))
     ws = random_weights(n, k, dtype, copies)  # [(weight, scale)] a copy
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w0, s0 = ws[0]

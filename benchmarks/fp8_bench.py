@@ -196,7 +196,7 @@ def fp8_switches(config: str):
 
 def bench_workload(name: str, configs: list[str], args: argparse.Namespace, tpot: bool) -> None:
     w = make_workload(name, args.seed)
-    max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
+    max_len = w.max_seq_len
     model_dir = write_config(w.shape, max_len)
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)
     results = {}

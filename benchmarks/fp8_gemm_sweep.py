@@ -12,7 +12,7 @@ import json
 import torch
 
 from benchmarks.fp8_bench import W1_LINEARS
-from benchmarks.quant_bench import L2_OVERFLOW_BYTES, rotating_us
+from benchmarks.quant_bench import copies_for, rotating_us
 
 W3_LINEARS = {"qkv_proj": (7168, 5120), "o_proj": (5120, 5120), "gate_up_proj": (55296, 5120),
               "down_proj": (5120, 27648)}
@@ -41,7 +41,7 @@ def bench_shape(model: str, name: str, n: int, k: int, m: int, table: dict) -> N
 
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02  # [N, K]
     wq, ws = quantize_rows(w)
-    copies = max(1, -(-L2_OVERFLOW_BYTES // (n * k)))
+    copies = copies_for(n * k)
     wqs = [wq] + [wq.clone() for _ in range(copies - 1)]
     ws_row = ws.view(1, -1)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from benchmarks.fp8_bench import W1_LINEARS, emit
-from benchmarks.quant_bench import L2_OVERFLOW_BYTES, rotating_us
+from benchmarks.quant_bench import copies_for, rotating_us
 from engine.layers.quant.fp8 import quantize_rows
 from gantry_kernels import weight_gemv as wg
 from gantry_kernels.pdl import launch_kwargs, wait_prior
@@ -162,7 +162,7 @@ def main() -> None:
     torch.manual_seed(0)
     layer: dict[str, float] = {}
     for name, (n, k) in W1_LINEARS.items():
-        copies = max(1, -(-L2_OVERFLOW_BYTES // (n * k)))
+        copies = copies_for(n * k)
         ws = [quantize_rows(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _ in range(copies)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         x[0, 5] = 3000.0

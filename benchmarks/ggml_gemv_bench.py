@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.fp8_bench import W1_LINEARS, emit
 from engine.layers.quant.ggml_cpu import GGML_Q4_0, GGML_Q4_1, GGML_Q4_K, GGML_Q5_K, GGML_Q6_K, GGML_Q8_0
-from benchmarks.quant_bench import L2_OVERFLOW_BYTES, _check, rotating_us
+from benchmarks.quant_bench import _check, copies_for, rotating_us
 from benchmarks.throughput import measure_ceilings
 
 TYPES = {"Q4_0": GGML_Q4_0, "Q4_1": GGML_Q4_1, "Q8_0": GGML_Q8_0, "Q4_K": GGML_Q4_K, "Q5_K": GGML_Q5_K,
@@ -49,7 +49,7 @@ def bench_type(name: str, ggml_type: int, bandwidth: float, sweep: bool) -> dict
     for layer, (n, k) in W1_LINEARS.items():
         blocks = random_blocks(ggml_type, n, k)
         nbytes = blocks.numel()
-        copies = [blocks] + [blocks.clone() for _ in range(max(1, -(-L2_OVERFLOW_BYTES // nbytes)) - 1)]
+        copies = [blocks] + [blocks.clone() for _ in range(copies_for(nbytes) - 1)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         ref = torch.nn.functional.linear(x, _dequant_torch(blocks, ggml_type, k).to(x.dtype))
         err = _check(f"{name} {layer}", ggml_gemv(x, blocks, ggml_type, k), ref)

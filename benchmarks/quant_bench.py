@@ -94,6 +94,11 @@ def _graph_us(fn, calls: int = 20, replays: int = 5) -> float:
 L2_OVERFLOW_BYTES = 200 << 20  # weight copies a graph rotates over: 4x the H200's 50 MB L2
 
 
+def copies_for(nbytes: int) -> int:
+    """How many copies of a weight of nbytes add up to L2_OVERFLOW_BYTES (at least one)."""
+    return max(1, -(-L2_OVERFLOW_BYTES // nbytes))
+
+
 def rotating_us(call, copies: list, replays: int = 50) -> float:
     """Microseconds a call of call(copy) from a CUDA graph of one call per copy: with copies of a weight
     adding up to L2_OVERFLOW_BYTES or more, no call finds its weight in L2, as a decode step never does."""
@@ -319,7 +324,7 @@ def weight_split(llm) -> dict:
 
 def bench_w1(args: argparse.Namespace) -> None:
     w = make_workload("w1", args.seed)
-    max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
+    max_len = w.max_seq_len
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)[: args.w1_prompts]
     output_lens = w.output_lens[: args.w1_prompts]
     from engine.layers.quant.dummy import GPTQ_4BIT, add_quantization_config, compressed_tensors_config

@@ -40,6 +40,11 @@ class Workload:
     input_lens: list[int]
     output_lens: list[int]
 
+    @property
+    def max_seq_len(self) -> int:
+        """The longest request's prompt plus output tokens."""
+        return max(p + o for p, o in zip(self.input_lens, self.output_lens))
+
 
 def make_workload(name: str, seed: int) -> Workload:
     rng = random.Random(seed)
@@ -118,8 +123,7 @@ def random_prompts(w: Workload, vocab: int, seed: int) -> list[list[int]]:
 
 def engine_kwargs(w: Workload, args: argparse.Namespace) -> dict:
     """The LLM's arguments for this workload and these flags."""
-    max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
-    return dict(load_format="dummy", dtype="bfloat16", max_model_len=max(max_len, 2048),
+    return dict(load_format="dummy", dtype="bfloat16", max_model_len=max(w.max_seq_len, 2048),
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                 gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                 # unset: the engine's default (on, except under pipeline parallel, whose lanes overlap steps)
@@ -233,7 +237,7 @@ def main() -> None:
     w = make_workload(args.workload, args.seed)
     bandwidth, flops_rate = measure_ceilings(device)
     log(f"ceilings: copy {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s")
-    model_dir = write_config(w.shape, max(p + o for p, o in zip(w.input_lens, w.output_lens)))
+    model_dir = write_config(w.shape, w.max_seq_len)
     prompts = random_prompts(w, w.shape["vocab_size"], args.seed)
     roofline_s = roofline_seconds(w, bandwidth * gpus, flops_rate * gpus, args.max_num_seqs)
     out_tokens = sum(w.output_lens)

@@ -12,14 +12,10 @@ import torch.nn.functional as F
 
 from benchmarks.decode_gemv_bench import read_bandwidth
 from benchmarks.fp8_bench import W1_LINEARS, emit
-from benchmarks.quant_bench import L2_OVERFLOW_BYTES, _check, random_w4, rotating_us
+from benchmarks.quant_bench import _check, copies_for, random_w4, rotating_us
 
 GROUP = 128
 INNER_K_TILES = (2, 4, 8)  # tinygemm's packing choices
-
-
-def copies_for(nbytes: int) -> int:
-    return max(1, -(-L2_OVERFLOW_BYTES // nbytes))
 
 
 def tinygemm_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

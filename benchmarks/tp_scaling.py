@@ -56,7 +56,7 @@ def run_child(spec: dict) -> dict:
 
     smoke = spec["smoke"]
     w = workload(spec["workload"], smoke, spec["seed"])
-    max_len = max(p + o for p, o in zip(w.input_lens, w.output_lens))
+    max_len = w.max_seq_len
     model_dir = write_config(w.shape, max_len)
     prompts = random_prompts(w, w.shape["vocab_size"], spec["seed"])
     t0 = time.perf_counter()
